@@ -1,0 +1,210 @@
+"""The interface every weight format implements, and the registry of formats by name.
+
+A *format* stores an ``(out_features, in_features)`` matrix ``W`` as a set of small factors and
+multiplies inputs by it without rebuilding ``W``. Subclasses implement the math through the
+hooks marked "subclass hooks" below; everything else (input checks, leading batch dims, the
+``"dense"`` algorithm, counting, ``extra_repr``) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..shapes import resolve_modes
+
+__all__ = ["FORMATS", "FactorizedMatrix", "make_matrix", "register", "resolve_dtype"]
+
+FORMATS: dict[str, type[FactorizedMatrix]] = {}
+"""Format name -> class. Filled by :func:`register`; iterate ``sorted(FORMATS)``."""
+
+_M = TypeVar("_M", bound="type[FactorizedMatrix]")
+
+
+def register(name: str) -> Callable[[_M], _M]:
+    """Class decorator that registers a :class:`FactorizedMatrix` subclass under ``name``."""
+
+    def wrap(cls: _M) -> _M:
+        if name in FORMATS and FORMATS[name] is not cls:
+            raise ValueError(f"format {name!r} is already registered by {FORMATS[name].__name__}")
+        cls.format_name = name
+        FORMATS[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_matrix(format: str, in_features: int, out_features: int, **options) -> FactorizedMatrix:
+    """Build the registered format ``format`` (see :data:`FORMATS`) with its options."""
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
+    return FORMATS[format](in_features, out_features, **options)
+
+
+def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` or torch's default; a clear ``TypeError`` for a non-floating dtype."""
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"factorized weights need a real floating dtype, got dtype={dtype}")
+    return dtype
+
+
+class FactorizedMatrix(nn.Module):
+    r"""Base class: an ``(out_features, in_features)`` matrix stored in a tensor format.
+
+    ``forward(x)`` returns ``x @ W.T`` for ``x`` of shape ``(..., in_features)``, computed from
+    the factors (never by rebuilding ``W``) unless ``algorithm="dense"`` is asked for.
+
+    Args:
+        in_features: size of each input row, ``I_1 ⋯ I_D``.
+        out_features: size of each output row, ``J_1 ⋯ J_D``.
+        in_modes: the ``D`` input mode sizes; balanced from ``in_features`` when omitted.
+        out_modes: the ``D`` output mode sizes; balanced from ``out_features`` when omitted.
+        num_modes: ``D`` when neither mode list is given (default: 4 where the sizes allow).
+        algorithm: how ``forward`` multiplies, one of the class's :attr:`algorithms`.
+        device, dtype: factory arguments for the parameters, as in ``torch.nn``.
+
+    Attributes:
+        in_modes, out_modes: tuples of mode sizes.
+        num_params: number of factor parameters.
+        compression_ratio: ``in_features * out_features / num_params``.
+    """
+
+    format_name: ClassVar[str] = ""
+    algorithms: ClassVar[tuple[str, ...]] = ("factorized", "dense")
+    default_algorithm: ClassVar[str] = "factorized"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_modes: int | None = None,
+        algorithm: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_modes, self.out_modes = resolve_modes(
+            in_features, out_features, in_modes, out_modes, num_modes
+        )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.algorithm = self.default_algorithm if algorithm is None else algorithm
+        self.factory_kwargs = {"device": device, "dtype": resolve_dtype(dtype)}
+
+    # --- public API ---
+
+    @property
+    def algorithm(self) -> str:
+        """The multiplication used by ``forward``; settable."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, value: str) -> None:
+        if value not in self.algorithms:
+            raise ValueError(
+                f"algorithm must be one of {list(self.algorithms)} for format "
+                f"{self.format_name!r}, got algorithm={value!r}"
+            )
+        self._algorithm = value
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.in_modes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ W.T``. Shape: ``(..., in_features) -> (..., out_features)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with last dimension "
+                f"in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)  # (b, i)
+        if self.algorithm == "dense":
+            out = F.linear(rows, self.to_dense())  # (b, j)
+        else:
+            out = self.matmul(rows)  # (b, j)
+        return out.reshape(*lead, self.out_features)
+
+    @property
+    def num_params(self) -> int:
+        """Number of factor parameters (what the format stores)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense entries per stored parameter: ``in_features * out_features / num_params``."""
+        return self.in_features * self.out_features / self.num_params
+
+    def flops(self, rows: int) -> int:
+        """Multiply-accumulates of ``forward`` on ``rows`` rows with the current algorithm."""
+        if self.algorithm == "dense":
+            return self.reconstruction_flops() + rows * self.in_features * self.out_features
+        return self.matmul_flops(rows)
+
+    def extra_repr(self) -> str:
+        items = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"in_modes={list(self.in_modes)}",
+            f"out_modes={list(self.out_modes)}",
+            *self.format_repr_items(),
+        ]
+        if self.algorithm != self.default_algorithm:
+            items.append(f"algorithm={self.algorithm!r}")
+        items.append(f"params={self.num_params:,}")
+        items.append(f"compression={self.compression_ratio:,.1f}x")
+        return ", ".join(items)
+
+    def default_std(self) -> float:
+        """Std of ``W`` that :meth:`reset_parameters` targets by default: ``nn.Linear``'s,
+        ``U(-1/sqrt(in), 1/sqrt(in))``, i.e. ``1 / sqrt(3 * in_features)``."""
+        return 1.0 / math.sqrt(3 * self.in_features)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> FactorizedMatrix:
+        """Decompose a dense ``(out_features, in_features)`` matrix into this format."""
+        raise NotImplementedError(
+            f"format {cls.format_name!r} has no decomposition of a dense matrix yet; "
+            f"formats with one: {sorted(n for n, c in FORMATS.items() if c.has_from_dense())}"
+        )
+
+    @classmethod
+    def has_from_dense(cls) -> bool:
+        return cls.from_dense.__func__ is not FactorizedMatrix.from_dense.__func__  # type: ignore[attr-defined]
+
+    # --- subclass hooks ---
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """Factorized product on a 2-D batch: ``(b, in_features) -> (b, out_features)``."""
+        raise NotImplementedError
+
+    def to_dense(self) -> Tensor:
+        """Reconstruct ``W``, shape ``(out_features, in_features)``."""
+        raise NotImplementedError
+
+    def matmul_flops(self, rows: int) -> int:
+        """Multiply-accumulates of :meth:`matmul` on ``rows`` rows."""
+        raise NotImplementedError
+
+    def reconstruction_flops(self) -> int:
+        """Multiply-accumulates of :meth:`to_dense`."""
+        raise NotImplementedError
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Re-initialize so that the reconstructed ``W`` has std ``std`` (default
+        :meth:`default_std`)."""
+        raise NotImplementedError
+
+    def format_repr_items(self) -> list[str]:
+        """Format-specific ``extra_repr`` entries (ranks, terms, ...)."""
+        return []

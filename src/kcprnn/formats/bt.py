@@ -1,0 +1,1 @@
+"""Format 'bt': implementation in progress (registers itself when complete)."""

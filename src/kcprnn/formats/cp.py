@@ -1,0 +1,1 @@
+"""Format 'cp': implementation in progress (registers itself when complete)."""

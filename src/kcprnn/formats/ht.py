@@ -1,0 +1,1 @@
+"""Format 'ht': implementation in progress (registers itself when complete)."""

@@ -1,0 +1,1 @@
+"""Format 'kcp': implementation in progress (registers itself when complete)."""

@@ -1,0 +1,1 @@
+"""Format 'tr': implementation in progress (registers itself when complete)."""

@@ -1,0 +1,1 @@
+"""Format 'tt': implementation in progress (registers itself when complete)."""

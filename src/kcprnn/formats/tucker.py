@@ -1,0 +1,1 @@
+"""Format 'tucker': implementation in progress (registers itself when complete)."""
