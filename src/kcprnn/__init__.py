@@ -1,7 +1,9 @@
 """kcprnn: compressed recurrent networks with tensor decompositions.
 
 Formats: Kronecker CP (``"kcp"``, Wang et al., TNNLS 2023) with its two fast multiplications,
-and the baselines CP, Tucker, TT, TR, BT and HT, all behind :class:`FactorizedLinear`.
+and the baselines CP, Tucker, TT, TR, BT and HT, all behind :class:`FactorizedLinear`, and
+drop-ins for ``torch.nn``'s recurrent modules (:class:`LSTM`, :class:`GRU`, :class:`RNN` and their
+cells) with compressed weights; :func:`summary` counts them.
 """
 
 from .formats import FORMATS, DenseMatrix, FactorizedMatrix, make_matrix
@@ -16,6 +18,7 @@ from .layers import (
     TTLinear,
     TuckerLinear,
 )
+from .rnn import GRU, LSTM, RNN, GRUCell, LayerSummary, LSTMCell, ModelSummary, RNNCell, summary
 from .shapes import balanced_factors
 
 __version__ = "0.1.0"
@@ -33,7 +36,16 @@ __all__ = [
     "TRLinear",
     "TTLinear",
     "TuckerLinear",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "LayerSummary",
+    "ModelSummary",
+    "RNN",
+    "RNNCell",
     "balanced_factors",
     "make_matrix",
+    "summary",
     "__version__",
 ]
