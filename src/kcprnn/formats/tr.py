@@ -1,1 +1,231 @@
-"""Format 'tr': implementation in progress (registers itself when complete)."""
+r"""Format 'tr': the tensor-ring matrix (Zhao et al. 2016; TR-LSTM of Pan et al., AAAI 2019).
+
+.. math::
+    W[(j_1, \dots, j_D), (i_1, \dots, i_D)] = \operatorname{Tr}\big(G_1[:, j_1, i_1, :]\,
+    G_2[:, j_2, i_2, :] \cdots G_D[:, j_D, i_D, :]\big)
+
+with cores ``G_d`` of shape ``(r_{d-1}, J_d, I_d, r_d)`` and ``r_0 = r_D`` (the ring rank that
+the trace closes). With ``r_0 = 1`` it is a TT-matrix.
+
+The contractions are the ring sweeps of :mod:`.tt` (:func:`~kcprnn.formats.tt.ring_linear`).
+Both carry the closing rank ``c = r_0`` through every step: the first step, which reads the
+whole input, maps each slice of ``I_d`` entries to ``r_{d-1} J_d r_d`` entries whatever the
+sweep, and the cost model picks the cheaper end.
+
+Legend of the shape comments: m output mode, n input mode, r, s rank (left, right of a core),
+k a merged contraction axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..shapes import resolve_modes, validate_ranks
+from ._base import FactorizedMatrix, register
+from .tt import ring_contraction_order, ring_linear, ring_linear_flops, ring_to_dense, ring_to_dense_flops
+
+__all__ = ["TRMatrix", "tr_linear", "tr_num_params", "tr_svd", "tr_to_dense", "validate_tr_ranks"]
+
+DEFAULT_RANK = 4
+"""Default ring rank of every bond (TR-LSTM's UCF11 setting)."""
+
+
+# --- pure functions ---
+
+
+def validate_tr_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
+    """Resolve a TR rank spec into the ``D`` ring ranks ``(r_0, ..., r_{D-1})`` (``r_D = r_0``).
+
+    Args:
+        rank: one int for every bond, or the list of the ``D`` ring ranks.
+        num_modes: ``D``.
+    """
+    return validate_ranks(rank, num_modes, "rank")
+
+
+def _bonds(ranks: Sequence[int]) -> tuple[int, ...]:
+    return (*ranks, ranks[0])  # r_0, ..., r_{D-1}, r_D = r_0
+
+
+def tr_num_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """``Σ_d r_{d-1} J_d I_d r_d`` for the ``D`` ring ranks ``ranks``."""
+    b = _bonds(ranks)
+    return sum(b[d] * out_modes[d] * in_modes[d] * b[d + 1] for d in range(len(in_modes)))
+
+
+def tr_to_dense(cores: Sequence[Tensor]) -> Tensor:
+    """Reconstruct the ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix: merge the cores, then take the trace."""
+    return ring_to_dense(cores)
+
+
+def tr_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
+    """``x @ W.T`` for a tensor ring ``W``: ``(b, I_1 ⋯ I_D) -> (b, J_1 ⋯ J_D)``.
+
+    See :func:`~kcprnn.formats.tt.ring_linear` for ``order``.
+    """
+    return ring_linear(x, cores, order)
+
+
+def tr_svd(
+    weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> list[Tensor]:
+    """TR-SVD (Zhao et al. 2016, Alg. 1) of a ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix.
+
+    The first unfolding ``(J_1 I_1, rest)`` is truncated to ``r_0 r_1`` singular vectors, split
+    into the two ranks that close the ring; the rest is a TT-SVD whose last core receives
+    ``r_0``. Ranks above what an unfolding can hold are capped (``r_1`` first, then ``r_0``), so
+    a large ``rank`` gives an exact decomposition. Computed in float64, returned in the dtype of
+    ``weight``.
+
+    Returns:
+        ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)`` with ``r_D = r_0``.
+    """
+    d_count = len(in_modes)
+    t = weight.detach().to(torch.float64).reshape(*out_modes, *in_modes)  # (J.., I..)
+    t = t.permute(*[k for d in range(d_count) for k in (d, d_count + d)])  # (J_1, I_1, ...)
+    merged = [m * n for m, n in zip(out_modes, in_modes)]
+    if d_count == 1:
+        # a ring of one core: W = Σ_a G[a, :, :, a]; the rank-1 ring holds W exactly
+        return [t.reshape(1, out_modes[0], in_modes[0], 1).to(weight.dtype)]
+    u, sv, vh = torch.linalg.svd(t.reshape(merged[0], -1), full_matrices=False)
+    avail = sv.shape[0]
+    r0, r1 = ranks[0], ranks[1]
+    if r0 * r1 > avail:
+        r1 = max(1, avail // r0)
+        r0 = min(r0, avail)
+    k = r0 * r1
+    first = u[:, :k].reshape(merged[0], r0, r1).permute(1, 0, 2)  # (r, m*n, s)
+    cores = [first.reshape(r0, out_modes[0], in_modes[0], r1)]  # (r, m, n, s)
+    rest = (sv[:k, None] * vh[:k]).reshape(r0, r1, -1)  # (r0, r1, k)
+    rest = rest.permute(1, 2, 0)  # (r1, k, r0): r0 rides along as the last index
+    r_prev = r1
+    for d in range(1, d_count - 1):
+        mat = rest.reshape(r_prev * merged[d], -1)  # (r*m*n, k*r0)
+        u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+        r = min(ranks[d + 1], sv.shape[0])
+        cores.append(u[:, :r].reshape(r_prev, out_modes[d], in_modes[d], r))  # (r, m, n, s)
+        rest = sv[:r, None] * vh[:r]  # (s, k*r0)
+        r_prev = r
+    cores.append(rest.reshape(r_prev, out_modes[-1], in_modes[-1], r0))  # (r, m, n, r0)
+    return [core.to(weight.dtype) for core in cores]
+
+
+# --- module ---
+
+
+@register("tr")
+class TRMatrix(FactorizedMatrix):
+    r"""A weight matrix in tensor-ring format.
+
+    .. math::
+        W[(j_1 \dots j_D), (i_1 \dots i_D)] = \operatorname{Tr} \prod_{d=1}^{D} G_d[:, j_d, i_d, :]
+        \quad (r_D = r_0)
+
+    Parameters: ``Σ_d r_{d-1} J_d I_d r_d``.
+
+    Args:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        rank: one int for all ``D`` ring bonds or the list ``(r_0, ..., r_{D-1})``. Default 4.
+
+    Attributes:
+        cores: ``nn.ParameterList`` of ``D`` tensors ``(r_{d-1}, J_d, I_d, r_d)``.
+        ranks: the ``D`` ring ranks.
+
+    Example:
+        >>> w = TRMatrix(57600, 1024, in_modes=[8, 20, 20, 18], out_modes=[16, 4, 4, 4], rank=4)
+        >>> w.num_params
+        5760
+        >>> w(torch.randn(2, 57600)).shape
+        torch.Size([2, 1024])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_modes: int | None = None,
+        rank: int | Sequence[int] = DEFAULT_RANK,
+        algorithm: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
+            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
+        )
+        self.ranks = validate_tr_ranks(rank, self.num_modes)
+        b = _bonds(self.ranks)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))
+            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes))
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # W[j, i] = Σ over closed index paths (a_0, ..., a_{D-1}, a_D = a_0) of products of D
+        # independent zero-mean core entries of variance σ²: Π_{d=0}^{D-1} r_d paths, mutually
+        # uncorrelated, so
+        #     Var(W) = Π_{d=0}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
+        # (With D = 1 a path reads G[a, j, i, a]; still one entry per path.) Entries are
+        # uniform (std σ): lighter-tailed products than Gaussian entries.
+        std = self.default_std() if std is None else std
+        sigma = (std**2 / math.prod(self.ranks)) ** (1 / (2 * self.num_modes))
+        bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
+        with torch.no_grad():
+            for core in self.cores:
+                core.uniform_(-bound, bound)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return tr_linear(x, list(self.cores))  # (b, j)
+
+    def to_dense(self) -> Tensor:
+        return tr_to_dense(list(self.cores))  # (j, i)
+
+    def contraction_order(self, rows: int) -> str:
+        """The sweep :meth:`matmul` uses on ``rows`` rows (see
+        :func:`~kcprnn.formats.tt.ring_contraction_order`)."""
+        return ring_contraction_order(self.in_modes, self.out_modes, _bonds(self.ranks), rows)
+
+    def matmul_flops(self, rows: int) -> int:
+        order = self.contraction_order(rows)
+        return ring_linear_flops(self.in_modes, self.out_modes, _bonds(self.ranks), rows, order)
+
+    def reconstruction_flops(self) -> int:
+        return ring_to_dense_flops(self.in_modes, self.out_modes, _bonds(self.ranks))
+
+    def format_repr_items(self) -> list[str]:
+        return [f"ranks={list(self.ranks)}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> TRMatrix:
+        """TR-SVD of ``weight`` (``(out_features, in_features)``) truncated to ``rank``.
+
+        ``options`` are the constructor's; ranks above what an unfolding can hold are capped
+        (see :func:`tr_svd`), so a large ``rank`` gives an exact decomposition.
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        in_modes, out_modes = resolve_modes(
+            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
+            options.pop("out_modes", None), options.pop("num_modes", None),
+        )
+        ranks = validate_tr_ranks(options.pop("rank", DEFAULT_RANK), len(in_modes))
+        cores = tr_svd(weight, in_modes, out_modes, ranks)
+        out = cls(
+            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
+            rank=[core.shape[0] for core in cores], **options,
+        )
+        with torch.no_grad():
+            for param, core in zip(out.cores, cores):
+                param.copy_(core)
+        return out

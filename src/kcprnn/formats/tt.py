@@ -1,1 +1,392 @@
-"""Format 'tt': implementation in progress (registers itself when complete)."""
+r"""Format 'tt': the tensor-train matrix (TT-matrix, MPO) of Oseledets 2011 / Novikov et al. 2015.
+
+.. math::
+    W[(j_1, \dots, j_D), (i_1, \dots, i_D)] = G_1[:, j_1, i_1, :]\, G_2[:, j_2, i_2, :] \cdots
+    G_D[:, j_D, i_D, :]
+
+with cores ``G_d`` of shape ``(r_{d-1}, J_d, I_d, r_d)`` and ``r_0 = r_D = 1``.
+
+The contraction code here is shared with the tensor ring (:mod:`.tr`): a TT-matrix is a ring
+whose closing rank ``c = r_0 = r_D`` is 1, and the sweeps below carry ``c`` along and take the
+trace at the end.
+
+Legend of the shape comments: b batch rows, n input mode (current), m output mode (current),
+r, s rank (left, right of the current core), c ring rank (``r_0 = r_D``; 1 for a TT),
+q input modes not yet contracted, o output modes already produced, k a merged contraction axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..shapes import resolve_modes, validate_positive_int
+from ._base import FactorizedMatrix, register
+
+__all__ = [
+    "TTMatrix",
+    "ring_contraction_order",
+    "ring_linear",
+    "ring_linear_flops",
+    "ring_to_dense",
+    "ring_to_dense_flops",
+    "tt_linear",
+    "tt_num_params",
+    "tt_svd",
+    "tt_to_dense",
+    "validate_tt_ranks",
+]
+
+DEFAULT_RANK = 4
+"""Default TT rank of every inner bond (the UCF11 TT-LSTM/GRU setting)."""
+
+ORDERS = ("right_to_left", "left_to_right")
+"""The two sweeps of :func:`ring_linear`: start at the last input mode or at the first."""
+
+
+# --- pure functions: ring sweeps (TT is the ring of closing rank 1) ---
+
+
+def _core_shapes(cores: Sequence[Tensor]) -> list[tuple[int, int, int, int]]:
+    return [tuple(core.shape) for core in cores]  # type: ignore[misc]
+
+
+def ring_linear_flops(
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    rows: int,
+    order: str,
+) -> int:
+    """Multiply-accumulates of :func:`ring_linear` with sweep ``order`` on ``rows`` rows.
+
+    ``ranks`` are the ``D + 1`` bond ranks ``r_0, ..., r_D`` with ``r_0 = r_D = c``.
+    Each step is one matrix product ``(rows', k) @ (k, cols)``; its cost is
+    ``rows' * k * cols``. The closing trace of a ring adds no multiplications.
+    """
+    d_count = len(in_modes)
+    c = ranks[0]
+    in_total = math.prod(in_modes)
+    total = 0
+    if order == "right_to_left":
+        # step D: every input row against core D: (b*I/I_D, I_D) @ (I_D, c*r*m)
+        total += rows * in_total * c * ranks[d_count - 1] * out_modes[-1]
+        for d in range(d_count - 2, -1, -1):
+            left = rows * math.prod(in_modes[:d]) * math.prod(out_modes[d + 1 :]) * c
+            total += left * in_modes[d] * ranks[d + 1] * ranks[d] * out_modes[d]
+    elif order == "left_to_right":
+        for d in range(d_count):
+            left = rows * (c if d else 1) * math.prod(out_modes[:d])
+            k = ranks[d] * in_modes[d] if d else in_modes[0]
+            cols = out_modes[d] * ranks[d + 1] * (1 if d else c)
+            total += left * k * cols * math.prod(in_modes[d + 1 :])
+    else:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got order={order!r}")
+    return total
+
+
+def ring_contraction_order(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], rows: int
+) -> str:
+    """The sweep of :func:`ring_linear` with the fewest multiply-accumulates (ties: right to left).
+
+    Both sweeps contract the input modes one at a time, so the first step (which reads the
+    whole input) dominates: right to left it maps ``I_D -> r_{D-1} J_D c`` per slice, left to
+    right ``I_1 -> c J_1 r_1``. With the LSTM gates folded into ``J_1`` (UCF11: ``J_1 = 16``)
+    starting at the last mode is 4x cheaper; the cost model makes that choice per shape.
+    """
+    costs = {o: ring_linear_flops(in_modes, out_modes, ranks, rows, o) for o in ORDERS}
+    return min(ORDERS, key=lambda o: costs[o])
+
+
+def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    shapes = _core_shapes(cores)
+    b = x.shape[0]
+    c = shapes[-1][3]
+    r, m, n, s = shapes[-1]
+    # one GEMM over the whole input, no copy of x: its last mode is contiguous
+    a = cores[-1].permute(2, 3, 0, 1).reshape(n, s * r * m)  # (n, c*r*m)
+    z = x.reshape(-1, n) @ a  # (b*q, c*r*m): physically (b, q, o=c, r, m)
+    o, m_prev = c, m
+    for core, (r, m, n, s) in zip(reversed(cores[:-1]), reversed(shapes[:-1])):
+        # move the finished output mode next to o and (n, s) last: one copy, then one big GEMM
+        z = z.reshape(-1, n, o, s, m_prev).permute(0, 4, 2, 1, 3)  # (b*q, m', o, n, s)
+        a = core.permute(2, 3, 0, 1).reshape(n * s, r * m)  # (n*s, r*m)
+        z = z.reshape(-1, n * s) @ a  # (b*q*m'*o, r*m)
+        o, m_prev = m_prev * o, m
+    # z: (b, o = J_2..J_D * c, r_0 = c, J_1)
+    z = z.reshape(b, o // c, c, c, m_prev)  # (b, o, c, c, m)
+    if c == 1:
+        z = z.reshape(b, o, m_prev)  # (b, o, m)
+    else:
+        z = z.diagonal(dim1=2, dim2=3).sum(-1)  # (b, o, m)
+    return z.transpose(1, 2).reshape(b, -1)  # (b, J_1*J_2*...*J_D)
+
+
+def _sweep_left_to_right(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
+    shapes = _core_shapes(cores)
+    b = x.shape[0]
+    c = shapes[0][0]
+    r, m, n, s = shapes[0]
+    # x is read as (b, n, q): batched GEMMs with the core on the left need no copy of x
+    a = cores[0].permute(0, 1, 3, 2).reshape(r * m * s, n)  # (c*m*s, n)
+    z = torch.matmul(a, x.reshape(b, n, -1))  # (b, c*m*s, q)
+    for core, (r, m, n, s) in zip(cores[1:], shapes[1:]):
+        q = z.shape[-1] // n
+        a = core.permute(1, 3, 0, 2).reshape(m * s, r * n)  # (m*s, r*n)
+        z = torch.matmul(a, z.reshape(-1, r * n, q))  # (b*c*o, m*s, q)
+    # z: (b, c, J_1..J_D, s = c, q = 1)
+    out = z.shape[0] * z.shape[1] // (b * c * c)
+    z = z.reshape(b, c, out, c)  # (b, c, o, c)
+    if c == 1:
+        return z.reshape(b, out)  # (b, o)
+    return z.diagonal(dim1=1, dim2=3).sum(-1)  # (b, o)
+
+
+def ring_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
+    r"""``x @ W.T`` for a TT-matrix or tensor ring ``W``, without forming ``W``.
+
+    Args:
+        x: ``(b, I_1 ⋯ I_D)`` rows.
+        cores: ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)`` with ``r_0 = r_D`` (1 for a TT-matrix).
+        order: ``"right_to_left"`` (contract ``I_D`` first; each step is a copy of the
+            intermediate into GEMM order and one large GEMM), ``"left_to_right"`` (contract
+            ``I_1`` first; batched GEMMs with the core on the left, no copies), or ``None`` to
+            pick the cheaper one with :func:`ring_contraction_order`.
+
+    Returns:
+        ``(b, J_1 ⋯ J_D)``.
+    """
+    shapes = _core_shapes(cores)
+    if order is None:
+        ranks = [s[0] for s in shapes] + [shapes[-1][3]]
+        order = ring_contraction_order(
+            [s[2] for s in shapes], [s[1] for s in shapes], ranks, x.shape[0]
+        )
+    if order == "right_to_left":
+        return _sweep_right_to_left(x, cores)
+    if order == "left_to_right":
+        return _sweep_left_to_right(x, cores)
+    raise ValueError(f"order must be one of {list(ORDERS)} or None, got order={order!r}")
+
+
+def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
+    """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores, merging left to right."""
+    w = cores[0]  # (c, o, q, s)
+    for core in cores[1:]:
+        c, o, q, r = w.shape
+        _, m, n, s = core.shape
+        w = torch.einsum("coqr,rmns->comqns", w, core)  # (c, o, m, q, n, s)
+        w = w.reshape(c, o * m, q * n, s)  # (c, o, q, s)
+    return w.diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
+
+
+def ring_to_dense_flops(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Multiply-accumulates of :func:`ring_to_dense` (the closing trace adds none)."""
+    c = ranks[0]
+    total, size = 0, out_modes[0] * in_modes[0]
+    for d in range(1, len(in_modes)):
+        size *= out_modes[d] * in_modes[d]
+        total += c * size * ranks[d] * ranks[d + 1]
+    return total
+
+
+# --- pure functions: TT-matrix ---
+
+
+def validate_tt_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
+    """Resolve a TT rank spec into the ``D + 1`` bond ranks ``(1, r_1, ..., r_{D-1}, 1)``.
+
+    Args:
+        rank: one int for every inner bond, the ``D - 1`` inner ranks, or all ``D + 1`` bond
+            ranks with ``r_0 = r_D = 1``.
+        num_modes: ``D``.
+    """
+    d = validate_positive_int(num_modes, "num_modes")
+    if isinstance(rank, Sequence) and not isinstance(rank, (str, bytes)):
+        values = tuple(validate_positive_int(r, f"rank[{k}]") for k, r in enumerate(rank))
+        if len(values) == d + 1:
+            if values[0] != 1 or values[-1] != 1:
+                raise ValueError(
+                    "a TT-matrix has boundary ranks r_0 = r_D = 1; "
+                    f"got rank={list(values)} (use the tensor ring 'tr' for a closing rank > 1)"
+                )
+            return values
+        if len(values) != d - 1:
+            raise ValueError(
+                f"rank of a TT-matrix with D={d} cores needs the {d - 1} inner ranks "
+                f"(or all {d + 1} with r_0 = r_D = 1), got rank={list(values)} ({len(values)})"
+            )
+        return (1, *values, 1)
+    r = validate_positive_int(rank, "rank")
+    return (1, *(r,) * (d - 1), 1)
+
+
+def tt_num_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """``Σ_d r_{d-1} J_d I_d r_d`` for bond ranks ``ranks`` (``D + 1`` entries)."""
+    return sum(ranks[d] * out_modes[d] * in_modes[d] * ranks[d + 1] for d in range(len(in_modes)))
+
+
+def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
+    """Reconstruct the ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix from TT cores ``(r_{d-1}, J_d, I_d, r_d)``."""
+    return ring_to_dense(cores)
+
+
+def tt_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
+    """``x @ W.T`` for a TT-matrix ``W``: ``(b, I_1 ⋯ I_D) -> (b, J_1 ⋯ J_D)``.
+
+    See :func:`ring_linear` for ``order``.
+    """
+    return ring_linear(x, cores, order)
+
+
+def tt_svd(
+    weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> list[Tensor]:
+    """TT-SVD (Oseledets 2011) of a ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix, truncated to ``ranks``.
+
+    Sequential truncated SVDs of the tensor with merged modes ``(J_d I_d)``. Each inner rank is
+    capped at what the unfolding can hold, ``min(r_d, r_{d-1} J_d I_d, Π_{k>d} J_k I_k)``; with
+    every rank at that cap the decomposition is exact. Computed in float64, returned in the
+    dtype of ``weight``.
+
+    Returns:
+        ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)``.
+    """
+    d_count = len(in_modes)
+    t = weight.detach().to(torch.float64)
+    t = t.reshape(*out_modes, *in_modes)  # (J_1..J_D, I_1..I_D)
+    perm = [k for d in range(d_count) for k in (d, d_count + d)]
+    t = t.permute(*perm)  # (J_1, I_1, ..., J_D, I_D)
+    cores = []
+    r_prev = 1
+    rest = t.reshape(1, -1)  # (r, k)
+    for d in range(d_count - 1):
+        merged = out_modes[d] * in_modes[d]
+        mat = rest.reshape(r_prev * merged, -1)  # (r*m*n, k)
+        u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+        r = min(ranks[d + 1], sv.shape[0])
+        cores.append(u[:, :r].reshape(r_prev, out_modes[d], in_modes[d], r))  # (r, m, n, s)
+        rest = sv[:r, None] * vh[:r]  # (s, k)
+        r_prev = r
+    cores.append(rest.reshape(r_prev, out_modes[-1], in_modes[-1], 1))  # (r, m, n, 1)
+    return [core.to(weight.dtype) for core in cores]
+
+
+# --- module ---
+
+
+@register("tt")
+class TTMatrix(FactorizedMatrix):
+    r"""A weight matrix in TT-matrix format.
+
+    .. math::
+        W[(j_1 \dots j_D), (i_1 \dots i_D)] = \prod_{d=1}^{D} G_d[:, j_d, i_d, :]
+        \quad (r_0 = r_D = 1)
+
+    Parameters: ``Σ_d r_{d-1} J_d I_d r_d`` (the UCF11 TT-LSTM, ``8×20×20×18 -> 16×4×4×4``
+    at rank 4, has 3,360).
+
+    Args:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        rank: one int for all ``D - 1`` inner bonds, their list, or the full ``D + 1`` list with
+            ones at both ends. Default 4 (the TT-LSTM/GRU papers' UCF11 setting).
+
+    Attributes:
+        cores: ``nn.ParameterList`` of ``D`` tensors ``(r_{d-1}, J_d, I_d, r_d)``.
+        ranks: the ``D + 1`` bond ranks.
+
+    Example:
+        >>> w = TTMatrix(57600, 1024, in_modes=[8, 20, 20, 18], out_modes=[16, 4, 4, 4], rank=4)
+        >>> w.num_params
+        3360
+        >>> w(torch.randn(2, 57600)).shape
+        torch.Size([2, 1024])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_modes: int | None = None,
+        rank: int | Sequence[int] = DEFAULT_RANK,
+        algorithm: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
+            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
+        )
+        self.ranks = validate_tt_ranks(rank, self.num_modes)
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(self.ranks[d], m, n, self.ranks[d + 1], **self.factory_kwargs))
+            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes))
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # W[j, i] is a sum over the Π_{d=1}^{D-1} r_d rank paths of products of D independent
+        # zero-mean core entries of variance σ²; distinct paths are uncorrelated, so
+        #     Var(W) = Π_{d=1}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
+        # Entries are uniform (std σ): a product of uniforms has lighter tails than a product
+        # of Gaussians, so the second moment of one draw scatters less around std².
+        std = self.default_std() if std is None else std
+        sigma = (std**2 / math.prod(self.ranks[1:-1])) ** (1 / (2 * self.num_modes))
+        bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
+        with torch.no_grad():
+            for core in self.cores:
+                core.uniform_(-bound, bound)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return tt_linear(x, list(self.cores))  # (b, j)
+
+    def to_dense(self) -> Tensor:
+        return tt_to_dense(list(self.cores))  # (j, i)
+
+    def contraction_order(self, rows: int) -> str:
+        """The sweep :meth:`matmul` uses on ``rows`` rows (see :func:`ring_contraction_order`)."""
+        return ring_contraction_order(self.in_modes, self.out_modes, self.ranks, rows)
+
+    def matmul_flops(self, rows: int) -> int:
+        order = self.contraction_order(rows)
+        return ring_linear_flops(self.in_modes, self.out_modes, self.ranks, rows, order)
+
+    def reconstruction_flops(self) -> int:
+        return ring_to_dense_flops(self.in_modes, self.out_modes, self.ranks)
+
+    def format_repr_items(self) -> list[str]:
+        return [f"ranks={list(self.ranks)}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> TTMatrix:
+        """TT-SVD of ``weight`` (``(out_features, in_features)``) truncated to ``rank``.
+
+        ``options`` are the constructor's; ranks above what an unfolding can hold are capped
+        (see :func:`tt_svd`), so a large ``rank`` gives an exact decomposition.
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        in_modes, out_modes = resolve_modes(
+            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
+            options.pop("out_modes", None), options.pop("num_modes", None),
+        )
+        ranks = validate_tt_ranks(options.pop("rank", DEFAULT_RANK), len(in_modes))
+        cores = tt_svd(weight, in_modes, out_modes, ranks)
+        out = cls(
+            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
+            rank=[core.shape[0] for core in cores] + [1], **options,
+        )
+        with torch.no_grad():
+            for param, core in zip(out.cores, cores):
+                param.copy_(core)
+        return out
