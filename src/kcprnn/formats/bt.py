@@ -1,1 +1,147 @@
-"""Format 'bt': implementation in progress (registers itself when complete)."""
+r"""Block-term (BT) format: a sum of ``C`` Tucker blocks over the merged modes (Ye et al., 2018).
+
+.. math::
+    W[j, i] = \sum_{c=1}^{C} \sum_{r_1, \dots, r_D} G_c[r_1, \dots, r_D]
+              \prod_{d=1}^{D} A_{c,d}[(j_d, i_d), r_d]
+
+The blocks are stored stacked (factors ``(C, J_d I_d, R_d)``, cores ``(C, R_1, ..., R_D)``) and
+the math is :mod:`kcprnn.formats.tucker`'s, whose functions take that leading block axis: the
+block index is a batch axis of every BMM there, never a Python loop. Legend as in that module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..shapes import validate_positive_int
+from ._base import FactorizedMatrix, register
+from .tucker import (
+    tucker_linear,
+    tucker_linear_flops,
+    tucker_num_params,
+    tucker_reconstruction_flops,
+    tucker_to_dense,
+    validate_tucker_ranks,
+)
+
+__all__ = ["BTMatrix", "bt_linear", "bt_num_params", "bt_to_dense", "validate_bt_ranks"]
+
+
+# --- pure functions ---
+
+
+def validate_bt_ranks(
+    rank: int | Sequence[int], blocks: int, num_modes: int
+) -> tuple[tuple[int, ...], int]:
+    """Core ranks ``(R_1, ..., R_D)`` shared by all blocks (an int or ``D`` ints) and the number
+    of blocks ``C`` (a positive int)."""
+    return validate_tucker_ranks(rank, num_modes), validate_positive_int(blocks, "blocks")
+
+
+def bt_num_params(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int
+) -> int:
+    """``C (sum_d I_d J_d R_d + prod_d R_d)``.
+
+    Example (the published BT-LSTM input-to-hidden count, Ye et al. 2018):
+        >>> bt_num_params([8, 20, 20, 18], [16, 4, 4, 4], [4, 4, 4, 4], blocks=2)
+        3392
+    """
+    return tucker_num_params(in_modes, out_modes, ranks, blocks)
+
+
+def bt_to_dense(
+    factors: Sequence[Tensor], cores: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]
+) -> Tensor:
+    """Reconstruct ``W`` from stacked blocks: factors ``(C, J_d I_d, R_d)``, cores
+    ``(C, R_1, ..., R_D)``; returns ``(out_features, in_features)``."""
+    return tucker_to_dense(factors, cores, in_modes, out_modes)  # (j, i)
+
+
+def bt_linear(
+    x: Tensor,
+    factors: Sequence[Tensor],
+    cores: Tensor,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+) -> Tensor:
+    """``x @ W.T`` without forming ``W``: ``(b, in_features) -> (b, out_features)``."""
+    return tucker_linear(x, factors, cores, in_modes, out_modes)  # (b, j)
+
+
+# --- module ---
+
+
+@register("bt")
+class BTMatrix(FactorizedMatrix):
+    r"""A weight matrix in block-term Tucker form: ``C`` Tucker blocks summed.
+
+    Args:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        rank: core ranks ``R_d`` of every block: an int or a sequence of ``D`` ints. Default: 4.
+        blocks: number of blocks ``C``. Default: 1 (plain Tucker).
+
+    Attributes:
+        ranks: tuple ``(R_1, ..., R_D)``.
+        blocks: ``C``.
+        factors: ``nn.ParameterList`` of ``D`` tensors of shape ``(C, J_d I_d, R_d)``.
+        core: parameter of shape ``(C, R_1, ..., R_D)``, the stacked block cores.
+
+    Example:
+        >>> w = BTMatrix(57600, 1024, in_modes=[8, 20, 20, 18], out_modes=[16, 4, 4, 4],
+        ...              rank=4, blocks=2)
+        >>> w.num_params
+        3392
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int | Sequence[int] = 4,
+        blocks: int = 1,
+        **options,
+    ) -> None:
+        super().__init__(in_features, out_features, **options)
+        self.ranks, self.blocks = validate_bt_ranks(rank, blocks, self.num_modes)
+        c = self.blocks
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.empty(c, j * i, r, **self.factory_kwargs))
+            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks)
+        )
+        self.core = nn.Parameter(torch.empty(c, *self.ranks, **self.factory_kwargs))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # All entries i.i.d. with mean 0 and variance s^2: W[j, i] is a sum of C prod_d R_d
+        # independent products of D + 1 entries, so Var(W) = C prod(R) s^(2(D + 1)), hence
+        # s = (std^2 / (C prod(R)))^(1 / (2(D + 1))). Uniform entries for a well-behaved
+        # sampled std (lighter tails than Gaussian).
+        std = self.default_std() if std is None else std
+        terms = self.blocks * math.prod(self.ranks)
+        s = (std**2 / terms) ** (1 / (2 * (self.num_modes + 1)))
+        bound = s * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return bt_linear(x, list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def to_dense(self) -> Tensor:
+        return bt_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def matmul_flops(self, rows: int) -> int:
+        return tucker_linear_flops(rows, self.in_modes, self.out_modes, self.ranks, self.blocks)
+
+    def reconstruction_flops(self) -> int:
+        return tucker_reconstruction_flops(self.in_modes, self.out_modes, self.ranks, self.blocks)
+
+    def format_repr_items(self) -> list[str]:
+        return [f"rank={list(self.ranks)}", f"blocks={self.blocks}"]

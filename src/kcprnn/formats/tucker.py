@@ -1,1 +1,288 @@
-"""Format 'tucker': implementation in progress (registers itself when complete)."""
+r"""Tucker format on the merged modes, and sums of Tucker blocks (the BT format reuses it).
+
+.. math::
+    W[j, i] = \sum_{c=1}^{C} \sum_{r_1, \dots, r_D} G_c[r_1, \dots, r_D]
+              \prod_{d=1}^{D} A_{c,d}[(j_d, i_d), r_d]
+
+with ``j``, ``i`` flattened row-major and ``(j_d, i_d)`` merged as ``j_d I_d + i_d``
+(KCP.md section 4). Plain Tucker has one block: factors ``A_d`` of shape ``(J_d I_d, R_d)`` and a
+core of shape ``(R_1, ..., R_D)``. Every pure function here also accepts a leading block axis
+``C`` (factors ``(C, J_d I_d, R_d)``, core ``(C, R_1, ..., R_D)``) and then sums the ``C`` Tucker
+terms: that is the block-term (BT) format of :mod:`kcprnn.formats.bt`.
+
+Legend for shape comments: c block, b batch rows, s ranks already produced (``R_D ... R_{e+1}``),
+r current rank ``R_e``, m current output mode ``J_e``, n current input mode ``I_e``,
+o output modes already produced, p input modes not yet contracted.
+
+Multiplication (:func:`tucker_linear`) contracts the input modes from the last to the second,
+each step one GEMM/BMM on a (transposed) view that puts ``(r, m)`` in front and contracts the
+trailing axis: ``x (b p, n) -> (c r m, b p)``, then ``(c s, o b p, n) -> (c s, r m, o b p)``.
+With ``R_D ... R_2`` gathered in front the core is applied in one BMM, ``(c, s, o b i_1) ->
+(c, o b i_1, r_1)``, and the first factor last, ``(c, o b, i_1 r_1) -> (c, o b, j_1)``. Only the
+first step reads the whole input; ``matmul_flops`` counts the MACs of exactly this order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..shapes import validate_ranks
+from ._base import FactorizedMatrix, register
+
+__all__ = [
+    "TuckerMatrix",
+    "hosvd",
+    "tucker_linear",
+    "tucker_linear_flops",
+    "tucker_num_params",
+    "tucker_reconstruction_flops",
+    "tucker_to_dense",
+    "validate_tucker_ranks",
+]
+
+
+# --- pure functions ---
+
+
+def validate_tucker_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
+    """Tucker ranks ``(R_1, ..., R_D)``: an int for all modes or a sequence of ``D`` positive ints."""
+    return validate_ranks(rank, num_modes, "rank")
+
+
+def tucker_num_params(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int = 1
+) -> int:
+    """``C (sum_d I_d J_d R_d + prod_d R_d)``."""
+    per_block = sum(i * j * r for i, j, r in zip(in_modes, out_modes, ranks)) + math.prod(ranks)
+    return blocks * per_block
+
+
+def _as_blocks(factors: Sequence[Tensor], core: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Add the block axis to a plain Tucker (factors ``(J_d I_d, R_d)``, core ``(R...)``)."""
+    if core.dim() == len(factors):
+        return [a.unsqueeze(0) for a in factors], core.unsqueeze(0)
+    assert core.dim() == len(factors) + 1 and all(a.dim() == 3 for a in factors)
+    return list(factors), core
+
+
+def _mode_products(t: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """Multiply every mode ``d`` of ``t`` ``(C, n_1, ..., n_D)`` by ``mats[d]`` ``(C, m_d, n_d)``:
+    returns ``(C, m_1, ..., m_D)``."""
+    c = t.shape[0]
+    for mat in mats:
+        t = t.reshape(c, mat.shape[2], -1)  # (c, n_d, rest)
+        t = torch.bmm(mat, t)  # (c, m_d, rest)
+        t = t.transpose(1, 2).reshape(c, -1, mat.shape[1])  # (c, rest, m_d): next mode in front
+    return t.reshape(c, *(mat.shape[1] for mat in mats))  # (c, m_1, ..., m_D)
+
+
+def _merged_to_matrix(t: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+    """``(J_1 I_1, ..., J_D I_D)`` -> ``(J, I)``."""
+    d = len(in_modes)
+    t = t.reshape([s for pair in zip(out_modes, in_modes) for s in pair])  # (j_1, i_1, ...)
+    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
+    return t.reshape(math.prod(out_modes), math.prod(in_modes))  # (j, i)
+
+
+def _matrix_to_merged(w: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+    """``(J, I)`` -> ``(J_1 I_1, ..., J_D I_D)``."""
+    d = len(in_modes)
+    t = w.reshape(*out_modes, *in_modes)  # (j_1, ..., j_D, i_1, ..., i_D)
+    t = t.permute([k for e in range(d) for k in (e, d + e)])  # (j_1, i_1, ..., j_D, i_D)
+    return t.reshape([j * i for j, i in zip(out_modes, in_modes)])  # (j_1 i_1, ..., j_D i_D)
+
+
+def tucker_to_dense(
+    factors: Sequence[Tensor], core: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]
+) -> Tensor:
+    """Reconstruct ``W`` (``(out_features, in_features)``); with a block axis, the sum of the
+    blocks."""
+    factors, core = _as_blocks(factors, core)
+    t = _mode_products(core, factors).sum(0)  # (j_1 i_1, ..., j_D i_D)
+    return _merged_to_matrix(t, in_modes, out_modes)  # (j, i)
+
+
+def tucker_linear(
+    x: Tensor,
+    factors: Sequence[Tensor],
+    core: Tensor,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+) -> Tensor:
+    """``x @ W.T`` without forming ``W``. x: ``(b, in_features)`` -> ``(b, out_features)``.
+
+    Contraction order and layouts as in the module docstring; blocks are a batch axis of every
+    BMM and are summed once at the end.
+    """
+    factors, core = _as_blocks(factors, core)
+    c, d, batch = core.shape[0], len(in_modes), x.shape[0]
+    ranks = core.shape[1:]
+    # factors as (c, r m, n): small copies of the parameters
+    mats = [
+        a.reshape(c, j, i, r).permute(0, 3, 1, 2).reshape(c, r * j, i)
+        for a, i, j, r in zip(factors, in_modes, out_modes, ranks)
+    ]
+    z = x.reshape(1, 1, -1)  # (c=1, s=1, b p)
+    if d > 1:
+        n = in_modes[-1]
+        z = mats[-1].reshape(-1, n) @ x.reshape(-1, n).T  # (c r m, b p): no copy of x
+        z = z.reshape(c, ranks[-1], -1)  # (c, s, m b p)
+        for e in range(d - 2, 0, -1):
+            n, s = in_modes[e], z.shape[1]
+            z = z.reshape(c, s, -1, n).transpose(2, 3)  # (c, s, n, o b p): a view
+            z = torch.matmul(mats[e].unsqueeze(1), z)  # (c, s, r m, o b p)
+            z = z.reshape(c, s * ranks[e], -1)  # (c, s r, m o b p)
+    # core: s = (R_D, ..., R_2) in front of z; g[c, s, r_1]
+    g = core.permute(0, *range(d, 1, -1), 1).reshape(c, -1, ranks[0])  # (c, s, r_1)
+    z = torch.matmul(z.transpose(1, 2), g)  # (c, o b i_1, r_1)
+    a1 = factors[0].reshape(c, out_modes[0], in_modes[0], ranks[0])  # (c, j_1, i_1, r_1)
+    a1 = a1.permute(0, 2, 3, 1).reshape(c, -1, out_modes[0])  # (c, i_1 r_1, j_1)
+    z = torch.bmm(z.reshape(c, -1, a1.shape[1]), a1)  # (c, o b, j_1)
+    z = z.sum(0) if c > 1 else z[0]  # (o b, j_1)
+    z = z.reshape(-1, batch, out_modes[0])  # (o, b, j_1) with o = (j_2, ..., j_D)
+    return z.permute(1, 2, 0).reshape(batch, -1)  # (b, j)
+
+
+def tucker_linear_flops(
+    rows: int,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    blocks: int = 1,
+) -> int:
+    """MACs of :func:`tucker_linear`: mode step ``e >= 2`` costs
+    ``C b prod_{f>=e}(R_f J_f) prod_{f<=e} I_f``, the core ``C b J_2..J_D I_1 R_1..R_D`` and the
+    first factor ``C b J_2..J_D I_1 R_1 J_1``."""
+    d = len(in_modes)
+    steps = sum(
+        math.prod(r * j for r, j in zip(ranks[e:], out_modes[e:])) * math.prod(in_modes[: e + 1])
+        for e in range(1, d)
+    )
+    outer = math.prod(out_modes[1:]) * in_modes[0] * ranks[0]
+    return blocks * rows * (steps + outer * math.prod(ranks[1:]) + outer * out_modes[0])
+
+
+def tucker_reconstruction_flops(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int = 1
+) -> int:
+    """MACs of :func:`tucker_to_dense`: mode ``d`` costs
+    ``C prod_{f<=d}(J_f I_f) prod_{f>=d} R_f``."""
+    merged = [i * j for i, j in zip(in_modes, out_modes)]
+    return blocks * sum(
+        math.prod(merged[: e + 1]) * math.prod(ranks[e:]) for e in range(len(merged))
+    )
+
+
+def hosvd(
+    weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> tuple[list[Tensor], Tensor]:
+    """Truncated higher-order SVD of ``weight`` ``(J, I)`` on the merged modes.
+
+    ``A_d`` holds the ``R_d`` leading left singular vectors of the mode-``d`` unfolding and the
+    core is ``W`` multiplied by every ``A_d^T``. Exact when every ``R_d`` is the rank of its
+    unfolding (e.g. ``R_d = J_d I_d``).
+
+    Returns:
+        ``(factors, core)``: factors ``(J_d I_d, R_d)``, core ``(R_1, ..., R_D)``.
+    """
+    t = _matrix_to_merged(weight, in_modes, out_modes)  # (j_1 i_1, ..., j_D i_D)
+    factors = []
+    for d, r in enumerate(ranks):
+        limit = min(t.shape[d], t.numel() // t.shape[d])
+        if r > limit:
+            raise ValueError(
+                f"hosvd needs rank[{d}] <= min(J_d I_d, product of the other merged modes) = "
+                f"{limit}, got rank[{d}]={r}"
+            )
+        unfolding = t.movedim(d, 0).reshape(t.shape[d], -1)  # (m n, rest)
+        u = torch.linalg.svd(unfolding, full_matrices=False).U  # (m n, k)
+        factors.append(u[:, :r])  # (m n, r)
+    core = _mode_products(t.unsqueeze(0), [a.T.unsqueeze(0) for a in factors])[0]  # (r_1, ...)
+    return factors, core
+
+
+# --- module ---
+
+
+@register("tucker")
+class TuckerMatrix(FactorizedMatrix):
+    r"""A weight matrix in Tucker form over the merged modes ``(J_d, I_d)``.
+
+    .. math::
+        W[j, i] = \sum_{r} G[r_1, \dots, r_D] \prod_d A_d[(j_d, i_d), r_d]
+
+    Args:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        rank: Tucker ranks ``R_d``: an int for every mode or a sequence of ``D`` ints.
+            Default: 4, the rank of the paper's baselines.
+
+    Attributes:
+        ranks: tuple ``(R_1, ..., R_D)``.
+        factors: ``nn.ParameterList`` of ``D`` tensors ``A_d`` of shape ``(J_d I_d, R_d)``.
+        core: parameter of shape ``(R_1, ..., R_D)``.
+
+    Example:
+        >>> w = TuckerMatrix(24, 10, in_modes=(3, 4, 2), out_modes=(2, 1, 5), rank=2)
+        >>> w.num_params, w(torch.ones(2, 24)).shape
+        (48, torch.Size([2, 10]))
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, rank: int | Sequence[int] = 4, **options
+    ) -> None:
+        super().__init__(in_features, out_features, **options)
+        self.ranks = validate_tucker_ranks(rank, self.num_modes)
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.empty(j * i, r, **self.factory_kwargs))
+            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks)
+        )
+        self.core = nn.Parameter(torch.empty(self.ranks, **self.factory_kwargs))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # All entries (factors and core) i.i.d. with mean 0 and variance s^2: W[j, i] is a sum of
+        # prod_d R_d independent products of D + 1 entries, so Var(W) = prod(R) s^(2(D + 1)),
+        # hence s = (std^2 / prod(R))^(1 / (2(D + 1))). Uniform entries keep the sampled std of W
+        # close to std (lighter tails than Gaussian).
+        std = self.default_std() if std is None else std
+        s = (std**2 / math.prod(self.ranks)) ** (1 / (2 * (self.num_modes + 1)))
+        bound = s * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return tucker_linear(x, list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def to_dense(self) -> Tensor:
+        return tucker_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def matmul_flops(self, rows: int) -> int:
+        return tucker_linear_flops(rows, self.in_modes, self.out_modes, self.ranks)
+
+    def reconstruction_flops(self) -> int:
+        return tucker_reconstruction_flops(self.in_modes, self.out_modes, self.ranks)
+
+    def format_repr_items(self) -> list[str]:
+        return [f"rank={list(self.ranks)}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> TuckerMatrix:
+        """Truncated HOSVD (:func:`hosvd`) of ``weight`` ``(out_features, in_features)``; the other
+        options are the constructor's. Exact when ``rank`` is the full multilinear rank."""
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        out = cls(weight.shape[1], weight.shape[0], **options)
+        factors, core = hosvd(weight.detach(), out.in_modes, out.out_modes, out.ranks)
+        with torch.no_grad():
+            for p, a in zip(out.factors, factors):
+                p.copy_(a)
+            out.core.copy_(core)
+        return out
