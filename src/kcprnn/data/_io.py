@@ -1,0 +1,37 @@
+"""Small file helpers shared by the data loaders: atomic ``.npy`` writes and the cache folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["default_cache_dir", "load_npy", "save_npy_atomic"]
+
+
+def default_cache_dir() -> Path:
+    """``$KCPRNN_CACHE`` if set, else ``$XDG_CACHE_HOME/kcprnn`` (``~/.cache/kcprnn``)."""
+    if os.environ.get("KCPRNN_CACHE"):
+        return Path(os.environ["KCPRNN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kcprnn"
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` as ``.npy`` (no pickle): a temporary file, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """Read a ``.npy`` file written by :func:`save_npy_atomic` (pickle refused)."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

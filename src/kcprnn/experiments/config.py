@@ -1,0 +1,193 @@
+"""The experiment configuration: one frozen dataclass, TOML presets, ``--key=value`` overrides.
+
+A preset is a flat TOML file whose keys are :class:`Config` fields, plus an optional
+``[format_options]`` table passed to the weight format (``in_modes``, ``rank``, ...). Command-line
+overrides ``--key=value`` take TOML values (``--lr=1e-3``, ``--hidden_modes=[4,4,4,4]``, a bare
+word for a string: ``--format=tt``); ``--format_options.rank=8`` sets one format option.
+Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DATASETS", "Config", "ConfigError", "apply_overrides", "load_config"]
+
+REAL_DATASETS = ("ucf11", "ucf50", "youtube")
+STANDIN_DATASETS = ("ucf11-like", "youtube-like")
+DATASETS = REAL_DATASETS + STANDIN_DATASETS
+SPLITS = ("auto", "stratified", "group", "logo")
+CELLS = ("lstm", "gru")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not accepted; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a training run depends on. Defaults reproduce the paper's UCF11 setting on the
+    UCF11-like stand-in with a KCP-LSTM."""
+
+    # --- data ---
+    dataset: str = "ucf11-like"  # ucf11 | ucf50 | youtube (real; need data_dir) | ucf11-like | youtube-like
+    data_dir: str = ""  # top folder of a real dataset
+    cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE or ~/.cache/kcprnn
+    num_frames: int = 6  # frames per clip in ascending order (UCF: 6, YouTube Celebrities: up to 85)
+    frame_width: int = 160  # frames are scaled to frame_width x frame_height RGB
+    frame_height: int = 120
+    clips_per_class: int = 60  # stand-ins only: clips per class (per identity)
+    split: str = "auto"  # auto (the dataset's protocol) | stratified | group | logo
+    test_fraction: float = 0.2  # held-out share for stratified and group splits
+    fold: int = 1  # logo (UCF50 leave-one-group-out): the group id held out
+    # --- model: a (compressed) recurrent layer over the frames, the last hidden state -> linear ---
+    cell: str = "lstm"  # lstm | gru
+    format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
+    hidden_size: int = 256
+    hidden_modes: tuple = (4, 4, 4, 4)  # hidden modes; the gates fold into the first output mode
+    format_options: dict = field(default_factory=dict)  # in_modes, rank, ... for the format
+    # --- optimization ---
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
+    seed: int = 0  # seeds the split, the initialization and the batch order
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    # --- output ---
+    name: str = ""  # run name; "" = the preset's file name
+    out_dir: str = ""  # run folder; "" = runs/<name>
+    progress: bool = True  # tqdm bar (shown only on a terminal)
+
+    def __post_init__(self) -> None:
+        _check_choice(self.dataset, DATASETS, "dataset")
+        _check_choice(self.split, SPLITS, "split")
+        _check_choice(self.cell, CELLS, "cell")
+        for key in ("num_frames", "frame_width", "frame_height", "clips_per_class",
+                    "hidden_size", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got threads={self.threads}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got lr={self.lr}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dataset in REAL_DATASETS and not self.data_dir:
+            raise ConfigError(f"dataset={self.dataset!r} is real data: set data_dir to its folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (tuples become lists)."""
+        return _jsonable(dataclasses.asdict(self))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name or 'run'}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {key}={value!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check ``value`` against the type of field ``key``; ints are accepted for floats."""
+    if key not in _FIELDS:
+        raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {sorted(_FIELDS)}")
+    kind = _FIELDS[key].type
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}[kind]
+    ok = (
+        isinstance(value, bool) if kind is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+        else isinstance(value, int) and not isinstance(value, bool) if kind is int
+        else isinstance(value, (list, tuple)) if kind is tuple
+        else isinstance(value, kind)
+    )
+    if not ok:
+        raise ConfigError(
+            f"{source}: config key {key!r} must be of type {kind.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if kind is float:
+        return float(value)
+    if kind is tuple:
+        return _tupled(value)
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value; a bare word that is not TOML is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if re.fullmatch(r"[\w.:/+-]*", text):
+            return text
+        raise ConfigError(f"cannot parse {text!r} as a TOML value") from None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--key=value`` strings (``--format_options.KEY=value`` for a format option)."""
+    values = {**values, "format_options": dict(values.get("format_options", {}))}
+    for item in overrides:
+        m = re.fullmatch(r"--([\w.]+)=(.*)", item, flags=re.S)
+        if m is None:
+            raise ConfigError(f"override {item!r} is not of the form --key=value")
+        key, text = m.groups()
+        value = _parse_value(text)
+        if key.startswith("format_options."):
+            values["format_options"][key.split(".", 1)[1]] = _tupled(value)
+        else:
+            values[key] = _coerce(key, value, f"override {item!r}")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from a TOML preset (optional) and overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value (the message names it).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        for key, value in raw.items():
+            values[key] = _coerce(key, value, str(path))
+        if "format_options" in values:
+            values["format_options"] = {k: _tupled(v) for k, v in values["format_options"].items()}
+        values.setdefault("name", path.stem)
+    values = apply_overrides(values, overrides or [])
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None

@@ -1,0 +1,291 @@
+"""``kcprnn train``: train one video experiment, readable top to bottom.
+
+config -> data (real clips or a stand-in, split by the dataset's protocol) -> model (a compressed
+LSTM/GRU over the frames, last hidden state -> linear) -> Adam -> epochs of training and
+evaluation -> a run folder with ``config.json``, ``metrics.jsonl`` (one JSON line per epoch),
+``checkpoint.safetensors`` + ``checkpoint.json`` (rewritten atomically after every epoch),
+``summary.json`` and ``run.log``.
+
+Python API: ``train(load_config("experiments/configs/ucf11_kcp.toml"))`` returns the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import (
+    ClipSet,
+    StandInSpec,
+    group_split,
+    leave_one_group_out,
+    load_standin,
+    load_video_dataset,
+    stratified_split,
+)
+from .config import STANDIN_DATASETS, Config, ConfigError, load_config
+from .model import VideoClassifier
+
+__all__ = ["evaluate", "load_checkpoint", "load_data", "main", "split_indices", "train"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_SPLITS = {"ucf11": "group", "ucf50": "logo", "youtube": "stratified",
+                   "ucf11-like": "stratified", "youtube-like": "stratified"}
+"""The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, else stratified."""
+
+
+# --- data ---
+
+
+def load_data(cfg: Config) -> ClipSet:
+    """The clips of ``cfg.dataset``: decoded (cached) real clips or a (cached) stand-in."""
+    if cfg.dataset in STANDIN_DATASETS:
+        spec = StandInSpec(kind=cfg.dataset, clips_per_class=cfg.clips_per_class,
+                           num_frames=cfg.num_frames, height=cfg.frame_height,
+                           width=cfg.frame_width, seed=cfg.seed)
+        return load_standin(spec, cfg.cache_dir or None)
+    return load_video_dataset(cfg.dataset, cfg.data_dir, cfg.num_frames,
+                              (cfg.frame_width, cfg.frame_height), cfg.cache_dir or None,
+                              progress=cfg.progress and sys.stderr.isatty())
+
+
+def split_indices(cfg: Config, clips: ClipSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, test_idx)`` by ``cfg.split`` (``"auto"``: the dataset's protocol)."""
+    split = PROTOCOL_SPLITS[cfg.dataset] if cfg.split == "auto" else cfg.split
+    if split == "group":
+        return group_split(clips.groups, cfg.test_fraction, cfg.seed)
+    if split == "logo":
+        return leave_one_group_out(clips.groups, cfg.fold)
+    return stratified_split(clips.labels, cfg.test_fraction, cfg.seed)
+
+
+def to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``(b, t, h, w, 3)`` -> float ``(b, t, h*w*3)`` in [-1, 1] on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # (b, t, h, w, 3) uint8
+    return x.flatten(2).float().mul_(2.0 / 255.0).sub_(1.0)  # (b, t, i)
+
+
+# --- model ---
+
+
+def build_model(cfg: Config, input_size: int, num_classes: int) -> VideoClassifier:
+    return VideoClassifier(
+        input_size, cfg.hidden_size, num_classes, cell=cfg.cell, format=cfg.format,
+        hidden_modes=list(cfg.hidden_modes), format_options=dict(cfg.format_options),
+        device=cfg.device,
+    )
+
+
+def model_numbers(model: VideoClassifier) -> dict[str, Any]:
+    """Input-to-hidden parameters, compression ratio and MACs per frame; total parameters."""
+    w = model.weight_ih
+    return {
+        "ih_params": w.num_params,
+        "compression": w.compression_ratio,
+        "ih_macs_per_frame": w.flops(1),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# --- evaluation ---
+
+
+@torch.no_grad()
+def evaluate(model: VideoClassifier, clips: ClipSet, idx: np.ndarray, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on the clips ``idx``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        logits = model(to_input(clips.frames[b], device))  # (b, c)
+        y = torch.from_numpy(clips.labels[b]).to(device)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss_sum / max(len(idx), 1), correct / max(len(idx), 1)
+
+
+# --- files ---
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_checkpoint(run_dir: Path, model: VideoClassifier, meta: dict[str, Any]) -> None:
+    """``checkpoint.safetensors`` (weights) and ``checkpoint.json`` (config, epoch, metrics)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(run_dir / "checkpoint.safetensors", save(tensors))
+    _write_json(run_dir / "checkpoint.json", meta)
+
+
+def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[VideoClassifier, Config, dict]:
+    """Rebuild the model of a run folder from its checkpoint. Returns ``(model, config, meta)``."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "checkpoint.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing checkpoint.json)")
+    meta = json.loads(meta_path.read_text())
+    cfg = Config(**{**meta["config"], "device": device, "hidden_modes": tuple(
+        meta["config"]["hidden_modes"])})
+    model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
+    model.load_state_dict(load_file(run_dir / "checkpoint.safetensors", device=device))
+    return model, cfg, meta
+
+
+# --- training ---
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run one experiment; returns the summary also written to ``summary.json``."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "run.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg_logger = logging.getLogger("kcprnn")
+    pkg_logger.addHandler(handler)
+    if pkg_logger.level == logging.NOTSET or pkg_logger.level > logging.INFO:
+        pkg_logger.setLevel(logging.INFO)
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        pkg_logger.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    _write_json(run_dir / "config.json", cfg.to_dict())
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    clips = load_data(cfg)
+    for path, reason in clips.skipped:
+        log.warning("skipped clip %s: %s", path, reason)
+    train_idx, test_idx = split_indices(cfg, clips)
+    log.info("%s: %d clips (%d train, %d test, %d skipped), %d classes", cfg.dataset,
+             len(clips.labels), len(train_idx), len(test_idx), len(clips.skipped),
+             clips.num_classes)
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_model(cfg, clips.input_size, clips.num_classes)
+    numbers = model_numbers(model)
+    log.info("model: %s", model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    show_bar = cfg.progress and sys.stderr.isatty()
+    epoch_seconds, history = [], []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(train_idx)
+        batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        loss_sum, correct = 0.0, 0
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(batches, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", unit="batch",
+                       leave=False)
+        else:
+            bar = batches
+        start = time.perf_counter()
+        for b in bar:
+            x = to_input(clips.frames[np.sort(b)], device)  # (b, t, i)
+            y = torch.from_numpy(clips.labels[np.sort(b)]).to(device)
+            logits = model(x)  # (b, c)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(b)
+            correct += (logits.argmax(1) == y).sum().item()
+            if show_bar:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        epoch_seconds.append(seconds)
+        test_loss, test_acc = evaluate(model, clips, test_idx, cfg.batch_size, device)
+        row = {
+            "epoch": epoch, "train_loss": loss_sum / len(train_idx),
+            "train_acc": correct / len(train_idx), "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_seconds": seconds, "lr": cfg.lr, "skipped_clips": len(clips.skipped),
+        }
+        history.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d: %s", epoch, json.dumps(row))
+        save_checkpoint(run_dir, model, {
+            "config": cfg.to_dict(), "epoch": epoch, "metrics": row,
+            "input_size": clips.input_size, "class_names": list(clips.class_names),
+        })
+
+    summary = {
+        "name": cfg.name or run_dir.name, "dataset": cfg.dataset, "cell": cfg.cell,
+        "format": cfg.format, **numbers,
+        "seconds_per_epoch": statistics.median(epoch_seconds),
+        "test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
+        "train_acc": history[-1]["train_acc"], "epochs": cfg.epochs,
+        "num_train": len(train_idx), "num_test": len(test_idx),
+        "num_classes": clips.num_classes, "skipped_clips": len(clips.skipped),
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+    _write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# --- command line ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kcprnn train",
+        description="Train one video experiment. Overrides: --KEY=VALUE for any config key "
+                    "(TOML values), --format_options.KEY=VALUE for a format option.",
+    )
+    parser.add_argument("--config", help="a TOML preset, e.g. experiments/configs/ucf11_kcp.toml")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (same as --device=...)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    if args.device:
+        overrides.append(f"--device={args.device}")
+    if args.no_progress:
+        overrides.append("--progress=false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        summary = train(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"kcprnn train: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {cfg.run_dir}")
+    return 0
