@@ -1,1 +1,564 @@
-"""Format 'kcp': implementation in progress (registers itself when complete)."""
+r"""Kronecker CP (KCP) format: a sum of ``P`` Kronecker products of ``N`` CP tensors (KCP.md §2-3).
+
+.. math::
+    W[j, i] = \sum_{p=1}^{P} \prod_{n=1}^{N} \sum_{r=1}^{R_n} \prod_{d=1}^{D}
+              F^{(n,d)}[p, r, j_d^{(n)}, i_d^{(n)}]
+
+Every mode is split once more into ``N`` Kronecker factors, ``I_d = I_d^(1) ⋯ I_d^(N)`` and
+``J_d = J_d^(1) ⋯ J_d^(N)``; ``i`` is the row-major flattening of the multi-index
+``(i_1^(1), ..., i_1^(N), i_2^(1), ..., i_D^(N))`` (mode-major, factor-minor), ``j`` likewise.
+``F^(n,d)`` is ``factors[n][d]`` of shape ``(P, R_n, J_d^(n), I_d^(n))``.
+
+Legend for shape comments: b batch rows, k merged rank ``(p, r_1, ..., r_N)``, p term,
+r rank of one factor, a/c input indices of the prefix/suffix chunk of modes, m/o output indices
+of the prefix/suffix chunk, f input axes of the current factor, g output axes of the current
+factor, e every other axis.
+
+Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
+
+* ``parallel`` (:func:`kcp_linear_parallel`): merge the factors into a CP of rank
+  ``K = P Π_n R_n`` whose mode factors are Kronecker products of the small ones; split the modes
+  into a prefix ``[0, s)`` and a suffix ``[s, D)`` and merge each chunk, for every merged rank,
+  into one small dense matrix. Step 1 is ONE GEMM over the contiguous trailing axis of the input,
+  ``(b a, c) -> (b a, k o)``; step 2 is ONE batched GEMM that contracts ``(a, k)`` together, so the
+  rank sum is part of the GEMM. No copy of the input, no Python loop over ranks.
+* ``sequential`` (:func:`kcp_linear_sequential`): factor by factor. For each factor ``n`` the sum
+  over ``r`` is done first, in the small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` of shape
+  ``(J^(n), I^(n))``; the input axes of factor ``n`` are gathered (one permute) and multiplied by
+  it. Its cost grows with ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks.
+
+``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
+permute copies, GEMM row overhead and a per-kernel launch cost); the split point of ``parallel``
+and the factor order of ``sequential`` are chosen by the same model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..shapes import balanced_factors, validate_positive_int, validate_ranks
+from ._base import FactorizedMatrix, register
+
+__all__ = [
+    "KCPMatrix",
+    "KCPPlan",
+    "kcp_cost",
+    "kcp_linear_parallel",
+    "kcp_linear_sequential",
+    "kcp_num_params",
+    "kcp_plan",
+    "kcp_plan_flops",
+    "kcp_reconstruction_flops",
+    "kcp_to_dense",
+    "resolve_kcp_splits",
+    "validate_kcp_ranks",
+]
+
+Splits = tuple[tuple[int, ...], ...]  # D x N factor sizes
+
+# Cost-model weights, in multiply-accumulate equivalents (calibrated on a 2-core x86 CPU with
+# torch 2.13 and checked by benchmarks/bench_kcp_auto.py): one element read or written by a GEMM,
+# one element moved by a strided permute copy, one GEMM row (small inner dimensions run far
+# below peak), one kernel launch (Python + dispatch overhead).
+COST_IO = 4.0
+COST_PERMUTE = 40.0
+COST_ROW = 100.0
+COST_KERNEL = 2.0e5
+
+
+# --- pure functions: shapes and counts ---
+
+
+def _is_nested(modes: object) -> bool:
+    return (
+        isinstance(modes, Sequence)
+        and not isinstance(modes, (str, bytes))
+        and len(modes) > 0
+        and all(isinstance(m, Sequence) and not isinstance(m, (str, bytes)) for m in modes)
+    )
+
+
+def _check_nested(modes: Sequence[Sequence[int]], name: str) -> Splits:
+    out = []
+    for d, split in enumerate(modes):
+        if len(split) == 0:
+            raise ValueError(f"{name}[{d}] must list at least one factor size, got {list(split)}")
+        out.append(tuple(validate_positive_int(s, f"{name}[{d}][{k}]") for k, s in enumerate(split)))
+    lengths = {len(s) for s in out}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"every mode of {name} needs the same number of Kronecker factors, got "
+            f"{name}={[list(s) for s in out]} with lengths {[len(s) for s in out]}"
+        )
+    return tuple(out)
+
+
+def resolve_kcp_splits(
+    in_features: int,
+    out_features: int,
+    in_modes: Sequence[int] | Sequence[Sequence[int]] | None,
+    out_modes: Sequence[int] | Sequence[Sequence[int]] | None,
+    num_factors: int | None,
+) -> tuple[Splits | None, Splits | None, int]:
+    """Validate nested mode lists and resolve the number of Kronecker factors ``N``.
+
+    Returns ``(in_splits, out_splits, N)``; a side given flat (or not at all) comes back ``None``
+    and is split later with :func:`shapes.balanced_factors`.
+    """
+    if num_factors is not None:
+        validate_positive_int(num_factors, "num_factors")
+    in_splits = _check_nested(in_modes, "in_modes") if _is_nested(in_modes) else None
+    out_splits = _check_nested(out_modes, "out_modes") if _is_nested(out_modes) else None
+    for splits, name, features in (
+        (in_splits, "in_modes", in_features),
+        (out_splits, "out_modes", out_features),
+    ):
+        if splits is not None and math.prod(map(math.prod, splits)) != features:
+            raise ValueError(
+                f"the factor sizes of {name} must multiply to "
+                f"{'in' if name == 'in_modes' else 'out'}_features={features}: "
+                f"{name}={[list(s) for s in splits]} multiply to {math.prod(map(math.prod, splits))}"
+            )
+    ns = {len(s[0]) for s in (in_splits, out_splits) if s is not None}
+    if len(ns) > 1:
+        raise ValueError(
+            f"in_modes and out_modes need the same number of Kronecker factors per mode: "
+            f"in_modes={[list(s) for s in in_splits]}, out_modes={[list(s) for s in out_splits]}"
+        )
+    if ns:
+        n = ns.pop()
+        if num_factors is not None and num_factors != n:
+            raise ValueError(
+                f"num_factors={num_factors} disagrees with the {n} Kronecker factors per mode "
+                f"given in the nested mode lists"
+            )
+        return in_splits, out_splits, n
+    return None, None, 2 if num_factors is None else num_factors
+
+
+def validate_kcp_ranks(rank: int | Sequence[int], num_factors: int) -> tuple[int, ...]:
+    """The CP rank of each Kronecker factor: an int (shared) or a list of ``num_factors`` ints."""
+    return validate_ranks(rank, num_factors, "rank")
+
+
+def kcp_num_params(in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int) -> int:
+    """``Σ_n P R_n Σ_d I_d^(n) J_d^(n)``."""
+    return sum(
+        terms * r * sum(i[n] * j[n] for i, j in zip(in_splits, out_splits))
+        for n, r in enumerate(ranks)
+    )
+
+
+# --- pure functions: reconstruction ---
+
+
+def _kron_pairs(a: Tensor, b: Tensor) -> Tensor:
+    """Batched Kronecker product of the last two axes: (..., J, I) x (..., j, i) -> (..., Jj, Ii)."""
+    out = a[..., :, None, :, None] * b[..., None, :, None, :]  # (..., J, j, I, i)
+    *lead, big_j, j, big_i, i = out.shape
+    return out.reshape(*lead, big_j * j, big_i * i)
+
+
+def _factor_dense(factor: Sequence[Tensor]) -> Tensor:
+    """``A_p = Σ_r ⊗_d F[d][p, r]`` for one Kronecker factor: ``(P, J^(n), I^(n))``."""
+    t = factor[0]  # (p, r, g, f)
+    for f in factor[1:]:
+        t = _kron_pairs(t, f)  # (p, r, g, f)
+    return t.sum(1)  # (p, g, f)
+
+
+def _merged_mode_factor(factors: Sequence[Sequence[Tensor]], d: int) -> Tensor:
+    """Mode ``d`` of the merged CP: ``U_d[k] = ⊗_n F^(n,d)[p, r_n]``, ``k = (p, r_1, ..., r_N)``."""
+    u = factors[0][d]  # (p, k, m, c)
+    for n in range(1, len(factors)):
+        f = factors[n][d]  # (p, r, m, c)
+        u = _kron_pairs(u[:, :, None], f[:, None])  # (p, k, r, m, c)
+        u = u.flatten(1, 2)  # (p, k, m, c)
+    return u.flatten(0, 1)  # (k, m, c)
+
+
+def _chunk(mode_factors: Sequence[Tensor]) -> Tensor:
+    """Kronecker over consecutive modes with a shared merged rank: ``(k, Π J_d, Π I_d)``."""
+    t = mode_factors[0]  # (k, m, c)
+    for u in mode_factors[1:]:
+        t = _kron_pairs(t, u)  # (k, m, c)
+    return t
+
+
+def kcp_to_dense(factors: Sequence[Sequence[Tensor]]) -> Tensor:
+    """Reconstruct ``W`` (``(out_features, in_features)``) from ``factors[n][d]`` of shape
+    ``(P, R_n, J_d^(n), I_d^(n))``."""
+    n_f, n_d = len(factors), len(factors[0])
+    dense = [_factor_dense(f) for f in factors]  # each (p, g, f)
+    t = dense[0]
+    for a in dense[1:]:
+        t = _kron_pairs(t, a)  # (p, g, f): factor-major indices
+    t = t.sum(0)  # (j, i) in factor-major order
+    out_sizes = [factors[n][d].shape[2] for n in range(n_f) for d in range(n_d)]
+    in_sizes = [factors[n][d].shape[3] for n in range(n_f) for d in range(n_d)]
+    t = t.reshape(*out_sizes, *in_sizes)  # axes (n, d) for j then i
+    mode_major = [n * n_d + d for d in range(n_d) for n in range(n_f)]
+    t = t.permute(*mode_major, *[n_f * n_d + a for a in mode_major])  # axes (d, n)
+    return t.reshape(math.prod(out_sizes), math.prod(in_sizes))  # (j, i)
+
+
+def kcp_reconstruction_flops(in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
+                             terms: int) -> int:
+    """Multiply-accumulates of :func:`kcp_to_dense` (Kronecker products and sums, counted as MACs)."""
+    num_d = len(in_splits)
+    total = 0
+    for n, r in enumerate(ranks):
+        size = 1
+        for d in range(num_d):
+            size *= in_splits[d][n] * out_splits[d][n]
+            total += terms * r * size if d else 0
+        total += terms * r * size  # sum over r
+    size = 1
+    for n in range(len(ranks)):
+        size *= math.prod(in_splits[d][n] * out_splits[d][n] for d in range(num_d))
+        total += terms * size if n else 0
+    return total + terms * size  # sum over p
+
+
+# --- pure functions: plans and cost model ---
+
+
+@dataclass(frozen=True)
+class KCPPlan:
+    """One way to evaluate ``x @ W.T``: ``algorithm`` is ``"parallel"`` (``split`` = first mode of
+    the suffix chunk) or ``"sequential"`` (``order`` = factors in the order they are applied).
+    ``macs`` counts every multiply-accumulate (building the small dense matrices included),
+    ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate."""
+
+    algorithm: str
+    split: int = 0
+    order: tuple[int, ...] = ()
+    macs: int = 0
+    cost: float = 0.0
+    peak: int = 0
+
+
+def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
+                   terms: int, split: int) -> KCPPlan:
+    num_d = len(in_splits)
+    k = terms * math.prod(ranks)
+    in_m = [math.prod(s) for s in in_splits]
+    out_m = [math.prod(s) for s in out_splits]
+    a, c = math.prod(in_m[:split]), math.prod(in_m[split:])
+    m, o = math.prod(out_m[:split]), math.prod(out_m[split:])
+    build = sum(k * in_m[d] * out_m[d] for d in range(num_d) if len(ranks) > 1)
+    build += sum(k * math.prod(in_m[split:d + 1]) * math.prod(out_m[split:d + 1])
+                 for d in range(split + 1, num_d))
+    build += sum(k * math.prod(in_m[:d + 1]) * math.prod(out_m[:d + 1]) for d in range(1, split))
+    mid = rows * a * k * o
+    macs = build + rows * a * c * k * o + (rows * m * a * k * o if split else mid)
+    io = rows * a * c + 2 * mid + rows * m * o
+    kernels = 2 * num_d * len(ranks) + 3
+    cost = macs + COST_IO * io + COST_ROW * (rows * a + rows * m) + COST_KERNEL * kernels
+    return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c))
+
+
+def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
+                     terms: int, order: tuple[int, ...]) -> KCPPlan:
+    num_d = len(in_splits)
+    fi = [math.prod(in_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
+    fo = [math.prod(out_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
+    build = sum(terms * r * fi[n] * fo[n] for n, r in enumerate(ranks))
+    size = rows * math.prod(fi)
+    macs, io, moved, gemm_rows, peak = build, 0, 0, 0, size
+    for t, n in enumerate(order):
+        p = terms if t == 0 else 1  # the first factor opens the term index p
+        new = size // fi[n] * fo[n] * p
+        if t == len(order) - 1 and t > 0:
+            new //= terms  # the last factor sums over p inside its GEMM
+        macs += size * fo[n] * p
+        moved += size
+        io += size + new
+        gemm_rows += size // fi[n] // (terms if t == len(order) - 1 and t > 0 else 1)
+        size = new
+        peak = max(peak, size)
+    if len(order) == 1:  # N == 1: the p-sum is a separate reduction
+        macs += size
+        size //= terms
+    moved += size  # final permute to mode-major output order
+    kernels = 2 * num_d * len(ranks) + 3 * len(order) + 1
+    cost = macs + COST_IO * io + COST_PERMUTE * moved + COST_ROW * gemm_rows + COST_KERNEL * kernels
+    return KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak)
+
+
+def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
+             algorithm: str) -> KCPPlan:
+    """The cheapest plan of ``algorithm`` (``"parallel"`` or ``"sequential"``) on ``rows`` rows.
+
+    The model: ``cost = MACs + COST_IO * (elements read and written by the GEMMs)
+    + COST_PERMUTE * (elements moved by permute copies) + COST_ROW * (GEMM rows)
+    + COST_KERNEL * (kernels launched)``. For ``parallel`` every split point is tried, for
+    ``sequential`` every factor order (a greedy order beyond 6 factors).
+    """
+    if algorithm == "parallel":
+        plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s)
+                 for s in range(len(in_splits))]
+    elif algorithm == "sequential":
+        num_n = len(ranks)
+        if num_n <= 6:
+            orders = list(itertools.permutations(range(num_n)))
+        else:
+            ratio = [math.prod(o[n] for o in out_splits) / math.prod(i[n] for i in in_splits)
+                     for n in range(num_n)]
+            orders = [tuple(sorted(range(num_n), key=lambda n: ratio[n]))]
+        plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o) for o in orders]
+    else:
+        raise ValueError(f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}")
+    return min(plans, key=lambda plan: plan.cost)
+
+
+def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
+             algorithm: str = "auto") -> KCPPlan:
+    """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`."""
+    if algorithm == "auto":
+        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a)
+                 for a in ("parallel", "sequential")]
+        return min(plans, key=lambda plan: plan.cost)
+    return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm)
+
+
+def kcp_plan_flops(plan: KCPPlan) -> int:
+    """Multiply-accumulates of a plan (what ``matmul_flops`` reports)."""
+    return plan.macs
+
+
+# --- pure functions: products ---
+
+
+def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: int = 0) -> Tensor:
+    """``x @ W.T`` through the merged CP of rank ``K = P Π_n R_n`` (KCP.md §3, parallel).
+
+    Modes ``[0, split)`` form the prefix chunk, ``[split, D)`` the suffix chunk; each is merged,
+    per merged rank, into one dense matrix. x: ``(b, in_features)`` -> ``(b, out_features)``.
+    """
+    num_d = len(factors[0])
+    if not 0 <= split < num_d:
+        raise ValueError(f"split must be in [0, {num_d}), got split={split}")
+    u = [_merged_mode_factor(factors, d) for d in range(num_d)]  # each (k, m, c)
+    k = u[0].shape[0]
+    suffix = _chunk(u[split:])  # (k, o, c)
+    _, o, c = suffix.shape
+    b = x.shape[0]
+    z = F.linear(x.reshape(-1, c), suffix.reshape(k * o, c))  # (b a, k o)
+    if split == 0:
+        return z.reshape(b, k, o).sum(1)  # (b, o)
+    prefix = _chunk(u[:split])  # (k, m, a)
+    m, a = prefix.shape[1:]
+    prefix = prefix.permute(1, 2, 0).reshape(m, a * k)  # (m, a k)
+    y = torch.matmul(prefix, z.reshape(b, a * k, o))  # (b, m, o): sums over a and k
+    return y.reshape(b, m * o)  # (b, j)
+
+
+def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
+                          order: Sequence[int] | None = None) -> Tensor:
+    """``x @ W.T`` factor by factor (KCP.md §3, sequential).
+
+    Factor ``n`` is applied as its small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` (the
+    rank is summed before moving on) to the gathered input axes ``(i_1^(n), ..., i_D^(n))``.
+    ``order`` lists the factors in the order they are applied (default ``0, ..., N-1``).
+    x: ``(b, in_features)`` -> ``(b, out_features)``.
+    """
+    num_n, num_d = len(factors), len(factors[0])
+    order = tuple(range(num_n)) if order is None else tuple(order)
+    if sorted(order) != list(range(num_n)):
+        raise ValueError(f"order must be a permutation of range({num_n}), got order={list(order)}")
+    b = x.shape[0]
+    dense = [_factor_dense(f) for f in factors]  # each (p, g, f)
+    terms = dense[0].shape[0]
+    in_sizes = [[factors[n][d].shape[3] for n in range(num_n)] for d in range(num_d)]
+    # labels of the current axes after the leading batch axis: ("i"|"j", d, n) or ("p",)
+    labels: list[tuple] = [("i", d, n) for d in range(num_d) for n in range(num_n)]
+    z = x.reshape(b, *[in_sizes[d][n] for d in range(num_d) for n in range(num_n)])  # (b, e)
+    if num_n == 1:
+        w = dense[0].sum(0)  # (g, f): N = 1 is a CP over the merged modes
+        return F.linear(x, w)  # (b, j)
+    for t, n in enumerate(order):
+        own = [labels.index(("i", d, n)) for d in range(num_d)]
+        rest = [a for a in range(len(labels)) if a not in own and labels[a] != ("p",)]
+        a_n = dense[n]  # (p, g, f)
+        g, f = a_n.shape[1:]
+        new = [("j", d, n) for d in range(num_d)]
+        if t == 0:  # opens the term index p
+            zz = z.permute(0, *[a + 1 for a in rest + own]).reshape(-1, f)  # (b e, f)
+            z = F.linear(zz, a_n.reshape(terms * g, f))  # (b e, p g)
+            labels = [labels[a] for a in rest] + [("p",)] + new
+        elif t < num_n - 1:  # p stays a batch axis
+            pa = labels.index(("p",))
+            zz = z.permute(pa + 1, 0, *[a + 1 for a in rest + own]).reshape(terms, -1, f)  # (p, b e, f)
+            z = torch.bmm(zz, a_n.transpose(1, 2))  # (p, b e, g)
+            labels = [("p",)] + [labels[a] for a in rest] + new
+            z = z.reshape(terms, b, *_sizes(labels[1:], factors)).transpose(0, 1)  # (b, p, e, g)
+            continue
+        else:  # the last factor sums over p inside its GEMM
+            pa = labels.index(("p",))
+            zz = z.permute(0, *[a + 1 for a in rest], pa + 1, *[a + 1 for a in own])  # (b, e, p, f)
+            zz = zz.reshape(-1, terms * f)  # (b e, p f)
+            z = F.linear(zz, a_n.permute(1, 0, 2).reshape(g, terms * f))  # (b e, g)
+            labels = [labels[a] for a in rest] + new
+        z = z.reshape(b, *_sizes(labels, factors))
+    final = [labels.index(("j", d, n)) + 1 for d in range(num_d) for n in range(num_n)]
+    return z.permute(0, *final).reshape(b, -1)  # (b, j)
+
+
+def _sizes(labels: Sequence[tuple], factors: Sequence[Sequence[Tensor]]) -> list[int]:
+    out = []
+    for lab in labels:
+        if lab[0] == "p":
+            out.append(factors[0][0].shape[0])
+        else:
+            axis = 3 if lab[0] == "i" else 2
+            out.append(factors[lab[2]][lab[1]].shape[axis])
+    return out
+
+
+
+# --- module ---
+
+
+@register("kcp")
+class KCPMatrix(FactorizedMatrix):
+    r"""A weight matrix in Kronecker CP form (Wang et al., TNNLS 2023), KCP.md §2.
+
+    .. math::
+        W[j, i] = \sum_{p=1}^{P} \prod_{n=1}^{N} \sum_{r=1}^{R_n} \prod_{d=1}^{D}
+                  \mathrm{factors}[n][d][p, r, j_d^{(n)}, i_d^{(n)}]
+
+    ``i`` is the row-major flattening of ``(i_1^(1), ..., i_1^(N), i_2^(1), ..., i_D^(N))``
+    (mode-major, factor-minor), and ``j`` likewise: ``x.reshape(B, I_1^(1), ..., I_D^(N))`` is
+    the input tensor. For a fixed term ``p`` each Kronecker factor ``n`` is a rank-``R_n`` CP
+    tensor over the ``D`` merged modes; within a mode, factor 1 is the most significant index.
+
+    Args:
+        in_features: ``Π_d I_d``.
+        out_features: ``Π_d J_d``.
+        in_modes: ``D`` mode sizes (each split into ``num_factors`` balanced factors), or a nested
+            list of ``D`` lists of the ``N`` factor sizes ``I_d^(1), ..., I_d^(N)``.
+        out_modes: as ``in_modes``, for the output.
+        num_modes: ``D`` when no mode list is given.
+        num_factors: ``N`` (default 2); implied by nested mode lists.
+        terms: ``P``, the number of Kronecker (KT) terms.
+        rank: the CP rank ``R_n`` of every factor, an int or a list of ``N`` ints.
+        algorithm: ``"auto"`` (default, cost model :func:`kcp_plan`), ``"sequential"``,
+            ``"parallel"`` or ``"dense"`` (reconstruct ``W``, then ``F.linear``).
+        device, dtype: factory arguments, as in ``torch.nn``.
+
+    Attributes:
+        factors: ``factors[n][d]`` is the parameter of shape ``(P, R_n, J_d^(n), I_d^(n))``.
+        in_splits, out_splits: ``D x N`` tuples of factor sizes.
+        ranks: ``(R_1, ..., R_N)``.
+        terms: ``P``.
+        num_factors: ``N``.
+
+    Example:
+        >>> w = KCPMatrix(57600, 1024, in_modes=[[2, 4], [4, 5], [4, 5], [3, 6]],
+        ...               out_modes=[[4, 4], [2, 2], [2, 2], [2, 2]])
+        >>> w.num_params
+        78
+        >>> w(torch.randn(3, 57600)).shape
+        torch.Size([3, 1024])
+    """
+
+    algorithms = ("auto", "sequential", "parallel", "dense")
+    default_algorithm = "auto"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        out_modes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        num_modes: int | None = None,
+        num_factors: int | None = None,
+        terms: int = 1,
+        rank: int | Sequence[int] = 1,
+        algorithm: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        in_splits, out_splits, num_n = resolve_kcp_splits(
+            in_features, out_features, in_modes, out_modes, num_factors
+        )
+        flat_in = [math.prod(s) for s in in_splits] if in_splits is not None else in_modes
+        flat_out = [math.prod(s) for s in out_splits] if out_splits is not None else out_modes
+        super().__init__(
+            in_features, out_features, in_modes=flat_in, out_modes=flat_out, num_modes=num_modes,
+            algorithm=algorithm, device=device, dtype=dtype,
+        )
+        self.terms = validate_positive_int(terms, "terms")
+        self.num_factors = num_n
+        self.ranks = validate_kcp_ranks(rank, num_n)
+        self.in_splits: Splits = in_splits or tuple(balanced_factors(m, num_n) for m in self.in_modes)
+        self.out_splits: Splits = out_splits or tuple(
+            balanced_factors(m, num_n) for m in self.out_modes
+        )
+        self.factors = nn.ModuleList(
+            nn.ParameterList(
+                nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))
+                for i, j in zip(self.in_splits, self.out_splits)
+            )
+            for n, r in enumerate(self.ranks)
+        )
+        self.reset_parameters()
+
+    def _factor_list(self) -> list[list[Tensor]]:
+        return [list(f) for f in self.factors]
+
+    def plan(self, rows: int) -> KCPPlan:
+        """The plan ``forward`` runs on ``rows`` rows with the current algorithm."""
+        algorithm = "auto" if self.algorithm == "dense" else self.algorithm
+        return kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms, algorithm)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        plan = self.plan(x.shape[0])
+        if plan.algorithm == "parallel":
+            return kcp_linear_parallel(x, self._factor_list(), plan.split)  # (b, j)
+        return kcp_linear_sequential(x, self._factor_list(), plan.order)  # (b, j)
+
+    def to_dense(self) -> Tensor:
+        return kcp_to_dense(self._factor_list())
+
+    def matmul_flops(self, rows: int) -> int:
+        return kcp_plan_flops(self.plan(rows))
+
+    def reconstruction_flops(self) -> int:
+        return kcp_reconstruction_flops(self.in_splits, self.out_splits, self.ranks, self.terms)
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # Var(W[j, i]) = P * prod_n R_n * sigma^(2 D N) for i.i.d. zero-mean entries of variance
+        # sigma^2 (KCP.md §2). Entries are +-sigma with random signs: a product of D*N of them has
+        # the fixed magnitude sigma^(D N), so the second moment of the reconstruction is exact for
+        # P * prod R_n = 1 and a sum of few equal-magnitude terms otherwise (products of normals
+        # would be heavy-tailed and make the realized std of W erratic).
+        std = self.default_std() if std is None else std
+        if not std > 0:
+            raise ValueError(f"std must be positive, got std={std}")
+        count = self.terms * math.prod(self.ranks)
+        exponent = len(self.in_splits) * self.num_factors
+        sigma = (std**2 / count) ** (1.0 / (2 * exponent))
+        with torch.no_grad():
+            for factor in self.factors:
+                for p in factor:
+                    p.copy_(torch.randint_like(p, 2) * (2 * sigma) - sigma)
+
+    def format_repr_items(self) -> list[str]:
+        return [
+            f"in_splits={[list(s) for s in self.in_splits]}",
+            f"out_splits={[list(s) for s in self.out_splits]}",
+            f"ranks={list(self.ranks)}",
+            f"terms={self.terms}",
+            f"num_factors={self.num_factors}",
+        ]
+
