@@ -1,0 +1,322 @@
+"""kcprnn.LSTM/GRU/RNN against torch.nn: outputs, final states and gradients with dense weights
+copied from torch; every registered format against torch.nn running its reconstructed weights."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import kcprnn
+from kcprnn import FORMATS
+
+# torch.nn.LSTM (the reference) warns that its float32 projection path bypasses oneDNN.
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+# (our class, torch class, extra constructor kwargs)
+KINDS = {
+    "lstm": (kcprnn.LSTM, nn.LSTM, {}),
+    "lstm_proj": (kcprnn.LSTM, nn.LSTM, {"proj_size": 3}),
+    "gru": (kcprnn.GRU, nn.GRU, {}),
+    "rnn_tanh": (kcprnn.RNN, nn.RNN, {}),
+    "rnn_relu": (kcprnn.RNN, nn.RNN, {"nonlinearity": "relu"}),
+}
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+# Options that exercise each format beyond its simplest case (as in tests/formats).
+FORMAT_OPTIONS = {
+    "dense": {},
+    "kcp": {"rank": [2, 3], "terms": 2, "num_factors": 2},
+    "cp": {"rank": 3},
+    "tucker": {"rank": 2},
+    "tt": {"rank": 3},
+    "tr": {"rank": 2},
+    "bt": {"rank": 2, "blocks": 2},
+    "ht": {"rank": 2},
+}
+INPUT, HIDDEN = 6, 4
+
+
+def pair(kind, dtype=torch.float64, **kw):
+    ours_cls, torch_cls, extra = KINDS[kind]
+    ref = torch_cls(INPUT, HIDDEN, **extra, **kw, dtype=dtype)
+    return ours_cls.from_torch(ref, format="dense"), ref
+
+
+def states(hx):
+    return hx if isinstance(hx, tuple) else (hx,)
+
+
+def random_hx(ref, batch, dtype):
+    k = ref.num_layers * (2 if ref.bidirectional else 1)
+    out = getattr(ref, "proj_size", 0) or ref.hidden_size
+    shape = (k, batch, out) if batch else (k, out)
+    h = torch.randn(*shape, dtype=dtype)
+    if isinstance(ref, nn.LSTM):
+        cshape = shape[:-1] + (ref.hidden_size,)
+        return h, torch.randn(*cshape, dtype=dtype)
+    return h
+
+
+def assert_same(a, b, dtype):
+    ya, ha = a
+    yb, hb = b
+    if isinstance(ya, nn.utils.rnn.PackedSequence):
+        torch.testing.assert_close(ya.batch_sizes, yb.batch_sizes)
+        ya, yb = ya.data, yb.data
+    torch.testing.assert_close(ya, yb, **TOL[dtype])
+    for sa, sb in zip(states(ha), states(hb), strict=True):
+        torch.testing.assert_close(sa, sb, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+class TestEquivalence:
+    def test_two_layers_bidirectional_batch_first(self, kind, dtype):
+        ours, ref = pair(kind, dtype, num_layers=2, bidirectional=True, batch_first=True)
+        x = torch.randn(3, 5, INPUT, dtype=dtype)
+        hx = random_hx(ref, 3, dtype)
+        assert_same(ours(x, hx), ref(x, hx), dtype)
+        assert_same(ours(x), ref(x), dtype)
+
+    def test_time_major_no_bias(self, kind, dtype):
+        ours, ref = pair(kind, dtype, num_layers=2, bias=False)
+        x = torch.randn(5, 2, INPUT, dtype=dtype)
+        assert_same(ours(x), ref(x), dtype)
+
+    @pytest.mark.parametrize("batch_first", [False, True])
+    def test_unbatched(self, kind, dtype, batch_first):
+        ours, ref = pair(kind, dtype, num_layers=2, bidirectional=True, batch_first=batch_first)
+        x = torch.randn(4, INPUT, dtype=dtype)
+        hx = random_hx(ref, 0, dtype)
+        assert_same(ours(x, hx), ref(x, hx), dtype)
+        assert_same(ours(x), ref(x), dtype)
+
+    @pytest.mark.parametrize("enforce_sorted", [False, True])
+    def test_packed_variable_lengths(self, kind, dtype, enforce_sorted):
+        ours, ref = pair(kind, dtype, num_layers=2, bidirectional=True, batch_first=True)
+        x = torch.randn(4, 6, INPUT, dtype=dtype)
+        lengths = torch.tensor([6, 5, 3, 1] if enforce_sorted else [3, 6, 1, 5])
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted)
+        hx = random_hx(ref, 4, dtype)
+        a, b = ours(packed, hx), ref(packed, hx)
+        assert_same(a, b, dtype)
+        torch.testing.assert_close(a[0].unsorted_indices, b[0].unsorted_indices)
+        padded, lens = pad_packed_sequence(a[0], batch_first=True)
+        torch.testing.assert_close(lens, lengths)
+        assert padded.shape[:2] == (4, 6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_gradients_match_torch(kind):
+    ours, ref = pair(kind, torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, INPUT, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    hx = random_hx(ref, 3, torch.float64)
+    grads = []
+    for model in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        hxi = tuple(t.clone().requires_grad_(True) for t in states(hx))
+        packed = pack_padded_sequence(xi, lengths, enforce_sorted=False)
+        out, hn = model(packed, hxi if len(hxi) == 2 else hxi[0])
+        torch.manual_seed(1)
+        loss = (out.data * torch.randn_like(out.data)).sum()
+        for s in states(hn):
+            loss = loss + (s * torch.randn_like(s)).sum()
+        loss.backward()
+        grads.append([xi.grad, *(t.grad for t in hxi)])
+    for ga, gb in zip(*grads, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+    for layer in range(2):
+        for direction in range(2):
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+            cell = ours.cell(layer, direction)
+            mats = {"weight_ih": cell.weight_ih.weight, "weight_hh": cell.weight_hh.weight,
+                    "bias_ih": cell.bias_ih, "bias_hh": cell.bias_hh}
+            if cell.proj_size:
+                mats["weight_hr"] = cell.weight_hr.weight
+            for name, p in mats.items():
+                torch.testing.assert_close(p.grad, getattr(ref, name + sfx).grad,
+                                           rtol=1e-10, atol=1e-10)
+
+
+def test_dropout_between_layers_matches_torch_at_p1():
+    ours, ref = pair("lstm", torch.float64, num_layers=2, dropout=1.0)
+    x = torch.randn(4, 2, INPUT, dtype=torch.float64)
+    assert_same(ours(x), ref(x), torch.float64)  # training: layer 2 sees zeros in both
+    ours.eval()
+    ref.eval()
+    assert_same(ours(x), ref(x), torch.float64)
+
+
+def test_from_torch_keeps_the_gru_biases_apart():
+    ref = nn.GRU(INPUT, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():  # b_hn enters as r * (W_hn h + b_hn): moving it into b_ih would differ
+        ref.bias_hh_l0[2 * HIDDEN:].fill_(3.0)
+    ours = kcprnn.GRU.from_torch(ref, format="dense")
+    torch.testing.assert_close(ours.cell(0).bias_hh, ref.bias_hh_l0)
+    x = torch.randn(3, 2, INPUT, dtype=torch.float64)
+    assert_same(ours(x), ref(x), torch.float64)
+
+
+def test_from_torch_rejects_other_kinds():
+    with pytest.raises(TypeError, match=r"LSTM.from_torch expects a torch.nn.LSTM, got GRU"):
+        kcprnn.LSTM.from_torch(nn.GRU(3, 2), format="dense")
+
+
+def test_from_torch_without_decomposition_names_the_format(monkeypatch):
+    cls = type("NoFromDense", (kcprnn.DenseMatrix,),
+               {"from_dense": classmethod(kcprnn.FactorizedMatrix.from_dense.__func__)})
+    monkeypatch.setitem(FORMATS, "nofromdense", cls)
+    cls.format_name = "nofromdense"
+    with pytest.raises(NotImplementedError, match=r"ih weight to format 'nofromdense'"):
+        kcprnn.LSTM.from_torch(nn.LSTM(INPUT, HIDDEN), format="nofromdense")
+    # the hidden weights go through hidden_format's from_dense the same way
+    with pytest.raises(NotImplementedError, match=r"hh weight to format 'nofromdense'"):
+        kcprnn.LSTM.from_torch(nn.LSTM(INPUT, HIDDEN), format="dense",
+                               hidden_format="nofromdense")
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_from_torch_every_format(name):
+    """Formats with a decomposition reproduce the weight they are given (to their accuracy: the
+    layer's weight must equal its own reconstruction), the rest raise NotImplementedError."""
+    ref = nn.LSTM(8, 4, dtype=torch.float64)
+    opts = {"in_modes": [2, 4], "out_modes": [4, 4], **FORMAT_OPTIONS.get(name, {})}
+    if not FORMATS[name].has_from_dense():
+        with pytest.raises(NotImplementedError, match=repr(name)):
+            kcprnn.LSTM.from_torch(ref, format=name, **opts)
+        return
+    ours = kcprnn.LSTM.from_torch(ref, format=name, **opts)
+    assert ours.format == name
+    torch.testing.assert_close(ours.cell(0).weight_hh.to_dense(), ref.weight_hh_l0)
+    torch.testing.assert_close(ours.cell(0).bias_ih, ref.bias_ih_l0)
+    assert_against_reconstruction(ours, torch.randn(3, 2, 8, dtype=torch.float64))
+
+
+def torch_twin(model):
+    """A torch.nn module running ``model``'s reconstructed weights: the reference for any format."""
+    torch_cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[model.mode]
+    kw = {"proj_size": model.proj_size} if model.proj_size else {}
+    if model.mode == "RNN":
+        kw["nonlinearity"] = model.nonlinearity
+    ref = torch_cls(model.input_size, model.hidden_size, model.num_layers, bias=model.bias,
+                    batch_first=model.batch_first, bidirectional=model.bidirectional,
+                    dtype=model.cells[0].weight_hh.to_dense().dtype, **kw)
+    with torch.no_grad():
+        for layer in range(model.num_layers):
+            for direction in range(model.num_directions):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                cell = model.cell(layer, direction)
+                for role, m in cell.matrices().items():
+                    getattr(ref, f"weight_{role}{sfx}").copy_(m.to_dense())
+                if model.bias:
+                    getattr(ref, "bias_ih" + sfx).copy_(cell.bias_ih)
+                    getattr(ref, "bias_hh" + sfx).copy_(cell.bias_hh)
+    return ref
+
+
+def assert_against_reconstruction(model, x):
+    assert_same(model(x), torch_twin(model)(x), x.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_every_format_matches_torch_with_reconstructed_weights(name, kind):
+    cls, _, extra = KINDS[kind]
+    opts = FORMAT_OPTIONS.get(name, {})
+    model = cls(12, 4, num_layers=2, bidirectional=True, format=name, hidden_format=name,
+                in_modes=[3, 2, 2], hidden_modes=[2, 1, 2], hidden_options=opts,
+                dtype=torch.float64, **extra, **opts)
+    g = model.cells[0].num_gates
+    assert model.cell(0).weight_ih.in_modes == (3, 2, 2)
+    assert model.cell(0).weight_ih.out_modes == (2 * g, 1, 2)
+    assert model.cell(1).weight_ih.in_modes == (4, 1, 2)  # two directions folded in
+    assert model.cell(1, 1).weight_hh.in_modes == (2, 1, 2)
+    assert model.cell(1, 1).weight_hh.out_modes == (2 * g, 1, 2)
+    assert all(c.format == name and c.hidden_format == name for c in model.cells)
+    assert_against_reconstruction(model, torch.randn(5, 3, 12, dtype=torch.float64))
+
+
+def test_options_per_layer():
+    model = kcprnn.LSTM(12, 4, num_layers=3, format="dense", in_modes=[3, 4],
+                        out_modes=[8, 2], layer_options=[{}, {"in_modes": [1, 4]}, {}])
+    assert [c.weight_ih.in_modes for c in model.cells] == [(3, 4), (1, 4), (2, 2)]
+    assert [c.weight_ih.out_modes for c in model.cells] == [(8, 2)] * 3
+    # without hidden_modes the hidden matrices take the format's balanced default
+    assert model.cell(0).weight_hh.in_features == 4
+
+
+def test_input_product_is_one_call_over_all_steps():
+    model = kcprnn.GRU(INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense",
+                       batch_first=True)
+    calls = {"ih": [], "hh": []}
+    for cell in model.cells:
+        cell.weight_ih.register_forward_hook(lambda m, a, o: calls["ih"].append(a[0].shape))
+        cell.weight_hh.register_forward_hook(lambda m, a, o: calls["hh"].append(a[0].shape))
+    model(torch.randn(3, 7, INPUT))
+    assert calls["ih"] == [(3, 7, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
+    assert calls["hh"] == [(3, HIDDEN)] * (7 * 4)
+    calls["ih"].clear()
+    packed = pack_padded_sequence(torch.randn(3, 7, INPUT), torch.tensor([7, 2, 4]),
+                                  batch_first=True, enforce_sorted=False)
+    model(packed)
+    assert calls["ih"] == [(13, INPUT)] * 2 + [(13, 2 * HIDDEN)] * 2
+
+
+def test_reset_parameters_targets_torch_variance(monkeypatch):
+    seen = []
+    for cls in FORMATS.values():
+        orig = cls.reset_parameters
+
+        def spy(self, std=None, _orig=orig):
+            seen.append(std)
+            return _orig(self, std)
+
+        monkeypatch.setattr(cls, "reset_parameters", spy)
+    model = kcprnn.LSTM(INPUT, 9, proj_size=2, format="dense")
+    assert seen[-3:] == [pytest.approx(1 / math.sqrt(27))] * 3  # ih, hh, hr
+    seen.clear()
+    model.reset_parameters()
+    assert seen == [pytest.approx(1 / math.sqrt(27))] * 3
+    cell = model.cell(0)
+    for t in (cell.weight_ih.weight, cell.weight_hh.weight, cell.bias_ih, cell.bias_hh):
+        assert t.abs().max() <= 1 / 3 and t.abs().max() > 0.9 / 3
+
+
+def test_default_format_is_kcp():
+    if "kcp" not in FORMATS:
+        with pytest.raises(ValueError, match="unknown format 'kcp'"):
+            kcprnn.LSTM(INPUT, HIDDEN)
+    else:
+        assert kcprnn.LSTM(INPUT, HIDDEN).format == "kcp"
+
+
+def test_state_dict_round_trip_and_to():
+    a = kcprnn.LSTM(INPUT, HIDDEN, 2, bidirectional=True, proj_size=2, format="dense")
+    b = kcprnn.LSTM(INPUT, HIDDEN, 2, bidirectional=True, proj_size=2, format="dense")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 2, INPUT)
+    assert_same(a(x), b(x), torch.float32)
+    assert "cells.0.weight_ih.weight" in a.state_dict()
+    c = b.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in c.parameters())
+    y, (h, cc) = c(x.double())
+    assert y.dtype == h.dtype == cc.dtype == torch.float64
+    torch.testing.assert_close(y, a(x)[0].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_extra_repr_lists_non_defaults():
+    m = kcprnn.RNN(INPUT, HIDDEN, 2, nonlinearity="relu", batch_first=True, format="dense")
+    r = repr(m)
+    assert r.startswith("RNN(\n  6, 4, num_layers=2, nonlinearity='relu', batch_first=True, "
+                        "format='dense'\n")
+    assert "dropout" not in r and "bidirectional" not in r
+
+
+def test_torch_compile_small_lstm():
+    model = kcprnn.LSTM(INPUT, HIDDEN, format="dense", batch_first=True)
+    ref = torch_twin(model)
+    x = torch.randn(2, 3, INPUT)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_same(compiled(x), ref(x), torch.float32)
