@@ -1,0 +1,143 @@
+"""``kcprnn bench``: time every registered format against dense ``nn.Linear``/``nn.LSTM``, the
+input read and the peer libraries; write JSON and PNG plots, print tables and targets.
+
+Examples::
+
+    kcprnn bench --quick                        # a minute or two
+    kcprnn bench                                # full run (UCF11 point, sweeps, LSTM step)
+    kcprnn bench --points ucf11 --no-memory     # one point
+    .venv-peers/bin/kcprnn bench --peers required   # with tednet and tensorly-torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .benchmarking import POINT_KINDS, PRESETS, SuiteConfig, evaluate_targets, peer_status, run_suite
+from .benchmarking.report import format_point_table, format_targets, plot_sweeps, sweep_series
+from .benchmarking.suite import environment
+
+__all__ = ["main", "parse_args", "write_json_atomic"]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="kcprnn bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="sizes and repetitions (default: ucf11, or quick with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer sweep points and rounds (1-2 minutes)")
+    ap.add_argument("--points", default=",".join(POINT_KINDS),
+                    help=f"comma-separated subset of {','.join(POINT_KINDS)} (default: all)")
+    ap.add_argument("--formats", default=None, help="comma-separated subset of our formats (default: all)")
+    ap.add_argument("--peers", choices=("auto", "none", "required"), default="auto",
+                    help="auto: use tednet/tensorly-torch if importable; required: fail without them")
+    ap.add_argument("--no-peers", dest="peers", action="store_const", const="none", help="same as --peers none")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip peak-memory measurement (CPU: one subprocess per case)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the preset's)")
+    ap.add_argument("--out", default="bench-results", help="folder for bench.json and the PNG plots")
+    ap.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    args = ap.parse_args(argv)
+    if args.preset is None:
+        args.preset = "quick" if args.quick else "ucf11"
+    points = tuple(p.strip() for p in args.points.split(",") if p.strip())
+    unknown = [p for p in points if p not in POINT_KINDS]
+    if unknown:
+        ap.error(f"unknown points {unknown}; choose from {list(POINT_KINDS)}")
+    args.points = points
+    args.formats = None if args.formats is None else tuple(f.strip() for f in args.formats.split(","))
+    if args.threads < 1:
+        ap.error(f"--threads must be positive, got {args.threads}")
+    return args
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kcprnn bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    status = peer_status() if args.peers != "none" else {}
+    available = {lib for lib, s in status.items() if s["available"]}
+    if args.peers == "required" and available != set(status):
+        missing = {lib: s["error"] for lib, s in status.items() if not s["available"]}
+        print(f"kcprnn bench: --peers required but missing: {missing}; run benchmarks/setup_peers.sh",
+              file=sys.stderr)
+        return 2
+    for lib, s in status.items():
+        print(f"peer {lib}: " + (f"version {s['version']}" if s["available"] else f"absent ({s['error']})"))
+    cfg = SuiteConfig(preset=PRESETS[args.preset], device=device, threads=args.threads, points=args.points,
+                      formats=args.formats, peers=args.peers, memory=args.memory, rounds=args.rounds,
+                      log=lambda m: print(m, flush=True))
+    env = environment(device, args.threads)
+    print(f"torch {env['versions']['torch']}, {env['threads']} threads, {env['device']}, {env['cpu']}")
+    start = time.perf_counter()
+    points = run_suite(cfg, available)
+    targets = evaluate_targets(points)
+    slopes = {
+        sweep: {mode: {name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
+                       for name, s in sweep_series(points, sweep, mode).items()}
+                for mode in ("forward", "forward_backward")}
+        for sweep in ("rank", "rows", "input") if any(p["sweep"] == sweep for p in points)
+    }
+    out_dir = Path(args.out)
+    plots = plot_sweeps(points, out_dir, f"kcprnn bench {args.preset}, {env['threads']} threads, "
+                        f"{env['device']}, torch {env['versions']['torch']}") if args.plots else {}
+    result = {
+        "schema": 1,
+        "preset": args.preset,
+        "preset_sizes": {k: v for k, v in vars(cfg.preset).items()},
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "environment": env,
+        "peers": status or {"tednet": {"available": False, "error": "disabled (--peers none)"},
+                            "tltorch": {"available": False, "error": "disabled (--peers none)"}},
+        "seconds": time.perf_counter() - start,
+        "points": points,
+        "slopes": slopes,
+        "targets": targets,
+        "plots": plots,
+    }
+    path = out_dir / "bench.json"
+    write_json_atomic(path, result)
+    for pt in points:
+        if pt["sweep"] is None:
+            print()
+            print(format_point_table(pt))
+    for sweep, modes in slopes.items():
+        print(f"\n== log-log slopes vs {sweep} (forward / forward+backward) ==")
+        for name in sorted(modes["forward"]):
+            f = modes["forward"][name].get("slope")
+            b = modes["forward_backward"].get(name, {}).get("slope")
+            print(f"  {name:<44} {'-' if f is None else f'{f:+.2f}':>6} / {'-' if b is None else f'{b:+.2f}':>6}")
+    if targets:
+        print()
+        print(format_targets(targets))
+    print(f"\nwrote {path}" + (f" and {len(plots)} plots" if plots else "") + f" in {result['seconds']:.0f} s")
+    return 0

@@ -1,0 +1,100 @@
+"""Benchmark sizes: the UCF11 layer (57,600 -> 1,024, 96 rows) and its sweeps, a quick variant,
+and a tiny one for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..shapes import balanced_factors
+
+__all__ = ["PRESETS", "Preset", "kronecker_split"]
+
+
+def kronecker_split(modes: tuple[int, ...] | list[int]) -> list[list[int]]:
+    """Split every mode into two Kronecker factors for KCP, smaller first:
+    ``[8, 20, 20, 18] -> [[2, 4], [4, 5], [4, 5], [3, 6]]``."""
+    return [sorted(balanced_factors(int(m), 2)) for m in modes]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one benchmark run.
+
+    Attributes:
+        in_modes, out_modes: tensorization of the main layer (UCF11: 8x20x20x18 -> 16x4x4x4).
+        rows: rows per call at the main point (UCF11: batch 16 x 6 frames).
+        rank: rank of every format at the main point and in the rows/input sweeps.
+        kcp_ranks: KCP ranks at the main point.
+        sweep_ranks, sweep_rows: the rank and rows sweeps.
+        sweep_inputs: input tensorizations of the input-size sweep (output fixed).
+        lstm_in_modes, lstm_hidden_modes, seq_len, batch: the LSTM training step point.
+        tk2_in_modes: tednet Tucker-2 input shape (3 modes) for the LSTM point.
+        rounds, block_s: timing repetitions (see :func:`~.timing.time_interleaved`).
+    """
+
+    name: str
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    rows: int
+    rank: int
+    kcp_ranks: tuple[int, ...]
+    sweep_ranks: tuple[int, ...]
+    sweep_rows: tuple[int, ...]
+    sweep_inputs: tuple[tuple[int, ...], ...]
+    lstm_in_modes: tuple[int, ...]
+    lstm_hidden_modes: tuple[int, ...]
+    seq_len: int
+    batch: int
+    tk2_in_modes: tuple[int, ...]
+    rounds: int = 7
+    block_s: float = 0.05
+
+
+_UCF11 = Preset(
+    name="ucf11",
+    in_modes=(8, 20, 20, 18),
+    out_modes=(16, 4, 4, 4),
+    rows=96,
+    rank=4,
+    kcp_ranks=(1, 2, 4),
+    sweep_ranks=(1, 2, 4, 8, 16),
+    sweep_rows=(1, 4, 16, 96, 384, 1024),
+    sweep_inputs=((8, 8, 8, 8), (8, 10, 10, 18), (8, 20, 20, 18), (16, 20, 20, 36)),
+    lstm_in_modes=(8, 20, 20, 18),
+    lstm_hidden_modes=(4, 4, 4, 4),
+    seq_len=6,
+    batch=16,
+    tk2_in_modes=(160, 20, 18),
+)
+
+PRESETS: dict[str, Preset] = {
+    "ucf11": _UCF11,
+    "quick": replace(
+        _UCF11,
+        name="quick",
+        sweep_ranks=(1, 4, 16),
+        sweep_rows=(1, 16, 256),
+        sweep_inputs=((8, 8, 8, 8), (8, 20, 20, 18)),
+        rounds=3,
+        block_s=0.02,
+    ),
+    "tiny": Preset(
+        name="tiny",
+        in_modes=(4, 4, 4, 4),
+        out_modes=(4, 4, 4, 4),
+        rows=4,
+        rank=2,
+        kcp_ranks=(1, 2),
+        sweep_ranks=(1, 2),
+        sweep_rows=(1, 4),
+        sweep_inputs=((4, 4, 4, 4), (4, 4, 4, 8)),
+        lstm_in_modes=(4, 4, 4, 4),
+        lstm_hidden_modes=(4, 4, 4, 4),
+        seq_len=2,
+        batch=2,
+        tk2_in_modes=(16, 4, 4),
+        rounds=2,
+        block_s=0.002,
+    ),
+}
+"""``ucf11``: the full run; ``quick``: fewer sweep points and rounds; ``tiny``: for tests."""

@@ -1,0 +1,136 @@
+"""Tables, log-log slopes and PNG plots from the suite's point dicts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["fit_loglog_slope", "format_point_table", "format_targets", "plot_sweeps", "sweep_series"]
+
+_SWEEP_AXES = {"rank": "rank", "rows": "rows (batch x frames)", "input": "input features"}
+
+
+def fit_loglog_slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (``t ~ x**slope``); needs 2+ points."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"need two or more (x, y) pairs, got {len(xs)} x and {len(ys)} y")
+    if min(xs) <= 0 or min(ys) <= 0:
+        raise ValueError("log-log fit needs positive x and y")
+    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    sxx = sum((a - mx) ** 2 for a in lx)
+    if sxx == 0:
+        raise ValueError("log-log fit needs at least two distinct x values")
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+
+
+def sweep_series(points: list[dict[str, Any]], sweep: str, mode: str) -> dict[str, dict[str, Any]]:
+    """``series -> {"x": [...], "ms": [...], "slope": s, "local_slopes": [...]}`` for one sweep."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for pt in points:
+        if pt["sweep"] != sweep:
+            continue
+        for c in pt["cases"]:
+            if c["status"] != "ok" or mode not in c:
+                continue
+            s = series.setdefault(c["series"], {"x": [], "ms": []})
+            s["x"].append(float(pt["x"]))
+            s["ms"].append(float(c[mode]["median_ms"]))
+    out: dict[str, dict[str, Any]] = {}
+    for name, s in series.items():
+        order = sorted(range(len(s["x"])), key=lambda i: s["x"][i])
+        xs, ys = [s["x"][i] for i in order], [s["ms"][i] for i in order]
+        entry: dict[str, Any] = {"x": xs, "ms": ys}
+        if len(set(xs)) >= 2:
+            entry["slope"] = fit_loglog_slope(xs, ys)
+            entry["local_slopes"] = [
+                math.log(ys[i + 1] / ys[i]) / math.log(xs[i + 1] / xs[i]) for i in range(len(xs) - 1)
+            ]
+        out[name] = entry
+    return out
+
+
+def plot_sweeps(points: list[dict[str, Any]], out_dir: Path, title: str) -> dict[str, str]:
+    """One PNG per sweep present (forward and forward+backward panels); returns ``sweep -> path``.
+
+    Written atomically (temporary file, then ``os.replace``)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for sweep, xlabel in _SWEEP_AXES.items():
+        if not any(pt["sweep"] == sweep for pt in points):
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80, sharey=False)
+        for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
+            for name, s in sorted(sweep_series(points, sweep, mode).items()):
+                label = f"{name} ({s['slope']:+.2f})" if "slope" in s else name
+                style = "--" if name.startswith(("tednet", "tltorch")) else "-"
+                if name.startswith(("torch", "input")):
+                    style = ":"
+                ax.plot(s["x"], s["ms"], style, marker="o", markersize=3, label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("median ms")
+            ax.set_title(f"{mode.replace('_', '+')} vs {sweep} (log-log slope)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6, loc="best")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"sweep_{sweep}.png"
+        tmp = path.with_suffix(".png.tmp")
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        written[sweep] = str(path)
+    return written
+
+
+def _fmt_int(v: Any) -> str:
+    return "-" if v is None else f"{int(v):,}"
+
+
+def format_point_table(point: dict[str, Any]) -> str:
+    """Plain-text table of one point: params, MACs, medians, ratios, memory."""
+    head = (f"{'case':<44} {'params':>11} {'MACs':>15} {'fwd ms':>9} {'f+b ms':>9} "
+            f"{'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}")
+    lines = [f"== {point['name']} ==", head, "-" * len(head)]
+    for c in point["cases"]:
+        if c["status"] != "ok":
+            lines.append(f"{c['label']:<44} ERROR {c['error'][:100]}")
+            continue
+        r = c.get("ratios", {})
+        fwd = c.get("forward", {}).get("median_ms")
+        fb = c.get("forward_backward", {}).get("median_ms")
+        mem = c.get("memory", {})
+        mem_s = "-"
+        if "forward_backward_bytes" in mem or "forward_bytes" in mem:
+            mem_s = f"{mem.get('forward_backward_bytes', mem.get('forward_bytes', 0)) / 2**20:.1f}"
+        elif "error" in mem:
+            mem_s = "err"
+
+        def ratio(key: str) -> str:
+            return f"{r[key]:.2f}" if key in r else "-"
+
+        lines.append(
+            f"{c['label'][:44]:<44} {_fmt_int(c.get('params')):>11} {_fmt_int(c.get('macs')):>15} "
+            f"{'-' if fwd is None else f'{fwd:.3f}':>9} {'-' if fb is None else f'{fb:.3f}':>9} "
+            f"{ratio('speedup_vs_dense_forward'):>9} {ratio('speedup_vs_dense_forward_backward'):>9} "
+            f"{ratio('forward_over_read'):>8} {mem_s:>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[dict[str, Any]]) -> str:
+    lines = ["== targets =="]
+    for t in targets:
+        lines.append(f"[{'holds' if t['holds'] else 'FAILS'}] {t['target']}: {t['value']:.2f} "
+                     f"(threshold {t['threshold']:g}) at {t['where']}")
+    return "\n".join(lines)

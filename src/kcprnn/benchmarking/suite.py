@@ -1,0 +1,402 @@
+"""The benchmark suite: points (UCF11 layer, sweeps over rank, rows and input size, the LSTM
+training step), each timed as one interleaved run; results as a JSON-ready dict.
+
+A *point* is one problem size. At a point every case (ours, the dense baseline, the input
+read, the peers) is built, checked to run, counted (parameters, multiply-accumulates), and then
+all cases' forward and forward+backward closures are timed together by
+:func:`~.timing.time_interleaved`, so the ratios at a point come from one run.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..formats import FORMATS
+from .cases import PEER_FORMATS, PEER_LSTMS, BuiltCase, CaseSpec, build_case, count_macs, match_peer_rank
+from .memory import measure_peak_memory
+from .presets import Preset, kronecker_split
+from .timing import time_interleaved
+
+__all__ = ["SuiteConfig", "environment", "evaluate_targets", "run_suite", "POINT_KINDS"]
+
+POINT_KINDS = ("ucf11", "rank", "rows", "input", "lstm")
+MODES = ("forward", "forward_backward")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What to run. ``peers``: ``"auto"`` (use the ones that import), ``"none"`` or
+    ``"required"`` (fail when one is absent)."""
+
+    preset: Preset
+    device: torch.device
+    threads: int
+    points: tuple[str, ...] = POINT_KINDS
+    formats: tuple[str, ...] | None = None
+    peers: str = "auto"
+    memory: bool = True
+    rounds: int | None = None
+    log: Callable[[str], None] | None = None
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Versions, thread count and hardware, recorded with every run."""
+    versions = {}
+    for dist in ("torch", "kcprnn", "numpy", "tednet", "tensorly-torch", "tensorly", "opt-einsum"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env: dict[str, Any] = {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "threads_requested": threads,
+        "device": str(device),
+        "opt_einsum": {"available": torch.backends.opt_einsum.is_available(),
+                       "enabled": bool(torch.backends.opt_einsum.enabled)},
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# --- case lists ---
+
+
+def _our_formats(cfg: SuiteConfig) -> list[str]:
+    names = sorted(n for n in FORMATS if n != "dense")
+    if cfg.formats is not None:
+        names = [n for n in names if n in cfg.formats]
+    return names
+
+
+def _algorithms(fmt: str) -> list[str | None]:
+    """Every algorithm of formats that choose one ("auto" present), else the default only."""
+    algos = tuple(FORMATS[fmt].algorithms)
+    return list(algos) if "auto" in algos else [None]
+
+
+def _our_linear(fmt: str, in_modes: Sequence[int], out_modes: Sequence[int], rows: int, rank: int,
+                algorithm: str | None, tag: str) -> CaseSpec:
+    nested = fmt == "kcp"
+    options: dict[str, Any] = {"rank": rank}
+    if algorithm is not None:
+        options["algorithm"] = algorithm
+    suffix = f" {algorithm}" if algorithm is not None else ""
+    return CaseSpec(
+        label=f"kcprnn {fmt} r={rank}{suffix}", series=f"kcprnn {fmt}{suffix}" + tag,
+        impl="kcprnn", kind="linear", format=fmt,
+        in_features=math.prod(in_modes), out_features=math.prod(out_modes), rows=rows,
+        in_modes=kronecker_split(in_modes) if nested else list(in_modes),
+        out_modes=kronecker_split(out_modes) if nested else list(out_modes),
+        options=options,
+    )
+
+
+def _baselines(in_modes: Sequence[int], out_modes: Sequence[int], rows: int, dense: bool) -> list[CaseSpec]:
+    i, o = math.prod(in_modes), math.prod(out_modes)
+    specs = [CaseSpec(label="input read x.sum()", series="input read x.sum()", impl="read", kind="read",
+                      format="read", in_features=i, out_features=o, rows=rows)]
+    if dense:
+        specs.append(CaseSpec(label="torch nn.Linear", series="torch nn.Linear", impl="torch",
+                              kind="linear", format="dense", in_features=i, out_features=o, rows=rows))
+    return specs
+
+
+def _peer_linear(ours: CaseSpec, params: int, available: set[str]) -> list[CaseSpec]:
+    """Peer layers of ``ours``'s format, each at the rank that best matches ``params``."""
+    out = []
+    blocks = int(ours.options.get("blocks", 1))
+    for lib, pfmt in PEER_FORMATS.get(ours.format, []):
+        if lib not in available:
+            continue
+        rank = match_peer_rank(lib, pfmt, list(ours.in_modes), list(ours.out_modes), params, blocks=blocks)
+        opts: dict[str, Any] = {"rank": rank}
+        if pfmt == "bt":
+            opts["blocks"] = blocks
+        out.append(CaseSpec(
+            label=f"{lib} {pfmt} r={rank} (= {ours.label})", series=f"{lib} {pfmt} (= kcprnn {ours.format})",
+            impl=lib, kind="linear", format=pfmt, in_features=ours.in_features,
+            out_features=ours.out_features, rows=ours.rows, in_modes=list(ours.in_modes),
+            out_modes=list(ours.out_modes), options=opts, matches=ours.label,
+        ))
+    return out
+
+
+def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
+    p = cfg.preset
+    i, h = math.prod(p.lstm_in_modes), math.prod(p.lstm_hidden_modes)
+    gates_out = [4 * p.lstm_hidden_modes[0], *p.lstm_hidden_modes[1:]]
+    common = {"in_features": i, "out_features": h, "rows": p.seq_len * p.batch, "seq_len": p.seq_len,
+              "batch": p.batch, "kind": "lstm"}
+    specs = [CaseSpec(label="torch nn.LSTM", series="torch nn.LSTM", impl="torch", format="dense", **common)]
+    for fmt in _our_formats(cfg):
+        ranks = p.kcp_ranks if fmt == "kcp" else (p.rank,)
+        for r in ranks:
+            nested = fmt == "kcp"
+            options = {
+                "in_modes": kronecker_split(p.lstm_in_modes) if nested else list(p.lstm_in_modes),
+                "out_modes": kronecker_split(gates_out) if nested else gates_out,
+                "hidden_modes": list(p.lstm_hidden_modes),
+                "rank": r,
+            }
+            specs.append(CaseSpec(label=f"kcprnn LSTM {fmt} r={r}", series=f"kcprnn LSTM {fmt}",
+                                  impl="kcprnn", format=fmt, in_modes=options["in_modes"],
+                                  out_modes=options["out_modes"], options=options, **common))
+    if "tednet" in available:
+        for pfmt in PEER_LSTMS["tednet"]:
+            opts: dict[str, Any] = {"rank": p.rank}
+            if pfmt == "tk2":
+                opts["tk2_in_modes"] = list(p.tk2_in_modes)
+            specs.append(CaseSpec(label=f"tednet {pfmt.upper()}LSTM r={p.rank}", series=f"tednet LSTM {pfmt}",
+                                  impl="tednet", format=pfmt, in_modes=list(p.lstm_in_modes),
+                                  out_modes=list(p.lstm_hidden_modes), options=opts, **common))
+    return specs
+
+
+# --- running a point ---
+
+
+def _build_and_count(spec: CaseSpec, device: torch.device) -> tuple[BuiltCase | None, dict[str, Any]]:
+    result: dict[str, Any] = spec.as_dict()
+    try:
+        built = build_case(spec, device)
+        out = built.forward()
+        if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("forward produced non-finite values")
+        if built.forward_backward is not None:
+            built.forward_backward()
+        macs = count_macs(built.forward)
+        if built.model_macs is not None and spec.impl == "torch" and spec.kind == "lstm":
+            macs = max(macs, built.model_macs)  # fused kernel, not seen by the flop counter
+        result.update(params=built.params, params_total=built.params_total, model_macs=built.model_macs,
+                      macs=macs)
+        if spec.impl == "kcprnn" and built.module is not None and spec.kind == "linear":
+            weight = built.module.weight  # the FactorizedMatrix
+            result["algorithm"] = str(getattr(weight, "algorithm", ""))
+            result["resolved_algorithm"] = str(getattr(weight, "resolved_algorithm", result["algorithm"]))
+        result["status"] = "ok"
+        return built, result
+    except Exception as err:  # noqa: BLE001  (a failing case is reported, the suite goes on)
+        result.update(status="error", error=f"{type(err).__name__}: {err}")
+        return None, result
+
+
+def _log(cfg: SuiteConfig, msg: str) -> None:
+    if cfg.log is not None:
+        cfg.log(msg)
+
+
+def _time_point(cfg: SuiteConfig, built: list[BuiltCase | None], results: list[dict[str, Any]]) -> None:
+    items, where = [], []
+    for k, b in enumerate(built):
+        if b is None:
+            continue
+        for mode in MODES:
+            fn = getattr(b, mode)
+            if fn is not None:
+                items.append(fn)
+                where.append((k, mode))
+    rounds = cfg.rounds if cfg.rounds is not None else cfg.preset.rounds
+    stats = time_interleaved(items, device=cfg.device, rounds=rounds, block_s=cfg.preset.block_s)
+    for (k, mode), st in zip(where, stats, strict=True):
+        results[k][mode] = st.as_dict()
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    def med(label_pred: Callable[[dict[str, Any]], bool], mode: str) -> float | None:
+        for r in results:
+            if label_pred(r) and mode in r:
+                return float(r[mode]["median_ms"])
+        return None
+
+    read = med(lambda r: r["impl"] == "read", "forward")
+    for mode in MODES:
+        dense = med(lambda r: r["impl"] == "torch", mode)
+        for r in results:
+            if mode not in r or r["impl"] == "read":
+                continue
+            t = float(r[mode]["median_ms"])
+            ratios = r.setdefault("ratios", {})
+            if dense is not None and r["impl"] != "torch":
+                ratios[f"speedup_vs_dense_{mode}"] = dense / t
+            if read is not None and mode == "forward":
+                ratios["forward_over_read"] = t / read
+
+
+def run_point(cfg: SuiteConfig, name: str, sweep: str | None, x: float | None,
+              specs: Sequence[CaseSpec], peer_fn: Callable[[CaseSpec, int], list[CaseSpec]] | None = None,
+              memory: bool = False) -> dict[str, Any]:
+    """Build, count, time (and optionally measure memory of) ``specs`` plus their peers."""
+    start = time.perf_counter()
+    built: list[BuiltCase | None] = []
+    results: list[dict[str, Any]] = []
+    for spec in specs:
+        b, res = _build_and_count(spec, cfg.device)
+        built.append(b)
+        results.append(res)
+        if peer_fn is not None and b is not None and spec.impl == "kcprnn":
+            for peer in peer_fn(spec, b.params):
+                pb, pres = _build_and_count(peer, cfg.device)
+                built.append(pb)
+                results.append(pres)
+    _time_point(cfg, built, results)
+    _add_ratios(results)
+    del built
+    gc.collect()
+    if memory:
+        for res in results:
+            if res["status"] == "ok":
+                spec = CaseSpec.from_dict({k: res[k] for k in CaseSpec.__dataclass_fields__})
+                res["memory"] = measure_peak_memory(spec, cfg.device, cfg.threads)
+    point = {"name": name, "sweep": sweep, "x": x, "seconds": time.perf_counter() - start, "cases": results}
+    errors = [r["label"] for r in results if r["status"] != "ok"]
+    _log(cfg, f"  {name}: {len(results)} cases in {point['seconds']:.1f} s"
+              + (f"; errors: {', '.join(errors)}" if errors else ""))
+    return point
+
+
+def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any]]:
+    """Run every point kind in ``cfg.points``; returns the list of point dicts."""
+    torch.set_num_threads(cfg.threads)
+    p = cfg.preset
+    fmts = _our_formats(cfg)
+    peers = available_peers if cfg.peers != "none" else set()
+
+    def peer_fn(spec: CaseSpec, params: int) -> list[CaseSpec]:
+        primary = spec.options.get("algorithm") in (None, FORMATS[spec.format].default_algorithm)
+        return _peer_linear(spec, params, peers) if primary and params > 0 else []
+
+    def layer(in_modes: Sequence[int], rows: int, ranks: Sequence[int] | None, rank: int,
+              dense: bool) -> list[CaseSpec]:
+        specs = _baselines(in_modes, p.out_modes, rows, dense)
+        for fmt in fmts:
+            for r in (ranks if (fmt == "kcp" and ranks) else (rank,)):
+                for algo in _algorithms(fmt):
+                    specs.append(_our_linear(fmt, in_modes, p.out_modes, rows, r, algo, ""))
+        return specs
+
+    points: list[dict[str, Any]] = []
+    if "ucf11" in cfg.points:
+        _log(cfg, f"point ucf11: {math.prod(p.in_modes)} -> {math.prod(p.out_modes)}, {p.rows} rows")
+        points.append(run_point(cfg, "ucf11", None, None, layer(p.in_modes, p.rows, p.kcp_ranks, p.rank, True),
+                                peer_fn, memory=cfg.memory))
+    if "rank" in cfg.points:
+        for r in p.sweep_ranks:
+            _log(cfg, f"point rank={r}")
+            points.append(run_point(cfg, f"rank={r}", "rank", r, layer(p.in_modes, p.rows, None, r, False),
+                                    peer_fn))
+    if "rows" in cfg.points:
+        for rows in p.sweep_rows:
+            _log(cfg, f"point rows={rows}")
+            points.append(run_point(cfg, f"rows={rows}", "rows", rows,
+                                    layer(p.in_modes, rows, None, p.rank, True), peer_fn))
+    if "input" in cfg.points:
+        for modes in p.sweep_inputs:
+            n = math.prod(modes)
+            _log(cfg, f"point input={n} {list(modes)}")
+            points.append(run_point(cfg, f"input={n}", "input", n,
+                                    layer(modes, p.rows, None, p.rank, True), peer_fn))
+    if "lstm" in cfg.points:
+        _log(cfg, f"point lstm: T={p.seq_len}, B={p.batch}, {math.prod(p.lstm_in_modes)} -> "
+                  f"{math.prod(p.lstm_hidden_modes)}")
+        points.append(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
+    return points
+
+
+# --- targets ---
+
+
+def _ok(cases: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    return [c for c in cases if c["status"] == "ok" and pred(c)]
+
+
+def _ms(case: dict[str, Any], mode: str) -> float:
+    return float(case[mode]["median_ms"])
+
+
+def _primary(case: dict[str, Any]) -> bool:
+    algo = case["options"].get("algorithm")
+    return algo is None or algo == FORMATS[case["format"]].default_algorithm
+
+
+def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issues' numeric targets, each with its measured value and whether it holds."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, threshold: float, higher_is_better: bool, where: str) -> None:
+        holds = value >= threshold if higher_is_better else value <= threshold
+        out.append({"target": name, "where": where, "value": value, "threshold": threshold,
+                    "holds": bool(holds)})
+
+    by_name = {pt["name"]: pt for pt in points}
+    if "ucf11" in by_name:
+        cases = by_name["ucf11"]["cases"]
+        read = _ok(cases, lambda c: c["impl"] == "read")
+        dense = _ok(cases, lambda c: c["impl"] == "torch")
+        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and _primary(c)
+                     and c["options"]["rank"] <= 4):
+            if dense:
+                add("KCP forward >= 15x faster than nn.Linear", _ms(dense[0], "forward") / _ms(c, "forward"),
+                    15.0, True, c["label"])
+            if read:
+                ratio = _ms(c, "forward") / _ms(read[0], "forward")
+                add("KCP forward within 4x of the input read (issue A)", ratio, 4.0, False, c["label"])
+                add("KCP forward within 3x of the input read (issue B)", ratio, 3.0, False, c["label"])
+        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and _primary(c) and c["format"] in PEER_FORMATS):
+            peers = _ok(cases, lambda q, c=c: q["matches"] == c["label"])
+            for mode in MODES:
+                if peers:
+                    fastest = min(peers, key=lambda q, m=mode: _ms(q, m))
+                    add(f"ours <= fastest peer at equal params ({mode})", _ms(c, mode) / _ms(fastest, mode),
+                        1.0, False, f"{c['label']} vs {fastest['label']}")
+    if "lstm" in by_name:
+        cases = by_name["lstm"]["cases"]
+        torch_lstm = _ok(cases, lambda c: c["impl"] == "torch")
+        tednet = _ok(cases, lambda c: c["impl"] == "tednet")
+        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and c["options"]["rank"] <= 4):
+            if torch_lstm:
+                add("KCP-LSTM training step >= 10x faster than nn.LSTM",
+                    _ms(torch_lstm[0], "forward_backward") / _ms(c, "forward_backward"), 10.0, True, c["label"])
+            if tednet:
+                fastest = min(tednet, key=lambda q: _ms(q, "forward_backward"))
+                add("KCP-LSTM training step >= 3x faster than the fastest tednet LSTM",
+                    _ms(fastest, "forward_backward") / _ms(c, "forward_backward"), 3.0, True,
+                    f"{c['label']} vs {fastest['label']}")
+    for pt in points:
+        if pt["name"] == "lstm":
+            continue
+        kcp = _ok(pt["cases"], lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp"
+                  and "algorithm" in c["options"])
+        for rank in sorted({c["options"]["rank"] for c in kcp}):
+            group = [c for c in kcp if c["options"]["rank"] == rank]
+            auto = [c for c in group if c["options"]["algorithm"] == "auto"]
+            if not auto or len(group) < 2:
+                continue
+            for mode in MODES:
+                best = min(group, key=lambda q, m=mode: _ms(q, m))
+                add(f"kcp auto within 10% of the best algorithm ({mode})", _ms(auto[0], mode) / _ms(best, mode),
+                    1.10, False, f"{pt['name']} r={rank} (best: {best['options']['algorithm']})")
+    return out
