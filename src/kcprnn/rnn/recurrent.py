@@ -581,8 +581,9 @@ class GRU(_RNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  **options: Any) -> None:
+        proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, "tanh", device, dtype, **options)
+                         bidirectional, proj_size, "tanh", device, dtype, **options)
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None
@@ -626,8 +627,9 @@ class RNN(_RNNBase):
                  dropout: float = 0.0, bidirectional: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  **options: Any) -> None:
+        proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, nonlinearity, device, dtype, **options)
+                         bidirectional, proj_size, nonlinearity, device, dtype, **options)
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None

@@ -1,0 +1,106 @@
+"""kcprnn.LSTMCell/GRUCell/RNNCell against torch.nn's cells, and the step functions."""
+
+import pytest
+import torch
+from torch import nn
+
+import kcprnn
+from kcprnn import FORMATS
+from kcprnn.rnn.cells import fold_gates
+
+CELLS = {
+    "lstm": (kcprnn.LSTMCell, nn.LSTMCell, {}),
+    "gru": (kcprnn.GRUCell, nn.GRUCell, {}),
+    "rnn_tanh": (kcprnn.RNNCell, nn.RNNCell, {}),
+    "rnn_relu": (kcprnn.RNNCell, nn.RNNCell, {"nonlinearity": "relu"}),
+}
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_cell_matches_torch(kind, bias, dtype):
+    ours_cls, torch_cls, extra = CELLS[kind]
+    ref = torch_cls(5, 3, bias=bias, dtype=dtype, **extra)
+    ours = ours_cls.from_torch(ref, format="dense")
+    x = torch.randn(4, 5, dtype=dtype)
+    n_states = 2 if kind == "lstm" else 1
+    hx = tuple(torch.randn(4, 3, dtype=dtype) for _ in range(n_states))
+    hx_arg = hx if n_states == 2 else hx[0]
+    for args in ((x,), (x, hx_arg), (x[0],), (x[0], tuple(h[0] for h in hx) if n_states == 2
+                                                 else hx[0][0])):
+        for a, b in zip(as_tuple(ours(*args)), as_tuple(ref(*args)), strict=True):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_cell_gradients_match_torch(kind):
+    ours_cls, torch_cls, extra = CELLS[kind]
+    ref = torch_cls(5, 3, dtype=torch.float64, **extra)
+    ours = ours_cls.from_torch(ref, format="dense")
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for model in (ours, ref):
+        torch.manual_seed(1)
+        out = as_tuple(model(x))
+        sum((o * torch.randn_like(o)).sum() for o in out).backward()
+    torch.testing.assert_close(ours.weight_ih.weight.grad, ref.weight_ih.grad)
+    torch.testing.assert_close(ours.weight_hh.weight.grad, ref.weight_hh.grad)
+    torch.testing.assert_close(ours.bias_hh.grad, ref.bias_hh.grad)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cell_every_format_equals_its_reconstruction(name):
+    opts = {"in_modes": [3, 4], "hidden_modes": [2, 2]}
+    cell = kcprnn.LSTMCell(12, 4, format=name, dtype=torch.float64, **opts)
+    assert cell.weight_ih.out_modes == (8, 2)
+    ref = nn.LSTMCell(12, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight_ih.copy_(cell.weight_ih.to_dense())
+        ref.weight_hh.copy_(cell.weight_hh.to_dense())
+        ref.bias_ih.copy_(cell.bias_ih)
+        ref.bias_hh.copy_(cell.bias_hh)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    for a, b in zip(cell(x), ref(x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fold_gates():
+    assert fold_gates([4, 4, 4, 4], 4) == [16, 4, 4, 4]
+    assert fold_gates([[2, 2], [2, 2]], 3) == [[6, 2], [2, 2]]
+    assert fold_gates((5,), 1) == [5]
+
+
+def test_cell_errors():
+    cell = kcprnn.GRUCell(5, 3, format="dense")
+    with pytest.raises(ValueError, match="GRUCell: Expected input to be 1D or 2D, got 3D"):
+        cell(torch.randn(1, 2, 5))
+    with pytest.raises(ValueError, match="input_size. Expected 5, got 4"):
+        cell(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"Expected hx\[0\] of shape \(2, 3\), got \(2, 4\)"):
+        cell(torch.randn(2, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"Expected hx\[0\] to be 1D like the input, got 2D"):
+        cell(torch.randn(5), torch.randn(1, 3))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        kcprnn.LSTMCell(5, 3, format="dense")(torch.randn(2, 5), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="proj_size is only supported by LSTM"):
+        kcprnn.GRUCell(5, 3, format="dense", proj_size=1)
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
+        kcprnn.RNNCell(5, 3, nonlinearity="gelu", format="dense")
+    with pytest.raises(ValueError, match="hidden_modes=\\[2, 2\\] multiply to 4, but hidden_size=3"):
+        kcprnn.RNNCell(5, 3, format="dense", hidden_modes=[2, 2])
+    with pytest.raises(ValueError, match="unknown hidden_format 'nope'"):
+        kcprnn.RNNCell(5, 3, format="dense", hidden_format="nope")
+    with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
+        kcprnn.RNNCell(5, 0, format="dense")
+
+
+def test_cell_extra_repr():
+    assert kcprnn.RNNCell(5, 3, bias=False, nonlinearity="relu", format="dense").extra_repr() == (
+        "5, 3, bias=False, nonlinearity='relu'"
+    )
