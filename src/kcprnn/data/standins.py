@@ -44,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever rendering changes, so that stale caches are not reused."""
 
 UCF11_LIKE_CLASSES = (
@@ -92,8 +92,8 @@ class StandInSpec:
 
 
 def _backgrounds(rng: np.random.Generator, n: int, height: int, width: int) -> torch.Tensor:
-    """Smooth random colour fields in [0.05, 0.45]: (n, 3, h, w)."""
-    coarse = torch.from_numpy(rng.uniform(0.05, 0.45, size=(n, 3, 3, 4)).astype(np.float32))
+    """Dim smooth random colour fields in [0.02, 0.22]: (n, 3, h, w)."""
+    coarse = torch.from_numpy(rng.uniform(0.02, 0.22, size=(n, 3, 3, 4)).astype(np.float32))
     return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
@@ -185,9 +185,9 @@ def make_ucf11_like(spec: StandInSpec) -> ClipSet:
     steps = np.arange(t) - (t - 1) / 2  # frame offsets from the middle frame, (t,)
     scale = min(h, w) / 120.0
     base = rng.uniform(36, 52, size=n) * scale  # mean object side, px
-    speed = rng.uniform(7, 10, size=n) * scale * 6 / t  # px per frame; same path length for any t
-    zoom = rng.uniform(1.12, 1.2, size=n) ** (6 / t)  # size ratio per frame
-    spin = rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.35, 0.5, size=n) * 6 / t  # rad/frame
+    speed = rng.uniform(10, 13, size=n) * scale * 6 / t  # px per frame; same path length for any t
+    zoom = rng.uniform(1.2, 1.28, size=n) ** (6 / t)  # size ratio per frame
+    spin = rng.choice([-1.0, 1.0], size=n) * rng.uniform(0.45, 0.6, size=n) * 6 / t  # rad/frame
     angle0 = rng.uniform(-0.3, 0.3, size=n)
     size = np.repeat(base[:, None], t, axis=1)
     angle = np.repeat(angle0[:, None], t, axis=1)

@@ -1,0 +1,112 @@
+"""``kcprnn report RUN_DIR...``: the results table and the accuracy-vs-compression plot of runs.
+
+Each run folder written by :func:`kcprnn.experiments.train.train` holds ``summary.json``; a folder
+without one but with run subfolders (a demo folder) stands for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["collect", "format_table", "main", "plot", "write_report"]
+
+COLUMNS = (
+    ("format", "format", "{}"),
+    ("ih_params", "input-to-hidden params", "{:,}"),
+    ("compression", "compression ratio", "{:,.0f}x"),
+    ("ih_macs_per_frame", "MACs per frame (W_ih)", "{:,}"),
+    ("seconds_per_epoch", "train s/epoch", "{:.1f}"),
+    ("test_acc", "test accuracy", "{:.1%}"),
+)
+
+
+def collect(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """The ``summary.json`` of every run (expanding folders of runs), with ``run_dir`` added."""
+    rows = []
+    for d in map(Path, run_dirs):
+        if not d.is_dir():
+            raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
+        if (d / "summary.json").is_file():
+            found = [d]
+        else:
+            found = sorted(p.parent for p in d.glob("*/summary.json"))
+        if not found:
+            raise FileNotFoundError(f"{str(d)!r} has no summary.json (is it a finished run?)")
+        for run in found:
+            row = json.loads((run / "summary.json").read_text())
+            rows.append({**row, "run_dir": str(run)})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table, one row per run."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if k == "format" else "---:" for k, _, _ in COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against compression ratio (log scale), one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.scatter(row["compression"], 100 * row["test_acc"], s=30)
+        ax.annotate(row["format"], (row["compression"], 100 * row["test_acc"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=9)
+    if rows and "num_classes" in rows[0]:
+        ax.axhline(100 / rows[0]["num_classes"], color="grey", ls="--", lw=1, label="chance")
+        ax.legend(loc="lower left")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio of the input-to-hidden matrix")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(rows[0]["dataset"] if rows else "")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path) -> str:
+    """Write ``results.json``, ``results.md`` and ``accuracy_vs_compression.png``; return the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    for name, text in (("results.json", json.dumps(rows, indent=2) + "\n"),
+                       ("results.md", table + "\n")):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+    plot(rows, out_dir / "accuracy_vs_compression.png")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kcprnn report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--out", help="where results.* go (default: the first RUN_DIR if it is "
+                                      "a folder of runs, else its parent)")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect(args.run_dirs)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
+        print(f"kcprnn report: error: {exc}", file=sys.stderr)
+        return 2
+    first = Path(args.run_dirs[0])
+    out = Path(args.out) if args.out else (first.parent if (first / "summary.json").is_file() else first)
+    print(write_report(rows, out))
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_compression.png'}")
+    return 0
