@@ -104,7 +104,7 @@ class BuiltCase:
     params_total: int
     model_macs: int | None
     module: nn.Module | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    input: Tensor
 
 
 # --- peers ---
@@ -271,7 +271,7 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
     if spec.kind == "read":
         x = torch.randn(spec.rows, spec.in_features, generator=gen, dtype=dtype).to(device)
         return BuiltCase(forward=lambda: x.sum(), forward_backward=None, params=0, params_total=0,
-                         model_macs=0, module=None)
+                         model_macs=0, module=None, input=x)
     if spec.kind == "linear":
         x = torch.randn(spec.rows, spec.in_features, generator=gen, dtype=dtype).to(device)
         model_macs: int | None = None
@@ -341,4 +341,5 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
         params_total=sum(p.numel() for p in module.parameters()),
         model_macs=model_macs,
         module=module,
+        input=x,
     )

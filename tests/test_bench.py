@@ -1,0 +1,155 @@
+"""The benchmark harness runs end to end on a tiny size and writes well-formed JSON.
+
+No timing is asserted anywhere (speed is measured by the suite itself, never by tests); these
+tests check the harness's bookkeeping against independent references: hand-computed medians and
+slopes, parameter counts of the peer layers as constructed by the peer libraries, the
+multiply-accumulates of a dense product, and the bytes a known allocation needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from kcprnn import FORMATS
+from kcprnn.bench import main
+from kcprnn.benchmarking import (
+    CaseSpec,
+    build_case,
+    fit_loglog_slope,
+    kronecker_split,
+    match_peer_rank,
+    median,
+    peer_num_params,
+    peer_status,
+    time_interleaved,
+)
+from kcprnn.benchmarking.memory import measure_peak_memory
+
+UCF_IN, UCF_OUT = [8, 20, 20, 18], [16, 4, 4, 4]
+
+
+def test_median_hand_cases():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(ValueError, match="empty"):
+        median([])
+
+
+def test_loglog_slope_recovers_power_law():
+    xs = [1.0, 4.0, 16.0, 96.0, 1024.0]
+    assert fit_loglog_slope(xs, [3.0 * x**1.5 for x in xs]) == pytest.approx(1.5)
+    assert fit_loglog_slope(xs, [7.0 for _ in xs]) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        fit_loglog_slope([1.0, 2.0], [1.0, 0.0])
+
+
+def test_kronecker_split_gives_the_ucf11_kcp_modes():
+    assert kronecker_split(UCF_IN) == [[2, 4], [4, 5], [4, 5], [3, 6]]
+    assert kronecker_split(UCF_OUT) == [[4, 4], [2, 2], [2, 2], [2, 2]]
+
+
+def test_time_interleaved_rotates_the_order_and_counts_calls():
+    calls: list[str] = []
+    items = [lambda n=n: calls.append(n) for n in "abc"]
+    stats = time_interleaved(items, device=torch.device("cpu"), rounds=3, block_s=1e-12, warmup=1)
+    assert [s.calls_per_round for s in stats] == [1, 1, 1]
+    assert all(s.rounds == 3 and s.min_s <= s.median_s <= s.max_s for s in stats)
+    # warm-up + calibration per item, then rounds that start one item later each time
+    assert "".join(calls) == "aabbcc" + "abc" + "bca" + "cab"
+
+
+# Weight parameters (bias excluded) of the peer layers at the UCF11 size, rank 4, as counted on
+# layers built by tednet 0.1.3 and tensorly-torch 0.5.0 (sum of numel of non-bias parameters).
+@pytest.mark.parametrize(
+    ("lib", "fmt", "expected"),
+    [("tednet", "tt", 3360), ("tednet", "tr", 1504), ("tednet", "bt", 1696), ("tednet", "cp", 376),
+     ("tltorch", "cp", 380), ("tltorch", "tucker", 65912), ("tltorch", "blocktt", 3360)],
+)
+def test_peer_num_params_matches_the_constructed_layers(lib, fmt, expected):
+    assert peer_num_params(lib, fmt, UCF_IN, UCF_OUT, 4) == expected
+
+
+def test_match_peer_rank_picks_the_closest_count():
+    # tednet TR: r^2 * 94; 5760 lies between r=7 (4606) and r=8 (6016), closer to 8 in ratio
+    assert match_peer_rank("tednet", "tr", UCF_IN, UCF_OUT, 5760) == 8
+    # tltorch Tucker grows as r^8: r=2 (444 params) is closest to 1696, r=3 (6843) is not
+    assert match_peer_rank("tltorch", "tucker", UCF_IN, UCF_OUT, 1696) == 2
+    with pytest.raises(ValueError, match="positive"):
+        match_peer_rank("tednet", "cp", UCF_IN, UCF_OUT, 0)
+
+
+def test_dense_case_counts_params_and_macs():
+    spec = CaseSpec(label="d", series="d", impl="torch", kind="linear", format="dense",
+                    in_features=12, out_features=5, rows=3)
+    built = build_case(spec, torch.device("cpu"))
+    from kcprnn.benchmarking.cases import count_macs
+
+    assert built.params == 12 * 5 and built.params_total == 12 * 5 + 5
+    assert count_macs(built.forward) == 3 * 12 * 5 == built.model_macs
+    lin = built.module
+    torch.testing.assert_close(built.forward(), built.input @ lin.weight.detach().T + lin.bias.detach())
+
+
+def test_peer_status_matches_importability():
+    status = peer_status()
+    assert set(status) == {"tednet", "tltorch"}
+    for lib, module in (("tednet", "tednet"), ("tltorch", "tltorch")):
+        assert status[lib]["available"] == (importlib.util.find_spec(module) is not None)
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    # forward output: 1000 x 10000 float32 = 40 MB; the product needs at least that much
+    spec = CaseSpec(label="big", series="big", impl="torch", kind="linear", format="dense",
+                    in_features=16, out_features=10_000, rows=1000)
+    mem = measure_peak_memory(spec, torch.device("cpu"), threads=1)
+    assert "error" not in mem, mem
+    assert mem["forward_bytes"] >= 0.9 * 40e6
+    assert mem["forward_backward_bytes"] >= 0.9 * 40e6
+
+
+def _check_run(tmp_path, device: str) -> dict:
+    out = tmp_path / "res"
+    rc = main(["--preset", "tiny", "--no-peers", "--no-memory", "--rounds", "1", "--device", device,
+               "--out", str(out), "--threads", "1"])
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["schema"] == 1 and data["environment"]["threads"] == 1
+    assert data["peers"]["tednet"]["available"] is False
+    names = [p["name"] for p in data["points"]]
+    assert names[0] == "ucf11" and names[-1] == "lstm"
+    assert {"rank=1", "rank=2", "rows=1", "rows=4", "input=256", "input=512"} <= set(names)
+    for pt in data["points"]:
+        cases = {c["label"]: c for c in pt["cases"]}
+        for c in cases.values():
+            assert c["status"] == "ok", c
+            assert math.isfinite(c["forward"]["median_ms"]) and c["forward"]["median_ms"] > 0
+        if pt["sweep"] != "rank" and pt["name"] != "lstm":
+            dense = cases["torch nn.Linear"]
+            assert dense["params"] == dense["in_features"] * dense["out_features"]
+            assert dense["macs"] == dense["rows"] * dense["in_features"] * dense["out_features"]
+        ours = [c for c in pt["cases"] if c["impl"] == "kcprnn"]
+        assert {c["format"] for c in ours} == set(FORMATS) - {"dense"}
+    lstm = {c["label"]: c for c in data["points"][-1]["cases"]}
+    h, i = 256, 256
+    assert lstm["torch nn.LSTM"]["params"] == 4 * h * (i + h)
+    for sweep in ("rank", "rows", "input"):
+        png = out / f"sweep_{sweep}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert data["plots"][sweep] == str(png)
+    assert all(t["threshold"] > 0 and isinstance(t["holds"], bool) for t in data["targets"])
+    return data
+
+
+def test_suite_runs_end_to_end_on_tiny_size(tmp_path):
+    _check_run(tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_suite_runs_end_to_end_on_cuda(tmp_path):
+    data = _check_run(tmp_path, "cuda")
+    assert data["environment"]["gpu"]
