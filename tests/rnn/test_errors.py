@@ -27,6 +27,13 @@ def test_wrong_input_dims():
         lstm()([1, 2])
 
 
+def test_empty_sequence_and_empty_batch():
+    with pytest.raises(ValueError, match="Expected sequence length to be larger than 0"):
+        lstm()(torch.randn(0, 2, 5))
+    out, (h, c) = lstm()(torch.randn(4, 0, 5))  # torch.nn accepts an empty batch, so do we
+    assert out.shape == (4, 0, 3) and h.shape == c.shape == (1, 0, 3)
+
+
 def test_wrong_hx_shapes():
     model = lstm(num_layers=2)
     x = torch.randn(4, 2, 5)

@@ -306,6 +306,32 @@ def test_state_dict_round_trip_and_to():
     torch.testing.assert_close(y, a(x)[0].double(), rtol=1e-5, atol=1e-6)
 
 
+def test_safetensors_round_trip_and_meta_device(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = kcprnn.GRU(INPUT, HIDDEN, 2, bidirectional=True, format="dense")
+    save_file(a.state_dict(), tmp_path / "gru.safetensors")
+    b = kcprnn.GRU(INPUT, HIDDEN, 2, bidirectional=True, format="dense")
+    b.load_state_dict(load_file(tmp_path / "gru.safetensors"))
+    x = torch.randn(3, 2, INPUT)
+    assert_same(a(x), b(x), torch.float32)
+    moved = b.to("meta")
+    assert all(p.device.type == "meta" for p in moved.parameters())
+
+
+@pytest.mark.skipif("kcp" not in FORMATS, reason="the kcp format has not landed")
+def test_nested_hidden_modes_fold_into_the_first_kronecker_factor():
+    model = kcprnn.LSTM(24, 4, num_layers=2, format="kcp", in_modes=[[2, 3], [2, 2]],
+                        hidden_modes=[[1, 2], [2, 1]], dtype=torch.float64)
+    ih0, ih1 = model.cell(0).weight_ih, model.cell(1).weight_ih
+    assert [list(m) for m in ih0.out_splits] == [[4, 2], [2, 1]]  # 4 gates into J_1^(1)
+    assert [list(m) for m in ih1.in_splits] == [[1, 2], [2, 1]]  # layer 2 reads h: hidden_modes
+    assert [list(m) for m in ih1.out_splits] == [[4, 2], [2, 1]]
+    # nested modes describe W_ih only: the dense W_hh is tensorized by its own default
+    assert model.cell(0).weight_hh.in_features == 4
+    assert_against_reconstruction(model, torch.randn(3, 2, 24, dtype=torch.float64))
+
+
 def test_extra_repr_lists_non_defaults():
     m = kcprnn.RNN(INPUT, HIDDEN, 2, nonlinearity="relu", batch_first=True, format="dense")
     r = repr(m)

@@ -337,6 +337,11 @@ class _RNNBase(nn.Module):
             x = input if batched else input.unsqueeze(0 if self.batch_first else 1)  # 3-D
             batch_dim, time_dim = (0, 1) if self.batch_first else (1, 0)
             batch, steps = x.shape[batch_dim], x.shape[time_dim]
+            if steps == 0:
+                raise ValueError(
+                    f"{mode}: Expected sequence length to be larger than 0, got input of shape "
+                    f"{tuple(input.shape)}"
+                )
             sizes = [batch] * steps
         if x.shape[-1] != self.input_size:
             raise ValueError(
@@ -377,7 +382,7 @@ class _RNNBase(nn.Module):
                 h_n = tuple(t.index_select(1, unsorted_indices) for t in h_n)  # (k, b, s)
             output = PackedSequence(layer_input, batch_sizes_t, sorted_indices, unsorted_indices)
             return output, h_n
-        output = layer_input.reshape(len(sizes), batch, -1)  # (t, b, d*p)
+        output = layer_input.reshape(len(sizes), batch, layer_input.shape[-1])  # (t, b, d*p)
         if self.batch_first:
             output = output.transpose(0, 1)  # (b, t, d*p)
         if not batched:
