@@ -237,8 +237,11 @@ def table(report: dict) -> str:
                      "-" if mem is None else f"{mem:.0f}", f"{r['params']:,}",
                      f"{r['input_compression']:,.0f}x"))
     widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
-    lines = ["  ".join(v.ljust(w) if c == 0 else v.rjust(w)
-                       for c, (v, w) in enumerate(zip(row, widths))) for row in [head, *rows]]
+    lines = [
+        "  ".join(v.ljust(w) if c == 0 else v.rjust(w)
+                  for c, (v, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [head, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     v = report["versions"]
     lines.append(f"torch {v['torch']}, kcprnn {v['kcprnn']}, {v['device']}, {v['threads']} "

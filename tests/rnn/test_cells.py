@@ -92,7 +92,7 @@ def test_cell_errors():
         kcprnn.GRUCell(5, 3, format="dense", proj_size=1)
     with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
         kcprnn.RNNCell(5, 3, nonlinearity="gelu", format="dense")
-    with pytest.raises(ValueError, match="hidden_modes=\\[2, 2\\] multiply to 4, but hidden_size=3"):
+    with pytest.raises(ValueError, match=r"hidden_modes=\[2, 2\] multiply to 4, but hidden_size=3"):
         kcprnn.RNNCell(5, 3, format="dense", hidden_modes=[2, 2])
     with pytest.raises(ValueError, match="unknown hidden_format 'nope'"):
         kcprnn.RNNCell(5, 3, format="dense", hidden_format="nope")

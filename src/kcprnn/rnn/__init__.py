@@ -1,4 +1,5 @@
-"""Recurrent modules with compressed weights: drop-ins for ``torch.nn``'s LSTM, GRU, RNN and cells."""
+"""Recurrent modules with compressed weights: drop-ins for ``torch.nn``'s LSTM, GRU, RNN and
+their cells."""
 
 from .cells import GRUCell, LSTMCell, RNNCell
 from .recurrent import GRU, LSTM, RNN

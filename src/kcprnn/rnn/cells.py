@@ -351,7 +351,7 @@ class _CellBase(nn.Module):
             state = tuple(x.new_zeros(b, s) for s in self.state_sizes())
         else:
             state = []
-            for k, (t, s) in enumerate(zip(hx, self.state_sizes())):
+            for k, (t, s) in enumerate(zip(hx, self.state_sizes(), strict=True)):
                 if t.dim() not in (1, 2) or t.dim() != input.dim():
                     raise ValueError(
                         f"{name}: Expected hx[{k}] to be {input.dim()}D like the input, "

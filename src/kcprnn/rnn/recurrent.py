@@ -80,7 +80,9 @@ def scan(
             outputs.append(state[0])
             offset += b
         finished.append(state)
-        final = tuple(torch.cat(parts[::-1], dim=0) for parts in zip(*finished))  # (b0, .)
+        final = tuple(
+            torch.cat(parts[::-1], dim=0) for parts in zip(*finished, strict=True)
+        )  # (b0, .)
         return torch.cat(outputs, dim=0), final  # (n, p)
     initial = state
     offset = gates_x.shape[0]
@@ -88,7 +90,9 @@ def scan(
     for b in reversed(batch_sizes):
         have = state[0].shape[0]
         if b > have:  # sequences at rows have..b start here, from their initial state
-            state = tuple(torch.cat([s, s0[have:b]], dim=0) for s, s0 in zip(state, initial))
+            state = tuple(
+                torch.cat([s, s0[have:b]], dim=0) for s, s0 in zip(state, initial, strict=True)
+            )  # (b, .)
         offset -= b
         state = step(gates_x[offset:offset + b], state)  # (b, .)
         outputs.append(state[0])
@@ -102,7 +106,7 @@ def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> list[int]:
             f"{tuple(batch_sizes.shape)}"
         )
     sizes = [int(b) for b in batch_sizes.tolist()]
-    if any(b <= 0 for b in sizes) or any(a < b for a, b in zip(sizes, sizes[1:])):
+    if any(b <= 0 for b in sizes) or any(a < b for a, b in zip(sizes, sizes[1:], strict=False)):
         raise ValueError(
             "PackedSequence batch_sizes must be positive and non-increasing (sequences sorted by "
             "decreasing length, as pack_padded_sequence(..., enforce_sorted=True) requires of "
@@ -299,7 +303,7 @@ class _RNNBase(nn.Module):
     def _check_hx(self, hx: State, batch: int, batched: bool) -> State:
         k = self.num_layers * self.num_directions
         out = []
-        for idx, (t, size) in enumerate(zip(hx, self._state_sizes())):
+        for idx, (t, size) in enumerate(zip(hx, self._state_sizes(), strict=True)):
             name = "hx" if len(hx) == 1 else ("h_0", "c_0")[idx]
             want_dim = 3 if batched else 2
             if t.dim() != want_dim:
@@ -375,7 +379,7 @@ class _RNNBase(nn.Module):
             layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (n, d*p)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)  # (n, d*p)
-        h_n = tuple(torch.stack(parts, dim=0) for parts in zip(*finals))  # (k, b, s)
+        h_n = tuple(torch.stack(p, dim=0) for p in zip(*finals, strict=True))  # (k, b, s)
 
         if packed:
             if unsorted_indices is not None:

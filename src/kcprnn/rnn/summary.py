@@ -127,8 +127,11 @@ class ModelSummary:
                 f"{sum(s.params for s in self.layers):,}", f"{self.macs_per_step:,.0f}",
             ))
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
-        lines = ["  ".join(v.ljust(w) if c < 4 else v.rjust(w)
-                           for c, (v, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
+        lines = [
+            "  ".join(v.ljust(w) if c < 4 else v.rjust(w)
+                      for c, (v, w) in enumerate(zip(r, widths, strict=True)))
+            for r in [head, *rows]
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         ratio = f"{self.compression:,.1f}x" if self.params else "n/a"
         lines.append(
