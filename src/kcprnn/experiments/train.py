@@ -150,8 +150,7 @@ def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[VideoClas
     if not meta_path.is_file():
         raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing checkpoint.json)")
     meta = json.loads(meta_path.read_text())
-    cfg = Config(**{**meta["config"], "device": device, "hidden_modes": tuple(
-        meta["config"]["hidden_modes"])})
+    cfg = Config(**{**meta["config"], "device": device})
     model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
     model.load_state_dict(load_file(run_dir / "checkpoint.safetensors", device=device))
     return model, cfg, meta
