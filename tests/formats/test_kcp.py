@@ -1,0 +1,328 @@
+"""KCP format: hand-computed cases, the element formula, both fast products against the dense
+reconstruction, gradients, the parameter count of KCP.md, validation errors and the auto choice."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from kcprnn.formats.kcp import (
+    KCPMatrix,
+    kcp_cost,
+    kcp_linear_parallel,
+    kcp_linear_sequential,
+    kcp_num_params,
+    kcp_plan,
+    kcp_to_dense,
+)
+from kcprnn.formats.kcp import _parallel_plan, _sequential_plan
+
+F64 = torch.float64
+
+
+def factors_of(w):
+    return [list(f) for f in w.factors]
+
+
+def element_formula(factors, in_splits, out_splits):
+    """W[j, i] by a direct loop over the indices of the KCP.md formula."""
+    num_d, num_n = len(in_splits), len(in_splits[0])
+    in_sizes = [in_splits[d][n] for d in range(num_d) for n in range(num_n)]
+    out_sizes = [out_splits[d][n] for d in range(num_d) for n in range(num_n)]
+    terms = factors[0][0].shape[0]
+    w = torch.zeros(math.prod(out_sizes), math.prod(in_sizes), dtype=F64)
+    for j, jj in enumerate(itertools.product(*map(range, out_sizes))):
+        for i, ii in enumerate(itertools.product(*map(range, in_sizes))):
+            total = 0.0
+            for p in range(terms):
+                prod_n = 1.0
+                for n in range(num_n):
+                    sum_r = 0.0
+                    for r in range(factors[n][0].shape[1]):
+                        prod_d = 1.0
+                        for d in range(num_d):
+                            k = d * num_n + n  # mode-major, factor-minor position
+                            prod_d *= factors[n][d][p, r, jj[k], ii[k]].item()
+                        sum_r += prod_d
+                    prod_n *= sum_r
+                total += prod_n
+            w[j, i] = total
+    return w
+
+
+def randomize(w):
+    with torch.no_grad():
+        for factor in w.factors:
+            for p in factor:
+                p.normal_()
+    return w
+
+
+# (in_modes, out_modes, terms, rank): nested uneven splits, size-1 factors, D = 1, N = 1, N = 3
+CASES = [
+    ([[2, 3]], [[3, 2]], 2, [2, 1]),
+    ([[3], [4]], [[2], [5]], 2, 3),
+    ([[2, 1], [3, 2]], [[1, 3], [2, 2]], 1, [1, 2]),
+    ([[2, 1, 2], [1, 3, 1]], [[2, 2, 1], [1, 1, 3]], 2, [2, 1, 3]),
+    ([[2, 2], [3, 1], [1, 2]], [[1, 2], [2, 2], [3, 1]], 3, [3, 2]),
+    ([[1, 1], [5, 1]], [[1, 1], [1, 1]], 1, 2),
+]
+
+
+def make_case(case, **kw):
+    in_modes, out_modes, terms, rank = case
+    in_f = math.prod(map(math.prod, in_modes))
+    out_f = math.prod(map(math.prod, out_modes))
+    return randomize(KCPMatrix(in_f, out_f, in_modes=in_modes, out_modes=out_modes, terms=terms,
+                               rank=rank, dtype=F64, **kw))
+
+
+# --- hand-computed cases ---
+
+
+def test_one_mode_is_a_sum_of_kronecker_products():
+    w = make_case(([[2, 3]], [[3, 2]], 2, [2, 1]))
+    f = factors_of(w)
+    expected = sum(torch.kron(f[0][0][p].sum(0), f[1][0][p].sum(0)) for p in range(2))
+    torch.testing.assert_close(w.to_dense(), expected)
+
+
+def test_one_factor_is_plain_cp():
+    w = make_case(([[3], [4]], [[2], [5]], 2, 3))
+    (u1, u2), = factors_of(w)
+    expected = sum(torch.kron(u1[p, r], u2[p, r]) for p in range(2) for r in range(3))
+    torch.testing.assert_close(w.to_dense(), expected)
+
+
+def test_rank_one_terms_are_kronecker_of_all_pieces():
+    # P = 1, R = (1, 1), D = 2, N = 2: W is a Kronecker product of the four small matrices,
+    # arranged mode-major: W = kron(M11, M12, M21, M22) with M_dn = factors[n][d][0, 0].
+    w = make_case(([[2, 3], [2, 2]], [[2, 1], [3, 2]], 1, 1))
+    f = factors_of(w)
+    pieces = [f[n][d][0, 0] for d in range(2) for n in range(2)]
+    expected = pieces[0]
+    for m in pieces[1:]:
+        expected = torch.kron(expected, m)
+    torch.testing.assert_close(w.to_dense(), expected)
+
+
+def test_tiny_case_by_hand():
+    # D = 1, N = 2, P = 1, R = 1, all 1x2 / 1x1 factors: W = [a b] kron [c d] = [ac ad bc bd]
+    w = KCPMatrix(4, 1, in_modes=[[2, 2]], out_modes=[[1, 1]], dtype=F64)
+    with torch.no_grad():
+        w.factors[0][0].copy_(torch.tensor([[[[2.0, 3.0]]]]))
+        w.factors[1][0].copy_(torch.tensor([[[[5.0, 7.0]]]]))
+    torch.testing.assert_close(w.to_dense(), torch.tensor([[10.0, 14.0, 15.0, 21.0]], dtype=F64))
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=F64)
+    for algorithm in ("sequential", "parallel"):
+        w.algorithm = algorithm
+        torch.testing.assert_close(w(x), torch.tensor([[60.0]], dtype=F64))
+
+
+@pytest.mark.parametrize("case", CASES[2:5])
+def test_element_formula(case):
+    w = make_case(case)
+    expected = element_formula(factors_of(w), w.in_splits, w.out_splits)
+    torch.testing.assert_close(w.to_dense(), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- fast products against the reconstruction ---
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_split_and_order_is_exact(case):
+    w = make_case(case)
+    f = factors_of(w)
+    x = torch.randn(5, w.in_features, dtype=F64)
+    ref = x @ w.to_dense().T
+    for split in range(len(w.in_splits)):
+        assert rel_err(kcp_linear_parallel(x, f, split), ref) < 1e-10
+    for order in itertools.permutations(range(w.num_factors)):
+        assert rel_err(kcp_linear_sequential(x, f, order), ref) < 1e-10
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "sequential", "parallel", "dense"])
+@pytest.mark.parametrize("case", CASES)
+def test_algorithms_match_dense(case, algorithm):
+    w = make_case(case, algorithm=algorithm)
+    x = torch.randn(2, 3, w.in_features, dtype=F64)
+    assert rel_err(w(x), x @ w.to_dense().T) < 1e-10
+
+
+@pytest.mark.parametrize("algorithm", ["sequential", "parallel"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
+def test_gradcheck(case, algorithm):
+    w = make_case(case)
+    f = factors_of(w)
+    sizes = [[p.shape for p in fac] for fac in f]
+    flat = [p.detach().clone().requires_grad_(True) for fac in f for p in fac]
+    x = torch.randn(3, w.in_features, dtype=F64, requires_grad=True)
+    num_d = len(sizes[0])
+
+    def fn(x, *ps):
+        nested = [list(ps[n * num_d:(n + 1) * num_d]) for n in range(len(sizes))]
+        if algorithm == "parallel":
+            return kcp_linear_parallel(x, nested, split=len(w.in_splits) // 2)
+        return kcp_linear_sequential(x, nested, order=tuple(reversed(range(len(sizes)))))
+
+    assert torch.autograd.gradcheck(fn, (x, *flat))
+
+
+def test_gradients_match_dense_path():
+    w = make_case(CASES[4])
+    x = torch.randn(4, w.in_features, dtype=F64)
+    grads = {}
+    for algorithm in ("sequential", "parallel", "dense"):
+        w.zero_grad()
+        w.algorithm = algorithm
+        w(x).pow(2).sum().backward()
+        grads[algorithm] = [p.grad.clone() for p in w.parameters()]
+    for algorithm in ("sequential", "parallel"):
+        for g, ref in zip(grads[algorithm], grads["dense"]):
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_pure_to_dense_matches_module():
+    w = make_case(CASES[3])
+    torch.testing.assert_close(kcp_to_dense(factors_of(w)), w.to_dense())
+
+
+# --- counts, shapes, state_dict ---
+
+
+def test_ucf11_example_count():
+    w = KCPMatrix(57600, 1024, in_modes=[[2, 4], [4, 5], [4, 5], [3, 6]],
+                  out_modes=[[4, 4], [2, 2], [2, 2], [2, 2]], terms=1, rank=[1, 1])
+    assert w.num_params == 78
+    assert kcp_num_params(w.in_splits, w.out_splits, w.ranks, w.terms) == 78
+    assert int(w.compression_ratio) == 756_184
+    assert w.compression_ratio >= 278_219
+    assert w.in_modes == (8, 20, 20, 18) and w.out_modes == (16, 4, 4, 4)
+
+
+def test_num_params_formula_by_hand():
+    # ranks (2, 3), P = 2, splits in [[2,3],[4,1]], out [[1,2],[3,2]]:
+    # factor 1: 2*2*(2*1 + 4*3) = 56, factor 2: 2*3*(3*2 + 1*2) = 48
+    w = KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
+                  rank=[2, 3])
+    assert w.num_params == 104 == kcp_num_params(w.in_splits, w.out_splits, (2, 3), 2)
+
+
+def test_state_dict_keys_and_shapes():
+    w = KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
+                  rank=[2, 3])
+    shapes = {k: tuple(v.shape) for k, v in w.state_dict().items()}
+    assert shapes == {
+        "factors.0.0": (2, 2, 1, 2),
+        "factors.0.1": (2, 2, 3, 4),
+        "factors.1.0": (2, 3, 2, 3),
+        "factors.1.1": (2, 3, 2, 1),
+    }
+
+
+def test_flat_modes_are_split_in_balanced_factors():
+    w = KCPMatrix(64, 36, in_modes=[16, 4], out_modes=[6, 6], num_factors=2)
+    assert w.in_splits == ((4, 4), (2, 2)) and w.out_splits == ((3, 2), (3, 2))
+    w = KCPMatrix(64, 36, in_modes=[[2, 8], [4, 1]], out_modes=[6, 6])
+    assert w.out_splits == ((3, 2), (3, 2)) and w.num_factors == 2
+    w = KCPMatrix(64, 8, num_modes=2, num_factors=3)
+    assert w.in_splits == ((2, 2, 2), (2, 2, 2)) and w.out_splits == ((2, 2, 1), (2, 1, 1))
+
+
+def test_repr_lists_splits_and_ranks():
+    r = repr(KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
+                       rank=[2, 3]))
+    assert "in_splits=[[2, 3], [4, 1]]" in r and "ranks=[2, 3]" in r and "terms=2" in r
+    assert "num_factors=2" in r
+
+
+def test_init_std_exact_for_a_single_term():
+    # P * prod(R) = 1: every entry of W has magnitude sigma^(D N) = std exactly.
+    w = KCPMatrix(60, 12, in_modes=[[3, 4], [5, 1]], out_modes=[[2, 2], [3, 1]], dtype=F64)
+    w.reset_parameters(0.1)
+    torch.testing.assert_close(w.to_dense().abs(), torch.full((12, 60), 0.1, dtype=F64))
+
+
+# --- validation ---
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_modes": [[2, 3], [4, 2]]}, ValueError, r"in_features=24: in_modes=\[\[2, 3\], \[4, 2\]\] multiply to 48"),
+        ({"out_modes": [[1, 2], [3, 3]]}, ValueError, r"out_features=12: out_modes=\[\[1, 2\], \[3, 3\]\] multiply to 18"),
+        ({"in_modes": [[2, 3], [4]]}, ValueError, r"same number of Kronecker factors.*lengths \[2, 1\]"),
+        ({"in_modes": [[2, 3, 1], [4, 1, 1]], "out_modes": [[1, 2], [3, 2]]}, ValueError,
+         "in_modes and out_modes need the same number of Kronecker factors"),
+        ({"in_modes": [[2, 3], [4, 1]], "num_factors": 3}, ValueError, "num_factors=3 disagrees"),
+        ({"rank": 0}, ValueError, "rank must be positive"),
+        ({"rank": [2, 0]}, ValueError, r"rank\[1\] must be positive"),
+        ({"rank": [1, 2, 3]}, ValueError, r"rank needs 2 entries, got rank=\[1, 2, 3\]"),
+        ({"rank": 1.5}, TypeError, "rank must be a positive int"),
+        ({"terms": 0}, ValueError, "terms must be positive"),
+        ({"terms": "2"}, TypeError, "terms must be a positive int"),
+        ({"in_modes": [6, 4], "num_factors": 0}, ValueError, "num_factors must be positive"),
+        ({"in_modes": [[2, 3], [4, 0]]}, ValueError, r"in_modes\[1\]\[1\] must be positive"),
+        ({"in_modes": [[2, 3.0], [4, 1]]}, TypeError, r"in_modes\[0\]\[1\] must be a positive int"),
+        ({"algorithm": "einsum"}, ValueError, "algorithm must be one of"),
+    ],
+)
+def test_validation(kwargs, error, match):
+    opts = {"in_modes": [[2, 3], [4, 1]], "out_modes": [[1, 2], [3, 2]], **kwargs}
+    with pytest.raises(error, match=match):
+        KCPMatrix(24, 12, **opts)
+
+
+def test_flat_mode_mismatch_names_modes():
+    with pytest.raises(ValueError, match=r"in_modes=\[6, 5\] multiply to 30"):
+        KCPMatrix(24, 12, in_modes=[6, 5])
+
+
+def test_reset_parameters_rejects_non_positive_std():
+    with pytest.raises(ValueError, match="std=0"):
+        KCPMatrix(24, 12).reset_parameters(0.0)
+
+
+# --- the auto choice follows the cost model ---
+
+UCF_IN, UCF_OUT = ((2, 4), (4, 5), (4, 5), (3, 6)), ((4, 4), (2, 2), (2, 2), (2, 2))
+
+
+def test_auto_is_the_cheaper_plan():
+    for rows, ranks, terms in itertools.product((1, 96, 1024), ((1, 1), (4, 4), (16, 16)), (1, 2)):
+        plans = [kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a) for a in ("parallel", "sequential")]
+        chosen = kcp_plan(rows, UCF_IN, UCF_OUT, ranks, terms)
+        assert chosen.cost == min(p.cost for p in plans)
+
+
+def test_each_algorithm_wins_somewhere():
+    # rank 1: the merged CP has a single term and never copies the input -> parallel
+    assert kcp_plan(96, UCF_IN, UCF_OUT, (1, 1), 1).algorithm == "parallel"
+    # rank 16 x 16 x 2 terms = 512 merged terms: factor by factor is far cheaper -> sequential
+    assert kcp_plan(96, UCF_IN, UCF_OUT, (16, 16), 2).algorithm == "sequential"
+    w = KCPMatrix(57600, 1024, in_modes=UCF_IN, out_modes=UCF_OUT, rank=16, terms=2)
+    assert w.plan(96).algorithm == "sequential"
+    assert w.matmul_flops(96) == w.plan(96).macs
+
+
+def test_parallel_flops_by_hand():
+    # D = 2, N = 1, P = 1, R = 1 on 3 rows, in (4, 5), out (2, 3). Split at mode 1: step 1 is
+    # (3*4, 5) -> (3*4, 3), step 2 (3, 2, 4) x (4, 3), and one-mode chunks cost nothing to
+    # build; split at 0: building the (6, 20) chunk, (3, 20) -> (3, 6), the (trivial) rank sum.
+    plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=1)
+    assert plan.macs == 3 * 4 * 5 * 3 + 3 * 2 * 4 * 3
+    plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=0)
+    assert plan.macs == 6 * 20 + 3 * 20 * 6 + 3 * 6
+
+
+def test_sequential_flops_by_hand():
+    # D = 1, N = 2, P = 2, R = (1, 1), in [[2, 3]], out [[4, 1]], 5 rows, order (1, 0).
+    # build: 2*1*3*1 + 2*1*2*4 = 22; step 1: factor 2 on (5*2, 3) -> 2 terms x 1 = 5*6*1*2 = 60;
+    # step 2: factor 1 on (5, p*2) -> 4: 5*1*2*2*4 = 80.
+    plan = _sequential_plan(5, ((2, 3),), ((4, 1),), (1, 1), 2, order=(1, 0))
+    assert plan.macs == 22 + 60 + 80
