@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
+from .tucker import contract_trailing
 
 __all__ = [
     "CPMatrix",
@@ -88,7 +89,7 @@ def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     for u in reversed(factors[:-1]):
         m, n = u.shape[1], u.shape[2]
         z = z.reshape(rank, -1, n)  # (r, o b p, n)
-        z = torch.bmm(u, z.transpose(1, 2))  # (r, m, o b p)
+        z = contract_trailing(u, z)  # (r, m, o b p)
     z = z.reshape(rank, -1, batch)  # (r, o, b): all input modes are contracted
     return z.sum(0).T  # (b, o)
 

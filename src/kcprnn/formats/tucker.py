@@ -18,7 +18,8 @@ Multiplication (:func:`tucker_linear`) contracts the input modes from the last t
 each step one GEMM/BMM on a (transposed) view that puts ``(r, m)`` in front and contracts the
 trailing axis: ``x (b p, n) -> (c r m, b p)``, then ``(c s, o b p, n) -> (c s, r m, o b p)``.
 With ``R_D ... R_2`` gathered in front the core is applied in one BMM, ``(c, s, o b i_1) ->
-(c, o b i_1, r_1)``, and the first factor last, ``(c, o b, i_1 r_1) -> (c, o b, j_1)``. Only the
+(c, r_1, o b i_1)``, and the first factor last, ``(c r_1, o b, i_1) -> (c r_1, o b, j_1)``,
+summed over blocks and ``r_1``. Only the
 first step reads the whole input; ``matmul_flops`` counts the MACs of exactly this order.
 """
 
@@ -35,6 +36,7 @@ from ._base import FactorizedMatrix, register
 
 __all__ = [
     "TuckerMatrix",
+    "contract_trailing",
     "hosvd",
     "tucker_linear",
     "tucker_linear_flops",
@@ -46,6 +48,36 @@ __all__ = [
 
 
 # --- pure functions ---
+
+
+class _ContractTrailing(torch.autograd.Function):
+    """``bmm(a, z^T)`` whose backward returns the gradient of ``z`` in ``z``'s own layout."""
+
+    @staticmethod
+    def forward(a: Tensor, z: Tensor) -> Tensor:
+        return torch.bmm(a, z.transpose(1, 2))  # (B, K, M)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
+        a, z = ctx.saved_tensors
+        grad_a = torch.bmm(grad, z) if ctx.needs_input_grad[0] else None  # (B, K, n)
+        grad_z = torch.bmm(grad.transpose(1, 2), a) if ctx.needs_input_grad[1] else None  # (B, M, n)
+        return grad_a, grad_z
+
+
+def contract_trailing(a: Tensor, z: Tensor) -> Tensor:
+    """Contract the trailing axis of ``z`` ``(B, M, n)`` with ``a`` ``(B, K, n)``: ``(B, K, M)``.
+
+    The same numbers as ``torch.bmm(a, z.transpose(1, 2))``, but the backward computes the
+    gradient of ``z`` directly as ``(B, M, n)``; autograd's ``bmm`` backward would produce it
+    transposed and the reshape before this step would then copy it (a full-size strided copy,
+    ~3x the cost of the product itself at the UCF11 size).
+    """
+    return _ContractTrailing.apply(a, z)
 
 
 def validate_tucker_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
@@ -133,17 +165,16 @@ def tucker_linear(
         z = z.reshape(c, ranks[-1], -1)  # (c, s, m b p)
         for e in range(d - 2, 0, -1):
             n, s = in_modes[e], z.shape[1]
-            z = z.reshape(c, s, -1, n).transpose(2, 3)  # (c, s, n, o b p): a view
-            z = torch.matmul(mats[e].unsqueeze(1), z)  # (c, s, r m, o b p)
+            a = mats[e].unsqueeze(1).expand(c, s, -1, n).reshape(c * s, -1, n)  # (c s, r m, n)
+            z = contract_trailing(a, z.reshape(c * s, -1, n))  # (c s, r m, o b p)
             z = z.reshape(c, s * ranks[e], -1)  # (c, s r, m o b p)
-    # core: s = (R_D, ..., R_2) in front of z; g[c, s, r_1]
-    g = core.permute(0, *range(d, 1, -1), 1).reshape(c, -1, ranks[0])  # (c, s, r_1)
-    z = torch.matmul(z.transpose(1, 2), g)  # (c, o b i_1, r_1)
-    a1 = factors[0].reshape(c, out_modes[0], in_modes[0], ranks[0])  # (c, j_1, i_1, r_1)
-    a1 = a1.permute(0, 2, 3, 1).reshape(c, -1, out_modes[0])  # (c, i_1 r_1, j_1)
-    z = torch.bmm(z.reshape(c, -1, a1.shape[1]), a1)  # (c, o b, j_1)
-    z = z.sum(0) if c > 1 else z[0]  # (o b, j_1)
-    z = z.reshape(-1, batch, out_modes[0])  # (o, b, j_1) with o = (j_2, ..., j_D)
+    # core: s = (R_D, ..., R_2) in front of z; g[c, r_1, s]
+    r1, i1, j1 = ranks[0], in_modes[0], out_modes[0]
+    g = core.permute(0, 1, *range(d, 1, -1)).reshape(c, r1, -1)  # (c, r_1, s)
+    z = torch.matmul(g, z)  # (c, r_1, o b i_1)
+    a1 = factors[0].reshape(c, j1, i1, r1).permute(0, 3, 2, 1).reshape(c * r1, i1, j1)
+    z = torch.bmm(z.reshape(c * r1, -1, i1), a1)  # (c r_1, o b, j_1)
+    z = z.sum(0).reshape(-1, batch, j1)  # (o, b, j_1) with o = (j_2, ..., j_D)
     return z.permute(1, 2, 0).reshape(batch, -1)  # (b, j)
 
 
