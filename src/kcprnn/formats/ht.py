@@ -198,37 +198,43 @@ def _reconstruction_macs(in_modes: Sequence[int], out_modes: Sequence[int], rank
 
 # --- factorized product ---
 
-# Axis labels of the intermediate tensor: ("i", d) input mode, ("j", d) output mode,
-# ("a", node) the open rank bond from ``node`` to its parent.
+# Axis labels of the intermediate tensor and of the factors: ("b", 0) the batch, ("i", d) input
+# mode, ("j", d) output mode, ("a", n) the rank bond between node n and its parent.
 _Label = tuple[str, int]
+_BATCH: _Label = ("b", 0)
 
 
 @dataclass(frozen=True)
 class HTStep:
-    """One contraction of :func:`ht_linear`: an optional permutation of the intermediate, then a
-    matrix product of a contiguous block of its axes with a small operator.
+    """One contraction of :func:`ht_linear`: a matrix product of a block of the intermediate's
+    axes with an operator built from a few factors, the new axes placed in front.
+
+    The block is the trailing axes (``where="suffix"``: ``z`` viewed ``(M, K)``), the leading
+    ones (``"prefix"``: ``(K, M)``) or both (``"cyclic"``: ``(A, M, K)``, summed over ``A`` by
+    ``A`` products); anything else is first made trailing by a permutation (``perm``).
 
     Attributes:
-        kind: ``"leaf"`` (``i_d -> j_d, a_d``), ``"fused"`` (a leaf together with its sibling's
-            bond and its parent's transfer: ``a_s, i_d -> j_d, a_p``) or ``"merge"``
-            (``a_L, a_R -> a_p``: two complete subtrees meet at their parent).
-        node: the leaf (``leaf``, ``fused``) or the internal node (``merge``).
-        axes: per-row sizes of the intermediate's labelled axes before ``perm``.
-        perm: axis permutation (batch excluded) applied before the product, or ``None``.
-        before, block, after: sizes ``P, K, Q`` the (permuted) intermediate is viewed as, per row.
-        out: operator width ``N``; the result per row is ``(P, N, Q)``.
-        out_order: how the new axes are ordered: ``"ja"``, ``"aj"`` or ``"j"`` (root, no bond).
+        nodes: the tree nodes whose factors form the operator (a leaf, a leaf with its parent,
+            or one internal node).
+        equation: the einsum that builds the operator from those factors, output axes ordered
+            as the block (as laid out in the intermediate) then the new axes.
+        where: ``"suffix"``, ``"prefix"`` or ``"cyclic"``.
+        axes: sizes of the intermediate's labelled axes before ``perm`` (batch as ``-1``).
+        perm: axis permutation applied before the product, or ``None``.
+        lead, block, out: ``A`` (the leading part of a cyclic block, else 1), ``K`` (the rest of
+            the block) and ``N`` (the operator width).
+        rest: per-row size ``M / b`` of the axes outside the block.
     """
 
-    kind: str
-    node: int
+    nodes: tuple[int, ...]
+    equation: str
+    where: str
     axes: tuple[int, ...]
     perm: tuple[int, ...] | None
-    before: int
+    lead: int
     block: int
-    after: int
     out: int
-    out_order: str
+    rest: int
 
 
 @dataclass(frozen=True)
@@ -237,171 +243,157 @@ class HTPlan:
 
     Attributes:
         steps: the contractions in execution order.
-        final_axes: per-row sizes of the labelled axes after the last step.
-        final_perm: permutation of those axes into ``(j_1, ..., j_D)``, or ``None``.
-        order: per internal node, whether its right child is processed first.
-        macs_per_row: multiply-accumulates per input row.
+        final_axes: sizes of the labelled axes after the last step (batch as ``-1``).
+        final_perm: permutation of those axes into ``(j_1, ..., j_D, b)``, or ``None``.
+        macs_per_row: multiply-accumulates of the products, per input row.
         macs_fixed: multiply-accumulates of building the operators (independent of rows).
         moved_per_row: elements copied by permutations, per row.
     """
 
-    tree: DimensionTree
     steps: tuple[HTStep, ...]
     final_axes: tuple[int, ...]
     final_perm: tuple[int, ...] | None
-    order: tuple[bool, ...]
     macs_per_row: int
     macs_fixed: int
     moved_per_row: int
 
 
-def _simulate(
-    tree: DimensionTree,
-    in_modes: Sequence[int],
-    out_modes: Sequence[int],
-    ranks: Sequence[int],
-    right_first: dict[int, bool],
-) -> HTPlan:
-    """Build the steps for one choice of child order, tracking the labelled axes."""
-    size: dict[_Label, int] = {}
-    for d in range(tree.num_modes):
-        size["i", d], size["j", d] = in_modes[d], out_modes[d]
-    for n in range(tree.num_nodes - 1):
-        size["a", n] = ranks[n]
-    axes: list[_Label] = [("i", d) for d in range(tree.num_modes)]
-    steps: list[HTStep] = []
-    macs_per_row = macs_fixed = moved = 0
-
-    def bond_order(node: int) -> str:
-        # put the bond on the side that faces the sibling, where its partner will appear
-        if node == tree.root:
-            return "j"
-        return "ja" if tree.is_left_child(node) else "aj"
-
-    def contract(kind: str, node: int, block: list[_Label], anchor: _Label, new: list[_Label]) -> None:
-        nonlocal axes, macs_per_row, moved
-        pos = [axes.index(lab) for lab in block]
-        shape_in = tuple(size[lab] for lab in axes)
-        perm = None
-        if pos != list(range(pos[0], pos[0] + len(block))):
-            # bring the block together around its anchor; the other axes keep their order
-            rest = [lab for lab in axes if lab not in block or lab == anchor]
-            k = rest.index(anchor)
-            new_axes = rest[:k] + block + rest[k + 1 :]
-            perm = tuple(axes.index(lab) for lab in new_axes)
-            axes = new_axes
-            moved += math.prod(size[lab] for lab in axes)
-        start = axes.index(block[0])
-        p = math.prod(size[lab] for lab in axes[:start])
-        k = math.prod(size[lab] for lab in block)
-        q = math.prod(size[lab] for lab in axes[start + len(block) :])
-        n = math.prod(size[lab] for lab in new)
-        macs_per_row += p * k * n * q
-        order = "".join(lab[0] for lab in new).replace("i", "")
-        steps.append(HTStep(kind, node, shape_in, perm, p, k, q, n, order or "j"))
-        axes = axes[:start] + new + axes[start + len(block) :]
-
-    def new_axes(d: int, bond_node: int) -> list[_Label]:
-        order = bond_order(bond_node)
-        if order == "j":
-            return [("j", d)]
-        return [("j", d), ("a", bond_node)] if order == "ja" else [("a", bond_node), ("j", d)]
-
-    def visit(node: int) -> None:
-        nonlocal macs_fixed
-        if tree.is_leaf(node):
-            contract("leaf", node, [("i", node)], ("i", node), new_axes(node, node))
-            return
-        left, right = tree.children[node]  # type: ignore[misc]
-        first, second = (right, left) if right_first[node] else (left, right)
-        visit(first)
-        if tree.is_leaf(second):
-            block = [("a", left), ("i", right)] if second == right else [("i", left), ("a", right)]
-            contract("fused", second, block, ("i", second), new_axes(second, node))
-            r_p = 1 if node == tree.root else ranks[node]
-            macs_fixed += in_modes[second] * out_modes[second] * ranks[second] * ranks[first] * r_p
-        else:
-            visit(second)
-            new = [] if node == tree.root else [("a", node)]
-            contract("merge", node, [("a", left), ("a", right)], ("a", left), new)
-
-    visit(tree.root)
-    target = [("j", d) for d in range(tree.num_modes)]
-    final_perm = None if axes == target else tuple(axes.index(lab) for lab in target)
-    if final_perm is not None:
-        moved += math.prod(out_modes)
-    order = tuple(right_first[t] for t in (*tree.internal, tree.root))
-    final_axes = tuple(size[lab] for lab in axes)
-    return HTPlan(tree, tuple(steps), final_axes, final_perm, order, macs_per_row, macs_fixed, moved)
+def _factor_labels(tree: DimensionTree, node: int) -> list[_Label]:
+    """Axis labels of a node's factor: leaf ``(j, i, a)`` (its frame viewed ``(J_d, I_d, r_d)``),
+    internal ``(a_L, a_R, a_t)``, root ``(a_L, a_R)``."""
+    if tree.is_leaf(node):
+        return [("j", node), ("i", node), ("a", node)]
+    left, right = tree.children[node]  # type: ignore[misc]
+    labels = [("a", left), ("a", right)]
+    return labels if node == tree.root else [*labels, ("a", node)]
 
 
-# Relative cost of copying one element in a permutation versus one multiply-accumulate.
-_MOVE_COST = 4
-# Child orders are searched exhaustively up to this many internal nodes (2**n candidates).
-_MAX_SEARCH = 10
+def _equation(operands: Sequence[Sequence[_Label]], output: Sequence[_Label]) -> str:
+    """An einsum equation over labelled axes, one letter per distinct label in order of
+    appearance; e.g. a leaf fused with its parent, output ``(a_1, i_0, a_3, j_0)``:
+    ``[[j0, i0, a0], [a0, a1, a3]], [a1, i0, a3, j0] -> "abc,cde->dbea"``."""
+    letters: dict[_Label, str] = {}
+    for lab in (*(lab for op in operands for lab in op), *output):
+        letters.setdefault(lab, "abcdefghijklmnopqrstuvwxyz"[len(letters)])
+    ins = ",".join("".join(letters[lab] for lab in op) for op in operands)
+    return f"{ins}->{''.join(letters[lab] for lab in output)}"
+
+
+def _edges(tree: DimensionTree, node: int) -> list[tuple[_Label, int]]:
+    """The bonds of a node as ``(label, neighbour)``."""
+    out = []
+    if node != tree.root:
+        out.append((("a", node), tree.parent[node]))
+    if not tree.is_leaf(node):
+        out.extend((("a", c), c) for c in tree.children[node])  # type: ignore[union-attr]
+    return out
 
 
 @lru_cache(maxsize=256)
 def ht_plan(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]) -> HTPlan:
-    """Choose the contraction schedule of :func:`ht_linear`.
+    """The contraction schedule of :func:`ht_linear`.
 
-    The input is contracted with the leaves first and then up the tree; each internal node
-    processes one child completely, then the other, fusing a leaf second child with its sibling's
-    bond and the node's transfer tensor into one product. Every choice of which child goes first
-    is simulated and the cheapest one (multiply-accumulates plus ``_MOVE_COST`` per element moved
-    by a permutation) is kept, so the first product on the full input is the one that shrinks it
-    most whenever that pays off overall. Beyond ``_MAX_SEARCH`` internal nodes only the
-    left-first order is used.
+    The input ``(b, i_1, ..., i_D)`` is contracted with the leaves from the last mode to the
+    first, always on the trailing input axis, and every product puts its new axes in front, so
+    the intermediate rotates and never needs a permutation on the way (for balanced trees up to
+    ``D = 5``; deeper trees may need one, counted in ``moved_per_row``):
+
+    - a leaf whose parent has exactly one other bond open (its sibling's, or the bond to the
+      grandparent handed down from above), or all of them, is fused with its parent's transfer
+      tensor: block ``(open bond, i_d)``, new axes ``(parent bond, j_d)``; the open bond sits in
+      front, so the block is cyclic (leading and trailing axes);
+    - otherwise the leaf goes alone: ``i_d -> (a_d, j_d)``;
+    - after each step, an internal node with two or more bonds open, or the root with one, is
+      contracted alone (``(a_L, a_R) -> a_t``, or the root handing the open bond to its other
+      child).
+
+    The first product, the only one on the full input, costs ``J_D r_D`` per input element;
+    everything after it works on tensors already reduced by ``I_D / (J_D r_D)``.
     """
     tree = ht_tree(len(in_modes))
-    nodes = (*tree.internal, tree.root)
-    choices = (
-        itertools.product((False, True), repeat=len(nodes))
-        if len(nodes) <= _MAX_SEARCH
-        else [(False,) * len(nodes)]
-    )
-    best: HTPlan | None = None
-    for choice in choices:
-        plan = _simulate(tree, in_modes, out_modes, ranks, dict(zip(nodes, choice)))
-        cost = plan.macs_per_row + _MOVE_COST * plan.moved_per_row
-        if best is None or cost < best.macs_per_row + _MOVE_COST * best.moved_per_row:
-            best = plan
-    assert best is not None
-    return best
+    size: dict[_Label, int] = {_BATCH: 1}
+    for d in range(tree.num_modes):
+        size["i", d], size["j", d] = in_modes[d], out_modes[d]
+    for n in range(tree.num_nodes - 1):
+        size["a", n] = ranks[n]
+    axes: list[_Label] = [_BATCH, *(("i", d) for d in range(tree.num_modes))]
+    done: set[int] = set()
+    steps: list[HTStep] = []
+    macs_per_row = macs_fixed = moved = 0
+
+    def open_edges(node: int) -> list[_Label]:
+        return [lab for lab, nb in _edges(tree, node) if nb in done]
+
+    def absorb(nodes: tuple[int, ...]) -> None:
+        nonlocal axes, macs_per_row, macs_fixed, moved
+        wanted = {("i", n) for n in nodes if tree.is_leaf(n)}
+        for n in nodes:
+            wanted.update(lab for lab, nb in _edges(tree, n) if nb in done)
+        assert wanted <= set(axes), "the block is present in the intermediate"
+        new = [lab for n in nodes for lab, nb in _edges(tree, n) if nb not in done and nb not in nodes]
+        if tree.is_leaf(nodes[0]):
+            new.append(("j", nodes[0]))
+        shape_in = tuple(-1 if lab == _BATCH else size[lab] for lab in axes)
+        flags = [lab in wanted for lab in axes]
+        k_lead = flags.index(False)  # block axes at the front
+        k_tail = flags[::-1].index(False)  # block axes at the back
+        perm = None
+        if k_lead + k_tail != len(wanted):
+            order = [lab for lab in axes if lab not in wanted] + [lab for lab in axes if lab in wanted]
+            perm = tuple(axes.index(lab) for lab in order)
+            axes, k_lead, k_tail = order, 0, len(wanted)
+            moved += math.prod(size[lab] for lab in axes)
+        lead_labels, tail_labels = axes[:k_lead], axes[len(axes) - k_tail :]
+        rest_labels = axes[k_lead : len(axes) - k_tail]
+        where = "prefix" if not tail_labels else "suffix" if not lead_labels else "cyclic"
+        if where == "prefix":
+            lead_labels, tail_labels = [], lead_labels
+        a = math.prod(size[lab] for lab in lead_labels)
+        k = math.prod(size[lab] for lab in tail_labels)
+        n = math.prod(size[lab] for lab in new)
+        m = math.prod(size[lab] for lab in rest_labels)
+        macs_per_row += a * k * n * m
+        if len(nodes) == 2:
+            labels = {lab for node in nodes for lab in _factor_labels(tree, node)}
+            macs_fixed += math.prod(size[lab] for lab in labels)
+        equation = _equation(
+            [_factor_labels(tree, node) for node in nodes], [*lead_labels, *tail_labels, *new]
+        )
+        steps.append(HTStep(nodes, equation, where, shape_in, perm, a, k, n, m))
+        axes = new + rest_labels
+        done.update(nodes)
+
+    for d in reversed(range(tree.num_modes)):
+        parent = tree.parent[d]
+        others = len(_edges(tree, parent)) - 1
+        if parent not in done and len(open_edges(parent)) in (1, others):
+            absorb((d, parent))
+        else:
+            absorb((d,))
+        progress = True
+        while progress:
+            progress = False
+            for t in (*tree.internal, tree.root):
+                if t not in done and len(open_edges(t)) >= (1 if t == tree.root else 2):
+                    absorb((t,))
+                    progress = True
+    assert done == set(range(tree.num_nodes)), "every factor is contracted"
+    target = [*(("j", d) for d in range(tree.num_modes)), _BATCH]
+    final_axes = tuple(-1 if lab == _BATCH else size[lab] for lab in axes)
+    final_perm = None if axes == target else tuple(axes.index(lab) for lab in target)
+    if final_perm is not None:
+        moved += math.prod(out_modes)
+    return HTPlan(tuple(steps), final_axes, final_perm, macs_per_row, macs_fixed, moved)
 
 
-def _operator(
-    step: HTStep,
-    tree: DimensionTree,
-    leaves: Sequence[Tensor],
-    transfers: Sequence[Tensor],
-    root: Tensor,
-    in_modes: Sequence[int],
-    out_modes: Sequence[int],
+def _factor(
+    node: int, tree: DimensionTree, leaves: Sequence[Tensor], transfers: Sequence[Tensor],
+    root: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
 ) -> Tensor:
-    """The ``(K, N)`` matrix of one step, built from the (small) factors."""
-    node = step.node
-    if step.kind == "merge":
-        core = root if node == tree.root else transfers[node - tree.num_modes]  # (a, c[, t])
-        return core.reshape(step.block, step.out)  # (a*c, t)
-    j, i = out_modes[node], in_modes[node]
-    u = leaves[node].reshape(j, i, -1)  # (j, i, a)
-    if step.kind == "leaf":
-        if step.out_order == "ja":
-            return u.permute(1, 0, 2).reshape(i, -1)  # (i, j*a)
-        return u.permute(1, 2, 0).reshape(i, -1)  # (i, a*j)
-    parent = tree.parent[node]
-    core = root if parent == tree.root else transfers[parent - tree.num_modes]
-    if core.dim() == 2:
-        core = core.unsqueeze(-1)  # (a_L, a_R, 1)
-    if tree.is_left_child(node):
-        # block (i, c): c is the right sibling's bond; the leaf's bond a is summed
-        v = torch.einsum("jia,act->ictj", u, core)  # (i, c, t, j)
-    else:
-        v = torch.einsum("jic,act->aitj", u, core)  # (a, i, t, j)
-    if step.out_order == "aj":
-        return v.reshape(step.block, step.out)  # (k, t*j)
-    return v.transpose(2, 3).reshape(step.block, step.out)  # (k, j*t)
+    """A node's factor with the axes of :func:`_factor_labels`."""
+    if tree.is_leaf(node):
+        return leaves[node].reshape(out_modes[node], in_modes[node], -1)  # (j, i, a)
+    return root if node == tree.root else transfers[node - tree.num_modes]  # (a, c[, t])
 
 
 def ht_linear(
@@ -415,9 +407,8 @@ def ht_linear(
 ) -> Tensor:
     """``x @ W.T`` without forming ``W``: the input meets the leaves first, then the tree.
 
-    Each step views the intermediate as ``(b*P, K, Q)`` and multiplies the block ``K`` by a small
-    operator with ``matmul``; the full input is never permuted (the plan only permutes after the
-    first product, and only when that is cheaper than the alternatives).
+    Every step is one matrix product (or ``A`` accumulated ones) on a 2-D view of the
+    intermediate, with the new axes in front (see :func:`ht_plan`); the input is only reshaped.
 
     Args:
         x: ``(b, I_1⋯I_D)``.
@@ -435,15 +426,25 @@ def ht_linear(
     z = x  # (b, I)
     for step in plan.steps:
         if step.perm is not None:
-            z = z.reshape(b, *step.axes).permute(0, *(1 + p for p in step.perm))  # (b, permuted axes)
-        op = _operator(step, tree, leaves, transfers, root, in_modes, out_modes)  # (k, n)
-        if step.after == 1:
-            z = z.reshape(b * step.before, step.block) @ op  # (b*p, n)
+            z = z.reshape(step.axes).permute(step.perm)  # (permuted axes)
+        factors = [_factor(n, tree, leaves, transfers, root, in_modes, out_modes) for n in step.nodes]
+        op = torch.einsum(step.equation, *factors)  # (block..., new...)
+        m = b * step.rest
+        if step.where == "suffix":
+            z = op.reshape(step.block, step.out).T @ z.reshape(m, step.block).T  # (n, m)
+        elif step.where == "prefix":
+            z = op.reshape(step.block, step.out).T @ z.reshape(step.block, m)  # (n, m)
         else:
-            z = torch.matmul(op.T, z.reshape(b * step.before, step.block, step.after))  # (b*p, n, q)
+            op = op.reshape(step.lead, step.block, step.out)  # (a, k, n)
+            # unbind, not indexing: its backward stacks the slice gradients in one pass
+            slices = z.reshape(step.lead, m, step.block).unbind(0)  # a x (m, k)
+            out = op[0].T @ slices[0].T  # (n, m)
+            for s in range(1, step.lead):
+                out = torch.addmm(out, op[s].T, slices[s].T)  # (n, m)
+            z = out
     if plan.final_perm is not None:
-        z = z.reshape(b, *plan.final_axes).permute(0, *(1 + p for p in plan.final_perm))  # (b, j_1, ..., j_D)
-    return z.reshape(b, math.prod(out_modes))  # (b, J)
+        z = z.reshape(plan.final_axes).permute(plan.final_perm)  # (j..., b)
+    return z.reshape(math.prod(out_modes), b).T  # (b, J)
 
 
 # --- decomposition ---
@@ -486,13 +487,21 @@ def _ht_hsvd(
 def _orthonormal_(param: Tensor, rows: int) -> None:
     """Fill ``param`` (viewed as ``(rows, cols)``) with a random matrix whose map ``v -> M v``
     preserves squared norms: orthonormal columns when ``cols <= rows`` (exact), otherwise
-    orthonormal rows scaled by ``sqrt(cols / rows)`` (exact in expectation over isotropic ``v``)."""
+    orthonormal rows scaled by ``sqrt(cols / rows)`` (exact in expectation over isotropic ``v``).
+
+    Gram-Schmidt (each vector orthogonalized twice) on a Gaussian draw gives the Haar
+    distribution; it is used instead of ``torch.linalg.qr`` because these matrices are tiny and a
+    multithreaded LAPACK call on them can take tens of milliseconds on a busy machine.
+    """
     cols = param.numel() // rows
     dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
     g = torch.randn(max(rows, cols), min(rows, cols), device=param.device, dtype=dtype)
-    q, r = torch.linalg.qr(g)  # (max, min) orthonormal columns
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1)  # Haar: fix signs
-    m = q if cols <= rows else q.T * math.sqrt(cols / rows)  # (rows, cols)
+    for k in range(g.shape[1]):
+        v = g[:, k]  # (m,)
+        for _ in range(2):
+            v = v - g[:, :k] @ (g[:, :k].T @ v)  # (m,)
+        g[:, k] = v / v.norm()
+    m = g if cols <= rows else g.T * math.sqrt(cols / rows)  # (rows, cols)
     param.copy_(m.reshape(param.shape))
 
 
