@@ -140,7 +140,7 @@ def test_every_split_and_order_is_exact(case):
     f = factors_of(w)
     x = torch.randn(5, w.in_features, dtype=F64)
     ref = x @ w.to_dense().T
-    for split in range(len(w.in_splits)):
+    for split in range(len(w.in_splits) * w.num_factors):
         assert rel_err(kcp_linear_parallel(x, f, split), ref) < 1e-10
     for order in itertools.permutations(range(w.num_factors)):
         assert rel_err(kcp_linear_sequential(x, f, order), ref) < 1e-10
@@ -167,7 +167,7 @@ def test_gradcheck(case, algorithm):
     def fn(x, *ps):
         nested = [list(ps[n * num_d:(n + 1) * num_d]) for n in range(len(sizes))]
         if algorithm == "parallel":
-            return kcp_linear_parallel(x, nested, split=len(w.in_splits) // 2)
+            return kcp_linear_parallel(x, nested, split=len(w.in_splits) * w.num_factors // 2)
         return kcp_linear_sequential(x, nested, order=tuple(reversed(range(len(sizes)))))
 
     assert torch.autograd.gradcheck(fn, (x, *flat))

@@ -17,9 +17,9 @@ factor, e every other axis.
 Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
 
 * ``parallel`` (:func:`kcp_linear_parallel`): merge the factors into a CP of rank
-  ``K = P Π_n R_n`` whose mode factors are Kronecker products of the small ones; split the modes
-  into a prefix ``[0, s)`` and a suffix ``[s, D)`` and merge each chunk, for every merged rank,
-  into one small dense matrix. Step 1 is ONE GEMM over the contiguous trailing axis of the input,
+  ``K = P Π_n R_n`` over the ``D N`` axes ``(d, n)`` of the input (mode-major, factor-minor); cut
+  the axes into a prefix ``[0, s)`` and a suffix ``[s, D N)`` and merge each chunk, for every
+  merged rank, into one small dense matrix. Step 1 is ONE GEMM over the contiguous trailing axis of the input,
   ``(b a, c) -> (b a, k o)``; step 2 is ONE batched GEMM that contracts ``(a, k)`` together, so the
   rank sum is part of the GEMM. No copy of the input, no Python loop over ranks.
 * ``sequential`` (:func:`kcp_linear_sequential`): factor by factor. For each factor ``n`` the sum
@@ -174,18 +174,24 @@ def _factor_dense(factor: Sequence[Tensor]) -> Tensor:
     return t.sum(1)  # (p, g, f)
 
 
-def _merged_mode_factor(factors: Sequence[Sequence[Tensor]], d: int) -> Tensor:
-    """Mode ``d`` of the merged CP: ``U_d[k] = ⊗_n F^(n,d)[p, r_n]``, ``k = (p, r_1, ..., r_N)``."""
-    u = factors[0][d]  # (p, k, m, c)
-    for n in range(1, len(factors)):
-        f = factors[n][d]  # (p, r, m, c)
-        u = _kron_pairs(u[:, :, None], f[:, None])  # (p, k, r, m, c)
-        u = u.flatten(1, 2)  # (p, k, m, c)
-    return u.flatten(0, 1)  # (k, m, c)
+def _merged_axis_factors(factors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """The merged CP over the ``D N`` axes (mode-major, factor-minor): axis ``(d, n)`` gets
+    ``F^(n,d)[p, r_n]`` for the merged rank ``k = (p, r_1, ..., r_N)``, each ``(k, m, c)``."""
+    num_n, num_d = len(factors), len(factors[0])
+    ranks = [factors[n][0].shape[1] for n in range(num_n)]
+    out = []
+    for d in range(num_d):
+        for n in range(num_n):
+            f = factors[n][d]  # (p, r, m, c)
+            p, r, m, c = f.shape
+            view = [p] + [r if q == n else 1 for q in range(num_n)] + [m, c]
+            full = f.reshape(view).expand(p, *ranks, m, c)  # (p, r_1, ..., r_N, m, c)
+            out.append(full.reshape(-1, m, c))  # (k, m, c)
+    return out
 
 
 def _chunk(mode_factors: Sequence[Tensor]) -> Tensor:
-    """Kronecker over consecutive modes with a shared merged rank: ``(k, Π J_d, Π I_d)``."""
+    """Kronecker over consecutive axes with a shared merged rank: ``(k, Π m, Π c)``."""
     t = mode_factors[0]  # (k, m, c)
     for u in mode_factors[1:]:
         t = _kron_pairs(t, u)  # (k, m, c)
@@ -232,7 +238,7 @@ def kcp_reconstruction_flops(in_splits: Splits, out_splits: Splits, ranks: Seque
 
 @dataclass(frozen=True)
 class KCPPlan:
-    """One way to evaluate ``x @ W.T``: ``algorithm`` is ``"parallel"`` (``split`` = first mode of
+    """One way to evaluate ``x @ W.T``: ``algorithm`` is ``"parallel"`` (``split`` = first axis of
     the suffix chunk) or ``"sequential"`` (``order`` = factors in the order they are applied).
     ``macs`` counts every multiply-accumulate (building the small dense matrices included),
     ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate."""
@@ -247,20 +253,19 @@ class KCPPlan:
 
 def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
                    terms: int, split: int) -> KCPPlan:
-    num_d = len(in_splits)
     k = terms * math.prod(ranks)
-    in_m = [math.prod(s) for s in in_splits]
-    out_m = [math.prod(s) for s in out_splits]
-    a, c = math.prod(in_m[:split]), math.prod(in_m[split:])
-    m, o = math.prod(out_m[:split]), math.prod(out_m[split:])
-    build = sum(k * in_m[d] * out_m[d] for d in range(num_d) if len(ranks) > 1)
-    build += sum(k * math.prod(in_m[split:d + 1]) * math.prod(out_m[split:d + 1])
-                 for d in range(split + 1, num_d))
-    build += sum(k * math.prod(in_m[:d + 1]) * math.prod(out_m[:d + 1]) for d in range(1, split))
+    ins = [i for s in in_splits for i in s]  # axis sizes, mode-major factor-minor
+    outs = [j for s in out_splits for j in s]
+    a, c = math.prod(ins[:split]), math.prod(ins[split:])
+    m, o = math.prod(outs[:split]), math.prod(outs[split:])
+    build = sum(k * i * j for i, j in zip(ins, outs)) if len(ranks) > 1 else 0
+    build += sum(k * math.prod(ins[split:t + 1]) * math.prod(outs[split:t + 1])
+                 for t in range(split + 1, len(ins)))
+    build += sum(k * math.prod(ins[:t + 1]) * math.prod(outs[:t + 1]) for t in range(1, split))
     mid = rows * a * k * o
     macs = build + rows * a * c * k * o + (rows * m * a * k * o if split else mid)
     io = rows * a * c + 2 * mid + rows * m * o
-    kernels = 2 * num_d * len(ranks) + 3
+    kernels = 2 * len(ins) + 3
     cost = macs + COST_IO * io + COST_ROW * (rows * a + rows * m) + COST_KERNEL * kernels
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c))
 
@@ -304,7 +309,7 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     """
     if algorithm == "parallel":
         plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s)
-                 for s in range(len(in_splits))]
+                 for s in range(len(in_splits) * len(ranks))]
     elif algorithm == "sequential":
         num_n = len(ranks)
         if num_n <= 6:
@@ -340,13 +345,16 @@ def kcp_plan_flops(plan: KCPPlan) -> int:
 def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: int = 0) -> Tensor:
     """``x @ W.T`` through the merged CP of rank ``K = P Π_n R_n`` (KCP.md §3, parallel).
 
-    Modes ``[0, split)`` form the prefix chunk, ``[split, D)`` the suffix chunk; each is merged,
-    per merged rank, into one dense matrix. x: ``(b, in_features)`` -> ``(b, out_features)``.
+    The ``D N`` axes of the input (mode-major, factor-minor) are cut at axis ``split``: axes
+    ``[0, split)`` form the prefix chunk, ``[split, D N)`` the suffix chunk, and each is merged,
+    per merged rank, into one dense matrix. Step 1 is one GEMM over the trailing (contiguous)
+    suffix of every row, step 2 one batched GEMM over the prefix and the rank together.
+    x: ``(b, in_features)`` -> ``(b, out_features)``.
     """
-    num_d = len(factors[0])
-    if not 0 <= split < num_d:
-        raise ValueError(f"split must be in [0, {num_d}), got split={split}")
-    u = [_merged_mode_factor(factors, d) for d in range(num_d)]  # each (k, m, c)
+    num_axes = len(factors) * len(factors[0])
+    if not 0 <= split < num_axes:
+        raise ValueError(f"split must be in [0, {num_axes}), got split={split}")
+    u = _merged_axis_factors(factors)  # each (k, m, c)
     k = u[0].shape[0]
     suffix = _chunk(u[split:])  # (k, o, c)
     _, o, c = suffix.shape
