@@ -14,13 +14,15 @@ UCF11_IN, UCF11_OUT = (8, 20, 20, 18), (16, 4, 4, 4)
 
 def make(in_modes, out_modes, **kw):
     kw.setdefault("dtype", torch.float64)
-    return HTMatrix(math.prod(in_modes), math.prod(out_modes), in_modes=in_modes, out_modes=out_modes, **kw)
+    return HTMatrix(
+        math.prod(in_modes), math.prod(out_modes), in_modes=in_modes, out_modes=out_modes, **kw
+    )
 
 
 def merged_to_matrix(t, in_modes, out_modes):
     """(J_1 I_1, ..., J_D I_D) merged tensor -> (J, I) matrix, written out independently."""
     d = len(in_modes)
-    t = t.reshape([s for j, i in zip(out_modes, in_modes) for s in (j, i)])
+    t = t.reshape([s for j, i in zip(out_modes, in_modes, strict=True) for s in (j, i)])
     t = t.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)])
     return t.reshape(math.prod(out_modes), math.prod(in_modes))
 
@@ -74,7 +76,9 @@ def test_three_modes_against_einsum():
     in_modes, out_modes = (3, 4, 2), (2, 1, 5)
     w = make(in_modes, out_modes, rank=(2, 3, 2, 4))  # leaves 2, 3, 2; node (0, 1) rank 4
     (u0, u1, u2), (b01,), root = list(w.leaves), list(w.transfers), w.root
-    ref = merged_to_matrix(torch.einsum("pa,qb,abe,rc,ec->pqr", u0, u1, b01, u2, root), in_modes, out_modes)
+    ref = merged_to_matrix(
+        torch.einsum("pa,qb,abe,rc,ec->pqr", u0, u1, b01, u2, root), in_modes, out_modes
+    )
     torch.testing.assert_close(w.to_dense(), ref)
     x = torch.randn(4, 24, dtype=torch.float64)
     torch.testing.assert_close(w(x), x @ ref.T)
@@ -90,14 +94,18 @@ def test_four_modes_against_einsum_of_whole_tree():
     torch.testing.assert_close(w.to_dense(), ref)
     x = torch.randn(6, 36, dtype=torch.float64)
     torch.testing.assert_close(w(x), x @ ref.T)
-    torch.testing.assert_close(ht_linear(x, list(w.leaves), list(w.transfers), root, in_modes, out_modes), x @ ref.T)
+    torch.testing.assert_close(
+        ht_linear(x, list(w.leaves), list(w.transfers), root, in_modes, out_modes), x @ ref.T
+    )
 
 
 def test_five_modes_against_einsum():
     in_modes, out_modes = (2, 1, 3, 2, 2), (1, 2, 2, 3, 1)
     w = make(in_modes, out_modes, rank=2)
     (u0, u1, u2, u3, u4), (b01, b012, b34), root = list(w.leaves), list(w.transfers), w.root
-    t = torch.einsum("pa,qb,abe,rc,ecg,sd,tf,dfh,gh->pqrst", u0, u1, b01, u2, b012, u3, u4, b34, root)
+    t = torch.einsum(
+        "pa,qb,abe,rc,ecg,sd,tf,dfh,gh->pqrst", u0, u1, b01, u2, b012, u3, u4, b34, root
+    )
     ref = merged_to_matrix(t, in_modes, out_modes)
     torch.testing.assert_close(w.to_dense(), ref)
     x = torch.randn(3, 24, dtype=torch.float64)
@@ -120,7 +128,9 @@ def test_forward_matches_reconstruction_for_every_depth(d):
 def test_parameter_count_formula(d):
     in_modes, out_modes, r = tuple(range(2, d + 2)), tuple(range(d + 1, 1, -1)), 3
     w = make(in_modes, out_modes, rank=r)
-    expected = sum(i * j * r for i, j in zip(in_modes, out_modes)) + (d - 2) * r**3 + r**2
+    expected = (
+        sum(i * j * r for i, j in zip(in_modes, out_modes, strict=True)) + (d - 2) * r**3 + r**2
+    )
     assert w.num_params == expected == sum(p.numel() for p in w.parameters())
     assert ht_num_params(in_modes, out_modes, (r,) * (2 * d - 2)) == expected
 
@@ -131,7 +141,11 @@ def test_parameter_count_per_node_ranks():
     assert w.num_params == 4 + 18 + 48 + 30 + 20
     shapes = {name: tuple(p.shape) for name, p in w.named_parameters()}
     assert shapes == {
-        "leaves.0": (2, 2), "leaves.1": (6, 3), "leaves.2": (12, 4), "transfers.0": (2, 3, 5), "root": (5, 4)
+        "leaves.0": (2, 2),
+        "leaves.1": (6, 3),
+        "leaves.2": (12, 4),
+        "transfers.0": (2, 3, 5),
+        "root": (5, 4),
     }
 
 
@@ -202,7 +216,9 @@ def test_from_dense_full_rank_reproduces_weight():
 
 def test_from_dense_recovers_an_ht_matrix_at_its_rank():
     src = make((3, 2, 2, 3), (2, 2, 3, 1), rank=2)
-    w = HTMatrix.from_dense(src.to_dense().detach(), in_modes=src.in_modes, out_modes=src.out_modes, rank=2)
+    w = HTMatrix.from_dense(
+        src.to_dense().detach(), in_modes=src.in_modes, out_modes=src.out_modes, rank=2
+    )
     assert w.root.dtype == torch.float64
     torch.testing.assert_close(w.to_dense(), src.to_dense())
 
@@ -215,10 +231,13 @@ def test_from_dense_needs_a_matrix():
 # --- gradients ---
 
 
-@pytest.mark.parametrize("in_modes, out_modes, rank", [
-    ((3, 2, 2, 3), (2, 1, 2, 2), (2, 3, 2, 2, 3, 2)),
-    ((2, 1, 2, 2, 1, 2), (1, 2, 1, 2, 2, 1), 2),
-])
+@pytest.mark.parametrize(
+    "in_modes, out_modes, rank",
+    [
+        ((3, 2, 2, 3), (2, 1, 2, 2), (2, 3, 2, 2, 3, 2)),
+        ((2, 1, 2, 2, 1, 2), (1, 2, 1, 2, 2, 1), 2),
+    ],
+)
 def test_gradcheck_ht_linear(in_modes, out_modes, rank):
     w = make(in_modes, out_modes, rank=rank)
     leaves = [p.detach().clone().requires_grad_(True) for p in w.leaves]
@@ -238,8 +257,13 @@ def test_to_dense_gradient_matches_forward_gradient():
     x = torch.randn(4, 12, dtype=torch.float64)
     params = list(w.parameters())
     g_fact = torch.autograd.grad(w(x).pow(2).sum(), params)
-    g_dense = torch.autograd.grad((x @ ht_to_dense(list(w.leaves), list(w.transfers), w.root, w.in_modes, w.out_modes).T).pow(2).sum(), params)
-    for a, b in zip(g_fact, g_dense):
+    g_dense = torch.autograd.grad(
+        (x @ ht_to_dense(list(w.leaves), list(w.transfers), w.root, w.in_modes, w.out_modes).T)
+        .pow(2)
+        .sum(),
+        params,
+    )
+    for a, b in zip(g_fact, g_dense, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -24,7 +24,6 @@ x/y merged-mode indices of a left/right subtree.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,16 +129,14 @@ def validate_ht_ranks(rank: int | Sequence[int], tree: DimensionTree) -> tuple[i
     return validate_ranks(rank, tree.num_nodes - 1, "rank")
 
 
-def _node_sizes(in_modes: Sequence[int], out_modes: Sequence[int], tree: DimensionTree) -> list[int]:
+def _node_sizes(
+    in_modes: Sequence[int], out_modes: Sequence[int], tree: DimensionTree
+) -> list[int]:
     """Per node, the product of its merged mode sizes ``Π J_d I_d``."""
-    return [
-        math.prod(out_modes[d] * in_modes[d] for d in range(lo, hi)) for lo, hi in tree.spans
-    ]
+    return [math.prod(out_modes[d] * in_modes[d] for d in range(lo, hi)) for lo, hi in tree.spans]
 
 
-def ht_num_params(
-    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
-) -> int:
+def ht_num_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
     """Parameter count; ``Σ_d I_d J_d r + (D - 2) r³ + r²`` with a single rank ``r``."""
     tree = ht_tree(len(in_modes))
     count = sum(in_modes[d] * out_modes[d] * ranks[d] for d in range(tree.num_modes))
@@ -168,7 +165,7 @@ def ht_to_dense(
     """
     tree = ht_tree(len(in_modes))
     frames: dict[int, Tensor] = dict(enumerate(leaves))
-    for t, transfer in zip(tree.internal, transfers):
+    for t, transfer in zip(tree.internal, transfers, strict=True):
         left, right = tree.children[t]  # type: ignore[misc]
         u_l, u_r = frames.pop(left), frames.pop(right)  # (x, a), (y, c)
         ra, rc, rt = transfer.shape
@@ -178,12 +175,16 @@ def ht_to_dense(
     left, right = tree.children[tree.root]  # type: ignore[misc]
     w = frames[left] @ root @ frames[right].T  # (x, y): merged modes (j_1 i_1)(j_2 i_2)...
     d = tree.num_modes
-    w = w.reshape([s for pair in zip(out_modes, in_modes) for s in pair])  # (j_1, i_1, ..., j_D, i_D)
+    w = w.reshape(
+        [s for pair in zip(out_modes, in_modes, strict=True) for s in pair]
+    )  # (j_1, i_1, ..., j_D, i_D)
     w = w.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
     return w.reshape(math.prod(out_modes), math.prod(in_modes))  # (J, I)
 
 
-def _reconstruction_macs(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+def _reconstruction_macs(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> int:
     tree = ht_tree(len(in_modes))
     size = _node_sizes(in_modes, out_modes, tree)
     macs = 0
@@ -290,7 +291,9 @@ def _edges(tree: DimensionTree, node: int) -> list[tuple[_Label, int]]:
 
 
 @lru_cache(maxsize=256)
-def ht_plan(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]) -> HTPlan:
+def ht_plan(
+    in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[int, ...]
+) -> HTPlan:
     """The contraction schedule of :func:`ht_linear`.
 
     The input ``(b, i_1, ..., i_D)`` is contracted with the leaves from the last mode to the
@@ -330,7 +333,9 @@ def ht_plan(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[
         for n in nodes:
             wanted.update(lab for lab, nb in _edges(tree, n) if nb in done)
         assert wanted <= set(axes), "the block is present in the intermediate"
-        new = [lab for n in nodes for lab, nb in _edges(tree, n) if nb not in done and nb not in nodes]
+        new = [
+            lab for n in nodes for lab, nb in _edges(tree, n) if nb not in done and nb not in nodes
+        ]
         if tree.is_leaf(nodes[0]):
             new.append(("j", nodes[0]))
         shape_in = tuple(-1 if lab == _BATCH else size[lab] for lab in axes)
@@ -339,7 +344,9 @@ def ht_plan(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[
         k_tail = flags[::-1].index(False)  # block axes at the back
         perm = None
         if k_lead + k_tail != len(wanted):
-            order = [lab for lab in axes if lab not in wanted] + [lab for lab in axes if lab in wanted]
+            order = [lab for lab in axes if lab not in wanted] + [
+                lab for lab in axes if lab in wanted
+            ]
             perm = tuple(axes.index(lab) for lab in order)
             axes, k_lead, k_tail = order, 0, len(wanted)
             moved += math.prod(size[lab] for lab in axes)
@@ -387,8 +394,13 @@ def ht_plan(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple[
 
 
 def _factor(
-    node: int, tree: DimensionTree, leaves: Sequence[Tensor], transfers: Sequence[Tensor],
-    root: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
+    node: int,
+    tree: DimensionTree,
+    leaves: Sequence[Tensor],
+    transfers: Sequence[Tensor],
+    root: Tensor,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
 ) -> Tensor:
     """A node's factor with the axes of :func:`_factor_labels`."""
     if tree.is_leaf(node):
@@ -427,7 +439,9 @@ def ht_linear(
     for step in plan.steps:
         if step.perm is not None:
             z = z.reshape(step.axes).permute(step.perm)  # (permuted axes)
-        factors = [_factor(n, tree, leaves, transfers, root, in_modes, out_modes) for n in step.nodes]
+        factors = [
+            _factor(n, tree, leaves, transfers, root, in_modes, out_modes) for n in step.nodes
+        ]
         op = torch.einsum(step.equation, *factors)  # (block..., new...)
         m = b * step.rest
         if step.where == "suffix":
@@ -467,14 +481,20 @@ def _ht_hsvd(
     for node in range(tree.num_nodes - 1):
         lo, hi = tree.spans[node]
         rows = math.prod(merged[lo:hi])
-        mat = w.reshape(math.prod(merged[:lo]), rows, -1).transpose(0, 1).reshape(rows, -1)  # (x_t, rest)
+        mat = (
+            w.reshape(math.prod(merged[:lo]), rows, -1).transpose(0, 1).reshape(rows, -1)
+        )  # (x_t, rest)
         u = torch.linalg.svd(mat, full_matrices=False)[0][:, : ranks[node]]  # (x_t, <=r_t)
-        frames.append(torch.cat([u, u.new_zeros(rows, ranks[node] - u.shape[1])], dim=1))  # (x_t, r_t)
+        frames.append(
+            torch.cat([u, u.new_zeros(rows, ranks[node] - u.shape[1])], dim=1)
+        )  # (x_t, r_t)
     transfers = []
     for t in tree.internal:
         left, right = tree.children[t]  # type: ignore[misc]
         u_t = frames[t].reshape(frames[left].shape[0], frames[right].shape[0], -1)  # (x, y, t)
-        transfers.append(torch.einsum("xa,yc,xyt->act", frames[left], frames[right], u_t))  # (a, c, t)
+        transfers.append(
+            torch.einsum("xa,yc,xyt->act", frames[left], frames[right], u_t)
+        )  # (a, c, t)
     left, right = tree.children[tree.root]  # type: ignore[misc]
     w = w.reshape(frames[left].shape[0], frames[right].shape[0])  # (x, y)
     root = frames[left].T @ w @ frames[right]  # (a, c)
@@ -552,8 +572,14 @@ class HTMatrix(FactorizedMatrix):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
-            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
+            in_features,
+            out_features,
+            in_modes=in_modes,
+            out_modes=out_modes,
+            num_modes=num_modes,
+            algorithm=algorithm,
+            device=device,
+            dtype=dtype,
         )
         if len(self.in_modes) < 2:
             raise ValueError(
@@ -566,10 +592,14 @@ class HTMatrix(FactorizedMatrix):
         fk = self.factory_kwargs
         self.leaves = nn.ParameterList(
             nn.Parameter(torch.empty(j * i, r, **fk))
-            for j, i, r in zip(self.out_modes, self.in_modes, self.ranks)
+            for j, i, r in zip(
+                self.out_modes, self.in_modes, self.ranks[: self.num_modes], strict=True
+            )
         )
         self.transfers = nn.ParameterList(
-            nn.Parameter(torch.empty(*(self.ranks[c] for c in self.tree.children[t]), self.ranks[t], **fk))  # type: ignore[union-attr]
+            nn.Parameter(
+                torch.empty(*(self.ranks[c] for c in self.tree.children[t]), self.ranks[t], **fk)
+            )  # type: ignore[union-attr]
             for t in self.tree.internal
         )
         left, right = self.tree.children[self.tree.root]  # type: ignore[misc]
@@ -596,8 +626,13 @@ class HTMatrix(FactorizedMatrix):
 
     def matmul(self, x: Tensor) -> Tensor:
         return ht_linear(
-            x, list(self.leaves), list(self.transfers), self.root,
-            self.in_modes, self.out_modes, self.plan,
+            x,
+            list(self.leaves),
+            list(self.transfers),
+            self.root,
+            self.in_modes,
+            self.out_modes,
+            self.plan,
         )  # (b, j)
 
     def to_dense(self) -> Tensor:
@@ -629,6 +664,8 @@ class HTMatrix(FactorizedMatrix):
             weight.detach().to(out.root.dtype), out.in_modes, out.out_modes, out.ranks
         )
         with torch.no_grad():
-            for p, v in zip((*out.leaves, *out.transfers, out.root), (*leaves, *transfers, root)):
+            for p, v in zip(
+                (*out.leaves, *out.transfers, out.root), (*leaves, *transfers, root), strict=True
+            ):
                 p.copy_(v)
         return out
