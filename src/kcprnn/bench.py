@@ -41,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peers", choices=("auto", "none", "required"), default="auto",
                     help="auto: use tednet/tensorly-torch if importable; required: fail without them")
     ap.add_argument("--no-peers", dest="peers", action="store_const", const="none", help="same as --peers none")
+    ap.add_argument("--memory", dest="memory", action="store_true", default=None,
+                    help="measure peak memory at the UCF11 and LSTM points (default, except --quick)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip peak-memory measurement (CPU: one subprocess per case)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -51,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.preset is None:
         args.preset = "quick" if args.quick else "ucf11"
+    if args.memory is None:
+        args.memory = args.preset != "quick"
     points = tuple(p.strip() for p in args.points.split(",") if p.strip())
     unknown = [p for p in points if p not in POINT_KINDS]
     if unknown:
@@ -77,6 +81,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fitted log-log slopes (and local slopes) of every series of every sweep present."""
+    return {
+        sweep: {mode: {name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
+                       for name, s in sweep_series(points, sweep, mode).items()}
+                for mode in ("forward", "forward_backward")}
+        for sweep in ("rank", "rows", "input") if any(p["sweep"] == sweep for p in points)
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
@@ -93,39 +107,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for lib, s in status.items():
         print(f"peer {lib}: " + (f"version {s['version']}" if s["available"] else f"absent ({s['error']})"))
-    cfg = SuiteConfig(preset=PRESETS[args.preset], device=device, threads=args.threads, points=args.points,
-                      formats=args.formats, peers=args.peers, memory=args.memory, rounds=args.rounds,
-                      log=lambda m: print(m, flush=True))
     env = environment(device, args.threads)
     print(f"torch {env['versions']['torch']}, {env['threads']} threads, {env['device']}, {env['cpu']}")
-    start = time.perf_counter()
-    points = run_suite(cfg, available)
-    targets = evaluate_targets(points)
-    slopes = {
-        sweep: {mode: {name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
-                       for name, s in sweep_series(points, sweep, mode).items()}
-                for mode in ("forward", "forward_backward")}
-        for sweep in ("rank", "rows", "input") if any(p["sweep"] == sweep for p in points)
-    }
     out_dir = Path(args.out)
-    plots = plot_sweeps(points, out_dir, f"kcprnn bench {args.preset}, {env['threads']} threads, "
-                        f"{env['device']}, torch {env['versions']['torch']}") if args.plots else {}
-    result = {
-        "schema": 1,
-        "preset": args.preset,
-        "preset_sizes": {k: v for k, v in vars(cfg.preset).items()},
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "environment": env,
-        "peers": status or {"tednet": {"available": False, "error": "disabled (--peers none)"},
-                            "tltorch": {"available": False, "error": "disabled (--peers none)"}},
-        "seconds": time.perf_counter() - start,
-        "points": points,
-        "slopes": slopes,
-        "targets": targets,
-        "plots": plots,
-    }
     path = out_dir / "bench.json"
+    start = time.perf_counter()
+    title = (f"kcprnn bench {args.preset}, {env['threads']} threads, {env['device']}, "
+             f"torch {env['versions']['torch']}")
+
+    def assemble(points: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "complete": complete,
+            "preset": args.preset,
+            "preset_sizes": dict(vars(cfg.preset)),
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "environment": env,
+            "peers": status or {lib: {"available": False, "error": "disabled (--peers none)"}
+                                for lib in ("tednet", "tltorch")},
+            "seconds": time.perf_counter() - start,
+            "points": points,
+            "slopes": _slopes(points),
+            "targets": evaluate_targets(points),
+            "plots": {},
+        }
+
+    cfg = SuiteConfig(preset=PRESETS[args.preset], device=device, threads=args.threads, points=args.points,
+                      formats=args.formats, peers=args.peers, memory=args.memory, rounds=args.rounds,
+                      log=lambda m: print(m, flush=True),
+                      on_point=lambda pts: write_json_atomic(path, assemble(pts, complete=False)))
+    points = run_suite(cfg, available)
+    result = assemble(points, complete=True)
+    if args.plots:
+        result["plots"] = plot_sweeps(points, out_dir, title)
     write_json_atomic(path, result)
+    slopes, targets = result["slopes"], result["targets"]
     for pt in points:
         if pt["sweep"] is None:
             print()
@@ -139,5 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print()
         print(format_targets(targets))
+    plots = result["plots"]
     print(f"\nwrote {path}" + (f" and {len(plots)} plots" if plots else "") + f" in {result['seconds']:.0f} s")
     return 0

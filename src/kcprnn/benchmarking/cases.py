@@ -51,6 +51,14 @@ PEER_FORMATS: dict[str, list[tuple[str, str]]] = {
 PEER_LSTMS: dict[str, tuple[str, ...]] = {"tednet": ("tt", "tr", "bt", "cp", "tk2")}
 
 _PEER_MODULES = {"tednet": "tednet.tnn", "tltorch": "tltorch"}
+_TEDNET_SUBMODULES = ("tensor_train", "tensor_ring", "bt_tucker", "cp", "tucker2", "tn_rnn")
+
+
+def _tednet() -> Any:
+    """``tednet.tnn`` with the format subpackages it does not import itself."""
+    for sub in _TEDNET_SUBMODULES:
+        importlib.import_module(f"tednet.tnn.{sub}")
+    return importlib.import_module("tednet.tnn")
 _PEER_DISTS = {"tednet": "tednet", "tltorch": "tensorly-torch"}
 
 
@@ -189,7 +197,7 @@ def _build_peer_linear(spec: CaseSpec, device: torch.device, dtype: torch.dtype)
     in_m, out_m = [int(m) for m in spec.in_modes], [int(m) for m in spec.out_modes]
     with _quiet():
         if spec.impl == "tednet":
-            tnn = importlib.import_module("tednet.tnn")
+            tnn = _tednet()
             if spec.format == "tt":
                 layer = tnn.tensor_train.TTLinear(in_m, out_m, [r] * (len(in_m) - 1))
             elif spec.format == "tr":
@@ -211,7 +219,7 @@ def _build_peer_linear(spec: CaseSpec, device: torch.device, dtype: torch.dtype)
 
 
 def _build_peer_lstm(spec: CaseSpec, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    tnn = importlib.import_module("tednet.tnn")
+    tnn = _tednet()
     r = int(spec.options["rank"])
     in_m = [int(m) for m in spec.in_modes]
     hidden = [int(m) for m in spec.out_modes]  # copied: tednet multiplies hidden_shape[0] by 4 in place

@@ -98,8 +98,11 @@ def _fmt_int(v: Any) -> str:
 
 
 def format_point_table(point: dict[str, Any]) -> str:
-    """Plain-text table of one point: params, MACs, medians, ratios, memory."""
-    head = (f"{'case':<44} {'params':>11} {'MACs':>15} {'fwd ms':>9} {'f+b ms':>9} "
+    """Plain-text table of one point: weight params, multiply-accumulates (``flops()``: the
+    layer's own count; "MACs seen": matrix products counted by ``FlopCounterMode``), median
+    forward and forward+backward ms, speedups over the dense baseline, forward time over the
+    input read, and peak extra memory of forward+backward."""
+    head = (f"{'case':<44} {'params':>11} {'flops()':>13} {'MACs seen':>13} {'fwd ms':>9} {'f+b ms':>9} "
             f"{'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}")
     lines = [f"== {point['name']} ==", head, "-" * len(head)]
     for c in point["cases"]:
@@ -116,11 +119,16 @@ def format_point_table(point: dict[str, Any]) -> str:
         elif "error" in mem:
             mem_s = "err"
 
+        name = c["label"]
+        if c.get("algorithm") == "auto" and "resolved_algorithm" in c:
+            name += f" ({c['resolved_algorithm']})"
+
         def ratio(key: str) -> str:
             return f"{r[key]:.2f}" if key in r else "-"
 
         lines.append(
-            f"{c['label'][:44]:<44} {_fmt_int(c.get('params')):>11} {_fmt_int(c.get('macs')):>15} "
+            f"{name[:44]:<44} {_fmt_int(c.get('params')):>11} {_fmt_int(c.get('model_macs')):>13} "
+            f"{_fmt_int(c.get('macs')):>13} "
             f"{'-' if fwd is None else f'{fwd:.3f}':>9} {'-' if fb is None else f'{fb:.3f}':>9} "
             f"{ratio('speedup_vs_dense_forward'):>9} {ratio('speedup_vs_dense_forward_backward'):>9} "
             f"{ratio('forward_over_read'):>8} {mem_s:>11}"

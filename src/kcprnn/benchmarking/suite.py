@@ -36,7 +36,8 @@ MODES = ("forward", "forward_backward")
 @dataclass(frozen=True)
 class SuiteConfig:
     """What to run. ``peers``: ``"auto"`` (use the ones that import), ``"none"`` or
-    ``"required"`` (fail when one is absent)."""
+    ``"required"`` (fail when one is absent). ``on_point`` is called with the points so far
+    after each point (the CLI rewrites its JSON there, so an interrupted run keeps its data)."""
 
     preset: Preset
     device: torch.device
@@ -47,6 +48,7 @@ class SuiteConfig:
     memory: bool = True
     rounds: int | None = None
     log: Callable[[str], None] | None = None
+    on_point: Callable[[list[dict[str, Any]]], None] | None = None
 
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
@@ -196,7 +198,9 @@ def _build_and_count(spec: CaseSpec, device: torch.device) -> tuple[BuiltCase | 
         if spec.impl == "kcprnn" and built.module is not None and spec.kind == "linear":
             weight = built.module.weight  # the FactorizedMatrix
             result["algorithm"] = str(getattr(weight, "algorithm", ""))
-            result["resolved_algorithm"] = str(getattr(weight, "resolved_algorithm", result["algorithm"]))
+            plan = getattr(weight, "plan", None)  # KCP: what "auto" resolves to at these rows
+            if callable(plan) and result["algorithm"] != "dense":
+                result["resolved_algorithm"] = str(plan(spec.rows).algorithm)
         result["status"] = "ok"
         return built, result
     except Exception as err:  # noqa: BLE001  (a failing case is reported, the suite goes on)
@@ -299,30 +303,36 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
         return specs
 
     points: list[dict[str, Any]] = []
+
+    def add(point: dict[str, Any]) -> None:
+        points.append(point)
+        if cfg.on_point is not None:
+            cfg.on_point(list(points))
+
     if "ucf11" in cfg.points:
         _log(cfg, f"point ucf11: {math.prod(p.in_modes)} -> {math.prod(p.out_modes)}, {p.rows} rows")
-        points.append(run_point(cfg, "ucf11", None, None, layer(p.in_modes, p.rows, p.kcp_ranks, p.rank, True),
+        add(run_point(cfg, "ucf11", None, None, layer(p.in_modes, p.rows, p.kcp_ranks, p.rank, True),
                                 peer_fn, memory=cfg.memory))
     if "rank" in cfg.points:
         for r in p.sweep_ranks:
             _log(cfg, f"point rank={r}")
-            points.append(run_point(cfg, f"rank={r}", "rank", r, layer(p.in_modes, p.rows, None, r, False),
+            add(run_point(cfg, f"rank={r}", "rank", r, layer(p.in_modes, p.rows, None, r, False),
                                     peer_fn))
     if "rows" in cfg.points:
         for rows in p.sweep_rows:
             _log(cfg, f"point rows={rows}")
-            points.append(run_point(cfg, f"rows={rows}", "rows", rows,
+            add(run_point(cfg, f"rows={rows}", "rows", rows,
                                     layer(p.in_modes, rows, None, p.rank, True), peer_fn))
     if "input" in cfg.points:
         for modes in p.sweep_inputs:
             n = math.prod(modes)
             _log(cfg, f"point input={n} {list(modes)}")
-            points.append(run_point(cfg, f"input={n}", "input", n,
+            add(run_point(cfg, f"input={n}", "input", n,
                                     layer(modes, p.rows, None, p.rank, True), peer_fn))
     if "lstm" in cfg.points:
         _log(cfg, f"point lstm: T={p.seq_len}, B={p.batch}, {math.prod(p.lstm_in_modes)} -> "
                   f"{math.prod(p.lstm_hidden_modes)}")
-        points.append(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
+        add(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
     return points
 
 
