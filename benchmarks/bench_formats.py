@@ -20,4 +20,6 @@ from kcprnn.bench import main
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent / "results" / "formats"
-    sys.exit(main(["--points", "ucf11", "--no-peers", "--no-memory", "--out", str(out), *sys.argv[1:]]))
+    sys.exit(
+        main(["--points", "ucf11", "--no-peers", "--no-memory", "--out", str(out), *sys.argv[1:]])
+    )

@@ -17,4 +17,6 @@ from kcprnn.bench import main
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent / "results" / "peers"
-    sys.exit(main(["--points", "ucf11,lstm", "--peers", "required", "--out", str(out), *sys.argv[1:]]))
+    sys.exit(
+        main(["--points", "ucf11,lstm", "--peers", "required", "--out", str(out), *sys.argv[1:]])
+    )

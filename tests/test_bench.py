@@ -67,8 +67,15 @@ def test_time_interleaved_rotates_the_order_and_counts_calls():
 # layers built by tednet 0.1.3 and tensorly-torch 0.5.0 (sum of numel of non-bias parameters).
 @pytest.mark.parametrize(
     ("lib", "fmt", "expected"),
-    [("tednet", "tt", 3360), ("tednet", "tr", 1504), ("tednet", "bt", 1696), ("tednet", "cp", 376),
-     ("tltorch", "cp", 380), ("tltorch", "tucker", 65912), ("tltorch", "blocktt", 3360)],
+    [
+        ("tednet", "tt", 3360),
+        ("tednet", "tr", 1504),
+        ("tednet", "bt", 1696),
+        ("tednet", "cp", 376),
+        ("tltorch", "cp", 380),
+        ("tltorch", "tucker", 65912),
+        ("tltorch", "blocktt", 3360),
+    ],
 )
 def test_peer_num_params_matches_the_constructed_layers(lib, fmt, expected):
     assert peer_num_params(lib, fmt, UCF_IN, UCF_OUT, 4) == expected
@@ -84,15 +91,25 @@ def test_match_peer_rank_picks_the_closest_count():
 
 
 def test_dense_case_counts_params_and_macs():
-    spec = CaseSpec(label="d", series="d", impl="torch", kind="linear", format="dense",
-                    in_features=12, out_features=5, rows=3)
+    spec = CaseSpec(
+        label="d",
+        series="d",
+        impl="torch",
+        kind="linear",
+        format="dense",
+        in_features=12,
+        out_features=5,
+        rows=3,
+    )
     built = build_case(spec, torch.device("cpu"))
     from kcprnn.benchmarking.cases import count_macs
 
     assert built.params == 12 * 5 and built.params_total == 12 * 5 + 5
     assert count_macs(built.forward) == 3 * 12 * 5 == built.model_macs
     lin = built.module
-    torch.testing.assert_close(built.forward(), built.input @ lin.weight.detach().T + lin.bias.detach())
+    torch.testing.assert_close(
+        built.forward(), built.input @ lin.weight.detach().T + lin.bias.detach()
+    )
 
 
 def test_peer_status_matches_importability():
@@ -104,8 +121,16 @@ def test_peer_status_matches_importability():
 
 def test_cpu_peak_memory_sees_a_known_allocation():
     # forward output: 1000 x 10000 float32 = 40 MB; the product needs at least that much
-    spec = CaseSpec(label="big", series="big", impl="torch", kind="linear", format="dense",
-                    in_features=16, out_features=10_000, rows=1000)
+    spec = CaseSpec(
+        label="big",
+        series="big",
+        impl="torch",
+        kind="linear",
+        format="dense",
+        in_features=16,
+        out_features=10_000,
+        rows=1000,
+    )
     mem = measure_peak_memory(spec, torch.device("cpu"), threads=1)
     assert "error" not in mem, mem
     assert mem["forward_bytes"] >= 0.9 * 40e6
@@ -114,8 +139,22 @@ def test_cpu_peak_memory_sees_a_known_allocation():
 
 def _check_run(tmp_path, device: str) -> dict:
     out = tmp_path / "res"
-    rc = main(["--preset", "tiny", "--no-peers", "--no-memory", "--rounds", "1", "--device", device,
-               "--out", str(out), "--threads", "1"])
+    rc = main(
+        [
+            "--preset",
+            "tiny",
+            "--no-peers",
+            "--no-memory",
+            "--rounds",
+            "1",
+            "--device",
+            device,
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "bench.json").read_text())
     assert data["schema"] == 1 and data["environment"]["threads"] == 1

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from .benchmarking import POINT_KINDS, PRESETS, SuiteConfig, evaluate_targets, peer_status, run_suite
+from .benchmarking import (
+    POINT_KINDS,
+    PRESETS,
+    SuiteConfig,
+    evaluate_targets,
+    peer_status,
+    run_suite,
+)
 from .benchmarking.report import format_point_table, format_targets, plot_sweeps, sweep_series
 from .benchmarking.suite import environment
 
@@ -30,25 +37,58 @@ __all__ = ["main", "parse_args", "write_json_atomic"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="kcprnn bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="sizes and repetitions (default: ucf11, or quick with --quick)")
-    ap.add_argument("--quick", action="store_true", help="fewer sweep points and rounds (1-2 minutes)")
-    ap.add_argument("--points", default=",".join(POINT_KINDS),
-                    help=f"comma-separated subset of {','.join(POINT_KINDS)} (default: all)")
-    ap.add_argument("--formats", default=None, help="comma-separated subset of our formats (default: all)")
-    ap.add_argument("--peers", choices=("auto", "none", "required"), default="auto",
-                    help="auto: use tednet/tensorly-torch if importable; required: fail without them")
-    ap.add_argument("--no-peers", dest="peers", action="store_const", const="none", help="same as --peers none")
-    ap.add_argument("--memory", dest="memory", action="store_true", default=None,
-                    help="measure peak memory at the UCF11 and LSTM points (default, except --quick)")
-    ap.add_argument("--no-memory", dest="memory", action="store_false",
-                    help="skip peak-memory measurement (CPU: one subprocess per case)")
+    ap = argparse.ArgumentParser(
+        prog="kcprnn bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="sizes and repetitions (default: ucf11, or quick with --quick)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer sweep points and rounds (1-2 minutes)"
+    )
+    ap.add_argument(
+        "--points",
+        default=",".join(POINT_KINDS),
+        help=f"comma-separated subset of {','.join(POINT_KINDS)} (default: all)",
+    )
+    ap.add_argument(
+        "--formats", default=None, help="comma-separated subset of our formats (default: all)"
+    )
+    ap.add_argument(
+        "--peers",
+        choices=("auto", "none", "required"),
+        default="auto",
+        help="auto: use tednet/tensorly-torch if importable; required: fail without them",
+    )
+    ap.add_argument(
+        "--no-peers", dest="peers", action="store_const", const="none", help="same as --peers none"
+    )
+    ap.add_argument(
+        "--memory",
+        dest="memory",
+        action="store_true",
+        default=None,
+        help="measure peak memory at the UCF11 and LSTM points (default, except --quick)",
+    )
+    ap.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip peak-memory measurement (CPU: one subprocess per case)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the preset's)")
-    ap.add_argument("--out", default="bench-results", help="folder for bench.json and the PNG plots")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default: the preset's)"
+    )
+    ap.add_argument(
+        "--out", default="bench-results", help="folder for bench.json and the PNG plots"
+    )
     ap.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     args = ap.parse_args(argv)
     if args.preset is None:
@@ -60,7 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown points {unknown}; choose from {list(POINT_KINDS)}")
     args.points = points
-    args.formats = None if args.formats is None else tuple(f.strip() for f in args.formats.split(","))
+    args.formats = (
+        None if args.formats is None else tuple(f.strip() for f in args.formats.split(","))
+    )
     if args.threads < 1:
         ap.error(f"--threads must be positive, got {args.threads}")
     return args
@@ -84,10 +126,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
     """Fitted log-log slopes (and local slopes) of every series of every sweep present."""
     return {
-        sweep: {mode: {name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
-                       for name, s in sweep_series(points, sweep, mode).items()}
-                for mode in ("forward", "forward_backward")}
-        for sweep in ("rank", "rows", "input") if any(p["sweep"] == sweep for p in points)
+        sweep: {
+            mode: {
+                name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
+                for name, s in sweep_series(points, sweep, mode).items()
+            }
+            for mode in ("forward", "forward_backward")
+        }
+        for sweep in ("rank", "rows", "input")
+        if any(p["sweep"] == sweep for p in points)
     }
 
 
@@ -102,18 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     available = {lib for lib, s in status.items() if s["available"]}
     if args.peers == "required" and available != set(status):
         missing = {lib: s["error"] for lib, s in status.items() if not s["available"]}
-        print(f"kcprnn bench: --peers required but missing: {missing}; run benchmarks/setup_peers.sh",
-              file=sys.stderr)
+        print(
+            f"kcprnn bench: --peers required but missing: {missing}; run benchmarks/setup_peers.sh",
+            file=sys.stderr,
+        )
         return 2
     for lib, s in status.items():
-        print(f"peer {lib}: " + (f"version {s['version']}" if s["available"] else f"absent ({s['error']})"))
+        print(
+            f"peer {lib}: "
+            + (f"version {s['version']}" if s["available"] else f"absent ({s['error']})")
+        )
     env = environment(device, args.threads)
-    print(f"torch {env['versions']['torch']}, {env['threads']} threads, {env['device']}, {env['cpu']}")
+    print(
+        f"torch {env['versions']['torch']}, {env['threads']} threads, {env['device']}, {env['cpu']}"
+    )
     out_dir = Path(args.out)
     path = out_dir / "bench.json"
     start = time.perf_counter()
-    title = (f"kcprnn bench {args.preset}, {env['threads']} threads, {env['device']}, "
-             f"torch {env['versions']['torch']}")
+    title = (
+        f"kcprnn bench {args.preset}, {env['threads']} threads, {env['device']}, "
+        f"torch {env['versions']['torch']}"
+    )
 
     def assemble(points: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
         return {
@@ -123,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             "preset_sizes": dict(vars(cfg.preset)),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
             "environment": env,
-            "peers": status or {lib: {"available": False, "error": "disabled (--peers none)"}
-                                for lib in ("tednet", "tltorch")},
+            "peers": status
+            or {
+                lib: {"available": False, "error": "disabled (--peers none)"}
+                for lib in ("tednet", "tltorch")
+            },
             "seconds": time.perf_counter() - start,
             "points": points,
             "slopes": _slopes(points),
@@ -132,10 +191,18 @@ def main(argv: list[str] | None = None) -> int:
             "plots": {},
         }
 
-    cfg = SuiteConfig(preset=PRESETS[args.preset], device=device, threads=args.threads, points=args.points,
-                      formats=args.formats, peers=args.peers, memory=args.memory, rounds=args.rounds,
-                      log=lambda m: print(m, flush=True),
-                      on_point=lambda pts: write_json_atomic(path, assemble(pts, complete=False)))
+    cfg = SuiteConfig(
+        preset=PRESETS[args.preset],
+        device=device,
+        threads=args.threads,
+        points=args.points,
+        formats=args.formats,
+        peers=args.peers,
+        memory=args.memory,
+        rounds=args.rounds,
+        log=lambda m: print(m, flush=True),
+        on_point=lambda pts: write_json_atomic(path, assemble(pts, complete=False)),
+    )
     points = run_suite(cfg, available)
     result = assemble(points, complete=True)
     if args.plots:
@@ -151,10 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(modes["forward"]):
             f = modes["forward"][name].get("slope")
             b = modes["forward_backward"].get(name, {}).get("slope")
-            print(f"  {name:<44} {'-' if f is None else f'{f:+.2f}':>6} / {'-' if b is None else f'{b:+.2f}':>6}")
+            fs = "-" if f is None else f"{f:+.2f}"
+            bs = "-" if b is None else f"{b:+.2f}"
+            print(f"  {name:<44} {fs:>6} / {bs:>6}")
     if targets:
         print()
         print(format_targets(targets))
     plots = result["plots"]
-    print(f"\nwrote {path}" + (f" and {len(plots)} plots" if plots else "") + f" in {result['seconds']:.0f} s")
+    print(
+        f"\nwrote {path}"
+        + (f" and {len(plots)} plots" if plots else "")
+        + f" in {result['seconds']:.0f} s"
+    )
     return 0

@@ -59,6 +59,8 @@ def _tednet() -> Any:
     for sub in _TEDNET_SUBMODULES:
         importlib.import_module(f"tednet.tnn.{sub}")
     return importlib.import_module("tednet.tnn")
+
+
 _PEER_DISTS = {"tednet": "tednet", "tltorch": "tensorly-torch"}
 
 
@@ -143,11 +145,15 @@ def _quiet():
 
 def _tt_params(in_modes: list[int], out_modes: list[int], r: int) -> int:
     ranks = [1] + [r] * (len(in_modes) - 1) + [1]
-    return sum(ranks[d] * i * o * ranks[d + 1] for d, (i, o) in enumerate(zip(in_modes, out_modes)))
+    return sum(
+        ranks[d] * i * o * ranks[d + 1]
+        for d, (i, o) in enumerate(zip(in_modes, out_modes, strict=True))
+    )
 
 
-def peer_num_params(lib: str, fmt: str, in_modes: list[int], out_modes: list[int], rank: int,
-                    blocks: int = 1) -> int:
+def peer_num_params(
+    lib: str, fmt: str, in_modes: list[int], out_modes: list[int], rank: int, blocks: int = 1
+) -> int:
     """Weight parameters (bias excluded) of a peer layer, from its construction rules.
 
     tednet TR has one ring core per input and per output mode; tednet CP and all tltorch
@@ -155,7 +161,7 @@ def peer_num_params(lib: str, fmt: str, in_modes: list[int], out_modes: list[int
     the mode sizes and stores a CP weight vector.
     """
     modes = list(out_modes) + list(in_modes)
-    merged = sum(i * o for i, o in zip(in_modes, out_modes))
+    merged = sum(i * o for i, o in zip(in_modes, out_modes, strict=True))
     if (lib, fmt) in {("tednet", "tt"), ("tltorch", "blocktt")}:
         return _tt_params(in_modes, out_modes, rank)
     if (lib, fmt) == ("tednet", "tr"):
@@ -168,12 +174,21 @@ def peer_num_params(lib: str, fmt: str, in_modes: list[int], out_modes: list[int
         return rank * (sum(modes) + 1)
     if (lib, fmt) == ("tltorch", "tucker"):
         capped = [min(rank, m) for m in modes]
-        return math.prod(capped) + sum(m * c for m, c in zip(modes, capped))
+        return math.prod(capped) + sum(m * c for m, c in zip(modes, capped, strict=True))
     raise ValueError(f"no parameter rule for peer {lib!r} format {fmt!r}")
 
 
-def match_peer_rank(lib: str, fmt: str, in_modes: list[int], out_modes: list[int], target: int,
-                    *, blocks: int = 1, max_rank: int = 64, max_params: int = 4_000_000) -> int:
+def match_peer_rank(
+    lib: str,
+    fmt: str,
+    in_modes: list[int],
+    out_modes: list[int],
+    target: int,
+    *,
+    blocks: int = 1,
+    max_rank: int = 64,
+    max_params: int = 4_000_000,
+) -> int:
     """The peer rank whose parameter count is closest (in ratio) to ``target``.
 
     Ranks whose layer would exceed ``max_params`` are not considered (tltorch Tucker's core
@@ -203,7 +218,9 @@ def _build_peer_linear(spec: CaseSpec, device: torch.device, dtype: torch.dtype)
             elif spec.format == "tr":
                 layer = tnn.tensor_ring.TRLinear(in_m, out_m, [r] * (len(in_m) + len(out_m)))
             elif spec.format == "bt":
-                layer = tnn.bt_tucker.BTTLinear(in_m, out_m, [r] * len(in_m), int(spec.options.get("blocks", 1)))
+                layer = tnn.bt_tucker.BTTLinear(
+                    in_m, out_m, [r] * len(in_m), int(spec.options.get("blocks", 1))
+                )
             elif spec.format == "cp":
                 layer = tnn.cp.CPLinear(in_m, out_m, r)
             else:
@@ -211,7 +228,11 @@ def _build_peer_linear(spec: CaseSpec, device: torch.device, dtype: torch.dtype)
         elif spec.impl == "tltorch":
             tltorch = importlib.import_module("tltorch")
             layer = tltorch.FactorizedLinear(
-                tuple(in_m), tuple(out_m), factorization=spec.format, rank=r, implementation="factorized"
+                tuple(in_m),
+                tuple(out_m),
+                factorization=spec.format,
+                rank=r,
+                implementation="factorized",
             )
         else:
             raise ValueError(f"not a peer implementation: {spec.impl!r}")
@@ -222,7 +243,9 @@ def _build_peer_lstm(spec: CaseSpec, device: torch.device, dtype: torch.dtype) -
     tnn = _tednet()
     r = int(spec.options["rank"])
     in_m = [int(m) for m in spec.in_modes]
-    hidden = [int(m) for m in spec.out_modes]  # copied: tednet multiplies hidden_shape[0] by 4 in place
+    hidden = [
+        int(m) for m in spec.out_modes
+    ]  # copied: tednet multiplies hidden_shape[0] by 4 in place
     drop = {"drop_ih": 0.0, "drop_hh": 0.0}  # tednet bakes in dropout; off for a like-for-like step
     with _quiet():
         if spec.format == "tt":
@@ -230,7 +253,9 @@ def _build_peer_lstm(spec: CaseSpec, device: torch.device, dtype: torch.dtype) -
         elif spec.format == "tr":
             model = tnn.tensor_ring.TRLSTM(in_m, list(hidden), [r] * (2 * len(in_m)), **drop)
         elif spec.format == "bt":
-            model = tnn.bt_tucker.BTTLSTM(in_m, list(hidden), [r] * len(in_m), int(spec.options.get("blocks", 1)), **drop)
+            model = tnn.bt_tucker.BTTLSTM(
+                in_m, list(hidden), [r] * len(in_m), int(spec.options.get("blocks", 1)), **drop
+            )
         elif spec.format == "cp":
             model = tnn.cp.CPLSTM(in_m, list(hidden), r, **drop)
         elif spec.format == "tk2":
@@ -245,7 +270,9 @@ def _build_peer_lstm(spec: CaseSpec, device: torch.device, dtype: torch.dtype) -
 
 
 def _weight_params(module: nn.Module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if not n.split(".")[-1].startswith("bias"))
+    return sum(
+        p.numel() for n, p in module.named_parameters() if not n.split(".")[-1].startswith("bias")
+    )
 
 
 def count_macs(fn: Callable[[], object]) -> int:
@@ -266,8 +293,9 @@ def _zero_grads(module: nn.Module) -> None:
         p.grad = None
 
 
-def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> BuiltCase:
+def build_case(
+    spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> BuiltCase:
     """Build the module and input for ``spec`` and return closures that run it once.
 
     ``forward`` runs under ``torch.no_grad()`` in eval mode; ``forward_backward`` runs in
@@ -278,8 +306,15 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     if spec.kind == "read":
         x = torch.randn(spec.rows, spec.in_features, generator=gen, dtype=dtype).to(device)
-        return BuiltCase(forward=lambda: x.sum(), forward_backward=None, params=0, params_total=0,
-                         model_macs=0, module=None, input=x)
+        return BuiltCase(
+            forward=lambda: x.sum(),
+            forward_backward=None,
+            params=0,
+            params_total=0,
+            model_macs=0,
+            module=None,
+            input=x,
+        )
     if spec.kind == "linear":
         x = torch.randn(spec.rows, spec.in_features, generator=gen, dtype=dtype).to(device)
         model_macs: int | None = None
@@ -288,8 +323,14 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
 
             options = dict(spec.options)
             module: nn.Module = FactorizedLinear(
-                spec.in_features, spec.out_features, format=spec.format, device=device, dtype=dtype,
-                in_modes=spec.in_modes, out_modes=spec.out_modes, **options,
+                spec.in_features,
+                spec.out_features,
+                format=spec.format,
+                device=device,
+                dtype=dtype,
+                in_modes=spec.in_modes,
+                out_modes=spec.out_modes,
+                **options,
             )
             model_macs = int(module.flops(spec.rows))
         elif spec.impl == "torch":
@@ -302,13 +343,21 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
             return m(inp)
 
     elif spec.kind == "lstm":
-        x = torch.randn(spec.seq_len, spec.batch, spec.in_features, generator=gen, dtype=dtype).to(device)
+        x = torch.randn(spec.seq_len, spec.batch, spec.in_features, generator=gen, dtype=dtype).to(
+            device
+        )
         model_macs = None
         if spec.impl == "kcprnn":
             from ..rnn import LSTM
 
-            module = LSTM(spec.in_features, spec.out_features, format=spec.format, device=device,
-                          dtype=dtype, **spec.options)
+            module = LSTM(
+                spec.in_features,
+                spec.out_features,
+                format=spec.format,
+                device=device,
+                dtype=dtype,
+                **spec.options,
+            )
 
             def run(inp: Tensor = x, m: nn.Module = module) -> Tensor:
                 return m(inp)[0]
@@ -316,7 +365,13 @@ def build_case(spec: CaseSpec, device: torch.device, dtype: torch.dtype = torch.
         elif spec.impl == "torch":
             module = nn.LSTM(spec.in_features, spec.out_features, device=device, dtype=dtype)
             # the fused LSTM kernel is invisible to FlopCounterMode: count its gate products
-            model_macs = spec.seq_len * spec.batch * 4 * spec.out_features * (spec.in_features + spec.out_features)
+            model_macs = (
+                spec.seq_len
+                * spec.batch
+                * 4
+                * spec.out_features
+                * (spec.in_features + spec.out_features)
+            )
 
             def run(inp: Tensor = x, m: nn.Module = module) -> Tensor:
                 return m(inp)[0]

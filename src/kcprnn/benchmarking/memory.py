@@ -79,22 +79,31 @@ def measure_cpu_in_worker(spec: CaseSpec, threads: int) -> dict[str, Any]:
     return out
 
 
-def measure_peak_memory(spec: CaseSpec, device: torch.device, threads: int,
-                        timeout_s: float = 300.0) -> dict[str, Any]:
+def measure_peak_memory(
+    spec: CaseSpec, device: torch.device, threads: int, timeout_s: float = 300.0
+) -> dict[str, Any]:
     """Peak extra memory of ``spec`` (forward and forward+backward), or ``{"error": ...}``."""
     if device.type == "cuda":
         built = build_case(spec, device)
         built.forward()
-        out: dict[str, Any] = {"method": "cuda.max_memory_allocated",
-                               "forward_bytes": cuda_peak_bytes(built.forward, device)}
+        out: dict[str, Any] = {
+            "method": "cuda.max_memory_allocated",
+            "forward_bytes": cuda_peak_bytes(built.forward, device),
+        }
         if built.forward_backward is not None:
             built.forward_backward()
             out["forward_backward_bytes"] = cuda_peak_bytes(built.forward_backward, device)
         return out
     cmd = [sys.executable, "-m", "kcprnn.benchmarking.memory", str(threads)]
     try:
-        proc = subprocess.run(cmd, input=json.dumps(spec.as_dict()), capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            cmd,
+            input=json.dumps(spec.as_dict()),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"memory worker timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0:

@@ -6,7 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fit_loglog_slope", "format_point_table", "format_targets", "plot_sweeps", "sweep_series"]
+__all__ = [
+    "fit_loglog_slope",
+    "format_point_table",
+    "format_targets",
+    "plot_sweeps",
+    "sweep_series",
+]
 
 _SWEEP_AXES = {"rank": "rank", "rows": "rows (batch x frames)", "input": "input features"}
 
@@ -22,7 +28,7 @@ def fit_loglog_slope(xs: list[float], ys: list[float]) -> float:
     sxx = sum((a - mx) ** 2 for a in lx)
     if sxx == 0:
         raise ValueError("log-log fit needs at least two distinct x values")
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sxx
 
 
 def sweep_series(points: list[dict[str, Any]], sweep: str, mode: str) -> dict[str, dict[str, Any]]:
@@ -45,7 +51,8 @@ def sweep_series(points: list[dict[str, Any]], sweep: str, mode: str) -> dict[st
         if len(set(xs)) >= 2:
             entry["slope"] = fit_loglog_slope(xs, ys)
             entry["local_slopes"] = [
-                math.log(ys[i + 1] / ys[i]) / math.log(xs[i + 1] / xs[i]) for i in range(len(xs) - 1)
+                math.log(ys[i + 1] / ys[i]) / math.log(xs[i + 1] / xs[i])
+                for i in range(len(xs) - 1)
             ]
         out[name] = entry
     return out
@@ -102,8 +109,10 @@ def format_point_table(point: dict[str, Any]) -> str:
     layer's own count; "MACs seen": matrix products counted by ``FlopCounterMode``), median
     forward and forward+backward ms, speedups over the dense baseline, forward time over the
     input read, and peak extra memory of forward+backward."""
-    head = (f"{'case':<44} {'params':>11} {'flops()':>13} {'MACs seen':>13} {'fwd ms':>9} {'f+b ms':>9} "
-            f"{'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}")
+    head = (
+        f"{'case':<44} {'params':>11} {'flops()':>13} {'MACs seen':>13} {'fwd ms':>9} "
+        f"{'f+b ms':>9} {'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}"
+    )
     lines = [f"== {point['name']} ==", head, "-" * len(head)]
     for c in point["cases"]:
         if c["status"] != "ok":
@@ -115,7 +124,8 @@ def format_point_table(point: dict[str, Any]) -> str:
         mem = c.get("memory", {})
         mem_s = "-"
         if "forward_backward_bytes" in mem or "forward_bytes" in mem:
-            mem_s = f"{mem.get('forward_backward_bytes', mem.get('forward_bytes', 0)) / 2**20:.1f}"
+            peak = mem.get("forward_backward_bytes", mem.get("forward_bytes", 0))
+            mem_s = f"{peak / 2**20:.1f}"
         elif "error" in mem:
             mem_s = "err"
 
@@ -123,14 +133,15 @@ def format_point_table(point: dict[str, Any]) -> str:
         if c.get("algorithm") == "auto" and "resolved_algorithm" in c:
             name += f" ({c['resolved_algorithm']})"
 
-        def ratio(key: str) -> str:
+        def ratio(key: str, r: dict[str, float] = r) -> str:
             return f"{r[key]:.2f}" if key in r else "-"
 
         lines.append(
             f"{name[:44]:<44} {_fmt_int(c.get('params')):>11} {_fmt_int(c.get('model_macs')):>13} "
             f"{_fmt_int(c.get('macs')):>13} "
             f"{'-' if fwd is None else f'{fwd:.3f}':>9} {'-' if fb is None else f'{fb:.3f}':>9} "
-            f"{ratio('speedup_vs_dense_forward'):>9} {ratio('speedup_vs_dense_forward_backward'):>9} "
+            f"{ratio('speedup_vs_dense_forward'):>9} "
+            f"{ratio('speedup_vs_dense_forward_backward'):>9} "
             f"{ratio('forward_over_read'):>8} {mem_s:>11}"
         )
     return "\n".join(lines)
@@ -139,6 +150,8 @@ def format_point_table(point: dict[str, Any]) -> str:
 def format_targets(targets: list[dict[str, Any]]) -> str:
     lines = ["== targets =="]
     for t in targets:
-        lines.append(f"[{'holds' if t['holds'] else 'FAILS'}] {t['target']}: {t['value']:.2f} "
-                     f"(threshold {t['threshold']:g}) at {t['where']}")
+        lines.append(
+            f"[{'holds' if t['holds'] else 'FAILS'}] {t['target']}: {t['value']:.2f} "
+            f"(threshold {t['threshold']:g}) at {t['where']}"
+        )
     return "\n".join(lines)

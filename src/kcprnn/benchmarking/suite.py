@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from ..formats import FORMATS
-from .cases import PEER_FORMATS, PEER_LSTMS, BuiltCase, CaseSpec, build_case, count_macs, match_peer_rank
+from .cases import (
+    PEER_FORMATS,
+    PEER_LSTMS,
+    BuiltCase,
+    CaseSpec,
+    build_case,
+    count_macs,
+    match_peer_rank,
+)
 from .memory import measure_peak_memory
 from .presets import Preset, kronecker_split
 from .timing import time_interleaved
@@ -62,7 +70,9 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
     env: dict[str, Any] = {
@@ -74,8 +84,10 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "threads_requested": threads,
         "device": str(device),
-        "opt_einsum": {"available": torch.backends.opt_einsum.is_available(),
-                       "enabled": bool(torch.backends.opt_einsum.enabled)},
+        "opt_einsum": {
+            "available": torch.backends.opt_einsum.is_available(),
+            "enabled": bool(torch.backends.opt_einsum.enabled),
+        },
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if device.type == "cuda":
@@ -100,30 +112,64 @@ def _algorithms(fmt: str) -> list[str | None]:
     return list(algos) if "auto" in algos else [None]
 
 
-def _our_linear(fmt: str, in_modes: Sequence[int], out_modes: Sequence[int], rows: int, rank: int,
-                algorithm: str | None, tag: str) -> CaseSpec:
+def _our_linear(
+    fmt: str,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    rows: int,
+    rank: int,
+    algorithm: str | None,
+    tag: str,
+) -> CaseSpec:
     nested = fmt == "kcp"
     options: dict[str, Any] = {"rank": rank}
     if algorithm is not None:
         options["algorithm"] = algorithm
     suffix = f" {algorithm}" if algorithm is not None else ""
     return CaseSpec(
-        label=f"kcprnn {fmt} r={rank}{suffix}", series=f"kcprnn {fmt}{suffix}" + tag,
-        impl="kcprnn", kind="linear", format=fmt,
-        in_features=math.prod(in_modes), out_features=math.prod(out_modes), rows=rows,
+        label=f"kcprnn {fmt} r={rank}{suffix}",
+        series=f"kcprnn {fmt}{suffix}" + tag,
+        impl="kcprnn",
+        kind="linear",
+        format=fmt,
+        in_features=math.prod(in_modes),
+        out_features=math.prod(out_modes),
+        rows=rows,
         in_modes=kronecker_split(in_modes) if nested else list(in_modes),
         out_modes=kronecker_split(out_modes) if nested else list(out_modes),
         options=options,
     )
 
 
-def _baselines(in_modes: Sequence[int], out_modes: Sequence[int], rows: int, dense: bool) -> list[CaseSpec]:
+def _baselines(
+    in_modes: Sequence[int], out_modes: Sequence[int], rows: int, dense: bool
+) -> list[CaseSpec]:
     i, o = math.prod(in_modes), math.prod(out_modes)
-    specs = [CaseSpec(label="input read x.sum()", series="input read x.sum()", impl="read", kind="read",
-                      format="read", in_features=i, out_features=o, rows=rows)]
+    specs = [
+        CaseSpec(
+            label="input read x.sum()",
+            series="input read x.sum()",
+            impl="read",
+            kind="read",
+            format="read",
+            in_features=i,
+            out_features=o,
+            rows=rows,
+        )
+    ]
     if dense:
-        specs.append(CaseSpec(label="torch nn.Linear", series="torch nn.Linear", impl="torch",
-                              kind="linear", format="dense", in_features=i, out_features=o, rows=rows))
+        specs.append(
+            CaseSpec(
+                label="torch nn.Linear",
+                series="torch nn.Linear",
+                impl="torch",
+                kind="linear",
+                format="dense",
+                in_features=i,
+                out_features=o,
+                rows=rows,
+            )
+        )
     return specs
 
 
@@ -134,16 +180,28 @@ def _peer_linear(ours: CaseSpec, params: int, available: set[str]) -> list[CaseS
     for lib, pfmt in PEER_FORMATS.get(ours.format, []):
         if lib not in available:
             continue
-        rank = match_peer_rank(lib, pfmt, list(ours.in_modes), list(ours.out_modes), params, blocks=blocks)
+        rank = match_peer_rank(
+            lib, pfmt, list(ours.in_modes), list(ours.out_modes), params, blocks=blocks
+        )
         opts: dict[str, Any] = {"rank": rank}
         if pfmt == "bt":
             opts["blocks"] = blocks
-        out.append(CaseSpec(
-            label=f"{lib} {pfmt} r={rank} (= {ours.label})", series=f"{lib} {pfmt} (= kcprnn {ours.format})",
-            impl=lib, kind="linear", format=pfmt, in_features=ours.in_features,
-            out_features=ours.out_features, rows=ours.rows, in_modes=list(ours.in_modes),
-            out_modes=list(ours.out_modes), options=opts, matches=ours.label,
-        ))
+        out.append(
+            CaseSpec(
+                label=f"{lib} {pfmt} r={rank} (= {ours.label})",
+                series=f"{lib} {pfmt} (= kcprnn {ours.format})",
+                impl=lib,
+                kind="linear",
+                format=pfmt,
+                in_features=ours.in_features,
+                out_features=ours.out_features,
+                rows=ours.rows,
+                in_modes=list(ours.in_modes),
+                out_modes=list(ours.out_modes),
+                options=opts,
+                matches=ours.label,
+            )
+        )
     return out
 
 
@@ -151,9 +209,19 @@ def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
     p = cfg.preset
     i, h = math.prod(p.lstm_in_modes), math.prod(p.lstm_hidden_modes)
     gates_out = [4 * p.lstm_hidden_modes[0], *p.lstm_hidden_modes[1:]]
-    common = {"in_features": i, "out_features": h, "rows": p.seq_len * p.batch, "seq_len": p.seq_len,
-              "batch": p.batch, "kind": "lstm"}
-    specs = [CaseSpec(label="torch nn.LSTM", series="torch nn.LSTM", impl="torch", format="dense", **common)]
+    common = {
+        "in_features": i,
+        "out_features": h,
+        "rows": p.seq_len * p.batch,
+        "seq_len": p.seq_len,
+        "batch": p.batch,
+        "kind": "lstm",
+    }
+    specs = [
+        CaseSpec(
+            label="torch nn.LSTM", series="torch nn.LSTM", impl="torch", format="dense", **common
+        )
+    ]
     for fmt in _our_formats(cfg):
         ranks = p.kcp_ranks if fmt == "kcp" else (p.rank,)
         for r in ranks:
@@ -164,24 +232,44 @@ def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
                 "hidden_modes": list(p.lstm_hidden_modes),
                 "rank": r,
             }
-            specs.append(CaseSpec(label=f"kcprnn LSTM {fmt} r={r}", series=f"kcprnn LSTM {fmt}",
-                                  impl="kcprnn", format=fmt, in_modes=options["in_modes"],
-                                  out_modes=options["out_modes"], options=options, **common))
+            specs.append(
+                CaseSpec(
+                    label=f"kcprnn LSTM {fmt} r={r}",
+                    series=f"kcprnn LSTM {fmt}",
+                    impl="kcprnn",
+                    format=fmt,
+                    in_modes=options["in_modes"],
+                    out_modes=options["out_modes"],
+                    options=options,
+                    **common,
+                )
+            )
     if "tednet" in available:
         for pfmt in PEER_LSTMS["tednet"]:
             opts: dict[str, Any] = {"rank": p.rank}
             if pfmt == "tk2":
                 opts["tk2_in_modes"] = list(p.tk2_in_modes)
-            specs.append(CaseSpec(label=f"tednet {pfmt.upper()}LSTM r={p.rank}", series=f"tednet LSTM {pfmt}",
-                                  impl="tednet", format=pfmt, in_modes=list(p.lstm_in_modes),
-                                  out_modes=list(p.lstm_hidden_modes), options=opts, **common))
+            specs.append(
+                CaseSpec(
+                    label=f"tednet {pfmt.upper()}LSTM r={p.rank}",
+                    series=f"tednet LSTM {pfmt}",
+                    impl="tednet",
+                    format=pfmt,
+                    in_modes=list(p.lstm_in_modes),
+                    out_modes=list(p.lstm_hidden_modes),
+                    options=opts,
+                    **common,
+                )
+            )
     return specs
 
 
 # --- running a point ---
 
 
-def _build_and_count(spec: CaseSpec, device: torch.device) -> tuple[BuiltCase | None, dict[str, Any]]:
+def _build_and_count(
+    spec: CaseSpec, device: torch.device
+) -> tuple[BuiltCase | None, dict[str, Any]]:
     result: dict[str, Any] = spec.as_dict()
     try:
         built = build_case(spec, device)
@@ -193,8 +281,12 @@ def _build_and_count(spec: CaseSpec, device: torch.device) -> tuple[BuiltCase | 
         macs = count_macs(built.forward)
         if built.model_macs is not None and spec.impl == "torch" and spec.kind == "lstm":
             macs = max(macs, built.model_macs)  # fused kernel, not seen by the flop counter
-        result.update(params=built.params, params_total=built.params_total, model_macs=built.model_macs,
-                      macs=macs)
+        result.update(
+            params=built.params,
+            params_total=built.params_total,
+            model_macs=built.model_macs,
+            macs=macs,
+        )
         if spec.impl == "kcprnn" and built.module is not None and spec.kind == "linear":
             weight = built.module.weight  # the FactorizedMatrix
             result["algorithm"] = str(getattr(weight, "algorithm", ""))
@@ -213,7 +305,9 @@ def _log(cfg: SuiteConfig, msg: str) -> None:
         cfg.log(msg)
 
 
-def _time_point(cfg: SuiteConfig, built: list[BuiltCase | None], results: list[dict[str, Any]]) -> None:
+def _time_point(
+    cfg: SuiteConfig, built: list[BuiltCase | None], results: list[dict[str, Any]]
+) -> None:
     items, where = [], []
     for k, b in enumerate(built):
         if b is None:
@@ -250,9 +344,15 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
                 ratios["forward_over_read"] = t / read
 
 
-def run_point(cfg: SuiteConfig, name: str, sweep: str | None, x: float | None,
-              specs: Sequence[CaseSpec], peer_fn: Callable[[CaseSpec, int], list[CaseSpec]] | None = None,
-              memory: bool = False) -> dict[str, Any]:
+def run_point(
+    cfg: SuiteConfig,
+    name: str,
+    sweep: str | None,
+    x: float | None,
+    specs: Sequence[CaseSpec],
+    peer_fn: Callable[[CaseSpec, int], list[CaseSpec]] | None = None,
+    memory: bool = False,
+) -> dict[str, Any]:
     """Build, count, time (and optionally measure memory of) ``specs`` plus their peers."""
     start = time.perf_counter()
     built: list[BuiltCase | None] = []
@@ -275,10 +375,19 @@ def run_point(cfg: SuiteConfig, name: str, sweep: str | None, x: float | None,
             if res["status"] == "ok":
                 spec = CaseSpec.from_dict({k: res[k] for k in CaseSpec.__dataclass_fields__})
                 res["memory"] = measure_peak_memory(spec, cfg.device, cfg.threads)
-    point = {"name": name, "sweep": sweep, "x": x, "seconds": time.perf_counter() - start, "cases": results}
+    point = {
+        "name": name,
+        "sweep": sweep,
+        "x": x,
+        "seconds": time.perf_counter() - start,
+        "cases": results,
+    }
     errors = [r["label"] for r in results if r["status"] != "ok"]
-    _log(cfg, f"  {name}: {len(results)} cases in {point['seconds']:.1f} s"
-              + (f"; errors: {', '.join(errors)}" if errors else ""))
+    _log(
+        cfg,
+        f"  {name}: {len(results)} cases in {point['seconds']:.1f} s"
+        + (f"; errors: {', '.join(errors)}" if errors else ""),
+    )
     return point
 
 
@@ -293,11 +402,12 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
         primary = spec.options.get("algorithm") in (None, FORMATS[spec.format].default_algorithm)
         return _peer_linear(spec, params, peers) if primary and params > 0 else []
 
-    def layer(in_modes: Sequence[int], rows: int, ranks: Sequence[int] | None, rank: int,
-              dense: bool) -> list[CaseSpec]:
+    def layer(
+        in_modes: Sequence[int], rows: int, ranks: Sequence[int] | None, rank: int, dense: bool
+    ) -> list[CaseSpec]:
         specs = _baselines(in_modes, p.out_modes, rows, dense)
         for fmt in fmts:
-            for r in (ranks if (fmt == "kcp" and ranks) else (rank,)):
+            for r in ranks if (fmt == "kcp" and ranks) else (rank,):
                 for algo in _algorithms(fmt):
                     specs.append(_our_linear(fmt, in_modes, p.out_modes, rows, r, algo, ""))
         return specs
@@ -310,28 +420,56 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
             cfg.on_point(list(points))
 
     if "ucf11" in cfg.points:
-        _log(cfg, f"point ucf11: {math.prod(p.in_modes)} -> {math.prod(p.out_modes)}, {p.rows} rows")
-        add(run_point(cfg, "ucf11", None, None, layer(p.in_modes, p.rows, p.kcp_ranks, p.rank, True),
-                                peer_fn, memory=cfg.memory))
+        _log(
+            cfg, f"point ucf11: {math.prod(p.in_modes)} -> {math.prod(p.out_modes)}, {p.rows} rows"
+        )
+        add(
+            run_point(
+                cfg,
+                "ucf11",
+                None,
+                None,
+                layer(p.in_modes, p.rows, p.kcp_ranks, p.rank, True),
+                peer_fn,
+                memory=cfg.memory,
+            )
+        )
     if "rank" in cfg.points:
         for r in p.sweep_ranks:
             _log(cfg, f"point rank={r}")
-            add(run_point(cfg, f"rank={r}", "rank", r, layer(p.in_modes, p.rows, None, r, False),
-                                    peer_fn))
+            add(
+                run_point(
+                    cfg, f"rank={r}", "rank", r, layer(p.in_modes, p.rows, None, r, False), peer_fn
+                )
+            )
     if "rows" in cfg.points:
         for rows in p.sweep_rows:
             _log(cfg, f"point rows={rows}")
-            add(run_point(cfg, f"rows={rows}", "rows", rows,
-                                    layer(p.in_modes, rows, None, p.rank, True), peer_fn))
+            add(
+                run_point(
+                    cfg,
+                    f"rows={rows}",
+                    "rows",
+                    rows,
+                    layer(p.in_modes, rows, None, p.rank, True),
+                    peer_fn,
+                )
+            )
     if "input" in cfg.points:
         for modes in p.sweep_inputs:
             n = math.prod(modes)
             _log(cfg, f"point input={n} {list(modes)}")
-            add(run_point(cfg, f"input={n}", "input", n,
-                                    layer(modes, p.rows, None, p.rank, True), peer_fn))
+            add(
+                run_point(
+                    cfg, f"input={n}", "input", n, layer(modes, p.rows, None, p.rank, True), peer_fn
+                )
+            )
     if "lstm" in cfg.points:
-        _log(cfg, f"point lstm: T={p.seq_len}, B={p.batch}, {math.prod(p.lstm_in_modes)} -> "
-                  f"{math.prod(p.lstm_hidden_modes)}")
+        _log(
+            cfg,
+            f"point lstm: T={p.seq_len}, B={p.batch}, {math.prod(p.lstm_in_modes)} -> "
+            f"{math.prod(p.lstm_hidden_modes)}",
+        )
         add(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
     return points
 
@@ -339,7 +477,9 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
 # --- targets ---
 
 
-def _ok(cases: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+def _ok(
+    cases: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
     return [c for c in cases if c["status"] == "ok" and pred(c)]
 
 
@@ -358,48 +498,102 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def add(name: str, value: float, threshold: float, higher_is_better: bool, where: str) -> None:
         holds = value >= threshold if higher_is_better else value <= threshold
-        out.append({"target": name, "where": where, "value": value, "threshold": threshold,
-                    "holds": bool(holds)})
+        out.append(
+            {
+                "target": name,
+                "where": where,
+                "value": value,
+                "threshold": threshold,
+                "holds": bool(holds),
+            }
+        )
 
     by_name = {pt["name"]: pt for pt in points}
     if "ucf11" in by_name:
         cases = by_name["ucf11"]["cases"]
         read = _ok(cases, lambda c: c["impl"] == "read")
         dense = _ok(cases, lambda c: c["impl"] == "torch")
-        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and _primary(c)
-                     and c["options"]["rank"] <= 4):
+        for c in _ok(
+            cases,
+            lambda c: (
+                c["impl"] == "kcprnn"
+                and c["format"] == "kcp"
+                and _primary(c)
+                and c["options"]["rank"] <= 4
+            ),
+        ):
             if dense:
-                add("KCP forward >= 15x faster than nn.Linear", _ms(dense[0], "forward") / _ms(c, "forward"),
-                    15.0, True, c["label"])
+                add(
+                    "KCP forward >= 15x faster than nn.Linear",
+                    _ms(dense[0], "forward") / _ms(c, "forward"),
+                    15.0,
+                    True,
+                    c["label"],
+                )
             if read:
                 ratio = _ms(c, "forward") / _ms(read[0], "forward")
-                add("KCP forward within 4x of the input read (issue A)", ratio, 4.0, False, c["label"])
-                add("KCP forward within 3x of the input read (issue B)", ratio, 3.0, False, c["label"])
-        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and _primary(c) and c["format"] in PEER_FORMATS):
+                add(
+                    "KCP forward within 4x of the input read (issue A)",
+                    ratio,
+                    4.0,
+                    False,
+                    c["label"],
+                )
+                add(
+                    "KCP forward within 3x of the input read (issue B)",
+                    ratio,
+                    3.0,
+                    False,
+                    c["label"],
+                )
+        for c in _ok(
+            cases, lambda c: c["impl"] == "kcprnn" and _primary(c) and c["format"] in PEER_FORMATS
+        ):
             peers = _ok(cases, lambda q, c=c: q["matches"] == c["label"])
             for mode in MODES:
                 if peers:
                     fastest = min(peers, key=lambda q, m=mode: _ms(q, m))
-                    add(f"ours <= fastest peer at equal params ({mode})", _ms(c, mode) / _ms(fastest, mode),
-                        1.0, False, f"{c['label']} vs {fastest['label']}")
+                    add(
+                        f"ours <= fastest peer at equal params ({mode})",
+                        _ms(c, mode) / _ms(fastest, mode),
+                        1.0,
+                        False,
+                        f"{c['label']} vs {fastest['label']}",
+                    )
     if "lstm" in by_name:
         cases = by_name["lstm"]["cases"]
         torch_lstm = _ok(cases, lambda c: c["impl"] == "torch")
         tednet = _ok(cases, lambda c: c["impl"] == "tednet")
-        for c in _ok(cases, lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and c["options"]["rank"] <= 4):
+        for c in _ok(
+            cases,
+            lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and c["options"]["rank"] <= 4,
+        ):
             if torch_lstm:
-                add("KCP-LSTM training step >= 10x faster than nn.LSTM",
-                    _ms(torch_lstm[0], "forward_backward") / _ms(c, "forward_backward"), 10.0, True, c["label"])
+                add(
+                    "KCP-LSTM training step >= 10x faster than nn.LSTM",
+                    _ms(torch_lstm[0], "forward_backward") / _ms(c, "forward_backward"),
+                    10.0,
+                    True,
+                    c["label"],
+                )
             if tednet:
                 fastest = min(tednet, key=lambda q: _ms(q, "forward_backward"))
-                add("KCP-LSTM training step >= 3x faster than the fastest tednet LSTM",
-                    _ms(fastest, "forward_backward") / _ms(c, "forward_backward"), 3.0, True,
-                    f"{c['label']} vs {fastest['label']}")
+                add(
+                    "KCP-LSTM training step >= 3x faster than the fastest tednet LSTM",
+                    _ms(fastest, "forward_backward") / _ms(c, "forward_backward"),
+                    3.0,
+                    True,
+                    f"{c['label']} vs {fastest['label']}",
+                )
     for pt in points:
         if pt["name"] == "lstm":
             continue
-        kcp = _ok(pt["cases"], lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp"
-                  and "algorithm" in c["options"])
+        kcp = _ok(
+            pt["cases"],
+            lambda c: (
+                c["impl"] == "kcprnn" and c["format"] == "kcp" and "algorithm" in c["options"]
+            ),
+        )
         for rank in sorted({c["options"]["rank"] for c in kcp}):
             group = [c for c in kcp if c["options"]["rank"] == rank]
             auto = [c for c in group if c["options"]["algorithm"] == "auto"]
@@ -407,6 +601,11 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             for mode in MODES:
                 best = min(group, key=lambda q, m=mode: _ms(q, m))
-                add(f"kcp auto within 10% of the best algorithm ({mode})", _ms(auto[0], mode) / _ms(best, mode),
-                    1.10, False, f"{pt['name']} r={rank} (best: {best['options']['algorithm']})")
+                add(
+                    f"kcp auto within 10% of the best algorithm ({mode})",
+                    _ms(auto[0], mode) / _ms(best, mode),
+                    1.10,
+                    False,
+                    f"{pt['name']} r={rank} (best: {best['options']['algorithm']})",
+                )
     return out

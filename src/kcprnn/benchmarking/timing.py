@@ -80,7 +80,9 @@ def time_interleaved(
         warmup: untimed calls per item before calibration.
     """
     if rounds < 1 or warmup < 0 or block_s <= 0:
-        raise ValueError(f"need rounds >= 1, warmup >= 0, block_s > 0; got {rounds=}, {warmup=}, {block_s=}")
+        raise ValueError(
+            f"need rounds >= 1, warmup >= 0, block_s > 0; got {rounds=}, {warmup=}, {block_s=}"
+        )
     calls: list[int] = []
     for fn in items:
         for _ in range(warmup):
@@ -94,5 +96,6 @@ def time_interleaved(
             i = (k + r) % n
             per_call[i].append(_time_block(items[i], calls[i], device))
     return [
-        TimingStats(median(t), min(t), max(t), rounds, c) for t, c in zip(per_call, calls, strict=True)
+        TimingStats(median(t), min(t), max(t), rounds, c)
+        for t, c in zip(per_call, calls, strict=True)
     ]
