@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import kcprnn.formats.tucker as tucker_module
 from kcprnn.formats.cp import (
     CPMatrix,
     cp_linear,
@@ -98,3 +99,13 @@ def test_rank_validation(rank, error, match):
 def test_no_from_dense():
     with pytest.raises(NotImplementedError, match="'cp' has no decomposition"):
         CPMatrix.from_dense(torch.randn(4, 6))
+
+
+def test_row_chunks_give_the_same_product(monkeypatch):
+    factors = _factors((3, 2, 2), (2, 3, 1), rank=3)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    whole = cp_linear(x, factors)
+    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", 40)  # 84 elements -> 3 chunks
+    chunked = cp_linear(x, factors)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked, x @ cp_to_dense(factors).T)

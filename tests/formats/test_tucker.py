@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import kcprnn.formats.tucker as tucker_module
 from kcprnn.formats.tucker import (
     TuckerMatrix,
     hosvd,
@@ -131,3 +132,28 @@ def test_repr_and_attributes():
 def test_rank_validation(rank, error, match):
     with pytest.raises(error, match=match):
         TuckerMatrix(24, 10, in_modes=(3, 4, 2), out_modes=(2, 1, 5), rank=rank)
+
+
+def test_row_chunks_give_the_same_product(monkeypatch):
+    in_modes, out_modes, ranks = (3, 2, 2), (2, 3, 1), (2, 3, 2)
+    factors, core = _tucker(in_modes, out_modes, ranks)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    whole = tucker_linear(x, factors, core, in_modes, out_modes)
+    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", 30)  # 84 elements -> 3 chunks of 3 rows
+    chunked = tucker_linear(x, factors, core, in_modes, out_modes)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked, x @ tucker_to_dense(factors, core, in_modes, out_modes).T)
+
+
+@pytest.mark.parametrize(("limit", "sizes"), [(10, [5]), (4, [2, 2, 1]), (1, [1, 1, 1, 1, 1])])
+def test_map_row_chunks_split(monkeypatch, limit, sizes):
+    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", limit)
+    seen = []
+    x = torch.arange(10.0).reshape(5, 2)
+
+    def fn(part):
+        seen.append(part.shape[0])
+        return part * 2
+
+    torch.testing.assert_close(tucker_module.map_row_chunks(fn, x), x * 2)
+    assert seen == sizes  # ceil(10 / limit) chunks of equal rows, at most one per row

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from .tucker import contract_trailing
+from .tucker import contract_trailing, map_row_chunks
 
 __all__ = [
     "CPMatrix",
@@ -80,18 +80,18 @@ def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     docstring). The rank stays a batch axis of the BMMs and is summed once at the end.
     """
     rank = factors[0].shape[0]
-    batch = x.shape[0]
-    u = factors[-1]
-    m, n = u.shape[1], u.shape[2]
-    z = x.reshape(-1, n)  # (b p, n)
-    z = u.reshape(rank * m, n) @ z.T  # (r m, b p): transposed operand, no copy of x
-    z = z.reshape(rank, -1)  # (r, o b p) with o = m
-    for u in reversed(factors[:-1]):
-        m, n = u.shape[1], u.shape[2]
-        z = z.reshape(rank, -1, n)  # (r, o b p, n)
-        z = contract_trailing(u, z)  # (r, m, o b p)
-    z = z.reshape(rank, -1, batch)  # (r, o, b): all input modes are contracted
-    return z.sum(0).T  # (b, o)
+    last = factors[-1].reshape(rank * factors[-1].shape[1], -1)  # (r m, n)
+
+    def rows(x: Tensor) -> Tensor:
+        batch, n = x.shape[0], last.shape[1]
+        z = last @ x.reshape(-1, n).T  # (r m, b p): transposed operand, no copy of x
+        z = z.reshape(rank, -1)  # (r, o b p) with o = m
+        for u in reversed(factors[:-1]):
+            z = contract_trailing(u, z.reshape(rank, -1, u.shape[2]))  # (r, m, o b p)
+        z = z.reshape(rank, -1, batch)  # (r, o, b): all input modes are contracted
+        return z.sum(0).T  # (b, o)
+
+    return map_row_chunks(rows, x)  # (b, o)
 
 
 def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:

@@ -26,7 +26,7 @@ first step reads the whole input; ``matmul_flops`` counts the MACs of exactly th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,10 @@ from ._base import FactorizedMatrix, register
 
 __all__ = [
     "TuckerMatrix",
+    "CHUNK_ELEMENTS",
     "contract_trailing",
     "hosvd",
+    "map_row_chunks",
     "tucker_linear",
     "tucker_linear_flops",
     "tucker_num_params",
@@ -67,6 +69,26 @@ class _ContractTrailing(torch.autograd.Function):
         grad_a = torch.bmm(grad, z) if ctx.needs_input_grad[0] else None  # (B, K, n)
         grad_z = torch.bmm(grad.transpose(1, 2), a) if ctx.needs_input_grad[1] else None  # (B, M, n)
         return grad_a, grad_z
+
+
+CHUNK_ELEMENTS = 1 << 19
+"""Inputs with more elements than this are multiplied in chunks of rows (see
+:func:`map_row_chunks`)."""
+
+
+def map_row_chunks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` for a row-wise ``fn``, evaluated on about ``x.numel() / CHUNK_ELEMENTS`` equal
+    chunks of rows and concatenated.
+
+    The intermediates of a chunk then stay in cache: at the UCF11 size (96 x 57,600, 1 thread)
+    11 chunks of 9 rows (2 MB of float32 input each) were 25-40% faster than one pass, forward
+    and forward+backward, with the same MACs; 2^20 and 2^18 elements per chunk were slower.
+    """
+    rows = x.shape[0]
+    chunks = min(rows, math.ceil(x.numel() / CHUNK_ELEMENTS))
+    if chunks <= 1:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(math.ceil(rows / chunks))])
 
 
 def contract_trailing(a: Tensor, z: Tensor) -> Tensor:
@@ -151,31 +173,36 @@ def tucker_linear(
     BMM and are summed once at the end.
     """
     factors, core = _as_blocks(factors, core)
-    c, d, batch = core.shape[0], len(in_modes), x.shape[0]
-    ranks = core.shape[1:]
-    # factors as (c, r m, n): small copies of the parameters
+    c, d = core.shape[0], len(in_modes)
+    ranks = tuple(core.shape[1:])
+    r1, i1, j1 = ranks[0], in_modes[0], out_modes[0]
+    # the parameters rearranged once per call (small copies): factors as (c, r m, n), the core as
+    # g[c, r_1, s] with s = (R_D, ..., R_2), the first factor as (c r_1, i_1, j_1)
     mats = [
         a.reshape(c, j, i, r).permute(0, 3, 1, 2).reshape(c, r * j, i)
         for a, i, j, r in zip(factors, in_modes, out_modes, ranks)
     ]
-    z = x.reshape(1, 1, -1)  # (c=1, s=1, b p)
-    if d > 1:
-        n = in_modes[-1]
-        z = mats[-1].reshape(-1, n) @ x.reshape(-1, n).T  # (c r m, b p): no copy of x
-        z = z.reshape(c, ranks[-1], -1)  # (c, s, m b p)
-        for e in range(d - 2, 0, -1):
-            n, s = in_modes[e], z.shape[1]
-            a = mats[e].unsqueeze(1).expand(c, s, -1, n).reshape(c * s, -1, n)  # (c s, r m, n)
-            z = contract_trailing(a, z.reshape(c * s, -1, n))  # (c s, r m, o b p)
-            z = z.reshape(c, s * ranks[e], -1)  # (c, s r, m o b p)
-    # core: s = (R_D, ..., R_2) in front of z; g[c, r_1, s]
-    r1, i1, j1 = ranks[0], in_modes[0], out_modes[0]
     g = core.permute(0, 1, *range(d, 1, -1)).reshape(c, r1, -1)  # (c, r_1, s)
-    z = torch.matmul(g, z)  # (c, r_1, o b i_1)
     a1 = factors[0].reshape(c, j1, i1, r1).permute(0, 3, 2, 1).reshape(c * r1, i1, j1)
-    z = torch.bmm(z.reshape(c * r1, -1, i1), a1)  # (c r_1, o b, j_1)
-    z = z.sum(0).reshape(-1, batch, j1)  # (o, b, j_1) with o = (j_2, ..., j_D)
-    return z.permute(1, 2, 0).reshape(batch, -1)  # (b, j)
+
+    def rows(x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        z = x.reshape(1, 1, -1)  # (c=1, s=1, b p)
+        if d > 1:
+            n = in_modes[-1]
+            z = mats[-1].reshape(-1, n) @ x.reshape(-1, n).T  # (c r m, b p): no copy of x
+            z = z.reshape(c, ranks[-1], -1)  # (c, s, m b p)
+            for e in range(d - 2, 0, -1):
+                n, s = in_modes[e], z.shape[1]
+                a = mats[e].unsqueeze(1).expand(c, s, -1, n).reshape(c * s, -1, n)  # (c s, r m, n)
+                z = contract_trailing(a, z.reshape(c * s, -1, n))  # (c s, r m, o b p)
+                z = z.reshape(c, s * ranks[e], -1)  # (c, s r, m o b p)
+        z = torch.matmul(g, z)  # (c, r_1, o b i_1): the core
+        z = torch.bmm(z.reshape(c * r1, -1, i1), a1)  # (c r_1, o b, j_1)
+        z = z.sum(0).reshape(-1, batch, j1)  # (o, b, j_1) with o = (j_2, ..., j_D)
+        return z.permute(1, 2, 0).reshape(batch, -1)  # (b, j)
+
+    return map_row_chunks(rows, x)  # (b, j)
 
 
 def tucker_linear_flops(
