@@ -40,7 +40,7 @@ TT rank 4 and BT 2 blocks of rank 4 are the published UCF11 configurations (3,36
 
 def demo_configs(out_dir: Path, formats: list[str], **overrides: Any) -> list[Config]:
     """One :class:`Config` per format, identical except for the format and its options."""
-    base = Config(dataset="ucf11-like", clips_per_class=50, num_frames=6, epochs=6, lr=1e-3,
+    base = Config(dataset="ucf11-like", clips_per_class=80, num_frames=6, epochs=8, lr=1e-3,
                   batch_size=16, seed=0, hidden_size=256, hidden_modes=(4, 4, 4, 4))
     base = dataclasses.replace(base, **overrides)
     return [dataclasses.replace(base, format=f, format_options=dict(DEMO_FORMATS[f]),
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="run folder (default: runs/demo-<UTC time>)")
     parser.add_argument("--formats", default=",".join(DEMO_FORMATS),
                         help="comma-separated formats (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--clips-per-class", type=int, default=50,
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--clips-per-class", type=int, default=80,
                         help="stand-in clips per class, 20%% held out (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="", help="stand-in cache (default ~/.cache/kcprnn)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()  # warnings on the console; each run.log has the details
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(console)
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in DEMO_FORMATS]
