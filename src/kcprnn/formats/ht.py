@@ -17,9 +17,13 @@ internal nodes follow in post-order (children before parents), and the root is t
 ``2D - 2``. A node over modes ``[lo, hi)`` splits them into ``[lo, lo + ceil((hi - lo) / 2))`` and
 the rest, so ``D = 3`` gives the tree ``((0, 1), 2)``.
 
-Legend for shape comments: b batch, p axes before the contracted block, k contracted block,
-q axes after it, n new axes of a step, i/j input/output mode, a/c ranks (child/parent),
-x/y merged-mode indices of a left/right subtree.
+Ranks are not capped: a rank above what a node's matricization can carry is allowed (it only
+adds redundant parameters). A single mode (``D = 1``) has no tree and raises ``ValueError``.
+
+Legend for shape comments: b batch, m the intermediate's axes outside the contracted block
+(batch included), k the contracted block, a the leading part of a block that wraps around (a
+rank bond), n the new axes of a step, i/j input/output mode, a/c/t ranks (left child, right
+child, node), x/y merged-mode indices of a left/right subtree.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "DimensionTree",
     "HTMatrix",
     "HTPlan",
+    "HTStep",
     "ht_linear",
     "ht_num_params",
     "ht_plan",
@@ -438,7 +443,8 @@ def ht_linear(
     z = x  # (b, I)
     for step in plan.steps:
         if step.perm is not None:
-            z = z.reshape(step.axes).permute(step.perm)  # (permuted axes)
+            shape = [b if n < 0 else n for n in step.axes]  # the batch is stored as -1
+            z = z.reshape(shape).permute(step.perm)  # (permuted axes)
         factors = [
             _factor(n, tree, leaves, transfers, root, in_modes, out_modes) for n in step.nodes
         ]
@@ -457,7 +463,8 @@ def ht_linear(
                 out = torch.addmm(out, op[s].T, slices[s].T)  # (n, m)
             z = out
     if plan.final_perm is not None:
-        z = z.reshape(plan.final_axes).permute(plan.final_perm)  # (j..., b)
+        shape = [b if n < 0 else n for n in plan.final_axes]
+        z = z.reshape(shape).permute(plan.final_perm)  # (j_1, ..., j_D, b)
     return z.reshape(math.prod(out_modes), b).T  # (b, J)
 
 
