@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import av  # in the test extra: these tests run for real
 import numpy as np
 import pytest
 
@@ -10,7 +11,6 @@ def write_clip(path: Path, num_frames: int, width: int = 32, height: int = 24,
                codec: str = "mpeg4") -> np.ndarray:
     """Write a clip whose frame ``k`` is flat grey ``20 + 20 k`` (so the order is visible after
     lossy coding); return the per-frame levels."""
-    av = pytest.importorskip("av")
     path.parent.mkdir(parents=True, exist_ok=True)
     levels = 20 + 20 * np.arange(num_frames)
     with av.open(str(path), mode="w") as container:
@@ -33,7 +33,8 @@ def clip_writer():
 
 @pytest.fixture
 def ucf11_tree(tmp_path: Path) -> Path:
-    """A UCF11-layout folder: 2 classes x 2 groups x 2 clips of 8 frames, plus an annotation file."""
+    """A UCF11-layout folder: 2 classes x 2 groups x 2 clips of 8 frames, plus an annotation
+    file."""
     root = tmp_path / "UCF11"
     for cls, prefix in (("biking", "v_biking"), ("walking", "v_walk_dog")):
         for g in (1, 2):

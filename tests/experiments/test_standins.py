@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from kcprnn.data import StandInSpec, load_source_images, load_standin, make_ucf11_like, make_youtube_like
+from kcprnn.data import (
+    StandInSpec,
+    load_source_images,
+    load_standin,
+    make_ucf11_like,
+    make_youtube_like,
+)
 from kcprnn.data.standins import UCF11_LIKE_CLASSES, _render_alpha
 
 

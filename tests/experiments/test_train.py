@@ -44,7 +44,7 @@ def test_standin_run_writes_everything_and_checkpoint_evaluates(tmp_path):
     loss, acc = evaluate(model, clips, test_idx, 4, torch.device("cpu"))
     assert acc == pytest.approx(lines[-1]["test_acc"])
     assert loss == pytest.approx(lines[-1]["test_loss"], rel=1e-5)
-    # counts come from the model's own matrix: TT cores (r_{d-1}, J_d, I_d, r_d) with ranks 1,2,2,2,1
+    # TT cores (r_{d-1}, J_d, I_d, r_d), ranks 1,2,2,2,1, out 8x2x2x2, in 4x8x8x9
     assert summary["ih_params"] == 1 * 8 * 4 * 2 + 2 * 2 * 8 * 2 + 2 * 2 * 8 * 2 + 2 * 2 * 9 * 1
     assert summary["compression"] == pytest.approx(2304 * 64 / summary["ih_params"])
     assert not list(run.glob("*.tmp")) and not list(run.glob("*.pkl"))
@@ -77,7 +77,7 @@ def test_real_video_folder_run_skips_and_counts_a_corrupt_clip(tmp_path, ucf11_t
 def test_missing_dataset_folder_is_a_clear_cli_error(tmp_path, capsys):
     from kcprnn.experiments.train import main
 
-    assert main([f"--dataset=ucf50", f"--data_dir={tmp_path / 'UCF50'}",
+    assert main(["--dataset=ucf50", f"--data_dir={tmp_path / 'UCF50'}",
                  f"--out_dir={tmp_path / 'run'}", "--no-progress"]) == 2
     assert "UCF50" in capsys.readouterr().err
 

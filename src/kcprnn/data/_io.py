@@ -20,7 +20,8 @@ def default_cache_dir() -> Path:
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` as ``.npy`` (no pickle): a temporary file, then ``os.replace``."""
+    """Write ``array`` to ``path`` as ``.npy`` (no pickle): a temporary file, then
+    ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:

@@ -50,7 +50,9 @@ class ClipSet:
         return int(np.prod(self.frames.shape[2:]))
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``round(test_fraction * n_c)`` clips of every class ``c`` (at least one when the
     class has two or more). Returns sorted ``(train_idx, test_idx)``."""
     _check_fraction(test_fraction)
@@ -65,9 +67,13 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 
 
-def group_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def group_split(
+    groups: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out whole groups: a seeded ``test_fraction`` of the distinct group ids goes to test
-    (UCF11's protocol: all clips of a group on one side). Returns sorted ``(train_idx, test_idx)``."""
+    (UCF11's protocol: all clips of a group on one side).
+
+    Returns sorted ``(train_idx, test_idx)``."""
     _check_fraction(test_fraction)
     ids = np.unique(groups)
     if len(ids) < 2:

@@ -25,7 +25,8 @@ FASHION_MNIST_DIRS = (
     "/usr/share/datasets/fashion-mnist",
     "/usr/local/share/datasets/fashion-mnist",
 )
-"""Where Debian's ``dataset-fashion-mnist`` puts its files; ``$KCPRNN_FASHION_MNIST`` comes first."""
+"""Where Debian's ``dataset-fashion-mnist`` puts its files (``$KCPRNN_FASHION_MNIST`` is tried
+first)."""
 
 
 @dataclass(frozen=True)

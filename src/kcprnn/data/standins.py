@@ -79,7 +79,9 @@ class StandInSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("ucf11-like", "youtube-like"):
-            raise ValueError(f"stand-in kind must be 'ucf11-like' or 'youtube-like', got {self.kind!r}")
+            raise ValueError(
+                f"stand-in kind must be 'ucf11-like' or 'youtube-like', got {self.kind!r}"
+            )
         for name in ("clips_per_class", "num_frames", "height", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -93,8 +95,10 @@ class StandInSpec:
 
 def _backgrounds(rng: np.random.Generator, n: int, height: int, width: int) -> torch.Tensor:
     """Dim smooth random colour fields in [0.02, 0.22]: (n, 3, h, w)."""
-    coarse = torch.from_numpy(rng.uniform(0.02, 0.22, size=(n, 3, 3, 4)).astype(np.float32))
-    return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+    coarse = rng.uniform(0.02, 0.22, size=(n, 3, 3, 4)).astype(np.float32)  # (n, 3, 3, 4)
+    coarse = torch.from_numpy(coarse)
+    fields = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return fields.clamp(0, 1)  # (n, 3, h, w)
 
 
 def _render_alpha(
@@ -118,7 +122,8 @@ def _render_alpha(
         np.stack([-k * s * width / 2, k * c * height / 2, k * (-s * ox + c * oy)], axis=-1),
     ], axis=1)  # (f, 2, 3)
     theta_t = torch.from_numpy(theta.astype(np.float32))
-    grid = F.affine_grid(theta_t, [len(theta), 1, height, width], align_corners=False)  # (f, h, w, 2)
+    shape = [len(theta), 1, height, width]
+    grid = F.affine_grid(theta_t, shape, align_corners=False)  # (f, h, w, 2)
     return F.grid_sample(sprites, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

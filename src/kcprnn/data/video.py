@@ -70,7 +70,9 @@ def sample_indices(num_available: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, num_available - 1, num_frames).round().astype(np.int64)
 
 
-def decode_clip(path: str | os.PathLike, num_frames: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
+def decode_clip(
+    path: str | os.PathLike, num_frames: int, size: tuple[int, int] = (160, 120)
+) -> np.ndarray:
     """Decode ``num_frames`` frames of a video file, ascending, scaled to ``size = (w, h)``.
 
     Returns:
@@ -110,7 +112,8 @@ def _require_dir(root: str | os.PathLike) -> Path:
 
 
 def _videos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    found = folder.rglob("*")
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -130,7 +133,9 @@ def scan_ucf11(root: str | os.PathLike) -> list[ClipRef]:
         for clip in clips:
             m = re.search(r"_(\d+)$", clip.parent.name) or re.search(r"_(\d+)_\d+$", clip.stem)
             if m is None:
-                raise ValueError(f"{clip}: cannot read the UCF11 group number (want .../v_name_GG/)")
+                raise ValueError(
+                    f"{clip}: cannot read the UCF11 group number (want .../v_name_GG/)"
+                )
             refs.append(ClipRef(clip, class_dir.name, int(m.group(1))))
     return refs
 

@@ -1,1 +1,5 @@
-"""Video experiments of the paper: training harness, demo and report (``kcprnn train|demo|report``)."""
+"""Video experiments of the paper: training harness, demo and report.
+
+The commands ``kcprnn train``, ``kcprnn demo`` and ``kcprnn report`` call the ``main`` functions
+of :mod:`.train`, :mod:`.demo` and :mod:`.report`.
+"""

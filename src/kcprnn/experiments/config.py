@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 __all__ = ["DATASETS", "Config", "ConfigError", "apply_overrides", "load_config"]
 
@@ -35,10 +36,11 @@ class Config:
     UCF11-like stand-in with a KCP-LSTM."""
 
     # --- data ---
-    dataset: str = "ucf11-like"  # ucf11 | ucf50 | youtube (real; need data_dir) | ucf11-like | youtube-like
+    # ucf11 | ucf50 | youtube (real data, need data_dir) | ucf11-like | youtube-like (stand-ins)
+    dataset: str = "ucf11-like"
     data_dir: str = ""  # top folder of a real dataset
     cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE or ~/.cache/kcprnn
-    num_frames: int = 6  # frames per clip in ascending order (UCF: 6, YouTube Celebrities: up to 85)
+    num_frames: int = 6  # frames per clip, ascending (UCF: 6, YouTube Celebrities: up to 85)
     frame_width: int = 160  # frames are scaled to frame_width x frame_height RGB
     frame_height: int = 120
     clips_per_class: int = 60  # stand-ins only: clips per class (per identity)
@@ -115,6 +117,7 @@ def _tupled(value: Any) -> Any:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -122,7 +125,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if key not in _FIELDS:
         raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {sorted(_FIELDS)}")
     kind = _FIELDS[key].type
-    kind = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}[kind]
+    kind = _TYPES[kind]
     ok = (
         isinstance(value, bool) if kind is bool
         else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float

@@ -35,7 +35,8 @@ DEMO_FORMATS: dict[str, dict[str, Any]] = {
     "ht": {"in_modes": UCF11_IN_MODES, "rank": 4},
 }
 """Input-to-hidden format options of the demo (the gates fold into the first output mode: 16x4x4x4).
-TT rank 4 and BT 2 blocks of rank 4 are the published UCF11 configurations (3,360 / 3,392 params)."""
+TT rank 4 and BT 2 blocks of rank 4 are the published UCF11 configurations (3,360 and 3,392
+parameters)."""
 
 
 def demo_configs(out_dir: Path, formats: list[str], **overrides: Any) -> list[Config]:

@@ -82,7 +82,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path) -> str:
-    """Write ``results.json``, ``results.md`` and ``accuracy_vs_compression.png``; return the table."""
+    """Write ``results.json``, ``results.md`` and ``accuracy_vs_compression.png``; return the
+    Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     for name, text in (("results.json", json.dumps(rows, indent=2) + "\n"),
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kcprnn report: error: {exc}", file=sys.stderr)
         return 2
     first = Path(args.run_dirs[0])
-    out = Path(args.out) if args.out else (first.parent if (first / "summary.json").is_file() else first)
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = first.parent if (first / "summary.json").is_file() else first
     print(write_report(rows, out))
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy_vs_compression.png'}")
+    names = ("results.md", "results.json", "accuracy_vs_compression.png")
+    written = ", ".join(str(out / n) for n in names)
+    print(f"\nwrote {written}")
     return 0

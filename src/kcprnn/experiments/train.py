@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_SPLITS = {"ucf11": "group", "ucf50": "logo", "youtube": "stratified",
                    "ucf11-like": "stratified", "youtube-like": "stratified"}
-"""The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, else stratified."""
+"""The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, else
+stratified."""
 
 
 # --- data ---
@@ -141,7 +142,9 @@ def save_checkpoint(run_dir: Path, model: VideoClassifier, meta: dict[str, Any])
     _write_json(run_dir / "checkpoint.json", meta)
 
 
-def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[VideoClassifier, Config, dict]:
+def load_checkpoint(
+    run_dir: str | Path, device: str = "cpu"
+) -> tuple[VideoClassifier, Config, dict]:
     """Rebuild the model of a run folder from its checkpoint. Returns ``(model, config, meta)``."""
     from safetensors.torch import load_file
 
@@ -217,8 +220,9 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             bar = batches
         start = time.perf_counter()
         for b in bar:
-            x = to_input(clips.frames[np.sort(b)], device)  # (b, t, i)
-            y = torch.from_numpy(clips.labels[np.sort(b)]).to(device)
+            b = np.sort(b)  # ascending reads from the frame array
+            x = to_input(clips.frames[b], device)  # (b, t, i)
+            y = torch.from_numpy(clips.labels[b]).to(device)
             logits = model(x)  # (b, c)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
