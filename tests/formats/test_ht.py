@@ -38,6 +38,9 @@ def test_tree_shapes():
     assert t5.children[5:] == ((0, 1), (5, 2), (3, 4), (6, 7))
     assert t5.spans[t5.root] == (0, 5) and t5.spans[6] == (0, 3)
     assert t5.internal == (5, 6, 7) and t5.parent[t5.root] == -1
+    assert t5.split(6) == (5, 2)
+    with pytest.raises(ValueError, match="node 2 is a leaf"):
+        t5.split(2)
 
 
 @pytest.mark.parametrize("d", [2, 3, 4, 5, 6, 7])

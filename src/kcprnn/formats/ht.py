@@ -88,9 +88,12 @@ class DimensionTree:
     def is_leaf(self, node: int) -> bool:
         return self.children[node] is None
 
-    def is_left_child(self, node: int) -> bool:
-        p = self.parent[node]
-        return p >= 0 and self.children[p][0] == node  # type: ignore[index]
+    def split(self, node: int) -> tuple[int, int]:
+        """The ``(left, right)`` children of an internal node."""
+        kids = self.children[node]
+        if kids is None:
+            raise ValueError(f"node {node} is a leaf of the dimension tree; it has no children")
+        return kids
 
 
 @lru_cache(maxsize=64)
@@ -146,7 +149,7 @@ def ht_num_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequ
     tree = ht_tree(len(in_modes))
     count = sum(in_modes[d] * out_modes[d] * ranks[d] for d in range(tree.num_modes))
     for t in (*tree.internal, tree.root):
-        left, right = tree.children[t]  # type: ignore[misc]
+        left, right = tree.split(t)
         count += ranks[left] * ranks[right] * (ranks[t] if t != tree.root else 1)
     return count
 
@@ -171,13 +174,13 @@ def ht_to_dense(
     tree = ht_tree(len(in_modes))
     frames: dict[int, Tensor] = dict(enumerate(leaves))
     for t, transfer in zip(tree.internal, transfers, strict=True):
-        left, right = tree.children[t]  # type: ignore[misc]
+        left, right = tree.split(t)
         u_l, u_r = frames.pop(left), frames.pop(right)  # (x, a), (y, c)
         ra, rc, rt = transfer.shape
         z = u_l @ transfer.reshape(ra, rc * rt)  # (x, c*t)
         z = torch.einsum("xct,yc->xyt", z.reshape(-1, rc, rt), u_r)  # (x, y, t)
         frames[t] = z.reshape(-1, rt)  # (x*y, t)
-    left, right = tree.children[tree.root]  # type: ignore[misc]
+    left, right = tree.split(tree.root)
     w = frames[left] @ root @ frames[right].T  # (x, y): merged modes (j_1 i_1)(j_2 i_2)...
     d = tree.num_modes
     w = w.reshape(
@@ -194,10 +197,10 @@ def _reconstruction_macs(
     size = _node_sizes(in_modes, out_modes, tree)
     macs = 0
     for t in tree.internal:
-        left, right = tree.children[t]  # type: ignore[misc]
+        left, right = tree.split(t)
         ra, rc, rt = ranks[left], ranks[right], ranks[t]
         macs += size[left] * ra * rc * rt + size[left] * size[right] * rc * rt
-    left, right = tree.children[tree.root]  # type: ignore[misc]
+    left, right = tree.split(tree.root)
     macs += size[left] * ranks[left] * ranks[right] + size[left] * ranks[right] * size[right]
     return macs
 
@@ -269,7 +272,7 @@ def _factor_labels(tree: DimensionTree, node: int) -> list[_Label]:
     internal ``(a_L, a_R, a_t)``, root ``(a_L, a_R)``."""
     if tree.is_leaf(node):
         return [("j", node), ("i", node), ("a", node)]
-    left, right = tree.children[node]  # type: ignore[misc]
+    left, right = tree.split(node)
     labels = [("a", left), ("a", right)]
     return labels if node == tree.root else [*labels, ("a", node)]
 
@@ -291,7 +294,7 @@ def _edges(tree: DimensionTree, node: int) -> list[tuple[_Label, int]]:
     if node != tree.root:
         out.append((("a", node), tree.parent[node]))
     if not tree.is_leaf(node):
-        out.extend((("a", c), c) for c in tree.children[node])  # type: ignore[union-attr]
+        out.extend((("a", c), c) for c in tree.split(node))
     return out
 
 
@@ -497,12 +500,12 @@ def _ht_hsvd(
         )  # (x_t, r_t)
     transfers = []
     for t in tree.internal:
-        left, right = tree.children[t]  # type: ignore[misc]
+        left, right = tree.split(t)
         u_t = frames[t].reshape(frames[left].shape[0], frames[right].shape[0], -1)  # (x, y, t)
         transfers.append(
             torch.einsum("xa,yc,xyt->act", frames[left], frames[right], u_t)
         )  # (a, c, t)
-    left, right = tree.children[tree.root]  # type: ignore[misc]
+    left, right = tree.split(tree.root)
     w = w.reshape(frames[left].shape[0], frames[right].shape[0])  # (x, y)
     root = frames[left].T @ w @ frames[right]  # (a, c)
     return frames[:d], transfers, root
@@ -546,7 +549,7 @@ class HTMatrix(FactorizedMatrix):
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
             as in :class:`~kcprnn.formats.FactorizedMatrix`.
-        rank: the rank of every non-root node (default 4, the paper's UCF11 setting), or a
+        rank: the rank of every non-root node (default 4, the rank of the UCF11 baselines), or a
             sequence of ``2D - 2`` ranks, one per non-root node in node order (leaves
             ``0 .. D-1``, then internal nodes in post-order).
 
@@ -605,11 +608,11 @@ class HTMatrix(FactorizedMatrix):
         )
         self.transfers = nn.ParameterList(
             nn.Parameter(
-                torch.empty(*(self.ranks[c] for c in self.tree.children[t]), self.ranks[t], **fk)
-            )  # type: ignore[union-attr]
+                torch.empty(*(self.ranks[c] for c in self.tree.split(t)), self.ranks[t], **fk)
+            )
             for t in self.tree.internal
         )
-        left, right = self.tree.children[self.tree.root]  # type: ignore[misc]
+        left, right = self.tree.split(self.tree.root)
         self.root = nn.Parameter(torch.empty(self.ranks[left], self.ranks[right], **fk))
         self.plan = ht_plan(self.in_modes, self.out_modes, self.ranks)
         self.reset_parameters()
