@@ -24,7 +24,7 @@ def test_one_block_equals_tucker_with_the_same_parameters():
     tucker = TuckerMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=[2, 3, 2],
                           dtype=torch.float64)
     with torch.no_grad():
-        for a, b in zip(tucker.factors, bt.factors):
+        for a, b in zip(tucker.factors, bt.factors, strict=True):
             a.copy_(b[0])
         tucker.core.copy_(bt.core[0])
     assert bt.num_params == tucker.num_params
@@ -50,7 +50,7 @@ def test_blocks_are_a_sum_of_tuckers():
 def test_linear_matches_dense(in_modes, out_modes):
     ranks = (2,) * len(in_modes)
     factors = [torch.randn(3, i * j, r, dtype=torch.float64)
-               for i, j, r in zip(in_modes, out_modes, ranks)]
+               for i, j, r in zip(in_modes, out_modes, ranks, strict=True)]
     core = torch.randn(3, *ranks, dtype=torch.float64)
     x = torch.randn(4, math.prod(in_modes), dtype=torch.float64)
     torch.testing.assert_close(bt_linear(x, factors, core, in_modes, out_modes),
@@ -60,7 +60,7 @@ def test_linear_matches_dense(in_modes, out_modes):
 def test_gradcheck_pure_function():
     in_modes, out_modes, ranks = (2, 3, 2), (2, 2, 1), (2, 1, 2)
     factors = [torch.randn(2, i * j, r, dtype=torch.float64, requires_grad=True)
-               for i, j, r in zip(in_modes, out_modes, ranks)]
+               for i, j, r in zip(in_modes, out_modes, ranks, strict=True)]
     core = torch.randn(2, *ranks, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
 

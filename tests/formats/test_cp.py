@@ -17,7 +17,7 @@ from kcprnn.formats.cp import (
 
 
 def _factors(in_modes, out_modes, rank, dtype=torch.float64):
-    return [torch.randn(rank, j, i, dtype=dtype) for i, j in zip(in_modes, out_modes)]
+    return [torch.randn(rank, j, i, dtype=dtype) for i, j in zip(in_modes, out_modes, strict=True)]
 
 
 def test_rank_one_two_modes_is_kron():

@@ -1,4 +1,4 @@
-"""Tucker format: hand-computed cases, HOSVD, counts, validation, gradcheck of the pure functions."""
+"""Tucker format: hand-computed cases, HOSVD, counts, validation, gradcheck of pure functions."""
 
 import math
 
@@ -18,7 +18,8 @@ from kcprnn.formats.tucker import (
 
 
 def _tucker(in_modes, out_modes, ranks, dtype=torch.float64):
-    factors = [torch.randn(i * j, r, dtype=dtype) for i, j, r in zip(in_modes, out_modes, ranks)]
+    shapes = zip(in_modes, out_modes, ranks, strict=True)
+    factors = [torch.randn(i * j, r, dtype=dtype) for i, j, r in shapes]
     return factors, torch.randn(ranks, dtype=dtype)
 
 

@@ -113,7 +113,7 @@ class BTMatrix(FactorizedMatrix):
         c = self.blocks
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(c, j * i, r, **self.factory_kwargs))
-            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks)
+            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks, strict=True)
         )
         self.core = nn.Parameter(torch.empty(c, *self.ranks, **self.factory_kwargs))
         self.reset_parameters()

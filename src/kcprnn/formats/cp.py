@@ -51,7 +51,7 @@ def validate_cp_rank(rank: object) -> int:
 
 def cp_num_params(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
     """``R * sum_d I_d J_d``."""
-    return rank * sum(i * j for i, j in zip(in_modes, out_modes))
+    return rank * sum(i * j for i, j in zip(in_modes, out_modes, strict=True))
 
 
 def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
@@ -68,7 +68,8 @@ def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
     else:
         t = t.sum(0)  # (m n)
     d = len(factors)
-    t = t.reshape([s for pair in zip(out_modes, in_modes) for s in pair])  # (j_1, i_1, ..., j_D, i_D)
+    pairs = zip(out_modes, in_modes, strict=True)
+    t = t.reshape([s for pair in pairs for s in pair])  # (j_1, i_1, ..., j_D, i_D)
     t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
     return t.reshape(math.prod(out_modes), math.prod(in_modes))  # (j, i)
 
@@ -105,7 +106,7 @@ def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int]
 def cp_reconstruction_flops(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
     """MACs of :func:`cp_to_dense`: ``R prod_{e<=d}(I_e J_e)`` for ``d = 2..D`` (``R I J``
     additions when ``D = 1``)."""
-    merged = [i * j for i, j in zip(in_modes, out_modes)]
+    merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
     if len(merged) == 1:
         return rank * merged[0]
     return sum(rank * math.prod(merged[: d + 1]) for d in range(1, len(merged)))
@@ -141,7 +142,7 @@ class CPMatrix(FactorizedMatrix):
         self.rank = validate_cp_rank(rank)
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(self.rank, j, i, **self.factory_kwargs))
-            for i, j in zip(self.in_modes, self.out_modes)
+            for i, j in zip(self.in_modes, self.out_modes, strict=True)
         )
         self.reset_parameters()
 

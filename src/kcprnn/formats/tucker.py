@@ -19,8 +19,10 @@ each step one GEMM/BMM on a (transposed) view that puts ``(r, m)`` in front and 
 trailing axis: ``x (b p, n) -> (c r m, b p)``, then ``(c s, o b p, n) -> (c s, r m, o b p)``.
 With ``R_D ... R_2`` gathered in front the core is applied in one BMM, ``(c, s, o b i_1) ->
 (c, r_1, o b i_1)``, and the first factor last, ``(c r_1, o b, i_1) -> (c r_1, o b, j_1)``,
-summed over blocks and ``r_1``. Only the
-first step reads the whole input; ``matmul_flops`` counts the MACs of exactly this order.
+summed over blocks and ``r_1``. Only the first step reads the whole input; ``matmul_flops``
+counts the MACs of exactly this order. The mode steps go through :func:`contract_trailing`, whose
+backward keeps gradients in the layout of the forward tensors, and large inputs are processed in
+cache-sized chunks of rows (:func:`map_row_chunks`).
 """
 
 from __future__ import annotations
@@ -60,14 +62,16 @@ class _ContractTrailing(torch.autograd.Function):
         return torch.bmm(a, z.transpose(1, 2))  # (B, K, M)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         a, z = ctx.saved_tensors
         grad_a = torch.bmm(grad, z) if ctx.needs_input_grad[0] else None  # (B, K, n)
-        grad_z = torch.bmm(grad.transpose(1, 2), a) if ctx.needs_input_grad[1] else None  # (B, M, n)
+        grad_z = None
+        if ctx.needs_input_grad[1]:
+            grad_z = torch.bmm(grad.transpose(1, 2), a)  # (B, M, n): z's layout
         return grad_a, grad_z
 
 
@@ -103,7 +107,7 @@ def contract_trailing(a: Tensor, z: Tensor) -> Tensor:
 
 
 def validate_tucker_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
-    """Tucker ranks ``(R_1, ..., R_D)``: an int for all modes or a sequence of ``D`` positive ints."""
+    """Tucker ranks ``(R_1, ..., R_D)``: one positive int for all modes or a sequence of ``D``."""
     return validate_ranks(rank, num_modes, "rank")
 
 
@@ -111,8 +115,8 @@ def tucker_num_params(
     in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int = 1
 ) -> int:
     """``C (sum_d I_d J_d R_d + prod_d R_d)``."""
-    per_block = sum(i * j * r for i, j, r in zip(in_modes, out_modes, ranks)) + math.prod(ranks)
-    return blocks * per_block
+    factors = sum(i * j * r for i, j, r in zip(in_modes, out_modes, ranks, strict=True))
+    return blocks * (factors + math.prod(ranks))
 
 
 def _as_blocks(factors: Sequence[Tensor], core: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -137,7 +141,8 @@ def _mode_products(t: Tensor, mats: Sequence[Tensor]) -> Tensor:
 def _merged_to_matrix(t: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
     """``(J_1 I_1, ..., J_D I_D)`` -> ``(J, I)``."""
     d = len(in_modes)
-    t = t.reshape([s for pair in zip(out_modes, in_modes) for s in pair])  # (j_1, i_1, ...)
+    pairs = zip(out_modes, in_modes, strict=True)
+    t = t.reshape([s for pair in pairs for s in pair])  # (j_1, i_1, ..., j_D, i_D)
     t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
     return t.reshape(math.prod(out_modes), math.prod(in_modes))  # (j, i)
 
@@ -147,7 +152,8 @@ def _matrix_to_merged(w: Tensor, in_modes: Sequence[int], out_modes: Sequence[in
     d = len(in_modes)
     t = w.reshape(*out_modes, *in_modes)  # (j_1, ..., j_D, i_1, ..., i_D)
     t = t.permute([k for e in range(d) for k in (e, d + e)])  # (j_1, i_1, ..., j_D, i_D)
-    return t.reshape([j * i for j, i in zip(out_modes, in_modes)])  # (j_1 i_1, ..., j_D i_D)
+    merged = [j * i for j, i in zip(out_modes, in_modes, strict=True)]
+    return t.reshape(merged)  # (j_1 i_1, ..., j_D i_D)
 
 
 def tucker_to_dense(
@@ -180,7 +186,7 @@ def tucker_linear(
     # g[c, r_1, s] with s = (R_D, ..., R_2), the first factor as (c r_1, i_1, j_1)
     mats = [
         a.reshape(c, j, i, r).permute(0, 3, 1, 2).reshape(c, r * j, i)
-        for a, i, j, r in zip(factors, in_modes, out_modes, ranks)
+        for a, i, j, r in zip(factors, in_modes, out_modes, ranks, strict=True)
     ]
     g = core.permute(0, 1, *range(d, 1, -1)).reshape(c, r1, -1)  # (c, r_1, s)
     a1 = factors[0].reshape(c, j1, i1, r1).permute(0, 3, 2, 1).reshape(c * r1, i1, j1)
@@ -216,10 +222,8 @@ def tucker_linear_flops(
     ``C b prod_{f>=e}(R_f J_f) prod_{f<=e} I_f``, the core ``C b J_2..J_D I_1 R_1..R_D`` and the
     first factor ``C b J_2..J_D I_1 R_1 J_1``."""
     d = len(in_modes)
-    steps = sum(
-        math.prod(r * j for r, j in zip(ranks[e:], out_modes[e:])) * math.prod(in_modes[: e + 1])
-        for e in range(1, d)
-    )
+    carried = [r * j for r, j in zip(ranks, out_modes, strict=True)]  # R_f J_f
+    steps = sum(math.prod(carried[e:]) * math.prod(in_modes[: e + 1]) for e in range(1, d))
     outer = math.prod(out_modes[1:]) * in_modes[0] * ranks[0]
     return blocks * rows * (steps + outer * math.prod(ranks[1:]) + outer * out_modes[0])
 
@@ -229,7 +233,7 @@ def tucker_reconstruction_flops(
 ) -> int:
     """MACs of :func:`tucker_to_dense`: mode ``d`` costs
     ``C prod_{f<=d}(J_f I_f) prod_{f>=d} R_f``."""
-    merged = [i * j for i, j in zip(in_modes, out_modes)]
+    merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
     return blocks * sum(
         math.prod(merged[: e + 1]) * math.prod(ranks[e:]) for e in range(len(merged))
     )
@@ -297,7 +301,7 @@ class TuckerMatrix(FactorizedMatrix):
         self.ranks = validate_tucker_ranks(rank, self.num_modes)
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(j * i, r, **self.factory_kwargs))
-            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks)
+            for i, j, r in zip(self.in_modes, self.out_modes, self.ranks, strict=True)
         )
         self.core = nn.Parameter(torch.empty(self.ranks, **self.factory_kwargs))
         self.reset_parameters()
@@ -340,7 +344,7 @@ class TuckerMatrix(FactorizedMatrix):
         out = cls(weight.shape[1], weight.shape[0], **options)
         factors, core = hosvd(weight.detach(), out.in_modes, out.out_modes, out.ranks)
         with torch.no_grad():
-            for p, a in zip(out.factors, factors):
+            for p, a in zip(out.factors, factors, strict=True):
                 p.copy_(a)
             out.core.copy_(core)
         return out
