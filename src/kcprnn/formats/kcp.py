@@ -67,10 +67,13 @@ Splits = tuple[tuple[int, ...], ...]  # D x N factor sizes
 # torch 2.13 and checked by benchmarks/bench_kcp_auto.py): one element read or written by a GEMM,
 # one element moved by a strided permute copy, one GEMM row (small inner dimensions run far
 # below peak), one kernel launch (Python + dispatch overhead).
-COST_IO = 4.0
-COST_PERMUTE = 40.0
-COST_ROW = 100.0
-COST_KERNEL = 2.0e5
+COST_IO = 1.0
+COST_PERMUTE = 40.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
+COST_ROW = 150.0
+COST_KERNEL = 5.0e5
+COST_BUILD = 4.0  # elementwise Kronecker products building the small matrices, per MAC
+PLAN_MIN_ROWS = 16  # plans are made for at least this many rows (see kcp_plan)
+NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
 
 
 # --- pure functions: shapes and counts ---
@@ -266,7 +269,15 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
     macs = build + rows * a * c * k * o + (rows * m * a * k * o if split else mid)
     io = rows * a * c + 2 * mid + rows * m * o
     kernels = 2 * len(ins) + 3
-    cost = macs + COST_IO * io + COST_ROW * (rows * a + rows * m) + COST_KERNEL * kernels
+    moved = 0
+    gemm_rows = rows * a
+    if split and o >= NARROW:
+        gemm_rows += rows * m
+    elif split:
+        gemm_rows += rows * o
+        moved = mid + rows * m * o
+    cost = (macs + (COST_BUILD - 1) * build + COST_IO * io + COST_PERMUTE * moved
+            + COST_ROW * gemm_rows + COST_KERNEL * kernels)
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c))
 
 
@@ -284,7 +295,11 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
         if t == len(order) - 1 and t > 0:
             new //= terms  # the last factor sums over p inside its GEMM
         macs += size * fo[n] * p
-        moved += size
+        if t == 0:  # gathering the input: a strided copy whose contiguous run is I_D^(n)
+            run = in_splits[-1][n] if n == len(ranks) - 1 else 1
+            moved += size * (0.5 + 3.0 / run)
+        else:
+            moved += size
         io += size + new
         gemm_rows += size // fi[n] // (terms if t == len(order) - 1 and t > 0 else 1)
         size = new
@@ -294,7 +309,8 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
         size //= terms
     moved += size  # final permute to mode-major output order
     kernels = 2 * num_d * len(ranks) + 3 * len(order) + 1
-    cost = macs + COST_IO * io + COST_PERMUTE * moved + COST_ROW * gemm_rows + COST_KERNEL * kernels
+    cost = (macs + (COST_BUILD - 1) * build + COST_IO * io + COST_PERMUTE * moved
+            + COST_ROW * gemm_rows + COST_KERNEL * kernels)
     return KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak)
 
 
@@ -326,12 +342,24 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
 
 def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
              algorithm: str = "auto") -> KCPPlan:
-    """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`."""
+    """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`.
+
+    Plans are made for ``max(rows, PLAN_MIN_ROWS)`` rows: below that, launch overhead and the
+    building of the small matrices dominate every plan, and one fixed plan keeps the reported
+    MACs affine in ``rows``. ``macs`` and ``cost`` are then evaluated at ``rows`` itself.
+    """
+    plan_rows = max(rows, PLAN_MIN_ROWS)
     if algorithm == "auto":
-        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a)
+        plans = [kcp_cost(plan_rows, in_splits, out_splits, ranks, terms, a)
                  for a in ("parallel", "sequential")]
-        return min(plans, key=lambda plan: plan.cost)
-    return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm)
+        best = min(plans, key=lambda plan: plan.cost)
+    else:
+        best = kcp_cost(plan_rows, in_splits, out_splits, ranks, terms, algorithm)
+    if plan_rows == rows:
+        return best
+    if best.algorithm == "parallel":
+        return _parallel_plan(rows, in_splits, out_splits, ranks, terms, best.split)
+    return _sequential_plan(rows, in_splits, out_splits, ranks, terms, best.order)
 
 
 def kcp_plan_flops(plan: KCPPlan) -> int:
@@ -365,7 +393,11 @@ def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: i
     prefix = _chunk(u[:split])  # (k, m, a)
     m, a = prefix.shape[1:]
     prefix = prefix.permute(1, 2, 0).reshape(m, a * k)  # (m, a k)
-    y = torch.matmul(prefix, z.reshape(b, a * k, o))  # (b, m, o): sums over a and k
+    if o >= NARROW:  # one GEMM per row: (m, a k) @ (a k, o)
+        y = torch.matmul(prefix, z.reshape(b, a * k, o))  # (b, m, o): sums over a and k
+    else:  # narrow per-row GEMMs run slowly: transpose into one tall GEMM instead
+        zt = z.reshape(b, a * k, o).transpose(1, 2).reshape(b * o, a * k)  # (b o, a k)
+        y = F.linear(zt, prefix).reshape(b, o, m).transpose(1, 2)  # (b, m, o)
     return y.reshape(b, m * o)  # (b, j)
 
 
