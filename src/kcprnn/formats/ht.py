@@ -461,10 +461,11 @@ def ht_linear(
             op = op.reshape(step.lead, step.block, step.out)  # (a, k, n)
             # unbind, not indexing: its backward stacks the slice gradients in one pass
             slices = z.reshape(step.lead, m, step.block).unbind(0)  # a x (m, k)
-            out = op[0].T @ slices[0].T  # (n, m)
+            z = op[0].T @ slices[0].T  # (n, m)
             for s in range(1, step.lead):
-                out = torch.addmm(out, op[s].T, slices[s].T)  # (n, m)
-            z = out
+                # in place: out-of-place addmm would copy the accumulator every time; autograd
+                # allows it because mm does not save its output for backward
+                z = z.addmm_(op[s].T, slices[s].T)  # (n, m)
     if plan.final_perm is not None:
         shape = [b if n < 0 else n for n in plan.final_axes]
         z = z.reshape(shape).permute(plan.final_perm)  # (j_1, ..., j_D, b)
