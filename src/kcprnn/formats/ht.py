@@ -224,9 +224,10 @@ class HTStep:
 
     Attributes:
         nodes: the tree nodes whose factors form the operator (a leaf, a leaf with its parent,
-            or one internal node).
-        equation: the einsum that builds the operator from those factors, output axes ordered
-            as the block (as laid out in the intermediate) then the new axes.
+            or one internal node; preceded by the root when the root is folded in), in an order
+            where each shares one bond with the product of the previous ones.
+        equations: the einsums that fold those factors pairwise, then one that lays the
+            operator out as the block (as in the intermediate) followed by the new axes.
         where: ``"suffix"``, ``"prefix"`` or ``"cyclic"``.
         axes: sizes of the intermediate's labelled axes before ``perm`` (batch as ``-1``).
         perm: axis permutation applied before the product, or ``None``.
@@ -236,7 +237,7 @@ class HTStep:
     """
 
     nodes: tuple[int, ...]
-    equation: str
+    equations: tuple[str, ...]
     where: str
     axes: tuple[int, ...]
     perm: tuple[int, ...] | None
@@ -314,9 +315,10 @@ def ht_plan(
       tensor: block ``(open bond, i_d)``, new axes ``(parent bond, j_d)``; the open bond sits in
       front, so the block is cyclic (leading and trailing axes);
     - otherwise the leaf goes alone: ``i_d -> (a_d, j_d)``;
-    - after each step, an internal node with two or more bonds open, or the root with one, is
-      contracted alone (``(a_L, a_R) -> a_t``, or the root handing the open bond to its other
-      child).
+    - after each step, an internal node with two or more bonds open is contracted alone
+      (``(a_L, a_R) -> a_t``); the root with one bond open is not contracted on its own (that
+      would be a full pass over the intermediate for an ``r x r`` matrix): it is folded into
+      the operator of the step that reaches its other bond.
 
     The first product, the only one on the full input, costs ``J_D r_D`` per input element;
     everything after it works on tensors already reduced by ``I_D / (J_D r_D)``.
@@ -329,6 +331,7 @@ def ht_plan(
         size["a", n] = ranks[n]
     axes: list[_Label] = [_BATCH, *(("i", d) for d in range(tree.num_modes))]
     done: set[int] = set()
+    alias: dict[_Label, _Label] = {}  # bond to the deferred root -> its open bond on the other side
     steps: list[HTStep] = []
     macs_per_row = macs_fixed = moved = 0
 
@@ -338,8 +341,14 @@ def ht_plan(
     def absorb(nodes: tuple[int, ...]) -> None:
         nonlocal axes, macs_per_row, macs_fixed, moved
         wanted = {("i", n) for n in nodes if tree.is_leaf(n)}
+        chain = list(nodes)
         for n in nodes:
-            wanted.update(lab for lab, nb in _edges(tree, n) if nb in done)
+            for lab, nb in _edges(tree, n):
+                if nb in done and lab in alias:  # the bond goes through the deferred root
+                    lab = alias.pop(lab)
+                    chain = [tree.root, n, *(m for m in nodes if m != n)]
+                if nb in done:
+                    wanted.add(lab)
         assert wanted <= set(axes), "the block is present in the intermediate"
         new = [
             lab for n in nodes for lab, nb in _edges(tree, n) if nb not in done and nb not in nodes
@@ -368,13 +377,20 @@ def ht_plan(
         n = math.prod(size[lab] for lab in new)
         m = math.prod(size[lab] for lab in rest_labels)
         macs_per_row += a * k * n * m
-        if len(nodes) == 2:
-            labels = {lab for node in nodes for lab in _factor_labels(tree, node)}
-            macs_fixed += math.prod(size[lab] for lab in labels)
-        equation = _equation(
-            [_factor_labels(tree, node) for node in nodes], [*lead_labels, *tail_labels, *new]
-        )
-        steps.append(HTStep(nodes, equation, where, shape_in, perm, a, k, n, m))
+        # the operator: factors folded pairwise along the chain (each pair shares one bond)
+        acc = _factor_labels(tree, chain[0])
+        equations = []
+        for node in chain[1:]:
+            labels = _factor_labels(tree, node)
+            macs_fixed += math.prod(size[lab] for lab in {*acc, *labels})
+            shared = set(acc) & set(labels)
+            out = [lab for lab in (*acc, *labels) if lab not in shared]
+            equations.append(_equation([acc, labels], out))
+            acc = out
+        block_new = [*lead_labels, *tail_labels, *new]
+        assert sorted(acc) == sorted(block_new), "the operator has the block and new axes"
+        equations.append(_equation([acc], block_new))
+        steps.append(HTStep(tuple(chain), tuple(equations), where, shape_in, perm, a, k, n, m))
         axes = new + rest_labels
         done.update(nodes)
 
@@ -388,11 +404,18 @@ def ht_plan(
         progress = True
         while progress:
             progress = False
+            root_open = open_edges(tree.root)
+            if tree.root not in done and len(root_open) == 1:
+                # defer the root matrix: its open bond stands for the bond to its other child,
+                # and the root is folded into the operator of the step that contracts it
+                other = next(lab for lab, nb in _edges(tree, tree.root) if nb not in done)
+                alias[other] = root_open[0]
+                done.add(tree.root)
             for t in (*tree.internal, tree.root):
-                if t not in done and len(open_edges(t)) >= (1 if t == tree.root else 2):
+                if t not in done and len(open_edges(t)) >= 2:
                     absorb((t,))
                     progress = True
-    assert done == set(range(tree.num_nodes)), "every factor is contracted"
+    assert done == set(range(tree.num_nodes)) and not alias, "every factor is contracted"
     target = [*(("j", d) for d in range(tree.num_modes)), _BATCH]
     final_axes = tuple(-1 if lab == _BATCH else size[lab] for lab in axes)
     final_perm = None if axes == target else tuple(axes.index(lab) for lab in target)
@@ -448,10 +471,12 @@ def ht_linear(
         if step.perm is not None:
             shape = [b if n < 0 else n for n in step.axes]  # the batch is stored as -1
             z = z.reshape(shape).permute(step.perm)  # (permuted axes)
-        factors = [
-            _factor(n, tree, leaves, transfers, root, in_modes, out_modes) for n in step.nodes
-        ]
-        op = torch.einsum(step.equation, *factors)  # (block..., new...)
+        op = _factor(step.nodes[0], tree, leaves, transfers, root, in_modes, out_modes)
+        for node, eq in zip(step.nodes[1:], step.equations, strict=False):
+            op = torch.einsum(
+                eq, op, _factor(node, tree, leaves, transfers, root, in_modes, out_modes)
+            )
+        op = torch.einsum(step.equations[-1], op)  # (block..., new...)
         m = b * step.rest
         if step.where == "suffix":
             z = op.reshape(step.block, step.out).T @ z.reshape(m, step.block).T  # (n, m)
