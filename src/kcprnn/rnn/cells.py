@@ -193,7 +193,6 @@ class _CellBase(nn.Module):
     """Shared parts of the three cells: parameters, checks, init, counting."""
 
     num_gates: ClassVar[int] = 1
-    num_states: ClassVar[int] = 1
 
     weight_ih: FactorizedMatrix
     weight_hh: FactorizedMatrix
@@ -335,7 +334,7 @@ class _CellBase(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def _forward(self, input: Tensor, hx: State | None) -> tuple[State, bool]:
+    def _forward(self, input: Tensor, hx: State | None) -> State:
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -368,7 +367,7 @@ class _CellBase(nn.Module):
         new = self.step(self.input_projection(x), state)  # tuple of (b, s)
         if not batched:
             new = tuple(t.squeeze(0) for t in new)
-        return new, batched
+        return new
 
     # --- conversion --------------------------------------------------------------------------
 
@@ -500,7 +499,6 @@ class LSTMCell(_CellBase):
     """
 
     num_gates = 4
-    num_states = 2
 
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
@@ -514,7 +512,7 @@ class LSTMCell(_CellBase):
     ) -> tuple[Tensor, Tensor]:
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError("LSTMCell: hx must be a tuple (h_0, c_0)")
-        (h, c), _ = self._forward(input, None if hx is None else tuple(hx))
+        h, c = self._forward(input, None if hx is None else tuple(hx))
         return h, c
 
 
@@ -557,7 +555,7 @@ class GRUCell(_CellBase):
         return (gru_step(gates_x, state[0], self.weight_hh, self.bias_hh),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        (h,), _ = self._forward(input, None if hx is None else (hx,))
+        (h,) = self._forward(input, None if hx is None else (hx,))
         return h
 
 
@@ -597,7 +595,7 @@ class RNNCell(_CellBase):
         return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        (h,), _ = self._forward(input, None if hx is None else (hx,))
+        (h,) = self._forward(input, None if hx is None else (hx,))
         return h
 
     def extra_repr(self) -> str:
