@@ -10,7 +10,7 @@ Every mode is split once more into ``N`` Kronecker factors, ``I_d = I_d^(1) ⋯ 
 ``F^(n,d)`` is ``factors[n][d]`` of shape ``(P, R_n, J_d^(n), I_d^(n))``.
 
 Legend for shape comments: b batch rows, k merged rank ``(p, r_1, ..., r_N)``, p term,
-r rank of one factor, a/c input indices of the prefix/suffix chunk of modes, m/o output indices
+r rank of one factor, a/c input indices of the prefix/suffix chunk of axes, m/o output indices
 of the prefix/suffix chunk, f input axes of the current factor, g output axes of the current
 factor, e every other axis.
 
@@ -19,13 +19,15 @@ Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
 * ``parallel`` (:func:`kcp_linear_parallel`): merge the factors into a CP of rank
   ``K = P Π_n R_n`` over the ``D N`` axes ``(d, n)`` of the input (mode-major, factor-minor); cut
   the axes into a prefix ``[0, s)`` and a suffix ``[s, D N)`` and merge each chunk, for every
-  merged rank, into one small dense matrix. Step 1 is ONE GEMM over the contiguous trailing axis of the input,
-  ``(b a, c) -> (b a, k o)``; step 2 is ONE batched GEMM that contracts ``(a, k)`` together, so the
-  rank sum is part of the GEMM. No copy of the input, no Python loop over ranks.
+  merged rank, into one small dense matrix. Step 1 is ONE GEMM over the contiguous trailing
+  axes of every row, ``(b a, c) -> (b a, k o)``; step 2 is one GEMM per row, or one tall GEMM
+  when ``o`` is narrow, that contracts ``(a, k)`` together, so the rank sum is part of the GEMM.
+  No copy of the input, no Python loop over ranks.
 * ``sequential`` (:func:`kcp_linear_sequential`): factor by factor. For each factor ``n`` the sum
   over ``r`` is done first, in the small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` of shape
   ``(J^(n), I^(n))``; the input axes of factor ``n`` are gathered (one permute) and multiplied by
-  it. Its cost grows with ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks.
+  it. Its cost grows with ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks; the
+  gathering permute of the input is its price.
 
 ``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
 permute copies, GEMM row overhead and a per-kernel launch cost); the split point of ``parallel``
