@@ -10,6 +10,7 @@ from kcprnn.formats.tt import (
     ORDERS,
     TTMatrix,
     ring_contraction_order,
+    ring_intermediate_size,
     ring_linear_flops,
     tt_linear,
     tt_num_params,
@@ -185,3 +186,20 @@ def test_init_std_with_unequal_ranks():
         w.reset_parameters(0.1)
         second.append(w.to_dense().pow(2).mean())
     assert torch.stack(second).mean().sqrt().item() == pytest.approx(0.1, rel=0.15)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_rows_swept_in_chunks(monkeypatch, order):
+    import kcprnn.formats.tt as tt_module
+
+    cores = [torch.randn(1, 2, 3, 2, dtype=F64), torch.randn(2, 3, 2, 3, dtype=F64),
+             torch.randn(3, 2, 2, 1, dtype=F64)]
+    # per row, right to left: after core 3 (I_1 I_2, r_2 J_3) = 6 * 6, after core 2
+    # (I_1, r_1 J_2, J_3) = 3 * 6 * 2; left to right: after core 2 (J_1 J_2, r_2, I_3) = 6 * 3 * 2.
+    # 100 entries make chunks of 2 rows: 7 rows run as 2 + 2 + 2 + 1
+    assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "right_to_left") == 36
+    assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "left_to_right") == 36
+    monkeypatch.setattr(tt_module, "CHUNK_ENTRIES", 100)
+    x = torch.randn(7, 12, dtype=F64, requires_grad=True)
+    torch.testing.assert_close(tt_linear(x, cores, order), x @ tt_to_dense(cores).T)
+    assert torch.autograd.gradcheck(lambda x: tt_linear(x, cores, order), (x,))

@@ -30,6 +30,7 @@ __all__ = [
     "TTMatrix",
     "ring_contraction_order",
     "ring_linear",
+    "ring_intermediate_size",
     "ring_linear_flops",
     "ring_to_dense",
     "ring_to_dense_flops",
@@ -105,22 +106,32 @@ def ring_contraction_order(
 def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     shapes = _core_shapes(cores)
     b = x.shape[0]
-    c = shapes[-1][3]
-    r, m, n, s = shapes[-1]
-    # one GEMM over the whole input, no copy of x: its last mode is contiguous
-    a = cores[-1].permute(2, 3, 0, 1).reshape(n, s * r * m)  # (n, c*r*m)
-    z = x.reshape(-1, n) @ a  # (b*q, c*r*m): physically (b, q, o=c, r, m)
-    o, m_prev = c, m
-    for core, (r, m, n, s) in zip(reversed(cores[:-1]), reversed(shapes[:-1])):
-        # move the finished output mode next to o and (n, s) last: one copy, then one big GEMM
-        z = z.reshape(-1, n, o, s, m_prev).permute(0, 4, 2, 1, 3)  # (b*q, m', o, n, s)
+    r, m, n, c = shapes[-1]
+    # step D: one GEMM over the whole input, no copy of x (its last mode is contiguous)
+    a = cores[-1].permute(2, 0, 1, 3).reshape(n, r * m * c)  # (n, r*m*c)
+    z = x.reshape(-1, n) @ a  # (b*q, r*m*c): physically (b, q, n', s, o) with o = (m, c)
+    o, m_prev = m * c, None
+    for step, (core, (r, m, n, s)) in enumerate(zip(reversed(cores[:-1]), reversed(shapes[:-1]))):
         a = core.permute(2, 3, 0, 1).reshape(n * s, r * m)  # (n*s, r*m)
-        z = z.reshape(-1, n * s) @ a  # (b*q*m'*o, r*m)
-        o, m_prev = m_prev * o, m
+        if step == 0:
+            # (n, s) are adjacent rows of every slice: a batched GEMM on the transposed
+            # view reads the largest intermediate in place (no copy)
+            z = torch.matmul(z.reshape(-1, n * s, o).mT, a)  # (b*q, o, r*m)
+        else:
+            # move the finished output mode next to o and (n, s) last: one copy of a small
+            # intermediate, then one GEMM
+            z = z.reshape(-1, n, o, s, m_prev).permute(0, 4, 2, 1, 3)  # (b*q, m', o, n, s)
+            z = z.reshape(-1, n * s) @ a  # (b*q*m'*o, r*m)
+            o *= m_prev
+        m_prev = m
+    if m_prev is None:  # D = 1: z is (b, r_0 * J_1 * c)
+        z = z.reshape(b, 1, c, m, c).permute(0, 1, 4, 2, 3)  # (b, o=1, c, c, m)
+        o = c
     # z: (b, o = J_2..J_D * c, r_0 = c, J_1)
-    z = z.reshape(b, o // c, c, c, m_prev)  # (b, o, c, c, m)
+    m = shapes[0][1]
+    z = z.reshape(b, o // c, c, c, m)  # (b, o, c, c, m)
     if c == 1:
-        z = z.reshape(b, o, m_prev)  # (b, o, m)
+        z = z.reshape(b, o, m)  # (b, o, m)
     else:
         z = z.diagonal(dim1=2, dim2=3).sum(-1)  # (b, o, m)
     return z.transpose(1, 2).reshape(b, -1)  # (b, J_1*J_2*...*J_D)
@@ -146,31 +157,65 @@ def _sweep_left_to_right(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return z.diagonal(dim1=1, dim2=3).sum(-1)  # (b, o)
 
 
+def ring_intermediate_size(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], order: str
+) -> int:
+    """Entries per input row of the largest intermediate of :func:`ring_linear` with ``order``."""
+    d_count, c = len(in_modes), ranks[0]
+    if order == "right_to_left":
+        sizes = [
+            math.prod(in_modes[:d]) * ranks[d] * out_modes[d] * math.prod(out_modes[d + 1 :]) * c
+            for d in range(d_count)
+        ]
+    elif order == "left_to_right":
+        sizes = [
+            c * math.prod(out_modes[: d + 1]) * ranks[d + 1] * math.prod(in_modes[d + 1 :])
+            for d in range(d_count)
+        ]
+    else:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got order={order!r}")
+    return max(sizes)
+
+
+CHUNK_ENTRIES = 1 << 20
+"""Rows are swept in chunks whose largest intermediate holds at most this many entries (4 MB in
+float32): the intermediates then stay in cache and the allocator reuses their buffers, where one
+sweep over many rows allocates (and page-faults) tens of MB per step. Measured at 57,600 -> 1,024,
+96 rows, 1 thread: TT 11.5 -> 9.3 ms forward, ring rank 4 108 -> 35 ms."""
+
+
 def ring_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
     r"""``x @ W.T`` for a TT-matrix or tensor ring ``W``, without forming ``W``.
+
+    Rows are processed in chunks of at most :data:`CHUNK_ENTRIES` intermediate entries.
 
     Args:
         x: ``(b, I_1 ⋯ I_D)`` rows.
         cores: ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)`` with ``r_0 = r_D`` (1 for a TT-matrix).
-        order: ``"right_to_left"`` (contract ``I_D`` first; each step is a copy of the
-            intermediate into GEMM order and one large GEMM), ``"left_to_right"`` (contract
-            ``I_1`` first; batched GEMMs with the core on the left, no copies), or ``None`` to
-            pick the cheaper one with :func:`ring_contraction_order`.
+        order: ``"right_to_left"`` (contract ``I_D`` first with one GEMM over the input, then
+            bring each finished output mode forward and contract with one GEMM per core),
+            ``"left_to_right"`` (contract ``I_1`` first; batched GEMMs with the core on the
+            left, no copies), or ``None`` to pick the cheaper one with
+            :func:`ring_contraction_order`.
 
     Returns:
         ``(b, J_1 ⋯ J_D)``.
     """
     shapes = _core_shapes(cores)
+    in_modes, out_modes = [s[2] for s in shapes], [s[1] for s in shapes]
+    ranks = [s[0] for s in shapes] + [shapes[-1][3]]
     if order is None:
-        ranks = [s[0] for s in shapes] + [shapes[-1][3]]
-        order = ring_contraction_order(
-            [s[2] for s in shapes], [s[1] for s in shapes], ranks, x.shape[0]
-        )
+        order = ring_contraction_order(in_modes, out_modes, ranks, x.shape[0])
     if order == "right_to_left":
-        return _sweep_right_to_left(x, cores)
-    if order == "left_to_right":
-        return _sweep_left_to_right(x, cores)
-    raise ValueError(f"order must be one of {list(ORDERS)} or None, got order={order!r}")
+        sweep = _sweep_right_to_left
+    elif order == "left_to_right":
+        sweep = _sweep_left_to_right
+    else:
+        raise ValueError(f"order must be one of {list(ORDERS)} or None, got order={order!r}")
+    chunk = max(1, CHUNK_ENTRIES // ring_intermediate_size(in_modes, out_modes, ranks, order))
+    if x.shape[0] <= chunk:
+        return sweep(x, cores)  # (b, J_1*...*J_D)
+    return torch.cat([sweep(part, cores) for part in x.split(chunk)])  # (b, J_1*...*J_D)
 
 
 def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
