@@ -8,6 +8,7 @@ import torch
 import kcprnn.formats.tucker as tucker_module
 from kcprnn.formats.cp import (
     CPMatrix,
+    cp_als,
     cp_linear,
     cp_linear_flops,
     cp_num_params,
@@ -96,9 +97,38 @@ def test_rank_validation(rank, error, match):
         CPMatrix(24, 10, rank=rank)
 
 
-def test_no_from_dense():
-    with pytest.raises(NotImplementedError, match="'cp' has no decomposition"):
-        CPMatrix.from_dense(torch.randn(4, 6))
+def test_from_dense_recovers_an_exact_cp():
+    in_modes, out_modes = (3, 2, 2), (2, 3, 2)
+    weight = cp_to_dense(_factors(in_modes, out_modes, rank=2))
+    w = CPMatrix.from_dense(weight, in_modes=in_modes, out_modes=out_modes, rank=2)
+    assert w.rank == 2 and w.factors[0].dtype == torch.float64
+    torch.testing.assert_close(w.to_dense(), weight, rtol=1e-8, atol=1e-8)
+    # the column norms are balanced over the factors
+    norms = torch.stack([u.detach().flatten(1).norm(dim=1) for u in w.factors])
+    torch.testing.assert_close(norms, norms[:1].expand_as(norms))
+
+
+def test_from_dense_rank_one_is_the_best_kron_fit():
+    # a rank-1 CP of a sum of two Krons cannot be exact; ALS must not do worse than the
+    # leading singular pair of the rearranged matrix (Van Loan-Pitsianis), which is optimal
+    weight = cp_to_dense(_factors((3, 2), (2, 3), rank=2))
+    w = CPMatrix.from_dense(weight, in_modes=(3, 2), out_modes=(2, 3), rank=1)
+    rearranged = weight.reshape(2, 3, 3, 2).permute(0, 2, 1, 3).reshape(6, 6)
+    best = torch.linalg.svdvals(rearranged)[1:].norm()
+    assert (w.to_dense() - weight).norm() <= best * (1 + 1e-6)
+
+
+def test_from_dense_one_mode():
+    weight = torch.randn(3, 4, dtype=torch.float64)
+    w = CPMatrix.from_dense(weight, in_modes=(4,), out_modes=(3,), rank=2)
+    torch.testing.assert_close(w.to_dense(), weight)
+
+
+def test_from_dense_errors():
+    with pytest.raises(ValueError, match=r"2-D weight, got shape \(4,\)"):
+        CPMatrix.from_dense(torch.randn(4))
+    with pytest.raises(ValueError, match="rank must be positive, got rank=0"):
+        cp_als(torch.randn(4, 6), (3, 2), (2, 2), 0)
 
 
 def test_row_chunks_give_the_same_product(monkeypatch):

@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from .tucker import contract_trailing, map_row_chunks
+from .tucker import contract_trailing, map_row_chunks, matrix_to_merged
 
 __all__ = [
     "CPMatrix",
+    "cp_als",
     "cp_linear",
     "cp_linear_flops",
     "cp_num_params",
@@ -112,6 +113,62 @@ def cp_reconstruction_flops(in_modes: Sequence[int], out_modes: Sequence[int], r
     return sum(rank * math.prod(merged[: d + 1]) for d in range(1, len(merged)))
 
 
+def cp_als(
+    weight: Tensor,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    rank: int,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> list[Tensor]:
+    """CP decomposition of ``weight`` ``(J, I)`` on the merged modes by alternating least squares.
+
+    Each sweep solves for one factor matrix ``M_d`` ``(J_d I_d, R)`` with the others fixed:
+    ``M_d = T_(d) KR_{e != d}(M_e) (Hadamard_{e != d} M_e^T M_e)^+``. Starts from the leading
+    left singular vectors of each unfolding (random columns where the unfolding has fewer than
+    ``R``), stops after ``max_iter`` sweeps or when the relative error changes by less than
+    ``tol``; the column norms are finally spread equally over the ``D`` factors. Holds ``D``
+    unfoldings (copies of ``W``) in memory; a sweep costs about ``2 D R`` MACs per entry of ``W``.
+
+    Returns:
+        factors ``U_d`` of shape ``(R, J_d, I_d)`` (as :func:`cp_to_dense` takes them).
+    """
+    rank = validate_cp_rank(rank)
+    t = matrix_to_merged(weight, in_modes, out_modes)  # (j_1 i_1, ..., j_D i_D)
+    d = t.dim()
+    if d == 1:  # a vector: R equal columns t / R
+        return [(t / rank).expand(rank, -1).reshape(rank, out_modes[0], in_modes[0])]  # (r, m, n)
+    unfoldings = [t.movedim(e, 0).reshape(t.shape[e], -1) for e in range(d)]  # (m n, rest)
+    mats = []
+    for u in unfoldings:
+        left = torch.linalg.svd(u, full_matrices=False).U[:, :rank]  # (m n, <= r)
+        extra = torch.randn(u.shape[0], rank - left.shape[1], dtype=u.dtype, device=u.device)
+        mats.append(torch.cat([left, extra], dim=1))  # (m n, r)
+    norm = max(t.norm().item(), torch.finfo(t.dtype).tiny)
+    previous = math.inf
+    for _ in range(max_iter):
+        for e in range(d):
+            others = [mats[f] for f in range(d) if f != e]
+            kr = others[0]  # Khatri-Rao product, first factor most significant
+            for m in others[1:]:
+                kr = (kr.unsqueeze(1) * m.unsqueeze(0)).reshape(-1, rank)  # (rest, r)
+            gram = torch.ones(rank, rank, dtype=t.dtype, device=t.device)
+            for m in others:
+                gram = gram * (m.T @ m)  # (r, r)
+            mats[e] = unfoldings[e] @ kr @ torch.linalg.pinv(gram)  # (m n, r)
+        error = (unfoldings[-1] - mats[-1] @ kr.T).norm().item() / norm
+        if abs(previous - error) < tol:
+            break
+        previous = error
+    norms = torch.stack([m.norm(dim=0) for m in mats])  # (D, r)
+    scale = norms.prod(0).pow(1 / d)  # (r,): each factor column gets the same norm
+    return [
+        (m / norms[e].clamp_min(torch.finfo(t.dtype).tiny) * scale).T.reshape(rank, j, i)
+        for e, (m, i, j) in enumerate(zip(mats, in_modes, out_modes, strict=True))
+    ]  # (r, m, n) each
+
+
 # --- module ---
 
 
@@ -171,3 +228,19 @@ class CPMatrix(FactorizedMatrix):
 
     def format_repr_items(self) -> list[str]:
         return [f"rank={self.rank}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> CPMatrix:
+        """CP-ALS (:func:`cp_als`) of ``weight`` ``(out_features, in_features)``; the other
+        options are the constructor's. Exact only when ``W`` has a CP of that rank that ALS
+        finds; on unstructured weights a low rank gives a large error (PEERS.md section 4)."""
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        out = cls(weight.shape[1], weight.shape[0], **options)
+        factors = cp_als(weight.detach(), out.in_modes, out.out_modes, out.rank)
+        with torch.no_grad():
+            for p, u in zip(out.factors, factors, strict=True):
+                p.copy_(u)
+        return out

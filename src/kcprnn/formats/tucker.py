@@ -42,6 +42,8 @@ __all__ = [
     "contract_trailing",
     "hosvd",
     "map_row_chunks",
+    "matrix_to_merged",
+    "merged_to_matrix",
     "tucker_linear",
     "tucker_linear_flops",
     "tucker_num_params",
@@ -138,7 +140,7 @@ def _mode_products(t: Tensor, mats: Sequence[Tensor]) -> Tensor:
     return t.reshape(c, *(mat.shape[1] for mat in mats))  # (c, m_1, ..., m_D)
 
 
-def _merged_to_matrix(t: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+def merged_to_matrix(t: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
     """``(J_1 I_1, ..., J_D I_D)`` -> ``(J, I)``."""
     d = len(in_modes)
     pairs = zip(out_modes, in_modes, strict=True)
@@ -147,7 +149,7 @@ def _merged_to_matrix(t: Tensor, in_modes: Sequence[int], out_modes: Sequence[in
     return t.reshape(math.prod(out_modes), math.prod(in_modes))  # (j, i)
 
 
-def _matrix_to_merged(w: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+def matrix_to_merged(w: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
     """``(J, I)`` -> ``(J_1 I_1, ..., J_D I_D)``."""
     d = len(in_modes)
     t = w.reshape(*out_modes, *in_modes)  # (j_1, ..., j_D, i_1, ..., i_D)
@@ -163,7 +165,7 @@ def tucker_to_dense(
     blocks."""
     factors, core = _as_blocks(factors, core)
     t = _mode_products(core, factors).sum(0)  # (j_1 i_1, ..., j_D i_D)
-    return _merged_to_matrix(t, in_modes, out_modes)  # (j, i)
+    return merged_to_matrix(t, in_modes, out_modes)  # (j, i)
 
 
 def tucker_linear(
@@ -251,7 +253,7 @@ def hosvd(
     Returns:
         ``(factors, core)``: factors ``(J_d I_d, R_d)``, core ``(R_1, ..., R_D)``.
     """
-    t = _matrix_to_merged(weight, in_modes, out_modes)  # (j_1 i_1, ..., j_D i_D)
+    t = matrix_to_merged(weight, in_modes, out_modes)  # (j_1 i_1, ..., j_D i_D)
     factors = []
     for d, r in enumerate(ranks):
         limit = min(t.shape[d], t.numel() // t.shape[d])
