@@ -12,6 +12,10 @@ round, the order rotated every round) and the median is reported with its ratio 
 allocated before the model was built; on CPU the growth of the peak RSS (``ru_maxrss``) of a fresh
 subprocess per case, over its RSS after the input batch was made.
 
+On a shared machine, multi-threaded CPU timings suffer when a worker thread is descheduled (every
+parallel region waits for it): the ``min`` columns and ``--threads 1`` are the robust readings
+there; the medians are the numbers for a quiet machine.
+
 Usage::
 
     python benchmarks/bench_lstm.py [--device cpu] [--quick] [--threads 2] [--out bench.json]
