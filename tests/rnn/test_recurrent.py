@@ -221,19 +221,25 @@ def assert_against_reconstruction(model, x):
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
 def test_every_format_matches_torch_with_reconstructed_weights(name, kind):
     cls, _, extra = KINDS[kind]
     opts = FORMAT_OPTIONS.get(name, {})
+    # with a projection, W_hh (3 -> 16) and W_hr (4 -> 3) get no modes from hidden_modes
+    hidden_opts = {**opts, "num_modes": 2} if "proj_size" in extra else opts
     model = cls(12, 4, num_layers=2, bidirectional=True, format=name, hidden_format=name,
-                in_modes=[3, 2, 2], hidden_modes=[2, 1, 2], hidden_options=opts,
+                in_modes=[3, 2, 2], hidden_modes=[2, 1, 2], hidden_options=hidden_opts,
                 dtype=torch.float64, **extra, **opts)
     g = model.cells[0].num_gates
     assert model.cell(0).weight_ih.in_modes == (3, 2, 2)
     assert model.cell(0).weight_ih.out_modes == (2 * g, 1, 2)
-    assert model.cell(1).weight_ih.in_modes == (4, 1, 2)  # two directions folded in
-    assert model.cell(1, 1).weight_hh.in_modes == (2, 1, 2)
-    assert model.cell(1, 1).weight_hh.out_modes == (2 * g, 1, 2)
+    if model.proj_size:  # layers > 0 read 2 * proj_size features: the format's own modes
+        assert model.cell(1).weight_ih.in_features == 2 * model.proj_size
+        assert model.cell(1, 1).weight_hr.format_name == name
+    else:
+        assert model.cell(1).weight_ih.in_modes == (4, 1, 2)  # two directions folded in
+        assert model.cell(1, 1).weight_hh.in_modes == (2, 1, 2)
+        assert model.cell(1, 1).weight_hh.out_modes == (2 * g, 1, 2)
     assert all(c.format == name and c.hidden_format == name for c in model.cells)
     assert_against_reconstruction(model, torch.randn(5, 3, 12, dtype=torch.float64))
 
