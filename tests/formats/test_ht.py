@@ -261,6 +261,18 @@ def test_gradcheck_ht_linear(in_modes, out_modes, rank):
     assert torch.autograd.gradcheck(fn, (x, *leaves, *transfers, root))
 
 
+def test_second_derivatives():
+    w = make((2, 3, 2), (2, 1, 3), rank=2)
+    params = [p.detach().clone().requires_grad_(True) for p in w.parameters()]
+    names = [name for name, _ in w.named_parameters()]
+    x = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *values):
+        return torch.func.functional_call(w, dict(zip(names, values, strict=True)), (x,))
+
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
 def test_to_dense_gradient_matches_forward_gradient():
     w = make((2, 3, 2), (3, 1, 2), rank=2)
     x = torch.randn(4, 12, dtype=torch.float64)

@@ -218,7 +218,7 @@ class HTStep:
     """One contraction of :func:`ht_linear`: a matrix product of a block of the intermediate's
     axes with an operator built from a few factors, the new axes placed in front.
 
-    The block is the trailing axes (``where="suffix"``: ``z`` viewed ``(M, K)``), the leading
+    The block is the trailing axes (``where="suffix"``: ``z`` viewed ``(1, M, K)``), the leading
     ones (``"prefix"``: ``(K, M)``) or both (``"cyclic"``: ``(A, M, K)``, summed over ``A`` by
     ``A`` products); anything else is first made trailing by a permutation (``perm``).
 
@@ -424,6 +424,32 @@ def ht_plan(
     return HTPlan(tuple(steps), final_axes, final_perm, macs_per_row, macs_fixed, moved)
 
 
+class _RotatingProduct(torch.autograd.Function):
+    """``out = Σ_a op[a]^T @ z[a]^T``: op ``(a, k, n)``, z ``(a, m, k)`` -> ``(n, m)``.
+
+    The product of a trailing block (``a = 1``) or a wrapping block with the new axes in front.
+    Autograd through ``mm`` on transposed views would return the gradient of ``z`` transposed
+    and copy it (and stack the ``a`` slices once more); here each gradient is one ``bmm`` that
+    writes it in ``z``'s own layout (about 6x faster on the UCF11 shapes).
+    """
+
+    @staticmethod
+    def forward(ctx, op: Tensor, z: Tensor) -> Tensor:
+        ctx.save_for_backward(op, z)
+        out = op[0].T @ z[0].T  # (n, m)
+        for s in range(1, op.shape[0]):
+            out.addmm_(op[s].T, z[s].T)  # (n, m)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        op, z = ctx.saved_tensors
+        g = grad.T.expand(z.shape[0], -1, -1)  # (a, m, n), no copy
+        grad_op = torch.bmm(z.transpose(1, 2), g) if ctx.needs_input_grad[0] else None  # (a, k, n)
+        grad_z = torch.bmm(g, op.transpose(1, 2)) if ctx.needs_input_grad[1] else None  # (a, m, k)
+        return grad_op, grad_z
+
+
 def _factor(
     node: int,
     tree: DimensionTree,
@@ -478,19 +504,11 @@ def ht_linear(
             )
         op = torch.einsum(step.equations[-1], op)  # (block..., new...)
         m = b * step.rest
-        if step.where == "suffix":
-            z = op.reshape(step.block, step.out).T @ z.reshape(m, step.block).T  # (n, m)
-        elif step.where == "prefix":
+        if step.where == "prefix":
             z = op.reshape(step.block, step.out).T @ z.reshape(step.block, m)  # (n, m)
-        else:
+        else:  # suffix (lead 1) or cyclic
             op = op.reshape(step.lead, step.block, step.out)  # (a, k, n)
-            # unbind, not indexing: its backward stacks the slice gradients in one pass
-            slices = z.reshape(step.lead, m, step.block).unbind(0)  # a x (m, k)
-            z = op[0].T @ slices[0].T  # (n, m)
-            for s in range(1, step.lead):
-                # in place: out-of-place addmm would copy the accumulator every time; autograd
-                # allows it because mm does not save its output for backward
-                z = z.addmm_(op[s].T, slices[s].T)  # (n, m)
+            z = _RotatingProduct.apply(op, z.reshape(step.lead, m, step.block))  # (n, m)
     if plan.final_perm is not None:
         shape = [b if n < 0 else n for n in plan.final_axes]
         z = z.reshape(shape).permute(plan.final_perm)  # (j_1, ..., j_D, b)
