@@ -468,9 +468,12 @@ _ARGS_DOC = r"""
             Default: ``"dense"``, as in the papers' baselines.
         hidden_modes: modes of ``hidden_size`` (flat, or nested for Kronecker-factored formats).
             The ``G`` gates are folded into the first output mode, ``J_1 <- G*J_1``
-            (``[4,4,4,4] -> [16,4,4,4]`` for an LSTM), to give ``out_modes`` of every ``W_ih``
-            unless ``out_modes`` is given. Flat ``hidden_modes`` also tensorize ``W_hh``.
-        hidden_options: options of ``hidden_format`` (``rank``, ``in_modes``, ...).
+            (``[4,4,4,4] -> [16,4,4,4]`` for an LSTM; nested modes: into the first Kronecker
+            factor of the first mode), to give ``out_modes`` of every ``W_ih`` unless
+            ``out_modes`` is given. Flat ``hidden_modes`` also tensorize ``W_hh``
+            (``in_modes=hidden_modes``, ``out_modes`` folded), except with ``proj_size``.
+        hidden_options: options of ``hidden_format`` for ``W_hh`` and ``W_hr`` (``rank``,
+            ``num_modes``, ...); they win over what ``hidden_modes`` derives.
         layer_options: optional list of ``num_layers`` dicts, merged over ``**options`` for
             each layer's ``W_ih`` (the last word on any per-layer choice).
         **options: options of ``format`` (``in_modes``, ``out_modes``, ``rank``, ...).
