@@ -97,7 +97,8 @@ def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 
 def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
-    """MACs of :func:`cp_linear`: step ``e`` costs ``R b prod(J_e..J_D) prod(I_1..I_e)``."""
+    """MACs of :func:`cp_linear`: step ``e`` costs ``R b prod(J_e..J_D) prod(I_1..I_e)``; the
+    final sum over the rank (``(R - 1) b J`` additions) is not counted."""
     d = len(in_modes)
     return sum(
         rank * rows * math.prod(out_modes[e:]) * math.prod(in_modes[: e + 1]) for e in range(d)

@@ -222,7 +222,8 @@ def tucker_linear_flops(
 ) -> int:
     """MACs of :func:`tucker_linear`: mode step ``e >= 2`` costs
     ``C b prod_{f>=e}(R_f J_f) prod_{f<=e} I_f``, the core ``C b J_2..J_D I_1 R_1..R_D`` and the
-    first factor ``C b J_2..J_D I_1 R_1 J_1``."""
+    first factor ``C b J_2..J_D I_1 R_1 J_1``; the final sum over blocks and ``R_1``
+    (``(C R_1 - 1) b J`` additions) is not counted."""
     d = len(in_modes)
     carried = [r * j for r, j in zip(ranks, out_modes, strict=True)]  # R_f J_f
     steps = sum(math.prod(carried[e:]) * math.prod(in_modes[: e + 1]) for e in range(1, d))
