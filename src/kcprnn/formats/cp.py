@@ -15,7 +15,9 @@ step contracts the *trailing* axis of the current tensor and puts the new output
 so each step is one GEMM/BMM on a (transposed) view and no step copies the input:
 ``x (b p, n) -> (r, m, b p)``, then per rank ``(r, o b p, n) -> (r, m, o b p)``; the rank is
 summed at the end. Only the first step reads the whole input; ``matmul_flops`` counts the MACs
-of exactly this order.
+of exactly this order. The BMM steps use :func:`~kcprnn.formats.tucker.contract_trailing` (its
+backward keeps gradients in the forward layouts) and large inputs go in cache-sized chunks of
+rows (:func:`~kcprnn.formats.tucker.map_row_chunks`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from .tucker import contract_trailing, map_row_chunks, matrix_to_merged
+from .tucker import contract_trailing, map_row_chunks, matrix_to_merged, merged_to_matrix
 
 __all__ = [
     "CPMatrix",
@@ -68,11 +70,7 @@ def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
         t = t.T @ factors[-1].reshape(rank, -1)  # (o, m n): sums the rank
     else:
         t = t.sum(0)  # (m n)
-    d = len(factors)
-    pairs = zip(out_modes, in_modes, strict=True)
-    t = t.reshape([s for pair in pairs for s in pair])  # (j_1, i_1, ..., j_D, i_D)
-    t = t.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
-    return t.reshape(math.prod(out_modes), math.prod(in_modes))  # (j, i)
+    return merged_to_matrix(t, in_modes, out_modes)  # (j, i)
 
 
 def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
