@@ -7,7 +7,7 @@ factor order its cost model picks) and, where affordable, dense ``nn.Linear`` ar
 medians are reported. ``auto`` runs the plan of the algorithm it picks, so its time is that
 algorithm's time; the point passes when it is within 10 % of the best measured.
 
-A second section times the UCF11 layer (57,600 -> 1,024, 96 rows) against ``x.sum()`` (reading
+A second section times the UCF11 layer (57,600 -> 1,024, 16 and 96 rows) against ``x.sum()`` (reading
 the input once) and ``nn.Linear``: forward and forward+backward (gradients of the weights only,
 as for an RNN's input projection).
 
@@ -113,13 +113,13 @@ def _forward(w: KCPMatrix, algorithm: str, x: torch.Tensor) -> Callable[[], obje
     return run
 
 
-def ucf11(rank: int, terms: int, reps: int) -> dict:
-    """Forward and forward+backward of the UCF11 layer, with x.sum() and nn.Linear, 96 rows."""
+def ucf11(rank: int, terms: int, reps: int, rows: int) -> dict:
+    """Forward and forward+backward of the UCF11 layer, with x.sum() and nn.Linear."""
     in_modes, out_modes = SHAPES["ucf11"]
     torch.manual_seed(0)
     w = _make(in_modes, out_modes, rank, terms)
     linear = torch.nn.Linear(57600, 1024)
-    x = torch.randn(96, 57600)
+    x = torch.randn(rows, 57600)
 
     def fwd_bwd(module):
         def run():
@@ -132,7 +132,8 @@ def ucf11(rank: int, terms: int, reps: int) -> dict:
                             "linear": lambda: linear(x)}, reps)
     both = median_times({"kcp": fwd_bwd(w), "linear": fwd_bwd(linear)}, max(3, reps // 2))
     return {
-        "rank": rank, "terms": terms, "params": w.num_params, "plan": _plan(w, "auto", 96),
+        "rank": rank, "terms": terms, "rows": rows, "params": w.num_params,
+        "plan": _plan(w, "auto", rows),
         "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},
         "fwd_bwd_ms": {k: v * 1e3 for k, v in both.items()},
     }
@@ -166,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(p["auto_over_best"] for p in points)
     print(f"auto within 10% of the best at {ok}/{len(points)} points; worst auto/best {worst:.2f}")
 
-    ucf = [ucf11(r, t, reps) for r, t in ([(1, 1), (2, 1), (4, 1), (4, 2)] if not args.quick
-                                          else [(1, 1)])]
-    print("\nUCF11 57,600 -> 1,024, 96 rows (ms):  x.sum | kcp fwd | linear fwd | "
+    configs = [(1, 1), (2, 1), (4, 1), (4, 2)] if not args.quick else [(1, 1)]
+    ucf = [ucf11(r, t, reps, rows) for rows in (16, 96) for r, t in configs]
+    print("\nUCF11 57,600 -> 1,024 (ms):  x.sum | kcp fwd | linear fwd | "
           "kcp fwd+bwd | linear fwd+bwd | plan")
     for u in ucf:
         f, b = u["fwd_ms"], u["fwd_bwd_ms"]
         plan = u["plan"]
-        print(f"  R={u['rank']} P={u['terms']} ({u['params']} params): {f['x.sum']:.3f} | "
+        print(f"  rows={u['rows']} R={u['rank']} P={u['terms']} ({u['params']} params): "
+              f"{f['x.sum']:.3f} | "
               f"{f['kcp']:.3f} | {f['linear']:.2f} | {b['kcp']:.3f} | {b['linear']:.2f} | "
               f"{plan['algorithm']} split={plan['split']} order={plan['order']}")
 

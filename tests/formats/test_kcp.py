@@ -329,10 +329,9 @@ def test_each_algorithm_wins_somewhere():
 
 def test_parallel_flops_by_hand():
     # D = 2, N = 1, P = 1, R = 1 on 3 rows, in (4, 5), out (2, 3). Split at mode 1: step 1 is
-    # (3*4, 5) -> (3*4, 3), step 2 (3, 2, 4) x (4, 3), and one-mode chunks cost nothing to
-    # build; split at 0: building the (6, 20) chunk, (3, 20) -> (3, 6), the (trivial) rank sum.
+    # (3*4, 5) -> (3*4, 3), step 2 (3, 2, 4) x (4, 3), and one-mode chunks need no products; split at 0: building the (6, 20) chunk, (3, 20) -> (3, 6), the (trivial) rank sum.
     plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=1)
-    assert plan.macs == 3 * 4 * 5 * 3 + 3 * 2 * 4 * 3
+    assert plan.macs == 2 * 4 + 3 * 4 * 5 * 3 + 3 * 2 * 4 * 3  # + laying out the (2, 4) prefix
     plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=0)
     assert plan.macs == 6 * 20 + 3 * 20 * 6 + 3 * 6
 

@@ -73,7 +73,7 @@ COST_IO = 1.0
 COST_PERMUTE = 40.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
 COST_ROW = 150.0
 COST_KERNEL = 5.0e5
-COST_BUILD = 4.0  # elementwise Kronecker products building the small matrices, per MAC
+COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
 PLAN_MIN_ROWS = 16  # plans are made for at least this many rows (see kcp_plan)
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
 
@@ -267,6 +267,7 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
     build += sum(k * math.prod(ins[split:t + 1]) * math.prod(outs[split:t + 1])
                  for t in range(split + 1, len(ins)))
     build += sum(k * math.prod(ins[:t + 1]) * math.prod(outs[:t + 1]) for t in range(1, split))
+    build += k * a * m if split else 0  # the prefix is laid out as (m, a k)
     mid = rows * a * k * o
     macs = build + rows * a * c * k * o + (rows * m * a * k * o if split else mid)
     io = rows * a * c + 2 * mid + rows * m * o
