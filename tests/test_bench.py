@@ -181,6 +181,8 @@ def _check_run(tmp_path, device: str) -> dict:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert data["plots"][sweep] == str(png)
     assert all(t["threshold"] > 0 and isinstance(t["holds"], bool) for t in data["targets"])
+    tables = (out / "tables.md").read_text()
+    assert "| torch nn.Linear |" in tables and "**lstm**" in tables
     return data
 
 

@@ -30,7 +30,13 @@ from .benchmarking import (
     peer_status,
     run_suite,
 )
-from .benchmarking.report import format_point_table, format_targets, plot_sweeps, sweep_series
+from .benchmarking.report import (
+    format_markdown,
+    format_point_table,
+    format_targets,
+    plot_sweeps,
+    sweep_series,
+)
 from .benchmarking.suite import environment
 
 __all__ = ["main", "parse_args", "write_json_atomic"]
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         result["plots"] = plot_sweeps(points, out_dir, title)
     write_json_atomic(path, result)
+    md = out_dir / "tables.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(format_markdown(points, result["targets"], env))
+    os.replace(tmp, md)
     slopes, targets = result["slopes"], result["targets"]
     for pt in points:
         if pt["sweep"] is None:

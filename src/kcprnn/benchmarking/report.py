@@ -155,3 +155,59 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
             f"(threshold {t['threshold']:g}) at {t['where']}"
         )
     return "\n".join(lines)
+
+
+def format_markdown(
+    points: list[dict[str, Any]], targets: list[dict[str, Any]], env: dict[str, Any]
+) -> str:
+    """Markdown tables of the non-sweep points, the slopes summary and the targets."""
+    v = env["versions"]
+    lines = [
+        f"torch {v['torch']}, {env['threads']} threads, {env['device']} "
+        f"({env.get('gpu', env['cpu'])}); "
+        f"tednet {v.get('tednet')}, tensorly-torch {v.get('tensorly-torch')}, "
+        f"opt-einsum {v.get('opt-einsum')}; {env['time_utc']}",
+        "",
+    ]
+    for pt in points:
+        if pt["sweep"] is not None:
+            continue
+        lines += [
+            f"**{pt['name']}**",
+            "",
+            "| case | params | MACs | fwd ms | fwd+bwd ms | dense / fwd | dense / fwd+bwd "
+            "| fwd / read | peak MiB (fwd+bwd) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in pt["cases"]:
+            if c["status"] != "ok":
+                lines.append(f"| {c['label']} | error: {c['error'][:80]} | | | | | | | |")
+                continue
+            r = c.get("ratios", {})
+            name = c["label"]
+            if c.get("algorithm") == "auto" and "resolved_algorithm" in c:
+                name += f" (-> {c['resolved_algorithm']})"
+            mem = c.get("memory", {})
+            peak = mem.get("forward_backward_bytes", mem.get("forward_bytes"))
+
+            def cell(key: str, r: dict[str, float] = r) -> str:
+                return f"{r[key]:.2f}" if key in r else ""
+
+            fwd = c.get("forward", {}).get("median_ms")
+            fb = c.get("forward_backward", {}).get("median_ms")
+            lines.append(
+                f"| {name} | {_fmt_int(c.get('params'))} | {_fmt_int(c.get('macs'))} | "
+                f"{'' if fwd is None else f'{fwd:.2f}'} | {'' if fb is None else f'{fb:.2f}'} | "
+                f"{cell('speedup_vs_dense_forward')} | "
+                f"{cell('speedup_vs_dense_forward_backward')} | "
+                f"{cell('forward_over_read')} | {'' if peak is None else f'{peak / 2**20:.1f}'} |"
+            )
+        lines.append("")
+    if targets:
+        lines += ["| target | where | value | threshold | holds |", "|---|---|---:|---:|---|"]
+        for t in targets:
+            lines.append(
+                f"| {t['target']} | {t['where']} | {t['value']:.2f} | {t['threshold']:g} | "
+                f"{'yes' if t['holds'] else '**no**'} |"
+            )
+    return "\n".join(lines) + "\n"
