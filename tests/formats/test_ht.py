@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kcprnn.formats.ht import HTMatrix, ht_linear, ht_num_params, ht_plan, ht_to_dense, ht_tree
+from kcprnn.formats.ht import (
+    HTMatrix,
+    _equation,
+    ht_linear,
+    ht_num_params,
+    ht_plan,
+    ht_to_dense,
+    ht_tree,
+)
 
 UCF11_IN, UCF11_OUT = (8, 20, 20, 18), (16, 4, 4, 4)
 
@@ -314,6 +322,15 @@ def test_rank_validation():
 def test_repr_shows_ranks():
     assert "rank=3" in repr(make((2, 3), (2, 2), rank=3))
     assert "rank=[2, 3]" in repr(make((2, 3), (2, 2), rank=(2, 3)))
+
+
+def test_generated_einsum_equation():
+    j0, i0, a0, a1, a3 = ("j", 0), ("i", 0), ("a", 0), ("a", 1), ("a", 3)
+    eq = _equation([[j0, i0, a0], [a0, a1, a3]], [a1, i0, a3, j0])
+    assert eq == "abc,cde->dbea"
+    u, t = torch.randn(2, 3, 4), torch.randn(4, 5, 6)
+    ref = torch.stack([torch.stack([u[:, i, :] @ t[:, a, :] for i in range(3)]) for a in range(5)])
+    torch.testing.assert_close(torch.einsum(eq, u, t), ref.permute(0, 1, 3, 2))
 
 
 def test_plan_is_cached_per_shape():
