@@ -72,8 +72,8 @@ PRESETS: dict[str, Preset] = {
     "quick": replace(
         _UCF11,
         name="quick",
-        sweep_ranks=(1, 4, 16),
-        sweep_rows=(1, 16, 256),
+        sweep_ranks=(1, 16),
+        sweep_rows=(1, 256),
         sweep_inputs=((8, 8, 8, 8), (8, 20, 20, 18)),
         rounds=3,
         block_s=0.02,
