@@ -7,9 +7,9 @@ factor order its cost model picks) and, where affordable, dense ``nn.Linear`` ar
 medians are reported. ``auto`` runs the plan of the algorithm it picks, so its time is that
 algorithm's time; the point passes when it is within 10 % of the best measured.
 
-A second section times the UCF11 layer (57,600 -> 1,024, 16 and 96 rows) against ``x.sum()`` (reading
-the input once) and ``nn.Linear``: forward and forward+backward (gradients of the weights only,
-as for an RNN's input projection).
+A second section times the UCF11 layer (57,600 -> 1,024, 16 and 96 rows) against ``x.sum()``
+(reading the input once) and ``nn.Linear``: forward and forward+backward (gradients of the
+weights only, as for an RNN's input projection).
 
 Usage::
 

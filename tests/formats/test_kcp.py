@@ -9,6 +9,8 @@ import torch
 
 from kcprnn.formats.kcp import (
     KCPMatrix,
+    _parallel_plan,
+    _sequential_plan,
     kcp_cost,
     kcp_linear_parallel,
     kcp_linear_sequential,
@@ -16,7 +18,6 @@ from kcprnn.formats.kcp import (
     kcp_plan,
     kcp_to_dense,
 )
-from kcprnn.formats.kcp import _parallel_plan, _sequential_plan
 
 F64 = torch.float64
 
@@ -191,7 +192,7 @@ def test_gradients_match_dense_path():
         w(x).pow(2).sum().backward()
         grads[algorithm] = [p.grad.clone() for p in w.parameters()]
     for algorithm in ("sequential", "parallel"):
-        for g, ref in zip(grads[algorithm], grads["dense"]):
+        for g, ref in zip(grads[algorithm], grads["dense"], strict=False):
             torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -262,9 +263,12 @@ def test_init_std_exact_for_a_single_term():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"in_modes": [[2, 3], [4, 2]]}, ValueError, r"in_features=24: in_modes=\[\[2, 3\], \[4, 2\]\] multiply to 48"),
-        ({"out_modes": [[1, 2], [3, 3]]}, ValueError, r"out_features=12: out_modes=\[\[1, 2\], \[3, 3\]\] multiply to 18"),
-        ({"in_modes": [[2, 3], [4]]}, ValueError, r"same number of Kronecker factors.*lengths \[2, 1\]"),
+        ({"in_modes": [[2, 3], [4, 2]]}, ValueError,
+         r"in_features=24: in_modes=\[\[2, 3\], \[4, 2\]\] multiply to 48"),
+        ({"out_modes": [[1, 2], [3, 3]]}, ValueError,
+         r"out_features=12: out_modes=\[\[1, 2\], \[3, 3\]\] multiply to 18"),
+        ({"in_modes": [[2, 3], [4]]}, ValueError,
+         r"same number of Kronecker factors.*lengths \[2, 1\]"),
         ({"in_modes": [[2, 3, 1], [4, 1, 1]], "out_modes": [[1, 2], [3, 2]]}, ValueError,
          "in_modes and out_modes need the same number of Kronecker factors"),
         ({"in_modes": [[2, 3], [4, 1]], "num_factors": 3}, ValueError, "num_factors=3 disagrees"),
@@ -303,7 +307,8 @@ UCF_IN, UCF_OUT = ((2, 4), (4, 5), (4, 5), (3, 6)), ((4, 4), (2, 2), (2, 2), (2,
 
 def test_auto_is_the_cheaper_plan():
     for rows, ranks, terms in itertools.product((16, 96, 1024), ((1, 1), (4, 4), (16, 16)), (1, 2)):
-        plans = [kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a) for a in ("parallel", "sequential")]
+        plans = [kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a)
+                 for a in ("parallel", "sequential")]
         chosen = kcp_plan(rows, UCF_IN, UCF_OUT, ranks, terms)
         assert chosen.cost == min(p.cost for p in plans)
 
@@ -329,7 +334,8 @@ def test_each_algorithm_wins_somewhere():
 
 def test_parallel_flops_by_hand():
     # D = 2, N = 1, P = 1, R = 1 on 3 rows, in (4, 5), out (2, 3). Split at mode 1: step 1 is
-    # (3*4, 5) -> (3*4, 3), step 2 (3, 2, 4) x (4, 3), and one-mode chunks need no products; split at 0: building the (6, 20) chunk, (3, 20) -> (3, 6), the (trivial) rank sum.
+    # (3*4, 5) -> (3*4, 3), step 2 (3, 2, 4) x (4, 3), and one-mode chunks need no products;
+    # split at 0: building the (6, 20) chunk, (3, 20) -> (3, 6), the (trivial) rank sum.
     plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=1)
     assert plan.macs == 2 * 4 + 3 * 4 * 5 * 3 + 3 * 2 * 4 * 3  # + laying out the (2, 4) prefix
     plan = _parallel_plan(3, ((4,), (5,)), ((2,), (3,)), (1,), 1, split=0)

@@ -95,7 +95,9 @@ def _check_nested(modes: Sequence[Sequence[int]], name: str) -> Splits:
     for d, split in enumerate(modes):
         if len(split) == 0:
             raise ValueError(f"{name}[{d}] must list at least one factor size, got {list(split)}")
-        out.append(tuple(validate_positive_int(s, f"{name}[{d}][{k}]") for k, s in enumerate(split)))
+        out.append(
+            tuple(validate_positive_int(s, f"{name}[{d}][{k}]") for k, s in enumerate(split))
+        )
     lengths = {len(s) for s in out}
     if len(lengths) != 1:
         raise ValueError(
@@ -129,7 +131,8 @@ def resolve_kcp_splits(
             raise ValueError(
                 f"the factor sizes of {name} must multiply to "
                 f"{'in' if name == 'in_modes' else 'out'}_features={features}: "
-                f"{name}={[list(s) for s in splits]} multiply to {math.prod(map(math.prod, splits))}"
+                f"{name}={[list(s) for s in splits]} multiply to "
+                f"{math.prod(map(math.prod, splits))}"
             )
     ns = {len(s[0]) for s in (in_splits, out_splits) if s is not None}
     if len(ns) > 1:
@@ -156,7 +159,7 @@ def validate_kcp_ranks(rank: int | Sequence[int], num_factors: int) -> tuple[int
 def kcp_num_params(in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int) -> int:
     """``Σ_n P R_n Σ_d I_d^(n) J_d^(n)``."""
     return sum(
-        terms * r * sum(i[n] * j[n] for i, j in zip(in_splits, out_splits))
+        terms * r * sum(i[n] * j[n] for i, j in zip(in_splits, out_splits, strict=False))
         for n, r in enumerate(ranks)
     )
 
@@ -165,7 +168,7 @@ def kcp_num_params(in_splits: Splits, out_splits: Splits, ranks: Sequence[int], 
 
 
 def _kron_pairs(a: Tensor, b: Tensor) -> Tensor:
-    """Batched Kronecker product of the last two axes: (..., J, I) x (..., j, i) -> (..., Jj, Ii)."""
+    """Batched Kronecker product of the last two axes: (.., J, I) x (.., j, i) -> (.., Jj, Ii)."""
     out = a[..., :, None, :, None] * b[..., None, :, None, :]  # (..., J, j, I, i)
     *lead, big_j, j, big_i, i = out.shape
     return out.reshape(*lead, big_j * j, big_i * i)
@@ -222,7 +225,7 @@ def kcp_to_dense(factors: Sequence[Sequence[Tensor]]) -> Tensor:
 
 def kcp_reconstruction_flops(in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
                              terms: int) -> int:
-    """Multiply-accumulates of :func:`kcp_to_dense` (Kronecker products and sums, counted as MACs)."""
+    """Multiply-accumulates of :func:`kcp_to_dense` (Kronecker products and sums count as MACs)."""
     num_d = len(in_splits)
     total = 0
     for n, r in enumerate(ranks):
@@ -263,7 +266,7 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
     outs = [j for s in out_splits for j in s]
     a, c = math.prod(ins[:split]), math.prod(ins[split:])
     m, o = math.prod(outs[:split]), math.prod(outs[split:])
-    build = sum(k * i * j for i, j in zip(ins, outs)) if len(ranks) > 1 else 0
+    build = sum(k * i * j for i, j in zip(ins, outs, strict=False)) if len(ranks) > 1 else 0
     build += sum(k * math.prod(ins[split:t + 1]) * math.prod(outs[split:t + 1])
                  for t in range(split + 1, len(ins)))
     build += sum(k * math.prod(ins[:t + 1]) * math.prod(outs[:t + 1]) for t in range(1, split))
@@ -339,7 +342,9 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
             orders = [tuple(sorted(range(num_n), key=lambda n: ratio[n]))]
         plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o) for o in orders]
     else:
-        raise ValueError(f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}")
+        raise ValueError(
+            f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}"
+        )
     return min(plans, key=lambda plan: plan.cost)
 
 
@@ -439,7 +444,8 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
             labels = [labels[a] for a in rest] + [("p",)] + new
         elif t < num_n - 1:  # p stays a batch axis
             pa = labels.index(("p",))
-            zz = z.permute(pa + 1, 0, *[a + 1 for a in rest + own]).reshape(terms, -1, f)  # (p, b e, f)
+            zz = z.permute(pa + 1, 0, *[a + 1 for a in rest + own])  # (p, b, e, f)
+            zz = zz.reshape(terms, -1, f)  # (p, b e, f)
             z = torch.bmm(zz, a_n.transpose(1, 2))  # (p, b e, g)
             labels = [("p",)] + [labels[a] for a in rest] + new
             z = z.reshape(terms, b, *_sizes(labels[1:], factors)).transpose(0, 1)  # (b, p, e, g)
@@ -543,14 +549,16 @@ class KCPMatrix(FactorizedMatrix):
         self.terms = validate_positive_int(terms, "terms")
         self.num_factors = num_n
         self.ranks = validate_kcp_ranks(rank, num_n)
-        self.in_splits: Splits = in_splits or tuple(balanced_factors(m, num_n) for m in self.in_modes)
+        self.in_splits: Splits = in_splits or tuple(
+            balanced_factors(m, num_n) for m in self.in_modes
+        )
         self.out_splits: Splits = out_splits or tuple(
             balanced_factors(m, num_n) for m in self.out_modes
         )
         self.factors = nn.ModuleList(
             nn.ParameterList(
                 nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))
-                for i, j in zip(self.in_splits, self.out_splits)
+                for i, j in zip(self.in_splits, self.out_splits, strict=False)
             )
             for n, r in enumerate(self.ranks)
         )
