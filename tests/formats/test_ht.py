@@ -324,6 +324,17 @@ def test_repr_shows_ranks():
     assert "rank=[2, 3]" in repr(make((2, 3), (2, 2), rank=(2, 3)))
 
 
+def test_plan_starts_with_a_shrinking_mode():
+    # the trailing mode would grow the input 8x (I = 3 -> J r = 24); mode 1 shrinks it (5 -> 4)
+    w = make((4, 5, 3), (2, 1, 8), rank=(3, 4, 3, 2))
+    assert w.plan.leaf_order[0] == 1 and w.plan.input_perm is not None
+    assert w.plan.steps[0].block == 5 and w.plan.steps[0].out == 4
+    x = torch.randn(3, 60, dtype=torch.float64)
+    torch.testing.assert_close(w(x), x @ w.to_dense().T)
+    # with a trailing mode that shrinks enough, the input is never permuted
+    assert ht_plan(UCF11_IN, UCF11_OUT, (4,) * 6).input_perm is None
+
+
 def test_generated_einsum_equation():
     j0, i0, a0, a1, a3 = ("j", 0), ("i", 0), ("a", 0), ("a", 1), ("a", 3)
     eq = _equation([[j0, i0, a0], [a0, a1, a3]], [a1, i0, a3, j0])
