@@ -12,7 +12,7 @@ trace at the end.
 
 Legend of the shape comments: b batch rows, n input mode (current), m output mode (current),
 r, s rank (left, right of the current core), c ring rank (``r_0 = r_D``; 1 for a TT),
-q input modes not yet contracted, o output modes already produced, k a merged contraction axis.
+q input modes not yet contracted, o output modes already produced (with ``c`` while it is open).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from ._base import FactorizedMatrix, register
 __all__ = [
     "TTMatrix",
     "ring_contraction_order",
-    "ring_linear",
     "ring_intermediate_size",
+    "ring_linear",
     "ring_linear_flops",
     "ring_to_dense",
     "ring_to_dense_flops",
@@ -96,8 +96,9 @@ def ring_contraction_order(
 
     Both sweeps contract the input modes one at a time, so the first step (which reads the
     whole input) dominates: right to left it maps ``I_D -> r_{D-1} J_D c`` per slice, left to
-    right ``I_1 -> c J_1 r_1``. With the LSTM gates folded into ``J_1`` (UCF11: ``J_1 = 16``)
-    starting at the last mode is 4x cheaper; the cost model makes that choice per shape.
+    right ``I_1 -> c J_1 r_1``. With the LSTM gates folded into ``J_1`` (UCF11, ``8×20×20×18
+    -> 16×4×4×4``, rank 4) starting at the last mode takes 6.5x fewer multiply-accumulates
+    (186M vs 1.21G on 96 rows); mirrored shapes get the mirrored choice.
     """
     costs = {o: ring_linear_flops(in_modes, out_modes, ranks, rows, o) for o in ORDERS}
     return min(ORDERS, key=lambda o: costs[o])
@@ -114,8 +115,9 @@ def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     for step, (core, (r, m, n, s)) in enumerate(zip(reversed(cores[:-1]), reversed(shapes[:-1]))):
         a = core.permute(2, 3, 0, 1).reshape(n * s, r * m)  # (n*s, r*m)
         if step == 0:
-            # (n, s) are adjacent rows of every slice: a batched GEMM on the transposed
-            # view reads the largest intermediate in place (no copy)
+            # (n, s) are adjacent rows of every slice: matmul on the transposed view, measured
+            # faster than an explicit permute copy + GEMM on the largest intermediate (UCF11,
+            # 1 thread: 2.7 vs 5.0 ms)
             z = torch.matmul(z.reshape(-1, n * s, o).mT, a)  # (b*q, o, r*m)
         else:
             # move the finished output mode next to o and (n, s) last: one copy of a small
@@ -142,7 +144,7 @@ def _sweep_left_to_right(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     b = x.shape[0]
     c = shapes[0][0]
     r, m, n, s = shapes[0]
-    # x is read as (b, n, q): batched GEMMs with the core on the left need no copy of x
+    # x is read as (b, n, q): batched GEMMs with the core on the left, on views of x
     a = cores[0].permute(0, 1, 3, 2).reshape(r * m * s, n)  # (c*m*s, n)
     z = torch.matmul(a, x.reshape(b, n, -1))  # (b, c*m*s, q)
     for core, (r, m, n, s) in zip(cores[1:], shapes[1:]):
