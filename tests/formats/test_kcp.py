@@ -306,20 +306,11 @@ UCF_IN, UCF_OUT = ((2, 4), (4, 5), (4, 5), (3, 6)), ((4, 4), (2, 2), (2, 2), (2,
 
 
 def test_auto_is_the_cheaper_plan():
-    for rows, ranks, terms in itertools.product((16, 96, 1024), ((1, 1), (4, 4), (16, 16)), (1, 2)):
+    for rows, ranks, terms in itertools.product((1, 96, 1024), ((1, 1), (4, 4), (16, 16)), (1, 2)):
         plans = [kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a)
                  for a in ("parallel", "sequential")]
         chosen = kcp_plan(rows, UCF_IN, UCF_OUT, ranks, terms)
         assert chosen.cost == min(p.cost for p in plans)
-
-
-def test_small_batches_use_the_plan_for_16_rows():
-    for ranks, terms in (((1, 1), 1), ((4, 4), 2), ((2, 8), 1)):
-        ref = kcp_plan(16, UCF_IN, UCF_OUT, ranks, terms)
-        for rows in (1, 5):
-            plan = kcp_plan(rows, UCF_IN, UCF_OUT, ranks, terms)
-            assert (plan.algorithm, plan.split, plan.order) == (ref.algorithm, ref.split, ref.order)
-            assert plan.macs < ref.macs
 
 
 def test_each_algorithm_wins_somewhere():

@@ -70,11 +70,10 @@ Splits = tuple[tuple[int, ...], ...]  # D x N factor sizes
 # one element moved by a strided permute copy, one GEMM row (small inner dimensions run far
 # below peak), one kernel launch (Python + dispatch overhead).
 COST_IO = 1.0
-COST_PERMUTE = 40.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
+COST_PERMUTE = 60.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
 COST_ROW = 150.0
 COST_KERNEL = 5.0e5
 COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
-PLAN_MIN_ROWS = 16  # plans are made for at least this many rows (see kcp_plan)
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
 
 
@@ -352,22 +351,14 @@ def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
              algorithm: str = "auto") -> KCPPlan:
     """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`.
 
-    Plans are made for ``max(rows, PLAN_MIN_ROWS)`` rows: below that, launch overhead and the
-    building of the small matrices dominate every plan, and one fixed plan keeps the reported
-    MACs affine in ``rows``. ``macs`` and ``cost`` are then evaluated at ``rows`` itself.
+    The choice depends on ``rows``, so the MACs of ``auto`` are affine in ``rows`` only
+    piecewise, between the row counts where the choice changes.
     """
-    plan_rows = max(rows, PLAN_MIN_ROWS)
     if algorithm == "auto":
-        plans = [kcp_cost(plan_rows, in_splits, out_splits, ranks, terms, a)
+        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a)
                  for a in ("parallel", "sequential")]
-        best = min(plans, key=lambda plan: plan.cost)
-    else:
-        best = kcp_cost(plan_rows, in_splits, out_splits, ranks, terms, algorithm)
-    if plan_rows == rows:
-        return best
-    if best.algorithm == "parallel":
-        return _parallel_plan(rows, in_splits, out_splits, ranks, terms, best.split)
-    return _sequential_plan(rows, in_splits, out_splits, ranks, terms, best.order)
+        return min(plans, key=lambda plan: plan.cost)
+    return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm)
 
 
 def kcp_plan_flops(plan: KCPPlan) -> int:
