@@ -219,9 +219,9 @@ class HTStep:
     """One contraction of :func:`ht_linear`: a matrix product of a block of the intermediate's
     axes with an operator built from a few factors, the new axes placed in front.
 
-    The block is the trailing axes (``where="suffix"``: ``z`` viewed ``(1, M, K)``), the leading
-    ones (``"prefix"``: ``(K, M)``) or both (``"cyclic"``: ``(A, M, K)``, summed over ``A`` by
-    ``A`` products); anything else is first made trailing by a permutation (``perm``).
+    The block is the trailing axes (``where="suffix"``: ``z`` viewed ``(1, M, K)``) or wraps
+    around, leading and trailing axes (``"cyclic"``: ``(A, M, K)``, summed over ``A`` by ``A``
+    products); anything else is first made trailing by a permutation (``perm``).
 
     Attributes:
         nodes: the tree nodes whose factors form the operator (a leaf, a leaf with its parent,
@@ -229,7 +229,7 @@ class HTStep:
             where each shares one bond with the product of the previous ones.
         equations: the einsums that fold those factors pairwise, then one that lays the
             operator out as the block (as in the intermediate) followed by the new axes.
-        where: ``"suffix"``, ``"prefix"`` or ``"cyclic"``.
+        where: ``"suffix"`` or ``"cyclic"``.
         axes: sizes of the intermediate's labelled axes before ``perm`` (batch as ``-1``).
         perm: axis permutation applied before the product, or ``None``.
         lead, block, out: ``A`` (the leading part of a cyclic block, else 1), ``K`` (the rest of
@@ -355,18 +355,16 @@ def _schedule(
         k_lead = flags.index(False)  # block axes at the front
         k_tail = flags[::-1].index(False)  # block axes at the back
         perm = None
-        if k_lead + k_tail != len(wanted):
-            order = [lab for lab in axes if lab not in wanted] + [
+        if k_tail == 0 or k_lead + k_tail != len(wanted):  # not trailing, nor wrapping around
+            layout = [lab for lab in axes if lab not in wanted] + [
                 lab for lab in axes if lab in wanted
             ]
-            perm = tuple(axes.index(lab) for lab in order)
-            axes, k_lead, k_tail = order, 0, len(wanted)
+            perm = tuple(axes.index(lab) for lab in layout)
+            axes, k_lead, k_tail = layout, 0, len(wanted)
             moved += math.prod(size[lab] for lab in axes)
         lead_labels, tail_labels = axes[:k_lead], axes[len(axes) - k_tail :]
         rest_labels = axes[k_lead : len(axes) - k_tail]
-        where = "prefix" if not tail_labels else "suffix" if not lead_labels else "cyclic"
-        if where == "prefix":
-            lead_labels, tail_labels = [], lead_labels
+        where = "cyclic" if lead_labels else "suffix"
         a = math.prod(size[lab] for lab in lead_labels)
         k = math.prod(size[lab] for lab in tail_labels)
         n = math.prod(size[lab] for lab in new)
@@ -520,7 +518,8 @@ def ht_linear(
     """``x @ W.T`` without forming ``W``: the input meets the leaves first, then the tree.
 
     Every step is one matrix product (or ``A`` accumulated ones) on a 2-D view of the
-    intermediate, with the new axes in front (see :func:`ht_plan`); the input is only reshaped.
+    intermediate, with the new axes in front (see :func:`ht_plan`); the input is only reshaped,
+    or permuted once where the plan found that cheaper than contracting its trailing mode first.
 
     Args:
         x: ``(b, I_1⋯I_D)``.
@@ -543,17 +542,13 @@ def ht_linear(
             shape = [b if n < 0 else n for n in step.axes]  # the batch is stored as -1
             z = z.reshape(shape).permute(step.perm)  # (permuted axes)
         op = _factor(step.nodes[0], tree, leaves, transfers, root, in_modes, out_modes)
-        for node, eq in zip(step.nodes[1:], step.equations, strict=False):
+        for node, eq in zip(step.nodes[1:], step.equations[:-1], strict=True):
             op = torch.einsum(
                 eq, op, _factor(node, tree, leaves, transfers, root, in_modes, out_modes)
             )
         op = torch.einsum(step.equations[-1], op)  # (block..., new...)
-        m = b * step.rest
-        if step.where == "prefix":
-            z = op.reshape(step.block, step.out).T @ z.reshape(step.block, m)  # (n, m)
-        else:  # suffix (lead 1) or cyclic
-            op = op.reshape(step.lead, step.block, step.out)  # (a, k, n)
-            z = _RotatingProduct.apply(op, z.reshape(step.lead, m, step.block))  # (n, m)
+        op = op.reshape(step.lead, step.block, step.out)  # (a, k, n)
+        z = _RotatingProduct.apply(op, z.reshape(step.lead, b * step.rest, step.block))  # (n, m)
     if plan.final_perm is not None:
         shape = [b if n < 0 else n for n in plan.final_axes]
         z = z.reshape(shape).permute(plan.final_perm)  # (j_1, ..., j_D, b)
