@@ -485,7 +485,9 @@ class _RotatingProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         op, z = ctx.saved_tensors
-        g = grad.T.expand(z.shape[0], -1, -1)  # (a, m, n), no copy
+        # an incoming gradient with zero strides (from .sum(), say) would send bmm to a slow
+        # path; making it contiguous costs one pass over this step's output
+        g = grad.contiguous().T.expand(z.shape[0], -1, -1)  # (a, m, n)
         grad_op = torch.bmm(z.transpose(1, 2), g) if ctx.needs_input_grad[0] else None  # (a, k, n)
         grad_z = torch.bmm(g, op.transpose(1, 2)) if ctx.needs_input_grad[1] else None  # (a, m, k)
         return grad_op, grad_z
