@@ -203,3 +203,14 @@ def test_rows_swept_in_chunks(monkeypatch, order):
     x = torch.randn(7, 12, dtype=F64, requires_grad=True)
     torch.testing.assert_close(tt_linear(x, cores, order), x @ tt_to_dense(cores).T)
     assert torch.autograd.gradcheck(lambda x: tt_linear(x, cores, order), (x,))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("ring", [1, 2])
+def test_empty_batch(order, ring):
+    cores = [torch.randn(ring, 2, 3, 2), torch.randn(2, 3, 2, ring)]
+    cores = [c.requires_grad_() for c in cores]
+    y = tt_linear(torch.randn(0, 6), cores, order)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert all(torch.equal(c.grad, torch.zeros_like(c)) for c in cores)

@@ -108,22 +108,24 @@ def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     shapes = _core_shapes(cores)
     b = x.shape[0]
     r, m, n, c = shapes[-1]
+    q = math.prod(shape[2] for shape in shapes[:-1])  # input modes left of the current core
     # step D: one GEMM over the whole input, no copy of x (its last mode is contiguous)
     a = cores[-1].permute(2, 0, 1, 3).reshape(n, r * m * c)  # (n, r*m*c)
-    z = x.reshape(-1, n) @ a  # (b*q, r*m*c): physically (b, q, n', s, o) with o = (m, c)
+    z = x.reshape(b * q, n) @ a  # (b*q, r*m*c): physically (b, q, n', s, o) with o = (m, c)
     o, m_prev = m * c, None
     for step, (core, (r, m, n, s)) in enumerate(zip(reversed(cores[:-1]), reversed(shapes[:-1]))):
+        q //= n
         a = core.permute(2, 3, 0, 1).reshape(n * s, r * m)  # (n*s, r*m)
         if step == 0:
             # (n, s) are adjacent rows of every slice: matmul on the transposed view, measured
             # faster than an explicit permute copy + GEMM on the largest intermediate (UCF11,
             # 1 thread: 2.7 vs 5.0 ms)
-            z = torch.matmul(z.reshape(-1, n * s, o).mT, a)  # (b*q, o, r*m)
+            z = torch.matmul(z.reshape(b * q, n * s, o).mT, a)  # (b*q, o, r*m)
         else:
             # move the finished output mode next to o and (n, s) last: one copy of a small
             # intermediate, then one GEMM
-            z = z.reshape(-1, n, o, s, m_prev).permute(0, 4, 2, 1, 3)  # (b*q, m', o, n, s)
-            z = z.reshape(-1, n * s) @ a  # (b*q*m'*o, r*m)
+            z = z.reshape(b * q, n, o, s, m_prev).permute(0, 4, 2, 1, 3)  # (b*q, m', o, n, s)
+            z = z.reshape(b * q * m_prev * o, n * s) @ a  # (b*q*m'*o, r*m)
             o *= m_prev
         m_prev = m
     if m_prev is None:  # D = 1: z is (b, r_0 * J_1 * c)
@@ -136,23 +138,25 @@ def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
         z = z.reshape(b, o, m)  # (b, o, m)
     else:
         z = z.diagonal(dim1=2, dim2=3).sum(-1)  # (b, o, m)
-    return z.transpose(1, 2).reshape(b, -1)  # (b, J_1*J_2*...*J_D)
+    return z.transpose(1, 2).reshape(b, m * (o // c))  # (b, J_1*J_2*...*J_D)
 
 
 def _sweep_left_to_right(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     shapes = _core_shapes(cores)
     b = x.shape[0]
-    c = shapes[0][0]
-    r, m, n, s = shapes[0]
+    c, m, n, s = shapes[0]
+    q = math.prod(shape[2] for shape in shapes[1:])  # input modes right of the current core
     # x is read as (b, n, q): batched GEMMs with the core on the left, on views of x
-    a = cores[0].permute(0, 1, 3, 2).reshape(r * m * s, n)  # (c*m*s, n)
-    z = torch.matmul(a, x.reshape(b, n, -1))  # (b, c*m*s, q)
+    a = cores[0].permute(0, 1, 3, 2).reshape(c * m * s, n)  # (c*m*s, n)
+    z = torch.matmul(a, x.reshape(b, n, q))  # (b, c*m*s, q)
+    o = c * m  # (c, J_1..J_d) done ahead of the current core
     for core, (r, m, n, s) in zip(cores[1:], shapes[1:]):
-        q = z.shape[-1] // n
+        q //= n
         a = core.permute(1, 3, 0, 2).reshape(m * s, r * n)  # (m*s, r*n)
-        z = torch.matmul(a, z.reshape(-1, r * n, q))  # (b*c*o, m*s, q)
+        z = torch.matmul(a, z.reshape(b * o, r * n, q))  # (b*c*o, m*s, q)
+        o *= m
     # z: (b, c, J_1..J_D, s = c, q = 1)
-    out = z.shape[0] * z.shape[1] // (b * c * c)
+    out = o // c
     z = z.reshape(b, c, out, c)  # (b, c, o, c)
     if c == 1:
         return z.reshape(b, out)  # (b, o)
