@@ -196,6 +196,15 @@ def test_gradients_match_dense_path():
             torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["sequential", "parallel"])
+def test_empty_batch(algorithm):
+    w = make_case(CASES[4], algorithm=algorithm)
+    y = w(torch.randn(0, w.in_features, dtype=F64))
+    assert y.shape == (0, w.out_features)
+    y.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in w.parameters())
+
+
 def test_pure_to_dense_matches_module():
     w = make_case(CASES[3])
     torch.testing.assert_close(kcp_to_dense(factors_of(w)), w.to_dense())

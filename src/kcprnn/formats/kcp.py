@@ -449,7 +449,8 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
             labels = [labels[a] for a in rest] + new
         z = z.reshape(b, *_sizes(labels, factors))
     final = [labels.index(("j", d, n)) + 1 for d in range(num_d) for n in range(num_n)]
-    return z.permute(0, *final).reshape(b, -1)  # (b, j)
+    out_features = math.prod(factors[n][d].shape[2] for n in range(num_n) for d in range(num_d))
+    return z.permute(0, *final).reshape(b, out_features)  # (b, j)
 
 
 def _sizes(labels: Sequence[tuple], factors: Sequence[Sequence[Tensor]]) -> list[int]:
