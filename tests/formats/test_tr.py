@@ -20,7 +20,7 @@ def loop_reference(cores):
     for j, jj in enumerate(itertools.product(*map(range, out_modes))):
         for i, ii in enumerate(itertools.product(*map(range, in_modes))):
             prod = torch.eye(cores[0].shape[0], dtype=cores[0].dtype)
-            for core, jd, id_ in zip(cores, jj, ii):
+            for core, jd, id_ in zip(cores, jj, ii, strict=True):
                 prod = prod @ core[:, jd, id_, :]
             w[j, i] = torch.trace(prod)
     return w
@@ -115,7 +115,7 @@ def test_tr_svd_error_falls_with_rank():
         (TRMatrix.from_dense(weight, rank=r, **modes).to_dense() - weight).norm().item()
         for r in (1, 2, 3, 4)
     ]
-    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errors))
 
 
 def test_tr_svd_ring_of_rank_one_is_tt_svd():

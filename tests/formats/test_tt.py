@@ -30,7 +30,7 @@ def loop_reference(cores):
     for j, jj in enumerate(itertools.product(*map(range, out_modes))):
         for i, ii in enumerate(itertools.product(*map(range, in_modes))):
             prod = torch.eye(1, dtype=cores[0].dtype)
-            for core, jd, id_ in zip(cores, jj, ii):
+            for core, jd, id_ in zip(cores, jj, ii, strict=True):
                 prod = prod @ core[:, jd, id_, :]
             w[j, i] = prod[0, 0]
     return w
@@ -165,7 +165,7 @@ def test_tt_svd_recovers_a_low_rank_tt_and_error_falls_with_rank():
         (TTMatrix.from_dense(noisy, rank=r, **modes).to_dense() - noisy).norm().item()
         for r in (1, 2, 3, 6, 12)
     ]
-    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errors))
     assert errors[-1] < 1e-12
 
 

@@ -26,7 +26,13 @@ from torch import Tensor, nn
 
 from ..shapes import resolve_modes, validate_ranks
 from ._base import FactorizedMatrix, register
-from .tt import ring_contraction_order, ring_linear, ring_linear_flops, ring_to_dense, ring_to_dense_flops
+from .tt import (
+    ring_contraction_order,
+    ring_linear,
+    ring_linear_flops,
+    ring_to_dense,
+    ring_to_dense_flops,
+)
 
 __all__ = ["TRMatrix", "tr_linear", "tr_num_params", "tr_svd", "tr_to_dense", "validate_tr_ranks"]
 
@@ -87,7 +93,7 @@ def tr_svd(
     d_count = len(in_modes)
     t = weight.detach().to(torch.float64).reshape(*out_modes, *in_modes)  # (J.., I..)
     t = t.permute(*[k for d in range(d_count) for k in (d, d_count + d)])  # (J_1, I_1, ...)
-    merged = [m * n for m, n in zip(out_modes, in_modes)]
+    merged = [m * n for m, n in zip(out_modes, in_modes, strict=True)]
     if d_count == 1:
         # a ring of one core: W = Σ_a G[a, :, :, a]; the rank-1 ring holds W exactly
         return [t.reshape(1, out_modes[0], in_modes[0], 1).to(weight.dtype)]
@@ -165,7 +171,7 @@ class TRMatrix(FactorizedMatrix):
         b = _bonds(self.ranks)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))
-            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes))
+            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
         )
         self.reset_parameters()
 
@@ -226,6 +232,6 @@ class TRMatrix(FactorizedMatrix):
             rank=[core.shape[0] for core in cores], **options,
         )
         with torch.no_grad():
-            for param, core in zip(out.cores, cores):
+            for param, core in zip(out.cores, cores, strict=True):
                 param.copy_(core)
         return out

@@ -113,7 +113,8 @@ def _sweep_right_to_left(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     a = cores[-1].permute(2, 0, 1, 3).reshape(n, r * m * c)  # (n, r*m*c)
     z = x.reshape(b * q, n) @ a  # (b*q, r*m*c): physically (b, q, n', s, o) with o = (m, c)
     o, m_prev = m * c, None
-    for step, (core, (r, m, n, s)) in enumerate(zip(reversed(cores[:-1]), reversed(shapes[:-1]))):
+    steps = zip(reversed(cores[:-1]), reversed(shapes[:-1]), strict=True)
+    for step, (core, (r, m, n, s)) in enumerate(steps):
         q //= n
         a = core.permute(2, 3, 0, 1).reshape(n * s, r * m)  # (n*s, r*m)
         if step == 0:
@@ -150,7 +151,7 @@ def _sweep_left_to_right(x: Tensor, cores: Sequence[Tensor]) -> Tensor:
     a = cores[0].permute(0, 1, 3, 2).reshape(c * m * s, n)  # (c*m*s, n)
     z = torch.matmul(a, x.reshape(b, n, q))  # (b, c*m*s, q)
     o = c * m  # (c, J_1..J_d) done ahead of the current core
-    for core, (r, m, n, s) in zip(cores[1:], shapes[1:]):
+    for core, (r, m, n, s) in zip(cores[1:], shapes[1:], strict=True):
         q //= n
         a = core.permute(1, 3, 0, 2).reshape(m * s, r * n)  # (m*s, r*n)
         z = torch.matmul(a, z.reshape(b * o, r * n, q))  # (b*c*o, m*s, q)
@@ -235,7 +236,9 @@ def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
     return w.diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
 
 
-def ring_to_dense_flops(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+def ring_to_dense_flops(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> int:
     """Multiply-accumulates of :func:`ring_to_dense` (the closing trace adds none)."""
     c = ranks[0]
     total, size = 0, out_modes[0] * in_modes[0]
@@ -282,7 +285,7 @@ def tt_num_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequ
 
 
 def tt_to_dense(cores: Sequence[Tensor]) -> Tensor:
-    """Reconstruct the ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix from TT cores ``(r_{d-1}, J_d, I_d, r_d)``."""
+    """Reconstruct the ``(J_1 ⋯ J_D, I_1 ⋯ I_D)`` matrix from cores ``(r_{d-1}, J_d, I_d, r_d)``."""
     return ring_to_dense(cores)
 
 
@@ -379,7 +382,7 @@ class TTMatrix(FactorizedMatrix):
         self.ranks = validate_tt_ranks(rank, self.num_modes)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(self.ranks[d], m, n, self.ranks[d + 1], **self.factory_kwargs))
-            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes))
+            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
         )
         self.reset_parameters()
 
@@ -438,6 +441,6 @@ class TTMatrix(FactorizedMatrix):
             rank=[core.shape[0] for core in cores] + [1], **options,
         )
         with torch.no_grad():
-            for param, core in zip(out.cores, cores):
+            for param, core in zip(out.cores, cores, strict=True):
                 param.copy_(core)
         return out
