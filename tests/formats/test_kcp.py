@@ -196,6 +196,18 @@ def test_gradients_match_dense_path():
             torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "sequential", "parallel"])
+def test_five_factors_use_the_greedy_order(algorithm):
+    in_modes = [[2, 1, 1, 1, 2], [1, 2, 1, 3, 1]]
+    case = (in_modes, [[1, 1, 2, 1, 1], [2, 1, 1, 1, 3]], 2, [1, 2, 1, 1, 2])
+    w = make_case(case, algorithm=algorithm)
+    x = torch.randn(3, w.in_features, dtype=F64)
+    assert rel_err(w(x), x @ w.to_dense().T) < 1e-10
+    plan = kcp_cost(3, w.in_splits, w.out_splits, w.ranks, w.terms, "sequential")
+    # J^(n) / I^(n) = 2/2, 1/2, 2/1, 1/3, 3/2: the factors that shrink the data most go first
+    assert plan.order == (3, 1, 0, 4, 2)
+
+
 @pytest.mark.parametrize("algorithm", ["sequential", "parallel"])
 def test_empty_batch(algorithm):
     w = make_case(CASES[4], algorithm=algorithm)

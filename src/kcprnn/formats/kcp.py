@@ -40,6 +40,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -323,27 +324,36 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
              algorithm: str) -> KCPPlan:
     """The cheapest plan of ``algorithm`` (``"parallel"`` or ``"sequential"``) on ``rows`` rows.
 
-    The model: ``cost = MACs + COST_IO * (elements read and written by the GEMMs)
-    + COST_PERMUTE * (elements moved by permute copies) + COST_ROW * (GEMM rows)
-    + COST_KERNEL * (kernels launched)``. For ``parallel`` every split point is tried, for
-    ``sequential`` every factor order (a greedy order beyond 6 factors).
+    The model, in MAC equivalents: ``cost = MACs + (COST_BUILD - 1) * (elements built for the
+    small matrices) + COST_IO * (elements read and written by the GEMMs) + COST_PERMUTE *
+    (elements moved by permute copies) + COST_ROW * (GEMM rows) + COST_KERNEL * (kernels)``.
+    The plan also reports ``peak``, its largest intermediate. For ``parallel`` every cut point is
+    tried, for ``sequential`` every factor order (up to 4 factors; beyond, the factors that shrink
+    the data most go first). Results are cached per shape.
     """
+    if algorithm not in ("parallel", "sequential"):
+        raise ValueError(
+            f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}"
+        )
+    return _cost_cached(rows, tuple(map(tuple, in_splits)), tuple(map(tuple, out_splits)),
+                        tuple(ranks), terms, algorithm)
+
+
+@lru_cache(maxsize=4096)
+def _cost_cached(rows: int, in_splits: Splits, out_splits: Splits, ranks: tuple[int, ...],
+                 terms: int, algorithm: str) -> KCPPlan:
     if algorithm == "parallel":
         plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s)
                  for s in range(len(in_splits) * len(ranks))]
-    elif algorithm == "sequential":
+    else:
         num_n = len(ranks)
-        if num_n <= 6:
+        if num_n <= 4:
             orders = list(itertools.permutations(range(num_n)))
         else:
             ratio = [math.prod(o[n] for o in out_splits) / math.prod(i[n] for i in in_splits)
                      for n in range(num_n)]
             orders = [tuple(sorted(range(num_n), key=lambda n: ratio[n]))]
         plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o) for o in orders]
-    else:
-        raise ValueError(
-            f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}"
-        )
     return min(plans, key=lambda plan: plan.cost)
 
 
