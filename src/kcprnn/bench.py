@@ -96,6 +96,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--out", default="bench-results", help="folder for bench.json and the PNG plots"
     )
     ap.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    ap.add_argument(
+        "--replot",
+        metavar="JSON",
+        default=None,
+        help="only rebuild plots and tables.md in --out from a bench.json (also partial)",
+    )
     args = ap.parse_args(argv)
     if args.preset is None:
         args.preset = "quick" if args.quick else "ucf11"
@@ -144,8 +150,34 @@ def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _write_tables(
+    out_dir: Path, points: list[dict[str, Any]], targets: list[dict[str, Any]], env: dict[str, Any]
+) -> None:
+    md = out_dir / "tables.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(format_markdown(points, targets, env))
+    os.replace(tmp, md)
+
+
+def replot(source: Path, out_dir: Path) -> int:
+    """Plots and ``tables.md`` in ``out_dir`` from an existing (possibly partial) bench.json."""
+    data = json.loads(source.read_text())
+    points, env = data["points"], data["environment"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = (
+        f"kcprnn bench {data['preset']}, {env['threads']} threads, {env['device']}, "
+        f"torch {env['versions']['torch']}"
+    )
+    plots = plot_sweeps(points, out_dir, title)
+    _write_tables(out_dir, points, evaluate_targets(points), env)
+    print(f"wrote {len(plots)} plots and {out_dir / 'tables.md'} from {source}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replot is not None:
+        return replot(Path(args.replot), Path(args.out))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kcprnn bench: --device cuda but CUDA is not available", file=sys.stderr)
@@ -214,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         result["plots"] = plot_sweeps(points, out_dir, title)
     write_json_atomic(path, result)
-    md = out_dir / "tables.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(format_markdown(points, result["targets"], env))
-    os.replace(tmp, md)
+    _write_tables(out_dir, points, result["targets"], env)
     slopes, targets = result["slopes"], result["targets"]
     for pt in points:
         if pt["sweep"] is None:

@@ -76,19 +76,28 @@ def plot_sweeps(points: list[dict[str, Any]], out_dir: Path, title: str) -> dict
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80, sharey=False)
         for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
-            for name, s in sorted(sweep_series(points, sweep, mode).items()):
+            colors = plt.get_cmap("tab20").colors
+            for k, (name, s) in enumerate(sorted(sweep_series(points, sweep, mode).items())):
                 label = f"{name} ({s['slope']:+.2f})" if "slope" in s else name
                 style = "--" if name.startswith(("tednet", "tltorch")) else "-"
                 if name.startswith(("torch", "input")):
                     style = ":"
-                ax.plot(s["x"], s["ms"], style, marker="o", markersize=3, label=label)
+                ax.plot(
+                    s["x"],
+                    s["ms"],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                    color=colors[k % len(colors)],
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("median ms")
             ax.set_title(f"{mode.replace('_', '+')} vs {sweep} (log-log slope)")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6, loc="best")
+            ax.legend(fontsize=5, loc="best", framealpha=0.6)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         path = out_dir / f"sweep_{sweep}.png"
