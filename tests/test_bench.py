@@ -183,6 +183,11 @@ def _check_run(tmp_path, device: str) -> dict:
     assert all(t["threshold"] > 0 and isinstance(t["holds"], bool) for t in data["targets"])
     tables = (out / "tables.md").read_text()
     assert "| torch nn.Linear |" in tables and "**lstm**" in tables
+    # --replot rebuilds the same plots and tables from the JSON alone
+    again = tmp_path / "replot"
+    assert main(["--replot", str(out / "bench.json"), "--out", str(again)]) == 0
+    assert (again / "tables.md").read_text() == tables
+    assert {p.name for p in again.glob("*.png")} == {p.name for p in out.glob("*.png")}
     return data
 
 
