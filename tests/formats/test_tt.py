@@ -199,7 +199,7 @@ def test_rows_swept_in_chunks(monkeypatch, order):
     # 100 entries make chunks of 2 rows: 7 rows run as 2 + 2 + 2 + 1
     assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "right_to_left") == 36
     assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "left_to_right") == 36
-    monkeypatch.setattr(tt_module, "CHUNK_ENTRIES", 100)
+    monkeypatch.setattr(tt_module, "CHUNK_ENTRIES", 100)  # the default would not split 7 rows
     x = torch.randn(7, 12, dtype=F64, requires_grad=True)
     torch.testing.assert_close(tt_linear(x, cores, order), x @ tt_to_dense(cores).T)
     assert torch.autograd.gradcheck(lambda x: tt_linear(x, cores, order), (x,))

@@ -184,11 +184,14 @@ def ring_intermediate_size(
     return max(sizes)
 
 
-CHUNK_ENTRIES = 1 << 20
-"""Rows are swept in chunks whose largest intermediate holds at most this many entries (4 MB in
-float32): the intermediates then stay in cache and the allocator reuses their buffers, where one
-sweep over many rows allocates (and page-faults) tens of MB per step. Measured at 57,600 -> 1,024,
-96 rows, 1 thread: TT 11.5 -> 9.3 ms forward, ring rank 4 108 -> 35 ms."""
+CHUNK_ENTRIES = 1 << 23
+"""Rows are swept in chunks whose largest intermediate holds at most this many entries (32 MB in
+float32). One sweep over many rows allocates (and page-faults) a fresh buffer of that size per
+step; at 57,600 -> 1,024 on 96 rows, ring rank 4 (19.7M entries) takes 107 ms forward in one
+sweep and 35-50 ms in chunks (1 thread, CPU time). Each chunk adds a dozen small parallel
+regions, which cost far more than they save on a contended 2-thread machine (TT: 148 ms in one
+sweep vs 656 ms in 2^20-entry chunks, wall clock), so only intermediates beyond this size are
+split; TT and ring rank 2 at that size (4.9M entries) run in one sweep."""
 
 
 def ring_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
