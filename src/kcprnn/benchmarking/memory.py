@@ -5,13 +5,15 @@ built module and its input already hold.
 - CPU: one subprocess per case (``python -m kcprnn.benchmarking.memory``), so cases do not see
   each other's freed-but-cached memory. The worker builds the case, runs it once to warm up,
   resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux >= 4.0),
-  runs it again and reports ``VmHWM - VmRSS``. Where the reset is not allowed it falls back to
-  ``ru_maxrss`` around the first call. Resident memory has page granularity and includes
+  runs it again and reports ``VmHWM - VmRSS``. glibc is told to unmap freed blocks of 64 KiB and
+  more at once, so memory freed by the warm-up is not reused unseen. Where the reset is not
+  allowed it falls back to ``ru_maxrss`` around the first call. Resident memory has page granularity and includes
   allocator slack, so small cases read as a few pages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -25,6 +27,8 @@ import torch
 from .cases import BuiltCase, CaseSpec, build_case
 
 __all__ = ["cuda_peak_bytes", "measure_cpu_in_worker", "measure_peak_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -112,7 +116,20 @@ def measure_peak_memory(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _unbuffered_malloc() -> None:
+    """Make glibc return freed blocks of 64 KiB and more to the kernel at once (fixed mmap
+    threshold, no heap-top padding), so the warm-up call's freed intermediates are not silently
+    reused by the measured call and every live tensor shows in the resident set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(_M_TRIM_THRESHOLD, 0)
+
+
 def _worker_main() -> int:
+    _unbuffered_malloc()
     threads = int(sys.argv[1])
     spec = CaseSpec.from_dict(json.loads(sys.stdin.read()))
     print(json.dumps(measure_cpu_in_worker(spec, threads)))
