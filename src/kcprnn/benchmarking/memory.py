@@ -7,8 +7,8 @@ built module and its input already hold.
   resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux >= 4.0),
   runs it again and reports ``VmHWM - VmRSS``. glibc is told to unmap freed blocks of 64 KiB and
   more at once, so memory freed by the warm-up is not reused unseen. Where the reset is not
-  allowed it falls back to ``ru_maxrss`` around the first call. Resident memory has page granularity and includes
-  allocator slack, so small cases read as a few pages.
+  allowed it falls back to ``ru_maxrss`` around the first call. Resident memory has page
+  granularity and includes allocator slack, so small cases read as a few pages.
 """
 
 from __future__ import annotations
