@@ -6,7 +6,19 @@ drop-ins for ``torch.nn``'s recurrent modules (:class:`LSTM`, :class:`GRU`, :cla
 cells) with compressed weights; :func:`summary` counts them.
 """
 
-from .formats import FORMATS, DenseMatrix, FactorizedMatrix, make_matrix
+from .formats import (
+    FORMATS,
+    BTMatrix,
+    CPMatrix,
+    DenseMatrix,
+    FactorizedMatrix,
+    HTMatrix,
+    KCPMatrix,
+    TRMatrix,
+    TTMatrix,
+    TuckerMatrix,
+    make_matrix,
+)
 from .layers import (
     BTLinear,
     CPLinear,
@@ -26,6 +38,13 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMATS",
     "BTLinear",
+    "BTMatrix",
+    "CPMatrix",
+    "HTMatrix",
+    "KCPMatrix",
+    "TRMatrix",
+    "TTMatrix",
+    "TuckerMatrix",
     "CPLinear",
     "DenseLinear",
     "DenseMatrix",
