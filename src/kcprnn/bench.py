@@ -143,7 +143,7 @@ def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
                 name: {k: v for k, v in s.items() if k in ("slope", "local_slopes")}
                 for name, s in sweep_series(points, sweep, mode).items()
             }
-            for mode in ("forward", "forward_backward")
+            for mode in ("forward", "forward_backward", "macs")
         }
         for sweep in ("rank", "rows", "input")
         if any(p["sweep"] == sweep for p in points)
@@ -253,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(format_point_table(pt))
     for sweep, modes in slopes.items():
-        print(f"\n== log-log slopes vs {sweep} (forward / forward+backward) ==")
+        print(f"\n== log-log slopes vs {sweep} (forward / forward+backward / MACs) ==")
         for name in sorted(modes["forward"]):
-            f = modes["forward"][name].get("slope")
-            b = modes["forward_backward"].get(name, {}).get("slope")
-            fs = "-" if f is None else f"{f:+.2f}"
-            bs = "-" if b is None else f"{b:+.2f}"
-            print(f"  {name:<44} {fs:>6} / {bs:>6}")
+            cells = []
+            for mode in ("forward", "forward_backward", "macs"):
+                v = modes[mode].get(name, {}).get("slope")
+                cells.append(f"{'-' if v is None else f'{v:+.2f}':>6}")
+            print(f"  {name:<44} {' / '.join(cells)}")
     if targets:
         print()
         print(format_targets(targets))

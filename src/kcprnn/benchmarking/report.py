@@ -32,17 +32,27 @@ def fit_loglog_slope(xs: list[float], ys: list[float]) -> float:
 
 
 def sweep_series(points: list[dict[str, Any]], sweep: str, mode: str) -> dict[str, dict[str, Any]]:
-    """``series -> {"x": [...], "ms": [...], "slope": s, "local_slopes": [...]}`` for one sweep."""
+    """``series -> {"x": [...], "ms": [...], "slope": s, "local_slopes": [...]}`` for one sweep.
+
+    ``mode`` is ``"forward"`` or ``"forward_backward"`` (median ms), or ``"macs"`` (the counted
+    forward multiply-accumulates, stored under ``"ms"`` too): the arithmetic's own slope, which
+    does not depend on how quiet the machine was."""
     series: dict[str, dict[str, list[float]]] = {}
     for pt in points:
         if pt["sweep"] != sweep:
             continue
         for c in pt["cases"]:
-            if c["status"] != "ok" or mode not in c:
+            if mode == "macs":
+                if c["status"] != "ok" or not c.get("macs"):
+                    continue
+                value = float(c["macs"])
+            elif c["status"] != "ok" or mode not in c:
                 continue
+            else:
+                value = float(c[mode]["median_ms"])
             s = series.setdefault(c["series"], {"x": [], "ms": []})
             s["x"].append(float(pt["x"]))
-            s["ms"].append(float(c[mode]["median_ms"]))
+            s["ms"].append(value)
     out: dict[str, dict[str, Any]] = {}
     for name, s in series.items():
         order = sorted(range(len(s["x"])), key=lambda i: s["x"][i])
