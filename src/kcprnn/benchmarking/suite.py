@@ -609,6 +609,7 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     _ms(auto[0], mode) / _ms(best, mode),
                     1.10,
                     False,
-                    f"{pt['name']} r={rank} (best: {best['options']['algorithm']})",
+                    f"{pt['name']} r={rank} (auto -> {auto[0].get('resolved_algorithm', '?')}, "
+                    f"best measured: {best['options']['algorithm']})",
                 )
     return out
