@@ -58,9 +58,16 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _cpu_peak(fn: Callable[[], object], can_reset: bool) -> int:
+def _drop_grads(built: BuiltCase) -> None:
+    if built.module is not None:
+        for p in built.module.parameters():
+            p.grad = None
+
+
+def _cpu_peak(fn: Callable[[], object], can_reset: bool, built: BuiltCase) -> int:
     if can_reset:
         fn()  # warm-up: lazy library state is not charged to the case
+        _drop_grads(built)  # the measured step allocates its gradients, as a training step does
         _reset_hwm()
         base = _status_kib("VmRSS")
         fn()
@@ -77,9 +84,9 @@ def measure_cpu_in_worker(spec: CaseSpec, threads: int) -> dict[str, Any]:
     built: BuiltCase = build_case(spec, torch.device("cpu"))
     can_reset = os.path.exists("/proc/self/clear_refs") and _reset_hwm()
     out: dict[str, Any] = {"method": "VmHWM-reset" if can_reset else "ru_maxrss-first-call"}
-    out["forward_bytes"] = _cpu_peak(built.forward, can_reset)
+    out["forward_bytes"] = _cpu_peak(built.forward, can_reset, built)
     if built.forward_backward is not None:
-        out["forward_backward_bytes"] = _cpu_peak(built.forward_backward, can_reset)
+        out["forward_backward_bytes"] = _cpu_peak(built.forward_backward, can_reset, built)
     return out
 
 
@@ -96,6 +103,7 @@ def measure_peak_memory(
         }
         if built.forward_backward is not None:
             built.forward_backward()
+            _drop_grads(built)
             out["forward_backward_bytes"] = cuda_peak_bytes(built.forward_backward, device)
         return out
     cmd = [sys.executable, "-m", "kcprnn.benchmarking.memory", str(threads)]
