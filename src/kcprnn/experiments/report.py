@@ -67,7 +67,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     textcoords="offset points", xytext=(5, 4), fontsize=9)
     if rows and "num_classes" in rows[0]:
         ax.axhline(100 / rows[0]["num_classes"], color="grey", ls="--", lw=1, label="chance")
-        ax.legend(loc="lower left")
+        ax.legend(loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio of the input-to-hidden matrix")
     ax.set_ylabel("test accuracy (%)")
