@@ -6,7 +6,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("kcprnn.experiments.demo", "train every format on the UCF11-like stand-in, print the table"),
+    "demo": (
+        "kcprnn.experiments.demo",
+        "train every format on the UCF11-like stand-in, print the table",
+    ),
     "train": ("kcprnn.experiments.train", "train one experiment from a TOML config"),
     "report": ("kcprnn.experiments.report", "rebuild the results table and plot from run folders"),
     "bench": ("kcprnn.bench", "benchmark formats and RNNs (ours, dense, peers)"),

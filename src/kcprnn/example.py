@@ -20,7 +20,9 @@ def _median_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run(in_features: int = 57600, out_features: int = 1024, rows: int = 96, repeats: int = 20) -> dict:
+def run(
+    in_features: int = 57600, out_features: int = 1024, rows: int = 96, repeats: int = 20
+) -> dict:
     """Build a KCP layer, compare it with its dense reconstruction, time both. Returns numbers."""
     torch.manual_seed(0)
     layer = FactorizedLinear(in_features, out_features, format="kcp")
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     r = run(args.in_features, args.out_features, args.rows)
     print(r["layer"])
-    print(f"parameters: {r['params']:,} (dense {r['dense_params']:,}; {r['compression_ratio']:,.0f}x)")
+    print(f"parameters: {r['params']:,} (dense {r['dense_params']:,}; "
+          f"{r['compression_ratio']:,.0f}x)")
     print(f"relative error against the dense reconstruction: {r['relative_error']:.2e}")
     print(f"forward on {args.rows} rows ({r['threads']} threads): KCP {r['kcp_ms']:.2f} ms, "
           f"dense {r['dense_ms']:.2f} ms ({r['speedup']:.1f}x faster)")

@@ -24,7 +24,9 @@ __all__ = [
 def validate_positive_int(value: object, name: str) -> int:
     """Return ``value`` as an ``int`` if it is a positive integer, else raise with its name."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a positive int, got {value!r} of type {type(value).__name__}"
+        )
     if value < 1:
         raise ValueError(f"{name} must be positive, got {name}={value}")
     return value
@@ -92,7 +94,9 @@ def default_num_modes(in_features: int, out_features: int) -> int:
     return d
 
 
-def validate_modes(features: int, modes: Sequence[int], name: str, features_name: str) -> tuple[int, ...]:
+def validate_modes(
+    features: int, modes: Sequence[int], name: str, features_name: str
+) -> tuple[int, ...]:
     """Check that ``modes`` are positive ints whose product is ``features``."""
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) == 0:
         raise TypeError(f"{name} must be a non-empty sequence of ints, got {modes!r}")

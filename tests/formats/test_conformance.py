@@ -60,7 +60,7 @@ class TestConformance:
         keys = list(params)
 
         def fn(x, *values):
-            return functional_call(w, dict(zip(keys, values)), (x,))
+            return functional_call(w, dict(zip(keys, values, strict=True)), (x,))
 
         assert torch.autograd.gradcheck(fn, (x, *params.values()))
 

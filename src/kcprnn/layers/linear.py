@@ -26,7 +26,8 @@ class FactorizedLinear(nn.Module):
         out_features: size of each output sample.
         bias: if ``False``, the layer has no additive bias. Default: ``True``.
         format: the weight format, a key of :data:`kcprnn.FORMATS`
-            (``"dense"``, ``"kcp"``, ``"cp"``, ``"tucker"``, ``"tt"``, ``"tr"``, ``"bt"``, ``"ht"``).
+            (``"dense"``, ``"kcp"``, ``"cp"``, ``"tucker"``, ``"tt"``, ``"tr"``, ``"bt"``,
+            ``"ht"``).
         device, dtype: factory arguments, as in ``torch.nn``.
         **format_options: passed to the format class (``in_modes``, ``out_modes``, ``rank``, ...).
 
