@@ -18,21 +18,14 @@ k a merged contraction axis.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..shapes import resolve_modes, validate_ranks
-from ._base import FactorizedMatrix, register
-from .tt import (
-    ring_contraction_order,
-    ring_linear,
-    ring_linear_flops,
-    ring_to_dense,
-    ring_to_dense_flops,
-)
+from ..shapes import validate_ranks
+from ._base import register
+from .tt import RingMatrix, ring_linear, ring_to_dense
 
 __all__ = ["TRMatrix", "tr_linear", "tr_num_params", "tr_svd", "tr_to_dense", "validate_tr_ranks"]
 
@@ -124,7 +117,7 @@ def tr_svd(
 
 
 @register("tr")
-class TRMatrix(FactorizedMatrix):
+class TRMatrix(RingMatrix):
     r"""A weight matrix in tensor-ring format.
 
     .. math::
@@ -150,88 +143,13 @@ class TRMatrix(FactorizedMatrix):
         torch.Size([2, 1024])
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        in_modes: Sequence[int] | None = None,
-        out_modes: Sequence[int] | None = None,
-        num_modes: int | None = None,
-        rank: int | Sequence[int] = DEFAULT_RANK,
-        algorithm: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
-            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
-        )
-        self.ranks = validate_tr_ranks(rank, self.num_modes)
-        b = _bonds(self.ranks)
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))
-            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
-        )
-        self.reset_parameters()
+    resolve_ranks = staticmethod(validate_tr_ranks)
+    decompose = staticmethod(tr_svd)
 
-    def reset_parameters(self, std: float | None = None) -> None:
-        # W[j, i] = Σ over closed index paths (a_0, ..., a_{D-1}, a_D = a_0) of products of D
-        # independent zero-mean core entries of variance σ²: Π_{d=0}^{D-1} r_d paths, mutually
-        # uncorrelated, so
-        #     Var(W) = Π_{d=0}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
-        # (With D = 1 a path reads G[a, j, i, a]; still one entry per path.) Entries are
-        # uniform (std σ): lighter-tailed products than Gaussian entries.
-        std = self.default_std() if std is None else std
-        sigma = (std**2 / math.prod(self.ranks)) ** (1 / (2 * self.num_modes))
-        bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
-        with torch.no_grad():
-            for core in self.cores:
-                core.uniform_(-bound, bound)
+    @property
+    def bonds(self) -> tuple[int, ...]:
+        return _bonds(self.ranks)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return tr_linear(x, list(self.cores))  # (b, j)
-
-    def to_dense(self) -> Tensor:
-        return tr_to_dense(list(self.cores))  # (j, i)
-
-    def contraction_order(self, rows: int) -> str:
-        """The sweep :meth:`matmul` uses on ``rows`` rows (see
-        :func:`~kcprnn.formats.tt.ring_contraction_order`)."""
-        return ring_contraction_order(self.in_modes, self.out_modes, _bonds(self.ranks), rows)
-
-    def matmul_flops(self, rows: int) -> int:
-        order = self.contraction_order(rows)
-        return ring_linear_flops(self.in_modes, self.out_modes, _bonds(self.ranks), rows, order)
-
-    def reconstruction_flops(self) -> int:
-        return ring_to_dense_flops(self.in_modes, self.out_modes, _bonds(self.ranks))
-
-    def format_repr_items(self) -> list[str]:
-        return [f"ranks={list(self.ranks)}"]
-
-    @classmethod
-    def from_dense(cls, weight: Tensor, **options) -> TRMatrix:
-        """TR-SVD of ``weight`` (``(out_features, in_features)``) truncated to ``rank``.
-
-        ``options`` are the constructor's; ranks above what an unfolding can hold are capped
-        (see :func:`tr_svd`), so a large ``rank`` gives an exact decomposition.
-        """
-        if weight.dim() != 2:
-            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
-        options.setdefault("dtype", weight.dtype)
-        options.setdefault("device", weight.device)
-        in_modes, out_modes = resolve_modes(
-            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
-            options.pop("out_modes", None), options.pop("num_modes", None),
-        )
-        ranks = validate_tr_ranks(options.pop("rank", DEFAULT_RANK), len(in_modes))
-        cores = tr_svd(weight, in_modes, out_modes, ranks)
-        out = cls(
-            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
-            rank=[core.shape[0] for core in cores], **options,
-        )
-        with torch.no_grad():
-            for param, core in zip(out.cores, cores, strict=True):
-                param.copy_(core)
-        return out
+    @staticmethod
+    def ranks_of_cores(cores: Sequence[Tensor]) -> list[int]:
+        return [core.shape[0] for core in cores]

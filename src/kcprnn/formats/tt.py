@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from ..shapes import resolve_modes, validate_positive_int
 from ._base import FactorizedMatrix, register
 
 __all__ = [
+    "RingMatrix",
     "TTMatrix",
     "ring_contraction_order",
     "ring_intermediate_size",
@@ -336,8 +338,125 @@ def tt_svd(
 # --- module ---
 
 
+class RingMatrix(FactorizedMatrix):
+    """Shared module code of the TT (:class:`TTMatrix`) and TR
+    (:class:`~kcprnn.formats.tr.TRMatrix`) formats: ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)``
+    contracted by :func:`ring_linear`.
+
+    Subclasses set :meth:`resolve_ranks` (the user's ``rank`` -> ``self.ranks``), :attr:`bonds`
+    (the ``D + 1`` bond ranks ``r_0, ..., r_D``), :meth:`decompose` and :meth:`ranks_of_cores`
+    (for ``from_dense``).
+    """
+
+    default_rank: ClassVar[int] = DEFAULT_RANK
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        num_modes: int | None = None,
+        rank: int | Sequence[int] = DEFAULT_RANK,
+        algorithm: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
+            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
+        )
+        self.ranks = self.resolve_ranks(rank, self.num_modes)
+        b = self.bonds
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))
+            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
+        )
+        self.reset_parameters()
+
+    @staticmethod
+    def resolve_ranks(rank: int | Sequence[int], num_modes: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def bonds(self) -> tuple[int, ...]:
+        """The ``D + 1`` bond ranks ``r_0, ..., r_D`` (``r_D = r_0``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def decompose(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
+                  ranks: tuple[int, ...]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        # W[j, i] is a sum over index paths (a_0, ..., a_{D-1}) of the bonds r_0, ..., r_{D-1}
+        # (for TT r_0 = 1; for TR the trace closes a_D = a_0) of products of D independent
+        # zero-mean core entries of variance σ²; distinct paths are uncorrelated, so
+        #     Var(W) = Π_{d=0}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
+        # Entries are uniform (std σ): a product of uniforms has lighter tails than a product
+        # of Gaussians, so the second moment of one draw scatters less around std².
+        std = self.default_std() if std is None else std
+        sigma = (std**2 / math.prod(self.bonds[:-1])) ** (1 / (2 * self.num_modes))
+        bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
+        with torch.no_grad():
+            for core in self.cores:
+                core.uniform_(-bound, bound)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return ring_linear(x, list(self.cores), self.contraction_order(x.shape[0]))  # (b, j)
+
+    def to_dense(self) -> Tensor:
+        return ring_to_dense(list(self.cores))  # (j, i)
+
+    def contraction_order(self, rows: int) -> str:
+        """The sweep :meth:`matmul` uses on ``rows`` rows (see :func:`ring_contraction_order`)."""
+        return ring_contraction_order(self.in_modes, self.out_modes, self.bonds, rows)
+
+    def matmul_flops(self, rows: int) -> int:
+        order = self.contraction_order(rows)
+        return ring_linear_flops(self.in_modes, self.out_modes, self.bonds, rows, order)
+
+    def reconstruction_flops(self) -> int:
+        return ring_to_dense_flops(self.in_modes, self.out_modes, self.bonds)
+
+    def format_repr_items(self) -> list[str]:
+        return [f"ranks={list(self.ranks)}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> RingMatrix:
+        """Decompose ``weight`` (``(out_features, in_features)``) truncated to ``rank``.
+
+        ``options`` are the constructor's; ranks above what an unfolding can hold are capped,
+        so a large ``rank`` gives an exact decomposition.
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        in_modes, out_modes = resolve_modes(
+            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
+            options.pop("out_modes", None), options.pop("num_modes", None),
+        )
+        ranks = cls.resolve_ranks(options.pop("rank", cls.default_rank), len(in_modes))
+        cores = cls.decompose(weight, in_modes, out_modes, ranks)
+        out = cls(
+            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
+            rank=cls.ranks_of_cores(cores), **options,
+        )
+        with torch.no_grad():
+            for param, core in zip(out.cores, cores, strict=True):
+                param.copy_(core)
+        return out
+
+    @staticmethod
+    def ranks_of_cores(cores: Sequence[Tensor]) -> list[int]:
+        """The ``rank`` argument that rebuilds a module with these cores' shapes."""
+        raise NotImplementedError
+
+
 @register("tt")
-class TTMatrix(FactorizedMatrix):
+class TTMatrix(RingMatrix):
     r"""A weight matrix in TT-matrix format.
 
     .. math::
@@ -365,85 +484,13 @@ class TTMatrix(FactorizedMatrix):
         torch.Size([2, 1024])
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        in_modes: Sequence[int] | None = None,
-        out_modes: Sequence[int] | None = None,
-        num_modes: int | None = None,
-        rank: int | Sequence[int] = DEFAULT_RANK,
-        algorithm: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
-            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
-        )
-        self.ranks = validate_tt_ranks(rank, self.num_modes)
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(self.ranks[d], m, n, self.ranks[d + 1], **self.factory_kwargs))
-            for d, (m, n) in enumerate(zip(self.out_modes, self.in_modes, strict=True))
-        )
-        self.reset_parameters()
+    resolve_ranks = staticmethod(validate_tt_ranks)
+    decompose = staticmethod(tt_svd)
 
-    def reset_parameters(self, std: float | None = None) -> None:
-        # W[j, i] is a sum over the Π_{d=1}^{D-1} r_d rank paths of products of D independent
-        # zero-mean core entries of variance σ²; distinct paths are uncorrelated, so
-        #     Var(W) = Π_{d=1}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
-        # Entries are uniform (std σ): a product of uniforms has lighter tails than a product
-        # of Gaussians, so the second moment of one draw scatters less around std².
-        std = self.default_std() if std is None else std
-        sigma = (std**2 / math.prod(self.ranks[1:-1])) ** (1 / (2 * self.num_modes))
-        bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
-        with torch.no_grad():
-            for core in self.cores:
-                core.uniform_(-bound, bound)
+    @property
+    def bonds(self) -> tuple[int, ...]:
+        return self.ranks
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return tt_linear(x, list(self.cores))  # (b, j)
-
-    def to_dense(self) -> Tensor:
-        return tt_to_dense(list(self.cores))  # (j, i)
-
-    def contraction_order(self, rows: int) -> str:
-        """The sweep :meth:`matmul` uses on ``rows`` rows (see :func:`ring_contraction_order`)."""
-        return ring_contraction_order(self.in_modes, self.out_modes, self.ranks, rows)
-
-    def matmul_flops(self, rows: int) -> int:
-        order = self.contraction_order(rows)
-        return ring_linear_flops(self.in_modes, self.out_modes, self.ranks, rows, order)
-
-    def reconstruction_flops(self) -> int:
-        return ring_to_dense_flops(self.in_modes, self.out_modes, self.ranks)
-
-    def format_repr_items(self) -> list[str]:
-        return [f"ranks={list(self.ranks)}"]
-
-    @classmethod
-    def from_dense(cls, weight: Tensor, **options) -> TTMatrix:
-        """TT-SVD of ``weight`` (``(out_features, in_features)``) truncated to ``rank``.
-
-        ``options`` are the constructor's; ranks above what an unfolding can hold are capped
-        (see :func:`tt_svd`), so a large ``rank`` gives an exact decomposition.
-        """
-        if weight.dim() != 2:
-            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
-        options.setdefault("dtype", weight.dtype)
-        options.setdefault("device", weight.device)
-        in_modes, out_modes = resolve_modes(
-            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
-            options.pop("out_modes", None), options.pop("num_modes", None),
-        )
-        ranks = validate_tt_ranks(options.pop("rank", DEFAULT_RANK), len(in_modes))
-        cores = tt_svd(weight, in_modes, out_modes, ranks)
-        out = cls(
-            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
-            rank=[core.shape[0] for core in cores] + [1], **options,
-        )
-        with torch.no_grad():
-            for param, core in zip(out.cores, cores, strict=True):
-                param.copy_(core)
-        return out
+    @staticmethod
+    def ranks_of_cores(cores: Sequence[Tensor]) -> list[int]:
+        return [core.shape[0] for core in cores] + [1]
