@@ -360,3 +360,26 @@ def test_sequential_flops_by_hand():
     # step 2: factor 1 on (5, p*2) -> 4: 5*1*2*2*4 = 80.
     plan = _sequential_plan(5, ((2, 3),), ((4, 1),), (1, 1), 2, order=(1, 0))
     assert plan.macs == 22 + 60 + 80
+
+
+def test_training_auto_prices_the_backward():
+    # R = 2 at the UCF11 point: parallel's forward is cheaper, but its backward repeats the GEMM
+    # over the input (1.5x its forward) while sequential's is about half of its forward.
+    ranks = (2, 2)
+    par = kcp_cost(96, UCF_IN, UCF_OUT, ranks, 1, "parallel")
+    seq = kcp_cost(96, UCF_IN, UCF_OUT, ranks, 1, "sequential")
+    assert par.cost < seq.cost < par.cost * 2.5 / 1.5
+    assert kcp_plan(96, UCF_IN, UCF_OUT, ranks, 1).algorithm == "parallel"
+    assert kcp_plan(96, UCF_IN, UCF_OUT, ranks, 1, training=True).algorithm == "sequential"
+    # rank 1: parallel stays the cheaper one with its backward included
+    assert kcp_plan(96, UCF_IN, UCF_OUT, (1, 1), 1, training=True).algorithm == "parallel"
+
+
+def test_plan_follows_grad_mode():
+    w = KCPMatrix(57600, 1024, in_modes=UCF_IN, out_modes=UCF_OUT, rank=2)
+    assert w.plan(96).algorithm == "sequential"  # factors require grad, grad enabled
+    with torch.no_grad():
+        assert w.plan(96).algorithm == "parallel"
+        assert w.matmul_flops(96) == w.plan(96, training=False).macs
+    w.requires_grad_(False)
+    assert w.plan(96).algorithm == "parallel"

@@ -76,6 +76,10 @@ COST_ROW = 150.0
 COST_KERNEL = 5.0e5
 COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
+# Backward over forward time of each algorithm when the factors need gradients (the input does
+# not): measured at the UCF11 point, 96 rows, 2 threads, R = 1 and 2 (parallel 1.58 / 1.46,
+# sequential 0.48 / 0.51; benchmarks/results/full-2thread). ``auto`` uses them in training.
+BACKWARD = {"parallel": 1.5, "sequential": 0.5}
 
 
 # --- pure functions: shapes and counts ---
@@ -358,8 +362,13 @@ def _cost_cached(rows: int, in_splits: Splits, out_splits: Splits, ranks: tuple[
 
 
 def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
-             algorithm: str = "auto") -> KCPPlan:
+             algorithm: str = "auto", training: bool = False) -> KCPPlan:
     """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`.
+
+    With ``training=True`` (gradients flow into the factors) ``auto`` compares forward plus
+    backward: the backward of ``parallel`` repeats its GEMM over the input and differentiates
+    the per-row step, ``BACKWARD[algorithm]`` times its forward cost; the backward of
+    ``sequential`` reuses the gathered input and skips the permute, about half its forward.
 
     The choice depends on ``rows``, so the MACs of ``auto`` are affine in ``rows`` only
     piecewise, between the row counts where the choice changes.
@@ -367,6 +376,8 @@ def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     if algorithm == "auto":
         plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a)
                  for a in ("parallel", "sequential")]
+        if training:
+            return min(plans, key=lambda plan: plan.cost * (1 + BACKWARD[plan.algorithm]))
         return min(plans, key=lambda plan: plan.cost)
     return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm)
 
@@ -569,10 +580,14 @@ class KCPMatrix(FactorizedMatrix):
     def _factor_list(self) -> list[list[Tensor]]:
         return [list(f) for f in self.factors]
 
-    def plan(self, rows: int) -> KCPPlan:
-        """The plan ``forward`` runs on ``rows`` rows with the current algorithm."""
+    def plan(self, rows: int, training: bool | None = None) -> KCPPlan:
+        """The plan ``forward`` runs on ``rows`` rows with the current algorithm; ``training``
+        (default: whether autograd will differentiate the factors now) prices the backward too."""
         algorithm = "auto" if self.algorithm == "dense" else self.algorithm
-        return kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms, algorithm)
+        if training is None:
+            training = torch.is_grad_enabled() and self.factors[0][0].requires_grad
+        return kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms, algorithm,
+                        training)
 
     def matmul(self, x: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
