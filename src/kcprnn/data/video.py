@@ -116,42 +116,41 @@ def _videos(folder: Path) -> list[Path]:
     return sorted(p for p in found if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+def _class_clips(root: str | os.PathLike) -> list[tuple[str, Path]]:
+    """``(class name, clip)`` for every clip of every class folder under ``root``; a missing
+    dataset folder, no class folders or an empty class folder is a clear error."""
+    folder = _require_dir(root)
+    dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not dirs:
-        raise ValueError(f"dataset folder {str(root)!r} has no class folders")
-    return dirs
+        raise ValueError(f"dataset folder {str(folder)!r} has no class folders")
+    out = []
+    for class_dir in dirs:
+        clips = _videos(class_dir)
+        if not clips:
+            raise ValueError(f"class folder {str(class_dir)!r} contains no video clips")
+        out += [(class_dir.name, clip) for clip in clips]
+    return out
 
 
 def scan_ucf11(root: str | os.PathLike) -> list[ClipRef]:
     """List UCF11 clips: class = top folder, group = the trailing number of the group folder."""
     refs = []
-    for class_dir in _class_dirs(_require_dir(root)):
-        clips = _videos(class_dir)
-        if not clips:
-            raise ValueError(f"class folder {str(class_dir)!r} contains no video clips")
-        for clip in clips:
-            m = re.search(r"_(\d+)$", clip.parent.name) or re.search(r"_(\d+)_\d+$", clip.stem)
-            if m is None:
-                raise ValueError(
-                    f"{clip}: cannot read the UCF11 group number (want .../v_name_GG/)"
-                )
-            refs.append(ClipRef(clip, class_dir.name, int(m.group(1))))
+    for name, clip in _class_clips(root):
+        m = re.search(r"_(\d+)$", clip.parent.name) or re.search(r"_(\d+)_\d+$", clip.stem)
+        if m is None:
+            raise ValueError(f"{clip}: cannot read the UCF11 group number (want .../v_name_GG/)")
+        refs.append(ClipRef(clip, name, int(m.group(1))))
     return refs
 
 
 def scan_ucf50(root: str | os.PathLike) -> list[ClipRef]:
     """List UCF50 clips ``<Class>/v_<Class>_gGG_cCC.avi``: group ``GG``."""
     refs = []
-    for class_dir in _class_dirs(_require_dir(root)):
-        clips = _videos(class_dir)
-        if not clips:
-            raise ValueError(f"class folder {str(class_dir)!r} contains no video clips")
-        for clip in clips:
-            m = re.search(r"_g(\d+)_c\d+$", clip.stem)
-            if m is None:
-                raise ValueError(f"{clip}: name does not match v_<Class>_gGG_cCC")
-            refs.append(ClipRef(clip, class_dir.name, int(m.group(1))))
+    for name, clip in _class_clips(root):
+        m = re.search(r"_g(\d+)_c\d+$", clip.stem)
+        if m is None:
+            raise ValueError(f"{clip}: name does not match v_<Class>_gGG_cCC")
+        refs.append(ClipRef(clip, name, int(m.group(1))))
     return refs
 
 
