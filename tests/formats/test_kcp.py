@@ -11,6 +11,8 @@ from kcprnn.formats.kcp import (
     KCPMatrix,
     _parallel_plan,
     _sequential_plan,
+    _sequential_walk,
+    _swaps_to_end,
     kcp_cost,
     kcp_linear_parallel,
     kcp_linear_sequential,
@@ -68,6 +70,10 @@ CASES = [
     ([[2, 1, 2], [1, 3, 1]], [[2, 2, 1], [1, 1, 3]], 2, [2, 1, 3]),
     ([[2, 2], [3, 1], [1, 2]], [[1, 2], [2, 2], [3, 1]], 3, [3, 2]),
     ([[1, 1], [5, 1]], [[1, 1], [1, 1]], 1, 2),
+    # whole modes per factor (factor 2 owns the trailing modes: no gathering copy), P = 2
+    ([[3, 1], [2, 1], [1, 4], [1, 3]], [[2, 1], [1, 2], [2, 1], [1, 3]], 2, [2, 3]),
+    # N = 3 with P = 3: the middle factor runs one GEMM per term
+    ([[2, 2, 3], [3, 1, 2]], [[2, 1, 2], [1, 3, 2]], 3, [1, 2, 2]),
 ]
 
 
@@ -160,6 +166,7 @@ GRAD_CASES = [
     CASES[0],
     ([[2, 1, 2], [1, 2, 1]], [[1, 2, 1], [2, 1, 1]], 2, [1, 2, 1]),
     ([[2, 1], [1, 2], [2, 1]], [[1, 2], [2, 1], [1, 1]], 2, [2, 1]),
+    ([[2, 1], [1, 3]], [[1, 2], [2, 1]], 2, [2, 1]),  # whole modes per factor: no gathering
 ]
 
 
@@ -215,6 +222,39 @@ def test_empty_batch(algorithm):
     assert y.shape == (0, w.out_features)
     y.sum().backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in w.parameters())
+
+
+def test_swaps_to_end_by_hand():
+    # axes g r g r (group flagged): swap (g) with (r) -> r g g r, then (g g) with (r) -> r r g g
+    assert _swaps_to_end([2, 3, 4, 5], [True, False, True, False]) == [
+        (1, 2, 3, 20), (3, 8, 5, 1)]
+    assert _swaps_to_end([2, 3], [False, True]) == []
+
+
+def test_walk_gathers_only_interleaved_axes():
+    # whole modes per factor: factor 2 (trailing 360 inputs) goes first on a view of the input,
+    # then factor 1 on the small result; interleaved: factor 2's axes must be gathered
+    blocked = ((8, 1), (20, 1), (1, 20), (1, 18)), ((16, 1), (4, 1), (4, 1), (1, 4))
+    steps, _, _ = _sequential_walk(*blocked, 1, (1, 0))
+    assert (steps[0].gather, steps[0].pre, steps[0].f, steps[0].post, steps[0].g) == (
+        "none", 160, 360, 1, 4)
+    steps, _, copies = _sequential_walk(UCF_IN, UCF_OUT, 1, (1, 0))
+    assert steps[0].gather == "swaps" and steps[0].f == 600 and copies > 0
+    assert kcp_cost(96, *blocked, (4, 4), 1, "sequential").cost < kcp_cost(
+        96, UCF_IN, UCF_OUT, (4, 4), 1, "sequential").cost
+
+
+def test_chunked_gather_is_exact(monkeypatch):
+    import kcprnn.formats.kcp as kcp
+
+    w = make_case(CASES[4], algorithm="sequential")
+    x = torch.randn(7, w.in_features, dtype=F64)
+    ref = w(x)
+    monkeypatch.setattr(kcp, "GATHER_CHUNK", 2 * w.in_features)  # chunks of 2 rows
+    steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, w.terms, w.plan(7).order)
+    assert steps[0].gather in ("swaps", "permute")
+    assert kcp._chunk_rows(7, w.in_features, steps) == 2
+    torch.testing.assert_close(w(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_pure_to_dense_matches_module():
@@ -324,6 +364,7 @@ def test_reset_parameters_rejects_non_positive_std():
 # --- the auto choice follows the cost model ---
 
 UCF_IN, UCF_OUT = ((2, 4), (4, 5), (4, 5), (3, 6)), ((4, 4), (2, 2), (2, 2), (2, 2))
+BIG_IN = ((4, 4), (4, 5), (4, 5), (6, 6))  # 230,400 inputs
 
 
 def test_auto_is_the_cheaper_plan():
@@ -363,20 +404,20 @@ def test_sequential_flops_by_hand():
 
 
 def test_training_auto_prices_the_backward():
-    # R = 2 at the UCF11 point: parallel's forward is cheaper, but its backward repeats the GEMM
-    # over the input (1.5x its forward) while sequential's is about half of its forward.
+    # R = 2 at 230,400 -> 1,024, 96 rows: parallel's forward is cheaper, but its backward repeats
+    # the GEMM over the input (1.5x its forward) while sequential's is about half its forward.
     ranks = (2, 2)
-    par = kcp_cost(96, UCF_IN, UCF_OUT, ranks, 1, "parallel")
-    seq = kcp_cost(96, UCF_IN, UCF_OUT, ranks, 1, "sequential")
+    par = kcp_cost(96, BIG_IN, UCF_OUT, ranks, 1, "parallel")
+    seq = kcp_cost(96, BIG_IN, UCF_OUT, ranks, 1, "sequential")
     assert par.cost < seq.cost < par.cost * 2.5 / 1.5
-    assert kcp_plan(96, UCF_IN, UCF_OUT, ranks, 1).algorithm == "parallel"
-    assert kcp_plan(96, UCF_IN, UCF_OUT, ranks, 1, training=True).algorithm == "sequential"
+    assert kcp_plan(96, BIG_IN, UCF_OUT, ranks, 1).algorithm == "parallel"
+    assert kcp_plan(96, BIG_IN, UCF_OUT, ranks, 1, training=True).algorithm == "sequential"
     # rank 1: parallel stays the cheaper one with its backward included
     assert kcp_plan(96, UCF_IN, UCF_OUT, (1, 1), 1, training=True).algorithm == "parallel"
 
 
 def test_plan_follows_grad_mode():
-    w = KCPMatrix(57600, 1024, in_modes=UCF_IN, out_modes=UCF_OUT, rank=2)
+    w = KCPMatrix(230400, 1024, in_modes=BIG_IN, out_modes=UCF_OUT, rank=2)
     assert w.plan(96).algorithm == "sequential"  # factors require grad, grad enabled
     with torch.no_grad():
         assert w.plan(96).algorithm == "parallel"
