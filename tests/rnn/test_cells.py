@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kcprnn
 from kcprnn import FORMATS
-from kcprnn.rnn.cells import fold_gates
+from kcprnn.rnn.cells import fold_gates, lstm_sequence, lstm_step
 
 CELLS = {
     "lstm": (kcprnn.LSTMCell, nn.LSTMCell, {}),
@@ -104,3 +105,52 @@ def test_cell_extra_repr():
     assert kcprnn.RNNCell(5, 3, bias=False, nonlinearity="relu", format="dense").extra_repr() == (
         "5, 3, bias=False, nonlinearity='relu'"
     )
+
+
+# --- the fused LSTM layer ---
+
+
+def _lstm_by_steps(gates_x, h, c, weight, bias, reverse):
+    """Reference: lstm_step over time with autograd."""
+    b = h.shape[0]
+    steps = gates_x.shape[0] // b
+    outs = [None] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        h, c = lstm_step(gates_x[t * b:(t + 1) * b], h, c, lambda z: F.linear(z, weight), bias)
+        outs[t] = h
+    return torch.cat(outs), h, c
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_sequence_matches_steps(reverse, bias):
+    torch.manual_seed(0)
+    b, h, steps = 3, 4, 5
+    f64 = torch.float64
+    args = [torch.randn(steps * b, 4 * h, dtype=f64), torch.randn(b, h, dtype=f64),
+            torch.randn(b, h, dtype=f64), torch.randn(4 * h, h, dtype=f64),
+            torch.randn(4 * h, dtype=f64) if bias else None]
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    got = lstm_sequence(*args, reverse=reverse)
+    ref = _lstm_by_steps(*args, reverse)
+    weights = [torch.randn_like(r) for r in ref]
+    loss_got = sum((g * w).sum() for g, w in zip(got, weights, strict=True))
+    loss_ref = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
+    inputs = [a for a in args if a is not None]
+    for g, r in zip(torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_ref, inputs),
+                    strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_sequence_gradcheck():
+    torch.manual_seed(1)
+    b, h, steps = 2, 3, 3
+    args = [torch.randn(steps * b, 4 * h, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+            torch.randn(4 * h, h, dtype=torch.float64, requires_grad=True),
+            torch.randn(4 * h, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a, reverse=True), args)
+    assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a), args)

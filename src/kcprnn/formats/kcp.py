@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..shapes import balanced_factors, validate_positive_int, validate_ranks
 from ._base import FactorizedMatrix, register
+from ._ops import tall_linear
 
 __all__ = [
     "KCPMatrix",
@@ -564,7 +565,7 @@ def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: i
     suffix = _chunk(u[split:])  # (k, o, c)
     _, o, c = suffix.shape
     b = x.shape[0]
-    z = F.linear(x.reshape(-1, c), suffix.reshape(k * o, c))  # (b a, k o)
+    z = tall_linear(x.reshape(-1, c), suffix.reshape(k * o, c))  # (b a, k o)
     if split == 0:
         return z.reshape(b, k, o).sum(1)  # (b, o)
     prefix = _chunk(u[:split])  # (k, m, a)
@@ -665,7 +666,7 @@ def _sequential_steps(x: Tensor, dense: Sequence[Tensor], steps: Sequence[_SeqSt
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
         mat = _group_matrix(a_n, step, t == 0)  # (g, f)
         if step.post == 1:
-            z = F.linear(z.reshape(b * step.pre, step.f), mat)  # (b pre, g)
+            z = tall_linear(z.reshape(b * step.pre, step.f), mat)  # (b pre, g)
         else:
             z = torch.matmul(mat, z.reshape(b * step.pre, step.f, step.post))  # (b pre, g, post)
         axes = step.axes

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..formats import FORMATS, FactorizedMatrix, make_matrix
 from ..formats._base import resolve_dtype
+from ..formats._ops import weight_grad
 
 __all__ = [
     "GRUCell",
@@ -30,6 +31,7 @@ __all__ = [
     "gru_step",
     "hidden_matrix_options",
     "input_matrix_options",
+    "lstm_sequence",
     "lstm_step",
     "rnn_step",
 ]
@@ -106,6 +108,107 @@ def rnn_step(
     if bias_hh is not None:
         pre = pre + bias_hh  # (b, h)
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)  # (b, h)
+
+
+def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
+                  order: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The LSTM recurrence over precomputed ``gates`` ``(t, b, 4h)`` (input projection and both
+    biases), in place: ``gates`` comes back activated (``i, f, o`` sigmoids, ``g`` tanh). Returns
+    ``(hs, cs, gates)``, ``hs`` and ``cs`` ``(t, b, h)`` indexed by time."""
+    hidden = h.shape[1]
+    hs = gates.new_empty(gates.shape[0], gates.shape[1], hidden)  # (t, b, h)
+    cs = torch.empty_like(hs)  # (t, b, h)
+    wt = weight.t()  # (h, 4h)
+    for t in order:
+        g = gates[t].addmm_(h, wt)  # (b, 4h)
+        g[:, :2 * hidden].sigmoid_()  # i, f
+        g[:, 2 * hidden:3 * hidden].tanh_()  # g
+        g[:, 3 * hidden:].sigmoid_()  # o
+        i, f, gg, o = g.chunk(4, dim=1)  # 4 x (b, h)
+        c = torch.mul(f, c, out=cs[t]).addcmul_(i, gg)  # (b, h)
+        h = torch.mul(o, torch.tanh(c), out=hs[t])  # (b, h)
+    return hs, cs, gates
+
+
+class _LSTMSequence(torch.autograd.Function):
+    """A whole single-direction LSTM layer over equal-length sequences, with a hand-written
+    backward through time: a few fused operations per step instead of autograd's graph, and the
+    recurrent weight's gradient as one GEMM over all steps."""
+
+    @staticmethod
+    def forward(ctx, gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
+                bias: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+        b, hidden = h0.shape
+        steps = gates_x.shape[0] // b if b else 0
+        gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
+        gates = gates + bias if bias is not None else gates.clone()  # (t, b, 4h)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        hs, cs, acts = _lstm_forward(gates, h0, c0, weight, order)
+        ctx.acts, ctx.cs, ctx.reverse, ctx.has_bias = acts, cs, reverse, bias is not None
+        ctx.save_for_backward(h0, c0, weight, hs)
+        last = order[-1] if steps else None
+        h_n = hs[last].clone() if steps else h0.clone()  # (b, h)
+        c_n = cs[last].clone() if steps else c0.clone()  # (b, h)
+        return hs.view(steps * b, hidden), h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hs: Tensor, grad_hn: Tensor, grad_cn: Tensor):
+        h0, c0, weight, hs = ctx.saved_tensors
+        acts, cs, reverse = ctx.acts, ctx.cs, ctx.reverse
+        steps, b, four_h = acts.shape
+        hidden = four_h // 4
+        grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        # the previous state of every step, indexed by time
+        if reverse:
+            h_prev = torch.cat([hs[1:], h0[None]])  # (t, b, h)
+            c_prev = torch.cat([cs[1:], c0[None]])  # (t, b, h)
+        else:
+            h_prev = torch.cat([h0[None], hs[:-1]])  # (t, b, h)
+            c_prev = torch.cat([c0[None], cs[:-1]])  # (t, b, h)
+        i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
+        tc = torch.tanh(cs)  # (t, b, h)
+        o_dtc = o * (1 - tc * tc)  # (t, b, h): d c / d h through h = o tanh(c)
+        # what dc multiplies for the i, f, g gates, and the activations' derivatives
+        by_dc = torch.stack([gg, c_prev, i], dim=2)  # (t, b, 3, h)
+        deriv = acts * (1 - acts)  # (t, b, 4h): sigmoid'
+        deriv[..., 2 * hidden:3 * hidden] = 1 - gg * gg  # tanh'
+        dgates = torch.empty_like(acts)  # (t, b, 4h)
+        dh, dc = grad_hn.clone(), grad_cn.clone()  # (b, h)
+        order = range(steps) if reverse else range(steps - 1, -1, -1)
+        for t in order:
+            dh += grad_hs[t]
+            dc.addcmul_(dh, o_dtc[t])
+            d = dgates[t]  # (b, 4h)
+            torch.mul(dh, tc[t], out=d[:, 3 * hidden:])  # d o
+            torch.mul(dc[:, None], by_dc[t], out=d[:, :3 * hidden].view(b, 3, hidden))  # i, f, g
+            d.mul_(deriv[t])  # pre-activation gradients
+            dc = dc * f[t]
+            dh = d.mm(weight)  # (b, h)
+        flat = dgates.view(steps * b, four_h)  # (n, 4h)
+        grad_w = weight_grad(flat, h_prev.view(steps * b, hidden)) if ctx.needs_input_grad[3] \
+            else None  # (4h, h)
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None  # (4h,)
+        return flat, dh, dc, grad_w, grad_bias, None
+
+
+def lstm_sequence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
+                  bias: Tensor | None = None, reverse: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """A single-direction LSTM layer over equal-length sequences with a dense recurrent weight.
+
+    Args:
+        gates_x: ``W_ih x + b_ih`` of all steps, time-major rows ``(t b, 4h)``.
+        h0, c0: initial states ``(b, h)``.
+        weight: ``W_hh`` ``(4h, h)``; bias: ``b_hh`` ``(4h,)`` or ``None``.
+        reverse: run from the last step to the first.
+
+    Returns:
+        ``(outputs (t b, h), h_n (b, h), c_n (b, h))``; the same numbers as :func:`lstm_step`
+        step by step, with a hand-written backward through time (double backward is not
+        supported).
+    """
+    return _LSTMSequence.apply(gates_x, h0, c0, weight, bias, reverse)
 
 
 # --- options: gate folding ----------------------------------------------------------------------
@@ -592,7 +695,8 @@ class RNNCell(_CellBase):
         self.nonlinearity = _check_nonlinearity(cell.nonlinearity)
 
     def step(self, gates_x: Tensor, state: State) -> State:
-        return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
+        return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh,
+                         self.nonlinearity),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))

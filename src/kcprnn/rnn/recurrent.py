@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..formats import make_matrix
 from ..formats._base import resolve_dtype
+from ..formats.dense import DenseMatrix
 from .cells import (
     GRUCell,
     LSTMCell,
@@ -41,9 +42,10 @@ from .cells import (
     _check_torch_kind,
     _from_dense_factory,
     fold_gates,
+    lstm_sequence,
 )
 
-__all__ = ["GRU", "LSTM", "RNN", "scan"]
+__all__ = ["GRU", "LSTM", "RNN", "run_layer", "scan"]
 
 
 def scan(
@@ -97,6 +99,24 @@ def scan(
         state = step(gates_x[offset:offset + b], state)  # (b, .)
         outputs.append(state[0])
     return torch.cat(outputs[::-1], dim=0), state  # (n, p)
+
+
+def run_layer(cell: _CellBase, gates_x: Tensor, batch_sizes: Sequence[int], state: State,
+              reverse: bool = False) -> tuple[Tensor, State]:
+    """One direction of one layer over precomputed input projections, as :func:`scan`.
+
+    An LSTM layer with a dense recurrent weight, no projection and sequences of equal length
+    runs as :func:`~kcprnn.rnn.cells.lstm_sequence` (fused steps, a hand-written backward
+    through time), except under ``torch.compile``; everything else steps through :func:`scan`
+    with autograd.
+    """
+    if (isinstance(cell, LSTMCell) and isinstance(cell.weight_hh, DenseMatrix)
+            and cell.weight_hr is None and len(set(batch_sizes)) == 1
+            and not torch.compiler.is_compiling()):  # compiled graphs fuse the steps themselves
+        out, h, c = lstm_sequence(gates_x, state[0], state[1], cell.weight_hh.weight,
+                                  cell.bias_hh, reverse)
+        return out, (h, c)  # (n, h)
+    return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
 
 
 def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> list[int]:
@@ -373,7 +393,7 @@ class _RNNBase(nn.Module):
                         gates_x = gates_x.transpose(0, 1)  # (t, b, g)
                     gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
                 state = tuple(t[idx] for t in hx)  # (b, s)
-                out, final = scan(cell.step, gates_x, sizes, state, reverse=direction == 1)
+                out, final = run_layer(cell, gates_x, sizes, state, reverse=direction == 1)
                 outs.append(out)  # (n, p)
                 finals.append(final)
             layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (n, d*p)
