@@ -19,6 +19,7 @@ from kcprnn import FORMATS
 from kcprnn.bench import main
 from kcprnn.benchmarking import (
     CaseSpec,
+    blocked_split,
     build_case,
     fit_loglog_slope,
     kronecker_split,
@@ -46,6 +47,13 @@ def test_loglog_slope_recovers_power_law():
     assert fit_loglog_slope(xs, [7.0 for _ in xs]) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="positive"):
         fit_loglog_slope([1.0, 2.0], [1.0, 0.0])
+
+
+def test_blocked_split_gives_each_factor_whole_modes():
+    ins, outs = blocked_split(UCF_IN, UCF_OUT)
+    assert ins == [[8, 1], [20, 1], [1, 20], [1, 18]]
+    assert outs == [[16, 1], [4, 1], [4, 1], [2, 2]]
+    assert blocked_split([6, 5, 7], [3, 9]) == ([[6, 1], [1, 5], [1, 7]], [[3, 1], [3, 3]])
 
 
 def test_kronecker_split_gives_the_ucf11_kcp_modes():

@@ -2,7 +2,7 @@
 libraries (tednet, tensorly-torch), which are imported only here and only when installed."""
 
 from .cases import CaseSpec, build_case, match_peer_rank, peer_num_params, peer_status
-from .presets import PRESETS, Preset, kronecker_split
+from .presets import PRESETS, Preset, blocked_split, kronecker_split
 from .report import fit_loglog_slope, sweep_series
 from .suite import POINT_KINDS, SuiteConfig, evaluate_targets, run_suite
 from .timing import TimingStats, median, time_interleaved
@@ -14,6 +14,7 @@ __all__ = [
     "Preset",
     "SuiteConfig",
     "TimingStats",
+    "blocked_split",
     "build_case",
     "evaluate_targets",
     "fit_loglog_slope",

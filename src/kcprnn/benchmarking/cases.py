@@ -332,7 +332,8 @@ def build_case(
                 out_modes=spec.out_modes,
                 **options,
             )
-            model_macs = int(module.flops(spec.rows))
+            with torch.no_grad():  # the plan of the forward that is timed (no_grad)
+                model_macs = int(module.flops(spec.rows))
         elif spec.impl == "torch":
             module = nn.Linear(spec.in_features, spec.out_features, device=device, dtype=dtype)
             model_macs = spec.rows * spec.in_features * spec.out_features

@@ -4,16 +4,38 @@ and a tiny one for tests."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..shapes import balanced_factors
 
-__all__ = ["PRESETS", "Preset", "kronecker_split"]
+__all__ = ["PRESETS", "Preset", "blocked_split", "kronecker_split"]
 
 
 def kronecker_split(modes: tuple[int, ...] | list[int]) -> list[list[int]]:
     """Split every mode into two Kronecker factors for KCP, smaller first:
     ``[8, 20, 20, 18] -> [[2, 4], [4, 5], [4, 5], [3, 6]]``."""
     return [sorted(balanced_factors(int(m), 2)) for m in modes]
+
+
+def blocked_split(
+    in_modes: tuple[int, ...] | list[int], out_modes: tuple[int, ...] | list[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Two Kronecker factors that each own whole input modes, for KCP's fast layout.
+
+    Factor 1 takes the leading half of the input modes and every output mode but a factor of
+    the last one; factor 2 takes the trailing input modes and the smallest factor (> 1) of the
+    last output mode. Factor 2's inputs are then the contiguous trailing block of every row, so
+    the sequential product runs its first GEMM on a view of the input with no gathering copy,
+    and its ``J^(2)`` outputs per ``I^(2)`` inputs keep that GEMM cheap:
+    ``[8, 20, 20, 18] -> [16, 4, 4, 4]`` gives ``[[8, 1], [20, 1], [1, 20], [1, 18]]`` and
+    ``[[16, 1], [4, 1], [4, 1], [2, 2]]``.
+    """
+    half = len(in_modes) // 2
+    ins = [[int(m), 1] if d < half else [1, int(m)] for d, m in enumerate(in_modes)]
+    last = int(out_modes[-1])
+    small = next((f for f in range(2, last + 1) if last % f == 0), 1)
+    outs = [[int(m), 1] for m in out_modes[:-1]] + [[last // small, small]]
+    return ins, outs
 
 
 @dataclass(frozen=True)
@@ -24,7 +46,10 @@ class Preset:
         in_modes, out_modes: tensorization of the main layer (UCF11: 8x20x20x18 -> 16x4x4x4).
         rows: rows per call at the main point (UCF11: batch 16 x 6 frames).
         rank: rank of every format at the main point and in the rows/input sweeps.
-        kcp_ranks: KCP ranks at the main point.
+        kcp_ranks: KCP ranks at the main point (interleaved and, for ``kcp_blocked``, blocked
+            layouts: :func:`kronecker_split` and :func:`blocked_split`).
+        extra_ranks: more ``(format, rank)`` cases at the main point (e.g. a Tucker rank whose
+            parameter count is closer to the peer's).
         sweep_ranks, sweep_rows: the rank and rows sweeps.
         sweep_inputs: input tensorizations of the input-size sweep (output fixed).
         lstm_in_modes, lstm_hidden_modes, seq_len, batch: the LSTM training step point.
@@ -38,6 +63,7 @@ class Preset:
     rows: int
     rank: int
     kcp_ranks: tuple[int, ...]
+    extra_ranks: tuple[tuple[str, Any], ...]
     sweep_ranks: tuple[int, ...]
     sweep_rows: tuple[int, ...]
     sweep_inputs: tuple[tuple[int, ...], ...]
@@ -57,6 +83,7 @@ _UCF11 = Preset(
     rows=96,
     rank=4,
     kcp_ranks=(1, 2, 4),
+    extra_ranks=(("tucker", (2, 1, 1, 1)),),  # 490 parameters against tltorch's 444
     sweep_ranks=(1, 2, 4, 8, 16),
     sweep_rows=(1, 4, 16, 96, 384, 1024),
     sweep_inputs=((8, 8, 8, 8), (8, 10, 10, 18), (8, 20, 20, 18), (16, 20, 20, 36)),
@@ -85,6 +112,7 @@ PRESETS: dict[str, Preset] = {
         rows=4,
         rank=2,
         kcp_ranks=(1, 2),
+        extra_ranks=(("tucker", (2, 1, 1, 1)),),
         sweep_ranks=(1, 2),
         sweep_rows=(1, 4),
         sweep_inputs=((4, 4, 4, 4), (4, 4, 4, 8)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import itertools
 import math
 import os
 import platform
@@ -32,7 +33,7 @@ from .cases import (
     match_peer_rank,
 )
 from .memory import measure_peak_memory
-from .presets import Preset, kronecker_split
+from .presets import Preset, blocked_split, kronecker_split
 from .timing import time_interleaved
 
 __all__ = ["SuiteConfig", "environment", "evaluate_targets", "run_suite", "POINT_KINDS"]
@@ -112,31 +113,46 @@ def _algorithms(fmt: str) -> list[str | None]:
     return list(algos) if "auto" in algos else [None]
 
 
+def _kcp_modes(in_modes: Sequence[int], out_modes: Sequence[int],
+               layout: str) -> tuple[list[Any], list[Any]]:
+    """KCP's nested modes: every mode split in two (``"interleaved"``, the paper's form) or
+    whole modes per factor (``"blocked"``, the fast layout)."""
+    if layout == "blocked":
+        return blocked_split(in_modes, out_modes)
+    return kronecker_split(in_modes), kronecker_split(out_modes)
+
+
 def _our_linear(
     fmt: str,
     in_modes: Sequence[int],
     out_modes: Sequence[int],
     rows: int,
-    rank: int,
+    rank: Any,
     algorithm: str | None,
     tag: str,
+    layout: str = "interleaved",
 ) -> CaseSpec:
-    nested = fmt == "kcp"
-    options: dict[str, Any] = {"rank": rank}
+    options: dict[str, Any] = {"rank": list(rank) if isinstance(rank, Sequence) else rank}
     if algorithm is not None:
         options["algorithm"] = algorithm
     suffix = f" {algorithm}" if algorithm is not None else ""
+    name = f"{fmt}-{layout}" if layout != "interleaved" else fmt
+    rank_label = "x".join(map(str, rank)) if isinstance(rank, Sequence) else rank
+    if fmt == "kcp":
+        nested_in, nested_out = _kcp_modes(in_modes, out_modes, layout)
+    else:
+        nested_in, nested_out = list(in_modes), list(out_modes)
     return CaseSpec(
-        label=f"kcprnn {fmt} r={rank}{suffix}",
-        series=f"kcprnn {fmt}{suffix}" + tag,
+        label=f"kcprnn {name} r={rank_label}{suffix}",
+        series=f"kcprnn {name}{suffix}" + tag,
         impl="kcprnn",
         kind="linear",
         format=fmt,
         in_features=math.prod(in_modes),
         out_features=math.prod(out_modes),
         rows=rows,
-        in_modes=kronecker_split(in_modes) if nested else list(in_modes),
-        out_modes=kronecker_split(out_modes) if nested else list(out_modes),
+        in_modes=nested_in,
+        out_modes=nested_out,
         options=options,
     )
 
@@ -224,18 +240,23 @@ def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
     ]
     for fmt in _our_formats(cfg):
         ranks = p.kcp_ranks if fmt == "kcp" else (p.rank,)
-        for r in ranks:
-            nested = fmt == "kcp"
+        layouts = ("interleaved", "blocked") if fmt == "kcp" else ("interleaved",)
+        for layout, r in itertools.product(layouts, ranks):
+            if fmt == "kcp":
+                in_modes, out_modes = _kcp_modes(p.lstm_in_modes, gates_out, layout)
+            else:
+                in_modes, out_modes = list(p.lstm_in_modes), gates_out
             options = {
-                "in_modes": kronecker_split(p.lstm_in_modes) if nested else list(p.lstm_in_modes),
-                "out_modes": kronecker_split(gates_out) if nested else gates_out,
+                "in_modes": in_modes,
+                "out_modes": out_modes,
                 "hidden_modes": list(p.lstm_hidden_modes),
                 "rank": r,
             }
+            name = f"{fmt}-{layout}" if layout != "interleaved" else fmt
             specs.append(
                 CaseSpec(
-                    label=f"kcprnn LSTM {fmt} r={r}",
-                    series=f"kcprnn LSTM {fmt}",
+                    label=f"kcprnn LSTM {name} r={r}",
+                    series=f"kcprnn LSTM {name}",
                     impl="kcprnn",
                     format=fmt,
                     in_modes=options["in_modes"],
@@ -292,7 +313,11 @@ def _build_and_count(
             result["algorithm"] = str(getattr(weight, "algorithm", ""))
             plan = getattr(weight, "plan", None)  # KCP: what "auto" resolves to at these rows
             if callable(plan) and result["algorithm"] != "dense":
-                result["resolved_algorithm"] = str(plan(spec.rows).algorithm)
+                # forwards are timed under no_grad; forward+backward trains the factors
+                result["resolved_algorithm"] = str(plan(spec.rows, training=False).algorithm)
+                result["resolved_algorithm_training"] = str(
+                    plan(spec.rows, training=True).algorithm
+                )
         result["status"] = "ok"
         return built, result
     except Exception as err:  # noqa: BLE001  (a failing case is reported, the suite goes on)
@@ -413,6 +438,17 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
             for r in ranks if (fmt == "kcp" and ranks) else (rank,):
                 for algo in _algorithms(fmt):
                     specs.append(_our_linear(fmt, in_modes, p.out_modes, rows, r, algo, ""))
+        if ranks:  # the main point: KCP's fast layout and the extra ranks too
+            if "kcp" in fmts:
+                for r in ranks:
+                    for algo in _algorithms("kcp"):
+                        if algo != "dense":  # the same dense W as the interleaved rows
+                            specs.append(_our_linear("kcp", in_modes, p.out_modes, rows, r, algo,
+                                                     "", layout="blocked"))
+            for fmt, r in p.extra_ranks:
+                if fmt in fmts:
+                    for algo in _algorithms(fmt):
+                        specs.append(_our_linear(fmt, in_modes, p.out_modes, rows, r, algo, ""))
         return specs
 
     points: list[dict[str, Any]] = []
@@ -597,8 +633,9 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 c["impl"] == "kcprnn" and c["format"] == "kcp" and "algorithm" in c["options"]
             ),
         )
-        for rank in sorted({c["options"]["rank"] for c in kcp}):
-            group = [c for c in kcp if c["options"]["rank"] == rank]
+        keys = sorted({(str(c["in_modes"]), c["options"]["rank"]) for c in kcp})
+        for layout, rank in keys:
+            group = [c for c in kcp if (str(c["in_modes"]), c["options"]["rank"]) == (layout, rank)]
             auto = [c for c in group if c["options"]["algorithm"] == "auto"]
             if not auto or len(group) < 2:
                 continue
@@ -609,7 +646,8 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     _ms(auto[0], mode) / _ms(best, mode),
                     1.10,
                     False,
-                    f"{pt['name']} r={rank} (auto -> {auto[0].get('resolved_algorithm', '?')}, "
+                    f"{pt['name']} {auto[0]['label']} "
+                    f"(auto -> {auto[0].get('resolved_algorithm', '?')}, "
                     f"best measured: {best['options']['algorithm']})",
                 )
     return out
