@@ -410,8 +410,9 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int,
             rest = [a for a in axes if a != p_axis and a not in own]
             sizes = [s for _, s in axes]
             perm = tuple([axes.index(p_axis)] + [axes.index(a) for a in rest + own])
-            copy_cost += _permute_cost([1] + sizes, (1, *[q + 1 for q in perm])) + math.prod(
-                s for _, s in rest) * g * terms * COST_PERMUTE
+            moved = (perm[0] + 1, 0, *[q + 1 for q in perm[1:]])  # (p, b, rest, own)
+            copy_cost += _permute_cost([1, *sizes], moved) + math.prod(
+                s for _, s in rest) * g * terms * COST_PERMUTE  # and back to (b, p, ...)
             axes = [p_axis, *rest, *new]
             steps.append(_SeqStep(n, "pbatched", tuple(own), new, perm=perm,
                                   pre=math.prod(s for _, s in rest), f=math.prod(s for _, s in own),
