@@ -424,3 +424,78 @@ def test_plan_follows_grad_mode():
         assert w.matmul_flops(96) == w.plan(96, training=False).macs
     w.requires_grad_(False)
     assert w.plan(96).algorithm == "parallel"
+
+
+# --- the last factor as its own CP product ---
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] == 1 and len(c[0][0]) > 1])
+def test_inner_cp_product_of_the_last_factor_is_exact(case):
+    w = make_case(case)
+    f = factors_of(w)
+    x = torch.randn(5, w.in_features, dtype=F64)
+    ref = x @ w.to_dense().T
+    for order in itertools.permutations(range(w.num_factors)):
+        steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, 1, order)
+        if steps[-1].post != 1:
+            continue
+        for inner in range(len(w.in_splits)):
+            assert rel_err(kcp_linear_sequential(x, f, order, inner), ref) < 1e-10
+
+
+def test_inner_gradcheck():
+    w = make_case(([[2, 1], [1, 3]], [[1, 2], [2, 1]], 1, [2, 2]))
+    f = factors_of(w)
+    flat = [p.detach().clone().requires_grad_(True) for fac in f for p in fac]
+    x = torch.randn(3, w.in_features, dtype=F64, requires_grad=True)
+
+    order = next(o for o in itertools.permutations(range(2))
+                 if _sequential_walk(w.in_splits, w.out_splits, 1, o)[0][-1].post == 1)
+
+    def fn(x, *ps):
+        return kcp_linear_sequential(x, [list(ps[:2]), list(ps[2:])], order=order, inner=1)
+
+    assert torch.autograd.gradcheck(fn, (x, *flat))
+
+
+def test_inner_is_planned_for_a_large_last_factor():
+    # blocked UCF11 layout: factor 1 (160 inputs -> 512 outputs) acts on 2 numbers per row and
+    # 160 inputs; its dense (512, 160) matrix costs 15.7M MACs at 96 rows, its CP product ~1M
+    blocked = ((8, 1), (20, 1), (1, 20), (1, 18)), ((16, 1), (4, 1), (4, 1), (2, 2))
+    plan = kcp_cost(96, *blocked, (2, 2), 1, "sequential")
+    assert plan.inner >= 0 and plan.order == (1, 0)
+    w = KCPMatrix(57600, 1024, in_modes=blocked[0], out_modes=blocked[1], rank=2, dtype=F64)
+    x = torch.randn(4, 57600, dtype=F64)
+    assert w.plan(4, training=False).inner >= 0
+    assert rel_err(w(x), x @ w.to_dense().T) < 1e-10
+
+
+def test_inner_needs_one_term():
+    w = make_case(CASES[4])  # P = 3
+    with pytest.raises(ValueError, match="inner=0 needs one Kronecker term"):
+        kcp_linear_sequential(torch.randn(2, w.in_features, dtype=F64), factors_of(w), inner=0)
+
+
+# --- small matrices kept between inference calls ---
+
+
+def test_inference_reuses_the_small_matrices_until_the_factors_change():
+    w = make_case(CASES[6])
+    x = torch.randn(3, w.in_features, dtype=F64)
+    with torch.no_grad():
+        y1 = w(x)
+        built = w._cache[1]
+        assert w(x).equal(y1) and w._cache[1] is built  # reused, same numbers
+        w.factors[0][0].mul_(2.0)  # an in-place update (an optimizer step) bumps the version
+        y2 = w(x)
+        assert w._cache[1] is not built
+    assert rel_err(y2, x @ w.to_dense().T) < 1e-10
+    w.load_state_dict(make_case(CASES[6]).state_dict())  # copy_ into the same tensors
+    with torch.no_grad():
+        assert rel_err(w(x), x @ w.to_dense().T) < 1e-10
+
+
+def test_training_builds_the_small_matrices_every_call():
+    w = make_case(CASES[6])
+    w(torch.randn(2, w.in_features, dtype=F64)).sum().backward()
+    assert w._cache is None and all(p.grad is not None for p in w.parameters())
