@@ -4,7 +4,9 @@ The step (KCP.md section 5): batch 16, 6 frames of 57,600 features (160x120 RGB)
 linear head over 11 classes on the last hidden state, cross-entropy, forward and backward. The
 input-to-hidden matrix is tensorized as in the papers, in ``8x20x20x18`` and out ``16x4x4x4``
 (``hidden_modes=[4,4,4,4]``, the 4 gates folded into the first mode), ranks 4; KCP uses nested
-modes ``in [[2,4],[4,5],[4,5],[3,6]]``, ``out [[4,4],[2,2],[2,2],[2,2]]``.
+modes ``in [[2,4],[4,5],[4,5],[3,6]]``, ``out [[4,4],[2,2],[2,2],[2,2]]``, and ``kcp-blocked``
+gives each factor whole modes, ``in [[8,1],[20,1],[1,20],[1,18]]``, ``out [[16,1],[4,1],[4,1],
+[2,2]]``.
 
 Timing: every case is warmed up, then the repetitions are interleaved (one step of each case per
 round, the order rotated every round) and the median is reported with its ratio to
@@ -50,12 +52,16 @@ FORMAT_OPTIONS: dict[str, dict] = {
     "kcp": {"in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
             "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]], "rank": RANK},
     "bt": {"rank": RANK, "blocks": 2},
+    # KCP's fast layout: each Kronecker factor owns whole modes (kcprnn.benchmarking.blocked_split)
+    "kcp-blocked": {"in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]],
+                    "out_modes": [[16, 1], [4, 1], [4, 1], [2, 2]], "rank": RANK},
 }
 TORCH_CASE = "torch.nn.LSTM"
 
 
 def case_names() -> list[str]:
-    return [TORCH_CASE] + [f"kcprnn.LSTM[{name}]" for name in sorted(kcprnn.FORMATS)]
+    names = sorted([*kcprnn.FORMATS, "kcp-blocked"])
+    return [TORCH_CASE] + [f"kcprnn.LSTM[{name}]" for name in names]
 
 
 def build(case: str, device: torch.device) -> nn.Module:
@@ -65,7 +71,8 @@ def build(case: str, device: torch.device) -> nn.Module:
     name = case[len("kcprnn.LSTM["):-1]
     opts = FORMAT_OPTIONS.get(name, {"rank": RANK})
     opts = {"in_modes": IN_MODES, "hidden_modes": HIDDEN_MODES, **opts}
-    return kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format=name, device=device, **opts)
+    fmt = name.split("-")[0]  # "kcp-blocked" is the kcp format in another layout
+    return kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format=fmt, device=device, **opts)
 
 
 class Step:

@@ -499,3 +499,15 @@ def test_training_builds_the_small_matrices_every_call():
     w = make_case(CASES[6])
     w(torch.randn(2, w.in_features, dtype=F64)).sum().backward()
     assert w._cache is None and all(p.grad is not None for p in w.parameters())
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "sequential", "parallel", "dense"])
+@pytest.mark.parametrize("case", CASES)
+def test_bias_is_added_in_the_product(case, algorithm):
+    w = make_case(case, algorithm=algorithm)
+    x = torch.randn(2, 3, w.in_features, dtype=F64)
+    bias = torch.randn(w.out_features, dtype=F64)
+    ref = x @ w.to_dense().T + bias
+    assert rel_err(w(x, bias), ref) < 1e-10
+    with torch.no_grad():
+        assert rel_err(w(x, bias), ref) < 1e-10

@@ -120,8 +120,8 @@ class FactorizedMatrix(nn.Module):
     def num_modes(self) -> int:
         return len(self.in_modes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x @ W.T``. Shape: ``(..., in_features) -> (..., out_features)``."""
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x @ W.T`` (``+ bias``). Shape: ``(..., in_features) -> (..., out_features)``."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dimension "
@@ -130,7 +130,9 @@ class FactorizedMatrix(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)  # (b, i)
         if self.algorithm == "dense":
-            out = F.linear(rows, self.to_dense())  # (b, j)
+            out = F.linear(rows, self.to_dense(), bias)  # (b, j)
+        elif bias is not None:
+            out = self.matmul_bias(rows, bias)  # (b, j)
         else:
             out = self.matmul(rows)  # (b, j)
         return out.reshape(*lead, self.out_features)
@@ -187,6 +189,10 @@ class FactorizedMatrix(nn.Module):
     def matmul(self, x: Tensor) -> Tensor:
         """Factorized product on a 2-D batch: ``(b, in_features) -> (b, out_features)``."""
         raise NotImplementedError
+
+    def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
+        """:meth:`matmul` plus ``bias`` ``(out_features,)``; formats may fuse the addition."""
+        return torch.add(self.matmul(x), bias)  # (b, j)
 
     def to_dense(self) -> Tensor:
         """Reconstruct ``W``, shape ``(out_features, in_features)``."""

@@ -49,6 +49,9 @@ class DenseMatrix(FactorizedMatrix):
     def matmul(self, x: Tensor) -> Tensor:
         return dense_linear(x, self.weight)  # (b, j)
 
+    def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
+        return F.linear(x, self.weight, bias)  # (b, j)
+
     def to_dense(self) -> Tensor:
         return self.weight
 

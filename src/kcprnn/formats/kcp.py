@@ -76,7 +76,7 @@ Splits = tuple[tuple[int, ...], ...]  # D x N factor sizes
 # below peak), one kernel launch (Python + dispatch overhead).
 COST_IO = 1.0
 COST_PERMUTE = 60.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
-COST_SWAP, COST_SWAP_RUN = 9.0, 40.0  # one block transpose: per element, plus this over its run
+COST_SWAP, COST_SWAP_RUN = 11.0, 40.0  # one block transpose: per element, plus this over its run
 BIG_ELEMENTS = 1 << 22  # 16 MB of float32: blocks this large are often mapped fresh by the
 # allocator at every call and page-faulted in, about COST_FAULT per element
 COST_FAULT = 40.0
@@ -654,7 +654,8 @@ def kcp_sequential_prepare(factors: Sequence[Sequence[Tensor]], order: Sequence[
 
 def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
                           order: Sequence[int] | None = None, inner: int = -1,
-                          prepared: Sequence[Any] | None = None) -> Tensor:
+                          prepared: Sequence[Any] | None = None,
+                          bias: Tensor | None = None) -> Tensor:
     """``x @ W.T`` factor by factor (KCP.md §3, sequential).
 
     Factor ``n`` is applied as its small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` (the
@@ -668,6 +669,7 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     :func:`kcp_linear_parallel` cut at mode ``inner``, instead of through its dense matrix: far
     fewer MACs when that matrix is large and the data left by the other factors is small.
     ``prepared`` passes in :func:`kcp_sequential_prepare` of the same factors, order and inner.
+    ``bias`` ``(out_features,)`` is added in the final reordering of the output axes.
     x: ``(b, in_features)`` -> ``(b, out_features)``.
     """
     num_n, num_d = len(factors), len(factors[0])
@@ -677,7 +679,7 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     b = x.shape[0]
     if num_n == 1:  # a CP over the merged modes
         dense = prepared[0] if prepared is not None else _factor_dense(factors[0])  # (p, g, f)
-        return F.linear(x, dense.sum(0))  # (b, j)
+        return F.linear(x, dense.sum(0), bias)  # (b, j)
     terms = factors[0][0].shape[0]
     in_splits = tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d))
     out_splits = tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d))
@@ -692,7 +694,7 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
 
     def run(part: Tensor) -> Tensor:
         return _sequential_steps(part, factors, dense, steps, final, in_splits, out_features,
-                                 inner)  # (b, j)
+                                 inner, bias)  # (b, j)
 
     chunk = _chunk_rows(b, x.shape[1], steps)
     if chunk < b:  # keep the gathered copies under the allocator's mmap threshold
@@ -713,7 +715,7 @@ def _chunk_rows(rows: int, in_features: int, steps: Sequence[_SeqStep]) -> int:
 def _sequential_steps(x: Tensor, factors: Sequence[Sequence[Tensor]],
                       dense: Sequence[Any], steps: Sequence[_SeqStep],
                       final: tuple[int, ...], in_splits: Splits, out_features: int,
-                      inner: int) -> Tensor:
+                      inner: int, bias: Tensor | None = None) -> Tensor:
     """Run the walk of :func:`_sequential_walk` on ``x`` ``(b, in_features)``."""
     b = x.shape[0]
     terms = factors[0][0].shape[0]
@@ -747,7 +749,10 @@ def _sequential_steps(x: Tensor, factors: Sequence[Sequence[Tensor]],
         axes = step.axes
     if final:
         z = z.reshape(b, *[s for _, s in axes]).permute(0, *[q + 1 for q in final])  # (b, j)
-    return z.reshape(b, out_features)  # (b, j)
+        if bias is not None:  # bias first: the sum comes out contiguous, in output order
+            return (bias.view(z.shape[1:]) + z).reshape(b, out_features)  # (b, j)
+    z = z.reshape(b, out_features)  # (b, j)
+    return z if bias is None else z + bias  # (b, j)
 
 
 # --- module ---
@@ -861,6 +866,15 @@ class KCPMatrix(FactorizedMatrix):
         if plan.algorithm == "parallel":
             return kcp_linear_parallel(x, factors, plan.split, prepared)  # (b, j)
         return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared)  # (b, j)
+
+    def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
+        plan = self.plan(x.shape[0])
+        if plan.algorithm == "parallel":
+            return torch.add(self.matmul(x), bias)  # (b, j)
+        factors = self._factor_list()
+        prepared = self._prepared(plan, factors)
+        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared,
+                                     bias)  # (b, j)
 
     def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]]) -> Any:
         """The small matrices ``plan`` builds from the factors, kept between calls while autograd

@@ -108,8 +108,7 @@ class FactorizedLinear(nn.Module):
             self.reset_bias()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.weight(x)  # (..., j)
-        return out if self.bias is None else out + self.bias
+        return self.weight(x, self.bias)  # (..., j)
 
     def to_dense(self) -> Tensor:
         """The reconstructed weight, ``(out_features, in_features)``."""

@@ -416,8 +416,7 @@ class _CellBase(nn.Module):
     def input_projection(self, x: Tensor) -> Tensor:
         """``W_ih x + b_ih`` for rows ``(n, input_size) -> (n, G*hidden)``: the product a
         multi-step caller does once for all time steps."""
-        out = self.weight_ih(x)  # (n, G*h)
-        return out if self.bias_ih is None else out + self.bias_ih
+        return self.weight_ih(x, self.bias_ih)  # (n, G*h)
 
     def step(self, gates_x: Tensor, state: State) -> State:
         """One step from the precomputed input projection; ``state`` is a tuple."""
