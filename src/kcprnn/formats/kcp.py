@@ -845,19 +845,28 @@ class KCPMatrix(FactorizedMatrix):
             for n, r in enumerate(self.ranks)
         )
         self._cache: tuple[tuple, Any] | None = None  # see _prepared
+        self._plans: dict[tuple, KCPPlan] = {}  # see plan
         self.reset_parameters()
 
     def _factor_list(self) -> list[list[Tensor]]:
-        return [list(f) for f in self.factors]
+        # the ParameterLists' own storage: iterating them is ~10 us per call
+        return [list(f._parameters.values()) for f in self.factors._modules.values()]
 
     def plan(self, rows: int, training: bool | None = None) -> KCPPlan:
         """The plan ``forward`` runs on ``rows`` rows with the current algorithm; ``training``
         (default: whether autograd will differentiate the factors now) prices the backward too."""
         algorithm = "auto" if self.algorithm == "dense" else self.algorithm
         if training is None:
-            training = torch.is_grad_enabled() and self.factors[0][0].requires_grad
-        return kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms, algorithm,
-                        training)
+            training = (torch.is_grad_enabled()
+                        and self._factor_list()[0][0].requires_grad)
+        key = (rows, algorithm, training)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms,
+                            algorithm, training)
+            if len(self._plans) < 64:  # row counts seen (the shapes never change)
+                self._plans[key] = plan
+        return plan
 
     def matmul(self, x: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
