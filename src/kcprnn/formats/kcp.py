@@ -321,7 +321,6 @@ class _SeqStep:
     factor: int
     gather: str
     group: tuple[Axis, ...]
-    out: tuple[Axis, ...]
     swaps: tuple[tuple[int, int, int, int], ...] = ()
     perm: tuple[int, ...] = ()
     pre: int = 1
@@ -420,7 +419,7 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int,
             copy_cost += _permute_cost([1, *sizes], moved) + math.prod(
                 s for _, s in rest) * g * terms * COST_PERMUTE  # and back to (b, p, ...)
             axes = [p_axis, *rest, *new]
-            steps.append(_SeqStep(n, "pbatched", tuple(own), new, perm=perm,
+            steps.append(_SeqStep(n, "pbatched", tuple(own), perm=perm,
                                   pre=math.prod(s for _, s in rest), f=math.prod(s for _, s in own),
                                   g=g, axes=tuple(axes)))
             continue
@@ -442,7 +441,7 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int,
         else:  # gathered at the front
             before, after = [], rest
         axes = [*before, *out, *after]
-        steps.append(_SeqStep(n, gather, tuple(group), out, swaps, perm, pre, f, post, g_out,
+        steps.append(_SeqStep(n, gather, tuple(group), swaps, perm, pre, f, post, g_out,
                               tuple(axes)))
     target = [(("j", d, n), out_splits[d][n])
               for d in range(num_d) for n in range(num_n) if out_splits[d][n] > 1]
