@@ -511,3 +511,39 @@ def test_bias_is_added_in_the_product(case, algorithm):
     assert rel_err(w(x, bias), ref) < 1e-10
     with torch.no_grad():
         assert rel_err(w(x, bias), ref) < 1e-10
+
+
+# --- decomposing a dense matrix ---
+
+
+@pytest.mark.parametrize("case", [
+    ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [1, 1]),  # a Kronecker product of 4 matrices
+    ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [2, 1]),
+    ([[2, 1, 2], [1, 3, 1]], [[2, 2, 1], [1, 1, 3]], 1, [1, 2, 1]),  # N = 3
+])
+def test_from_dense_recovers_a_one_term_kcp(case):
+    torch.manual_seed(3)
+    w = make_case(case)
+    dense = w.to_dense()
+    in_modes, out_modes, terms, rank = case
+    got = KCPMatrix.from_dense(dense, in_modes=in_modes, out_modes=out_modes, terms=terms,
+                               rank=rank)
+    assert got.factors[0][0].dtype == F64 and got.terms == 1
+    assert rel_err(got.to_dense(), dense) < 1e-8
+
+
+def test_from_dense_with_terms_matches_the_nearest_kronecker_sum():
+    # P = 2 with rank-1 factors and D = 1: each A_p is a plain matrix, so the result is exactly
+    # Van Loan's nearest sum of 2 Kronecker products: the best rank-2 fit of the rearranged W.
+    torch.manual_seed(4)
+    dense = torch.randn(6, 12, dtype=F64)
+    got = KCPMatrix.from_dense(dense, in_modes=[[3, 4]], out_modes=[[2, 3]], terms=2, rank=[1, 1])
+    rearranged = dense.reshape(2, 3, 3, 4).permute(0, 2, 1, 3).reshape(6, 12)
+    sv = torch.linalg.svdvals(rearranged)
+    best = sv[2:].pow(2).sum().sqrt() / dense.norm()
+    assert abs(rel_err(got.to_dense(), dense) - best.item()) < 1e-8
+
+
+def test_from_dense_rejects_a_vector():
+    with pytest.raises(ValueError, match=r"2-D weight, got shape \(6,\)"):
+        KCPMatrix.from_dense(torch.randn(6), in_modes=[[2, 3]], out_modes=[[1, 1]])

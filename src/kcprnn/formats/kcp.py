@@ -50,11 +50,13 @@ from torch import Tensor, nn
 from ..shapes import balanced_factors, validate_positive_int, validate_ranks
 from ._base import FactorizedMatrix, register
 from ._ops import tall_linear
+from .cp import cp_als
 
 __all__ = [
     "KCPMatrix",
     "KCPPlan",
     "kcp_cost",
+    "kcp_from_dense",
     "kcp_linear_parallel",
     "kcp_linear_sequential",
     "kcp_parallel_prepare",
@@ -235,6 +237,64 @@ def kcp_to_dense(factors: Sequence[Sequence[Tensor]]) -> Tensor:
     mode_major = [n * n_d + d for d in range(n_d) for n in range(n_f)]
     t = t.permute(*mode_major, *[n_f * n_d + a for a in mode_major])  # axes (d, n)
     return t.reshape(math.prod(out_sizes), math.prod(in_sizes))  # (j, i)
+
+
+def _nearest_kronecker_sum(t: Tensor, rows: Sequence[int], cols: Sequence[int],
+                           terms: int) -> list[list[Tensor]]:
+    """``terms`` Kronecker products nearest to ``t`` ``(J_1..J_N, I_1..I_N)``, in Frobenius norm:
+    ``out[p][n]`` is ``A_p^(n)`` ``(J_n, I_n)``. Van Loan and Pitsianis: the truncated SVD of
+    ``t`` rearranged as ``(J_1 I_1, J_2 I_2 ...)``; with more than two factors the second part of
+    every term is split the same way, one Kronecker product each."""
+    num_n = len(rows)
+    if num_n == 1:
+        return [[t.reshape(rows[0], cols[0]) / terms] for _ in range(terms)]
+    rest = list(range(1, num_n))
+    m = t.permute(0, num_n, *rest, *[num_n + k for k in rest])  # (J_1, I_1, J.., I..)
+    u, sv, vh = torch.linalg.svd(m.reshape(rows[0] * cols[0], -1), full_matrices=False)
+    out = []
+    for p in range(terms):
+        scale = sv[p].sqrt() if p < sv.shape[0] else sv.new_zeros(())
+        first = (u[:, min(p, u.shape[1] - 1)] * scale).reshape(rows[0], cols[0])  # (J_1, I_1)
+        second = (vh[min(p, vh.shape[0] - 1)] * scale).reshape(*rows[1:], *cols[1:])
+        out.append([first, *_nearest_kronecker_sum(second, rows[1:], cols[1:], 1)[0]])
+    return out
+
+
+def kcp_from_dense(weight: Tensor, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
+                   terms: int, max_iter: int = 100) -> list[list[Tensor]]:
+    """KCP factors ``factors[n][d]`` ``(P, R_n, J_d^(n), I_d^(n))`` approximating ``weight``
+    ``(out_features, in_features)``.
+
+    ``W`` is reordered factor-major (the inverse of :func:`kcp_to_dense`'s final permute), split
+    into the ``P`` nearest sums of Kronecker products (:func:`_nearest_kronecker_sum`), and every
+    ``A_p^(n)`` is decomposed by CP-ALS of rank ``R_n`` over its ``D`` merged modes
+    (:func:`~kcprnn.formats.cp.cp_als`). Exact, up to ALS convergence, when ``W`` has such a
+    KCP with ``P = 1``; with several terms the SVD recovers their span, whose members may need a
+    higher CP rank, so the result is an approximation.
+    """
+    num_d, num_n = len(in_splits), len(in_splits[0])
+    out_sizes = [out_splits[d][n] for d in range(num_d) for n in range(num_n)]
+    in_sizes = [in_splits[d][n] for d in range(num_d) for n in range(num_n)]
+    t = weight.reshape(*out_sizes, *in_sizes)  # axes (d, n) for j, then for i
+    factor_major = [d * num_n + n for n in range(num_n) for d in range(num_d)]
+    t = t.permute(*factor_major, *[num_d * num_n + a for a in factor_major])  # axes (n, d)
+    rows = [math.prod(out_splits[d][n] for d in range(num_d)) for n in range(num_n)]
+    cols = [math.prod(in_splits[d][n] for d in range(num_d)) for n in range(num_n)]
+    mats = _nearest_kronecker_sum(t.reshape(*rows, *cols), rows, cols, terms)  # [p][n]
+    factors = []
+    for n, rank in enumerate(ranks):
+        ins = [in_splits[d][n] for d in range(num_d)]
+        outs = [out_splits[d][n] for d in range(num_d)]
+        per_term = []
+        for p in range(terms):
+            a = mats[p][n]  # (J^(n), I^(n))
+            if not bool(a.abs().max() > 0):  # more terms than the SVD found: a zero term
+                per_term.append([a.new_zeros(rank, j, i) for i, j in zip(ins, outs, strict=True)])
+            else:
+                per_term.append(cp_als(a, ins, outs, rank, max_iter=max_iter))  # D x (r, g, f)
+        factors.append([torch.stack([per_term[p][d] for p in range(terms)])
+                        for d in range(num_d)])  # each (p, r, g, f)
+    return factors
 
 
 def kcp_reconstruction_flops(in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
@@ -912,6 +972,23 @@ class KCPMatrix(FactorizedMatrix):
 
     def reconstruction_flops(self) -> int:
         return kcp_reconstruction_flops(self.in_splits, self.out_splits, self.ranks, self.terms)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> KCPMatrix:
+        """:func:`kcp_from_dense` of ``weight`` ``(out_features, in_features)``; the other
+        options are the constructor's (modes, ``terms``, ``rank``, ...)."""
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        out = cls(weight.shape[1], weight.shape[0], **options)
+        factors = kcp_from_dense(weight.detach(), out.in_splits, out.out_splits, out.ranks,
+                                 out.terms)
+        with torch.no_grad():
+            for mine, new in zip(out.factors, factors, strict=True):
+                for p, u in zip(mine, new, strict=True):
+                    p.copy_(u)
+        return out
 
     def reset_parameters(self, std: float | None = None) -> None:
         # Var(W[j, i]) = P * prod_n R_n * sigma^(2 D N) for i.i.d. zero-mean entries of variance
