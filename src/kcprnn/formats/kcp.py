@@ -714,7 +714,8 @@ def kcp_sequential_prepare(factors: Sequence[Sequence[Tensor]], order: Sequence[
 def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
                           order: Sequence[int] | None = None, inner: int = -1,
                           prepared: Sequence[Any] | None = None,
-                          bias: Tensor | None = None) -> Tensor:
+                          bias: Tensor | None = None,
+                          splits: tuple[Splits, Splits] | None = None) -> Tensor:
     """``x @ W.T`` factor by factor (KCP.md §3, sequential).
 
     Factor ``n`` is applied as its small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` (the
@@ -729,6 +730,7 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     fewer MACs when that matrix is large and the data left by the other factors is small.
     ``prepared`` passes in :func:`kcp_sequential_prepare` of the same factors, order and inner.
     ``bias`` ``(out_features,)`` is added in the final reordering of the output axes.
+    ``splits`` = ``(in_splits, out_splits)`` saves reading them from the factors' shapes.
     x: ``(b, in_features)`` -> ``(b, out_features)``.
     """
     num_n, num_d = len(factors), len(factors[0])
@@ -740,8 +742,10 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
         dense = prepared[0] if prepared is not None else _factor_dense(factors[0])  # (p, g, f)
         return F.linear(x, dense.sum(0), bias)  # (b, j)
     terms = factors[0][0].shape[0]
-    in_splits = tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d))
-    out_splits = tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d))
+    if splits is None:
+        splits = (tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d)),
+                  tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d)))
+    in_splits, out_splits = splits
     steps, final, _ = _sequential_walk(in_splits, out_splits, terms, order)
     if inner >= 0 and not (terms == 1 and 0 <= inner < num_d and steps[-1].post == 1):
         raise ValueError(
@@ -933,7 +937,8 @@ class KCPMatrix(FactorizedMatrix):
         prepared = self._prepared(plan, factors)
         if plan.algorithm == "parallel":
             return kcp_linear_parallel(x, factors, plan.split, prepared)  # (b, j)
-        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared)  # (b, j)
+        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared,
+                                     splits=(self.in_splits, self.out_splits))  # (b, j)
 
     def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
@@ -941,8 +946,8 @@ class KCPMatrix(FactorizedMatrix):
             return torch.add(self.matmul(x), bias)  # (b, j)
         factors = self._factor_list()
         prepared = self._prepared(plan, factors)
-        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared,
-                                     bias)  # (b, j)
+        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared, bias,
+                                     (self.in_splits, self.out_splits))  # (b, j)
 
     def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]]) -> Any:
         """The small matrices ``plan`` builds from the factors, kept between calls while autograd
@@ -954,7 +959,7 @@ class KCPMatrix(FactorizedMatrix):
         params = [p for f in factors for p in f]
         key = (plan.algorithm, plan.split, plan.order, plan.inner,
                torch.is_inference_mode_enabled(),
-               tuple((id(p), p.data_ptr(), p._version) for p in params))
+               tuple([(id(p), p.data_ptr(), p._version) for p in params]))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if plan.algorithm == "parallel":
