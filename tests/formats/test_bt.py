@@ -97,6 +97,22 @@ def test_validation(options, error, match):
         BTMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, **options)
 
 
-def test_no_from_dense():
-    with pytest.raises(NotImplementedError, match="'bt' has no decomposition"):
-        BTMatrix.from_dense(torch.randn(4, 6))
+def test_from_dense_recovers_one_block_and_more_blocks_never_hurt():
+    torch.manual_seed(5)
+    f64 = torch.float64
+    block = BTMatrix(12, 12, in_modes=[3, 4], out_modes=[4, 3], rank=[2, 3], blocks=1, dtype=f64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()
+    dense = block.to_dense()
+    got = BTMatrix.from_dense(dense, in_modes=[3, 4], out_modes=[4, 3], rank=[2, 3])
+    torch.testing.assert_close(got.to_dense(), dense, rtol=1e-10, atol=1e-10)
+    noise = torch.randn(12, 12, dtype=f64)
+    errors = [
+        (BTMatrix.from_dense(noise, in_modes=[3, 4], out_modes=[4, 3], rank=2, blocks=c)
+         .to_dense() - noise).norm().item()
+        for c in (1, 2, 3)
+    ]
+    assert errors[0] >= errors[1] >= errors[2] and errors[2] < errors[0]
+    with pytest.raises(ValueError, match=r"2-D weight"):
+        BTMatrix.from_dense(torch.randn(3), in_modes=[3], out_modes=[1], rank=1)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
 from .tucker import (
+    hosvd,
     tucker_linear,
     tucker_linear_flops,
     tucker_num_params,
@@ -28,7 +29,14 @@ from .tucker import (
     validate_tucker_ranks,
 )
 
-__all__ = ["BTMatrix", "bt_linear", "bt_num_params", "bt_to_dense", "validate_bt_ranks"]
+__all__ = [
+    "BTMatrix",
+    "bt_deflation",
+    "bt_linear",
+    "bt_num_params",
+    "bt_to_dense",
+    "validate_bt_ranks",
+]
 
 
 # --- pure functions ---
@@ -71,6 +79,28 @@ def bt_linear(
 ) -> Tensor:
     """``x @ W.T`` without forming ``W``: ``(b, in_features) -> (b, out_features)``."""
     return tucker_linear(x, factors, cores, in_modes, out_modes)  # (b, j)
+
+
+def bt_deflation(
+    weight: Tensor,
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    ranks: Sequence[int],
+    blocks: int,
+) -> tuple[list[Tensor], Tensor]:
+    """``C`` Tucker blocks fitted greedily to ``weight`` ``(J, I)``: each block is the truncated
+    HOSVD (:func:`~kcprnn.formats.tucker.hosvd`) of what the previous blocks left. Every step is
+    a multilinear projection of the residual, so the error never grows with ``C``; exact for
+    ``C = 1`` when ``W`` has that multilinear rank. Returns stacked factors ``(C, J_d I_d, R_d)``
+    and cores ``(C, R_1, ..., R_D)``."""
+    residual = weight
+    blocks_found = []
+    for _ in range(validate_positive_int(blocks, "blocks")):
+        factors, core = hosvd(residual, in_modes, out_modes, ranks)
+        blocks_found.append((factors, core))
+        residual = residual - tucker_to_dense(factors, core, in_modes, out_modes)  # (j, i)
+    stacked = [torch.stack([f[d] for f, _ in blocks_found]) for d in range(len(ranks))]
+    return stacked, torch.stack([c for _, c in blocks_found])  # (c, m n, r), (c, r_1, ...)
 
 
 # --- module ---
@@ -145,3 +175,20 @@ class BTMatrix(FactorizedMatrix):
 
     def format_repr_items(self) -> list[str]:
         return [f"rank={list(self.ranks)}", f"blocks={self.blocks}"]
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, **options) -> BTMatrix:
+        """Greedy block deflation (:func:`bt_deflation`) of ``weight`` ``(out_features,
+        in_features)``; the other options are the constructor's."""
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
+        options.setdefault("dtype", weight.dtype)
+        options.setdefault("device", weight.device)
+        out = cls(weight.shape[1], weight.shape[0], **options)
+        factors, cores = bt_deflation(weight.detach(), out.in_modes, out.out_modes, out.ranks,
+                                      out.blocks)
+        with torch.no_grad():
+            for p, a in zip(out.factors, factors, strict=True):
+                p.copy_(a)
+            out.core.copy_(cores)
+        return out
