@@ -25,13 +25,17 @@ Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
   No copy of the input, no Python loop over ranks.
 * ``sequential`` (:func:`kcp_linear_sequential`): factor by factor. For each factor ``n`` the sum
   over ``r`` is done first, in the small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` of shape
-  ``(J^(n), I^(n))``; the input axes of factor ``n`` are gathered (one permute) and multiplied by
-  it. Its cost grows with ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks; the
-  gathering permute of the input is its price.
+  ``(J^(n), I^(n))``, which multiplies the factor's input axes. Its cost grows with
+  ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks. Size-1 axes are dropped; a factor
+  whose axes form one block of the current layout (a factor owning whole modes) multiplies a
+  view of the input, while interleaved axes are gathered by block transposes or one permute,
+  in chunks of rows (:func:`_sequential_walk`). The last factor, applied to the small data the
+  others leave, can run as its own CP product instead of its dense matrix (``KCPPlan.inner``).
 
 ``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
-permute copies, GEMM row overhead and a per-kernel launch cost); the split point of ``parallel``
-and the factor order of ``sequential`` are chosen by the same model.
+gathering copies, fresh pages of large blocks, GEMM row overhead and a per-kernel launch cost);
+the split point of ``parallel`` and the factor order and last-factor form of ``sequential`` are
+chosen by the same model. Under ``no_grad`` the module keeps the small matrices between calls.
 """
 
 from __future__ import annotations
