@@ -678,8 +678,11 @@ def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: i
     if prefix is None:
         return z.reshape(b, k, o).sum(1)  # (b, o)
     m, a = prefix.shape[0], prefix.shape[1] // k
-    if o >= NARROW:  # one GEMM per row: (m, a k) @ (a k, o)
+    if o >= NARROW and torch.is_grad_enabled() and (prefix.requires_grad or z.requires_grad):
         y = torch.matmul(prefix, z.reshape(b, a * k, o))  # (b, m, o): sums over a and k
+    elif o >= NARROW:  # one GEMM per row on the broadcast prefix: no copies (2.6x faster
+        # than matmul's folding at (16, 16) x (192, 16, 32); its backward would be 10x slower)
+        y = torch.bmm(prefix.expand(b, m, a * k), z.reshape(b, a * k, o))  # (b, m, o)
     else:  # narrow per-row GEMMs run slowly: transpose into one tall GEMM instead
         zt = z.reshape(b, a * k, o).transpose(1, 2).reshape(b * o, a * k)  # (b o, a k)
         y = F.linear(zt, prefix).reshape(b, o, m).transpose(1, 2)  # (b, m, o)
