@@ -7,7 +7,7 @@ from torch import nn
 
 import kcprnn
 from kcprnn import FORMATS
-from kcprnn.rnn.cells import fold_gates, lstm_sequence, lstm_step
+from kcprnn.rnn.cells import fold_gates, gru_sequence, gru_step, lstm_sequence, lstm_step
 
 CELLS = {
     "lstm": (kcprnn.LSTMCell, nn.LSTMCell, {}),
@@ -131,16 +131,20 @@ def test_lstm_sequence_matches_steps(reverse, bias):
             torch.randn(b, h, dtype=f64), torch.randn(4 * h, h, dtype=f64),
             torch.randn(4 * h, dtype=f64) if bias else None]
     args = [a.requires_grad_() if a is not None else None for a in args]
-    got = lstm_sequence(*args, reverse=reverse)
-    ref = _lstm_by_steps(*args, reverse)
+    assert_same_values_and_gradients(lstm_sequence(*args, reverse=reverse),
+                                     _lstm_by_steps(*args, reverse), args)
+
+
+def assert_same_values_and_gradients(got, ref, args):
+    """Outputs equal, and so are the gradients of a random weighting of them (float64)."""
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     weights = [torch.randn_like(r) for r in ref]
+    inputs = [a for a in args if a is not None]
     loss_got = sum((g * w).sum() for g, w in zip(got, weights, strict=True))
     loss_ref = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
-    inputs = [a for a in args if a is not None]
     for g, r in zip(torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_ref, inputs),
                     strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
-    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
@@ -154,3 +158,41 @@ def test_lstm_sequence_gradcheck():
             torch.randn(4 * h, dtype=torch.float64, requires_grad=True)]
     assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a, reverse=True), args)
     assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a), args)
+
+
+# --- the fused GRU layer ---
+
+
+def _gru_by_steps(gates_x, h, weight, bias, reverse):
+    """Reference: gru_step over time with autograd."""
+    b = h.shape[0]
+    steps = gates_x.shape[0] // b
+    outs = [None] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        h = gru_step(gates_x[t * b:(t + 1) * b], h, lambda z: F.linear(z, weight), bias)
+        outs[t] = h
+    return torch.cat(outs), h
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_sequence_matches_steps(reverse, bias):
+    torch.manual_seed(2)
+    b, h, steps = 3, 4, 5
+    f64 = torch.float64
+    args = [torch.randn(steps * b, 3 * h, dtype=f64), torch.randn(b, h, dtype=f64),
+            torch.randn(3 * h, h, dtype=f64), torch.randn(3 * h, dtype=f64) if bias else None]
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    assert_same_values_and_gradients(gru_sequence(*args, reverse=reverse),
+                                     _gru_by_steps(*args, reverse), args)
+
+
+def test_gru_sequence_gradcheck():
+    torch.manual_seed(3)
+    b, h, steps = 2, 3, 3
+    args = [torch.randn(steps * b, 3 * h, dtype=torch.float64, requires_grad=True),
+            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+            torch.randn(3 * h, h, dtype=torch.float64, requires_grad=True),
+            torch.randn(3 * h, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a, reverse=True), args)
+    assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a), args)

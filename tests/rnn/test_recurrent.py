@@ -262,12 +262,15 @@ def test_input_product_is_one_call_over_all_steps():
         cell.weight_hh.register_forward_hook(lambda m, a, o: calls["hh"].append(a[0].shape))
     model(torch.randn(3, 7, INPUT))
     assert calls["ih"] == [(3, 7, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
-    assert calls["hh"] == [(3, HIDDEN)] * (7 * 4)
+    assert calls["hh"] == []  # equal lengths, dense W_hh: the fused layer multiplies it itself
     calls["ih"].clear()
     packed = pack_padded_sequence(torch.randn(3, 7, INPUT), torch.tensor([7, 2, 4]),
                                   batch_first=True, enforce_sorted=False)
     model(packed)
     assert calls["ih"] == [(13, INPUT)] * 2 + [(13, 2 * HIDDEN)] * 2
+    # unequal lengths step through time: one hidden product per step (3, 3, 2, 2, 1, 1, 1 rows)
+    forward, backward = [3, 3, 2, 2, 1, 1, 1], [1, 1, 1, 2, 2, 3, 3]
+    assert [s[0] for s in calls["hh"]] == (forward + backward) * 2
 
 
 def test_reset_parameters_targets_torch_variance(monkeypatch):

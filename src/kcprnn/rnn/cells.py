@@ -28,6 +28,7 @@ __all__ = [
     "LSTMCell",
     "RNNCell",
     "fold_gates",
+    "gru_sequence",
     "gru_step",
     "hidden_matrix_options",
     "input_matrix_options",
@@ -209,6 +210,84 @@ def lstm_sequence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
         supported).
     """
     return _LSTMSequence.apply(gates_x, h0, c0, weight, bias, reverse)
+
+
+class _GRUSequence(torch.autograd.Function):
+    """A whole single-direction GRU layer over equal-length sequences with a hand-written
+    backward through time (as :class:`_LSTMSequence`)."""
+
+    @staticmethod
+    def forward(ctx, gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None,
+                reverse: bool) -> tuple[Tensor, Tensor]:
+        b, hidden = h0.shape
+        steps = gates_x.shape[0] // b if b else 0
+        gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
+        gh = gx.new_empty(steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
+        rz = gx.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
+        ns = gx.new_empty(steps, b, hidden)  # (t, b, h)
+        hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
+        wt = weight.t()  # (h, 3h)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        h = h0
+        for t in order:
+            g = torch.mm(h, wt, out=gh[t]) if bias is None else torch.addmm(bias, h, wt,
+                                                                            out=gh[t])  # (b, 3h)
+            gate = torch.add(gx[t, :, :2 * hidden], g[:, :2 * hidden], out=rz[t]).sigmoid_()
+            r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
+            n = torch.addcmul(gx[t, :, 2 * hidden:], r, g[:, 2 * hidden:], out=ns[t]).tanh_()
+            h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
+        ctx.rz, ctx.ns, ctx.gh, ctx.reverse = rz, ns, gh, reverse
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h0, weight, hs)
+        h_n = hs[order[-1]].clone() if steps else h0.clone()  # (b, h)
+        return hs.view(steps * b, hidden), h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hs: Tensor, grad_hn: Tensor):
+        h0, weight, hs = ctx.saved_tensors
+        rz, ns, gh, reverse = ctx.rz, ctx.ns, ctx.gh, ctx.reverse
+        steps, b, hidden = ns.shape
+        grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        if reverse:
+            h_prev = torch.cat([hs[1:], h0[None]])  # (t, b, h)
+        else:
+            h_prev = torch.cat([h0[None], hs[:-1]])  # (t, b, h)
+        r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
+        one_minus_z = 1 - z  # (t, b, h)
+        tanh_deriv = 1 - ns * ns  # (t, b, h)
+        rz_deriv = rz * (1 - rz)  # (t, b, 2h)
+        h_minus_n = h_prev - ns  # (t, b, h)
+        dgx = torch.empty_like(gh)  # (t, b, 3h): gradients of the input projections
+        dgh = torch.empty_like(gh)  # (t, b, 3h): gradients of W_hh h + b_hh
+        dh = grad_hn.clone()  # (b, h)
+        order = range(steps) if reverse else range(steps - 1, -1, -1)
+        for t in order:
+            dh += grad_hs[t]
+            dx, dhh = dgx[t], dgh[t]  # (b, 3h)
+            dpre_n = torch.mul(dh, one_minus_z[t], out=dx[:, 2 * hidden:]).mul_(tanh_deriv[t])
+            torch.mul(dpre_n, gh[t, :, 2 * hidden:], out=dx[:, :hidden])  # d r
+            torch.mul(dh, h_minus_n[t], out=dx[:, hidden:2 * hidden])  # d z
+            dx[:, :2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
+            dhh[:, :2 * hidden] = dx[:, :2 * hidden]
+            torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden:])
+            dh = torch.addmm(dh * z[t], dhh, weight)  # (b, h)
+        flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
+        flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
+        grad_w = weight_grad(flat_h, h_prev.view(steps * b, hidden)) \
+            if ctx.needs_input_grad[2] else None  # (3h, h)
+        grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return flat_x, dh, grad_w, grad_bias, None
+
+
+def gru_sequence(gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """A single-direction GRU layer over equal-length sequences with a dense recurrent weight:
+    ``gates_x`` ``W_ih x + b_ih`` ``(t b, 3h)`` (gates ``r, z, n``), ``h0`` ``(b, h)``, ``weight``
+    ``W_hh`` ``(3h, h)``, ``bias`` ``b_hh`` (``b_hn`` stays inside the reset gate, as in
+    ``torch.nn``). Returns ``(outputs (t b, h), h_n (b, h))``, the numbers of :func:`gru_step`
+    step by step, with a hand-written backward through time (no double backward)."""
+    return _GRUSequence.apply(gates_x, h0, weight, bias, reverse)
 
 
 # --- options: gate folding ----------------------------------------------------------------------

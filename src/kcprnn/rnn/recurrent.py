@@ -42,6 +42,7 @@ from .cells import (
     _check_torch_kind,
     _from_dense_factory,
     fold_gates,
+    gru_sequence,
     lstm_sequence,
 )
 
@@ -105,17 +106,20 @@ def run_layer(cell: _CellBase, gates_x: Tensor, batch_sizes: Sequence[int], stat
               reverse: bool = False) -> tuple[Tensor, State]:
     """One direction of one layer over precomputed input projections, as :func:`scan`.
 
-    An LSTM layer with a dense recurrent weight, no projection and sequences of equal length
-    runs as :func:`~kcprnn.rnn.cells.lstm_sequence` (fused steps, a hand-written backward
-    through time), except under ``torch.compile``; everything else steps through :func:`scan`
-    with autograd.
+    An LSTM layer (no projection) or GRU layer with a dense recurrent weight and sequences of
+    equal length runs as :func:`~kcprnn.rnn.cells.lstm_sequence` /
+    :func:`~kcprnn.rnn.cells.gru_sequence` (fused steps, a hand-written backward through time),
+    except under ``torch.compile``; everything else steps through :func:`scan` with autograd.
     """
-    if (isinstance(cell, LSTMCell) and isinstance(cell.weight_hh, DenseMatrix)
-            and cell.weight_hr is None and len(set(batch_sizes)) == 1
-            and not torch.compiler.is_compiling()):  # compiled graphs fuse the steps themselves
+    fused = (isinstance(cell.weight_hh, DenseMatrix) and len(set(batch_sizes)) == 1
+             and not torch.compiler.is_compiling())  # compiled graphs fuse the steps themselves
+    if fused and isinstance(cell, LSTMCell) and cell.weight_hr is None:
         out, h, c = lstm_sequence(gates_x, state[0], state[1], cell.weight_hh.weight,
                                   cell.bias_hh, reverse)
         return out, (h, c)  # (n, h)
+    if fused and isinstance(cell, GRUCell):
+        out, h = gru_sequence(gates_x, state[0], cell.weight_hh.weight, cell.bias_hh, reverse)
+        return out, (h,)  # (n, h)
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
 
 
