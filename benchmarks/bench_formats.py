@@ -3,7 +3,7 @@
 57,600 -> 1,024 (in 8x20x20x18, out 16x4x4x4), 96 rows (batch 16 x 6 frames), float32, 2 threads;
 rank 4 for tt/tr/bt/ht/cp/tucker (Tucker also 2x1x1x1), KCP at ranks 1, 2 and 4 with each of its
 algorithms in two layouts: interleaved [[2,4],[4,5],[4,5],[3,6]] -> [[4,4],[2,2],[2,2],[2,2]]
-(rows "kcp") and whole modes per factor [[8,1],[20,1],[1,20],[1,18]] -> [[16,1],[4,1],[4,1],[2,2]]
+(rows "kcp") and whole modes per factor [[8,1],[20,1],[1,20],[1,18]] -> [[8,2],[4,1],[4,1],[4,1]]
 (rows "kcp-blocked"). Prints forward and forward+backward medians,
 parameters, ``layer.flops(96)``, speedups over nn.Linear and forward time over ``x.sum()``, all
 from one interleaved run, and the targets (KCP, ranks <= 4: forward >= 15x faster than nn.Linear

@@ -5,8 +5,8 @@ linear head over 11 classes on the last hidden state, cross-entropy, forward and
 input-to-hidden matrix is tensorized as in the papers, in ``8x20x20x18`` and out ``16x4x4x4``
 (``hidden_modes=[4,4,4,4]``, the 4 gates folded into the first mode), ranks 4; KCP uses nested
 modes ``in [[2,4],[4,5],[4,5],[3,6]]``, ``out [[4,4],[2,2],[2,2],[2,2]]``, and ``kcp-blocked``
-gives each factor whole modes, ``in [[8,1],[20,1],[1,20],[1,18]]``, ``out [[16,1],[4,1],[4,1],
-[2,2]]``.
+gives each factor whole modes, ``in [[8,1],[20,1],[1,20],[1,18]]``, ``out [[8,2],[4,1],[4,1],
+[4,1]]``.
 
 Timing: every case is warmed up, then the repetitions are interleaved (one step of each case per
 round, the order rotated every round) and the median is reported with its ratio to
@@ -54,7 +54,7 @@ FORMAT_OPTIONS: dict[str, dict] = {
     "bt": {"rank": RANK, "blocks": 2},
     # KCP's fast layout: each Kronecker factor owns whole modes (kcprnn.benchmarking.blocked_split)
     "kcp-blocked": {"in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]],
-                    "out_modes": [[16, 1], [4, 1], [4, 1], [2, 2]], "rank": RANK},
+                    "out_modes": [[8, 2], [4, 1], [4, 1], [4, 1]], "rank": RANK},
 }
 TORCH_CASE = "torch.nn.LSTM"
 

@@ -52,8 +52,8 @@ def test_loglog_slope_recovers_power_law():
 def test_blocked_split_gives_each_factor_whole_modes():
     ins, outs = blocked_split(UCF_IN, UCF_OUT)
     assert ins == [[8, 1], [20, 1], [1, 20], [1, 18]]
-    assert outs == [[16, 1], [4, 1], [4, 1], [2, 2]]
-    assert blocked_split([6, 5, 7], [3, 9]) == ([[6, 1], [1, 5], [1, 7]], [[3, 1], [3, 3]])
+    assert outs == [[8, 2], [4, 1], [4, 1], [4, 1]]
+    assert blocked_split([6, 5, 7], [3, 9]) == ([[6, 1], [1, 5], [1, 7]], [[1, 3], [9, 1]])
 
 
 def test_kronecker_split_gives_the_ucf11_kcp_modes():

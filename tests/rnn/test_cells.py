@@ -121,16 +121,28 @@ def _lstm_by_steps(gates_x, h, c, weight, bias, reverse):
     return torch.cat(outs), h, c
 
 
+def _state(state, *shape):
+    """An initial state: random, zeros (the fused layers skip the first recurrent GEMM) or
+    zeros without gradient (they also skip the last GEMM of the backward)."""
+    t = torch.randn(*shape, dtype=torch.float64) if state == "random" else \
+        torch.zeros(*shape, dtype=torch.float64)
+    return t.requires_grad_(state != "zero-no-grad")
+
+
+STATES = ["random", "zero", "zero-no-grad"]
+
+
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_lstm_sequence_matches_steps(reverse, bias):
+def test_lstm_sequence_matches_steps(reverse, bias, state):
     torch.manual_seed(0)
     b, h, steps = 3, 4, 5
     f64 = torch.float64
-    args = [torch.randn(steps * b, 4 * h, dtype=f64), torch.randn(b, h, dtype=f64),
-            torch.randn(b, h, dtype=f64), torch.randn(4 * h, h, dtype=f64),
-            torch.randn(4 * h, dtype=f64) if bias else None]
-    args = [a.requires_grad_() if a is not None else None for a in args]
+    args = [torch.randn(steps * b, 4 * h, dtype=f64, requires_grad=True),
+            _state(state, b, h), _state(state, b, h),
+            torch.randn(4 * h, h, dtype=f64, requires_grad=True),
+            torch.randn(4 * h, dtype=f64, requires_grad=True) if bias else None]
     assert_same_values_and_gradients(lstm_sequence(*args, reverse=reverse),
                                      _lstm_by_steps(*args, reverse), args)
 
@@ -140,7 +152,7 @@ def assert_same_values_and_gradients(got, ref, args):
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     weights = [torch.randn_like(r) for r in ref]
-    inputs = [a for a in args if a is not None]
+    inputs = [a for a in args if a is not None and a.requires_grad]
     loss_got = sum((g * w).sum() for g, w in zip(got, weights, strict=True))
     loss_ref = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
     for g, r in zip(torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_ref, inputs),
@@ -174,15 +186,17 @@ def _gru_by_steps(gates_x, h, weight, bias, reverse):
     return torch.cat(outs), h
 
 
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gru_sequence_matches_steps(reverse, bias):
+def test_gru_sequence_matches_steps(reverse, bias, state):
     torch.manual_seed(2)
     b, h, steps = 3, 4, 5
     f64 = torch.float64
-    args = [torch.randn(steps * b, 3 * h, dtype=f64), torch.randn(b, h, dtype=f64),
+    args = [torch.randn(steps * b, 3 * h, dtype=f64), _state(state, b, h),
             torch.randn(3 * h, h, dtype=f64), torch.randn(3 * h, dtype=f64) if bias else None]
-    args = [a.requires_grad_() if a is not None else None for a in args]
+    args = [a if a is None or a.requires_grad else a.requires_grad_(i != 1)
+            for i, a in enumerate(args)]
     assert_same_values_and_gradients(gru_sequence(*args, reverse=reverse),
                                      _gru_by_steps(*args, reverse), args)
 

@@ -23,18 +23,21 @@ def blocked_split(
     """Two Kronecker factors that each own whole input modes, for KCP's fast layout.
 
     Factor 1 takes the leading half of the input modes and every output mode but a factor of
-    the last one; factor 2 takes the trailing input modes and the smallest factor (> 1) of the
-    last output mode. Factor 2's inputs are then the contiguous trailing block of every row, so
+    the first one; factor 2 takes the trailing input modes and the smallest factor (> 1) of the
+    first output mode. Factor 2's inputs are then the contiguous trailing block of every row, so
     the sequential product runs its first GEMM on a view of the input with no gathering copy,
-    and its ``J^(2)`` outputs per ``I^(2)`` inputs keep that GEMM cheap:
+    and its ``J^(2)`` outputs per ``I^(2)`` inputs keep that GEMM cheap. Taking them from the
+    first output mode leaves factor 1's later output modes as one contiguous run, so the final
+    reordering of the output moves blocks of ``J_2 ⋯ J_D`` numbers instead of single ones
+    (UCF11, R = 4: forward 0.62 -> 0.52 ms against the last mode's factor):
     ``[8, 20, 20, 18] -> [16, 4, 4, 4]`` gives ``[[8, 1], [20, 1], [1, 20], [1, 18]]`` and
-    ``[[16, 1], [4, 1], [4, 1], [2, 2]]``.
+    ``[[8, 2], [4, 1], [4, 1], [4, 1]]``.
     """
     half = len(in_modes) // 2
     ins = [[int(m), 1] if d < half else [1, int(m)] for d, m in enumerate(in_modes)]
-    last = int(out_modes[-1])
-    small = next((f for f in range(2, last + 1) if last % f == 0), 1)
-    outs = [[int(m), 1] for m in out_modes[:-1]] + [[last // small, small]]
+    first = int(out_modes[0])
+    small = next((f for f in range(2, first + 1) if first % f == 0), 1)
+    outs = [[first // small, small]] + [[int(m), 1] for m in out_modes[1:]]
     return ins, outs
 
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..shapes import balanced_factors, validate_positive_int, validate_ranks
 from ._base import FactorizedMatrix, register
-from ._ops import tall_linear
+from ._ops import tall_linear, weight_grad
 from .cp import cp_als
 
 __all__ = [
@@ -189,9 +189,14 @@ def kcp_num_params(in_splits: Splits, out_splits: Splits, ranks: Sequence[int], 
 
 def _kron_pairs(a: Tensor, b: Tensor) -> Tensor:
     """Batched Kronecker product of the last two axes: (.., J, I) x (.., j, i) -> (.., Jj, Ii)."""
-    out = a[..., :, None, :, None] * b[..., None, :, None, :]  # (..., J, j, I, i)
-    *lead, big_j, j, big_i, i = out.shape
-    return out.reshape(*lead, big_j * j, big_i * i)
+    *lead, big_j, big_i = a.shape
+    j, i = b.shape[-2:]
+    if j == i == 1 or big_j == big_i == 1:  # a scalar per batch entry: a plain product
+        return a * b  # (..., Jj, Ii)
+    # reshapes rather than indexing with None: two autograd nodes fewer (prepare runs in
+    # every training step)
+    out = a.reshape(*lead, big_j, 1, big_i, 1) * b.reshape(*b.shape[:-2], 1, j, 1, i)
+    return out.reshape(*out.shape[:-4], big_j * j, big_i * i)  # (..., Jj, Ii)
 
 
 def _factor_dense(factor: Sequence[Tensor]) -> Tensor:
@@ -212,6 +217,9 @@ def _merged_axis_factors(factors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         for n in range(num_n):
             f = factors[n][d]  # (p, r, m, c)
             p, r, m, c = f.shape
+            if num_n == 1:  # k = (p, r): no broadcast
+                out.append(f.reshape(p * r, m, c))  # (k, m, c)
+                continue
             view = [p] + [r if q == n else 1 for q in range(num_n)] + [m, c]
             full = f.reshape(view).expand(p, *ranks, m, c)  # (p, r_1, ..., r_N, m, c)
             out.append(full.reshape(-1, m, c))  # (k, m, c)
@@ -327,7 +335,8 @@ class KCPPlan:
     """One way to evaluate ``x @ W.T``: ``algorithm`` is ``"parallel"`` (``split`` = first axis of
     the suffix chunk) or ``"sequential"`` (``order`` = factors in the order they are applied;
     ``inner`` >= 0 applies the last factor, on the small data left by the others, as its own
-    rank-``R_n`` CP product cut at that mode instead of through its dense matrix).
+    rank-``R_n`` CP product cut at that mode instead of through its dense matrix; its modes are
+    taken in ``inner_order``, which moves modes with one input index into the prefix).
     ``macs`` counts every multiply-accumulate (building the small dense matrices included),
     ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate."""
 
@@ -338,10 +347,14 @@ class KCPPlan:
     cost: float = 0.0
     peak: int = 0
     inner: int = -1  # sequential: the last factor as its own CP product cut here (-1: dense)
+    inner_order: tuple[int, ...] = ()  # its modes in that product's order (empty: 0..D-1)
 
 
 def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                   terms: int, split: int) -> KCPPlan:
+                   terms: int, split: int, inner: bool = False) -> KCPPlan:
+    """One cut of the parallel product; ``inner``: as the last factor of a sequential product,
+    whose narrow output stays suffix-major (the sequential walk's final permute is priced
+    there)."""
     k = terms * math.prod(ranks)
     ins = [i for s in in_splits for i in s]  # axis sizes, mode-major factor-minor
     outs = [j for s in out_splits for j in s]
@@ -362,8 +375,8 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
         gemm_rows += rows * m
     elif split:
         gemm_rows += rows * o
-        moved = mid + rows * m * o
-    faults = sum(t for t in (mid, moved - rows * m * o if moved else 0) if t > BIG_ELEMENTS)
+        moved = mid + (0 if inner else rows * m * o)
+    faults = sum(t for t in (mid, mid if moved else 0) if t > BIG_ELEMENTS)  # z, its transpose
     cost = (macs + (COST_BUILD - 1) * build + COST_IO * io + COST_PERMUTE * moved
             + COST_FAULT * faults + COST_ROW * gemm_rows + COST_KERNEL * kernels)
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c))
@@ -461,18 +474,22 @@ def _gather(axes: Sequence[Axis], group: Sequence[Axis], g: int) -> tuple[
 
 
 @lru_cache(maxsize=1024)
-def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int,
-                     order: tuple[int, ...]) -> tuple[tuple[_SeqStep, ...], tuple[int, ...], float]:
+def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: tuple[int, ...],
+                     last_out: tuple[int, ...] = ()
+                     ) -> tuple[tuple[_SeqStep, ...], tuple[int, ...], float]:
     """The steps of :func:`kcp_linear_sequential` for ``N >= 2``: each factor's gathering and GEMM
     sizes per row, the final permute of the output axes (empty when none is needed) and the
-    modelled cost per row of all gathering copies. Shared by the product and its cost model."""
+    modelled cost per row of all gathering copies. Shared by the product and its cost model.
+    ``last_out`` orders the last factor's output modes (default ``0..D-1``; an inner CP product
+    lays them out in its own order, :func:`_inner_out_modes`)."""
     num_d, num_n = len(in_splits), len(in_splits[0])
     axes = _input_axes(in_splits)
     p_axis: Axis = (("p",), terms)
     steps, copy_cost = [], 0.0
     for t, n in enumerate(order):
         own = [a for a in axes if a[0][0] == "i" and a[0][2] == n]
-        new = tuple((("j", d, n), out_splits[d][n]) for d in range(num_d) if out_splits[d][n] > 1)
+        modes = last_out if last_out and t == len(order) - 1 else range(num_d)
+        new = tuple((("j", d, n), out_splits[d][n]) for d in modes if out_splits[d][n] > 1)
         g = math.prod(out_splits[d][n] for d in range(num_d))
         has_p = p_axis in axes
         if has_p and t < len(order) - 1:  # P > 1 between the first and the last factor
@@ -551,15 +568,17 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
             + COST_ROW * gemm_rows + COST_KERNEL * kernels)
     plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak)
     if len(ranks) > 1 and terms == 1:
-        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1])
+        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies)
     return plan
 
 
 def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
-                ranks: Sequence[int], step: _SeqStep) -> KCPPlan:
+                ranks: Sequence[int], step: _SeqStep, copies: float) -> KCPPlan:
     """``plan`` with its last factor applied as its own CP product (:func:`kcp_linear_parallel`
     with ``N = 1`` on the gathered rows) when the model finds that cheaper than building the
-    factor's dense ``(J^(n), I^(n))`` matrix and multiplying by it; ``P = 1`` only."""
+    factor's dense ``(J^(n), I^(n))`` matrix and multiplying by it; ``P = 1`` only. Every cut and
+    mode order of :func:`_inner_orders` is priced, with the final permute its output layout
+    needs (``copies``: the gathering cost per row of ``plan``'s walk)."""
     if step.gather == "pbatched" or step.post != 1:
         return plan
     n, num_d = step.factor, len(in_splits)
@@ -567,15 +586,25 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     build = ranks[n] * step.f * step.g
     dense = (COST_BUILD * build + m * step.f * step.g + COST_IO * m * (step.f + step.g)
              + COST_ROW * m + COST_KERNEL * (2 * num_d + 2))
-    own_in = tuple((in_splits[d][n],) for d in range(num_d))
-    own_out = tuple((out_splits[d][n],) for d in range(num_d))
-    alt = min((_parallel_plan(m, own_in, own_out, (ranks[n],), 1, s) for s in range(num_d)),
-              key=lambda p: p.cost)
-    if alt.cost >= dense:
+    ins = [in_splits[d][n] for d in range(num_d)]
+    outs = [out_splits[d][n] for d in range(num_d)]
+    best: tuple[float, KCPPlan, tuple[int, ...]] | None = None
+    for order, split in _inner_orders(ins):
+        modes = order or tuple(range(num_d))
+        alt = _parallel_plan(m, tuple((ins[d],) for d in modes), tuple((outs[d],) for d in modes),
+                             (ranks[n],), 1, split, inner=True)
+        _, _, walked = _sequential_walk(in_splits, out_splits, 1, plan.order,
+                                        _inner_out_modes(ins, outs, order, split))
+        cost = alt.cost + rows * (walked - copies)
+        if best is None or cost < best[0]:
+            best = (cost, alt, order)
+    assert best is not None
+    cost, alt, order = best
+    if cost >= dense:
         return plan
     macs = plan.macs - build - m * step.f * step.g + alt.macs
-    return KCPPlan("sequential", order=plan.order, macs=macs, cost=plan.cost - dense + alt.cost,
-                   peak=plan.peak, inner=alt.split)
+    return KCPPlan("sequential", order=plan.order, macs=macs, cost=plan.cost - dense + cost,
+                   peak=plan.peak, inner=alt.split, inner_order=order)
 
 
 def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
@@ -672,21 +701,64 @@ def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: i
     together. x: ``(b, in_features)`` -> ``(b, out_features)``.
     """
     suffix, prefix = prepared if prepared is not None else kcp_parallel_prepare(factors, split)
+    y, swapped = _parallel_rows(x, suffix, prefix)  # (b, m, o), or (b, o, m) if swapped
+    if swapped:
+        y = y.transpose(1, 2)  # (b, m, o)
+    return y.reshape(x.shape[0], y.shape[1] * y.shape[2])  # (b, j)
+
+
+def _parallel_rows(x: Tensor, suffix: Tensor, prefix: Tensor | None,
+                   keep: list | None = None) -> tuple[Tensor, bool]:
+    """Steps 1 and 2 of :func:`kcp_linear_parallel`: ``(y, swapped)`` with ``y`` ``(b, m, o)``,
+    or ``(b, o, m)`` when ``swapped`` (a narrow suffix, ``o < NARROW``, runs step 2 as one tall
+    GEMM whose output comes suffix-major; :func:`_inner_out_modes` predicts it). ``keep``
+    collects step 1's output and, when swapped, its transpose (for a hand-written backward)."""
     k, o, c = suffix.shape
     b = x.shape[0]
     z = tall_linear(x.reshape(-1, c), suffix.reshape(k * o, c))  # (b a, k o)
+    if keep is not None:
+        keep.append(z)
     if prefix is None:
-        return z.reshape(b, k, o).sum(1)  # (b, o)
+        return z.reshape(b, k, o).sum(1, keepdim=True), False  # (b, 1, o)
     m, a = prefix.shape[0], prefix.shape[1] // k
     if o >= NARROW and torch.is_grad_enabled() and (prefix.requires_grad or z.requires_grad):
-        y = torch.matmul(prefix, z.reshape(b, a * k, o))  # (b, m, o): sums over a and k
-    elif o >= NARROW:  # one GEMM per row on the broadcast prefix: no copies (2.6x faster
-        # than matmul's folding at (16, 16) x (192, 16, 32); its backward would be 10x slower)
-        y = torch.bmm(prefix.expand(b, m, a * k), z.reshape(b, a * k, o))  # (b, m, o)
-    else:  # narrow per-row GEMMs run slowly: transpose into one tall GEMM instead
-        zt = z.reshape(b, a * k, o).transpose(1, 2).reshape(b * o, a * k)  # (b o, a k)
-        y = F.linear(zt, prefix).reshape(b, o, m).transpose(1, 2)  # (b, m, o)
-    return y.reshape(b, m * o)  # (b, j)
+        return torch.matmul(prefix, z.reshape(b, a * k, o)), False  # (b, m, o): sums a and k
+    if o >= NARROW:  # one GEMM per row on the broadcast prefix: no copies (2.6x faster than
+        # matmul's folding at (16, 16) x (192, 16, 32); its backward would be 10x slower)
+        return torch.bmm(prefix.expand(b, m, a * k), z.reshape(b, a * k, o)), False  # (b, m, o)
+    # narrow per-row GEMMs run slowly: transpose into one tall GEMM instead
+    zt = z.reshape(b, a * k, o).transpose(1, 2).reshape(b * o, a * k)  # (b o, a k)
+    if keep is not None:
+        keep.append(zt)
+    return F.linear(zt, prefix).reshape(b, o, m), True  # (b, o, m)
+
+
+def _inner_orders(in_sizes: Sequence[int]) -> list[tuple[tuple[int, ...], int]]:
+    """Mode orders and cuts for a one-factor CP product over modes with input sizes
+    ``in_sizes``: every cut of the natural order, and every cut with the modes past it that
+    have a single input index (outputs only) moved into the prefix. They leave the input
+    layout unchanged and shrink the suffix GEMM by their output size; step 2's work is the
+    same. ``(order, split)`` pairs; ``order`` is empty for the natural one."""
+    num_d = len(in_sizes)
+    out: list[tuple[tuple[int, ...], int]] = [((), s) for s in range(num_d)]
+    for s in range(num_d):
+        rest = range(s, num_d)
+        free = [d for d in rest if in_sizes[d] == 1]
+        kept = [d for d in rest if in_sizes[d] > 1]
+        if free and kept and free != list(range(s, s + len(free))):
+            out.append(((*range(s), *free, *kept), s + len(free)))
+    return out
+
+
+def _inner_out_modes(in_sizes: Sequence[int], out_sizes: Sequence[int], order: Sequence[int],
+                     split: int) -> tuple[int, ...]:
+    """The modes of the inner CP product's output, in the order :func:`_parallel_rows` lays
+    them out: prefix then suffix, or suffix then prefix when the suffix is narrow."""
+    order = tuple(order) or tuple(range(len(in_sizes)))
+    head, tail = order[:split], order[split:]
+    if split and math.prod(out_sizes[d] for d in tail) < NARROW:
+        return (*tail, *head)
+    return order
 
 
 def _input_axes(in_splits: Splits) -> list[Axis]:
@@ -710,19 +782,26 @@ def _group_matrix(a_n: Tensor, step: _SeqStep, first: bool) -> Tensor:
 
 
 def kcp_sequential_prepare(factors: Sequence[Sequence[Tensor]], order: Sequence[int],
-                           inner: int = -1) -> list[Any]:
+                           inner: int = -1, inner_order: Sequence[int] = ()) -> list[Any]:
     """What :func:`kcp_linear_sequential` builds from the factors before touching the input:
     every factor's dense ``(p, g, f)`` matrix, or for the last factor with ``inner >= 0`` its
-    two chunks (:func:`kcp_parallel_prepare`)."""
-    return [kcp_parallel_prepare([list(f)], inner) if inner >= 0 and n == order[-1]
-            else _factor_dense(f) for n, f in enumerate(factors)]
+    two chunks (:func:`kcp_parallel_prepare`, its modes in ``inner_order``)."""
+    out: list[Any] = []
+    for n, f in enumerate(factors):
+        if inner >= 0 and n == order[-1]:
+            modes = tuple(inner_order) or range(len(f))
+            out.append(kcp_parallel_prepare([[f[d] for d in modes]], inner))
+        else:
+            out.append(_factor_dense(f))
+    return out
 
 
 def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
                           order: Sequence[int] | None = None, inner: int = -1,
                           prepared: Sequence[Any] | None = None,
                           bias: Tensor | None = None,
-                          splits: tuple[Splits, Splits] | None = None) -> Tensor:
+                          splits: tuple[Splits, Splits] | None = None,
+                          inner_order: Sequence[int] = ()) -> Tensor:
     """``x @ W.T`` factor by factor (KCP.md §3, sequential).
 
     Factor ``n`` is applied as its small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` (the
@@ -735,7 +814,10 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     ``inner`` >= 0 (``P = 1`` only) applies the last factor as its own rank-``R_n`` CP product,
     :func:`kcp_linear_parallel` cut at mode ``inner``, instead of through its dense matrix: far
     fewer MACs when that matrix is large and the data left by the other factors is small.
-    ``prepared`` passes in :func:`kcp_sequential_prepare` of the same factors, order and inner.
+    ``inner_order`` takes that product's modes in another order (:func:`_inner_orders`: modes
+    with one input index moved into the prefix; the input modes keep their order).
+    ``prepared`` passes in :func:`kcp_sequential_prepare` of the same factors, order, inner and
+    inner_order.
     ``bias`` ``(out_features,)`` is added in the final reordering of the output axes.
     ``splits`` = ``(in_splits, out_splits)`` saves reading them from the factors' shapes.
     x: ``(b, in_features)`` -> ``(b, out_features)``.
@@ -753,13 +835,29 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
         splits = (tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d)),
                   tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d)))
     in_splits, out_splits = splits
-    steps, final, _ = _sequential_walk(in_splits, out_splits, terms, order)
+    inner_order = tuple(inner_order)
+    if inner_order:
+        n_last = order[-1]
+        kept = [d for d in inner_order if in_splits[d][n_last] > 1]
+        if sorted(inner_order) != list(range(num_d)) or kept != sorted(kept):
+            raise ValueError(
+                f"inner_order must be a permutation of range({num_d}) that keeps the modes "
+                f"with more than one input index in order, got inner_order={list(inner_order)}"
+            )
+    last_out = ()
+    if inner >= 0 and 0 <= inner < num_d:
+        n_last = order[-1]
+        last_out = _inner_out_modes([in_splits[d][n_last] for d in range(num_d)],
+                                    [out_splits[d][n_last] for d in range(num_d)],
+                                    inner_order, inner)
+    steps, final, _ = _sequential_walk(in_splits, out_splits, terms, order, last_out)
     if inner >= 0 and not (terms == 1 and 0 <= inner < num_d and steps[-1].post == 1):
         raise ValueError(
             f"inner={inner} needs one Kronecker term (terms={terms}), a mode index in "
             f"[0, {num_d}) and a last factor gathered at the end of the rows"
         )
-    dense = prepared if prepared is not None else kcp_sequential_prepare(factors, order, inner)
+    dense = (prepared if prepared is not None
+             else kcp_sequential_prepare(factors, order, inner, inner_order))
     out_features = math.prod(map(math.prod, out_splits))
 
     def run(part: Tensor) -> Tensor:
@@ -786,19 +884,53 @@ def _sequential_steps(x: Tensor, factors: Sequence[Sequence[Tensor]],
                       dense: Sequence[Any], steps: Sequence[_SeqStep],
                       final: tuple[int, ...], in_splits: Splits, out_features: int,
                       inner: int, bias: Tensor | None = None) -> Tensor:
-    """Run the walk of :func:`_sequential_walk` on ``x`` ``(b, in_features)``."""
-    b = x.shape[0]
-    terms = factors[0][0].shape[0]
-    axes: Sequence[Axis] = _input_axes(in_splits)
-    z = x
+    """Run the walk of :func:`_sequential_walk` on ``x`` ``(b, in_features)``.
+
+    When autograd needs gradients and no step is batched over terms, the whole walk is one
+    autograd node (:class:`_SequentialProduct`) with a hand-written backward: a GEMM pair per
+    step and the inverse gathers, instead of a graph of some thirty small nodes."""
+    walk = _Walk(tuple(steps), final, _input_axes(in_splits), out_features,
+                 factors[0][0].shape[0])
+    mats = []
     for t, step in enumerate(steps):
-        a_n = dense[step.factor]  # (p, g, f)
+        a_n = dense[step.factor]  # (p, g, f), or the inner product's two chunks
+        plain = step.gather == "pbatched" or isinstance(a_n, tuple)
+        mats.append(a_n if plain else _group_matrix(a_n, step, t == 0))  # (g, f)
+    flat = [t for m in mats for t in (m if isinstance(m, tuple) else (m,))]
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                        for t in (x, bias, *flat))
+            and all(step.gather != "pbatched" for step in steps)):
+        return _SequentialProduct.apply(x, bias, walk, *flat)  # (b, j)
+    return _run_walk(x, mats, walk, bias)  # (b, j)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What :func:`_run_walk` needs besides the data: the steps, the final permute, the input
+    axes, the output size and the number of terms."""
+
+    steps: tuple[_SeqStep, ...]
+    final: tuple[int, ...]
+    in_axes: list[Axis]
+    out_features: int
+    terms: int
+
+
+def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
+              saved: list | None = None) -> Tensor:
+    """The forward of the sequential walk; ``mats[t]`` is step ``t``'s ``(g, f)`` matrix, its
+    ``(p, g, f)`` factor (``pbatched``) or the inner product's ``(suffix, prefix)``. ``saved``
+    collects, per step, what :func:`_walk_backward` needs (the GEMM inputs)."""
+    b = x.shape[0]
+    axes: Sequence[Axis] = walk.in_axes
+    z = x
+    for step, mat in zip(walk.steps, mats, strict=True):
         sizes = [s for _, s in axes]
         if step.gather == "pbatched":  # P > 1 between the first and the last factor
             perm = [step.perm[0] + 1, 0, *[q + 1 for q in step.perm[1:]]]
-            zz = z.reshape(b, *sizes).permute(*perm).reshape(terms, b * step.pre, step.f)
-            y = torch.bmm(zz, a_n.transpose(1, 2))  # (p, b e, g)
-            z = y.reshape(terms, b, -1).transpose(0, 1)  # (b, p, e g)
+            zz = z.reshape(b, *sizes).permute(*perm).reshape(walk.terms, b * step.pre, step.f)
+            y = torch.bmm(zz, mat.transpose(1, 2))  # (p, b e, g)
+            z = y.reshape(walk.terms, b, -1).transpose(0, 1)  # (b, p, e g)
             axes = step.axes
             continue
         if step.gather == "swaps":
@@ -806,23 +938,151 @@ def _sequential_steps(x: Tensor, factors: Sequence[Sequence[Tensor]],
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
         elif step.gather == "permute":
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
-        if isinstance(a_n, tuple):  # the last factor as its own CP product (``inner``)
-            own = [list(factors[step.factor])]
-            z = kcp_linear_parallel(z.reshape(b * step.pre, step.f), own, inner, a_n)  # (b pre, g)
-            axes = step.axes
-            continue
-        mat = _group_matrix(a_n, step, t == 0)  # (g, f)
-        if step.post == 1:
-            z = tall_linear(z.reshape(b * step.pre, step.f), mat)  # (b pre, g)
+        if isinstance(mat, tuple):  # the last factor as its own CP product (``inner``), its
+            # output modes laid out as the walk's last step says (``last_out``)
+            zin = z.reshape(b * step.pre, step.f)  # (b e, f)
+            keep: list | None = [zin] if saved is not None else None
+            z, _ = _parallel_rows(zin, *mat, keep)  # (b e, m, o)
+            z = z.reshape(b, step.pre * step.g)  # (b, e g)
+            if saved is not None:
+                saved.append(keep)
+        elif step.post == 1:
+            zin = z.reshape(b * step.pre, step.f)  # (b e, f)
+            z = tall_linear(zin, mat)  # (b e, g)
+            if saved is not None:
+                saved.append(zin)
         else:
-            z = torch.matmul(mat, z.reshape(b * step.pre, step.f, step.post))  # (b pre, g, post)
+            zin = z.reshape(b * step.pre, step.f, step.post)  # (b e, f, post)
+            z = torch.matmul(mat, zin)  # (b e, g, post)
+            if saved is not None:
+                saved.append(zin)
         axes = step.axes
-    if final:
-        z = z.reshape(b, *[s for _, s in axes]).permute(0, *[q + 1 for q in final])  # (b, j)
+    if walk.final:
+        z = z.reshape(b, *[s for _, s in axes]).permute(0, *[q + 1 for q in walk.final])
         if bias is not None:  # bias first: the sum comes out contiguous, in output order
-            return (bias.view(z.shape[1:]) + z).reshape(b, out_features)  # (b, j)
-    z = z.reshape(b, out_features)  # (b, j)
+            return (bias.view(z.shape[1:]) + z).reshape(b, walk.out_features)  # (b, j)
+    z = z.reshape(b, walk.out_features)  # (b, j)
     return z if bias is None else z + bias  # (b, j)
+
+
+def _inverse(perm: Sequence[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for t, q in enumerate(perm):
+        inv[q] = t
+    return inv
+
+
+def _walk_backward(grad: Tensor, mats: Sequence[Any], walk: _Walk, saved: Sequence[Any],
+                   need_x: bool, need: Sequence[bool]) -> tuple[Tensor | None, list]:
+    """Gradients of :func:`_run_walk` (no ``pbatched`` step) for the output gradient ``grad``
+    ``(b, j)``: ``(grad_x or None, per-step gradients of mats)`` (``None`` where ``need`` is
+    false, a pair for the inner product)."""
+    b = grad.shape[0]
+    steps = walk.steps
+    g = grad
+    if walk.final:
+        last = [s for _, s in steps[-1].axes]
+        g = g.reshape(b, *[last[q] for q in walk.final]).permute(
+            0, *[q + 1 for q in _inverse(walk.final)])  # (b, *last axes)
+    grads: list[Any] = [None] * len(steps)
+    for t in range(len(steps) - 1, -1, -1):
+        step, mat, kept = steps[t], mats[t], saved[t]
+        wanted = t > 0 or need_x
+        rows = b * step.pre
+        if isinstance(mat, tuple):
+            suffix, prefix = mat
+            zin = kept[0]
+            k, o, c = suffix.shape
+            if prefix is None:
+                gz = g.reshape(rows, 1, o).expand(rows, k, o).reshape(rows, k * o)  # (b e, k o)
+                g_prefix = None
+            else:
+                m, ak = prefix.shape
+                if len(kept) == 3:  # narrow: y (b e o, m) = zt @ prefix.T
+                    gy = g.reshape(rows * o, m)  # (b e o, m)
+                    g_prefix = weight_grad(gy, kept[2]) if need[t] else None  # (m, a k)
+                    gz = (gy.mm(prefix).reshape(rows, o, ak).transpose(1, 2)
+                          .reshape(-1, k * o))  # (b e a, k o)
+                else:  # wide: y (b e, m, o) = prefix @ z
+                    gy = g.reshape(rows, m, o)  # (b e, m, o)
+                    zz = kept[1].reshape(rows, ak, o)  # (b e, a k, o)
+                    g_prefix = (torch.einsum("nmo,nko->mk", gy, zz)
+                                if need[t] else None)  # (m, a k)
+                    gz = torch.matmul(prefix.t(), gy).reshape(-1, k * o)  # (b e a, k o)
+            flat_in = zin.reshape(-1, c)  # (b e a, c)
+            g_suffix = (weight_grad(gz, flat_in).reshape(k, o, c)
+                        if need[t] else None)  # (k, o, c)
+            grads[t] = (g_suffix, g_prefix)
+            g_in = gz.mm(suffix.reshape(k * o, c)) if wanted else None  # (b e a, c)
+        elif step.post == 1:
+            g2 = g.reshape(rows, step.g)  # (b e, g)
+            grads[t] = weight_grad(g2, kept) if need[t] else None  # (g, f)
+            g_in = g2.mm(mat) if wanted else None  # (b e, f)
+        else:
+            g3 = g.reshape(rows, step.g, step.post)  # (b e, g, post)
+            grads[t] = torch.einsum("ngq,nfq->gf", g3, kept) if need[t] else None  # (g, f)
+            g_in = torch.matmul(mat.t(), g3) if wanted else None  # (b e, f, post)
+        if not wanted:
+            break
+        before = steps[t - 1].axes if t > 0 else walk.in_axes
+        sizes = [s for _, s in before]
+        if step.gather == "swaps":
+            g = g_in
+            for pre, m, k_, post in reversed(step.swaps):
+                g = g.reshape(b * pre, k_, m, post).transpose(1, 2)  # (b pre, m, k, post)
+        elif step.gather == "permute":
+            moved = [sizes[q] for q in step.perm]
+            g = g_in.reshape(b, *moved).permute(0, *[q + 1 for q in _inverse(step.perm)])
+        else:
+            g = g_in
+    grad_x = g.reshape(b, -1) if need_x else None  # (b, i)
+    return grad_x, grads
+
+
+class _SequentialProduct(torch.autograd.Function):
+    """:func:`_run_walk` as one autograd node with :func:`_walk_backward` (first order)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor | None, walk: _Walk, *flat: Tensor | None) -> Tensor:
+        mats: list[Any] = []
+        it = iter(flat)
+        for step in walk.steps:
+            first = next(it)
+            mats.append((first, next(it)) if step is walk.steps[-1] and _is_inner(walk, flat)
+                        else first)
+        saved: list = []
+        out = _run_walk(x, mats, walk, bias, saved)
+        ctx.walk, ctx.mats, ctx.saved_steps = walk, mats, saved
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        walk, mats = ctx.walk, ctx.mats
+        needs = ctx.needs_input_grad
+        need = []
+        q = 3
+        for m in mats:
+            width = 2 if isinstance(m, tuple) else 1
+            need.append(any(needs[q:q + width]))
+            q += width
+        grad = grad.contiguous()
+        grad_x, grads = _walk_backward(grad, mats, walk, ctx.saved_steps, needs[0], need)
+        flat: list[Tensor | None] = []
+        for m, gm in zip(mats, grads, strict=True):
+            if isinstance(m, tuple):
+                pair = gm if gm is not None else (None, None)
+                flat += [pair[0], pair[1] if m[1] is not None else None]
+            else:
+                flat.append(gm)
+        grad_bias = grad.sum(0) if ctx.has_bias and needs[1] else None  # (j,)
+        return (grad_x, grad_bias, None, *flat)
+
+
+def _is_inner(walk: _Walk, flat: Sequence[Tensor | None]) -> bool:
+    """Whether the flattened matrices end with an inner product's pair (one more than steps)."""
+    return len(flat) == len(walk.steps) + 1
 
 
 # --- module ---
@@ -945,7 +1205,8 @@ class KCPMatrix(FactorizedMatrix):
         if plan.algorithm == "parallel":
             return kcp_linear_parallel(x, factors, plan.split, prepared)  # (b, j)
         return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared,
-                                     splits=(self.in_splits, self.out_splits))  # (b, j)
+                                     splits=(self.in_splits, self.out_splits),
+                                     inner_order=plan.inner_order)  # (b, j)
 
     def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
@@ -954,7 +1215,8 @@ class KCPMatrix(FactorizedMatrix):
         factors = self._factor_list()
         prepared = self._prepared(plan, factors)
         return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared, bias,
-                                     (self.in_splits, self.out_splits))  # (b, j)
+                                     (self.in_splits, self.out_splits),
+                                     plan.inner_order)  # (b, j)
 
     def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]]) -> Any:
         """The small matrices ``plan`` builds from the factors, kept between calls while autograd
@@ -964,7 +1226,7 @@ class KCPMatrix(FactorizedMatrix):
         if torch.is_grad_enabled():
             return None
         params = [p for f in factors for p in f]
-        key = (plan.algorithm, plan.split, plan.order, plan.inner,
+        key = (plan.algorithm, plan.split, plan.order, plan.inner, plan.inner_order,
                torch.is_inference_mode_enabled(),
                tuple([(id(p), p.data_ptr(), p._version) for p in params]))
         if self._cache is not None and self._cache[0] == key:
@@ -972,7 +1234,7 @@ class KCPMatrix(FactorizedMatrix):
         if plan.algorithm == "parallel":
             built: Any = kcp_parallel_prepare(factors, plan.split)
         else:
-            built = kcp_sequential_prepare(factors, plan.order, plan.inner)
+            built = kcp_sequential_prepare(factors, plan.order, plan.inner, plan.inner_order)
         self._cache = (key, built)
         return built
 

@@ -111,6 +111,12 @@ def rnn_step(
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)  # (b, h)
 
 
+def _is_zero(h: Tensor) -> bool:
+    """Whether a CPU state is all zeros (a cheap check there; on accelerators it would wait for
+    the device, so they always run the product)."""
+    return h.device.type == "cpu" and not bool(h.any())
+
+
 def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
                   order: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM recurrence over precomputed ``gates`` ``(t, b, 4h)`` (input projection and both
@@ -120,8 +126,10 @@ def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
     hs = gates.new_empty(gates.shape[0], gates.shape[1], hidden)  # (t, b, h)
     cs = torch.empty_like(hs)  # (t, b, h)
     wt = weight.t()  # (h, 4h)
+    skip = _is_zero(h)  # the usual zero initial state: no first recurrent GEMM
     for t in order:
-        g = gates[t].addmm_(h, wt)  # (b, 4h)
+        g = gates[t] if skip else gates[t].addmm_(h, wt)  # (b, 4h)
+        skip = False
         g[:, :2 * hidden].sigmoid_()  # i, f
         g[:, 2 * hidden:3 * hidden].tanh_()  # g
         g[:, 3 * hidden:].sigmoid_()  # o
@@ -185,12 +193,13 @@ class _LSTMSequence(torch.autograd.Function):
             torch.mul(dc[:, None], by_dc[t], out=d[:, :3 * hidden].view(b, 3, hidden))  # i, f, g
             d.mul_(deriv[t])  # pre-activation gradients
             dc = dc * f[t]
-            dh = d.mm(weight)  # (b, h)
+            if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
+                dh = d.mm(weight)  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
         grad_w = weight_grad(flat, h_prev.view(steps * b, hidden)) if ctx.needs_input_grad[3] \
             else None  # (4h, h)
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None  # (4h,)
-        return flat, dh, dc, grad_w, grad_bias, None
+        return flat, dh if ctx.needs_input_grad[1] else None, dc, grad_w, grad_bias, None
 
 
 def lstm_sequence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
@@ -229,9 +238,15 @@ class _GRUSequence(torch.autograd.Function):
         wt = weight.t()  # (h, 3h)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         h = h0
+        skip = _is_zero(h0)  # the usual zero initial state: no first recurrent GEMM
         for t in order:
-            g = torch.mm(h, wt, out=gh[t]) if bias is None else torch.addmm(bias, h, wt,
-                                                                            out=gh[t])  # (b, 3h)
+            if skip:
+                g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
+                skip = False
+            elif bias is None:
+                g = torch.mm(h, wt, out=gh[t])  # (b, 3h)
+            else:
+                g = torch.addmm(bias, h, wt, out=gh[t])  # (b, 3h)
             gate = torch.add(gx[t, :, :2 * hidden], g[:, :2 * hidden], out=rz[t]).sigmoid_()
             r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
             n = torch.addcmul(gx[t, :, 2 * hidden:], r, g[:, 2 * hidden:], out=ns[t]).tanh_()
@@ -271,13 +286,14 @@ class _GRUSequence(torch.autograd.Function):
             dx[:, :2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
             dhh[:, :2 * hidden] = dx[:, :2 * hidden]
             torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden:])
-            dh = torch.addmm(dh * z[t], dhh, weight)  # (b, h)
+            if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
+                dh = torch.addmm(dh * z[t], dhh, weight)  # (b, h)
         flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
         flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
         grad_w = weight_grad(flat_h, h_prev.view(steps * b, hidden)) \
             if ctx.needs_input_grad[2] else None  # (3h, h)
         grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return flat_x, dh, grad_w, grad_bias, None
+        return flat_x, dh if ctx.needs_input_grad[1] else None, grad_w, grad_bias, None
 
 
 def gru_sequence(gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None = None,
