@@ -1,9 +1,11 @@
-"""Shared GEMM primitives: the blocked weight gradient of ``tall_linear``."""
+"""Shared GEMM primitives: the blocked weight gradient of ``tall_linear``, ``linear_nt``."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from kcprnn.formats._ops import TALL_BLOCKS, tall_linear, weight_grad
+from kcprnn.formats import _ops
+from kcprnn.formats._ops import TALL_BLOCKS, linear_nt, tall_linear, weight_grad
 
 
 def test_weight_grad_with_a_remainder_block():
@@ -31,3 +33,43 @@ def test_tall_linear_gradients_match_linear():
     # only the weight needs a gradient (the usual case: x is the data)
     (gw,) = torch.autograd.grad(tall_linear(x.detach(), w), (w,), seed)
     torch.testing.assert_close(gw, want[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16, 256, 1024), (96, 1024, 256), (0, 8, 4), (3, 0, 5)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_linear_nt_matches_the_float64_product(shape, strided):
+    # float32 (oneDNN where torch has it) against the product in float64
+    torch.manual_seed(2)
+    m, k, n = shape
+    a = torch.randn(k, m).t() if strided else torch.randn(m, k)  # (m, k)
+    b = torch.randn(k, n).t() if strided else torch.randn(n, k)  # (n, k)
+    out = linear_nt(a, b)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), a.double() @ b.double().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_nt_falls_back_to_mm(monkeypatch):
+    torch.manual_seed(3)
+    a, b = torch.randn(5, 7), torch.randn(4, 7)
+    fast = linear_nt(a, b)
+    monkeypatch.setattr(_ops, "_ONEDNN_LINEAR", None)  # a torch build without oneDNN
+    torch.testing.assert_close(linear_nt(a, b), a @ b.t(), rtol=0, atol=0)
+    torch.testing.assert_close(linear_nt(a, b), fast)
+    a64 = a.double()  # float64 never goes to oneDNN
+    torch.testing.assert_close(linear_nt(a64, b.double()), a64 @ b.double().t(), rtol=0, atol=0)
+
+
+def test_linear_nt_keeps_autograd_when_a_gradient_is_needed():
+    a = torch.randn(3, 4, requires_grad=True)
+    b = torch.randn(2, 4)
+    (g,) = torch.autograd.grad(linear_nt(a, b).sum(), (a,))
+    torch.testing.assert_close(g, b.sum(0).expand(3, 4))
+
+
+@pytest.mark.parametrize("width", [20, 200])
+def test_weight_grad_in_float32_matches_float64(width):
+    torch.manual_seed(4)
+    g = torch.randn(64 * TALL_BLOCKS + 7, 3)
+    x = torch.randn(64 * TALL_BLOCKS + 7, width)
+    ref = g.double().t() @ x.double()
+    torch.testing.assert_close(weight_grad(g, x).double(), ref, rtol=1e-5, atol=1e-3)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..formats import FORMATS, FactorizedMatrix, make_matrix
 from ..formats._base import resolve_dtype
-from ..formats._ops import weight_grad
+from ..formats._ops import linear_nt, weight_grad
 
 __all__ = [
     "GRUCell",
@@ -111,6 +111,16 @@ def rnn_step(
     return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)  # (b, h)
 
 
+def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
+    """``grad.T @ h_prev``: ``(n, g)``, ``(n, h)`` -> ``(g, h)``, one GEMM over all steps
+    (:func:`~kcprnn.formats._ops.linear_nt`; batch 16 x 6 steps, hidden 256: 254 -> 165 us),
+    or the blocked :func:`~kcprnn.formats._ops.weight_grad` over many rows (faster from some
+    16k rows on)."""
+    if grad.shape[0] > 4096:
+        return weight_grad(grad, h_prev)  # (g, h)
+    return linear_nt(grad.t(), h_prev.t())  # (g, h)
+
+
 def _is_zero(h: Tensor) -> bool:
     """Whether a CPU state is all zeros (a cheap check there; on accelerators it would wait for
     the device, so they always run the product)."""
@@ -125,10 +135,9 @@ def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
     hidden = h.shape[1]
     hs = gates.new_empty(gates.shape[0], gates.shape[1], hidden)  # (t, b, h)
     cs = torch.empty_like(hs)  # (t, b, h)
-    wt = weight.t()  # (h, 4h)
     skip = _is_zero(h)  # the usual zero initial state: no first recurrent GEMM
     for t in order:
-        g = gates[t] if skip else gates[t].addmm_(h, wt)  # (b, 4h)
+        g = gates[t] if skip else gates[t].add_(linear_nt(h, weight))  # (b, 4h)
         skip = False
         g[:, :2 * hidden].sigmoid_()  # i, f
         g[:, 2 * hidden:3 * hidden].tanh_()  # g
@@ -194,10 +203,10 @@ class _LSTMSequence(torch.autograd.Function):
             d.mul_(deriv[t])  # pre-activation gradients
             dc = dc * f[t]
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
-                dh = d.mm(weight)  # (b, h)
+                dh = linear_nt(d, weight.t())  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
-        grad_w = weight_grad(flat, h_prev.view(steps * b, hidden)) if ctx.needs_input_grad[3] \
-            else None  # (4h, h)
+        grad_w = _recurrent_weight_grad(flat, h_prev.view(steps * b, hidden)) \
+            if ctx.needs_input_grad[3] else None  # (4h, h)
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None  # (4h,)
         return flat, dh if ctx.needs_input_grad[1] else None, dc, grad_w, grad_bias, None
 
@@ -235,7 +244,6 @@ class _GRUSequence(torch.autograd.Function):
         rz = gx.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
         ns = gx.new_empty(steps, b, hidden)  # (t, b, h)
         hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
-        wt = weight.t()  # (h, 3h)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         h = h0
         skip = _is_zero(h0)  # the usual zero initial state: no first recurrent GEMM
@@ -244,9 +252,9 @@ class _GRUSequence(torch.autograd.Function):
                 g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
                 skip = False
             elif bias is None:
-                g = torch.mm(h, wt, out=gh[t])  # (b, 3h)
+                g = gh[t].copy_(linear_nt(h, weight))  # (b, 3h)
             else:
-                g = torch.addmm(bias, h, wt, out=gh[t])  # (b, 3h)
+                g = torch.add(linear_nt(h, weight), bias, out=gh[t])  # (b, 3h)
             gate = torch.add(gx[t, :, :2 * hidden], g[:, :2 * hidden], out=rz[t]).sigmoid_()
             r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
             n = torch.addcmul(gx[t, :, 2 * hidden:], r, g[:, 2 * hidden:], out=ns[t]).tanh_()
@@ -287,10 +295,10 @@ class _GRUSequence(torch.autograd.Function):
             dhh[:, :2 * hidden] = dx[:, :2 * hidden]
             torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden:])
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
-                dh = torch.addmm(dh * z[t], dhh, weight)  # (b, h)
+                dh = (dh * z[t]).add_(linear_nt(dhh, weight.t()))  # (b, h)
         flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
         flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
-        grad_w = weight_grad(flat_h, h_prev.view(steps * b, hidden)) \
+        grad_w = _recurrent_weight_grad(flat_h, h_prev.view(steps * b, hidden)) \
             if ctx.needs_input_grad[2] else None  # (3h, h)
         grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return flat_x, dh if ctx.needs_input_grad[1] else None, grad_w, grad_bias, None
