@@ -101,7 +101,8 @@ def _make(in_modes, out_modes, rank, terms) -> KCPMatrix:
 def _plan(w: KCPMatrix, algorithm: str, rows: int) -> dict:
     old = w.algorithm
     w.algorithm = algorithm
-    plan = w.plan(rows, training=False)  # the sweep times forwards under no_grad
+    with torch.no_grad():  # the sweep times forwards under no_grad (cached small matrices)
+        plan = w.plan(rows)
     w.algorithm = old
     return {"algorithm": plan.algorithm, "split": plan.split, "order": list(plan.order),
             "macs": plan.macs, "cost": plan.cost, "peak": plan.peak}

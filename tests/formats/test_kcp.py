@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kcprnn.formats.kcp import (
+    BACKWARD,
     KCPMatrix,
     _inner_orders,
     _parallel_plan,
@@ -482,10 +483,17 @@ def test_sequential_flops_by_hand():
 def test_training_auto_prices_the_backward():
     # R = 2 at 230,400 -> 1,024, 96 rows: parallel's forward is cheaper, but its backward repeats
     # the GEMM over the input (1.5x its forward) while sequential's is about half its forward.
+    # (Measured, fwd+bwd: parallel 30.5 ms, sequential 31.4 ms.) The backward is priced without
+    # the forward's oneDNN saving.
     ranks = (2, 2)
     par = kcp_cost(96, BIG_IN, UCF_OUT, ranks, 1, "parallel")
     seq = kcp_cost(96, BIG_IN, UCF_OUT, ranks, 1, "sequential")
-    assert par.cost < seq.cost < par.cost * 2.5 / 1.5
+    assert par.cost < seq.cost
+
+    def train(plan):
+        return plan.cost + BACKWARD[plan.algorithm] * (plan.cost + plan.onednn_saving)
+
+    assert train(seq) < train(par)
     assert kcp_plan(96, BIG_IN, UCF_OUT, ranks, 1).algorithm == "parallel"
     assert kcp_plan(96, BIG_IN, UCF_OUT, ranks, 1, training=True).algorithm == "sequential"
     # rank 1: parallel stays the cheaper one with its backward included

@@ -314,7 +314,8 @@ def _build_and_count(
             plan = getattr(weight, "plan", None)  # KCP: what "auto" resolves to at these rows
             if callable(plan) and result["algorithm"] != "dense":
                 # forwards are timed under no_grad; forward+backward trains the factors
-                result["resolved_algorithm"] = str(plan(spec.rows, training=False).algorithm)
+                with torch.no_grad():  # the plan of a no_grad forward (cached matrices)
+                    result["resolved_algorithm"] = str(plan(spec.rows).algorithm)
                 result["resolved_algorithm_training"] = str(
                     plan(spec.rows, training=True).algorithm
                 )

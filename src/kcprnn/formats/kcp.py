@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..shapes import balanced_factors, validate_positive_int, validate_ranks
+from . import _ops
 from ._base import FactorizedMatrix, register
 from ._ops import tall_linear, weight_grad
 from .cp import cp_als
@@ -92,6 +93,10 @@ COST_ROW = 150.0
 COST_KERNEL = 5.0e5
 COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
+ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.ONEDNN_MIN_OUT outputs
+# and TALL_MIN_ROWS rows on) relative to MKL's. The GEMMs alone run at 0.43-0.9x (65,536 rows,
+# 16-360 inputs, 8-64 outputs); 0.8 is the value at which auto misses no multi-row point of
+# benchmarks/bench_kcp_auto.py (0.3-0.7 pick parallel at 4k, R = 2, 1,024 rows: 1.6x slower)
 # Backward over forward time of each algorithm when the factors need gradients (the input does
 # not): measured at the UCF11 point, 96 rows, 2 threads, R = 1 and 2 (parallel 1.58 / 1.46,
 # sequential 0.48 / 0.51; benchmarks/results/full-2thread). ``auto`` uses them in training.
@@ -338,7 +343,9 @@ class KCPPlan:
     rank-``R_n`` CP product cut at that mode instead of through its dense matrix; its modes are
     taken in ``inner_order``, which moves modes with one input index into the prefix).
     ``macs`` counts every multiply-accumulate (building the small dense matrices included),
-    ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate."""
+    ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate,
+    ``onednn_saving`` what the forward saves by running tall GEMMs on oneDNN (their backward
+    does not)."""
 
     algorithm: str
     split: int = 0
@@ -348,13 +355,24 @@ class KCPPlan:
     peak: int = 0
     inner: int = -1  # sequential: the last factor as its own CP product cut here (-1: dense)
     inner_order: tuple[int, ...] = ()  # its modes in that product's order (empty: 0..D-1)
+    onednn_saving: float = 0.0  # part of the modelled forward cost saved by oneDNN GEMMs
+
+
+def _tall_saving(rows: int, outs: int, macs: int) -> float:
+    """MAC equivalents saved when a tall GEMM of ``rows`` rows and ``outs`` outputs runs on
+    oneDNN (:func:`~kcprnn.formats._ops.tall_linear`) instead of MKL."""
+    if outs >= _ops.ONEDNN_MIN_OUT and rows >= _ops.TALL_MIN_ROWS and _ops.onednn_available():
+        return (1.0 - ONEDNN_GAIN) * macs
+    return 0.0
 
 
 def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                   terms: int, split: int, inner: bool = False) -> KCPPlan:
+                   terms: int, split: int, inner: bool = False,
+                   prepared: bool = False) -> KCPPlan:
     """One cut of the parallel product; ``inner``: as the last factor of a sequential product,
     whose narrow output stays suffix-major (the sequential walk's final permute is priced
-    there)."""
+    there); ``prepared``: the small matrices are kept between calls (their building is not
+    priced; it still counts in ``macs``)."""
     k = terms * math.prod(ranks)
     ins = [i for s in in_splits for i in s]  # axis sizes, mode-major factor-minor
     outs = [j for s in out_splits for j in s]
@@ -377,9 +395,14 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
         gemm_rows += rows * o
         moved = mid + (0 if inner else rows * m * o)
     faults = sum(t for t in (mid, mid if moved else 0) if t > BIG_ELEMENTS)  # z, its transpose
-    cost = (macs + (COST_BUILD - 1) * build + COST_IO * io + COST_PERMUTE * moved
-            + COST_FAULT * faults + COST_ROW * gemm_rows + COST_KERNEL * kernels)
-    return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c))
+    saved = _tall_saving(rows * a, k * o, rows * a * c * k * o)
+    if prepared:
+        kernels -= 2 * len(ins)
+    cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
+            + COST_PERMUTE * moved + COST_FAULT * faults + COST_ROW * gemm_rows
+            + COST_KERNEL * kernels)
+    return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c),
+                   onednn_saving=saved)
 
 
 Axis = tuple[tuple, int]  # (label, size): ("i"|"j", d, n) or ("p",)
@@ -535,13 +558,13 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: t
 
 
 def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                     terms: int, order: tuple[int, ...]) -> KCPPlan:
+                     terms: int, order: tuple[int, ...], prepared: bool = False) -> KCPPlan:
     num_d = len(in_splits)
     fi = [math.prod(in_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
     fo = [math.prod(out_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
     build = sum(terms * r * fi[n] * fo[n] for n, r in enumerate(ranks))
     size = rows * math.prod(fi)
-    macs, io, gemm_rows, peak, copies = build, 0, 0, size, 0.0
+    macs, io, gemm_rows, peak, copies, saved = build, 0, 0, size, 0.0, 0.0
     if len(ranks) == 1:  # N == 1: the p-sum of the small matrix, then one GEMM
         macs += terms * fi[0] * fo[0] + size * fo[0]
         io, gemm_rows, kernels = size + rows * fo[0], rows, 2 * num_d + 3
@@ -552,7 +575,10 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
         for step in steps:
             batch = terms if step.gather == "pbatched" else 1
             new = rows * batch * step.pre * step.g * step.post
-            macs += rows * batch * step.pre * step.f * step.g * step.post
+            step_macs = rows * batch * step.pre * step.f * step.g * step.post
+            macs += step_macs
+            if batch == 1 and step.post == 1:
+                saved += _tall_saving(math.ceil(rows / chunks) * step.pre, step.g, step_macs)
             io += size + new
             gemm_rows += rows * batch * step.pre * (1 if step.post == 1 else step.g)
             copied = len(step.swaps) + (step.gather in ("permute", "pbatched"))
@@ -564,16 +590,21 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
             size = new
             peak = max(peak, size)
         kernels = 2 * num_d * len(ranks) + chunks * (kernels + bool(final)) + 1
-    cost = (macs + (COST_BUILD - 1) * build + COST_IO * io + rows * copies
-            + COST_ROW * gemm_rows + COST_KERNEL * kernels)
-    plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak)
+    if prepared:
+        kernels -= 2 * num_d * len(ranks)
+    cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
+            + rows * copies + COST_ROW * gemm_rows + COST_KERNEL * kernels)
+    plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak,
+                   onednn_saving=saved)
     if len(ranks) > 1 and terms == 1:
-        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies)
+        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies,
+                           prepared)
     return plan
 
 
 def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
-                ranks: Sequence[int], step: _SeqStep, copies: float) -> KCPPlan:
+                ranks: Sequence[int], step: _SeqStep, copies: float,
+                prepared: bool = False) -> KCPPlan:
     """``plan`` with its last factor applied as its own CP product (:func:`kcp_linear_parallel`
     with ``N = 1`` on the gathered rows) when the model finds that cheaper than building the
     factor's dense ``(J^(n), I^(n))`` matrix and multiplying by it; ``P = 1`` only. Every cut and
@@ -584,15 +615,17 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     n, num_d = step.factor, len(in_splits)
     m = rows * step.pre
     build = ranks[n] * step.f * step.g
-    dense = (COST_BUILD * build + m * step.f * step.g + COST_IO * m * (step.f + step.g)
-             + COST_ROW * m + COST_KERNEL * (2 * num_d + 2))
+    dense_saving = _tall_saving(m, step.g, m * step.f * step.g)  # already in plan.cost
+    dense = ((0 if prepared else COST_BUILD * build) + m * step.f * step.g - dense_saving
+             + COST_IO * m * (step.f + step.g) + COST_ROW * m
+             + COST_KERNEL * (2 if prepared else 2 * num_d + 2))
     ins = [in_splits[d][n] for d in range(num_d)]
     outs = [out_splits[d][n] for d in range(num_d)]
     best: tuple[float, KCPPlan, tuple[int, ...]] | None = None
     for order, split in _inner_orders(ins):
         modes = order or tuple(range(num_d))
         alt = _parallel_plan(m, tuple((ins[d],) for d in modes), tuple((outs[d],) for d in modes),
-                             (ranks[n],), 1, split, inner=True)
+                             (ranks[n],), 1, split, inner=True, prepared=prepared)
         _, _, walked = _sequential_walk(in_splits, out_splits, 1, plan.order,
                                         _inner_out_modes(ins, outs, order, split))
         cost = alt.cost + rows * (walked - copies)
@@ -604,11 +637,12 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
         return plan
     macs = plan.macs - build - m * step.f * step.g + alt.macs
     return KCPPlan("sequential", order=plan.order, macs=macs, cost=plan.cost - dense + cost,
-                   peak=plan.peak, inner=alt.split, inner_order=order)
+                   peak=plan.peak, inner=alt.split, inner_order=order,
+                   onednn_saving=plan.onednn_saving - dense_saving + alt.onednn_saving)
 
 
 def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
-             algorithm: str) -> KCPPlan:
+             algorithm: str, prepared: bool = False) -> KCPPlan:
     """The cheapest plan of ``algorithm`` (``"parallel"`` or ``"sequential"``) on ``rows`` rows.
 
     The model, in MAC equivalents: ``cost = MACs + (COST_BUILD - 1) * (elements built for the
@@ -616,21 +650,22 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     (elements moved by permute copies) + COST_ROW * (GEMM rows) + COST_KERNEL * (kernels)``.
     The plan also reports ``peak``, its largest intermediate. For ``parallel`` every cut point is
     tried, for ``sequential`` every factor order (up to 4 factors; beyond, the factors that shrink
-    the data most go first). Results are cached per shape.
+    the data most go first). ``prepared``: the small matrices are built once and kept (the
+    module's inference cache), so building them is not priced. Results are cached per shape.
     """
     if algorithm not in ("parallel", "sequential"):
         raise ValueError(
             f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}"
         )
     return _cost_cached(rows, tuple(map(tuple, in_splits)), tuple(map(tuple, out_splits)),
-                        tuple(ranks), terms, algorithm)
+                        tuple(ranks), terms, algorithm, prepared)
 
 
 @lru_cache(maxsize=4096)
 def _cost_cached(rows: int, in_splits: Splits, out_splits: Splits, ranks: tuple[int, ...],
-                 terms: int, algorithm: str) -> KCPPlan:
+                 terms: int, algorithm: str, prepared: bool) -> KCPPlan:
     if algorithm == "parallel":
-        plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s)
+        plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s, prepared=prepared)
                  for s in range(len(in_splits) * len(ranks))]
     else:
         num_n = len(ranks)
@@ -640,29 +675,37 @@ def _cost_cached(rows: int, in_splits: Splits, out_splits: Splits, ranks: tuple[
             ratio = [math.prod(o[n] for o in out_splits) / math.prod(i[n] for i in in_splits)
                      for n in range(num_n)]
             orders = [tuple(sorted(range(num_n), key=lambda n: ratio[n]))]
-        plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o) for o in orders]
+        plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o, prepared)
+                 for o in orders]
     return min(plans, key=lambda plan: plan.cost)
 
 
 def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
-             algorithm: str = "auto", training: bool = False) -> KCPPlan:
+             algorithm: str = "auto", training: bool = False,
+             prepared: bool = False) -> KCPPlan:
     """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`.
 
     With ``training=True`` (gradients flow into the factors) ``auto`` compares forward plus
     backward: the backward of ``parallel`` repeats its GEMM over the input and differentiates
     the per-row step, ``BACKWARD[algorithm]`` times its forward cost; the backward of
     ``sequential`` reuses the gathered input and skips the permute, about half its forward.
+    The backward is priced on the forward's cost without its oneDNN saving (the weight
+    gradients run on MKL or blocked products).
+
+    ``prepared`` (:func:`kcp_cost`): the small matrices are kept between calls (the module's
+    inference cache, under ``no_grad``).
 
     The choice depends on ``rows``, so the MACs of ``auto`` are affine in ``rows`` only
     piecewise, between the row counts where the choice changes.
     """
     if algorithm == "auto":
-        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a)
+        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a, prepared)
                  for a in ("parallel", "sequential")]
-        if training:
-            return min(plans, key=lambda plan: plan.cost * (1 + BACKWARD[plan.algorithm]))
+        if training:  # the backward's GEMMs stay on MKL: no oneDNN saving there
+            return min(plans, key=lambda plan: plan.cost + BACKWARD[plan.algorithm]
+                       * (plan.cost + plan.onednn_saving))
         return min(plans, key=lambda plan: plan.cost)
-    return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm)
+    return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm, prepared)
 
 
 def kcp_plan_flops(plan: KCPPlan) -> int:
@@ -1189,11 +1232,12 @@ class KCPMatrix(FactorizedMatrix):
         if training is None:
             training = (torch.is_grad_enabled()
                         and self._factor_list()[0][0].requires_grad)
-        key = (rows, algorithm, training)
+        prepared = not training and not torch.is_grad_enabled()  # see _prepared
+        key = (rows, algorithm, training, prepared)
         plan = self._plans.get(key)
         if plan is None:
             plan = kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms,
-                            algorithm, training)
+                            algorithm, training, prepared)
             if len(self._plans) < 64:  # row counts seen (the shapes never change)
                 self._plans[key] = plan
         return plan
