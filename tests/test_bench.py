@@ -207,3 +207,13 @@ def test_suite_runs_end_to_end_on_tiny_size(tmp_path):
 def test_suite_runs_end_to_end_on_cuda(tmp_path):
     data = _check_run(tmp_path, "cuda")
     assert data["environment"]["gpu"]
+
+
+def test_count_macs_counts_the_onednn_products():
+    # the fused LSTM and the tall KCP GEMMs run on oneDNN's inner product where torch has it
+    from kcprnn.benchmarking.cases import count_macs
+    from kcprnn.formats._ops import linear_nt
+
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 24), torch.randn(40, 24)
+    assert count_macs(lambda: linear_nt(a, b)) == 16 * 24 * 40

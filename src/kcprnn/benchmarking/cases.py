@@ -278,14 +278,24 @@ def _weight_params(module: nn.Module) -> int:
 def count_macs(fn: Callable[[], object]) -> int:
     """Multiply-accumulates of the matrix products ``fn`` runs (``FlopCounterMode`` / 2).
 
-    Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to;
+    Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to, and
+    oneDNN's inner product (``mkldnn._linear_pointwise``, which ``kcprnn`` uses on CPU);
     elementwise work (bias, sums, activations) is not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    custom = {}
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if onednn is not None:
+        custom[onednn] = _linear_pointwise_flops
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
     return int(counter.get_total_flops()) // 2
+
+
+def _linear_pointwise_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``mkldnn._linear_pointwise(input, weight, ...)``: ``2 * rows * in * out``."""
+    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
 
 
 def _zero_grads(module: nn.Module) -> None:

@@ -869,7 +869,6 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     order = tuple(range(num_n)) if order is None else tuple(order)
     if sorted(order) != list(range(num_n)):
         raise ValueError(f"order must be a permutation of range({num_n}), got order={list(order)}")
-    b = x.shape[0]
     if num_n == 1:  # a CP over the merged modes
         dense = prepared[0] if prepared is not None else _factor_dense(factors[0])  # (p, g, f)
         return F.linear(x, dense.sum(0), bias)  # (b, j)
@@ -877,8 +876,18 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
     if splits is None:
         splits = (tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d)),
                   tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d)))
-    in_splits, out_splits = splits
-    inner_order = tuple(inner_order)
+    walk = _sequential_setup(tuple(map(tuple, splits[0])), tuple(map(tuple, splits[1])), terms,
+                             order, inner, tuple(inner_order))
+    dense = (prepared if prepared is not None
+             else kcp_sequential_prepare(factors, order, inner, inner_order))
+    return _sequential_run(x, _walk_matrices(dense, walk.steps), walk, bias)  # (b, j)
+
+
+@lru_cache(maxsize=256)
+def _sequential_setup(in_splits: Splits, out_splits: Splits, terms: int, order: tuple[int, ...],
+                      inner: int, inner_order: tuple[int, ...]) -> _Walk:
+    """The checked walk of :func:`kcp_linear_sequential` (cached per shape and plan)."""
+    num_d = len(in_splits)
     if inner_order:
         n_last = order[-1]
         kept = [d for d in inner_order if in_splits[d][n_last] > 1]
@@ -887,7 +896,7 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
                 f"inner_order must be a permutation of range({num_d}) that keeps the modes "
                 f"with more than one input index in order, got inner_order={list(inner_order)}"
             )
-    last_out = ()
+    last_out: tuple[int, ...] = ()
     if inner >= 0 and 0 <= inner < num_d:
         n_last = order[-1]
         last_out = _inner_out_modes([in_splits[d][n_last] for d in range(num_d)],
@@ -899,15 +908,40 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
             f"inner={inner} needs one Kronecker term (terms={terms}), a mode index in "
             f"[0, {num_d}) and a last factor gathered at the end of the rows"
         )
-    dense = (prepared if prepared is not None
-             else kcp_sequential_prepare(factors, order, inner, inner_order))
-    out_features = math.prod(map(math.prod, out_splits))
+    return _Walk(steps, final, tuple(_input_axes(in_splits)),
+                 math.prod(map(math.prod, out_splits)), terms)
+
+
+def _walk_matrices(dense: Sequence[Any], steps: Sequence[_SeqStep]) -> list[Any]:
+    """Each step's matrix for :func:`_run_walk`, from :func:`kcp_sequential_prepare`'s output:
+    ``(g, f)`` laid out for the step's GEMM, the ``(p, g, f)`` factor of a ``pbatched`` step, or
+    the inner product's ``(suffix, prefix)``."""
+    mats = []
+    for t, step in enumerate(steps):
+        a_n = dense[step.factor]  # (p, g, f), or the inner product's two chunks
+        plain = step.gather == "pbatched" or isinstance(a_n, tuple)
+        mats.append(a_n if plain else _group_matrix(a_n, step, t == 0))  # (g, f)
+    return mats
+
+
+def _sequential_run(x: Tensor, mats: Sequence[Any], walk: _Walk,
+                    bias: Tensor | None) -> Tensor:
+    """:func:`_run_walk` in chunks of rows (:func:`_chunk_rows`). When autograd needs gradients
+    and no step is batched over terms, each chunk is one autograd node
+    (:class:`_SequentialProduct`) with a hand-written backward: a GEMM pair per step and the
+    inverse gathers, instead of a graph of some thirty small nodes."""
+    flat = [t for m in mats for t in (m if isinstance(m, tuple) else (m,))]
+    fused = (torch.is_grad_enabled()
+             and any(t is not None and t.requires_grad for t in (x, bias, *flat))
+             and all(step.gather != "pbatched" for step in walk.steps))
 
     def run(part: Tensor) -> Tensor:
-        return _sequential_steps(part, factors, dense, steps, final, in_splits, out_features,
-                                 inner, bias)  # (b, j)
+        if fused:
+            return _SequentialProduct.apply(part, bias, walk, *flat)  # (b, j)
+        return _run_walk(part, mats, walk, bias)  # (b, j)
 
-    chunk = _chunk_rows(b, x.shape[1], steps)
+    b = x.shape[0]
+    chunk = _chunk_rows(b, x.shape[1], walk.steps)
     if chunk < b:  # keep the gathered copies under the allocator's mmap threshold
         return torch.cat([run(part) for part in x.split(chunk)])  # (b, j)
     return run(x)  # (b, j)
@@ -923,30 +957,6 @@ def _chunk_rows(rows: int, in_features: int, steps: Sequence[_SeqStep]) -> int:
     return rows
 
 
-def _sequential_steps(x: Tensor, factors: Sequence[Sequence[Tensor]],
-                      dense: Sequence[Any], steps: Sequence[_SeqStep],
-                      final: tuple[int, ...], in_splits: Splits, out_features: int,
-                      inner: int, bias: Tensor | None = None) -> Tensor:
-    """Run the walk of :func:`_sequential_walk` on ``x`` ``(b, in_features)``.
-
-    When autograd needs gradients and no step is batched over terms, the whole walk is one
-    autograd node (:class:`_SequentialProduct`) with a hand-written backward: a GEMM pair per
-    step and the inverse gathers, instead of a graph of some thirty small nodes."""
-    walk = _Walk(tuple(steps), final, _input_axes(in_splits), out_features,
-                 factors[0][0].shape[0])
-    mats = []
-    for t, step in enumerate(steps):
-        a_n = dense[step.factor]  # (p, g, f), or the inner product's two chunks
-        plain = step.gather == "pbatched" or isinstance(a_n, tuple)
-        mats.append(a_n if plain else _group_matrix(a_n, step, t == 0))  # (g, f)
-    flat = [t for m in mats for t in (m if isinstance(m, tuple) else (m,))]
-    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                        for t in (x, bias, *flat))
-            and all(step.gather != "pbatched" for step in steps)):
-        return _SequentialProduct.apply(x, bias, walk, *flat)  # (b, j)
-    return _run_walk(x, mats, walk, bias)  # (b, j)
-
-
 @dataclass(frozen=True)
 class _Walk:
     """What :func:`_run_walk` needs besides the data: the steps, the final permute, the input
@@ -954,7 +964,7 @@ class _Walk:
 
     steps: tuple[_SeqStep, ...]
     final: tuple[int, ...]
-    in_axes: list[Axis]
+    in_axes: tuple[Axis, ...]
     out_features: int
     terms: int
 
@@ -967,7 +977,8 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
     b = x.shape[0]
     axes: Sequence[Axis] = walk.in_axes
     z = x
-    for step, mat in zip(walk.steps, mats, strict=True):
+    swapped = False  # the previous GEMM already wrote its output in this step's gathered layout
+    for t, (step, mat) in enumerate(zip(walk.steps, mats, strict=True)):
         sizes = [s for _, s in axes]
         if step.gather == "pbatched":  # P > 1 between the first and the last factor
             perm = [step.perm[0] + 1, 0, *[q + 1 for q in step.perm[1:]]]
@@ -976,11 +987,12 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
             z = y.reshape(walk.terms, b, -1).transpose(0, 1)  # (b, p, e g)
             axes = step.axes
             continue
-        if step.gather == "swaps":
+        if step.gather == "swaps" and not swapped:
             for pre, m, k, post in step.swaps:
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
         elif step.gather == "permute":
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
+        swapped = False
         if isinstance(mat, tuple):  # the last factor as its own CP product (``inner``), its
             # output modes laid out as the walk's last step says (``last_out``)
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
@@ -991,7 +1003,18 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
                 saved.append(keep)
         elif step.post == 1:
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
-            z = tall_linear(zin, mat)  # (b e, g)
+            nxt = walk.steps[t + 1] if t + 1 < len(walk.steps) else None
+            if (nxt is not None and nxt.gather == "swaps" and step.pre > 1
+                    and nxt.swaps == ((1, step.pre, step.g, 1),)
+                    and step.g < _ops.ONEDNN_MIN_OUT):
+                # the next step only moves these outputs in front of the rest: write them there
+                # (one GEMM per row on the broadcast matrix, as fast as the tall GEMM here,
+                # and no transposing copy; UCF11 blocked layout)
+                z = torch.bmm(mat.expand(b, step.g, step.f),
+                              zin.reshape(b, step.pre, step.f).transpose(1, 2))  # (b, g, e)
+                swapped = True
+            else:
+                z = tall_linear(zin, mat)  # (b e, g)
             if saved is not None:
                 saved.append(zin)
         else:
@@ -1204,12 +1227,12 @@ class KCPMatrix(FactorizedMatrix):
         self.terms = validate_positive_int(terms, "terms")
         self.num_factors = num_n
         self.ranks = validate_kcp_ranks(rank, num_n)
-        self.in_splits: Splits = in_splits or tuple(
+        self.in_splits: Splits = tuple(map(tuple, in_splits or [
             balanced_factors(m, num_n) for m in self.in_modes
-        )
-        self.out_splits: Splits = out_splits or tuple(
+        ]))
+        self.out_splits: Splits = tuple(map(tuple, out_splits or [
             balanced_factors(m, num_n) for m in self.out_modes
-        )
+        ]))
         self.factors = nn.ModuleList(
             nn.ParameterList(
                 nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))
@@ -1244,34 +1267,43 @@ class KCPMatrix(FactorizedMatrix):
 
     def matmul(self, x: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
-        factors = self._factor_list()
-        prepared = self._prepared(plan, factors)
         if plan.algorithm == "parallel":
-            return kcp_linear_parallel(x, factors, plan.split, prepared)  # (b, j)
-        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared,
-                                     splits=(self.in_splits, self.out_splits),
-                                     inner_order=plan.inner_order)  # (b, j)
+            factors = self._factor_list()
+            return kcp_linear_parallel(x, factors, plan.split,
+                                       self._prepared(plan, factors))  # (b, j)
+        return self._sequential(plan, x, None)  # (b, j)
 
     def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
         plan = self.plan(x.shape[0])
         if plan.algorithm == "parallel":
             return torch.add(self.matmul(x), bias)  # (b, j)
-        factors = self._factor_list()
-        prepared = self._prepared(plan, factors)
-        return kcp_linear_sequential(x, factors, plan.order, plan.inner, prepared, bias,
-                                     (self.in_splits, self.out_splits),
-                                     plan.inner_order)  # (b, j)
+        return self._sequential(plan, x, bias)  # (b, j)
 
-    def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]]) -> Any:
-        """The small matrices ``plan`` builds from the factors, kept between calls while autograd
-        is off (inference) and the factors are unchanged (same tensors, same version counters:
-        an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds them); ``None`` otherwise.
-        Skips about ten small kernels per call (UCF11 blocked layout: 0.62 -> 0.54 ms)."""
+    def _sequential(self, plan: KCPPlan, x: Tensor, bias: Tensor | None) -> Tensor:
+        factors = self._factor_list()
+        if self.num_factors == 1:
+            return kcp_linear_sequential(x, factors, plan.order, plan.inner,
+                                         self._prepared(plan, factors), bias)  # (b, j)
+        walk = _sequential_setup(self.in_splits, self.out_splits, self.terms, plan.order,
+                                 plan.inner, plan.inner_order)
+        mats = self._prepared(plan, factors, walk)
+        if mats is None:
+            dense = kcp_sequential_prepare(factors, plan.order, plan.inner, plan.inner_order)
+            mats = _walk_matrices(dense, walk.steps)
+        return _sequential_run(x, mats, walk, bias)  # (b, j)
+
+    def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]],
+                  walk: _Walk | None = None) -> Any:
+        """The small matrices ``plan`` builds from the factors (laid out for ``walk``'s steps
+        when given), kept between calls while autograd is off (inference) and the factors are
+        unchanged (same tensors, same version counters: an optimizer step, ``load_state_dict``
+        or ``.to()`` rebuilds them); ``None`` otherwise. Skips about ten small kernels per call
+        (UCF11 blocked layout: 0.62 -> 0.54 ms)."""
         if torch.is_grad_enabled():
             return None
         params = [p for f in factors for p in f]
         key = (plan.algorithm, plan.split, plan.order, plan.inner, plan.inner_order,
-               torch.is_inference_mode_enabled(),
+               walk is not None, torch.is_inference_mode_enabled(),
                tuple([(id(p), p.data_ptr(), p._version) for p in params]))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -1279,6 +1311,8 @@ class KCPMatrix(FactorizedMatrix):
             built: Any = kcp_parallel_prepare(factors, plan.split)
         else:
             built = kcp_sequential_prepare(factors, plan.order, plan.inner, plan.inner_order)
+            if walk is not None:
+                built = _walk_matrices(built, walk.steps)
         self._cache = (key, built)
         return built
 
