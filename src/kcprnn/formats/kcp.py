@@ -30,10 +30,13 @@ Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
   whose axes form one block of the current layout (a factor owning whole modes) multiplies a
   view of the input, while interleaved axes are gathered by block transposes or one permute,
   in chunks of rows (:func:`_sequential_walk`). The last factor, applied to the small data the
-  others leave, can run as its own CP product instead of its dense matrix (``KCPPlan.inner``).
+  others leave, can run as its own CP product instead of its dense matrix (``KCPPlan.inner``;
+  ``KCPPlan.inner_order`` moves its output-only modes into that product's prefix). In training
+  the walk is one autograd node with a hand-written backward (:class:`_SequentialProduct`).
 
 ``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
-gathering copies, fresh pages of large blocks, GEMM row overhead and a per-kernel launch cost);
+gathering copies, fresh pages of large blocks, GEMM row overhead, a per-kernel launch cost, and
+the tall GEMMs that run on oneDNN, :func:`~kcprnn.formats._ops.tall_linear`);
 the split point of ``parallel`` and the factor order and last-factor form of ``sequential`` are
 chosen by the same model. Under ``no_grad`` the module keeps the small matrices between calls.
 """
