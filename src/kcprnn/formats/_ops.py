@@ -34,8 +34,8 @@ def linear_nt(a: Tensor, b: Tensor) -> Tensor:
     its generic (non-AVX-512) path and oneDNN is 1.5-2x faster for the recurrent products of
     the fused LSTM/GRU (16 x 256 @ 256 x 1024: 60 -> 38 us; the ``W_hh`` weight gradient,
     1024 x 96 @ 96 x 256: 228 -> 111 us). Elsewhere, and whenever a gradient is needed, it is
-    ``a.mm(b.t())``. Not every shape gains: the tall, narrow products of the factorized
-    formats stay on MKL.
+    ``a.mm(b.t())``. Not every shape gains: :func:`tall_linear` sends only products with
+    ``ONEDNN_MIN_OUT`` outputs and ``TALL_MIN_ROWS`` rows or more here.
     """
     if _onednn_fits(a, b):
         return _ONEDNN_LINEAR(a, b, None, "none", [], "")  # (m, n)
@@ -55,7 +55,6 @@ def _onednn_fits(a: Tensor, b: Tensor) -> bool:
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 
-
 ONEDNN_MIN_OUT = 8
 """Tall products with at least this many outputs run on oneDNN (:func:`tall_linear`): 15,360 x
 360 rows at 2 threads, MKL/oneDNN ms: 2 outputs 0.38/0.58, 4 0.47/0.51, 8 0.92/0.56,
@@ -65,9 +64,8 @@ ONEDNN_MIN_OUT = 8
 def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:
     """``F.linear(x, weight)`` without autograd, on oneDNN from ``ONEDNN_MIN_OUT`` outputs and
     ``TALL_MIN_ROWS`` rows (below, e.g. 1,536 x 20 -> 16, MKL is faster)."""
-    if (weight.shape[0] >= ONEDNN_MIN_OUT and x.shape[0] >= TALL_MIN_ROWS
-            and _onednn_fits(x, weight)):
-        return _ONEDNN_LINEAR(x, weight, None, "none", [], "")  # (m, g)
+    if weight.shape[0] >= ONEDNN_MIN_OUT and x.shape[0] >= TALL_MIN_ROWS:
+        return linear_nt(x, weight)  # (m, g)
     return F.linear(x, weight)  # (m, g)
 
 

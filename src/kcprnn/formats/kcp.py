@@ -1103,12 +1103,7 @@ class _SequentialProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, walk: _Walk, *flat: Tensor | None) -> Tensor:
-        mats: list[Any] = []
-        it = iter(flat)
-        for step in walk.steps:
-            first = next(it)
-            mats.append((first, next(it)) if step is walk.steps[-1] and _is_inner(walk, flat)
-                        else first)
+        mats = _unflatten_matrices(walk, flat)
         saved: list = []
         out = _run_walk(x, mats, walk, bias, saved)
         ctx.walk, ctx.mats, ctx.saved_steps = walk, mats, saved
@@ -1139,9 +1134,13 @@ class _SequentialProduct(torch.autograd.Function):
         return (grad_x, grad_bias, None, *flat)
 
 
-def _is_inner(walk: _Walk, flat: Sequence[Tensor | None]) -> bool:
-    """Whether the flattened matrices end with an inner product's pair (one more than steps)."""
-    return len(flat) == len(walk.steps) + 1
+def _unflatten_matrices(walk: _Walk, flat: Sequence[Tensor | None]) -> list[Any]:
+    """Inverse of flattening :func:`_run_walk`'s matrices: one per step, the last one a
+    ``(suffix, prefix)`` pair when there is one entry more than steps (an inner product)."""
+    num = len(walk.steps)
+    if len(flat) == num + 1:
+        return [*flat[:num - 1], (flat[num - 1], flat[num])]
+    return list(flat)
 
 
 # --- module ---
