@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TALL_BLOCKS", "linear_nt", "onednn_available", "tall_linear", "weight_grad"]
+from . import _native
+
+__all__ = [
+    "TALL_BLOCKS", "linear_nt", "native_covers", "onednn_available", "tall_linear", "weight_grad",
+]
 
 try:  # oneDNN's fp32 inner product (Inductor's CPU linear); absent from builds without oneDNN
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise
@@ -61,9 +65,39 @@ ONEDNN_MIN_OUT = 8
 16 1.36/0.59, 64 3.85/1.58, 256 13.9/6.0."""
 
 
+def native_covers(rows: int, f: int, g: int) -> bool:
+    """Whether a float32 product of ``rows`` rows, ``f`` inputs and ``g`` outputs runs on the
+    compiled kernel (:mod:`._native`, when it is available): at least ``NATIVE_MIN_SIZE`` input
+    elements and at most ``NATIVE_MAX_OUT`` outputs (8 only for rows of up to
+    ``NATIVE_LONG_ROW`` values, whose blocks of rows stay in cache between passes)."""
+    return (g <= NATIVE_MAX_OUT and (g <= NATIVE_MAX_OUT // 2 or f <= NATIVE_LONG_ROW)
+            and rows * f >= NATIVE_MIN_SIZE and _native.available())
+
+
+def native_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`_tall_forward` runs ``x @ weight.T`` (``x`` ``(m, f)``, ``weight``
+    ``(g, f)``) on the compiled kernel: :func:`native_covers` the shape, float32 on CPU, no
+    autograd."""
+    g, f = weight.shape
+    return native_covers(x.shape[0], f, g) and _native.fits(x, weight)
+
+
+NATIVE_MAX_OUT = 8
+NATIVE_LONG_ROW = 4096
+NATIVE_MIN_SIZE = 32768
+"""The compiled kernel's range (:func:`native_covers`), from ``benchmarks/bench_tall.py`` at 2
+threads, us for MKL / oneDNN / kernel: 15,360 x 360 with 1 output 498/265/184, 2 365/476/174,
+4 461/473/232, 8 896/493/362, 16 1,232/534/669; 96 x 57,600 with 8 outputs 1,198/552/725;
+1,536 x 20 with 4 outputs 8.6/13.6/9.6; 192 x 8 with 2 outputs 3.8/11.8/5.6."""
+
+
 def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:
-    """``F.linear(x, weight)`` without autograd, on oneDNN from ``ONEDNN_MIN_OUT`` outputs and
-    ``TALL_MIN_ROWS`` rows (below, e.g. 1,536 x 20 -> 16, MKL is faster)."""
+    """``F.linear(x, weight)`` without autograd: on the compiled kernel where
+    :func:`native_fits`, else on oneDNN from ``ONEDNN_MIN_OUT`` outputs and ``TALL_MIN_ROWS``
+    rows (below, e.g. 1,536 x 20 -> 16, MKL is faster)."""
+    if native_fits(x, weight):
+        out = x.new_empty(1, x.shape[0], weight.shape[0])  # (1, m, g)
+        return _native.tall_matmul(x.unsqueeze(0), weight, out)[0]  # (m, g)
     if weight.shape[0] >= ONEDNN_MIN_OUT and x.shape[0] >= TALL_MIN_ROWS:
         return linear_nt(x, weight)  # (m, g)
     return F.linear(x, weight)  # (m, g)

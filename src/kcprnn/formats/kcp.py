@@ -36,7 +36,8 @@ Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
 
 ``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
 gathering copies, fresh pages of large blocks, GEMM row overhead, a per-kernel launch cost, and
-the tall GEMMs that run on oneDNN, :func:`~kcprnn.formats._ops.tall_linear`);
+the tall GEMMs that run on the compiled kernel or oneDNN,
+:func:`~kcprnn.formats._ops.tall_linear`);
 the split point of ``parallel`` and the factor order and last-factor form of ``sequential`` are
 chosen by the same model. Under ``no_grad`` the module keeps the small matrices between calls.
 """
@@ -100,6 +101,9 @@ ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.ONEDNN_MI
 # and TALL_MIN_ROWS rows on) relative to MKL's. The GEMMs alone run at 0.43-0.9x (65,536 rows,
 # 16-360 inputs, 8-64 outputs); 0.8 is the value at which auto misses no multi-row point of
 # benchmarks/bench_kcp_auto.py (0.3-0.7 pick parallel at 4k, R = 2, 1,024 rows: 1.6x slower)
+NATIVE_GAIN, NATIVE_GAIN_WIDE = 0.5, 0.75  # modelled cost of a tall GEMM on the compiled kernel
+# (_ops.native_covers) relative to MKL's, up to 4 outputs and up to 8: measured 0.37-0.69 and
+# 0.74-0.99 (15,360 x 360, 1,536 x 3,600, 61,440 x 90; benchmarks/bench_tall.py)
 # Backward over forward time of each algorithm when the factors need gradients (the input does
 # not): measured at the UCF11 point, 96 rows, 2 threads, R = 1 and 2 (parallel 1.58 / 1.46,
 # sequential 0.48 / 0.51; benchmarks/results/full-2thread). ``auto`` uses them in training.
@@ -347,7 +351,8 @@ class KCPPlan:
     taken in ``inner_order``, which moves modes with one input index into the prefix).
     ``macs`` counts every multiply-accumulate (building the small dense matrices included),
     ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate,
-    ``onednn_saving`` what the forward saves by running tall GEMMs on oneDNN (their backward
+    ``kernel_saving`` what the forward saves by running tall GEMMs on the compiled kernel or
+    oneDNN (their backward
     does not)."""
 
     algorithm: str
@@ -358,12 +363,17 @@ class KCPPlan:
     peak: int = 0
     inner: int = -1  # sequential: the last factor as its own CP product cut here (-1: dense)
     inner_order: tuple[int, ...] = ()  # its modes in that product's order (empty: 0..D-1)
-    onednn_saving: float = 0.0  # part of the modelled forward cost saved by oneDNN GEMMs
+    kernel_saving: float = 0.0  # modelled forward cost saved by the kernel and oneDNN
 
 
-def _tall_saving(rows: int, outs: int, macs: int) -> float:
-    """MAC equivalents saved when a tall GEMM of ``rows`` rows and ``outs`` outputs runs on
-    oneDNN (:func:`~kcprnn.formats._ops.tall_linear`) instead of MKL."""
+def _tall_saving(rows: int, f: int, outs: int, macs: int) -> float:
+    """MAC equivalents saved when a tall GEMM of ``rows`` rows, ``f`` inputs and ``outs``
+    outputs runs on the compiled kernel or oneDNN (:func:`~kcprnn.formats._ops.tall_linear`)
+    instead of MKL: a share of its whole modelled cost (MACs, elements read and written, rows)
+    for the kernel, of its MACs for oneDNN."""
+    if _ops.native_covers(rows, f, outs):
+        gain = NATIVE_GAIN if outs <= _ops.NATIVE_MAX_OUT // 2 else NATIVE_GAIN_WIDE
+        return (1.0 - gain) * (macs + COST_IO * rows * (f + outs) + COST_ROW * rows)
     if outs >= _ops.ONEDNN_MIN_OUT and rows >= _ops.TALL_MIN_ROWS and _ops.onednn_available():
         return (1.0 - ONEDNN_GAIN) * macs
     return 0.0
@@ -398,14 +408,14 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
         gemm_rows += rows * o
         moved = mid + (0 if inner else rows * m * o)
     faults = sum(t for t in (mid, mid if moved else 0) if t > BIG_ELEMENTS)  # z, its transpose
-    saved = _tall_saving(rows * a, k * o, rows * a * c * k * o)
+    saved = _tall_saving(rows * a, c, k * o, rows * a * c * k * o)
     if prepared:
         kernels -= 2 * len(ins)
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
             + COST_PERMUTE * moved + COST_FAULT * faults + COST_ROW * gemm_rows
             + COST_KERNEL * kernels)
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c),
-                   onednn_saving=saved)
+                   kernel_saving=saved)
 
 
 Axis = tuple[tuple, int]  # (label, size): ("i"|"j", d, n) or ("p",)
@@ -581,7 +591,8 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
             step_macs = rows * batch * step.pre * step.f * step.g * step.post
             macs += step_macs
             if batch == 1 and step.post == 1:
-                saved += _tall_saving(math.ceil(rows / chunks) * step.pre, step.g, step_macs)
+                saved += _tall_saving(math.ceil(rows / chunks) * step.pre, step.f, step.g,
+                                      step_macs)
             io += size + new
             gemm_rows += rows * batch * step.pre * (1 if step.post == 1 else step.g)
             copied = len(step.swaps) + (step.gather in ("permute", "pbatched"))
@@ -598,7 +609,7 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
             + rows * copies + COST_ROW * gemm_rows + COST_KERNEL * kernels)
     plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak,
-                   onednn_saving=saved)
+                   kernel_saving=saved)
     if len(ranks) > 1 and terms == 1:
         plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies,
                            prepared)
@@ -618,7 +629,7 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     n, num_d = step.factor, len(in_splits)
     m = rows * step.pre
     build = ranks[n] * step.f * step.g
-    dense_saving = _tall_saving(m, step.g, m * step.f * step.g)  # already in plan.cost
+    dense_saving = _tall_saving(m, step.f, step.g, m * step.f * step.g)  # already in plan.cost
     dense = ((0 if prepared else COST_BUILD * build) + m * step.f * step.g - dense_saving
              + COST_IO * m * (step.f + step.g) + COST_ROW * m
              + COST_KERNEL * (2 if prepared else 2 * num_d + 2))
@@ -641,7 +652,7 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     macs = plan.macs - build - m * step.f * step.g + alt.macs
     return KCPPlan("sequential", order=plan.order, macs=macs, cost=plan.cost - dense + cost,
                    peak=plan.peak, inner=alt.split, inner_order=order,
-                   onednn_saving=plan.onednn_saving - dense_saving + alt.onednn_saving)
+                   kernel_saving=plan.kernel_saving - dense_saving + alt.kernel_saving)
 
 
 def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
@@ -692,7 +703,7 @@ def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     backward: the backward of ``parallel`` repeats its GEMM over the input and differentiates
     the per-row step, ``BACKWARD[algorithm]`` times its forward cost; the backward of
     ``sequential`` reuses the gathered input and skips the permute, about half its forward.
-    The backward is priced on the forward's cost without its oneDNN saving (the weight
+    The backward is priced on the forward's cost without its kernel saving (the weight
     gradients run on MKL or blocked products).
 
     ``prepared`` (:func:`kcp_cost`): the small matrices are kept between calls (the module's
@@ -704,9 +715,9 @@ def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     if algorithm == "auto":
         plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a, prepared)
                  for a in ("parallel", "sequential")]
-        if training:  # the backward's GEMMs stay on MKL: no oneDNN saving there
+        if training:  # the backward's GEMMs stay on torch: no kernel saving there
             return min(plans, key=lambda plan: plan.cost + BACKWARD[plan.algorithm]
-                       * (plan.cost + plan.onednn_saving))
+                       * (plan.cost + plan.kernel_saving))
         return min(plans, key=lambda plan: plan.cost)
     return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm, prepared)
 

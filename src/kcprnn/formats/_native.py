@@ -1,0 +1,191 @@
+"""A compiled kernel for the tall-skinny product ``x @ w.T`` (many rows, a few outputs).
+
+The first contraction of a factorized layer is its one pass over the input: at the UCF11 size
+(96 rows x 57,600) KCP's blocked layout multiplies a ``(15,360, 360)`` view of the input by a
+``(2, 360)`` matrix. MKL's sgemm takes 2.9x the time of reading the input once there (it runs
+its generic path on AMD CPUs), oneDNN 3-5x; :file:`_native_tall.cpp` takes 1.25-1.35x. It is
+float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA.
+
+The kernel is C++ built on first use with the system's C++ compiler (``g++ -O3 -march=native
+-fopenmp``; about 1 s, no Python or torch headers), cached under ``$KCPRNN_CACHE_DIR`` or
+``~/.cache/kcprnn`` by a hash of its source, flags, compiler and CPU, written atomically, and
+loaded with :mod:`ctypes` (which releases the GIL during the call). Its OpenMP calls run on the
+libgomp torch already loaded, so it shares torch's threads and honours
+``torch.set_num_threads``. Where it cannot be built (no compiler, another architecture, a
+read-only cache) or ``KCPRNN_NATIVE=0`` is set, :func:`available` is ``False`` and the callers
+keep their torch paths: the results are the same up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "build", "cache_dir", "info", "tall_matmul"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_native_tall.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_I64 = ctypes.c_int64
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib" (ctypes.CDLL or None), "error" (str), "path"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$KCPRNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kcprnn``,
+    else ``~/.cache/kcprnn``."""
+    if os.environ.get("KCPRNN_CACHE_DIR"):
+        return Path(os.environ["KCPRNN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kcprnn"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and flags (``-march=native`` builds for exactly this CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
+    """Compile :file:`_native_tall.cpp` with ``flags`` into ``directory`` (default
+    :func:`cache_dir`) unless a build with the same source, flags, compiler and CPU is there;
+    return the shared library's path. Raises ``RuntimeError`` with the compiler's message
+    when the build fails."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the kernel is for x86-64 CPUs, this one is {platform.machine()!r}")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join(
+        [source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
+    )).hexdigest()[:16]
+    directory = cache_dir() if directory is None else Path(directory)
+    target = directory / f"tall-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".tall-", dir=directory)
+    os.close(fd)
+    try:
+        start = time.perf_counter()
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {SOURCE.name} with "
+                               f"{' '.join(flags)}:\n{done.stderr.strip()}")
+        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+        log.info("built %s in %.1f s", target, time.perf_counter() - start)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built kernel and declare its functions."""
+    lib = ctypes.CDLL(str(path))
+    lib.kcprnn_tall_isa.restype = ctypes.c_int
+    lib.kcprnn_tall_isa.argtypes = []
+    lib.kcprnn_tall_matmul.restype = None
+    lib.kcprnn_tall_matmul.argtypes = [
+        ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,  # x, n_b, n_e, xsb, xse, f
+        ctypes.c_void_p, _I64,  # w, n_out
+        ctypes.c_void_p, _I64, _I64, _I64,  # y, ysb, yse, ysg
+        ctypes.c_int,  # threads
+    ]
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    """The process's kernel, built and loaded on first use; ``None`` where it cannot be."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            lib = None
+            if os.environ.get("KCPRNN_NATIVE", "1") == "0":
+                _state["error"] = "disabled by KCPRNN_NATIVE=0"
+            else:
+                try:
+                    path = build()
+                    lib = load(path)
+                    _state["path"] = str(path)
+                except (OSError, RuntimeError) as err:
+                    _state["error"] = str(err)
+                    log.info("kcprnn's native kernel is unavailable, using torch: %s", err)
+            _state["lib"] = lib
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run in this process (building it on first call)."""
+    return _library() is not None
+
+
+def info() -> dict[str, object]:
+    """What :func:`available` found: ``available``, the ``isa`` (512 or 256 bits), the library's
+    ``path``, or the ``error`` that made it unavailable."""
+    lib = _library()
+    if lib is None:
+        return {"available": False, "error": _state.get("error")}
+    return {"available": True, "isa": lib.kcprnn_tall_isa(), "path": _state.get("path")}
+
+
+def fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`tall_matmul` can take ``x`` (``(..., f)``) and ``weight`` (``(g, f)``):
+    float32 on CPU, no gradient needed, unit stride along ``f``."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] > 0
+            and (x.stride(-1) == 1 or x.shape[-1] == 1)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and available())
+
+
+def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """``out[b, e, :] = x[b, e, :] @ weight.T`` on the compiled kernel, for ``x`` ``(B, E, f)``
+    with unit stride along ``f``, ``weight`` ``(g, f)`` and ``out`` ``(B, E, g)`` float32
+    with any strides (a transposed view writes the transposed layout). Call only where
+    :func:`fits` holds; returns ``out``."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
+    n_b, n_e, f = x.shape
+    weight = weight.contiguous()  # (g, f)
+    if weight.shape != (out.shape[2], f) or out.shape[:2] != (n_b, n_e):
+        raise ValueError(f"tall_matmul shapes do not match: x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)}, out {tuple(out.shape)}")
+    lib.kcprnn_tall_matmul(
+        x.data_ptr(), n_b, n_e, x.stride(0), x.stride(1), f,
+        weight.data_ptr(), weight.shape[0],
+        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+        torch.get_num_threads(),
+    )
+    return out

@@ -1,0 +1,163 @@
+"""The compiled tall-skinny kernel (``kcprnn.formats._native``): both instruction sets against the
+float64 product, strided inputs and outputs, the build cache, the fallbacks and its use by KCP."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+import kcprnn
+from kcprnn.formats import _native, _ops
+
+BUILDABLE = _native._compiler() is not None and platform.machine().lower() in ("x86_64", "amd64")
+needs_build = pytest.mark.skipif(not BUILDABLE, reason="needs a C++ compiler on x86-64")
+AVX512 = "avx512f" in _native._cpu_signature()
+
+ISAS = {  # -march for each instruction set the source has a path for
+    256: "-march=x86-64-v3",  # AVX2 + FMA: runs on this CPU too
+    512: "-march=native",
+}
+
+
+def _flags(march: str) -> tuple[str, ...]:
+    return tuple(march if f == "-march=native" else f for f in _native.FLAGS)
+
+
+@pytest.fixture(scope="module", params=sorted(ISAS))
+def lib(request, tmp_path_factory):
+    if not BUILDABLE:
+        pytest.skip("needs a C++ compiler on x86-64")
+    if request.param == 512 and not AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    path = _native.build(_flags(ISAS[request.param]), tmp_path_factory.mktemp("kernels"))
+    library = _native.load(path)
+    assert library.kcprnn_tall_isa() == request.param
+    return library
+
+
+@pytest.fixture
+def use(lib, monkeypatch):
+    """Make ``lib`` the process's kernel for one test."""
+    monkeypatch.setattr(_native, "_state", {"lib": lib, "path": "test"})
+    return lib
+
+
+SHAPES = [  # (B, E, f, g): tails of both vector widths, odd g, blocks of 8 rows crossing B
+    (1, 1, 1, 1), (1, 7, 5, 2), (2, 9, 16, 3), (3, 5, 17, 4), (4, 3, 8, 5),
+    (2, 40, 33, 7), (5, 13, 360, 2), (1, 100, 31, 8), (3, 1, 100, 1),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_the_float64_product_with_strides(use, shape):
+    n_b, n_e, f, g = shape
+    x = torch.randn(n_b, n_e + 2, f + 3)[:, 1:n_e + 1, 2:f + 2]  # (B, E, f): strided rows
+    w = torch.randn(f, g).t()  # (g, f), not contiguous
+    ref = torch.einsum("bek,gk->beg", x.double(), w.double())  # (B, E, g)
+    out = torch.full((n_b, n_e, g), float("nan"))
+    _native.tall_matmul(x, w, out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * f**0.5)
+    # the transposed layout (B, g, E), written through strides
+    out_t = torch.full((n_b, g, n_e), float("nan"))
+    _native.tall_matmul(x, w, out_t.transpose(1, 2))
+    torch.testing.assert_close(out_t.transpose(1, 2).double(), ref, rtol=1e-5,
+                               atol=1e-5 * f**0.5)
+
+
+def test_kernel_follows_torch_threads(use):
+    x = torch.randn(1, 4096, 40)
+    w = torch.randn(3, 40)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_native.tall_matmul(x, w, torch.empty(1, 4096, 3)))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # rows never split a sum
+    torch.testing.assert_close(outs[0], x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_tall_matmul_rejects_mismatched_shapes(use):
+    with pytest.raises(ValueError, match=r"out \(2, 3, 5\)"):
+        _native.tall_matmul(torch.randn(2, 3, 4), torch.randn(4, 4), torch.empty(2, 3, 5))
+
+
+def test_tall_forward_uses_the_kernel_where_it_fits(use, monkeypatch):
+    calls = []
+    kernel = _native.tall_matmul
+    monkeypatch.setattr(_native, "tall_matmul", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(4096, 360)
+    w = torch.randn(2, 360)
+    torch.testing.assert_close(_ops._tall_forward(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+    assert len(calls) == 1
+    # too many outputs, float64, too small: torch's products
+    _ops._tall_forward(x, torch.randn(_ops.NATIVE_MAX_OUT + 1, 360))
+    _ops._tall_forward(x.double(), w.double())
+    _ops._tall_forward(x[:8], w)
+    assert len(calls) == 1
+    # with a gradient, the autograd Function's forward runs on it, its backward on torch
+    w.requires_grad_()
+    seed = torch.randn(4096, 2)
+    (grad,) = torch.autograd.grad(_ops.tall_linear(x, w), (w,), seed)
+    assert len(calls) == 2
+    torch.testing.assert_close(grad, seed.t() @ x, rtol=1e-4, atol=1e-3)
+
+
+def test_kcp_forward_with_and_without_the_kernel(use, monkeypatch):
+    layer = kcprnn.FactorizedLinear(
+        57600 // 8, 256, format="kcp", in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
+        out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]], rank=2, algorithm="sequential")
+    x = torch.randn(12, 7200)
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setattr(_ops, "native_fits", lambda *a: False)
+        slow = layer(x)
+        ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(),
+                                         layer.bias.double())
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_build
+def test_build_is_cached_and_atomic(tmp_path):
+    flags = _flags(ISAS[256])
+    path = _native.build(flags, tmp_path)
+    stamp = path.stat().st_mtime_ns
+    assert _native.build(flags, tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+    other = _native.build((*flags, "-DKCPRNN_TEST_VARIANT"), tmp_path)
+    assert other != path  # the flags are part of the key
+
+
+@needs_build
+def test_build_failure_names_the_compiler_error(tmp_path):
+    with pytest.raises(RuntimeError, match="no-such-option"):
+        _native.build((*_native.FLAGS, "-fno-such-option"), tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("KCPRNN_NATIVE", "0")
+    assert not _native.available()
+    assert _native.info() == {"available": False, "error": "disabled by KCPRNN_NATIVE=0"}
+    x = torch.randn(4096, 360)
+    w = torch.randn(2, 360)
+    assert not _ops.native_fits(x, w)
+    torch.testing.assert_close(_ops._tall_forward(x, w), x @ w.t(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="KCPRNN_NATIVE=0"):
+        _native.tall_matmul(x[None], w, torch.empty(1, 4096, 2))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KCPRNN_CACHE_DIR", str(tmp_path / "k"))
+    assert _native.cache_dir() == tmp_path / "k"
+    monkeypatch.delenv("KCPRNN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _native.cache_dir() == tmp_path / "kcprnn"
