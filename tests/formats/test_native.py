@@ -11,6 +11,7 @@ import torch
 
 import kcprnn
 from kcprnn.formats import _native, _ops
+from kcprnn.formats import kcp as kcp_module
 
 BUILDABLE = _native._compiler() is not None and platform.machine().lower() in ("x86_64", "amd64")
 needs_build = pytest.mark.skipif(not BUILDABLE, reason="needs a C++ compiler on x86-64")
@@ -108,18 +109,39 @@ def test_tall_forward_uses_the_kernel_where_it_fits(use, monkeypatch):
     torch.testing.assert_close(grad, seed.t() @ x, rtol=1e-4, atol=1e-3)
 
 
-def test_kcp_forward_with_and_without_the_kernel(use, monkeypatch):
+def test_kcp_with_and_without_the_kernel(use, monkeypatch):
+    """Blocked KCP runs its first GEMM on the kernel, written transposed for the next step's
+    swap, in inference and inside the one-node training forward; results and gradients match
+    torch's path and the dense reconstruction."""
     layer = kcprnn.FactorizedLinear(
-        57600 // 8, 256, format="kcp", in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
+        7200, 256, format="kcp", in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
         out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]], rank=2, algorithm="sequential")
     x = torch.randn(12, 7200)
-    with torch.no_grad():
-        fast = layer(x)
-        monkeypatch.setattr(_ops, "native_fits", lambda *a: False)
-        slow = layer(x)
-        ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(),
-                                         layer.bias.double())
+    seed = torch.randn(12, 256)
+    transposed = []
+    kernel = _ops.tall_forward_transposed
+
+    def spy(*args):
+        transposed.append(kernel(*args))
+        return transposed[-1]
+
+    monkeypatch.setattr(kcp_module, "tall_forward_transposed", spy)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            out = layer(x)
+        grads = torch.autograd.grad(layer(x), list(layer.parameters()), seed)
+        return out, list(grads)
+
+    fast, fast_grads = run()
+    assert len(transposed) == 2  # inference and training forward
+    assert all(t is not None for t in transposed)
+    monkeypatch.setattr(_ops, "native_fits", lambda *a: False)
+    slow, slow_grads = run()
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
 
 

@@ -21,7 +21,8 @@ from torch import Tensor
 from . import _native
 
 __all__ = [
-    "TALL_BLOCKS", "linear_nt", "native_covers", "onednn_available", "tall_linear", "weight_grad",
+    "TALL_BLOCKS", "linear_nt", "native_covers", "onednn_available", "tall_forward_transposed",
+    "tall_linear", "weight_grad",
 ]
 
 try:  # oneDNN's fp32 inner product (Inductor's CPU linear); absent from builds without oneDNN
@@ -101,6 +102,19 @@ def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:
     if weight.shape[0] >= ONEDNN_MIN_OUT and x.shape[0] >= TALL_MIN_ROWS:
         return linear_nt(x, weight)  # (m, g)
     return F.linear(x, weight)  # (m, g)
+
+
+def tall_forward_transposed(x: Tensor, weight: Tensor) -> Tensor | None:
+    """``F.linear(x, weight).transpose(1, 2)`` as a contiguous ``(B, g, E)`` tensor, for ``x``
+    ``(B, E, f)`` and ``weight`` ``(g, f)``, written in that layout by the compiled kernel
+    (saving the transposing copy, 13 us of 300 at the UCF11 size); ``None`` where the kernel
+    does not run the product (:func:`native_fits`): the caller transposes."""
+    n_b, n_e, f = x.shape
+    if not native_fits(x.view(n_b * n_e, f), weight):
+        return None
+    out = x.new_empty(n_b, weight.shape[0], n_e)  # (B, g, E)
+    _native.tall_matmul(x, weight, out.transpose(1, 2))
+    return out  # (B, g, E)
 
 
 TALL_BLOCKS = 32

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..shapes import balanced_factors, validate_positive_int, validate_ranks
 from . import _ops
 from ._base import FactorizedMatrix, register
-from ._ops import tall_linear, weight_grad
+from ._ops import tall_forward_transposed, tall_linear, weight_grad
 from .cp import cp_als
 
 __all__ = [
@@ -991,8 +991,10 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
     b = x.shape[0]
     axes: Sequence[Axis] = walk.in_axes
     z = x
-    for step, mat in zip(walk.steps, mats, strict=True):
+    swapped = False  # the previous GEMM wrote its output already in the next step's first swap
+    for t, (step, mat) in enumerate(zip(walk.steps, mats, strict=True)):
         sizes = [s for _, s in axes]
+        skip_swap, swapped = swapped, False
         if step.gather == "pbatched":  # P > 1 between the first and the last factor
             perm = [step.perm[0] + 1, 0, *[q + 1 for q in step.perm[1:]]]
             zz = z.reshape(b, *sizes).permute(*perm).reshape(walk.terms, b * step.pre, step.f)
@@ -1001,7 +1003,7 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
             axes = step.axes
             continue
         if step.gather == "swaps":
-            for pre, m, k, post in step.swaps:
+            for pre, m, k, post in step.swaps[1:] if skip_swap else step.swaps:
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
         elif step.gather == "permute":
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
@@ -1015,10 +1017,15 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
                 saved.append(keep)
         elif step.post == 1:
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
-            # (one GEMM per row writing the outputs already transposed for a following swap,
-            # bmm(mat.expand(b, g, f), x.transpose), was 20 % faster with the input in cache
-            # but 1.7x slower with it in memory: 0.31/0.85 ms against 0.38/0.50 at UCF11)
-            z = tall_linear(zin, mat)  # (b e, g)
+            nxt = walk.steps[t + 1] if t + 1 < len(walk.steps) else None
+            if nxt is not None and nxt.gather == "swaps" and nxt.swaps[0] == (
+                    1, step.pre, step.g, 1):  # the next step starts by transposing (e, g)
+                # (the compiled kernel writes (b, g, e) directly; one GEMM per row on torch,
+                # bmm(mat.expand(b, g, f), x.transpose), was 20 % faster with the input in
+                # cache but 1.7x slower with it in memory: 0.31/0.85 ms against 0.38/0.50)
+                z_t = tall_forward_transposed(zin.reshape(b, step.pre, step.f), mat)
+                swapped = z_t is not None
+            z = z_t if swapped else tall_linear(zin, mat)  # (b, g, e) or (b e, g)
             if saved is not None:
                 saved.append(zin)
         else:
