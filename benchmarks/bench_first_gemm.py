@@ -8,10 +8,13 @@ must make. This script times the ways to run it against reading the input once (
 * ``linear+T``: the same plus the transposing copy the next factor needs (what kcprnn runs);
 * ``bmm-T``: one GEMM per row on the broadcast matrix, writing ``(b, 2, 160)`` directly;
 * ``onednn``: oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), where present;
+* ``kernel``: kcprnn's compiled kernel (``kcprnn.formats._native``), output ``(b e, 2)``;
+* ``kernel-T``: the same writing ``(b, 2, 160)`` through strides (what kcprnn runs now);
 
 each "hot" (called twice in a row, the input in cache) and "cold" (a 128 MB write between calls
-evicts it), with interleaved rounds; medians and ratios to the read from one run. The numbers
-decided kcprnn's choice (``linear+T``): ``bmm-T`` wins hot and loses badly cold.
+evicts it), with interleaved rounds; medians and ratios to the read from one run. Among torch's
+ways ``linear+T`` was kcprnn's choice: ``bmm-T`` wins hot and loses badly cold. The compiled
+kernel beats all of them hot and cold, and ``kernel-T`` saves the transposing copy.
 
 Usage::
 
@@ -26,6 +29,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from kcprnn.formats import _native
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if onednn is not None:
         cases["onednn"] = lambda: onednn(rows, w, None, "none", [], "")
+    if _native.available():
+        cases["kernel"] = lambda: _native.tall_matmul(rows[None], w, x.new_empty(1, 15360, 2))
+        cases["kernel-T"] = lambda: _native.tall_matmul(
+            per_row, w, x.new_empty(96, 2, 160).transpose(1, 2))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median ms of {args.rounds} interleaved rounds; ratio to the read of the same regime")
     for regime in ("hot", "cold"):

@@ -87,9 +87,10 @@ NATIVE_MAX_OUT = 8
 NATIVE_LONG_ROW = 4096
 NATIVE_MIN_SIZE = 32768
 """The compiled kernel's range (:func:`native_covers`), from ``benchmarks/bench_tall.py`` at 2
-threads, us for MKL / oneDNN / kernel: 15,360 x 360 with 1 output 498/265/184, 2 365/476/174,
-4 461/473/232, 8 896/493/362, 16 1,232/534/669; 96 x 57,600 with 8 outputs 1,198/552/725;
-1,536 x 20 with 4 outputs 8.6/13.6/9.6; 192 x 8 with 2 outputs 3.8/11.8/5.6."""
+threads (``benchmarks/results/tall``), us for MKL / oneDNN / kernel: 15,360 x 360 with 1 output
+362/157/151, 2 343/408/153, 4 435/413/210, 8 846/422/332, 16 950/425/558; 96 x 57,600 with 8
+outputs 1,030/502/584; 960 x 64 with 4 outputs 12.8/21.2/10.0; 192 x 8 with 2 outputs
+6.9/14.8/7.1."""
 
 
 def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:

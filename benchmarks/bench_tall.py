@@ -1,0 +1,78 @@
+"""Tall-skinny products ``x @ w.T`` (many rows, a few outputs): MKL, oneDNN and kcprnn's kernel.
+
+The first contraction of a factorized layer multiplies a ``(rows, f)`` view of the input by a
+small ``(g, f)`` matrix. This script times, over a sweep of shapes and output counts, torch's
+``F.linear`` (MKL), oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, where
+present) and the compiled kernel (``kcprnn.formats._native``, output allocation included), with
+interleaved repetitions; it prints medians in microseconds and the kernel's time over the best
+of the other two. The numbers set the kernel's range in ``kcprnn.formats._ops``
+(``NATIVE_MAX_OUT``, ``NATIVE_LONG_ROW``, ``NATIVE_MIN_SIZE``) and the cost model's
+``NATIVE_GAIN``.
+
+Usage::
+
+    python benchmarks/bench_tall.py [--threads 2] [--reps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kcprnn.formats import _native
+
+SHAPES = [(15360, 360), (1536, 3600), (96, 57600), (61440, 90), (960, 64), (1536, 20), (192, 8)]
+OUTS = [1, 2, 4, 8, 16, 32]
+
+
+def time_point(x: torch.Tensor, w: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median microseconds of each implementation of ``x @ w.T``, repetitions interleaved."""
+    rows, g = x.shape[0], w.shape[0]
+    cases = {
+        "mkl": lambda: F.linear(x, w),
+        "kernel": lambda: _native.tall_matmul(x[None], w, x.new_empty(1, rows, g)),
+    }
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if onednn is not None:
+        cases["onednn"] = lambda: onednn(x, w, None, "none", [], "")
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=60)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = _native.info()
+    if not info["available"]:
+        raise SystemExit(f"the compiled kernel is unavailable: {info['error']}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, kernel {info['isa']}-bit vectors; "
+          f"median us of {args.reps} interleaved repetitions")
+    print(f"{'rows':>6} {'f':>6} {'g':>3} {'MKL':>8} {'oneDNN':>8} {'kernel':>8} "
+          f"{'kernel/best':>11}")
+    for rows, f in SHAPES:
+        x = torch.randn(rows, f)  # (m, f)
+        for g in OUTS:
+            us = time_point(x, torch.randn(g, f), args.reps)
+            onednn = us.get("onednn", float("nan"))
+            best = min(us["mkl"], us.get("onednn", float("inf")))
+            print(f"{rows:>6} {f:>6} {g:>3} {us['mkl']:>8.1f} {onednn:>8.1f} "
+                  f"{us['kernel']:>8.1f} {us['kernel'] / best:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
