@@ -9,9 +9,13 @@ of the other two. The numbers set the kernel's range in ``kcprnn.formats._ops``
 (``NATIVE_MAX_OUT``, ``NATIVE_LONG_ROW``, ``NATIVE_MIN_SIZE``) and the cost model's
 ``NATIVE_GAIN``.
 
+With ``--grad`` it times the weight gradient ``grad.T @ x`` (``(g, m) @ (m, f)``) instead: one
+GEMM (MKL), the blocked sum of partial products torch-side (``_ops.blocked_weight_grad``) and the
+compiled kernel (``_native.tall_weight_grad``).
+
 Usage::
 
-    python benchmarks/bench_tall.py [--threads 2] [--reps 60]
+    python benchmarks/bench_tall.py [--grad] [--threads 2] [--reps 60]
 """
 
 from __future__ import annotations
@@ -24,22 +28,32 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kcprnn.formats import _native
+from kcprnn.formats import _native, _ops
 
 SHAPES = [(15360, 360), (1536, 3600), (96, 57600), (61440, 90), (960, 64), (1536, 20), (192, 8)]
 OUTS = [1, 2, 4, 8, 16, 32]
 
 
-def time_point(x: torch.Tensor, w: torch.Tensor, reps: int) -> dict[str, float]:
-    """Median microseconds of each implementation of ``x @ w.T``, repetitions interleaved."""
-    rows, g = x.shape[0], w.shape[0]
-    cases = {
-        "mkl": lambda: F.linear(x, w),
-        "kernel": lambda: _native.tall_matmul(x[None], w, x.new_empty(1, rows, g)),
-    }
-    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if onednn is not None:
-        cases["onednn"] = lambda: onednn(x, w, None, "none", [], "")
+def time_point(x: torch.Tensor, g: int, reps: int, grad: bool) -> dict[str, float]:
+    """Median microseconds of each implementation, repetitions interleaved: ``x @ w.T`` for a
+    ``(g, f)`` weight, or with ``grad`` the weight gradient ``dy.T @ x`` for a ``(m, g)`` dy."""
+    rows, f = x.shape
+    if grad:
+        dy = torch.randn(rows, g)  # (m, g)
+        cases = {
+            "one GEMM": lambda: dy.t().mm(x),
+            "blocked": lambda: _ops.blocked_weight_grad(dy, x),
+            "kernel": lambda: _native.tall_weight_grad(dy, x),
+        }
+    else:
+        w = torch.randn(g, f)  # (g, f)
+        cases = {
+            "MKL": lambda: F.linear(x, w),
+            "kernel": lambda: _native.tall_matmul(x[None], w, x.new_empty(1, rows, g)),
+        }
+        onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+        if onednn is not None:
+            cases["oneDNN"] = lambda: onednn(x, w, None, "none", [], "")
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(reps):
         for name, fn in cases.items():
@@ -53,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--grad", action="store_true", help="time the weight gradient instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,17 +77,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, kernel {info['isa']}-bit vectors; "
           f"median us of {args.reps} interleaved repetitions")
-    print(f"{'rows':>6} {'f':>6} {'g':>3} {'MKL':>8} {'oneDNN':>8} {'kernel':>8} "
-          f"{'kernel/best':>11}")
+    names = ["one GEMM", "blocked", "kernel"] if args.grad else ["MKL", "oneDNN", "kernel"]
+    print(f"{'grad.T @ x' if args.grad else 'x @ w.T'}:")
+    print(f"{'rows':>6} {'f':>6} {'g':>3} " + " ".join(f"{n:>9}" for n in names)
+          + f" {'kernel/best':>11}")
     for rows, f in SHAPES:
         x = torch.randn(rows, f)  # (m, f)
         for g in OUTS:
-            us = time_point(x, torch.randn(g, f), args.reps)
-            onednn = us.get("onednn", float("nan"))
-            best = min(us["mkl"], us.get("onednn", float("inf")))
-            print(f"{rows:>6} {f:>6} {g:>3} {us['mkl']:>8.1f} {onednn:>8.1f} "
-                  f"{us['kernel']:>8.1f} {us['kernel'] / best:>11.2f}")
-
+            us = time_point(x, g, args.reps, args.grad)
+            best = min(v for name, v in us.items() if name != "kernel")
+            print(f"{rows:>6} {f:>6} {g:>3} "
+                  + " ".join(f"{us.get(n, float('nan')):>9.1f}" for n in names)
+                  + f" {us['kernel'] / best:>11.2f}")
 
 if __name__ == "__main__":
     main()

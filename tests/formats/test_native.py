@@ -1,5 +1,6 @@
-"""The compiled tall-skinny kernel (``kcprnn.formats._native``): both instruction sets against the
-float64 product, strided inputs and outputs, the build cache, the fallbacks and its use by KCP."""
+"""The compiled tall-skinny kernels (``kcprnn.formats._native``): the product and the weight
+gradient in both instruction sets against float64, strided inputs and outputs, threads, the build
+cache, the fallbacks and their use by KCP."""
 
 from __future__ import annotations
 
@@ -68,6 +69,40 @@ def test_kernel_matches_the_float64_product_with_strides(use, shape):
                                atol=1e-5 * f**0.5)
 
 
+GRAD_SHAPES = [  # (m, f, g): vector tails, chunks of 4 vectors and single ones, tiles of 64 rows
+    (1, 1, 1), (3, 5, 2), (7, 16, 3), (65, 17, 4), (130, 100, 5), (200, 360, 2), (64, 64, 8),
+]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+def test_weight_grad_kernel_matches_the_float64_product(use, shape):
+    m, f, g = shape
+    x = torch.randn(m, f + 3)[:, 1:f + 1]  # (m, f): strided rows
+    grad = torch.randn(g, m).t()  # (m, g): column-major
+    ref = grad.double().t() @ x.double()  # (g, f)
+    out = _native.tall_weight_grad(grad, x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * m**0.5)
+
+
+def test_weight_grad_rejects_mismatched_rows(use):
+    with pytest.raises(ValueError, match=r"grad \(4, 2\), x \(5, 3\)"):
+        _native.tall_weight_grad(torch.randn(4, 2), torch.randn(5, 3))
+
+
+def test_weight_grad_uses_the_kernel_where_it_fits(use, monkeypatch):
+    calls = []
+    kernel = _native.tall_weight_grad
+    monkeypatch.setattr(_native, "tall_weight_grad", lambda *a: calls.append(1) or kernel(*a))
+    x = torch.randn(4096, 90)
+    grad = torch.randn(4096, 3)
+    ref = grad.double().t() @ x.double()
+    torch.testing.assert_close(_ops.weight_grad(grad, x).double(), ref, rtol=1e-5, atol=1e-3)
+    assert len(calls) == 1
+    _ops.weight_grad(grad.double(), x.double())  # float64: blocked products
+    _ops.weight_grad(torch.randn(4096, 16), x)  # too many outputs
+    assert len(calls) == 1
+
+
 def test_kernel_follows_torch_threads(use):
     x = torch.randn(1, 4096, 40)
     w = torch.randn(3, 40)
@@ -81,6 +116,15 @@ def test_kernel_follows_torch_threads(use):
         torch.set_num_threads(threads)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # rows never split a sum
     torch.testing.assert_close(outs[0], x @ w.t(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(4096, 3)
+    ref = grad.double().t() @ x[0].double()
+    try:
+        for n in (1, 2, 3):  # one partial sum per thread
+            torch.set_num_threads(n)
+            out = _native.tall_weight_grad(grad, x[0])
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_tall_matmul_rejects_mismatched_shapes(use):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build", "cache_dir", "info", "tall_matmul"]
+__all__ = ["available", "build", "cache_dir", "info", "tall_matmul", "tall_weight_grad"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,13 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, _I64, _I64, _I64,  # y, ysb, yse, ysg
         ctypes.c_int,  # threads
     ]
+    lib.kcprnn_tall_weight_grad.restype = None
+    lib.kcprnn_tall_weight_grad.argtypes = [
+        ctypes.c_void_p, _I64, _I64, _I64,  # grad, m, gsm, gsg
+        ctypes.c_void_p, _I64, _I64, _I64,  # x, xsm, f, n_out
+        ctypes.c_void_p, ctypes.c_void_p,  # out, scratch
+        ctypes.c_int,  # threads
+    ]
     return lib
 
 
@@ -158,14 +165,14 @@ def info() -> dict[str, object]:
     return {"available": True, "isa": lib.kcprnn_tall_isa(), "path": _state.get("path")}
 
 
-def fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`tall_matmul` can take ``x`` (``(..., f)``) and ``weight`` (``(g, f)``):
-    float32 on CPU, no gradient needed, unit stride along ``f``."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.shape[-1] == weight.shape[1] and x.shape[-1] > 0
-            and (x.stride(-1) == 1 or x.shape[-1] == 1)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+def fits(x: Tensor, *others: Tensor) -> bool:
+    """Whether the kernels can take ``x`` (unit stride along its last axis, which is not empty)
+    with ``others``: all float32 on CPU, and no autograd graph being recorded for them. The
+    shapes are the caller's to check."""
+    tensors = (x, *others)
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and x.shape[-1] > 0 and (x.stride(-1) == 1 or x.shape[-1] == 1)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and available())
 
 
@@ -173,7 +180,7 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     """``out[b, e, :] = x[b, e, :] @ weight.T`` on the compiled kernel, for ``x`` ``(B, E, f)``
     with unit stride along ``f``, ``weight`` ``(g, f)`` and ``out`` ``(B, E, g)`` float32
     with any strides (a transposed view writes the transposed layout). Call only where
-    :func:`fits` holds; returns ``out``."""
+    :func:`fits` holds for ``x``, ``weight`` and ``out``; returns ``out``."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
@@ -187,5 +194,28 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
         weight.data_ptr(), weight.shape[0],
         out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
         torch.get_num_threads(),
+    )
+    return out
+
+
+def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad.T @ x`` ``(g, f)`` on the compiled kernel, for ``grad`` ``(m, g)`` (any strides)
+    and ``x`` ``(m, f)`` with unit stride along ``f``, both float32 on CPU: each thread sums
+    its range of rows, then the partial sums are added. Call only where :func:`fits` holds for
+    ``x`` and ``grad``."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
+    m, f = x.shape
+    if grad.dim() != 2 or grad.shape[0] != m:
+        raise ValueError(f"tall_weight_grad shapes do not match: grad {tuple(grad.shape)}, "
+                         f"x {tuple(x.shape)}")
+    n_out, threads = grad.shape[1], torch.get_num_threads()
+    out = x.new_empty(n_out, f)  # (g, f)
+    scratch = x.new_empty(threads, n_out, f)  # (t, g, f)
+    lib.kcprnn_tall_weight_grad(
+        grad.data_ptr(), m, grad.stride(0), grad.stride(1),
+        x.data_ptr(), x.stride(0), f, n_out,
+        out.data_ptr(), scratch.data_ptr(), threads,
     )
     return out

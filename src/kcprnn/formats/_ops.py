@@ -1,12 +1,14 @@
 """GEMM primitives shared by the formats.
 
 :func:`tall_linear` is ``F.linear`` for the first contraction of a factorized product: many rows,
-a few outputs. Its forward is ``F.linear``; its backward computes the weight gradient, a product
-whose inner dimension is the huge row count, as a sum of partial products over blocks of rows.
-A single ``grad.T @ x`` over 15,360 rows (2 outputs, 360 inputs) runs at a third of the speed
-of the blocked form on 2 threads (0.92 ms against 0.31 ms, torch 2.13): BLAS parallelizes over
-the two small dimensions, not over the long inner one. (oneDNN, timed alone on the same
-product, was 10 % faster, but 10 % slower inside a forward and backward pass.)
+a few outputs. In float32 on CPU, both its forward and its weight gradient run on kcprnn's
+compiled kernel (:mod:`._native`) where :func:`native_covers` the shape: MKL runs these
+products at about 3x the time of reading the input, the kernel at 1.3-1.6x. Elsewhere its
+forward is ``F.linear`` (oneDNN from ``ONEDNN_MIN_OUT`` outputs), and its backward computes the
+weight gradient, a product whose inner dimension is the huge row count, as a sum of partial
+products over blocks of rows: a single ``grad.T @ x`` over 15,360 rows (2 outputs, 360 inputs)
+runs at a third of the speed of the blocked form on 2 threads (0.92 ms against 0.31 ms, torch
+2.13), since BLAS parallelizes over the two small dimensions, not over the long inner one.
 
 :func:`linear_nt` is ``a @ b.T`` without autograd, on oneDNN's inner product for float32 on CPU
 where that beats MKL (the recurrent products of the fused LSTM/GRU).
@@ -80,7 +82,7 @@ def native_fits(x: Tensor, weight: Tensor) -> bool:
     ``(g, f)``) on the compiled kernel: :func:`native_covers` the shape, float32 on CPU, no
     autograd."""
     g, f = weight.shape
-    return native_covers(x.shape[0], f, g) and _native.fits(x, weight)
+    return x.shape[1] == f and native_covers(x.shape[0], f, g) and _native.fits(x, weight)
 
 
 NATIVE_MAX_OUT = 8
@@ -124,8 +126,18 @@ TALL_MIN_ROWS = 64 * TALL_BLOCKS  # fewer rows: one plain GEMM
 
 
 def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad.T @ x`` for ``grad`` ``(m, g)`` and ``x`` ``(m, f)``: ``(g, f)``, as a sum over
-    blocks of rows when ``m`` is large."""
+    """``grad.T @ x`` for ``grad`` ``(m, g)`` and ``x`` ``(m, f)``: ``(g, f)``. On the compiled
+    kernel where it :func:`native_covers` the shape (float32 on CPU; 15,360 x 360 rows, 2
+    outputs: 0.19 ms against 0.31 blocked and 0.66 as one GEMM, ``benchmarks/bench_tall.py
+    --grad``), else as a sum over blocks of rows when ``m`` is large."""
+    if native_covers(x.shape[0], x.shape[1], grad.shape[1]) and _native.fits(x, grad):
+        return _native.tall_weight_grad(grad, x)  # (g, f)
+    return blocked_weight_grad(grad, x)  # (g, f)
+
+
+def blocked_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad.T @ x`` on torch: one GEMM below ``TALL_MIN_ROWS`` rows, else ``TALL_BLOCKS``
+    partial products summed."""
     m = x.shape[0]
     if m < TALL_MIN_ROWS:
         return grad.t().mm(x)  # (g, f)

@@ -95,6 +95,10 @@ GATHER_CHUNK = 1 << 21  # sequential gathers inputs larger than this in chunks o
 COST_NARROW = 24.0  # batched GEMMs of width w run (1 + COST_NARROW / w) times a MAC
 COST_ROW = 150.0
 COST_KERNEL = 5.0e5
+COST_KERNEL_PREPARED = 1.5e5  # under no_grad (``prepared``): no autograd node per op. Measured at
+# one row, 4k, 2 threads: sequential 42 us, parallel 26 us at R = 1, a common 18 us, so about
+# 2.7 us per kernel against 9 in training; with 5e5 here, auto missed 4 one-row points of
+# benchmarks/bench_kcp_auto.py (1.14-1.48x), with 1.5e5 one (1.14x) and no multi-row point
 COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
 ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.ONEDNN_MIN_OUT outputs
@@ -414,7 +418,7 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
         kernels -= 2 * len(ins)
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
             + COST_PERMUTE * moved + COST_FAULT * faults + COST_ROW * gemm_rows
-            + COST_KERNEL * kernels)
+            + (COST_KERNEL_PREPARED if prepared else COST_KERNEL) * kernels)
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c),
                    kernel_saving=saved)
 
@@ -608,7 +612,8 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
     if prepared:
         kernels -= 2 * num_d * len(ranks)
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
-            + rows * copies + COST_ROW * gemm_rows + COST_KERNEL * kernels)
+            + rows * copies + COST_ROW * gemm_rows
+            + (COST_KERNEL_PREPARED if prepared else COST_KERNEL) * kernels)
     plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak,
                    kernel_saving=saved)
     if len(ranks) > 1 and terms == 1:
@@ -633,7 +638,7 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     dense_saving = _tall_saving(m, step.f, step.g, m * step.f * step.g)  # already in plan.cost
     dense = ((0 if prepared else COST_BUILD * build) + m * step.f * step.g - dense_saving
              + COST_IO * m * (step.f + step.g) + COST_ROW * m
-             + COST_KERNEL * (2 if prepared else 2 * num_d + 2))
+             + (COST_KERNEL_PREPARED * 2 if prepared else COST_KERNEL * (2 * num_d + 2)))
     ins = [in_splits[d][n] for d in range(num_d)]
     outs = [out_splits[d][n] for d in range(num_d)]
     best: tuple[float, KCPPlan, tuple[int, ...]] | None = None
@@ -662,7 +667,8 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
 
     The model, in MAC equivalents: ``cost = MACs + (COST_BUILD - 1) * (elements built for the
     small matrices) + COST_IO * (elements read and written by the GEMMs) + COST_PERMUTE *
-    (elements moved by permute copies) + COST_ROW * (GEMM rows) + COST_KERNEL * (kernels)``.
+    (elements moved by permute copies) + COST_ROW * (GEMM rows) + COST_KERNEL * (kernels)``
+    (``COST_KERNEL_PREPARED`` when ``prepared``: no autograd recording).
     The plan also reports ``peak``, its largest intermediate. For ``parallel`` every cut point is
     tried, for ``sequential`` every factor order (up to 4 factors; beyond, the factors that shrink
     the data most go first). ``prepared``: the small matrices are built once and kept (the
