@@ -217,3 +217,30 @@ def test_count_macs_counts_the_onednn_products():
     torch.manual_seed(0)
     a, b = torch.randn(16, 24), torch.randn(40, 24)
     assert count_macs(lambda: linear_nt(a, b)) == 16 * 24 * 40
+
+
+def _kcp_case(algorithm: str, fwd: float, fwd_bwd: float, **extra) -> dict:
+    return {"impl": "kcprnn", "format": "kcp", "status": "ok", "in_modes": [[2, 2], [2, 2]],
+            "options": {"algorithm": algorithm, "rank": 2}, "label": f"kcp {algorithm}",
+            "forward": {"median_ms": fwd}, "forward_backward": {"median_ms": fwd_bwd}, **extra}
+
+
+def test_auto_target_judges_the_plan_auto_picks():
+    from kcprnn.benchmarking.suite import evaluate_targets
+
+    def auto_values(forward_pick: str, training_pick: str) -> dict[str, float]:
+        point = {"name": "ucf11", "cases": [
+            _kcp_case("sequential", 1.0, 3.0),
+            _kcp_case("parallel", 2.0, 2.5),
+            # auto's own timing of the same computation, 20 % off by noise
+            _kcp_case("auto", 1.2, 3.6, resolved_algorithm=forward_pick,
+                      resolved_algorithm_training=training_pick),
+        ]}
+        return {t["target"].split("(")[-1].rstrip(")"): t["value"]
+                for t in evaluate_targets([point]) if "auto within" in t["target"]}
+
+    # right choices: the chosen algorithm's time over the best one's, not auto's own timing
+    assert auto_values("sequential", "parallel") == {"forward": 1.0, "forward_backward": 1.0}
+    # wrong choices show as the ratio of the two algorithms
+    assert auto_values("parallel", "sequential") == {"forward": 2.0,
+                                                     "forward_backward": 3.0 / 2.5}

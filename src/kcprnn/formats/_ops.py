@@ -90,9 +90,9 @@ NATIVE_LONG_ROW = 4096
 NATIVE_MIN_SIZE = 32768
 """The compiled kernel's range (:func:`native_covers`), from ``benchmarks/bench_tall.py`` at 2
 threads (``benchmarks/results/tall``), us for MKL / oneDNN / kernel: 15,360 x 360 with 1 output
-362/157/151, 2 343/408/153, 4 435/413/210, 8 846/422/332, 16 950/425/558; 96 x 57,600 with 8
-outputs 1,030/502/584; 960 x 64 with 4 outputs 12.8/21.2/10.0; 192 x 8 with 2 outputs
-6.9/14.8/7.1."""
+446/213/188, 2 374/498/184, 4 470/477/238, 8 897/483/396, 16 1,238/525/716; 96 x 57,600 with 8
+outputs 1,369/586/864 (long rows: 8 outputs re-read them); 960 x 64 with 4 outputs
+10.2/16.2/8.7; 192 x 8 with 2 outputs 4.3/11.6/5.6."""
 
 
 def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:
@@ -128,7 +128,7 @@ TALL_MIN_ROWS = 64 * TALL_BLOCKS  # fewer rows: one plain GEMM
 def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """``grad.T @ x`` for ``grad`` ``(m, g)`` and ``x`` ``(m, f)``: ``(g, f)``. On the compiled
     kernel where it :func:`native_covers` the shape (float32 on CPU; 15,360 x 360 rows, 2
-    outputs: 0.19 ms against 0.31 blocked and 0.66 as one GEMM, ``benchmarks/bench_tall.py
+    outputs: 0.20 ms against 0.32 blocked and 0.67 as one GEMM, ``benchmarks/bench_tall.py
     --grad``), else as a sum over blocks of rows when ``m`` is large."""
     if native_covers(x.shape[0], x.shape[1], grad.shape[1]) and _native.fits(x, grad):
         return _native.tall_weight_grad(grad, x)  # (g, f)

@@ -106,9 +106,9 @@ ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.ONEDNN_MI
 # 16-360 inputs, 8-64 outputs); 0.8 is the value at which auto misses no multi-row point of
 # benchmarks/bench_kcp_auto.py (0.3-0.7 pick parallel at 4k, R = 2, 1,024 rows: 1.6x slower)
 NATIVE_GAIN, NATIVE_GAIN_WIDE = 0.5, 0.75  # modelled cost of a tall GEMM on the compiled kernel
-# (_ops.native_covers) relative to MKL's, up to 4 outputs and up to 8: measured 0.39-0.72
-# against MKL, 0.45-0.72 against the better of MKL and oneDNN at 2-4 outputs and 0.79-0.94 at 8
-# (15,360 x 360, 1,536 x 3,600, 61,440 x 90, 96 x 57,600; benchmarks/bench_tall.py)
+# (_ops.native_covers) relative to MKL's, up to 4 outputs and up to 8: about 0.4-0.7 against
+# MKL, 0.45-0.72 against the better of MKL and oneDNN at 2-4 outputs and 0.8-0.95 at 8 (15,360
+# x 360, 1,536 x 3,600, 61,440 x 90, 96 x 57,600; benchmarks/bench_tall.py, several runs)
 # Backward over forward time of each algorithm when the factors need gradients (the input does
 # not): measured at the UCF11 point, 96 rows, 2 threads, R = 1 and 2 (parallel 1.58 / 1.46,
 # sequential 0.48 / 0.51; benchmarks/results/full-2thread). ``auto`` uses them in training.
