@@ -334,6 +334,48 @@ def test_chunked_gather_is_exact(monkeypatch):
     torch.testing.assert_close(w(x), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gathers", ["swaps", "permute"])
+def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monkeypatch):
+    """Under no_grad the gathering copies go to per-thread scratch buffers: results stay exact
+    against the dense reconstruction in chunks of rows, and an output is not overwritten by the
+    next call."""
+    import kcprnn.formats._ops as ops
+    import kcprnn.formats.kcp as kcp
+
+    if gathers == "permute":
+        request.getfixturevalue("permute_gathers")
+    w = make_case(CASES[4][:2] + (1,) + CASES[4][3:], algorithm="sequential")
+    monkeypatch.setattr(kcp, "GATHER_CHUNK", 2 * w.in_features)  # chunks of 2 rows
+    used = []
+    real = ops.scratch
+    monkeypatch.setattr(ops, "scratch", lambda *a: used.append(a[0]) or real(*a))
+    x1, x2 = torch.randn(2, 5, w.in_features, dtype=F64)
+    with torch.no_grad():
+        steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, w.terms, w.plan(5).order)
+        assert gathers in {step.gather for step in steps}
+        y1 = w(x1)
+        kept = y1.clone()
+        y2 = w(x2)
+    assert used  # the scratch buffers were used
+    torch.testing.assert_close(y1, kept, rtol=0, atol=0)
+    dense = w.to_dense()
+    assert rel_err(y1, x1 @ dense.T) < 1e-10
+    assert rel_err(y2, x2 @ dense.T) < 1e-10
+
+
+def test_scratch_reuses_one_buffer_per_slot():
+    import kcprnn.formats._ops as ops
+
+    like = torch.zeros(1)
+    a = ops.scratch(0, (3, 4), like)
+    b = ops.scratch(0, (2, 2), like)
+    c = ops.scratch(1, (3, 4), like)
+    assert a.shape == (3, 4) and b.shape == (2, 2)
+    assert a.data_ptr() == b.data_ptr() != c.data_ptr()
+    assert ops.scratch(0, (ops.SCRATCH_MAX + 1,), like) is None
+    assert ops.scratch(0, (3,), like.double()).dtype == torch.float64
+
+
 def test_pure_to_dense_matches_module():
     w = make_case(CASES[3])
     torch.testing.assert_close(kcp_to_dense(factors_of(w)), w.to_dense())

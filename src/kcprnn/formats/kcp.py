@@ -1009,11 +1009,15 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
             z = y.reshape(walk.terms, b, -1).transpose(0, 1)  # (b, p, e g)
             axes = step.axes
             continue
+        # inference gathers into reused buffers (_ops.scratch: no fresh pages at every call)
+        reuse = saved is None and not (torch.is_grad_enabled() and z.requires_grad)
         if step.gather == "swaps":
-            for pre, m, k, post in step.swaps[1:] if skip_swap else step.swaps:
+            for u, (pre, m, k, post) in enumerate(step.swaps[1:] if skip_swap else step.swaps):
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
+                z = _reuse_copy(z, u % 2) if reuse else z
         elif step.gather == "permute":
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
+            z = _reuse_copy(z, 0) if reuse else z
         if isinstance(mat, tuple):  # the last factor as its own CP product (``inner``), its
             # output modes laid out as the walk's last step says (``last_out``)
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
@@ -1047,6 +1051,13 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
             return (bias.view(z.shape[1:]) + z).reshape(b, walk.out_features)  # (b, j)
     z = z.reshape(b, walk.out_features)  # (b, j)
     return z if bias is None else z + bias  # (b, j)
+
+
+def _reuse_copy(z: Tensor, slot: int) -> Tensor:
+    """``z`` copied into scratch buffer ``slot`` (:func:`~kcprnn.formats._ops.scratch`), or
+    ``z`` itself (copied lazily by the next reshape) where no buffer is kept."""
+    buf = _ops.scratch(slot, tuple(z.shape), z)
+    return z if buf is None else buf.copy_(z)
 
 
 def _inverse(perm: Sequence[int]) -> list[int]:
