@@ -1,5 +1,6 @@
-// The tall-skinny product of kcprnn's factorized layers, y = x @ w.T with many rows and a few
-// outputs, for float32 on x86-64 CPUs with AVX-512 or AVX2 + FMA.
+// The tall-skinny products of kcprnn's factorized layers, y = x @ w.T with many rows and a few
+// outputs, and its weight gradient grad.T @ x, for float32 on x86-64 CPUs with AVX-512 or
+// AVX2 + FMA.
 //
 // Rows are indexed (b, e): row (b, e) of x starts at x + b*xsb + e*xse and holds f contiguous
 // values; its outputs go to y + b*ysb + e*yse + g*ysg for g < G. Writing through strides lets
@@ -10,8 +11,12 @@
 // are libgomp.so.1), and walks it in blocks of RB = 8 rows. A block loads one vector of each row
 // and multiplies it with GB = 2 rows of w at a time: 16 accumulators, each reduced horizontally
 // once at the end of the row. The next block's rows are prefetched into L1 while the current one
-// runs: without it the product ran at 1.6x the time of reading x once; with it, 1.25-1.35x
+// runs: without it the product ran at 1.6x the time of reading x once; with it, 1.3-1.4x
 // (15,360 x 360 -> 2 at 2 threads on an AMD EPYC with AVX-512, against 2.9x for MKL's sgemm).
+//
+// The weight gradient gives each thread a contiguous range of rows, summed in tiles of 64 rows
+// with 8 accumulators held in registers per column chunk, into its own slice of a scratch
+// buffer; the slices are added at the end (kcprnn_tall_weight_grad).
 //
 // Built and loaded by kcprnn/formats/_native.py (g++ -O3 -march=native -fopenmp); never
 // imported by hand.
@@ -69,7 +74,7 @@ namespace {
 constexpr int RB = 8;  // rows per block
 constexpr int GB = 2;  // outputs per pass over a block
 
-// ys[r] += x[r] . w[g] for RB' <= RB rows and GB' <= GB outputs; x rows are given by pointer.
+// y[r][g] = x[r] . w[g] for R <= RB rows and G <= GB outputs; rows are given by pointer.
 template <int R, int G>
 inline void block(const float* const* xr, const float* w, int64_t f, float* const* yr,
                   int64_t ysg, const float* const* next) {

@@ -357,8 +357,7 @@ class KCPPlan:
     ``macs`` counts every multiply-accumulate (building the small dense matrices included),
     ``cost`` is the modelled time in MAC equivalents, ``peak`` the largest intermediate,
     ``kernel_saving`` what the forward saves by running tall GEMMs on the compiled kernel or
-    oneDNN (their backward
-    does not)."""
+    oneDNN (the model prices their backward without it)."""
 
     algorithm: str
     split: int = 0
@@ -369,6 +368,11 @@ class KCPPlan:
     inner: int = -1  # sequential: the last factor as its own CP product cut here (-1: dense)
     inner_order: tuple[int, ...] = ()  # its modes in that product's order (empty: 0..D-1)
     kernel_saving: float = 0.0  # modelled forward cost saved by the kernel and oneDNN
+
+
+def _kernel_cost(prepared: bool) -> float:
+    """The modelled cost of one kernel launch: less under ``no_grad`` (no autograd node)."""
+    return COST_KERNEL_PREPARED if prepared else COST_KERNEL
 
 
 def _tall_saving(rows: int, f: int, outs: int, macs: int) -> float:
@@ -418,7 +422,7 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
         kernels -= 2 * len(ins)
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
             + COST_PERMUTE * moved + COST_FAULT * faults + COST_ROW * gemm_rows
-            + (COST_KERNEL_PREPARED if prepared else COST_KERNEL) * kernels)
+            + _kernel_cost(prepared) * kernels)
     return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c),
                    kernel_saving=saved)
 
@@ -612,8 +616,7 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
     if prepared:
         kernels -= 2 * num_d * len(ranks)
     cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
-            + rows * copies + COST_ROW * gemm_rows
-            + (COST_KERNEL_PREPARED if prepared else COST_KERNEL) * kernels)
+            + rows * copies + COST_ROW * gemm_rows + _kernel_cost(prepared) * kernels)
     plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak,
                    kernel_saving=saved)
     if len(ranks) > 1 and terms == 1:
@@ -638,7 +641,7 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     dense_saving = _tall_saving(m, step.f, step.g, m * step.f * step.g)  # already in plan.cost
     dense = ((0 if prepared else COST_BUILD * build) + m * step.f * step.g - dense_saving
              + COST_IO * m * (step.f + step.g) + COST_ROW * m
-             + (COST_KERNEL_PREPARED * 2 if prepared else COST_KERNEL * (2 * num_d + 2)))
+             + _kernel_cost(prepared) * (2 if prepared else 2 * num_d + 2))
     ins = [in_splits[d][n] for d in range(num_d)]
     outs = [out_splits[d][n] for d in range(num_d)]
     best: tuple[float, KCPPlan, tuple[int, ...]] | None = None
