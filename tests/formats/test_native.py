@@ -47,6 +47,19 @@ def use(lib, monkeypatch):
     return lib
 
 
+def record_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` for one test; returns the list of its results, one per call."""
+    real = getattr(module, name)
+    results: list = []
+
+    def wrapper(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return results
+
+
 SHAPES = [  # (B, E, f, g): tails of both vector widths, odd g, blocks of 8 rows crossing B
     (1, 1, 1, 1), (1, 7, 5, 2), (2, 9, 16, 3), (3, 5, 17, 4), (4, 3, 8, 5),
     (2, 40, 33, 7), (5, 13, 360, 2), (1, 100, 31, 8), (3, 1, 100, 1),
@@ -90,9 +103,7 @@ def test_weight_grad_rejects_mismatched_rows(use):
 
 
 def test_weight_grad_uses_the_kernel_where_it_fits(use, monkeypatch):
-    calls = []
-    kernel = _native.tall_weight_grad
-    monkeypatch.setattr(_native, "tall_weight_grad", lambda *a: calls.append(1) or kernel(*a))
+    calls = record_calls(monkeypatch, _native, "tall_weight_grad")
     x = torch.randn(4096, 90)
     grad = torch.randn(4096, 3)
     ref = grad.double().t() @ x.double()
@@ -133,9 +144,7 @@ def test_tall_matmul_rejects_mismatched_shapes(use):
 
 
 def test_tall_forward_uses_the_kernel_where_it_fits(use, monkeypatch):
-    calls = []
-    kernel = _native.tall_matmul
-    monkeypatch.setattr(_native, "tall_matmul", lambda *a: calls.append(1) or kernel(*a))
+    calls = record_calls(monkeypatch, _native, "tall_matmul")
     x = torch.randn(4096, 360)
     w = torch.randn(2, 360)
     torch.testing.assert_close(_ops._tall_forward(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
@@ -162,14 +171,7 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
         out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]], rank=2, algorithm="sequential")
     x = torch.randn(12, 7200)
     seed = torch.randn(12, 256)
-    transposed = []
-    kernel = _ops.tall_forward_transposed
-
-    def spy(*args):
-        transposed.append(kernel(*args))
-        return transposed[-1]
-
-    monkeypatch.setattr(kcp_module, "tall_forward_transposed", spy)
+    transposed = record_calls(monkeypatch, kcp_module, "tall_forward_transposed")
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         with torch.no_grad():
