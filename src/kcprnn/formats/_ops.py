@@ -80,11 +80,11 @@ def native_covers(rows: int, f: int, g: int) -> bool:
 
 
 def native_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`_tall_forward` runs ``x @ weight.T`` (``x`` ``(m, f)``, ``weight``
-    ``(g, f)``) on the compiled kernel: :func:`native_covers` the shape, float32 on CPU, no
-    autograd."""
+    """Whether ``x @ weight.T`` (``x`` ``(..., f)``, ``weight`` ``(g, f)``) runs on the compiled
+    kernel: :func:`native_covers` the shape, float32 on CPU, no autograd."""
     g, f = weight.shape
-    return x.shape[1] == f and native_covers(x.shape[0], f, g) and _native.fits(x, weight)
+    return (x.shape[-1] == f and native_covers(x.numel() // max(f, 1), f, g)
+            and _native.fits(x, weight))
 
 
 NATIVE_MAX_OUT = 8
@@ -114,10 +114,9 @@ def tall_forward_transposed(x: Tensor, weight: Tensor) -> Tensor | None:
     ``(B, E, f)`` and ``weight`` ``(g, f)``, written in that layout by the compiled kernel
     (saving the transposing copy, 13 us of 300 at the UCF11 size); ``None`` where the kernel
     does not run the product (:func:`native_fits`): the caller transposes."""
-    n_b, n_e, f = x.shape
-    if not native_fits(x.view(n_b * n_e, f), weight):
+    if not native_fits(x, weight):
         return None
-    out = x.new_empty(n_b, weight.shape[0], n_e)  # (B, g, E)
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])  # (B, g, E)
     _native.tall_matmul(x, weight, out.transpose(1, 2))
     return out  # (B, g, E)
 
