@@ -3,6 +3,7 @@ reconstruction, gradients, the parameter count of KCP.md, validation errors and 
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -361,6 +362,23 @@ def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monk
     dense = w.to_dense()
     assert rel_err(y1, x1 @ dense.T) < 1e-10
     assert rel_err(y2, x2 @ dense.T) < 1e-10
+
+
+def test_scratch_buffers_work_in_and_out_of_inference_mode(monkeypatch):
+    import kcprnn.formats._ops as ops
+
+    monkeypatch.setattr(ops, "_SCRATCH", threading.local())  # no buffers yet on this thread
+    w = make_case(CASES[4][:2] + (1,) + CASES[4][3:], algorithm="sequential")
+    x = torch.randn(3, w.in_features, dtype=F64)
+    ref = x @ w.to_dense().T
+    with torch.inference_mode():  # the buffers are first made here
+        first = w(x)
+    with torch.no_grad():
+        second = w(x)
+    with torch.inference_mode():
+        third = w(x)
+    for y in (first, second, third):
+        assert rel_err(y, ref) < 1e-10
 
 
 def test_scratch_reuses_one_buffer_per_slot():

@@ -204,5 +204,6 @@ def scratch(slot: int, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(slot)
     if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
-        buf = buffers[slot] = torch.empty(numel, dtype=like.dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of that mode
+            buf = buffers[slot] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel].view(shape)
