@@ -151,6 +151,14 @@ def _library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def _require() -> ctypes.CDLL:
+    """The process's kernel, or a ``RuntimeError`` saying why there is none."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
+    return lib
+
+
 def available() -> bool:
     """Whether the compiled kernel can run in this process (building it on first call)."""
     return _library() is not None
@@ -181,9 +189,7 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     with unit stride along ``f``, ``weight`` ``(g, f)`` and ``out`` ``(B, E, g)`` float32
     with any strides (a transposed view writes the transposed layout). Call only where
     :func:`fits` holds for ``x``, ``weight`` and ``out``; returns ``out``."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
+    lib = _require()
     n_b, n_e, f = x.shape
     weight = weight.contiguous()  # (g, f)
     if weight.shape != (out.shape[2], f) or out.shape[:2] != (n_b, n_e):
@@ -203,9 +209,7 @@ def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     and ``x`` ``(m, f)`` with unit stride along ``f``, both float32 on CPU: each thread sums
     its range of rows, then the partial sums are added. Call only where :func:`fits` holds for
     ``x`` and ``grad``."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"kcprnn's native kernel is unavailable: {_state.get('error')}")
+    lib = _require()
     m, f = x.shape
     if grad.dim() != 2 or grad.shape[0] != m:
         raise ValueError(f"tall_weight_grad shapes do not match: grad {tuple(grad.shape)}, "
