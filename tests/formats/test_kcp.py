@@ -322,6 +322,57 @@ def test_walk_gathers_only_interleaved_axes():
         96, UCF_IN, UCF_OUT, (4, 4), 1, "sequential").cost
 
 
+def test_final_reordering_gathers_only_scattered_orders():
+    from kcprnn.formats.kcp import _final_gathers
+
+    # the paper's interleaved UCF11 output (4x2x2x2 | 4x2x2x2 -> j0 j1 j2 j3): run of 2, 8 axes
+    assert _final_gathers([4, 2, 2, 2, 4, 2, 2, 2], [0, 4, 1, 5, 2, 6, 3, 7])
+    assert _final_gathers([8, 64, 2], [1, 0, 2])  # 3 axes, run of 2
+    assert _final_gathers([8, 1, 64, 2], [2, 1, 0, 3])  # the same with a size-1 axis
+    assert _final_gathers([4, 4, 4, 4, 4], [1, 0, 3, 2, 4])  # 5 axes, run of 4
+    assert not _final_gathers([2, 4, 8, 4, 4], [2, 0, 1, 3, 4])  # blocked UCF11: run of 16
+    assert not _final_gathers([32, 32], [1, 0])  # a plain transpose
+    assert not _final_gathers([16, 4, 16], [1, 0, 2])  # run of 16
+    assert not _final_gathers([2, 3, 4], [0, 1, 2])
+
+
+@pytest.mark.parametrize("case", [2, 4, 7])
+def test_gathered_final_reordering_matches_the_permute(case):
+    """The index_select form of the output reordering gives the permuted copy's numbers, in the
+    forward and in the hand-written backward, and the dense product."""
+    import dataclasses
+
+    from kcprnn.formats.kcp import (
+        _run_walk,
+        _sequential_setup,
+        _walk_backward,
+        _walk_matrices,
+        kcp_sequential_prepare,
+    )
+
+    torch.manual_seed(case)
+    w = make_case(CASES[case])
+    f = factors_of(w)
+    order = tuple(range(w.num_factors))
+    walk = _sequential_setup(w.in_splits, w.out_splits, w.terms, order, -1, ())
+    assert walk.gathers
+    plain = dataclasses.replace(walk, gathers=False)
+    mats = _walk_matrices(kcp_sequential_prepare(f, order), walk.steps)
+    x = torch.randn(5, w.in_features, dtype=F64, requires_grad=True)
+    bias = torch.randn(w.out_features, dtype=F64)
+    fused = all(step.gather != "pbatched" for step in walk.steps)  # else autograd's backward
+    outs, grads = [], []
+    for wk in (walk, plain):
+        saved: list | None = [] if fused else None
+        outs.append(_run_walk(x, mats, wk, bias, saved))
+        seed = torch.ones_like(outs[-1]).cumsum(1)
+        grads.append(_walk_backward(seed, mats, wk, saved, True, [True] * len(mats)) if fused
+                     else torch.autograd.grad(outs[-1], x, seed))
+    assert rel_err(outs[0], x @ w.to_dense().T + bias) < 1e-10
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_chunked_gather_is_exact(monkeypatch):
     import kcprnn.formats.kcp as kcp
 
