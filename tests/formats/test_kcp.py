@@ -415,6 +415,41 @@ def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monk
     assert rel_err(y2, x2 @ dense.T) < 1e-10
 
 
+def test_training_gathers_keep_what_the_backward_needs(monkeypatch):
+    """With gradients, only copies nothing keeps go to the scratch buffers: the fused walk
+    reuses its intermediate swaps (not the copy its GEMM saves), and a walk autograd records
+    (here a batched middle step, N = 3 with P = 3) reuses none. Two forwards in chunks of rows
+    before one backward give the gradients of separate passes (this failed with a version
+    error while the recorded walk reused buffers)."""
+    import kcprnn.formats._ops as ops
+    import kcprnn.formats.kcp as kcp
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(kcp, "GATHER_CHUNK", 4)  # chunks of one row
+    used = []
+    real = ops.scratch
+    monkeypatch.setattr(ops, "scratch", lambda *a: used.append(a[0]) or real(*a))
+    two_swaps = ([[2, 2], [2, 3], [3, 2]], [[2, 1], [1, 2], [2, 2]], 1, [2, 2])
+    for case, fused in ((CASES[7], False), (two_swaps, True)):
+        w = make_case(case)
+        order = next(o for o in itertools.permutations(range(w.num_factors))
+                     if (steps := _sequential_walk(w.in_splits, w.out_splits, w.terms, o)[0])
+                     and steps[0].gather == "swaps"
+                     and ("pbatched" in {s.gather for s in steps}) != fused
+                     and len(steps[0].swaps) == (2 if fused else 1))
+        f = factors_of(w)
+        x1, x2 = torch.randn(2, 3, w.in_features, dtype=F64)
+        dense = w.to_dense()
+        ref = torch.autograd.grad((x1 @ dense.T).sum() + ((x2 @ dense.T) ** 2).sum(),
+                                  list(w.parameters()))
+        used.clear()
+        y1, y2 = (kcp_linear_sequential(x, f, order) for x in (x1, x2))
+        got = torch.autograd.grad(y1.sum() + (y2 ** 2).sum(), list(w.parameters()))
+        assert bool(used) == fused
+        for a, b in zip(got, ref, strict=True):
+            assert rel_err(a, b) < 1e-10
+
+
 def test_scratch_buffers_work_in_and_out_of_inference_mode(monkeypatch):
     import kcprnn.formats._ops as ops
 

@@ -1049,6 +1049,11 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
     axes: Sequence[Axis] = walk.in_axes
     z = x
     swapped = False  # the previous GEMM wrote its output already in the next step's first swap
+    # gathering copies go to reused buffers (_ops.scratch: no fresh pages at every call) unless
+    # autograd records the walk; the copy a step's GEMM takes stays fresh when ``saved`` keeps it
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, *[u for m in mats for u in (m if isinstance(m, tuple) else (m,))]))
     for t, (step, mat) in enumerate(zip(walk.steps, mats, strict=True)):
         sizes = [s for _, s in axes]
         skip_swap, swapped = swapped, False
@@ -1059,15 +1064,15 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
             z = y.reshape(walk.terms, b, -1).transpose(0, 1)  # (b, p, e g)
             axes = step.axes
             continue
-        # inference gathers into reused buffers (_ops.scratch: no fresh pages at every call)
-        reuse = saved is None and not (torch.is_grad_enabled() and z.requires_grad)
         if step.gather == "swaps":
-            for u, (pre, m, k, post) in enumerate(step.swaps[1:] if skip_swap else step.swaps):
+            swaps = step.swaps[1:] if skip_swap else step.swaps
+            for u, (pre, m, k, post) in enumerate(swaps):
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
-                z = _reuse_copy(z, u % 2) if reuse else z
+                if not recording and (saved is None or u < len(swaps) - 1):
+                    z = _reuse_copy(z, u % 2)
         elif step.gather == "permute":
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
-            z = _reuse_copy(z, 0) if reuse else z
+            z = _reuse_copy(z, 0) if not recording and saved is None else z
         if isinstance(mat, tuple):  # the last factor as its own CP product (``inner``), its
             # output modes laid out as the walk's last step says (``last_out``)
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
