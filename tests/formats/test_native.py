@@ -4,6 +4,8 @@ cache, the fallbacks and their use by KCP."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import platform
 
@@ -189,6 +191,111 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+INNER_SHAPES = [  # (B, E, a, c, k, o, m): tails of o (tiles of 4) and of m (vectors, tiles)
+    (1, 1, 1, 1, 1, 1, 1), (2, 3, 8, 20, 4, 4, 128), (3, 2, 3, 5, 2, 3, 17),
+    (1, 4, 2, 7, 3, 5, 70), (2, 1, 4, 3, 1, 16, 9), (1, 2, 5, 2, 2, 6, 33),
+]
+
+
+@pytest.mark.parametrize("shape", INNER_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "scattered"])
+def test_inner_kernel_matches_the_float64_product(use, shape, layout):
+    """``inner_rows``: step 1 ``u = z[a, :] . s[k, o, :]``, step 2 ``y[o, m] = sum_(a, k)
+    p[m, a k] u[a, k, o]``, plus the bias, written through offset tables; a random
+    permutation of the outputs (scattered: element by element) or the plain layout (vectors)."""
+    n_b, n_e, a, c, k, o, m = shape
+    width = _native.width()
+    z = torch.randn(n_b, n_e + 1, a * c + 2)[:, 1:, 1:a * c + 1]  # (B, E, a c): strided rows
+    suffix = torch.randn(k, o, c)
+    prefix = torch.randn(m, a * k)
+    bias = torch.randn(n_e * o * m)
+    u = torch.einsum("beac,koc->beako", z.double().reshape(n_b, n_e, a, c), suffix.double())
+    y = torch.einsum("mq,beqo->beom", prefix.double(), u.reshape(n_b, n_e, a * k, o))
+    flat = torch.arange(n_e * o * m).view(n_e, o, m)  # (e, o, m): the plain layout
+    if layout == "scattered":  # the axes in the order (m, o, e): m varies slowest
+        flat = torch.arange(n_e * o * m).view(m, o, n_e).permute(2, 1, 0)
+    off = (flat[:, 0, 0], flat[0, :, 0], flat[0, 0, :])
+    lane = torch.arange(m) % width
+    runs = bool(torch.equal(off[2] - off[2][torch.arange(m) - lane], lane))
+    assert runs == (layout == "contiguous" or m == 1 or n_e * o == 1)
+    st = suffix.permute(2, 0, 1).reshape(c, k * o).contiguous()  # (c, k o)
+    pt = prefix.t().contiguous()  # (a k, m)
+    for b in (None, bias):
+        out = torch.full((n_b, n_e * o * m), float("nan"))
+        _native.inner_rows(z, st, k, pt, out, off, runs, b)
+        ref = torch.empty(n_b, n_e * o * m, dtype=torch.float64)
+        ref[:, flat.reshape(-1)] = (y + (0 if b is None else b.double()[flat])).reshape(n_b, -1)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_inner_rows_rejects_mismatched_shapes(use):
+    offsets = (torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+               torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prefix_t \(7, 5\)"):
+        _native.inner_rows(torch.randn(1, 2, 12), torch.randn(4, 6), 2, torch.randn(7, 5),
+                           torch.empty(1, 30), offsets, True)
+
+
+@pytest.mark.parametrize("modes", [
+    # blocked UCF11 shape, scaled down: a narrow suffix, contiguous vectors of outputs
+    ([[8, 1], [10, 1], [1, 10], [1, 9]], [[4, 2], [4, 1], [4, 1], [2, 1]]),
+    # outputs interleaved element by element (scattered offsets)
+    ([[2, 1], [3, 1], [1, 5], [1, 4]], [[2, 2], [3, 2], [1, 1], [2, 1]]),
+    # a wide suffix (o >= 16): the torch path lays rows out (e, m, o)
+    ([[2, 1], [16, 1], [1, 30]], [[2, 2], [16, 1], [2, 1]]),
+])
+def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
+    """The sequential walk's last step, the last factor's CP product, runs on the kernel with
+    the final reordering and the bias under no_grad and inference_mode, for every order, cut
+    and mode order, matching torch's path and the dense product; training keeps torch's path."""
+    in_modes, out_modes = modes
+    fin = math.prod(a * b for a, b in in_modes)
+    fout = math.prod(a * b for a, b in out_modes)
+    torch.manual_seed(0)
+    layer = kcprnn.FactorizedLinear(fin, fout, format="kcp", in_modes=in_modes,
+                                    out_modes=out_modes, rank=3)
+    w = layer.weight
+    factors = [list(f) for f in w.factors]
+    x = torch.randn(5, fin)
+    ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())
+    used = record_calls(monkeypatch, kcp_module, "_inner_native")
+    real = kcp_module._inner_native
+    runs = 0
+    for order in itertools.permutations(range(2)):
+        steps, _, _ = kcp_module._sequential_walk(w.in_splits, w.out_splits, 1, order)
+        if steps[-1].post != 1:
+            continue
+        ins = [w.in_splits[d][order[-1]] for d in range(len(in_modes))]
+        for inner_order, split in kcp_module._inner_orders(ins):
+            if split == 0:
+                continue
+
+            def run(bias=None, order=order, split=split, inner_order=inner_order):
+                return kcp_module.kcp_linear_sequential(x, factors, order, split, bias=bias,
+                                                        inner_order=inner_order)
+
+            with torch.no_grad():
+                fast = run(layer.bias)
+                fast_nobias = run()
+            with torch.inference_mode():
+                fast_inf = run(layer.bias)
+            assert len(used) == 3 and all(u is not None for u in used)
+            used.clear()
+            run(layer.bias).sum().backward()  # training: torch's path
+            assert not used
+            monkeypatch.setattr(kcp_module, "_inner_native", lambda *a: None)
+            with torch.no_grad():
+                slow = run(layer.bias)
+            monkeypatch.setattr(kcp_module, "_inner_native", real)
+            used = record_calls(monkeypatch, kcp_module, "_inner_native")
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast_inf, slow, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast_nobias + layer.bias, slow, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
+            runs += 1
+    assert runs >= 2
 
 
 @needs_build

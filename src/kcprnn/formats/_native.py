@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build", "cache_dir", "info", "tall_matmul", "tall_weight_grad"]
+__all__ = ["available", "build", "cache_dir", "info", "inner_rows", "tall_matmul",
+           "tall_weight_grad", "width"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,15 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p,  # out, scratch
         ctypes.c_int,  # threads
     ]
+    lib.kcprnn_inner_rows.restype = None
+    lib.kcprnn_inner_rows.argtypes = [
+        ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64,  # z, n_b, n_e, zsb, zse, n_a, n_c
+        ctypes.c_void_p, _I64, _I64,  # st, n_k, n_o
+        ctypes.c_void_p, _I64,  # pt, n_m
+        ctypes.c_void_p, _I64,  # out, osb
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # offsets, runs
+        ctypes.c_void_p, ctypes.c_int,  # bias, threads
+    ]
     return lib
 
 
@@ -200,6 +210,46 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
         weight.data_ptr(), weight.shape[0],
         out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
         torch.get_num_threads(),
+    )
+    return out
+
+
+def width() -> int:
+    """Floats per vector of the built kernel: 16 (AVX-512) or 8 (AVX2)."""
+    return _require().kcprnn_tall_isa() // 32
+
+
+def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Tensor,
+               offsets: tuple[Tensor, Tensor, Tensor], runs: bool,
+               bias: Tensor | None = None) -> Tensor:
+    """The two-chunk CP product of each row of ``z`` ``(B, E, a c)`` (unit stride along the
+    last axis), written to ``out`` ``(B, ...)`` (contiguous) through offset tables: output
+    ``(o, m)`` of row ``(b, e)`` goes to ``out.view(-1)[b * out.stride(0) + off_e[e] +
+    off_o[o] + off_m[m]]``, plus ``bias`` (flat, the same offsets without the ``b`` term) when
+    given. ``suffix_t`` is ``(c, k o)`` and ``prefix_t`` ``(a k, m)``, both contiguous;
+    ``offsets`` are three int64 tensors ``(off_e, off_o, off_m)``; ``runs`` says that ``off_m``
+    is contiguous within each vector (:func:`width`) of ``m``. Call only where :func:`fits`
+    holds for ``z`` and the others; returns ``out``."""
+    lib = _require()
+    n_b, n_e, f = z.shape
+    n_c, n_ko = suffix_t.shape
+    n_ak, n_m = prefix_t.shape
+    off_e, off_o, off_m = (t.contiguous() for t in offsets)
+    n_o = n_ko // n_k if n_k else 0
+    if (f % max(n_c, 1) or n_ak != (f // max(n_c, 1)) * n_k or n_ko != n_k * n_o
+            or off_e.numel() != n_e or off_o.numel() != n_o or off_m.numel() != n_m
+            or not (suffix_t.is_contiguous() and prefix_t.is_contiguous() and out.is_contiguous())
+            or out.shape[0] != n_b):
+        raise ValueError(f"inner_rows shapes do not match: z {tuple(z.shape)}, suffix_t "
+                         f"{tuple(suffix_t.shape)} with k={n_k}, prefix_t "
+                         f"{tuple(prefix_t.shape)}, out {tuple(out.shape)}, offsets "
+                         f"{[t.numel() for t in (off_e, off_o, off_m)]}")
+    lib.kcprnn_inner_rows(
+        z.data_ptr(), n_b, n_e, z.stride(0), z.stride(1), f // max(n_c, 1), n_c,
+        suffix_t.data_ptr(), n_k, n_o, prefix_t.data_ptr(), n_m,
+        out.data_ptr(), out.stride(0) if out.dim() else 0,
+        off_e.data_ptr(), off_o.data_ptr(), off_m.data_ptr(), int(runs),
+        bias.data_ptr() if bias is not None else None, torch.get_num_threads(),
     )
     return out
 

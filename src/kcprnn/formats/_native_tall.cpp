@@ -18,6 +18,13 @@
 // with 8 accumulators held in registers per column chunk, into its own slice of a scratch
 // buffer; the slices are added at the end (kcprnn_tall_weight_grad).
 //
+// The CP product of a small factor over many short rows (kcprnn_inner_rows) is the last step of
+// KCP's sequential walk when it runs the last factor as its own two-chunk CP product: per row
+// (b, e) of a x c numbers, u[a, k, o] = z[a, :] . s[k, o, :], then y[o, m] = sum over (a, k)
+// of p[m, a k] u[a, k, o], written with the bias straight to the output's final layout through
+// per-index offset tables (the torch path runs two GEMMs, a transposing copy and a permuted
+// add, 0.15 ms after the first GEMM at the UCF11 size).
+//
 // Built and loaded by kcprnn/formats/_native.py (g++ -O3 -march=native -fopenmp); never
 // imported by hand.
 
@@ -35,6 +42,7 @@ struct Vec {
     return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
   }
   static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
   static inline float sum(T a) { return _mm512_reduce_add_ps(a); }
   static inline T set1(float v) { return _mm512_set1_ps(v); }
   static inline void store(float* p, T a) { _mm512_storeu_ps(p, a); }
@@ -57,6 +65,7 @@ struct Vec {
   static inline void store(float* p, T a) { _mm256_storeu_ps(p, a); }
   static inline void store_tail(float* p, T a, int n) { _mm256_maskstore_ps(p, mask(n), a); }
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
   static inline float sum(T a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -184,6 +193,91 @@ inline void weight_grad_rows(const float* grad, int64_t gsm, int64_t gsg, const 
   }
 }
 
+constexpr int OB = 4;  // outputs o per tile of the inner product's second step
+constexpr int MV = 4;  // vectors of outputs m per tile: OB x MV accumulators in registers
+
+// Stores acc (outputs m0 .. m0 + n of one o) with the bias at the offsets off_m[m].
+inline void inner_store(typename Vec::T acc, float* y, const float* by, const int64_t* off_m,
+                        int64_t m0, int n, int runs) {
+  if (runs) {  // the vector's outputs are contiguous
+    if (by) acc = Vec::add(acc, n == Vec::width ? Vec::load(by + off_m[m0])
+                                                : Vec::load_tail(by + off_m[m0], n));
+    if (n == Vec::width) Vec::store(y + off_m[m0], acc);
+    else Vec::store_tail(y + off_m[m0], acc, n);
+  } else {
+    float lanes[Vec::width];
+    Vec::store(lanes, acc);
+    for (int l = 0; l < n; ++l) y[off_m[m0 + l]] = lanes[l] + (by ? by[off_m[m0 + l]] : 0.0f);
+  }
+}
+
+// y[o0 + i, m0 + v W ...] for i < O, v < V (the last vector holding `last` lanes):
+// sum over q = (a, k) of u[q, o] pt[q, m], from O x V accumulators.
+template <int O, int V>
+inline void inner_tile(const float* u, int64_t n_o, int64_t o0, const float* pt, int64_t n_ak,
+                       int64_t n_m, int64_t m0, int last, float* out, const float* bias,
+                       const int64_t* off_o, const int64_t* off_m, int runs) {
+  const int W = Vec::width;
+  typename Vec::T acc[O][V];
+  for (int i = 0; i < O; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = Vec::zero();
+  for (int64_t q = 0; q < n_ak; ++q) {
+    const float* row = pt + q * n_m + m0;
+    typename Vec::T p[V];
+    for (int v = 0; v < V; ++v)
+      p[v] = (v == V - 1 && last < W) ? Vec::load_tail(row + v * W, last) : Vec::load(row + v * W);
+    for (int i = 0; i < O; ++i) {
+      const typename Vec::T s = Vec::set1(u[q * n_o + o0 + i]);
+      for (int v = 0; v < V; ++v) acc[i][v] = Vec::fma(s, p[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < O; ++i)
+    for (int v = 0; v < V; ++v)
+      inner_store(acc[i][v], out + off_o[o0 + i], bias ? bias + off_o[o0 + i] : nullptr, off_m,
+                  m0 + v * W, v == V - 1 ? last : W, runs);
+}
+
+template <int O>
+inline void inner_tiles(const float* u, int64_t n_o, int64_t o0, const float* pt, int64_t n_ak,
+                        int64_t n_m, float* out, const float* bias, const int64_t* off_o,
+                        const int64_t* off_m, int runs) {
+  const int W = Vec::width;
+  int64_t m0 = 0;
+  for (; m0 + MV * W <= n_m; m0 += MV * W)
+    inner_tile<O, MV>(u, n_o, o0, pt, n_ak, n_m, m0, W, out, bias, off_o, off_m, runs);
+  for (; m0 < n_m; m0 += W) {  // the last vectors, one at a time
+    const int last = n_m - m0 < W ? static_cast<int>(n_m - m0) : W;
+    inner_tile<O, 1>(u, n_o, o0, pt, n_ak, n_m, m0, last, out, bias, off_o, off_m, runs);
+  }
+}
+
+// One row of kcprnn_inner_rows; u holds n_a * n_k * n_o floats.
+inline void inner_row(const float* z, int64_t n_a, int64_t n_c, const float* st, int64_t n_ko,
+                      int64_t n_o, const float* pt, int64_t n_ak, int64_t n_m, float* u,
+                      float* out, const float* bias, const int64_t* off_o, const int64_t* off_m,
+                      int runs) {
+  const int W = Vec::width;
+  // u[a, k o] = sum_c z[a, c] st[c, k o]
+  for (int64_t a = 0; a < n_a; ++a) {
+    const float* za = z + a * n_c;
+    for (int64_t j = 0; j < n_ko; j += W) {
+      const int n = n_ko - j < W ? static_cast<int>(n_ko - j) : W;
+      typename Vec::T acc = Vec::zero();
+      for (int64_t c = 0; c < n_c; ++c) {
+        const float* row = st + c * n_ko + j;
+        acc = Vec::fma(Vec::set1(za[c]), n == W ? Vec::load(row) : Vec::load_tail(row, n), acc);
+      }
+      if (n == W) Vec::store(u + a * n_ko + j, acc);
+      else Vec::store_tail(u + a * n_ko + j, acc, n);
+    }
+  }
+  // y[o, m] = sum_{a k} u[a k, o] pt[a k, m], plus the bias, at the offsets of (o, m)
+  int64_t o0 = 0;
+  for (; o0 + OB <= n_o; o0 += OB)
+    inner_tiles<OB>(u, n_o, o0, pt, n_ak, n_m, out, bias, off_o, off_m, runs);
+  for (; o0 < n_o; ++o0) inner_tiles<1>(u, n_o, o0, pt, n_ak, n_m, out, bias, off_o, off_m, runs);
+}
+
 }  // namespace
 
 extern "C" {
@@ -242,6 +336,30 @@ void kcprnn_tall_weight_grad(const float* grad, int64_t m, int64_t gsm, int64_t 
       for (int u = 0; u < team; ++u) v += scratch[u * size + i];
       out[i] = v;
     }
+  }
+}
+
+// The CP product of kcprnn_inner_rows (top of this file) for rows (b, e): row (b, e) of z starts
+// at z + b*zsb + e*zse and holds n_a x n_c contiguous values; st is (n_c, n_k n_o), pt (n_a n_k,
+// n_m), both contiguous. Output (o, m) of row (b, e) goes to out + b*osb + off_e[e] + off_o[o] +
+// off_m[m], plus the bias at the same offset without b*osb (bias may be null); runs != 0 says
+// that off_m is contiguous within each vector of m (m = 0, width, ...).
+void kcprnn_inner_rows(const float* z, int64_t n_b, int64_t n_e, int64_t zsb, int64_t zse,
+                       int64_t n_a, int64_t n_c, const float* st, int64_t n_k, int64_t n_o,
+                       const float* pt, int64_t n_m, float* out, int64_t osb,
+                       const int64_t* off_e, const int64_t* off_o, const int64_t* off_m,
+                       int runs, const float* bias, int threads) {
+  const int64_t rows = n_b * n_e, n_ko = n_k * n_o, n_ak = n_a * n_k;
+#pragma omp parallel num_threads(threads)
+  {
+    float* u = new float[n_a * n_ko + Vec::width];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / n_e, e = r - b * n_e;
+      inner_row(z + b * zsb + e * zse, n_a, n_c, st, n_ko, n_o, pt, n_ak, n_m, u,
+                out + b * osb + off_e[e], bias ? bias + off_e[e] : nullptr, off_o, off_m, runs);
+    }
+    delete[] u;
   }
 }
 
