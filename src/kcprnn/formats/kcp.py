@@ -87,7 +87,10 @@ Splits = tuple[tuple[int, ...], ...]  # D x N factor sizes
 # below peak), one kernel launch (Python + dispatch overhead).
 COST_IO = 1.0
 COST_PERMUTE = 60.0  # per element with a contiguous run of 6; (0.5 + 3 / run) times that
-COST_GATHER_INDEX = 85.0  # per element of a final reordering that runs as an index_select
+COST_GATHER_INDEX = 120.0  # per element of a final reordering that runs as an index_select:
+# the gather alone is about 40-55 (0.34-0.48 ns an element against ~0.009 per modelled MAC);
+# 85 left 2 multi-row points of benchmarks/bench_kcp_auto.py (4k, R = 2, 16 and 96 rows) on
+# sequential at 1.14-1.23x parallel's time, 120 none (the walk's other copies run slower there)
 FINAL_GATHER_RUN = 16  # see _final_gathers
 COST_SWAP, COST_SWAP_RUN = 11.0, 40.0  # one block transpose: per element, plus this over its run
 BIG_ELEMENTS = 1 << 22  # 16 MB of float32: blocks this large are often mapped fresh by the
