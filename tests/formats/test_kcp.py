@@ -229,20 +229,45 @@ def test_sequential_backward_matches_the_dense_reconstruction(case):
     assert count >= math.factorial(w.num_factors)
 
 
-@pytest.fixture
-def permute_gathers(monkeypatch):
-    """Price block transposes and batched GEMMs out: every factor whose axes are not already
-    the trailing block of the rows is gathered there by one permute copy."""
+def _reprice(monkeypatch, **costs):
+    """Set cost-model weights for one test, with the walk and plan caches cleared around it."""
     from kcprnn.formats import kcp
 
-    monkeypatch.setattr(kcp, "COST_SWAP", 1e12)
-    monkeypatch.setattr(kcp, "COST_NARROW", 1e12)
+    for name, value in costs.items():
+        monkeypatch.setattr(kcp, name, value)
     _sequential_walk.cache_clear()
+    kcp._sequential_setup.cache_clear()
     kcp._cost_cached.cache_clear()
     yield
     monkeypatch.undo()
     _sequential_walk.cache_clear()
+    kcp._sequential_setup.cache_clear()
     kcp._cost_cached.cache_clear()
+
+
+@pytest.fixture
+def torch_gathers(monkeypatch):
+    """Price the compiled one-pass gather out: walks gather on torch, by block transposes or a
+    permute copy, as where the kernel does not run (no compiler, float64, CUDA)."""
+    yield from _reprice(monkeypatch, COST_NATIVE_GATHER=1e12)
+
+
+@pytest.fixture
+def native_gathers(monkeypatch):
+    """Price block transposes and torch's permute out: interleaved axes are gathered by the
+    compiled one-pass gather (float32 on CPU; torch's permute copy otherwise)."""
+    from kcprnn.formats import _native
+
+    if not _native.available():
+        pytest.skip("needs the compiled kernels")
+    yield from _reprice(monkeypatch, COST_SWAP=1e12, COST_NARROW=1e12, COST_PERMUTE=1e12)
+
+
+@pytest.fixture
+def permute_gathers(monkeypatch):
+    """Price block transposes, batched GEMMs and the compiled gather out: every factor whose
+    axes are not already the trailing block of the rows is gathered there by one permute copy."""
+    yield from _reprice(monkeypatch, COST_SWAP=1e12, COST_NARROW=1e12, COST_NATIVE_GATHER=1e12)
 
 
 @pytest.mark.parametrize("case", [CASES[3][:2] + (1,) + CASES[3][3:],
@@ -309,7 +334,7 @@ def test_swaps_to_end_by_hand():
     assert _swaps_to_end([2, 3], [False, True]) == []
 
 
-def test_walk_gathers_only_interleaved_axes():
+def test_walk_gathers_only_interleaved_axes(torch_gathers):
     # whole modes per factor: factor 2 (trailing 360 inputs) goes first on a view of the input,
     # then factor 1 on the small result; interleaved: factor 2's axes must be gathered
     blocked = ((8, 1), (20, 1), (1, 20), (1, 18)), ((16, 1), (4, 1), (4, 1), (1, 4))
@@ -381,27 +406,29 @@ def test_chunked_gather_is_exact(monkeypatch):
     ref = w(x)
     monkeypatch.setattr(kcp, "GATHER_CHUNK", 2 * w.in_features)  # chunks of 2 rows
     steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, w.terms, w.plan(7).order)
-    assert steps[0].gather in ("swaps", "permute")
+    assert steps[0].gather in ("swaps", "permute", "native")
     assert kcp._chunk_rows(7, w.in_features, steps) == 2
     torch.testing.assert_close(w(x), ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("gathers", ["swaps", "permute"])
+@pytest.mark.parametrize("gathers", ["swaps", "permute", "native"])
 def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monkeypatch):
     """Under no_grad the gathering copies go to per-thread scratch buffers: results stay exact
     against the dense reconstruction in chunks of rows, and an output is not overwritten by the
-    next call."""
+    next call (the compiled gather in float32, torch's copies in float64)."""
     import kcprnn.formats._ops as ops
     import kcprnn.formats.kcp as kcp
 
-    if gathers == "permute":
-        request.getfixturevalue("permute_gathers")
+    request.getfixturevalue({"swaps": "torch_gathers", "permute": "permute_gathers",
+                             "native": "native_gathers"}[gathers])
     w = make_case(CASES[4][:2] + (1,) + CASES[4][3:], algorithm="sequential")
+    dtype, tol = (torch.float32, 1e-5) if gathers == "native" else (F64, 1e-10)
+    w = w.to(dtype)
     monkeypatch.setattr(kcp, "GATHER_CHUNK", 2 * w.in_features)  # chunks of 2 rows
     used = []
     real = ops.scratch
     monkeypatch.setattr(ops, "scratch", lambda *a: used.append(a[0]) or real(*a))
-    x1, x2 = torch.randn(2, 5, w.in_features, dtype=F64)
+    x1, x2 = torch.randn(2, 5, w.in_features, dtype=dtype)
     with torch.no_grad():
         steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, w.terms, w.plan(5).order)
         assert gathers in {step.gather for step in steps}
@@ -411,8 +438,58 @@ def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monk
     assert used  # the scratch buffers were used
     torch.testing.assert_close(y1, kept, rtol=0, atol=0)
     dense = w.to_dense()
-    assert rel_err(y1, x1 @ dense.T) < 1e-10
-    assert rel_err(y2, x2 @ dense.T) < 1e-10
+    assert rel_err(y1, x1 @ dense.T) < tol
+    assert rel_err(y2, x2 @ dense.T) < tol
+
+
+@pytest.mark.parametrize("case", [CASES[3][:2] + (1,) + CASES[3][3:], CASES[4],
+                                  ([[2, 2], [2, 3], [3, 2]], [[2, 1], [1, 2], [2, 2]], 1, 2)])
+def test_native_gathers_forward_and_backward(case, native_gathers, monkeypatch):
+    """Walks that gather with the compiled kernel, in float32: inference, the one-node training
+    product and autograd's graph (P > 1) against the dense product in float64, gradients of the
+    input and of every factor included."""
+    torch.manual_seed(0)
+    w = make_case(case).float()
+    f = factors_of(w)
+    x = torch.randn(6, w.in_features, requires_grad=True)
+    g = torch.randn(6, w.out_features)
+    params = [x, *[p for fac in f for p in fac]]
+    dense = w.to_dense().double()
+    ref_y = x.double() @ dense.T
+    ref = torch.autograd.grad((ref_y * g.double()).sum(), [x, *w.parameters()])
+    from kcprnn.formats import _native
+
+    calls = []
+    real = _native.gather
+    monkeypatch.setattr(_native, "gather", lambda *a: calls.append(1) or real(*a))
+    native = 0
+    for order in itertools.permutations(range(w.num_factors)):
+        steps, _, _ = _sequential_walk(w.in_splits, w.out_splits, w.terms, order)
+        native += sum(step.gather == "native" for step in steps)
+        with torch.no_grad():
+            assert rel_err(kcp_linear_sequential(x, f, order).double(), ref_y) < 1e-5
+        y = kcp_linear_sequential(x, f, order)
+        assert rel_err(y.double(), ref_y) < 1e-5
+        for a, b in zip(torch.autograd.grad((y * g).sum(), params), ref, strict=True):
+            assert rel_err(a.double(), b) < 1e-4
+    assert native > 0 and calls  # planned, and run on the kernel
+
+
+def test_native_gathers_in_the_plan():
+    """Where the compiled kernels run, the paper's interleaved UCF11 walk gathers in one pass
+    (UCF11, R = 4, 96 rows: 3.70 -> 2.19 ms against torch's three block swaps), priced below
+    them, so the sequential plan costs less than with torch's gathers."""
+    from kcprnn.formats import _native, kcp
+
+    if not _native.available():
+        pytest.skip("needs the compiled kernels")
+    steps, _, copies = _sequential_walk(UCF_IN, UCF_OUT, 1, (1, 0))
+    assert steps[0].gather == "native" and steps[0].f == 600
+    sizes = [s for _, s in kcp._input_axes(UCF_IN)]
+    swaps = [st for st in kcp._swaps_to_end(sizes, [a[0][2] == 1 for a in
+                                                    kcp._input_axes(UCF_IN)])]
+    assert copies < kcp._swap_cost(swaps)
+    assert kcp_plan(96, UCF_IN, UCF_OUT, (4, 4), 1, prepared=True).algorithm == "sequential"
 
 
 def test_training_gathers_keep_what_the_backward_needs(monkeypatch):
@@ -626,7 +703,7 @@ def test_sequential_flops_by_hand():
     assert plan.macs == 22 + 60 + 80
 
 
-def test_training_auto_prices_the_backward():
+def test_training_auto_prices_the_backward(torch_gathers):
     # R = 2 at 230,400 -> 1,024, 96 rows: parallel's forward is cheaper, but its backward repeats
     # the GEMM over the input (1.5x its forward) while sequential's is about half its forward.
     # (Measured, fwd+bwd: parallel 30.5 ms, sequential 31.4 ms.) The backward is priced without
@@ -646,7 +723,7 @@ def test_training_auto_prices_the_backward():
     assert kcp_plan(96, UCF_IN, UCF_OUT, (1, 1), 1, training=True).algorithm == "parallel"
 
 
-def test_plan_follows_grad_mode():
+def test_plan_follows_grad_mode(torch_gathers):
     w = KCPMatrix(230400, 1024, in_modes=BIG_IN, out_modes=UCF_OUT, rank=2)
     assert w.plan(96).algorithm == "sequential"  # factors require grad, grad enabled
     with torch.no_grad():

@@ -193,6 +193,31 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+GATHER_CASES = [  # (shape, perm): runs of 6 (UCF11 interleaved), 1, over a vector, size-1 axes
+    ((3, 2, 4, 4, 5, 3, 6), (0, 1, 3, 5, 2, 4, 6)), ((2, 5, 7), (0, 2, 1)),
+    ((4, 3, 37), (0, 1, 2)), ((2, 3, 1, 20, 5), (0, 3, 2, 1, 4)), ((1, 17), (0, 1)),
+    ((2, 2, 3, 2, 3, 2, 3), (0, 6, 5, 4, 3, 2, 1)), ((3, 4, 1, 1), (0, 3, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", GATHER_CASES)
+def test_gather_copies_any_permuted_view(use, case):
+    shape, perm = case
+    base = torch.randn(shape[0] + 1, *[n + 1 for n in shape[1:]])
+    x = base[(slice(1, None), *[slice(0, n) for n in shape[1:]])]  # strided rows
+    view = x.permute(*perm)
+    out = torch.full(view.shape, float("nan"))
+    _native.gather(view, out)
+    assert torch.equal(out, view.contiguous())
+
+
+def test_gather_rejects_mismatched_shapes(use):
+    with pytest.raises(ValueError, match=r"out \(2, 4, 3\)"):
+        _native.gather(torch.randn(2, 3, 4), torch.empty(2, 4, 3))
+    with pytest.raises(ValueError, match="contiguous: False"):
+        _native.gather(torch.randn(2, 3, 4), torch.empty(2, 4, 3).transpose(1, 2))
+
+
 INNER_SHAPES = [  # (B, E, a, c, k, o, m): tails of o (tiles of 4) and of m (vectors, tiles)
     (1, 1, 1, 1, 1, 1, 1), (2, 3, 8, 20, 4, 4, 128), (3, 2, 3, 5, 2, 3, 17),
     (1, 4, 2, 7, 3, 5, 70), (2, 1, 4, 3, 1, 16, 9), (1, 2, 5, 2, 2, 6, 33),

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build", "cache_dir", "info", "inner_rows", "tall_matmul",
+__all__ = ["available", "build", "cache_dir", "gather", "info", "inner_rows", "tall_matmul",
            "tall_weight_grad", "width"]
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, _I64,  # out, osb
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # offsets, runs
         ctypes.c_void_p, ctypes.c_int,  # bias, threads
+    ]
+    lib.kcprnn_gather.restype = None
+    lib.kcprnn_gather.argtypes = [
+        ctypes.c_void_p, _I64, _I64, ctypes.c_int,  # in, n_b, isb, nd
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # sizes, strides, out
     ]
     return lib
 
@@ -251,6 +256,43 @@ def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Ten
         off_e.data_ptr(), off_o.data_ptr(), off_m.data_ptr(), int(runs),
         bias.data_ptr() if bias is not None else None, torch.get_num_threads(),
     )
+    return out
+
+
+GATHER_DIMS = 32  # the kernel's limit on dimensions after merging
+
+
+def gather(view: Tensor, out: Tensor) -> Tensor:
+    """``out.copy_(view)`` on the compiled kernel, for ``view`` ``(B, ...)`` float32 with any
+    strides (a permuted view of the rows) and ``out`` contiguous of the same shape. Dimensions
+    that stay adjacent are merged first; the last one is copied as contiguous runs where its
+    stride is 1. Call only where :func:`fits` holds for ``view``'s base data and ``out``;
+    returns ``out``."""
+    lib = _require()
+    if view.shape != out.shape or not out.is_contiguous() or view.dim() < 1:
+        raise ValueError(f"gather shapes do not match: view {tuple(view.shape)}, out "
+                         f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+    dims: list[tuple[int, int]] = []  # (size, stride), merged from the last dimension
+    for size, stride in zip(reversed(view.shape[1:]), reversed(view.stride()[1:]), strict=True):
+        if size == 1:
+            continue
+        if dims and stride == dims[-1][0] * dims[-1][1]:
+            dims[-1] = (dims[-1][0] * size, dims[-1][1])
+        else:
+            dims.append((size, stride))
+    if not dims or dims[0][1] != 1:
+        dims.insert(0, (1, 1))  # a run of 1
+    while len(dims) < 3:
+        dims.append((1, 0))
+    if len(dims) > GATHER_DIMS:
+        raise ValueError(f"gather needs at most {GATHER_DIMS} dimensions after merging, "
+                         f"got {len(dims)} from view {tuple(view.shape)}")
+    dims.reverse()
+    sizes = torch.tensor([s for s, _ in dims], dtype=torch.int64)
+    strides = torch.tensor([t for _, t in dims], dtype=torch.int64)
+    lib.kcprnn_gather(view.data_ptr(), view.shape[0], view.stride(0) if view.dim() else 0,
+                      len(dims), sizes.data_ptr(), strides.data_ptr(), out.data_ptr(),
+                      torch.get_num_threads())
     return out
 
 

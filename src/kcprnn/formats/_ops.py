@@ -26,7 +26,8 @@ from . import _native
 
 __all__ = [
     "SCRATCH_MAX", "TALL_BLOCKS", "blocked_weight_grad", "linear_nt", "native_covers",
-    "onednn_available", "scratch", "tall_forward_transposed", "tall_linear", "weight_grad",
+    "onednn_available", "onednn_covers", "scratch", "tall_forward_transposed", "tall_linear",
+    "weight_grad",
 ]
 
 try:  # oneDNN's fp32 inner product (Inductor's CPU linear); absent from builds without oneDNN
@@ -68,6 +69,21 @@ ONEDNN_MIN_OUT = 8
 """Tall products with at least this many outputs run on oneDNN (:func:`tall_linear`): 15,360 x
 360 rows at 2 threads, MKL/oneDNN ms: 2 outputs 0.38/0.58, 4 0.47/0.51, 8 0.92/0.56,
 16 1.36/0.59, 64 3.85/1.58, 256 13.9/6.0."""
+ONEDNN_MIN_INNER, ONEDNN_MIN_SIZE = 32, 1 << 17
+"""Below ``TALL_MIN_ROWS`` rows, oneDNN still runs products with at least ``ONEDNN_MIN_INNER``
+inputs and ``ONEDNN_MIN_SIZE`` input elements. Measured at 2 threads, MKL/oneDNN us (rows x
+inputs -> outputs): 1,536 x 600 -> 32 311/151, 384 x 600 -> 32 80/47, 1,536 x 96 -> 32 50/33,
+1,536 x 360 -> 16 106/60; below: 96 x 600 -> 32 23/23, 192 x 360 -> 16 16/18, 1,536 x 20 -> 16
+9.5/14.5."""
+
+
+def onednn_covers(rows: int, f: int, g: int) -> bool:
+    """Whether a tall product of ``rows`` rows, ``f`` inputs and ``g`` outputs runs on oneDNN
+    (:func:`tall_linear`, where the compiled kernel does not): ``ONEDNN_MIN_OUT`` outputs or
+    more, and ``TALL_MIN_ROWS`` rows or ``ONEDNN_MIN_INNER`` inputs over ``ONEDNN_MIN_SIZE``
+    input elements."""
+    return (g >= ONEDNN_MIN_OUT and (rows >= TALL_MIN_ROWS or (
+        f >= ONEDNN_MIN_INNER and rows * f >= ONEDNN_MIN_SIZE)) and onednn_available())
 
 
 def native_covers(rows: int, f: int, g: int) -> bool:
@@ -99,12 +115,12 @@ outputs 1,369/586/864 (long rows: 8 outputs re-read them); 960 x 64 with 4 outpu
 
 def _tall_forward(x: Tensor, weight: Tensor) -> Tensor:
     """``F.linear(x, weight)`` without autograd: on the compiled kernel where
-    :func:`native_fits`, else on oneDNN from ``ONEDNN_MIN_OUT`` outputs and ``TALL_MIN_ROWS``
-    rows (below, e.g. 1,536 x 20 -> 16, MKL is faster)."""
+    :func:`native_fits`, else on oneDNN where it :func:`onednn_covers` the shape (elsewhere, e.g.
+    1,536 x 20 -> 16, MKL is faster)."""
     if native_fits(x, weight):
         out = x.new_empty(1, x.shape[0], weight.shape[0])  # (1, m, g)
         return _native.tall_matmul(x.unsqueeze(0), weight, out)[0]  # (m, g)
-    if weight.shape[0] >= ONEDNN_MIN_OUT and x.shape[0] >= TALL_MIN_ROWS:
+    if onednn_covers(x.shape[0], x.shape[1], weight.shape[0]):
         return linear_nt(x, weight)  # (m, g)
     return F.linear(x, weight)  # (m, g)
 

@@ -92,6 +92,12 @@ COST_GATHER_INDEX = 120.0  # per element of a final reordering that runs as an i
 # 85 left 2 multi-row points of benchmarks/bench_kcp_auto.py (4k, R = 2, 16 and 96 rows) on
 # sequential at 1.14-1.23x parallel's time, 120 none (the walk's other copies run slower there)
 FINAL_GATHER_RUN = 16  # see _final_gathers
+COST_NATIVE_GATHER, COST_NATIVE_GATHER_RUN = 20.0, 60.0  # the compiled one-pass gather, per
+# element plus this over its contiguous run (UCF11 interleaved, 96 rows: 0.75-1.3 ms for the
+# 5.5M numbers with runs of 6, where torch's three block swaps took about 2 ms). The gather
+# alone would be about 10 + 60 / run; at 5 + 60 / run auto took sequential at R = 2 where
+# parallel was 1.2-1.35x faster (UCF11 1 row, 230k 1-16 rows, benchmarks/bench_kcp_auto.py):
+# sequential's other costs run higher than modelled at few rows, and so it is priced here
 COST_SWAP, COST_SWAP_RUN = 11.0, 40.0  # one block transpose: per element, plus this over its run
 BIG_ELEMENTS = 1 << 22  # 16 MB of float32: blocks this large are often mapped fresh by the
 # allocator at every call and page-faulted in, about COST_FAULT per element
@@ -106,8 +112,8 @@ COST_KERNEL_PREPARED = 1.5e5  # under no_grad (``prepared``): no autograd node p
 # benchmarks/bench_kcp_auto.py (1.14-1.48x), with 1.5e5 one (1.14x) and no multi-row point
 COST_BUILD = 30.0  # broadcast products and copies building the small matrices, per element
 NARROW = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
-ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.ONEDNN_MIN_OUT outputs
-# and TALL_MIN_ROWS rows on) relative to MKL's. The GEMMs alone run at 0.43-0.9x (65,536 rows,
+ONEDNN_GAIN = 0.8  # MAC cost of a tall GEMM that runs on oneDNN (_ops.onednn_covers)
+# relative to MKL's. The GEMMs alone run at 0.43-0.9x (65,536 rows,
 # 16-360 inputs, 8-64 outputs); 0.8 is the value at which auto misses no multi-row point of
 # benchmarks/bench_kcp_auto.py (0.3-0.7 pick parallel at 4k, R = 2, 1,024 rows: 1.6x slower)
 NATIVE_GAIN, NATIVE_GAIN_WIDE = 0.5, 0.75  # modelled cost of a tall GEMM on the compiled kernel
@@ -388,7 +394,7 @@ def _tall_saving(rows: int, f: int, outs: int, macs: int) -> float:
     if _ops.native_covers(rows, f, outs):
         gain = NATIVE_GAIN if outs <= _ops.NATIVE_MAX_OUT // 2 else NATIVE_GAIN_WIDE
         return (1.0 - gain) * (macs + COST_IO * rows * (f + outs) + COST_ROW * rows)
-    if outs >= _ops.ONEDNN_MIN_OUT and rows >= _ops.TALL_MIN_ROWS and _ops.onednn_available():
+    if _ops.onednn_covers(rows, f, outs):
         return (1.0 - ONEDNN_GAIN) * macs
     return 0.0
 
@@ -441,7 +447,9 @@ class _SeqStep:
     dropped). ``gather`` says how the factor's axes (``group``) are brought together: ``"none"``
     (already one contiguous block), ``"swaps"`` (the block transposes ``swaps``, each
     ``(pre, m, k, post)`` per row: ``(pre, m, k, post) -> (pre, k, m, post)``), ``"permute"`` (one
-    permute copy, ``perm`` over the axes after the rows) or ``"pbatched"`` (permute to
+    permute copy, ``perm`` over the axes after the rows), ``"native"`` (the same permutation in
+    one pass of the compiled gather, :func:`~kcprnn.formats._native.gather`, torch's permute
+    where that does not run) or ``"pbatched"`` (permute to
     ``(p, b, rest, group)``, one BMM per term, back to ``(b, p, rest, new)``). The contraction
     itself is a GEMM over ``f`` with ``g`` outputs on the view ``(b pre, f, post)``."""
 
@@ -482,13 +490,18 @@ def _swap_cost(swaps: Sequence[tuple[int, int, int, int]]) -> float:
                for pre, m, k, post in swaps)
 
 
-def _permute_cost(sizes: Sequence[int], perm: Sequence[int]) -> float:
-    """Per row: one permute copy whose contiguous run is the trailing axes it leaves in place."""
+def _run_of(sizes: Sequence[int], perm: Sequence[int]) -> int:
+    """The contiguous run of a permute copy: the trailing axes it leaves in place."""
     run, t = 1, len(perm) - 1
     while t >= 0 and perm[t] == t:
         run *= sizes[t]
         t -= 1
-    return math.prod(sizes) * COST_PERMUTE * (0.5 + 3.0 / run)
+    return run
+
+
+def _permute_cost(sizes: Sequence[int], perm: Sequence[int]) -> float:
+    """Per row: one permute copy whose contiguous run is the trailing axes it leaves in place."""
+    return math.prod(sizes) * COST_PERMUTE * (0.5 + 3.0 / _run_of(sizes, perm))
 
 
 def _final_gathers(sizes: Sequence[int], perm: Sequence[int]) -> bool:
@@ -562,6 +575,10 @@ def _gather(axes: Sequence[Axis], group: Sequence[Axis], g: int) -> tuple[
          ("swaps", tuple(to_front), (), 1, f, rest)),
         (_permute_cost(sizes, perm), ("permute", (), perm, rest, f, 1)),
     ]
+    if _native.available():  # (float32 on CPU at run time; torch's permute elsewhere)
+        options.append((math.prod(sizes) * (COST_NATIVE_GATHER + COST_NATIVE_GATHER_RUN
+                                            / _run_of(sizes, perm)),
+                        ("native", (), perm, rest, f, 1)))
     cost, best = min(options, key=lambda o: o[0])
     return (*best, cost)
 
@@ -652,7 +669,7 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
                                       step_macs)
             io += size + new
             gemm_rows += rows * batch * step.pre * (1 if step.post == 1 else step.g)
-            copied = len(step.swaps) + (step.gather in ("permute", "pbatched"))
+            copied = len(step.swaps) + (step.gather in ("permute", "native", "pbatched"))
             if chunks == 1 and size > BIG_ELEMENTS:  # fresh pages for each copy
                 io += COST_FAULT / COST_IO * size * copied
             if new > BIG_ELEMENTS:
@@ -1025,7 +1042,7 @@ def _chunk_rows(rows: int, in_features: int, steps: Sequence[_SeqStep]) -> int:
     ``GATHER_CHUNK`` elements; then chunks of about that size, whose copies stay in cache and
     are reused by the allocator instead of being mapped fresh (measured at the UCF11 size,
     96 rows, R = 2 and 4: 5-6 ms in chunks of 48 rows, 11-15 ms in one pass)."""
-    if steps[0].gather in ("swaps", "permute") and rows * in_features > GATHER_CHUNK:
+    if steps[0].gather in ("swaps", "permute", "native") and rows * in_features > GATHER_CHUNK:
         return max(1, GATHER_CHUNK // in_features)
     return rows
 
@@ -1073,9 +1090,12 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
                 z = z.reshape(b * pre, m, k, post).transpose(1, 2)  # (b pre, k, m, post)
                 if not recording and (saved is None or u < len(swaps) - 1):
                     z = _reuse_copy(z, u % 2)
-        elif step.gather == "permute":
+        elif step.gather in ("permute", "native"):
             z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in step.perm])  # (b, e, f)
-            z = _reuse_copy(z, 0) if not recording and saved is None else z
+            if step.gather == "native" and not recording:
+                z = _native_gather(z, saved is None)
+            else:
+                z = _reuse_copy(z, 0) if not recording and saved is None else z
         if isinstance(mat, tuple):  # the last factor as its own CP product (``inner``), its
             # output modes laid out as the walk's last step says (``last_out``)
             if saved is None and not recording and t == len(walk.steps) - 1:
@@ -1168,6 +1188,18 @@ def _inner_offsets(walk: _Walk, o: int, m: int, width: int
         return (off_e.contiguous(), off_o.contiguous(), off_m.contiguous()), runs
 
 
+def _native_gather(z: Tensor, reuse: bool) -> Tensor:
+    """The permuted view ``z`` copied contiguous by the compiled gather where it runs (float32
+    on CPU), into scratch buffer 0 where ``reuse`` and one is kept, else into fresh memory; on
+    torch otherwise (lazily where not ``reuse``, as :func:`_reuse_copy`)."""
+    if not (z.dtype == torch.float32 and z.device.type == "cpu" and _native.available()):
+        return _reuse_copy(z, 0) if reuse else z
+    buf = _ops.scratch(0, tuple(z.shape), z) if reuse else None
+    if buf is None:
+        buf = torch.empty(z.shape, dtype=z.dtype)
+    return _native.gather(z, buf)
+
+
 def _reuse_copy(z: Tensor, slot: int) -> Tensor:
     """``z`` copied into scratch buffer ``slot`` (:func:`~kcprnn.formats._ops.scratch`), or
     ``z`` itself (copied lazily by the next reshape) where no buffer is kept."""
@@ -1242,7 +1274,7 @@ def _walk_backward(grad: Tensor, mats: Sequence[Any], walk: _Walk, saved: Sequen
             g = g_in
             for pre, m, k_, post in reversed(step.swaps):
                 g = g.reshape(b * pre, k_, m, post).transpose(1, 2)  # (b pre, m, k, post)
-        elif step.gather == "permute":
+        elif step.gather in ("permute", "native"):
             moved = [sizes[q] for q in step.perm]
             g = g_in.reshape(b, *moved).permute(0, *[q + 1 for q in _inverse(step.perm)])
         else:
