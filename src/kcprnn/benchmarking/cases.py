@@ -278,19 +278,23 @@ def _weight_params(module: nn.Module) -> int:
 def count_macs(fn: Callable[[], object]) -> int:
     """Multiply-accumulates of the matrix products ``fn`` runs (``FlopCounterMode`` / 2).
 
-    Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to, and
-    oneDNN's inner product (``mkldnn._linear_pointwise``, which ``kcprnn`` uses on CPU);
-    elementwise work (bias, sums, activations) is not counted.
+    Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to,
+    oneDNN's inner product (``mkldnn._linear_pointwise``, which ``kcprnn`` uses on CPU) and
+    kcprnn's compiled kernels (:func:`kcprnn.formats._native.counting_macs`); elementwise work
+    (bias, sums, activations) is not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from ..formats import _native
 
     custom = {}
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if onednn is not None:
         custom[onednn] = _linear_pointwise_flops
-    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter, \
+            _native.counting_macs() as native:
         fn()
-    return int(counter.get_total_flops()) // 2
+    return int(counter.get_total_flops()) // 2 + native[0]
 
 
 def _linear_pointwise_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

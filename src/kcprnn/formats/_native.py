@@ -18,6 +18,7 @@ keep their torch paths: the results are the same up to float32 rounding.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -33,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build", "cache_dir", "gather", "info", "inner_rows", "tall_matmul",
-           "tall_weight_grad", "width"]
+__all__ = ["available", "build", "cache_dir", "counting_macs", "gather", "info", "inner_rows",
+           "tall_matmul", "tall_weight_grad", "width"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,28 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _I64 = ctypes.c_int64
 
 _lock = threading.Lock()
+_counting = threading.local()  # "box": the running count of counting_macs, where active
 _state: dict[str, object] = {}  # "lib" (ctypes.CDLL or None), "error" (str), "path"
+
+
+@contextlib.contextmanager
+def counting_macs():
+    """Counts the multiply-accumulates of the kernels this thread runs inside the block (torch's
+    flop counter does not see them: they are called through ctypes). Yields a one-element list
+    holding the running total."""
+    previous = getattr(_counting, "box", None)
+    box = [0]
+    _counting.box = box
+    try:
+        yield box
+    finally:
+        _counting.box = previous
+
+
+def _count(macs: int) -> None:
+    box = getattr(_counting, "box", None)
+    if box is not None:
+        box[0] += int(macs)
 
 
 def cache_dir() -> Path:
@@ -210,6 +232,7 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     if weight.shape != (out.shape[2], f) or out.shape[:2] != (n_b, n_e):
         raise ValueError(f"tall_matmul shapes do not match: x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, out {tuple(out.shape)}")
+    _count(n_b * n_e * f * weight.shape[0])
     lib.kcprnn_tall_matmul(
         x.data_ptr(), n_b, n_e, x.stride(0), x.stride(1), f,
         weight.data_ptr(), weight.shape[0],
@@ -249,6 +272,7 @@ def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Ten
                          f"{tuple(suffix_t.shape)} with k={n_k}, prefix_t "
                          f"{tuple(prefix_t.shape)}, out {tuple(out.shape)}, offsets "
                          f"{[t.numel() for t in (off_e, off_o, off_m)]}")
+    _count(n_b * n_e * (f * n_ko + n_ak * n_o * n_m))
     lib.kcprnn_inner_rows(
         z.data_ptr(), n_b, n_e, z.stride(0), z.stride(1), f // max(n_c, 1), n_c,
         suffix_t.data_ptr(), n_k, n_o, prefix_t.data_ptr(), n_m,
@@ -309,6 +333,7 @@ def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     n_out, threads = grad.shape[1], torch.get_num_threads()
     out = x.new_empty(n_out, f)  # (g, f)
     scratch = x.new_empty(threads, n_out, f)  # (t, g, f)
+    _count(m * f * n_out)
     lib.kcprnn_tall_weight_grad(
         grad.data_ptr(), m, grad.stride(0), grad.stride(1),
         x.data_ptr(), x.stride(0), f, n_out,
