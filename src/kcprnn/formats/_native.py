@@ -1,12 +1,16 @@
-"""A compiled kernel for the tall-skinny product ``x @ w.T`` (many rows, a few outputs).
+"""Compiled kernels for the steps of KCP's products that torch runs slowly on CPU.
 
 The first contraction of a factorized layer is its one pass over the input: at the UCF11 size
 (96 rows x 57,600) KCP's blocked layout multiplies a ``(15,360, 360)`` view of the input by a
 ``(2, 360)`` matrix. MKL's sgemm takes 2.9x the time of reading the input once there (it runs
-its generic path on AMD CPUs), oneDNN 3-5x; :file:`_native_tall.cpp` takes 1.25-1.35x. It is
-float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA.
+its generic path on AMD CPUs), oneDNN 3-5x; :func:`tall_matmul` takes 1.2-1.4x, and
+:func:`tall_weight_grad` computes its weight gradient. :func:`inner_rows` runs the last
+factor's two-chunk CP product per row and writes it, with the bias, into the final output
+layout; :func:`gather` copies a permuted view of the rows in one pass (the interleaved axes the
+paper's layout gathers). All are float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA
+(:file:`_native_tall.cpp`).
 
-The kernel is C++ built on first use with the system's C++ compiler (``g++ -O3 -march=native
+The library is C++ built on first use with the system's C++ compiler (``g++ -O3 -march=native
 -fopenmp``; about 1 s, no Python or torch headers), cached under ``$KCPRNN_CACHE_DIR`` or
 ``~/.cache/kcprnn`` by a hash of its source, flags, compiler and CPU, written atomically, and
 loaded with :mod:`ctypes` (which releases the GIL during the call). Its OpenMP calls run on the

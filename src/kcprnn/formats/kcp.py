@@ -28,11 +28,14 @@ Two exact fast products (KCP.md §3), both plain GEMMs on reshaped views:
   ``(J^(n), I^(n))``, which multiplies the factor's input axes. Its cost grows with
   ``P Π_d J_d^(n)`` instead of ``K``, so it wins at high ranks. Size-1 axes are dropped; a factor
   whose axes form one block of the current layout (a factor owning whole modes) multiplies a
-  view of the input, while interleaved axes are gathered by block transposes or one permute,
-  in chunks of rows (:func:`_sequential_walk`). The last factor, applied to the small data the
-  others leave, can run as its own CP product instead of its dense matrix (``KCPPlan.inner``;
-  ``KCPPlan.inner_order`` moves its output-only modes into that product's prefix). In training
-  the walk is one autograd node with a hand-written backward (:class:`_SequentialProduct`).
+  view of the input, while interleaved axes are gathered by block transposes, one permute or
+  one pass of the compiled gather, in chunks of rows (:func:`_sequential_walk`). The last
+  factor, applied to the small data the others leave, can run as its own CP product instead of
+  its dense matrix (``KCPPlan.inner``; ``KCPPlan.inner_order`` moves its output-only modes into
+  that product's prefix; in inference a compiled kernel runs it and writes the final layout).
+  The output axes are reordered last, by one ``index_select`` where a permuted copy would
+  crawl (:func:`_final_gathers`). In training the walk is one autograd node with a
+  hand-written backward (:class:`_SequentialProduct`).
 
 ``auto`` picks the cheaper one by :func:`kcp_cost` (arithmetic, memory traffic of every step,
 gathering copies, fresh pages of large blocks, GEMM row overhead, a per-kernel launch cost, and
