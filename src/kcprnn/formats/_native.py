@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -267,8 +268,8 @@ def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Ten
     n_c, n_ko = suffix_t.shape
     n_ak, n_m = prefix_t.shape
     off_e, off_o, off_m = (t.contiguous() for t in offsets)
-    n_o = n_ko // n_k if n_k else 0
-    if (f % max(n_c, 1) or n_ak != (f // max(n_c, 1)) * n_k or n_ko != n_k * n_o
+    n_a, n_o = f // max(n_c, 1), n_ko // n_k if n_k else 0
+    if (f % max(n_c, 1) or n_ak != n_a * n_k or n_ko != n_k * n_o
             or off_e.numel() != n_e or off_o.numel() != n_o or off_m.numel() != n_m
             or not (suffix_t.is_contiguous() and prefix_t.is_contiguous() and out.is_contiguous())
             or out.shape[0] != n_b):
@@ -278,7 +279,7 @@ def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Ten
                          f"{[t.numel() for t in (off_e, off_o, off_m)]}")
     _count(n_b * n_e * (f * n_ko + n_ak * n_o * n_m))
     lib.kcprnn_inner_rows(
-        z.data_ptr(), n_b, n_e, z.stride(0), z.stride(1), f // max(n_c, 1), n_c,
+        z.data_ptr(), n_b, n_e, z.stride(0), z.stride(1), n_a, n_c,
         suffix_t.data_ptr(), n_k, n_o, prefix_t.data_ptr(), n_m,
         out.data_ptr(), out.stride(0) if out.dim() else 0,
         off_e.data_ptr(), off_o.data_ptr(), off_m.data_ptr(), int(runs),
@@ -300,28 +301,36 @@ def gather(view: Tensor, out: Tensor) -> Tensor:
     if view.shape != out.shape or not out.is_contiguous() or view.dim() < 1:
         raise ValueError(f"gather shapes do not match: view {tuple(view.shape)}, out "
                          f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+    nd, sizes, strides = _gather_dims(tuple(view.shape[1:]), tuple(view.stride()[1:]))
+    lib.kcprnn_gather(view.data_ptr(), view.shape[0], view.stride(0), nd, sizes.data_ptr(),
+                      strides.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, Tensor, Tensor]:
+    """The kernel's dimensions for rows of ``shape`` and ``stride`` (cached: the walk gathers
+    the same layout at every call): ``(nd, sizes, strides)``, adjacent dimensions merged,
+    size-1 ones dropped, a last run of stride 1 and at least 3 dimensions."""
     dims: list[tuple[int, int]] = []  # (size, stride), merged from the last dimension
-    for size, stride in zip(reversed(view.shape[1:]), reversed(view.stride()[1:]), strict=True):
+    for size, stride_ in zip(reversed(shape), reversed(stride), strict=True):
         if size == 1:
             continue
-        if dims and stride == dims[-1][0] * dims[-1][1]:
+        if dims and stride_ == dims[-1][0] * dims[-1][1]:
             dims[-1] = (dims[-1][0] * size, dims[-1][1])
         else:
-            dims.append((size, stride))
+            dims.append((size, stride_))
     if not dims or dims[0][1] != 1:
         dims.insert(0, (1, 1))  # a run of 1
     while len(dims) < 3:
         dims.append((1, 0))
     if len(dims) > GATHER_DIMS:
         raise ValueError(f"gather needs at most {GATHER_DIMS} dimensions after merging, "
-                         f"got {len(dims)} from view {tuple(view.shape)}")
+                         f"got {len(dims)} from rows of shape {shape}")
     dims.reverse()
-    sizes = torch.tensor([s for s, _ in dims], dtype=torch.int64)
-    strides = torch.tensor([t for _, t in dims], dtype=torch.int64)
-    lib.kcprnn_gather(view.data_ptr(), view.shape[0], view.stride(0) if view.dim() else 0,
-                      len(dims), sizes.data_ptr(), strides.data_ptr(), out.data_ptr(),
-                      torch.get_num_threads())
-    return out
+    with torch.inference_mode(False):
+        return (len(dims), torch.tensor([s for s, _ in dims], dtype=torch.int64),
+                torch.tensor([t for _, t in dims], dtype=torch.int64))
 
 
 def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
