@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     if _native.available():
         cases["kernel"] = lambda: _native.tall_matmul(rows[None], w, x.new_empty(1, 15360, 2))
         cases["kernel-T"] = lambda: _native.tall_matmul(
-            per_row, w, x.new_empty(96, 2, 160).transpose(1, 2))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median ms of {args.rounds} interleaved rounds; ratio to the read of the same regime")
+            per_row, w, x.new_empty(96, 2, 160).transpose(1, 2)
+        )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"median ms of {args.rounds} interleaved rounds; ratio to the read of the same regime"
+    )
     for regime in ("hot", "cold"):
         times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):

@@ -59,8 +59,9 @@ def median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, f
     return {name: st.median_s for name, st in zip(fns, stats, strict=True)}
 
 
-def sweep(shapes: list[str], ranks: list[tuple[int, int]], rows_list: list[int], reps: int,
-          dense: bool) -> list[dict]:
+def sweep(
+    shapes: list[str], ranks: list[tuple[int, int]], rows_list: list[int], reps: int, dense: bool
+) -> list[dict]:
     out = []
     for shape in shapes:
         in_modes, out_modes = SHAPES[shape]
@@ -80,14 +81,23 @@ def sweep(shapes: list[str], ranks: list[tuple[int, int]], rows_list: list[int],
                     t = median_times(fns, reps)
                 best = min(("sequential", "parallel"), key=lambda a: t[a])
                 chosen = plans["auto"]["algorithm"]
-                out.append({
-                    "shape": shape, "in_features": w.in_features, "out_features": w.out_features,
-                    "rank": rank, "terms": terms, "rows": rows, "params": w.num_params,
-                    "ms": {k: v * 1e3 for k, v in t.items()}, "plans": plans,
-                    "auto": chosen, "best": best,
-                    "auto_over_best": t[chosen] / t[best],
-                    "auto_ok": t[chosen] <= 1.1 * t[best],
-                })
+                out.append(
+                    {
+                        "shape": shape,
+                        "in_features": w.in_features,
+                        "out_features": w.out_features,
+                        "rank": rank,
+                        "terms": terms,
+                        "rows": rows,
+                        "params": w.num_params,
+                        "ms": {k: v * 1e3 for k, v in t.items()},
+                        "plans": plans,
+                        "auto": chosen,
+                        "best": best,
+                        "auto_over_best": t[chosen] / t[best],
+                        "auto_ok": t[chosen] <= 1.1 * t[best],
+                    }
+                )
     return out
 
 
@@ -103,8 +113,14 @@ def _plan(w: KCPMatrix, algorithm: str, rows: int) -> dict:
     with torch.no_grad():  # the sweep times forwards under no_grad (cached small matrices)
         plan = w.plan(rows)
     w.algorithm = old
-    return {"algorithm": plan.algorithm, "split": plan.split, "order": list(plan.order),
-            "macs": plan.macs, "cost": plan.cost, "peak": plan.peak}
+    return {
+        "algorithm": plan.algorithm,
+        "split": plan.split,
+        "order": list(plan.order),
+        "macs": plan.macs,
+        "cost": plan.cost,
+        "peak": plan.peak,
+    }
 
 
 def _forward(w: KCPMatrix, algorithm: str, x: torch.Tensor) -> Callable[[], object]:
@@ -127,14 +143,19 @@ def ucf11(rank: int, terms: int, reps: int, rows: int) -> dict:
         def run():
             module.zero_grad(set_to_none=True)
             module(x).sum().backward()
+
         return run
 
     with torch.no_grad():
-        fwd = median_times({"x.sum": lambda: x.sum(), "kcp": lambda: w(x),
-                            "linear": lambda: linear(x)}, reps)
+        fwd = median_times(
+            {"x.sum": lambda: x.sum(), "kcp": lambda: w(x), "linear": lambda: linear(x)}, reps
+        )
     both = median_times({"kcp": fwd_bwd(w), "linear": fwd_bwd(linear)}, max(3, reps // 2))
     return {
-        "rank": rank, "terms": terms, "rows": rows, "params": w.num_params,
+        "rank": rank,
+        "terms": terms,
+        "rows": rows,
+        "params": w.num_params,
         "plan": _plan(w, "auto", rows),
         "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},
         "fwd_bwd_ms": {k: v * 1e3 for k, v in both.items()},
@@ -156,37 +177,51 @@ def main(argv: list[str] | None = None) -> int:
         shapes, ranks, rows, reps = list(SHAPES), RANKS, ROWS, args.reps
 
     points = sweep(shapes, ranks, rows, reps, dense=not args.no_dense)
-    head = f"{'shape':>6} {'R':>3} {'P':>2} {'rows':>5} {'seq ms':>9} {'par ms':>9} " \
-           f"{'linear':>8} {'auto':>10} {'best':>10} {'auto/best':>9}"
+    head = (
+        f"{'shape':>6} {'R':>3} {'P':>2} {'rows':>5} {'seq ms':>9} {'par ms':>9} "
+        f"{'linear':>8} {'auto':>10} {'best':>10} {'auto/best':>9}"
+    )
     print(head)
     for p in points:
         ms = p["ms"]
         lin = f"{ms['linear']:8.2f}" if "linear" in ms else f"{'-':>8}"
-        print(f"{p['shape']:>6} {p['rank']:>3} {p['terms']:>2} {p['rows']:>5} "
-              f"{ms['sequential']:9.3f} {ms['parallel']:9.3f} {lin} {p['auto']:>10} "
-              f"{p['best']:>10} {p['auto_over_best']:9.2f}{'' if p['auto_ok'] else '  <-- miss'}")
+        print(
+            f"{p['shape']:>6} {p['rank']:>3} {p['terms']:>2} {p['rows']:>5} "
+            f"{ms['sequential']:9.3f} {ms['parallel']:9.3f} {lin} {p['auto']:>10} "
+            f"{p['best']:>10} {p['auto_over_best']:9.2f}{'' if p['auto_ok'] else '  <-- miss'}"
+        )
     ok = sum(p["auto_ok"] for p in points)
     worst = max(p["auto_over_best"] for p in points)
     print(f"auto within 10% of the best at {ok}/{len(points)} points; worst auto/best {worst:.2f}")
 
     configs = [(1, 1), (2, 1), (4, 1), (4, 2)] if not args.quick else [(1, 1)]
     ucf = [ucf11(r, t, reps, rows) for rows in (16, 96) for r, t in configs]
-    print("\nUCF11 57,600 -> 1,024 (ms):  x.sum | kcp fwd | linear fwd | "
-          "kcp fwd+bwd | linear fwd+bwd | plan")
+    print(
+        "\nUCF11 57,600 -> 1,024 (ms):  x.sum | kcp fwd | linear fwd | "
+        "kcp fwd+bwd | linear fwd+bwd | plan"
+    )
     for u in ucf:
         f, b = u["fwd_ms"], u["fwd_bwd_ms"]
         plan = u["plan"]
-        print(f"  rows={u['rows']} R={u['rank']} P={u['terms']} ({u['params']} params): "
-              f"{f['x.sum']:.3f} | "
-              f"{f['kcp']:.3f} | {f['linear']:.2f} | {b['kcp']:.3f} | {b['linear']:.2f} | "
-              f"{plan['algorithm']} split={plan['split']} order={plan['order']}")
+        print(
+            f"  rows={u['rows']} R={u['rank']} P={u['terms']} ({u['params']} params): "
+            f"{f['x.sum']:.3f} | "
+            f"{f['kcp']:.3f} | {f['linear']:.2f} | {b['kcp']:.3f} | {b['linear']:.2f} | "
+            f"{plan['algorithm']} split={plan['split']} order={plan['order']}"
+        )
 
     if args.out:
         result = {
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "reps": reps, "points": points, "ucf11": ucf,
-            "auto_ok": ok, "points_total": len(points), "worst_auto_over_best": worst,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "reps": reps,
+            "points": points,
+            "ucf11": ucf,
+            "auto_ok": ok,
+            "points_total": len(points),
+            "worst_auto_over_best": worst,
         }
         folder = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(folder, exist_ok=True)

@@ -49,12 +49,18 @@ RANK = 4
 # Options per format (the paper's tensorization, ranks ~4); a format not listed gets rank=4.
 FORMAT_OPTIONS: dict[str, dict] = {
     "dense": {},
-    "kcp": {"in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
-            "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]], "rank": RANK},
+    "kcp": {
+        "in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
+        "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]],
+        "rank": RANK,
+    },
     "bt": {"rank": RANK, "blocks": 2},
     # KCP's fast layout: each Kronecker factor owns whole modes (kcprnn.benchmarking.blocked_split)
-    "kcp-blocked": {"in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]],
-                    "out_modes": [[8, 2], [4, 1], [4, 1], [4, 1]], "rank": RANK},
+    "kcp-blocked": {
+        "in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]],
+        "out_modes": [[8, 2], [4, 1], [4, 1], [4, 1]],
+        "rank": RANK,
+    },
 }
 TORCH_CASE = "torch.nn.LSTM"
 
@@ -68,7 +74,7 @@ def build(case: str, device: torch.device) -> nn.Module:
     """The recurrent module of ``case`` on ``device`` (float32)."""
     if case == TORCH_CASE:
         return nn.LSTM(INPUT, HIDDEN, batch_first=True, device=device)
-    name = case[len("kcprnn.LSTM["):-1]
+    name = case[len("kcprnn.LSTM[") : -1]
     opts = FORMAT_OPTIONS.get(name, {"rank": RANK})
     opts = {"in_modes": IN_MODES, "hidden_modes": HIDDEN_MODES, **opts}
     fmt = name.split("-")[0]  # "kcp-blocked" is the kcp format in another layout
@@ -146,8 +152,18 @@ def worker(case: str, device: torch.device, steps: int) -> dict:
 
 
 def cpu_memory(case: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", case, "--device", "cpu",
-           "--threads", str(args.threads), "--steps", "2"]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        case,
+        "--device",
+        "cpu",
+        "--threads",
+        str(args.threads),
+        "--steps",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"memory_error": proc.stderr.strip().splitlines()[-1:]}
@@ -227,9 +243,17 @@ def run(args: argparse.Namespace) -> dict:
             results[case].update(cpu_memory(case, args))
     return {
         "benchmark": "lstm_train_step",
-        "shape": {"batch": BATCH, "frames": FRAMES, "input": INPUT, "hidden": HIDDEN,
-                  "classes": CLASSES, "in_modes": IN_MODES, "hidden_modes": HIDDEN_MODES,
-                  "format_options": FORMAT_OPTIONS, "default_rank": RANK},
+        "shape": {
+            "batch": BATCH,
+            "frames": FRAMES,
+            "input": INPUT,
+            "hidden": HIDDEN,
+            "classes": CLASSES,
+            "in_modes": IN_MODES,
+            "hidden_modes": HIDDEN_MODES,
+            "format_options": FORMAT_OPTIONS,
+            "default_rank": RANK,
+        },
         "reps": args.reps,
         "warmup": args.warmup,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -239,29 +263,49 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(report: dict) -> str:
-    head = ("case", "median ms", "x torch", "min ms", "x torch (min)", "peak MB", "params",
-            "W_ih ratio")
+    head = (
+        "case",
+        "median ms",
+        "x torch",
+        "min ms",
+        "x torch (min)",
+        "peak MB",
+        "params",
+        "W_ih ratio",
+    )
     rows = []
     for case, r in report["results"].items():
         if "error" in r:
             rows.append((case, "-", "-", "-", "-", "-", "-", r["error"][:60]))
             continue
         mem = r.get("peak_mem_mb")
-        rows.append((case, f"{r['median_ms']:.2f}", f"{r.get('speedup_vs_torch', 0):.1f}",
-                     f"{r['min_ms']:.2f}", f"{r.get('speedup_vs_torch_min', 0):.1f}",
-                     "-" if mem is None else f"{mem:.0f}", f"{r['params']:,}",
-                     f"{r['input_compression']:,.0f}x"))
+        rows.append(
+            (
+                case,
+                f"{r['median_ms']:.2f}",
+                f"{r.get('speedup_vs_torch', 0):.1f}",
+                f"{r['min_ms']:.2f}",
+                f"{r.get('speedup_vs_torch_min', 0):.1f}",
+                "-" if mem is None else f"{mem:.0f}",
+                f"{r['params']:,}",
+                f"{r['input_compression']:,.0f}x",
+            )
+        )
     widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
     lines = [
-        "  ".join(v.ljust(w) if c == 0 else v.rjust(w)
-                  for c, (v, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            v.ljust(w) if c == 0 else v.rjust(w)
+            for c, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in [head, *rows]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     v = report["versions"]
-    lines.append(f"torch {v['torch']}, kcprnn {v['kcprnn']}, {v['device']}, {v['threads']} "
-                 f"threads, {report['reps']} interleaved reps (median), batch {BATCH}, "
-                 f"{FRAMES} frames, {INPUT:,} -> {HIDDEN}")
+    lines.append(
+        f"torch {v['torch']}, kcprnn {v['kcprnn']}, {v['device']}, {v['threads']} "
+        f"threads, {report['reps']} interleaved reps (median), batch {BATCH}, "
+        f"{FRAMES} frames, {INPUT:,} -> {HIDDEN}"
+    )
     return "\n".join(lines)
 
 
@@ -282,8 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case (default 2)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--formats", nargs="*", default=None, help="only these kcprnn formats")
-    p.add_argument("--no-memory", dest="memory", action="store_false",
-                   help="skip the per-case peak-RSS subprocesses (CPU)")
+    p.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the per-case peak-RSS subprocesses (CPU)",
+    )
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)

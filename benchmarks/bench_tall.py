@@ -74,21 +74,29 @@ def main(argv: list[str] | None = None) -> None:
     info = _native.info()
     if not info["available"]:
         raise SystemExit(f"the compiled kernel is unavailable: {info['error']}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, kernel {info['isa']}-bit vectors; "
-          f"median us of {args.reps} interleaved repetitions")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, kernel {info['isa']}-bit vectors; "
+        f"median us of {args.reps} interleaved repetitions"
+    )
     names = ["one GEMM", "blocked", "kernel"] if args.grad else ["MKL", "oneDNN", "kernel"]
     print(f"{'grad.T @ x' if args.grad else 'x @ w.T'}:")
-    print(f"{'rows':>6} {'f':>6} {'g':>3} " + " ".join(f"{n:>9}" for n in names)
-          + f" {'kernel/best':>11}")
+    print(
+        f"{'rows':>6} {'f':>6} {'g':>3} "
+        + " ".join(f"{n:>9}" for n in names)
+        + f" {'kernel/best':>11}"
+    )
     for rows, f in SHAPES:
         x = torch.randn(rows, f)  # (m, f)
         for g in OUTS:
             us = time_point(x, g, args.reps, args.grad)
             best = min(v for name, v in us.items() if name != "kernel")
-            print(f"{rows:>6} {f:>6} {g:>3} "
-                  + " ".join(f"{us.get(n, float('nan')):>9.1f}" for n in names)
-                  + f" {us['kernel'] / best:>11.2f}")
+            print(
+                f"{rows:>6} {f:>6} {g:>3} "
+                + " ".join(f"{us.get(n, float('nan')):>9.1f}" for n in names)
+                + f" {us['kernel'] / best:>11.2f}"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -220,11 +220,19 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
     if not _native.available():
         pytest.skip("needs the compiled kernels")
     torch.manual_seed(0)
-    spec = CaseSpec(label="k", series="k", impl="kcprnn", kind="linear", format="kcp",
-                    in_features=7200, out_features=256, rows=12,
-                    in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
-                    out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]],
-                    options={"rank": 2, "algorithm": "sequential"})
+    spec = CaseSpec(
+        label="k",
+        series="k",
+        impl="kcprnn",
+        kind="linear",
+        format="kcp",
+        in_features=7200,
+        out_features=256,
+        rows=12,
+        in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
+        out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]],
+        options={"rank": 2, "algorithm": "sequential"},
+    )
     built, result = _build_and_count(spec, torch.device("cpu"))
     assert built is not None and result["model_macs"] > 0
     assert 0.9 * result["model_macs"] <= result["macs"] <= result["model_macs"]
@@ -241,27 +249,45 @@ def test_count_macs_counts_the_onednn_products():
 
 
 def _kcp_case(algorithm: str, fwd: float, fwd_bwd: float, **extra) -> dict:
-    return {"impl": "kcprnn", "format": "kcp", "status": "ok", "in_modes": [[2, 2], [2, 2]],
-            "options": {"algorithm": algorithm, "rank": 2}, "label": f"kcp {algorithm}",
-            "forward": {"median_ms": fwd}, "forward_backward": {"median_ms": fwd_bwd}, **extra}
+    return {
+        "impl": "kcprnn",
+        "format": "kcp",
+        "status": "ok",
+        "in_modes": [[2, 2], [2, 2]],
+        "options": {"algorithm": algorithm, "rank": 2},
+        "label": f"kcp {algorithm}",
+        "forward": {"median_ms": fwd},
+        "forward_backward": {"median_ms": fwd_bwd},
+        **extra,
+    }
 
 
 def test_auto_target_judges_the_plan_auto_picks():
     from kcprnn.benchmarking.suite import evaluate_targets
 
     def auto_values(forward_pick: str, training_pick: str) -> dict[str, float]:
-        point = {"name": "ucf11", "cases": [
-            _kcp_case("sequential", 1.0, 3.0),
-            _kcp_case("parallel", 2.0, 2.5),
-            # auto's own timing of the same computation, 20 % off by noise
-            _kcp_case("auto", 1.2, 3.6, resolved_algorithm=forward_pick,
-                      resolved_algorithm_training=training_pick),
-        ]}
-        return {t["target"].split("(")[-1].rstrip(")"): t["value"]
-                for t in evaluate_targets([point]) if "auto within" in t["target"]}
+        point = {
+            "name": "ucf11",
+            "cases": [
+                _kcp_case("sequential", 1.0, 3.0),
+                _kcp_case("parallel", 2.0, 2.5),
+                # auto's own timing of the same computation, 20 % off by noise
+                _kcp_case(
+                    "auto",
+                    1.2,
+                    3.6,
+                    resolved_algorithm=forward_pick,
+                    resolved_algorithm_training=training_pick,
+                ),
+            ],
+        }
+        return {
+            t["target"].split("(")[-1].rstrip(")"): t["value"]
+            for t in evaluate_targets([point])
+            if "auto within" in t["target"]
+        }
 
     # right choices: the chosen algorithm's time over the best one's, not auto's own timing
     assert auto_values("sequential", "parallel") == {"forward": 1.0, "forward_backward": 1.0}
     # wrong choices show as the ratio of the two algorithms
-    assert auto_values("parallel", "sequential") == {"forward": 2.0,
-                                                     "forward_backward": 3.0 / 2.5}
+    assert auto_values("parallel", "sequential") == {"forward": 2.0, "forward_backward": 3.0 / 2.5}

@@ -7,8 +7,14 @@ from kcprnn.shapes import balanced_factors, default_num_modes, resolve_modes, va
 
 @pytest.mark.parametrize(
     ("n", "d", "expected"),
-    [(57600, 4, (16, 16, 15, 15)), (1024, 4, (8, 8, 4, 4)), (7, 2, (7, 1)), (1, 3, (1, 1, 1)),
-     (12, 1, (12,)), (36, 2, (6, 6))],
+    [
+        (57600, 4, (16, 16, 15, 15)),
+        (1024, 4, (8, 8, 4, 4)),
+        (7, 2, (7, 1)),
+        (1, 3, (1, 1, 1)),
+        (12, 1, (12,)),
+        (36, 2, (6, 6)),
+    ],
 )
 def test_balanced_factors_hand_checked(n, d, expected):
     assert balanced_factors(n, d) == expected
@@ -21,6 +27,7 @@ def test_balanced_factors_product_and_order(n, d):
     assert len(f) == d and math.prod(f) == n and list(f) == sorted(f, reverse=True)
     # no other split has a smaller sum: check against brute force on the small cases
     if n <= 360 and d <= 3:
+
         def splits(m, k):
             if k == 1:
                 yield (m,)
@@ -29,6 +36,7 @@ def test_balanced_factors_product_and_order(n, d):
                 if m % a == 0:
                     for rest in splits(m // a, k - 1):
                         yield (a, *rest)
+
         assert sum(f) == min(sum(s) for s in splits(n, d))
 
 

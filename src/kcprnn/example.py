@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     r = run(args.in_features, args.out_features, args.rows)
     print(r["layer"])
-    print(f"parameters: {r['params']:,} (dense {r['dense_params']:,}; "
-          f"{r['compression_ratio']:,.0f}x)")
+    print(
+        f"parameters: {r['params']:,} (dense {r['dense_params']:,}; {r['compression_ratio']:,.0f}x)"
+    )
     print(f"relative error against the dense reconstruction: {r['relative_error']:.2e}")
-    print(f"forward on {args.rows} rows ({r['threads']} threads): KCP {r['kcp_ms']:.2f} ms, "
-          f"dense {r['dense_ms']:.2f} ms ({r['speedup']:.1f}x faster)")
+    print(
+        f"forward on {args.rows} rows ({r['threads']} threads): KCP {r['kcp_ms']:.2f} ms, "
+        f"dense {r['dense_ms']:.2f} ms ({r['speedup']:.1f}x faster)"
+    )
     return 0 if r["relative_error"] < 1e-4 else 1

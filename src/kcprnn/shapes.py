@@ -130,8 +130,10 @@ def resolve_modes(
     if num_modes is not None:
         validate_positive_int(num_modes, "num_modes")
     d = (
-        len(in_modes) if in_modes is not None
-        else len(out_modes) if out_modes is not None
+        len(in_modes)
+        if in_modes is not None
+        else len(out_modes)
+        if out_modes is not None
         else num_modes or default_num_modes(in_features, out_features)
     )
     if num_modes is not None and num_modes != d:

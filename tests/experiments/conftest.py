@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 
-def write_clip(path: Path, num_frames: int, width: int = 32, height: int = 24,
-               codec: str = "mpeg4") -> np.ndarray:
+def write_clip(
+    path: Path, num_frames: int, width: int = 32, height: int = 24, codec: str = "mpeg4"
+) -> np.ndarray:
     """Write a clip whose frame ``k`` is flat grey ``20 + 20 k`` (so the order is visible after
     lossy coding); return the per-frame levels."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,30 +13,44 @@ def _preset(tmp_path, text):
 
 
 def test_preset_and_overrides(tmp_path):
-    path = _preset(tmp_path, 'format = "tt"\nlr = 1e-3\nepochs = 3\n\n[format_options]\n'
-                             'in_modes = [8, 20, 20, 18]\nrank = 4\n')
-    cfg = load_config(path, ["--epochs=5", "--format_options.rank=2", "--split=group",
-                             "--hidden_modes=[2, 2, 4, 16]"])
-    assert cfg == Config(format="tt", lr=1e-3, epochs=5, split="group", name="exp",
-                         hidden_modes=(2, 2, 4, 16),
-                         format_options={"in_modes": (8, 20, 20, 18), "rank": 2})
+    path = _preset(
+        tmp_path,
+        'format = "tt"\nlr = 1e-3\nepochs = 3\n\n[format_options]\n'
+        "in_modes = [8, 20, 20, 18]\nrank = 4\n",
+    )
+    cfg = load_config(
+        path,
+        ["--epochs=5", "--format_options.rank=2", "--split=group", "--hidden_modes=[2, 2, 4, 16]"],
+    )
+    assert cfg == Config(
+        format="tt",
+        lr=1e-3,
+        epochs=5,
+        split="group",
+        name="exp",
+        hidden_modes=(2, 2, 4, 16),
+        format_options={"in_modes": (8, 20, 20, 18), "rank": 2},
+    )
     assert cfg.run_dir.as_posix() == "runs/exp"
     assert cfg.to_dict()["format_options"]["in_modes"] == [8, 20, 20, 18]
     # an int is accepted for a float field and stored as float
     assert load_config(None, ["--lr=1"]).lr == 1.0
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("--lrr=1", "unknown config key 'lrr'"),
-    ("--lr=fast", "'lr' must be of type float"),
-    ("--epochs=2.5", "'epochs' must be of type int"),
-    ("--progress=1", "'progress' must be of type bool"),
-    ("--cell=rnn", "cell must be one of"),
-    ("--test_fraction=1.5", "test_fraction must lie in"),
-    ("--device=gpu", "device must be"),
-    ("--dataset=ucf11", "set data_dir"),
-    ("lr=1", "not of the form --key=value"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--lrr=1", "unknown config key 'lrr'"),
+        ("--lr=fast", "'lr' must be of type float"),
+        ("--epochs=2.5", "'epochs' must be of type int"),
+        ("--progress=1", "'progress' must be of type bool"),
+        ("--cell=rnn", "cell must be one of"),
+        ("--test_fraction=1.5", "test_fraction must lie in"),
+        ("--device=gpu", "device must be"),
+        ("--dataset=ucf11", "set data_dir"),
+        ("lr=1", "not of the form --key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

@@ -32,14 +32,22 @@ def _centroid(alpha: np.ndarray) -> tuple[float, float]:
 def test_render_places_and_rotates_the_sprite():
     sprite = torch.zeros(1, 1, 8, 8)
     sprite[..., :, :4] = 1.0  # left half of the sprite is opaque
-    alpha = _render_alpha(sprite, np.array([30.0]), np.array([20.0]), np.array([16.0]),
-                          np.array([0.0]), 40, 64)[0, 0].numpy()
+    alpha = _render_alpha(
+        sprite, np.array([30.0]), np.array([20.0]), np.array([16.0]), np.array([0.0]), 40, 64
+    )[0, 0].numpy()
     # in pixel-centre coordinates the opaque half spans x in [22, 30], y in [12, 28]
     np.testing.assert_allclose(_centroid(alpha), (26.0, 20.0), atol=0.05)
     np.testing.assert_allclose(alpha.sum(), 8 * 16, rtol=1e-4)
     # angle pi/2 turns the sprite clockwise on screen (y down): its left half goes above the centre
-    turned = _render_alpha(sprite, np.array([30.0]), np.array([20.0]), np.array([16.0]),
-                           np.array([math.pi / 2]), 40, 64)[0, 0].numpy()
+    turned = _render_alpha(
+        sprite,
+        np.array([30.0]),
+        np.array([20.0]),
+        np.array([16.0]),
+        np.array([math.pi / 2]),
+        40,
+        64,
+    )[0, 0].numpy()
     np.testing.assert_allclose(_centroid(turned), (30.0, 16.0), atol=0.05)
 
 
@@ -64,13 +72,20 @@ def test_standins_are_deterministic_in_the_seed():
     a, b = make_ucf11_like(spec), make_ucf11_like(spec)
     np.testing.assert_array_equal(a.frames, b.frames)
     np.testing.assert_array_equal(a.labels, b.labels)
-    other = make_ucf11_like(StandInSpec(clips_per_class=2, num_frames=3, height=24, width=32,
-                                        seed=8))
+    other = make_ucf11_like(
+        StandInSpec(clips_per_class=2, num_frames=3, height=24, width=32, seed=8)
+    )
     assert not np.array_equal(a.frames, other.frames)
-    ya = make_youtube_like(StandInSpec(kind="youtube-like", clips_per_class=1, num_frames=3,
-                                       height=24, width=32, seed=7))
-    yb = make_youtube_like(StandInSpec(kind="youtube-like", clips_per_class=1, num_frames=3,
-                                       height=24, width=32, seed=7))
+    ya = make_youtube_like(
+        StandInSpec(
+            kind="youtube-like", clips_per_class=1, num_frames=3, height=24, width=32, seed=7
+        )
+    )
+    yb = make_youtube_like(
+        StandInSpec(
+            kind="youtube-like", clips_per_class=1, num_frames=3, height=24, width=32, seed=7
+        )
+    )
     np.testing.assert_array_equal(ya.frames, yb.frames)
     assert ya.num_classes == 47 and ya.frames.shape == (47, 3, 24, 32, 3)
 
@@ -80,7 +95,11 @@ def test_cache_round_trip(tmp_path):
     first = load_standin(spec, tmp_path)
     (folder,) = (tmp_path / "standins").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "frames.npy", "groups.npy", "labels.npy", "meta.json"]
+        "frames.npy",
+        "groups.npy",
+        "labels.npy",
+        "meta.json",
+    ]
     again = load_standin(spec, tmp_path)
     np.testing.assert_array_equal(again.frames, make_ucf11_like(spec).frames)
     np.testing.assert_array_equal(again.frames, first.frames)

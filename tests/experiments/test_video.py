@@ -74,8 +74,9 @@ def test_missing_folder_and_empty_class_folder(tmp_path, ucf11_tree):
         scan_ucf11(ucf11_tree)
 
 
-def test_load_video_dataset_caches_and_skips_corrupt_clips(ucf11_tree, tmp_path, caplog,
-                                                           monkeypatch):
+def test_load_video_dataset_caches_and_skips_corrupt_clips(
+    ucf11_tree, tmp_path, caplog, monkeypatch
+):
     bad = ucf11_tree / "biking" / "v_biking_02" / "v_biking_02_03.avi"
     bad.write_bytes(b"\x00" * 100)
     with caplog.at_level(logging.WARNING, logger="kcprnn"):
@@ -85,6 +86,7 @@ def test_load_video_dataset_caches_and_skips_corrupt_clips(ucf11_tree, tmp_path,
     np.testing.assert_array_equal(np.bincount(clips.labels), [4, 4])
     assert [p for p, _ in clips.skipped] == [str(bad)]
     assert "v_biking_02_03.avi" in caplog.text
+
     # second load: every readable clip comes from the cache, nothing is decoded again
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again")

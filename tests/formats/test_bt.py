@@ -19,10 +19,12 @@ def test_published_bt_lstm_count():
 
 
 def test_one_block_equals_tucker_with_the_same_parameters():
-    bt = BTMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=[2, 3, 2],
-                  dtype=torch.float64)
-    tucker = TuckerMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=[2, 3, 2],
-                          dtype=torch.float64)
+    bt = BTMatrix(
+        24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=[2, 3, 2], dtype=torch.float64
+    )
+    tucker = TuckerMatrix(
+        24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=[2, 3, 2], dtype=torch.float64
+    )
     with torch.no_grad():
         for a, b in zip(tucker.factors, bt.factors, strict=True):
             a.copy_(b[0])
@@ -34,8 +36,9 @@ def test_one_block_equals_tucker_with_the_same_parameters():
 
 
 def test_blocks_are_a_sum_of_tuckers():
-    bt = BTMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=2, blocks=3,
-                  dtype=torch.float64)
+    bt = BTMatrix(
+        24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, rank=2, blocks=3, dtype=torch.float64
+    )
     expected = sum(
         tucker_to_dense([a[c] for a in bt.factors], bt.core[c], IN_MODES, OUT_MODES)
         for c in range(3)
@@ -45,22 +48,29 @@ def test_blocks_are_a_sum_of_tuckers():
     torch.testing.assert_close(bt(x), x @ expected.T)
 
 
-@pytest.mark.parametrize(("in_modes", "out_modes"), [((5,), (3,)), ((2, 3), (4, 1)),
-                                                      ((3, 1, 2, 2), (1, 2, 3, 2))])
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"), [((5,), (3,)), ((2, 3), (4, 1)), ((3, 1, 2, 2), (1, 2, 3, 2))]
+)
 def test_linear_matches_dense(in_modes, out_modes):
     ranks = (2,) * len(in_modes)
-    factors = [torch.randn(3, i * j, r, dtype=torch.float64)
-               for i, j, r in zip(in_modes, out_modes, ranks, strict=True)]
+    factors = [
+        torch.randn(3, i * j, r, dtype=torch.float64)
+        for i, j, r in zip(in_modes, out_modes, ranks, strict=True)
+    ]
     core = torch.randn(3, *ranks, dtype=torch.float64)
     x = torch.randn(4, math.prod(in_modes), dtype=torch.float64)
-    torch.testing.assert_close(bt_linear(x, factors, core, in_modes, out_modes),
-                               x @ bt_to_dense(factors, core, in_modes, out_modes).T)
+    torch.testing.assert_close(
+        bt_linear(x, factors, core, in_modes, out_modes),
+        x @ bt_to_dense(factors, core, in_modes, out_modes).T,
+    )
 
 
 def test_gradcheck_pure_function():
     in_modes, out_modes, ranks = (2, 3, 2), (2, 2, 1), (2, 1, 2)
-    factors = [torch.randn(2, i * j, r, dtype=torch.float64, requires_grad=True)
-               for i, j, r in zip(in_modes, out_modes, ranks, strict=True)]
+    factors = [
+        torch.randn(2, i * j, r, dtype=torch.float64, requires_grad=True)
+        for i, j, r in zip(in_modes, out_modes, ranks, strict=True)
+    ]
     core = torch.randn(2, *ranks, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
 
@@ -86,12 +96,15 @@ def test_repr_and_attributes():
     assert tuple(w.core.shape) == (2, 1, 2, 3)
 
 
-@pytest.mark.parametrize(("options", "error", "match"), [
-    ({"rank": 0}, ValueError, "rank must be positive, got rank=0"),
-    ({"rank": [2, 2]}, ValueError, r"rank needs 3 entries, got rank=\[2, 2\]"),
-    ({"blocks": 0}, ValueError, "blocks must be positive, got blocks=0"),
-    ({"blocks": 2.0}, TypeError, "blocks must be a positive int, got 2.0"),
-])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, "rank must be positive, got rank=0"),
+        ({"rank": [2, 2]}, ValueError, r"rank needs 3 entries, got rank=\[2, 2\]"),
+        ({"blocks": 0}, ValueError, "blocks must be positive, got blocks=0"),
+        ({"blocks": 2.0}, TypeError, "blocks must be a positive int, got 2.0"),
+    ],
+)
 def test_validation(options, error, match):
     with pytest.raises(error, match=match):
         BTMatrix(24, 10, in_modes=IN_MODES, out_modes=OUT_MODES, **options)
@@ -109,8 +122,14 @@ def test_from_dense_recovers_one_block_and_more_blocks_never_hurt():
     torch.testing.assert_close(got.to_dense(), dense, rtol=1e-10, atol=1e-10)
     noise = torch.randn(12, 12, dtype=f64)
     errors = [
-        (BTMatrix.from_dense(noise, in_modes=[3, 4], out_modes=[4, 3], rank=2, blocks=c)
-         .to_dense() - noise).norm().item()
+        (
+            BTMatrix.from_dense(
+                noise, in_modes=[3, 4], out_modes=[4, 3], rank=2, blocks=c
+            ).to_dense()
+            - noise
+        )
+        .norm()
+        .item()
         for c in (1, 2, 3)
     ]
     assert errors[0] >= errors[1] >= errors[2] and errors[2] < errors[0]

@@ -138,8 +138,9 @@ class TestConformance:
         assert "in_features=24" in r and "out_features=10" in r and "params=" in r
 
     def test_factorized_linear_wraps_format(self, name):
-        layer = FactorizedLinear(24, 10, format=name, in_modes=IN_MODES, out_modes=OUT_MODES,
-                                 **OPTIONS[name])
+        layer = FactorizedLinear(
+            24, 10, format=name, in_modes=IN_MODES, out_modes=OUT_MODES, **OPTIONS[name]
+        )
         x = torch.randn(3, 24)
         torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
         assert layer.num_params == layer.weight.num_params

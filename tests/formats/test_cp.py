@@ -43,8 +43,9 @@ def test_element_formula():
     torch.testing.assert_close(w[j1 * 2 + j2, i1 * 3 + i2], expected)
 
 
-@pytest.mark.parametrize(("in_modes", "out_modes"), [((5,), (3,)), ((2, 3), (4, 1)),
-                                                      ((3, 1, 2, 2), (1, 2, 3, 2))])
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes"), [((5,), (3,)), ((2, 3), (4, 1)), ((3, 1, 2, 2), (1, 2, 3, 2))]
+)
 def test_linear_matches_dense(in_modes, out_modes):
     factors = _factors(in_modes, out_modes, rank=2)
     x = torch.randn(4, math.prod(in_modes), dtype=torch.float64)
@@ -85,13 +86,16 @@ def test_repr_and_attributes():
     assert [n for n, _ in w.named_parameters()] == ["factors.0", "factors.1", "factors.2"]
 
 
-@pytest.mark.parametrize(("rank", "error", "match"), [
-    (0, ValueError, "rank must be positive, got rank=0"),
-    (-2, ValueError, "rank must be positive"),
-    (2.5, TypeError, "rank must be a positive int, got 2.5"),
-    ([2, 2], TypeError, r"rank must be a positive int, got \[2, 2\]"),
-    (True, TypeError, "rank must be a positive int"),
-])
+@pytest.mark.parametrize(
+    ("rank", "error", "match"),
+    [
+        (0, ValueError, "rank must be positive, got rank=0"),
+        (-2, ValueError, "rank must be positive"),
+        (2.5, TypeError, "rank must be a positive int, got 2.5"),
+        ([2, 2], TypeError, r"rank must be a positive int, got \[2, 2\]"),
+        (True, TypeError, "rank must be a positive int"),
+    ],
+)
 def test_rank_validation(rank, error, match):
     with pytest.raises(error, match=match):
         CPMatrix(24, 10, rank=rank)

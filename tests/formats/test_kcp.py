@@ -84,8 +84,18 @@ def make_case(case, **kw):
     in_modes, out_modes, terms, rank = case
     in_f = math.prod(map(math.prod, in_modes))
     out_f = math.prod(map(math.prod, out_modes))
-    return randomize(KCPMatrix(in_f, out_f, in_modes=in_modes, out_modes=out_modes, terms=terms,
-                               rank=rank, dtype=F64, **kw))
+    return randomize(
+        KCPMatrix(
+            in_f,
+            out_f,
+            in_modes=in_modes,
+            out_modes=out_modes,
+            terms=terms,
+            rank=rank,
+            dtype=F64,
+            **kw,
+        )
+    )
 
 
 # --- hand-computed cases ---
@@ -100,7 +110,7 @@ def test_one_mode_is_a_sum_of_kronecker_products():
 
 def test_one_factor_is_plain_cp():
     w = make_case(([[3], [4]], [[2], [5]], 2, 3))
-    (u1, u2), = factors_of(w)
+    ((u1, u2),) = factors_of(w)
     expected = sum(torch.kron(u1[p, r], u2[p, r]) for p in range(2) for r in range(3))
     torch.testing.assert_close(w.to_dense(), expected)
 
@@ -187,7 +197,7 @@ def test_gradcheck(case, algorithm):
     num_d = len(sizes[0])
 
     def fn(x, *ps):
-        nested = [list(ps[n * num_d:(n + 1) * num_d]) for n in range(len(sizes))]
+        nested = [list(ps[n * num_d : (n + 1) * num_d]) for n in range(len(sizes))]
         if algorithm == "parallel":
             return kcp_linear_parallel(x, nested, split=len(w.in_splits) * w.num_factors // 2)
         return kcp_linear_sequential(x, nested, order=tuple(reversed(range(len(sizes)))))
@@ -270,8 +280,9 @@ def permute_gathers(monkeypatch):
     yield from _reprice(monkeypatch, COST_SWAP=1e12, COST_NARROW=1e12, COST_NATIVE_GATHER=1e12)
 
 
-@pytest.mark.parametrize("case", [CASES[3][:2] + (1,) + CASES[3][3:],
-                                  CASES[4][:2] + (1,) + CASES[4][3:], CASES[4]])
+@pytest.mark.parametrize(
+    "case", [CASES[3][:2] + (1,) + CASES[3][3:], CASES[4][:2] + (1,) + CASES[4][3:], CASES[4]]
+)
 def test_permute_gathers_forward_and_backward(case, permute_gathers):
     # P = 1: one autograd node with the hand-written backward; P = 3: autograd's graph
     w = make_case(case)
@@ -329,8 +340,7 @@ def test_empty_batch(algorithm):
 
 def test_swaps_to_end_by_hand():
     # axes g r g r (group flagged): swap (g) with (r) -> r g g r, then (g g) with (r) -> r r g g
-    assert _swaps_to_end([2, 3, 4, 5], [True, False, True, False]) == [
-        (1, 2, 3, 20), (3, 8, 5, 1)]
+    assert _swaps_to_end([2, 3, 4, 5], [True, False, True, False]) == [(1, 2, 3, 20), (3, 8, 5, 1)]
     assert _swaps_to_end([2, 3], [False, True]) == []
 
 
@@ -340,11 +350,18 @@ def test_walk_gathers_only_interleaved_axes(torch_gathers):
     blocked = ((8, 1), (20, 1), (1, 20), (1, 18)), ((16, 1), (4, 1), (4, 1), (1, 4))
     steps, _, _ = _sequential_walk(*blocked, 1, (1, 0))
     assert (steps[0].gather, steps[0].pre, steps[0].f, steps[0].post, steps[0].g) == (
-        "none", 160, 360, 1, 4)
+        "none",
+        160,
+        360,
+        1,
+        4,
+    )
     steps, _, copies = _sequential_walk(UCF_IN, UCF_OUT, 1, (1, 0))
     assert steps[0].gather == "swaps" and steps[0].f == 600 and copies > 0
-    assert kcp_cost(96, *blocked, (4, 4), 1, "sequential").cost < kcp_cost(
-        96, UCF_IN, UCF_OUT, (4, 4), 1, "sequential").cost
+    assert (
+        kcp_cost(96, *blocked, (4, 4), 1, "sequential").cost
+        < kcp_cost(96, UCF_IN, UCF_OUT, (4, 4), 1, "sequential").cost
+    )
 
 
 def test_final_reordering_gathers_only_scattered_orders():
@@ -391,8 +408,11 @@ def test_gathered_final_reordering_matches_the_permute(case):
         saved: list | None = [] if fused else None
         outs.append(_run_walk(x, mats, wk, bias, saved))
         seed = torch.ones_like(outs[-1]).cumsum(1)
-        grads.append(_walk_backward(seed, mats, wk, saved, True, [True] * len(mats)) if fused
-                     else torch.autograd.grad(outs[-1], x, seed))
+        grads.append(
+            _walk_backward(seed, mats, wk, saved, True, [True] * len(mats))
+            if fused
+            else torch.autograd.grad(outs[-1], x, seed)
+        )
     assert rel_err(outs[0], x @ w.to_dense().T + bias) < 1e-10
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
@@ -419,8 +439,11 @@ def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monk
     import kcprnn.formats._ops as ops
     import kcprnn.formats.kcp as kcp
 
-    request.getfixturevalue({"swaps": "torch_gathers", "permute": "permute_gathers",
-                             "native": "native_gathers"}[gathers])
+    request.getfixturevalue(
+        {"swaps": "torch_gathers", "permute": "permute_gathers", "native": "native_gathers"}[
+            gathers
+        ]
+    )
     w = make_case(CASES[4][:2] + (1,) + CASES[4][3:], algorithm="sequential")
     dtype, tol = (torch.float32, 1e-5) if gathers == "native" else (F64, 1e-10)
     w = w.to(dtype)
@@ -442,8 +465,14 @@ def test_inference_gathers_reuse_buffers_without_aliasing(gathers, request, monk
     assert rel_err(y2, x2 @ dense.T) < tol
 
 
-@pytest.mark.parametrize("case", [CASES[3][:2] + (1,) + CASES[3][3:], CASES[4],
-                                  ([[2, 2], [2, 3], [3, 2]], [[2, 1], [1, 2], [2, 2]], 1, 2)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        CASES[3][:2] + (1,) + CASES[3][3:],
+        CASES[4],
+        ([[2, 2], [2, 3], [3, 2]], [[2, 1], [1, 2], [2, 2]], 1, 2),
+    ],
+)
 def test_native_gathers_forward_and_backward(case, native_gathers, monkeypatch):
     """Walks that gather with the compiled kernel, in float32: inference, the one-node training
     product and autograd's graph (P > 1) against the dense product in float64, gradients of the
@@ -486,8 +515,7 @@ def test_native_gathers_in_the_plan():
     steps, _, copies = _sequential_walk(UCF_IN, UCF_OUT, 1, (1, 0))
     assert steps[0].gather == "native" and steps[0].f == 600
     sizes = [s for _, s in kcp._input_axes(UCF_IN)]
-    swaps = [st for st in kcp._swaps_to_end(sizes, [a[0][2] == 1 for a in
-                                                    kcp._input_axes(UCF_IN)])]
+    swaps = [st for st in kcp._swaps_to_end(sizes, [a[0][2] == 1 for a in kcp._input_axes(UCF_IN)])]
     assert copies < kcp._swap_cost(swaps)
     assert kcp_plan(96, UCF_IN, UCF_OUT, (4, 4), 1, prepared=True).algorithm == "sequential"
 
@@ -509,19 +537,23 @@ def test_training_gathers_keep_what_the_backward_needs(monkeypatch):
     two_swaps = ([[2, 2], [2, 3], [3, 2]], [[2, 1], [1, 2], [2, 2]], 1, [2, 2])
     for case, fused in ((CASES[7], False), (two_swaps, True)):
         w = make_case(case)
-        order = next(o for o in itertools.permutations(range(w.num_factors))
-                     if (steps := _sequential_walk(w.in_splits, w.out_splits, w.terms, o)[0])
-                     and steps[0].gather == "swaps"
-                     and ("pbatched" in {s.gather for s in steps}) != fused
-                     and len(steps[0].swaps) == (2 if fused else 1))
+        order = next(
+            o
+            for o in itertools.permutations(range(w.num_factors))
+            if (steps := _sequential_walk(w.in_splits, w.out_splits, w.terms, o)[0])
+            and steps[0].gather == "swaps"
+            and ("pbatched" in {s.gather for s in steps}) != fused
+            and len(steps[0].swaps) == (2 if fused else 1)
+        )
         f = factors_of(w)
         x1, x2 = torch.randn(2, 3, w.in_features, dtype=F64)
         dense = w.to_dense()
-        ref = torch.autograd.grad((x1 @ dense.T).sum() + ((x2 @ dense.T) ** 2).sum(),
-                                  list(w.parameters()))
+        ref = torch.autograd.grad(
+            (x1 @ dense.T).sum() + ((x2 @ dense.T) ** 2).sum(), list(w.parameters())
+        )
         used.clear()
         y1, y2 = (kcp_linear_sequential(x, f, order) for x in (x1, x2))
-        got = torch.autograd.grad(y1.sum() + (y2 ** 2).sum(), list(w.parameters()))
+        got = torch.autograd.grad(y1.sum() + (y2**2).sum(), list(w.parameters()))
         assert bool(used) == fused
         for a, b in zip(got, ref, strict=True):
             assert rel_err(a, b) < 1e-10
@@ -566,8 +598,14 @@ def test_pure_to_dense_matches_module():
 
 
 def test_ucf11_example_count():
-    w = KCPMatrix(57600, 1024, in_modes=[[2, 4], [4, 5], [4, 5], [3, 6]],
-                  out_modes=[[4, 4], [2, 2], [2, 2], [2, 2]], terms=1, rank=[1, 1])
+    w = KCPMatrix(
+        57600,
+        1024,
+        in_modes=[[2, 4], [4, 5], [4, 5], [3, 6]],
+        out_modes=[[4, 4], [2, 2], [2, 2], [2, 2]],
+        terms=1,
+        rank=[1, 1],
+    )
     assert w.num_params == 78
     assert kcp_num_params(w.in_splits, w.out_splits, w.ranks, w.terms) == 78
     assert int(w.compression_ratio) == 756_184
@@ -578,14 +616,16 @@ def test_ucf11_example_count():
 def test_num_params_formula_by_hand():
     # ranks (2, 3), P = 2, splits in [[2,3],[4,1]], out [[1,2],[3,2]]:
     # factor 1: 2*2*(2*1 + 4*3) = 56, factor 2: 2*3*(3*2 + 1*2) = 48
-    w = KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
-                  rank=[2, 3])
+    w = KCPMatrix(
+        24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2, rank=[2, 3]
+    )
     assert w.num_params == 104 == kcp_num_params(w.in_splits, w.out_splits, (2, 3), 2)
 
 
 def test_state_dict_keys_and_shapes():
-    w = KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
-                  rank=[2, 3])
+    w = KCPMatrix(
+        24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2, rank=[2, 3]
+    )
     shapes = {k: tuple(v.shape) for k, v in w.state_dict().items()}
     assert shapes == {
         "factors.0.0": (2, 2, 1, 2),
@@ -605,8 +645,11 @@ def test_flat_modes_are_split_in_balanced_factors():
 
 
 def test_repr_lists_splits_and_ranks():
-    r = repr(KCPMatrix(24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2,
-                       rank=[2, 3]))
+    r = repr(
+        KCPMatrix(
+            24, 12, in_modes=[[2, 3], [4, 1]], out_modes=[[1, 2], [3, 2]], terms=2, rank=[2, 3]
+        )
+    )
     assert "in_splits=[[2, 3], [4, 1]]" in r and "ranks=[2, 3]" in r and "terms=2" in r
     assert "num_factors=2" in r
 
@@ -624,14 +667,26 @@ def test_init_std_exact_for_a_single_term():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"in_modes": [[2, 3], [4, 2]]}, ValueError,
-         r"in_features=24: in_modes=\[\[2, 3\], \[4, 2\]\] multiply to 48"),
-        ({"out_modes": [[1, 2], [3, 3]]}, ValueError,
-         r"out_features=12: out_modes=\[\[1, 2\], \[3, 3\]\] multiply to 18"),
-        ({"in_modes": [[2, 3], [4]]}, ValueError,
-         r"same number of Kronecker factors.*lengths \[2, 1\]"),
-        ({"in_modes": [[2, 3, 1], [4, 1, 1]], "out_modes": [[1, 2], [3, 2]]}, ValueError,
-         "in_modes and out_modes need the same number of Kronecker factors"),
+        (
+            {"in_modes": [[2, 3], [4, 2]]},
+            ValueError,
+            r"in_features=24: in_modes=\[\[2, 3\], \[4, 2\]\] multiply to 48",
+        ),
+        (
+            {"out_modes": [[1, 2], [3, 3]]},
+            ValueError,
+            r"out_features=12: out_modes=\[\[1, 2\], \[3, 3\]\] multiply to 18",
+        ),
+        (
+            {"in_modes": [[2, 3], [4]]},
+            ValueError,
+            r"same number of Kronecker factors.*lengths \[2, 1\]",
+        ),
+        (
+            {"in_modes": [[2, 3, 1], [4, 1, 1]], "out_modes": [[1, 2], [3, 2]]},
+            ValueError,
+            "in_modes and out_modes need the same number of Kronecker factors",
+        ),
         ({"in_modes": [[2, 3], [4, 1]], "num_factors": 3}, ValueError, "num_factors=3 disagrees"),
         ({"rank": 0}, ValueError, "rank must be positive"),
         ({"rank": [2, 0]}, ValueError, r"rank\[1\] must be positive"),
@@ -669,8 +724,9 @@ BIG_IN = ((4, 4), (4, 5), (4, 5), (6, 6))  # 230,400 inputs
 
 def test_auto_is_the_cheaper_plan():
     for rows, ranks, terms in itertools.product((1, 96, 1024), ((1, 1), (4, 4), (16, 16)), (1, 2)):
-        plans = [kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a)
-                 for a in ("parallel", "sequential")]
+        plans = [
+            kcp_cost(rows, UCF_IN, UCF_OUT, ranks, terms, a) for a in ("parallel", "sequential")
+        ]
         chosen = kcp_plan(rows, UCF_IN, UCF_OUT, ranks, terms)
         assert chosen.cost == min(p.cost for p in plans)
 
@@ -756,8 +812,11 @@ def test_inner_gradcheck():
     flat = [p.detach().clone().requires_grad_(True) for fac in f for p in fac]
     x = torch.randn(3, w.in_features, dtype=F64, requires_grad=True)
 
-    order = next(o for o in itertools.permutations(range(2))
-                 if _sequential_walk(w.in_splits, w.out_splits, 1, o)[0][-1].post == 1)
+    order = next(
+        o
+        for o in itertools.permutations(range(2))
+        if _sequential_walk(w.in_splits, w.out_splits, 1, o)[0][-1].post == 1
+    )
 
     def fn(x, *ps):
         return kcp_linear_sequential(x, [list(ps[:2]), list(ps[2:])], order=order, inner=1)
@@ -823,18 +882,22 @@ def test_bias_is_added_in_the_product(case, algorithm):
 # --- decomposing a dense matrix ---
 
 
-@pytest.mark.parametrize("case", [
-    ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [1, 1]),  # a Kronecker product of 4 matrices
-    ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [2, 1]),
-    ([[2, 1, 2], [1, 3, 1]], [[2, 2, 1], [1, 1, 3]], 1, [1, 2, 1]),  # N = 3
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [1, 1]),  # a Kronecker product of 4 matrices
+        ([[2, 3], [3, 2]], [[2, 2], [3, 1]], 1, [2, 1]),
+        ([[2, 1, 2], [1, 3, 1]], [[2, 2, 1], [1, 1, 3]], 1, [1, 2, 1]),  # N = 3
+    ],
+)
 def test_from_dense_recovers_a_one_term_kcp(case):
     torch.manual_seed(3)
     w = make_case(case)
     dense = w.to_dense()
     in_modes, out_modes, terms, rank = case
-    got = KCPMatrix.from_dense(dense, in_modes=in_modes, out_modes=out_modes, terms=terms,
-                               rank=rank)
+    got = KCPMatrix.from_dense(
+        dense, in_modes=in_modes, out_modes=out_modes, terms=terms, rank=rank
+    )
     assert got.factors[0][0].dtype == F64 and got.terms == 1
     assert rel_err(got.to_dense(), dense) < 1e-8
 

@@ -63,15 +63,22 @@ def record_calls(monkeypatch, module, name: str) -> list:
 
 
 SHAPES = [  # (B, E, f, g): tails of both vector widths, odd g, blocks of 8 rows crossing B
-    (1, 1, 1, 1), (1, 7, 5, 2), (2, 9, 16, 3), (3, 5, 17, 4), (4, 3, 8, 5),
-    (2, 40, 33, 7), (5, 13, 360, 2), (1, 100, 31, 8), (3, 1, 100, 1),
+    (1, 1, 1, 1),
+    (1, 7, 5, 2),
+    (2, 9, 16, 3),
+    (3, 5, 17, 4),
+    (4, 3, 8, 5),
+    (2, 40, 33, 7),
+    (5, 13, 360, 2),
+    (1, 100, 31, 8),
+    (3, 1, 100, 1),
 ]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_the_float64_product_with_strides(use, shape):
     n_b, n_e, f, g = shape
-    x = torch.randn(n_b, n_e + 2, f + 3)[:, 1:n_e + 1, 2:f + 2]  # (B, E, f): strided rows
+    x = torch.randn(n_b, n_e + 2, f + 3)[:, 1 : n_e + 1, 2 : f + 2]  # (B, E, f): strided rows
     w = torch.randn(f, g).t()  # (g, f), not contiguous
     ref = torch.einsum("bek,gk->beg", x.double(), w.double())  # (B, E, g)
     out = torch.full((n_b, n_e, g), float("nan"))
@@ -80,19 +87,24 @@ def test_kernel_matches_the_float64_product_with_strides(use, shape):
     # the transposed layout (B, g, E), written through strides
     out_t = torch.full((n_b, g, n_e), float("nan"))
     _native.tall_matmul(x, w, out_t.transpose(1, 2))
-    torch.testing.assert_close(out_t.transpose(1, 2).double(), ref, rtol=1e-5,
-                               atol=1e-5 * f**0.5)
+    torch.testing.assert_close(out_t.transpose(1, 2).double(), ref, rtol=1e-5, atol=1e-5 * f**0.5)
 
 
 GRAD_SHAPES = [  # (m, f, g): vector tails, chunks of 4 vectors and single ones, tiles of 64 rows
-    (1, 1, 1), (3, 5, 2), (7, 16, 3), (65, 17, 4), (130, 100, 5), (200, 360, 2), (64, 64, 8),
+    (1, 1, 1),
+    (3, 5, 2),
+    (7, 16, 3),
+    (65, 17, 4),
+    (130, 100, 5),
+    (200, 360, 2),
+    (64, 64, 8),
 ]
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES)
 def test_weight_grad_kernel_matches_the_float64_product(use, shape):
     m, f, g = shape
-    x = torch.randn(m, f + 3)[:, 1:f + 1]  # (m, f): strided rows
+    x = torch.randn(m, f + 3)[:, 1 : f + 1]  # (m, f): strided rows
     grad = torch.randn(g, m).t()  # (m, g): column-major
     ref = grad.double().t() @ x.double()  # (g, f)
     out = _native.tall_weight_grad(grad, x)
@@ -169,8 +181,14 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
     swap, in inference and inside the one-node training forward; results and gradients match
     torch's path and the dense reconstruction."""
     layer = kcprnn.FactorizedLinear(
-        7200, 256, format="kcp", in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
-        out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]], rank=2, algorithm="sequential")
+        7200,
+        256,
+        format="kcp",
+        in_modes=[[8, 1], [10, 1], [1, 10], [1, 9]],
+        out_modes=[[4, 2], [4, 1], [4, 1], [2, 1]],
+        rank=2,
+        algorithm="sequential",
+    )
     x = torch.randn(12, 7200)
     seed = torch.randn(12, 256)
     transposed = record_calls(monkeypatch, kcp_module, "tall_forward_transposed")
@@ -194,9 +212,13 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
 
 
 GATHER_CASES = [  # (shape, perm): runs of 6 (UCF11 interleaved), 1, over a vector, size-1 axes
-    ((3, 2, 4, 4, 5, 3, 6), (0, 1, 3, 5, 2, 4, 6)), ((2, 5, 7), (0, 2, 1)),
-    ((4, 3, 37), (0, 1, 2)), ((2, 3, 1, 20, 5), (0, 3, 2, 1, 4)), ((1, 17), (0, 1)),
-    ((2, 2, 3, 2, 3, 2, 3), (0, 6, 5, 4, 3, 2, 1)), ((3, 4, 1, 1), (0, 3, 1, 2)),
+    ((3, 2, 4, 4, 5, 3, 6), (0, 1, 3, 5, 2, 4, 6)),
+    ((2, 5, 7), (0, 2, 1)),
+    ((4, 3, 37), (0, 1, 2)),
+    ((2, 3, 1, 20, 5), (0, 3, 2, 1, 4)),
+    ((1, 17), (0, 1)),
+    ((2, 2, 3, 2, 3, 2, 3), (0, 6, 5, 4, 3, 2, 1)),
+    ((3, 4, 1, 1), (0, 3, 1, 2)),
 ]
 
 
@@ -219,8 +241,12 @@ def test_gather_rejects_mismatched_shapes(use):
 
 
 INNER_SHAPES = [  # (B, E, a, c, k, o, m): tails of o (tiles of 4) and of m (vectors, tiles)
-    (1, 1, 1, 1, 1, 1, 1), (2, 3, 8, 20, 4, 4, 128), (3, 2, 3, 5, 2, 3, 17),
-    (1, 4, 2, 7, 3, 5, 70), (2, 1, 4, 3, 1, 16, 9), (1, 2, 5, 2, 2, 6, 33),
+    (1, 1, 1, 1, 1, 1, 1),
+    (2, 3, 8, 20, 4, 4, 128),
+    (3, 2, 3, 5, 2, 3, 17),
+    (1, 4, 2, 7, 3, 5, 70),
+    (2, 1, 4, 3, 1, 16, 9),
+    (1, 2, 5, 2, 2, 6, 33),
 ]
 
 
@@ -232,7 +258,7 @@ def test_inner_kernel_matches_the_float64_product(use, shape, layout):
     permutation of the outputs (scattered: element by element) or the plain layout (vectors)."""
     n_b, n_e, a, c, k, o, m = shape
     width = _native.width()
-    z = torch.randn(n_b, n_e + 1, a * c + 2)[:, 1:, 1:a * c + 1]  # (B, E, a c): strided rows
+    z = torch.randn(n_b, n_e + 1, a * c + 2)[:, 1:, 1 : a * c + 1]  # (B, E, a c): strided rows
     suffix = torch.randn(k, o, c)
     prefix = torch.randn(m, a * k)
     bias = torch.randn(n_e * o * m)
@@ -256,21 +282,34 @@ def test_inner_kernel_matches_the_float64_product(use, shape, layout):
 
 
 def test_inner_rows_rejects_mismatched_shapes(use):
-    offsets = (torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long),
-               torch.zeros(5, dtype=torch.long))
+    offsets = (
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(3, dtype=torch.long),
+        torch.zeros(5, dtype=torch.long),
+    )
     with pytest.raises(ValueError, match=r"prefix_t \(7, 5\)"):
-        _native.inner_rows(torch.randn(1, 2, 12), torch.randn(4, 6), 2, torch.randn(7, 5),
-                           torch.empty(1, 30), offsets, True)
+        _native.inner_rows(
+            torch.randn(1, 2, 12),
+            torch.randn(4, 6),
+            2,
+            torch.randn(7, 5),
+            torch.empty(1, 30),
+            offsets,
+            True,
+        )
 
 
-@pytest.mark.parametrize("modes", [
-    # blocked UCF11 shape, scaled down: a narrow suffix, contiguous vectors of outputs
-    ([[8, 1], [10, 1], [1, 10], [1, 9]], [[4, 2], [4, 1], [4, 1], [2, 1]]),
-    # outputs interleaved element by element (scattered offsets)
-    ([[2, 1], [3, 1], [1, 5], [1, 4]], [[2, 2], [3, 2], [1, 1], [2, 1]]),
-    # a wide suffix (o >= 16): the torch path lays rows out (e, m, o)
-    ([[2, 1], [16, 1], [1, 30]], [[2, 2], [16, 1], [2, 1]]),
-])
+@pytest.mark.parametrize(
+    "modes",
+    [
+        # blocked UCF11 shape, scaled down: a narrow suffix, contiguous vectors of outputs
+        ([[8, 1], [10, 1], [1, 10], [1, 9]], [[4, 2], [4, 1], [4, 1], [2, 1]]),
+        # outputs interleaved element by element (scattered offsets)
+        ([[2, 1], [3, 1], [1, 5], [1, 4]], [[2, 2], [3, 2], [1, 1], [2, 1]]),
+        # a wide suffix (o >= 16): the torch path lays rows out (e, m, o)
+        ([[2, 1], [16, 1], [1, 30]], [[2, 2], [16, 1], [2, 1]]),
+    ],
+)
 def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
     """The sequential walk's last step, the last factor's CP product, runs on the kernel with
     the final reordering and the bias under no_grad and inference_mode, for every order, cut
@@ -279,8 +318,9 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
     fin = math.prod(a * b for a, b in in_modes)
     fout = math.prod(a * b for a, b in out_modes)
     torch.manual_seed(0)
-    layer = kcprnn.FactorizedLinear(fin, fout, format="kcp", in_modes=in_modes,
-                                    out_modes=out_modes, rank=3)
+    layer = kcprnn.FactorizedLinear(
+        fin, fout, format="kcp", in_modes=in_modes, out_modes=out_modes, rank=3
+    )
     w = layer.weight
     factors = [list(f) for f in w.factors]
     x = torch.randn(5, fin)
@@ -298,8 +338,9 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
                 continue
 
             def run(bias=None, order=order, split=split, inner_order=inner_order):
-                return kcp_module.kcp_linear_sequential(x, factors, order, split, bias=bias,
-                                                        inner_order=inner_order)
+                return kcp_module.kcp_linear_sequential(
+                    x, factors, order, split, bias=bias, inner_order=inner_order
+                )
 
             with torch.no_grad():
                 fast = run(layer.bias)

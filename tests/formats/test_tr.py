@@ -28,8 +28,12 @@ def loop_reference(cores):
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_matches_entrywise_definition(order):
-    cores = [torch.randn(2, 2, 3, 3, dtype=F64), torch.randn(3, 3, 1, 1, dtype=F64),
-             torch.randn(1, 1, 2, 2, dtype=F64), torch.randn(2, 2, 2, 2, dtype=F64)]
+    cores = [
+        torch.randn(2, 2, 3, 3, dtype=F64),
+        torch.randn(3, 3, 1, 1, dtype=F64),
+        torch.randn(1, 1, 2, 2, dtype=F64),
+        torch.randn(2, 2, 2, 2, dtype=F64),
+    ]
     ref = loop_reference(cores)
     torch.testing.assert_close(tr_to_dense(cores), ref)
     x = torch.randn(3, 12, dtype=F64)
@@ -58,8 +62,11 @@ def test_ring_rank_one_is_the_tt_with_the_same_cores():
 
 def test_trace_is_cyclic():
     # rotating the cores by one permutes the modes of W the same way
-    cores = [torch.randn(2, 2, 3, 3, dtype=F64), torch.randn(3, 3, 2, 4, dtype=F64),
-             torch.randn(4, 2, 2, 2, dtype=F64)]
+    cores = [
+        torch.randn(2, 2, 3, 3, dtype=F64),
+        torch.randn(3, 3, 2, 4, dtype=F64),
+        torch.randn(4, 2, 2, 2, dtype=F64),
+    ]
     w = tr_to_dense(cores).reshape(2, 3, 2, 3, 2, 2)  # (j1, j2, j3, i1, i2, i3)
     rotated = tr_to_dense(cores[1:] + cores[:1]).reshape(3, 2, 2, 2, 2, 3)
     torch.testing.assert_close(rotated, w.permute(1, 2, 0, 4, 5, 3))
@@ -93,8 +100,11 @@ def test_rank_validation(rank, error, match):
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_gradcheck_both_orders(order):
-    cores = [torch.randn(2, 2, 3, 2, dtype=F64), torch.randn(2, 1, 2, 3, dtype=F64),
-             torch.randn(3, 2, 2, 2, dtype=F64)]
+    cores = [
+        torch.randn(2, 2, 3, 2, dtype=F64),
+        torch.randn(2, 1, 2, 3, dtype=F64),
+        torch.randn(3, 2, 2, 2, dtype=F64),
+    ]
     cores = [c.requires_grad_() for c in cores]
     x = torch.randn(2, 12, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *c: tr_linear(x, c, order), (x, *cores))

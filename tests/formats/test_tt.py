@@ -57,8 +57,12 @@ def test_two_cores_of_rank_one_are_a_kronecker_product():
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_matches_entrywise_definition(order):
-    cores = [torch.randn(1, 2, 3, 2, dtype=F64), torch.randn(2, 3, 1, 3, dtype=F64),
-             torch.randn(3, 1, 2, 2, dtype=F64), torch.randn(2, 2, 2, 1, dtype=F64)]
+    cores = [
+        torch.randn(1, 2, 3, 2, dtype=F64),
+        torch.randn(2, 3, 1, 3, dtype=F64),
+        torch.randn(3, 1, 2, 2, dtype=F64),
+        torch.randn(2, 2, 2, 1, dtype=F64),
+    ]
     ref = loop_reference(cores)
     torch.testing.assert_close(tt_to_dense(cores), ref)
     x = torch.randn(3, 12, dtype=F64)
@@ -114,8 +118,11 @@ def test_unknown_order():
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_gradcheck_both_orders(order):
-    cores = [torch.randn(1, 2, 3, 2, dtype=F64), torch.randn(2, 3, 2, 3, dtype=F64),
-             torch.randn(3, 2, 2, 1, dtype=F64)]
+    cores = [
+        torch.randn(1, 2, 3, 2, dtype=F64),
+        torch.randn(2, 3, 2, 3, dtype=F64),
+        torch.randn(3, 2, 2, 1, dtype=F64),
+    ]
     cores = [c.requires_grad_() for c in cores]
     x = torch.randn(3, 12, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *c: tt_linear(x, c, order), (x, *cores))
@@ -192,8 +199,11 @@ def test_init_std_with_unequal_ranks():
 def test_rows_swept_in_chunks(monkeypatch, order):
     import kcprnn.formats.tt as tt_module
 
-    cores = [torch.randn(1, 2, 3, 2, dtype=F64), torch.randn(2, 3, 2, 3, dtype=F64),
-             torch.randn(3, 2, 2, 1, dtype=F64)]
+    cores = [
+        torch.randn(1, 2, 3, 2, dtype=F64),
+        torch.randn(2, 3, 2, 3, dtype=F64),
+        torch.randn(3, 2, 2, 1, dtype=F64),
+    ]
     # per row, right to left: after core 3 (I_1 I_2, r_2 J_3) = 6 * 6, after core 2
     # (I_1, r_1 J_2, J_3) = 3 * 6 * 2; left to right: after core 2 (J_1 J_2, r_2, I_3) = 6 * 3 * 2.
     # 100 entries make chunks of 2 rows: 7 rows run as 2 + 2 + 2 + 1

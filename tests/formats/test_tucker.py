@@ -37,8 +37,9 @@ def test_element_formula():
     (a1, a2), core = _tucker((2, 3), (3, 2), (2, 3))
     w = tucker_to_dense([a1, a2], core, (2, 3), (3, 2))
     j1, j2, i1, i2 = 1, 1, 0, 2
-    expected = sum(core[r, s] * a1[j1 * 2 + i1, r] * a2[j2 * 3 + i2, s]
-                   for r in range(2) for s in range(3))
+    expected = sum(
+        core[r, s] * a1[j1 * 2 + i1, r] * a2[j2 * 3 + i2, s] for r in range(2) for s in range(3)
+    )
     torch.testing.assert_close(w[j1 * 2 + j2, i1 * 3 + i2], expected)
 
 
@@ -49,14 +50,21 @@ def test_rank_one_is_kron():
     torch.testing.assert_close(w, 2.5 * torch.kron(a, b))
 
 
-@pytest.mark.parametrize(("in_modes", "out_modes", "ranks"), [
-    ((5,), (3,), (2,)), ((2, 3), (4, 1), (3, 2)), ((3, 1, 2, 2), (1, 2, 3, 2), (2, 1, 3, 2)),
-])
+@pytest.mark.parametrize(
+    ("in_modes", "out_modes", "ranks"),
+    [
+        ((5,), (3,), (2,)),
+        ((2, 3), (4, 1), (3, 2)),
+        ((3, 1, 2, 2), (1, 2, 3, 2), (2, 1, 3, 2)),
+    ],
+)
 def test_linear_matches_dense(in_modes, out_modes, ranks):
     factors, core = _tucker(in_modes, out_modes, ranks)
     x = torch.randn(4, math.prod(in_modes), dtype=torch.float64)
-    torch.testing.assert_close(tucker_linear(x, factors, core, in_modes, out_modes),
-                               x @ tucker_to_dense(factors, core, in_modes, out_modes).T)
+    torch.testing.assert_close(
+        tucker_linear(x, factors, core, in_modes, out_modes),
+        x @ tucker_to_dense(factors, core, in_modes, out_modes).T,
+    )
 
 
 def test_gradcheck_pure_function():
@@ -123,13 +131,16 @@ def test_repr_and_attributes():
     assert tuple(w.core.shape) == (2, 2, 2)
 
 
-@pytest.mark.parametrize(("rank", "error", "match"), [
-    (0, ValueError, "rank must be positive, got rank=0"),
-    ([2, 0, 1], ValueError, r"rank\[1\] must be positive"),
-    ([2, 2], ValueError, r"rank needs 3 entries, got rank=\[2, 2\] \(2\)"),
-    (1.5, TypeError, "rank must be a positive int, got 1.5"),
-    ([2, "a", 1], TypeError, r"rank\[1\] must be a positive int"),
-])
+@pytest.mark.parametrize(
+    ("rank", "error", "match"),
+    [
+        (0, ValueError, "rank must be positive, got rank=0"),
+        ([2, 0, 1], ValueError, r"rank\[1\] must be positive"),
+        ([2, 2], ValueError, r"rank needs 3 entries, got rank=\[2, 2\] \(2\)"),
+        (1.5, TypeError, "rank must be a positive int, got 1.5"),
+        ([2, "a", 1], TypeError, r"rank\[1\] must be a positive int"),
+    ],
+)
 def test_rank_validation(rank, error, match):
     with pytest.raises(error, match=match):
         TuckerMatrix(24, 10, in_modes=(3, 4, 2), out_modes=(2, 1, 5), rank=rank)

@@ -33,8 +33,12 @@ def test_cell_matches_torch(kind, bias, dtype):
     n_states = 2 if kind == "lstm" else 1
     hx = tuple(torch.randn(4, 3, dtype=dtype) for _ in range(n_states))
     hx_arg = hx if n_states == 2 else hx[0]
-    for args in ((x,), (x, hx_arg), (x[0],), (x[0], tuple(h[0] for h in hx) if n_states == 2
-                                                 else hx[0][0])):
+    for args in (
+        (x,),
+        (x, hx_arg),
+        (x[0],),
+        (x[0], tuple(h[0] for h in hx) if n_states == 2 else hx[0][0]),
+    ):
         for a, b in zip(as_tuple(ours(*args)), as_tuple(ref(*args)), strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, **TOL[dtype])
@@ -115,8 +119,8 @@ def _lstm_by_steps(gates_x, h, c, weight, bias, reverse):
     b = h.shape[0]
     steps = gates_x.shape[0] // b
     outs = [None] * steps
-    for t in (reversed(range(steps)) if reverse else range(steps)):
-        h, c = lstm_step(gates_x[t * b:(t + 1) * b], h, c, lambda z: F.linear(z, weight), bias)
+    for t in reversed(range(steps)) if reverse else range(steps):
+        h, c = lstm_step(gates_x[t * b : (t + 1) * b], h, c, lambda z: F.linear(z, weight), bias)
         outs[t] = h
     return torch.cat(outs), h, c
 
@@ -124,8 +128,11 @@ def _lstm_by_steps(gates_x, h, c, weight, bias, reverse):
 def _state(state, *shape):
     """An initial state: random, zeros (the fused layers skip the first recurrent GEMM) or
     zeros without gradient (they also skip the last GEMM of the backward)."""
-    t = torch.randn(*shape, dtype=torch.float64) if state == "random" else \
-        torch.zeros(*shape, dtype=torch.float64)
+    t = (
+        torch.randn(*shape, dtype=torch.float64)
+        if state == "random"
+        else torch.zeros(*shape, dtype=torch.float64)
+    )
     return t.requires_grad_(state != "zero-no-grad")
 
 
@@ -139,12 +146,16 @@ def test_lstm_sequence_matches_steps(reverse, bias, state):
     torch.manual_seed(0)
     b, h, steps = 3, 4, 5
     f64 = torch.float64
-    args = [torch.randn(steps * b, 4 * h, dtype=f64, requires_grad=True),
-            _state(state, b, h), _state(state, b, h),
-            torch.randn(4 * h, h, dtype=f64, requires_grad=True),
-            torch.randn(4 * h, dtype=f64, requires_grad=True) if bias else None]
-    assert_same_values_and_gradients(lstm_sequence(*args, reverse=reverse),
-                                     _lstm_by_steps(*args, reverse), args)
+    args = [
+        torch.randn(steps * b, 4 * h, dtype=f64, requires_grad=True),
+        _state(state, b, h),
+        _state(state, b, h),
+        torch.randn(4 * h, h, dtype=f64, requires_grad=True),
+        torch.randn(4 * h, dtype=f64, requires_grad=True) if bias else None,
+    ]
+    assert_same_values_and_gradients(
+        lstm_sequence(*args, reverse=reverse), _lstm_by_steps(*args, reverse), args
+    )
 
 
 def assert_same_values_and_gradients(got, ref, args):
@@ -155,19 +166,22 @@ def assert_same_values_and_gradients(got, ref, args):
     inputs = [a for a in args if a is not None and a.requires_grad]
     loss_got = sum((g * w).sum() for g, w in zip(got, weights, strict=True))
     loss_ref = sum((r * w).sum() for r, w in zip(ref, weights, strict=True))
-    for g, r in zip(torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_ref, inputs),
-                    strict=True):
+    for g, r in zip(
+        torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_ref, inputs), strict=True
+    ):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
 def test_lstm_sequence_gradcheck():
     torch.manual_seed(1)
     b, h, steps = 2, 3, 3
-    args = [torch.randn(steps * b, 4 * h, dtype=torch.float64, requires_grad=True),
-            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
-            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
-            torch.randn(4 * h, h, dtype=torch.float64, requires_grad=True),
-            torch.randn(4 * h, dtype=torch.float64, requires_grad=True)]
+    args = [
+        torch.randn(steps * b, 4 * h, dtype=torch.float64, requires_grad=True),
+        torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+        torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+        torch.randn(4 * h, h, dtype=torch.float64, requires_grad=True),
+        torch.randn(4 * h, dtype=torch.float64, requires_grad=True),
+    ]
     assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a, reverse=True), args)
     assert torch.autograd.gradcheck(lambda *a: lstm_sequence(*a), args)
 
@@ -180,8 +194,8 @@ def _gru_by_steps(gates_x, h, weight, bias, reverse):
     b = h.shape[0]
     steps = gates_x.shape[0] // b
     outs = [None] * steps
-    for t in (reversed(range(steps)) if reverse else range(steps)):
-        h = gru_step(gates_x[t * b:(t + 1) * b], h, lambda z: F.linear(z, weight), bias)
+    for t in reversed(range(steps)) if reverse else range(steps):
+        h = gru_step(gates_x[t * b : (t + 1) * b], h, lambda z: F.linear(z, weight), bias)
         outs[t] = h
     return torch.cat(outs), h
 
@@ -193,20 +207,28 @@ def test_gru_sequence_matches_steps(reverse, bias, state):
     torch.manual_seed(2)
     b, h, steps = 3, 4, 5
     f64 = torch.float64
-    args = [torch.randn(steps * b, 3 * h, dtype=f64), _state(state, b, h),
-            torch.randn(3 * h, h, dtype=f64), torch.randn(3 * h, dtype=f64) if bias else None]
-    args = [a if a is None or a.requires_grad else a.requires_grad_(i != 1)
-            for i, a in enumerate(args)]
-    assert_same_values_and_gradients(gru_sequence(*args, reverse=reverse),
-                                     _gru_by_steps(*args, reverse), args)
+    args = [
+        torch.randn(steps * b, 3 * h, dtype=f64),
+        _state(state, b, h),
+        torch.randn(3 * h, h, dtype=f64),
+        torch.randn(3 * h, dtype=f64) if bias else None,
+    ]
+    args = [
+        a if a is None or a.requires_grad else a.requires_grad_(i != 1) for i, a in enumerate(args)
+    ]
+    assert_same_values_and_gradients(
+        gru_sequence(*args, reverse=reverse), _gru_by_steps(*args, reverse), args
+    )
 
 
 def test_gru_sequence_gradcheck():
     torch.manual_seed(3)
     b, h, steps = 2, 3, 3
-    args = [torch.randn(steps * b, 3 * h, dtype=torch.float64, requires_grad=True),
-            torch.randn(b, h, dtype=torch.float64, requires_grad=True),
-            torch.randn(3 * h, h, dtype=torch.float64, requires_grad=True),
-            torch.randn(3 * h, dtype=torch.float64, requires_grad=True)]
+    args = [
+        torch.randn(steps * b, 3 * h, dtype=torch.float64, requires_grad=True),
+        torch.randn(b, h, dtype=torch.float64, requires_grad=True),
+        torch.randn(3 * h, h, dtype=torch.float64, requires_grad=True),
+        torch.randn(3 * h, dtype=torch.float64, requires_grad=True),
+    ]
     assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a, reverse=True), args)
     assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a), args)

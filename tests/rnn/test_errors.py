@@ -12,8 +12,11 @@ def lstm(**kw):
 
 
 def test_wrong_input_size():
-    with pytest.raises(ValueError, match=r"LSTM: input.size\(-1\) must be equal to input_size. "
-                                         r"Expected 5, got 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"LSTM: input.size\(-1\) must be equal to input_size. "
+        r"Expected 5, got 4",
+    ):
         lstm()(torch.randn(2, 3, 4))
     packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
     with pytest.raises(ValueError, match="Expected 5, got 4"):
@@ -42,8 +45,9 @@ def test_wrong_hx_shapes():
         model(x, (torch.zeros(1, 2, 3), good))
     with pytest.raises(ValueError, match=r"Expected c_0 of size \(2, 2, 3\), got \(2, 3, 3\)"):
         model(x, (good, torch.zeros(2, 3, 3)))
-    with pytest.raises(ValueError, match="for batched 3-D input, h_0 should also be 3-D but got a "
-                                         "2-D tensor"):
+    with pytest.raises(
+        ValueError, match="for batched 3-D input, h_0 should also be 3-D but got a 2-D tensor"
+    ):
         model(x, (good[:, 0], good))
     with pytest.raises(ValueError, match="for unbatched 2-D input, c_0 should also be 2-D"):
         model(x[:, 0], (good[:, 0], good))
@@ -67,8 +71,11 @@ def test_packed_unsorted_lengths():
         pack_padded_sequence(x, lengths, enforce_sorted=True)
     # ... and so do we when a PackedSequence is built around increasing batch sizes.
     bad = PackedSequence(torch.randn(6, 5), torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"batch_sizes must be positive and non-increasing .*"
-                                         r"enforce_sorted=False.*got batch_sizes=\[1, 2, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_sizes must be positive and non-increasing .*"
+        r"enforce_sorted=False.*got batch_sizes=\[1, 2, 3\]",
+    ):
         lstm()(bad)
     with pytest.raises(ValueError, match="data has 5 rows but its batch_sizes sum to 6"):
         lstm()(PackedSequence(torch.randn(5, 5), torch.tensor([3, 2, 1])))

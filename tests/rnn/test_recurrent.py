@@ -131,13 +131,18 @@ def test_gradients_match_torch(kind):
         for direction in range(2):
             sfx = f"_l{layer}" + ("_reverse" if direction else "")
             cell = ours.cell(layer, direction)
-            mats = {"weight_ih": cell.weight_ih.weight, "weight_hh": cell.weight_hh.weight,
-                    "bias_ih": cell.bias_ih, "bias_hh": cell.bias_hh}
+            mats = {
+                "weight_ih": cell.weight_ih.weight,
+                "weight_hh": cell.weight_hh.weight,
+                "bias_ih": cell.bias_ih,
+                "bias_hh": cell.bias_hh,
+            }
             if cell.proj_size:
                 mats["weight_hr"] = cell.weight_hr.weight
             for name, p in mats.items():
-                torch.testing.assert_close(p.grad, getattr(ref, name + sfx).grad,
-                                           rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(
+                    p.grad, getattr(ref, name + sfx).grad, rtol=1e-10, atol=1e-10
+                )
 
 
 def test_dropout_between_layers_matches_torch_at_p1():
@@ -152,7 +157,7 @@ def test_dropout_between_layers_matches_torch_at_p1():
 def test_from_torch_keeps_the_gru_biases_apart():
     ref = nn.GRU(INPUT, HIDDEN, dtype=torch.float64)
     with torch.no_grad():  # b_hn enters as r * (W_hn h + b_hn): moving it into b_ih would differ
-        ref.bias_hh_l0[2 * HIDDEN:].fill_(3.0)
+        ref.bias_hh_l0[2 * HIDDEN :].fill_(3.0)
     ours = kcprnn.GRU.from_torch(ref, format="dense")
     torch.testing.assert_close(ours.cell(0).bias_hh, ref.bias_hh_l0)
     x = torch.randn(3, 2, INPUT, dtype=torch.float64)
@@ -165,16 +170,18 @@ def test_from_torch_rejects_other_kinds():
 
 
 def test_from_torch_without_decomposition_names_the_format(monkeypatch):
-    cls = type("NoFromDense", (kcprnn.DenseMatrix,),
-               {"from_dense": classmethod(kcprnn.FactorizedMatrix.from_dense.__func__)})
+    cls = type(
+        "NoFromDense",
+        (kcprnn.DenseMatrix,),
+        {"from_dense": classmethod(kcprnn.FactorizedMatrix.from_dense.__func__)},
+    )
     monkeypatch.setitem(FORMATS, "nofromdense", cls)
     cls.format_name = "nofromdense"
     with pytest.raises(NotImplementedError, match=r"ih weight to format 'nofromdense'"):
         kcprnn.LSTM.from_torch(nn.LSTM(INPUT, HIDDEN), format="nofromdense")
     # the hidden weights go through hidden_format's from_dense the same way
     with pytest.raises(NotImplementedError, match=r"hh weight to format 'nofromdense'"):
-        kcprnn.LSTM.from_torch(nn.LSTM(INPUT, HIDDEN), format="dense",
-                               hidden_format="nofromdense")
+        kcprnn.LSTM.from_torch(nn.LSTM(INPUT, HIDDEN), format="dense", hidden_format="nofromdense")
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -200,9 +207,16 @@ def torch_twin(model):
     kw = {"proj_size": model.proj_size} if model.proj_size else {}
     if model.mode == "RNN":
         kw["nonlinearity"] = model.nonlinearity
-    ref = torch_cls(model.input_size, model.hidden_size, model.num_layers, bias=model.bias,
-                    batch_first=model.batch_first, bidirectional=model.bidirectional,
-                    dtype=model.cells[0].weight_hh.to_dense().dtype, **kw)
+    ref = torch_cls(
+        model.input_size,
+        model.hidden_size,
+        model.num_layers,
+        bias=model.bias,
+        batch_first=model.batch_first,
+        bidirectional=model.bidirectional,
+        dtype=model.cells[0].weight_hh.to_dense().dtype,
+        **kw,
+    )
     with torch.no_grad():
         for layer in range(model.num_layers):
             for direction in range(model.num_directions):
@@ -227,9 +241,20 @@ def test_every_format_matches_torch_with_reconstructed_weights(name, kind):
     opts = FORMAT_OPTIONS.get(name, {})
     # with a projection, W_hh (3 -> 16) and W_hr (4 -> 3) get no modes from hidden_modes
     hidden_opts = {**opts, "num_modes": 2} if "proj_size" in extra else opts
-    model = cls(12, 4, num_layers=2, bidirectional=True, format=name, hidden_format=name,
-                in_modes=[3, 2, 2], hidden_modes=[2, 1, 2], hidden_options=hidden_opts,
-                dtype=torch.float64, **extra, **opts)
+    model = cls(
+        12,
+        4,
+        num_layers=2,
+        bidirectional=True,
+        format=name,
+        hidden_format=name,
+        in_modes=[3, 2, 2],
+        hidden_modes=[2, 1, 2],
+        hidden_options=hidden_opts,
+        dtype=torch.float64,
+        **extra,
+        **opts,
+    )
     g = model.cells[0].num_gates
     assert model.cell(0).weight_ih.in_modes == (3, 2, 2)
     assert model.cell(0).weight_ih.out_modes == (2 * g, 1, 2)
@@ -245,8 +270,15 @@ def test_every_format_matches_torch_with_reconstructed_weights(name, kind):
 
 
 def test_options_per_layer():
-    model = kcprnn.LSTM(12, 4, num_layers=3, format="dense", in_modes=[3, 4],
-                        out_modes=[8, 2], layer_options=[{}, {"in_modes": [1, 4]}, {}])
+    model = kcprnn.LSTM(
+        12,
+        4,
+        num_layers=3,
+        format="dense",
+        in_modes=[3, 4],
+        out_modes=[8, 2],
+        layer_options=[{}, {"in_modes": [1, 4]}, {}],
+    )
     assert [c.weight_ih.in_modes for c in model.cells] == [(3, 4), (1, 4), (2, 2)]
     assert [c.weight_ih.out_modes for c in model.cells] == [(8, 2)] * 3
     # without hidden_modes the hidden matrices take the format's balanced default
@@ -254,8 +286,9 @@ def test_options_per_layer():
 
 
 def test_input_product_is_one_call_over_all_steps():
-    model = kcprnn.GRU(INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense",
-                       batch_first=True)
+    model = kcprnn.GRU(
+        INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense", batch_first=True
+    )
     calls = {"ih": [], "hh": []}
     for cell in model.cells:
         cell.weight_ih.register_forward_hook(lambda m, a, o: calls["ih"].append(a[0].shape))
@@ -264,8 +297,9 @@ def test_input_product_is_one_call_over_all_steps():
     assert calls["ih"] == [(3, 7, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
     assert calls["hh"] == []  # equal lengths, dense W_hh: the fused layer multiplies it itself
     calls["ih"].clear()
-    packed = pack_padded_sequence(torch.randn(3, 7, INPUT), torch.tensor([7, 2, 4]),
-                                  batch_first=True, enforce_sorted=False)
+    packed = pack_padded_sequence(
+        torch.randn(3, 7, INPUT), torch.tensor([7, 2, 4]), batch_first=True, enforce_sorted=False
+    )
     model(packed)
     assert calls["ih"] == [(13, INPUT)] * 2 + [(13, 2 * HIDDEN)] * 2
     # unequal lengths step through time: one hidden product per step (3, 3, 2, 2, 1, 1, 1 rows)
@@ -330,8 +364,15 @@ def test_safetensors_round_trip_and_meta_device(tmp_path):
 
 @pytest.mark.skipif("kcp" not in FORMATS, reason="the kcp format has not landed")
 def test_nested_hidden_modes_fold_into_the_first_kronecker_factor():
-    model = kcprnn.LSTM(24, 4, num_layers=2, format="kcp", in_modes=[[2, 3], [2, 2]],
-                        hidden_modes=[[1, 2], [2, 1]], dtype=torch.float64)
+    model = kcprnn.LSTM(
+        24,
+        4,
+        num_layers=2,
+        format="kcp",
+        in_modes=[[2, 3], [2, 2]],
+        hidden_modes=[[1, 2], [2, 1]],
+        dtype=torch.float64,
+    )
     ih0, ih1 = model.cell(0).weight_ih, model.cell(1).weight_ih
     assert [list(m) for m in ih0.out_splits] == [[4, 2], [2, 1]]  # 4 gates into J_1^(1)
     assert [list(m) for m in ih1.in_splits] == [[1, 2], [2, 1]]  # layer 2 reads h: hidden_modes
@@ -344,8 +385,9 @@ def test_nested_hidden_modes_fold_into_the_first_kronecker_factor():
 def test_extra_repr_lists_non_defaults():
     m = kcprnn.RNN(INPUT, HIDDEN, 2, nonlinearity="relu", batch_first=True, format="dense")
     r = repr(m)
-    assert r.startswith("RNN(\n  6, 4, num_layers=2, nonlinearity='relu', batch_first=True, "
-                        "format='dense'\n")
+    assert r.startswith(
+        "RNN(\n  6, 4, num_layers=2, nonlinearity='relu', batch_first=True, format='dense'\n"
+    )
     assert "dropout" not in r and "bidirectional" not in r
 
 
@@ -360,5 +402,6 @@ def test_torch_compile_small_lstm():
     assert_same(out, ref_out, torch.float32)
     out[0].sum().backward()
     ref_out[0].sum().backward()
-    torch.testing.assert_close(model.cell(0).weight_ih.weight.grad, ref.weight_ih_l0.grad,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.cell(0).weight_ih.weight.grad, ref.weight_ih_l0.grad, rtol=1e-5, atol=1e-5
+    )

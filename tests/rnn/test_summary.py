@@ -31,8 +31,9 @@ def test_dense_lstm_by_hand():
 
 
 def test_bidirectional_projection_rows():
-    model = kcprnn.LSTM(6, 4, num_layers=2, bidirectional=True, proj_size=2, bias=False,
-                        format="dense")
+    model = kcprnn.LSTM(
+        6, 4, num_layers=2, bidirectional=True, proj_size=2, bias=False, format="dense"
+    )
     s = kcprnn.summary(model)
     assert [x.name for x in s.layers] == ["l0", "l0_reverse", "l1", "l1_reverse"]
     assert [x.input_shape for x in s.layers] == [(16, 6)] * 2 + [(16, 4)] * 2

@@ -291,8 +291,10 @@ def count_macs(fn: Callable[[], object]) -> int:
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if onednn is not None:
         custom[onednn] = _linear_pointwise_flops
-    with FlopCounterMode(display=False, custom_mapping=custom) as counter, \
-            _native.counting_macs() as native:
+    with (
+        FlopCounterMode(display=False, custom_mapping=custom) as counter,
+        _native.counting_macs() as native,
+    ):
         fn()
     return int(counter.get_total_flops()) // 2 + native[0]
 

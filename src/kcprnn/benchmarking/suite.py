@@ -113,8 +113,9 @@ def _algorithms(fmt: str) -> list[str | None]:
     return list(algos) if "auto" in algos else [None]
 
 
-def _kcp_modes(in_modes: Sequence[int], out_modes: Sequence[int],
-               layout: str) -> tuple[list[Any], list[Any]]:
+def _kcp_modes(
+    in_modes: Sequence[int], out_modes: Sequence[int], layout: str
+) -> tuple[list[Any], list[Any]]:
     """KCP's nested modes: every mode split in two (``"interleaved"``, the paper's form) or
     whole modes per factor (``"blocked"``, the fast layout)."""
     if layout == "blocked":
@@ -444,8 +445,18 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
                 for r in ranks:
                     for algo in _algorithms("kcp"):
                         if algo != "dense":  # the same dense W as the interleaved rows
-                            specs.append(_our_linear("kcp", in_modes, p.out_modes, rows, r, algo,
-                                                     "", layout="blocked"))
+                            specs.append(
+                                _our_linear(
+                                    "kcp",
+                                    in_modes,
+                                    p.out_modes,
+                                    rows,
+                                    r,
+                                    algo,
+                                    "",
+                                    layout="blocked",
+                                )
+                            )
             for fmt, r in p.extra_ranks:
                 if fmt in fmts:
                     for algo in _algorithms(fmt):
@@ -645,8 +656,11 @@ def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 # auto runs exactly the plan of the algorithm it picks, so the choice is judged
                 # on that algorithm's measured time; auto's own case, a second timing of the
                 # same computation, differs from it only by noise (shown beside it)
-                key = "resolved_algorithm_training" if mode == "forward_backward" else (
-                    "resolved_algorithm")
+                key = (
+                    "resolved_algorithm_training"
+                    if mode == "forward_backward"
+                    else ("resolved_algorithm")
+                )
                 picked = auto[0].get(key, "?")
                 same = [c for c in explicit if c["options"]["algorithm"] == picked]
                 best = min(explicit, key=lambda q, m=mode: _ms(q, m))

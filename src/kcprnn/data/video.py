@@ -96,9 +96,9 @@ def decode_clip(
     if not frames:
         raise CorruptClipError(f"{path}: no decodable video frames")
     picked = [frames[i] for i in sample_indices(len(frames), num_frames)]
-    return np.stack([
-        f.reformat(width=width, height=height, format="rgb24").to_ndarray() for f in picked
-    ])  # (t, h, w, 3)
+    return np.stack(
+        [f.reformat(width=width, height=height, format="rgb24").to_ndarray() for f in picked]
+    )  # (t, h, w, 3)
 
 
 # --- scanning ---
@@ -233,5 +233,10 @@ def load_video_dataset(
         groups.append(ref.group)
     if not frames:
         raise ValueError(f"no readable clips in {str(root)!r} ({len(skipped)} skipped)")
-    return ClipSet(np.stack(frames), np.asarray(labels, dtype=np.int64),
-                   np.asarray(groups, dtype=np.int64), class_names, tuple(skipped))
+    return ClipSet(
+        np.stack(frames),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(groups, dtype=np.int64),
+        class_names,
+        tuple(skipped),
+    )

@@ -68,13 +68,21 @@ class Config:
     def __post_init__(self) -> None:
         # lists (from TOML or JSON) become tuples, so equal configs compare equal
         object.__setattr__(self, "hidden_modes", _tupled(self.hidden_modes))
-        object.__setattr__(self, "format_options",
-                           {k: _tupled(v) for k, v in self.format_options.items()})
+        object.__setattr__(
+            self, "format_options", {k: _tupled(v) for k, v in self.format_options.items()}
+        )
         _check_choice(self.dataset, DATASETS, "dataset")
         _check_choice(self.split, SPLITS, "split")
         _check_choice(self.cell, CELLS, "cell")
-        for key in ("num_frames", "frame_width", "frame_height", "clips_per_class",
-                    "hidden_size", "epochs", "batch_size"):
+        for key in (
+            "num_frames",
+            "frame_width",
+            "frame_height",
+            "clips_per_class",
+            "hidden_size",
+            "epochs",
+            "batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")
         if self.threads < 0:
@@ -127,10 +135,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     kind = _FIELDS[key].type
     kind = _TYPES[kind]
     ok = (
-        isinstance(value, bool) if kind is bool
-        else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-        else isinstance(value, int) and not isinstance(value, bool) if kind is int
-        else isinstance(value, (list, tuple)) if kind is tuple
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float
+        else isinstance(value, int) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, (list, tuple))
+        if kind is tuple
         else isinstance(value, kind)
     )
     if not ok:

@@ -31,8 +31,11 @@ __all__ = ["DEMO_FORMATS", "demo_configs", "main"]
 UCF11_IN_MODES = [8, 20, 20, 18]
 DEMO_FORMATS: dict[str, dict[str, Any]] = {
     "dense": {},
-    "kcp": {"in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
-            "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]], "rank": 4},
+    "kcp": {
+        "in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
+        "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]],
+        "rank": 4,
+    },
     "tt": {"in_modes": UCF11_IN_MODES, "rank": 4},
     "tr": {"in_modes": UCF11_IN_MODES, "rank": 4},
     "bt": {"in_modes": UCF11_IN_MODES, "rank": 4, "blocks": 2},
@@ -43,35 +46,64 @@ TT rank 4 and BT 2 blocks of rank 4 are the published UCF11 configurations (3,36
 parameters)."""
 
 
-def demo_configs(out_dir: Path, formats: list[str], dense_lr: float = 1e-5,
-                 **overrides: Any) -> list[Config]:
+def demo_configs(
+    out_dir: Path, formats: list[str], dense_lr: float = 1e-5, **overrides: Any
+) -> list[Config]:
     """One :class:`Config` per format, identical except for the format, its options and, for
     ``dense``, the learning rate ``dense_lr`` (see the module docstring)."""
-    base = Config(dataset="ucf11-like", clips_per_class=80, num_frames=6, epochs=8, lr=1e-3,
-                  batch_size=16, seed=0, hidden_size=256, hidden_modes=(4, 4, 4, 4))
+    base = Config(
+        dataset="ucf11-like",
+        clips_per_class=80,
+        num_frames=6,
+        epochs=8,
+        lr=1e-3,
+        batch_size=16,
+        seed=0,
+        hidden_size=256,
+        hidden_modes=(4, 4, 4, 4),
+    )
     base = dataclasses.replace(base, **overrides)
-    return [dataclasses.replace(base, format=f, format_options=dict(DEMO_FORMATS[f]),
-                                name=f"ucf11-like-{f}", out_dir=str(out_dir / f),
-                                lr=dense_lr if f == "dense" else base.lr)
-            for f in formats]
+    return [
+        dataclasses.replace(
+            base,
+            format=f,
+            format_options=dict(DEMO_FORMATS[f]),
+            name=f"ucf11-like-{f}",
+            out_dir=str(out_dir / f),
+            lr=dense_lr if f == "dense" else base.lr,
+        )
+        for f in formats
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kcprnn demo",
         description="Train dense, KCP-, TT-, TR-, BT- and HT-LSTMs on the UCF11-like stand-in "
-                    "under one protocol; print and save the results table and plot.",
+        "under one protocol; print and save the results table and plot.",
     )
     parser.add_argument("--out", help="run folder (default: runs/demo-<UTC time>)")
-    parser.add_argument("--formats", default=",".join(DEMO_FORMATS),
-                        help="comma-separated formats (default: %(default)s)")
+    parser.add_argument(
+        "--formats",
+        default=",".join(DEMO_FORMATS),
+        help="comma-separated formats (default: %(default)s)",
+    )
     parser.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
-    parser.add_argument("--clips-per-class", type=int, default=80,
-                        help="stand-in clips per class, 20%% held out (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="Adam, factorized formats (default: %(default)s)")
-    parser.add_argument("--dense-lr", type=float, default=1e-5,
-                        help="Adam, the dense baseline (default: %(default)s)")
+    parser.add_argument(
+        "--clips-per-class",
+        type=int,
+        default=80,
+        help="stand-in clips per class, 20%% held out (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam, factorized formats (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dense-lr",
+        type=float,
+        default=1e-5,
+        help="Adam, the dense baseline (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--cache-dir", default="", help="stand-in cache (default ~/.cache/kcprnn)")
@@ -85,36 +117,53 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in DEMO_FORMATS]
     if unknown or not formats:
-        print(f"kcprnn demo: error: --formats must name some of {list(DEMO_FORMATS)}, got "
-              f"{args.formats!r}", file=sys.stderr)
+        print(
+            f"kcprnn demo: error: --formats must name some of {list(DEMO_FORMATS)}, got "
+            f"{args.formats!r}",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     try:
-        configs = demo_configs(out, formats, epochs=args.epochs,
-                               clips_per_class=args.clips_per_class, lr=args.lr,
-                               dense_lr=args.dense_lr, seed=args.seed,
-                               device=args.device, cache_dir=args.cache_dir,
-                               progress=not args.no_progress)
+        configs = demo_configs(
+            out,
+            formats,
+            epochs=args.epochs,
+            clips_per_class=args.clips_per_class,
+            lr=args.lr,
+            dense_lr=args.dense_lr,
+            seed=args.seed,
+            device=args.device,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+        )
     except ConfigError as exc:
         print(f"kcprnn demo: error: {exc}", file=sys.stderr)
         return 2
     c = configs[0]
-    print(f"kcprnn demo: {len(configs)} LSTMs on the UCF11-like stand-in ({c.clips_per_class} "
-          f"clips x 11 classes, {c.num_frames} frames of {c.frame_width}x{c.frame_height}x3), "
-          f"{c.epochs} epochs, Adam lr {args.lr:g} (dense {args.dense_lr:g}), batch "
-          f"{c.batch_size}; run folder {out}",
-          flush=True)
+    print(
+        f"kcprnn demo: {len(configs)} LSTMs on the UCF11-like stand-in ({c.clips_per_class} "
+        f"clips x 11 classes, {c.num_frames} frames of {c.frame_width}x{c.frame_height}x3), "
+        f"{c.epochs} epochs, Adam lr {args.lr:g} (dense {args.dense_lr:g}), batch "
+        f"{c.batch_size}; run folder {out}",
+        flush=True,
+    )
     rows = []
     start = time.perf_counter()
     for cfg in configs:
         t0 = time.perf_counter()
         summary = train(cfg)
         rows.append({**summary, "run_dir": str(cfg.run_dir)})
-        print(f"  {cfg.format:>6}: test accuracy {summary['test_acc']:.1%}, "
-              f"{summary['ih_params']:,} input-to-hidden params, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"  {cfg.format:>6}: test accuracy {summary['test_acc']:.1%}, "
+            f"{summary['ih_params']:,} input-to-hidden params, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     table = write_report(rows, out)
-    print(f"\n{table}\n\nchance is {1 / rows[0]['num_classes']:.1%}; total "
-          f"{time.perf_counter() - start:.0f} s. Wrote {out / 'results.md'}, "
-          f"{out / 'results.json'}, {out / 'accuracy_vs_compression.png'}")
+    print(
+        f"\n{table}\n\nchance is {1 / rows[0]['num_classes']:.1%}; total "
+        f"{time.perf_counter() - start:.0f} s. Wrote {out / 'results.md'}, "
+        f"{out / 'results.json'}, {out / 'accuracy_vs_compression.png'}"
+    )
     return 0

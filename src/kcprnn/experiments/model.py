@@ -44,8 +44,13 @@ class VideoClassifier(nn.Module):
             raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
         rnn_class = LSTM if cell == "lstm" else GRU
         self.rnn = rnn_class(
-            input_size, hidden_size, batch_first=True, device=device, format=format,
-            hidden_modes=hidden_modes, **(format_options or {}),
+            input_size,
+            hidden_size,
+            batch_first=True,
+            device=device,
+            format=format,
+            hidden_modes=hidden_modes,
+            **(format_options or {}),
         )
         self.classifier = nn.Linear(hidden_size, num_classes, device=device)
 

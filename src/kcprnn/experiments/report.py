@@ -46,8 +46,10 @@ def collect(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table, one row per run."""
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if k == "format" else "---:" for k, _, _ in COLUMNS) + "|"]
+    lines = [
+        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|" + "|".join("---" if k == "format" else "---:" for k, _, _ in COLUMNS) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
@@ -63,8 +65,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         ax.scatter(row["compression"], 100 * row["test_acc"], s=30)
-        ax.annotate(row["format"], (row["compression"], 100 * row["test_acc"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=9)
+        ax.annotate(
+            row["format"],
+            (row["compression"], 100 * row["test_acc"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=9,
+        )
     if rows and "num_classes" in rows[0]:
         ax.axhline(100 / rows[0]["num_classes"], color="grey", ls="--", lw=1, label="chance")
         ax.legend(loc="lower right")
@@ -86,8 +93,10 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> str:
     Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
-    for name, text in (("results.json", json.dumps(rows, indent=2) + "\n"),
-                       ("results.md", table + "\n")):
+    for name, text in (
+        ("results.json", json.dumps(rows, indent=2) + "\n"),
+        ("results.md", table + "\n"),
+    ):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out_dir / name)
@@ -98,8 +107,11 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kcprnn report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", help="where results.* go (default: the first RUN_DIR if it is "
-                                      "a folder of runs, else its parent)")
+    parser.add_argument(
+        "--out",
+        help="where results.* go (default: the first RUN_DIR if it is "
+        "a folder of runs, else its parent)",
+    )
     args = parser.parse_args(argv)
     try:
         rows = collect(args.run_dirs)

@@ -42,8 +42,13 @@ __all__ = ["evaluate", "load_checkpoint", "load_data", "main", "split_indices", 
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_SPLITS = {"ucf11": "group", "ucf50": "logo", "youtube": "stratified",
-                   "ucf11-like": "stratified", "youtube-like": "stratified"}
+PROTOCOL_SPLITS = {
+    "ucf11": "group",
+    "ucf50": "logo",
+    "youtube": "stratified",
+    "ucf11-like": "stratified",
+    "youtube-like": "stratified",
+}
 """The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, else
 stratified."""
 
@@ -54,13 +59,23 @@ stratified."""
 def load_data(cfg: Config) -> ClipSet:
     """The clips of ``cfg.dataset``: decoded (cached) real clips or a (cached) stand-in."""
     if cfg.dataset in STANDIN_DATASETS:
-        spec = StandInSpec(kind=cfg.dataset, clips_per_class=cfg.clips_per_class,
-                           num_frames=cfg.num_frames, height=cfg.frame_height,
-                           width=cfg.frame_width, seed=cfg.seed)
+        spec = StandInSpec(
+            kind=cfg.dataset,
+            clips_per_class=cfg.clips_per_class,
+            num_frames=cfg.num_frames,
+            height=cfg.frame_height,
+            width=cfg.frame_width,
+            seed=cfg.seed,
+        )
         return load_standin(spec, cfg.cache_dir or None)
-    return load_video_dataset(cfg.dataset, cfg.data_dir, cfg.num_frames,
-                              (cfg.frame_width, cfg.frame_height), cfg.cache_dir or None,
-                              progress=cfg.progress and sys.stderr.isatty())
+    return load_video_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.num_frames,
+        (cfg.frame_width, cfg.frame_height),
+        cfg.cache_dir or None,
+        progress=cfg.progress and sys.stderr.isatty(),
+    )
 
 
 def split_indices(cfg: Config, clips: ClipSet) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +99,13 @@ def to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def build_model(cfg: Config, input_size: int, num_classes: int) -> VideoClassifier:
     return VideoClassifier(
-        input_size, cfg.hidden_size, num_classes, cell=cfg.cell, format=cfg.format,
-        hidden_modes=list(cfg.hidden_modes), format_options=dict(cfg.format_options),
+        input_size,
+        cfg.hidden_size,
+        num_classes,
+        cell=cfg.cell,
+        format=cfg.format,
+        hidden_modes=list(cfg.hidden_modes),
+        format_options=dict(cfg.format_options),
         device=cfg.device,
     )
 
@@ -105,13 +125,14 @@ def model_numbers(model: VideoClassifier) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: VideoClassifier, clips: ClipSet, idx: np.ndarray, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: VideoClassifier, clips: ClipSet, idx: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on the clips ``idx``."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
+        b = idx[start : start + batch_size]
         logits = model(to_input(clips.frames[b], device))  # (b, c)
         y = torch.from_numpy(clips.labels[b]).to(device)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -193,9 +214,15 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     for path, reason in clips.skipped:
         log.warning("skipped clip %s: %s", path, reason)
     train_idx, test_idx = split_indices(cfg, clips)
-    log.info("%s: %d clips (%d train, %d test, %d skipped), %d classes", cfg.dataset,
-             len(clips.labels), len(train_idx), len(test_idx), len(clips.skipped),
-             clips.num_classes)
+    log.info(
+        "%s: %d clips (%d train, %d test, %d skipped), %d classes",
+        cfg.dataset,
+        len(clips.labels),
+        len(train_idx),
+        len(test_idx),
+        len(clips.skipped),
+        clips.num_classes,
+    )
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -209,13 +236,14 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = rng.permutation(train_idx)
-        batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
         loss_sum, correct = 0.0, 0
         if show_bar:
             from tqdm import tqdm
 
-            bar = tqdm(batches, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", unit="batch",
-                       leave=False)
+            bar = tqdm(
+                batches, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False
+            )
         else:
             bar = batches
         start = time.perf_counter()
@@ -238,28 +266,48 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         epoch_seconds.append(seconds)
         test_loss, test_acc = evaluate(model, clips, test_idx, cfg.batch_size, device)
         row = {
-            "epoch": epoch, "train_loss": loss_sum / len(train_idx),
-            "train_acc": correct / len(train_idx), "test_loss": test_loss, "test_acc": test_acc,
-            "epoch_seconds": seconds, "lr": cfg.lr, "skipped_clips": len(clips.skipped),
+            "epoch": epoch,
+            "train_loss": loss_sum / len(train_idx),
+            "train_acc": correct / len(train_idx),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_seconds": seconds,
+            "lr": cfg.lr,
+            "skipped_clips": len(clips.skipped),
         }
         history.append(row)
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("epoch %d: %s", epoch, json.dumps(row))
-        save_checkpoint(run_dir, model, {
-            "config": cfg.to_dict(), "epoch": epoch, "metrics": row,
-            "input_size": clips.input_size, "class_names": list(clips.class_names),
-        })
+        save_checkpoint(
+            run_dir,
+            model,
+            {
+                "config": cfg.to_dict(),
+                "epoch": epoch,
+                "metrics": row,
+                "input_size": clips.input_size,
+                "class_names": list(clips.class_names),
+            },
+        )
 
     summary = {
-        "name": cfg.name or run_dir.name, "dataset": cfg.dataset, "cell": cfg.cell,
-        "format": cfg.format, **numbers,
+        "name": cfg.name or run_dir.name,
+        "dataset": cfg.dataset,
+        "cell": cfg.cell,
+        "format": cfg.format,
+        **numbers,
         "seconds_per_epoch": statistics.median(epoch_seconds),
-        "test_acc": history[-1]["test_acc"], "best_test_acc": max(r["test_acc"] for r in history),
-        "train_acc": history[-1]["train_acc"], "epochs": cfg.epochs,
-        "num_train": len(train_idx), "num_test": len(test_idx),
-        "num_classes": clips.num_classes, "skipped_clips": len(clips.skipped),
-        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "test_acc": history[-1]["test_acc"],
+        "best_test_acc": max(r["test_acc"] for r in history),
+        "train_acc": history[-1]["train_acc"],
+        "epochs": cfg.epochs,
+        "num_train": len(train_idx),
+        "num_test": len(test_idx),
+        "num_classes": clips.num_classes,
+        "skipped_clips": len(clips.skipped),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
     }
     _write_json(run_dir / "summary.json", summary)
     return summary
@@ -272,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kcprnn train",
         description="Train one video experiment. Overrides: --KEY=VALUE for any config key "
-                    "(TOML values), --format_options.KEY=VALUE for a format option.",
+        "(TOML values), --format_options.KEY=VALUE for a format option.",
     )
     parser.add_argument("--config", help="a TOML preset, e.g. experiments/configs/ucf11_kcp.toml")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (same as --device=...)")

@@ -39,8 +39,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build", "cache_dir", "counting_macs", "gather", "info", "inner_rows",
-           "tall_matmul", "tall_weight_grad", "width"]
+__all__ = [
+    "available",
+    "build",
+    "cache_dir",
+    "counting_macs",
+    "gather",
+    "info",
+    "inner_rows",
+    "tall_matmul",
+    "tall_weight_grad",
+    "width",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +121,9 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
         raise RuntimeError(f"the kernel is for x86-64 CPUs, this one is {platform.machine()!r}")
     source = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join(
-        [source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
-    )).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
     directory = cache_dir() if directory is None else Path(directory)
     target = directory / f"tall-{key}.so"
     if target.exists():
@@ -123,11 +133,12 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
     os.close(fd)
     try:
         start = time.perf_counter()
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp],
-                              capture_output=True, text=True)
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {SOURCE.name} with "
-                               f"{' '.join(flags)}:\n{done.stderr.strip()}")
+            raise RuntimeError(
+                f"{cxx} failed to build {SOURCE.name} with "
+                f"{' '.join(flags)}:\n{done.stderr.strip()}"
+            )
         os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
         log.info("built %s in %.1f s", target, time.perf_counter() - start)
     finally:
@@ -143,31 +154,67 @@ def load(path: Path) -> ctypes.CDLL:
     lib.kcprnn_tall_isa.argtypes = []
     lib.kcprnn_tall_matmul.restype = None
     lib.kcprnn_tall_matmul.argtypes = [
-        ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64,  # x, n_b, n_e, xsb, xse, f
-        ctypes.c_void_p, _I64,  # w, n_out
-        ctypes.c_void_p, _I64, _I64, _I64,  # y, ysb, yse, ysg
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,  # x, n_b, n_e, xsb, xse, f
+        ctypes.c_void_p,
+        _I64,  # w, n_out
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        _I64,  # y, ysb, yse, ysg
         ctypes.c_int,  # threads
     ]
     lib.kcprnn_tall_weight_grad.restype = None
     lib.kcprnn_tall_weight_grad.argtypes = [
-        ctypes.c_void_p, _I64, _I64, _I64,  # grad, m, gsm, gsg
-        ctypes.c_void_p, _I64, _I64, _I64,  # x, xsm, f, n_out
-        ctypes.c_void_p, ctypes.c_void_p,  # out, scratch
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        _I64,  # grad, m, gsm, gsg
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        _I64,  # x, xsm, f, n_out
+        ctypes.c_void_p,
+        ctypes.c_void_p,  # out, scratch
         ctypes.c_int,  # threads
     ]
     lib.kcprnn_inner_rows.restype = None
     lib.kcprnn_inner_rows.argtypes = [
-        ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64,  # z, n_b, n_e, zsb, zse, n_a, n_c
-        ctypes.c_void_p, _I64, _I64,  # st, n_k, n_o
-        ctypes.c_void_p, _I64,  # pt, n_m
-        ctypes.c_void_p, _I64,  # out, osb
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # offsets, runs
-        ctypes.c_void_p, ctypes.c_int,  # bias, threads
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _I64,  # z, n_b, n_e, zsb, zse, n_a, n_c
+        ctypes.c_void_p,
+        _I64,
+        _I64,  # st, n_k, n_o
+        ctypes.c_void_p,
+        _I64,  # pt, n_m
+        ctypes.c_void_p,
+        _I64,  # out, osb
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,  # offsets, runs
+        ctypes.c_void_p,
+        ctypes.c_int,  # bias, threads
     ]
     lib.kcprnn_gather.restype = None
     lib.kcprnn_gather.argtypes = [
-        ctypes.c_void_p, _I64, _I64, ctypes.c_int,  # in, n_b, isb, nd
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # sizes, strides, out
+        ctypes.c_void_p,
+        _I64,
+        _I64,
+        ctypes.c_int,  # in, n_b, isb, nd
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,  # sizes, strides, out
     ]
     return lib
 
@@ -220,10 +267,13 @@ def fits(x: Tensor, *others: Tensor) -> bool:
     with ``others``: all float32 on CPU, and no autograd graph being recorded for them. The
     shapes are the caller's to check."""
     tensors = (x, *others)
-    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and x.shape[-1] > 0 and (x.stride(-1) == 1 or x.shape[-1] == 1)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and available())
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and x.shape[-1] > 0
+        and (x.stride(-1) == 1 or x.shape[-1] == 1)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and available()
+    )
 
 
 def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
@@ -235,13 +285,24 @@ def tall_matmul(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     n_b, n_e, f = x.shape
     weight = weight.contiguous()  # (g, f)
     if weight.shape != (out.shape[2], f) or out.shape[:2] != (n_b, n_e):
-        raise ValueError(f"tall_matmul shapes do not match: x {tuple(x.shape)}, weight "
-                         f"{tuple(weight.shape)}, out {tuple(out.shape)}")
+        raise ValueError(
+            f"tall_matmul shapes do not match: x {tuple(x.shape)}, weight "
+            f"{tuple(weight.shape)}, out {tuple(out.shape)}"
+        )
     _count(n_b * n_e * f * weight.shape[0])
     lib.kcprnn_tall_matmul(
-        x.data_ptr(), n_b, n_e, x.stride(0), x.stride(1), f,
-        weight.data_ptr(), weight.shape[0],
-        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2),
+        x.data_ptr(),
+        n_b,
+        n_e,
+        x.stride(0),
+        x.stride(1),
+        f,
+        weight.data_ptr(),
+        weight.shape[0],
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         torch.get_num_threads(),
     )
     return out
@@ -252,9 +313,16 @@ def width() -> int:
     return _require().kcprnn_tall_isa() // 32
 
 
-def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Tensor,
-               offsets: tuple[Tensor, Tensor, Tensor], runs: bool,
-               bias: Tensor | None = None) -> Tensor:
+def inner_rows(
+    z: Tensor,
+    suffix_t: Tensor,
+    n_k: int,
+    prefix_t: Tensor,
+    out: Tensor,
+    offsets: tuple[Tensor, Tensor, Tensor],
+    runs: bool,
+    bias: Tensor | None = None,
+) -> Tensor:
     """The two-chunk CP product of each row of ``z`` ``(B, E, a c)`` (unit stride along the
     last axis), written to ``out`` ``(B, ...)`` (contiguous) through offset tables: output
     ``(o, m)`` of row ``(b, e)`` goes to ``out.view(-1)[b * out.stride(0) + off_e[e] +
@@ -269,21 +337,44 @@ def inner_rows(z: Tensor, suffix_t: Tensor, n_k: int, prefix_t: Tensor, out: Ten
     n_ak, n_m = prefix_t.shape
     off_e, off_o, off_m = (t.contiguous() for t in offsets)
     n_a, n_o = f // max(n_c, 1), n_ko // n_k if n_k else 0
-    if (f % max(n_c, 1) or n_ak != n_a * n_k or n_ko != n_k * n_o
-            or off_e.numel() != n_e or off_o.numel() != n_o or off_m.numel() != n_m
-            or not (suffix_t.is_contiguous() and prefix_t.is_contiguous() and out.is_contiguous())
-            or out.shape[0] != n_b):
-        raise ValueError(f"inner_rows shapes do not match: z {tuple(z.shape)}, suffix_t "
-                         f"{tuple(suffix_t.shape)} with k={n_k}, prefix_t "
-                         f"{tuple(prefix_t.shape)}, out {tuple(out.shape)}, offsets "
-                         f"{[t.numel() for t in (off_e, off_o, off_m)]}")
+    if (
+        f % max(n_c, 1)
+        or n_ak != n_a * n_k
+        or n_ko != n_k * n_o
+        or off_e.numel() != n_e
+        or off_o.numel() != n_o
+        or off_m.numel() != n_m
+        or not (suffix_t.is_contiguous() and prefix_t.is_contiguous() and out.is_contiguous())
+        or out.shape[0] != n_b
+    ):
+        raise ValueError(
+            f"inner_rows shapes do not match: z {tuple(z.shape)}, suffix_t "
+            f"{tuple(suffix_t.shape)} with k={n_k}, prefix_t "
+            f"{tuple(prefix_t.shape)}, out {tuple(out.shape)}, offsets "
+            f"{[t.numel() for t in (off_e, off_o, off_m)]}"
+        )
     _count(n_b * n_e * (f * n_ko + n_ak * n_o * n_m))
     lib.kcprnn_inner_rows(
-        z.data_ptr(), n_b, n_e, z.stride(0), z.stride(1), n_a, n_c,
-        suffix_t.data_ptr(), n_k, n_o, prefix_t.data_ptr(), n_m,
-        out.data_ptr(), out.stride(0) if out.dim() else 0,
-        off_e.data_ptr(), off_o.data_ptr(), off_m.data_ptr(), int(runs),
-        bias.data_ptr() if bias is not None else None, torch.get_num_threads(),
+        z.data_ptr(),
+        n_b,
+        n_e,
+        z.stride(0),
+        z.stride(1),
+        n_a,
+        n_c,
+        suffix_t.data_ptr(),
+        n_k,
+        n_o,
+        prefix_t.data_ptr(),
+        n_m,
+        out.data_ptr(),
+        out.stride(0) if out.dim() else 0,
+        off_e.data_ptr(),
+        off_o.data_ptr(),
+        off_m.data_ptr(),
+        int(runs),
+        bias.data_ptr() if bias is not None else None,
+        torch.get_num_threads(),
     )
     return out
 
@@ -299,11 +390,21 @@ def gather(view: Tensor, out: Tensor) -> Tensor:
     returns ``out``."""
     lib = _require()
     if view.shape != out.shape or not out.is_contiguous() or view.dim() < 1:
-        raise ValueError(f"gather shapes do not match: view {tuple(view.shape)}, out "
-                         f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
+        raise ValueError(
+            f"gather shapes do not match: view {tuple(view.shape)}, out "
+            f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})"
+        )
     nd, sizes, strides = _gather_dims(tuple(view.shape[1:]), tuple(view.stride()[1:]))
-    lib.kcprnn_gather(view.data_ptr(), view.shape[0], view.stride(0), nd, sizes.data_ptr(),
-                      strides.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    lib.kcprnn_gather(
+        view.data_ptr(),
+        view.shape[0],
+        view.stride(0),
+        nd,
+        sizes.data_ptr(),
+        strides.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -325,12 +426,17 @@ def _gather_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, 
     while len(dims) < 3:
         dims.append((1, 0))
     if len(dims) > GATHER_DIMS:
-        raise ValueError(f"gather needs at most {GATHER_DIMS} dimensions after merging, "
-                         f"got {len(dims)} from rows of shape {shape}")
+        raise ValueError(
+            f"gather needs at most {GATHER_DIMS} dimensions after merging, "
+            f"got {len(dims)} from rows of shape {shape}"
+        )
     dims.reverse()
     with torch.inference_mode(False):
-        return (len(dims), torch.tensor([s for s, _ in dims], dtype=torch.int64),
-                torch.tensor([t for _, t in dims], dtype=torch.int64))
+        return (
+            len(dims),
+            torch.tensor([s for s, _ in dims], dtype=torch.int64),
+            torch.tensor([t for _, t in dims], dtype=torch.int64),
+        )
 
 
 def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
@@ -341,15 +447,24 @@ def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     lib = _require()
     m, f = x.shape
     if grad.dim() != 2 or grad.shape[0] != m:
-        raise ValueError(f"tall_weight_grad shapes do not match: grad {tuple(grad.shape)}, "
-                         f"x {tuple(x.shape)}")
+        raise ValueError(
+            f"tall_weight_grad shapes do not match: grad {tuple(grad.shape)}, x {tuple(x.shape)}"
+        )
     n_out, threads = grad.shape[1], torch.get_num_threads()
     out = x.new_empty(n_out, f)  # (g, f)
     scratch = x.new_empty(threads, n_out, f)  # (t, g, f)
     _count(m * f * n_out)
     lib.kcprnn_tall_weight_grad(
-        grad.data_ptr(), m, grad.stride(0), grad.stride(1),
-        x.data_ptr(), x.stride(0), f, n_out,
-        out.data_ptr(), scratch.data_ptr(), threads,
+        grad.data_ptr(),
+        m,
+        grad.stride(0),
+        grad.stride(1),
+        x.data_ptr(),
+        x.stride(0),
+        f,
+        n_out,
+        out.data_ptr(),
+        scratch.data_ptr(),
+        threads,
     )
     return out

@@ -25,8 +25,16 @@ from torch import Tensor
 from . import _native
 
 __all__ = [
-    "SCRATCH_MAX", "TALL_BLOCKS", "blocked_weight_grad", "linear_nt", "native_covers",
-    "onednn_available", "onednn_covers", "scratch", "tall_forward_transposed", "tall_linear",
+    "SCRATCH_MAX",
+    "TALL_BLOCKS",
+    "blocked_weight_grad",
+    "linear_nt",
+    "native_covers",
+    "onednn_available",
+    "onednn_covers",
+    "scratch",
+    "tall_forward_transposed",
+    "tall_linear",
     "weight_grad",
 ]
 
@@ -59,10 +67,16 @@ def onednn_available() -> bool:
 
 def _onednn_fits(a: Tensor, b: Tensor) -> bool:
     """Whether :func:`linear_nt` may run ``a @ b.T`` on oneDNN."""
-    return (_ONEDNN_LINEAR is not None and a.dtype == torch.float32
-            and b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
-            and a.shape[1] > 0 and torch.backends.mkldnn.enabled
-            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
+    return (
+        _ONEDNN_LINEAR is not None
+        and a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.shape[1] > 0
+        and torch.backends.mkldnn.enabled
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    )
 
 
 ONEDNN_MIN_OUT = 8
@@ -82,8 +96,11 @@ def onednn_covers(rows: int, f: int, g: int) -> bool:
     (:func:`tall_linear`, where the compiled kernel does not): ``ONEDNN_MIN_OUT`` outputs or
     more, and ``TALL_MIN_ROWS`` rows or ``ONEDNN_MIN_INNER`` inputs over ``ONEDNN_MIN_SIZE``
     input elements."""
-    return (g >= ONEDNN_MIN_OUT and (rows >= TALL_MIN_ROWS or (
-        f >= ONEDNN_MIN_INNER and rows * f >= ONEDNN_MIN_SIZE)) and onednn_available())
+    return (
+        g >= ONEDNN_MIN_OUT
+        and (rows >= TALL_MIN_ROWS or (f >= ONEDNN_MIN_INNER and rows * f >= ONEDNN_MIN_SIZE))
+        and onednn_available()
+    )
 
 
 def native_covers(rows: int, f: int, g: int) -> bool:
@@ -91,16 +108,21 @@ def native_covers(rows: int, f: int, g: int) -> bool:
     compiled kernel (:mod:`._native`, when it is available): at least ``NATIVE_MIN_SIZE`` input
     elements and at most ``NATIVE_MAX_OUT`` outputs (8 only for rows of up to
     ``NATIVE_LONG_ROW`` values, whose blocks of rows stay in cache between passes)."""
-    return (g <= NATIVE_MAX_OUT and (g <= NATIVE_MAX_OUT // 2 or f <= NATIVE_LONG_ROW)
-            and rows * f >= NATIVE_MIN_SIZE and _native.available())
+    return (
+        g <= NATIVE_MAX_OUT
+        and (g <= NATIVE_MAX_OUT // 2 or f <= NATIVE_LONG_ROW)
+        and rows * f >= NATIVE_MIN_SIZE
+        and _native.available()
+    )
 
 
 def native_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x @ weight.T`` (``x`` ``(..., f)``, ``weight`` ``(g, f)``) runs on the compiled
     kernel: :func:`native_covers` the shape, float32 on CPU, no autograd."""
     g, f = weight.shape
-    return (x.shape[-1] == f and native_covers(x.numel() // max(f, 1), f, g)
-            and _native.fits(x, weight))
+    return (
+        x.shape[-1] == f and native_covers(x.numel() // max(f, 1), f, g) and _native.fits(x, weight)
+    )
 
 
 NATIVE_MAX_OUT = 8
@@ -193,7 +215,6 @@ def tall_linear(x: Tensor, weight: Tensor) -> Tensor:
     if x.shape[0] < TALL_MIN_ROWS:
         return F.linear(x, weight)  # (m, g)
     return _TallLinear.apply(x.contiguous(), weight)  # (m, g)
-
 
 
 SCRATCH_MAX = 1 << 22

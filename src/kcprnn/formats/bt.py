@@ -185,8 +185,9 @@ class BTMatrix(FactorizedMatrix):
         options.setdefault("dtype", weight.dtype)
         options.setdefault("device", weight.device)
         out = cls(weight.shape[1], weight.shape[0], **options)
-        factors, cores = bt_deflation(weight.detach(), out.in_modes, out.out_modes, out.ranks,
-                                      out.blocks)
+        factors, cores = bt_deflation(
+            weight.detach(), out.in_modes, out.out_modes, out.ranks, out.blocks
+        )
         with torch.no_grad():
             for p, a in zip(out.factors, factors, strict=True):
                 p.copy_(a)

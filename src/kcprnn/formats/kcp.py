@@ -282,8 +282,9 @@ def kcp_to_dense(factors: Sequence[Sequence[Tensor]]) -> Tensor:
     return t.reshape(math.prod(out_sizes), math.prod(in_sizes))  # (j, i)
 
 
-def _nearest_kronecker_sum(t: Tensor, rows: Sequence[int], cols: Sequence[int],
-                           terms: int) -> list[list[Tensor]]:
+def _nearest_kronecker_sum(
+    t: Tensor, rows: Sequence[int], cols: Sequence[int], terms: int
+) -> list[list[Tensor]]:
     """``terms`` Kronecker products nearest to ``t`` ``(J_1..J_N, I_1..I_N)``, in Frobenius norm:
     ``out[p][n]`` is ``A_p^(n)`` ``(J_n, I_n)``. Van Loan and Pitsianis: the truncated SVD of
     ``t`` rearranged as ``(J_1 I_1, J_2 I_2 ...)``; with more than two factors the second part of
@@ -303,8 +304,14 @@ def _nearest_kronecker_sum(t: Tensor, rows: Sequence[int], cols: Sequence[int],
     return out
 
 
-def kcp_from_dense(weight: Tensor, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                   terms: int, max_iter: int = 100) -> list[list[Tensor]]:
+def kcp_from_dense(
+    weight: Tensor,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    terms: int,
+    max_iter: int = 100,
+) -> list[list[Tensor]]:
     """KCP factors ``factors[n][d]`` ``(P, R_n, J_d^(n), I_d^(n))`` approximating ``weight``
     ``(out_features, in_features)``.
 
@@ -335,13 +342,15 @@ def kcp_from_dense(weight: Tensor, in_splits: Splits, out_splits: Splits, ranks:
                 per_term.append([a.new_zeros(rank, j, i) for i, j in zip(ins, outs, strict=True)])
             else:
                 per_term.append(cp_als(a, ins, outs, rank, max_iter=max_iter))  # D x (r, g, f)
-        factors.append([torch.stack([per_term[p][d] for p in range(terms)])
-                        for d in range(num_d)])  # each (p, r, g, f)
+        factors.append(
+            [torch.stack([per_term[p][d] for p in range(terms)]) for d in range(num_d)]
+        )  # each (p, r, g, f)
     return factors
 
 
-def kcp_reconstruction_flops(in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                             terms: int) -> int:
+def kcp_reconstruction_flops(
+    in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int
+) -> int:
     """Multiply-accumulates of :func:`kcp_to_dense` (Kronecker products and sums count as MACs)."""
     num_d = len(in_splits)
     total = 0
@@ -402,9 +411,16 @@ def _tall_saving(rows: int, f: int, outs: int, macs: int) -> float:
     return 0.0
 
 
-def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                   terms: int, split: int, inner: bool = False,
-                   prepared: bool = False) -> KCPPlan:
+def _parallel_plan(
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    terms: int,
+    split: int,
+    inner: bool = False,
+    prepared: bool = False,
+) -> KCPPlan:
     """One cut of the parallel product; ``inner``: as the last factor of a sequential product,
     whose narrow output stays suffix-major (the sequential walk's final permute is priced
     there); ``prepared``: the small matrices are kept between calls (their building is not
@@ -415,9 +431,11 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
     a, c = math.prod(ins[:split]), math.prod(ins[split:])
     m, o = math.prod(outs[:split]), math.prod(outs[split:])
     build = sum(k * i * j for i, j in zip(ins, outs, strict=False)) if len(ranks) > 1 else 0
-    build += sum(k * math.prod(ins[split:t + 1]) * math.prod(outs[split:t + 1])
-                 for t in range(split + 1, len(ins)))
-    build += sum(k * math.prod(ins[:t + 1]) * math.prod(outs[:t + 1]) for t in range(1, split))
+    build += sum(
+        k * math.prod(ins[split : t + 1]) * math.prod(outs[split : t + 1])
+        for t in range(split + 1, len(ins))
+    )
+    build += sum(k * math.prod(ins[: t + 1]) * math.prod(outs[: t + 1]) for t in range(1, split))
     build += k * a * m if split else 0  # the prefix is laid out as (m, a k)
     mid = rows * a * k * o
     macs = build + rows * a * c * k * o + (rows * m * a * k * o if split else mid)
@@ -434,11 +452,24 @@ def _parallel_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequ
     saved = _tall_saving(rows * a, c, k * o, rows * a * c * k * o)
     if prepared:
         kernels -= 2 * len(ins)
-    cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
-            + COST_PERMUTE * moved + COST_FAULT * faults + COST_ROW * gemm_rows
-            + _kernel_cost(prepared) * kernels)
-    return KCPPlan("parallel", split=split, macs=macs, cost=cost, peak=max(mid, rows * a * c),
-                   kernel_saving=saved)
+    cost = (
+        macs
+        - saved
+        + (-1 if prepared else COST_BUILD - 1) * build
+        + COST_IO * io
+        + COST_PERMUTE * moved
+        + COST_FAULT * faults
+        + COST_ROW * gemm_rows
+        + _kernel_cost(prepared) * kernels
+    )
+    return KCPPlan(
+        "parallel",
+        split=split,
+        macs=macs,
+        cost=cost,
+        peak=max(mid, rows * a * c),
+        kernel_saving=saved,
+    )
 
 
 Axis = tuple[tuple, int]  # (label, size): ("i"|"j", d, n) or ("p",)
@@ -481,16 +512,21 @@ def _swaps_to_end(sizes: Sequence[int], flags: Sequence[bool]) -> list[tuple[int
         f = e
         while f < len(flags) and not flags[f]:
             f += 1
-        out.append((math.prod(sizes[:s]), math.prod(sizes[s:e]), math.prod(sizes[e:f]),
-                    math.prod(sizes[f:])))
+        out.append(
+            (
+                math.prod(sizes[:s]),
+                math.prod(sizes[s:e]),
+                math.prod(sizes[e:f]),
+                math.prod(sizes[f:]),
+            )
+        )
         sizes = sizes[:s] + sizes[e:f] + sizes[s:e] + sizes[f:]
         flags = flags[:s] + flags[e:f] + flags[s:e] + flags[f:]
 
 
 def _swap_cost(swaps: Sequence[tuple[int, int, int, int]]) -> float:
     """Per row, in MAC equivalents: every stage copies everything once; short runs cost more."""
-    return sum(pre * m * k * post * (COST_SWAP + COST_SWAP_RUN / post)
-               for pre, m, k, post in swaps)
+    return sum(pre * m * k * post * (COST_SWAP + COST_SWAP_RUN / post) for pre, m, k, post in swaps)
 
 
 def _run_of(sizes: Sequence[int], perm: Sequence[int]) -> int:
@@ -539,8 +575,9 @@ def _final_cost(sizes: Sequence[int], perm: Sequence[int]) -> float:
 
 
 @lru_cache(maxsize=64)
-def _final_index(sizes: tuple[int, ...], perm: tuple[int, ...], device: torch.device,
-                 inverse: bool) -> Tensor:
+def _final_index(
+    sizes: tuple[int, ...], perm: tuple[int, ...], device: torch.device, inverse: bool
+) -> Tensor:
     """The flat ``index_select`` index of the final reordering (:func:`_final_gathers`): output
     number ``t`` of a row is number ``index[t]`` of the row in ``sizes`` layout; with
     ``inverse``, the other way round (the backward). Made outside inference mode, so that
@@ -550,8 +587,9 @@ def _final_index(sizes: tuple[int, ...], perm: tuple[int, ...], device: torch.de
         return torch.argsort(idx) if inverse else idx  # (j,)
 
 
-def _gather(axes: Sequence[Axis], group: Sequence[Axis], g: int) -> tuple[
-        str, tuple, tuple, int, int, int, float]:
+def _gather(
+    axes: Sequence[Axis], group: Sequence[Axis], g: int
+) -> tuple[str, tuple, tuple, int, int, int, float]:
     """The cheapest way to bring ``group`` together for a GEMM with ``g`` outputs: ``(gather,
     swaps, perm, pre, f, post, cost per row)``. The group keeps its relative order (the factor's
     matrix follows it). A block with trailing axes (``post > 1``) runs as batched GEMMs whose
@@ -566,30 +604,41 @@ def _gather(axes: Sequence[Axis], group: Sequence[Axis], g: int) -> tuple[
     rest = math.prod(sizes) // f
     options = []
     if pos == list(range(pos[0], pos[-1] + 1)):
-        pre, post = math.prod(sizes[:pos[0]]), math.prod(sizes[pos[-1] + 1:])
-        options.append((COST_NARROW * pre * f * g if post > 1 else 0.0,
-                        ("none", (), (), pre, f, post)))
+        pre, post = math.prod(sizes[: pos[0]]), math.prod(sizes[pos[-1] + 1 :])
+        options.append(
+            (COST_NARROW * pre * f * g if post > 1 else 0.0, ("none", (), (), pre, f, post))
+        )
     to_end = _swaps_to_end(sizes, flags)
     to_front = _swaps_to_end(sizes, [not flag for flag in flags])
     perm = tuple([t for t in range(len(axes)) if not flags[t]] + pos)
     options += [
         (_swap_cost(to_end), ("swaps", tuple(to_end), (), rest, f, 1)),
-        (_swap_cost(to_front) + (COST_NARROW * f * g if rest > 1 else 0.0),
-         ("swaps", tuple(to_front), (), 1, f, rest)),
+        (
+            _swap_cost(to_front) + (COST_NARROW * f * g if rest > 1 else 0.0),
+            ("swaps", tuple(to_front), (), 1, f, rest),
+        ),
         (_permute_cost(sizes, perm), ("permute", (), perm, rest, f, 1)),
     ]
     if _native.available():  # (float32 on CPU at run time; torch's permute elsewhere)
-        options.append((math.prod(sizes) * (COST_NATIVE_GATHER + COST_NATIVE_GATHER_RUN
-                                            / _run_of(sizes, perm)),
-                        ("native", (), perm, rest, f, 1)))
+        options.append(
+            (
+                math.prod(sizes)
+                * (COST_NATIVE_GATHER + COST_NATIVE_GATHER_RUN / _run_of(sizes, perm)),
+                ("native", (), perm, rest, f, 1),
+            )
+        )
     cost, best = min(options, key=lambda o: o[0])
     return (*best, cost)
 
 
 @lru_cache(maxsize=1024)
-def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: tuple[int, ...],
-                     last_out: tuple[int, ...] = ()
-                     ) -> tuple[tuple[_SeqStep, ...], tuple[int, ...], float]:
+def _sequential_walk(
+    in_splits: Splits,
+    out_splits: Splits,
+    terms: int,
+    order: tuple[int, ...],
+    last_out: tuple[int, ...] = (),
+) -> tuple[tuple[_SeqStep, ...], tuple[int, ...], float]:
     """The steps of :func:`kcp_linear_sequential` for ``N >= 2``: each factor's gathering and GEMM
     sizes per row, the final permute of the output axes (empty when none is needed) and the
     modelled cost per row of all gathering copies. Shared by the product and its cost model.
@@ -610,12 +659,23 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: t
             sizes = [s for _, s in axes]
             perm = tuple([axes.index(p_axis)] + [axes.index(a) for a in rest + own])
             moved = (perm[0] + 1, 0, *[q + 1 for q in perm[1:]])  # (p, b, rest, own)
-            copy_cost += _permute_cost([1, *sizes], moved) + math.prod(
-                s for _, s in rest) * g * terms * COST_PERMUTE  # and back to (b, p, ...)
+            copy_cost += (
+                _permute_cost([1, *sizes], moved)
+                + math.prod(s for _, s in rest) * g * terms * COST_PERMUTE
+            )  # and back to (b, p, ...)
             axes = [p_axis, *rest, *new]
-            steps.append(_SeqStep(n, "pbatched", tuple(own), perm=perm,
-                                  pre=math.prod(s for _, s in rest), f=math.prod(s for _, s in own),
-                                  g=g, axes=tuple(axes)))
+            steps.append(
+                _SeqStep(
+                    n,
+                    "pbatched",
+                    tuple(own),
+                    perm=perm,
+                    pre=math.prod(s for _, s in rest),
+                    f=math.prod(s for _, s in own),
+                    g=g,
+                    axes=tuple(axes),
+                )
+            )
             continue
         group = ([p_axis] if has_p else []) + own  # the last factor sums over p in its GEMM
         group = [a for a in axes if a in group]  # in layout order
@@ -635,10 +695,15 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: t
         else:  # gathered at the front
             before, after = [], rest
         axes = [*before, *out, *after]
-        steps.append(_SeqStep(n, gather, tuple(group), swaps, perm, pre, f, post, g_out,
-                              tuple(axes)))
-    target = [(("j", d, n), out_splits[d][n])
-              for d in range(num_d) for n in range(num_n) if out_splits[d][n] > 1]
+        steps.append(
+            _SeqStep(n, gather, tuple(group), swaps, perm, pre, f, post, g_out, tuple(axes))
+        )
+    target = [
+        (("j", d, n), out_splits[d][n])
+        for d in range(num_d)
+        for n in range(num_n)
+        if out_splits[d][n] > 1
+    ]
     final = tuple(axes.index(a) for a in target)
     if final == tuple(range(len(final))):
         final = ()
@@ -647,8 +712,15 @@ def _sequential_walk(in_splits: Splits, out_splits: Splits, terms: int, order: t
     return tuple(steps), final, copy_cost
 
 
-def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int],
-                     terms: int, order: tuple[int, ...], prepared: bool = False) -> KCPPlan:
+def _sequential_plan(
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    terms: int,
+    order: tuple[int, ...],
+    prepared: bool = False,
+) -> KCPPlan:
     num_d = len(in_splits)
     fi = [math.prod(in_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
     fo = [math.prod(out_splits[d][n] for d in range(num_d)) for n in range(len(ranks))]
@@ -668,8 +740,9 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
             step_macs = rows * batch * step.pre * step.f * step.g * step.post
             macs += step_macs
             if batch == 1 and step.post == 1:
-                saved += _tall_saving(math.ceil(rows / chunks) * step.pre, step.f, step.g,
-                                      step_macs)
+                saved += _tall_saving(
+                    math.ceil(rows / chunks) * step.pre, step.f, step.g, step_macs
+                )
             io += size + new
             gemm_rows += rows * batch * step.pre * (1 if step.post == 1 else step.g)
             copied = len(step.swaps) + (step.gather in ("permute", "native", "pbatched"))
@@ -683,19 +756,31 @@ def _sequential_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Se
         kernels = 2 * num_d * len(ranks) + chunks * (kernels + bool(final)) + 1
     if prepared:
         kernels -= 2 * num_d * len(ranks)
-    cost = (macs - saved + (-1 if prepared else COST_BUILD - 1) * build + COST_IO * io
-            + rows * copies + COST_ROW * gemm_rows + _kernel_cost(prepared) * kernels)
-    plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak,
-                   kernel_saving=saved)
+    cost = (
+        macs
+        - saved
+        + (-1 if prepared else COST_BUILD - 1) * build
+        + COST_IO * io
+        + rows * copies
+        + COST_ROW * gemm_rows
+        + _kernel_cost(prepared) * kernels
+    )
+    plan = KCPPlan("sequential", order=order, macs=macs, cost=cost, peak=peak, kernel_saving=saved)
     if len(ranks) > 1 and terms == 1:
-        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies,
-                           prepared)
+        plan = _inner_last(plan, rows, in_splits, out_splits, ranks, steps[-1], copies, prepared)
     return plan
 
 
-def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
-                ranks: Sequence[int], step: _SeqStep, copies: float,
-                prepared: bool = False) -> KCPPlan:
+def _inner_last(
+    plan: KCPPlan,
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    step: _SeqStep,
+    copies: float,
+    prepared: bool = False,
+) -> KCPPlan:
     """``plan`` with its last factor applied as its own CP product (:func:`kcp_linear_parallel`
     with ``N = 1`` on the gathered rows) when the model finds that cheaper than building the
     factor's dense ``(J^(n), I^(n))`` matrix and multiplying by it; ``P = 1`` only. Every cut and
@@ -707,18 +792,32 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     m = rows * step.pre
     build = ranks[n] * step.f * step.g
     dense_saving = _tall_saving(m, step.f, step.g, m * step.f * step.g)  # already in plan.cost
-    dense = ((0 if prepared else COST_BUILD * build) + m * step.f * step.g - dense_saving
-             + COST_IO * m * (step.f + step.g) + COST_ROW * m
-             + _kernel_cost(prepared) * (2 if prepared else 2 * num_d + 2))
+    dense = (
+        (0 if prepared else COST_BUILD * build)
+        + m * step.f * step.g
+        - dense_saving
+        + COST_IO * m * (step.f + step.g)
+        + COST_ROW * m
+        + _kernel_cost(prepared) * (2 if prepared else 2 * num_d + 2)
+    )
     ins = [in_splits[d][n] for d in range(num_d)]
     outs = [out_splits[d][n] for d in range(num_d)]
     best: tuple[float, KCPPlan, tuple[int, ...]] | None = None
     for order, split in _inner_orders(ins):
         modes = order or tuple(range(num_d))
-        alt = _parallel_plan(m, tuple((ins[d],) for d in modes), tuple((outs[d],) for d in modes),
-                             (ranks[n],), 1, split, inner=True, prepared=prepared)
-        _, _, walked = _sequential_walk(in_splits, out_splits, 1, plan.order,
-                                        _inner_out_modes(ins, outs, order, split))
+        alt = _parallel_plan(
+            m,
+            tuple((ins[d],) for d in modes),
+            tuple((outs[d],) for d in modes),
+            (ranks[n],),
+            1,
+            split,
+            inner=True,
+            prepared=prepared,
+        )
+        _, _, walked = _sequential_walk(
+            in_splits, out_splits, 1, plan.order, _inner_out_modes(ins, outs, order, split)
+        )
         cost = alt.cost + rows * (walked - copies)
         if best is None or cost < best[0]:
             best = (cost, alt, order)
@@ -727,13 +826,27 @@ def _inner_last(plan: KCPPlan, rows: int, in_splits: Splits, out_splits: Splits,
     if cost >= dense:
         return plan
     macs = plan.macs - build - m * step.f * step.g + alt.macs
-    return KCPPlan("sequential", order=plan.order, macs=macs, cost=plan.cost - dense + cost,
-                   peak=plan.peak, inner=alt.split, inner_order=order,
-                   kernel_saving=plan.kernel_saving - dense_saving + alt.kernel_saving)
+    return KCPPlan(
+        "sequential",
+        order=plan.order,
+        macs=macs,
+        cost=plan.cost - dense + cost,
+        peak=plan.peak,
+        inner=alt.split,
+        inner_order=order,
+        kernel_saving=plan.kernel_saving - dense_saving + alt.kernel_saving,
+    )
 
 
-def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
-             algorithm: str, prepared: bool = False) -> KCPPlan:
+def kcp_cost(
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    terms: int,
+    algorithm: str,
+    prepared: bool = False,
+) -> KCPPlan:
     """The cheapest plan of ``algorithm`` (``"parallel"`` or ``"sequential"``) on ``rows`` rows.
 
     The model, in MAC equivalents: ``cost = MACs + (COST_BUILD - 1) * (elements built for the
@@ -749,32 +862,58 @@ def kcp_cost(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
         raise ValueError(
             f"algorithm must be 'parallel' or 'sequential', got algorithm={algorithm!r}"
         )
-    return _cost_cached(rows, tuple(map(tuple, in_splits)), tuple(map(tuple, out_splits)),
-                        tuple(ranks), terms, algorithm, prepared)
+    return _cost_cached(
+        rows,
+        tuple(map(tuple, in_splits)),
+        tuple(map(tuple, out_splits)),
+        tuple(ranks),
+        terms,
+        algorithm,
+        prepared,
+    )
 
 
 @lru_cache(maxsize=4096)
-def _cost_cached(rows: int, in_splits: Splits, out_splits: Splits, ranks: tuple[int, ...],
-                 terms: int, algorithm: str, prepared: bool) -> KCPPlan:
+def _cost_cached(
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: tuple[int, ...],
+    terms: int,
+    algorithm: str,
+    prepared: bool,
+) -> KCPPlan:
     if algorithm == "parallel":
-        plans = [_parallel_plan(rows, in_splits, out_splits, ranks, terms, s, prepared=prepared)
-                 for s in range(len(in_splits) * len(ranks))]
+        plans = [
+            _parallel_plan(rows, in_splits, out_splits, ranks, terms, s, prepared=prepared)
+            for s in range(len(in_splits) * len(ranks))
+        ]
     else:
         num_n = len(ranks)
         if num_n <= 4:
             orders = list(itertools.permutations(range(num_n)))
         else:
-            ratio = [math.prod(o[n] for o in out_splits) / math.prod(i[n] for i in in_splits)
-                     for n in range(num_n)]
+            ratio = [
+                math.prod(o[n] for o in out_splits) / math.prod(i[n] for i in in_splits)
+                for n in range(num_n)
+            ]
             orders = [tuple(sorted(range(num_n), key=lambda n: ratio[n]))]
-        plans = [_sequential_plan(rows, in_splits, out_splits, ranks, terms, o, prepared)
-                 for o in orders]
+        plans = [
+            _sequential_plan(rows, in_splits, out_splits, ranks, terms, o, prepared) for o in orders
+        ]
     return min(plans, key=lambda plan: plan.cost)
 
 
-def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[int], terms: int,
-             algorithm: str = "auto", training: bool = False,
-             prepared: bool = False) -> KCPPlan:
+def kcp_plan(
+    rows: int,
+    in_splits: Splits,
+    out_splits: Splits,
+    ranks: Sequence[int],
+    terms: int,
+    algorithm: str = "auto",
+    training: bool = False,
+    prepared: bool = False,
+) -> KCPPlan:
     """The plan ``forward`` runs: ``auto`` is the cheaper of the two by :func:`kcp_cost`.
 
     With ``training=True`` (gradients flow into the factors) ``auto`` compares forward plus
@@ -791,11 +930,17 @@ def kcp_plan(rows: int, in_splits: Splits, out_splits: Splits, ranks: Sequence[i
     piecewise, between the row counts where the choice changes.
     """
     if algorithm == "auto":
-        plans = [kcp_cost(rows, in_splits, out_splits, ranks, terms, a, prepared)
-                 for a in ("parallel", "sequential")]
+        plans = [
+            kcp_cost(rows, in_splits, out_splits, ranks, terms, a, prepared)
+            for a in ("parallel", "sequential")
+        ]
         if training:  # the backward's GEMMs stay on torch: no kernel saving there
-            return min(plans, key=lambda plan: plan.cost + BACKWARD[plan.algorithm]
-                       * (plan.cost + plan.kernel_saving))
+            return min(
+                plans,
+                key=lambda plan: (
+                    plan.cost + BACKWARD[plan.algorithm] * (plan.cost + plan.kernel_saving)
+                ),
+            )
         return min(plans, key=lambda plan: plan.cost)
     return kcp_cost(rows, in_splits, out_splits, ranks, terms, algorithm, prepared)
 
@@ -808,8 +953,9 @@ def kcp_plan_flops(plan: KCPPlan) -> int:
 # --- pure functions: products ---
 
 
-def kcp_parallel_prepare(factors: Sequence[Sequence[Tensor]], split: int = 0
-                         ) -> tuple[Tensor, Tensor | None]:
+def kcp_parallel_prepare(
+    factors: Sequence[Sequence[Tensor]], split: int = 0
+) -> tuple[Tensor, Tensor | None]:
     """The two merged chunks of :func:`kcp_linear_parallel` cut at axis ``split``: the suffix
     ``(k, o, c)`` and the prefix laid out as ``(m, a k)`` (``None`` when ``split == 0``)."""
     num_axes = len(factors) * len(factors[0])
@@ -824,8 +970,12 @@ def kcp_parallel_prepare(factors: Sequence[Sequence[Tensor]], split: int = 0
     return suffix, prefix.permute(1, 2, 0).reshape(m, a * prefix.shape[0])  # (m, a k)
 
 
-def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: int = 0,
-                        prepared: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+def kcp_linear_parallel(
+    x: Tensor,
+    factors: Sequence[Sequence[Tensor]],
+    split: int = 0,
+    prepared: tuple[Tensor, Tensor | None] | None = None,
+) -> Tensor:
     """``x @ W.T`` through the merged CP of rank ``K = P Π_n R_n`` (KCP.md §3, parallel).
 
     The ``D N`` axes of the input (mode-major, factor-minor) are cut at axis ``split``: axes
@@ -842,8 +992,9 @@ def kcp_linear_parallel(x: Tensor, factors: Sequence[Sequence[Tensor]], split: i
     return y.reshape(x.shape[0], y.shape[1] * y.shape[2])  # (b, j)
 
 
-def _parallel_rows(x: Tensor, suffix: Tensor, prefix: Tensor | None,
-                   keep: list | None = None) -> tuple[Tensor, bool]:
+def _parallel_rows(
+    x: Tensor, suffix: Tensor, prefix: Tensor | None, keep: list | None = None
+) -> tuple[Tensor, bool]:
     """Steps 1 and 2 of :func:`kcp_linear_parallel`: ``(y, swapped)`` with ``y`` ``(b, m, o)``,
     or ``(b, o, m)`` when ``swapped`` (a narrow suffix, ``o < NARROW``, runs step 2 as one tall
     GEMM whose output comes suffix-major; :func:`_inner_out_modes` predicts it). ``keep``
@@ -885,8 +1036,9 @@ def _inner_orders(in_sizes: Sequence[int]) -> list[tuple[tuple[int, ...], int]]:
     return out
 
 
-def _inner_out_modes(in_sizes: Sequence[int], out_sizes: Sequence[int], order: Sequence[int],
-                     split: int) -> tuple[int, ...]:
+def _inner_out_modes(
+    in_sizes: Sequence[int], out_sizes: Sequence[int], order: Sequence[int], split: int
+) -> tuple[int, ...]:
     """The modes of the inner CP product's output, in the order :func:`_parallel_rows` lays
     them out: prefix then suffix, or suffix then prefix when the suffix is narrow."""
     order = tuple(order) or tuple(range(len(in_sizes)))
@@ -898,8 +1050,9 @@ def _inner_out_modes(in_sizes: Sequence[int], out_sizes: Sequence[int], order: S
 
 def _input_axes(in_splits: Splits) -> list[Axis]:
     """The input's axes after the rows, mode-major and factor-minor, size-1 axes dropped."""
-    return [(("i", d, n), s) for d, split in enumerate(in_splits) for n, s in enumerate(split)
-            if s > 1]
+    return [
+        (("i", d, n), s) for d, split in enumerate(in_splits) for n, s in enumerate(split) if s > 1
+    ]
 
 
 def _group_matrix(a_n: Tensor, step: _SeqStep, first: bool) -> Tensor:
@@ -916,8 +1069,12 @@ def _group_matrix(a_n: Tensor, step: _SeqStep, first: bool) -> Tensor:
     return a_n.reshape(p, g, *own).permute(1, *dims).reshape(g, p * f)  # (g, group)
 
 
-def kcp_sequential_prepare(factors: Sequence[Sequence[Tensor]], order: Sequence[int],
-                           inner: int = -1, inner_order: Sequence[int] = ()) -> list[Any]:
+def kcp_sequential_prepare(
+    factors: Sequence[Sequence[Tensor]],
+    order: Sequence[int],
+    inner: int = -1,
+    inner_order: Sequence[int] = (),
+) -> list[Any]:
     """What :func:`kcp_linear_sequential` builds from the factors before touching the input:
     every factor's dense ``(p, g, f)`` matrix, or for the last factor with ``inner >= 0`` its
     two chunks (:func:`kcp_parallel_prepare`, its modes in ``inner_order``)."""
@@ -931,12 +1088,16 @@ def kcp_sequential_prepare(factors: Sequence[Sequence[Tensor]], order: Sequence[
     return out
 
 
-def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
-                          order: Sequence[int] | None = None, inner: int = -1,
-                          prepared: Sequence[Any] | None = None,
-                          bias: Tensor | None = None,
-                          splits: tuple[Splits, Splits] | None = None,
-                          inner_order: Sequence[int] = ()) -> Tensor:
+def kcp_linear_sequential(
+    x: Tensor,
+    factors: Sequence[Sequence[Tensor]],
+    order: Sequence[int] | None = None,
+    inner: int = -1,
+    prepared: Sequence[Any] | None = None,
+    bias: Tensor | None = None,
+    splits: tuple[Splits, Splits] | None = None,
+    inner_order: Sequence[int] = (),
+) -> Tensor:
     """``x @ W.T`` factor by factor (KCP.md §3, sequential).
 
     Factor ``n`` is applied as its small dense matrix ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]`` (the
@@ -966,18 +1127,35 @@ def kcp_linear_sequential(x: Tensor, factors: Sequence[Sequence[Tensor]],
         return F.linear(x, dense.sum(0), bias)  # (b, j)
     terms = factors[0][0].shape[0]
     if splits is None:
-        splits = (tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d)),
-                  tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d)))
-    walk = _sequential_setup(tuple(map(tuple, splits[0])), tuple(map(tuple, splits[1])), terms,
-                             order, inner, tuple(inner_order))
-    dense = (prepared if prepared is not None
-             else kcp_sequential_prepare(factors, order, inner, inner_order))
+        splits = (
+            tuple(tuple(factors[n][d].shape[3] for n in range(num_n)) for d in range(num_d)),
+            tuple(tuple(factors[n][d].shape[2] for n in range(num_n)) for d in range(num_d)),
+        )
+    walk = _sequential_setup(
+        tuple(map(tuple, splits[0])),
+        tuple(map(tuple, splits[1])),
+        terms,
+        order,
+        inner,
+        tuple(inner_order),
+    )
+    dense = (
+        prepared
+        if prepared is not None
+        else kcp_sequential_prepare(factors, order, inner, inner_order)
+    )
     return _sequential_run(x, _walk_matrices(dense, walk.steps), walk, bias)  # (b, j)
 
 
 @lru_cache(maxsize=256)
-def _sequential_setup(in_splits: Splits, out_splits: Splits, terms: int, order: tuple[int, ...],
-                      inner: int, inner_order: tuple[int, ...]) -> _Walk:
+def _sequential_setup(
+    in_splits: Splits,
+    out_splits: Splits,
+    terms: int,
+    order: tuple[int, ...],
+    inner: int,
+    inner_order: tuple[int, ...],
+) -> _Walk:
     """The checked walk of :func:`kcp_linear_sequential` (cached per shape and plan)."""
     num_d = len(in_splits)
     if inner_order:
@@ -991,9 +1169,12 @@ def _sequential_setup(in_splits: Splits, out_splits: Splits, terms: int, order: 
     last_out: tuple[int, ...] = ()
     if inner >= 0 and 0 <= inner < num_d:
         n_last = order[-1]
-        last_out = _inner_out_modes([in_splits[d][n_last] for d in range(num_d)],
-                                    [out_splits[d][n_last] for d in range(num_d)],
-                                    inner_order, inner)
+        last_out = _inner_out_modes(
+            [in_splits[d][n_last] for d in range(num_d)],
+            [out_splits[d][n_last] for d in range(num_d)],
+            inner_order,
+            inner,
+        )
     steps, final, _ = _sequential_walk(in_splits, out_splits, terms, order, last_out)
     if inner >= 0 and not (terms == 1 and 0 <= inner < num_d and steps[-1].post == 1):
         raise ValueError(
@@ -1001,8 +1182,14 @@ def _sequential_setup(in_splits: Splits, out_splits: Splits, terms: int, order: 
             f"[0, {num_d}) and a last factor gathered at the end of the rows"
         )
     gathers = bool(final) and _final_gathers([s for _, s in steps[-1].axes], final)
-    return _Walk(steps, final, tuple(_input_axes(in_splits)),
-                 math.prod(map(math.prod, out_splits)), terms, gathers)
+    return _Walk(
+        steps,
+        final,
+        tuple(_input_axes(in_splits)),
+        math.prod(map(math.prod, out_splits)),
+        terms,
+        gathers,
+    )
 
 
 def _walk_matrices(dense: Sequence[Any], steps: Sequence[_SeqStep]) -> list[Any]:
@@ -1017,16 +1204,17 @@ def _walk_matrices(dense: Sequence[Any], steps: Sequence[_SeqStep]) -> list[Any]
     return mats
 
 
-def _sequential_run(x: Tensor, mats: Sequence[Any], walk: _Walk,
-                    bias: Tensor | None) -> Tensor:
+def _sequential_run(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None) -> Tensor:
     """:func:`_run_walk` in chunks of rows (:func:`_chunk_rows`). When autograd needs gradients
     and no step is batched over terms, each chunk is one autograd node
     (:class:`_SequentialProduct`) with a hand-written backward: a GEMM pair per step and the
     inverse gathers, instead of a graph of some thirty small nodes."""
     flat = [t for m in mats for t in (m if isinstance(m, tuple) else (m,))]
-    fused = (torch.is_grad_enabled()
-             and any(t is not None and t.requires_grad for t in (x, bias, *flat))
-             and all(step.gather != "pbatched" for step in walk.steps))
+    fused = (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, bias, *flat))
+        and all(step.gather != "pbatched" for step in walk.steps)
+    )
 
     def run(part: Tensor) -> Tensor:
         if fused:
@@ -1063,8 +1251,9 @@ class _Walk:
     gathers: bool = False  # the final reordering runs as an index_select (_final_gathers)
 
 
-def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
-              saved: list | None = None) -> Tensor:
+def _run_walk(
+    x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None, saved: list | None = None
+) -> Tensor:
     """The forward of the sequential walk; ``mats[t]`` is step ``t``'s ``(g, f)`` matrix, its
     ``(p, g, f)`` factor (``pbatched``) or the inner product's ``(suffix, prefix)``. ``saved``
     collects, per step, what :func:`_walk_backward` needs (the GEMM inputs)."""
@@ -1076,7 +1265,8 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
     # autograd records the walk; the copy a step's GEMM takes stays fresh when ``saved`` keeps it
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
-        for t in (x, *[u for m in mats for u in (m if isinstance(m, tuple) else (m,))]))
+        for t in (x, *[u for m in mats for u in (m if isinstance(m, tuple) else (m,))])
+    )
     for t, (step, mat) in enumerate(zip(walk.steps, mats, strict=True)):
         sizes = [s for _, s in axes]
         skip_swap, swapped = swapped, False
@@ -1114,8 +1304,11 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
         elif step.post == 1:
             zin = z.reshape(b * step.pre, step.f)  # (b e, f)
             nxt = walk.steps[t + 1] if t + 1 < len(walk.steps) else None
-            if nxt is not None and nxt.gather == "swaps" and nxt.swaps[0] == (
-                    1, step.pre, step.g, 1):  # the next step starts by transposing (e, g)
+            if (
+                nxt is not None
+                and nxt.gather == "swaps"
+                and nxt.swaps[0] == (1, step.pre, step.g, 1)
+            ):  # the next step starts by transposing (e, g)
                 # (the compiled kernel writes (b, g, e) directly; one GEMM per row on torch,
                 # bmm(mat.expand(b, g, f), x.transpose), was 20 % faster with the input in
                 # cache but 1.7x slower with it in memory: 0.31/0.85 ms against 0.38/0.50)
@@ -1142,8 +1335,9 @@ def _run_walk(x: Tensor, mats: Sequence[Any], walk: _Walk, bias: Tensor | None,
     return z if bias is None else z + bias  # (b, j)
 
 
-def _inner_native(z: Tensor, mat: tuple[Tensor, Tensor | None], walk: _Walk,
-                  bias: Tensor | None) -> Tensor | None:
+def _inner_native(
+    z: Tensor, mat: tuple[Tensor, Tensor | None], walk: _Walk, bias: Tensor | None
+) -> Tensor | None:
     """The walk's last step, the last factor's two-chunk CP product, with the final reordering
     and the bias, in one pass of the compiled kernel (:func:`~kcprnn.formats._native.inner_rows`)
     over ``z`` ``(b, e, f)``; ``None`` where the kernel does not run it (a suffix-only product,
@@ -1159,18 +1353,23 @@ def _inner_native(z: Tensor, mat: tuple[Tensor, Tensor | None], walk: _Walk,
     # between calls (KCPMatrix._prepared), and new factors give new chunks (never modified)
     kept = getattr(suffix, "_kcprnn_inner", None)
     if kept is None or kept[0] is not prefix:
-        kept = (prefix, suffix.permute(2, 0, 1).reshape(c, k * o).contiguous(),  # (c, k o)
-                prefix.t().contiguous())  # (a k, m)
+        kept = (
+            prefix,
+            suffix.permute(2, 0, 1).reshape(c, k * o).contiguous(),  # (c, k o)
+            prefix.t().contiguous(),
+        )  # (a k, m)
         suffix._kcprnn_inner = kept
     st, pt = kept[1], kept[2]
     out = z.new_empty(z.shape[0], walk.out_features)  # (b, j)
-    return _native.inner_rows(z, st, k, pt, out, offsets, runs,
-                              None if bias is None else bias.contiguous())  # (b, j)
+    return _native.inner_rows(
+        z, st, k, pt, out, offsets, runs, None if bias is None else bias.contiguous()
+    )  # (b, j)
 
 
 @lru_cache(maxsize=64)
-def _inner_offsets(walk: _Walk, o: int, m: int, width: int
-                   ) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
+def _inner_offsets(
+    walk: _Walk, o: int, m: int, width: int
+) -> tuple[tuple[Tensor, Tensor, Tensor], bool]:
     """Where output ``(e, o, m)`` of a row of the walk's last step (an inner product with
     ``o`` suffix and ``m`` prefix outputs) lands in the final layout: ``(off_e, off_o, off_m)``,
     whose sum is the flat output index (each is a product of whole axes, so the final
@@ -1180,8 +1379,11 @@ def _inner_offsets(walk: _Walk, o: int, m: int, width: int
     total = math.prod(sizes)
     e = total // (o * m)
     with torch.inference_mode(False):
-        pos = (_final_index(sizes, walk.final, torch.device("cpu"), True) if walk.final
-               else torch.arange(total))  # (j,): output index of each number of the row
+        pos = (
+            _final_index(sizes, walk.final, torch.device("cpu"), True)
+            if walk.final
+            else torch.arange(total)
+        )  # (j,): output index of each number of the row
         cube = pos.view(e, o, m) if o < NARROW else pos.view(e, m, o).transpose(1, 2)
         off_e, off_o, off_m = cube[:, 0, 0], cube[0, :, 0], cube[0, 0, :]  # (e,), (o,), (m,)
         if not torch.equal(cube, off_e[:, None, None] + off_o[None, :, None] + off_m):
@@ -1217,8 +1419,14 @@ def _inverse(perm: Sequence[int]) -> list[int]:
     return inv
 
 
-def _walk_backward(grad: Tensor, mats: Sequence[Any], walk: _Walk, saved: Sequence[Any],
-                   need_x: bool, need: Sequence[bool]) -> tuple[Tensor | None, list]:
+def _walk_backward(
+    grad: Tensor,
+    mats: Sequence[Any],
+    walk: _Walk,
+    saved: Sequence[Any],
+    need_x: bool,
+    need: Sequence[bool],
+) -> tuple[Tensor | None, list]:
     """Gradients of :func:`_run_walk` (no ``pbatched`` step) for the output gradient ``grad``
     ``(b, j)``: ``(grad_x or None, per-step gradients of mats)`` (``None`` where ``need`` is
     false, a pair for the inner product)."""
@@ -1230,7 +1438,8 @@ def _walk_backward(grad: Tensor, mats: Sequence[Any], walk: _Walk, saved: Sequen
         g = torch.index_select(g, 1, _final_index(tuple(last), walk.final, g.device, True))
     elif walk.final:
         g = g.reshape(b, *[last[q] for q in walk.final]).permute(
-            0, *[q + 1 for q in _inverse(walk.final)])  # (b, *last axes)
+            0, *[q + 1 for q in _inverse(walk.final)]
+        )  # (b, *last axes)
     grads: list[Any] = [None] * len(steps)
     for t in range(len(steps) - 1, -1, -1):
         step, mat, kept = steps[t], mats[t], saved[t]
@@ -1248,17 +1457,16 @@ def _walk_backward(grad: Tensor, mats: Sequence[Any], walk: _Walk, saved: Sequen
                 if len(kept) == 3:  # narrow: y (b e o, m) = zt @ prefix.T
                     gy = g.reshape(rows * o, m)  # (b e o, m)
                     g_prefix = weight_grad(gy, kept[2]) if need[t] else None  # (m, a k)
-                    gz = (gy.mm(prefix).reshape(rows, o, ak).transpose(1, 2)
-                          .reshape(-1, k * o))  # (b e a, k o)
+                    gz = (
+                        gy.mm(prefix).reshape(rows, o, ak).transpose(1, 2).reshape(-1, k * o)
+                    )  # (b e a, k o)
                 else:  # wide: y (b e, m, o) = prefix @ z
                     gy = g.reshape(rows, m, o)  # (b e, m, o)
                     zz = kept[1].reshape(rows, ak, o)  # (b e, a k, o)
-                    g_prefix = (torch.einsum("nmo,nko->mk", gy, zz)
-                                if need[t] else None)  # (m, a k)
+                    g_prefix = torch.einsum("nmo,nko->mk", gy, zz) if need[t] else None  # (m, a k)
                     gz = torch.matmul(prefix.t(), gy).reshape(-1, k * o)  # (b e a, k o)
             flat_in = zin.reshape(-1, c)  # (b e a, c)
-            g_suffix = (weight_grad(gz, flat_in).reshape(k, o, c)
-                        if need[t] else None)  # (k, o, c)
+            g_suffix = weight_grad(gz, flat_in).reshape(k, o, c) if need[t] else None  # (k, o, c)
             grads[t] = (g_suffix, g_prefix)
             g_in = gz.mm(suffix.reshape(k * o, c)) if wanted else None  # (b e a, c)
         elif step.post == 1:
@@ -1307,7 +1515,7 @@ class _SequentialProduct(torch.autograd.Function):
         q = 3
         for m in mats:
             width = 2 if isinstance(m, tuple) else 1
-            need.append(any(needs[q:q + width]))
+            need.append(any(needs[q : q + width]))
             q += width
         grad = grad.contiguous()
         grad_x, grads = _walk_backward(grad, mats, walk, ctx.saved_steps, needs[0], need)
@@ -1327,7 +1535,7 @@ def _unflatten_matrices(walk: _Walk, flat: Sequence[Tensor | None]) -> list[Any]
     ``(suffix, prefix)`` pair when there is one entry more than steps (an inner product)."""
     num = len(walk.steps)
     if len(flat) == num + 1:
-        return [*flat[:num - 1], (flat[num - 1], flat[num])]
+        return [*flat[: num - 1], (flat[num - 1], flat[num])]
     return list(flat)
 
 
@@ -1401,18 +1609,24 @@ class KCPMatrix(FactorizedMatrix):
         flat_in = [math.prod(s) for s in in_splits] if in_splits is not None else in_modes
         flat_out = [math.prod(s) for s in out_splits] if out_splits is not None else out_modes
         super().__init__(
-            in_features, out_features, in_modes=flat_in, out_modes=flat_out, num_modes=num_modes,
-            algorithm=algorithm, device=device, dtype=dtype,
+            in_features,
+            out_features,
+            in_modes=flat_in,
+            out_modes=flat_out,
+            num_modes=num_modes,
+            algorithm=algorithm,
+            device=device,
+            dtype=dtype,
         )
         self.terms = validate_positive_int(terms, "terms")
         self.num_factors = num_n
         self.ranks = validate_kcp_ranks(rank, num_n)
-        self.in_splits: Splits = tuple(map(tuple, in_splits or [
-            balanced_factors(m, num_n) for m in self.in_modes
-        ]))
-        self.out_splits: Splits = tuple(map(tuple, out_splits or [
-            balanced_factors(m, num_n) for m in self.out_modes
-        ]))
+        self.in_splits: Splits = tuple(
+            map(tuple, in_splits or [balanced_factors(m, num_n) for m in self.in_modes])
+        )
+        self.out_splits: Splits = tuple(
+            map(tuple, out_splits or [balanced_factors(m, num_n) for m in self.out_modes])
+        )
         self.factors = nn.ModuleList(
             nn.ParameterList(
                 nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))
@@ -1433,14 +1647,21 @@ class KCPMatrix(FactorizedMatrix):
         (default: whether autograd will differentiate the factors now) prices the backward too."""
         algorithm = "auto" if self.algorithm == "dense" else self.algorithm
         if training is None:
-            training = (torch.is_grad_enabled()
-                        and self._factor_list()[0][0].requires_grad)
+            training = torch.is_grad_enabled() and self._factor_list()[0][0].requires_grad
         prepared = not training and not torch.is_grad_enabled()  # see _prepared
         key = (rows, algorithm, training, prepared)
         plan = self._plans.get(key)
         if plan is None:
-            plan = kcp_plan(rows, self.in_splits, self.out_splits, self.ranks, self.terms,
-                            algorithm, training, prepared)
+            plan = kcp_plan(
+                rows,
+                self.in_splits,
+                self.out_splits,
+                self.ranks,
+                self.terms,
+                algorithm,
+                training,
+                prepared,
+            )
             if len(self._plans) < 64:  # row counts seen (the shapes never change)
                 self._plans[key] = plan
         return plan
@@ -1449,8 +1670,9 @@ class KCPMatrix(FactorizedMatrix):
         plan = self.plan(x.shape[0])
         if plan.algorithm == "parallel":
             factors = self._factor_list()
-            return kcp_linear_parallel(x, factors, plan.split,
-                                       self._prepared(plan, factors))  # (b, j)
+            return kcp_linear_parallel(
+                x, factors, plan.split, self._prepared(plan, factors)
+            )  # (b, j)
         return self._sequential(plan, x, None)  # (b, j)
 
     def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -1462,18 +1684,21 @@ class KCPMatrix(FactorizedMatrix):
     def _sequential(self, plan: KCPPlan, x: Tensor, bias: Tensor | None) -> Tensor:
         factors = self._factor_list()
         if self.num_factors == 1:
-            return kcp_linear_sequential(x, factors, plan.order, plan.inner,
-                                         self._prepared(plan, factors), bias)  # (b, j)
-        walk = _sequential_setup(self.in_splits, self.out_splits, self.terms, plan.order,
-                                 plan.inner, plan.inner_order)
+            return kcp_linear_sequential(
+                x, factors, plan.order, plan.inner, self._prepared(plan, factors), bias
+            )  # (b, j)
+        walk = _sequential_setup(
+            self.in_splits, self.out_splits, self.terms, plan.order, plan.inner, plan.inner_order
+        )
         mats = self._prepared(plan, factors, walk)
         if mats is None:
             dense = kcp_sequential_prepare(factors, plan.order, plan.inner, plan.inner_order)
             mats = _walk_matrices(dense, walk.steps)
         return _sequential_run(x, mats, walk, bias)  # (b, j)
 
-    def _prepared(self, plan: KCPPlan, factors: list[list[Tensor]],
-                  walk: _Walk | None = None) -> Any:
+    def _prepared(
+        self, plan: KCPPlan, factors: list[list[Tensor]], walk: _Walk | None = None
+    ) -> Any:
         """The small matrices ``plan`` builds from the factors (laid out for ``walk``'s steps
         when given), kept between calls while autograd is off (inference) and the factors are
         unchanged (same tensors, same version counters: an optimizer step, ``load_state_dict``
@@ -1482,9 +1707,16 @@ class KCPMatrix(FactorizedMatrix):
         if torch.is_grad_enabled():
             return None
         params = [p for f in factors for p in f]
-        key = (plan.algorithm, plan.split, plan.order, plan.inner, plan.inner_order,
-               walk is not None, torch.is_inference_mode_enabled(),
-               tuple([(id(p), p.data_ptr(), p._version) for p in params]))
+        key = (
+            plan.algorithm,
+            plan.split,
+            plan.order,
+            plan.inner,
+            plan.inner_order,
+            walk is not None,
+            torch.is_inference_mode_enabled(),
+            tuple([(id(p), p.data_ptr(), p._version) for p in params]),
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if plan.algorithm == "parallel":
@@ -1514,8 +1746,9 @@ class KCPMatrix(FactorizedMatrix):
         options.setdefault("dtype", weight.dtype)
         options.setdefault("device", weight.device)
         out = cls(weight.shape[1], weight.shape[0], **options)
-        factors = kcp_from_dense(weight.detach(), out.in_splits, out.out_splits, out.ranks,
-                                 out.terms)
+        factors = kcp_from_dense(
+            weight.detach(), out.in_splits, out.out_splits, out.ranks, out.terms
+        )
         with torch.no_grad():
             for mine, new in zip(out.factors, factors, strict=True):
                 for p, u in zip(mine, new, strict=True):
@@ -1547,4 +1780,3 @@ class KCPMatrix(FactorizedMatrix):
             f"terms={self.terms}",
             f"num_factors={self.num_factors}",
         ]
-

@@ -364,8 +364,14 @@ class RingMatrix(FactorizedMatrix):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_features, out_features, in_modes=in_modes, out_modes=out_modes,
-            num_modes=num_modes, algorithm=algorithm, device=device, dtype=dtype,
+            in_features,
+            out_features,
+            in_modes=in_modes,
+            out_modes=out_modes,
+            num_modes=num_modes,
+            algorithm=algorithm,
+            device=device,
+            dtype=dtype,
         )
         self.ranks = self.resolve_ranks(rank, self.num_modes)
         b = self.bonds
@@ -385,8 +391,9 @@ class RingMatrix(FactorizedMatrix):
         raise NotImplementedError
 
     @staticmethod
-    def decompose(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
-                  ranks: tuple[int, ...]) -> list[Tensor]:
+    def decompose(
+        weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int], ranks: tuple[int, ...]
+    ) -> list[Tensor]:
         raise NotImplementedError
 
     def reset_parameters(self, std: float | None = None) -> None:
@@ -435,14 +442,21 @@ class RingMatrix(FactorizedMatrix):
         options.setdefault("dtype", weight.dtype)
         options.setdefault("device", weight.device)
         in_modes, out_modes = resolve_modes(
-            weight.shape[1], weight.shape[0], options.pop("in_modes", None),
-            options.pop("out_modes", None), options.pop("num_modes", None),
+            weight.shape[1],
+            weight.shape[0],
+            options.pop("in_modes", None),
+            options.pop("out_modes", None),
+            options.pop("num_modes", None),
         )
         ranks = cls.resolve_ranks(options.pop("rank", cls.default_rank), len(in_modes))
         cores = cls.decompose(weight, in_modes, out_modes, ranks)
         out = cls(
-            weight.shape[1], weight.shape[0], in_modes=in_modes, out_modes=out_modes,
-            rank=cls.ranks_of_cores(cores), **options,
+            weight.shape[1],
+            weight.shape[0],
+            in_modes=in_modes,
+            out_modes=out_modes,
+            rank=cls.ranks_of_cores(cores),
+            **options,
         )
         with torch.no_grad():
             for param, core in zip(out.cores, cores, strict=True):

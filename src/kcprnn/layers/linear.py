@@ -10,8 +10,15 @@ from torch import Tensor, nn
 from ..formats import FORMATS, FactorizedMatrix, make_matrix
 
 __all__ = [
-    "BTLinear", "CPLinear", "DenseLinear", "FactorizedLinear", "HTLinear", "KCPLinear",
-    "TRLinear", "TTLinear", "TuckerLinear",
+    "BTLinear",
+    "CPLinear",
+    "DenseLinear",
+    "FactorizedLinear",
+    "HTLinear",
+    "KCPLinear",
+    "TRLinear",
+    "TTLinear",
+    "TuckerLinear",
 ]
 
 
@@ -134,7 +141,13 @@ class FactorizedLinear(nn.Module):
 def _fixed_format(name: str, cls_name: str) -> type[FactorizedLinear]:
     def __init__(self, in_features, out_features, bias=True, *, device=None, dtype=None, **options):
         FactorizedLinear.__init__(
-            self, in_features, out_features, bias, format=name, device=device, dtype=dtype,
+            self,
+            in_features,
+            out_features,
+            bias,
+            format=name,
+            device=device,
+            dtype=dtype,
             **options,
         )
 

@@ -6,6 +6,13 @@ from .recurrent import GRU, LSTM, RNN
 from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
-    "GRU", "GRUCell", "LSTM", "LSTMCell", "LayerSummary", "ModelSummary", "RNN", "RNNCell",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "LayerSummary",
+    "ModelSummary",
+    "RNN",
+    "RNNCell",
     "summary",
 ]

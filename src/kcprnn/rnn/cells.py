@@ -127,8 +127,9 @@ def _is_zero(h: Tensor) -> bool:
     return h.device.type == "cpu" and not bool(h.any())
 
 
-def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
-                  order: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _lstm_forward(
+    gates: Tensor, h: Tensor, c: Tensor, weight: Tensor, order: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM recurrence over precomputed ``gates`` ``(t, b, 4h)`` (input projection and both
     biases), in place: ``gates`` comes back activated (``i, f, o`` sigmoids, ``g`` tanh). Returns
     ``(hs, cs, gates)``, ``hs`` and ``cs`` ``(t, b, h)`` indexed by time."""
@@ -139,9 +140,9 @@ def _lstm_forward(gates: Tensor, h: Tensor, c: Tensor, weight: Tensor,
     for t in order:
         g = gates[t] if skip else gates[t].add_(linear_nt(h, weight))  # (b, 4h)
         skip = False
-        g[:, :2 * hidden].sigmoid_()  # i, f
-        g[:, 2 * hidden:3 * hidden].tanh_()  # g
-        g[:, 3 * hidden:].sigmoid_()  # o
+        g[:, : 2 * hidden].sigmoid_()  # i, f
+        g[:, 2 * hidden : 3 * hidden].tanh_()  # g
+        g[:, 3 * hidden :].sigmoid_()  # o
         i, f, gg, o = g.chunk(4, dim=1)  # 4 x (b, h)
         c = torch.mul(f, c, out=cs[t]).addcmul_(i, gg)  # (b, h)
         h = torch.mul(o, torch.tanh(c), out=hs[t])  # (b, h)
@@ -154,8 +155,15 @@ class _LSTMSequence(torch.autograd.Function):
     recurrent weight's gradient as one GEMM over all steps."""
 
     @staticmethod
-    def forward(ctx, gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
-                bias: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx,
+        gates_x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
         gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
@@ -190,7 +198,7 @@ class _LSTMSequence(torch.autograd.Function):
         # what dc multiplies for the i, f, g gates, and the activations' derivatives
         by_dc = torch.stack([gg, c_prev, i], dim=2)  # (t, b, 3, h)
         deriv = acts * (1 - acts)  # (t, b, 4h): sigmoid'
-        deriv[..., 2 * hidden:3 * hidden] = 1 - gg * gg  # tanh'
+        deriv[..., 2 * hidden : 3 * hidden] = 1 - gg * gg  # tanh'
         dgates = torch.empty_like(acts)  # (t, b, 4h)
         dh, dc = grad_hn.clone(), grad_cn.clone()  # (b, h)
         order = range(steps) if reverse else range(steps - 1, -1, -1)
@@ -198,22 +206,30 @@ class _LSTMSequence(torch.autograd.Function):
             dh += grad_hs[t]
             dc.addcmul_(dh, o_dtc[t])
             d = dgates[t]  # (b, 4h)
-            torch.mul(dh, tc[t], out=d[:, 3 * hidden:])  # d o
-            torch.mul(dc[:, None], by_dc[t], out=d[:, :3 * hidden].view(b, 3, hidden))  # i, f, g
+            torch.mul(dh, tc[t], out=d[:, 3 * hidden :])  # d o
+            torch.mul(dc[:, None], by_dc[t], out=d[:, : 3 * hidden].view(b, 3, hidden))  # i, f, g
             d.mul_(deriv[t])  # pre-activation gradients
             dc = dc * f[t]
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = linear_nt(d, weight.t())  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
-        grad_w = _recurrent_weight_grad(flat, h_prev.view(steps * b, hidden)) \
-            if ctx.needs_input_grad[3] else None  # (4h, h)
+        grad_w = (
+            _recurrent_weight_grad(flat, h_prev.view(steps * b, hidden))
+            if ctx.needs_input_grad[3]
+            else None
+        )  # (4h, h)
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None  # (4h,)
         return flat, dh if ctx.needs_input_grad[1] else None, dc, grad_w, grad_bias, None
 
 
-def lstm_sequence(gates_x: Tensor, h0: Tensor, c0: Tensor, weight: Tensor,
-                  bias: Tensor | None = None, reverse: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_sequence(
+    gates_x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """A single-direction LSTM layer over equal-length sequences with a dense recurrent weight.
 
     Args:
@@ -235,8 +251,9 @@ class _GRUSequence(torch.autograd.Function):
     backward through time (as :class:`_LSTMSequence`)."""
 
     @staticmethod
-    def forward(ctx, gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None,
-                reverse: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
         gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
@@ -255,9 +272,9 @@ class _GRUSequence(torch.autograd.Function):
                 g = gh[t].copy_(linear_nt(h, weight))  # (b, 3h)
             else:
                 g = torch.add(linear_nt(h, weight), bias, out=gh[t])  # (b, 3h)
-            gate = torch.add(gx[t, :, :2 * hidden], g[:, :2 * hidden], out=rz[t]).sigmoid_()
+            gate = torch.add(gx[t, :, : 2 * hidden], g[:, : 2 * hidden], out=rz[t]).sigmoid_()
             r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
-            n = torch.addcmul(gx[t, :, 2 * hidden:], r, g[:, 2 * hidden:], out=ns[t]).tanh_()
+            n = torch.addcmul(gx[t, :, 2 * hidden :], r, g[:, 2 * hidden :], out=ns[t]).tanh_()
             h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
         ctx.rz, ctx.ns, ctx.gh, ctx.reverse = rz, ns, gh, reverse
         ctx.has_bias = bias is not None
@@ -288,24 +305,28 @@ class _GRUSequence(torch.autograd.Function):
         for t in order:
             dh += grad_hs[t]
             dx, dhh = dgx[t], dgh[t]  # (b, 3h)
-            dpre_n = torch.mul(dh, one_minus_z[t], out=dx[:, 2 * hidden:]).mul_(tanh_deriv[t])
-            torch.mul(dpre_n, gh[t, :, 2 * hidden:], out=dx[:, :hidden])  # d r
-            torch.mul(dh, h_minus_n[t], out=dx[:, hidden:2 * hidden])  # d z
-            dx[:, :2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
-            dhh[:, :2 * hidden] = dx[:, :2 * hidden]
-            torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden:])
+            dpre_n = torch.mul(dh, one_minus_z[t], out=dx[:, 2 * hidden :]).mul_(tanh_deriv[t])
+            torch.mul(dpre_n, gh[t, :, 2 * hidden :], out=dx[:, :hidden])  # d r
+            torch.mul(dh, h_minus_n[t], out=dx[:, hidden : 2 * hidden])  # d z
+            dx[:, : 2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
+            dhh[:, : 2 * hidden] = dx[:, : 2 * hidden]
+            torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden :])
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = (dh * z[t]).add_(linear_nt(dhh, weight.t()))  # (b, h)
         flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
         flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
-        grad_w = _recurrent_weight_grad(flat_h, h_prev.view(steps * b, hidden)) \
-            if ctx.needs_input_grad[2] else None  # (3h, h)
+        grad_w = (
+            _recurrent_weight_grad(flat_h, h_prev.view(steps * b, hidden))
+            if ctx.needs_input_grad[2]
+            else None
+        )  # (3h, h)
         grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return flat_x, dh if ctx.needs_input_grad[1] else None, grad_w, grad_bias, None
 
 
-def gru_sequence(gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None = None,
-                 reverse: bool = False) -> tuple[Tensor, Tensor]:
+def gru_sequence(
+    gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None = None, reverse: bool = False
+) -> tuple[Tensor, Tensor]:
     """A single-direction GRU layer over equal-length sequences with a dense recurrent weight:
     ``gates_x`` ``W_ih x + b_ih`` ``(t b, 3h)`` (gates ``r, z, n``), ``h0`` ``(b, h)``, ``weight``
     ``W_hh`` ``(3h, h)``, ``bias`` ``b_hh`` (``b_hn`` stays inside the reset gate, as in
@@ -323,8 +344,9 @@ def _flat_product(modes: Sequence[Any]) -> int:
 
 def _check_modes(modes: Sequence[Any], size: int, name: str, size_name: str) -> list[Any]:
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) == 0:
-        raise TypeError(f"{name} must be a non-empty sequence of ints (or of int sequences), "
-                        f"got {modes!r}")
+        raise TypeError(
+            f"{name} must be a non-empty sequence of ints (or of int sequences), got {modes!r}"
+        )
     if _flat_product(modes) != size:
         raise ValueError(
             f"the product of {name} must equal {size_name}: {name}={list(modes)} multiply to "
@@ -429,8 +451,17 @@ class _CellBase(nn.Module):
             fmt = format if kind == "ih" else hidden_format
             return make_matrix(fmt, in_f, out_f, **factory_kwargs, **opts)
 
-        self._build(input_size, hidden_size, bias, proj_size, factory, hidden_modes,
-                    options, hidden_options or {}, factory_kwargs)
+        self._build(
+            input_size,
+            hidden_size,
+            bias,
+            proj_size,
+            factory,
+            hidden_modes,
+            options,
+            hidden_options or {},
+            factory_kwargs,
+        )
         self.reset_parameters()
 
     def _build(
@@ -469,7 +500,9 @@ class _CellBase(nn.Module):
             "ih", input_size, out_size, input_matrix_options(options, g, hidden_modes)
         )
         self.weight_hh = factory(
-            "hh", state_in, out_size,
+            "hh",
+            state_in,
+            out_size,
             hidden_matrix_options(hidden_options, state_in, hidden_size, g, hidden_modes),
         )
         if proj_size:
@@ -601,8 +634,17 @@ class _CellBase(nn.Module):
         nn.Module.__init__(out)
         factory = _from_dense_factory(weights, format, hidden_format)
         kwargs = {"device": cell.weight_ih.device, "dtype": cell.weight_ih.dtype}
-        out._build(cell.input_size, cell.hidden_size, cell.bias, 0, factory, hidden_modes,
-                   options, hidden_options or {}, kwargs)
+        out._build(
+            cell.input_size,
+            cell.hidden_size,
+            cell.bias,
+            0,
+            factory,
+            hidden_modes,
+            options,
+            hidden_options or {},
+            kwargs,
+        )
         out._set_extra_from_torch(cell)
         if cell.bias:
             with torch.no_grad():
@@ -622,8 +664,14 @@ def _check_size(value: object, name: str) -> int:
     return value
 
 
-_TORCH_KINDS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "RNNCell": nn.RNNCell,
-                "LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+_TORCH_KINDS = {
+    "LSTMCell": nn.LSTMCell,
+    "GRUCell": nn.GRUCell,
+    "RNNCell": nn.RNNCell,
+    "LSTM": nn.LSTM,
+    "GRU": nn.GRU,
+    "RNN": nn.RNN,
+}
 
 
 def _check_torch_kind(cls: type, module: nn.Module) -> None:
@@ -749,9 +797,15 @@ class GRUCell(_CellBase):
 
     num_gates = 3
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         if options.get("proj_size", 0):
             raise ValueError("proj_size is only supported by LSTM cells")
         super().__init__(input_size, hidden_size, bias, device, dtype, **options)
@@ -784,9 +838,16 @@ class RNNCell(_CellBase):
 
     num_gates = 1
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
-                 nonlinearity: str = "tanh", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         if options.get("proj_size", 0):
             raise ValueError("proj_size is only supported by LSTM cells")
         _check_nonlinearity(nonlinearity)
@@ -797,8 +858,7 @@ class RNNCell(_CellBase):
         self.nonlinearity = _check_nonlinearity(cell.nonlinearity)
 
     def step(self, gates_x: Tensor, state: State) -> State:
-        return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh,
-                         self.nonlinearity),)
+        return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))

@@ -79,7 +79,7 @@ def scan(
             if b < state[0].shape[0]:  # the sequences at rows >= b have ended
                 finished.append(tuple(s[b:] for s in state))
                 state = tuple(s[:b] for s in state)  # (b, .)
-            state = step(gates_x[offset:offset + b], state)  # (b, .)
+            state = step(gates_x[offset : offset + b], state)  # (b, .)
             outputs.append(state[0])
             offset += b
         finished.append(state)
@@ -97,13 +97,18 @@ def scan(
                 torch.cat([s, s0[have:b]], dim=0) for s, s0 in zip(state, initial, strict=True)
             )  # (b, .)
         offset -= b
-        state = step(gates_x[offset:offset + b], state)  # (b, .)
+        state = step(gates_x[offset : offset + b], state)  # (b, .)
         outputs.append(state[0])
     return torch.cat(outputs[::-1], dim=0), state  # (n, p)
 
 
-def run_layer(cell: _CellBase, gates_x: Tensor, batch_sizes: Sequence[int], state: State,
-              reverse: bool = False) -> tuple[Tensor, State]:
+def run_layer(
+    cell: _CellBase,
+    gates_x: Tensor,
+    batch_sizes: Sequence[int],
+    state: State,
+    reverse: bool = False,
+) -> tuple[Tensor, State]:
     """One direction of one layer over precomputed input projections, as :func:`scan`.
 
     An LSTM layer (no projection) or GRU layer with a dense recurrent weight and sequences of
@@ -111,11 +116,15 @@ def run_layer(cell: _CellBase, gates_x: Tensor, batch_sizes: Sequence[int], stat
     :func:`~kcprnn.rnn.cells.gru_sequence` (fused steps, a hand-written backward through time),
     except under ``torch.compile``; everything else steps through :func:`scan` with autograd.
     """
-    fused = (isinstance(cell.weight_hh, DenseMatrix) and len(set(batch_sizes)) == 1
-             and not torch.compiler.is_compiling())  # compiled graphs fuse the steps themselves
+    fused = (
+        isinstance(cell.weight_hh, DenseMatrix)
+        and len(set(batch_sizes)) == 1
+        and not torch.compiler.is_compiling()
+    )  # compiled graphs fuse the steps themselves
     if fused and isinstance(cell, LSTMCell) and cell.weight_hr is None:
-        out, h, c = lstm_sequence(gates_x, state[0], state[1], cell.weight_hh.weight,
-                                  cell.bias_hh, reverse)
+        out, h, c = lstm_sequence(
+            gates_x, state[0], state[1], cell.weight_hh.weight, cell.bias_hh, reverse
+        )
         return out, (h, c)  # (n, h)
     if fused and isinstance(cell, GRUCell):
         out, h = gru_sequence(gates_x, state[0], cell.weight_hh.weight, cell.bias_hh, reverse)
@@ -184,9 +193,23 @@ class _RNNBase(nn.Module):
 
             return factory
 
-        self._setup(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                    bidirectional, proj_size, nonlinearity, factories, factory_kwargs,
-                    hidden_modes, hidden_options, layer_options, options)
+        self._setup(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            nonlinearity,
+            factories,
+            factory_kwargs,
+            hidden_modes,
+            hidden_options,
+            layer_options,
+            options,
+        )
         self.reset_parameters()
 
     def _setup(
@@ -210,8 +233,11 @@ class _RNNBase(nn.Module):
         _check_size(input_size, "input_size")
         _check_size(hidden_size, "hidden_size")
         _check_size(num_layers, "num_layers")
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
             raise ValueError(
                 "dropout should be a number in range [0, 1] representing the probability of an "
                 f"element being zeroed, got dropout={dropout!r}"
@@ -226,7 +252,8 @@ class _RNNBase(nn.Module):
         if proj_size and self.mode != "LSTM":
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if layer_options is not None and (
-            isinstance(layer_options, dict) or len(layer_options) != num_layers
+            isinstance(layer_options, dict)
+            or len(layer_options) != num_layers
             or not all(isinstance(o, dict) for o in layer_options)
         ):
             raise ValueError(
@@ -262,8 +289,17 @@ class _RNNBase(nn.Module):
             for direction in range(num_directions):
                 cell = self.cell_class.__new__(self.cell_class)
                 nn.Module.__init__(cell)
-                cell._build(layer_in, hidden_size, bias, proj_size, factories(layer, direction),
-                            hidden_modes, opts, dict(hidden_options or {}), factory_kwargs)
+                cell._build(
+                    layer_in,
+                    hidden_size,
+                    bias,
+                    proj_size,
+                    factories(layer, direction),
+                    hidden_modes,
+                    opts,
+                    dict(hidden_options or {}),
+                    factory_kwargs,
+                )
                 if self.mode == "RNN":
                     cell.nonlinearity = self.nonlinearity
                 cells.append(cell)
@@ -355,8 +391,10 @@ class _RNNBase(nn.Module):
             x = data  # (n, i)
         else:
             if not isinstance(input, Tensor):
-                raise TypeError(f"{mode}: input must be a Tensor or a PackedSequence, "
-                                f"got {type(input).__name__}")
+                raise TypeError(
+                    f"{mode}: input must be a Tensor or a PackedSequence, "
+                    f"got {type(input).__name__}"
+                )
             if input.dim() not in (2, 3):
                 raise ValueError(
                     f"{mode}: Expected input to be 2D or 3D, got {input.dim()}D instead"
@@ -449,18 +487,30 @@ class _RNNBase(nn.Module):
 
         def factories(layer: int, direction: int) -> MatrixFactory:
             sfx = f"_l{layer}" + ("_reverse" if direction else "")
-            weights = {"ih": getattr(module, "weight_ih" + sfx),
-                       "hh": getattr(module, "weight_hh" + sfx)}
+            weights = {
+                "ih": getattr(module, "weight_ih" + sfx),
+                "hh": getattr(module, "weight_hh" + sfx),
+            }
             if getattr(module, "proj_size", 0):
                 weights["hr"] = getattr(module, "weight_hr" + sfx)
             return _from_dense_factory(weights, format, hidden_format)
 
         out._setup(
-            module.input_size, module.hidden_size, module.num_layers, module.bias,
-            module.batch_first, module.dropout, module.bidirectional,
-            getattr(module, "proj_size", 0), getattr(module, "nonlinearity", "tanh"),
-            factories, {"device": ref.device, "dtype": ref.dtype}, hidden_modes,
-            hidden_options, layer_options, options,
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            module.bias,
+            module.batch_first,
+            module.dropout,
+            module.bidirectional,
+            getattr(module, "proj_size", 0),
+            getattr(module, "nonlinearity", "tanh"),
+            factories,
+            {"device": ref.device, "dtype": ref.dtype},
+            hidden_modes,
+            hidden_options,
+            layer_options,
+            options,
         )
         if module.bias:
             with torch.no_grad():
@@ -567,12 +617,34 @@ class LSTM(_RNNBase):
     mode = "LSTM"
     cell_class = LSTMCell
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, **options: Any) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, "tanh", device, dtype, **options)
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            "tanh",
+            device,
+            dtype,
+            **options,
+        )
 
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
@@ -613,13 +685,34 @@ class GRU(_RNNBase):
     mode = "GRU"
     cell_class = GRUCell
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, "tanh", device, dtype, **options)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            "tanh",
+            device,
+            dtype,
+            **options,
+        )
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None
@@ -658,14 +751,35 @@ class RNN(_RNNBase):
     mode = "RNN"
     cell_class = RNNCell
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
         proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, nonlinearity, device, dtype, **options)
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            nonlinearity,
+            device,
+            dtype,
+            **options,
+        )
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None

@@ -111,25 +111,54 @@ class ModelSummary:
         return sum(s.macs_per_step for s in self.layers)
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "W_ih format", "W_ih shape", "W_ih params", "W_ih ratio",
-                "W_hh params", "bias", "params", "MACs/step")
+        head = (
+            "layer",
+            "kind",
+            "W_ih format",
+            "W_ih shape",
+            "W_ih params",
+            "W_ih ratio",
+            "W_hh params",
+            "bias",
+            "params",
+            "MACs/step",
+        )
         rows = [
-            (s.name, s.kind, s.format, f"{s.input_shape[0]} x {s.input_shape[1]}",
-             f"{s.input_params:,}", f"{s.input_compression:,.1f}x", f"{s.hidden_params:,}",
-             f"{s.bias_params:,}", f"{s.params:,}", f"{s.macs_per_step:,.0f}")
+            (
+                s.name,
+                s.kind,
+                s.format,
+                f"{s.input_shape[0]} x {s.input_shape[1]}",
+                f"{s.input_params:,}",
+                f"{s.input_compression:,.1f}x",
+                f"{s.hidden_params:,}",
+                f"{s.bias_params:,}",
+                f"{s.params:,}",
+                f"{s.macs_per_step:,.0f}",
+            )
             for s in self.layers
         ]
         if self.layers:
-            rows.append((
-                "recurrent total", "", "", "", f"{self.input_params:,}",
-                f"{self.input_compression:,.1f}x", f"{sum(s.hidden_params for s in self.layers):,}",
-                f"{sum(s.bias_params for s in self.layers):,}",
-                f"{sum(s.params for s in self.layers):,}", f"{self.macs_per_step:,.0f}",
-            ))
+            rows.append(
+                (
+                    "recurrent total",
+                    "",
+                    "",
+                    "",
+                    f"{self.input_params:,}",
+                    f"{self.input_compression:,.1f}x",
+                    f"{sum(s.hidden_params for s in self.layers):,}",
+                    f"{sum(s.bias_params for s in self.layers):,}",
+                    f"{sum(s.params for s in self.layers):,}",
+                    f"{self.macs_per_step:,.0f}",
+                )
+            )
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
         lines = [
-            "  ".join(v.ljust(w) if c < 4 else v.rjust(w)
-                      for c, (v, w) in enumerate(zip(r, widths, strict=True)))
+            "  ".join(
+                v.ljust(w) if c < 4 else v.rjust(w)
+                for c, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
             for r in [head, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -141,8 +170,9 @@ class ModelSummary:
         return "\n".join(lines)
 
 
-def _layer_summary(name: str, kind: str, cell: _CellBase, batch_size: int,
-                   seq_len: int) -> LayerSummary:
+def _layer_summary(
+    name: str, kind: str, cell: _CellBase, batch_size: int, seq_len: int
+) -> LayerSummary:
     mats = cell.matrices()
     ih = mats.pop("ih")
     hidden = list(mats.values())
@@ -197,7 +227,11 @@ def summary(model: nn.Module, batch_size: int = 1, seq_len: int = 1) -> ModelSum
             layers.append(_layer_summary(path or kind, kind, module, batch_size, seq_len))
     params = sum(p.numel() for p in model.parameters())
     matrices = [m for m in model.modules() if isinstance(m, FactorizedMatrix)]
-    dense = (params - sum(m.num_params for m in matrices)
-             + sum(m.in_features * m.out_features for m in matrices))
-    return ModelSummary(layers=layers, params=params, dense_params=dense,
-                        batch_size=batch_size, seq_len=seq_len)
+    dense = (
+        params
+        - sum(m.num_params for m in matrices)
+        + sum(m.in_features * m.out_features for m in matrices)
+    )
+    return ModelSummary(
+        layers=layers, params=params, dense_params=dense, batch_size=batch_size, seq_len=seq_len
+    )
