@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 
 __all__ = ["FORMATS", "FactorizedMatrix", "make_matrix", "register", "resolve_dtype"]
@@ -68,6 +69,8 @@ class FactorizedMatrix(nn.Module):
         num_modes: ``D`` when neither mode list is given (default: 4 where the sizes allow).
         algorithm: how ``forward`` multiplies, one of the class's :attr:`algorithms`.
         device, dtype: factory arguments for the parameters, as in ``torch.nn``.
+        cost_model: the machine's :class:`~kcprnn._cpu.CostModel` that planning and chunking
+            use (default: :func:`~kcprnn._cpu.default_cost_model`).
 
     Attributes:
         in_modes, out_modes: tuples of mode sizes.
@@ -90,8 +93,10 @@ class FactorizedMatrix(nn.Module):
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cost_model: CostModel | None = None,
     ) -> None:
         super().__init__()
+        self.cost_model = cost_model
         self.in_modes, self.out_modes = resolve_modes(
             in_features, out_features, in_modes, out_modes, num_modes
         )
@@ -115,6 +120,25 @@ class FactorizedMatrix(nn.Module):
                 f"{self.format_name!r}, got algorithm={value!r}"
             )
         self._algorithm = value
+
+    @property
+    def cost_model(self) -> CostModel:
+        """The cost model this matrix plans with; settable (``None``: the default)."""
+        return default_cost_model() if self._cost_model is None else self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, value: CostModel | None) -> None:
+        if value is not None and not isinstance(value, CostModel):
+            raise TypeError(f"cost_model must be a CostModel or None, got {type(value).__name__}")
+        self._cost_model = value
+
+    def planning_model(self) -> CostModel:
+        """:attr:`cost_model` as it applies to this matrix's parameters' device and dtype
+        (:meth:`CostModel.for_device`)."""
+        p = next(self.parameters(), None)
+        return self.cost_model.for_device(
+            None if p is None else p.device, None if p is None else p.dtype
+        )
 
     @property
     def num_modes(self) -> int:
@@ -147,11 +171,17 @@ class FactorizedMatrix(nn.Module):
         """Dense entries per stored parameter: ``in_features * out_features / num_params``."""
         return self.in_features * self.out_features / self.num_params
 
-    def flops(self, rows: int) -> int:
-        """Multiply-accumulates of ``forward`` on ``rows`` rows with the current algorithm."""
+    def macs(self, rows: int, *, training: bool = False) -> int:
+        """Multiply-accumulates of ``forward`` on ``rows`` rows with the current algorithm, as
+        planned in training (autograd recording) or inference mode. Planning never builds the
+        compiled kernels, and the count does not depend on whether they can be built."""
         if self.algorithm == "dense":
-            return self.reconstruction_flops() + rows * self.in_features * self.out_features
-        return self.matmul_flops(rows)
+            return self.reconstruction_macs() + rows * self.in_features * self.out_features
+        return self.matmul_macs(rows, training=training)
+
+    def flops(self, rows: int, *, training: bool = False) -> int:
+        """Alias of :meth:`macs` (kept for older code: the count is of multiply-accumulates)."""
+        return self.macs(rows, training=training)
 
     def extra_repr(self) -> str:
         items = [
@@ -198,13 +228,21 @@ class FactorizedMatrix(nn.Module):
         """Reconstruct ``W``, shape ``(out_features, in_features)``."""
         raise NotImplementedError
 
-    def matmul_flops(self, rows: int) -> int:
-        """Multiply-accumulates of :meth:`matmul` on ``rows`` rows."""
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        """Multiply-accumulates of :meth:`matmul` on ``rows`` rows, in training or inference."""
         raise NotImplementedError
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         """Multiply-accumulates of :meth:`to_dense`."""
         raise NotImplementedError
+
+    def matmul_flops(self, rows: int) -> int:
+        """Alias of :meth:`matmul_macs` in inference mode."""
+        return self.matmul_macs(rows)
+
+    def reconstruction_flops(self) -> int:
+        """Alias of :meth:`reconstruction_macs`."""
+        return self.reconstruction_macs()
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Re-initialize so that the reconstructed ``W`` has std ``std`` (default

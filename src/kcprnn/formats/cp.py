@@ -219,10 +219,10 @@ class CPMatrix(FactorizedMatrix):
     def to_dense(self) -> Tensor:
         return cp_to_dense(list(self.factors))  # (j, i)
 
-    def matmul_flops(self, rows: int) -> int:
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         return cp_linear_flops(rows, self.in_modes, self.out_modes, self.rank)
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return cp_reconstruction_flops(self.in_modes, self.out_modes, self.rank)
 
     def format_repr_items(self) -> list[str]:

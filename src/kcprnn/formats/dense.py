@@ -55,10 +55,10 @@ class DenseMatrix(FactorizedMatrix):
     def to_dense(self) -> Tensor:
         return self.weight
 
-    def matmul_flops(self, rows: int) -> int:
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         return rows * self.in_features * self.out_features
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return 0
 
     @classmethod

@@ -736,10 +736,10 @@ class HTMatrix(FactorizedMatrix):
             list(self.leaves), list(self.transfers), self.root, self.in_modes, self.out_modes
         )  # (j, i)
 
-    def matmul_flops(self, rows: int) -> int:
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         return rows * self.plan.macs_per_row + self.plan.macs_fixed
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return _reconstruction_macs(self.in_modes, self.out_modes, self.ranks)
 
     def format_repr_items(self) -> list[str]:

@@ -1731,10 +1731,10 @@ class KCPMatrix(FactorizedMatrix):
     def to_dense(self) -> Tensor:
         return kcp_to_dense(self._factor_list())
 
-    def matmul_flops(self, rows: int) -> int:
-        return kcp_plan_flops(self.plan(rows))
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        return kcp_plan_flops(self.plan(rows, training=training))
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return kcp_reconstruction_flops(self.in_splits, self.out_splits, self.ranks, self.terms)
 
     @classmethod

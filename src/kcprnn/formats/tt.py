@@ -420,11 +420,11 @@ class RingMatrix(FactorizedMatrix):
         """The sweep :meth:`matmul` uses on ``rows`` rows (see :func:`ring_contraction_order`)."""
         return ring_contraction_order(self.in_modes, self.out_modes, self.bonds, rows)
 
-    def matmul_flops(self, rows: int) -> int:
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         order = self.contraction_order(rows)
         return ring_linear_flops(self.in_modes, self.out_modes, self.bonds, rows, order)
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return ring_to_dense_flops(self.in_modes, self.out_modes, self.bonds)
 
     def format_repr_items(self) -> list[str]:

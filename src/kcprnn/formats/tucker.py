@@ -328,10 +328,10 @@ class TuckerMatrix(FactorizedMatrix):
     def to_dense(self) -> Tensor:
         return tucker_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
 
-    def matmul_flops(self, rows: int) -> int:
+    def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         return tucker_linear_flops(rows, self.in_modes, self.out_modes, self.ranks)
 
-    def reconstruction_flops(self) -> int:
+    def reconstruction_macs(self) -> int:
         return tucker_reconstruction_flops(self.in_modes, self.out_modes, self.ranks)
 
     def format_repr_items(self) -> list[str]:

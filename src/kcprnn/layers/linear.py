@@ -130,9 +130,14 @@ class FactorizedLinear(nn.Module):
     def compression_ratio(self) -> float:
         return self.weight.compression_ratio
 
-    def flops(self, rows: int) -> int:
-        """Multiply-accumulates of the weight product for ``rows`` rows (bias adds excluded)."""
-        return self.weight.flops(rows)
+    def macs(self, rows: int, *, training: bool = False) -> int:
+        """Multiply-accumulates of the weight product for ``rows`` rows (bias adds excluded), as
+        planned in training or inference mode."""
+        return self.weight.macs(rows, training=training)
+
+    def flops(self, rows: int, *, training: bool = False) -> int:
+        """Alias of :meth:`macs`."""
+        return self.macs(rows, training=training)
 
     def extra_repr(self) -> str:
         return f"format={self.format!r}, bias={self.bias is not None}"

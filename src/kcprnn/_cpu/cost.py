@@ -1,0 +1,150 @@
+"""The cost model: every machine-tuned number kcprnn's planners and GEMM routing use, in one
+frozen object.
+
+Costs are in multiply-accumulate equivalents (one MAC of a large float32 GEMM = 1). The defaults
+were measured on a 2-core x86-64 CPU (AVX-512) with torch 2.13 at 2 threads; ``kcprnn calibrate``
+measures the machine it runs on and prints a model to pass in (``KCPMatrix(..., cost_model=m)``,
+or :func:`CostModel.load` of its JSON). How each default was measured is recorded beside the
+benchmark results (``benchmarks/results/cost-model/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CostModel", "default_cost_model"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Machine-tuned costs and thresholds. Frozen: derive variants with :meth:`replace`."""
+
+    # --- whether the fast CPU paths are planned for ---
+    kernels: bool = True  # plan for kcprnn's compiled float32 CPU kernels (the plan, and so the
+    # MAC count, does not depend on whether a compiler exists; without one the same plan runs on
+    # torch ops)
+    onednn: bool = True  # plan for oneDNN's inner product on tall float32 CPU products
+
+    # --- KCP planner (formats/kcp) ---
+    io: float = 1.0  # one element read or written by a GEMM
+    permute: float = 60.0  # one element moved by a strided permute copy with a contiguous run of 6;
+    # (0.5 + 3 / run) times that for other runs
+    gather_index: float = 120.0  # one element of a final reordering run as an index_select
+    final_gather_run: int = 16  # final reorderings with shorter contiguous runs use index_select
+    native_gather: float = 20.0  # one element moved by the compiled one-pass gather ...
+    native_gather_run: float = 60.0  # ... plus this over its contiguous run
+    swap: float = 11.0  # one element of a block transpose ...
+    swap_run: float = 40.0  # ... plus this over its contiguous run
+    big_elements: int = 1 << 22  # blocks this large are mapped fresh and page-faulted per call
+    fault: float = 40.0  # per element of such a block
+    gather_chunk: int = 1 << 21  # sequential gathers inputs larger than this in chunks of rows
+    narrow_penalty: float = 24.0  # batched GEMMs of width w cost (1 + this / w) per MAC
+    row: float = 150.0  # one GEMM row (small inner dimensions run far below peak)
+    kernel: float = 5.0e5  # one op launch with autograd recording (Python + dispatch)
+    kernel_prepared: float = 1.5e5  # one op launch under no_grad
+    build: float = 30.0  # per element of the broadcast products building the small matrices
+    narrow: int = 16  # parallel step 2 uses per-row GEMMs from this many suffix outputs on
+    onednn_gain: float = 0.8  # a tall GEMM on oneDNN costs this times MKL's
+    native_gain: float = 0.5  # a tall GEMM on the compiled kernel, up to 4 outputs ...
+    native_gain_wide: float = 0.75  # ... and up to 8, relative to MKL's
+    backward_parallel: float = 1.5  # backward over forward time of the parallel product
+    backward_sequential: float = 0.5  # ... and of the sequential one
+
+    # --- GEMM routing (_cpu/ops) ---
+    onednn_min_out: int = 8  # tall products with at least this many outputs run on oneDNN
+    onednn_min_inner: int = 32  # below tall_min_rows rows, oneDNN still runs products with this
+    onednn_min_size: int = 1 << 17  # many inputs and this many input elements
+    native_max_out: int = 8  # the compiled kernel runs products of at most this many outputs,
+    native_long_row: int = 4096  # more than half of that only on rows of at most this length,
+    native_min_size: int = 32768  # and at least this many input elements
+    tall_blocks: int = 32  # blocks of rows of a tall weight gradient
+    tall_min_rows: int = 64 * 32  # fewer rows: one plain GEMM
+    scratch_max: int = 1 << 22  # largest reusable scratch buffer (elements) per slot and thread
+
+    # --- other formats and the recurrence ---
+    tt_chunk_entries: int = 1 << 23  # TT/TR sweep rows in chunks of at most this many entries
+    tucker_chunk_elements: int = 1 << 19  # Tucker/CP multiply larger inputs in chunks of rows
+    ht_move: float = 8.0  # one element copied by an HT permutation
+    ht_max_search: int = 5  # HT leaf orders searched exhaustively up to this many modes
+    recurrent_grad_blocked_rows: int = 4096  # W_hh's gradient over more rows runs blocked
+
+    def replace(self, **changes: Any) -> CostModel:
+        """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    def for_device(self, device: torch.device | str | None, dtype: torch.dtype | None) -> CostModel:
+        """This model as it applies to tensors of ``device`` and ``dtype``: the compiled kernels
+        and oneDNN run float32 on the CPU only, so elsewhere their savings are not planned for."""
+        device = torch.device("cpu" if device is None else device)
+        cpu32 = device.type == "cpu" and dtype in (None, torch.float32)
+        if cpu32 or not (self.kernels or self.onednn):
+            return self
+        return self.replace(kernels=False, onednn=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CostModel:
+        """A model from ``values`` (missing names keep their defaults); an unknown name or a
+        value of the wrong type raises ``ValueError`` naming it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"CostModel: unknown field(s) {unknown}; known: {sorted(fields)}")
+        checked: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = type(getattr(_DEFAULT, name))
+            ok = (
+                isinstance(value, bool)
+                if kind is bool
+                else (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and (kind is float or float(value).is_integer())
+                )
+            )
+            if not ok:
+                raise ValueError(f"CostModel: {name}={value!r} should be a {kind.__name__}")
+            checked[name] = kind(value)
+        return cls(**checked)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the model as JSON, atomically (a crash leaves the old file or the new one)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CostModel:
+        """Read a model written by :meth:`save` or printed by ``kcprnn calibrate``."""
+        with open(path) as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a cost model is a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+_DEFAULT = CostModel()
+
+
+def default_cost_model() -> CostModel:
+    """The model used where none is passed: ``$KCPRNN_COST_MODEL`` (a JSON file) if set, else
+    the built-in defaults."""
+    path = os.environ.get("KCPRNN_COST_MODEL")
+    return CostModel.load(path) if path else _DEFAULT
