@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kcprnn-installed
 
-.PHONY: setup system-deps demo test example bench clean
+.PHONY: setup system-deps demo test lint example bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ example: setup
 
 test: setup system-deps
 	$(PY) -m pytest
+
+# Static checks on the library: ruff's linter and formatter, and mypy (config in pyproject.toml).
+lint: setup
+	$(PY) -m pip install -q -e '.[lint]'
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/bench_formats.py

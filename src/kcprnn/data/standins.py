@@ -104,8 +104,7 @@ class StandInSpec:
 
 def _backgrounds(rng: np.random.Generator, n: int, height: int, width: int) -> torch.Tensor:
     """Dim smooth random colour fields in [0.02, 0.22]: (n, 3, h, w)."""
-    coarse = rng.uniform(0.02, 0.22, size=(n, 3, 3, 4)).astype(np.float32)  # (n, 3, 3, 4)
-    coarse = torch.from_numpy(coarse)
+    coarse = torch.from_numpy(rng.uniform(0.02, 0.22, size=(n, 3, 3, 4)).astype(np.float32))
     fields = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
     return fields.clamp(0, 1)  # (n, 3, h, w)
 
@@ -156,7 +155,7 @@ def _compose(
     n, t = cx.shape
     out = np.empty((n, t, height, width, 3), dtype=np.uint8)
     backgrounds = _backgrounds(rng, n, height, width)  # (n, 3, h, w)
-    noise_seeds = rng.integers(0, 2**31 - 1, size=n)
+    noise_seeds = np.asarray(rng.integers(0, 2**31 - 1, size=n))  # (n,)
     clips_per_chunk = max(1, _CHUNK // t)
     for start in range(0, n, clips_per_chunk):
         sl = slice(start, min(n, start + clips_per_chunk))
