@@ -1,8 +1,9 @@
 """One LSTM training step at the UCF11 size: torch.nn.LSTM against kcprnn.LSTM in every format.
 
-The step (KCP.md section 5): batch 16, 6 frames of 57,600 features (160x120 RGB), hidden 256, a
-linear head over 11 classes on the last hidden state, cross-entropy, forward and backward. The
-input-to-hidden matrix is tensorized as in the papers, in ``8x20x20x18`` and out ``16x4x4x4``
+The step (the paper's UCF11 model, docs/experiments.md): batch 16, 6 frames of 57,600 features
+(160x120 RGB), hidden 256, a linear head over 11 classes on the last hidden state,
+cross-entropy, forward and backward. The input-to-hidden matrix is tensorized as in the papers,
+in ``8x20x20x18`` and out ``16x4x4x4``
 (``hidden_modes=[4,4,4,4]``, the 4 gates folded into the first mode), ranks 4; KCP uses nested
 modes ``in [[2,4],[4,5],[4,5],[3,6]]``, ``out [[4,4],[2,2],[2,2],[2,2]]``, and ``kcp-blocked``
 gives each factor whole modes, ``in [[8,1],[20,1],[1,20],[1,18]]``, ``out [[8,2],[4,1],[4,1],

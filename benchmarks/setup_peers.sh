@@ -11,7 +11,7 @@ PIP="$VENV/bin/pip"
 "$PIP" install --upgrade pip >/dev/null
 # torch first, pinned, so nothing below replaces it (the peers declare loose torch requirements).
 "$PIP" install "torch==2.13.0"
-# Versions that worked together (design/PEERS.md section 5): tednet 0.1.3, tensorly-torch 0.5.0,
+# Versions that worked together (docs/peers.md): tednet 0.1.3, tensorly-torch 0.5.0,
 # tensorly 0.10.0, opt-einsum 3.4.0. tltorch needs `packaging` but does not declare it; without
 # opt_einsum its einsum path falls off a cliff (seconds and tens of GB), so it is required here.
 "$PIP" install "torch==2.13.0" "tednet==0.1.3" "tensorly-torch==0.5.0" "tensorly==0.10.0" \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,19 @@ from kcprnn.benchmarking import (
 from kcprnn.benchmarking.memory import measure_peak_memory
 
 UCF_IN, UCF_OUT = [8, 20, 20, 18], [16, 4, 4, 4]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_check_targets():
+    """``benchmarks/check_targets.py``, a script outside the package, as a module."""
+    spec = importlib.util.spec_from_file_location("check_targets", BENCHMARKS / "check_targets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_targets = _load_check_targets()
 
 
 def test_median_hand_cases():
@@ -188,9 +202,20 @@ def _check_run(tmp_path, device: str) -> dict:
         png = out / f"sweep_{sweep}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert data["plots"][sweep] == str(png)
-    assert all(t["threshold"] > 0 and isinstance(t["holds"], bool) for t in data["targets"])
+    # the library measures only: no thresholds in its JSON or tables
+    assert "targets" not in data
     tables = (out / "tables.md").read_text()
     assert "| torch nn.Linear |" in tables and "**lstm**" in tables
+    assert "threshold" not in tables
+    # benchmarks/check_targets.py judges the run against benchmarks/targets.toml
+    checks = check_targets.check(out / "bench.json")
+    kinds = {t["target"] for t in checks}
+    assert "KCP forward >= 15x faster than nn.Linear" in kinds
+    assert "KCP forward within 3x of the input read (issue B)" in kinds
+    assert "KCP-LSTM training step >= 10x faster than nn.LSTM" in kinds
+    assert "kcp auto within 10% of the best algorithm (forward_backward)" in kinds
+    assert not any("tednet" in k or "peer" in k for k in kinds)  # run without peers
+    assert all(t["threshold"] > 0 and isinstance(t["holds"], bool) for t in checks)
     # --replot rebuilds the same plots and tables from the JSON alone
     again = tmp_path / "replot"
     assert main(["--replot", str(out / "bench.json"), "--out", str(again)]) == 0
@@ -262,8 +287,25 @@ def _kcp_case(algorithm: str, fwd: float, fwd_bwd: float, **extra) -> dict:
     }
 
 
+def _case(label: str, impl: str, fmt: str, fwd: float, fwd_bwd: float, **extra) -> dict:
+    return {
+        "label": label,
+        "impl": impl,
+        "format": fmt,
+        "status": "ok",
+        "options": {},
+        "forward": {"median_ms": fwd},
+        "forward_backward": {"median_ms": fwd_bwd},
+        **extra,
+    }
+
+
+def _values(checks: list[dict], name: str) -> dict[str, float]:
+    return {t["where"]: t["value"] for t in checks if t["target"] == name}
+
+
 def test_auto_target_judges_the_plan_auto_picks():
-    from kcprnn.benchmarking.suite import evaluate_targets
+    targets = check_targets.load_targets()
 
     def auto_values(forward_pick: str, training_pick: str) -> dict[str, float]:
         point = {
@@ -283,7 +325,7 @@ def test_auto_target_judges_the_plan_auto_picks():
         }
         return {
             t["target"].split("(")[-1].rstrip(")"): t["value"]
-            for t in evaluate_targets([point])
+            for t in check_targets.evaluate([point], targets)
             if "auto within" in t["target"]
         }
 
@@ -291,3 +333,111 @@ def test_auto_target_judges_the_plan_auto_picks():
     assert auto_values("sequential", "parallel") == {"forward": 1.0, "forward_backward": 1.0}
     # wrong choices show as the ratio of the two algorithms
     assert auto_values("parallel", "sequential") == {"forward": 2.0, "forward_backward": 3.0 / 2.5}
+
+
+def test_check_targets_computes_each_ratio_from_the_medians():
+    """A hand-made run: every value is a ratio of two medians written here."""
+    kcp = {"in_modes": [[2, 2], [2, 2]], "matches": None}
+    ucf11 = {
+        "name": "ucf11",
+        "cases": [
+            _case("read", "read", "read", 0.5, 0.0),
+            _case("linear", "torch", "dense", 40.0, 90.0),
+            _case("kcp r=2", "kcprnn", "kcp", 1.0, 4.0, **kcp)
+            | {"options": {"rank": 2, "algorithm": "auto"}},
+            _case("kcp r=8", "kcprnn", "kcp", 2.0, 6.0, **kcp)
+            | {"options": {"rank": 8, "algorithm": "auto"}},  # above max_rank: not checked
+            _case("tt", "kcprnn", "tt", 3.0, 9.0) | {"options": {"rank": 4}},
+            _case("peer a", "tednet", "tt", 6.0, 6.0, matches="tt"),
+            _case("peer b", "tltorch", "blocktt", 4.0, 12.0, matches="tt"),
+            _case("broken", "kcprnn", "cp", 0.0, 0.0) | {"status": "error"},
+        ],
+    }
+    lstm = {
+        "name": "lstm",
+        "cases": [
+            _case("nn.LSTM", "torch", "dense", 50.0, 100.0),
+            _case("kcp lstm", "kcprnn", "kcp", 2.0, 5.0) | {"options": {"rank": 4}},
+            _case("tednet tt", "tednet", "tt", 8.0, 20.0),
+            _case("tednet tk2", "tednet", "tk2", 4.0, 10.0),
+        ],
+    }
+    checks = check_targets.evaluate([ucf11, lstm], check_targets.load_targets())
+    assert _values(checks, "KCP forward >= 15x faster than nn.Linear") == {"kcp r=2": 40.0}
+    assert _values(checks, "KCP forward within 4x of the input read (issue A)") == {"kcp r=2": 2.0}
+    peer_fwd = _values(checks, "ours <= fastest peer at equal params (forward)")
+    assert peer_fwd == {"tt vs peer b": 3.0 / 4.0}
+    peer_fb = _values(checks, "ours <= fastest peer at equal params (forward_backward)")
+    assert peer_fb == {"tt vs peer a": 9.0 / 6.0}
+    assert _values(checks, "KCP-LSTM training step >= 10x faster than nn.LSTM") == {
+        "kcp lstm": 20.0
+    }
+    tednet = "KCP-LSTM training step >= 3x faster than the fastest tednet LSTM"
+    assert _values(checks, tednet) == {"kcp lstm vs tednet tk2": 2.0}
+    holds = {(t["target"], t["where"]): t["holds"] for t in checks}
+    assert holds[(tednet, "kcp lstm vs tednet tk2")] is False
+    assert holds[("ours <= fastest peer at equal params (forward)", "tt vs peer b")] is True
+    assert [t["threshold"] for t in checks if t["target"].startswith("KCP forward within")] == [
+        4.0,
+        3.0,
+    ]
+    lines = check_targets.format_lines(checks).splitlines()
+    assert lines[0] == "== targets =="
+    assert "[FAILS] " + tednet + ": 2.00 (threshold 3) at kcp lstm vs tednet tk2" in lines
+
+
+def test_check_targets_reproduces_the_committed_run():
+    """The committed full run recorded the checks its harness computed at the time; the script
+    computes the same list from that run's measurements and today's targets.toml."""
+    path = BENCHMARKS / "results" / "full-2thread" / "bench.json"
+    recorded = json.loads(path.read_text())["targets"]
+    assert check_targets.check(path) == recorded
+    assert len(recorded) == 84
+
+
+def test_check_targets_cli_exit_status_and_outputs(tmp_path, capsys):
+    run = {
+        "points": [
+            {
+                "name": "ucf11",
+                "cases": [
+                    _case("read", "read", "read", 1.0, 0.0),
+                    _case("linear", "torch", "dense", 30.0, 60.0),
+                    _case("kcp", "kcprnn", "kcp", 1.5, 4.0, in_modes=[[2, 2]])
+                    | {"options": {"rank": 1, "algorithm": "auto"}},
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(run))
+    out = tmp_path / "checks.json"
+    assert check_targets.main([str(path), "--markdown", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[holds] KCP forward >= 15x faster than nn.Linear: 20.00 (threshold 15) at kcp" in text
+    assert "| KCP forward within 3x of the input read (issue B) | kcp | 1.50 | 3 | yes |" in text
+    assert [t["value"] for t in json.loads(out.read_text())] == [20.0, 1.5, 1.5]
+    # a stricter threshold file makes the same run fail
+    strict = tmp_path / "strict.toml"
+    strict.write_text('[[kcp_forward_over_read]]\nname = "within 1x"\nmax = 1.0\n')
+    assert check_targets.main([str(path), "--targets", str(strict)]) == 1
+    assert "[FAILS] within 1x: 1.50 (threshold 1) at kcp" in capsys.readouterr().out
+    # unreadable input: status 2 and a message naming the problem
+    assert check_targets.main([str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[kcp_speed]]\nname = "x"\nmin = 1.0\n', "unknown target kind"),
+        ("[[kcp_speedup_vs_linear]]\nmin = 1.0\n", "has no name"),
+        ('[[kcp_speedup_vs_linear]]\nname = "x"\nmin = 1.0\nmax = 2.0\n', "exactly one"),
+        ('[[kcp_speedup_vs_linear]]\nname = "x"\n', "exactly one"),
+    ],
+)
+def test_load_targets_rejects_malformed_files(tmp_path, text, message):
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        check_targets.load_targets(path)

@@ -1,5 +1,8 @@
 """``kcprnn bench``: time every registered format against dense ``nn.Linear``/``nn.LSTM``, the
-input read and the peer libraries; write JSON and PNG plots, print tables and targets.
+input read and the peer libraries; write JSON and PNG plots, print tables and log-log slopes.
+
+The command measures and reports only. Checking a run against the team's acceptance thresholds
+is ``benchmarks/check_targets.py`` (thresholds in ``benchmarks/targets.toml``).
 
 Examples::
 
@@ -26,14 +29,12 @@ from .benchmarking import (
     POINT_KINDS,
     PRESETS,
     SuiteConfig,
-    evaluate_targets,
     peer_status,
     run_suite,
 )
 from .benchmarking.report import (
     format_markdown,
     format_point_table,
-    format_targets,
     plot_sweeps,
     sweep_series,
 )
@@ -151,12 +152,10 @@ def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _write_tables(
-    out_dir: Path, points: list[dict[str, Any]], targets: list[dict[str, Any]], env: dict[str, Any]
-) -> None:
+def _write_tables(out_dir: Path, points: list[dict[str, Any]], env: dict[str, Any]) -> None:
     md = out_dir / "tables.md"
     tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(format_markdown(points, targets, env))
+    tmp.write_text(format_markdown(points, env))
     os.replace(tmp, md)
 
 
@@ -170,7 +169,7 @@ def replot(source: Path, out_dir: Path) -> int:
         f"torch {env['versions']['torch']}"
     )
     plots = plot_sweeps(points, out_dir, title)
-    _write_tables(out_dir, points, evaluate_targets(points), env)
+    _write_tables(out_dir, points, env)
     print(f"wrote {len(plots)} plots and {out_dir / 'tables.md'} from {source}")
     return 0
 
@@ -226,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.perf_counter() - start,
             "points": points,
             "slopes": _slopes(points),
-            "targets": evaluate_targets(points),
             "plots": {},
         }
 
@@ -247,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         result["plots"] = plot_sweeps(points, out_dir, title)
     write_json_atomic(path, result)
-    _write_tables(out_dir, points, result["targets"], env)
-    slopes, targets = result["slopes"], result["targets"]
+    _write_tables(out_dir, points, env)
+    slopes = result["slopes"]
     for pt in points:
         if pt["sweep"] is None:
             print()
@@ -261,9 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                 v = modes[mode].get(name, {}).get("slope")
                 cells.append(f"{'-' if v is None else f'{v:+.2f}':>6}")
             print(f"  {name:<44} {' / '.join(cells)}")
-    if targets:
-        print()
-        print(format_targets(targets))
     plots = result["plots"]
     print(
         f"\nwrote {path}"

@@ -338,7 +338,7 @@ def build_case(
             from ..layers import FactorizedLinear
 
             options = dict(spec.options)
-            module: nn.Module = FactorizedLinear(
+            layer = FactorizedLinear(
                 spec.in_features,
                 spec.out_features,
                 format=spec.format,
@@ -348,8 +348,9 @@ def build_case(
                 out_modes=spec.out_modes,
                 **options,
             )
-            with torch.no_grad():  # the plan of the forward that is timed (no_grad)
-                model_macs = int(module.flops(spec.rows))
+            with torch.no_grad():  # the plan of the forward that is timed (inference, no_grad)
+                model_macs = int(layer.macs(spec.rows, training=False))
+            module: nn.Module = layer
         elif spec.impl == "torch":
             module = nn.Linear(spec.in_features, spec.out_features, device=device, dtype=dtype)
             model_macs = spec.rows * spec.in_features * spec.out_features

@@ -8,8 +8,8 @@ from typing import Any
 
 __all__ = [
     "fit_loglog_slope",
+    "format_markdown",
     "format_point_table",
-    "format_targets",
     "plot_sweeps",
     "sweep_series",
 ]
@@ -86,7 +86,7 @@ def plot_sweeps(points: list[dict[str, Any]], out_dir: Path, title: str) -> dict
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80, sharey=False)
         for ax, mode in zip(axes, ("forward", "forward_backward"), strict=True):
-            colors = plt.get_cmap("tab20").colors
+            cmap = plt.get_cmap("tab20")  # 20 listed colours, cmap(k) is the k-th
             for k, (name, s) in enumerate(sorted(sweep_series(points, sweep, mode).items())):
                 label = f"{name} ({s['slope']:+.2f})" if "slope" in s else name
                 style = "--" if name.startswith(("tednet", "tltorch")) else "-"
@@ -99,7 +99,7 @@ def plot_sweeps(points: list[dict[str, Any]], out_dir: Path, title: str) -> dict
                     marker="o",
                     markersize=3,
                     label=label,
-                    color=colors[k % len(colors)],
+                    color=cmap(k % 20),
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -166,20 +166,8 @@ def format_point_table(point: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_targets(targets: list[dict[str, Any]]) -> str:
-    lines = ["== targets =="]
-    for t in targets:
-        lines.append(
-            f"[{'holds' if t['holds'] else 'FAILS'}] {t['target']}: {t['value']:.2f} "
-            f"(threshold {t['threshold']:g}) at {t['where']}"
-        )
-    return "\n".join(lines)
-
-
-def format_markdown(
-    points: list[dict[str, Any]], targets: list[dict[str, Any]], env: dict[str, Any]
-) -> str:
-    """Markdown tables of the non-sweep points, the slopes summary and the targets."""
+def format_markdown(points: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    """Markdown tables of the non-sweep points, under a line naming the versions and machine."""
     v = env["versions"]
     lines = [
         f"torch {v['torch']}, {env['threads']} threads, {env['device']} "
@@ -222,11 +210,4 @@ def format_markdown(
                 f"{cell('forward_over_read')} | {'' if peak is None else f'{peak / 2**20:.1f}'} |"
             )
         lines.append("")
-    if targets:
-        lines += ["| target | where | value | threshold | holds |", "|---|---|---:|---:|---|"]
-        for t in targets:
-            lines.append(
-                f"| {t['target']} | {t['where']} | {t['value']:.2f} | {t['threshold']:g} | "
-                f"{'yes' if t['holds'] else '**no**'} |"
-            )
     return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from .memory import measure_peak_memory
 from .presets import Preset, blocked_split, kronecker_split
 from .timing import time_interleaved
 
-__all__ = ["SuiteConfig", "environment", "evaluate_targets", "run_suite", "POINT_KINDS"]
+__all__ = ["SuiteConfig", "environment", "run_suite", "POINT_KINDS"]
 
 POINT_KINDS = ("ucf11", "rank", "rows", "input", "lstm")
 MODES = ("forward", "forward_backward")
@@ -62,7 +62,7 @@ class SuiteConfig:
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     """Versions, thread count and hardware, recorded with every run."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("torch", "kcprnn", "numpy", "tednet", "tensorly-torch", "tensorly", "opt-einsum"):
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -226,7 +226,7 @@ def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
     p = cfg.preset
     i, h = math.prod(p.lstm_in_modes), math.prod(p.lstm_hidden_modes)
     gates_out = [4 * p.lstm_hidden_modes[0], *p.lstm_hidden_modes[1:]]
-    common = {
+    common: dict[str, Any] = {
         "in_features": i,
         "out_features": h,
         "rows": p.seq_len * p.batch,
@@ -247,7 +247,7 @@ def _lstm_specs(cfg: SuiteConfig, available: set[str]) -> list[CaseSpec]:
                 in_modes, out_modes = _kcp_modes(p.lstm_in_modes, gates_out, layout)
             else:
                 in_modes, out_modes = list(p.lstm_in_modes), gates_out
-            options = {
+            options: dict[str, Any] = {
                 "in_modes": in_modes,
                 "out_modes": out_modes,
                 "hidden_modes": list(p.lstm_hidden_modes),
@@ -523,155 +523,3 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
         )
         add(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
     return points
-
-
-# --- targets ---
-
-
-def _ok(
-    cases: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool]
-) -> list[dict[str, Any]]:
-    return [c for c in cases if c["status"] == "ok" and pred(c)]
-
-
-def _ms(case: dict[str, Any], mode: str) -> float:
-    return float(case[mode]["median_ms"])
-
-
-def _primary(case: dict[str, Any]) -> bool:
-    algo = case["options"].get("algorithm")
-    return algo is None or algo == FORMATS[case["format"]].default_algorithm
-
-
-def evaluate_targets(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issues' numeric targets, each with its measured value and whether it holds."""
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, value: float, threshold: float, higher_is_better: bool, where: str) -> None:
-        holds = value >= threshold if higher_is_better else value <= threshold
-        out.append(
-            {
-                "target": name,
-                "where": where,
-                "value": value,
-                "threshold": threshold,
-                "holds": bool(holds),
-            }
-        )
-
-    by_name = {pt["name"]: pt for pt in points}
-    if "ucf11" in by_name:
-        cases = by_name["ucf11"]["cases"]
-        read = _ok(cases, lambda c: c["impl"] == "read")
-        dense = _ok(cases, lambda c: c["impl"] == "torch")
-        for c in _ok(
-            cases,
-            lambda c: (
-                c["impl"] == "kcprnn"
-                and c["format"] == "kcp"
-                and _primary(c)
-                and c["options"]["rank"] <= 4
-            ),
-        ):
-            if dense:
-                add(
-                    "KCP forward >= 15x faster than nn.Linear",
-                    _ms(dense[0], "forward") / _ms(c, "forward"),
-                    15.0,
-                    True,
-                    c["label"],
-                )
-            if read:
-                ratio = _ms(c, "forward") / _ms(read[0], "forward")
-                add(
-                    "KCP forward within 4x of the input read (issue A)",
-                    ratio,
-                    4.0,
-                    False,
-                    c["label"],
-                )
-                add(
-                    "KCP forward within 3x of the input read (issue B)",
-                    ratio,
-                    3.0,
-                    False,
-                    c["label"],
-                )
-        for c in _ok(
-            cases, lambda c: c["impl"] == "kcprnn" and _primary(c) and c["format"] in PEER_FORMATS
-        ):
-            peers = _ok(cases, lambda q, c=c: q["matches"] == c["label"])
-            for mode in MODES:
-                if peers:
-                    fastest = min(peers, key=lambda q, m=mode: _ms(q, m))
-                    add(
-                        f"ours <= fastest peer at equal params ({mode})",
-                        _ms(c, mode) / _ms(fastest, mode),
-                        1.0,
-                        False,
-                        f"{c['label']} vs {fastest['label']}",
-                    )
-    if "lstm" in by_name:
-        cases = by_name["lstm"]["cases"]
-        torch_lstm = _ok(cases, lambda c: c["impl"] == "torch")
-        tednet = _ok(cases, lambda c: c["impl"] == "tednet")
-        for c in _ok(
-            cases,
-            lambda c: c["impl"] == "kcprnn" and c["format"] == "kcp" and c["options"]["rank"] <= 4,
-        ):
-            if torch_lstm:
-                add(
-                    "KCP-LSTM training step >= 10x faster than nn.LSTM",
-                    _ms(torch_lstm[0], "forward_backward") / _ms(c, "forward_backward"),
-                    10.0,
-                    True,
-                    c["label"],
-                )
-            if tednet:
-                fastest = min(tednet, key=lambda q: _ms(q, "forward_backward"))
-                add(
-                    "KCP-LSTM training step >= 3x faster than the fastest tednet LSTM",
-                    _ms(fastest, "forward_backward") / _ms(c, "forward_backward"),
-                    3.0,
-                    True,
-                    f"{c['label']} vs {fastest['label']}",
-                )
-    for pt in points:
-        if pt["name"] == "lstm":
-            continue
-        kcp = _ok(
-            pt["cases"],
-            lambda c: (
-                c["impl"] == "kcprnn" and c["format"] == "kcp" and "algorithm" in c["options"]
-            ),
-        )
-        keys = sorted({(str(c["in_modes"]), c["options"]["rank"]) for c in kcp})
-        for layout, rank in keys:
-            group = [c for c in kcp if (str(c["in_modes"]), c["options"]["rank"]) == (layout, rank)]
-            auto = [c for c in group if c["options"]["algorithm"] == "auto"]
-            explicit = [c for c in group if c["options"]["algorithm"] != "auto"]
-            if not auto or not explicit:
-                continue
-            for mode in MODES:
-                # auto runs exactly the plan of the algorithm it picks, so the choice is judged
-                # on that algorithm's measured time; auto's own case, a second timing of the
-                # same computation, differs from it only by noise (shown beside it)
-                key = (
-                    "resolved_algorithm_training"
-                    if mode == "forward_backward"
-                    else ("resolved_algorithm")
-                )
-                picked = auto[0].get(key, "?")
-                same = [c for c in explicit if c["options"]["algorithm"] == picked]
-                best = min(explicit, key=lambda q, m=mode: _ms(q, m))
-                chosen = same[0] if same else auto[0]
-                add(
-                    f"kcp auto within 10% of the best algorithm ({mode})",
-                    _ms(chosen, mode) / _ms(best, mode),
-                    1.10,
-                    False,
-                    f"{pt['name']} {auto[0]['label']} (auto -> {picked}, best measured: "
-                    f"{best['options']['algorithm']}; auto's own case "
-                    f"{_ms(auto[0], mode) / _ms(best, mode):.2f})",
-                )
-    return out

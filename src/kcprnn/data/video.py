@@ -5,7 +5,7 @@ and cached as uint8 ``.npy`` files (written atomically), so later epochs and run
 A clip that cannot be decoded is skipped with a logged warning and listed in
 :attr:`ClipSet.skipped`; the load goes on.
 
-Layouts (DATA.md section 5):
+Layouts (docs/experiments.md, "Real datasets"):
 
 - UCF11: ``<root>/<class>/<group folder ending _GG>/<clip>.mpg|.avi`` (non-video files such as
   ``Annotation`` folders are ignored); group id ``GG``.

@@ -4,7 +4,7 @@ UCF11-like stand-in under one protocol, prints the table and writes ``results.js
 
 The protocol is the paper's UCF11 setting (160x120 RGB frames, 6 frames, input 57,600 =
 8x20x20x18, hidden 256 = 4x4x4x4, batch 16, Adam, 20 % held out) shortened to fit a 2-core CPU
-in about 10 minutes: a smaller training set, few epochs and a larger learning rate (1e-3; the
+in a few minutes: a smaller training set, few epochs and a larger learning rate (1e-3; the
 paper's 1e-4 needs far more steps). The dense baseline alone gets a smaller one (``--dense-lr``,
 default 1e-5): Adam moves every one of its 57,600 input weights per gate row by about ``lr`` at
 each step, so a step shifts each pre-activation by about ``lr * sum|x|``; at 1e-3 that saturates
