@@ -179,7 +179,8 @@ class CPMatrix(FactorizedMatrix):
         W = \sum_{r=1}^{R} U_1[r] \otimes \cdots \otimes U_D[r]
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+            cost_model:
             as :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: the CP rank ``R`` (a positive int). Default: 4, the rank of the paper's baselines.
 

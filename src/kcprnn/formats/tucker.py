@@ -282,7 +282,8 @@ class TuckerMatrix(FactorizedMatrix):
         W[j, i] = \sum_{r} G[r_1, \dots, r_D] \prod_d A_d[(j_d, i_d), r_d]
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+            cost_model:
             as :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: Tucker ranks ``R_d``: an int for every mode or a sequence of ``D`` ints.
             Default: 4, the rank of the paper's baselines.
