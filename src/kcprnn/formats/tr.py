@@ -7,11 +7,11 @@ r"""Format 'tr': the tensor-ring matrix (Zhao et al. 2016; TR-LSTM of Pan et al.
 with cores ``G_d`` of shape ``(r_{d-1}, J_d, I_d, r_d)`` and ``r_0 = r_D`` (the ring rank that
 the trace closes). With ``r_0 = 1`` it is a TT-matrix.
 
-The contractions are the ring sweeps of :mod:`kcprnn.formats._ring`
-(:func:`~kcprnn.formats._ring.ring_linear`, shared with the TT-matrix, the ring of closing rank
-1). Both sweeps carry the closing rank ``c = r_0`` through every step: the first step, which reads the
-whole input, maps each slice of ``I_d`` entries to ``r_{d-1} J_d r_d`` entries whatever the
-sweep, and the cost model picks the cheaper end.
+The contractions are the ring sweeps of :mod:`kcprnn.formats._ring` (shared with the
+TT-matrix, the ring of closing rank 1). Both sweeps carry the closing rank ``c = r_0`` through
+every step: the first step, which reads the whole input, maps each slice of ``I_d`` entries to
+``r_{d-1} J_d r_d`` entries whatever the sweep, and the one with fewer multiply-accumulates is
+taken (:func:`~kcprnn.formats._ring.ring_contraction_order`).
 
 Legend of the shape comments: m output mode, n input mode, r, s rank (left, right of a core),
 k a merged contraction axis.
