@@ -9,6 +9,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from kcprnn import FORMATS, FactorizedLinear
+from kcprnn._cpu import CostModel
 
 # Small, general shapes: three modes of unequal sizes, one mode of size 1.
 IN_MODES, OUT_MODES = (3, 4, 2), (2, 1, 5)
@@ -71,6 +72,24 @@ class TestConformance:
         y = w(x)
         w.algorithm = "dense"
         torch.testing.assert_close(w(x), y)
+
+    def test_cost_model_argument(self, name):
+        # small chunks and no HT search: the products take their other paths, same results
+        model = CostModel().replace(tt_chunk_entries=64, tucker_chunk_elements=64, ht_max_search=1)
+        try:
+            w = make(name, dtype=torch.float64, cost_model=model)
+        except TypeError as error:  # a format whose constructor does not take it yet
+            if "unexpected keyword argument 'cost_model'" not in str(error):
+                raise
+            pytest.skip(f"{FORMATS[name].__name__} does not take cost_model= yet")
+        assert w.cost_model is model
+        x = torch.randn(9, w.in_features, dtype=torch.float64)
+        torch.testing.assert_close(w(x), x @ w.to_dense().T, rtol=1e-10, atol=1e-12)
+        w.cost_model = None
+        assert w.cost_model == CostModel()
+        torch.testing.assert_close(w(x), x @ w.to_dense().T, rtol=1e-10, atol=1e-12)
+        with pytest.raises(TypeError, match="cost_model must be a CostModel"):
+            w.cost_model = {"tt_chunk_entries": 64}
 
     def test_num_params_counts_parameters(self, name):
         w = make(name)
