@@ -44,10 +44,6 @@ __all__ = [
 ORDERS = ("right_to_left", "left_to_right")
 """The two sweeps of :func:`ring_linear`: start at the last input mode or at the first."""
 
-DEFAULT_RANK = 4
-"""Default rank of every bond (the UCF11 TT/TR-LSTM setting)."""
-
-
 # --- pure functions: costs and sizes ---
 
 
@@ -287,12 +283,12 @@ class RingMatrix(FactorizedMatrix):
     (:class:`~kcprnn.formats.tr.TRMatrix`) formats: ``D`` cores ``(r_{d-1}, J_d, I_d, r_d)``
     contracted by :func:`ring_linear`.
 
-    Subclasses set :meth:`resolve_ranks` (the user's ``rank`` -> ``self.ranks``), :attr:`bonds`
-    (the ``D + 1`` bond ranks ``r_0, ..., r_D``), :meth:`decompose` and :meth:`ranks_of_cores`
-    (for ``from_dense``).
+    Subclasses set :attr:`default_rank` (used when ``rank`` is omitted), :meth:`resolve_ranks`
+    (the user's ``rank`` -> ``self.ranks``), :attr:`bonds` (the ``D + 1`` bond ranks
+    ``r_0, ..., r_D``), :meth:`decompose` and :meth:`ranks_of_cores` (for ``from_dense``).
     """
 
-    default_rank: ClassVar[int] = DEFAULT_RANK
+    default_rank: ClassVar[int]
 
     def __init__(
         self,
@@ -302,7 +298,7 @@ class RingMatrix(FactorizedMatrix):
         in_modes: Sequence[int] | None = None,
         out_modes: Sequence[int] | None = None,
         num_modes: int | None = None,
-        rank: int | Sequence[int] = DEFAULT_RANK,
+        rank: int | Sequence[int] | None = None,
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -319,7 +315,7 @@ class RingMatrix(FactorizedMatrix):
             dtype=dtype,
             cost_model=cost_model,
         )
-        self.ranks = self.resolve_ranks(rank, self.num_modes)
+        self.ranks = self.resolve_ranks(self.default_rank if rank is None else rank, self.num_modes)
         b = self.bonds
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))

@@ -152,6 +152,7 @@ class TRMatrix(RingMatrix):
         torch.Size([2, 1024])
     """
 
+    default_rank = DEFAULT_RANK
     resolve_ranks = staticmethod(validate_tr_ranks)
     decompose = staticmethod(tr_svd)
 

@@ -180,6 +180,7 @@ class TTMatrix(RingMatrix):
         torch.Size([2, 1024])
     """
 
+    default_rank = DEFAULT_RANK
     resolve_ranks = staticmethod(validate_tt_ranks)
     decompose = staticmethod(tt_svd)
 
