@@ -270,13 +270,19 @@ class HTMatrix(FactorizedMatrix):
         )
         left, right = self.tree.split(self.tree.root)
         self.root = nn.Parameter(torch.empty(self.ranks[left], self.ranks[right], **fk))
+        self._plan_cache: tuple[CostModel, HTPlan] | None = None
         self.reset_parameters()
 
     @property
     def plan(self) -> HTPlan:
         """The contraction schedule of :meth:`matmul` (:func:`ht_plan`): it depends on the
         shapes, the ranks and :attr:`cost_model` only, and follows changes of the model."""
-        return ht_plan(self.in_modes, self.out_modes, self.ranks, self.cost_model)
+        model = self.cost_model
+        cached = self._plan_cache  # per model object: this runs on every call
+        if cached is None or cached[0] is not model:
+            cached = model, ht_plan(self.in_modes, self.out_modes, self.ranks, model)
+            self._plan_cache = cached
+        return cached[1]
 
     def reset_parameters(self, std: float | None = None) -> None:
         # Orthogonal HT form: when every frame and every matricized transfer (r_L r_R, r_t) has
