@@ -118,8 +118,7 @@ class BTMatrix(FactorizedMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: core ranks ``R_d`` of every block: an int or a sequence of ``D`` ints. Default: 4.
         blocks: number of blocks ``C``. Default: 1 (plain Tucker).
 

@@ -188,8 +188,7 @@ class CPMatrix(FactorizedMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: the CP rank ``R`` (a positive int). Default: 4, the rank of the UCF11 baselines.
 
     Attributes:

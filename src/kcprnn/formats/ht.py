@@ -201,8 +201,7 @@ class HTMatrix(FactorizedMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: the rank of every non-root node (default 4, the rank of the UCF11 baselines), or a
             sequence of ``2D - 2`` ranks, one per non-root node in node order (leaves
             ``0 .. D-1``, then internal nodes in post-order).

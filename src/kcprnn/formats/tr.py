@@ -136,8 +136,7 @@ class TRMatrix(RingMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: one int for all ``D`` ring bonds or the list ``(r_0, ..., r_{D-1})``. Default 4.
 
     Attributes:

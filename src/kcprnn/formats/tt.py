@@ -163,8 +163,7 @@ class TTMatrix(RingMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: one int for all ``D - 1`` inner bonds, their list, or the full ``D + 1`` list with
             ones at both ends. Default 4 (the TT-LSTM/GRU papers' UCF11 setting).
 

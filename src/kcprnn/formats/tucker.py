@@ -287,8 +287,7 @@ class TuckerMatrix(FactorizedMatrix):
 
     Args:
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
-            cost_model:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: Tucker ranks ``R_d``: an int for every mode or a sequence of ``D`` ints.
             Default: 4, the rank of the UCF11 baselines.
 
