@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from kcprnn import FORMATS, FactorizedLinear
+from kcprnn._cpu import CostModel
 
 # Small, general shapes: three modes of unequal sizes, one mode of size 1.
 IN_MODES, OUT_MODES = (3, 4, 2), (2, 1, 5)
@@ -71,6 +73,24 @@ class TestConformance:
         w.algorithm = "dense"
         torch.testing.assert_close(w(x), y)
 
+    def test_cost_model_argument(self, name):
+        # small chunks and no HT search: the products take their other paths, same results
+        model = CostModel().replace(tt_chunk_entries=64, tucker_chunk_elements=64, ht_max_search=1)
+        try:
+            w = make(name, dtype=torch.float64, cost_model=model)
+        except TypeError as error:  # a format whose constructor does not take it yet
+            if "unexpected keyword argument 'cost_model'" not in str(error):
+                raise
+            pytest.skip(f"{FORMATS[name].__name__} does not take cost_model= yet")
+        assert w.cost_model is model
+        x = torch.randn(9, w.in_features, dtype=torch.float64)
+        torch.testing.assert_close(w(x), x @ w.to_dense().T, rtol=1e-10, atol=1e-12)
+        w.cost_model = None
+        assert w.cost_model == CostModel()
+        torch.testing.assert_close(w(x), x @ w.to_dense().T, rtol=1e-10, atol=1e-12)
+        with pytest.raises(TypeError, match="cost_model must be a CostModel"):
+            w.cost_model = {"tt_chunk_entries": 64}
+
     def test_num_params_counts_parameters(self, name):
         w = make(name)
         assert w.num_params == sum(p.numel() for p in w.parameters())
@@ -82,6 +102,25 @@ class TestConformance:
         assert f1 > 0
         # every contraction touches each row: cost is affine in rows, never less than the output
         assert w.flops(10) - w.flops(9) == f2 - f1 >= w.out_features
+
+    @pytest.mark.parametrize("training", [False, True])
+    def test_macs_of_each_algorithm_and_their_aliases(self, name, training):
+        w = make(name)
+        layer = FactorizedLinear.from_matrix(w)
+        for rows in (1, 7):
+            planned = w.matmul_macs(rows, training=training)
+            assert w.macs(rows, training=training) == planned > 0
+            assert w.flops(rows, training=training) == planned
+            assert layer.macs(rows, training=training) == layer.flops(rows, training=training)
+            assert layer.macs(rows, training=training) == planned
+            assert w.matmul_flops(rows) == w.matmul_macs(rows, training=False)
+        assert w.reconstruction_flops() == w.reconstruction_macs() >= 0
+        w.algorithm = "dense"
+        for rows in (1, 7):
+            dense = w.reconstruction_macs() + rows * w.in_features * w.out_features
+            assert w.macs(rows, training=training) == dense
+            assert w.flops(rows, training=training) == dense
+            assert layer.macs(rows, training=training) == dense
 
     def test_init_std_of_reconstruction(self, name):
         # Average the second moment over several draws: products of factors are heavy-tailed.
@@ -150,3 +189,26 @@ class TestConformance:
 def test_non_positive_rank(name):
     with pytest.raises(ValueError, match="rank"):
         make(name, rank=0)
+
+
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# KCP runs parts of its product in compiled kernels that torch's counter does not see; its
+# counts are checked against its plans in test_kcp.py.
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "kcp"])
+@pytest.mark.parametrize("training", [False, True])
+def test_macs_count_the_executed_products(name, training):
+    # torch's own count of the forward's matrix products; the plan of these formats does not
+    # depend on autograd, and training mode must count what it runs all the same
+    w = make(name)
+    mapping = {torch.ops.aten.addmm_: _addmm_inplace_flops}
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, w.in_features)
+        with (
+            torch.set_grad_enabled(training),
+            FlopCounterMode(display=False, custom_mapping=mapping) as counter,
+        ):
+            w(x)
+        assert counter.get_total_flops() == 2 * w.macs(rows, training=training)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-import kcprnn.formats.tucker as tucker_module
+import kcprnn.formats.cp as cp_module
+from kcprnn._cpu import CostModel
 from kcprnn.formats.cp import (
     CPMatrix,
     cp_als,
@@ -135,11 +136,29 @@ def test_from_dense_errors():
         cp_als(torch.randn(4, 6), (3, 2), (2, 2), 0)
 
 
-def test_row_chunks_give_the_same_product(monkeypatch):
+def test_row_chunks_give_the_same_product():
     factors = _factors((3, 2, 2), (2, 3, 1), rank=3)
     x = torch.randn(7, 12, dtype=torch.float64)
     whole = cp_linear(x, factors)
-    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", 40)  # 84 elements -> 3 chunks
-    chunked = cp_linear(x, factors)
+    small = CostModel().replace(tucker_chunk_elements=40)  # 84 elements -> 3 chunks
+    chunked = cp_linear(x, factors, cost_model=small)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(chunked, x @ cp_to_dense(factors).T)
+
+
+def test_module_chunks_rows_with_its_cost_model(monkeypatch):
+    seen = []
+    chunks = cp_module.map_row_chunks
+
+    def spy(fn, x, chunk_elements=None):
+        seen.append(chunk_elements)
+        return chunks(fn, x, chunk_elements)
+
+    monkeypatch.setattr(cp_module, "map_row_chunks", spy)
+    small = CostModel().replace(tucker_chunk_elements=40)
+    w = CPMatrix(12, 6, in_modes=(3, 2, 2), out_modes=(2, 3, 1), rank=3, cost_model=small)
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(w(x), x @ w.to_dense().T)
+    w.cost_model = None
+    w(x)
+    assert seen == [40, CostModel().tucker_chunk_elements]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kcprnn._cpu import CostModel
+from kcprnn.formats._ht_product import _equation
 from kcprnn.formats.ht import (
     HTMatrix,
-    _equation,
     ht_linear,
     ht_num_params,
     ht_plan,
@@ -346,3 +347,24 @@ def test_generated_einsum_equation():
 
 def test_plan_is_cached_per_shape():
     assert ht_plan(UCF11_IN, UCF11_OUT, (4,) * 6) is ht_plan(UCF11_IN, UCF11_OUT, (4,) * 6)
+
+
+def test_plan_follows_the_cost_model():
+    shape = ((4, 5, 3), (2, 1, 8), (3, 4, 3, 2))
+    searched = ht_plan(*shape)
+    assert searched.leaf_order[0] == 1  # as in test_plan_starts_with_a_shrinking_mode
+    # copies priced out, or no search over 3 modes: the natural order, no input permutation
+    for model in (CostModel().replace(ht_move=1e9), CostModel().replace(ht_max_search=2)):
+        plan = ht_plan(*shape, model)
+        assert plan.leaf_order == (2, 1, 0) and plan.input_perm is None
+        assert plan.macs_per_row > searched.macs_per_row
+    w = make(*shape[:2], rank=shape[2])
+    x = torch.randn(3, 60, dtype=torch.float64)
+    y = w(x)
+    assert w.plan is searched
+    w.cost_model = CostModel().replace(ht_max_search=2)
+    assert w.plan.input_perm is None
+    assert w.matmul_macs(3) == 3 * w.plan.macs_per_row + w.plan.macs_fixed
+    torch.testing.assert_close(w(x), y)
+    w.cost_model = None
+    assert w.plan is searched

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
+from kcprnn._cpu import CostModel
 from kcprnn.formats.tt import (
     ORDERS,
     TTMatrix,
+    ring_chunk_rows,
     ring_contraction_order,
     ring_intermediate_size,
     ring_linear_flops,
@@ -196,9 +198,7 @@ def test_init_std_with_unequal_ranks():
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_rows_swept_in_chunks(monkeypatch, order):
-    import kcprnn.formats.tt as tt_module
-
+def test_rows_swept_in_chunks(order):
     cores = [
         torch.randn(1, 2, 3, 2, dtype=F64),
         torch.randn(2, 3, 2, 3, dtype=F64),
@@ -207,12 +207,45 @@ def test_rows_swept_in_chunks(monkeypatch, order):
     # per row, right to left: after core 3 (I_1 I_2, r_2 J_3) = 6 * 6, after core 2
     # (I_1, r_1 J_2, J_3) = 3 * 6 * 2; left to right: after core 2 (J_1 J_2, r_2, I_3) = 6 * 3 * 2.
     # 100 entries make chunks of 2 rows: 7 rows run as 2 + 2 + 2 + 1
-    assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "right_to_left") == 36
-    assert ring_intermediate_size([3, 2, 2], [2, 3, 2], [1, 2, 3, 1], "left_to_right") == 36
-    monkeypatch.setattr(tt_module, "CHUNK_ENTRIES", 100)  # the default would not split 7 rows
+    shape = ([3, 2, 2], [2, 3, 2], [1, 2, 3, 1])
+    assert ring_intermediate_size(*shape, "right_to_left") == 36
+    assert ring_intermediate_size(*shape, "left_to_right") == 36
+    small = CostModel().replace(tt_chunk_entries=100)
+    assert ring_chunk_rows(*shape, order, small) == 2
+    assert ring_chunk_rows(*shape, order) > 7  # the default does not split 7 rows
     x = torch.randn(7, 12, dtype=F64, requires_grad=True)
-    torch.testing.assert_close(tt_linear(x, cores, order), x @ tt_to_dense(cores).T)
-    assert torch.autograd.gradcheck(lambda x: tt_linear(x, cores, order), (x,))
+    reference = x @ tt_to_dense(cores).T
+    torch.testing.assert_close(tt_linear(x, cores, order, cost_model=small), reference)
+    assert torch.autograd.gradcheck(lambda x: tt_linear(x, cores, order, cost_model=small), (x,))
+    # the module sweeps with its own cost model
+    w = TTMatrix(12, 12, in_modes=[3, 2, 2], out_modes=[2, 3, 2], rank=[2, 3], dtype=F64)
+    w.cost_model = small
+    with torch.no_grad():
+        for param, core in zip(w.cores, cores, strict=True):
+            param.copy_(core)
+    torch.testing.assert_close(w(x), reference)
+
+
+def test_module_chunks_with_its_cost_model(monkeypatch):
+    import kcprnn.formats._ring as ring_module
+
+    sizes = []
+    for name in ("_sweep_right_to_left", "_sweep_left_to_right"):
+        sweep = getattr(ring_module, name)
+
+        def spy(x, cores, sweep=sweep):
+            sizes.append(x.shape[0])
+            return sweep(x, cores)
+
+        monkeypatch.setattr(ring_module, name, spy)
+    small = CostModel().replace(tt_chunk_entries=100)
+    w = TTMatrix(12, 12, in_modes=[3, 2, 2], out_modes=[2, 3, 2], rank=[2, 3], cost_model=small)
+    w(torch.randn(7, 12))
+    assert sizes == [2, 2, 2, 1]  # 36 entries per row in either sweep
+    sizes.clear()
+    w.cost_model = None  # the default model: one sweep
+    w(torch.randn(7, 12))
+    assert sizes == [7]
 
 
 @pytest.mark.parametrize("order", ORDERS)

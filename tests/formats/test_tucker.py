@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kcprnn.formats.tucker as tucker_module
+from kcprnn._cpu import CostModel
 from kcprnn.formats.tucker import (
     TuckerMatrix,
     hosvd,
@@ -146,20 +147,37 @@ def test_rank_validation(rank, error, match):
         TuckerMatrix(24, 10, in_modes=(3, 4, 2), out_modes=(2, 1, 5), rank=rank)
 
 
-def test_row_chunks_give_the_same_product(monkeypatch):
+def test_row_chunks_give_the_same_product():
     in_modes, out_modes, ranks = (3, 2, 2), (2, 3, 1), (2, 3, 2)
     factors, core = _tucker(in_modes, out_modes, ranks)
     x = torch.randn(7, 12, dtype=torch.float64)
     whole = tucker_linear(x, factors, core, in_modes, out_modes)
-    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", 30)  # 84 elements -> 3 chunks of 3 rows
-    chunked = tucker_linear(x, factors, core, in_modes, out_modes)
+    small = CostModel().replace(tucker_chunk_elements=30)  # 84 elements -> 3 chunks of 3 rows
+    chunked = tucker_linear(x, factors, core, in_modes, out_modes, cost_model=small)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(chunked, x @ tucker_to_dense(factors, core, in_modes, out_modes).T)
 
 
+def test_module_chunks_rows_with_its_cost_model(monkeypatch):
+    seen = []
+    chunks = tucker_module.map_row_chunks
+
+    def spy(fn, x, chunk_elements=None):
+        seen.append(chunk_elements)
+        return chunks(fn, x, chunk_elements)
+
+    monkeypatch.setattr(tucker_module, "map_row_chunks", spy)
+    small = CostModel().replace(tucker_chunk_elements=30)
+    w = TuckerMatrix(12, 6, in_modes=(3, 2, 2), out_modes=(2, 3, 1), rank=2, cost_model=small)
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(w(x), x @ w.to_dense().T)
+    w.cost_model = None
+    w(x)
+    assert seen == [30, CostModel().tucker_chunk_elements]
+
+
 @pytest.mark.parametrize(("limit", "sizes"), [(10, [5]), (4, [2, 2, 1]), (1, [1, 1, 1, 1, 1])])
-def test_map_row_chunks_split(monkeypatch, limit, sizes):
-    monkeypatch.setattr(tucker_module, "CHUNK_ELEMENTS", limit)
+def test_map_row_chunks_split(limit, sizes):
     seen = []
     x = torch.arange(10.0).reshape(5, 2)
 
@@ -167,5 +185,5 @@ def test_map_row_chunks_split(monkeypatch, limit, sizes):
         seen.append(part.shape[0])
         return part * 2
 
-    torch.testing.assert_close(tucker_module.map_row_chunks(fn, x), x * 2)
+    torch.testing.assert_close(tucker_module.map_row_chunks(fn, x, limit), x * 2)
     assert seen == sizes  # ceil(10 / limit) chunks of equal rows, at most one per row

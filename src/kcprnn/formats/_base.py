@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TypedDict, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 
-__all__ = ["FORMATS", "FactorizedMatrix", "make_matrix", "register", "resolve_dtype"]
+__all__ = [
+    "FORMATS",
+    "FactorizedMatrix",
+    "FactoryKwargs",
+    "make_matrix",
+    "register",
+    "resolve_dtype",
+]
 
 FORMATS: dict[str, type[FactorizedMatrix]] = {}
 """Format name -> class. Filled by :func:`register`; iterate ``sorted(FORMATS)``."""
@@ -45,6 +52,14 @@ def make_matrix(format: str, in_features: int, out_features: int, **options) -> 
     if not isinstance(format, str) or format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
     return FORMATS[format](in_features, out_features, **options)
+
+
+class FactoryKwargs(TypedDict):
+    """The ``device`` and ``dtype`` factory arguments every format creates its parameters with
+    (``torch.empty(..., **self.factory_kwargs)``)."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype
 
 
 def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
@@ -103,7 +118,7 @@ class FactorizedMatrix(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.algorithm = self.default_algorithm if algorithm is None else algorithm
-        self.factory_kwargs = {"device": device, "dtype": resolve_dtype(dtype)}
+        self.factory_kwargs: FactoryKwargs = {"device": device, "dtype": resolve_dtype(dtype)}
 
     # --- public API ---
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._cpu import CostModel
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
 from .tucker import (
@@ -76,9 +77,14 @@ def bt_linear(
     cores: Tensor,
     in_modes: Sequence[int],
     out_modes: Sequence[int],
+    *,
+    cost_model: CostModel | None = None,
 ) -> Tensor:
-    """``x @ W.T`` without forming ``W``: ``(b, in_features) -> (b, out_features)``."""
-    return tucker_linear(x, factors, cores, in_modes, out_modes)  # (b, j)
+    """``x @ W.T`` without forming ``W``: ``(b, in_features) -> (b, out_features)``.
+
+    ``cost_model`` sets the chunks of rows, as in :func:`~kcprnn.formats.tucker.tucker_linear`.
+    """
+    return tucker_linear(x, factors, cores, in_modes, out_modes, cost_model=cost_model)  # (b, j)
 
 
 def bt_deflation(
@@ -111,8 +117,8 @@ class BTMatrix(FactorizedMatrix):
     r"""A weight matrix in block-term Tucker form: ``C`` Tucker blocks summed.
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: core ranks ``R_d`` of every block: an int or a sequence of ``D`` ints. Default: 4.
         blocks: number of blocks ``C``. Default: 1 (plain Tucker).
 
@@ -162,12 +168,22 @@ class BTMatrix(FactorizedMatrix):
                 p.uniform_(-bound, bound)
 
     def matmul(self, x: Tensor) -> Tensor:
-        return bt_linear(x, list(self.factors), self.core, self.in_modes, self.out_modes)
+        return bt_linear(
+            x,
+            list(self.factors),
+            self.core,
+            self.in_modes,
+            self.out_modes,
+            cost_model=self.cost_model,
+        )  # (b, j)
 
     def to_dense(self) -> Tensor:
         return bt_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        """MACs of :meth:`matmul` (:func:`~kcprnn.formats.tucker.tucker_linear_flops` with
+        ``C`` blocks). The contraction order is fixed, so training and inference count the
+        same."""
         return tucker_linear_flops(rows, self.in_modes, self.out_modes, self.ranks, self.blocks)
 
     def reconstruction_macs(self) -> int:

@@ -5,7 +5,8 @@ r"""CP format on the merged modes: ``W`` is a sum of ``R`` Kronecker products of
     \qquad W = \sum_r U_1[r] \otimes \cdots \otimes U_D[r],
 
 with ``j = (j_1, ..., j_D)`` and ``i = (i_1, ..., i_D)`` flattened row-major, so ``W`` is a
-rank-``R`` CP tensor over the merged modes ``(J_d, I_d)`` (KCP.md section 4).
+rank-``R`` CP tensor over the merged modes ``(J_d, I_d)``: the ``D``-way tensor whose mode ``d``
+has size ``J_d I_d`` (see ``docs/formats.md``).
 
 Legend for shape comments: b batch rows, r rank, m current output mode ``J_e``,
 n current input mode ``I_e``, o output modes already produced, p input modes not yet contracted.
@@ -14,10 +15,11 @@ Multiplication (:func:`cp_linear`) contracts the input modes from the last to th
 step contracts the *trailing* axis of the current tensor and puts the new output mode in front,
 so each step is one GEMM/BMM on a (transposed) view and no step copies the input:
 ``x (b p, n) -> (r, m, b p)``, then per rank ``(r, o b p, n) -> (r, m, o b p)``; the rank is
-summed at the end. Only the first step reads the whole input; ``matmul_flops`` counts the MACs
+summed at the end. Only the first step reads the whole input; ``matmul_macs`` counts the MACs
 of exactly this order. The BMM steps use :func:`~kcprnn.formats.tucker.contract_trailing` (its
 backward keeps gradients in the forward layouts) and large inputs go in cache-sized chunks of
-rows (:func:`~kcprnn.formats.tucker.map_row_chunks`).
+rows (:func:`~kcprnn.formats.tucker.map_row_chunks`, sized by the cost model's
+``tucker_chunk_elements``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
 from .tucker import contract_trailing, map_row_chunks, matrix_to_merged, merged_to_matrix
@@ -73,11 +76,14 @@ def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
     return merged_to_matrix(t, in_modes, out_modes)  # (j, i)
 
 
-def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+def cp_linear(
+    x: Tensor, factors: Sequence[Tensor], *, cost_model: CostModel | None = None
+) -> Tensor:
     """``x @ W.T`` without forming ``W``. x: ``(b, in_features)`` -> ``(b, out_features)``.
 
     Contracts input modes ``D, D-1, ..., 1``; each step is one GEMM/BMM on a view (see the module
     docstring). The rank stays a batch axis of the BMMs and is summed once at the end.
+    ``cost_model`` sets the chunks of rows (default: :func:`~kcprnn._cpu.default_cost_model`).
     """
     rank = factors[0].shape[0]
     last = factors[-1].reshape(rank * factors[-1].shape[1], -1)  # (r m, n)
@@ -91,12 +97,14 @@ def cp_linear(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
         z = z.reshape(rank, -1, batch)  # (r, o, b): all input modes are contracted
         return z.sum(0).T  # (b, o)
 
-    return map_row_chunks(rows, x)  # (b, o)
+    model = default_cost_model() if cost_model is None else cost_model
+    return map_row_chunks(rows, x, model.tucker_chunk_elements)  # (b, o)
 
 
 def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
     """MACs of :func:`cp_linear`: step ``e`` costs ``R b prod(J_e..J_D) prod(I_1..I_e)``; the
-    final sum over the rank (``(R - 1) b J`` additions) is not counted."""
+    final sum over the rank (``(R - 1) b J`` additions) is not counted. Chunking the rows does
+    not change it."""
     d = len(in_modes)
     return sum(
         rank * rows * math.prod(out_modes[e:]) * math.prod(in_modes[: e + 1]) for e in range(d)
@@ -179,9 +187,9 @@ class CPMatrix(FactorizedMatrix):
         W = \sum_{r=1}^{R} U_1[r] \otimes \cdots \otimes U_D[r]
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
-        rank: the CP rank ``R`` (a positive int). Default: 4, the rank of the paper's baselines.
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        rank: the CP rank ``R`` (a positive int). Default: 4, the rank of the UCF11 baselines.
 
     Attributes:
         rank: ``R``.
@@ -214,12 +222,14 @@ class CPMatrix(FactorizedMatrix):
                 u.uniform_(-bound, bound)
 
     def matmul(self, x: Tensor) -> Tensor:
-        return cp_linear(x, list(self.factors))  # (b, j)
+        return cp_linear(x, list(self.factors), cost_model=self.cost_model)  # (b, j)
 
     def to_dense(self) -> Tensor:
         return cp_to_dense(list(self.factors))  # (j, i)
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        """MACs of :meth:`matmul` (:func:`cp_linear_flops`). The contraction order is fixed, so
+        training and inference count the same."""
         return cp_linear_flops(rows, self.in_modes, self.out_modes, self.rank)
 
     def reconstruction_macs(self) -> int:
@@ -232,7 +242,8 @@ class CPMatrix(FactorizedMatrix):
     def from_dense(cls, weight: Tensor, **options) -> CPMatrix:
         """CP-ALS (:func:`cp_als`) of ``weight`` ``(out_features, in_features)``; the other
         options are the constructor's. Exact only when ``W`` has a CP of that rank that ALS
-        finds; on unstructured weights a low rank gives a large error (PEERS.md section 4)."""
+        finds; an unstructured weight (a trained dense layer, say) is far from any low-rank CP,
+        so a low rank then gives a large error."""
         if weight.dim() != 2:
             raise ValueError(f"from_dense expects a 2-D weight, got shape {tuple(weight.shape)}")
         options.setdefault("dtype", weight.dtype)

@@ -56,6 +56,7 @@ class DenseMatrix(FactorizedMatrix):
         return self.weight
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        """``rows * in_features * out_features``, in training and inference alike."""
         return rows * self.in_features * self.out_features
 
     def reconstruction_macs(self) -> int:

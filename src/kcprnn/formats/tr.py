@@ -7,10 +7,11 @@ r"""Format 'tr': the tensor-ring matrix (Zhao et al. 2016; TR-LSTM of Pan et al.
 with cores ``G_d`` of shape ``(r_{d-1}, J_d, I_d, r_d)`` and ``r_0 = r_D`` (the ring rank that
 the trace closes). With ``r_0 = 1`` it is a TT-matrix.
 
-The contractions are the ring sweeps of :mod:`.tt` (:func:`~kcprnn.formats.tt.ring_linear`).
-Both carry the closing rank ``c = r_0`` through every step: the first step, which reads the
-whole input, maps each slice of ``I_d`` entries to ``r_{d-1} J_d r_d`` entries whatever the
-sweep, and the cost model picks the cheaper end.
+The contractions are the ring sweeps of :mod:`kcprnn.formats._ring` (shared with the
+TT-matrix, the ring of closing rank 1). Both sweeps carry the closing rank ``c = r_0`` through
+every step: the first step, which reads the whole input, maps each slice of ``I_d`` entries to
+``r_{d-1} J_d r_d`` entries whatever the sweep, and the one with fewer multiply-accumulates is
+taken (:func:`~kcprnn.formats._ring.ring_contraction_order`).
 
 Legend of the shape comments: m output mode, n input mode, r, s rank (left, right of a core),
 k a merged contraction axis.
@@ -23,9 +24,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._cpu import CostModel
 from ..shapes import validate_ranks
 from ._base import register
-from .tt import RingMatrix, ring_linear, ring_to_dense
+from ._ring import RingMatrix, ring_linear, ring_to_dense
 
 __all__ = ["TRMatrix", "tr_linear", "tr_num_params", "tr_svd", "tr_to_dense", "validate_tr_ranks"]
 
@@ -61,12 +63,18 @@ def tr_to_dense(cores: Sequence[Tensor]) -> Tensor:
     return ring_to_dense(cores)
 
 
-def tr_linear(x: Tensor, cores: Sequence[Tensor], order: str | None = None) -> Tensor:
+def tr_linear(
+    x: Tensor,
+    cores: Sequence[Tensor],
+    order: str | None = None,
+    *,
+    cost_model: CostModel | None = None,
+) -> Tensor:
     """``x @ W.T`` for a tensor ring ``W``: ``(b, I_1 ⋯ I_D) -> (b, J_1 ⋯ J_D)``.
 
-    See :func:`~kcprnn.formats.tt.ring_linear` for ``order``.
+    See :func:`~kcprnn.formats._ring.ring_linear` for ``order`` and ``cost_model``.
     """
-    return ring_linear(x, cores, order)
+    return ring_linear(x, cores, order, cost_model=cost_model)
 
 
 def tr_svd(
@@ -127,8 +135,8 @@ class TRMatrix(RingMatrix):
     Parameters: ``Σ_d r_{d-1} J_d I_d r_d``.
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
-            as in :class:`~kcprnn.formats.FactorizedMatrix`.
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: one int for all ``D`` ring bonds or the list ``(r_0, ..., r_{D-1})``. Default 4.
 
     Attributes:
@@ -143,6 +151,7 @@ class TRMatrix(RingMatrix):
         torch.Size([2, 1024])
     """
 
+    default_rank = DEFAULT_RANK
     resolve_ranks = staticmethod(validate_tr_ranks)
     decompose = staticmethod(tr_svd)
 

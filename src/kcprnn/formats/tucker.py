@@ -4,8 +4,9 @@ r"""Tucker format on the merged modes, and sums of Tucker blocks (the BT format 
     W[j, i] = \sum_{c=1}^{C} \sum_{r_1, \dots, r_D} G_c[r_1, \dots, r_D]
               \prod_{d=1}^{D} A_{c,d}[(j_d, i_d), r_d]
 
-with ``j``, ``i`` flattened row-major and ``(j_d, i_d)`` merged as ``j_d I_d + i_d``
-(KCP.md section 4). Plain Tucker has one block: factors ``A_d`` of shape ``(J_d I_d, R_d)`` and a
+with ``j``, ``i`` flattened row-major and ``(j_d, i_d)`` merged as ``j_d I_d + i_d``: ``W`` is
+viewed as a ``D``-way tensor whose mode ``d`` has size ``J_d I_d`` (see ``docs/formats.md``).
+Plain Tucker has one block: factors ``A_d`` of shape ``(J_d I_d, R_d)`` and a
 core of shape ``(R_1, ..., R_D)``. Every pure function here also accepts a leading block axis
 ``C`` (factors ``(C, J_d I_d, R_d)``, core ``(C, R_1, ..., R_D)``) and then sums the ``C`` Tucker
 terms: that is the block-term (BT) format of :mod:`kcprnn.formats.bt`.
@@ -19,10 +20,11 @@ each step one GEMM/BMM on a (transposed) view that puts ``(r, m)`` in front and 
 trailing axis: ``x (b p, n) -> (c r m, b p)``, then ``(c s, o b p, n) -> (c s, r m, o b p)``.
 With ``R_D ... R_2`` gathered in front the core is applied in one BMM, ``(c, s, o b i_1) ->
 (c, r_1, o b i_1)``, and the first factor last, ``(c r_1, o b, i_1) -> (c r_1, o b, j_1)``,
-summed over blocks and ``r_1``. Only the first step reads the whole input; ``matmul_flops``
+summed over blocks and ``r_1``. Only the first step reads the whole input; ``matmul_macs``
 counts the MACs of exactly this order. The mode steps go through :func:`contract_trailing`, whose
 backward keeps gradients in the layout of the forward tensors, and large inputs are processed in
-cache-sized chunks of rows (:func:`map_row_chunks`).
+cache-sized chunks of rows (:func:`map_row_chunks`, sized by the cost model's
+``tucker_chunk_elements``).
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_ranks
 from ._base import FactorizedMatrix, register
 
 __all__ = [
     "TuckerMatrix",
-    "CHUNK_ELEMENTS",
     "contract_trailing",
     "hosvd",
     "map_row_chunks",
@@ -60,7 +62,7 @@ class _ContractTrailing(torch.autograd.Function):
     """``bmm(a, z^T)`` whose backward returns the gradient of ``z`` in ``z``'s own layout."""
 
     # forward(ctx, ...) rather than setup_context: with setup_context, every apply binds the
-    # arguments through inspect.signature (about 40 us)
+    # arguments through inspect.signature, a fixed cost per call
     @staticmethod
     def forward(ctx, a: Tensor, z: Tensor) -> Tensor:
         ctx.save_for_backward(a, z)
@@ -76,21 +78,19 @@ class _ContractTrailing(torch.autograd.Function):
         return grad_a, grad_z
 
 
-CHUNK_ELEMENTS = 1 << 19
-"""Inputs with more elements than this are multiplied in chunks of rows (see
-:func:`map_row_chunks`)."""
+def map_row_chunks(
+    fn: Callable[[Tensor], Tensor], x: Tensor, chunk_elements: int | None = None
+) -> Tensor:
+    """``fn(x)`` for a row-wise ``fn``, evaluated on about ``x.numel() / chunk_elements`` equal
+    chunks of rows (at most one per row) and concatenated.
 
-
-def map_row_chunks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``fn(x)`` for a row-wise ``fn``, evaluated on about ``x.numel() / CHUNK_ELEMENTS`` equal
-    chunks of rows and concatenated.
-
-    The intermediates of a chunk then stay in cache: at the UCF11 size (96 x 57,600, 1 thread)
-    11 chunks of 9 rows (2 MB of float32 input each) were 25-40% faster than one pass, forward
-    and forward+backward, with the same MACs; 2^20 and 2^18 elements per chunk were slower.
+    The intermediates of a chunk then stay in cache, with the same MACs as one pass.
+    ``chunk_elements`` defaults to the default cost model's ``tucker_chunk_elements``.
     """
+    if chunk_elements is None:
+        chunk_elements = default_cost_model().tucker_chunk_elements
     rows = x.shape[0]
-    chunks = min(rows, math.ceil(x.numel() / CHUNK_ELEMENTS))
+    chunks = min(rows, math.ceil(x.numel() / chunk_elements))
     if chunks <= 1:
         return fn(x)
     return torch.cat([fn(part) for part in x.split(math.ceil(rows / chunks))])
@@ -102,7 +102,7 @@ def contract_trailing(a: Tensor, z: Tensor) -> Tensor:
     The same numbers as ``torch.bmm(a, z.transpose(1, 2))``, but the backward computes the
     gradient of ``z`` directly as ``(B, M, n)``; autograd's ``bmm`` backward would produce it
     transposed and the reshape before this step would then copy it (a full-size strided copy,
-    ~3x the cost of the product itself at the UCF11 size).
+    which on large inputs costs more than the product itself).
     """
     if not (torch.is_grad_enabled() and (a.requires_grad or z.requires_grad)):
         return torch.bmm(a, z.transpose(1, 2))  # (B, K, M)
@@ -175,11 +175,14 @@ def tucker_linear(
     core: Tensor,
     in_modes: Sequence[int],
     out_modes: Sequence[int],
+    *,
+    cost_model: CostModel | None = None,
 ) -> Tensor:
     """``x @ W.T`` without forming ``W``. x: ``(b, in_features)`` -> ``(b, out_features)``.
 
     Contraction order and layouts as in the module docstring; blocks are a batch axis of every
-    BMM and are summed once at the end.
+    BMM and are summed once at the end. ``cost_model`` sets the chunks of rows
+    (:func:`map_row_chunks`; default: :func:`~kcprnn._cpu.default_cost_model`).
     """
     factors, core = _as_blocks(factors, core)
     c, d = core.shape[0], len(in_modes)
@@ -211,7 +214,8 @@ def tucker_linear(
         z = z.sum(0).reshape(-1, batch, j1)  # (o, b, j_1) with o = (j_2, ..., j_D)
         return z.permute(1, 2, 0).reshape(batch, -1)  # (b, j)
 
-    return map_row_chunks(rows, x)  # (b, j)
+    model = default_cost_model() if cost_model is None else cost_model
+    return map_row_chunks(rows, x, model.tucker_chunk_elements)  # (b, j)
 
 
 def tucker_linear_flops(
@@ -224,7 +228,7 @@ def tucker_linear_flops(
     """MACs of :func:`tucker_linear`: mode step ``e >= 2`` costs
     ``C b prod_{f>=e}(R_f J_f) prod_{f<=e} I_f``, the core ``C b J_2..J_D I_1 R_1..R_D`` and the
     first factor ``C b J_2..J_D I_1 R_1 J_1``; the final sum over blocks and ``R_1``
-    (``(C R_1 - 1) b J`` additions) is not counted."""
+    (``(C R_1 - 1) b J`` additions) is not counted. Chunking the rows does not change it."""
     d = len(in_modes)
     carried = [r * j for r, j in zip(ranks, out_modes, strict=True)]  # R_f J_f
     steps = sum(math.prod(carried[e:]) * math.prod(in_modes[: e + 1]) for e in range(1, d))
@@ -282,10 +286,10 @@ class TuckerMatrix(FactorizedMatrix):
         W[j, i] = \sum_{r} G[r_1, \dots, r_D] \prod_d A_d[(j_d, i_d), r_d]
 
     Args:
-        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype:
-            as :class:`~kcprnn.formats.FactorizedMatrix`.
+        in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
+        cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: Tucker ranks ``R_d``: an int for every mode or a sequence of ``D`` ints.
-            Default: 4, the rank of the paper's baselines.
+            Default: 4, the rank of the UCF11 baselines.
 
     Attributes:
         ranks: tuple ``(R_1, ..., R_D)``.
@@ -323,12 +327,21 @@ class TuckerMatrix(FactorizedMatrix):
                 p.uniform_(-bound, bound)
 
     def matmul(self, x: Tensor) -> Tensor:
-        return tucker_linear(x, list(self.factors), self.core, self.in_modes, self.out_modes)
+        return tucker_linear(
+            x,
+            list(self.factors),
+            self.core,
+            self.in_modes,
+            self.out_modes,
+            cost_model=self.cost_model,
+        )  # (b, j)
 
     def to_dense(self) -> Tensor:
         return tucker_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
+        """MACs of :meth:`matmul` (:func:`tucker_linear_flops`). The contraction order is fixed,
+        so training and inference count the same."""
         return tucker_linear_flops(rows, self.in_modes, self.out_modes, self.ranks)
 
     def reconstruction_macs(self) -> int:
