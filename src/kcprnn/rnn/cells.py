@@ -293,7 +293,6 @@ class RNNCellBase(nn.Module):
         (an exact copy by default), both biases are copied. Returns an instance of ``cls``.
         """
         check_torch_module(cls, cls.torch_class, cell)
-        weight = cell.weight_ih
         # Built on the meta device (no memory, no random numbers drawn), then every matrix and
         # bias is replaced by one made from cell's weights, on their device.
         out = cls(
@@ -301,7 +300,7 @@ class RNNCellBase(nn.Module):
             cell.hidden_size,
             cell.bias,
             device="meta",
-            dtype=weight.dtype,
+            dtype=cell.weight_ih.dtype,
             nonlinearity=getattr(cell, "nonlinearity", "tanh"),
             format=format,
             hidden_format=hidden_format,
