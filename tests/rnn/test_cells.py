@@ -7,7 +7,8 @@ from torch import nn
 
 import kcprnn
 from kcprnn import FORMATS
-from kcprnn.rnn.cells import fold_gates, gru_sequence, gru_step, lstm_sequence, lstm_step
+from kcprnn._cpu import CostModel
+from kcprnn.rnn import fold_gates, gru_sequence, gru_step, lstm_sequence, lstm_step
 
 CELLS = {
     "lstm": (kcprnn.LSTMCell, nn.LSTMCell, {}),
@@ -232,3 +233,110 @@ def test_gru_sequence_gradcheck():
     ]
     assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a, reverse=True), args)
     assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a), args)
+
+
+@pytest.mark.parametrize("blocked_rows", [0, 10**9])
+def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, blocked_rows):
+    """Over more rows than the cost model's recurrent_grad_blocked_rows, W_hh's gradient is the
+    blocked weight_grad; otherwise one GEMM. Both give autograd's gradient."""
+    from kcprnn.rnn import fused
+
+    model = CostModel().replace(recurrent_grad_blocked_rows=blocked_rows)
+    monkeypatch.setattr(fused, "default_cost_model", lambda: model)
+    calls = []
+    real = fused.weight_grad
+    monkeypatch.setattr(fused, "weight_grad", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(4)
+    b, h, steps = 2, 3, 4
+    f64 = torch.float64
+    args = [
+        torch.randn(steps * b, 4 * h, dtype=f64, requires_grad=True),
+        torch.randn(b, h, dtype=f64, requires_grad=True),
+        torch.randn(b, h, dtype=f64, requires_grad=True),
+        torch.randn(4 * h, h, dtype=f64, requires_grad=True),
+        torch.randn(4 * h, dtype=f64, requires_grad=True),
+    ]
+    assert_same_values_and_gradients(lstm_sequence(*args), _lstm_by_steps(*args, False), args)
+    gru_args = [torch.randn(steps * b, 3 * h, dtype=f64, requires_grad=True), args[1]]
+    gru_args += [torch.randn(3 * h, h, dtype=f64, requires_grad=True), args[4][: 3 * h]]
+    assert_same_values_and_gradients(
+        gru_sequence(*gru_args), _gru_by_steps(*gru_args, False), gru_args
+    )
+    assert len(calls) == (2 if blocked_rows == 0 else 0)  # one backward of each fused layer
+
+
+# --- conversion from torch.nn and subclasses ---
+
+
+class MyGRUCell(kcprnn.GRUCell):
+    pass
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_subclass_from_torch_is_the_subclass_and_equals_torch(bias):
+    ref = nn.GRUCell(5, 3, bias=bias, dtype=torch.float64)
+    ours = MyGRUCell.from_torch(ref, format="dense")
+    assert type(ours) is MyGRUCell
+    x, h = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, h), ref(x, h), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match=r"MyGRUCell.from_torch expects a torch.nn.GRUCell, got"):
+        MyGRUCell.from_torch(nn.LSTMCell(5, 3), format="dense")
+
+
+def test_from_torch_leaves_nothing_on_the_meta_device():
+    ref = nn.RNNCell(5, 3, nonlinearity="relu", dtype=torch.float64)
+    ours = kcprnn.RNNCell.from_torch(ref, format="tt", rank=2)
+    assert ours.nonlinearity == "relu"
+    tensors = [*ours.parameters(), *ours.buffers()]
+    assert tensors and all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+def test_load_dense_weights_keeps_the_constructor_options():
+    """A TT cell (ranks large enough to be exact) loading torch's weights: the matrices keep the
+    modes the constructor derived (gates folded into hidden_modes) and compute torch's cell."""
+    ref = nn.LSTMCell(8, 4, dtype=torch.float64)
+    cell = kcprnn.LSTMCell(
+        8, 4, format="tt", rank=64, in_modes=[2, 4], hidden_modes=[2, 2], dtype=torch.float64
+    )
+    cell.load_dense_weights(ref.weight_ih, ref.weight_hh, bias_ih=ref.bias_ih, bias_hh=ref.bias_hh)
+    assert cell.weight_ih.in_modes == (2, 4) and cell.weight_ih.out_modes == (8, 2)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for a, b in zip(cell(x), ref(x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_load_dense_weights_errors_name_the_weight():
+    cell = kcprnn.LSTMCell(5, 4, format="dense")
+    w_ih, w_hh = torch.randn(16, 5), torch.randn(16, 4)
+    with pytest.raises(
+        ValueError, match=r"weight_hh should have shape \(16, 4\), got shape \(16, 3\)"
+    ):
+        cell.load_dense_weights(w_ih, torch.randn(16, 3))
+    with pytest.raises(ValueError, match="weight_hr given, but the cell has no projection"):
+        cell.load_dense_weights(w_ih, w_hh, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"bias_hh of shape \(12,\) given, .* shape \(16,\)"):
+        cell.load_dense_weights(w_ih, w_hh, bias_hh=torch.randn(12))
+    proj = kcprnn.LSTMCell(5, 4, proj_size=2, bias=False, format="dense")
+    with pytest.raises(ValueError, match=r"weight_hr should have shape \(2, 4\), got none"):
+        proj.load_dense_weights(w_ih, torch.randn(16, 2))
+    with pytest.raises(ValueError, match="bias_ih of shape .* but the cell has bias=False"):
+        proj.load_dense_weights(w_ih, torch.randn(16, 2), torch.randn(2, 4), torch.randn(16))
+
+
+def test_names_stay_importable_from_their_modules():
+    import kcprnn.rnn
+    import kcprnn.rnn.cells
+    import kcprnn.rnn.recurrent
+
+    steps = ["lstm_step", "gru_step", "rnn_step", "lstm_sequence", "gru_sequence"]
+    options = ["fold_gates", "input_matrix_options", "hidden_matrix_options"]
+    expected = {
+        kcprnn.rnn.cells: ["LSTMCell", "GRUCell", "RNNCell", *steps, *options],
+        kcprnn.rnn.recurrent: ["LSTM", "GRU", "RNN", "scan", "run_layer"],
+        kcprnn.rnn: ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "summary"]
+        + [*steps, *options, "scan", "run_layer", "LayerSummary", "ModelSummary"],
+    }
+    for module, names in expected.items():
+        for name in names:
+            assert name in module.__all__ and hasattr(module, name), (module.__name__, name)

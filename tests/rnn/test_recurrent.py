@@ -405,3 +405,36 @@ def test_torch_compile_small_lstm():
     torch.testing.assert_close(
         model.cell(0).weight_ih.weight.grad, ref.weight_ih_l0.grad, rtol=1e-5, atol=1e-5
     )
+
+
+class MyLSTM(kcprnn.LSTM):
+    pass
+
+
+class MyRNN(kcprnn.RNN):
+    pass
+
+
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_subclass_from_torch_is_the_subclass_and_equals_torch(proj_size):
+    ref = nn.LSTM(8, 4, 2, bidirectional=True, proj_size=proj_size, dtype=torch.float64)
+    ours = MyLSTM.from_torch(ref, format="dense")
+    assert type(ours) is MyLSTM and ours.proj_size == proj_size
+    x = torch.randn(5, 3, 8, dtype=torch.float64)
+    hx = random_hx(ref, 3, torch.float64)
+    assert_same(ours(x, hx), ref(x, hx), torch.float64)
+    with pytest.raises(TypeError, match=r"MyLSTM.from_torch expects a torch.nn.LSTM, got GRU"):
+        MyLSTM.from_torch(nn.GRU(8, 4), format="dense")
+
+
+def test_subclass_from_torch_keeps_settings_and_training_mode():
+    ref = nn.RNN(
+        INPUT, HIDDEN, 2, nonlinearity="relu", bias=False, batch_first=True, dtype=torch.float64
+    ).eval()
+    ours = MyRNN.from_torch(ref, format="tt", rank=2)
+    assert type(ours) is MyRNN and not ours.training
+    assert (ours.nonlinearity, ours.bias, ours.batch_first) == ("relu", False, True)
+    assert all(c.nonlinearity == "relu" for c in ours.cells)
+    tensors = [*ours.parameters(), *ours.buffers()]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
+    assert_against_reconstruction(ours, torch.randn(3, 5, INPUT, dtype=torch.float64))

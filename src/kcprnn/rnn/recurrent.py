@@ -6,7 +6,7 @@ keyword options that choose the weight formats.
 
 Speed by construction: in every layer and direction, the input-to-hidden product of all time steps
 is ONE product over the ``B*T`` rows (the packed rows for a ``PackedSequence``), done before the
-recurrence; the time loop (:func:`scan`) only does the hidden-to-hidden work.
+recurrence; the time loop (:func:`~kcprnn.rnn.scan`) only does the hidden-to-hidden work.
 
 Legend for shape comments: ``t`` time steps, ``b`` batch, ``n`` rows of all steps (``t*b`` or the
 packed total), ``i`` input features, ``h`` hidden size, ``p`` output size (``proj_size`` or ``h``),
@@ -15,148 +15,36 @@ packed total), ``i`` input features, ``h`` hidden size, ``p`` output size (``pro
 
 from __future__ import annotations
 
-import numbers
-import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..formats import make_matrix
-from ..formats._base import resolve_dtype
-from ..formats.dense import DenseMatrix
-from .cells import (
-    GRUCell,
-    LSTMCell,
-    MatrixFactory,
-    RNNCell,
-    State,
-    _CellBase,
-    _check_format,
-    _check_modes,
-    _check_nonlinearity,
-    _check_size,
-    _check_torch_kind,
-    _from_dense_factory,
-    fold_gates,
-    gru_sequence,
-    lstm_sequence,
-)
+from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
+from ._options import check_arguments, check_torch_module, fold_gates
+from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
+from .layer import check_batch_sizes, run_layer, scan
+from .steps import State
 
-__all__ = ["GRU", "LSTM", "RNN", "run_layer", "scan"]
+__all__ = ["GRU", "LSTM", "RNN", "RNNBase", "run_layer", "scan"]
+
+_Module = TypeVar("_Module", bound="RNNBase")
 
 
-def scan(
-    step: Callable[[Tensor, State], State],
-    gates_x: Tensor,
-    batch_sizes: Sequence[int],
-    state: State,
-    reverse: bool = False,
-) -> tuple[Tensor, State]:
-    """Run ``step`` over time on precomputed input projections, in packed layout.
+class RNNBase(nn.Module):
+    """Shared implementation of :class:`LSTM`, :class:`GRU` and :class:`RNN`.
 
-    Args:
-        step: ``(gates_x_t (b_t, g), state) -> state``; ``state[0]`` is the step's output.
-        gates_x: input projections of all steps, time-major packed rows ``(n, g)``: the
-            ``batch_sizes[0]`` rows of step 0, then the ``batch_sizes[1]`` rows of step 1, ...
-        batch_sizes: non-increasing active batch sizes per step (all equal for padded input).
-        state: initial state, tensors of ``batch_sizes[0]`` rows.
-        reverse: run from the last step to the first (backward direction); each sequence then
-            starts from its own last step.
-
-    Returns:
-        ``(outputs, final)``: ``state[0]`` of every step in the same packed layout ``(n, p)``,
-        and the final state of every sequence (after its own last step), ``batch_sizes[0]`` rows.
+    Subclasses set :attr:`mode` (``"LSTM"``, ``"GRU"`` or ``"RNN"``), :attr:`cell_class` (the
+    cell of one layer and direction) and :attr:`torch_class`, the ``torch.nn`` module that
+    :meth:`from_torch` converts (subclasses of the three modules inherit all three).
     """
-    outputs: list[Tensor] = []
-    if not reverse:
-        finished: list[State] = []
-        offset = 0
-        for b in batch_sizes:
-            if b < state[0].shape[0]:  # the sequences at rows >= b have ended
-                finished.append(tuple(s[b:] for s in state))
-                state = tuple(s[:b] for s in state)  # (b, .)
-            state = step(gates_x[offset : offset + b], state)  # (b, .)
-            outputs.append(state[0])
-            offset += b
-        finished.append(state)
-        final = tuple(
-            torch.cat(parts[::-1], dim=0) for parts in zip(*finished, strict=True)
-        )  # (b0, .)
-        return torch.cat(outputs, dim=0), final  # (n, p)
-    initial = state
-    offset = gates_x.shape[0]
-    state = tuple(s[: batch_sizes[-1]] for s in initial)
-    for b in reversed(batch_sizes):
-        have = state[0].shape[0]
-        if b > have:  # sequences at rows have..b start here, from their initial state
-            state = tuple(
-                torch.cat([s, s0[have:b]], dim=0) for s, s0 in zip(state, initial, strict=True)
-            )  # (b, .)
-        offset -= b
-        state = step(gates_x[offset : offset + b], state)  # (b, .)
-        outputs.append(state[0])
-    return torch.cat(outputs[::-1], dim=0), state  # (n, p)
-
-
-def run_layer(
-    cell: _CellBase,
-    gates_x: Tensor,
-    batch_sizes: Sequence[int],
-    state: State,
-    reverse: bool = False,
-) -> tuple[Tensor, State]:
-    """One direction of one layer over precomputed input projections, as :func:`scan`.
-
-    An LSTM layer (no projection) or GRU layer with a dense recurrent weight and sequences of
-    equal length runs as :func:`~kcprnn.rnn.cells.lstm_sequence` /
-    :func:`~kcprnn.rnn.cells.gru_sequence` (fused steps, a hand-written backward through time),
-    except under ``torch.compile``; everything else steps through :func:`scan` with autograd.
-    """
-    fused = (
-        isinstance(cell.weight_hh, DenseMatrix)
-        and len(set(batch_sizes)) == 1
-        and not torch.compiler.is_compiling()
-    )  # compiled graphs fuse the steps themselves
-    if fused and isinstance(cell, LSTMCell) and cell.weight_hr is None:
-        out, h, c = lstm_sequence(
-            gates_x, state[0], state[1], cell.weight_hh.weight, cell.bias_hh, reverse
-        )
-        return out, (h, c)  # (n, h)
-    if fused and isinstance(cell, GRUCell):
-        out, h = gru_sequence(gates_x, state[0], cell.weight_hh.weight, cell.bias_hh, reverse)
-        return out, (h,)  # (n, h)
-    return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
-
-
-def _check_batch_sizes(batch_sizes: Tensor, rows: int) -> list[int]:
-    if batch_sizes.dim() != 1 or batch_sizes.numel() == 0:
-        raise ValueError(
-            f"PackedSequence batch_sizes must be a non-empty 1-D tensor, got shape "
-            f"{tuple(batch_sizes.shape)}"
-        )
-    sizes = [int(b) for b in batch_sizes.tolist()]
-    if any(b <= 0 for b in sizes) or any(a < b for a, b in zip(sizes, sizes[1:], strict=False)):
-        raise ValueError(
-            "PackedSequence batch_sizes must be positive and non-increasing (sequences sorted by "
-            "decreasing length, as pack_padded_sequence(..., enforce_sorted=True) requires of "
-            f"its lengths; pass enforce_sorted=False to sort them), got batch_sizes={sizes}"
-        )
-    if sum(sizes) != rows:
-        raise ValueError(
-            f"PackedSequence data has {rows} rows but its batch_sizes sum to {sum(sizes)}"
-        )
-    return sizes
-
-
-class _RNNBase(nn.Module):
-    """Shared implementation of :class:`LSTM`, :class:`GRU` and :class:`RNN`."""
 
     mode: ClassVar[str] = ""
-    cell_class: ClassVar[type[_CellBase]] = _CellBase
+    cell_class: ClassVar[type[RNNCellBase]] = RNNCellBase
+    torch_class: ClassVar[type[nn.RNNBase]] = nn.RNNBase
 
     cells: nn.ModuleList
 
@@ -169,11 +57,11 @@ class _RNNBase(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
-        proj_size: int = 0,
-        nonlinearity: str = "tanh",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        proj_size: int = 0,
+        nonlinearity: str = "tanh",
         format: str = "kcp",
         hidden_format: str = "dense",
         hidden_modes: Sequence[Any] | None = None,
@@ -182,86 +70,21 @@ class _RNNBase(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        _check_format(format, "format")
-        _check_format(hidden_format, "hidden_format")
-        factory_kwargs = {"device": device, "dtype": resolve_dtype(dtype)}
-
-        def factories(layer: int, direction: int) -> MatrixFactory:
-            def factory(kind: str, in_f: int, out_f: int, opts: dict[str, Any]):
-                fmt = format if kind == "ih" else hidden_format
-                return make_matrix(fmt, in_f, out_f, **factory_kwargs, **opts)
-
-            return factory
-
-        self._setup(
+        modes = check_arguments(
+            self.mode,
             input_size,
             hidden_size,
-            num_layers,
-            bias,
-            batch_first,
-            dropout,
-            bidirectional,
-            proj_size,
-            nonlinearity,
-            factories,
-            factory_kwargs,
-            hidden_modes,
-            hidden_options,
-            layer_options,
-            options,
+            bias=bias,
+            proj_size=proj_size,
+            nonlinearity=nonlinearity,
+            format=format,
+            hidden_format=hidden_format,
+            hidden_modes=hidden_modes,
+            cell=False,
+            num_layers=num_layers,
+            dropout=dropout,
+            layer_options=layer_options,
         )
-        self.reset_parameters()
-
-    def _setup(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int,
-        bias: bool,
-        batch_first: bool,
-        dropout: float,
-        bidirectional: bool,
-        proj_size: int,
-        nonlinearity: str,
-        factories: Callable[[int, int], MatrixFactory],
-        factory_kwargs: dict[str, Any],
-        hidden_modes: Sequence[Any] | None,
-        hidden_options: dict[str, Any] | None,
-        layer_options: Sequence[dict[str, Any]] | None,
-        options: dict[str, Any],
-    ) -> None:
-        _check_size(input_size, "input_size")
-        _check_size(hidden_size, "hidden_size")
-        _check_size(num_layers, "num_layers")
-        if (
-            not isinstance(dropout, numbers.Number)
-            or isinstance(dropout, bool)
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the probability of an "
-                f"element being zeroed, got dropout={dropout!r}"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=3,
-            )
-        if proj_size and self.mode != "LSTM":
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if layer_options is not None and (
-            isinstance(layer_options, dict)
-            or len(layer_options) != num_layers
-            or not all(isinstance(o, dict) for o in layer_options)
-        ):
-            raise ValueError(
-                f"layer_options must be a sequence of num_layers={num_layers} dicts, "
-                f"got {layer_options!r}"
-            )
-        if hidden_modes is not None:
-            hidden_modes = _check_modes(hidden_modes, hidden_size, "hidden_modes", "hidden_size")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -271,7 +94,7 @@ class _RNNBase(nn.Module):
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
         if self.mode == "RNN":
-            self.nonlinearity = _check_nonlinearity(nonlinearity)
+            self.nonlinearity = nonlinearity
         num_directions = 2 if bidirectional else 1
         out_size = proj_size or hidden_size
         cells = []
@@ -281,27 +104,26 @@ class _RNNBase(nn.Module):
                 # Deeper layers read the (concatenated) hidden outputs: in_modes from hidden_modes
                 # (directions folded into the first mode), else the format's balanced default.
                 opts.pop("in_modes", None)
-                if hidden_modes is not None and not proj_size:
-                    opts["in_modes"] = fold_gates(hidden_modes, num_directions)
+                if modes is not None and not proj_size:
+                    opts["in_modes"] = fold_gates(modes, num_directions)
             if layer_options is not None:
                 opts.update(layer_options[layer])
             layer_in = input_size if layer == 0 else num_directions * out_size
-            for direction in range(num_directions):
-                cell = self.cell_class.__new__(self.cell_class)
-                nn.Module.__init__(cell)
-                cell._build(
+            for _ in range(num_directions):
+                cell = self.cell_class(
                     layer_in,
                     hidden_size,
                     bias,
-                    proj_size,
-                    factories(layer, direction),
-                    hidden_modes,
-                    opts,
-                    dict(hidden_options or {}),
-                    factory_kwargs,
+                    device=device,
+                    dtype=dtype,
+                    proj_size=proj_size,
+                    nonlinearity=nonlinearity,
+                    format=format,
+                    hidden_format=hidden_format,
+                    hidden_modes=modes,
+                    hidden_options=hidden_options,
+                    **opts,
                 )
-                if self.mode == "RNN":
-                    cell.nonlinearity = self.nonlinearity
                 cells.append(cell)
         self.cells = nn.ModuleList(cells)
 
@@ -314,22 +136,23 @@ class _RNNBase(nn.Module):
     @property
     def format(self) -> str:
         """Format of the input-to-hidden matrices."""
-        return self.cells[0].format
+        return self.cell(0).format
 
     @property
     def hidden_format(self) -> str:
         """Format of the hidden-to-hidden matrices."""
-        return self.cells[0].hidden_format
+        return self.cell(0).hidden_format
 
-    def cell(self, layer: int, direction: int = 0) -> _CellBase:
+    def cell(self, layer: int, direction: int = 0) -> RNNCellBase:
         """The cell of ``layer`` and ``direction`` (0 forward, 1 reverse)."""
-        return self.cells[layer * self.num_directions + direction]
+        return cast(RNNCellBase, self.cells[layer * self.num_directions + direction])
 
     def reset_parameters(self) -> None:
         """``torch.nn``'s init, ``U(-1/sqrt(h), 1/sqrt(h))``, through each format's
         ``reset_parameters(std=1/sqrt(3h))``."""
-        for cell in self.cells:
-            cell.reset_parameters()
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                self.cell(layer, direction).reset_parameters()
 
     def flatten_parameters(self) -> None:
         """Does nothing: kept for code written for ``torch.nn`` (no cuDNN flat weight buffer)."""
@@ -358,7 +181,7 @@ class _RNNBase(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def _state_sizes(self) -> tuple[int, ...]:
-        return self.cells[0].state_sizes()
+        return self.cell(0).state_sizes()
 
     def _check_hx(self, hx: State, batch: int, batched: bool) -> State:
         k = self.num_layers * self.num_directions
@@ -379,14 +202,16 @@ class _RNNBase(nn.Module):
             out.append(t)
         return tuple(out)
 
-    def _forward(self, input: Tensor | PackedSequence, hx: State | None):
+    def _forward(
+        self, input: Tensor | PackedSequence, hx: State | None
+    ) -> tuple[Tensor | PackedSequence, State]:
         mode = self.mode
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise ValueError(f"{mode}: PackedSequence data must be 2-D, got {data.dim()}-D")
-            sizes = _check_batch_sizes(batch_sizes_t, data.shape[0])
+            sizes = check_batch_sizes(batch_sizes_t, data.shape[0])
             batch, batched = sizes[0], True
             x = data  # (n, i)
         else:
@@ -428,7 +253,7 @@ class _RNNBase(nn.Module):
             outs = []
             for direction in range(self.num_directions):
                 idx = layer * self.num_directions + direction
-                cell = self.cells[idx]
+                cell = self.cell(layer, direction)
                 gates_x = cell.input_projection(layer_input)  # (n, g) or 3-D
                 if layer == 0 and not packed:
                     if self.batch_first:
@@ -446,8 +271,7 @@ class _RNNBase(nn.Module):
         if packed:
             if unsorted_indices is not None:
                 h_n = tuple(t.index_select(1, unsorted_indices) for t in h_n)  # (k, b, s)
-            output = PackedSequence(layer_input, batch_sizes_t, sorted_indices, unsorted_indices)
-            return output, h_n
+            return PackedSequence(layer_input, batch_sizes_t, sorted_indices, unsorted_indices), h_n
         output = layer_input.reshape(len(sizes), batch, layer_input.shape[-1])  # (t, b, d*p)
         if self.batch_first:
             output = output.transpose(0, 1)  # (b, t, d*p)
@@ -456,12 +280,10 @@ class _RNNBase(nn.Module):
             h_n = tuple(t.squeeze(1) for t in h_n)  # (k, s)
         return output, h_n
 
-    # --- conversion --------------------------------------------------------------------------
-
     @classmethod
     def from_torch(
-        cls,
-        module: nn.Module,
+        cls: type[_Module],
+        module: nn.RNNBase,
         format: str = "kcp",
         *,
         hidden_format: str = "dense",
@@ -469,153 +291,67 @@ class _RNNBase(nn.Module):
         hidden_options: dict[str, Any] | None = None,
         layer_options: Sequence[dict[str, Any]] | None = None,
         **options: Any,
-    ) -> _RNNBase:
-        """Compress a trained ``torch.nn`` module of the same kind.
+    ) -> _Module:
+        """Compress a trained ``torch.nn`` module of the same kind (:attr:`torch_class`).
 
-        Every input-to-hidden weight goes through ``FORMATS[format].from_dense(weight,
-        **layer's options)`` (exact for ``"dense"``; a format without a decomposition raises
+        The module is constructed with ``module``'s settings and the given formats and options
+        (which apply per layer as in the constructor), then every cell takes its layer and
+        direction's weights through :meth:`RNNCellBase.load_dense_weights`: every
+        input-to-hidden weight goes through ``FORMATS[format].from_dense(weight, **layer's
+        options)`` (exact for ``"dense"``; a format without a decomposition raises
         ``NotImplementedError`` naming it); hidden-to-hidden (and projection) weights through
         ``FORMATS[hidden_format].from_dense`` (an exact copy by default); both biases ``b_ih``
-        and ``b_hh`` are copied. Options apply per layer as in the constructor.
+        and ``b_hh`` are copied. Returns an instance of ``cls``.
         """
-        _check_format(format, "format")
-        _check_format(hidden_format, "hidden_format")
-        _check_torch_kind(cls, module)
-        out = cls.__new__(cls)
-        nn.Module.__init__(out)
-        ref = module.weight_ih_l0
+        check_torch_module(cls, cls.torch_class, module)
 
-        def factories(layer: int, direction: int) -> MatrixFactory:
-            sfx = f"_l{layer}" + ("_reverse" if direction else "")
-            weights = {
-                "ih": getattr(module, "weight_ih" + sfx),
-                "hh": getattr(module, "weight_hh" + sfx),
-            }
-            if getattr(module, "proj_size", 0):
-                weights["hr"] = getattr(module, "weight_hr" + sfx)
-            return _from_dense_factory(weights, format, hidden_format)
+        def weight(name: str, layer: int, direction: int) -> Any:
+            return getattr(module, f"{name}_l{layer}" + ("_reverse" if direction else ""))
 
-        out._setup(
+        settings: dict[str, Any] = {}
+        if module.proj_size:
+            settings["proj_size"] = module.proj_size
+        if isinstance(module, nn.RNN):
+            settings["nonlinearity"] = module.nonlinearity
+        # Built on the meta device (no memory, no random numbers drawn), then every matrix and
+        # bias is replaced by one made from module's weights, on their device.
+        out = cls(
             module.input_size,
             module.hidden_size,
             module.num_layers,
-            module.bias,
-            module.batch_first,
-            module.dropout,
-            module.bidirectional,
-            getattr(module, "proj_size", 0),
-            getattr(module, "nonlinearity", "tanh"),
-            factories,
-            {"device": ref.device, "dtype": ref.dtype},
-            hidden_modes,
-            hidden_options,
-            layer_options,
-            options,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+            device="meta",
+            dtype=weight("weight_ih", 0, 0).dtype,
+            format=format,
+            hidden_format=hidden_format,
+            hidden_modes=hidden_modes,
+            hidden_options=hidden_options,
+            layer_options=layer_options,
+            **settings,
+            **options,
         )
-        if module.bias:
-            with torch.no_grad():
-                for layer in range(module.num_layers):
-                    for direction in range(out.num_directions):
-                        sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                        cell = out.cell(layer, direction)
-                        cell.bias_ih.copy_(getattr(module, "bias_ih" + sfx))
-                        cell.bias_hh.copy_(getattr(module, "bias_hh" + sfx))
+        for layer in range(out.num_layers):
+            for direction in range(out.num_directions):
+                out.cell(layer, direction).load_dense_weights(
+                    weight("weight_ih", layer, direction),
+                    weight("weight_hh", layer, direction),
+                    weight("weight_hr", layer, direction) if out.proj_size else None,
+                    bias_ih=weight("bias_ih", layer, direction) if out.bias else None,
+                    bias_hh=weight("bias_hh", layer, direction) if out.bias else None,
+                )
         out.train(module.training)
         return out
 
 
-_ARGS_DOC = r"""
-    Args:
-        input_size: the number of expected features in the input ``x``.
-        hidden_size: the number of features in the hidden state ``h``.
-        num_layers: number of stacked recurrent layers. Default: 1.
-        {extra_args}bias: if ``False``, no ``b_ih`` and ``b_hh``. Default: ``True``.
-        batch_first: if ``True``, input and output are ``(batch, seq, feature)`` instead of
-            ``(seq, batch, feature)``; not applied to hidden states. Default: ``False``.
-        dropout: if non-zero, dropout with this probability on the outputs of every layer but
-            the last. Default: 0.
-        bidirectional: if ``True``, a bidirectional network. Default: ``False``.
-        {proj_arg}device, dtype: factory arguments, as in ``torch.nn``.
-        format: format of every input-to-hidden matrix ``W_ih`` (``G*hidden_size x
-            layer input``), a key of :data:`kcprnn.FORMATS`. Default: ``"kcp"``.
-        hidden_format: format of every hidden-to-hidden matrix ``W_hh`` (and ``W_hr``).
-            Default: ``"dense"``, as in the papers' baselines.
-        hidden_modes: modes of ``hidden_size`` (flat, or nested for Kronecker-factored formats).
-            The ``G`` gates are folded into the first output mode, ``J_1 <- G*J_1``
-            (``[4,4,4,4] -> [16,4,4,4]`` for an LSTM; nested modes: into the first Kronecker
-            factor of the first mode), to give ``out_modes`` of every ``W_ih`` unless
-            ``out_modes`` is given. Flat ``hidden_modes`` also tensorize ``W_hh``
-            (``in_modes=hidden_modes``, ``out_modes`` folded), except with ``proj_size``.
-        hidden_options: options of ``hidden_format`` for ``W_hh`` and ``W_hr`` (``rank``,
-            ``num_modes``, ...); they win over what ``hidden_modes`` derives.
-        layer_options: optional list of ``num_layers`` dicts, merged over ``**options`` for
-            each layer's ``W_ih`` (the last word on any per-layer choice).
-        **options: options of ``format`` (``in_modes``, ``out_modes``, ``rank``, ...).
-
-    How options apply to layers: ``**options`` go to every layer's ``W_ih``, both directions,
-    except ``in_modes``, which describe ``input_size`` and so apply to layer 0 only. Layers > 0
-    read ``num_directions * (proj_size or hidden_size)`` features: their ``in_modes`` are
-    ``hidden_modes`` with the directions folded into the first mode (``[2*4,4,4,4]`` when
-    bidirectional; not with ``proj_size``), or the format's balanced default when
-    ``hidden_modes`` is not given. An explicit ``out_modes`` (the full ``G*hidden_size`` gate
-    output, flat or nested) is passed through to every layer.
-"""
-
-_IO_DOC = r"""
-    Inputs: input, {hx_in}
-        - **input**: ``(L, H_in)`` unbatched, ``(L, N, H_in)`` or, with ``batch_first=True``,
-          ``(N, L, H_in)``; or a :class:`~torch.nn.utils.rnn.PackedSequence` of variable-length
-          sequences.
-        {hx_doc}
-
-    Outputs: output, {hx_out}
-        - **output**: ``(L, D*H_out)`` unbatched, ``(L, N, D*H_out)`` or ``(N, L, D*H_out)``:
-          the last layer's ``h_t`` for every ``t``; a ``PackedSequence`` for packed input.
-        {hn_doc}
-
-    Shape:
-        ``N`` batch, ``L`` sequence length, ``D`` 2 if bidirectional else 1, ``H_in``
-        ``input_size``, ``H_out`` {h_out}.
-"""
-
-
-class LSTM(_RNNBase):
-    __doc__ = (
-        r"""A multi-layer LSTM with compressed weights; drop-in for ``torch.nn.LSTM``.
-
-    Each layer computes, for every step, the gates ``(i, f, g, o)`` of :class:`LSTMCell`;
-    the input-to-hidden products of all steps are done at once before the recurrence.
-"""
-        + _ARGS_DOC.format(
-            extra_args="",
-            proj_arg="proj_size: if ``> 0``, an LSTM with projections of this size. Default: 0.\n"
-            "        ",
-        )
-        + _IO_DOC.format(
-            hx_in="(h_0, c_0)",
-            hx_doc="- **h_0**: ``(D*num_layers, H_out)`` or ``(D*num_layers, N, H_out)``; "
-            "**c_0**: the same with ``hidden_size``; zeros if omitted.",
-            hx_out="(h_n, c_n)",
-            hn_doc="- **h_n**, **c_n**: final hidden and cell states of every layer and "
-            "direction, shaped as ``h_0`` and ``c_0``.",
-            h_out="``proj_size`` if ``> 0`` else ``hidden_size``",
-        )
-        + r"""
-    Attributes:
-        cells: ``num_layers * D`` :class:`LSTMCell` (``proj_size`` set), index
-            ``layer * D + direction``; ``cell(layer, direction)`` returns one.
-
-    Examples::
-
-        >>> rnn = LSTM(10, 20, 2, format="dense")
-        >>> output, (h_n, c_n) = rnn(torch.randn(5, 3, 10))
-        >>> output.shape, h_n.shape
-        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
-"""
-    )
+class LSTM(RNNBase):
+    __doc__ = LSTM_DOC
 
     mode = "LSTM"
     cell_class = LSTMCell
+    torch_class = nn.LSTM
 
     def __init__(
         self,
@@ -639,10 +375,9 @@ class LSTM(_RNNBase):
             batch_first,
             dropout,
             bidirectional,
-            proj_size,
-            "tanh",
             device,
             dtype,
+            proj_size=proj_size,
             **options,
         )
 
@@ -655,64 +390,12 @@ class LSTM(_RNNBase):
         return output, (h_n, c_n)
 
 
-class GRU(_RNNBase):
-    __doc__ = (
-        r"""A multi-layer GRU with compressed weights; drop-in for ``torch.nn.GRU``.
-
-    Each layer computes, for every step, the gates ``(r, z, n)`` of :class:`GRUCell`
-    (``b_hn`` inside the reset gate, as in ``torch.nn``); the input-to-hidden products of all
-    steps are done at once before the recurrence.
-"""
-        + _ARGS_DOC.format(extra_args="", proj_arg="")
-        + _IO_DOC.format(
-            hx_in="h_0",
-            hx_doc="- **h_0**: ``(D*num_layers, H_out)`` or ``(D*num_layers, N, H_out)``; "
-            "zeros if omitted.",
-            hx_out="h_n",
-            hn_doc="- **h_n**: final hidden state of every layer and direction, shaped as h_0.",
-            h_out="``hidden_size``",
-        )
-        + r"""
-    Examples::
-
-        >>> rnn = GRU(10, 20, 2, format="dense")
-        >>> output, h_n = rnn(torch.randn(5, 3, 10))
-        >>> h_n.shape
-        torch.Size([2, 3, 20])
-"""
-    )
+class GRU(RNNBase):
+    __doc__ = GRU_DOC
 
     mode = "GRU"
     cell_class = GRUCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **options: Any,
-    ) -> None:
-        proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers,
-            bias,
-            batch_first,
-            dropout,
-            bidirectional,
-            proj_size,
-            "tanh",
-            device,
-            dtype,
-            **options,
-        )
+    torch_class = nn.GRU
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | None = None
@@ -721,35 +404,12 @@ class GRU(_RNNBase):
         return output, h_n
 
 
-class RNN(_RNNBase):
-    __doc__ = (
-        r"""A multi-layer Elman RNN (``tanh`` or ``relu``) with compressed weights; drop-in for
-    ``torch.nn.RNN``: ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``.
-"""
-        + _ARGS_DOC.format(
-            extra_args="nonlinearity: ``'tanh'`` or ``'relu'``. Default: ``'tanh'``.\n        ",
-            proj_arg="",
-        )
-        + _IO_DOC.format(
-            hx_in="h_0",
-            hx_doc="- **h_0**: ``(D*num_layers, H_out)`` or ``(D*num_layers, N, H_out)``; "
-            "zeros if omitted.",
-            hx_out="h_n",
-            hn_doc="- **h_n**: final hidden state of every layer and direction, shaped as h_0.",
-            h_out="``hidden_size``",
-        )
-        + r"""
-    Examples::
-
-        >>> rnn = RNN(10, 20, 2, nonlinearity="relu", format="dense")
-        >>> output, h_n = rnn(torch.randn(5, 3, 10))
-        >>> output.shape
-        torch.Size([5, 3, 20])
-"""
-    )
+class RNN(RNNBase):
+    __doc__ = RNN_DOC
 
     mode = "RNN"
     cell_class = RNNCell
+    torch_class = nn.RNN
 
     def __init__(
         self,
@@ -765,7 +425,6 @@ class RNN(_RNNBase):
         dtype: torch.dtype | None = None,
         **options: Any,
     ) -> None:
-        proj_size = options.pop("proj_size", 0)  # refused by the base with torch's message
         super().__init__(
             input_size,
             hidden_size,
@@ -774,10 +433,9 @@ class RNN(_RNNBase):
             batch_first,
             dropout,
             bidirectional,
-            proj_size,
-            nonlinearity,
             device,
             dtype,
+            nonlinearity=nonlinearity,
             **options,
         )
 

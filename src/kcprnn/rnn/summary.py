@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..formats import FactorizedMatrix
-from .cells import _CellBase
-from .recurrent import _RNNBase
+from .cells import RNNCellBase
+from .recurrent import RNNBase
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
 
@@ -171,7 +171,7 @@ class ModelSummary:
 
 
 def _layer_summary(
-    name: str, kind: str, cell: _CellBase, batch_size: int, seq_len: int
+    name: str, kind: str, cell: RNNCellBase, batch_size: int, seq_len: int
 ) -> LayerSummary:
     mats = cell.matrices()
     ih = mats.pop("ih")
@@ -215,15 +215,15 @@ def summary(model: nn.Module, batch_size: int = 1, seq_len: int = 1) -> ModelSum
     seen: set[int] = set()
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
-        if isinstance(module, _RNNBase):
+        if isinstance(module, RNNBase):
             for layer in range(module.num_layers):
                 for direction in range(module.num_directions):
                     cell = module.cell(layer, direction)
                     seen.add(id(cell))
                     name = f"{prefix}l{layer}" + ("_reverse" if direction else "")
                     layers.append(_layer_summary(name, module.mode, cell, batch_size, seq_len))
-        elif isinstance(module, _CellBase) and id(module) not in seen:
-            kind = type(module).__name__.removesuffix("Cell")
+        elif isinstance(module, RNNCellBase) and id(module) not in seen:
+            kind = module.mode
             layers.append(_layer_summary(path or kind, kind, module, batch_size, seq_len))
     params = sum(p.numel() for p in model.parameters())
     matrices = [m for m in model.modules() if isinstance(m, FactorizedMatrix)]

@@ -1,0 +1,212 @@
+"""Arguments of the recurrent cells and modules: the one validator they share, and the options
+of their weight matrices (the gates folded into the output modes).
+
+An LSTM's input-to-hidden matrix ``W_ih`` stacks the ``G = 4`` gates ``(i, f, g, o)`` on its rows
+(``G = 3`` for a GRU, 1 for an Elman RNN), so its output size is ``G * hidden_size``. Given the
+modes ``J_1 ⋯ J_D`` of ``hidden_size``, the gates are folded into the first output mode,
+``J_1 <- G * J_1``, so that the tensorized ``W_ih`` keeps one mode per hidden mode.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..formats import FORMATS
+
+__all__ = [
+    "check_arguments",
+    "check_format",
+    "check_modes",
+    "check_torch_module",
+    "fold_gates",
+    "hidden_matrix_options",
+    "input_matrix_options",
+]
+
+
+def fold_gates(modes: Sequence[Any], num_gates: int) -> list[Any]:
+    """Fold ``num_gates`` stacked blocks into the first mode: ``J_1 <- G * J_1``.
+
+    For nested (Kronecker-factored) modes the first factor of the first mode is multiplied.
+
+    Example:
+        >>> fold_gates([4, 4, 4, 4], 4)
+        [16, 4, 4, 4]
+        >>> fold_gates([[2, 2], [2, 2]], 3)
+        [[6, 2], [2, 2]]
+    """
+    first = modes[0]
+    if isinstance(first, Sequence):
+        first = [num_gates * first[0], *first[1:]]
+    else:
+        first = num_gates * first
+    return [first, *(list(m) if isinstance(m, Sequence) else m for m in modes[1:])]
+
+
+def input_matrix_options(
+    options: dict[str, Any],
+    num_gates: int,
+    hidden_modes: Sequence[Any] | None,
+) -> dict[str, Any]:
+    """Options of an input-to-hidden matrix: ``options`` with ``out_modes`` derived from
+    ``hidden_modes`` by :func:`fold_gates` unless ``out_modes`` is given explicitly."""
+    opts = dict(options)
+    if hidden_modes is not None and "out_modes" not in opts:
+        opts["out_modes"] = fold_gates(hidden_modes, num_gates)
+    return opts
+
+
+def hidden_matrix_options(
+    options: dict[str, Any],
+    in_features: int,
+    hidden_size: int,
+    num_gates: int,
+    hidden_modes: Sequence[Any] | None,
+) -> dict[str, Any]:
+    """Options of a hidden-to-hidden matrix ``(G*hidden, in_features)``.
+
+    Flat ``hidden_modes`` tensorize it as ``in_modes=hidden_modes`` (when ``in_features`` is
+    ``hidden_size``) and ``out_modes=fold_gates(hidden_modes)``; nested (Kronecker-factored)
+    modes describe the input-to-hidden matrix only. ``options`` (``hidden_options``) win.
+    """
+    opts = dict(options)
+    if hidden_modes is not None and not any(isinstance(m, Sequence) for m in hidden_modes):
+        if in_features == hidden_size:
+            opts.setdefault("in_modes", list(hidden_modes))
+            opts.setdefault("out_modes", fold_gates(hidden_modes, num_gates))
+    return opts
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def check_format(format: object, name: str) -> str:
+    """``format`` if it is a key of :data:`~kcprnn.FORMATS`, else a ``ValueError`` naming it."""
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"unknown {name} {format!r}; choose one of {sorted(FORMATS)}")
+    return format
+
+
+def _flat_product(modes: Sequence[Any]) -> int:
+    return math.prod(_flat_product(m) if isinstance(m, Sequence) else m for m in modes)
+
+
+def check_modes(modes: object, size: int, name: str, size_name: str) -> list[Any]:
+    """``modes`` (ints, or int sequences for Kronecker factors) as lists, checked to multiply to
+    ``size``."""
+    if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence) or len(modes) == 0:
+        raise TypeError(
+            f"{name} must be a non-empty sequence of ints (or of int sequences), got {modes!r}"
+        )
+    if _flat_product(modes) != size:
+        raise ValueError(
+            f"the product of {name} must equal {size_name}: {name}={list(modes)} multiply to "
+            f"{_flat_product(modes)}, but {size_name}={size}"
+        )
+    return [list(m) if isinstance(m, Sequence) else m for m in modes]
+
+
+def _check_size(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} should be of type int, got: {type(value).__name__} ({name}={value!r})"
+        )
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {name}={value}")
+    return value
+
+
+def check_arguments(
+    mode: str,
+    input_size: object,
+    hidden_size: object,
+    *,
+    bias: object,
+    proj_size: object,
+    nonlinearity: object,
+    format: object,
+    hidden_format: object,
+    hidden_modes: object,
+    cell: bool,
+    num_layers: object = 1,
+    dropout: object = 0.0,
+    layer_options: object = None,
+) -> list[Any] | None:
+    """Check the constructor arguments of a recurrent cell (``cell=True``) or module of ``mode``
+    (``"LSTM"``, ``"GRU"`` or ``"RNN"``); every error names the offending value, in the words of
+    ``torch.nn`` where it has them. ``num_layers``, ``dropout`` and ``layer_options`` are the
+    modules' only (a non-zero ``dropout`` with one layer warns, as in ``torch.nn``).
+
+    Returns:
+        ``hidden_modes`` as lists (``None`` if not given).
+    """
+    check_format(format, "format")
+    check_format(hidden_format, "hidden_format")
+    _check_size(input_size, "input_size")
+    hidden = _check_size(hidden_size, "hidden_size")
+    layers = _check_size(num_layers, "num_layers")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got bias={bias!r}")
+    rate = float(dropout) if isinstance(dropout, numbers.Real) else math.nan
+    if isinstance(dropout, bool) or not 0 <= rate <= 1:
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an "
+            f"element being zeroed, got dropout={dropout!r}"
+        )
+    if rate > 0 and layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero "
+            f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={layers}",
+            stacklevel=4,  # the caller of the module's constructor
+        )
+    if proj_size and mode != "LSTM":
+        raise ValueError(
+            f"proj_size is only supported by LSTM cells, got proj_size={proj_size!r}"
+            if cell
+            else "proj_size argument is only supported for LSTM, not RNN or GRU "
+            f"(got proj_size={proj_size!r})"
+        )
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+        raise ValueError(f"proj_size should be a non-negative int, got proj_size={proj_size!r}")
+    if proj_size >= hidden:
+        raise ValueError(
+            f"proj_size has to be smaller than hidden_size, got proj_size={proj_size}, "
+            f"hidden_size={hidden}"
+        )
+    if mode == "RNN":
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"Unknown nonlinearity {nonlinearity!r}. Select from 'tanh' or 'relu'."
+            )
+    elif nonlinearity != "tanh":
+        raise ValueError(
+            f"nonlinearity is only supported by RNN and RNNCell, got nonlinearity={nonlinearity!r}"
+        )
+    if layer_options is not None and (
+        not isinstance(layer_options, Sequence)
+        or isinstance(layer_options, str)
+        or len(layer_options) != layers
+        or not all(isinstance(o, dict) for o in layer_options)
+    ):
+        raise ValueError(
+            f"layer_options must be a sequence of num_layers={layers} dicts, got {layer_options!r}"
+        )
+    if hidden_modes is None:
+        return None
+    return check_modes(hidden_modes, hidden, "hidden_modes", "hidden_size")
+
+
+def check_torch_module(owner: type, expected: type[nn.Module], module: object) -> None:
+    """A ``TypeError`` unless ``module`` is a ``expected`` (``owner.from_torch``'s argument)."""
+    if not isinstance(module, expected):
+        raise TypeError(
+            f"{owner.__name__}.from_torch expects a torch.nn.{expected.__name__}, "
+            f"got {type(module).__name__}"
+        )
