@@ -7,7 +7,9 @@ is ``benchmarks/check_targets.py`` (thresholds in ``benchmarks/targets.toml``).
 Examples::
 
     kcprnn bench --quick                        # a minute or two
-    kcprnn bench                                # full run (UCF11 point, sweeps, LSTM step)
+    kcprnn bench                                # full run (UCF11 point, sweeps, LSTM step,
+                                                #   recurrent regimes: hours on 2 CPU cores)
+    kcprnn bench --quick --points speech,streaming   # two regimes at the quick sizes
     kcprnn bench --points ucf11 --no-memory     # one point
     .venv-peers/bin/kcprnn bench --peers required   # with tednet and tensorly-torch
 """
@@ -15,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +36,7 @@ from .benchmarking import (
     run_suite,
 )
 from .benchmarking.report import (
+    SWEEP_AXES,
     format_markdown,
     format_point_table,
     plot_sweeps,
@@ -147,7 +151,7 @@ def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
             }
             for mode in ("forward", "forward_backward", "macs")
         }
-        for sweep in ("rank", "rows", "input")
+        for sweep in SWEEP_AXES
         if any(p["sweep"] == sweep for p in points)
     }
 
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": 1,
             "complete": complete,
             "preset": args.preset,
-            "preset_sizes": dict(vars(cfg.preset)),
+            "preset_sizes": dataclasses.asdict(cfg.preset),
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
             "environment": env,
             "peers": status
