@@ -596,6 +596,7 @@ def test_regime_points_run_end_to_end_on_tiny_sizes(tmp_path):
     out = tmp_path / "res"
     points = "speech,streaming,sweep-T"
     args = ["--preset", "tiny", "--points", points, "--no-peers", "--no-memory"]
+    args += ["--regime", "sweep_seq_lens=2,3"]
     assert main([*args, "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     sizes = PRESETS["tiny"].regimes
@@ -607,7 +608,8 @@ def test_regime_points_run_end_to_end_on_tiny_sizes(tmp_path):
     assert len(by_regime["speech"]) == len(sizes.speech_modes)
     cells = len(sizes.stream_modes) * len(sizes.stream_cell_sizes)
     assert len(by_regime["streaming"]) == cells + len(sizes.stream_seq_modes)
-    assert [pt["x"] for pt in by_regime["sweep-T"]] == list(sizes.sweep_seq_lens)
+    assert [pt["x"] for pt in by_regime["sweep-T"]] == [2.0, 3.0]  # the --regime override
+    assert data["preset_sizes"]["regimes"]["sweep_seq_lens"] == [2, 3]
     ours = set(FORMATS) - {"dense"}
     for pt in data["points"]:
         meta, cases = pt["regime"], {c["label"]: c for c in pt["cases"]}
@@ -652,3 +654,25 @@ def test_regime_points_run_end_to_end_on_tiny_sizes(tmp_path):
     names = {t["target"] for t in checks}
     assert "every kcprnn module at least as fast as the same torch.nn module (forward)" in names
     assert any(n.startswith("streaming: KCP cell step at batch 1 >= 10x") for n in names)
+
+
+def test_override_regimes_parses_each_field_type():
+    from kcprnn.benchmarking import PRESETS, override_regimes
+
+    base = PRESETS["quick"].regimes
+    got = override_regimes(
+        base, ["speech_seq_len=300", "speech_modes=LSTM", "sweep_hiddens=64,96", "sweep_mode=GRU"]
+    )
+    assert got.speech_seq_len == 300 and got.speech_modes == ("LSTM",)
+    assert got.sweep_hiddens == (64, 96) and got.sweep_mode == "GRU"
+    assert override_regimes(base, ["sweep_formats=kcp,cp"]).sweep_formats == ("kcp", "cp")
+    assert got.spikes_input == base.spikes_input  # the rest unchanged
+    for bad, message in (
+        ("speech_T=3", "KEY=VALUE"),
+        ("speech_seq_len", "KEY=VALUE"),
+        ("stream_cell_sizes=1,2", "nested"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            override_regimes(base, [bad])
+    with pytest.raises(ValueError, match="invalid literal"):
+        override_regimes(base, ["speech_batch=many"])

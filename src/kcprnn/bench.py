@@ -32,6 +32,7 @@ from .benchmarking import (
     POINT_KINDS,
     PRESETS,
     SuiteConfig,
+    override_regimes,
     peer_status,
     run_suite,
 )
@@ -84,13 +85,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         dest="memory",
         action="store_true",
         default=None,
-        help="measure peak memory at the UCF11 and LSTM points (default, except --quick)",
+        help="measure peak memory at the UCF11, LSTM and regime points (not the sweeps; "
+        "default, except --quick)",
     )
     ap.add_argument(
         "--no-memory",
         dest="memory",
         action="store_false",
         help="skip peak-memory measurement (CPU: one subprocess per case)",
+    )
+    ap.add_argument(
+        "--regime",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one size of the regime points (repeatable), e.g. speech_seq_len=300, "
+        "speech_modes=LSTM, sweep_formats=kcp,tt (fields of RegimeSizes)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
@@ -122,6 +132,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     if args.threads < 1:
         ap.error(f"--threads must be positive, got {args.threads}")
+    try:
+        preset = PRESETS[args.preset]
+        args.sizes = dataclasses.replace(
+            preset, regimes=override_regimes(preset.regimes, args.regime)
+        )
+    except ValueError as err:
+        ap.error(str(err))
     return args
 
 
@@ -219,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,
             "preset": args.preset,
             "preset_sizes": dataclasses.asdict(cfg.preset),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "args": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in vars(args).items()
+                if k != "sizes"
+            },
             "environment": env,
             "peers": status
             or {
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     cfg = SuiteConfig(
-        preset=PRESETS[args.preset],
+        preset=args.sizes,
         device=device,
         threads=args.threads,
         points=args.points,

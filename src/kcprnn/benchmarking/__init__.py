@@ -7,7 +7,14 @@ script that checks a run against them are in ``benchmarks/`` (``targets.toml``,
 ``check_targets.py``)."""
 
 from .cases import CaseSpec, build_case, match_peer_rank, peer_num_params, peer_status
-from .presets import PRESETS, Preset, RegimeSizes, blocked_split, kronecker_split
+from .presets import (
+    PRESETS,
+    Preset,
+    RegimeSizes,
+    blocked_split,
+    kronecker_split,
+    override_regimes,
+)
 from .regimes import REGIME_POINTS, add_roofline, matrices_of, regime_points
 from .report import fit_loglog_slope, sweep_series
 from .suite import POINT_KINDS, SuiteConfig, run_suite
@@ -30,6 +37,7 @@ __all__ = [
     "match_peer_rank",
     "matrices_of",
     "median",
+    "override_regimes",
     "peer_num_params",
     "peer_status",
     "regime_points",

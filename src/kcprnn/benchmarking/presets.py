@@ -5,12 +5,19 @@ variant, and a tiny one for tests."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..shapes import balanced_factors
 
-__all__ = ["PRESETS", "Preset", "RegimeSizes", "blocked_split", "kronecker_split"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "RegimeSizes",
+    "blocked_split",
+    "kronecker_split",
+    "override_regimes",
+]
 
 
 def kronecker_split(modes: Sequence[int]) -> list[list[int]]:
@@ -96,6 +103,36 @@ class RegimeSizes:
     sweep_formats: tuple[str, ...] | None = None
     rank: int = 4
     gemm_size: int = 2048
+
+
+def override_regimes(sizes: RegimeSizes, items: Sequence[str]) -> RegimeSizes:
+    """``sizes`` with ``KEY=VALUE`` overrides: an int, a string, or a comma-separated list of
+    ints or of strings (``speech_seq_len=300``, ``speech_modes=LSTM``, ``sweep_hiddens=128,256``,
+    ``sweep_formats=kcp,tt``). Fields of nested tuples (``stream_cell_sizes``) cannot be set."""
+    names = {f.name for f in fields(RegimeSizes)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(
+                f"regime override {item!r}: expected KEY=VALUE with KEY in {sorted(names)}"
+            )
+        default = getattr(sizes, key)
+        if isinstance(default, int):
+            changes[key] = int(value)
+        elif isinstance(default, str):
+            changes[key] = value
+        elif default is None or isinstance(default, tuple):
+            example = default[0] if default else ""
+            if isinstance(example, tuple):
+                raise ValueError(f"regime override {item!r}: {key} holds nested tuples")
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            changes[key] = (
+                tuple(int(v) for v in parts) if isinstance(example, int) else tuple(parts)
+            )
+        else:
+            raise ValueError(f"regime override {item!r}: cannot set {key}")
+    return replace(sizes, **changes)
 
 
 _QUICK_REGIMES = RegimeSizes(

@@ -143,6 +143,13 @@ def format_point_table(point: dict[str, Any]) -> str:
         f"{'f+b ms':>9} {'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}"
     )
     lines = [f"== {point['name']} ==", head, "-" * len(head)]
+    roof = point.get("roofline")
+    if roof is not None:  # a regime point: "dense" is torch.nn's module
+        lines.insert(
+            1,
+            f"roofline: input read {roof['read_ms']:.3g} ms, GEMM peak "
+            f"{roof['gemm_peak_gmacs']:.1f} GMAC/s; dense = torch.nn's module",
+        )
     for c in point["cases"]:
         if c["status"] != "ok":
             lines.append(f"{c['label']:<44} ERROR {c['error'][:100]}")
