@@ -567,7 +567,9 @@ def test_roofline_is_the_read_or_the_macs_at_the_gemm_peak():
     gemm["in_features"] = 1000
     big = _case("big", "kcprnn", "kcp", 20.0, 60.0) | {"macs": 10**8}  # 10 ms at 1e10 MAC/s
     small = _case("small", "kcprnn", "kcp", 4.0, 8.0) | {"macs": 10**6}  # 0.1 ms: read-bound
-    point = {"cases": [_case("read", "read", "read", 2.0, 0.0), gemm, big, small]}
+    # a fused kernel the counter misses: the model's own count (4e7 MACs, 4 ms) is the floor
+    fused = _case("fused", "kcprnn", "dense", 8.0, 24.0) | {"macs": 0, "model_macs": 4 * 10**7}
+    point = {"cases": [_case("read", "read", "read", 2.0, 0.0), gemm, big, small, fused]}
     del point["cases"][0]["forward_backward"]
     add_roofline(point)
     assert point["roofline"]["read_ms"] == 2.0
@@ -577,6 +579,8 @@ def test_roofline_is_the_read_or_the_macs_at_the_gemm_peak():
     assert big["ratios"]["forward_backward_over_roofline"] == pytest.approx(2.0)
     assert small["roofline"] == {"forward_ms": 2.0, "forward_backward_ms": 2.0}
     assert small["ratios"]["forward_backward_over_roofline"] == pytest.approx(4.0)
+    assert fused["roofline"] == pytest.approx({"forward_ms": 4.0, "forward_backward_ms": 12.0})
+    assert fused["ratios"]["forward_over_roofline"] == pytest.approx(2.0)
     assert "roofline" not in gemm
 
 

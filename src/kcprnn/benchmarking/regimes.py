@@ -13,9 +13,12 @@ unidirectional one-layer LSTM sequences where that library is installed.
   sequence at batch 1;
 - ``sweep-T`` / ``sweep-hidden``: the speech module against ``T`` and against the hidden size.
 
-The roofline of a case is the larger of the input read and its counted MACs at the run's GEMM
-peak (the forward+backward roofline takes three times the forward's MACs: the backward of every
-product is two products of the same size).
+The roofline of a case is the larger of the input read and its MACs at the run's GEMM peak (the
+forward+backward roofline takes three times the forward's MACs: the backward of every product is
+two products of the same size). Its MACs are the larger of the two counts the suite records:
+``macs``, the products seen while the forward runs (fused kernels, torch's or those a module routes
+to, are invisible to that counter), and ``model_macs``, the model's own count
+(:func:`kcprnn.summary` for kcprnn's modules, the dense formula for ``torch.nn``'s).
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ def _meta(regime: str, mode: str, i: int, h: int, t: int, b: int) -> dict[str, A
 def add_roofline(point: dict[str, Any]) -> None:
     """Add the point's roofline (``point["roofline"]``: the input read, the GEMM and its peak)
     and, per timed case, ``roofline`` ms and the ratios ``forward_over_roofline`` /
-    ``forward_backward_over_roofline``. Without a timed read or GEMM nothing is added."""
+    ``forward_backward_over_roofline`` (replacing earlier ones). Without a timed read or GEMM
+    nothing is added."""
     cases = point["cases"]
 
     def timed(impl: str) -> dict[str, Any] | None:
@@ -326,9 +330,9 @@ def add_roofline(point: dict[str, Any]) -> None:
         "backward_mac_factor": BACKWARD_MAC_FACTOR,
     }
     for c in cases:
-        if c["impl"] in ("read", "gemm") or c["status"] != "ok" or not c.get("macs"):
+        macs = float(max(c.get("macs") or 0, c.get("model_macs") or 0))
+        if c["impl"] in ("read", "gemm") or c["status"] != "ok" or macs <= 0:
             continue
-        macs = float(c["macs"])
         roof = {
             "forward_ms": max(read_ms, macs / peak * 1e3),
             "forward_backward_ms": max(read_ms, BACKWARD_MAC_FACTOR * macs / peak * 1e3),
