@@ -100,9 +100,13 @@ class CostModel:
     def for_device(self, device: torch.device | str | None, dtype: torch.dtype | None) -> CostModel:
         """This model as it applies to tensors of ``device`` and ``dtype``: the compiled kernels
         and oneDNN run float32 on the CPU only, so elsewhere their savings are not planned for."""
-        device = torch.device("cpu" if device is None else device)
-        cpu32 = device.type == "cpu" and dtype in (None, torch.float32)
-        if cpu32 or not (self.kernels or self.onednn):
+        if not (self.kernels or self.onednn):
+            return self
+        if device is None:
+            kind = "cpu"
+        else:
+            kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+        if kind == "cpu" and (dtype is None or dtype == torch.float32):
             return self
         return _without_fast_paths(self)
 

@@ -10,7 +10,14 @@ from torch import Tensor
 from ..._cpu.ops import weight_grad
 from .layout import GatherMode, Walk, inverse
 from .parallel import ParallelChunks
-from .sequential import ParallelSaved, StepMatrix, StepSaved, final_index, run_walk
+from .sequential import (
+    ParallelSaved,
+    StepMatrix,
+    StepSaved,
+    final_index,
+    flatten_matrices,
+    run_walk,
+)
 
 __all__ = ["SequentialProduct", "flatten_matrices", "unflatten_matrices", "walk_backward"]
 
@@ -19,19 +26,8 @@ StepGrad = Tensor | tuple[Tensor | None, Tensor | None] | None
 product, or ``None`` where it is not needed."""
 
 
-def flatten_matrices(mats: Sequence[StepMatrix]) -> list[Tensor | None]:
-    """The steps' matrices as one list of tensors (an inner product gives its two chunks)."""
-    flat: list[Tensor | None] = []
-    for m in mats:
-        if isinstance(m, ParallelChunks):
-            flat += [m.suffix, m.prefix]
-        else:
-            flat.append(m)
-    return flat
-
-
 def unflatten_matrices(walk: Walk, flat: Sequence[Tensor | None]) -> list[StepMatrix]:
-    """Inverse of :func:`flatten_matrices` for ``walk``'s steps (the last one an inner
+    """Inverse of :func:`~.sequential.flatten_matrices` for ``walk``'s steps (the last one an inner
     product's chunks where ``walk.inner``)."""
     mats: list[StepMatrix] = []
     num = len(walk.steps)

@@ -138,6 +138,17 @@ class Walk:
     inner: bool
     model: CostModel
 
+    def __hash__(self) -> int:
+        # computed once: walks key caches looked up at every call of the product
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(
+                (self.steps, self.final, self.in_axes, self.out_features, self.terms)
+                + (self.gathers, self.inner, self.model)
+            )
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
 
 def input_axes(in_splits: Splits) -> tuple[Axis, ...]:
     """The input's axes after the rows, mode-major and factor-minor, size-1 axes dropped."""

@@ -144,15 +144,25 @@ class KCPMatrix(FactorizedMatrix):
         first = self._factor_list()[0][0]
         return self.cost_model.for_device(first.device, first.dtype)
 
+    def _forward_setup(self) -> tuple[list[list[Tensor]], CostModel, bool, bool]:
+        """What a forward call plans with: the factors, the model, whether it trains (autograd
+        will differentiate the factors) and whether the small matrices are kept (``no_grad``)."""
+        factors = self._factor_list()
+        first = factors[0][0]
+        model = self.cost_model.for_device(first.device, first.dtype)
+        grad = torch.is_grad_enabled()
+        training = grad and first.requires_grad
+        return factors, model, training, not training and not grad
+
     def plan(self, rows: int, training: bool | None = None) -> KCPPlan:
         """The plan ``forward`` runs on ``rows`` rows with the current algorithm; ``training``
         (default: whether autograd will differentiate the factors now) prices the backward too.
         Under ``no_grad`` (and not training) the small matrices are kept between calls, so
         building them is not priced (:meth:`_prepared`)."""
-        if training is None:
-            training = torch.is_grad_enabled() and self._factor_list()[0][0].requires_grad
+        _, model, now, _ = self._forward_setup()
+        training = now if training is None else training
         prepared = not training and not torch.is_grad_enabled()  # see _prepared
-        return self._plan(rows, training, prepared, self.planning_model())
+        return self._plan(rows, training, prepared, model)
 
     def _plan(self, rows: int, training: bool, prepared: bool, model: CostModel) -> KCPPlan:
         algorithm = "auto" if self.algorithm == "dense" else self.algorithm
@@ -175,34 +185,27 @@ class KCPMatrix(FactorizedMatrix):
         return plan
 
     def matmul(self, x: Tensor) -> Tensor:
-        model = self.planning_model()
-        plan = self._forward_plan(x.shape[0], model)
-        if plan.algorithm == "parallel":
-            factors = self._factor_list()
-            return kcp_linear_parallel(
-                x, factors, plan.split, self._prepared(plan, factors), model
-            )  # (b, j)
-        return self._sequential(plan, x, None, model)  # (b, j)
+        return self._matmul(x, None)  # (b, j)
 
     def matmul_bias(self, x: Tensor, bias: Tensor) -> Tensor:
-        model = self.planning_model()
-        plan = self._forward_plan(x.shape[0], model)
-        if plan.algorithm == "parallel":
-            factors = self._factor_list()
-            out = kcp_linear_parallel(x, factors, plan.split, self._prepared(plan, factors), model)
-            return torch.add(out, bias)  # (b, j)
-        return self._sequential(plan, x, bias, model)  # (b, j)
+        return self._matmul(x, bias)  # (b, j)
 
-    def _forward_plan(self, rows: int, model: CostModel) -> KCPPlan:
-        """:meth:`plan` with the training mode of now, for ``model`` already resolved."""
-        training = torch.is_grad_enabled() and self._factor_list()[0][0].requires_grad
-        prepared = not training and not torch.is_grad_enabled()
-        return self._plan(rows, training, prepared, model)
+    def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        factors, model, training, prepared = self._forward_setup()
+        plan = self._plan(x.shape[0], training, prepared, model)
+        if plan.algorithm == "parallel":
+            out = kcp_linear_parallel(x, factors, plan.split, self._prepared(plan, factors), model)
+            return out if bias is None else torch.add(out, bias)  # (b, j)
+        return self._sequential(plan, x, bias, model, factors)  # (b, j)
 
     def _sequential(
-        self, plan: KCPPlan, x: Tensor, bias: Tensor | None, model: CostModel
+        self,
+        plan: KCPPlan,
+        x: Tensor,
+        bias: Tensor | None,
+        model: CostModel,
+        factors: list[list[Tensor]],
     ) -> Tensor:
-        factors = self._factor_list()
         if self.num_factors == 1:
             return kcp_linear_sequential(
                 x,

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ __all__ = [
     "StepMatrix",
     "StepSaved",
     "final_index",
+    "flatten_matrices",
     "kcp_linear_sequential",
     "kcp_sequential_prepare",
     "run_walk",
@@ -146,6 +148,17 @@ def kcp_linear_sequential(
     return sequential_run(x, walk_matrices(dense, walk.steps), walk, bias)  # (b, j)
 
 
+def flatten_matrices(mats: Sequence[StepMatrix]) -> list[Tensor | None]:
+    """The steps' matrices as one list of tensors (an inner product gives its two chunks)."""
+    flat: list[Tensor | None] = []
+    for m in mats:
+        if isinstance(m, ParallelChunks):
+            flat += [m.suffix, m.prefix]
+        else:
+            flat.append(m)
+    return flat
+
+
 def walk_matrices(dense: Sequence[StepMatrix], steps: Sequence[SeqStep]) -> list[StepMatrix]:
     """Each step's matrix for :func:`run_walk`, from :func:`kcp_sequential_prepare`'s output."""
     mats: list[StepMatrix] = []
@@ -165,8 +178,6 @@ def sequential_run(
     gradients and no step is batched over terms, each chunk is one autograd node
     (:class:`~.backward.SequentialProduct`) with a hand-written backward: a GEMM pair per step
     and the inverse gathers, instead of a graph of some thirty small nodes."""
-    from .backward import SequentialProduct, flatten_matrices
-
     flat = flatten_matrices(mats)
     fused = (
         torch.is_grad_enabled()
@@ -174,16 +185,28 @@ def sequential_run(
         and all(step.gather is not GatherMode.PBATCHED for step in walk.steps)
     )
 
-    def run(part: Tensor) -> Tensor:
-        if fused:
-            return SequentialProduct.apply(part, bias, walk, *flat)  # (b, j)
-        return run_walk(part, mats, walk, bias)  # (b, j)
-
     b = x.shape[0]
     chunk = chunk_rows(b, x.shape[1], walk.steps, walk.model)
-    if chunk < b:  # keep the gathered copies under the allocator's mmap threshold
-        return torch.cat([run(part) for part in x.split(chunk)])  # (b, j)
-    return run(x)  # (b, j)
+    parts = x.split(chunk) if chunk < b else (x,)  # chunks: the gathered copies stay under
+    # the allocator's mmap threshold
+    if fused:
+        product = _sequential_product()
+        outs = [product.apply(part, bias, walk, *flat) for part in parts]
+    else:
+        outs = [run_walk(part, mats, walk, bias) for part in parts]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)  # (b, j)
+
+
+_PRODUCT: list[Any] = []
+
+
+def _sequential_product() -> Any:
+    """:class:`~.backward.SequentialProduct` (imported on first use: it imports this module)."""
+    if not _PRODUCT:
+        from .backward import SequentialProduct
+
+        _PRODUCT.append(SequentialProduct)
+    return _PRODUCT[0]
 
 
 def run_walk(
