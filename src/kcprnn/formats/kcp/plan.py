@@ -29,6 +29,7 @@ __all__ = [
     "kcp_plan_macs",
     "parallel_plan",
     "sequential_plan",
+    "tall_saving",
     "training_cost",
 ]
 
