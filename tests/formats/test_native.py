@@ -210,8 +210,10 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
     fast, fast_grads = run()
     assert len(transposed) == 2  # inference and training forward
     assert all(t is not None for t in transposed)
-    monkeypatch.setattr(_ops, "native_fits", lambda *a: False)
+    layer.weight.cost_model = DEFAULT.replace(kernels=False)  # torch's products
+    transposed.clear()
     slow, slow_grads = run()
+    assert len(transposed) == 2 and all(t is None for t in transposed)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -334,7 +336,6 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
     x = torch.randn(5, fin)
     ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())
     used = record_calls(monkeypatch, kcp_module, "_inner_native")
-    real = kcp_module._inner_native
     runs = 0
     for order in itertools.permutations(range(2)):
         steps, _, _ = sequential_walk(w.in_splits, w.out_splits, 1, order, DEFAULT)
@@ -345,9 +346,9 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
             if split == 0:
                 continue
 
-            def run(bias=None, order=order, split=split, inner_order=inner_order):
+            def run(bias=None, order=order, split=split, inner_order=inner_order, model=DEFAULT):
                 return kcp_module.kcp_linear_sequential(
-                    x, factors, order, split, bias=bias, inner_order=inner_order
+                    x, factors, order, split, bias=bias, inner_order=inner_order, cost_model=model
                 )
 
             with torch.no_grad():
@@ -359,11 +360,10 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
             used.clear()
             run(layer.bias).sum().backward()  # training: torch's path
             assert not used
-            monkeypatch.setattr(kcp_module, "_inner_native", lambda *a: None)
-            with torch.no_grad():
-                slow = run(layer.bias)
-            monkeypatch.setattr(kcp_module, "_inner_native", real)
-            used = record_calls(monkeypatch, kcp_module, "_inner_native")
+            with torch.no_grad():  # kernels not planned for: torch's path
+                slow = run(layer.bias, model=DEFAULT.replace(kernels=False))
+            assert len(used) == 1 and used[0] is None
+            used.clear()
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fast_inf, slow, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fast_nobias + layer.bias, slow, rtol=1e-5, atol=1e-5)
