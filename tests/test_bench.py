@@ -242,7 +242,7 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
     the layer's own count of its plan (which also prices building the small matrices, kept
     between inference calls)."""
     from kcprnn.benchmarking.suite import _build_and_count
-    from kcprnn.formats import _native
+    from kcprnn._cpu import native as _native
 
     if not _native.available():
         pytest.skip("needs the compiled kernels")
@@ -268,7 +268,7 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
 def test_count_macs_counts_the_onednn_products():
     # the fused LSTM and the tall KCP GEMMs run on oneDNN's inner product where torch has it
     from kcprnn.benchmarking.cases import count_macs
-    from kcprnn.formats._ops import linear_nt
+    from kcprnn._cpu.ops import linear_nt
 
     torch.manual_seed(0)
     a, b = torch.randn(16, 24), torch.randn(40, 24)

@@ -287,12 +287,12 @@ def count_macs(fn: Callable[[], object]) -> int:
 
     Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to,
     oneDNN's inner product (``mkldnn._linear_pointwise``, which ``kcprnn`` uses on CPU) and
-    kcprnn's compiled kernels (:func:`kcprnn.formats._native.counting_macs`); elementwise work
+    kcprnn's compiled kernels (:func:`kcprnn._cpu.native.counting_macs`); elementwise work
     (bias, sums, activations) is not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..formats import _native
+    from .._cpu import native as _native
 
     custom = {}
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)

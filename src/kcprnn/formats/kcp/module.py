@@ -122,7 +122,7 @@ class KCPMatrix(FactorizedMatrix):
         )
         self.factors = nn.ModuleList(
             nn.ParameterList(
-                nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))  # type: ignore[arg-type]
+                nn.Parameter(torch.empty(self.terms, r, j[n], i[n], **self.factory_kwargs))
                 for i, j in zip(self.in_splits, self.out_splits, strict=False)
             )
             for n, r in enumerate(self.ranks)
