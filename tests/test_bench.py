@@ -241,8 +241,8 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
     ctypes where torch's flop counter does not see them; the count adds them: within 10 % of
     the layer's own count of its plan (which also prices building the small matrices, kept
     between inference calls)."""
-    from kcprnn.benchmarking.suite import _build_and_count
     from kcprnn._cpu import native as _native
+    from kcprnn.benchmarking.suite import _build_and_count
 
     if not _native.available():
         pytest.skip("needs the compiled kernels")
@@ -267,8 +267,8 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
 
 def test_count_macs_counts_the_onednn_products():
     # the fused LSTM and the tall KCP GEMMs run on oneDNN's inner product where torch has it
-    from kcprnn.benchmarking.cases import count_macs
     from kcprnn._cpu.ops import linear_nt
+    from kcprnn.benchmarking.cases import count_macs
 
     torch.manual_seed(0)
     a, b = torch.randn(16, 24), torch.randn(40, 24)
