@@ -397,7 +397,8 @@ def validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split training samples into ``(train_idx, valid_idx)``.
 
-    ``by_speaker=False``: a share ``fraction`` of every class, drawn at random (stratified).
+    ``by_speaker=False``: ``round(fraction * N)`` samples drawn at random, stratified: every
+    class gives the same share (up to one sample).
     ``by_speaker=True``: whole speakers, ``round(fraction * speakers)`` of them (at least one and
     at least one left for training), chosen at random; this mimics a held-out-speaker test set.
     """
@@ -416,11 +417,17 @@ def validation_split(
         held = rng.choice(ids, size=k, replace=False)
         mask = np.isin(speakers, held)
     else:
-        mask = np.zeros(len(labels), dtype=bool)
+        # stratified: each sample's key is (its place in a random order of its class + U(0, 1))
+        # / class size; the round(fraction * N) smallest keys take the same share of every class
+        # (up to one sample), also when classes are smaller than 1 / fraction
+        key = np.empty(len(labels))
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
-            k = round(fraction * len(members))
-            mask[rng.choice(members, size=k, replace=False)] = True
+            place = rng.permutation(len(members))
+            key[members] = (place + rng.uniform(size=len(members))) / len(members)
+        k = min(max(1, round(fraction * len(labels))), len(labels) - 1)
+        mask = np.zeros(len(labels), dtype=bool)
+        mask[np.argsort(key, kind="stable")[:k]] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 

@@ -62,6 +62,7 @@ class Config:
     valid_fraction: float = 0.1  # SHD: share of the training file held out for validation
     valid_by_speaker: bool = False  # SHD: hold out whole training speakers for validation
     repeats: int = 6  # shd-like only: utterances per speaker and class
+    speakers: int = 12  # shd-like only: speakers (voices), the last 2 (1 if < 3) in test only
     # --- model: a (compressed) recurrent layer over the frames, the last hidden state -> linear ---
     cell: str = "lstm"  # lstm | gru
     format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
@@ -102,6 +103,7 @@ class Config:
             "epochs",
             "batch_size",
             "repeats",
+            "speakers",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")

@@ -120,7 +120,12 @@ def load_data(cfg: Config) -> Data:
     splits."""
     if cfg.dataset in SPIKE_DATASETS:
         if cfg.dataset == "shd-like":
-            folder = shd_like_dir(SpikeStandInSpec(repeats=cfg.repeats), cfg.cache_dir or None)
+            spec = SpikeStandInSpec(
+                repeats=cfg.repeats,
+                speakers=cfg.speakers,
+                test_speakers=min(2, cfg.speakers - 1),
+            )
+            folder = shd_like_dir(spec, cfg.cache_dir or None)
             name = "shd"
         else:
             folder, name = Path(cfg.data_dir), cfg.dataset
