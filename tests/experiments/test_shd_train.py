@@ -78,6 +78,7 @@ def test_kcprnn_train_end_to_end_on_a_tiny_standin_preset(tiny_cache, tmp_path, 
         "--bin_width=0.05",
         "--epochs=2",
         "--batch_size=8",
+        "--grad_clip=1.0",
         f"--cache_dir={tiny_cache}",
         f"--out_dir={run}",
         "--no-progress",
@@ -195,6 +196,8 @@ def test_spike_config_keys_and_checks():
         Config(readout="max")
     with pytest.raises(ConfigError, match="bin_width"):
         Config(bin_width=0.0)
+    with pytest.raises(ConfigError, match="grad_clip"):
+        Config(grad_clip=-1.0)
     with pytest.raises(ConfigError, match="set data_dir"):
         Config(dataset="shd")
     with pytest.raises(ConfigError, match="unknown config key 'hidden_option.rank'"):

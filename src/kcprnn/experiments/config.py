@@ -77,6 +77,7 @@ class Config:
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
+    grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -113,6 +114,8 @@ class Config:
             raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got lr={self.lr}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip}")
         for key in ("bin_width", "max_time"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")

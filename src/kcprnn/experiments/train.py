@@ -360,6 +360,8 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             loss_sum += loss.item() * len(b)
             correct += (logits.argmax(1) == y).sum().item()
