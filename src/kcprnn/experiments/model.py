@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..formats import FactorizedMatrix
-from ..rnn import GRU, LSTM
+from .. import GRU, LSTM, FactorizedMatrix
 
 __all__ = ["READOUTS", "SequenceClassifier", "VideoClassifier"]
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import summary as model_summary
 from ..data import (
     ClipSet,
     SpikeSet,
@@ -41,7 +42,6 @@ from ..data import (
     shd_like_dir,
     stratified_split,
 )
-from ..rnn import summary as rnn_summary
 from .config import SPIKE_DATASETS, STANDIN_DATASETS, Config, ConfigError, load_config
 from .model import SequenceClassifier
 
@@ -120,12 +120,12 @@ def load_data(cfg: Config) -> Data:
     splits."""
     if cfg.dataset in SPIKE_DATASETS:
         if cfg.dataset == "shd-like":
-            spec = SpikeStandInSpec(
+            spike_spec = SpikeStandInSpec(
                 repeats=cfg.repeats,
                 speakers=cfg.speakers,
                 test_speakers=min(2, cfg.speakers - 1),
             )
-            folder = shd_like_dir(spec, cfg.cache_dir or None)
+            folder = shd_like_dir(spike_spec, cfg.cache_dir or None)
             name = "shd"
         else:
             folder, name = Path(cfg.data_dir), cfg.dataset
@@ -209,7 +209,7 @@ def model_numbers(model: SequenceClassifier) -> dict[str, Any]:
     parameters of every layer and direction (``W_ih`` and ``W_hh`` together, no biases), their
     dense count and compression; total parameters."""
     w = model.weight_ih
-    layers = rnn_summary(model).layers
+    layers = model_summary(model).layers
     recurrent = sum(s.input_params + s.hidden_params for s in layers)
     recurrent_dense = sum(s.input_dense_params + s.hidden_dense_params for s in layers)
     return {
