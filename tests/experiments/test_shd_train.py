@@ -24,7 +24,7 @@ from kcprnn.experiments.model import SequenceClassifier
 from kcprnn.experiments.train import evaluate, load_checkpoint, load_data, model_numbers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
-TINY_SPEC = SpikeStandInSpec(repeats=1, speakers=2, test_speakers=1)
+TINY_SPEC = SpikeStandInSpec(repeats=2, classes=4, speakers=2, test_speakers=1)
 
 needs_espeak = pytest.mark.skipif(
     not espeak_available(),
@@ -34,30 +34,40 @@ needs_espeak = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
-    """A cache folder holding the tiny stand-in (2 speakers x 20 classes x 1 utterance)."""
+    """A cache folder holding the tiny stand-in (2 speakers x 4 classes x 2 utterances)."""
     cache = tmp_path_factory.mktemp("cache")
     shd_like_dir(TINY_SPEC, cache)
     return cache
 
 
 @needs_espeak
-def test_standin_is_deterministic_cached_and_read_by_the_shd_loader(tiny_cache, tmp_path):
+def test_standin_generation_is_deterministic(tmp_path):
+    spec = SpikeStandInSpec(repeats=1, speakers=2, test_speakers=1, classes=3)
+    first = make_shd_like(spec, tmp_path / "first")
+    second = make_shd_like(spec, tmp_path / "second")  # a second, independent generation
+    for split in ("train", "test"):
+        assert first[split].read_bytes() == second[split].read_bytes()
+    test = read_spike_file(first["test"])
+    assert set(test.speakers) >= {1} and set(test.labels) <= {0, 1, 2}
+    assert len(test) + len(read_spike_file(first["train"])) == 6
+
+
+@needs_espeak
+def test_standin_is_cached_and_read_by_the_shd_loader(tiny_cache):
     folder = shd_like_dir(TINY_SPEC, tiny_cache)
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    again = make_shd_like(TINY_SPEC, tmp_path / "again")  # a second, independent generation
-    for split, path in again.items():
-        assert path.read_bytes() == (folder / f"shd_{split}.h5").read_bytes()
     # the cache is reused, keyed by every parameter, and holds no temporary leftovers
     assert shd_like_dir(TINY_SPEC, tiny_cache) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
-    assert SpikeStandInSpec(repeats=1, speakers=2, test_speakers=1, seed=1).key() != TINY_SPEC.key()
+    other = SpikeStandInSpec(repeats=2, classes=4, speakers=2, test_speakers=1, seed=1)
+    assert other.key() != TINY_SPEC.key()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     # SHD's layout: the same loader as for the released files
     train, test = read_spike_file(folder / "shd_train.h5"), read_spike_file(folder / "shd_test.h5")
     assert train.class_names == SHD_LIKE_CLASSES and len(SHD_LIKE_CLASSES) == 20
     assert set(train.speakers) == {0} and 1 in set(test.speakers)  # speaker 1: test only
-    assert len(train) + len(test) == 40
-    assert sorted([*train.labels, *test.labels]) == sorted([*range(20)] * 2)
+    assert len(train) + len(test) == 16
+    assert sorted([*train.labels, *test.labels]) == sorted([*range(4)] * 4)
     counts = np.r_[train.spike_counts(), test.spike_counts()]
     assert counts.min() > 1000  # every utterance is encoded into thousands of spikes
     splits = load_spike_dataset(folder, "shd", valid_fraction=0.5)
@@ -69,7 +79,8 @@ def test_kcprnn_train_end_to_end_on_a_tiny_standin_preset(tiny_cache, tmp_path, 
     run = tmp_path / "run"
     overrides = [
         "--speakers=2",
-        "--repeats=1",
+        "--repeats=2",
+        "--classes=4",
         "--valid_fraction=0.25",
         "--hidden_size=8",
         "--hidden_modes=[2, 2, 2]",
@@ -91,7 +102,7 @@ def test_kcprnn_train_end_to_end_on_a_tiny_standin_preset(tiny_cache, tmp_path, 
     assert all(0 <= r["test_acc"] <= 1 and 0 <= r["valid_acc"] <= 1 for r in rows)
     assert summary["test_acc"] == rows[-1]["test_acc"]
     train_file = summary["num_train"] + summary["num_valid"]
-    assert train_file + summary["num_test"] == 40 and train_file < 20  # speaker 1: test only
+    assert train_file + summary["num_test"] == 16 and train_file <= 8  # speaker 1: test only
     assert summary["num_valid"] == round(0.25 * train_file)
     assert (summary["format"], summary["hidden_format"]) == ("kcp", "kcp")
     # the checkpoint rebuilds the model; evaluating it reproduces the logged test accuracy

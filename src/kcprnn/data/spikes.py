@@ -23,10 +23,10 @@ cochlea model behind SHD (basilar membrane, hair cells, bushy cells):
    a spike when ``v`` reaches 1 and then ``v <- v - 1``; the spike time is interpolated
    within the hop. The leak silences channels whose drive stays below ``1 / (max_rate tau)``.
 
-The defaults (``max_rate`` 150 /s) give about 8,500 spikes per utterance on the default stand-in,
-the density of the Heidelberg cochlea model (the ``lauscher`` package) on the same kind of espeak
-digit (about 8,500 spikes over 700 channels for a 0.74 s utterance); SHD's own samples last
-about 0.6-1.1 s.
+The defaults (``max_rate`` 150 /s, ``dynamic_range`` 50 dB) give about 8,300 spikes per
+utterance on the default stand-in, near the density of the Heidelberg cochlea model (the
+``lauscher`` package) on the same kind of espeak-ng digit: about 8,500 spikes over all 700
+channels for a 0.74 s utterance.
 
 :func:`make_shd_like` writes ``shd_train.h5`` and ``shd_test.h5`` in SHD's layout
 (:func:`~kcprnn.data.shd.write_spike_file`); :func:`shd_like_dir` caches them in a folder keyed
@@ -271,6 +271,7 @@ class SpikeStandInSpec:
 
     Attributes:
         repeats: utterances per speaker and class.
+        classes: generate only the first ``classes`` labels (20: all; fewer for quick checks).
         speakers: number of speakers (at most 12 voices are defined).
         test_speakers: speakers that appear only in the test file (the last ones).
         test_fraction: share of each training speaker's utterances that go to the test file.
@@ -283,6 +284,7 @@ class SpikeStandInSpec:
     """
 
     repeats: int = 6
+    classes: int = len(SHD_LIKE_CLASSES)
     speakers: int = 12
     test_speakers: int = 2
     test_fraction: float = 0.2
@@ -304,6 +306,10 @@ class SpikeStandInSpec:
             raise ValueError(
                 f"test_speakers must lie in 0..speakers-1, got test_speakers={self.test_speakers}"
                 f" with speakers={self.speakers}"
+            )
+        if not 1 <= self.classes <= len(SHD_LIKE_CLASSES):
+            raise ValueError(
+                f"classes must lie in 1..{len(SHD_LIKE_CLASSES)}, got classes={self.classes}"
             )
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be a positive int, got repeats={self.repeats!r}")
@@ -344,7 +350,7 @@ def make_shd_like(spec: SpikeStandInSpec, out_dir: str | os.PathLike) -> dict[st
     }
     split_rng = np.random.default_rng([spec.seed, 1])
     for speaker in range(spec.speakers):
-        for label in range(len(SHD_LIKE_CLASSES)):
+        for label in range(spec.classes):
             held = split_rng.uniform(size=spec.repeats) < spec.test_fraction
             for r in range(spec.repeats):
                 rng = np.random.default_rng([spec.seed, speaker, label, r])

@@ -63,6 +63,7 @@ class Config:
     valid_by_speaker: bool = False  # SHD: hold out whole training speakers for validation
     repeats: int = 6  # shd-like only: utterances per speaker and class
     speakers: int = 12  # shd-like only: speakers (voices), the last 2 (1 if < 3) in test only
+    classes: int = 20  # shd-like only: generate the first N classes (20 = all)
     # --- model: a (compressed) recurrent layer over the frames, the last hidden state -> linear ---
     cell: str = "lstm"  # lstm | gru
     format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
@@ -105,6 +106,7 @@ class Config:
             "batch_size",
             "repeats",
             "speakers",
+            "classes",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")

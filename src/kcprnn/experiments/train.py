@@ -122,6 +122,7 @@ def load_data(cfg: Config) -> Data:
         if cfg.dataset == "shd-like":
             spike_spec = SpikeStandInSpec(
                 repeats=cfg.repeats,
+                classes=cfg.classes,
                 speakers=cfg.speakers,
                 test_speakers=min(2, cfg.speakers - 1),
             )
