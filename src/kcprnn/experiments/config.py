@@ -1,29 +1,37 @@
 """The experiment configuration: one frozen dataclass, TOML presets, ``--key=value`` overrides.
 
-A preset is a flat TOML file whose keys are :class:`Config` fields, plus an optional
-``[format_options]`` table passed to the weight format (``in_modes``, ``rank``, ...). Command-line
-overrides ``--key=value`` take TOML values (``--lr=1e-3``, ``--hidden_modes=[4,4,4,4]``, a bare
-word for a string: ``--format=tt``); ``--format_options.rank=8`` sets one format option.
+A preset is a flat TOML file whose keys are :class:`Config` fields, plus optional
+``[format_options]`` and ``[hidden_options]`` tables passed to the input-to-hidden and
+hidden-to-hidden weight formats (``in_modes``, ``rank``, ...). Command-line overrides
+``--key=value`` take TOML values (``--lr=1e-3``, ``--hidden_modes=[4,4,4,4]``, a bare word for a
+string: ``--format=tt``); ``--format_options.rank=8`` (``--hidden_options.rank=2``) sets one
+option.
 Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+# the standard library's TOML reader from Python 3.11; the `tomli` package before
+tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
-__all__ = ["DATASETS", "Config", "ConfigError", "apply_overrides", "load_config"]
+__all__ = ["DATASETS", "SPIKE_DATASETS", "Config", "ConfigError", "apply_overrides", "load_config"]
 
-REAL_DATASETS = ("ucf11", "ucf50", "youtube")
-STANDIN_DATASETS = ("ucf11-like", "youtube-like")
+REAL_DATASETS = ("ucf11", "ucf50", "youtube", "shd", "ssc")
+STANDIN_DATASETS = ("ucf11-like", "youtube-like", "shd-like")
 DATASETS = REAL_DATASETS + STANDIN_DATASETS
+SPIKE_DATASETS = ("shd", "ssc", "shd-like")
+"""Spike data sets (SHD's HDF5 layout, binned into ``(T, 700)`` frames); the rest are video."""
 SPLITS = ("auto", "stratified", "group", "logo")
 CELLS = ("lstm", "gru")
+READOUTS = ("last", "mean")
 
 
 class ConfigError(ValueError):
@@ -36,9 +44,10 @@ class Config:
     UCF11-like stand-in with a KCP-LSTM."""
 
     # --- data ---
-    # ucf11 | ucf50 | youtube (real data, need data_dir) | ucf11-like | youtube-like (stand-ins)
+    # video: ucf11 | ucf50 | youtube (real data, need data_dir) | ucf11-like | youtube-like;
+    # spikes: shd | ssc (real HDF5 files, need data_dir) | shd-like (stand-in in SHD's layout)
     dataset: str = "ucf11-like"
-    data_dir: str = ""  # top folder of a real dataset
+    data_dir: str = ""  # top folder of a real dataset (for shd/ssc: the folder of the .h5 files)
     cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE or ~/.cache/kcprnn
     num_frames: int = 6  # frames per clip, ascending (UCF: 6, YouTube Celebrities: up to 85)
     frame_width: int = 160  # frames are scaled to frame_width x frame_height RGB
@@ -47,16 +56,29 @@ class Config:
     split: str = "auto"  # auto (the dataset's protocol) | stratified | group | logo
     test_fraction: float = 0.2  # held-out share for stratified and group splits
     fold: int = 1  # logo (UCF50 leave-one-group-out): the group id held out
+    # --- spike data (shd, ssc, shd-like); the released train/test split is always kept ---
+    bin_width: float = 0.01  # seconds per time bin of the (T, 700) spike-count frames
+    max_time: float = 1.0  # seconds binned; later spikes are dropped (T = max_time / bin_width)
+    valid_fraction: float = 0.1  # SHD: share of the training file held out for validation
+    valid_by_speaker: bool = False  # SHD: hold out whole training speakers for validation
+    repeats: int = 6  # shd-like only: utterances per speaker and class
+    speakers: int = 12  # shd-like only: speakers (voices), the last 2 (1 if < 3) in test only
+    classes: int = 20  # shd-like only: generate the first N classes (20 = all)
     # --- model: a (compressed) recurrent layer over the frames, the last hidden state -> linear ---
     cell: str = "lstm"  # lstm | gru
     format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
+    hidden_format: str = "dense"  # hidden-to-hidden format: a key of kcprnn.FORMATS
     hidden_size: int = 256
     hidden_modes: tuple = (4, 4, 4, 4)  # hidden modes; the gates fold into the first output mode
     format_options: dict = field(default_factory=dict)  # in_modes, rank, ... for the format
+    hidden_options: dict = field(default_factory=dict)  # rank, ... for the hidden format
+    bidirectional: bool = False  # a second recurrent direction, read out with the first
+    readout: str = "last"  # last: the final hidden state | mean: the mean over time steps
     # --- optimization ---
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
+    grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -68,12 +90,12 @@ class Config:
     def __post_init__(self) -> None:
         # lists (from TOML or JSON) become tuples, so equal configs compare equal
         object.__setattr__(self, "hidden_modes", _tupled(self.hidden_modes))
-        object.__setattr__(
-            self, "format_options", {k: _tupled(v) for k, v in self.format_options.items()}
-        )
+        for key in ("format_options", "hidden_options"):
+            object.__setattr__(self, key, {k: _tupled(v) for k, v in getattr(self, key).items()})
         _check_choice(self.dataset, DATASETS, "dataset")
         _check_choice(self.split, SPLITS, "split")
         _check_choice(self.cell, CELLS, "cell")
+        _check_choice(self.readout, READOUTS, "readout")
         for key in (
             "num_frames",
             "frame_width",
@@ -82,6 +104,9 @@ class Config:
             "hidden_size",
             "epochs",
             "batch_size",
+            "repeats",
+            "speakers",
+            "classes",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")
@@ -91,6 +116,18 @@ class Config:
             raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got lr={self.lr}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip}")
+        for key in ("bin_width", "max_time"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"valid_fraction must lie in [0, 1), got {self.valid_fraction}")
+        if self.dataset in SPIKE_DATASETS and self.split != "auto":
+            raise ConfigError(
+                f"dataset={self.dataset!r} keeps its released train/test split: split must be "
+                f"'auto', got split={self.split!r}"
+            )
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dataset in REAL_DATASETS and not self.data_dir:
@@ -132,8 +169,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     """Check ``value`` against the type of field ``key``; ints are accepted for floats."""
     if key not in _FIELDS:
         raise ConfigError(f"{source}: unknown config key {key!r}; valid keys: {sorted(_FIELDS)}")
-    kind = _FIELDS[key].type
-    kind = _TYPES[kind]
+    kind = _TYPES[str(_FIELDS[key].type)]
     ok = (
         isinstance(value, bool)
         if kind is bool
@@ -169,15 +205,20 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--key=value`` strings (``--format_options.KEY=value`` for a format option)."""
-    values = {**values, "format_options": dict(values.get("format_options", {}))}
+    values = {
+        **values,
+        "format_options": dict(values.get("format_options", {})),
+        "hidden_options": dict(values.get("hidden_options", {})),
+    }
     for item in overrides:
         m = re.fullmatch(r"--([\w.]+)=(.*)", item, flags=re.S)
         if m is None:
             raise ConfigError(f"override {item!r} is not of the form --key=value")
         key, text = m.groups()
         value = _parse_value(text)
-        if key.startswith("format_options."):
-            values["format_options"][key.split(".", 1)[1]] = _tupled(value)
+        table, _, option = key.partition(".")
+        if option and table in ("format_options", "hidden_options"):
+            values[table][option] = _tupled(value)
         else:
             values[key] = _coerce(key, value, f"override {item!r}")
     return values
@@ -201,8 +242,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         for key, value in raw.items():
             values[key] = _coerce(key, value, str(path))
-        if "format_options" in values:
-            values["format_options"] = {k: _tupled(v) for k, v in values["format_options"].items()}
+        for table in ("format_options", "hidden_options"):
+            if table in values:
+                values[table] = {k: _tupled(v) for k, v in values[table].items()}
         values.setdefault("name", path.stem)
     values = apply_overrides(values, overrides or [])
     try:

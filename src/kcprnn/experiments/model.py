@@ -1,5 +1,15 @@
-"""The paper's video classifier: a (compressed) LSTM or GRU over the frames, whose last hidden
-state goes to a linear classifier. The input-to-hidden matrix is stored in the chosen format."""
+"""The paper's sequence classifiers: a (compressed) LSTM or GRU over the frames (video frames or
+binned spikes), read out into a linear classifier. The input-to-hidden matrix is stored in
+``format``, the hidden-to-hidden one in ``hidden_format``.
+
+Readouts (``readout``):
+
+- ``"last"``: the hidden state after the last step (the paper's choice for video); with
+  ``bidirectional=True``, the forward direction's last state next to the backward direction's
+  state after it has read the whole sequence back to step 0.
+- ``"mean"``: the hidden states averaged over all steps (both directions), which suits spike
+  frames padded with empty bins after the utterance ends.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +19,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rnn import GRU, LSTM
+from .. import GRU, LSTM, FactorizedMatrix
 
-__all__ = ["VideoClassifier"]
+__all__ = ["READOUTS", "SequenceClassifier", "VideoClassifier"]
+
+READOUTS = ("last", "mean")
 
 
-class VideoClassifier(nn.Module):
+class SequenceClassifier(nn.Module):
     r"""Frames ``(batch, time, input_size)`` -> class logits ``(batch, num_classes)``.
 
     Args:
-        input_size: features per frame (57,600 for 160x120 RGB).
+        input_size: features per frame (57,600 for 160x120 RGB; 700 spike channels for SHD).
         hidden_size: recurrent state size (256 in the paper).
         num_classes: number of classes.
         cell: ``"lstm"`` or ``"gru"``.
         format: input-to-hidden format, a key of :data:`kcprnn.FORMATS`.
         hidden_modes: modes of the hidden size; the gates fold into the first output mode.
-        format_options: the format's options (``in_modes``, ``rank``, ...).
+        format_options: the input-to-hidden format's options (``in_modes``, ``rank``, ...).
+        hidden_format: hidden-to-hidden format, a key of :data:`kcprnn.FORMATS`.
+        hidden_options: the hidden-to-hidden format's options.
+        bidirectional: run a second direction backwards over the frames.
+        readout: ``"last"`` or ``"mean"`` (see the module docstring).
     """
 
     def __init__(
@@ -37,28 +53,59 @@ class VideoClassifier(nn.Module):
         format: str = "kcp",
         hidden_modes: Sequence[Any] | None = None,
         format_options: dict[str, Any] | None = None,
+        hidden_format: str = "dense",
+        hidden_options: dict[str, Any] | None = None,
+        bidirectional: bool = False,
+        readout: str = "last",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {list(READOUTS)}, got readout={readout!r}")
         rnn_class = LSTM if cell == "lstm" else GRU
         self.rnn = rnn_class(
             input_size,
             hidden_size,
             batch_first=True,
+            bidirectional=bidirectional,
             device=device,
             format=format,
+            hidden_format=hidden_format,
             hidden_modes=hidden_modes,
+            hidden_options=dict(hidden_options or {}),
             **(format_options or {}),
         )
-        self.classifier = nn.Linear(hidden_size, num_classes, device=device)
+        self.readout = readout
+        self.hidden_size = hidden_size
+        directions = 2 if bidirectional else 1
+        self.classifier = nn.Linear(directions * hidden_size, num_classes, device=device)
 
     @property
-    def weight_ih(self) -> nn.Module:
-        """The input-to-hidden :class:`~kcprnn.formats.FactorizedMatrix` (the compressed one)."""
+    def weight_ih(self) -> FactorizedMatrix:
+        """The first input-to-hidden :class:`~kcprnn.formats.FactorizedMatrix`."""
         return self.rnn.cell(0).weight_ih
 
+    @property
+    def weight_hh(self) -> FactorizedMatrix:
+        """The first hidden-to-hidden :class:`~kcprnn.formats.FactorizedMatrix`."""
+        return self.rnn.cell(0).weight_hh
+
+    def extra_repr(self) -> str:
+        return f"readout={self.readout!r}"
+
     def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.rnn(x)  # (b, t, h)
-        return self.classifier(out[:, -1])  # (b, c)
+        out, _ = self.rnn(x)  # (b, t, d*h)
+        if self.readout == "mean":
+            return self.classifier(out.mean(dim=1))  # (b, c)
+        h = self.hidden_size
+        if out.shape[-1] == h:
+            return self.classifier(out[:, -1])  # (b, c)
+        # backward direction: its final state is its output at step 0
+        last = torch.cat([out[:, -1, :h], out[:, 0, h:]], dim=-1)  # (b, 2h)
+        return self.classifier(last)  # (b, c)
+
+
+VideoClassifier = SequenceClassifier
+"""The video experiments' name for :class:`SequenceClassifier`."""

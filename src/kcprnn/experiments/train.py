@@ -1,10 +1,11 @@
-"""``kcprnn train``: train one video experiment, readable top to bottom.
+"""``kcprnn train``: train one video or spike experiment, readable top to bottom.
 
-config -> data (real clips or a stand-in, split by the dataset's protocol) -> model (a compressed
-LSTM/GRU over the frames, last hidden state -> linear) -> Adam -> epochs of training and
-evaluation -> a run folder with ``config.json``, ``metrics.jsonl`` (one JSON line per epoch),
-``checkpoint.safetensors`` + ``checkpoint.json`` (rewritten atomically after every epoch),
-``summary.json`` and ``run.log``.
+config -> data (real clips or a stand-in, split by the dataset's protocol; or spike files in
+SHD's layout, binned into frames batch by batch, with their released train/test split and a
+validation split) -> model (a compressed LSTM/GRU over the frames, last or mean hidden state ->
+linear) -> Adam -> epochs of training and evaluation -> a run folder with ``config.json``,
+``metrics.jsonl`` (one JSON line per epoch), ``checkpoint.safetensors`` + ``checkpoint.json``
+(rewritten atomically after every epoch), ``summary.json`` and ``run.log``.
 
 Python API: ``train(load_config("experiments/configs/ucf11_kcp.toml"))`` returns the summary.
 """
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import summary as model_summary
 from ..data import (
     ClipSet,
+    SpikeSet,
+    SpikeStandInSpec,
     StandInSpec,
     group_split,
     leave_one_group_out,
+    load_spike_dataset,
     load_standin,
     load_video_dataset,
+    shd_like_dir,
     stratified_split,
 )
-from .config import STANDIN_DATASETS, Config, ConfigError, load_config
-from .model import VideoClassifier
+from .config import SPIKE_DATASETS, STANDIN_DATASETS, Config, ConfigError, load_config
+from .model import SequenceClassifier
 
-__all__ = ["evaluate", "load_checkpoint", "load_data", "main", "split_indices", "train"]
+__all__ = [
+    "SpikeData",
+    "evaluate",
+    "load_checkpoint",
+    "load_data",
+    "main",
+    "split_indices",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +63,83 @@ PROTOCOL_SPLITS = {
     "youtube": "stratified",
     "ucf11-like": "stratified",
     "youtube-like": "stratified",
+    "shd": "released",
+    "ssc": "released",
+    "shd-like": "released",
 }
-"""The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, else
-stratified."""
+"""The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, the spike
+files' released train/test split, else stratified."""
 
 
 # --- data ---
 
 
-def load_data(cfg: Config) -> ClipSet:
-    """The clips of ``cfg.dataset``: decoded (cached) real clips or a (cached) stand-in."""
+@dataclass(frozen=True)
+class SpikeData:
+    """Spike samples (all files) with the index of each split, binned into frames on demand."""
+
+    spikes: SpikeSet
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    bin_width: float
+    max_time: float
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.spikes.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.spikes.num_classes
+
+    @property
+    def input_size(self) -> int:
+        return self.spikes.num_units
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spikes.class_names
+
+    @property
+    def skipped(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def inputs(self, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Spike counts of samples ``idx``: float ``(b, T, 700)`` on ``device``."""
+        frames = self.spikes.frames(idx, self.bin_width, self.max_time)  # (b, t, u)
+        return torch.from_numpy(frames).to(device)
+
+
+Data = ClipSet | SpikeData
+
+
+def load_data(cfg: Config) -> Data:
+    """The samples of ``cfg.dataset``: decoded (cached) real clips or a (cached) stand-in; for
+    spike data sets the files in ``data_dir`` (or the cached SHD-like stand-in) with their
+    splits."""
+    if cfg.dataset in SPIKE_DATASETS:
+        if cfg.dataset == "shd-like":
+            spike_spec = SpikeStandInSpec(
+                repeats=cfg.repeats,
+                classes=cfg.classes,
+                speakers=cfg.speakers,
+                test_speakers=min(2, cfg.speakers - 1),
+            )
+            folder = shd_like_dir(spike_spec, cfg.cache_dir or None)
+            name = "shd"
+        else:
+            folder, name = Path(cfg.data_dir), cfg.dataset
+        splits = load_spike_dataset(
+            folder,
+            name,
+            valid_fraction=cfg.valid_fraction,
+            valid_by_speaker=cfg.valid_by_speaker,
+            seed=cfg.seed,
+        )
+        return SpikeData(
+            splits.data, splits.train, splits.valid, splits.test, cfg.bin_width, cfg.max_time
+        )
     if cfg.dataset in STANDIN_DATASETS:
         spec = StandInSpec(
             kind=cfg.dataset,
@@ -78,8 +160,10 @@ def load_data(cfg: Config) -> ClipSet:
     )
 
 
-def split_indices(cfg: Config, clips: ClipSet) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(cfg: Config, clips: Data) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, test_idx)`` by ``cfg.split`` (``"auto"``: the dataset's protocol)."""
+    if isinstance(clips, SpikeData):
+        return clips.train, clips.test
     split = PROTOCOL_SPLITS[cfg.dataset] if cfg.split == "auto" else cfg.split
     if split == "group":
         return group_split(clips.groups, cfg.test_fraction, cfg.seed)
@@ -94,11 +178,18 @@ def to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.flatten(2).float().mul_(2.0 / 255.0).sub_(1.0)  # (b, t, i)
 
 
+def batch_inputs(data: Data, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The model input of samples ``idx``: ``(b, t, i)`` float on ``device``."""
+    if isinstance(data, SpikeData):
+        return data.inputs(idx, device)
+    return to_input(data.frames[idx], device)
+
+
 # --- model ---
 
 
-def build_model(cfg: Config, input_size: int, num_classes: int) -> VideoClassifier:
-    return VideoClassifier(
+def build_model(cfg: Config, input_size: int, num_classes: int) -> SequenceClassifier:
+    return SequenceClassifier(
         input_size,
         cfg.hidden_size,
         num_classes,
@@ -106,17 +197,30 @@ def build_model(cfg: Config, input_size: int, num_classes: int) -> VideoClassifi
         format=cfg.format,
         hidden_modes=list(cfg.hidden_modes),
         format_options=dict(cfg.format_options),
+        hidden_format=cfg.hidden_format,
+        hidden_options=dict(cfg.hidden_options),
+        bidirectional=cfg.bidirectional,
+        readout=cfg.readout,
         device=cfg.device,
     )
 
 
-def model_numbers(model: VideoClassifier) -> dict[str, Any]:
-    """Input-to-hidden parameters, compression ratio and MACs per frame; total parameters."""
+def model_numbers(model: SequenceClassifier) -> dict[str, Any]:
+    """Input-to-hidden parameters, compression ratio and MACs per frame; the recurrent
+    parameters of every layer and direction (``W_ih`` and ``W_hh`` together, no biases), their
+    dense count and compression; total parameters."""
     w = model.weight_ih
+    layers = model_summary(model).layers
+    recurrent = sum(s.input_params + s.hidden_params for s in layers)
+    recurrent_dense = sum(s.input_dense_params + s.hidden_dense_params for s in layers)
     return {
         "ih_params": w.num_params,
         "compression": w.compression_ratio,
         "ih_macs_per_frame": w.flops(1),
+        "hh_params": sum(s.hidden_params for s in layers),
+        "recurrent_params": recurrent,
+        "recurrent_dense_params": recurrent_dense,
+        "recurrent_compression": recurrent_dense / recurrent,
         "total_params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -126,14 +230,14 @@ def model_numbers(model: VideoClassifier) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: VideoClassifier, clips: ClipSet, idx: np.ndarray, batch_size: int, device: torch.device
+    model: SequenceClassifier, clips: Data, idx: np.ndarray, batch_size: int, device: torch.device
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on the clips ``idx``."""
+    """Mean cross-entropy and accuracy of ``model`` on the samples ``idx``."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(idx), batch_size):
         b = idx[start : start + batch_size]
-        logits = model(to_input(clips.frames[b], device))  # (b, c)
+        logits = model(batch_inputs(clips, b, device))  # (b, c)
         y = torch.from_numpy(clips.labels[b]).to(device)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -154,7 +258,7 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_checkpoint(run_dir: Path, model: VideoClassifier, meta: dict[str, Any]) -> None:
+def save_checkpoint(run_dir: Path, model: SequenceClassifier, meta: dict[str, Any]) -> None:
     """``checkpoint.safetensors`` (weights) and ``checkpoint.json`` (config, epoch, metrics)."""
     from safetensors.torch import save
 
@@ -165,7 +269,7 @@ def save_checkpoint(run_dir: Path, model: VideoClassifier, meta: dict[str, Any])
 
 def load_checkpoint(
     run_dir: str | Path, device: str = "cpu"
-) -> tuple[VideoClassifier, Config, dict]:
+) -> tuple[SequenceClassifier, Config, dict]:
     """Rebuild the model of a run folder from its checkpoint. Returns ``(model, config, meta)``."""
     from safetensors.torch import load_file
 
@@ -214,11 +318,13 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     for path, reason in clips.skipped:
         log.warning("skipped clip %s: %s", path, reason)
     train_idx, test_idx = split_indices(cfg, clips)
+    valid_idx = clips.valid if isinstance(clips, SpikeData) else np.zeros(0, dtype=np.int64)
     log.info(
-        "%s: %d clips (%d train, %d test, %d skipped), %d classes",
+        "%s: %d samples (%d train, %d validation, %d test, %d skipped), %d classes",
         cfg.dataset,
         len(clips.labels),
         len(train_idx),
+        len(valid_idx),
         len(test_idx),
         len(clips.skipped),
         clips.num_classes,
@@ -249,12 +355,14 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         start = time.perf_counter()
         for b in bar:
             b = np.sort(b)  # ascending reads from the frame array
-            x = to_input(clips.frames[b], device)  # (b, t, i)
+            x = batch_inputs(clips, b, device)  # (b, t, i)
             y = torch.from_numpy(clips.labels[b]).to(device)
             logits = model(x)  # (b, c)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             loss_sum += loss.item() * len(b)
             correct += (logits.argmax(1) == y).sum().item()
@@ -275,6 +383,10 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "lr": cfg.lr,
             "skipped_clips": len(clips.skipped),
         }
+        if len(valid_idx):
+            row["valid_loss"], row["valid_acc"] = evaluate(
+                model, clips, valid_idx, cfg.batch_size, device
+            )
         history.append(row)
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -296,14 +408,17 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "cell": cfg.cell,
         "format": cfg.format,
+        "hidden_format": cfg.hidden_format,
         **numbers,
         "seconds_per_epoch": statistics.median(epoch_seconds),
         "test_acc": history[-1]["test_acc"],
         "best_test_acc": max(r["test_acc"] for r in history),
+        **({"valid_acc": history[-1]["valid_acc"]} if len(valid_idx) else {}),
         "train_acc": history[-1]["train_acc"],
         "epochs": cfg.epochs,
         "num_train": len(train_idx),
         "num_test": len(test_idx),
+        "num_valid": len(valid_idx),
         "num_classes": clips.num_classes,
         "skipped_clips": len(clips.skipped),
         "device": str(device),
@@ -319,8 +434,10 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kcprnn train",
-        description="Train one video experiment. Overrides: --KEY=VALUE for any config key "
-        "(TOML values), --format_options.KEY=VALUE for a format option.",
+        description="Train one video or spike experiment. Overrides: --KEY=VALUE for any config "
+        "key "
+        "(TOML values), --format_options.KEY=VALUE (--hidden_options.KEY=VALUE) for an option of "
+        "the input-to-hidden (hidden-to-hidden) format.",
     )
     parser.add_argument("--config", help="a TOML preset, e.g. experiments/configs/ucf11_kcp.toml")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (same as --device=...)")
