@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._cpu import default_cost_model
 from ..formats._ops import linear_nt, weight_grad
-from .kron import KronLayout, kron_apply
+from .kron import KronLayout, kron_apply, kron_grads
 
 __all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
 
@@ -95,19 +95,12 @@ class _Kron:
         return kron_apply(d, *self._t)  # (b, h)
 
     def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
-        wanted = [m.detach().requires_grad_(need) for m, need in zip(self.mats, needs, strict=True)]
-        inputs = [m for m in wanted if m.requires_grad]
-        if not inputs:
-            return [None] * len(wanted)
         in_index, out_index = self.index
-        if in_index is not None:  # both sides in factor-major order: no gathers under autograd
+        if in_index is not None:  # both sides in factor-major order
             h_prev = h_prev.index_select(1, in_index)  # (n, h)
         if out_index is not None:
             grad = grad.index_select(1, torch.argsort(out_index))  # (n, g)
-        with torch.enable_grad():
-            y = kron_apply(h_prev, wanted, self.layout, gather=False)  # (n, g)
-            found = iter(torch.autograd.grad(y, inputs, grad))
-        return [next(found) if m.requires_grad else None for m in wanted]
+        return kron_grads(h_prev, grad, self.mats, needs)
 
 
 def _product(spec: KronLayout | None, weights: Sequence[Tensor]) -> _Dense | _Kron:

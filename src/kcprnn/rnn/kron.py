@@ -29,6 +29,10 @@ from ..formats import FactorizedMatrix
 
 Splits = Sequence[Sequence[int]]
 
+BROADCAST_GEMMS = 32
+"""A middle factor of :func:`kron_apply` multiplies at most this many blocks of rows as one
+batch of small GEMMs; more rows are moved (one copy) so that one GEMM per term covers them."""
+
 __all__ = [
     "KronLayout",
     "kron_apply",
@@ -197,6 +201,14 @@ def kron_terms(
     return mats, layout
 
 
+def kron_matmul_ops(layout: KronLayout, terms: int) -> int:
+    """Operations :func:`kron_apply` launches: one product per factor, a copy before each middle
+    factor, the sum of the terms and the gathers (an upper bound: few rows skip the copies)."""
+    gathers = (layout.in_index is not None) + (layout.out_index is not None)
+    factors = len(layout.in_sizes)
+    return 2 * factors - 1 + (terms > 1) + gathers
+
+
 def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
     """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
     macs, pre, post = 0, layout.in_features, 1
@@ -239,12 +251,64 @@ def kron_apply(
         rows = m * pre
         if post == 1:
             z = torch.matmul(z.reshape(z.shape[0], rows, i_n), a.transpose(1, 2))  # (P, rows, j_n)
-        elif rows * j_n * i_n <= 4 * z.numel():  # a broadcast over few rows
+        elif a.shape[0] * rows <= BROADCAST_GEMMS:  # few rows: a batch of small GEMMs
             z = torch.matmul(a.unsqueeze(1), z.reshape(z.shape[0], rows, i_n, post))
-        else:  # many rows: one product per term over the rows and trailing axes together
+        else:  # many rows: one GEMM per term over the rows and trailing axes together
             zt = z.reshape(z.shape[0], rows, i_n, post).transpose(1, 2)  # (P, i_n, rows, post)
             y = torch.matmul(a, zt.reshape(z.shape[0], i_n, rows * post))  # (P, j_n, rows post)
             z = y.view(a.shape[0], j_n, rows, post).transpose(1, 2)  # (P, rows, j_n, post)
         post *= j_n
     y = (z.sum(0) if z.shape[0] > 1 else z.squeeze(0)).reshape(m, layout.out_features)
     return y if out_index is None else y.index_select(1, out_index)  # (m, j)
+
+
+def _apply_except(z: Tensor, mats: Sequence[Tensor], skip: int) -> Tensor:
+    """Rows ``z`` ``(m, i)`` in factor-major order with every factor but ``skip`` applied:
+    ``(P, m Π_{k<skip} J^(k), I^(skip), Π_{k>skip} J^(k))`` (``P`` is 1 when no factor is)."""
+    m = z.shape[0]
+    sizes = [a.shape[2] for a in mats]
+    pre, post = math.prod(sizes), 1
+    z = z.reshape(1, m, -1)
+    for n in range(len(mats) - 1, -1, -1):
+        a = mats[n]
+        j_n, i_n = a.shape[1], a.shape[2]
+        pre //= i_n
+        rows = m * pre
+        if n == skip:
+            post *= i_n
+            continue
+        if post == 1:
+            z = torch.matmul(z.reshape(z.shape[0], rows, i_n), a.transpose(1, 2))
+        else:
+            zt = z.reshape(z.shape[0], rows, i_n, post).transpose(1, 2)  # (P, i_n, rows, post)
+            y = torch.matmul(a, zt.reshape(z.shape[0], i_n, rows * post))  # (P, j_n, rows post)
+            z = y.view(a.shape[0], j_n, rows, post).transpose(1, 2)  # (P, rows, j_n, post)
+        post *= j_n
+    inner = math.prod(a.shape[1] for a in mats[skip + 1 :])
+    return z.reshape(z.shape[0], -1, sizes[skip], inner)
+
+
+def kron_grads(
+    x: Tensor, grad: Tensor, mats: Sequence[Tensor], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """The gradients of the factor matrices ``mats`` of ``y = kron_apply(x, mats)`` for output
+    gradients ``grad``: rows ``x`` ``(m, i)`` and ``grad`` ``(m, j)``, both in factor-major
+    order. Each is one GEMM over all rows (after at most two copies), on the input with every
+    other factor applied; ``needs[n]``: whether factor ``n``'s gradient is wanted."""
+    out: list[Tensor | None] = []
+    for n, a in enumerate(mats):
+        if not needs[n]:
+            out.append(None)
+            continue
+        terms, j_n, i_n = a.shape
+        y = _apply_except(x, mats, n)  # (P', rows, i_n, post)
+        post = y.shape[3]
+        if post == 1:
+            g = grad.reshape(-1, j_n)  # (rows, j_n)
+            da = torch.matmul(g.t(), y.reshape(y.shape[0], -1, i_n))  # (P', j_n, i_n)
+        else:
+            g = grad.reshape(-1, j_n, post).transpose(0, 1).reshape(j_n, -1)  # (j_n, rows post)
+            yt = y.transpose(2, 3).reshape(y.shape[0], -1, i_n)  # (P', rows post, i_n)
+            da = torch.matmul(g, yt)  # (P', j_n, i_n)
+        out.append(da.expand(terms, j_n, i_n).contiguous() if da.shape[0] != terms else da)
+    return out

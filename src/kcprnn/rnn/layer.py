@@ -84,6 +84,7 @@ def run_layer(
     state: State,
     reverse: bool = False,
     route: str = "dense",
+    bias_included: bool = False,
 ) -> tuple[Tensor, State]:
     """One direction of one layer over precomputed input projections, as :func:`scan`.
 
@@ -92,7 +93,8 @@ def run_layer(
     ``"structured"`` the same with ``W_hh`` multiplied as a Kronecker sum where it is one (KCP,
     CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Everything
     else, ``route="steps"`` and code under ``torch.compile`` step through :func:`scan` with
-    autograd.
+    autograd. ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman
+    layer, which then adds none; an error where the layer would step through :func:`scan`).
     """
     hh = cell.weight_hh
     if (
@@ -102,15 +104,21 @@ def run_layer(
         and not torch.compiler.is_compiling()  # compiled graphs fuse the steps themselves
     ):
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
+        bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
         found = kron_terms(hh) if route == "structured" else None
         if found is not None:
             mats, layout = found
             return fused_sequence(
-                cell.mode, gates_x, state, mats, cell.bias_hh, reverse, layout, nonlinearity
+                cell.mode, gates_x, state, mats, bias, reverse, layout, nonlinearity
             )
         weight = hh.to_dense()  # (g, p); the parameter itself for a dense matrix
         return fused_sequence(
-            cell.mode, gates_x, state, [weight], cell.bias_hh, reverse, None, nonlinearity
+            cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
+        )
+    if bias_included:
+        raise ValueError(
+            f"run_layer: bias_included=True needs a fused {cell.mode} layer (equal lengths, no "
+            f"projection, route 'dense' or 'structured'), got route={route!r}"
         )
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
 

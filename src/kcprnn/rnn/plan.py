@@ -5,7 +5,8 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
 - ``"torch"``: every weight rebuilt dense (``to_dense``, once per call; gradients reach the
   factors through it) and torch's own fused recurrence (``torch.lstm``, ``torch.gru``,
   ``torch.rnn_tanh``, ``torch.rnn_relu``) over both directions; any input, packed or not.
-- ``"dense"``: the input product of all steps in ``W_ih``'s format, then kcprnn's fused loop
+- ``"dense"``: the input product of all steps (in ``W_ih``'s format, or on ``W_ih`` rebuilt
+  dense where that is cheaper: :func:`input_is_dense`), then kcprnn's fused loop
   (:mod:`kcprnn.rnn.fused`) with ``W_hh`` dense (rebuilt once per sequence if factorized).
 - ``"structured"``: as ``"dense"``, but ``W_hh`` multiplied as a Kronecker sum
   (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step.
@@ -27,12 +28,12 @@ import torch
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
-from .kron import kron_layout_of, kron_matmul_macs
+from .kron import kron_layout_of, kron_matmul_macs, kron_matmul_ops
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = ["ROUTES", "cell_uses_dense", "choose_route", "layer_costs"]
+__all__ = ["ROUTES", "cell_uses_dense", "choose_route", "input_is_dense", "layer_costs"]
 
 ROUTES = ("auto", "torch", "dense", "structured", "steps")
 
@@ -46,13 +47,26 @@ def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
     return (1 + training) * (cm.rnn_rebuild * elements + macs)
 
 
-def _input_product(cell: RNNCellBase, rows: int, training: bool, cm: CostModel) -> float:
-    """Price of ``W_ih x`` over ``rows`` rows in ``W_ih``'s own format."""
+def _input_costs(
+    cell: RNNCellBase, rows: int, training: bool, cm: CostModel
+) -> tuple[float, float]:
+    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format, and on ``W_ih``
+    rebuilt dense (the same for a dense matrix)."""
     ih = cell.weight_ih
     passes = 3 if training else 1
+    dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
     if ih.format_name == "dense" or ih.algorithm == "dense":
-        return _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
-    return passes * cm.rnn_structured_input * ih.macs(rows, training=training)
+        return dense, dense
+    return passes * cm.rnn_structured_input * ih.macs(rows, training=training), dense
+
+
+def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
+    """Whether the input product of ``rows`` rows is cheaper on ``W_ih`` rebuilt dense than in
+    its format (always ``False`` for a dense matrix: it is multiplied as it is)."""
+    if cell.weight_ih.format_name == "dense":
+        return False
+    structured, dense = _input_costs(cell, rows, training, _model([cell]))
+    return dense < structured
 
 
 def layer_costs(
@@ -87,7 +101,7 @@ def layer_costs(
             + projection
             + steps * cm.rnn_torch_step * per_step
         )
-        ih = _input_product(c, rows, training, cm)
+        ih = min(_input_costs(c, rows, training, cm))
         costs["dense"] += (
             ih + _rebuild(hh, training, cm) + recurrent + steps * cm.rnn_fused_step * per_step
         )
@@ -96,8 +110,7 @@ def layer_costs(
             costs.pop("structured", None)
             continue
         layout, terms = kron
-        gathers = (layout.in_index is not None) + (layout.out_index is not None)
-        ops = len(layout.in_sizes) + gathers + (terms > 1)
+        ops = kron_matmul_ops(layout, terms)
         macs = kron_matmul_macs(layout, terms, rows)
         if "structured" in costs:
             costs["structured"] += (

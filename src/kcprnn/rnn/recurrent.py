@@ -27,7 +27,7 @@ from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from .layer import check_batch_sizes, run_layer, scan, torch_layer
-from .plan import ROUTES, choose_route
+from .plan import ROUTES, choose_route, input_is_dense
 from .steps import State
 
 __all__ = ["GRU", "LSTM", "RNN", "RNNBase", "run_layer", "scan"]
@@ -290,14 +290,21 @@ class RNNBase(nn.Module):
                 outs = []
                 for direction, cell in enumerate(cells):
                     idx = layer * d + direction
-                    gates_x = cell.input_projection(layer_input)  # (n, g) or 3-D
+                    # the fused LSTM and Elman loops take b_hh folded into the input product
+                    fold = route in ("dense", "structured") and cell.mode != "GRU" and cell.bias
+                    bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih  # (g,)
+                    if route != "steps" and input_is_dense(cell, rows, training):
+                        w_ih = cell.weight_ih.to_dense()  # (g, i), once per call
+                        gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
+                    else:
+                        gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
                     if layer == 0 and not packed:
                         if self.batch_first:
                             gates_x = gates_x.transpose(0, 1)  # (t, b, g)
                         gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
                     state = tuple(t[idx] for t in hx)  # (b, s)
                     out, final = run_layer(
-                        cell, gates_x, sizes, state, reverse=direction == 1, route=route
+                        cell, gates_x, sizes, state, direction == 1, route, bool(fold)
                     )
                     outs.append(out)  # (n, p)
                     finals.append(final)
