@@ -20,7 +20,8 @@ backward. The route each kcprnn layer took (``recurrence="auto"``) is recorded.
 
 Usage::
 
-    python benchmarks/bench_recurrence.py [--threads 2] [--reps 5] [--regimes speech,spikes,streaming]
+    python benchmarks/bench_recurrence.py [--threads 2] [--reps 5]
+        [--regimes speech,spikes,streaming] [--modes LSTM,GRU,RNN]
         [--out benchmarks/results/recurrence]
 """
 
@@ -32,7 +33,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -175,7 +176,7 @@ def main() -> None:
         lines.append(s)
 
     say(
-        f"# bench_recurrence {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+        f"# bench_recurrence {datetime.now(UTC).isoformat(timespec='seconds')} "
         f"torch {torch.__version__} threads {args.threads} reps {args.reps} "
         f"{platform.processor() or platform.machine()}"
     )
@@ -210,7 +211,7 @@ def main() -> None:
         "threads": args.threads,
         "reps": args.reps,
         "machine": platform.machine(),
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "console.txt").write_text("\n".join(lines) + "\n")
