@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import kcprnn
 from kcprnn.rnn import plan
 from kcprnn.rnn.fused import fused_sequence
-from kcprnn.rnn.kron import kron_apply, kron_layout, kron_matmul_macs, kron_terms
+from kcprnn.rnn.kron import kron_apply, kron_layout, kron_matmul_macs, kron_terms, rebuild
 
 # torch.nn.LSTM (the reference) warns that its float32 projection path bypasses oneDNN.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
@@ -276,13 +276,17 @@ def test_cell_dense_step_matches_structured_and_follows_updates(cls, monkeypatch
         got = cell(x)
         for a, b in zip(_states(got), _states(want), strict=True):
             torch.testing.assert_close(a, b, **TOL)
-        next(cell.weight_hh.parameters()).mul_(2)  # an in-place update: the cache follows it
-        monkeypatch.setattr(cell, "_use_dense", lambda b: False)
-        want = cell(x)
-        monkeypatch.setattr(cell, "_use_dense", lambda b: True)
-        got = cell(x)
-        for a, b in zip(_states(got), _states(want), strict=True):
-            torch.testing.assert_close(a, b, **TOL)
+        for change in ("in place", "replaced"):  # the cache follows both
+            if change == "in place":
+                next(cell.weight_hh.parameters()).mul_(2)
+            else:
+                cell.weight_ih.factors[0][0] = nn.Parameter(cell.weight_ih.factors[0][0] * 3)
+            monkeypatch.setattr(cell, "_use_dense", lambda b: False)
+            want = cell(x)
+            monkeypatch.setattr(cell, "_use_dense", lambda b: True)
+            got = cell(x)
+            for a, b in zip(_states(got), _states(want), strict=True):
+                torch.testing.assert_close(a, b, **TOL)
     # with gradients: the dense step rebuilds, and gradients reach the factors
     monkeypatch.setattr(cell, "_use_dense", lambda b: True)
     h = _states(cell(x))[0]
@@ -300,3 +304,24 @@ def test_cell_routes_by_size():
     with torch.no_grad():
         assert speech._use_dense(1)
         assert not video._use_dense(1)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("kcp", {"rank": [2, 3], "terms": 2}),
+        ("kcp", {"rank": 2, "num_factors": 3}),
+        ("kcp", {"rank": 2, "num_factors": 1}),
+        ("cp", {"rank": 3}),
+        ("tt", {"rank": 2}),
+    ],
+)
+def test_rebuild_matches_to_dense_with_gradients(fmt, options):
+    w = kcprnn.formats.make_matrix(fmt, 48, 96, dtype=torch.float64, **options)
+    probe = torch.randn(96, 48, dtype=torch.float64)
+    got = rebuild(w)
+    torch.testing.assert_close(got, w.to_dense(), **TOL)
+    grads = torch.autograd.grad((got * probe).sum(), list(w.parameters()))
+    want = torch.autograd.grad((w.to_dense() * probe).sum(), list(w.parameters()))
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL)

@@ -26,6 +26,7 @@ from ._options import (
     input_matrix_options,
 )
 from .fused import gru_sequence, lstm_sequence
+from .kron import rebuild
 from .plan import cell_uses_dense
 from .steps import State, gru_step, lstm_step, rnn_step
 
@@ -138,6 +139,7 @@ class RNNCellBase(nn.Module):
             self.register_parameter("bias_hh", None)
         self._dense_choice: dict[tuple[int, bool], bool] = {}
         self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+        self._dense_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
 
     @property
@@ -253,15 +255,21 @@ class RNNCellBase(nn.Module):
         """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
         calls until a parameter changes (in place or replaced)."""
         if torch.is_grad_enabled():
-            return self.weight_ih.to_dense(), self.weight_hh.to_dense()
+            return rebuild(self.weight_ih), rebuild(self.weight_hh)
+        mats = (self.weight_ih, self.weight_hh)
+        slots = self._dense_slots
+        if slots is None or slots[0] is not mats[0] or slots[1] is not mats[1]:
+            # where every parameter lives, read afresh each call (a replaced one is seen)
+            found = [(d._parameters, n) for m in mats for d in m.modules() for n in d._parameters]
+            slots = self._dense_slots = (mats[0], mats[1], found)
         key = tuple(
-            (p.data_ptr(), p._version, p.dtype, p.device)
-            for m in (self.weight_ih, self.weight_hh)
-            for p in m.parameters()
+            (p.data_ptr(), p._version)  # a move or a new dtype gives new storage
+            for params, name in slots[2]
+            if (p := params[name]) is not None
         )
         cached = self._dense_cache
         if cached is None or cached[0] != key:
-            cached = (key, (self.weight_ih.to_dense(), self.weight_hh.to_dense()))
+            cached = (key, (rebuild(self.weight_ih), rebuild(self.weight_hh)))
             self._dense_cache = cached
         return cached[1]
 

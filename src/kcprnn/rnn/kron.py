@@ -312,3 +312,26 @@ def kron_grads(
             da = torch.matmul(g, yt)  # (P', j_n, i_n)
         out.append(da.expand(terms, j_n, i_n).contiguous() if da.shape[0] != terms else da)
     return out
+
+
+def rebuild(matrix: FactorizedMatrix) -> Tensor:
+    """``matrix`` dense ``(out_features, in_features)``, with autograd to its factors: a KCP or
+    CP matrix as the Kronecker products of its factor matrices (then two gathers), which is
+    faster than their ``to_dense``; any other format through ``to_dense``."""
+    if matrix.format_name not in ("kcp", "cp"):
+        return matrix.to_dense()
+    found = kron_terms(matrix)
+    assert found is not None
+    mats, layout = found
+    w = mats[0]  # (P, j, i)
+    for b in mats[1:]:
+        p, ja, ia = w.shape
+        jb, ib = b.shape[1:]
+        w = (w[:, :, None, :, None] * b[:, None, :, None, :]).reshape(p, ja * jb, ia * ib)
+    w = w.sum(0) if w.shape[0] > 1 else w.squeeze(0)  # (j, i) factor-major
+    in_index, out_index = layout.indices(w.device)
+    if out_index is not None:
+        w = w.index_select(0, out_index)
+    if in_index is not None:
+        w = w.index_select(1, torch.argsort(in_index))
+    return w  # (j, i)

@@ -10,6 +10,7 @@ rows (``G*h``), ``p`` output size (``proj_size`` or ``h``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .cells import RNNCellBase
 from .fused import fused_sequence
-from .kron import kron_terms
+from .kron import kron_terms, rebuild
 from .steps import State
 
 __all__ = ["check_batch_sizes", "run_layer", "scan", "torch_layer"]
@@ -111,7 +112,7 @@ def run_layer(
             return fused_sequence(
                 cell.mode, gates_x, state, mats, bias, reverse, layout, nonlinearity
             )
-        weight = hh.to_dense()  # (g, p); the parameter itself for a dense matrix
+        weight = rebuild(hh)  # (g, p); the parameter itself for a dense matrix
         return fused_sequence(
             cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
         )
@@ -131,7 +132,8 @@ def torch_layer(
 ) -> tuple[Tensor, State]:
     """One layer, all its directions (``cells``: forward, then reverse), through torch's own
     fused recurrence (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) on
-    the weights rebuilt dense (``to_dense``: the parameters themselves for dense matrices;
+    the weights rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`: the parameters themselves for
+    dense matrices;
     gradients reach the factors through the rebuild).
 
     Args:
@@ -145,21 +147,24 @@ def torch_layer(
     cell = cells[0]
     params: list[Tensor] = []
     for c in cells:
-        params += [c.weight_ih.to_dense(), c.weight_hh.to_dense()]
+        params += [rebuild(c.weight_ih), rebuild(c.weight_hh)]
         if c.bias_ih is not None and c.bias_hh is not None:
             params += [c.bias_ih, c.bias_hh]
         if c.weight_hr is not None:
-            params.append(c.weight_hr.to_dense())
+            params.append(rebuild(c.weight_hr))
     mode = cell.mode
     if mode == "RNN":
         mode = "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
     kernel = _TORCH_KERNELS[mode]
     hx: Any = state if cell.mode == "LSTM" else state[0]
     bidirectional = len(cells) == 2
-    if batch_sizes is None:
-        res = kernel(x, hx, params, cell.bias, 1, 0.0, False, bidirectional, False)
-    else:
-        res = kernel(x, batch_sizes, hx, params, cell.bias, 1, 0.0, False, bidirectional)
+    with warnings.catch_warnings():
+        # cuDNN asks for one flat weight buffer; the rebuilt weights are fresh every call
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+        if batch_sizes is None:
+            res = kernel(x, hx, params, cell.bias, 1, 0.0, False, bidirectional, False)
+        else:
+            res = kernel(x, batch_sizes, hx, params, cell.bias, 1, 0.0, False, bidirectional)
     return res[0], tuple(res[1:])
 
 

@@ -26,6 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
+from .kron import rebuild
 from .layer import check_batch_sizes, run_layer, scan, torch_layer
 from .plan import ROUTES, choose_route, input_is_dense
 from .steps import State
@@ -294,7 +295,7 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU" and cell.bias
                     bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih  # (g,)
                     if route != "steps" and input_is_dense(cell, rows, training):
-                        w_ih = cell.weight_ih.to_dense()  # (g, i), once per call
+                        w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
                         gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
