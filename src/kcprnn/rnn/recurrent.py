@@ -292,8 +292,10 @@ class RNNBase(nn.Module):
                 for direction, cell in enumerate(cells):
                     idx = layer * d + direction
                     # the fused LSTM and Elman loops take b_hh folded into the input product
-                    fold = route in ("dense", "structured") and cell.mode != "GRU" and cell.bias
-                    bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih  # (g,)
+                    b_ih, b_hh = cell.bias_ih, cell.bias_hh
+                    fold = route in ("dense", "structured") and cell.mode != "GRU"
+                    fold = fold and b_ih is not None and b_hh is not None
+                    bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
                     if route != "steps" and input_is_dense(cell, rows, training):
                         w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
