@@ -21,7 +21,7 @@ backward. The route each kcprnn layer took (``recurrence="auto"``) is recorded.
 Usage::
 
     python benchmarks/bench_recurrence.py [--threads 2] [--reps 5]
-        [--regimes speech,spikes,streaming] [--modes LSTM,GRU,RNN]
+        [--regimes speech,spikes,streaming] [--modes LSTM,GRU,RNN] [--formats kcp/kcp,...]
         [--out benchmarks/results/recurrence]
 """
 
@@ -155,21 +155,33 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--regimes", default="speech,spikes,streaming")
     ap.add_argument("--modes", default="LSTM,GRU,RNN", help="kinds run at the speech size")
+    ap.add_argument(
+        "--formats", default="", help="only these W_ih/W_hh pairs, e.g. dense/dense,kcp/kcp"
+    )
     ap.add_argument("--out", default="benchmarks/results/recurrence")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     regimes = args.regimes.split(",")
     modes = args.modes.split(",")
+    only = {tuple(pair.split("/")) for pair in args.formats.split(",") if pair}
+
+    def chosen(formats: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [f for f in formats if not only or f in only]
+
     groups: list[tuple[str, list, str]] = []  # (group, cases, kind of timing)
     if "speech" in regimes:
         for mode in modes:
-            formats = SPEECH_FORMATS if mode == "LSTM" else OTHER_MODES
+            formats = chosen(SPEECH_FORMATS if mode == "LSTM" else OTHER_MODES)
             cases = sequence_cases("speech", SPEECH, mode, formats, True)
             groups.append((f"speech/{mode}", cases, "sequence"))
     if "spikes" in regimes:
         groups.append(
-            ("spikes/LSTM", sequence_cases("spikes", SPIKES, "LSTM", SPIKE_FORMATS, False), "seq")
+            (
+                "spikes/LSTM",
+                sequence_cases("spikes", SPIKES, "LSTM", chosen(SPIKE_FORMATS), False),
+                "seq",
+            )
         )
     if "streaming" in regimes:
         cases = streaming_cases()

@@ -58,15 +58,15 @@ def _run(model, x, hx):
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, [5, 2, 4], [5, 5, 5]])
 def test_dense_routes_match_torch(kind, route, packed):
     ours_cls, torch_cls, extra = KINDS[kind]
     ref = torch_cls(INPUT, HIDDEN, num_layers=2, bidirectional=True, **extra, dtype=torch.float64)
     ours = ours_cls.from_torch(ref, format="dense")
     ours.recurrence = route
     x = torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64, requires_grad=True)
-    if packed:  # lengths 5, 2, 4: variable lengths, unsorted
-        x_in = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    if packed:  # variable lengths (unsorted: the fused loops cannot run them), or equal ones
+        x_in = pack_padded_sequence(x, torch.tensor(packed), enforce_sorted=False)
     else:
         x_in = x
     hx = _random_hx(kind, 2, 2, BATCH)
@@ -299,10 +299,12 @@ def test_cell_dense_step_matches_structured_and_follows_updates(cls, monkeypatch
 
 
 def test_cell_routes_by_size():
+    dense = kcprnn.LSTMCell(40, 512, format="dense")
     speech = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp")
     video = kcprnn.LSTMCell(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18])
     with torch.no_grad():
-        assert speech._use_dense(1)
+        assert dense._use_dense(1)  # torch's fused cell on the parameters themselves
+        assert not speech._use_dense(1)  # one row: reading a dense W costs more than the factors
         assert not video._use_dense(1)
 
 

@@ -88,6 +88,8 @@ class CostModel:
     rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense), and
     # as much again for its backward
     rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step
+    rnn_min_rows: int = 16  # a dense product over fewer rows costs as much as over this many
+    # (reading the weight dominates)
 
     def replace(self, **changes: Any) -> CostModel:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""

@@ -90,7 +90,7 @@ def layer_costs(
     for c in cells:
         hh = c.weight_hh
         g, p = hh.out_features, hh.in_features
-        recurrent = passes * rows * p * g
+        recurrent = passes * max(rows, steps * cm.rnn_min_rows) * p * g
         weights: list[FactorizedMatrix] = [c.weight_ih, hh]
         if c.weight_hr is not None:
             weights.append(c.weight_hr)
@@ -165,11 +165,11 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     structured = 0.0
     dense = 0.0
     for m in (cell.weight_ih, cell.weight_hh):
-        dense += passes * batch * m.in_features * m.out_features
+        dense += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         if training:
             dense += _rebuild(m, True, cm)
         if m.format_name == "dense" or m.algorithm == "dense":
-            structured += passes * batch * m.in_features * m.out_features
+            structured += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
             structured += passes * cm.rnn_structured_input * m.macs(batch, training=training)
             structured += cm.rnn_cell_op * 8 * (1 + training)
