@@ -8,7 +8,7 @@ must make. This script times the ways to run it against reading the input once (
 * ``linear+T``: the same plus the transposing copy the next factor needs (what kcprnn runs);
 * ``bmm-T``: one GEMM per row on the broadcast matrix, writing ``(b, 2, 160)`` directly;
 * ``onednn``: oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``), where present;
-* ``kernel``: kcprnn's compiled kernel (``kcprnn.formats._native``), output ``(b e, 2)``;
+* ``kernel``: kcprnn's compiled kernel (``kcprnn._cpu.native``), output ``(b e, 2)``;
 * ``kernel-T``: the same writing ``(b, 2, 160)`` through strides (what kcprnn runs now);
 
 each "hot" (called twice in a row, the input in cache) and "cold" (a 128 MB write between calls
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kcprnn.formats import _native
+from kcprnn._cpu import native as _native
 
 
 def main(argv: list[str] | None = None) -> None:

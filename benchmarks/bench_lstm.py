@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "reps": args.reps,
         "warmup": args.warmup,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(device),
         "results": results,
     }

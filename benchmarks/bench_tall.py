@@ -3,15 +3,15 @@
 The first contraction of a factorized layer multiplies a ``(rows, f)`` view of the input by a
 small ``(g, f)`` matrix. This script times, over a sweep of shapes and output counts, torch's
 ``F.linear`` (MKL), oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, where
-present) and the compiled kernel (``kcprnn.formats._native``, output allocation included), with
+present) and the compiled kernel (``kcprnn._cpu.native``, output allocation included), with
 interleaved repetitions; it prints medians in microseconds and the kernel's time over the best
-of the other two. The numbers set the kernel's range in ``kcprnn.formats._ops``
-(``NATIVE_MAX_OUT``, ``NATIVE_LONG_ROW``, ``NATIVE_MIN_SIZE``) and the cost model's
-``NATIVE_GAIN``.
+of the other two. The numbers set the kernel's range in the cost model
+(``CostModel.native_max_out``, ``native_long_row``, ``native_min_size``, used by
+``kcprnn._cpu.ops``) and its ``native_gain`` / ``native_gain_wide``.
 
 With ``--grad`` it times the weight gradient ``grad.T @ x`` (``(g, m) @ (m, f)``) instead: one
-GEMM (MKL), the blocked sum of partial products torch-side (``_ops.blocked_weight_grad``) and the
-compiled kernel (``_native.tall_weight_grad``).
+GEMM (MKL), the blocked sum of partial products torch-side (``ops.blocked_weight_grad``) and the
+compiled kernel (``native.tall_weight_grad``).
 
 Usage::
 
@@ -28,7 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kcprnn.formats import _native, _ops
+from kcprnn._cpu import native as _native
+from kcprnn._cpu import ops as _ops
 
 SHAPES = [(15360, 360), (1536, 3600), (96, 57600), (61440, 90), (960, 64), (1536, 20), (192, 8)]
 OUTS = [1, 2, 4, 8, 16, 32]

@@ -9,7 +9,8 @@ value from the measured medians, prints one line per check and exits 0 when ever
     python benchmarks/check_targets.py bench-results/bench.json --markdown --json targets.json
 
 The checks are computed from the JSON alone (plus ``kcprnn.FORMATS`` for each format's default
-algorithm); a check whose cases are absent from the run (no peers, no LSTM point) is skipped.
+algorithm); a check whose cases are absent from the run (no peers, no LSTM point, no regime
+points) is skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from kcprnn import FORMATS
+from kcprnn.benchmarking.regimes import matrices_of
 
 DEFAULT_TARGETS = Path(__file__).resolve().parent / "targets.toml"
 MODES = ("forward", "forward_backward")
@@ -37,7 +39,9 @@ KINDS = (
     "kcp_lstm_speedup_vs_torch",
     "kcp_lstm_speedup_vs_tednet",
     "kcp_auto_over_best",
+    "regime_speedup_vs_torch",
 )
+MATRICES = ("dense", "input", "both")
 
 Case = dict[str, Any]
 Target = dict[str, Any]
@@ -64,8 +68,30 @@ def load_targets(path: str | Path = DEFAULT_TARGETS) -> dict[str, list[Target]]:
                     f"{path}: [[{kind}]] {entry['name']!r} needs exactly one numeric min or max, "
                     f"got {bounds}"
                 )
+            if kind == "regime_speedup_vs_torch":
+                _check_regime_filters(path, entry)
         out[kind] = list(entries)
     return out
+
+
+def _check_regime_filters(path: Path, entry: Target) -> None:
+    """The optional filters of a ``regime_speedup_vs_torch`` entry: ``match`` (a table of point
+    ``regime`` values), ``formats`` (our format names), ``matrices`` (one of :data:`MATRICES`) and
+    ``modes`` (a subset of :data:`MODES`)."""
+    where = f"{path}: [[regime_speedup_vs_torch]] {entry['name']!r}"
+    unknown = set(entry) - {"name", "issue", "min", "max", "match", "formats", "matrices", "modes"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    if not isinstance(entry.get("match", {}), dict):
+        raise ValueError(f"{where}: match should be a table, got {entry['match']!r}")
+    formats = entry.get("formats", [])
+    if not isinstance(formats, list) or any(f not in FORMATS for f in formats):
+        raise ValueError(f"{where}: formats should list formats of {sorted(FORMATS)}: {formats!r}")
+    if entry.get("matrices", "dense") not in MATRICES:
+        raise ValueError(f"{where}: matrices should be one of {MATRICES}: {entry['matrices']!r}")
+    modes = entry.get("modes", list(MODES))
+    if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"{where}: modes should be a non-empty subset of {MODES}: {modes!r}")
 
 
 def _ok(cases: list[Case], pred: Callable[[Case], bool]) -> list[Case]:
@@ -164,6 +190,9 @@ def evaluate(points: list[dict[str, Any]], targets: dict[str, list[Target]]) -> 
                         value = _ms(fastest, "forward_backward") / _ms(c, "forward_backward")
                         add(t, "", value, f"{c['label']} vs {fastest['label']}")
     for pt in points:
+        if "regime" in pt:
+            _regime_checks(pt, kind("regime_speedup_vs_torch"), add)
+            continue
         if pt["name"] == "lstm" or not kind("kcp_auto_over_best"):
             continue
         kcp = _ok(
@@ -198,6 +227,33 @@ def evaluate(points: list[dict[str, Any]], targets: dict[str, list[Target]]) -> 
                         f"{_ms(auto[0], mode) / _ms(best, mode):.2f})",
                     )
     return out
+
+
+def _regime_checks(
+    point: dict[str, Any], targets: list[Target], add: Callable[[Target, str, float, str], None]
+) -> None:
+    """``torch.nn``'s median time over each kcprnn module's at a regime point, per mode, for
+    the targets whose filters select the point and the case."""
+    cases = point["cases"]
+    base = _ok(cases, lambda c: c["impl"] == "torch")
+    if not base:
+        return
+    for t in targets:
+        if any(point["regime"].get(k) != v for k, v in t.get("match", {}).items()):
+            continue
+        ours = _ok(
+            cases,
+            lambda c, t=t: (
+                c["impl"] == "kcprnn"
+                and ("formats" not in t or c["format"] in t["formats"])
+                and ("matrices" not in t or matrices_of(c) == t["matrices"])
+            ),
+        )
+        for c in ours:
+            for mode in t.get("modes", MODES):
+                if mode in c and mode in base[0]:
+                    value = _ms(base[0], mode) / _ms(c, mode)
+                    add(t, f" ({mode})", value, f"{point['name']}: {c['label']}")
 
 
 def format_lines(results: list[Target]) -> str:

@@ -165,6 +165,8 @@ def _check_run(tmp_path, device: str) -> dict:
         [
             "--preset",
             "tiny",
+            "--points",
+            "ucf11,rank,rows,input,lstm",
             "--no-peers",
             "--no-memory",
             "--rounds",
@@ -239,8 +241,8 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
     ctypes where torch's flop counter does not see them; the count adds them: within 10 % of
     the layer's own count of its plan (which also prices building the small matrices, kept
     between inference calls)."""
+    from kcprnn._cpu import native as _native
     from kcprnn.benchmarking.suite import _build_and_count
-    from kcprnn.formats import _native
 
     if not _native.available():
         pytest.skip("needs the compiled kernels")
@@ -265,8 +267,8 @@ def test_kcp_case_reports_the_macs_of_its_compiled_kernels():
 
 def test_count_macs_counts_the_onednn_products():
     # the fused LSTM and the tall KCP GEMMs run on oneDNN's inner product where torch has it
+    from kcprnn._cpu.ops import linear_nt
     from kcprnn.benchmarking.cases import count_macs
-    from kcprnn.formats._ops import linear_nt
 
     torch.manual_seed(0)
     a, b = torch.randn(16, 24), torch.randn(40, 24)
@@ -441,3 +443,240 @@ def test_load_targets_rejects_malformed_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         check_targets.load_targets(path)
+
+
+# --- recurrent regimes ---
+
+
+def _regime_case(label: str, impl: str, fmt: str, hidden_format: str, fwd: float, fb: float):
+    return _case(label, impl, fmt, fwd, fb) | {"options": {"hidden_format": hidden_format}}
+
+
+def _regime_point(name: str, regime: dict, cases: list[dict]) -> dict:
+    return {"name": name, "sweep": None, "x": None, "regime": regime, "cases": cases}
+
+
+SPEECH = {
+    "regime": "speech",
+    "mode": "LSTM",
+    "input": 40,
+    "hidden": 512,
+    "seq_len": 300,
+    "batch": 16,
+    "bidirectional": True,
+    "num_layers": 1,
+    "cell": False,
+}
+
+
+def test_regime_targets_compute_torch_over_ours_with_their_filters():
+    """Hand-made regime points: each value is nn.LSTM's (or the cell's) median over ours."""
+    speech = _regime_point(
+        "speech",
+        SPEECH,
+        [
+            _case("read", "read", "read", 0.5, 0.0),
+            _regime_case("torch", "torch", "dense", "dense", 60.0, 240.0),
+            _regime_case("dense", "kcprnn", "dense", "dense", 120.0, 200.0),
+            _regime_case("kcp ih", "kcprnn", "kcp", "dense", 30.0, 80.0),
+            _regime_case("kcp both", "kcprnn", "kcp", "kcp", 15.0, 160.0),
+            _regime_case("tt both", "kcprnn", "tt", "tt", 40.0, 300.0),
+            _regime_case("tt ih", "kcprnn", "tt", "dense", 50.0, 100.0),
+        ],
+    )
+    gru = _regime_point(  # the speech GRU: only the blanket target applies
+        "speech gru",
+        SPEECH | {"mode": "GRU"},
+        [
+            _regime_case("torch gru", "torch", "dense", "dense", 10.0, 20.0),
+            _regime_case("gru kcp both", "kcprnn", "kcp", "kcp", 5.0, 40.0),
+        ],
+    )
+    video = {"regime": "streaming", "mode": "GRU", "cell": True, "size": "video"}
+    cell = _regime_point(
+        "cell",
+        video,
+        [
+            _regime_case("torch cell", "torch", "dense", "dense", 3.0, 9.0),
+            _regime_case("cell kcp ih", "kcprnn", "kcp", "dense", 0.25, 1.0),
+            _regime_case("cell kcp both", "kcprnn", "kcp", "kcp", 0.2, 1.0),
+            _regime_case("cell tt", "kcprnn", "tt", "dense", 0.1, 1.0),
+        ],
+    )
+    speech_size = _regime_point(
+        "cell speech",
+        video | {"size": "speech"},
+        [_regime_case("t", "torch", "dense", "dense", 1.0, 1.0)],
+    )  # no kcprnn case: nothing to check
+    checks = check_targets.evaluate([speech, gru, cell, speech_size], check_targets.load_targets())
+    fwd = "speech biLSTM (input 40, hidden 512): KCP for both matrices >= 3x faster than nn.LSTM"
+    fb = "speech biLSTM (input 40, hidden 512): KCP for both matrices >= 2x faster than nn.LSTM"
+    assert _values(checks, fwd + " (forward)") == {"speech: kcp both": 4.0}
+    assert _values(checks, fb + " (forward_backward)") == {"speech: kcp both": 1.5}
+    others = "speech LSTM: TT, TR, BT, HT, CP, Tucker recurrent matrices never slower than nn.LSTM"
+    assert _values(checks, others + " (forward)") == {"speech: tt both": 1.5}
+    assert _values(checks, others + " (forward_backward)") == {"speech: tt both": 0.8}
+    blanket = "every kcprnn module at least as fast as the same torch.nn module"
+    assert _values(checks, blanket + " (forward)") == {
+        "speech: dense": 0.5,
+        "speech: kcp ih": 2.0,
+        "speech: kcp both": 4.0,
+        "speech: tt both": 1.5,
+        "speech: tt ih": 1.2,
+        "speech gru: gru kcp both": 2.0,
+        "cell: cell kcp ih": 12.0,
+        "cell: cell kcp both": 15.0,
+        "cell: cell tt": 30.0,
+    }
+    assert _values(checks, blanket + " (forward_backward)")["speech gru: gru kcp both"] == 0.5
+    video_name = (
+        "streaming: KCP cell step at batch 1 >= 10x faster than torch.nn's cell (video size)"
+    )
+    assert _values(checks, video_name + " (forward)") == {
+        "cell: cell kcp ih": 12.0,
+        "cell: cell kcp both": 15.0,
+    }
+    assert not any(t["target"].startswith(video_name + " (forward_b") for t in checks)
+    holds = {(t["target"], t["where"]): t["holds"] for t in checks}
+    assert holds[(fb + " (forward_backward)", "speech: kcp both")] is False
+    assert holds[(fwd + " (forward)", "speech: kcp both")] is True
+    assert not any("speech size" in t["target"] for t in checks)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('matrices = "hidden"\n', "matrices should be one of"),
+        ('modes = ["backward"]\n', "modes should be"),
+        ('formats = ["kcpp"]\n', "formats should list"),
+        ("match = 3\n", "match should be a table"),
+        ("where = 1\n", "unknown keys"),
+    ],
+)
+def test_load_targets_rejects_malformed_regime_filters(tmp_path, extra, message):
+    path = tmp_path / "t.toml"
+    path.write_text(f'[[regime_speedup_vs_torch]]\nname = "x"\nmin = 1.0\n{extra}')
+    with pytest.raises(ValueError, match=message):
+        check_targets.load_targets(path)
+
+
+def test_roofline_is_the_read_or_the_macs_at_the_gemm_peak():
+    from kcprnn.benchmarking import add_roofline
+
+    gemm = _case("gemm", "gemm", "gemm", 100.0, 0.0) | {"model_macs": 10**9, "macs": 10**9}
+    gemm["in_features"] = 1000
+    big = _case("big", "kcprnn", "kcp", 20.0, 60.0) | {"macs": 10**8}  # 10 ms at 1e10 MAC/s
+    small = _case("small", "kcprnn", "kcp", 4.0, 8.0) | {"macs": 10**6}  # 0.1 ms: read-bound
+    # a fused kernel the counter misses: the model's own count (4e7 MACs, 4 ms) is the floor
+    fused = _case("fused", "kcprnn", "dense", 8.0, 24.0) | {"macs": 0, "model_macs": 4 * 10**7}
+    point = {"cases": [_case("read", "read", "read", 2.0, 0.0), gemm, big, small, fused]}
+    del point["cases"][0]["forward_backward"]
+    add_roofline(point)
+    assert point["roofline"]["read_ms"] == 2.0
+    assert point["roofline"]["gemm_peak_gmacs"] == pytest.approx(10.0)
+    assert big["roofline"] == pytest.approx({"forward_ms": 10.0, "forward_backward_ms": 30.0})
+    assert big["ratios"]["forward_over_roofline"] == pytest.approx(2.0)
+    assert big["ratios"]["forward_backward_over_roofline"] == pytest.approx(2.0)
+    assert small["roofline"] == {"forward_ms": 2.0, "forward_backward_ms": 2.0}
+    assert small["ratios"]["forward_backward_over_roofline"] == pytest.approx(4.0)
+    assert fused["roofline"] == pytest.approx({"forward_ms": 4.0, "forward_backward_ms": 12.0})
+    assert fused["ratios"]["forward_over_roofline"] == pytest.approx(2.0)
+    assert "roofline" not in gemm
+
+
+def test_matrices_of_reads_the_formats():
+    from kcprnn.benchmarking import matrices_of
+
+    assert matrices_of({"format": "dense", "options": {"hidden_format": "dense"}}) == "dense"
+    assert matrices_of({"format": "dense", "options": {}}) == "dense"  # torch.nn's modules
+    assert matrices_of({"format": "tt", "options": {"hidden_format": "dense"}}) == "input"
+    assert matrices_of({"format": "tt", "options": {"hidden_format": "tt"}}) == "both"
+
+
+def test_regime_points_run_end_to_end_on_tiny_sizes(tmp_path):
+    from kcprnn.benchmarking import PRESETS
+    from kcprnn.benchmarking.rnn_cases import torch_recurrent_macs
+
+    out = tmp_path / "res"
+    points = "speech,streaming,sweep-T"
+    args = ["--preset", "tiny", "--points", points, "--no-peers", "--no-memory"]
+    args += ["--regime", "sweep_seq_lens=2,3"]
+    assert main([*args, "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    sizes = PRESETS["tiny"].regimes
+    assert data["preset_sizes"]["regimes"]["speech_seq_len"] == sizes.speech_seq_len
+    by_regime: dict[str, list[dict]] = {}
+    for pt in data["points"]:
+        by_regime.setdefault(pt["regime"]["regime"], []).append(pt)
+    assert set(by_regime) == {"speech", "streaming", "sweep-T"}
+    assert len(by_regime["speech"]) == len(sizes.speech_modes)
+    cells = len(sizes.stream_modes) * len(sizes.stream_cell_sizes)
+    assert len(by_regime["streaming"]) == cells + len(sizes.stream_seq_modes)
+    assert [pt["x"] for pt in by_regime["sweep-T"]] == [2.0, 3.0]  # the --regime override
+    assert data["preset_sizes"]["regimes"]["sweep_seq_lens"] == [2, 3]
+    ours = set(FORMATS) - {"dense"}
+    for pt in data["points"]:
+        meta, cases = pt["regime"], {c["label"]: c for c in pt["cases"]}
+        assert all(c["status"] == "ok" for c in cases.values()), pt["name"]
+        roof = pt["roofline"]
+        assert roof["gemm_n"] == sizes.gemm_size and roof["read_ms"] > 0
+        name = meta["mode"] + ("Cell" if meta["cell"] else "")
+        base, dense = cases[f"torch nn.{name}"], cases[f"kcprnn {name} dense"]
+        # the dense modules hold the same weights as torch.nn's
+        assert dense["params"] == base["params"] and dense["params_total"] == base["params_total"]
+        rows = meta["batch"] * (1 if meta["cell"] else meta["seq_len"])
+        expected = torch_recurrent_macs(
+            meta["mode"],
+            meta["input"],
+            meta["hidden"],
+            rows,
+            num_layers=meta["num_layers"],
+            bidirectional=meta["bidirectional"],
+        )
+        assert base["model_macs"] == base["macs"] == expected
+        assert dense["model_macs"] == expected  # kcprnn.summary's count of the same products
+        compressed = [c for c in cases.values() if c["impl"] == "kcprnn" and c["format"] != "dense"]
+        kinds = {(c["format"], c["options"]["hidden_format"] != "dense") for c in compressed}
+        formats = ours if pt["sweep"] is None else ours & set(sizes.sweep_formats)
+        assert kinds == {(f, both) for f in formats for both in (False, True)}
+        for c in compressed:
+            assert c["params"] < base["params"]
+            for mode in ("forward", "forward_backward"):
+                ms = c["ratios"][f"{mode}_over_roofline"] * c["roofline"][f"{mode}_ms"]
+                assert ms == pytest.approx(c[mode]["median_ms"])
+                speedup = c["ratios"][f"speedup_vs_dense_{mode}"]
+                assert speedup == pytest.approx(base[mode]["median_ms"] / c[mode]["median_ms"])
+    # the speech LSTM of the tiny preset: 2 layers, both directions, by hand
+    lstm = next(pt for pt in by_regime["speech"] if pt["regime"]["mode"] == "LSTM")
+    torch_lstm = next(c for c in lstm["cases"] if c["impl"] == "torch")
+    assert torch_lstm["macs"] == 2 * 6 * 64 * (6 + 16) + 2 * 6 * 64 * (32 + 16)
+    tables = (out / "tables.md").read_text()
+    assert "x torch fwd+bwd" in tables and "**time against sequence length T**" in tables
+    assert (out / "sweep_T.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "T" in data["slopes"]
+    checks = check_targets.check(out / "bench.json")
+    names = {t["target"] for t in checks}
+    assert "every kcprnn module at least as fast as the same torch.nn module (forward)" in names
+    assert any(n.startswith("streaming: KCP cell step at batch 1 >= 10x") for n in names)
+
+
+def test_override_regimes_parses_each_field_type():
+    from kcprnn.benchmarking import PRESETS, override_regimes
+
+    base = PRESETS["quick"].regimes
+    got = override_regimes(
+        base, ["speech_seq_len=300", "speech_modes=LSTM", "sweep_hiddens=64,96", "sweep_mode=GRU"]
+    )
+    assert got.speech_seq_len == 300 and got.speech_modes == ("LSTM",)
+    assert got.sweep_hiddens == (64, 96) and got.sweep_mode == "GRU"
+    assert override_regimes(base, ["sweep_formats=kcp,cp"]).sweep_formats == ("kcp", "cp")
+    assert got.spikes_input == base.spikes_input  # the rest unchanged
+    for bad, message in (
+        ("speech_T=3", "KEY=VALUE"),
+        ("speech_seq_len", "KEY=VALUE"),
+        ("stream_cell_sizes=1,2", "nested"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            override_regimes(base, [bad])
+    with pytest.raises(ValueError, match="invalid literal"):
+        override_regimes(base, ["speech_batch=many"])

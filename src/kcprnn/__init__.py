@@ -3,9 +3,11 @@
 Formats: Kronecker CP (``"kcp"``, Wang et al., TNNLS 2023) with its two fast multiplications,
 and the baselines CP, Tucker, TT, TR, BT and HT, all behind :class:`FactorizedLinear`, and
 drop-ins for ``torch.nn``'s recurrent modules (:class:`LSTM`, :class:`GRU`, :class:`RNN` and their
-cells) with compressed weights; :func:`summary` counts them.
+cells) with compressed weights; :func:`summary` counts them. :class:`CostModel` holds the
+machine-tuned costs the formats plan with (``kcprnn calibrate`` measures them).
 """
 
+from ._cpu import CostModel, default_cost_model
 from .formats import (
     FORMATS,
     BTMatrix,
@@ -46,6 +48,7 @@ __all__ = [
     "TTMatrix",
     "TuckerMatrix",
     "CPLinear",
+    "CostModel",
     "DenseLinear",
     "DenseMatrix",
     "FactorizedLinear",
@@ -64,6 +67,7 @@ __all__ = [
     "RNN",
     "RNNCell",
     "balanced_factors",
+    "default_cost_model",
     "make_matrix",
     "summary",
     "__version__",

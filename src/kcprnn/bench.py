@@ -7,7 +7,9 @@ is ``benchmarks/check_targets.py`` (thresholds in ``benchmarks/targets.toml``).
 Examples::
 
     kcprnn bench --quick                        # a minute or two
-    kcprnn bench                                # full run (UCF11 point, sweeps, LSTM step)
+    kcprnn bench                                # full run (UCF11 point, sweeps, LSTM step,
+                                                #   recurrent regimes: hours on 2 CPU cores)
+    kcprnn bench --quick --points speech,streaming   # two regimes at the quick sizes
     kcprnn bench --points ucf11 --no-memory     # one point
     .venv-peers/bin/kcprnn bench --peers required   # with tednet and tensorly-torch
 """
@@ -15,6 +17,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,10 +32,12 @@ from .benchmarking import (
     POINT_KINDS,
     PRESETS,
     SuiteConfig,
+    override_regimes,
     peer_status,
     run_suite,
 )
 from .benchmarking.report import (
+    SWEEP_AXES,
     format_markdown,
     format_point_table,
     plot_sweeps,
@@ -80,13 +85,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         dest="memory",
         action="store_true",
         default=None,
-        help="measure peak memory at the UCF11 and LSTM points (default, except --quick)",
+        help="measure peak memory at the UCF11, LSTM and regime points (not the sweeps; "
+        "default, except --quick)",
     )
     ap.add_argument(
         "--no-memory",
         dest="memory",
         action="store_false",
         help="skip peak-memory measurement (CPU: one subprocess per case)",
+    )
+    ap.add_argument(
+        "--regime",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one size of the regime points (repeatable), e.g. speech_seq_len=300, "
+        "speech_modes=LSTM, sweep_formats=kcp,tt (fields of RegimeSizes)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
@@ -118,6 +132,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     if args.threads < 1:
         ap.error(f"--threads must be positive, got {args.threads}")
+    try:
+        preset = PRESETS[args.preset]
+        args.sizes = dataclasses.replace(
+            preset, regimes=override_regimes(preset.regimes, args.regime)
+        )
+    except ValueError as err:
+        ap.error(str(err))
     return args
 
 
@@ -147,7 +168,7 @@ def _slopes(points: list[dict[str, Any]]) -> dict[str, Any]:
             }
             for mode in ("forward", "forward_backward", "macs")
         }
-        for sweep in ("rank", "rows", "input")
+        for sweep in SWEEP_AXES
         if any(p["sweep"] == sweep for p in points)
     }
 
@@ -214,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             "schema": 1,
             "complete": complete,
             "preset": args.preset,
-            "preset_sizes": dict(vars(cfg.preset)),
-            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "preset_sizes": dataclasses.asdict(cfg.preset),
+            "args": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in vars(args).items()
+                if k != "sizes"
+            },
             "environment": env,
             "peers": status
             or {
@@ -229,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     cfg = SuiteConfig(
-        preset=PRESETS[args.preset],
+        preset=args.sizes,
         device=device,
         threads=args.threads,
         points=args.points,

@@ -14,12 +14,14 @@ COMMANDS = {
     "report": ("kcprnn.experiments.report", "rebuild the results table and plot from run folders"),
     "bench": ("kcprnn.bench", "benchmark formats and RNNs (ours, dense, peers)"),
     "example": ("kcprnn.example", "build a KCP layer, check it against its dense reconstruction"),
+    "build": ("kcprnn._cpu.native", "build the compiled CPU kernels now, print where (or why not)"),
+    "calibrate": ("kcprnn._cpu.calibrate", "measure this machine's costs, print a cost model"),
 }
 
 
 def usage() -> str:
     lines = ["usage: kcprnn COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\n'kcprnn COMMAND --help' describes a command's options.")
     return "\n".join(lines)
 

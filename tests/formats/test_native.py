@@ -1,4 +1,4 @@
-"""The compiled tall-skinny kernels (``kcprnn.formats._native``): the product and the weight
+"""The compiled tall-skinny kernels (``kcprnn._cpu.native``): the product and the weight
 gradient in both instruction sets against float64, strided inputs and outputs, threads, the build
 cache, the fallbacks and their use by KCP."""
 
@@ -13,8 +13,14 @@ import pytest
 import torch
 
 import kcprnn
-from kcprnn.formats import _native, _ops
-from kcprnn.formats import kcp as kcp_module
+from kcprnn._cpu import native as _native
+from kcprnn._cpu import ops as _ops
+from kcprnn._cpu.cost import CostModel
+from kcprnn.formats.kcp import sequential as kcp_module
+from kcprnn.formats.kcp.layout import inner_orders
+from kcprnn.formats.kcp.walk import sequential_walk
+
+DEFAULT = CostModel()
 
 BUILDABLE = _native._compiler() is not None and platform.machine().lower() in ("x86_64", "amd64")
 needs_build = pytest.mark.skipif(not BUILDABLE, reason="needs a C++ compiler on x86-64")
@@ -125,6 +131,7 @@ def test_weight_grad_uses_the_kernel_where_it_fits(use, monkeypatch):
     assert len(calls) == 1
     _ops.weight_grad(grad.double(), x.double())  # float64: blocked products
     _ops.weight_grad(torch.randn(4096, 16), x)  # too many outputs
+    _ops.weight_grad(grad, x, DEFAULT.replace(kernels=False))  # not planned for
     assert len(calls) == 1
 
 
@@ -161,12 +168,13 @@ def test_tall_forward_uses_the_kernel_where_it_fits(use, monkeypatch):
     calls = record_calls(monkeypatch, _native, "tall_matmul")
     x = torch.randn(4096, 360)
     w = torch.randn(2, 360)
-    torch.testing.assert_close(_ops._tall_forward(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(_ops._tall_forward(x, w, DEFAULT), x @ w.t(), rtol=1e-5, atol=1e-4)
     assert len(calls) == 1
     # too many outputs, float64, too small: torch's products
-    _ops._tall_forward(x, torch.randn(_ops.NATIVE_MAX_OUT + 1, 360))
-    _ops._tall_forward(x.double(), w.double())
-    _ops._tall_forward(x[:8], w)
+    _ops._tall_forward(x, torch.randn(DEFAULT.native_max_out + 1, 360), DEFAULT)
+    _ops._tall_forward(x.double(), w.double(), DEFAULT)
+    _ops._tall_forward(x[:8], w, DEFAULT)
+    _ops._tall_forward(x, w, DEFAULT.replace(kernels=False))  # not planned for: MKL
     assert len(calls) == 1
     # with a gradient, the autograd Function's forward runs on it, its backward on torch
     w.requires_grad_()
@@ -202,8 +210,10 @@ def test_kcp_with_and_without_the_kernel(use, monkeypatch):
     fast, fast_grads = run()
     assert len(transposed) == 2  # inference and training forward
     assert all(t is not None for t in transposed)
-    monkeypatch.setattr(_ops, "native_fits", lambda *a: False)
+    layer.weight.cost_model = DEFAULT.replace(kernels=False)  # torch's products
+    transposed.clear()
     slow, slow_grads = run()
+    assert len(transposed) == 2 and all(t is None for t in transposed)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -326,20 +336,19 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
     x = torch.randn(5, fin)
     ref = torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())
     used = record_calls(monkeypatch, kcp_module, "_inner_native")
-    real = kcp_module._inner_native
     runs = 0
     for order in itertools.permutations(range(2)):
-        steps, _, _ = kcp_module._sequential_walk(w.in_splits, w.out_splits, 1, order)
+        steps, _, _ = sequential_walk(w.in_splits, w.out_splits, 1, order, DEFAULT)
         if steps[-1].post != 1:
             continue
         ins = [w.in_splits[d][order[-1]] for d in range(len(in_modes))]
-        for inner_order, split in kcp_module._inner_orders(ins):
+        for inner_order, split in inner_orders(ins):
             if split == 0:
                 continue
 
-            def run(bias=None, order=order, split=split, inner_order=inner_order):
+            def run(bias=None, order=order, split=split, inner_order=inner_order, model=DEFAULT):
                 return kcp_module.kcp_linear_sequential(
-                    x, factors, order, split, bias=bias, inner_order=inner_order
+                    x, factors, order, split, bias=bias, inner_order=inner_order, cost_model=model
                 )
 
             with torch.no_grad():
@@ -351,11 +360,10 @@ def test_kcp_inner_product_with_and_without_the_kernel(use, monkeypatch, modes):
             used.clear()
             run(layer.bias).sum().backward()  # training: torch's path
             assert not used
-            monkeypatch.setattr(kcp_module, "_inner_native", lambda *a: None)
-            with torch.no_grad():
-                slow = run(layer.bias)
-            monkeypatch.setattr(kcp_module, "_inner_native", real)
-            used = record_calls(monkeypatch, kcp_module, "_inner_native")
+            with torch.no_grad():  # kernels not planned for: torch's path
+                slow = run(layer.bias, model=DEFAULT.replace(kernels=False))
+            assert len(used) == 1 and used[0] is None
+            used.clear()
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fast_inf, slow, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fast_nobias + layer.bias, slow, rtol=1e-5, atol=1e-5)
@@ -391,7 +399,7 @@ def test_disabled_by_environment(monkeypatch):
     x = torch.randn(4096, 360)
     w = torch.randn(2, 360)
     assert not _ops.native_fits(x, w)
-    torch.testing.assert_close(_ops._tall_forward(x, w), x @ w.t(), rtol=0, atol=0)
+    torch.testing.assert_close(_ops._tall_forward(x, w, DEFAULT), x @ w.t(), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="KCPRNN_NATIVE=0"):
         _native.tall_matmul(x[None], w, torch.empty(1, 4096, 2))
 

@@ -1,11 +1,15 @@
-"""Shared GEMM primitives: the blocked weight gradient of ``tall_linear``, ``linear_nt``."""
+"""Shared GEMM primitives (``kcprnn._cpu.ops``): the blocked weight gradient of ``tall_linear``,
+``linear_nt``, and their routing by the cost model."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kcprnn.formats import _ops
-from kcprnn.formats._ops import TALL_BLOCKS, linear_nt, tall_linear, weight_grad
+from kcprnn._cpu import ops as _ops
+from kcprnn._cpu.cost import CostModel
+from kcprnn._cpu.ops import linear_nt, tall_linear, weight_grad
+
+TALL_BLOCKS = CostModel().tall_blocks
 
 
 def test_weight_grad_with_a_remainder_block():
@@ -73,3 +77,31 @@ def test_weight_grad_in_float32_matches_float64(width):
     x = torch.randn(64 * TALL_BLOCKS + 7, width)
     ref = g.double().t() @ x.double()
     torch.testing.assert_close(weight_grad(g, x).double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_blocked_weight_grad_follows_the_cost_model(monkeypatch):
+    """The blocking thresholds come from the model passed in: fewer rows than
+    ``tall_min_rows`` is one GEMM, else ``tall_blocks`` partial products (spied on ``bmm``)."""
+    torch.manual_seed(5)
+    g = torch.randn(100, 3, dtype=torch.float64)
+    x = torch.randn(100, 7, dtype=torch.float64)
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real(a, b))
+    plain = _ops.blocked_weight_grad(g, x)  # default: 100 rows is below the threshold
+    blocked = _ops.blocked_weight_grad(g, x, CostModel().replace(tall_min_rows=64, tall_blocks=8))
+    assert calls == [8]
+    torch.testing.assert_close(plain, g.t() @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocked, g.t() @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_routing_never_builds_the_kernel(monkeypatch):
+    """``native_covers`` (what planning asks) answers from the model alone."""
+    from kcprnn._cpu import native
+
+    monkeypatch.setattr(native, "_library", lambda: pytest.fail("planning built the kernel"))
+    model = CostModel()
+    assert _ops.native_covers(15360, 360, 2, model)
+    assert not _ops.native_covers(15360, 360, 2, model.replace(kernels=False))
+    assert not _ops.native_covers(15360, 360, model.native_max_out + 1, model)
+    assert not _ops.native_covers(8, 8, 2, model)  # below native_min_size

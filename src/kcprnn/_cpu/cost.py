@@ -11,6 +11,7 @@ benchmark results (``benchmarks/results/cost-model/``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -91,6 +92,22 @@ class CostModel:
     rnn_min_rows: int = 16  # a dense product over fewer rows costs as much as over this many
     # (reading the weight dominates)
 
+    def __hash__(self) -> int:
+        # computed once: models key the planners' caches, looked up at every forward
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(dataclasses.astuple(self))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def backward_ratio(self, algorithm: str) -> float:
+        """Backward over forward time of KCP's ``"parallel"`` or ``"sequential"`` product."""
+        if algorithm == "parallel":
+            return self.backward_parallel
+        if algorithm == "sequential":
+            return self.backward_sequential
+        raise ValueError(f"algorithm must be 'parallel' or 'sequential', got {algorithm!r}")
+
     def replace(self, **changes: Any) -> CostModel:
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
@@ -98,11 +115,15 @@ class CostModel:
     def for_device(self, device: torch.device | str | None, dtype: torch.dtype | None) -> CostModel:
         """This model as it applies to tensors of ``device`` and ``dtype``: the compiled kernels
         and oneDNN run float32 on the CPU only, so elsewhere their savings are not planned for."""
-        device = torch.device("cpu" if device is None else device)
-        cpu32 = device.type == "cpu" and dtype in (None, torch.float32)
-        if cpu32 or not (self.kernels or self.onednn):
+        if not (self.kernels or self.onednn):
             return self
-        return self.replace(kernels=False, onednn=False)
+        if device is None:
+            kind = "cpu"
+        else:
+            kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+        if kind == "cpu" and (dtype is None or dtype == torch.float32):
+            return self
+        return _without_fast_paths(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,8 +179,24 @@ class CostModel:
 _DEFAULT = CostModel()
 
 
+@functools.lru_cache(maxsize=16)
+def _without_fast_paths(model: CostModel) -> CostModel:
+    return model.replace(kernels=False, onednn=False)
+
+
+_LOADED: dict[str, tuple[tuple[int, int], CostModel]] = {}  # path -> ((mtime, size), model)
+
+
 def default_cost_model() -> CostModel:
-    """The model used where none is passed: ``$KCPRNN_COST_MODEL`` (a JSON file) if set, else
-    the built-in defaults."""
+    """The model used where none is passed: ``$KCPRNN_COST_MODEL`` (a JSON file written by
+    ``kcprnn calibrate --out`` or :meth:`CostModel.save`) if set, else the built-in defaults.
+    The file is read again only when it changes."""
     path = os.environ.get("KCPRNN_COST_MODEL")
-    return CostModel.load(path) if path else _DEFAULT
+    if not path:
+        return _DEFAULT
+    status = os.stat(path)
+    stamp = (status.st_mtime_ns, status.st_size)
+    kept = _LOADED.get(path)
+    if kept is None or kept[0] != stamp:
+        kept = _LOADED[path] = (stamp, CostModel.load(path))
+    return kept[1]

@@ -6,6 +6,7 @@ Implementations (``CaseSpec.impl``):
 - ``"kcprnn"``: our :class:`~kcprnn.FactorizedLinear` (any registered format) or our LSTM.
 - ``"torch"``: ``nn.Linear`` / ``nn.LSTM`` (the dense baselines).
 - ``"read"``: ``x.sum()``, the time to read the input once (the memory-bandwidth floor).
+- recurrent modules and cells of either side, and the GEMM of a run's peak: :mod:`.rnn_cases`.
 - ``"tednet"``, ``"tltorch"``: the peer libraries. They are imported here only, lazily, and
   are optional: :func:`peer_status` reports them absent when they cannot be imported.
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CASE_KINDS",
     "PEER_FORMATS",
     "BuiltCase",
     "CaseSpec",
@@ -38,6 +40,9 @@ __all__ = [
     "peer_num_params",
     "peer_status",
 ]
+
+CASE_KINDS = ("linear", "lstm", "read", "rnn", "cell", "gemm")
+"""``CaseSpec.kind`` values: the recurrent ones are built by :mod:`~.rnn_cases`."""
 
 PEER_FORMATS: dict[str, list[tuple[str, str]]] = {
     "tt": [("tednet", "tt"), ("tltorch", "blocktt")],
@@ -72,12 +77,14 @@ class CaseSpec:
         label: row name in tables, e.g. ``"kcprnn kcp r=4 auto"``.
         series: curve name in sweep plots (the label without the swept value).
         impl: ``"kcprnn"``, ``"torch"``, ``"read"``, ``"tednet"`` or ``"tltorch"``.
-        kind: ``"linear"``, ``"lstm"`` or ``"read"``.
+        kind: one of :data:`CASE_KINDS` (``"rnn"``: a recurrent module over a sequence,
+            ``"cell"``: one cell step, ``"gemm"``: the square product of the GEMM peak).
         format: our format name, ``"dense"``, or the peer's format (``"blocktt"``, ``"tk2"``...).
         in_modes, out_modes: the tensorization (flat lists; nested for KCP).
         rows: rows per call for linear/read cases (``seq_len * batch`` for LSTMs).
         options: implementation options (``rank``, ``blocks``, ``algorithm``, ...).
-        seq_len, batch: LSTM input shape ``(seq_len, batch, in_features)``.
+        seq_len, batch: recurrent input shape ``(seq_len, batch, in_features)`` (a cell step:
+            ``(batch, in_features)``).
         matches: for peers, the label of our case whose parameter count they match.
     """
 
@@ -280,12 +287,12 @@ def count_macs(fn: Callable[[], object]) -> int:
 
     Counts ``mm``/``bmm``/``addmm``/convolutions and what ``einsum``/``tensordot`` lower to,
     oneDNN's inner product (``mkldnn._linear_pointwise``, which ``kcprnn`` uses on CPU) and
-    kcprnn's compiled kernels (:func:`kcprnn.formats._native.counting_macs`); elementwise work
+    kcprnn's compiled kernels (:func:`kcprnn._cpu.native.counting_macs`); elementwise work
     (bias, sums, activations) is not counted.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..formats import _native
+    from .._cpu import native as _native
 
     custom = {}
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -320,6 +327,7 @@ def build_case(
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    run: Callable[..., Tensor]
     if spec.kind == "read":
         x = torch.randn(spec.rows, spec.in_features, generator=gen, dtype=dtype).to(device)
         return BuiltCase(
@@ -402,8 +410,23 @@ def build_case(
             def run(inp: Tensor = x, m: nn.Module = module) -> Tensor:
                 return m(inp, state_cls(zeros, zeros))[0]
 
+    elif spec.kind in ("rnn", "cell", "gemm"):
+        from .rnn_cases import build_recurrent
+
+        maybe_module, run, x, model_macs = build_recurrent(spec, device, dtype, gen)
+        if maybe_module is None:  # the GEMM of the peak: forward only
+            return BuiltCase(
+                forward=run,
+                forward_backward=None,
+                params=0,
+                params_total=0,
+                model_macs=model_macs,
+                module=None,
+                input=x,
+            )
+        module = maybe_module
     else:
-        raise ValueError(f"unknown case kind {spec.kind!r}; expected 'linear', 'lstm' or 'read'")
+        raise ValueError(f"unknown case kind {spec.kind!r}; expected one of {sorted(CASE_KINDS)}")
 
     def forward() -> Tensor:
         module.eval()

@@ -1,15 +1,23 @@
-"""Benchmark sizes: the UCF11 layer (57,600 -> 1,024, 96 rows) and its sweeps, a quick variant,
-and a tiny one for tests."""
+"""Benchmark sizes: the UCF11 layer (57,600 -> 1,024, 96 rows) and its sweeps, the recurrent
+regimes (speech, spikes, streaming, sweeps over the sequence length and the hidden size), a quick
+variant, and a tiny one for tests."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..shapes import balanced_factors
 
-__all__ = ["PRESETS", "Preset", "blocked_split", "kronecker_split"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "RegimeSizes",
+    "blocked_split",
+    "kronecker_split",
+    "override_regimes",
+]
 
 
 def kronecker_split(modes: Sequence[int]) -> list[list[int]]:
@@ -43,6 +51,136 @@ def blocked_split(
 
 
 @dataclass(frozen=True)
+class RegimeSizes:
+    """Sizes of the recurrent regimes (see :mod:`~.regimes`).
+
+    Every point compares ``torch.nn``'s module with kcprnn's dense one and with every format for
+    the input-to-hidden matrix alone and for both matrices, all at ``rank``.
+
+    Attributes:
+        speech_modes, speech_seq_len, speech_batch, speech_inputs, speech_hiddens,
+            speech_layers: bidirectional modules, one point per mode, input, hidden size and
+            number of layers.
+        spikes_modes, spikes_input, spikes_seq_lens, spikes_batch, spikes_hidden: unidirectional
+            modules on spike-train input, one point per mode and length.
+        stream_modes, stream_cell_sizes: one cell step at batch 1, one point per mode and
+            ``(size name, input, hidden)``.
+        stream_seq_modes, stream_seq_len, stream_seq_size: a sequence at batch 1.
+        sweep_mode, sweep_input, sweep_batch: the bidirectional module of both sweeps.
+        sweep_seq_lens, sweep_hidden: time against ``T`` at ``sweep_hidden``.
+        sweep_hiddens, sweep_seq_len: time against the hidden size at ``sweep_seq_len``.
+        sweep_formats: the formats in the sweeps (``None``: all).
+        rank: rank of every format (for KCP per Kronecker factor, library-chosen modes).
+        gemm_size: ``n`` of the ``n x n`` float32 product whose time gives the GEMM peak.
+    """
+
+    speech_modes: tuple[str, ...] = ("LSTM", "GRU")
+    speech_seq_len: int = 300
+    speech_batch: int = 16
+    speech_inputs: tuple[int, ...] = (40, 123)
+    speech_hiddens: tuple[int, ...] = (256, 512)
+    speech_layers: tuple[int, ...] = (1, 3)
+    spikes_modes: tuple[str, ...] = ("LSTM", "GRU")
+    spikes_input: int = 700
+    spikes_seq_lens: tuple[int, ...] = (100, 250)
+    spikes_batch: int = 32
+    spikes_hidden: int = 256
+    stream_modes: tuple[str, ...] = ("LSTM", "GRU", "RNN")
+    stream_cell_sizes: tuple[tuple[str, int, int], ...] = (
+        ("video", 57600, 256),
+        ("speech", 40, 512),
+    )
+    stream_seq_modes: tuple[str, ...] = ("LSTM", "GRU", "RNN")
+    stream_seq_len: int = 1000
+    stream_seq_size: tuple[int, int] = (40, 512)
+    sweep_mode: str = "LSTM"
+    sweep_input: int = 40
+    sweep_batch: int = 16
+    sweep_seq_lens: tuple[int, ...] = (25, 50, 100, 200, 300)
+    sweep_hidden: int = 256
+    sweep_hiddens: tuple[int, ...] = (128, 256, 512, 1024)
+    sweep_seq_len: int = 100
+    sweep_formats: tuple[str, ...] | None = None
+    rank: int = 4
+    gemm_size: int = 2048
+
+
+def override_regimes(sizes: RegimeSizes, items: Sequence[str]) -> RegimeSizes:
+    """``sizes`` with ``KEY=VALUE`` overrides: an int, a string, or a comma-separated list of
+    ints or of strings (``speech_seq_len=300``, ``speech_modes=LSTM``, ``sweep_hiddens=128,256``,
+    ``sweep_formats=kcp,tt``). Fields of nested tuples (``stream_cell_sizes``) cannot be set."""
+    names = {f.name for f in fields(RegimeSizes)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(
+                f"regime override {item!r}: expected KEY=VALUE with KEY in {sorted(names)}"
+            )
+        default = getattr(sizes, key)
+        if isinstance(default, int):
+            changes[key] = int(value)
+        elif isinstance(default, str):
+            changes[key] = value
+        elif default is None or isinstance(default, tuple):
+            example = default[0] if default else ""
+            if isinstance(example, tuple):
+                raise ValueError(f"regime override {item!r}: {key} holds nested tuples")
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            changes[key] = (
+                tuple(int(v) for v in parts) if isinstance(example, int) else tuple(parts)
+            )
+        else:
+            raise ValueError(f"regime override {item!r}: cannot set {key}")
+    return replace(sizes, **changes)
+
+
+_QUICK_REGIMES = RegimeSizes(
+    speech_seq_len=30,
+    speech_inputs=(40,),
+    speech_hiddens=(512,),
+    speech_layers=(1,),
+    spikes_modes=("LSTM",),
+    spikes_seq_lens=(25,),
+    stream_seq_modes=("LSTM",),
+    stream_seq_len=100,
+    sweep_seq_lens=(10, 30, 90),
+    sweep_hiddens=(128, 512),
+    sweep_seq_len=30,
+    sweep_formats=("kcp", "tt"),
+    gemm_size=1024,
+)
+
+_TINY_REGIMES = RegimeSizes(
+    speech_modes=("LSTM", "GRU"),
+    speech_seq_len=3,
+    speech_batch=2,
+    speech_inputs=(6,),
+    speech_hiddens=(16,),
+    speech_layers=(2,),
+    spikes_modes=("RNN",),
+    spikes_input=12,
+    spikes_seq_lens=(3,),
+    spikes_batch=2,
+    spikes_hidden=16,
+    stream_modes=("LSTM", "GRU", "RNN"),
+    stream_cell_sizes=(("video", 64, 16), ("speech", 6, 16)),
+    stream_seq_modes=("GRU",),
+    stream_seq_len=4,
+    stream_seq_size=(6, 16),
+    sweep_input=6,
+    sweep_batch=2,
+    sweep_seq_lens=(2, 4),
+    sweep_hidden=16,
+    sweep_hiddens=(16, 32),
+    sweep_seq_len=2,
+    sweep_formats=("kcp",),
+    rank=2,
+    gemm_size=64,
+)
+
+
+@dataclass(frozen=True)
 class Preset:
     """Sizes of one benchmark run.
 
@@ -59,6 +197,7 @@ class Preset:
         lstm_in_modes, lstm_hidden_modes, seq_len, batch: the LSTM training step point.
         tk2_in_modes: tednet Tucker-2 input shape (3 modes) for the LSTM point.
         rounds, block_s: timing repetitions (see :func:`~.timing.time_interleaved`).
+        regimes: sizes of the recurrent regimes.
     """
 
     name: str
@@ -78,6 +217,7 @@ class Preset:
     tk2_in_modes: tuple[int, ...]
     rounds: int = 7
     block_s: float = 0.05
+    regimes: RegimeSizes = RegimeSizes()
 
 
 _UCF11 = Preset(
@@ -108,6 +248,7 @@ PRESETS: dict[str, Preset] = {
         sweep_inputs=((8, 8, 8, 8), (8, 20, 20, 18)),
         rounds=3,
         block_s=0.02,
+        regimes=_QUICK_REGIMES,
     ),
     "tiny": Preset(
         name="tiny",
@@ -127,6 +268,7 @@ PRESETS: dict[str, Preset] = {
         tk2_in_modes=(16, 4, 4),
         rounds=2,
         block_s=0.002,
+        regimes=_TINY_REGIMES,
     ),
 }
 """``ucf11``: the full run; ``quick``: fewer sweep points and rounds; ``tiny``: for tests."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SWEEP_AXES",
     "fit_loglog_slope",
     "format_markdown",
     "format_point_table",
@@ -14,7 +15,16 @@ __all__ = [
     "sweep_series",
 ]
 
-_SWEEP_AXES = {"rank": "rank", "rows": "rows (batch x frames)", "input": "input features"}
+SWEEP_AXES = {
+    "rank": "rank",
+    "rows": "rows (batch x frames)",
+    "input": "input features",
+    "T": "sequence length T",
+    "hidden": "hidden size",
+}
+"""Sweep name -> the label of its x axis."""
+
+_SWEEP_SHORT = {"T": "T", "hidden": "H"}
 
 
 def fit_loglog_slope(xs: list[float], ys: list[float]) -> float:
@@ -81,7 +91,7 @@ def plot_sweeps(points: list[dict[str, Any]], out_dir: Path, title: str) -> dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
-    for sweep, xlabel in _SWEEP_AXES.items():
+    for sweep, xlabel in SWEEP_AXES.items():
         if not any(pt["sweep"] == sweep for pt in points):
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=80, sharey=False)
@@ -133,6 +143,13 @@ def format_point_table(point: dict[str, Any]) -> str:
         f"{'f+b ms':>9} {'dense/fwd':>9} {'dense/f+b':>9} {'fwd/read':>8} {'mem f+b MiB':>11}"
     )
     lines = [f"== {point['name']} ==", head, "-" * len(head)]
+    roof = point.get("roofline")
+    if roof is not None:  # a regime point: "dense" is torch.nn's module
+        lines.insert(
+            1,
+            f"roofline: input read {roof['read_ms']:.3g} ms, GEMM peak "
+            f"{roof['gemm_peak_gmacs']:.1f} GMAC/s; dense = torch.nn's module",
+        )
     for c in point["cases"]:
         if c["status"] != "ok":
             lines.append(f"{c['label']:<44} ERROR {c['error'][:100]}")
@@ -179,6 +196,9 @@ def format_markdown(points: list[dict[str, Any]], env: dict[str, Any]) -> str:
     for pt in points:
         if pt["sweep"] is not None:
             continue
+        if "regime" in pt:
+            lines += [format_regime_table(pt), ""]
+            continue
         lines += [
             f"**{pt['name']}**",
             "",
@@ -210,4 +230,94 @@ def format_markdown(points: list[dict[str, Any]], env: dict[str, Any]) -> str:
                 f"{cell('forward_over_read')} | {'' if peak is None else f'{peak / 2**20:.1f}'} |"
             )
         lines.append("")
+    for sweep in ("T", "hidden"):
+        if any(pt["sweep"] == sweep and "regime" in pt for pt in points):
+            lines += [format_sweep_table(points, sweep), ""]
     return "\n".join(lines) + "\n"
+
+
+def _ms(case: dict[str, Any], mode: str) -> str:
+    v = case.get(mode, {}).get("median_ms")
+    return "" if v is None else f"{v:.3g}"
+
+
+def _matrices(case: dict[str, Any]) -> str:
+    from .regimes import matrices_of
+
+    return matrices_of(case) if case["impl"] in ("kcprnn", "torch") else ""
+
+
+def format_regime_table(point: dict[str, Any]) -> str:
+    """Markdown table of one regime point: per case the compressed matrices, parameters, counted
+    MACs, median forward and forward+backward ms, ``torch.nn``'s time over the case's
+    ("x torch"), the time over the case's roofline and the peak extra MiB of forward+backward;
+    under a line giving the input read and the GEMM peak of the run."""
+    roof = point.get("roofline")
+    head = f"**{point['name']}**"
+    if roof is not None:
+        head += (
+            f" (input read {roof['read_ms']:.3g} ms; GEMM peak "
+            f"{roof['gemm_peak_gmacs']:.1f} GMAC/s from {roof['gemm_n']}^3 in "
+            f"{roof['gemm_ms']:.3g} ms)"
+        )
+    lines = [
+        head,
+        "",
+        "| case | compressed | params | MACs | fwd ms | fwd+bwd ms | x torch fwd "
+        "| x torch fwd+bwd | fwd / roofline | fwd+bwd / roofline | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in point["cases"]:
+        if c["impl"] in ("read", "gemm"):
+            continue
+        if c["status"] != "ok":
+            lines.append(f"| {c['label']} | error: {c['error'][:80]} |" + " |" * 9)
+            continue
+        r = c.get("ratios", {})
+
+        def cell(key: str, r: dict[str, float] = r) -> str:
+            return f"{r[key]:.2f}" if key in r else ""
+
+        mem = c.get("memory", {})
+        peak = mem.get("forward_backward_bytes", mem.get("forward_bytes"))
+        torch_fwd = "1" if c["impl"] == "torch" else cell("speedup_vs_dense_forward")
+        torch_fb = "1" if c["impl"] == "torch" else cell("speedup_vs_dense_forward_backward")
+        lines.append(
+            f"| {c['label']} | {_matrices(c)} | {_fmt_int(c.get('params'))} | "
+            f"{_fmt_int(c.get('macs'))} | {_ms(c, 'forward')} | {_ms(c, 'forward_backward')} | "
+            f"{torch_fwd} | {torch_fb} | {cell('forward_over_roofline')} | "
+            f"{cell('forward_backward_over_roofline')} | "
+            f"{'' if peak is None else f'{peak / 2**20:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_sweep_table(points: list[dict[str, Any]], sweep: str) -> str:
+    """Markdown table of a regime sweep: one row per series, per swept value the forward and
+    forward+backward ms and, beside them, ``torch.nn``'s time over the series'."""
+    pts = sorted((p for p in points if p["sweep"] == sweep), key=lambda p: float(p["x"]))
+    head = f"**time against {SWEEP_AXES[sweep]}** (ms fwd / fwd+bwd, x torch fwd / fwd+bwd)"
+    xs = [f"{_SWEEP_SHORT[sweep]}={int(p['x'])}" for p in pts]
+    lines = [head, "", "| series | " + " | ".join(xs) + " |", "|---|" + "---:|" * len(xs)]
+    series: list[str] = []
+    for p in pts:
+        for c in p["cases"]:
+            if c["impl"] not in ("read", "gemm") and c["series"] not in series:
+                series.append(c["series"])
+    for name in series:
+        cells = []
+        for p in pts:
+            c = next((q for q in p["cases"] if q["series"] == name), None)
+            if c is None or c["status"] != "ok":
+                cells.append("" if c is None else "error")
+                continue
+            r = c.get("ratios", {})
+            speed, speed_fb = (
+                f"{r[k]:.2f}" if k in r else "1"
+                for k in ("speedup_vs_dense_forward", "speedup_vs_dense_forward_backward")
+            )
+            cells.append(
+                f"{_ms(c, 'forward')} / {_ms(c, 'forward_backward')} ({speed} / {speed_fb})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The benchmark suite: points (UCF11 layer, sweeps over rank, rows and input size, the LSTM
-training step), each timed as one interleaved run; results as a JSON-ready dict.
+training step, the recurrent regimes of :mod:`.regimes`), each timed as one interleaved run;
+results as a JSON-ready dict.
 
 A *point* is one problem size. At a point every case (ours, the dense baseline, the input
 read, the peers) is built, checked to run, counted (parameters, multiply-accumulates), and then
@@ -34,12 +35,14 @@ from .cases import (
 )
 from .memory import measure_peak_memory
 from .presets import Preset, blocked_split, kronecker_split
+from .regimes import REGIME_POINTS, add_roofline, regime_points
 from .timing import time_interleaved
 
 __all__ = ["SuiteConfig", "environment", "run_suite", "POINT_KINDS"]
 
-POINT_KINDS = ("ucf11", "rank", "rows", "input", "lstm")
+POINT_KINDS = ("ucf11", "rank", "rows", "input", "lstm", *REGIME_POINTS)
 MODES = ("forward", "forward_backward")
+_RECURRENT = ("lstm", "rnn", "cell")
 
 
 @dataclass(frozen=True)
@@ -301,8 +304,10 @@ def _build_and_count(
         if built.forward_backward is not None:
             built.forward_backward()
         macs = count_macs(built.forward)
-        if built.model_macs is not None and spec.impl == "torch" and spec.kind == "lstm":
+        if built.model_macs is not None and spec.impl == "torch" and spec.kind in _RECURRENT:
             macs = max(macs, built.model_macs)  # fused kernel, not seen by the flop counter
+        if spec.kind == "gemm":
+            macs = int(built.model_macs or 0)
         result.update(
             params=built.params,
             params_total=built.params_total,
@@ -364,7 +369,7 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
     for mode in MODES:
         dense = med(lambda r: r["impl"] == "torch", mode)
         for r in results:
-            if mode not in r or r["impl"] == "read":
+            if mode not in r or r["impl"] in ("read", "gemm"):
                 continue
             t = float(r[mode]["median_ms"])
             ratios = r.setdefault("ratios", {})
@@ -382,8 +387,12 @@ def run_point(
     specs: Sequence[CaseSpec],
     peer_fn: Callable[[CaseSpec, int], list[CaseSpec]] | None = None,
     memory: bool = False,
+    regime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build, count, time (and optionally measure memory of) ``specs`` plus their peers."""
+    """Build, count, time (and optionally measure memory of) ``specs`` plus their peers.
+
+    A ``regime`` point records its description under ``"regime"`` and gets its roofline
+    (:func:`~.regimes.add_roofline`)."""
     start = time.perf_counter()
     built: list[BuiltCase | None] = []
     results: list[dict[str, Any]] = []
@@ -405,13 +414,16 @@ def run_point(
             if res["status"] == "ok":
                 spec = CaseSpec.from_dict({k: res[k] for k in CaseSpec.__dataclass_fields__})
                 res["memory"] = measure_peak_memory(spec, cfg.device, cfg.threads)
-    point = {
+    point: dict[str, Any] = {
         "name": name,
         "sweep": sweep,
         "x": x,
         "seconds": time.perf_counter() - start,
         "cases": results,
     }
+    if regime is not None:
+        point["regime"] = regime
+        add_roofline(point)
     errors = [r["label"] for r in results if r["status"] != "ok"]
     _log(
         cfg,
@@ -522,4 +534,7 @@ def run_suite(cfg: SuiteConfig, available_peers: set[str]) -> list[dict[str, Any
             f"{math.prod(p.lstm_hidden_modes)}",
         )
         add(run_point(cfg, "lstm", None, None, _lstm_specs(cfg, peers), None, memory=cfg.memory))
+    for rp in regime_points(p.regimes, cfg.points, fmts, peers, cfg.memory):
+        _log(cfg, f"point {rp.name}")
+        add(run_point(cfg, rp.name, rp.sweep, rp.x, rp.specs, None, rp.memory, rp.regime))
     return points

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._cpu import default_cost_model
-from ..formats._ops import linear_nt, weight_grad
+from .._cpu.ops import linear_nt, weight_grad
 from .kron import KronLayout, kron_apply, kron_grads
 
 __all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
@@ -32,8 +32,8 @@ __all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
 
 def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
     """``grad.T @ h_prev``: ``(n, g)``, ``(n, h)`` -> ``(g, h)``, the recurrent weight's gradient
-    over all steps: one GEMM (:func:`~kcprnn.formats._ops.linear_nt`), or the blocked
-    :func:`~kcprnn.formats._ops.weight_grad` over more rows than the cost model's
+    over all steps: one GEMM (:func:`~kcprnn._cpu.ops.linear_nt`), or the blocked
+    :func:`~kcprnn._cpu.ops.weight_grad` over more rows than the cost model's
     ``recurrent_grad_blocked_rows``."""
     if grad.shape[0] > default_cost_model().recurrent_grad_blocked_rows:
         return weight_grad(grad, h_prev)  # (g, h)

@@ -2,22 +2,26 @@
 
 The first contraction of a factorized layer is its one pass over the input: at the UCF11 size
 (96 rows x 57,600) KCP's blocked layout multiplies a ``(15,360, 360)`` view of the input by a
-``(2, 360)`` matrix. MKL's sgemm takes 2.9x the time of reading the input once there (it runs
-its generic path on AMD CPUs), oneDNN 3-5x; :func:`tall_matmul` takes 1.2-1.4x, and
-:func:`tall_weight_grad` computes its weight gradient. :func:`inner_rows` runs the last
+``(2, 360)`` matrix, a product BLAS runs far below the speed of reading the input;
+:func:`tall_matmul` runs it close to that speed, and :func:`tall_weight_grad` computes its
+weight gradient. :func:`inner_rows` runs the last
 factor's two-chunk CP product per row and writes it, with the bias, into the final output
 layout; :func:`gather` copies a permuted view of the rows in one pass (the interleaved axes the
 paper's layout gathers). All are float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA
-(:file:`_native_tall.cpp`).
+(:file:`native_tall.cpp`).
 
-The library is C++ built on first use with the system's C++ compiler (``g++ -O3 -march=native
+The library is C++ built when a kernel first runs (never when a format only plans or counts:
+planning asks the cost model, :attr:`~kcprnn._cpu.cost.CostModel.kernels`), or ahead of time by
+``kcprnn build``, with the system's C++ compiler (``g++ -O3 -march=native
 -fopenmp``; about 1 s, no Python or torch headers), cached under ``$KCPRNN_CACHE_DIR`` or
 ``~/.cache/kcprnn`` by a hash of its source, flags, compiler and CPU, written atomically, and
 loaded with :mod:`ctypes` (which releases the GIL during the call). Its OpenMP calls run on the
 libgomp torch already loaded, so it shares torch's threads and honours
 ``torch.set_num_threads``. Where it cannot be built (no compiler, another architecture, a
-read-only cache) or ``KCPRNN_NATIVE=0`` is set, :func:`available` is ``False`` and the callers
-keep their torch paths: the results are the same up to float32 rounding.
+read-only cache, a compiler that runs past ``$KCPRNN_BUILD_TIMEOUT`` seconds, default 120) or
+``KCPRNN_NATIVE=0`` is set, :func:`available` is ``False``, one message is logged on the
+``"kcprnn"`` logger, and the callers run the same plan on torch ops: the results are the same up
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,14 +52,16 @@ __all__ = [
     "gather",
     "info",
     "inner_rows",
+    "main",
     "tall_matmul",
     "tall_weight_grad",
     "width",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kcprnn")
 
-SOURCE = Path(__file__).with_name("_native_tall.cpp")
+SOURCE = Path(__file__).with_name("native_tall.cpp")
+BUILD_TIMEOUT = 120.0  # seconds the compiler may run (``$KCPRNN_BUILD_TIMEOUT`` overrides)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _I64 = ctypes.c_int64
 
@@ -109,18 +116,45 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def build_timeout() -> float:
+    """Seconds the compiler may run: ``$KCPRNN_BUILD_TIMEOUT``, else :data:`BUILD_TIMEOUT`."""
+    value = os.environ.get("KCPRNN_BUILD_TIMEOUT")
+    if not value:
+        return BUILD_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise RuntimeError(
+            f"KCPRNN_BUILD_TIMEOUT must be a number of seconds, got {value!r}"
+        ) from None
+    if not seconds > 0:
+        raise RuntimeError(f"KCPRNN_BUILD_TIMEOUT must be positive, got {value!r}")
+    return seconds
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``command`` with its output captured; ``RuntimeError`` when it runs past ``timeout``."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"{command[0]} ran past the {timeout:g} s build timeout (KCPRNN_BUILD_TIMEOUT)"
+        ) from None
+
+
 def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
-    """Compile :file:`_native_tall.cpp` with ``flags`` into ``directory`` (default
+    """Compile :file:`native_tall.cpp` with ``flags`` into ``directory`` (default
     :func:`cache_dir`) unless a build with the same source, flags, compiler and CPU is there;
     return the shared library's path. Raises ``RuntimeError`` with the compiler's message
-    when the build fails."""
+    when the build fails or runs past :func:`build_timeout`."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is for x86-64 CPUs, this one is {platform.machine()!r}")
+    timeout = build_timeout()
     source = SOURCE.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = _run([cxx, "--version"], timeout).stdout
     key = hashlib.sha256(
         b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
@@ -133,7 +167,7 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
     os.close(fd)
     try:
         start = time.perf_counter()
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = _run([cxx, *flags, str(SOURCE), "-o", tmp], timeout)
         if done.returncode != 0:
             raise RuntimeError(
                 f"{cxx} failed to build {SOURCE.name} with "
@@ -235,7 +269,11 @@ def _library() -> ctypes.CDLL | None:
                     _state["path"] = str(path)
                 except (OSError, RuntimeError) as err:
                     _state["error"] = str(err)
-                    log.info("kcprnn's native kernel is unavailable, using torch: %s", err)
+                    log.warning(
+                        "kcprnn: the compiled CPU kernels could not be built, so torch ops run "
+                        "the same plans instead (results equal up to rounding): %s",
+                        err,
+                    )
             _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
 
@@ -468,3 +506,30 @@ def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
         threads,
     )
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kcprnn build``: build (or find) the compiled kernels; print where, or why not."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="kcprnn build",
+        description="Build kcprnn's compiled CPU kernels now (they are otherwise built when a "
+        "kernel first runs) and print where the library is, or why it cannot be built.",
+    )
+    parser.parse_args(argv)
+    if os.environ.get("KCPRNN_NATIVE", "1") == "0":
+        print("kcprnn build: disabled by KCPRNN_NATIVE=0", file=sys.stderr)
+        return 1
+    try:
+        path = build()
+        lib = load(path)
+    except (OSError, RuntimeError) as err:
+        print(f"kcprnn build: failed, torch ops will be used instead:\n{err}", file=sys.stderr)
+        return 1
+    print(f"{path} ({lib.kcprnn_tall_isa()}-bit vectors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""``kcprnn calibrate``: measure this machine's costs and print a :class:`~.cost.CostModel`.
+
+Every cost is relative to one multiply-accumulate of a large float32 GEMM, so the command first
+times such a GEMM, then per element: a strided permute copy (contiguous runs of 6), a block
+transpose, an ``index_select`` gather, the compiled one-pass gather; per op: a launch with and
+without autograd recording; per row: a narrow GEMM's time (on one thread); and for tall
+products (many rows, few outputs) the time on oneDNN and on the compiled kernel over MKL's,
+each pair interleaved. The defaults fold in effects no micro-benchmark sees (they were tuned
+end to end), so each measured field of the starting model (the defaults, or ``--base FILE``)
+is scaled by this machine's measurement over :data:`REFERENCE`, the same measurement on the
+machine the defaults come from; the other fields are kept. ``--raw`` prints the measurements
+themselves. Usage::
+
+    kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
+    python -m kcprnn._cpu.calibrate ...
+
+The JSON it prints (or writes atomically with ``--out``) loads with :meth:`CostModel.load`;
+point ``$KCPRNN_COST_MODEL`` at the file to make it the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import native, ops
+from .cost import CostModel
+
+__all__ = ["calibrate", "main"]
+
+
+@dataclass
+class _Clock:
+    """Splits a time budget between the measurements."""
+
+    seconds_each: float
+
+    def time(self, fn: Callable[[], object]) -> float:
+        """Seconds of one call of ``fn``: the fastest of as many calls as fit in this
+        measurement's share of the budget (at least 3, after one warm-up call)."""
+        fn()
+        best = math.inf
+        start = time.perf_counter()
+        calls = 0
+        while calls < 3 or time.perf_counter() - start < self.seconds_each:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+            calls += 1
+        return best
+
+    def ratio(self, fn: Callable[[], object], reference: Callable[[], object]) -> float:
+        """Time of ``fn`` over ``reference``'s, the two called alternately (so that a busy
+        moment of the machine slows both), each the fastest of its calls."""
+        fn()
+        reference()
+        best = [math.inf, math.inf]
+        start = time.perf_counter()
+        calls = 0
+        while calls < 3 or time.perf_counter() - start < self.seconds_each:
+            for k, f in enumerate((fn, reference)):
+                t0 = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - t0)
+            calls += 1
+        return best[0] / best[1]
+
+
+def _sig(value: float) -> float:
+    """Three significant digits: the measurements are not more precise than that."""
+    return float(f"{value:.3g}")
+
+
+REFERENCE: dict[str, float] = {
+    "permute": 67.4,
+    "swap": 30.4,
+    "gather_index": 6.48,
+    "kernel_prepared": 23200.0,
+    "kernel": 33900.0,
+    "row": 235.0,
+    "onednn_gain": 0.595,
+    "native_gain": 0.508,
+    "native_gain_wide": 0.594,
+    "native_gather": 60.6,
+}
+"""What :func:`measure` gives on the machine the defaults were tuned on: medians of several
+runs at 2 threads (``benchmarks/results/cost-model``)."""
+
+
+def measure(budget: float = 60.0) -> dict[str, float]:
+    """The raw costs of this machine, in MACs of a large float32 GEMM (ratios to MKL for the
+    ``*_gain`` entries), in about ``budget`` seconds: the sizes are fixed (those of KCP's
+    UCF11 layer, 96 rows of 57,600 inputs), the budget sets how often each is repeated."""
+    clock = _Clock(max(budget, 0.0) / 16)
+    raw: dict[str, float] = {}
+    with torch.no_grad():
+        # one MAC of a large float32 GEMM: the unit of every cost
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        mac = clock.time(lambda: torch.mm(a, b)) / 1024**3
+
+        # per element: a permute copy with contiguous runs of 6, a block transpose with runs
+        # of 36, an index_select gather of whole rows
+        x = torch.randn(96, 160, 60, 6)
+        numel = x.numel()
+        view = x.permute(0, 2, 1, 3)
+        raw["permute"] = clock.time(lambda: view.contiguous()) / numel / mac
+        swapped = x.view(96, 40, 40, 36).transpose(1, 2)
+        raw["swap"] = clock.time(lambda: swapped.contiguous()) / numel / mac
+        flat = torch.randn(96, 1024)
+        index = torch.randperm(1024)
+        raw["gather_index"] = (
+            clock.time(lambda: torch.index_select(flat, 1, index)) / flat.numel() / mac
+        )
+
+        # per op launch under no_grad, then with autograd recording
+        s = torch.randn(4)
+        raw["kernel_prepared"] = clock.time(lambda: torch.add(s, s)) / mac
+
+    sg = torch.randn(4, requires_grad=True)
+
+    def record() -> None:
+        torch.add(sg, sg)
+
+    raw["kernel"] = clock.time(record) / mac
+
+    with torch.no_grad():
+        # per GEMM row: a narrow GEMM's time per row, on one thread (on several, a busy core
+        # makes the threads of so short a product wait for each other, by 10-100x)
+        rows, f, g = 65536, 4, 4
+        xr, wr = torch.randn(rows, f), torch.randn(g, f)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            raw["row"] = clock.time(lambda: F.linear(xr, wr)) / rows / mac
+        finally:
+            torch.set_num_threads(threads)
+
+        # tall products: oneDNN and the compiled kernel against MKL
+        tall = torch.randn(15360, 360)
+        w16 = torch.randn(16, 360)
+        if ops.onednn_available():
+            raw["onednn_gain"] = clock.ratio(
+                lambda: ops.linear_nt(tall, w16), lambda: F.linear(tall, w16)
+            )
+        if native.available():
+            for g, name in ((2, "native_gain"), (8, "native_gain_wide")):
+                weight, out = torch.randn(g, 360), tall.new_empty(1, 15360, g)
+                raw[name] = clock.ratio(
+                    functools.partial(native.tall_matmul, tall[None], weight, out),
+                    functools.partial(F.linear, tall, weight),
+                )
+            dest = torch.empty(view.shape)
+            raw["native_gather"] = clock.time(lambda: native.gather(view, dest)) / numel / mac
+    return raw
+
+
+def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
+    """``base`` (default: the built-in defaults) with every field :func:`measure` covers
+    scaled by how this machine's measurement compares with :data:`REFERENCE`'s: the defaults
+    fold in effects a micro-benchmark does not see (they were tuned end to end by
+    ``benchmarks/bench_kcp_auto.py``), so the ratio carries them to the new machine."""
+    base = CostModel() if base is None else base
+    raw = measure(budget)
+    changes = {
+        name: _sig(getattr(base, name) * value / REFERENCE[name])
+        for name, value in raw.items()
+        if name in REFERENCE and REFERENCE[name] > 0
+    }
+    return base.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kcprnn calibrate",
+        description="Measure this machine's costs (relative to one MAC of a large float32 GEMM) "
+        "and print the cost model as JSON.",
+    )
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds to spend (default 60)")
+    parser.add_argument("--threads", type=int, help="torch threads to measure with")
+    parser.add_argument("--base", help="a cost model JSON to scale (default: the built-in one)")
+    parser.add_argument(
+        "--raw", action="store_true", help="print the raw measurements instead of a model"
+    )
+    parser.add_argument("--out", help="also write the model to this file (atomically)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.raw:
+        print(json.dumps(measure(args.budget), indent=2))
+        return 0
+    base = CostModel.load(args.base) if args.base else None
+    model = calibrate(args.budget, base)
+    print(json.dumps(model.to_dict(), indent=2))
+    if args.out:
+        model.save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
