@@ -289,6 +289,7 @@ def test_input_product_is_one_call_over_all_steps():
     model = kcprnn.GRU(
         INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense", batch_first=True
     )
+    model.recurrence = "dense"  # kcprnn's own loops (torch's kernel multiplies W_ih itself)
     calls = {"ih": [], "hh": []}
     for cell in model.cells:
         cell.weight_ih.register_forward_hook(lambda m, a, o: calls["ih"].append(a[0].shape))
@@ -300,6 +301,7 @@ def test_input_product_is_one_call_over_all_steps():
     packed = pack_padded_sequence(
         torch.randn(3, 7, INPUT), torch.tensor([7, 2, 4]), batch_first=True, enforce_sorted=False
     )
+    model.recurrence = "steps"
     model(packed)
     assert calls["ih"] == [(13, INPUT)] * 2 + [(13, 2 * HIDDEN)] * 2
     # unequal lengths step through time: one hidden product per step (3, 3, 2, 2, 1, 1, 1 rows)

@@ -77,6 +77,21 @@ class CostModel:
     ht_max_search: int = 5  # HT leaf orders searched exhaustively up to this many modes
     recurrent_grad_blocked_rows: int = 4096  # W_hh's gradient over more rows runs blocked
 
+    # --- recurrences (rnn) ---
+    rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent
+    # kernels (torch.lstm, torch.gru, ...), beyond its GEMM
+    rnn_fused_step: float = 5.5e6  # one step of kcprnn's fused LSTM/GRU/RNN loop, beyond its GEMM
+    rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
+    rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
+    rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step
+    rnn_structured_input: float = 10.0  # a MAC of a structured input-to-hidden product (its
+    # small GEMMs and permutes run far below a large GEMM's rate)
+    rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense), and
+    # as much again for its backward
+    rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step
+    rnn_min_rows: int = 16  # a dense product over fewer rows costs as much as over this many
+    # (reading the weight dominates)
+
     def __hash__(self) -> int:
         # computed once: models key the planners' caches, looked up at every forward
         cached = self.__dict__.get("_hash")

@@ -26,6 +26,8 @@ from ._options import (
     input_matrix_options,
 )
 from .fused import gru_sequence, lstm_sequence
+from .kron import rebuild
+from .plan import cell_uses_dense
 from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = [
@@ -135,6 +137,9 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._dense_choice: dict[tuple[int, bool], bool] = {}
+        self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+        self._dense_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
 
     @property
@@ -222,10 +227,55 @@ class RNNCellBase(nn.Module):
                     )
                 checked.append(t)
             state = tuple(checked)
-        new = self.step(self.input_projection(x), state)  # tuple of (b, s)
+        if self._use_dense(b):
+            new = self._dense_step(x, state)  # tuple of (b, s)
+        else:
+            new = self.step(self.input_projection(x), state)  # tuple of (b, s)
         if not batched:
             new = tuple(t.squeeze(0) for t in new)
         return new
+
+    # --- the dense step ----------------------------------------------------------------------
+
+    def _use_dense(self, batch: int) -> bool:
+        """Whether a step on ``batch`` rows runs on dense weights and torch's fused cell
+        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes only)."""
+        if self.weight_hr is not None or torch.compiler.is_compiling():
+            return False
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        key = (batch, training)
+        choice = self._dense_choice.get(key)
+        if choice is None:
+            choice = cell_uses_dense(self, batch, training)
+            if len(self._dense_choice) < 64:
+                self._dense_choice[key] = choice
+        return choice
+
+    def _dense_weights(self) -> tuple[Tensor, Tensor]:
+        """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
+        calls until a parameter changes (in place or replaced)."""
+        if torch.is_grad_enabled():
+            return rebuild(self.weight_ih), rebuild(self.weight_hh)
+        mats = (self.weight_ih, self.weight_hh)
+        slots = self._dense_slots
+        if slots is None or slots[0] is not mats[0] or slots[1] is not mats[1]:
+            # where every parameter lives, read afresh each call (a replaced one is seen)
+            found = [(d._parameters, n) for m in mats for d in m.modules() for n in d._parameters]
+            slots = self._dense_slots = (mats[0], mats[1], found)
+        key = tuple(
+            (p.data_ptr(), p._version)  # a move or a new dtype gives new storage
+            for params, name in slots[2]
+            if (p := params[name]) is not None
+        )
+        cached = self._dense_cache
+        if cached is None or cached[0] != key:
+            cached = (key, (rebuild(self.weight_ih), rebuild(self.weight_hh)))
+            self._dense_cache = cached
+        return cached[1]
+
+    def _dense_step(self, x: Tensor, state: State) -> State:
+        """One step on dense weights through torch's fused cell."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _dense_step()")
 
     # --- conversion ----------------------------------------------------------------------------
 
@@ -368,6 +418,11 @@ class LSTMCell(RNNCellBase):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
 
+    def _dense_step(self, x: Tensor, state: State) -> State:
+        w_ih, w_hh = self._dense_weights()
+        h, c = torch._VF.lstm_cell(x, state, w_ih, w_hh, self.bias_ih, self.bias_hh)
+        return h, c
+
     def step(self, gates_x: Tensor, state: State) -> State:
         h, c = state
         return lstm_step(gates_x, h, c, self.weight_hh, self.bias_hh, self.weight_hr)
@@ -414,6 +469,10 @@ class GRUCell(RNNCellBase):
     def step(self, gates_x: Tensor, state: State) -> State:
         return (gru_step(gates_x, state[0], self.weight_hh, self.bias_hh),)
 
+    def _dense_step(self, x: Tensor, state: State) -> State:
+        w_ih, w_hh = self._dense_weights()
+        return (torch._VF.gru_cell(x, state[0], w_ih, w_hh, self.bias_ih, self.bias_hh),)
+
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))
         return h
@@ -458,6 +517,11 @@ class RNNCell(RNNCellBase):
 
     def step(self, gates_x: Tensor, state: State) -> State:
         return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
+
+    def _dense_step(self, x: Tensor, state: State) -> State:
+        w_ih, w_hh = self._dense_weights()
+        cell = torch._VF.rnn_relu_cell if self.nonlinearity == "relu" else torch._VF.rnn_tanh_cell
+        return (cell(x, state[0], w_ih, w_hh, self.bias_ih, self.bias_hh),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))

@@ -1,11 +1,17 @@
-"""Whole single-direction LSTM and GRU layers over equal-length sequences with a dense recurrent
-weight, each one autograd node with a hand-written backward through time.
+"""Whole single-direction LSTM, GRU and Elman layers over equal-length sequences, each one
+autograd node with a hand-written backward through time.
 
-:func:`lstm_sequence` and :func:`gru_sequence` compute the same numbers as
-:func:`~kcprnn.rnn.lstm_step` and :func:`~kcprnn.rnn.gru_step` applied step by step, but run a few
-fused in-place operations per step instead of autograd's graph, skip the first recurrent product
-when the initial state is zero (on the CPU, where checking is cheap), and compute the recurrent
-weight's gradient as one product over all steps. Double backward is not supported.
+:func:`lstm_sequence`, :func:`gru_sequence` and :func:`rnn_sequence` compute the same numbers as
+:func:`~kcprnn.rnn.lstm_step`, :func:`~kcprnn.rnn.gru_step` and :func:`~kcprnn.rnn.rnn_step`
+applied step by step, but run a few fused in-place operations per step instead of autograd's
+graph, skip the first recurrent product when the initial state is zero (on the CPU, where
+checking is cheap), and compute the recurrent weight's gradient once per sequence, as one product
+over all steps. Double backward is not supported.
+
+The recurrent product is dense (``W_hh`` a tensor) or a Kronecker sum (:mod:`kcprnn.rnn.kron`:
+the small factor matrices of a KCP or CP ``W_hh`` as the inputs, so gradients flow to the factors
+through them): each step then multiplies by the factors, and their gradients come from one
+structured product over all ``t*b`` rows.
 
 Shape comments: ``t`` time steps, ``b`` batch, ``h`` hidden size, ``n = t*b`` rows.
 """
@@ -19,8 +25,9 @@ from torch import Tensor
 
 from .._cpu import default_cost_model
 from .._cpu.ops import linear_nt, weight_grad
+from .kron import KronLayout, kron_apply, kron_grads
 
-__all__ = ["gru_sequence", "lstm_sequence"]
+__all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
 
 
 def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
@@ -39,32 +46,101 @@ def _is_zero(h: Tensor) -> bool:
     return h.device.type == "cpu" and not bool(h.any())
 
 
+class _Dense:
+    """The recurrent products with a dense ``W_hh`` ``(g, h)``."""
+
+    def __init__(self, weights: Sequence[Tensor]) -> None:
+        (self.weight,) = weights
+
+    def add_(self, out: Tensor, h: Tensor) -> Tensor:
+        """``out += h @ W.T`` in place; ``out`` ``(b, g)``."""
+        return out.add_(linear_nt(h, self.weight))
+
+    def set_(self, out: Tensor, h: Tensor, bias: Tensor | None) -> Tensor:
+        """``out = h @ W.T (+ bias)``."""
+        if bias is None:
+            return out.copy_(linear_nt(h, self.weight))
+        return torch.add(linear_nt(h, self.weight), bias, out=out)
+
+    def back(self, d: Tensor) -> Tensor:
+        """``d @ W``: ``(b, g) -> (b, h)``."""
+        return linear_nt(d, self.weight.t())
+
+    def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        """The weights' gradients from all steps' ``grad`` ``(n, g)`` and inputs ``(n, h)``."""
+        return [_recurrent_weight_grad(grad, h_prev) if needs[0] else None]
+
+
+class _Kron:
+    """The recurrent products with a Kronecker-sum ``W_hh`` (:func:`~kcprnn.rnn.kron_apply`)."""
+
+    def __init__(self, layout: KronLayout, weights: Sequence[Tensor]) -> None:
+        self.layout, self.mats = layout, list(weights)
+        self.index = layout.indices(self.mats[0].device)
+        self._t: tuple[list[Tensor], KronLayout, tuple[Tensor | None, Tensor | None]] | None
+        self._t = None
+
+    def add_(self, out: Tensor, h: Tensor) -> Tensor:
+        return out.add_(kron_apply(h, self.mats, self.layout, self.index))
+
+    def set_(self, out: Tensor, h: Tensor, bias: Tensor | None) -> Tensor:
+        y = kron_apply(h, self.mats, self.layout, self.index)  # (b, g)
+        return out.copy_(y) if bias is None else torch.add(y, bias, out=out)
+
+    def back(self, d: Tensor) -> Tensor:
+        if self._t is None:
+            layout = self.layout.transposed()
+            mats = [a.transpose(1, 2).contiguous() for a in self.mats]
+            self._t = (mats, layout, layout.indices(d.device))
+        return kron_apply(d, *self._t)  # (b, h)
+
+    def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        in_index, out_index = self.index
+        if in_index is not None:  # both sides in factor-major order
+            h_prev = h_prev.index_select(1, in_index)  # (n, h)
+        if out_index is not None:
+            grad = grad.index_select(1, torch.argsort(out_index))  # (n, g)
+        return kron_grads(h_prev, grad, self.mats, needs)
+
+
+def _product(spec: KronLayout | None, weights: Sequence[Tensor]) -> _Dense | _Kron:
+    return _Dense(weights) if spec is None else _Kron(spec, weights)
+
+
+def _previous(hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """The state before every step, indexed by time: ``(t, b, .)``."""
+    if reverse:
+        return torch.cat([hs[1:], h0[None]])
+    return torch.cat([h0[None], hs[:-1]])
+
+
 def _lstm_forward(
-    gates: Tensor, h: Tensor, c: Tensor, weight: Tensor, order: Sequence[int]
-) -> tuple[Tensor, Tensor, Tensor]:
+    gates: Tensor, h: Tensor, c: Tensor, prod: _Dense | _Kron, order: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The LSTM recurrence over precomputed ``gates`` ``(t, b, 4h)`` (input projection and both
     biases), in place: ``gates`` comes back activated (``i, f, o`` sigmoids, ``g`` tanh). Returns
-    ``(hs, cs, gates)``, ``hs`` and ``cs`` ``(t, b, h)`` indexed by time."""
-    hidden = h.shape[1]
+    ``(hs, cs, tanh(cs), gates)``, the first three ``(t, b, h)`` indexed by time."""
+    hidden = c.shape[1]
     hs = gates.new_empty(gates.shape[0], gates.shape[1], hidden)  # (t, b, h)
     cs = torch.empty_like(hs)  # (t, b, h)
-    skip = _is_zero(h)  # the usual zero initial state: no first recurrent GEMM
+    tcs = torch.empty_like(hs)  # (t, b, h): tanh(c)
+    skip = _is_zero(h)  # the usual zero initial state: no first recurrent product
     for t in order:
-        g = gates[t] if skip else gates[t].add_(linear_nt(h, weight))  # (b, 4h)
+        g = gates[t] if skip else prod.add_(gates[t], h)  # (b, 4h)
         skip = False
         g[:, : 2 * hidden].sigmoid_()  # i, f
         g[:, 2 * hidden : 3 * hidden].tanh_()  # g
         g[:, 3 * hidden :].sigmoid_()  # o
         i, f, gg, o = g.chunk(4, dim=1)  # 4 x (b, h)
         c = torch.mul(f, c, out=cs[t]).addcmul_(i, gg)  # (b, h)
-        h = torch.mul(o, torch.tanh(c), out=hs[t])  # (b, h)
-    return hs, cs, gates
+        h = torch.mul(o, torch.tanh(c, out=tcs[t]), out=hs[t])  # (b, h)
+    return hs, cs, tcs, gates
 
 
 class _LSTMSequence(torch.autograd.Function):
     """A whole single-direction LSTM layer over equal-length sequences, with a hand-written
     backward through time: a few fused operations per step instead of autograd's graph, and the
-    recurrent weight's gradient as one GEMM over all steps."""
+    recurrent weights' gradients once over all steps."""
 
     @staticmethod
     def forward(
@@ -72,18 +148,22 @@ class _LSTMSequence(torch.autograd.Function):
         gates_x: Tensor,
         h0: Tensor,
         c0: Tensor,
-        weight: Tensor,
         bias: Tensor | None,
         reverse: bool,
+        spec: KronLayout | None,
+        *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
         gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
         gates = gates + bias if bias is not None else gates.clone()  # (t, b, 4h)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        hs, cs, acts = _lstm_forward(gates, h0, c0, weight, order)
-        ctx.acts, ctx.cs, ctx.reverse, ctx.has_bias = acts, cs, reverse, bias is not None
-        ctx.save_for_backward(h0, c0, weight, hs)
+        prod = _product(spec, weights)
+        hs, cs, tcs, acts = _lstm_forward(gates, h0, c0, prod, order)
+        ctx.acts, ctx.cs, ctx.tcs, ctx.reverse = acts, cs, tcs, reverse
+        ctx.has_bias = bias is not None
+        ctx.prod = prod
+        ctx.save_for_backward(h0, c0, hs)
         last = order[-1] if steps else None
         h_n = hs[last].clone() if steps else h0.clone()  # (b, h)
         c_n = cs[last].clone() if steps else c0.clone()  # (b, h)
@@ -92,25 +172,19 @@ class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_hs: Tensor, grad_hn: Tensor, grad_cn: Tensor):
-        h0, c0, weight, hs = ctx.saved_tensors
-        acts, cs, reverse = ctx.acts, ctx.cs, ctx.reverse
+        h0, c0, hs = ctx.saved_tensors
+        acts, cs, tc, reverse, prod = ctx.acts, ctx.cs, ctx.tcs, ctx.reverse, ctx.prod
         steps, b, four_h = acts.shape
         hidden = four_h // 4
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
-        # the previous state of every step, indexed by time
-        if reverse:
-            h_prev = torch.cat([hs[1:], h0[None]])  # (t, b, h)
-            c_prev = torch.cat([cs[1:], c0[None]])  # (t, b, h)
-        else:
-            h_prev = torch.cat([h0[None], hs[:-1]])  # (t, b, h)
-            c_prev = torch.cat([c0[None], cs[:-1]])  # (t, b, h)
+        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
+        c_prev = _previous(cs, c0, reverse)  # (t, b, h)
         i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
-        tc = torch.tanh(cs)  # (t, b, h)
-        o_dtc = o * (1 - tc * tc)  # (t, b, h): d c / d h through h = o tanh(c)
+        o_dtc = torch.addcmul(o, o * tc, tc, value=-1)  # (t, b, h): d c / d h via o tanh(c)
         # what dc multiplies for the i, f, g gates, and the activations' derivatives
         by_dc = torch.stack([gg, c_prev, i], dim=2)  # (t, b, 3, h)
-        deriv = acts * (1 - acts)  # (t, b, 4h): sigmoid'
-        deriv[..., 2 * hidden : 3 * hidden] = 1 - gg * gg  # tanh'
+        deriv = torch.addcmul(acts, acts, acts, value=-1)  # (t, b, 4h): sigmoid'
+        torch.mul(gg, gg, out=deriv[..., 2 * hidden : 3 * hidden]).neg_().add_(1)  # tanh'
         dgates = torch.empty_like(acts)  # (t, b, 4h)
         dh, dc = grad_hn.clone(), grad_cn.clone()  # (b, h)
         order = range(steps) if reverse else range(steps - 1, -1, -1)
@@ -123,15 +197,174 @@ class _LSTMSequence(torch.autograd.Function):
             d.mul_(deriv[t])  # pre-activation gradients
             dc = dc * f[t]
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
-                dh = linear_nt(d, weight.t())  # (b, h)
+                dh = prod.back(d)  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
-        grad_w = (
-            _recurrent_weight_grad(flat, h_prev.view(steps * b, hidden))
-            if ctx.needs_input_grad[3]
-            else None
-        )  # (4h, h)
-        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None  # (4h,)
-        return flat, dh if ctx.needs_input_grad[1] else None, dc, grad_w, grad_bias, None
+        grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
+        grad_h0 = dh if ctx.needs_input_grad[1] else None
+        return flat, grad_h0, dc, grad_bias, None, None, *grad_w
+
+
+class _GRUSequence(torch.autograd.Function):
+    """A whole single-direction GRU layer over equal-length sequences with a hand-written
+    backward through time (as :class:`_LSTMSequence`)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        gates_x: Tensor,
+        h0: Tensor,
+        bias: Tensor | None,
+        reverse: bool,
+        spec: KronLayout | None,
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        b, hidden = h0.shape
+        steps = gates_x.shape[0] // b if b else 0
+        gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
+        gh = gx.new_empty(steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
+        rz = gx.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
+        ns = gx.new_empty(steps, b, hidden)  # (t, b, h)
+        hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        prod = _product(spec, weights)
+        h = h0
+        skip = _is_zero(h0)  # the usual zero initial state: no first recurrent product
+        for t in order:
+            if skip:
+                g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
+                skip = False
+            else:
+                g = prod.set_(gh[t], h, bias)  # (b, 3h)
+            gate = torch.add(gx[t, :, : 2 * hidden], g[:, : 2 * hidden], out=rz[t]).sigmoid_()
+            r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
+            n = torch.addcmul(gx[t, :, 2 * hidden :], r, g[:, 2 * hidden :], out=ns[t]).tanh_()
+            h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
+        ctx.rz, ctx.ns, ctx.gh, ctx.reverse, ctx.prod = rz, ns, gh, reverse, prod
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h0, hs)
+        h_n = hs[order[-1]].clone() if steps else h0.clone()  # (b, h)
+        return hs.view(steps * b, hidden), h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hs: Tensor, grad_hn: Tensor):
+        h0, hs = ctx.saved_tensors
+        rz, ns, gh, reverse, prod = ctx.rz, ctx.ns, ctx.gh, ctx.reverse, ctx.prod
+        steps, b, hidden = ns.shape
+        grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
+        r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
+        one_minus_z = 1 - z  # (t, b, h)
+        tanh_deriv = 1 - ns * ns  # (t, b, h)
+        rz_deriv = rz * (1 - rz)  # (t, b, 2h)
+        h_minus_n = h_prev - ns  # (t, b, h)
+        dgx = torch.empty_like(gh)  # (t, b, 3h): gradients of the input projections
+        dgh = torch.empty_like(gh)  # (t, b, 3h): gradients of W_hh h + b_hh
+        dh = grad_hn.clone()  # (b, h)
+        order = range(steps) if reverse else range(steps - 1, -1, -1)
+        for t in order:
+            dh += grad_hs[t]
+            dx, dhh = dgx[t], dgh[t]  # (b, 3h)
+            dpre_n = torch.mul(dh, one_minus_z[t], out=dx[:, 2 * hidden :]).mul_(tanh_deriv[t])
+            torch.mul(dpre_n, gh[t, :, 2 * hidden :], out=dx[:, :hidden])  # d r
+            torch.mul(dh, h_minus_n[t], out=dx[:, hidden : 2 * hidden])  # d z
+            dx[:, : 2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
+            dhh[:, : 2 * hidden] = dx[:, : 2 * hidden]
+            torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden :])
+            if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
+                dh = (dh * z[t]).add_(prod.back(dhh))  # (b, h)
+        flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
+        flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
+        grad_w = prod.grads(flat_h, h_prev.view(steps * b, hidden), ctx.needs_input_grad[5:])
+        grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h0 = dh if ctx.needs_input_grad[1] else None
+        return flat_x, grad_h0, grad_bias, None, None, *grad_w
+
+
+class _RNNSequence(torch.autograd.Function):
+    """A whole single-direction Elman layer (``tanh`` or ``relu``) over equal-length sequences
+    with a hand-written backward through time (as :class:`_LSTMSequence`)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        gates_x: Tensor,
+        h0: Tensor,
+        bias: Tensor | None,
+        reverse: bool,
+        relu: bool,
+        spec: KronLayout | None,
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        b, hidden = h0.shape
+        steps = gates_x.shape[0] // b if b else 0
+        hs = gates_x.reshape(steps, b, hidden)  # (t, b, h)
+        hs = hs + bias if bias is not None else hs.clone()  # (t, b, h): pre-activations
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        prod = _product(spec, weights)
+        h = h0
+        skip = _is_zero(h0)
+        for t in order:
+            pre = hs[t] if skip else prod.add_(hs[t], h)  # (b, h)
+            skip = False
+            h = pre.relu_() if relu else pre.tanh_()  # (b, h), in place
+        ctx.reverse, ctx.relu, ctx.prod, ctx.has_bias = reverse, relu, prod, bias is not None
+        ctx.save_for_backward(h0, hs)
+        h_n = hs[order[-1]].clone() if steps else h0.clone()  # (b, h)
+        return hs.view(steps * b, hidden), h_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hs: Tensor, grad_hn: Tensor):
+        h0, hs = ctx.saved_tensors
+        reverse, prod = ctx.reverse, ctx.prod
+        steps, b, hidden = hs.shape
+        grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        deriv = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs  # (t, b, h)
+        dpre = torch.empty_like(hs)  # (t, b, h)
+        dh = grad_hn.clone()  # (b, h)
+        order = range(steps) if reverse else range(steps - 1, -1, -1)
+        for t in order:
+            dh += grad_hs[t]
+            d = torch.mul(dh, deriv[t], out=dpre[t])  # (b, h)
+            if t != order[-1] or ctx.needs_input_grad[1]:
+                dh = prod.back(d)  # (b, h)
+        flat = dpre.view(steps * b, hidden)  # (n, h)
+        h_prev = _previous(hs, h0, reverse).view(steps * b, hidden)  # (n, h)
+        grad_w = prod.grads(flat, h_prev, ctx.needs_input_grad[6:])
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h0 = dh if ctx.needs_input_grad[1] else None
+        return flat, grad_h0, grad_bias, None, None, None, *grad_w
+
+
+def fused_sequence(
+    mode: str,
+    gates_x: Tensor,
+    state: tuple[Tensor, ...],
+    weights: Sequence[Tensor],
+    bias: Tensor | None = None,
+    reverse: bool = False,
+    kron: KronLayout | None = None,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One direction of a fused ``mode`` (``"LSTM"``, ``"GRU"``, ``"RNN"``) layer.
+
+    ``weights`` is ``(W_hh,)`` for a dense recurrent matrix (``kron=None``), or the Kronecker
+    sum's factor matrices (:func:`~kcprnn.rnn.kron_terms`) with their ``kron`` layout. Returns
+    ``(outputs (t b, h), final state)``.
+    """
+    if mode == "LSTM":
+        out, h, c = _LSTMSequence.apply(gates_x, state[0], state[1], bias, reverse, kron, *weights)
+        return out, (h, c)
+    if mode == "GRU":
+        out, h = _GRUSequence.apply(gates_x, state[0], bias, reverse, kron, *weights)
+        return out, (h,)
+    if mode == "RNN":
+        relu = nonlinearity == "relu"
+        out, h = _RNNSequence.apply(gates_x, state[0], bias, reverse, relu, kron, *weights)
+        return out, (h,)
+    raise ValueError(f"mode must be 'LSTM', 'GRU' or 'RNN', got mode={mode!r}")
 
 
 def lstm_sequence(
@@ -155,85 +388,7 @@ def lstm_sequence(
         :func:`~kcprnn.rnn.lstm_step` step by step, with a hand-written backward through time
         (double backward is not supported).
     """
-    return _LSTMSequence.apply(gates_x, h0, c0, weight, bias, reverse)
-
-
-class _GRUSequence(torch.autograd.Function):
-    """A whole single-direction GRU layer over equal-length sequences with a hand-written
-    backward through time (as :class:`_LSTMSequence`)."""
-
-    @staticmethod
-    def forward(
-        ctx, gates_x: Tensor, h0: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool
-    ) -> tuple[Tensor, Tensor]:
-        b, hidden = h0.shape
-        steps = gates_x.shape[0] // b if b else 0
-        gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
-        gh = gx.new_empty(steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
-        rz = gx.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
-        ns = gx.new_empty(steps, b, hidden)  # (t, b, h)
-        hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        h = h0
-        skip = _is_zero(h0)  # the usual zero initial state: no first recurrent GEMM
-        for t in order:
-            if skip:
-                g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
-                skip = False
-            elif bias is None:
-                g = gh[t].copy_(linear_nt(h, weight))  # (b, 3h)
-            else:
-                g = torch.add(linear_nt(h, weight), bias, out=gh[t])  # (b, 3h)
-            gate = torch.add(gx[t, :, : 2 * hidden], g[:, : 2 * hidden], out=rz[t]).sigmoid_()
-            r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
-            n = torch.addcmul(gx[t, :, 2 * hidden :], r, g[:, 2 * hidden :], out=ns[t]).tanh_()
-            h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
-        ctx.rz, ctx.ns, ctx.gh, ctx.reverse = rz, ns, gh, reverse
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(h0, weight, hs)
-        h_n = hs[order[-1]].clone() if steps else h0.clone()  # (b, h)
-        return hs.view(steps * b, hidden), h_n
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_hs: Tensor, grad_hn: Tensor):
-        h0, weight, hs = ctx.saved_tensors
-        rz, ns, gh, reverse = ctx.rz, ctx.ns, ctx.gh, ctx.reverse
-        steps, b, hidden = ns.shape
-        grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
-        if reverse:
-            h_prev = torch.cat([hs[1:], h0[None]])  # (t, b, h)
-        else:
-            h_prev = torch.cat([h0[None], hs[:-1]])  # (t, b, h)
-        r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
-        one_minus_z = 1 - z  # (t, b, h)
-        tanh_deriv = 1 - ns * ns  # (t, b, h)
-        rz_deriv = rz * (1 - rz)  # (t, b, 2h)
-        h_minus_n = h_prev - ns  # (t, b, h)
-        dgx = torch.empty_like(gh)  # (t, b, 3h): gradients of the input projections
-        dgh = torch.empty_like(gh)  # (t, b, 3h): gradients of W_hh h + b_hh
-        dh = grad_hn.clone()  # (b, h)
-        order = range(steps) if reverse else range(steps - 1, -1, -1)
-        for t in order:
-            dh += grad_hs[t]
-            dx, dhh = dgx[t], dgh[t]  # (b, 3h)
-            dpre_n = torch.mul(dh, one_minus_z[t], out=dx[:, 2 * hidden :]).mul_(tanh_deriv[t])
-            torch.mul(dpre_n, gh[t, :, 2 * hidden :], out=dx[:, :hidden])  # d r
-            torch.mul(dh, h_minus_n[t], out=dx[:, hidden : 2 * hidden])  # d z
-            dx[:, : 2 * hidden].mul_(rz_deriv[t])  # pre-activation gradients of r and z
-            dhh[:, : 2 * hidden] = dx[:, : 2 * hidden]
-            torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden :])
-            if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
-                dh = (dh * z[t]).add_(linear_nt(dhh, weight.t()))  # (b, h)
-        flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
-        flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
-        grad_w = (
-            _recurrent_weight_grad(flat_h, h_prev.view(steps * b, hidden))
-            if ctx.needs_input_grad[2]
-            else None
-        )  # (3h, h)
-        grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return flat_x, dh if ctx.needs_input_grad[1] else None, grad_w, grad_bias, None
+    return _LSTMSequence.apply(gates_x, h0, c0, bias, reverse, None, weight)
 
 
 def gru_sequence(
@@ -245,4 +400,22 @@ def gru_sequence(
     ``torch.nn``). Returns ``(outputs (t b, h), h_n (b, h))``, the numbers of
     :func:`~kcprnn.rnn.gru_step` step by step, with a hand-written backward through time (no
     double backward)."""
-    return _GRUSequence.apply(gates_x, h0, weight, bias, reverse)
+    return _GRUSequence.apply(gates_x, h0, bias, reverse, None, weight)
+
+
+def rnn_sequence(
+    gates_x: Tensor,
+    h0: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    reverse: bool = False,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """A single-direction Elman layer over equal-length sequences with a dense recurrent weight:
+    ``gates_x`` ``W_ih x + b_ih`` ``(t b, h)``, ``h0`` ``(b, h)``, ``weight`` ``W_hh`` ``(h, h)``,
+    ``bias`` ``b_hh``, ``nonlinearity`` ``"tanh"`` or ``"relu"``. Returns
+    ``(outputs (t b, h), h_n (b, h))``, the numbers of :func:`~kcprnn.rnn.rnn_step` step by
+    step, with a hand-written backward through time (no double backward)."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return _RNNSequence.apply(gates_x, h0, bias, reverse, nonlinearity == "relu", None, weight)

@@ -1,8 +1,8 @@
 """One direction of one recurrent layer over time, on input projections computed beforehand.
 
 :func:`scan` steps any cell through time in packed layout (sequences of different lengths);
-:func:`run_layer` picks the fused :func:`~kcprnn.rnn.lstm_sequence` /
-:func:`~kcprnn.rnn.gru_sequence` where they apply and :func:`scan` elsewhere.
+:func:`run_layer` runs the fused :func:`~kcprnn.rnn.fused_sequence` (dense or structured
+``W_hh``) where it applies and :func:`scan` elsewhere.
 
 Shape comments: ``n`` rows of all steps (``t*b`` or the packed total), ``b`` batch, ``g`` gate
 rows (``G*h``), ``p`` output size (``proj_size`` or ``h``).
@@ -10,17 +10,19 @@ rows (``G*h``), ``p`` output size (``proj_size`` or ``h``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..formats import DenseMatrix
-from .cells import GRUCell, LSTMCell, RNNCellBase
-from .fused import gru_sequence, lstm_sequence
+from .cells import RNNCellBase
+from .fused import fused_sequence
+from .kron import kron_terms, rebuild
 from .steps import State
 
-__all__ = ["check_batch_sizes", "run_layer", "scan"]
+__all__ = ["check_batch_sizes", "run_layer", "scan", "torch_layer"]
 
 
 def scan(
@@ -82,27 +84,96 @@ def run_layer(
     batch_sizes: Sequence[int],
     state: State,
     reverse: bool = False,
+    route: str = "dense",
+    bias_included: bool = False,
 ) -> tuple[Tensor, State]:
     """One direction of one layer over precomputed input projections, as :func:`scan`.
 
-    An LSTM layer (no projection) or GRU layer with a dense recurrent weight and sequences of
-    equal length runs as :func:`~kcprnn.rnn.lstm_sequence` / :func:`~kcprnn.rnn.gru_sequence`
-    (fused steps, a hand-written backward through time), except under ``torch.compile``;
-    everything else steps through :func:`scan` with autograd.
+    With sequences of equal length and no LSTM projection, ``route`` ``"dense"`` runs
+    :func:`~kcprnn.rnn.fused_sequence` with ``W_hh`` dense (rebuilt once if factorized),
+    ``"structured"`` the same with ``W_hh`` multiplied as a Kronecker sum where it is one (KCP,
+    CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Everything
+    else, ``route="steps"`` and code under ``torch.compile`` step through :func:`scan` with
+    autograd. ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman
+    layer, which then adds none; an error where the layer would step through :func:`scan`).
     """
     hh = cell.weight_hh
     if (
-        isinstance(hh, DenseMatrix)
+        route in ("dense", "structured")
         and len(set(batch_sizes)) == 1
+        and cell.weight_hr is None
         and not torch.compiler.is_compiling()  # compiled graphs fuse the steps themselves
     ):
-        if isinstance(cell, LSTMCell) and cell.weight_hr is None:
-            out, h, c = lstm_sequence(gates_x, state[0], state[1], hh.weight, cell.bias_hh, reverse)
-            return out, (h, c)  # (n, h)
-        if isinstance(cell, GRUCell):
-            out, h = gru_sequence(gates_x, state[0], hh.weight, cell.bias_hh, reverse)
-            return out, (h,)  # (n, h)
+        nonlinearity = getattr(cell, "nonlinearity", "tanh")
+        bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
+        found = kron_terms(hh) if route == "structured" else None
+        if found is not None:
+            mats, layout = found
+            return fused_sequence(
+                cell.mode, gates_x, state, mats, bias, reverse, layout, nonlinearity
+            )
+        weight = rebuild(hh)  # (g, p); the parameter itself for a dense matrix
+        return fused_sequence(
+            cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
+        )
+    if bias_included:
+        raise ValueError(
+            f"run_layer: bias_included=True needs a fused {cell.mode} layer (equal lengths, no "
+            f"projection, route 'dense' or 'structured'), got route={route!r}"
+        )
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
+
+
+def torch_layer(
+    cells: Sequence[RNNCellBase],
+    x: Tensor,
+    batch_sizes: Tensor | None,
+    state: State,
+) -> tuple[Tensor, State]:
+    """One layer, all its directions (``cells``: forward, then reverse), through torch's own
+    fused recurrence (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) on
+    the weights rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`: the parameters themselves for
+    dense matrices;
+    gradients reach the factors through the rebuild).
+
+    Args:
+        x: time-major input ``(t, b, i)``, or the rows of a packed sequence ``(n, i)`` with its
+            ``batch_sizes``.
+        state: initial state tensors ``(d, b, s)`` (``d`` directions).
+
+    Returns:
+        ``(output, final state)``: ``(t, b, d*p)`` or ``(n, d*p)``, and tensors ``(d, b, s)``.
+    """
+    cell = cells[0]
+    params: list[Tensor] = []
+    for c in cells:
+        params += [rebuild(c.weight_ih), rebuild(c.weight_hh)]
+        if c.bias_ih is not None and c.bias_hh is not None:
+            params += [c.bias_ih, c.bias_hh]
+        if c.weight_hr is not None:
+            params.append(rebuild(c.weight_hr))
+    mode = cell.mode
+    if mode == "RNN":
+        mode = "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
+    kernel = _TORCH_KERNELS[mode]
+    hx: Any = state if cell.mode == "LSTM" else state[0]
+    bidirectional = len(cells) == 2
+    with warnings.catch_warnings():
+        # cuDNN asks for one flat weight buffer; the rebuilt weights are fresh every call
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+        if batch_sizes is None:
+            res = kernel(x, hx, params, cell.bias, 1, 0.0, False, bidirectional, False)
+        else:
+            res = kernel(x, batch_sizes, hx, params, cell.bias, 1, 0.0, False, bidirectional)
+    return res[0], tuple(res[1:])
+
+
+_TORCH_KERNELS: dict[str, Callable[..., Any]] = {
+    "LSTM": torch.lstm,
+    "GRU": torch.gru,
+    "RNN_TANH": torch.rnn_tanh,
+    "RNN_RELU": torch.rnn_relu,
+}
 
 
 def check_batch_sizes(batch_sizes: Tensor, rows: int) -> list[int]:

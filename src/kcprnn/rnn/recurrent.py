@@ -26,7 +26,9 @@ from torch.nn.utils.rnn import PackedSequence
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
-from .layer import check_batch_sizes, run_layer, scan
+from .kron import rebuild
+from .layer import check_batch_sizes, run_layer, scan, torch_layer
+from .plan import ROUTES, choose_route, input_is_dense
 from .steps import State
 
 __all__ = ["GRU", "LSTM", "RNN", "RNNBase", "run_layer", "scan"]
@@ -126,12 +128,30 @@ class RNNBase(nn.Module):
                 )
                 cells.append(cell)
         self.cells = nn.ModuleList(cells)
+        self.recurrence = "auto"
 
     # --- properties --------------------------------------------------------------------------
 
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def recurrence(self) -> str:
+        """How each layer runs over time; settable. ``"auto"`` (default): the cheapest route by
+        the cost model, per layer; ``"torch"``: the weights rebuilt dense and torch's own fused
+        recurrence; ``"dense"``: the input product in its format, then kcprnn's fused loop with
+        ``W_hh`` dense; ``"structured"``: the same with a KCP or CP ``W_hh`` multiplied as a
+        Kronecker sum at every step; ``"steps"``: one cell step at a time under autograd (see
+        :mod:`kcprnn.rnn.plan`). A fused route that cannot run (sequences of different
+        lengths, an LSTM projection) runs ``"torch"``."""
+        return self._recurrence
+
+    @recurrence.setter
+    def recurrence(self, value: str) -> None:
+        if value not in ROUTES:
+            raise ValueError(f"recurrence must be one of {list(ROUTES)}, got recurrence={value!r}")
+        self._recurrence = value
 
     @property
     def format(self) -> str:
@@ -249,21 +269,49 @@ class RNNBase(nn.Module):
 
         finals: list[State] = []
         layer_input = x
+        rows = x.shape[0] if packed else batch * len(sizes)
+        equal = len(set(sizes)) == 1
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         for layer in range(self.num_layers):
-            outs = []
-            for direction in range(self.num_directions):
-                idx = layer * self.num_directions + direction
-                cell = self.cell(layer, direction)
-                gates_x = cell.input_projection(layer_input)  # (n, g) or 3-D
+            d = self.num_directions
+            cells = [self.cell(layer, direction) for direction in range(d)]
+            route = choose_route(self.recurrence, cells, rows, len(sizes), equal, training)
+            if route == "torch":
                 if layer == 0 and not packed:
-                    if self.batch_first:
-                        gates_x = gates_x.transpose(0, 1)  # (t, b, g)
-                    gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
-                state = tuple(t[idx] for t in hx)  # (b, s)
-                out, final = run_layer(cell, gates_x, sizes, state, reverse=direction == 1)
-                outs.append(out)  # (n, p)
-                finals.append(final)
-            layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (n, d*p)
+                    seq = x.transpose(0, 1) if self.batch_first else x  # (t, b, i)
+                elif packed:
+                    seq = layer_input  # (n, f)
+                else:
+                    seq = layer_input.view(len(sizes), batch, -1)  # (t, b, f)
+                states = tuple(t[layer * d : (layer + 1) * d] for t in hx)  # (d, b, s)
+                out, final = torch_layer(cells, seq, batch_sizes_t if packed else None, states)
+                layer_input = out.reshape(rows, out.shape[-1])  # (n, d*p)
+                finals.extend(tuple(t[k] for t in final) for k in range(d))
+            else:
+                outs = []
+                for direction, cell in enumerate(cells):
+                    idx = layer * d + direction
+                    # the fused LSTM and Elman loops take b_hh folded into the input product
+                    b_ih, b_hh = cell.bias_ih, cell.bias_hh
+                    fold = route in ("dense", "structured") and cell.mode != "GRU"
+                    fold = fold and b_ih is not None and b_hh is not None
+                    bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
+                    if route != "steps" and input_is_dense(cell, rows, training):
+                        w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
+                        gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
+                    else:
+                        gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
+                    if layer == 0 and not packed:
+                        if self.batch_first:
+                            gates_x = gates_x.transpose(0, 1)  # (t, b, g)
+                        gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
+                    state = tuple(t[idx] for t in hx)  # (b, s)
+                    out, final = run_layer(
+                        cell, gates_x, sizes, state, direction == 1, route, bool(fold)
+                    )
+                    outs.append(out)  # (n, p)
+                    finals.append(final)
+                layer_input = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (n, d*p)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)  # (n, d*p)
         h_n = tuple(torch.stack(p, dim=0) for p in zip(*finals, strict=True))  # (k, b, s)

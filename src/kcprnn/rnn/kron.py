@@ -1,0 +1,337 @@
+"""Recurrent matrices that are sums of Kronecker products, multiplied without Python per factor
+entry: the structured hidden-to-hidden product of the fused recurrences.
+
+A KCP matrix (``P`` terms, ``N`` factors, ``D`` modes) is
+
+    ``W = Π_out (Σ_p A_p^(1) ⊗ ⋯ ⊗ A_p^(N)) Π_in^T``,  ``A_p^(n) = Σ_r ⊗_d F^(n,d)[p, r]``
+
+where ``A_p^(n)`` is the dense ``(J^(n), I^(n))`` matrix of factor ``n`` and the permutations
+``Π`` move between the natural (mode-major, factor-minor) order of the indices and the
+factor-major order of the Kronecker product; a CP matrix of rank ``R`` is the same with ``R``
+terms and one factor per mode (no permutation). :func:`kron_terms` builds the small matrices
+once per sequence (with autograd, so gradients reach the factors through them) and
+:func:`kron_apply` multiplies rows by ``W`` with ``N`` matrix products and at most two copies.
+
+Shape comments: ``m`` rows, ``P`` terms, ``i``/``j`` in and out features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..formats import FactorizedMatrix
+
+Splits = Sequence[Sequence[int]]
+
+BROADCAST_GEMMS = 32
+"""A middle factor of :func:`kron_apply` multiplies at most this many blocks of rows as one
+batch of small GEMMs; more rows are moved (one copy) so that one GEMM per term covers them."""
+
+__all__ = [
+    "KronLayout",
+    "kron_apply",
+    "kron_layout",
+    "kron_layout_of",
+    "kron_matmul_macs",
+    "kron_terms",
+]
+
+
+def _natural_axes(splits: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    """``(d, n, size)`` of one side's axes in natural order (mode-major, factor-minor)."""
+    return [(d, n, s) for d, mode in enumerate(splits) for n, s in enumerate(mode)]
+
+
+def _factor_major(splits: Sequence[Sequence[int]], order: Sequence[int]) -> list[int]:
+    """For every position of the factor-major order (factors in ``order``, modes within each),
+    the natural index it holds."""
+    axes = _natural_axes(splits)
+    rank = {n: k for k, n in enumerate(order)}
+    fm = sorted(range(len(axes)), key=lambda a: (rank[axes[a][1]], axes[a][0]))
+    sizes = [s for _, _, s in axes]
+    index = torch.arange(math.prod(sizes)).view(sizes).permute(fm).reshape(-1)
+    return [int(v) for v in index.tolist()]
+
+
+def _is_identity(index: Sequence[int]) -> bool:
+    return all(i == k for k, i in enumerate(index))
+
+
+@dataclass(frozen=True)
+class KronLayout:
+    """How a Kronecker sum's factor-major indices map to the natural ones.
+
+    ``order``: the factors in the order of the Kronecker product (a product of factors in any
+    order is the same matrix up to a permutation of the indices); ``in_index[m]``: the natural
+    input index at factor-major position ``m``; ``out_index[j]``: the factor-major position of
+    natural output index ``j`` (``None``: identity); ``in_sizes``/``out_sizes``: ``I^(n)``,
+    ``J^(n)`` of the factors in ``order``.
+    """
+
+    order: tuple[int, ...]
+    in_index: tuple[int, ...] | None
+    out_index: tuple[int, ...] | None
+    in_sizes: tuple[int, ...]
+    out_sizes: tuple[int, ...]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_sizes)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_sizes)
+
+    def transposed(self) -> KronLayout:
+        """The layout of ``W.T`` (factors ``A_p^(n).T``, same order)."""
+        return KronLayout(
+            order=self.order,
+            in_index=None if self.out_index is None else _inverse(self.out_index),
+            out_index=None if self.in_index is None else _inverse(self.in_index),
+            in_sizes=self.out_sizes,
+            out_sizes=self.in_sizes,
+        )
+
+    def indices(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``in_index`` and ``out_index`` as tensors on ``device``."""
+
+        def make(index: tuple[int, ...] | None) -> Tensor | None:
+            return None if index is None else torch.tensor(index, device=device)
+
+        return make(self.in_index), make(self.out_index)
+
+
+def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for k, p in enumerate(perm):
+        inv[p] = k
+    return tuple(inv)
+
+
+def kron_layout(
+    in_splits: Sequence[Sequence[int]],
+    out_splits: Sequence[Sequence[int]],
+    order: Sequence[int] | None = None,
+) -> KronLayout:
+    """The layout of a Kronecker sum whose ``D x N`` factor sizes per mode are ``in_splits`` and
+    ``out_splits`` (``splits[d][n] = I_d^(n)``), its factors multiplied in ``order`` (default:
+    the largest factor last, where :func:`kron_apply` multiplies it with one plain GEMM, unless
+    the natural order needs no gathers)."""
+    num_n = len(in_splits[0])
+    in_sizes = [math.prod(m[n] for m in in_splits) for n in range(num_n)]
+    out_sizes = [math.prod(m[n] for m in out_splits) for n in range(num_n)]
+    if order is None:
+        natural = kron_layout(in_splits, out_splits, range(num_n))
+        if natural.in_index is None and natural.out_index is None:
+            return natural  # no gathers (CP): keep the factors as they are
+        last = max(range(num_n), key=lambda n: in_sizes[n] * out_sizes[n])
+        order = [n for n in range(num_n) if n != last] + [last]
+    in_index = _factor_major(in_splits, order)
+    out_fm = _factor_major(out_splits, order)  # natural output index at each position
+    return KronLayout(
+        order=tuple(order),
+        in_index=None if _is_identity(in_index) else tuple(in_index),
+        out_index=None if _is_identity(out_fm) else _inverse(out_fm),
+        in_sizes=tuple(in_sizes[n] for n in order),
+        out_sizes=tuple(out_sizes[n] for n in order),
+    )
+
+
+def _kron_factor(parts: Sequence[Tensor]) -> Tensor:
+    """``Σ_r ⊗_d parts[d][:, r]`` for ``parts[d]`` of shape ``(P, R, J_d, I_d)``:
+    ``(P, Π J_d, Π I_d)``."""
+    a = parts[0]  # (P, R, j, i)
+    for f in parts[1:]:
+        p, r, ja, ia = a.shape
+        jb, ib = f.shape[2:]
+        a = (a[:, :, :, None, :, None] * f[:, :, None, :, None, :]).reshape(p, r, ja * jb, ia * ib)
+    return a.sum(1)  # (P, j, i)
+
+
+def _splits(matrix: FactorizedMatrix) -> tuple[Splits, Splits, int] | None:
+    """``(in_splits, out_splits, terms)`` of ``matrix`` as a Kronecker sum, or ``None``."""
+    name = matrix.format_name
+    if name == "kcp":
+        m: Any = matrix
+        return m.in_splits, m.out_splits, int(m.terms)
+    if name == "cp":  # one factor per mode, R terms
+        us = list(matrix.factors)  # type: ignore[arg-type]
+        d = len(us)
+        ins = tuple(tuple(u.shape[2] if n == k else 1 for n in range(d)) for k, u in enumerate(us))
+        outs = tuple(tuple(u.shape[1] if n == k else 1 for n in range(d)) for k, u in enumerate(us))
+        return ins, outs, int(us[0].shape[0])
+    return None
+
+
+def kron_layout_of(matrix: FactorizedMatrix) -> tuple[KronLayout, int] | None:
+    """The layout and number of terms of ``matrix`` as a Kronecker sum, without building
+    anything; ``None`` for a format that is not one (only KCP and CP are)."""
+    found = _splits(matrix)
+    if found is None:
+        return None
+    in_splits, out_splits, terms = found
+    return kron_layout(in_splits, out_splits), terms
+
+
+def kron_terms(
+    matrix: FactorizedMatrix, layout: KronLayout | None = None
+) -> tuple[list[Tensor], KronLayout] | None:
+    """The small matrices ``A^(n)`` ``(P, J^(n), I^(n))`` (in the layout's factor order) and the
+    layout of ``matrix`` as a Kronecker sum, built with autograd from its factors; ``None`` for a
+    format that is not one (only KCP and CP are)."""
+    if layout is None:
+        found = kron_layout_of(matrix)
+        if found is None:
+            return None
+        layout = found[0]
+    if matrix.format_name == "kcp":
+        kcp: Any = matrix
+        factors = [list(f) for f in kcp.factors]
+        mats = [_kron_factor(factors[n]) for n in layout.order]
+    else:
+        cp: Any = matrix
+        us = list(cp.factors)
+        mats = [us[n] for n in layout.order]
+    return mats, layout
+
+
+def kron_matmul_ops(layout: KronLayout, terms: int) -> int:
+    """Operations :func:`kron_apply` launches: one product per factor, a copy before each middle
+    factor, the sum of the terms and the gathers (an upper bound: few rows skip the copies)."""
+    gathers = (layout.in_index is not None) + (layout.out_index is not None)
+    factors = len(layout.in_sizes)
+    return 2 * factors - 1 + (terms > 1) + gathers
+
+
+def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
+    """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
+    macs, pre, post = 0, layout.in_features, 1
+    for i, j in zip(reversed(layout.in_sizes), reversed(layout.out_sizes), strict=True):
+        pre //= i
+        macs += terms * rows * pre * i * j * post
+        post *= j
+    return macs
+
+
+def kron_apply(
+    x: Tensor,
+    mats: Sequence[Tensor],
+    layout: KronLayout,
+    index: tuple[Tensor | None, Tensor | None] | None = None,
+    gather: bool = True,
+) -> Tensor:
+    """``x @ W.T`` for rows ``x`` ``(m, i)`` of the Kronecker sum ``mats`` (``N`` tensors
+    ``(P, J^(n), I^(n))`` in ``layout.order``) laid out as ``layout``: ``(m, j)``.
+
+    The input is gathered into factor-major order, each factor is one matrix product (the last
+    factor a plain GEMM over all rows, the others batched over the rows before them), the terms
+    are summed and the output gathered back. ``index``: ``layout.indices(x.device)``, made
+    beforehand by a caller that multiplies many times. ``gather=False``: ``x`` and the result
+    are in factor-major order (no gathers).
+    """
+    m = x.shape[0]
+    if not gather:
+        in_index = out_index = None
+    else:
+        in_index, out_index = layout.indices(x.device) if index is None else index
+    if in_index is not None:
+        x = x.index_select(1, in_index)  # (m, i) factor-major
+    z = x.reshape(1, m, -1)  # (1, m, i)
+    pre, post = layout.in_features, 1
+    for n in range(len(mats) - 1, -1, -1):
+        a = mats[n]  # (P, j_n, i_n)
+        j_n, i_n = a.shape[1], a.shape[2]
+        pre //= i_n
+        rows = m * pre
+        if post == 1:
+            z = torch.matmul(z.reshape(z.shape[0], rows, i_n), a.transpose(1, 2))  # (P, rows, j_n)
+        elif a.shape[0] * rows <= BROADCAST_GEMMS:  # few rows: a batch of small GEMMs
+            z = torch.matmul(a.unsqueeze(1), z.reshape(z.shape[0], rows, i_n, post))
+        else:  # many rows: one GEMM per term over the rows and trailing axes together
+            zt = z.reshape(z.shape[0], rows, i_n, post).transpose(1, 2)  # (P, i_n, rows, post)
+            y = torch.matmul(a, zt.reshape(z.shape[0], i_n, rows * post))  # (P, j_n, rows post)
+            z = y.view(a.shape[0], j_n, rows, post).transpose(1, 2)  # (P, rows, j_n, post)
+        post *= j_n
+    y = (z.sum(0) if z.shape[0] > 1 else z.squeeze(0)).reshape(m, layout.out_features)
+    return y if out_index is None else y.index_select(1, out_index)  # (m, j)
+
+
+def _apply_except(z: Tensor, mats: Sequence[Tensor], skip: int) -> Tensor:
+    """Rows ``z`` ``(m, i)`` in factor-major order with every factor but ``skip`` applied:
+    ``(P, m Π_{k<skip} J^(k), I^(skip), Π_{k>skip} J^(k))`` (``P`` is 1 when no factor is)."""
+    m = z.shape[0]
+    sizes = [a.shape[2] for a in mats]
+    pre, post = math.prod(sizes), 1
+    z = z.reshape(1, m, -1)
+    for n in range(len(mats) - 1, -1, -1):
+        a = mats[n]
+        j_n, i_n = a.shape[1], a.shape[2]
+        pre //= i_n
+        rows = m * pre
+        if n == skip:
+            post *= i_n
+            continue
+        if post == 1:
+            z = torch.matmul(z.reshape(z.shape[0], rows, i_n), a.transpose(1, 2))
+        else:
+            zt = z.reshape(z.shape[0], rows, i_n, post).transpose(1, 2)  # (P, i_n, rows, post)
+            y = torch.matmul(a, zt.reshape(z.shape[0], i_n, rows * post))  # (P, j_n, rows post)
+            z = y.view(a.shape[0], j_n, rows, post).transpose(1, 2)  # (P, rows, j_n, post)
+        post *= j_n
+    inner = math.prod(a.shape[1] for a in mats[skip + 1 :])
+    return z.reshape(z.shape[0], -1, sizes[skip], inner)
+
+
+def kron_grads(
+    x: Tensor, grad: Tensor, mats: Sequence[Tensor], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """The gradients of the factor matrices ``mats`` of ``y = kron_apply(x, mats)`` for output
+    gradients ``grad``: rows ``x`` ``(m, i)`` and ``grad`` ``(m, j)``, both in factor-major
+    order. Each is one GEMM over all rows (after at most two copies), on the input with every
+    other factor applied; ``needs[n]``: whether factor ``n``'s gradient is wanted."""
+    out: list[Tensor | None] = []
+    for n, a in enumerate(mats):
+        if not needs[n]:
+            out.append(None)
+            continue
+        terms, j_n, i_n = a.shape
+        y = _apply_except(x, mats, n)  # (P', rows, i_n, post)
+        post = y.shape[3]
+        if post == 1:
+            g = grad.reshape(-1, j_n)  # (rows, j_n)
+            da = torch.matmul(g.t(), y.reshape(y.shape[0], -1, i_n))  # (P', j_n, i_n)
+        else:
+            g = grad.reshape(-1, j_n, post).transpose(0, 1).reshape(j_n, -1)  # (j_n, rows post)
+            yt = y.transpose(2, 3).reshape(y.shape[0], -1, i_n)  # (P', rows post, i_n)
+            da = torch.matmul(g, yt)  # (P', j_n, i_n)
+        out.append(da.expand(terms, j_n, i_n).contiguous() if da.shape[0] != terms else da)
+    return out
+
+
+def rebuild(matrix: FactorizedMatrix) -> Tensor:
+    """``matrix`` dense ``(out_features, in_features)``, with autograd to its factors: a KCP or
+    CP matrix as the Kronecker products of its factor matrices (then two gathers), which is
+    faster than their ``to_dense``; any other format through ``to_dense``."""
+    if matrix.format_name not in ("kcp", "cp"):
+        return matrix.to_dense()
+    found = kron_terms(matrix)
+    assert found is not None
+    mats, layout = found
+    w = mats[0]  # (P, j, i)
+    for b in mats[1:]:
+        p, ja, ia = w.shape
+        jb, ib = b.shape[1:]
+        w = (w[:, :, None, :, None] * b[:, None, :, None, :]).reshape(p, ja * jb, ia * ib)
+    w = w.sum(0) if w.shape[0] > 1 else w.squeeze(0)  # (j, i) factor-major
+    in_index, out_index = layout.indices(w.device)
+    if out_index is not None:
+        w = w.index_select(0, out_index)
+    if in_index is not None:
+        w = w.index_select(1, torch.argsort(in_index))
+    return w  # (j, i)

@@ -1,0 +1,176 @@
+"""How a recurrent layer runs: the routes and their prices under the cost model.
+
+A layer (all directions of one of the stacked layers) runs one of these routes:
+
+- ``"torch"``: every weight rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`, once per call;
+  gradients reach the factors through it) and torch's own fused recurrence (``torch.lstm``,
+  ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) over both directions; any input,
+  packed or not.
+- ``"dense"``: the input product of all steps (in ``W_ih``'s format, or on ``W_ih`` rebuilt
+  dense where that is cheaper: :func:`input_is_dense`), then kcprnn's fused loop
+  (:mod:`kcprnn.rnn.fused`) with ``W_hh`` dense (rebuilt once per sequence if factorized).
+- ``"structured"``: as ``"dense"``, but ``W_hh`` multiplied as a Kronecker sum
+  (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step.
+- ``"steps"``: the input product, then one cell step at a time under autograd
+  (:func:`~kcprnn.rnn.scan`); what remains for sequences of different lengths when torch's
+  kernel is not chosen, and under ``torch.compile``.
+
+``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
+equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
+priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .._cpu import CostModel, default_cost_model
+from ..formats import FactorizedMatrix
+from .kron import kron_layout_of, kron_matmul_macs, kron_matmul_ops
+
+if TYPE_CHECKING:
+    from .cells import RNNCellBase
+
+__all__ = ["ROUTES", "cell_uses_dense", "choose_route", "input_is_dense", "layer_costs"]
+
+ROUTES = ("auto", "torch", "dense", "structured", "steps")
+
+
+def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
+    """Price of rebuilding ``matrix`` dense (nothing for a dense matrix)."""
+    if matrix.format_name == "dense":
+        return 0.0
+    elements = matrix.in_features * matrix.out_features
+    macs = matrix.reconstruction_macs()
+    return (1 + training) * (cm.rnn_rebuild * elements + macs)
+
+
+def _input_costs(
+    cell: RNNCellBase, rows: int, training: bool, cm: CostModel
+) -> tuple[float, float]:
+    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format, and on ``W_ih``
+    rebuilt dense (the same for a dense matrix)."""
+    ih = cell.weight_ih
+    passes = 3 if training else 1
+    dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
+    if ih.format_name == "dense" or ih.algorithm == "dense":
+        return dense, dense
+    return passes * cm.rnn_structured_input * ih.macs(rows, training=training), dense
+
+
+def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
+    """Whether the input product of ``rows`` rows is cheaper on ``W_ih`` rebuilt dense than in
+    its format (always ``False`` for a dense matrix: it is multiplied as it is)."""
+    if cell.weight_ih.format_name == "dense":
+        return False
+    structured, dense = _input_costs(cell, rows, training, _model([cell]))
+    return dense < structured
+
+
+def layer_costs(
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+    cost_model: CostModel | None = None,
+) -> dict[str, float]:
+    """The price of every route available to the layer of ``cells`` (one per direction) over
+    ``rows`` rows in ``steps`` time steps; ``equal_lengths``: all sequences have ``steps``
+    steps (the fused loops need it); ``training``: gradients will be computed."""
+    cm = default_cost_model() if cost_model is None else cost_model
+    passes = 3 if training else 1
+    per_step = 1 + cm.rnn_step_backward * training
+    cell = cells[0]
+    fused_ok = equal_lengths and cell.weight_hr is None
+    costs = {"torch": 0.0, "dense": 0.0, "structured": 0.0}
+    for c in cells:
+        hh = c.weight_hh
+        g, p = hh.out_features, hh.in_features
+        recurrent = passes * max(rows, steps * cm.rnn_min_rows) * p * g
+        weights: list[FactorizedMatrix] = [c.weight_ih, hh]
+        if c.weight_hr is not None:
+            weights.append(c.weight_hr)
+        projection = 0 if c.weight_hr is None else passes * rows * c.weight_hr.in_features * p
+        costs["torch"] += (
+            sum(_rebuild(m, training, cm) for m in weights)
+            + passes * rows * c.weight_ih.in_features * g
+            + recurrent
+            + projection
+            + steps * cm.rnn_torch_step * per_step
+        )
+        ih = min(_input_costs(c, rows, training, cm))
+        costs["dense"] += (
+            ih + _rebuild(hh, training, cm) + recurrent + steps * cm.rnn_fused_step * per_step
+        )
+        kron = kron_layout_of(hh)
+        if kron is None:
+            costs.pop("structured", None)
+            continue
+        layout, terms = kron
+        ops = kron_matmul_ops(layout, terms)
+        macs = kron_matmul_macs(layout, terms, rows)
+        if "structured" in costs:
+            costs["structured"] += (
+                ih
+                + passes * cm.rnn_small_gemm * macs
+                + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
+            )
+    if not fused_ok:
+        costs.pop("dense")
+        costs.pop("structured", None)
+    return costs
+
+
+def choose_route(
+    route: str,
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+) -> str:
+    """The route the layer of ``cells`` runs: ``route`` itself where it applies, the cheapest
+    by :func:`layer_costs` for ``"auto"``. A fused route that cannot run falls back: to
+    ``"dense"`` for ``"structured"`` on a recurrent matrix that is not a Kronecker sum, to
+    ``"torch"`` for sequences of different lengths or an LSTM projection."""
+    if torch.compiler.is_compiling():  # compiled graphs fuse the steps themselves
+        return "steps"
+    if route in ("torch", "steps"):
+        return route
+    costs = layer_costs(cells, rows, steps, equal_lengths, training, _model(cells))
+    if route == "auto":
+        return min(costs, key=lambda r: costs[r])
+    if route == "structured" and "structured" not in costs:
+        route = "dense"
+    return route if route in costs else "torch"
+
+
+def _model(cells: Sequence[RNNCellBase]) -> CostModel:
+    """The cost model of the layer: its recurrent matrix's, for its device and dtype."""
+    return cells[0].weight_hh.planning_model()
+
+
+def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
+    """Whether one step of ``cell`` on ``batch`` rows is cheaper with dense weights (rebuilt,
+    or cached between calls without gradients) and torch's fused cell than through the
+    formats' products."""
+    if cell.weight_hr is not None:
+        return False
+    cm = _model([cell])
+    passes = 3 if training else 1
+    structured = 0.0
+    dense = 0.0
+    for m in (cell.weight_ih, cell.weight_hh):
+        dense += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+        if training:
+            dense += _rebuild(m, True, cm)
+        if m.format_name == "dense" or m.algorithm == "dense":
+            structured += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+        else:
+            structured += passes * cm.rnn_structured_input * m.macs(batch, training=training)
+            structured += cm.rnn_cell_op * 8 * (1 + training)
+    return dense <= structured
