@@ -111,6 +111,20 @@ class CaseSpec:
         return cls(**data)
 
 
+def read_spec(in_features: int, out_features: int, rows: int) -> CaseSpec:
+    """The yardstick case: reading the ``(rows, in_features)`` input once (``x.sum()``)."""
+    return CaseSpec(
+        label="input read x.sum()",
+        series="input read x.sum()",
+        impl="read",
+        kind="read",
+        format="read",
+        in_features=in_features,
+        out_features=out_features,
+        rows=rows,
+    )
+
+
 @dataclass
 class BuiltCase:
     """A built case: closures to time, and its counts."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..shapes import balanced_factors
-from .cases import PEER_LSTMS, CaseSpec
+from .cases import PEER_LSTMS, CaseSpec, read_spec
 from .presets import RegimeSizes
 
 __all__ = [
@@ -102,16 +102,7 @@ def _specs(
     n = sizes.gemm_size
     name = _name(mode, cell)
     specs = [
-        CaseSpec(
-            label="input read x.sum()",
-            series="input read x.sum()",
-            impl="read",
-            kind="read",
-            format="read",
-            in_features=in_features,
-            out_features=hidden,
-            rows=rows,
-        ),
+        read_spec(in_features, hidden, rows),
         CaseSpec(
             label=f"GEMM {n}x{n}x{n} float32",
             series="GEMM peak",

@@ -32,6 +32,7 @@ from .cases import (
     build_case,
     count_macs,
     match_peer_rank,
+    read_spec,
 )
 from .memory import measure_peak_memory
 from .presets import Preset, blocked_split, kronecker_split
@@ -165,18 +166,7 @@ def _baselines(
     in_modes: Sequence[int], out_modes: Sequence[int], rows: int, dense: bool
 ) -> list[CaseSpec]:
     i, o = math.prod(in_modes), math.prod(out_modes)
-    specs = [
-        CaseSpec(
-            label="input read x.sum()",
-            series="input read x.sum()",
-            impl="read",
-            kind="read",
-            format="read",
-            in_features=i,
-            out_features=o,
-            rows=rows,
-        )
-    ]
+    specs = [read_spec(i, o, rows)]
     if dense:
         specs.append(
             CaseSpec(
