@@ -26,6 +26,7 @@ from kcprnn.data.speech import (
 )
 from kcprnn.experiments.config import load_config
 from kcprnn.experiments.ctc import CTCModel, beam_search, error_rate, greedy_decode
+from kcprnn.experiments.report import collect, format_table
 from kcprnn.experiments.speech import build_ctc_model
 from kcprnn.experiments.train import load_checkpoint, model_numbers
 
@@ -158,6 +159,8 @@ def test_kcprnn_train_on_a_tiny_timit_tree(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_train"] == 2 and summary["num_test"] == 1 and summary["num_dev"] == 1
     assert summary["num_symbols"] == 62 and summary["input_size"] == 123
+    table = format_table(collect([run]))
+    assert "test PER" in table and f"{summary['test_per']:.1%}" in table
     model, cfg, meta = load_checkpoint(run)
     assert isinstance(model, CTCModel) and cfg.dataset == "timit" and len(meta["class_names"]) == 62
     # a missing corpus folder is a clear error
