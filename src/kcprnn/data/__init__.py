@@ -1,5 +1,6 @@
 """Data for the experiments: video loaders (PyAV) and stand-ins; spike files in SHD's layout
-(SHD, SSC) and an offline SHD stand-in."""
+(SHD, SSC) and an offline SHD stand-in; speech corpora (TIMIT, TED-LIUM, their stand-ins) in
+:mod:`kcprnn.data.speech`."""
 
 from .clips import ClipSet, group_split, leave_one_group_out, stratified_split
 from .images import SourceImages, load_source_images
@@ -14,6 +15,17 @@ from .shd import (
     validation_split,
     write_spike_file,
 )
+from .speech import (
+    FeatureSpec,
+    SpeechCorpus,
+    SpeechSet,
+    SpeechStandInSpec,
+    load_speech_set,
+    load_speech_standin,
+    load_tedlium,
+    load_timit,
+    speech_standin_dir,
+)
 from .spikes import (
     SHD_LIKE_CLASSES,
     EncoderSpec,
@@ -27,6 +39,15 @@ from .standins import StandInSpec, load_standin, make_ucf11_like, make_youtube_l
 from .video import CorruptClipError, decode_clip, load_video_dataset
 
 __all__ = [
+    "FeatureSpec",
+    "SpeechCorpus",
+    "SpeechSet",
+    "SpeechStandInSpec",
+    "load_speech_set",
+    "load_speech_standin",
+    "load_tedlium",
+    "load_timit",
+    "speech_standin_dir",
     "SHD_LIKE_CLASSES",
     "SHD_NUM_UNITS",
     "ClipSet",

@@ -22,13 +22,24 @@ from typing import Any
 # the standard library's TOML reader from Python 3.11; the `tomli` package before
 tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
-__all__ = ["DATASETS", "SPIKE_DATASETS", "Config", "ConfigError", "apply_overrides", "load_config"]
+__all__ = [
+    "DATASETS",
+    "SPEECH_DATASETS",
+    "SPIKE_DATASETS",
+    "Config",
+    "ConfigError",
+    "apply_overrides",
+    "load_config",
+]
 
-REAL_DATASETS = ("ucf11", "ucf50", "youtube", "shd", "ssc")
-STANDIN_DATASETS = ("ucf11-like", "youtube-like", "shd-like")
+REAL_DATASETS = ("ucf11", "ucf50", "youtube", "shd", "ssc", "timit", "tedlium")
+STANDIN_DATASETS = ("ucf11-like", "youtube-like", "shd-like", "timit-like", "tedlium-like")
 DATASETS = REAL_DATASETS + STANDIN_DATASETS
 SPIKE_DATASETS = ("shd", "ssc", "shd-like")
-"""Spike data sets (SHD's HDF5 layout, binned into ``(T, 700)`` frames); the rest are video."""
+"""Spike data sets (SHD's HDF5 layout, binned into ``(T, 700)`` frames)."""
+SPEECH_DATASETS = ("timit", "tedlium", "timit-like", "tedlium-like")
+"""Speech recognition with CTC (log-mel frames -> phones or characters); the rest are video."""
+NORMALIZATIONS = ("global", "speaker", "none")
 SPLITS = ("auto", "stratified", "group", "logo")
 CELLS = ("lstm", "gru")
 READOUTS = ("last", "mean")
@@ -45,7 +56,8 @@ class Config:
 
     # --- data ---
     # video: ucf11 | ucf50 | youtube (real data, need data_dir) | ucf11-like | youtube-like;
-    # spikes: shd | ssc (real HDF5 files, need data_dir) | shd-like (stand-in in SHD's layout)
+    # spikes: shd | ssc (real HDF5 files, need data_dir) | shd-like (stand-in in SHD's layout);
+    # speech: timit | tedlium (real corpora, need data_dir) | timit-like | tedlium-like
     dataset: str = "ucf11-like"
     data_dir: str = ""  # top folder of a real dataset (for shd/ssc: the folder of the .h5 files)
     cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE or ~/.cache/kcprnn
@@ -64,6 +76,17 @@ class Config:
     repeats: int = 6  # shd-like only: utterances per speaker and class
     speakers: int = 12  # shd-like only: speakers (voices), the last 2 (1 if < 3) in test only
     classes: int = 20  # shd-like only: generate the first N classes (20 = all)
+    # --- speech data (timit, tedlium, timit-like, tedlium-like); CTC over log-mel frames ---
+    n_mels: int = 40  # mel bands per frame (TIMIT: 40; TED-LIUM: 80)
+    energy: bool = True  # append the frame's log energy
+    deltas: bool = True  # append deltas and delta-deltas (40 + 1 -> 123 values per frame)
+    normalization: str = "global"  # global (training statistics) | speaker | none
+    frame_stack: int = 1  # stack k frames side by side at 1/k the frame rate (k * 123 values)
+    num_layers: int = 1  # stacked recurrent layers (speech only)
+    beam_size: int = 1  # CTC decoding: 1 = greedy (best path), > 1 = prefix beam search
+    train_speakers: int = 12  # timit-like/tedlium-like: training voices (3 more test, 2 dev)
+    utterances_per_speaker: int = 40  # timit-like/tedlium-like: per training speaker
+    eval_utterances_per_speaker: int = 30  # timit-like/tedlium-like: per dev or test speaker
     # --- model: a (compressed) recurrent layer over the frames, the last hidden state -> linear ---
     cell: str = "lstm"  # lstm | gru
     format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
@@ -96,6 +119,7 @@ class Config:
         _check_choice(self.split, SPLITS, "split")
         _check_choice(self.cell, CELLS, "cell")
         _check_choice(self.readout, READOUTS, "readout")
+        _check_choice(self.normalization, NORMALIZATIONS, "normalization")
         for key in (
             "num_frames",
             "frame_width",
@@ -107,6 +131,13 @@ class Config:
             "repeats",
             "speakers",
             "classes",
+            "n_mels",
+            "frame_stack",
+            "num_layers",
+            "beam_size",
+            "train_speakers",
+            "utterances_per_speaker",
+            "eval_utterances_per_speaker",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")
@@ -123,13 +154,18 @@ class Config:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must lie in [0, 1), got {self.valid_fraction}")
-        if self.dataset in SPIKE_DATASETS and self.split != "auto":
+        if self.dataset in SPIKE_DATASETS + SPEECH_DATASETS and self.split != "auto":
             raise ConfigError(
                 f"dataset={self.dataset!r} keeps its released train/test split: split must be "
                 f"'auto', got split={self.split!r}"
             )
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.dataset not in SPEECH_DATASETS and self.num_layers != 1:
+            raise ConfigError(
+                f"num_layers={self.num_layers} is for the speech data sets; "
+                f"dataset={self.dataset!r} uses one recurrent layer"
+            )
         if self.dataset in REAL_DATASETS and not self.data_dir:
             raise ConfigError(f"dataset={self.dataset!r} is real data: set data_dir to its folder")
 

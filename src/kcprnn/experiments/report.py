@@ -22,8 +22,24 @@ COLUMNS = (
     ("compression", "compression ratio", "{:,.0f}x"),
     ("ih_macs_per_frame", "MACs per frame (W_ih)", "{:,}"),
     ("seconds_per_epoch", "train s/epoch", "{:.1f}"),
-    ("test_acc", "test accuracy", "{:.1%}"),
 )
+SCORES = (
+    ("test_acc", "test accuracy", "{:.1%}"),
+    ("test_per", "test PER", "{:.1%}"),
+    ("test_wer", "test WER", "{:.1%}"),
+)
+"""The score columns: accuracy (classification), phone or word error rate (speech); a table
+holds those that appear in its rows."""
+
+
+def _columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    scores = tuple(s for s in SCORES if any(row.get(s[0]) is not None for row in rows))
+    return COLUMNS + (scores or SCORES[:1])
+
+
+def _score(row: dict[str, Any]) -> tuple[str, str]:
+    """The key and title of the run's score (its first of :data:`SCORES`)."""
+    return next(((k, t) for k, t, _ in SCORES if row.get(k) is not None), SCORES[0][:2])
 
 
 def collect(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
@@ -46,38 +62,42 @@ def collect(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table, one row per run."""
+    columns = _columns(rows)
     lines = [
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "|".join("---" if k == "format" else "---:" for k, _, _ in COLUMNS) + "|",
+        "| " + " | ".join(title for _, title, _ in columns) + " |",
+        "|" + "|".join("---" if k == "format" else "---:" for k, _, _ in columns) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
+        cells = [fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy against compression ratio (log scale), one labelled point per run."""
+    """Test accuracy (or error rate, for speech) against compression ratio (log scale), one
+    labelled point per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    key, title = _score(rows[0]) if rows else SCORES[0][:2]
     for row in rows:
-        ax.scatter(row["compression"], 100 * row["test_acc"], s=30)
+        ax.scatter(row["compression"], 100 * row[key], s=30)
         ax.annotate(
             row["format"],
-            (row["compression"], 100 * row["test_acc"]),
+            (row["compression"], 100 * row[key]),
             textcoords="offset points",
             xytext=(5, 4),
             fontsize=9,
         )
-    if rows and "num_classes" in rows[0]:
+    if rows and "num_classes" in rows[0] and key == "test_acc":
         ax.axhline(100 / rows[0]["num_classes"], color="grey", ls="--", lw=1, label="chance")
         ax.legend(loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio of the input-to-hidden matrix")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{title} (%)")
     ax.set_title(rows[0]["dataset"] if rows else "")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

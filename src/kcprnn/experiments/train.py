@@ -1,11 +1,13 @@
-"""``kcprnn train``: train one video or spike experiment, readable top to bottom.
+"""``kcprnn train``: train one video, spike or speech experiment, readable top to bottom.
 
 config -> data (real clips or a stand-in, split by the dataset's protocol; or spike files in
 SHD's layout, binned into frames batch by batch, with their released train/test split and a
 validation split) -> model (a compressed LSTM/GRU over the frames, last or mean hidden state ->
 linear) -> Adam -> epochs of training and evaluation -> a run folder with ``config.json``,
 ``metrics.jsonl`` (one JSON line per epoch), ``checkpoint.safetensors`` + ``checkpoint.json``
-(rewritten atomically after every epoch), ``summary.json`` and ``run.log``.
+(rewritten atomically after every epoch), ``summary.json`` and ``run.log``. The speech data sets
+(CTC phone and character recognition) run the loop of :mod:`kcprnn.experiments.speech` and write
+the same files.
 
 Python API: ``train(load_config("experiments/configs/ucf11_kcp.toml"))`` returns the summary.
 """
@@ -42,7 +44,14 @@ from ..data import (
     shd_like_dir,
     stratified_split,
 )
-from .config import SPIKE_DATASETS, STANDIN_DATASETS, Config, ConfigError, load_config
+from .config import (
+    SPEECH_DATASETS,
+    SPIKE_DATASETS,
+    STANDIN_DATASETS,
+    Config,
+    ConfigError,
+    load_config,
+)
 from .model import SequenceClassifier
 
 __all__ = [
@@ -267,10 +276,9 @@ def save_checkpoint(run_dir: Path, model: SequenceClassifier, meta: dict[str, An
     _write_json(run_dir / "checkpoint.json", meta)
 
 
-def load_checkpoint(
-    run_dir: str | Path, device: str = "cpu"
-) -> tuple[SequenceClassifier, Config, dict]:
-    """Rebuild the model of a run folder from its checkpoint. Returns ``(model, config, meta)``."""
+def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Config, dict]:
+    """Rebuild the model of a run folder from its checkpoint (a :class:`SequenceClassifier`, or a
+    :class:`~kcprnn.experiments.ctc.CTCModel` for speech). Returns ``(model, config, meta)``."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -279,7 +287,13 @@ def load_checkpoint(
         raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing checkpoint.json)")
     meta = json.loads(meta_path.read_text())
     cfg = Config(**{**meta["config"], "device": device})
-    model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
+    model: Any
+    if cfg.dataset in SPEECH_DATASETS:  # a CTC model; class_names: the blank and the symbols
+        from .speech import build_ctc_model
+
+        model = build_ctc_model(cfg, meta["input_size"], len(meta["class_names"]))
+    else:
+        model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
     model.load_state_dict(load_file(run_dir / "checkpoint.safetensors", device=device))
     return model, cfg, meta
 
@@ -313,6 +327,10 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     _write_json(run_dir / "config.json", cfg.to_dict())
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
+    if cfg.dataset in SPEECH_DATASETS:
+        from .speech import train_speech
+
+        return train_speech(cfg, run_dir, device)
 
     clips = load_data(cfg)
     for path, reason in clips.skipped:
@@ -434,8 +452,8 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kcprnn train",
-        description="Train one video or spike experiment. Overrides: --KEY=VALUE for any config "
-        "key "
+        description="Train one video, spike or speech experiment. Overrides: --KEY=VALUE for any "
+        "config key "
         "(TOML values), --format_options.KEY=VALUE (--hidden_options.KEY=VALUE) for an option of "
         "the input-to-hidden (hidden-to-hidden) format.",
     )

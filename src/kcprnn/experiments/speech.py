@@ -1,0 +1,300 @@
+"""The speech task of ``kcprnn train``: CTC phone or character recognition.
+
+config -> corpus (TIMIT or TED-LIUM from ``data_dir``, or a synthesized stand-in) -> log-mel
+features (cached) with mean/variance normalization -> a stacked bidirectional (compressed)
+LSTM/GRU with a linear CTC output -> Adam on the CTC loss over length-sorted batches -> after
+every epoch, decoding of the dev and test sets and their error rate: ``dev_per``/``test_per``
+(phone error rate; TIMIT scored on the 39 folded phones) or ``dev_wer``/``test_wer`` (word error
+rate) in ``metrics.jsonl``, with the epoch's training time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data._io import default_cache_dir
+from ..data.speech import (
+    FeatureSpec,
+    SpeechCorpus,
+    SpeechSet,
+    SpeechStandInSpec,
+    load_speech_set,
+    load_speech_standin,
+    load_tedlium,
+    load_timit,
+    speech_standin_dir,
+)
+from .config import Config
+from .ctc import CTCModel, beam_search, error_rate, greedy_decode
+from .train import _write_json, model_numbers, save_checkpoint
+
+__all__ = [
+    "build_ctc_model",
+    "decode_split",
+    "load_speech_corpus",
+    "load_speech_data",
+    "train_speech",
+]
+
+log = logging.getLogger(__name__)
+
+
+def feature_spec(cfg: Config) -> FeatureSpec:
+    return FeatureSpec(n_mels=cfg.n_mels, energy=cfg.energy, deltas=cfg.deltas)
+
+
+def load_speech_corpus(cfg: Config) -> SpeechCorpus:
+    """The utterances of ``cfg.dataset`` (real corpus in ``data_dir`` or the cached stand-in)."""
+    if cfg.dataset == "timit":
+        return load_timit(cfg.data_dir)
+    if cfg.dataset == "tedlium":
+        return load_tedlium(cfg.data_dir)
+    spec = SpeechStandInSpec(
+        kind=cfg.dataset,
+        train_speakers=cfg.train_speakers,
+        utterances_per_speaker=cfg.utterances_per_speaker,
+        eval_utterances_per_speaker=cfg.eval_utterances_per_speaker,
+        seed=cfg.seed,
+    )
+    return load_speech_standin(speech_standin_dir(spec, cfg.cache_dir or None))
+
+
+def load_speech_data(cfg: Config) -> SpeechSet:
+    """Corpus, cached features, normalization and targets of ``cfg``."""
+    corpus = load_speech_corpus(cfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    data = load_speech_set(corpus, feature_spec(cfg), cache, cfg.normalization, cfg.frame_stack)
+    if not len(data.train):
+        raise ValueError(f"dataset={cfg.dataset!r}: no training utterance could be read")
+    return data
+
+
+def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
+    return CTCModel(
+        input_size,
+        cfg.hidden_size,
+        num_symbols,
+        cell=cfg.cell,
+        num_layers=cfg.num_layers,
+        bidirectional=cfg.bidirectional,
+        format=cfg.format,
+        format_options=dict(cfg.format_options),
+        hidden_format=cfg.hidden_format,
+        hidden_options=dict(cfg.hidden_options),
+        hidden_modes=list(cfg.hidden_modes),
+        device=cfg.device,
+    )
+
+
+def _batch(
+    data: SpeechSet, idx: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-padded frames ``(b, T, D)``, frame counts, concatenated targets, target counts."""
+    lengths = [len(data.frames[i]) for i in idx]
+    x = np.zeros((len(idx), max(lengths), data.input_size), dtype=np.float32)
+    for row, i in enumerate(idx):
+        x[row, : lengths[row]] = data.frames[i]
+    targets = np.concatenate([data.targets[i] for i in idx])
+    return (
+        torch.from_numpy(x).to(device),
+        torch.tensor(lengths, dtype=torch.long),
+        torch.from_numpy(targets),
+        torch.tensor([len(data.targets[i]) for i in idx], dtype=torch.long),
+    )
+
+
+def _length_batches(data: SpeechSet, idx: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches of utterances of similar length (little padding): ``idx`` sorted by length."""
+    order = idx[np.argsort([len(data.frames[i]) for i in idx], kind="stable")]
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _hypothesis_tokens(data: SpeechSet, symbols: list[int]) -> list[str]:
+    names = [data.corpus.vocabulary[s - 1] for s in symbols]
+    if data.corpus.unit == "char":
+        return "".join(names).split()
+    return names
+
+
+def _scored(data: SpeechSet, tokens: list[str] | tuple[str, ...]) -> list[str]:
+    mapping = data.corpus.scoring_map
+    if not mapping:
+        return list(tokens)
+    return [m for m in (mapping.get(t, t) for t in tokens) if m is not None]
+
+
+@torch.no_grad()
+def decode_split(
+    model: CTCModel,
+    data: SpeechSet,
+    idx: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    beam_size: int = 1,
+) -> tuple[float, float, list[list[str]]]:
+    """Mean CTC loss per utterance, error rate (PER or WER) and the decoded tokens of ``idx``."""
+    model.eval()
+    loss_sum, refs, hyps = 0.0, [], []
+    for b in _length_batches(data, idx, batch_size):
+        x, lengths, targets, target_lengths = _batch(data, b, device)
+        log_probs = model(x)  # (b, t, c)
+        loss = torch.nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            lengths,
+            target_lengths,
+            blank=0,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        loss_sum += loss.item()
+        scores = log_probs.cpu().numpy()
+        for row, i in enumerate(b):
+            n = int(lengths[row])
+            symbols = (
+                greedy_decode(scores[row], n)
+                if beam_size <= 1
+                else beam_search(scores[row], beam_size, n)
+            )
+            hyps.append(_scored(data, _hypothesis_tokens(data, symbols)))
+            refs.append(_scored(data, data.refs[i]))
+    rate = error_rate(refs, hyps) if refs else float("nan")
+    return loss_sum / max(len(idx), 1), rate, hyps
+
+
+def train_speech(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """The speech part of :func:`kcprnn.experiments.train.train` (same run folder files)."""
+    metrics_path = run_dir / "metrics.jsonl"
+    start_load = time.perf_counter()
+    data = load_speech_data(cfg)
+    for path, reason in data.skipped:
+        log.warning("skipped utterance %s: %s", path, reason)
+    metric = "per" if data.corpus.unit == "phone" else "wer"
+    log.info(
+        "%s: %d utterances (%d train, %d dev, %d test, %d skipped), %d symbols + blank, "
+        "%d values per frame, loaded in %.1f s",
+        cfg.dataset,
+        len(data.uids),
+        len(data.train),
+        len(data.dev),
+        len(data.test),
+        len(data.skipped),
+        len(data.corpus.vocabulary),
+        data.input_size,
+        time.perf_counter() - start_load,
+    )
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_ctc_model(cfg, data.input_size, data.num_symbols)
+    numbers = model_numbers(model)  # type: ignore[arg-type]
+    log.info("model: %s", model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = _length_batches(data, data.train, cfg.batch_size)
+    show_bar = cfg.progress and sys.stderr.isatty()
+    epoch_seconds, history = [], []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        loss_sum = 0.0
+        order = [batches[k] for k in rng.permutation(len(batches))]
+        if show_bar:
+            from tqdm import tqdm
+
+            bar: Any = tqdm(order, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", leave=False)
+        else:
+            bar = order
+        start = time.perf_counter()
+        for b in bar:
+            x, lengths, targets, target_lengths = _batch(data, b, device)
+            log_probs = model(x)  # (b, t, c)
+            loss = torch.nn.functional.ctc_loss(
+                log_probs.transpose(0, 1),
+                targets,
+                lengths,
+                target_lengths,
+                blank=0,
+                reduction="mean",
+                zero_infinity=True,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(b)
+            if show_bar:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        epoch_seconds.append(seconds)
+        start_eval = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(data.train)}
+        for split, idx in (("dev", data.dev), ("test", data.test)):
+            if len(idx):
+                split_loss, rate, _ = decode_split(
+                    model, data, idx, cfg.batch_size, device, cfg.beam_size
+                )
+                row[f"{split}_loss"], row[f"{split}_{metric}"] = split_loss, rate
+        row.update(
+            epoch_seconds=seconds,
+            eval_seconds=time.perf_counter() - start_eval,
+            lr=cfg.lr,
+            skipped_utterances=len(data.skipped),
+        )
+        history.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d: %s", epoch, json.dumps(row))
+        save_checkpoint(
+            run_dir,
+            model,  # type: ignore[arg-type]
+            {
+                "config": cfg.to_dict(),
+                "epoch": epoch,
+                "metrics": row,
+                "input_size": data.input_size,
+                "class_names": ["<blank>", *data.corpus.vocabulary],
+            },
+        )
+    key = f"test_{metric}"
+    summary: dict[str, Any] = {
+        "name": cfg.name or run_dir.name,
+        "dataset": cfg.dataset,
+        "cell": cfg.cell,
+        "format": cfg.format,
+        "hidden_format": cfg.hidden_format,
+        "num_layers": cfg.num_layers,
+        "bidirectional": cfg.bidirectional,
+        **numbers,
+        "seconds_per_epoch": statistics.median(epoch_seconds),
+        key: history[-1].get(key),
+        f"best_{key}": min(r.get(key, float("inf")) for r in history),
+    }
+    if len(data.dev):
+        best = min(history, key=lambda r: r[f"dev_{metric}"])
+        summary[f"dev_{metric}"] = history[-1][f"dev_{metric}"]
+        summary[f"{key}_at_best_dev"] = best.get(key)
+        summary["best_dev_epoch"] = best["epoch"]
+    summary.update(
+        train_loss=history[-1]["train_loss"],
+        epochs=cfg.epochs,
+        num_train=len(data.train),
+        num_dev=len(data.dev),
+        num_test=len(data.test),
+        num_symbols=data.num_symbols,
+        input_size=data.input_size,
+        skipped_utterances=len(data.skipped),
+        device=str(device),
+        torch_threads=torch.get_num_threads(),
+    )
+    _write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,284 @@
+"""The speech task: CTC decoding and error rates against hand-computed cases, the CTC model,
+``kcprnn train`` on a tiny TIMIT tree and on a tiny TIMIT-like stand-in, the presets, and a smoke
+test on real recordings (pocketsphinx-testdata's LibriVox utterances)."""
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kcprnn.cli import main as cli_main
+from kcprnn.data.speech import (
+    CHARACTERS,
+    FeatureSpec,
+    SpeechStandInSpec,
+    compute_features,
+    espeak_phonemes,
+    flite_available,
+    load_speech_standin,
+    read_audio,
+    speech_standin_dir,
+    write_sphere,
+)
+from kcprnn.experiments.config import load_config
+from kcprnn.experiments.ctc import CTCModel, beam_search, error_rate, greedy_decode
+from kcprnn.experiments.report import collect, format_table
+from kcprnn.experiments.speech import build_ctc_model
+from kcprnn.experiments.train import load_checkpoint, model_numbers
+
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+FORMATS = ("dense", "kcp", "tt", "tr", "bt", "ht")
+
+needs_synth = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not flite_available(),
+    reason="espeak-ng and flite (Debian packages espeak-ng, flite; `make system-deps`) are missing",
+)
+
+
+def test_greedy_decode_collapses_repeats_and_drops_blanks():
+    best = [1, 1, 0, 1, 2, 2, 0, 0, 3]
+    scores = np.full((len(best), 4), -5.0)
+    scores[np.arange(len(best)), best] = 0.0
+    assert greedy_decode(scores) == [1, 1, 2, 3]
+    assert greedy_decode(scores, length=5) == [1, 1, 2]
+    assert greedy_decode(np.zeros((0, 4))) == []
+
+
+def test_beam_search_finds_the_most_probable_labelling():
+    # two frames, P(blank) = 0.6, P(a) = 0.4: the best path is blank-blank (""), p = 0.36, but
+    # "a" has p = 0.4 * 0.4 + 0.4 * 0.6 + 0.6 * 0.4 = 0.64
+    lp = np.log(np.array([[0.6, 0.4], [0.6, 0.4]]))
+    assert greedy_decode(lp) == [] and beam_search(lp, beam_size=4) == [1]
+    # against brute force over every path of a random 5-frame, 3-symbol case
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        probs = rng.dirichlet(np.ones(3), size=5)
+        totals: dict[tuple, float] = {}
+        for path in itertools.product(range(3), repeat=5):
+            label = tuple(s for k, s in enumerate(path) if s and (k == 0 or path[k - 1] != s))
+            totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(5), path]))
+        best = max(totals, key=totals.get)
+        assert tuple(beam_search(np.log(probs), beam_size=50)) == best
+
+
+def test_error_rates_against_hand_counts():
+    # 1 substitution (b -> x) + 1 deletion (d) over 4 words; then 1 insertion over 2
+    assert error_rate([["a", "b", "c", "d"]], [["a", "x", "c"]]) == pytest.approx(2 / 4)
+    assert error_rate([["a", "b"]], [["a", "z", "b"]]) == pytest.approx(1 / 2)
+    # totals over utterances, not a mean of rates; an empty hypothesis deletes everything
+    assert error_rate([["a"], ["b", "c", "d"]], [["x"], []]) == pytest.approx(4 / 4)
+    assert error_rate([["sh", "ix"]], [["sh", "ix"]]) == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        error_rate([[]], [["a"]])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ctc_model_every_format(fmt):
+    torch.manual_seed(0)
+    opts = {} if fmt == "dense" else {"rank": 2}
+    model = CTCModel(
+        24,
+        16,
+        7,
+        num_layers=2,
+        format=fmt,
+        format_options=opts,
+        hidden_format=fmt,
+        hidden_options=opts,
+        hidden_modes=[4, 4],
+        cell="gru" if fmt == "tt" else "lstm",
+    )
+    x = torch.randn(3, 9, 24)
+    out = model(x)
+    assert out.shape == (3, 9, 7)
+    assert torch.allclose(out.exp().sum(-1), torch.ones(3, 9), atol=1e-5)
+    loss = torch.nn.functional.ctc_loss(
+        out.transpose(0, 1),
+        torch.tensor([1, 2, 3, 4, 5, 6]),
+        torch.tensor([9, 9, 7]),
+        torch.tensor([2, 3, 1]),
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and model.weight_hh.num_params > 0
+
+
+def _tiny_timit(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    phones = ["h#", "s", "ix", "n", "h#"]
+    for split, speaker, names in (
+        ("TRAIN", "FCJF0", ["SI648", "SX18", "SX28", "SX38"]),
+        ("TEST", "MDAB0", ["SI1039"]),
+        ("TEST", "FAKS0", ["SI943"]),
+    ):
+        d = root / "TIMIT" / split / "DR1" / speaker
+        d.mkdir(parents=True)
+        for name in names:
+            audio = rng.normal(0, 0.1, 4000).astype(np.float32)
+            write_sphere(d / f"{name}.WAV", audio)
+            if name != "SX38":  # a missing .PHN: skipped and counted
+                edges = np.linspace(0, 4000, len(phones) + 1).astype(int)
+                (d / f"{name}.PHN").write_text(
+                    "".join(
+                        f"{a} {b} {p}\n"
+                        for a, b, p in zip(edges[:-1], edges[1:], phones, strict=True)
+                    )
+                )
+    (root / "TIMIT" / "TRAIN" / "DR1" / "FCJF0" / "SX28.WAV").write_bytes(b"NIST_1A\n   1024\n")
+    return root / "TIMIT"
+
+
+def test_kcprnn_train_on_a_tiny_timit_tree(tmp_path, capsys):
+    data_dir = _tiny_timit(tmp_path)
+    run = tmp_path / "run"
+    args = [
+        "--config",
+        str(CONFIGS / "timit_kcp.toml"),
+        f"--data_dir={data_dir}",
+        f"--cache_dir={tmp_path / 'cache'}",
+        f"--out_dir={run}",
+        "--epochs=2",
+        "--hidden_size=16",
+        "--hidden_modes=[4,4]",
+        "--num_layers=2",
+        "--no-progress",
+        "--normalization=global",
+    ]
+    assert cli_main(["train", *args]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert {"test_per", "dev_per", "epoch_seconds", "train_loss"} <= set(row)
+        assert row["skipped_utterances"] == 2  # SX38 (no .PHN) and SX28 (truncated audio)
+    log = (run / "run.log").read_text()
+    assert "SX38" in log and "SX28.WAV" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_train"] == 2 and summary["num_test"] == 1 and summary["num_dev"] == 1
+    assert summary["num_symbols"] == 62 and summary["input_size"] == 123
+    table = format_table(collect([run]))
+    assert "test PER" in table and f"{summary['test_per']:.1%}" in table
+    model, cfg, meta = load_checkpoint(run)
+    assert isinstance(model, CTCModel) and cfg.dataset == "timit" and len(meta["class_names"]) == 62
+    # a missing corpus folder is a clear error
+    assert (
+        cli_main(["train", *args[:2], f"--data_dir={tmp_path / 'nope'}", f"--out_dir={run}"]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+@needs_synth
+def test_timit_like_standin_and_training(tmp_path):
+    spec = SpeechStandInSpec(
+        train_speakers=2,
+        dev_speakers=1,
+        test_speakers=1,
+        utterances_per_speaker=2,
+        eval_utterances_per_speaker=1,
+    )
+    folder = speech_standin_dir(spec, tmp_path / "cache")
+    corpus = load_speech_standin(folder)
+    assert {k: len(v) for k, v in corpus.splits.items()} == {"train": 4, "dev": 1, "test": 1}
+    train_speakers = {u.speaker for u in corpus.splits["train"]}
+    assert not train_speakers & {u.speaker for s in ("dev", "test") for u in corpus.splits[s]}
+    train_texts = {u.tokens for u in corpus.splits["train"]}
+    assert not train_texts & {u.tokens for u in corpus.splits["test"]}
+    assert espeak_phonemes("the cat") == ("D", "@", "k", "a", "t")
+    utt = corpus.splits["train"][0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert espeak_phonemes(manifest["utterances"][0]["text"]) == utt.tokens
+    # deterministic: a second generation gives the same audio
+    again = load_speech_standin(speech_standin_dir(spec, tmp_path / "other"))
+    assert (
+        Path(again.splits["test"][0].path).read_bytes()
+        == Path(corpus.splits["test"][0].path).read_bytes()
+    )
+    run = tmp_path / "run"
+    assert (
+        cli_main(
+            [
+                "train",
+                "--config",
+                str(CONFIGS / "timit-like_tt.toml"),
+                f"--cache_dir={tmp_path / 'cache'}",
+                f"--out_dir={run}",
+                "--epochs=1",
+                "--train_speakers=2",
+                "--utterances_per_speaker=2",
+                "--eval_utterances_per_speaker=1",
+                "--hidden_size=16",
+                "--hidden_modes=[4,4]",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    row = json.loads((run / "metrics.jsonl").read_text())
+    assert 0 <= row["test_per"] and 0 <= row["dev_per"] and row["epoch_seconds"] > 0
+
+
+@needs_synth
+def test_tedlium_like_standin_has_long_word_utterances(tmp_path):
+    spec = SpeechStandInSpec(
+        kind="tedlium-like",
+        train_speakers=1,
+        dev_speakers=0,
+        test_speakers=1,
+        utterances_per_speaker=2,
+        eval_utterances_per_speaker=1,
+    )
+    corpus = load_speech_standin(speech_standin_dir(spec, tmp_path))
+    assert corpus.unit == "char" and corpus.vocabulary == CHARACTERS
+    utts = corpus.splits["train"] + corpus.splits["test"]
+    assert len(utts) == 3 and not corpus.splits["dev"]
+    for utt in utts:
+        assert 12 <= len(utt.tokens) <= 30
+        assert set(" ".join(utt.tokens)) <= set(CHARACTERS)
+        audio, rate = read_audio(utt.path)
+        assert len(audio) / rate > 2.0
+
+
+@pytest.mark.parametrize("task", ["timit", "tedlium", "timit-like", "tedlium-like"])
+def test_presets_every_format_and_budgets(task):
+    counts = {}
+    for fmt in FORMATS:
+        cfg = load_config(CONFIGS / f"{task}_{fmt}.toml")
+        assert cfg.format == fmt and cfg.hidden_format == fmt and cfg.bidirectional
+        input_size = (cfg.n_mels + cfg.energy) * (3 if cfg.deltas else 1) * cfg.frame_stack
+        model = build_ctc_model(cfg, input_size, 62)
+        counts[fmt] = model_numbers(model)
+    dense = counts["dense"]["recurrent_params"]
+    for fmt in FORMATS[1:]:
+        assert counts[fmt]["recurrent_dense_params"] == dense
+        assert counts[fmt]["recurrent_compression"] >= 100, (task, fmt)
+
+
+@pytest.mark.skipif(not LIBRIVOX.is_dir(), reason="Debian package pocketsphinx-testdata is missing")
+def test_smoke_on_real_librivox_recordings():
+    lines = (LIBRIVOX / "transcription").read_text().splitlines()
+    refs, feats = [], []
+    for line in lines:
+        words, uid = line.rsplit("(", 1)
+        refs.append(words.replace("<s>", "").replace("</s>", "").split())
+        audio, rate = read_audio(LIBRIVOX / f"{uid.strip(' )')}.wav")
+        assert rate == 16000 and 2.5 < len(audio) / rate < 7.5
+        feats.append(
+            compute_features(audio, rate, FeatureSpec(n_mels=80, energy=False, deltas=False))
+        )
+    assert len(refs) == 5
+    torch.manual_seed(0)
+    model = CTCModel(
+        80, 16, len(CHARACTERS) + 1, format="kcp", format_options={"rank": 2}, hidden_modes=[4, 4]
+    )
+    hyps = []
+    with torch.no_grad():
+        for f in feats:
+            x = torch.from_numpy((f - f.mean(0)) / (f.std(0) + 1e-5)).float()[None]
+            lp = model(x)[0]
+            symbols = beam_search(lp, beam_size=4)
+            hyps.append("".join(CHARACTERS[s - 1] for s in symbols).split())
+    wer = error_rate(refs, hyps)
+    assert wer >= 0.0 and error_rate(refs, refs) == 0.0
