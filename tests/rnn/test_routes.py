@@ -327,3 +327,21 @@ def test_rebuild_matches_to_dense_with_gradients(fmt, options):
     want = torch.autograd.grad((w.to_dense() * probe).sum(), list(w.parameters()))
     for a, b in zip(grads, want, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "kcp", "ht"])
+def test_wide_inputs_keep_the_structured_input_product(fmt):
+    # At the video size (57,600 inputs) every format's factor GEMMs have long rows: rebuilding
+    # W_ih dense (1024 x 57,600) per call would cost far more than the product itself.
+    torch.manual_seed(0)
+    cell = kcprnn.LSTMCell(57600, 64, format=fmt)
+    assert not plan.input_is_dense(cell, rows=96, training=True)
+    assert not plan.input_is_dense(cell, rows=96, training=False)
+
+
+def test_narrow_inputs_rebuild_a_kcp_input_matrix():
+    # At 40 inputs KCP's factor GEMMs have inner dimensions of a few elements; one dense
+    # product over 4,800 rows is cheaper than the structured one.
+    torch.manual_seed(0)
+    cell = kcprnn.LSTMCell(40, 512, format="kcp")
+    assert plan.input_is_dense(cell, rows=300 * 16, training=True)

@@ -84,8 +84,9 @@ class CostModel:
     rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
     rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
     rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step
-    rnn_structured_input: float = 10.0  # a MAC of a structured input-to-hidden product (its
-    # small GEMMs and permutes run far below a large GEMM's rate)
+    rnn_structured_input: float = 360.0  # a MAC of a structured product over ``f`` inputs
+    # costs (1 + this / f): on narrow inputs its factor GEMMs have tiny inner dimensions and run
+    # far below a large GEMM's rate; on wide ones they run near it
     rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense), and
     # as much again for its backward
     rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step

@@ -48,6 +48,11 @@ def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
     return (1 + training) * (cm.rnn_rebuild * elements + macs)
 
 
+def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
+    """Price of one MAC of ``matrix``'s structured product, relative to a large GEMM's."""
+    return 1.0 + cm.rnn_structured_input / matrix.in_features
+
+
 def _input_costs(
     cell: RNNCellBase, rows: int, training: bool, cm: CostModel
 ) -> tuple[float, float]:
@@ -58,7 +63,7 @@ def _input_costs(
     dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
-    return passes * cm.rnn_structured_input * ih.macs(rows, training=training), dense
+    return passes * _structured_rate(ih, cm) * ih.macs(rows, training=training), dense
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
@@ -171,6 +176,6 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            structured += passes * cm.rnn_structured_input * m.macs(batch, training=training)
+            structured += passes * _structured_rate(m, cm) * m.macs(batch, training=training)
             structured += cm.rnn_cell_op * 8 * (1 + training)
     return dense <= structured
