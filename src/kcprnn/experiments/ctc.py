@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import GRU, LSTM, FactorizedMatrix
+from .. import FactorizedMatrix
+from .model import make_rnn
 
 __all__ = ["CTCModel", "beam_search", "error_rate", "greedy_decode"]
 
@@ -64,23 +65,20 @@ class CTCModel(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
         if num_symbols < 2:
             raise ValueError(f"num_symbols must count the blank and >= 1 symbol, got {num_symbols}")
-        rnn_class = LSTM if cell == "lstm" else GRU
-        self.rnn = rnn_class(
+        self.rnn = make_rnn(
+            cell,
             input_size,
             hidden_size,
             num_layers=num_layers,
-            batch_first=True,
             bidirectional=bidirectional,
-            device=device,
             format=format,
+            format_options=format_options,
             hidden_format=hidden_format,
+            hidden_options=hidden_options,
             hidden_modes=hidden_modes,
-            hidden_options=dict(hidden_options or {}),
-            **(format_options or {}),
+            device=device,
         )
         directions = 2 if bidirectional else 1
         self.output = nn.Linear(directions * hidden_size, num_symbols, device=device)

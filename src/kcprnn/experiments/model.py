@@ -21,9 +21,42 @@ from torch import Tensor, nn
 
 from .. import GRU, LSTM, FactorizedMatrix
 
-__all__ = ["READOUTS", "SequenceClassifier", "VideoClassifier"]
+__all__ = ["READOUTS", "SequenceClassifier", "VideoClassifier", "make_rnn"]
 
 READOUTS = ("last", "mean")
+
+
+def make_rnn(
+    cell: str,
+    input_size: int,
+    hidden_size: int,
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    format: str,
+    format_options: dict[str, Any] | None,
+    hidden_format: str,
+    hidden_options: dict[str, Any] | None,
+    hidden_modes: Sequence[Any] | None,
+    device: torch.device | str | None,
+) -> LSTM | GRU:
+    """The batch-first ``kcprnn.LSTM`` or ``GRU`` (``cell``) the experiment models run."""
+    if cell not in ("lstm", "gru"):
+        raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
+    rnn_class = LSTM if cell == "lstm" else GRU
+    return rnn_class(
+        input_size,
+        hidden_size,
+        num_layers=num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        device=device,
+        format=format,
+        hidden_format=hidden_format,
+        hidden_modes=hidden_modes,
+        hidden_options=dict(hidden_options or {}),
+        **(format_options or {}),
+    )
 
 
 class SequenceClassifier(nn.Module):
@@ -60,22 +93,20 @@ class SequenceClassifier(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {list(READOUTS)}, got readout={readout!r}")
-        rnn_class = LSTM if cell == "lstm" else GRU
-        self.rnn = rnn_class(
+        self.rnn = make_rnn(
+            cell,
             input_size,
             hidden_size,
-            batch_first=True,
+            num_layers=1,
             bidirectional=bidirectional,
-            device=device,
             format=format,
+            format_options=format_options,
             hidden_format=hidden_format,
+            hidden_options=hidden_options,
             hidden_modes=hidden_modes,
-            hidden_options=dict(hidden_options or {}),
-            **(format_options or {}),
+            device=device,
         )
         self.readout = readout
         self.hidden_size = hidden_size
