@@ -201,14 +201,19 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, str], int]:
     """Parse and check the header: ``(entries, metadata, start of the tensor data)``."""
     size = len(data)
-    _sniff(path, data[:8])
-    if size < 8:
+    n = int.from_bytes(data[:8], "little") if size >= 8 else -1
+    if not 0 <= n <= MAX_HEADER_BYTES:
+        # not a safetensors length field: name the formats that hold pickles, by their first bytes
+        _sniff(path, data[:8])
         raise LoadError(
-            f"{str(path)!r} is not a safetensors file: {size} bytes, shorter than the 8-byte "
-            "header length (an empty or truncated file)"
+            f"{str(path)!r} is not a safetensors file: "
+            + (
+                f"{size} bytes, shorter than the 8-byte header length (an empty or truncated file)"
+                if size < 8
+                else f"its first 8 bytes give a header length of {n:,} bytes"
+            )
         )
-    n = int.from_bytes(data[:8], "little")
-    if n > MAX_HEADER_BYTES or 8 + n > size:
+    if 8 + n > size:
         raise LoadError(
             f"{str(path)!r} is not a valid safetensors file: its header length field says "
             f"{n:,} bytes but the file holds {size - 8:,} bytes after it (a truncated file, or "
