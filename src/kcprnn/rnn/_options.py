@@ -15,13 +15,15 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..formats import FORMATS
 
 __all__ = [
     "check_arguments",
     "check_format",
+    "check_input_dtype",
     "check_modes",
     "check_torch_module",
     "fold_gates",
@@ -201,6 +203,15 @@ def check_arguments(
     if hidden_modes is None:
         return None
     return check_modes(hidden_modes, hidden, "hidden_modes", "hidden_size")
+
+
+def check_input_dtype(name: str, x: Tensor, module: nn.Module) -> None:
+    """A ``TypeError`` naming both dtypes unless ``x`` has the dtype of ``module``'s parameters
+    (in the words of ``torch.nn``'s recurrent modules); autocast regions may mix them."""
+    p = next(module.parameters(), None)
+    if p is None or x.dtype == p.dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(f"{name}: input must have the type {p.dtype}, got type {x.dtype}")
 
 
 def check_torch_module(owner: type, expected: type[nn.Module], module: object) -> None:
