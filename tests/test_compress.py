@@ -151,3 +151,17 @@ def test_run_folder_compressed_fine_tuned_and_evaluated(tmp_path, capsys):
     assert model.weight_ih.format_name == "kcp"
     printed = capsys.readouterr().out
     assert "fine-tune epoch 2" in printed and "decomposed" in printed
+
+
+def test_seeded_kcp_decomposition_repeats(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(nn.GRU(16, 8).state_dict(), tmp_path / "gru.safetensors")
+    reports = []
+    for name in ("a", "b"):
+        argv = [str(tmp_path / "gru.safetensors"), "--cell", "gru", "--out", str(tmp_path / name)]
+        assert cli_main(["compress", *argv, "--format", "kcp", "--rank", "2", "--seed", "3"]) == 0
+        reports.append(json.loads((tmp_path / name / "compress.json").read_text()))
+    assert reports[0]["matrices"] == reports[1]["matrices"]
+    a, b = (kcprnn.load(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())

@@ -417,6 +417,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, help="state_dict sources: checked if given")
     p.add_argument("--nonlinearity", default="tanh", help="state_dict sources, RNN: tanh|relu")
     p.add_argument("--batch-first", action="store_true", help="state_dict sources: batch_first")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the decompositions' random starts (ALS)"
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
@@ -470,6 +473,7 @@ def run(args: Any, extra: list[str], stream: Any) -> dict[str, Any]:
     modes = args.hidden_modes
     if modes is None and cfg is not None:
         modes = list(cfg.hidden_modes)
+    torch.manual_seed(args.seed)  # CP-ALS (KCP, CP) starts from random factors
     compressed: Any
     compressed, records = compress_rnn(
         dense,
@@ -489,6 +493,7 @@ def run(args: Any, extra: list[str], stream: Any) -> dict[str, Any]:
     report: dict[str, Any] = {
         "source": str(args.source),
         "source_kind": kind,
+        "seed": args.seed,
         "format": args.format,
         "hidden_format": args.hidden_format or "kept",
         "matrices": records,
