@@ -469,7 +469,13 @@ def run(args: Any, extra: list[str], stream: Any) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dense, cfg, meta, kind = _load_source(args)
+    dense, cfg, _, kind = _load_source(args)
+    classify = cfg is not None and hasattr(dense, "classifier")
+    if args.finetune_epochs and not classify:
+        raise ValueError(
+            "--finetune-epochs needs a classification run folder of kcprnn train as the source "
+            f"(its data and splits); the source is a {kind}"
+        )
     modes = args.hidden_modes
     if modes is None and cfg is not None:
         modes = list(cfg.hidden_modes)
@@ -502,12 +508,6 @@ def run(args: Any, extra: list[str], stream: Any) -> dict[str, Any]:
         "recurrent_compression": dense_count / small_count,
         "output_relative_error": _output_error(dense, compressed),
     }
-    classify = cfg is not None and hasattr(compressed, "classifier")
-    if args.finetune_epochs and not classify:
-        raise ValueError(
-            "--finetune-epochs needs a classification run folder of kcprnn train as the source "
-            f"(its data and splits); the source is a {kind}"
-        )
     if classify:
         from .train import evaluate, load_data, split_indices
 
