@@ -165,3 +165,15 @@ def test_seeded_kcp_decomposition_repeats(tmp_path):
     assert reports[0]["matrices"] == reports[1]["matrices"]
     a, b = (kcprnn.load(tmp_path / n / "model.safetensors") for n in ("a", "b"))
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_projection_matrices_follow_the_hidden_format():
+    model = kcprnn.LSTM(6, 8, proj_size=3, num_layers=2, format="dense")
+    small, records = compress_rnn(model, "tt", rank=64, hidden_format="tr", hidden_rank=64)
+    assert sorted({r["matrix"] for r in records}) == ["W_hh", "W_hr", "W_ih"]
+    for layer in range(2):
+        old, new = model.cell(layer), small.cell(layer)
+        for role, m in new.matrices().items():
+            assert m.format_name == ("tt" if role == "ih" else "tr")
+            dense = old.matrices()[role].to_dense()
+            torch.testing.assert_close(m.to_dense(), dense, atol=1e-5, rtol=1e-4)
