@@ -318,6 +318,12 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
             "compress", str(_saved(t)), "--out", str(t / "o"), "--format=tt", "--compression=1e6"
         ),
     ),
+    (
+        "compress of a run folder with a truncated checkpoint",
+        CliError,
+        r"checkpoint.safetensors' is truncated",
+        lambda t: cli("compress", str(_cut_run(t)), "--out", str(t / "o"), "--format=tt"),
+    ),
     # --- configuration files and values ---
     (
         "TOML syntax error",
@@ -473,6 +479,15 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         lambda t: kcprnn.save(nn.Linear(3, 2), t / "x.safetensors"),
     ),
 ]
+
+
+def _cut_run(tmp: Path) -> Path:
+    """A run folder whose checkpoint lost its last bytes."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "checkpoint.json").write_text("{}")
+    (run / "checkpoint.safetensors").write_bytes(_saved(tmp).read_bytes()[:-10])
+    return run
 
 
 def _h5_labels_only(tmp: Path) -> Path:

@@ -431,6 +431,10 @@ def _load_source(args: Any) -> tuple[Any, Any, dict[str, Any], str]:
     if src.is_dir():
         from .train import load_checkpoint
 
+        weights = src / "checkpoint.safetensors"
+        if weights.is_file():  # refuse a pickle, a truncated or a malformed file with LoadError
+            read_safetensors(weights)
+
         model, cfg, meta = load_checkpoint(src, device=args.device)
         return model, cfg, meta, "run folder"
     if not src.is_file():
