@@ -595,3 +595,12 @@ def test_a_training_run_writes_only_its_run_folder_and_cache(tmp_path, monkeypat
         f"experiments/{k}": v for k, v in _tree(repo / "experiments").items()
     }
     assert {k for k in repo_after if repo_before.get(k) != repo_after[k]} == set()
+
+
+def test_the_input_dtype_check_lets_autocast_mix_dtypes():
+    lstm, cell = kcprnn.LSTM(10, 8, format="dense"), kcprnn.GRUCell(10, 8, format="tt")
+    x = torch.randn(5, 3, 10).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lstm(x)[0].dtype == torch.bfloat16 and cell(x[0]).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="GRUCell: input must have the type torch.float32"):
+        cell(x[0])  # outside autocast the same input is refused

@@ -208,10 +208,23 @@ def check_arguments(
 def check_input_dtype(name: str, x: Tensor, module: nn.Module) -> None:
     """A ``TypeError`` naming both dtypes unless ``x`` has the dtype of ``module``'s parameters
     (in the words of ``torch.nn``'s recurrent modules); autocast regions may mix them."""
-    p = next(module.parameters(), None)
+    p = _first_parameter(module)
     if p is None or x.dtype == p.dtype or torch.is_autocast_enabled(x.device.type):
         return
     raise TypeError(f"{name}: input must have the type {p.dtype}, got type {x.dtype}")
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """The first parameter in ``module.parameters()`` order, found without the generator's
+    bookkeeping (a cell's bias is one dict lookup away): cheap enough for every step."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        found = None if child is None else _first_parameter(child)
+        if found is not None:
+            return found
+    return None
 
 
 def check_torch_module(owner: type, expected: type[nn.Module], module: object) -> None:
