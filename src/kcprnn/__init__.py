@@ -4,7 +4,8 @@ Formats: Kronecker CP (``"kcp"``, Wang et al., TNNLS 2023) with its two fast mul
 and the baselines CP, Tucker, TT, TR, BT and HT, all behind :class:`FactorizedLinear`, and
 drop-ins for ``torch.nn``'s recurrent modules (:class:`LSTM`, :class:`GRU`, :class:`RNN` and their
 cells) with compressed weights; :func:`summary` counts them. :class:`CostModel` holds the
-machine-tuned costs the formats plan with (``kcprnn calibrate`` measures them).
+machine-tuned costs the formats plan with (``kcprnn calibrate`` measures them). :func:`save` and
+:func:`load` write and read a model with its configuration as one safetensors file (no pickle).
 """
 
 from ._cpu import CostModel, default_cost_model
@@ -21,6 +22,7 @@ from .formats import (
     TuckerMatrix,
     make_matrix,
 )
+from .io import load, save
 from .layers import (
     BTLinear,
     CPLinear,
@@ -68,7 +70,9 @@ __all__ = [
     "RNNCell",
     "balanced_factors",
     "default_cost_model",
+    "load",
     "make_matrix",
+    "save",
     "summary",
     "__version__",
 ]

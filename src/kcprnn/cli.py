@@ -11,6 +11,10 @@ COMMANDS = {
         "train every format on the UCF11-like stand-in, print the table",
     ),
     "train": ("kcprnn.experiments.train", "train one experiment from a TOML config"),
+    "compress": (
+        "kcprnn.experiments.compress",
+        "decompose a trained LSTM/GRU into a format, fine-tune, report accuracy",
+    ),
     "report": ("kcprnn.experiments.report", "rebuild the results table and plot from run folders"),
     "bench": ("kcprnn.bench", "benchmark formats and RNNs (ours, dense, peers)"),
     "example": ("kcprnn.example", "build a KCP layer, check it against its dense reconstruction"),

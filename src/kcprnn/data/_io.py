@@ -34,5 +34,24 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def load_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """Read a ``.npy`` file written by :func:`save_npy_atomic` (pickle refused)."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """Read a ``.npy`` file written by :func:`save_npy_atomic` (pickle refused).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a ``.npy`` file, a truncated one, or one holding objects (a pickle); the
+            message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cache file {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise ValueError(f"it starts with {magic!r}, not a .npy header")
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a readable .npy array ({exc}); delete it and the cache "
+            "entry is rebuilt"
+        ) from None

@@ -282,12 +282,18 @@ def load_standin(spec: StandInSpec, cache_dir: str | os.PathLike | None = None) 
     folder = root / "standins" / f"{spec.kind}-{_cache_key(spec)}"
     meta_path = folder / "meta.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        try:
+            class_names = tuple(json.loads(meta_path.read_text())["class_names"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{str(meta_path)!r} is not a stand-in cache record ({exc!r}); delete the "
+                f"folder {str(folder)!r} and it is rebuilt"
+            ) from None
         return ClipSet(
             load_npy(folder / "frames.npy"),
             load_npy(folder / "labels.npy"),
             load_npy(folder / "groups.npy"),
-            tuple(meta["class_names"]),
+            class_names,
         )
     make = make_ucf11_like if spec.kind == "ucf11-like" else make_youtube_like
     clips = make(spec)

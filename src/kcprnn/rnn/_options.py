@@ -15,13 +15,15 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..formats import FORMATS
 
 __all__ = [
     "check_arguments",
     "check_format",
+    "check_input_dtype",
     "check_modes",
     "check_torch_module",
     "fold_gates",
@@ -201,6 +203,28 @@ def check_arguments(
     if hidden_modes is None:
         return None
     return check_modes(hidden_modes, hidden, "hidden_modes", "hidden_size")
+
+
+def check_input_dtype(name: str, x: Tensor, module: nn.Module) -> None:
+    """A ``TypeError`` naming both dtypes unless ``x`` has the dtype of ``module``'s parameters
+    (in the words of ``torch.nn``'s recurrent modules); autocast regions may mix them."""
+    p = _first_parameter(module)
+    if p is None or x.dtype == p.dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(f"{name}: input must have the type {p.dtype}, got type {x.dtype}")
+
+
+def _first_parameter(module: nn.Module) -> Tensor | None:
+    """The first parameter in ``module.parameters()`` order, found without the generator's
+    bookkeeping (a cell's bias is one dict lookup away): cheap enough for every step."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        found = None if child is None else _first_parameter(child)
+        if found is not None:
+            return found
+    return None
 
 
 def check_torch_module(owner: type, expected: type[nn.Module], module: object) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
 from ._options import (
     check_arguments,
+    check_input_dtype,
     check_torch_module,
     fold_gates,
     hidden_matrix_options,
@@ -205,6 +206,7 @@ class RNNCellBase(nn.Module):
                 f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.shape[-1]}"
             )
+        check_input_dtype(name, input, self)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (b, i)
         b = x.shape[0]

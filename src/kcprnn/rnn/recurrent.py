@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
-from ._options import check_arguments, check_torch_module, fold_gates
+from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from .kron import rebuild
 from .layer import check_batch_sizes, run_layer, scan, torch_layer
@@ -259,6 +259,7 @@ class RNNBase(nn.Module):
                 f"{mode}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {x.shape[-1]}"
             )
+        check_input_dtype(mode, x, self)
         k = self.num_layers * self.num_directions
         if hx is None:
             hx = tuple(x.new_zeros(k, batch, s) for s in self._state_sizes())  # (k, b, s)
