@@ -145,7 +145,6 @@ def init_distributed(device: str) -> tuple[Dist, str]:
     else:
         backend, comm = "gloo", torch.device("cpu")
     tdist.init_process_group(backend, rank=rank, world_size=world)
-    log.info("process %d of %d (%s, %s)", rank, world, backend, device)
     return Dist(rank, world, comm, owns_group=True), device
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 from .. import summary as model_summary
@@ -420,6 +421,14 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(device_name)
+    if d.active:
+        log.info(
+            "%d processes (%s), global batch %d: about %d rows per process",
+            d.world_size,
+            tdist.get_backend(),
+            cfg.batch_size,
+            cfg.batch_size // d.world_size,
+        )
     checkpoint = None
     if resume:
         checkpoint = read_checkpoint(run_dir)
