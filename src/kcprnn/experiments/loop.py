@@ -253,7 +253,9 @@ def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[f"rng/cuda/{i}"] for i in range(len(tensors)) if f"rng/cuda/{i}" in tensors]
+    cuda = [
+        tensors[f"rng/cuda/{i}"] for i in range(sum(k.startswith("rng/cuda/") for k in tensors))
+    ]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     kind, keys, pos, has_gauss, gauss = plain["numpy_global"]
@@ -390,10 +392,6 @@ def fit(
     metrics history (every rank)."""
     from safetensors.torch import load_file
 
-    net: nn.Module = model
-    if d.active:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
     pos = _Position()
@@ -417,6 +415,10 @@ def fit(
         if pos.numpy_epoch is not None:
             rng.bit_generator.state = pos.numpy_epoch
         log.info("resumed at epoch %d, step %d", pos.epoch + 1, pos.step)
+    net: nn.Module = model
+    if d.active:  # after loading: the ranks start from the same parameters anyway
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def save(
         epoch: int, step: int, sums: dict[str, float], elapsed: float, numpy_epoch: Any

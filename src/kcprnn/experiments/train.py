@@ -436,10 +436,11 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
         if "train_state" not in record:
             raise ValueError(f"the checkpoint in {str(run_dir)!r} holds weights only")
         check_resumable(record["config"], cfg)
-        if record["epoch"] > cfg.epochs:
+        started = record["epoch"] + (1 if record["step"] else 0)
+        if started > cfg.epochs:
             raise ConfigError(
                 f"epochs={cfg.epochs} but the run in {str(run_dir)!r} has already completed "
-                f"{record['epoch']} epochs"
+                f"{record['epoch']} epochs" + (" and started the next" if record["step"] else "")
             )
     metrics_path = run_dir / "metrics.jsonl"
     if d.is_main:
