@@ -20,10 +20,18 @@ import torch
 from safetensors.torch import load_file
 from test_resume import cli_args
 
+from kcprnn.data.speech import write_sphere
 from kcprnn.experiments import train as train_module
 from kcprnn.experiments.config import Config, ConfigError
 from kcprnn.experiments.loop import Dist, read_checkpoint, shard
-from kcprnn.experiments.train import train
+from kcprnn.experiments.speech import SpeechTask, build_ctc_model, load_speech_data
+from kcprnn.experiments.train import (
+    ClassificationTask,
+    build_model,
+    load_data,
+    split_indices,
+    train,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 ATOL = 5e-5
@@ -59,6 +67,11 @@ def _source_images():
         pytest.skip(str(exc))
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
 def test_shard_splits_a_global_batch_and_weights_the_ranks():
     rows = np.arange(10, 15)
     parts = [shard(rows, Dist(rank, 2)) for rank in (0, 1)]
@@ -72,6 +85,89 @@ def test_shard_splits_a_global_batch_and_weights_the_ranks():
     # single process: the whole batch
     p, n = shard(rows, Dist())
     assert p is rows and n == 5
+
+
+def _timit_tree(root: Path, lengths: list[int]) -> Path:
+    """A TIMIT layout: training utterances of ``lengths`` samples, one dev and one test."""
+    rng = np.random.default_rng(1)
+    phones = ["h#", "s", "ix", "n", "h#"]
+    names = [f"SI{100 + k}" for k in range(len(lengths))]
+    for split, speaker, items in (
+        ("TRAIN", "FCJF0", list(zip(names, lengths, strict=True))),
+        ("TEST", "MDAB0", [("SI1039", 4000)]),
+        ("TEST", "FAKS0", [("SI943", 4000)]),
+    ):
+        folder = root / "TIMIT" / split / "DR1" / speaker
+        folder.mkdir(parents=True)
+        for name, n in items:
+            write_sphere(folder / f"{name}.WAV", rng.normal(0, 0.1, n).astype(np.float32))
+            edges = np.linspace(0, n, len(phones) + 1).astype(int)
+            (folder / f"{name}.PHN").write_text(
+                "".join(
+                    f"{a} {b} {p}\n" for a, b, p in zip(edges[:-1], edges[1:], phones, strict=True)
+                )
+            )
+    return root / "TIMIT"
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _sharded_grads(task, model, batch: np.ndarray, world: int) -> list[torch.Tensor]:
+    """The gradient DDP averages over ``world`` ranks, each running its slice with the loop's
+    weight."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for rank in range(world):
+        rows, counted = shard(batch, Dist(rank, world))
+        model.zero_grad()
+        loss, _ = task.step(model, rows, batch)
+        (loss * (counted * world / len(batch))).backward()
+        total = [t + g / world for t, g in zip(total, _grads(model), strict=True)]
+    return total
+
+
+@pytest.mark.parametrize("kind", ["video", "speech"])
+def test_sharded_steps_average_to_the_global_batch_gradient(tmp_path, cache, kind):
+    """Slices of uneven batches (5 rows over 2 and 3 ranks; a single row, so that ranks run
+    with weight 0) give the whole batch's gradient; speech slices are padded like the batch."""
+    device = torch.device("cpu")
+    if kind == "video":
+        cfg = Config(**TINY, cache_dir=str(cache))
+        data = load_data(cfg)
+        train_idx, test_idx = split_indices(cfg, data)
+        task = ClassificationTask(cfg, data, train_idx, test_idx, train_idx[:0], device)
+        model = build_model(cfg, data.input_size, data.num_classes)
+        batch = np.sort(train_idx[:5])
+    else:
+        lengths = [3000, 9000, 4000, 6000, 5000]
+        cfg = Config(
+            dataset="timit",
+            data_dir=str(_timit_tree(tmp_path, lengths)),
+            cache_dir=str(tmp_path / "cache"),
+            hidden_size=8,
+            hidden_modes=(2, 4),
+            format="tt",
+            format_options={"rank": 2},
+            bidirectional=True,
+        )
+        data = load_speech_data(cfg)
+        task = SpeechTask(cfg, data, device)
+        model = build_ctc_model(cfg, data.input_size, data.num_symbols)
+        batch = data.train[:5]
+        assert len({len(data.frames[i]) for i in batch}) == 5
+    model.zero_grad()
+    task.step(model, batch, batch)[0].backward()
+    whole = _grads(model)
+    for world, rows in ((2, batch), (3, batch), (2, batch[:1])):
+        if len(rows) == 1:
+            model.zero_grad()
+            task.step(model, rows, rows)[0].backward()
+            whole_rows = _grads(model)
+        else:
+            whole_rows = whole
+        for a, b in zip(_sharded_grads(task, model, rows, world), whole_rows, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
@@ -109,8 +205,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    cache = tmp_path / "cache"
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, cache):
     one, two = tmp_path / "one", tmp_path / "two"
     train(Config(**TINY, cache_dir=str(cache), out_dir=str(one)))
     after_one_epoch = weights(one)

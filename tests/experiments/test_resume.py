@@ -303,6 +303,8 @@ def test_clear_errors(tmp_path, cache, reference, capsys):
     other = Config(**{**TINY, "lr": 5e-3}, cache_dir=str(cache), out_dir=str(reference))
     with pytest.raises(ConfigError, match=r"another config \(lr: 0.01 -> 0.005\)"):
         train(other, resume=True)
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 0, got checkpoint_every=-1"):
+        Config(checkpoint_every=-1)
     # the record names a file that is missing
     broken = tmp_path / "broken"
     shutil.copytree(reference, broken)

@@ -354,9 +354,11 @@ class Task(Protocol):
         """The epoch's global batches (sample indices), drawn from ``rng``."""
         ...
 
-    def step(self, net: nn.Module, rows: np.ndarray) -> tuple[Tensor, dict[str, float]]:
-        """The mean loss over ``rows`` (through ``net``, which may be the DDP wrapper) and the
-        step's sums (``stat_keys``)."""
+    def step(
+        self, net: nn.Module, rows: np.ndarray, batch: np.ndarray
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The mean loss over ``rows``, this process's slice of the global ``batch`` (through
+        ``net``, which may be the DDP wrapper), and the step's sums (``stat_keys``)."""
         ...
 
     def epoch_row(
@@ -469,7 +471,7 @@ def fit(
         start = time.perf_counter()
         for k in steps:
             rows, counted = shard(batches[k], d)
-            loss, stats = task.step(net, rows)  # mean over rows
+            loss, stats = task.step(net, rows, batches[k])  # mean over rows
             scale = counted * d.world_size / len(batches[k])
             optimizer.zero_grad(set_to_none=True)
             (loss if scale == 1.0 else loss * scale).backward()

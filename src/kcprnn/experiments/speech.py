@@ -97,11 +97,12 @@ def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
 
 
 def _batch(
-    data: SpeechSet, idx: np.ndarray, device: torch.device
+    data: SpeechSet, idx: np.ndarray, device: torch.device, padded: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-padded frames ``(b, T, D)``, frame counts, concatenated targets, target counts."""
+    """Frames zero-padded to the longest utterance (at least ``padded`` frames) ``(b, T, D)``,
+    frame counts, concatenated targets, target counts."""
     lengths = [len(data.frames[i]) for i in idx]
-    x = np.zeros((len(idx), max(lengths), data.input_size), dtype=np.float32)
+    x = np.zeros((len(idx), max(*lengths, padded), data.input_size), dtype=np.float32)
     for row, i in enumerate(idx):
         x[row, : lengths[row]] = data.frames[i]
     targets = np.concatenate([data.targets[i] for i in idx])
@@ -189,8 +190,13 @@ class SpeechTask:
     def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         return [self.batches[k] for k in rng.permutation(len(self.batches))]
 
-    def step(self, net: torch.nn.Module, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        x, lengths, targets, target_lengths = _batch(self.data, rows, self.device)
+    def step(
+        self, net: torch.nn.Module, rows: np.ndarray, batch: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # padded as long as the whole global batch: the backward direction reads the padding
+        # first, so each process's slice must see the padding one process would
+        padded = max(len(self.data.frames[i]) for i in batch)
+        x, lengths, targets, target_lengths = _batch(self.data, rows, self.device, padded)
         log_probs = net(x)  # (b, t, c)
         loss = torch.nn.functional.ctc_loss(
             log_probs.transpose(0, 1),

@@ -338,7 +338,9 @@ class ClassificationTask:
         # sorted rows: ascending reads from the frame array
         return [np.sort(order[s : s + size]) for s in range(0, len(order), size)]
 
-    def step(self, net: torch.nn.Module, rows: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(
+        self, net: torch.nn.Module, rows: np.ndarray, batch: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch_inputs(self.data, rows, self.device)  # (b, t, i)
         y = torch.from_numpy(self.data.labels[rows]).to(self.device)
         logits = net(x)  # (b, c)
