@@ -22,8 +22,9 @@ NumPy's global generator, Python's ``random``) and the names of the two tensor f
 to: ``checkpoint-<tag>.safetensors`` (the model's ``state_dict``, loadable on its own) and
 ``trainstate-<tag>.safetensors`` (the optimizer's tensors, torch's CPU and CUDA generator
 states). A save writes the two tensor files under new names, then replaces ``checkpoint.json``
-(temporary file + :func:`os.replace`), then deletes the files the old record named: a save cut
-short at any point leaves the previous record and the files it names intact. Nothing is pickled.
+(temporary file + :func:`os.replace`), then deletes the older tensor files (the previous
+checkpoint's and any an interrupted save left): a save cut short at any point leaves the previous
+record and the files it names intact. Nothing is pickled.
 
 There is no learning-rate scheduler (the rate stays ``lr``); the record says so
 (``"scheduler": null``).

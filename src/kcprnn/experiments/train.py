@@ -270,8 +270,6 @@ def evaluate(
 
 # --- files ---
 
-_write_json = write_json
-
 
 def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Config, dict]:
     """Rebuild the model of a run folder from its checkpoint (a :class:`SequenceClassifier`, or a
