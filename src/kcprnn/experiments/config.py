@@ -105,6 +105,7 @@ class Config:
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps; 0 = after each epoch only
     # --- output ---
     name: str = ""  # run name; "" = the preset's file name
     out_dir: str = ""  # run folder; "" = runs/<name>
@@ -141,8 +142,9 @@ class Config:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {key}={getattr(self, key)!r}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0, got threads={self.threads}")
+        for key in ("threads", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {key}={getattr(self, key)!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         if not self.lr > 0:

@@ -5,18 +5,18 @@ features (cached) with mean/variance normalization -> a stacked bidirectional (c
 LSTM/GRU with a linear CTC output -> Adam on the CTC loss over length-sorted batches -> after
 every epoch, decoding of the dev and test sets and their error rate: ``dev_per``/``test_per``
 (phone error rate; TIMIT scored on the 39 folded phones) or ``dev_wer``/``test_wer`` (word error
-rate) in ``metrics.jsonl``, with the epoch's training time.
+rate) in ``metrics.jsonl``, with the epoch's training time. The epochs run in the shared loop of
+:mod:`kcprnn.experiments.loop` (checkpoints, resuming, multi-process training).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from ..data.speech import (
 )
 from .config import Config
 from .ctc import CTCModel, beam_search, error_rate, greedy_decode
-from .train import _write_json, model_numbers, save_checkpoint
+from .loop import Dist, fit, write_json
+from .train import load_in_turn, model_numbers
 
 __all__ = [
     "build_ctc_model",
@@ -96,11 +97,12 @@ def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
 
 
 def _batch(
-    data: SpeechSet, idx: np.ndarray, device: torch.device
+    data: SpeechSet, idx: np.ndarray, device: torch.device, padded: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-padded frames ``(b, T, D)``, frame counts, concatenated targets, target counts."""
+    """Frames zero-padded to the longest utterance (at least ``padded`` frames) ``(b, T, D)``,
+    frame counts, concatenated targets, target counts."""
     lengths = [len(data.frames[i]) for i in idx]
-    x = np.zeros((len(idx), max(lengths), data.input_size), dtype=np.float32)
+    x = np.zeros((len(idx), max(*lengths, padded), data.input_size), dtype=np.float32)
     for row, i in enumerate(idx):
         x[row, : lengths[row]] = data.frames[i]
     targets = np.concatenate([data.targets[i] for i in idx])
@@ -171,11 +173,75 @@ def decode_split(
     return loss_sum / max(len(idx), 1), rate, hyps
 
 
-def train_speech(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, Any]:
-    """The speech part of :func:`kcprnn.experiments.train.train` (same run folder files)."""
-    metrics_path = run_dir / "metrics.jsonl"
+@dataclass
+class SpeechTask:
+    """CTC loss on length-sorted batches in shuffled order; after each epoch, decoding of the dev
+    and test sets (see :class:`kcprnn.experiments.loop.Task`)."""
+
+    cfg: Config
+    data: SpeechSet
+    device: torch.device
+    stat_keys: tuple[str, ...] = ("loss_sum",)
+
+    def __post_init__(self) -> None:
+        self.batches = _length_batches(self.data, self.data.train, self.cfg.batch_size)
+        self.metric = "per" if self.data.corpus.unit == "phone" else "wer"
+
+    def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        return [self.batches[k] for k in rng.permutation(len(self.batches))]
+
+    def step(
+        self, net: torch.nn.Module, rows: np.ndarray, batch: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # padded as long as the whole global batch: the backward direction reads the padding
+        # first, so each process's slice must see the padding one process would
+        padded = max(len(self.data.frames[i]) for i in batch)
+        x, lengths, targets, target_lengths = _batch(self.data, rows, self.device, padded)
+        log_probs = net(x)  # (b, t, c)
+        loss = torch.nn.functional.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            lengths,
+            target_lengths,
+            blank=0,
+            reduction="mean",
+            zero_infinity=True,
+        )
+        return loss, {"loss_sum": loss.item() * len(rows)}
+
+    def epoch_row(
+        self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float
+    ) -> dict[str, Any]:
+        cfg, data = self.cfg, self.data
+        start_eval = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss_sum"] / len(data.train)}
+        for split, idx in (("dev", data.dev), ("test", data.test)):
+            if len(idx):
+                split_loss, rate, _ = decode_split(
+                    cast(CTCModel, model), data, idx, cfg.batch_size, self.device, cfg.beam_size
+                )
+                row[f"{split}_loss"], row[f"{split}_{self.metric}"] = split_loss, rate
+        row.update(
+            epoch_seconds=seconds,
+            eval_seconds=time.perf_counter() - start_eval,
+            lr=cfg.lr,
+            skipped_utterances=len(data.skipped),
+        )
+        return row
+
+
+def train_speech(
+    cfg: Config,
+    run_dir: Path,
+    device: torch.device,
+    d: Dist | None = None,
+    checkpoint: Any = None,
+) -> dict[str, Any]:
+    """The speech part of :func:`kcprnn.experiments.train.train` (same run folder files);
+    ``checkpoint``: a :func:`~kcprnn.experiments.loop.read_checkpoint` result to resume from."""
+    d = d or Dist()
     start_load = time.perf_counter()
-    data = load_speech_data(cfg)
+    data = load_in_turn(d, lambda: load_speech_data(cfg))
     for path, reason in data.skipped:
         log.warning("skipped utterance %s: %s", path, reason)
     metric = "per" if data.corpus.unit == "phone" else "wer"
@@ -193,78 +259,13 @@ def train_speech(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, 
         time.perf_counter() - start_load,
     )
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     model = build_ctc_model(cfg, data.input_size, data.num_symbols)
     numbers = model_numbers(model)  # type: ignore[arg-type]
     log.info("model: %s", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batches = _length_batches(data, data.train, cfg.batch_size)
-    show_bar = cfg.progress and sys.stderr.isatty()
-    epoch_seconds, history = [], []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        loss_sum = 0.0
-        order = [batches[k] for k in rng.permutation(len(batches))]
-        if show_bar:
-            from tqdm import tqdm
-
-            bar: Any = tqdm(order, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", leave=False)
-        else:
-            bar = order
-        start = time.perf_counter()
-        for b in bar:
-            x, lengths, targets, target_lengths = _batch(data, b, device)
-            log_probs = model(x)  # (b, t, c)
-            loss = torch.nn.functional.ctc_loss(
-                log_probs.transpose(0, 1),
-                targets,
-                lengths,
-                target_lengths,
-                blank=0,
-                reduction="mean",
-                zero_infinity=True,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_sum += loss.item() * len(b)
-            if show_bar:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        epoch_seconds.append(seconds)
-        start_eval = time.perf_counter()
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / len(data.train)}
-        for split, idx in (("dev", data.dev), ("test", data.test)):
-            if len(idx):
-                split_loss, rate, _ = decode_split(
-                    model, data, idx, cfg.batch_size, device, cfg.beam_size
-                )
-                row[f"{split}_loss"], row[f"{split}_{metric}"] = split_loss, rate
-        row.update(
-            epoch_seconds=seconds,
-            eval_seconds=time.perf_counter() - start_eval,
-            lr=cfg.lr,
-            skipped_utterances=len(data.skipped),
-        )
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("epoch %d: %s", epoch, json.dumps(row))
-        save_checkpoint(
-            run_dir,
-            model,  # type: ignore[arg-type]
-            {
-                "config": cfg.to_dict(),
-                "epoch": epoch,
-                "metrics": row,
-                "input_size": data.input_size,
-                "class_names": ["<blank>", *data.corpus.vocabulary],
-            },
-        )
+    task = SpeechTask(cfg, data, device)
+    meta = {"input_size": data.input_size, "class_names": ["<blank>", *data.corpus.vocabulary]}
+    history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)
     key = f"test_{metric}"
     summary: dict[str, Any] = {
         "name": cfg.name or run_dir.name,
@@ -275,7 +276,7 @@ def train_speech(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, 
         "num_layers": cfg.num_layers,
         "bidirectional": cfg.bidirectional,
         **numbers,
-        "seconds_per_epoch": statistics.median(epoch_seconds),
+        "seconds_per_epoch": statistics.median(r["epoch_seconds"] for r in history),
         key: history[-1].get(key),
         f"best_{key}": min(r.get(key, float("inf")) for r in history),
     }
@@ -295,6 +296,8 @@ def train_speech(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, 
         skipped_utterances=len(data.skipped),
         device=str(device),
         torch_threads=torch.get_num_threads(),
+        world_size=d.world_size,
     )
-    _write_json(run_dir / "summary.json", summary)
+    if d.is_main:
+        write_json(run_dir / "summary.json", summary)
     return summary

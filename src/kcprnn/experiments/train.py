@@ -4,12 +4,15 @@ config -> data (real clips or a stand-in, split by the dataset's protocol; or sp
 SHD's layout, binned into frames batch by batch, with their released train/test split and a
 validation split) -> model (a compressed LSTM/GRU over the frames, last or mean hidden state ->
 linear) -> Adam -> epochs of training and evaluation -> a run folder with ``config.json``,
-``metrics.jsonl`` (one JSON line per epoch), ``checkpoint.safetensors`` + ``checkpoint.json``
-(rewritten atomically after every epoch), ``summary.json`` and ``run.log``. The speech data sets
-(CTC phone and character recognition) run the loop of :mod:`kcprnn.experiments.speech` and write
-the same files.
+``metrics.jsonl`` (one JSON line per epoch), a checkpoint (``checkpoint.json`` and the two
+safetensors files it names; saved after every epoch and every ``checkpoint_every`` steps, see
+:mod:`kcprnn.experiments.loop`), ``summary.json`` and ``run.log``. The speech data sets (CTC phone
+and character recognition) run the task of :mod:`kcprnn.experiments.speech` through the same loop
+and write the same files. Under ``torchrun`` the processes train one model together
+(DistributedDataParallel); ``--resume RUN_DIR`` continues a run from its last checkpoint.
 
-Python API: ``train(load_config("experiments/configs/ucf11_kcp.toml"))`` returns the summary.
+Python API: ``train(load_config("experiments/configs/ucf11_kcp.toml"))`` returns the summary;
+``train(resume_config("runs/ucf11_kcp"), resume=True)`` resumes.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 from .. import summary as model_summary
@@ -50,7 +53,18 @@ from .config import (
     STANDIN_DATASETS,
     Config,
     ConfigError,
+    apply_overrides,
     load_config,
+)
+from .loop import (
+    RESUMABLE_KEYS,
+    Dist,
+    check_resumable,
+    close_distributed,
+    fit,
+    init_distributed,
+    read_checkpoint,
+    write_json,
 )
 from .model import SequenceClassifier
 
@@ -60,6 +74,7 @@ __all__ = [
     "load_checkpoint",
     "load_data",
     "main",
+    "resume_config",
     "split_indices",
     "train",
 ]
@@ -239,7 +254,7 @@ def model_numbers(model: SequenceClassifier) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: SequenceClassifier, clips: Data, idx: np.ndarray, batch_size: int, device: torch.device
+    model: torch.nn.Module, clips: Data, idx: np.ndarray, batch_size: int, device: torch.device
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on the samples ``idx``."""
     model.eval()
@@ -256,36 +271,12 @@ def evaluate(
 # --- files ---
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def save_checkpoint(run_dir: Path, model: SequenceClassifier, meta: dict[str, Any]) -> None:
-    """``checkpoint.safetensors`` (weights) and ``checkpoint.json`` (config, epoch, metrics)."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(run_dir / "checkpoint.safetensors", save(tensors))
-    _write_json(run_dir / "checkpoint.json", meta)
-
-
 def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Config, dict]:
     """Rebuild the model of a run folder from its checkpoint (a :class:`SequenceClassifier`, or a
     :class:`~kcprnn.experiments.ctc.CTCModel` for speech). Returns ``(model, config, meta)``."""
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "checkpoint.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing checkpoint.json)")
-    meta = json.loads(meta_path.read_text())
+    meta, weights, _ = read_checkpoint(run_dir)
     cfg = Config(**{**meta["config"], "device": device})
     model: Any
     if cfg.dataset in SPEECH_DATASETS:  # a CTC model; class_names: the blank and the symbols
@@ -294,45 +285,174 @@ def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Conf
         model = build_ctc_model(cfg, meta["input_size"], len(meta["class_names"]))
     else:
         model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
-    model.load_state_dict(load_file(run_dir / "checkpoint.safetensors", device=device))
+    model.load_state_dict(load_file(weights, device=device))
     return model, cfg, meta
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config of the run in ``run_dir`` (its ``config.json``), for :func:`train` with
+    ``resume=True``. ``overrides`` may change only the keys that leave the steps already taken
+    alone: ``epochs`` (to extend the run), ``checkpoint_every``, ``device``, ``threads``,
+    ``progress``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``config.json``.
+        ConfigError: an override of another key.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no run to resume in {str(run_dir)!r} (missing config.json)")
+    allowed = [k for k in RESUMABLE_KEYS if k != "out_dir"]
+    for item in overrides or []:
+        key = item[2:].partition("=")[0] if item.startswith("--") else item
+        if key not in allowed:
+            raise ConfigError(
+                f"--resume continues the run's own config; only {allowed} may change, got {item!r}"
+            )
+    values = apply_overrides(json.loads(path.read_text()), overrides or [])
+    return Config(**{**values, "out_dir": str(run_dir)})
 
 
 # --- training ---
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run one experiment; returns the summary also written to ``summary.json``."""
+@dataclass
+class ClassificationTask:
+    """Cross-entropy on shuffled batches; after each epoch, test (and validation) loss and
+    accuracy (see :class:`kcprnn.experiments.loop.Task`)."""
+
+    cfg: Config
+    data: Data
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    valid_idx: np.ndarray
+    device: torch.device
+    stat_keys: tuple[str, ...] = ("loss_sum", "correct")
+
+    def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        order = rng.permutation(self.train_idx)
+        size = self.cfg.batch_size
+        # sorted rows: ascending reads from the frame array
+        return [np.sort(order[s : s + size]) for s in range(0, len(order), size)]
+
+    def step(
+        self, net: torch.nn.Module, rows: np.ndarray, batch: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch_inputs(self.data, rows, self.device)  # (b, t, i)
+        y = torch.from_numpy(self.data.labels[rows]).to(self.device)
+        logits = net(x)  # (b, c)
+        loss = F.cross_entropy(logits, y)
+        correct = (logits.argmax(1) == y).sum().item()
+        return loss, {"loss_sum": loss.item() * len(rows), "correct": correct}
+
+    def epoch_row(
+        self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float
+    ) -> dict[str, Any]:
+        cfg, n = self.cfg, len(self.train_idx)
+        test_loss, test_acc = evaluate(model, self.data, self.test_idx, cfg.batch_size, self.device)
+        row = {
+            "epoch": epoch,
+            "train_loss": sums["loss_sum"] / n,
+            "train_acc": sums["correct"] / n,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_seconds": seconds,
+            "lr": cfg.lr,
+            "skipped_clips": len(self.data.skipped),
+        }
+        if len(self.valid_idx):
+            row["valid_loss"], row["valid_acc"] = evaluate(
+                model, self.data, self.valid_idx, cfg.batch_size, self.device
+            )
+        return row
+
+
+def load_in_turn(d: Dist, load: Callable[[], Any]) -> Any:
+    """``load()`` on rank 0 first (it may fill a cache), then on the other ranks."""
+    if not d.is_main:
+        d.barrier()
+    result = load()
+    if d.is_main:
+        d.barrier()
+    return result
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Run one experiment; returns the summary also written to ``summary.json``.
+
+    With ``resume=True`` the run continues from the checkpoint in ``cfg.run_dir`` (see
+    :func:`resume_config`). Under ``torchrun`` every process calls this; each returns the summary
+    and only rank 0 writes files.
+    """
+    d, device_name = init_distributed(cfg.device)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log", mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = None
     pkg_logger = logging.getLogger("kcprnn")
-    pkg_logger.addHandler(handler)
-    if pkg_logger.level == logging.NOTSET or pkg_logger.level > logging.INFO:
-        pkg_logger.setLevel(logging.INFO)
+    ok = False
     try:
-        return _train(cfg, run_dir)
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(run_dir / "run.log", mode="a" if resume else "w")
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+            pkg_logger.addHandler(handler)
+            if pkg_logger.level == logging.NOTSET or pkg_logger.level > logging.INFO:
+                pkg_logger.setLevel(logging.INFO)
+        summary = _train(cfg, run_dir, d, device_name, resume)
+        ok = True
+        return summary
     finally:
-        pkg_logger.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            pkg_logger.removeHandler(handler)
+            handler.close()
+        close_distributed(d, wait=ok)
 
 
-def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) -> dict[str, Any]:
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but CUDA is not available")
+    if cfg.batch_size % d.world_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is the global batch and must split evenly over the "
+            f"{d.world_size} processes (WORLD_SIZE={d.world_size})"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    _write_json(run_dir / "config.json", cfg.to_dict())
+    device = torch.device(device_name)
+    if d.active:
+        log.info(
+            "%d processes (%s), global batch %d: about %d rows per process",
+            d.world_size,
+            tdist.get_backend(),
+            cfg.batch_size,
+            cfg.batch_size // d.world_size,
+        )
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(run_dir)
+        record = checkpoint[0]
+        if "train_state" not in record:
+            raise ValueError(f"the checkpoint in {str(run_dir)!r} holds weights only")
+        check_resumable(record["config"], cfg)
+        started = record["epoch"] + (1 if record["step"] else 0)
+        if started > cfg.epochs:
+            raise ConfigError(
+                f"epochs={cfg.epochs} but the run in {str(run_dir)!r} has already completed "
+                f"{record['epoch']} epochs" + (" and started the next" if record["step"] else "")
+            )
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    if d.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+        history = checkpoint[0]["history"] if checkpoint else []
+        metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
     if cfg.dataset in SPEECH_DATASETS:
         from .speech import train_speech
 
-        return train_speech(cfg, run_dir, device)
+        return train_speech(cfg, run_dir, device, d, checkpoint)
 
-    clips = load_data(cfg)
+    clips = load_in_turn(d, lambda: load_data(cfg))
     for path, reason in clips.skipped:
         log.warning("skipped clip %s: %s", path, reason)
     train_idx, test_idx = split_indices(cfg, clips)
@@ -349,77 +469,13 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     )
 
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg, clips.input_size, clips.num_classes)
     numbers = model_numbers(model)
     log.info("model: %s", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-    show_bar = cfg.progress and sys.stderr.isatty()
-    epoch_seconds, history = [], []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = rng.permutation(train_idx)
-        batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-        loss_sum, correct = 0.0, 0
-        if show_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                batches, desc=f"{cfg.format} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False
-            )
-        else:
-            bar = batches
-        start = time.perf_counter()
-        for b in bar:
-            b = np.sort(b)  # ascending reads from the frame array
-            x = batch_inputs(clips, b, device)  # (b, t, i)
-            y = torch.from_numpy(clips.labels[b]).to(device)
-            logits = model(x)  # (b, c)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_sum += loss.item() * len(b)
-            correct += (logits.argmax(1) == y).sum().item()
-            if show_bar:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        epoch_seconds.append(seconds)
-        test_loss, test_acc = evaluate(model, clips, test_idx, cfg.batch_size, device)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / len(train_idx),
-            "train_acc": correct / len(train_idx),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "epoch_seconds": seconds,
-            "lr": cfg.lr,
-            "skipped_clips": len(clips.skipped),
-        }
-        if len(valid_idx):
-            row["valid_loss"], row["valid_acc"] = evaluate(
-                model, clips, valid_idx, cfg.batch_size, device
-            )
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("epoch %d: %s", epoch, json.dumps(row))
-        save_checkpoint(
-            run_dir,
-            model,
-            {
-                "config": cfg.to_dict(),
-                "epoch": epoch,
-                "metrics": row,
-                "input_size": clips.input_size,
-                "class_names": list(clips.class_names),
-            },
-        )
+    task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device)
+    meta = {"input_size": clips.input_size, "class_names": list(clips.class_names)}
+    history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)
 
     summary = {
         "name": cfg.name or run_dir.name,
@@ -428,7 +484,7 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "format": cfg.format,
         "hidden_format": cfg.hidden_format,
         **numbers,
-        "seconds_per_epoch": statistics.median(epoch_seconds),
+        "seconds_per_epoch": statistics.median(r["epoch_seconds"] for r in history),
         "test_acc": history[-1]["test_acc"],
         "best_test_acc": max(r["test_acc"] for r in history),
         **({"valid_acc": history[-1]["valid_acc"]} if len(valid_idx) else {}),
@@ -441,8 +497,10 @@ def _train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "skipped_clips": len(clips.skipped),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "world_size": d.world_size,
     }
-    _write_json(run_dir / "summary.json", summary)
+    if d.is_main:
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -458,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         "the input-to-hidden (hidden-to-hidden) format.",
     )
     parser.add_argument("--config", help="a TOML preset, e.g. experiments/configs/ucf11_kcp.toml")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (overrides: only "
+        "--epochs, --checkpoint_every, --device, --threads, --progress)",
+    )
     parser.add_argument("--device", help="cpu | cuda | cuda:N (same as --device=...)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args, overrides = parser.parse_known_args(argv)
@@ -465,13 +529,23 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"--device={args.device}")
     if args.no_progress:
         overrides.append("--progress=false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 reports
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
-        cfg = load_config(args.config, overrides)
-        summary = train(cfg)
+        if args.resume:
+            if args.config:
+                raise ConfigError("--resume takes the run's own config: drop --config")
+            cfg = resume_config(args.resume, overrides)
+        else:
+            cfg = load_config(args.config, overrides)
+        summary = train(cfg, resume=bool(args.resume))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"kcprnn train: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    print(f"run folder: {cfg.run_dir}")
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
+        print(f"run folder: {cfg.run_dir}")
     return 0
