@@ -467,6 +467,12 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         ),
     ),
     (
+        "run folder with a corrupt checkpoint.json",
+        ValueError,
+        r"checkpoint.json' is not a valid checkpoint record",
+        lambda t: load_checkpoint(_corrupt_record(t)),
+    ),
+    (
         "run folder without a checkpoint",
         FileNotFoundError,
         r"missing checkpoint.json",
@@ -479,6 +485,14 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         lambda t: kcprnn.save(nn.Linear(3, 2), t / "x.safetensors"),
     ),
 ]
+
+
+def _corrupt_record(tmp: Path) -> Path:
+    """A run folder whose checkpoint.json was cut mid-write by something other than kcprnn."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "checkpoint.json").write_text('{"weights": "checkpoint-0-0')
+    return run
 
 
 def _cut_run(tmp: Path) -> Path:
@@ -582,9 +596,10 @@ def test_a_training_run_writes_only_its_run_folder_and_cache(tmp_path, monkeypat
     outside = sorted(k for k in changed if not k.startswith(("runs/tiny/", "cache/")))
     # (files only: the empty folder torch makes in the temp directory is checked below)
     assert outside == []
-    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.safetensors"} <= {
-        p.name for p in run.iterdir()
-    }
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.json"} <= names
+    weights = json.loads((run / "checkpoint.json").read_text())["weights"]
+    assert weights in names and weights.endswith(".safetensors")
     assert any(k.startswith("cache/standins/") for k in changed)  # the stand-in went to the cache
     assert not list(run.glob("*.tmp"))
     # torch itself (Adam's first step) makes an empty torchinductor_<user> folder in the temp

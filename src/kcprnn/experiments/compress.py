@@ -3,7 +3,7 @@ fine-tune it, and report the accuracy before and after.
 
 Sources:
 
-- a run folder of ``kcprnn train`` (``checkpoint.safetensors`` + ``checkpoint.json``); its data
+- a run folder of ``kcprnn train`` (``checkpoint.json`` and the weights file it names); its data
   (the same cache and splits) give the test accuracy of the dense model, of the decomposed model
   and after ``--finetune-epochs`` epochs of fine-tuning on its training split;
 - a file written by :func:`kcprnn.save` holding an LSTM, GRU, RNN or a model with one;
@@ -430,10 +430,6 @@ def _load_source(args: Any) -> tuple[Any, Any, dict[str, Any], str]:
     src = Path(args.source)
     if src.is_dir():
         from .train import load_checkpoint
-
-        weights = src / "checkpoint.safetensors"
-        if weights.is_file():  # refuse a pickle, a truncated or a malformed file with LoadError
-            read_safetensors(weights)
 
         model, cfg, meta = load_checkpoint(src, device=args.device)
         return model, cfg, meta, "run folder"

@@ -318,7 +318,12 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path, Path | N
     path = run_dir / "checkpoint.json"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint in {str(run_dir)!r} (missing checkpoint.json)")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not a valid checkpoint record ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{str(path)!r} is not a valid checkpoint record (not a JSON object)")
     weights = run_dir / record.get("weights", "checkpoint.safetensors")
     train_state = run_dir / record["train_state"] if "train_state" in record else None
     for p in (weights, train_state):
@@ -393,7 +398,7 @@ def fit(
     """Train ``model`` for the epochs of ``cfg`` (the rest of them when resuming from a
     :func:`read_checkpoint` result), write metrics lines and checkpoints (rank 0); returns the
     metrics history (every rank)."""
-    from safetensors.torch import load_file
+    from ..io import read_safetensors
 
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
@@ -402,8 +407,8 @@ def fit(
         record, weights_path, state_path = resume
         if state_path is None:
             raise ValueError(f"the checkpoint in {str(run_dir)!r} holds weights only")
-        model.load_state_dict(load_file(weights_path, device=str(device)))
-        state = load_file(state_path)
+        model.load_state_dict(read_safetensors(weights_path, device=device)[0])
+        state = read_safetensors(state_path)[0]
         _load_optimizer_state(optimizer, record["optimizer"], state)
         _set_rng_state(state, record["rng"])
         history = list(record["history"])

@@ -274,9 +274,12 @@ def evaluate(
 def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Config, dict]:
     """Rebuild the model of a run folder from its checkpoint (a :class:`SequenceClassifier`, or a
     :class:`~kcprnn.experiments.ctc.CTCModel` for speech). Returns ``(model, config, meta)``."""
-    from safetensors.torch import load_file
+    from ..io import read_safetensors
 
     meta, weights, _ = read_checkpoint(run_dir)
+    tensors = read_safetensors(weights, device=device)[0]  # a bad file: a LoadError naming it
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"the checkpoint record of {str(run_dir)!r} holds no config")
     cfg = Config(**{**meta["config"], "device": device})
     model: Any
     if cfg.dataset in SPEECH_DATASETS:  # a CTC model; class_names: the blank and the symbols
@@ -285,7 +288,7 @@ def load_checkpoint(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Conf
         model = build_ctc_model(cfg, meta["input_size"], len(meta["class_names"]))
     else:
         model = build_model(cfg, meta["input_size"], len(meta["class_names"]))
-    model.load_state_dict(load_file(weights, device=device))
+    model.load_state_dict(tensors)
     return model, cfg, meta
 
 
