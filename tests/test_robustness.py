@@ -338,6 +338,12 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         lambda t: load_config(_write(t, "range.toml", "epochs = 0\n")),
     ),
     (
+        "unknown hidden format in a preset, refused before any data loads",
+        ConfigError,
+        r"fmt.toml: hidden_format must be one of .*got hidden_format='svd'",
+        lambda t: load_config(_write(t, "fmt.toml", 'hidden_format = "svd"\n')),
+    ),
+    (
         "test fraction out of range",
         ConfigError,
         r"got 1.5",

@@ -117,6 +117,10 @@ class Config:
         for key in ("format_options", "hidden_options"):
             object.__setattr__(self, key, {k: _tupled(v) for k, v in getattr(self, key).items()})
         _check_choice(self.dataset, DATASETS, "dataset")
+        from ..formats import FORMATS  # registered by importing kcprnn.formats
+
+        _check_choice(self.format, tuple(FORMATS), "format")
+        _check_choice(self.hidden_format, tuple(FORMATS), "hidden_format")
         _check_choice(self.split, SPLITS, "split")
         _check_choice(self.cell, CELLS, "cell")
         _check_choice(self.readout, READOUTS, "readout")
