@@ -530,18 +530,20 @@ _P = ctypes.c_void_p
 _INT = ctypes.c_int
 _KRON = [_INT, _INT, _P, _P, _P, _P]  # factors, terms, sizes, matrix pointers, in/out index
 _RNN_SIGNATURES: dict[str, list] = {
-    # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first
-    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _INT, _INT],
-    # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, reverse, need_h0
-    "kcprnn_lstm_backward": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _INT, _INT],
-    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip_first
-    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _INT, _INT],
-    # steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, reverse, need_h0
-    "kcprnn_gru_backward": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _INT, _INT],
-    # steps, batch, hidden, gx, ldx, bias, hs, h0, reverse, relu, skip_first
-    "kcprnn_rnn_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _INT, _INT],
-    # steps, batch, hidden, hs, grad_hs, dh, dpre, reverse, relu, need_h0
-    "kcprnn_rnn_backward": [_I64, _I64, _I64, _P, _P, _P, _P, _INT, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, x_fm, reverse, skip_first
+    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 8, _INT, _INT],
+    # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, d_fm, dbias, reverse,
+    # need_h0
+    "kcprnn_lstm_backward": [_I64, _I64, _I64, *[_P] * 10, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, x_fm, reverse, skip_first
+    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 7, _INT, _INT],
+    # steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, d_fm, dbias, reverse,
+    # need_h0
+    "kcprnn_gru_backward": [_I64, _I64, _I64, *[_P] * 11, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, hs, h0, x_fm, reverse, relu, skip_first
+    "kcprnn_rnn_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _INT],
+    # steps, batch, hidden, hs, grad_hs, dh, dpre, d_fm, dbias, reverse, relu, need_h0
+    "kcprnn_rnn_backward": [_I64, _I64, _I64, *[_P] * 6, _INT, _INT, _INT],
     # rows, x, y
     "kcprnn_kron_apply": [_I64, _P, _P],
 }
@@ -673,12 +675,15 @@ def lstm_forward(
     reverse: bool,
     skip_first: bool,
     kron: KronArgs,
+    x_fm: Tensor | None = None,
 ) -> None:
     """A whole LSTM direction over the input projections ``gx`` ``(t b, 4h)`` (time-major
     rows with unit stride along the last axis, gates ``i, f, g, o``) and ``bias`` ``(4h,)`` or
     ``None``: ``gates`` ``(t, b, 4h)`` receives the activated gates and ``hs``, ``cs``, ``tcs``
     ``(t, b, h)`` the hidden states, the cell states and ``tanh`` of them, indexed by time.
-    ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero (no first product)."""
+    ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero (no first product); ``x_fm``
+    ``(t, b, h)``, where given, receives the state before every step (indexed by time) in the
+    Kronecker sum's factor-major order, the rows its factor gradients multiply."""
     lib = _require()
     steps, b, g = gates.shape
     h = g // 4
@@ -690,7 +695,10 @@ def lstm_forward(
             "gates": (gates, (steps, b, 4 * h)),
             "h0": (h0, (b, h)),
             "c0": (c0, (b, h)),
-            **{k: (v, (steps, b, h)) for k, v in (("hs", hs), ("cs", cs), ("tcs", tcs))},
+            **{
+                k: (v, (steps, b, h))
+                for k, v in (("hs", hs), ("cs", cs), ("tcs", tcs), ("x_fm", x_fm))
+            },
         },
     )
     _check_kron("lstm_forward", kron, h, 4 * h)
@@ -708,6 +716,7 @@ def lstm_forward(
         hs.data_ptr(),
         cs.data_ptr(),
         tcs.data_ptr(),
+        _ptr(x_fm),
         int(reverse),
         int(skip_first),
         *kron.args(),
@@ -726,12 +735,16 @@ def lstm_backward(
     reverse: bool,
     need_h0: bool,
     kron_t: KronArgs,
+    d_fm: Tensor | None = None,
+    dbias: Tensor | None = None,
 ) -> None:
     """The backward through time of :func:`lstm_forward`: ``acts``, ``cs``, ``tcs`` its
     outputs, ``grad_hs`` ``(t, b, h)`` the outputs' gradients; ``dh``, ``dc`` ``(b, h)`` hold
     the gradients of ``h_n`` and ``c_n`` and receive those of ``h0`` (when ``need_h0``) and
     ``c0``; ``dgates`` ``(t, b, 4h)`` receives the pre-activation gradients. ``kron_t``:
-    ``W_hh.T``."""
+    ``W_hh.T``. Where given, ``d_fm`` ``(t, b, 4h)`` receives ``dgates`` in ``W_hh``'s
+    factor-major output order and ``dbias`` ``(4h,)`` (zeroed by the caller) its sum over all
+    steps and rows."""
     lib = _require()
     steps, b, g = acts.shape
     h = g // 4
@@ -740,6 +753,8 @@ def lstm_backward(
         {
             "acts": (acts, (steps, b, 4 * h)),
             "dgates": (dgates, (steps, b, 4 * h)),
+            "d_fm": (d_fm, (steps, b, 4 * h)),
+            "dbias": (dbias, (4 * h,)),
             **{k: (v, (steps, b, h)) for k, v in (("cs", cs), ("tcs", tcs), ("grad_hs", grad_hs))},
             **{k: (v, (b, h)) for k, v in (("c0", c0), ("dh", dh), ("dc", dc))},
         },
@@ -758,6 +773,8 @@ def lstm_backward(
         dh.data_ptr(),
         dc.data_ptr(),
         dgates.data_ptr(),
+        _ptr(d_fm),
+        _ptr(dbias),
         int(reverse),
         int(need_h0),
         *kron_t.args(),
@@ -775,12 +792,14 @@ def gru_forward(
     reverse: bool,
     skip_first: bool,
     kron: KronArgs,
+    x_fm: Tensor | None = None,
 ) -> None:
     """A whole GRU direction over the input projections ``gx`` ``(t b, 3h)`` (time-major
     rows with unit stride along the last axis, gates ``r, z, n``; ``bias`` ``b_hh`` ``(3h,)`` or
     ``None``): ``gh`` ``(t, b, 3h)`` receives
     ``W_hh h + b_hh`` of every step, ``rz`` ``(t, b, 2h)`` the ``r, z`` gates, ``ns`` and
-    ``hs`` ``(t, b, h)`` the candidates and hidden states."""
+    ``hs`` ``(t, b, h)`` the candidates and hidden states; ``x_fm`` as in
+    :func:`lstm_forward`."""
     lib = _require()
     steps, b, h = hs.shape
     ldx = _rows("gru_forward", gx, steps * b, 3 * h)
@@ -793,6 +812,7 @@ def gru_forward(
             "rz": (rz, (steps, b, 2 * h)),
             "ns": (ns, (steps, b, h)),
             "hs": (hs, (steps, b, h)),
+            "x_fm": (x_fm, (steps, b, h)),
         },
     )
     _check_kron("gru_forward", kron, h, 3 * h)
@@ -809,6 +829,7 @@ def gru_forward(
         rz.data_ptr(),
         ns.data_ptr(),
         hs.data_ptr(),
+        _ptr(x_fm),
         int(reverse),
         int(skip_first),
         *kron.args(),
@@ -828,11 +849,13 @@ def gru_backward(
     reverse: bool,
     need_h0: bool,
     kron_t: KronArgs,
+    d_fm: Tensor | None = None,
+    dbias: Tensor | None = None,
 ) -> None:
     """The backward through time of :func:`gru_forward`: ``dh`` ``(b, h)`` holds the gradient
     of ``h_n`` and receives ``h0``'s (when ``need_h0``); ``dgx`` and ``dgh`` ``(t, b, 3h)``
     receive the gradients of the input projections and of ``W_hh h + b_hh``. ``kron_t``:
-    ``W_hh.T``."""
+    ``W_hh.T``; ``d_fm`` and ``dbias`` as in :func:`lstm_backward`, of ``dgh``."""
     lib = _require()
     steps, b, h = ns.shape
     _check(
@@ -840,7 +863,11 @@ def gru_backward(
         {
             "rz": (rz, (steps, b, 2 * h)),
             **{k: (v, (steps, b, h)) for k, v in (("ns", ns), ("hs", hs), ("grad_hs", grad_hs))},
-            **{k: (v, (steps, b, 3 * h)) for k, v in (("gh", gh), ("dgx", dgx), ("dgh", dgh))},
+            **{
+                k: (v, (steps, b, 3 * h))
+                for k, v in (("gh", gh), ("dgx", dgx), ("dgh", dgh), ("d_fm", d_fm))
+            },
+            "dbias": (dbias, (3 * h,)),
             "h0": (h0, (b, h)),
             "dh": (dh, (b, h)),
         },
@@ -860,6 +887,8 @@ def gru_backward(
         dh.data_ptr(),
         dgx.data_ptr(),
         dgh.data_ptr(),
+        _ptr(d_fm),
+        _ptr(dbias),
         int(reverse),
         int(need_h0),
         *kron_t.args(),
@@ -875,14 +904,24 @@ def rnn_forward(
     relu: bool,
     skip_first: bool,
     kron: KronArgs,
+    x_fm: Tensor | None = None,
 ) -> None:
     """A whole Elman direction over the input projections ``gx`` ``(t b, h)`` (time-major rows
     with unit stride along the last axis) and ``bias`` ``(h,)`` or ``None``: ``hs``
-    ``(t, b, h)`` receives the hidden states (``tanh``, or ``relu`` where ``relu``)."""
+    ``(t, b, h)`` receives the hidden states (``tanh``, or ``relu`` where ``relu``); ``x_fm``
+    as in :func:`lstm_forward`."""
     lib = _require()
     steps, b, h = hs.shape
     ldx = _rows("rnn_forward", gx, steps * b, h)
-    _check("rnn_forward", {"bias": (bias, (h,)), "hs": (hs, (steps, b, h)), "h0": (h0, (b, h))})
+    _check(
+        "rnn_forward",
+        {
+            "bias": (bias, (h,)),
+            "hs": (hs, (steps, b, h)),
+            "h0": (h0, (b, h)),
+            "x_fm": (x_fm, (steps, b, h)),
+        },
+    )
     _check_kron("rnn_forward", kron, h, h)
     _count((steps - int(skip_first)) * kron.macs(b))
     lib.kcprnn_rnn_forward(
@@ -894,6 +933,7 @@ def rnn_forward(
         _ptr(bias),
         hs.data_ptr(),
         h0.data_ptr(),
+        _ptr(x_fm),
         int(reverse),
         int(relu),
         int(skip_first),
@@ -910,19 +950,24 @@ def rnn_backward(
     relu: bool,
     need_h0: bool,
     kron_t: KronArgs,
+    d_fm: Tensor | None = None,
+    dbias: Tensor | None = None,
 ) -> None:
     """The backward through time of :func:`rnn_forward`: ``dh`` ``(b, h)`` holds the gradient
     of ``h_n`` and receives ``h0``'s (when ``need_h0``); ``dpre`` ``(t, b, h)`` receives the
-    pre-activation gradients. ``kron_t``: ``W_hh.T``."""
+    pre-activation gradients. ``kron_t``: ``W_hh.T``; ``d_fm`` and ``dbias`` as in
+    :func:`lstm_backward`, of ``dpre``."""
     lib = _require()
     steps, b, h = hs.shape
     _check(
         "rnn_backward",
         {
             **{
-                k: (v, (steps, b, h)) for k, v in (("hs", hs), ("grad_hs", grad_hs), ("dpre", dpre))
+                k: (v, (steps, b, h))
+                for k, v in (("hs", hs), ("grad_hs", grad_hs), ("dpre", dpre), ("d_fm", d_fm))
             },
             "dh": (dh, (b, h)),
+            "dbias": (dbias, (h,)),
         },
     )
     _check_kron("rnn_backward", kron_t, h, h)
@@ -935,6 +980,8 @@ def rnn_backward(
         grad_hs.data_ptr(),
         dh.data_ptr(),
         dpre.data_ptr(),
+        _ptr(d_fm),
+        _ptr(dbias),
         int(reverse),
         int(relu),
         int(need_h0),

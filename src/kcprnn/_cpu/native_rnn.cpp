@@ -193,19 +193,30 @@ struct Kron {
     acc.resize((size_t)(rows * out));
   }
 
+  // dst (rows, in) = x (rows, in) in factor-major order (a copy where there is no permutation)
+  void gather(const float* x, float* dst) const {
+    if (in_index.empty()) {
+      memcpy(dst, x, sizeof(float) * rows * in);
+      return;
+    }
+    const int32_t* ix = in_index.data();
+    for (i64 b = 0; b < rows; b++) {
+      const float* xb = x + b * in;
+      float* fb = dst + b * in;
+      for (i64 m = 0; m < in; m++) fb[m] = xb[ix[m]];
+    }
+  }
+
   // acc (rows, out) in factor-major order = W x for x (rows, in) contiguous, natural order;
   // read the natural output j at acc[b * out + index(j)]
   void apply(const float* x) {
-    const float* src = x;
-    if (!in_index.empty()) {
-      const int32_t* ix = in_index.data();
-      for (i64 b = 0; b < rows; b++) {
-        const float* xb = x + b * in;
-        float* fb = xf.data() + b * in;
-        for (i64 m = 0; m < in; m++) fb[m] = xb[ix[m]];
-      }
-      src = xf.data();
-    }
+    if (in_index.empty()) return apply_fm(x);
+    gather(x, xf.data());
+    apply_fm(xf.data());
+  }
+
+  // the same for x already in factor-major order
+  void apply_fm(const float* src) {
     for (int t = 0; t < terms; t++) {
       const float* z = src;
       for (int k = n - 1; k >= 0; k--) {
@@ -350,6 +361,47 @@ static void rnn_back(i64 n, const float* R hs, const float* R dh, const float* R
 }
 
 // ---------------------------------------------------------------------------------------------
+// The optional outputs every sequence function takes for the factor gradients (computed by the
+// caller over all steps at once): x_fm (t, b, in) receives the product's input of every step
+// (the state before it) in factor-major order, indexed by time (forward); d_fm (t, b, in of
+// W^T) the gradient that the transposed product reads, in factor-major order (backward); and
+// dbias (g) the sum over all steps and rows of the gradient of W_hh h + b_hh.
+
+// x_fm[t] = the state before step t (h, of rows x in) in factor-major order; returns where the
+// product reads it
+static const float* product_input(const Kron& kron, const float* h, float* x_fm, i64 t) {
+  if (!x_fm) return h;
+  float* dst = x_fm + t * kron.rows * kron.in;
+  kron.gather(h, dst);
+  return dst;
+}
+
+// the product of step t's state, from the state itself (natural order) or its factor-major copy
+static void forward_product(Kron& kron, const float* h, const float* fm) {
+  if (fm != h)
+    kron.apply_fm(fm);
+  else
+    kron.apply(h);
+}
+
+// the transposed product of d (rows, in of W^T), its factor-major copy kept in d_fm[t] when
+// given; apply: whether the product is needed (else only the copy is made)
+static void backward_product(Kron& kron, const float* d, float* d_fm, i64 t, bool apply) {
+  if (d_fm) {
+    float* dst = d_fm + t * kron.rows * kron.in;
+    kron.gather(d, dst);
+    if (apply) kron.apply_fm(dst);
+  } else if (apply) {
+    kron.apply(d);
+  }
+}
+
+static void add_rows(i64 rows, i64 n, const float* R d, float* R sum) {
+  for (i64 b = 0; b < rows; b++)
+    for (i64 j = 0; j < n; j++) sum[j] += d[b * n + j];
+}
+
+// ---------------------------------------------------------------------------------------------
 // LSTM: gates (t, b, 4h) in the order i, f, g, o
 
 // gx: the input projections, row (t, b) at gx + (t * batch + b) * ldx; bias (4h) or null;
@@ -358,7 +410,7 @@ static void rnn_back(i64 n, const float* R hs, const float* R dh, const float* R
 extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const float* gx, i64 ldx,
                                     const float* bias, float* gates, const float* h0,
                                     const float* c0, float* hs, float* cs, float* tcs,
-                                    int reverse, int skip_first, KRON_ARGS) {
+                                    float* x_fm, int reverse, int skip_first, KRON_ARGS) {
   KRON(batch);
   const i64 g4 = 4 * hidden, bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -367,7 +419,8 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(s, steps, reverse);
     bool product = !(s == 0 && skip_first);
-    if (product) kron.apply(h);
+    const float* fm = product_input(kron, h, x_fm, t);
+    if (product) forward_product(kron, h, fm);
     for (i64 b = 0; b < batch; b++) {
       float* g = gates + (t * batch + b) * g4;
       const float* a = product ? kron.acc.data() + b * g4 : nullptr;
@@ -386,7 +439,8 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
 extern "C" void kcprnn_lstm_backward(i64 steps, i64 batch, i64 hidden, const float* acts,
                                      const float* cs, const float* tcs, const float* c0,
                                      const float* grad_hs, float* dh, float* dc, float* dgates,
-                                     int reverse, int need_h0, KRON_ARGS) {
+                                     float* d_fm, float* dbias, int reverse, int need_h0,
+                                     KRON_ARGS) {
   KRON(batch);
   const i64 g4 = 4 * hidden, bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -395,16 +449,18 @@ extern "C" void kcprnn_lstm_backward(i64 steps, i64 batch, i64 hidden, const flo
     bool first = s == steps - 1;                           // the forward's first step
     i64 tp = reverse ? t + 1 : t - 1;                      // the step before t
     const float* cprev = first ? c0 : cs + tp * bh;
+    float* d = dgates + t * batch * g4;
     for (i64 b = 0; b < batch; b++) {
-      i64 o = t * bh + b * hidden, og = (t * batch + b) * g4;
-      lstm_cell_back(hidden, acts + og, tcs + o, cprev + b * hidden, grad_hs + o,
-                     dh + b * hidden, dc + b * hidden, dgates + og);
+      i64 o = t * bh + b * hidden, og = b * g4;
+      lstm_cell_back(hidden, acts + t * batch * g4 + og, tcs + o, cprev + b * hidden,
+                     grad_hs + o, dh + b * hidden, dc + b * hidden, d + og);
     }
-    if (!first || need_h0) {
-      kron.apply(dgates + t * batch * g4);
+    if (dbias) add_rows(batch, g4, d, dbias);
+    bool apply = !first || need_h0;
+    backward_product(kron, d, d_fm, t, apply);
+    if (apply)
       for (i64 b = 0; b < batch; b++)
         set_product(hidden, dh + b * hidden, kron.acc.data() + b * hidden, oi);
-    }
   }
 }
 
@@ -416,7 +472,8 @@ extern "C" void kcprnn_lstm_backward(i64 steps, i64 batch, i64 hidden, const flo
 // hidden states.
 extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float* gx, i64 ldx,
                                    const float* bias, const float* h0, float* gh, float* rz,
-                                   float* ns, float* hs, int reverse, int skip_first, KRON_ARGS) {
+                                   float* ns, float* hs, float* x_fm, int reverse,
+                                   int skip_first, KRON_ARGS) {
   KRON(batch);
   const i64 g3 = 3 * hidden, bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -424,7 +481,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(s, steps, reverse);
     bool product = !(s == 0 && skip_first);
-    if (product) kron.apply(h);
+    const float* fm = product_input(kron, h, x_fm, t);
+    if (product) forward_product(kron, h, fm);
     for (i64 b = 0; b < batch; b++) {
       i64 og = (t * batch + b) * g3, o = t * bh + b * hidden;
       float* g = gh + og;
@@ -434,8 +492,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
         for (i64 j = 0; j < g3; j++) g[j] = 0.0f;
       if (bias)
         for (i64 j = 0; j < g3; j++) g[j] += bias[j];
-      gru_cell(hidden, gx + (t * batch + b) * ldx, g, h + b * hidden, rz + (t * batch + b) * 2 * hidden, ns + o,
-               hs + o);
+      gru_cell(hidden, gx + (t * batch + b) * ldx, g, h + b * hidden,
+               rz + (t * batch + b) * 2 * hidden, ns + o, hs + o);
     }
     h = hs + t * bh;
   }
@@ -447,7 +505,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
 extern "C" void kcprnn_gru_backward(i64 steps, i64 batch, i64 hidden, const float* rz,
                                     const float* ns, const float* gh, const float* hs,
                                     const float* h0, const float* grad_hs, float* dh, float* dgx,
-                                    float* dgh, int reverse, int need_h0, KRON_ARGS) {
+                                    float* dgh, float* d_fm, float* dbias, int reverse,
+                                    int need_h0, KRON_ARGS) {
   KRON(batch);
   const i64 g3 = 3 * hidden, bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -461,11 +520,13 @@ extern "C" void kcprnn_gru_backward(i64 steps, i64 batch, i64 hidden, const floa
       gru_cell_back(hidden, rz + (t * batch + b) * 2 * hidden, ns + o, gh + og,
                     hprev + b * hidden, grad_hs + o, dh + b * hidden, dgx + og, dgh + og);
     }
-    if (!first || need_h0) {
-      kron.apply(dgh + t * batch * g3);
+    const float* d = dgh + t * batch * g3;
+    if (dbias) add_rows(batch, g3, d, dbias);
+    bool apply = !first || need_h0;
+    backward_product(kron, d, d_fm, t, apply);
+    if (apply)
       for (i64 b = 0; b < batch; b++)
         add_product(hidden, dh + b * hidden, kron.acc.data() + b * hidden, oi);
-    }
   }
 }
 
@@ -475,8 +536,8 @@ extern "C" void kcprnn_gru_backward(i64 steps, i64 batch, i64 hidden, const floa
 // gx: the input projections, row (t, b) at gx + (t * batch + b) * ldx; bias (h) or null;
 // hs (t, b, h): receives the hidden states.
 extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float* gx, i64 ldx,
-                                   const float* bias, float* hs, const float* h0, int reverse, int relu, int skip_first,
-                                   KRON_ARGS) {
+                                   const float* bias, float* hs, const float* h0, float* x_fm,
+                                   int reverse, int relu, int skip_first, KRON_ARGS) {
   KRON(batch);
   const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -484,7 +545,8 @@ extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(s, steps, reverse);
     bool product = !(s == 0 && skip_first);
-    if (product) kron.apply(h);
+    const float* fm = product_input(kron, h, x_fm, t);
+    if (product) forward_product(kron, h, fm);
     for (i64 b = 0; b < batch; b++) {
       float* p = hs + t * bh + b * hidden;
       const float* a = product ? kron.acc.data() + b * hidden : nullptr;
@@ -498,8 +560,9 @@ extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float
 // dpre (t, b, h): the pre-activation gradients; dh (b, h): the gradient of h_n, overwritten
 // with h0's (complete only when need_h0). The Kronecker sum is W^T's.
 extern "C" void kcprnn_rnn_backward(i64 steps, i64 batch, i64 hidden, const float* hs,
-                                    const float* grad_hs, float* dh, float* dpre, int reverse,
-                                    int relu, int need_h0, KRON_ARGS) {
+                                    const float* grad_hs, float* dh, float* dpre, float* d_fm,
+                                    float* dbias, int reverse, int relu, int need_h0,
+                                    KRON_ARGS) {
   KRON(batch);
   const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -508,11 +571,12 @@ extern "C" void kcprnn_rnn_backward(i64 steps, i64 batch, i64 hidden, const floa
     bool first = s == steps - 1;
     float* d = dpre + t * bh;
     rnn_back(bh, hs + t * bh, dh, grad_hs + t * bh, d, relu);
-    if (!first || need_h0) {
-      kron.apply(d);
+    if (dbias) add_rows(batch, hidden, d, dbias);
+    bool apply = !first || need_h0;
+    backward_product(kron, d, d_fm, t, apply);
+    if (apply)
       for (i64 b = 0; b < batch; b++)
         set_product(hidden, dh + b * hidden, kron.acc.data() + b * hidden, oi);
-    }
   }
 }
 

@@ -115,6 +115,12 @@ class _Kron:
             self._t = (mats, layout, layout.indices(d.device))
         return kron_apply(d, *self._t)  # (b, h)
 
+    def grads_fm(self, grad: Tensor, x: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        """The factors' gradients from all steps' ``grad`` ``(t, b, g)`` and inputs ``x``
+        ``(t, b, h)``, both in factor-major order (as the compiled kernels write them)."""
+        n = grad.shape[0] * grad.shape[1]
+        return kron_grads(x.view(n, -1), grad.view(n, -1), self.mats, needs)
+
     def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
         in_index, out_index = self.index
         if in_index is not None:  # both sides in factor-major order
@@ -195,7 +201,10 @@ class _LSTMSequence(torch.autograd.Function):
             hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
             cs, tcs = torch.empty_like(hs), torch.empty_like(hs)  # (t, b, h)
             skip = _is_zero(h0)
-            native.lstm_forward(gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args())
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
+            native.lstm_forward(
+                gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), ctx.x_fm
+            )
         else:
             gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
             gates = gates + bias if bias is not None else gates.clone()  # (t, b, 4h)
@@ -217,9 +226,9 @@ class _LSTMSequence(torch.autograd.Function):
         steps, b, four_h = acts.shape
         hidden = four_h // 4
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
-        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         if ctx.native:
             dgates = torch.empty_like(acts)  # (t, b, 4h)
+            d_fm, dbias = _native_backward_buffers(ctx, acts, 3)
             dh, dc = _fresh(grad_hn), _fresh(grad_cn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
             native.lstm_backward(
@@ -234,8 +243,12 @@ class _LSTMSequence(torch.autograd.Function):
                 reverse,
                 need_h0,
                 prod.args_t(),
+                d_fm,
+                dbias,
             )
-            return _lstm_grads(ctx, dgates, h_prev, dh, dc)
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
+            return _lstm_grads(ctx, dgates, grad_w, dbias, dh, dc)
+        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         c_prev = _previous(cs, c0, reverse)  # (t, b, h)
         i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
         o_dtc = torch.addcmul(o, o * tc, tc, value=-1)  # (t, b, h): d c / d h via o tanh(c)
@@ -256,7 +269,28 @@ class _LSTMSequence(torch.autograd.Function):
             dc = dc * f[t]
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = prod.back(d)  # (b, h)
-        return _lstm_grads(ctx, dgates, h_prev, dh, dc)
+        flat = dgates.view(steps * b, four_h)  # (n, 4h)
+        grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
+        return _lstm_grads(ctx, dgates, grad_w, grad_bias, dh, dc)
+
+
+def _native_backward_buffers(
+    ctx, like: Tensor, bias_at: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """For a compiled backward: the factor-major gradient rows ``(t, b, g)`` when the factors'
+    gradients are wanted (the forward kept their inputs), and the bias gradient ``(g,)`` (zero)
+    when wanted (``bias_at``: the bias's input position)."""
+    d_fm = torch.empty_like(like) if ctx.x_fm is not None else None
+    wanted = ctx.has_bias and ctx.needs_input_grad[bias_at]
+    dbias = like.new_zeros(like.shape[2]) if wanted else None
+    return d_fm, dbias
+
+
+def _native_weight_grads(ctx, d_fm: Tensor | None, needs: Sequence[bool]) -> list[Tensor | None]:
+    if d_fm is None:
+        return [None] * len(needs)
+    return ctx.prod.grads_fm(d_fm, ctx.x_fm, needs)
 
 
 def _fresh(grad: Tensor) -> Tensor:
@@ -264,15 +298,19 @@ def _fresh(grad: Tensor) -> Tensor:
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
-def _lstm_grads(ctx, dgates: Tensor, h_prev: Tensor, dh: Tensor, dc: Tensor) -> tuple:
-    """The gradients :meth:`_LSTMSequence.backward` returns, from the pre-activation gradients
-    ``dgates`` ``(t, b, 4h)``, the states before every step and those of ``h0`` and ``c0``."""
+def _lstm_grads(
+    ctx,
+    dgates: Tensor,
+    grad_w: Sequence[Tensor | None],
+    grad_bias: Tensor | None,
+    dh: Tensor,
+    dc: Tensor,
+) -> tuple:
+    """What :meth:`_LSTMSequence.backward` returns, from the pre-activation gradients
+    ``dgates`` ``(t, b, 4h)``, the weights' and the bias's, and those of ``h0`` and ``c0``."""
     steps, b, four_h = dgates.shape
-    flat = dgates.view(steps * b, four_h)  # (n, 4h)
-    grad_w = ctx.prod.grads(flat, h_prev.view(steps * b, -1), ctx.needs_input_grad[6:])
-    grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
     grad_h0 = dh if ctx.needs_input_grad[1] else None
-    return flat, grad_h0, dc, grad_bias, None, None, *grad_w
+    return dgates.view(steps * b, four_h), grad_h0, dc, grad_bias, None, None, *grad_w
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -303,7 +341,10 @@ class _GRUSequence(torch.autograd.Function):
             h0 = h0.contiguous()
             bias = None if bias is None else bias.contiguous()
             skip = _is_zero(h0)
-            native.gru_forward(_rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args())
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[5:]) else None
+            native.gru_forward(
+                _rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args(), ctx.x_fm
+            )
         else:
             gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
             h = h0
@@ -332,10 +373,10 @@ class _GRUSequence(torch.autograd.Function):
         rz, ns, gh, reverse, prod = ctx.rz, ctx.ns, ctx.gh, ctx.reverse, ctx.prod
         steps, b, hidden = ns.shape
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
-        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         if ctx.native:
             dgx = torch.empty_like(gh)  # (t, b, 3h): gradients of the input projections
             dgh = torch.empty_like(gh)  # (t, b, 3h): gradients of W_hh h + b_hh
+            d_fm, dbias = _native_backward_buffers(ctx, gh, 2)
             dh = _fresh(grad_hn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
             native.gru_backward(
@@ -351,8 +392,12 @@ class _GRUSequence(torch.autograd.Function):
                 reverse,
                 need_h0,
                 prod.args_t(),
+                d_fm,
+                dbias,
             )
-            return _gru_grads(ctx, dgx, dgh, h_prev, dh)
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[5:])
+            return _gru_grads(ctx, dgx, grad_w, dbias, dh)
+        h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
         one_minus_z = 1 - z  # (t, b, h)
         tanh_deriv = 1 - ns * ns  # (t, b, h)
@@ -373,19 +418,20 @@ class _GRUSequence(torch.autograd.Function):
             torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden :])
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = (dh * z[t]).add_(prod.back(dhh))  # (b, h)
-        return _gru_grads(ctx, dgx, dgh, h_prev, dh)
+        flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
+        grad_w = prod.grads(flat_h, h_prev.view(steps * b, hidden), ctx.needs_input_grad[5:])
+        grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return _gru_grads(ctx, dgx, grad_w, grad_bias, dh)
 
 
-def _gru_grads(ctx, dgx: Tensor, dgh: Tensor, h_prev: Tensor, dh: Tensor) -> tuple:
-    """The gradients :meth:`_GRUSequence.backward` returns, from those of the input projections
-    and of ``W_hh h + b_hh`` ``(t, b, 3h)``, the states before every step and ``h0``'s."""
+def _gru_grads(
+    ctx, dgx: Tensor, grad_w: Sequence[Tensor | None], grad_bias: Tensor | None, dh: Tensor
+) -> tuple:
+    """What :meth:`_GRUSequence.backward` returns, from the gradients of the input projections
+    ``(t, b, 3h)``, the weights', the bias's and ``h0``'s."""
     steps, b, three_h = dgx.shape
-    flat_x = dgx.view(steps * b, three_h)  # (n, 3h)
-    flat_h = dgh.view(steps * b, three_h)  # (n, 3h)
-    grad_w = ctx.prod.grads(flat_h, h_prev.view(steps * b, -1), ctx.needs_input_grad[5:])
-    grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     grad_h0 = dh if ctx.needs_input_grad[1] else None
-    return flat_x, grad_h0, grad_bias, None, None, *grad_w
+    return dgx.view(steps * b, three_h), grad_h0, grad_bias, None, None, *grad_w
 
 
 class _RNNSequence(torch.autograd.Function):
@@ -414,7 +460,10 @@ class _RNNSequence(torch.autograd.Function):
             bias = None if bias is None else bias.contiguous()
             hs = gates_x.new_empty(steps, b, hidden)  # (t, b, h)
             skip = _is_zero(h0)
-            native.rnn_forward(_rows(gates_x), bias, hs, h0, reverse, relu, skip, prod.args())
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
+            native.rnn_forward(
+                _rows(gates_x), bias, hs, h0, reverse, relu, skip, prod.args(), ctx.x_fm
+            )
         else:
             hs = gates_x.reshape(steps, b, hidden)  # (t, b, h)
             hs = hs + bias if bias is not None else hs.clone()  # (t, b, h): pre-activations
@@ -437,12 +486,24 @@ class _RNNSequence(torch.autograd.Function):
         steps, b, hidden = hs.shape
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
         dpre = torch.empty_like(hs)  # (t, b, h)
+        flat = dpre.view(steps * b, hidden)  # (n, h)
         if ctx.native:
+            d_fm, grad_bias = _native_backward_buffers(ctx, hs, 2)
             dh = _fresh(grad_hn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
             native.rnn_backward(
-                hs, grad_hs.contiguous(), dh, dpre, reverse, ctx.relu, need_h0, prod.args_t()
+                hs,
+                grad_hs.contiguous(),
+                dh,
+                dpre,
+                reverse,
+                ctx.relu,
+                need_h0,
+                prod.args_t(),
+                d_fm,
+                grad_bias,
             )
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
         else:
             deriv = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs  # (t, b, h)
             dh = grad_hn.clone()  # (b, h)
@@ -452,10 +513,9 @@ class _RNNSequence(torch.autograd.Function):
                 d = torch.mul(dh, deriv[t], out=dpre[t])  # (b, h)
                 if t != order[-1] or ctx.needs_input_grad[1]:
                     dh = prod.back(d)  # (b, h)
-        flat = dpre.view(steps * b, hidden)  # (n, h)
-        h_prev = _previous(hs, h0, reverse).view(steps * b, hidden)  # (n, h)
-        grad_w = prod.grads(flat, h_prev, ctx.needs_input_grad[6:])
-        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            h_prev = _previous(hs, h0, reverse).view(steps * b, hidden)  # (n, h)
+            grad_w = prod.grads(flat, h_prev, ctx.needs_input_grad[6:])
+            grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_h0 = dh if ctx.needs_input_grad[1] else None
         return flat, grad_h0, grad_bias, None, None, None, *grad_w
 
