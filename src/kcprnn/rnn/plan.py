@@ -10,14 +10,17 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
   dense where that is cheaper: :func:`input_is_dense`), then kcprnn's fused loop
   (:mod:`kcprnn.rnn.fused`) with ``W_hh`` dense (rebuilt once per sequence if factorized).
 - ``"structured"``: as ``"dense"``, but ``W_hh`` multiplied as a Kronecker sum
-  (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step.
+  (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step; in float32 on the CPU the whole loop is
+  one call of the compiled kernel (:mod:`kcprnn._cpu.native`), which the model prices when it
+  plans for the kernels (``CostModel.kernels``; planning never builds them).
 - ``"steps"``: the input product, then one cell step at a time under autograd
   (:func:`~kcprnn.rnn.scan`); what remains for sequences of different lengths when torch's
   kernel is not chosen, and under ``torch.compile``.
 
 ``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
 equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
-priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step.
+priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step, the compiled
+structured loop per step and per gate unit of every row.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
-from .kron import kron_layout_of, kron_matmul_macs, kron_matmul_ops
+from .kron import KronLayout, kron_layout_of, kron_matmul_macs, kron_matmul_ops
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
@@ -116,18 +119,40 @@ def layer_costs(
             costs.pop("structured", None)
             continue
         layout, terms = kron
-        ops = kron_matmul_ops(layout, terms)
-        macs = kron_matmul_macs(layout, terms, rows)
         if "structured" in costs:
-            costs["structured"] += (
-                ih
-                + passes * cm.rnn_small_gemm * macs
-                + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
+            costs["structured"] += ih + _structured_loop(
+                layout, terms, rows, g, steps, training, cm
             )
     if not fused_ok:
         costs.pop("dense")
         costs.pop("structured", None)
     return costs
+
+
+def _structured_loop(
+    layout: KronLayout,
+    terms: int,
+    rows: int,
+    gates: int,
+    steps: int,
+    training: bool,
+    cm: CostModel,
+) -> float:
+    """Price of the structured loop over ``rows`` rows in ``steps`` steps (``gates`` outputs
+    of ``W_hh``): the compiled kernel's where the model plans for it (its products and gate
+    arithmetic per step, forward and backward, then the factor gradients over all rows at
+    once), else one torch launch per factor product and gather of every step."""
+    macs = kron_matmul_macs(layout, terms, rows)
+    per_step = 1 + cm.rnn_step_backward * training
+    if cm.kernels:
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
+        return (1 + training) * (loop + cm.rnn_native_gemm * macs) + 2 * training * macs
+    passes = 3 if training else 1
+    ops = kron_matmul_ops(layout, terms)
+    return (
+        passes * cm.rnn_small_gemm * macs
+        + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
+    )
 
 
 def choose_route(
