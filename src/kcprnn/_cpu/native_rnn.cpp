@@ -110,19 +110,31 @@ static inline void tile(i64 K, const float* a, i64 lda, const float* b, i64 ldb,
     for (int v = 0; v < V; v++) vstore(c + m * ldc + v * W, s[m][v]);
 }
 
-template <int V>
+template <int R, int V>
 static inline void tile_rows(i64 M, i64 K, const float* a, i64 lda, const float* b, i64 ldb,
                              float* c, i64 ldc, bool acc) {
   i64 m = 0;
-  for (; m + MR <= M; m += MR) tile<MR, V>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, acc);
+  for (; m + R <= M; m += R) tile<R, V>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, acc);
+  for (; m + 2 <= M; m += 2) tile<2, V>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, acc);
   for (; m < M; m++) tile<1, V>(K, a + m * lda, lda, b, ldb, c + m * ldc, ldc, acc);
 }
 
+// the tiles hold about 16 vectors of C: MR rows of NB vectors on wide products, more rows of
+// fewer vectors on narrow ones (a product NB vectors wide or less keeps every register busy)
 static void gemm(i64 M, i64 N, i64 K, const float* a, i64 lda, const float* b, i64 ldb,
                  float* c, i64 ldc, bool acc) {
   i64 n = 0;
-  for (; n + NB * W <= N; n += NB * W) tile_rows<NB>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
-  for (; n + W <= N; n += W) tile_rows<1>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
+  for (; n + NB * W <= N; n += NB * W)
+    tile_rows<MR, NB>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
+  i64 left = (N - n) / W;
+  if (NB >= 3 && left == 3) {
+    tile_rows<MR, 3>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
+    n += 3 * W;
+  } else if (left >= 2) {
+    tile_rows<2 * MR, 2>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
+    n += 2 * W;
+  }
+  for (; n + W <= N; n += W) tile_rows<2 * MR, 1>(M, K, a, lda, b + n, ldb, c + n, ldc, acc);
   if (n < N) {
     for (i64 m = 0; m < M; m++) {
       float* cm = c + m * ldc;

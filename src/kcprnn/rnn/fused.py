@@ -21,6 +21,7 @@ Shape comments: ``t`` time steps, ``b`` batch, ``h`` hidden size, ``n = t*b`` ro
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from .._cpu import default_cost_model, native
 from .._cpu.ops import linear_nt, weight_grad
-from .kron import KronLayout, kron_apply, kron_grads
+from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
 
 __all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
 
@@ -119,7 +120,14 @@ class _Kron:
         """The factors' gradients from all steps' ``grad`` ``(t, b, g)`` and inputs ``x``
         ``(t, b, h)``, both in factor-major order (as the compiled kernels write them)."""
         n = grad.shape[0] * grad.shape[1]
-        return kron_grads(x.view(n, -1), grad.view(n, -1), self.mats, needs)
+        grad, x = grad.view(n, -1), x.view(n, -1)
+        if kron_grads_dense_first([tuple(a.shape) for a in self.mats], n):
+            # the whole matrix's gradient in one GEMM, then the factors' from it as from the
+            # rows of an identity
+            dense = _recurrent_weight_grad(grad, x)  # (g, h)
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)  # (h, h)
+            return kron_grads(eye, dense.t(), self.mats, needs)
+        return kron_grads(x, grad, self.mats, needs)
 
     def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
         in_index, out_index = self.index
@@ -275,13 +283,36 @@ class _LSTMSequence(torch.autograd.Function):
         return _lstm_grads(ctx, dgates, grad_w, grad_bias, dh, dc)
 
 
+SCRATCH_MAX = 1 << 24
+"""Elements of the largest buffer a thread keeps between backward passes for the gradient rows
+that only the factor gradients read (larger ones are allocated at every call)."""
+
+_SCRATCH = threading.local()
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """An uninitialised tensor of ``like``'s shape, dtype and device that the caller drops
+    before the next call on this thread: a buffer kept between calls up to :data:`SCRATCH_MAX`
+    elements. Large fresh buffers come from the system as new pages, whose first writes cost
+    about as much as the recurrence's backward loop itself at the speech size."""
+    numel = like.numel()
+    if numel > SCRATCH_MAX or like.device.type != "cpu":
+        return torch.empty_like(like)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buf = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(like.shape)
+
+
 def _native_backward_buffers(
     ctx, like: Tensor, bias_at: int
 ) -> tuple[Tensor | None, Tensor | None]:
     """For a compiled backward: the factor-major gradient rows ``(t, b, g)`` when the factors'
-    gradients are wanted (the forward kept their inputs), and the bias gradient ``(g,)`` (zero)
-    when wanted (``bias_at``: the bias's input position)."""
-    d_fm = torch.empty_like(like) if ctx.x_fm is not None else None
+    gradients are wanted (the forward kept their inputs; a reused buffer, read only by the
+    factor gradients), and the bias gradient ``(g,)`` (zero) when wanted (``bias_at``: the
+    bias's input position)."""
+    d_fm = _scratch(like) if ctx.x_fm is not None else None
     wanted = ctx.has_bias and ctx.needs_input_grad[bias_at]
     dbias = like.new_zeros(like.shape[2]) if wanted else None
     return d_fm, dbias

@@ -209,14 +209,20 @@ def kron_matmul_ops(layout: KronLayout, terms: int) -> int:
     return 2 * factors - 1 + (terms > 1) + gathers
 
 
-def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
-    """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
-    macs, pre, post = 0, layout.in_features, 1
+def kron_factor_macs(layout: KronLayout, terms: int, rows: int) -> list[int]:
+    """Multiply-accumulates of each factor's product in :func:`kron_apply` on ``rows`` rows,
+    in ``layout.order``."""
+    macs, pre, post = [], layout.in_features, 1
     for i, j in zip(reversed(layout.in_sizes), reversed(layout.out_sizes), strict=True):
         pre //= i
-        macs += terms * rows * pre * i * j * post
+        macs.append(terms * rows * pre * i * j * post)
         post *= j
-    return macs
+    return macs[::-1]
+
+
+def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
+    """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
+    return sum(kron_factor_macs(layout, terms, rows))
 
 
 def kron_apply(
@@ -289,7 +295,7 @@ def _contract(g: Tensor, x: Tensor) -> Tensor:
     px, i = x.shape[0], x.shape[2]
     if post == 1:
         return torch.matmul(g.reshape(pg, pre, j).transpose(1, 2), x.reshape(px, pre, i))
-    if j * i <= 2 * post * (i + j):  # a per-row product summed: a small temporary
+    if post >= BATCHED_POST and j * i <= 2 * post * (i + j):  # per-row products, summed
         return torch.matmul(g, x.transpose(2, 3)).sum(1)  # (P, j, i)
     gt = g.transpose(1, 2).reshape(pg, j, pre * post)  # (P', j, pre post)
     xt = x.transpose(2, 3).reshape(px, pre * post, i)  # (P'', pre post, i)
@@ -339,6 +345,40 @@ def kron_grads(
         da = _contract(gs[n], xs[n])  # (P', J_n, I_n)
         out.append(da.expand(a.shape).contiguous() if da.shape[0] != a.shape[0] else da)
     return out
+
+
+NARROW_GRADS = 16.0
+"""A MAC of :func:`kron_grads` over a factor of inner size ``k`` costs ``1 + NARROW_GRADS / k``
+large-GEMM MACs (small factors run far below a large GEMM's rate)."""
+
+
+def kron_grads_cost(shapes: Sequence[Sequence[int]], rows: int) -> float:
+    """The price of :func:`kron_grads` over ``rows`` rows for factors of ``shapes``
+    ``(P, J, I)``, in large-GEMM MACs: its factor products and contractions, each weighted by
+    the narrowness of the factor."""
+    ins = [s[2] for s in shapes]
+    outs = [s[1] for s in shapes]
+    terms = shapes[0][0]
+    total = 0.0
+    for n in range(len(shapes)):
+        # the x sweep applies factor n to (rows Π_{k<n} J_k, I_n, Π_{k>n} I_k), the gradient
+        # sweep its transpose to (rows Π_{k<n} J_k, J_n, Π_{k>n} I_k); the contraction for
+        # factor n multiplies the two
+        macs = terms * rows * math.prod(outs[:n]) * ins[n] * outs[n] * math.prod(ins[n + 1 :])
+        total += 3 * macs * (1 + NARROW_GRADS / min(ins[n], outs[n]))
+    return total
+
+
+def kron_grads_dense_first(shapes: Sequence[Sequence[int]], rows: int) -> bool:
+    """Whether the factor gradients over ``rows`` rows are cheaper from the dense gradient of
+    the whole matrix (one large GEMM over the rows, then :func:`kron_grads` over an identity of
+    ``I`` rows) than from :func:`kron_grads` over the rows themselves."""
+    ins = math.prod(s[2] for s in shapes)
+    outs = math.prod(s[1] for s in shapes)
+    if rows <= ins:
+        return False
+    dense = rows * ins * outs + kron_grads_cost(shapes, ins)
+    return dense < kron_grads_cost(shapes, rows)
 
 
 def rebuild(matrix: FactorizedMatrix) -> Tensor:

@@ -32,7 +32,14 @@ import torch
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
-from .kron import KronLayout, kron_layout_of, kron_matmul_macs, kron_matmul_ops
+from .kron import (
+    KronLayout,
+    kron_factor_macs,
+    kron_grads_cost,
+    kron_layout_of,
+    kron_matmul_macs,
+    kron_matmul_ops,
+)
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
@@ -145,8 +152,19 @@ def _structured_loop(
     macs = kron_matmul_macs(layout, terms, rows)
     per_step = 1 + cm.rnn_step_backward * training
     if cm.kernels:
-        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
-        return (1 + training) * (loop + cm.rnn_native_gemm * macs) + 2 * training * macs
+        sizes = zip(layout.in_sizes, layout.out_sizes, strict=True)
+        rates = [cm.rnn_native_gemm * (1 + cm.rnn_native_narrow / min(i, j)) for i, j in sizes]
+        product = sum(
+            m * r for m, r in zip(kron_factor_macs(layout, terms, rows), rates, strict=True)
+        )
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate + product
+        if not training:
+            return loop
+        shapes = [(terms, j, i) for i, j in zip(layout.in_sizes, layout.out_sizes, strict=True)]
+        structured = kron_grads_cost(shapes, rows)
+        dense = rows * layout.in_features * layout.out_features
+        grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
+        return 2 * loop + grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
     return (
