@@ -324,3 +324,42 @@ def test_the_layouts_cover_both_product_modes():
             post *= m.shape[1]
         long_post |= post >= 16
     assert perms == {True, False} and terms == {True, False} and long_post
+
+
+def test_gradients_without_factor_gradients(calls):
+    """Factors that need no gradient: the forward keeps no factor-major rows, and the input's
+    and initial state's gradients are unchanged."""
+    torch.manual_seed(8)
+    hidden, mats, spec = _matrix("LSTM", "kcp-perm")
+    gx, bias, state = _inputs("LSTM", hidden, 6, 3, False)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in (gx, bias, *state)]
+        ms = [m.detach().to(dtype) for m in mats]
+        out, final = fused_sequence("LSTM", leaves[0], tuple(leaves[2:]), ms, leaves[1], True, spec)
+        loss = (out * out).sum() + final[1].sum()
+        results.append([out, *torch.autograd.grad(loss, leaves)])
+    assert calls == ["lstm_forward", "lstm_backward"]
+    _assert_close(results[1], results[0])
+
+
+def test_planning_prices_the_kernel_without_building_it(monkeypatch):
+    """auto takes the structured route for a KCP W_hh at the speech size in float32 (the cost
+    model plans for the kernel) without building or loading it; without the kernels in the
+    model the structured loop is priced higher."""
+    from kcprnn._cpu import CostModel
+    from kcprnn.rnn import plan
+
+    monkeypatch.setattr(native, "build", lambda *a, **k: pytest.fail("planning built the kernel"))
+    monkeypatch.setattr(native, "_library", lambda: pytest.fail("planning loaded the kernel"))
+    model = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp")
+    cells = [model.cell(0, d) for d in range(2)]
+    assert plan.choose_route("auto", cells, 300 * 16, 300, True, True) == "structured"
+    with_kernels = plan.layer_costs(cells, 4800, 300, True, True, CostModel())
+    without = plan.layer_costs(cells, 4800, 300, True, True, CostModel(kernels=False))
+    assert with_kernels["structured"] < without["structured"]
+    assert with_kernels["torch"] == without["torch"]
+    # float64 plans without the kernels
+    double = copy.deepcopy(model).double()
+    cells64 = [double.cell(0, d) for d in range(2)]
+    assert cells64[0].weight_hh.planning_model().kernels is False

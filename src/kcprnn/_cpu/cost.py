@@ -86,9 +86,9 @@ class CostModel:
     # beyond its products and gate arithmetic
     rnn_native_gate: float = 40.0  # one gate pre-activation (row x gate unit) of a compiled step:
     # the output permutation, the activations and the cell update
-    rnn_native_gemm: float = 1.2  # a MAC of the compiled step's factor products over inner
-    rnn_native_narrow: float = 8.0  # size k (the smaller of a factor's sizes) costs
-    # rnn_native_gemm * (1 + rnn_native_narrow / k)
+    rnn_native_gemm: float = 1.35  # one multiply-add of the compiled step's factor products,
+    # counted as the kernel runs them (plan._kernel_work: expanded products on short trailing
+    # axes, scalar tails)
     rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
     rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step
     rnn_structured_input: float = 360.0  # a MAC of a structured product over ``f`` inputs

@@ -124,7 +124,7 @@ class _Kron:
         if kron_grads_dense_first([tuple(a.shape) for a in self.mats], n):
             # the whole matrix's gradient in one GEMM, then the factors' from it as from the
             # rows of an identity
-            dense = _recurrent_weight_grad(grad, x)  # (g, h)
+            dense = torch.matmul(grad.t(), x)  # (g, h): one GEMM over all rows
             eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)  # (h, h)
             return kron_grads(eye, dense.t(), self.mats, needs)
         return kron_grads(x, grad, self.mats, needs)

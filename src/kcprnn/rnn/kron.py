@@ -348,8 +348,9 @@ def kron_grads(
 
 
 NARROW_GRADS = 16.0
-"""A MAC of :func:`kron_grads` over a factor of inner size ``k`` costs ``1 + NARROW_GRADS / k``
-large-GEMM MACs (small factors run far below a large GEMM's rate)."""
+"""A MAC of :func:`kron_grads` over a factor whose smaller size is ``k`` costs
+``1 + (NARROW_GRADS / k) ** 2`` large-GEMM MACs: small factors run far below a large GEMM's
+rate (as batches of tiny products, or after transposing copies)."""
 
 
 def kron_grads_cost(shapes: Sequence[Sequence[int]], rows: int) -> float:
@@ -365,7 +366,7 @@ def kron_grads_cost(shapes: Sequence[Sequence[int]], rows: int) -> float:
         # sweep its transpose to (rows Π_{k<n} J_k, J_n, Π_{k>n} I_k); the contraction for
         # factor n multiplies the two
         macs = terms * rows * math.prod(outs[:n]) * ins[n] * outs[n] * math.prod(ins[n + 1 :])
-        total += 3 * macs * (1 + NARROW_GRADS / min(ins[n], outs[n]))
+        total += 3 * macs * (1 + (NARROW_GRADS / min(ins[n], outs[n])) ** 2)
     return total
 
 

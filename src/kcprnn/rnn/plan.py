@@ -25,6 +25,7 @@ structured loop per step and per gate unit of every row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,6 @@ from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
 from .kron import (
     KronLayout,
-    kron_factor_macs,
     kron_grads_cost,
     kron_layout_of,
     kron_matmul_macs,
@@ -152,25 +152,45 @@ def _structured_loop(
     macs = kron_matmul_macs(layout, terms, rows)
     per_step = 1 + cm.rnn_step_backward * training
     if cm.kernels:
-        sizes = zip(layout.in_sizes, layout.out_sizes, strict=True)
-        rates = [cm.rnn_native_gemm * (1 + cm.rnn_native_narrow / min(i, j)) for i, j in sizes]
-        product = sum(
-            m * r for m, r in zip(kron_factor_macs(layout, terms, rows), rates, strict=True)
-        )
-        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate + product
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
+        ins, outs = layout.in_sizes, layout.out_sizes
+        forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows)
         if not training:
-            return loop
-        shapes = [(terms, j, i) for i, j in zip(layout.in_sizes, layout.out_sizes, strict=True)]
+            return forward
+        backward = loop + cm.rnn_native_gemm * _kernel_work(outs, ins, terms, rows)
+        shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
         structured = kron_grads_cost(shapes, rows)
         dense = rows * layout.in_features * layout.out_features
         grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
-        return 2 * loop + grads
+        return forward + backward + grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
     return (
         passes * cm.rnn_small_gemm * macs
         + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
     )
+
+
+KERNEL_WIDTH = 16
+"""Floats per vector the compiled kernel is priced for."""
+
+
+def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
+    """Multiply-adds of one product of the compiled kernel over ``rows`` rows, as it runs them:
+    a factor followed by a trailing axis shorter than a vector multiplies its rows by the
+    factor expanded over that axis (``post`` times the MACs), and the outputs left over after
+    the whole vectors run as scalars (at an eighth of the rate)."""
+    total = 0.0
+    for k, (i, j) in enumerate(zip(in_sizes, out_sizes, strict=True)):
+        pre, post = math.prod(in_sizes[:k]), math.prod(out_sizes[k + 1 :])
+        macs = terms * rows * pre * i * j * post
+        if post < KERNEL_WIDTH and (i * post) * (j * post) <= 1 << 16:
+            work, width = macs * post, j * post  # row mode, expanded
+        else:
+            work, width = macs, post
+        full = width // KERNEL_WIDTH * KERNEL_WIDTH
+        total += work * (full + 8 * (width - full)) / width
+    return total
 
 
 def choose_route(
