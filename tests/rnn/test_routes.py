@@ -228,6 +228,42 @@ def test_kron_grads_match_autograd(fmt, shape, options):
                 assert g is None
 
 
+@pytest.mark.parametrize(
+    ("fmt", "shape", "options"),
+    [
+        ("tr", (512, 2048), {}),
+        ("tt", (512, 2048), {}),
+        ("tr", (30, 84), {"rank": 3}),
+        ("tr", (60, 60), {"num_modes": 3, "rank": [2, 3, 4]}),
+        ("tr", (24, 40), {"num_modes": 1}),
+    ],
+)
+def test_ring_rebuild_matches_its_mac_count_and_the_trace(fmt, shape, options):
+    """The ring/TT reconstruction that the torch route rebuilds ``W_hh`` with: its counted
+    products equal ``reconstruction_macs`` (the planner's price), and it equals the trace of
+    all cores merged in one chain, values and gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    w = kcprnn.formats.make_matrix(fmt, *shape, dtype=torch.float64, **options)
+    with FlopCounterMode(display=False) as counter:
+        dense = w.to_dense()
+    assert counter.get_total_flops() == 2 * w.reconstruction_macs()
+    cores = [c.detach().requires_grad_() for c in w.cores]
+    chain = cores[0]
+    for core in cores[1:]:
+        c, o, q, _ = chain.shape
+        chain = torch.einsum("coqr,rmns->comqns", chain, core)
+        chain = chain.reshape(c, o * core.shape[1], q * core.shape[2], core.shape[3])
+    want = chain.diagonal(dim1=0, dim2=3).sum(-1)
+    torch.testing.assert_close(dense, want, **TOL)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(w.to_dense(), list(w.cores), g)
+    want_grads = torch.autograd.grad(want, cores, g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_kron_terms_cp_needs_no_gathers_and_gradients_reach_factors():
     w = kcprnn.formats.make_matrix("cp", 24, 40, dtype=torch.float64, rank=3)
     mats, layout = kron_terms(w)
