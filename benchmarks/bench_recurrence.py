@@ -16,18 +16,24 @@ Timing: every case is built and warmed up, then the repetitions are interleaved 
 each case per round, the order rotated every round) and the median per case is reported with its
 ratio to the torch.nn case of the same regime. ``fwd``: the module's forward with gradients
 enabled (what training pays before the backward); ``fwd+bwd``: forward, a sum of the output,
-backward. The route each kcprnn layer took (``recurrence="auto"``) is recorded.
+backward. The route each kcprnn layer took (``recurrence="auto"``) is recorded; a format pair
+written ``kcp/kcp@torch`` forces that route instead. Whether the compiled CPU kernels were
+available (``kcprnn build``; ``KCPRNN_NATIVE=0`` disables them) is recorded with the results.
 
 Usage::
 
     python benchmarks/bench_recurrence.py [--threads 2] [--reps 5]
         [--regimes speech,spikes,streaming] [--modes LSTM,GRU,RNN] [--formats kcp/kcp,...]
         [--out benchmarks/results/recurrence]
+
+Writes ``bench.json`` (every case: route, median and min ms, ratio to torch.nn),
+``bench.csv`` (the same, one row per case and timing) and ``console.txt`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import statistics
@@ -60,7 +66,7 @@ SPEECH_FORMATS = [
     ("cp", "cp"),
     ("tucker", "tucker"),
 ]
-OTHER_MODES = [("dense", "dense"), ("kcp", "kcp")]  # GRU and RNN at the speech size
+OTHER_MODES = [("dense", "dense"), ("kcp", "kcp"), ("cp", "cp")]  # GRU and RNN, speech size
 SPIKE_FORMATS = [("dense", "dense"), ("kcp", "dense"), ("kcp", "kcp"), ("tt", "tt")]
 
 
@@ -82,10 +88,16 @@ def sequence_cases(regime: str, cfg: dict, mode: str, formats, bidirectional: bo
     x = torch.randn(cfg["steps"], cfg["batch"], cfg["input"])
     size = (cfg["input"], cfg["hidden"])
     cases = [(f"{regime}/{mode}/torch.nn", torch_cls(*size, bidirectional=bidirectional), x, "")]
-    for fmt, hfmt in formats:
+    for pair in formats:
+        fmt, hfmt, forced = pair if len(pair) == 3 else (*pair, "")
         model = ours_cls(*size, bidirectional=bidirectional, format=fmt, hidden_format=hfmt)
-        route = ",".join(_routes(model, cfg["steps"] * cfg["batch"], cfg["steps"]))
-        cases.append((f"{regime}/{mode}/kcprnn[{fmt}/{hfmt}]", model, x, route))
+        if forced:
+            model.recurrence = forced
+            route = forced
+        else:
+            route = ",".join(_routes(model, cfg["steps"] * cfg["batch"], cfg["steps"]))
+        tag = f"@{forced}" if forced else ""
+        cases.append((f"{regime}/{mode}/kcprnn[{fmt}/{hfmt}{tag}]", model, x, route))
     return cases
 
 
@@ -164,10 +176,20 @@ def main() -> None:
     torch.manual_seed(0)
     regimes = args.regimes.split(",")
     modes = args.modes.split(",")
-    only = {tuple(pair.split("/")) for pair in args.formats.split(",") if pair}
+    only = [pair for pair in args.formats.split(",") if pair]
 
-    def chosen(formats: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        return [f for f in formats if not only or f in only]
+    def chosen(formats: list[tuple[str, str]]) -> list[tuple[str, ...]]:
+        """The pairs of ``formats`` named by ``--formats`` (all without it), plus the forced
+        routes it names (``kcp/kcp@torch``)."""
+        if not only:
+            return list(formats)
+        out: list[tuple[str, ...]] = []
+        for pair in only:
+            names, _, forced = pair.partition("@")
+            fmt, hfmt = names.split("/")
+            if (fmt, hfmt) in formats:
+                out.append((fmt, hfmt, forced) if forced else (fmt, hfmt))
+        return out
 
     groups: list[tuple[str, list, str]] = []  # (group, cases, kind of timing)
     if "speech" in regimes:
@@ -194,10 +216,12 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
+    kernels = _kernels()
     say(
         f"# bench_recurrence {datetime.now(UTC).isoformat(timespec='seconds')} "
         f"torch {torch.__version__} threads {args.threads} reps {args.reps} "
-        f"{platform.processor() or platform.machine()}"
+        f"{platform.processor() or platform.machine()} compiled kernels: "
+        f"{'yes' if kernels.get('available') else 'no'}"
     )
     for group, cases, kind in groups:
         timings = {}
@@ -231,9 +255,41 @@ def main() -> None:
         "reps": args.reps,
         "machine": platform.machine(),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kcprnn_kernels": kernels,
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "console.txt").write_text("\n".join(lines) + "\n")
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["group", "case", "route", "timing", "median_ms", "min_ms", "ratio_to_torch", "threads"]
+        )
+        for row in results:
+            for timing in ("fwd", "fwd+bwd", "step"):
+                if timing in row:
+                    t = row[timing]
+                    writer.writerow(
+                        [
+                            row["group"],
+                            row["case"],
+                            row["route"],
+                            timing,
+                            f"{t['median_ms']:.3f}",
+                            f"{t['min_ms']:.3f}",
+                            f"{t['ratio_to_torch']:.4f}",
+                            args.threads,
+                        ]
+                    )
+
+
+def _kernels() -> dict:
+    """Whether kcprnn's compiled CPU kernels run in this process (building them if needed)."""
+    try:
+        from kcprnn._cpu import native
+    except ImportError:  # pragma: no cover - kcprnn versions without the kernels
+        return {"available": False, "error": "no kcprnn._cpu.native"}
+    info = native.info()
+    return {k: v for k, v in info.items() if k != "path"}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import kcprnn
 from kcprnn.rnn import plan
 from kcprnn.rnn.fused import fused_sequence
-from kcprnn.rnn.kron import kron_apply, kron_layout, kron_matmul_macs, kron_terms, rebuild
+from kcprnn.rnn.kron import (
+    kron_apply,
+    kron_grads,
+    kron_layout,
+    kron_matmul_macs,
+    kron_terms,
+    rebuild,
+)
 
 # torch.nn.LSTM (the reference) warns that its float32 projection path bypasses oneDNN.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
@@ -180,6 +187,81 @@ def test_kron_apply_matches_dense_kcp(options):
         mats_t = [a.transpose(1, 2) for a in mats]
         torch.testing.assert_close(kron_apply(y, mats_t, layout.transposed()), y @ dense, **TOL)
     assert kron_matmul_macs(layout, w.terms, 1) <= shape[0] * shape[1] * w.terms
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shape", "options"),
+    [
+        ("kcp", (48, 96), {"rank": 2, "terms": 2, "num_factors": 3}),
+        (
+            "kcp",
+            (160, 96),
+            {"in_modes": [[2, 4], [4, 5]], "out_modes": [[4, 4], [2, 3]], "terms": 3},
+        ),
+        ("kcp", (512, 2048), {}),
+        ("kcp", (64, 256), {"num_factors": 4, "terms": 2}),
+        ("kcp", (48, 96), {"rank": 2, "num_factors": 1, "terms": 2}),
+        ("cp", (24, 40), {"rank": 3}),
+    ],
+)
+def test_kron_grads_match_autograd(fmt, shape, options):
+    """The factor gradients of one structured product over all rows, each factor alone and all
+    together, against autograd through :func:`kron_apply`."""
+    torch.manual_seed(0)
+    w = kcprnn.formats.make_matrix(fmt, *shape, dtype=torch.float64, **options)
+    found = kron_terms(w)
+    assert found is not None
+    mats = [a.detach().requires_grad_() for a in found[0]]
+    x = torch.randn(37, shape[0], dtype=torch.float64)
+    grad = torch.randn(37, shape[1], dtype=torch.float64)
+    want = torch.autograd.grad(kron_apply(x, mats, found[1], gather=False), mats, grad)
+    plain = [a.detach() for a in mats]
+    for needs in (
+        [True] * len(mats),
+        *([k == n for k in range(len(mats))] for n in range(len(mats))),
+    ):
+        got = kron_grads(x, grad, plain, needs)
+        for g, w_, need in zip(got, want, needs, strict=True):
+            if need:
+                torch.testing.assert_close(g, w_, **TOL)
+            else:
+                assert g is None
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shape", "options"),
+    [
+        ("tr", (512, 2048), {}),
+        ("tt", (512, 2048), {}),
+        ("tr", (30, 84), {"rank": 3}),
+        ("tr", (60, 60), {"num_modes": 3, "rank": [2, 3, 4]}),
+        ("tr", (24, 40), {"num_modes": 1}),
+    ],
+)
+def test_ring_rebuild_matches_its_mac_count_and_the_trace(fmt, shape, options):
+    """The ring/TT reconstruction that the torch route rebuilds ``W_hh`` with: its counted
+    products equal ``reconstruction_macs`` (the planner's price), and it equals the trace of
+    all cores merged in one chain, values and gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    w = kcprnn.formats.make_matrix(fmt, *shape, dtype=torch.float64, **options)
+    with FlopCounterMode(display=False) as counter:
+        dense = w.to_dense()
+    assert counter.get_total_flops() == 2 * w.reconstruction_macs()
+    cores = [c.detach().requires_grad_() for c in w.cores]
+    chain = cores[0]
+    for core in cores[1:]:
+        c, o, q, _ = chain.shape
+        chain = torch.einsum("coqr,rmns->comqns", chain, core)
+        chain = chain.reshape(c, o * core.shape[1], q * core.shape[2], core.shape[3])
+    want = chain.diagonal(dim1=0, dim2=3).sum(-1)
+    torch.testing.assert_close(dense, want, **TOL)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(w.to_dense(), list(w.cores), g)
+    want_grads = torch.autograd.grad(want, cores, g)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_kron_terms_cp_needs_no_gathers_and_gradients_reach_factors():

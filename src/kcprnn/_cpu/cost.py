@@ -82,6 +82,13 @@ class CostModel:
     # kernels (torch.lstm, torch.gru, ...), beyond its GEMM
     rnn_fused_step: float = 5.5e6  # one step of kcprnn's fused LSTM/GRU/RNN loop, beyond its GEMM
     rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
+    rnn_native_step: float = 2.0e5  # one step of the compiled structured loop (native_rnn.cpp),
+    # beyond its products and gate arithmetic
+    rnn_native_gate: float = 40.0  # one gate pre-activation (row x gate unit) of a compiled step:
+    # the output permutation, the activations and the cell update
+    rnn_native_gemm: float = 1.35  # one multiply-add of the compiled step's factor products,
+    # counted as the kernel runs them (plan._kernel_work: expanded products on short trailing
+    # axes, scalar tails)
     rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
     rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step
     rnn_structured_input: float = 360.0  # a MAC of a structured product over ``f`` inputs

@@ -148,16 +148,33 @@ def ring_chunk_rows(
     return max(1, model.tt_chunk_entries // per_row)
 
 
-def ring_to_dense_flops(
-    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+def _merge_macs(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], lo: int, hi: int
 ) -> int:
-    """Multiply-accumulates of :func:`ring_to_dense` (the closing trace adds none)."""
-    c = ranks[0]
-    total, size = 0, out_modes[0] * in_modes[0]
-    for d in range(1, len(in_modes)):
+    """Multiply-accumulates of merging cores ``lo`` to ``hi - 1`` left to right."""
+    c = ranks[lo]
+    total, size = 0, out_modes[lo] * in_modes[lo]
+    for d in range(lo + 1, hi):
         size *= out_modes[d] * in_modes[d]
         total += c * size * ranks[d] * ranks[d + 1]
     return total
+
+
+def ring_to_dense_flops(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
+) -> int:
+    """Multiply-accumulates of :func:`ring_to_dense`: the two halves' merges and the product
+    that closes the ring (a single core's trace adds none)."""
+    count = len(in_modes)
+    if count == 1:
+        return 0
+    half = count // 2
+    closing = math.prod(in_modes) * math.prod(out_modes) * ranks[half] * ranks[0]
+    return (
+        _merge_macs(in_modes, out_modes, ranks, 0, half)
+        + _merge_macs(in_modes, out_modes, ranks, half, count)
+        + closing
+    )
 
 
 # --- pure functions: the sweeps ---
@@ -264,15 +281,32 @@ def ring_linear(
     return torch.cat([sweep(part, cores) for part in x.split(chunk)])  # (b, J_1*...*J_D)
 
 
-def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
-    """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores, merging left to right."""
+def _merge(cores: Sequence[Tensor]) -> Tensor:
+    """Cores ``(r_{d-1}, J_d, I_d, r_d)`` merged left to right: ``(c, Π J, Π I, s)``."""
     w = cores[0]  # (c, o, q, s)
     for core in cores[1:]:
         c, o, q, r = w.shape
         _, m, n, s = core.shape
         w = torch.einsum("coqr,rmns->comqns", w, core)  # (c, o, m, q, n, s)
         w = w.reshape(c, o * m, q * n, s)  # (c, o, q, s)
-    return w.diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
+    return w
+
+
+def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
+    """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores: each half merged left
+    to right, then one product over both bonds between the halves closes the ring (no
+    ``r_0``-fold intermediate to take the trace of)."""
+    if len(cores) == 1:
+        return cores[0].diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
+    half = len(cores) // 2
+    left = _merge(cores[:half])  # (c, o1, q1, r)
+    right = _merge(cores[half:])  # (r, o2, q2, c)
+    c, o1, q1, r = left.shape
+    o2, q2 = right.shape[1], right.shape[2]
+    a = left.permute(1, 2, 3, 0).reshape(o1 * q1, r * c)  # (o1 q1, r c)
+    b = right.permute(0, 3, 1, 2).reshape(r * c, o2 * q2)  # (r c, o2 q2)
+    w = (a @ b).view(o1, q1, o2, q2)  # (o1, q1, o2, q2)
+    return w.permute(0, 2, 1, 3).reshape(o1 * o2, q1 * q2)  # (o, q)
 
 
 # --- module ---

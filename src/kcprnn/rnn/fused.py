@@ -11,21 +11,25 @@ over all steps. Double backward is not supported.
 The recurrent product is dense (``W_hh`` a tensor) or a Kronecker sum (:mod:`kcprnn.rnn.kron`:
 the small factor matrices of a KCP or CP ``W_hh`` as the inputs, so gradients flow to the factors
 through them): each step then multiplies by the factors, and their gradients come from one
-structured product over all ``t*b`` rows.
+structured product over all ``t*b`` rows. With a Kronecker sum in float32 on the CPU, the loop
+itself (the products and the gate arithmetic of every step, forward and backward) runs in one
+call of the compiled kernel (:mod:`kcprnn._cpu.native`) where it can be built; elsewhere, and
+with ``KCPRNN_NATIVE=0``, the same loop runs on torch ops.
 
 Shape comments: ``t`` time steps, ``b`` batch, ``h`` hidden size, ``n = t*b`` rows.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .._cpu import default_cost_model
+from .._cpu import default_cost_model, native
 from .._cpu.ops import linear_nt, weight_grad
-from .kron import KronLayout, kron_apply, kron_grads
+from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
 
 __all__ = ["fused_sequence", "gru_sequence", "lstm_sequence", "rnn_sequence"]
 
@@ -80,6 +84,24 @@ class _Kron:
         self._t: tuple[list[Tensor], KronLayout, tuple[Tensor | None, Tensor | None]] | None
         self._t = None
 
+    def compiled(self, *tensors: Tensor) -> bool:
+        """Whether the compiled recurrence kernels run this product with ``tensors``: all
+        float32 on the CPU, and the kernels built."""
+        return (
+            all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (*self.mats, *tensors))
+            and native.available()
+        )
+
+    def args(self) -> native.KronArgs:
+        """``W`` for the compiled kernels."""
+        return native.KronArgs(self.mats, *self.index)
+
+    def args_t(self) -> native.KronArgs:
+        """``W.T`` for the compiled kernels."""
+        layout = self.layout.transposed()
+        mats = [a.transpose(1, 2) for a in self.mats]
+        return native.KronArgs(mats, *layout.indices(self.mats[0].device))
+
     def add_(self, out: Tensor, h: Tensor) -> Tensor:
         return out.add_(kron_apply(h, self.mats, self.layout, self.index))
 
@@ -94,6 +116,19 @@ class _Kron:
             self._t = (mats, layout, layout.indices(d.device))
         return kron_apply(d, *self._t)  # (b, h)
 
+    def grads_fm(self, grad: Tensor, x: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        """The factors' gradients from all steps' ``grad`` ``(t, b, g)`` and inputs ``x``
+        ``(t, b, h)``, both in factor-major order (as the compiled kernels write them)."""
+        n = grad.shape[0] * grad.shape[1]
+        grad, x = grad.view(n, -1), x.view(n, -1)
+        if kron_grads_dense_first([tuple(a.shape) for a in self.mats], n):
+            # the whole matrix's gradient in one GEMM, then the factors' from it as from the
+            # rows of an identity
+            dense = torch.matmul(grad.t(), x)  # (g, h): one GEMM over all rows
+            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)  # (h, h)
+            return kron_grads(eye, dense.t(), self.mats, needs)
+        return kron_grads(x, grad, self.mats, needs)
+
     def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
         in_index, out_index = self.index
         if in_index is not None:  # both sides in factor-major order
@@ -101,6 +136,15 @@ class _Kron:
         if out_index is not None:
             grad = grad.index_select(1, torch.argsort(out_index))  # (n, g)
         return kron_grads(h_prev, grad, self.mats, needs)
+
+
+def _some(t: Tensor | None) -> tuple[Tensor, ...]:
+    return () if t is None else (t,)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` ``(n, f)`` with unit stride along ``f`` (a copy only where it has not)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def _product(spec: KronLayout | None, weights: Sequence[Tensor]) -> _Dense | _Kron:
@@ -155,11 +199,24 @@ class _LSTMSequence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
-        gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
-        gates = gates + bias if bias is not None else gates.clone()  # (t, b, 4h)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        hs, cs, tcs, acts = _lstm_forward(gates, h0, c0, prod, order)
+        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, c0, *_some(bias))
+        if ctx.native:
+            assert isinstance(prod, _Kron)
+            h0, c0, gx = h0.contiguous(), c0.contiguous(), _rows(gates_x)
+            acts = gx.new_empty(steps, b, 4 * hidden)  # (t, b, 4h)
+            hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
+            cs, tcs = torch.empty_like(hs), torch.empty_like(hs)  # (t, b, h)
+            skip = _is_zero(h0)
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
+            native.lstm_forward(
+                gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), ctx.x_fm
+            )
+        else:
+            gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
+            gates = gates + bias if bias is not None else gates.clone()  # (t, b, 4h)
+            hs, cs, tcs, acts = _lstm_forward(gates, h0, c0, prod, order)
         ctx.acts, ctx.cs, ctx.tcs, ctx.reverse = acts, cs, tcs, reverse
         ctx.has_bias = bias is not None
         ctx.prod = prod
@@ -177,6 +234,28 @@ class _LSTMSequence(torch.autograd.Function):
         steps, b, four_h = acts.shape
         hidden = four_h // 4
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        if ctx.native:
+            dgates = torch.empty_like(acts)  # (t, b, 4h)
+            d_fm, dbias = _native_backward_buffers(ctx, acts, 3)
+            dh, dc = _fresh(grad_hn), _fresh(grad_cn)  # (b, h)
+            need_h0 = ctx.needs_input_grad[1]
+            native.lstm_backward(
+                acts,
+                cs,
+                tc,
+                c0,
+                grad_hs.contiguous(),
+                dh,
+                dc,
+                dgates,
+                reverse,
+                need_h0,
+                prod.args_t(),
+                d_fm,
+                dbias,
+            )
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
+            return _lstm_grads(ctx, dgates, grad_w, dbias, dh, dc)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         c_prev = _previous(cs, c0, reverse)  # (t, b, h)
         i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
@@ -201,8 +280,68 @@ class _LSTMSequence(torch.autograd.Function):
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
         grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
-        grad_h0 = dh if ctx.needs_input_grad[1] else None
-        return flat, grad_h0, dc, grad_bias, None, None, *grad_w
+        return _lstm_grads(ctx, dgates, grad_w, grad_bias, dh, dc)
+
+
+SCRATCH_MAX = 1 << 24
+"""Elements of the largest buffer a thread keeps between backward passes for the gradient rows
+that only the factor gradients read (larger ones are allocated at every call)."""
+
+_SCRATCH = threading.local()
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """An uninitialised tensor of ``like``'s shape, dtype and device that the caller drops
+    before the next call on this thread: a buffer kept between calls up to :data:`SCRATCH_MAX`
+    elements. Large fresh buffers come from the system as new pages, whose first writes cost
+    about as much as the recurrence's backward loop itself at the speech size."""
+    numel = like.numel()
+    if numel > SCRATCH_MAX or like.device.type != "cpu":
+        return torch.empty_like(like)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buf = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(like.shape)
+
+
+def _native_backward_buffers(
+    ctx, like: Tensor, bias_at: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """For a compiled backward: the factor-major gradient rows ``(t, b, g)`` when the factors'
+    gradients are wanted (the forward kept their inputs; a reused buffer, read only by the
+    factor gradients), and the bias gradient ``(g,)`` (zero) when wanted (``bias_at``: the
+    bias's input position)."""
+    d_fm = _scratch(like) if ctx.x_fm is not None else None
+    wanted = ctx.has_bias and ctx.needs_input_grad[bias_at]
+    dbias = like.new_zeros(like.shape[2]) if wanted else None
+    return d_fm, dbias
+
+
+def _native_weight_grads(ctx, d_fm: Tensor | None, needs: Sequence[bool]) -> list[Tensor | None]:
+    if d_fm is None:
+        return [None] * len(needs)
+    return ctx.prod.grads_fm(d_fm, ctx.x_fm, needs)
+
+
+def _fresh(grad: Tensor) -> Tensor:
+    """A contiguous copy of an incoming gradient, for a kernel to overwrite."""
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _lstm_grads(
+    ctx,
+    dgates: Tensor,
+    grad_w: Sequence[Tensor | None],
+    grad_bias: Tensor | None,
+    dh: Tensor,
+    dc: Tensor,
+) -> tuple:
+    """What :meth:`_LSTMSequence.backward` returns, from the pre-activation gradients
+    ``dgates`` ``(t, b, 4h)``, the weights' and the bias's, and those of ``h0`` and ``c0``."""
+    steps, b, four_h = dgates.shape
+    grad_h0 = dh if ctx.needs_input_grad[1] else None
+    return dgates.view(steps * b, four_h), grad_h0, dc, grad_bias, None, None, *grad_w
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -221,25 +360,37 @@ class _GRUSequence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
-        gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
-        gh = gx.new_empty(steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
-        rz = gx.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
-        ns = gx.new_empty(steps, b, hidden)  # (t, b, h)
-        hs = gx.new_empty(steps, b, hidden)  # (t, b, h)
+        gh = gates_x.new_empty(steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
+        rz = gates_x.new_empty(steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
+        ns = gates_x.new_empty(steps, b, hidden)  # (t, b, h)
+        hs = gates_x.new_empty(steps, b, hidden)  # (t, b, h)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        h = h0
-        skip = _is_zero(h0)  # the usual zero initial state: no first recurrent product
-        for t in order:
-            if skip:
-                g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
-                skip = False
-            else:
-                g = prod.set_(gh[t], h, bias)  # (b, 3h)
-            gate = torch.add(gx[t, :, : 2 * hidden], g[:, : 2 * hidden], out=rz[t]).sigmoid_()
-            r, z = gate.chunk(2, dim=1)  # 2 x (b, h)
-            n = torch.addcmul(gx[t, :, 2 * hidden :], r, g[:, 2 * hidden :], out=ns[t]).tanh_()
-            h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
+        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, *_some(bias))
+        if ctx.native:
+            assert isinstance(prod, _Kron)
+            h0 = h0.contiguous()
+            bias = None if bias is None else bias.contiguous()
+            skip = _is_zero(h0)
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[5:]) else None
+            native.gru_forward(
+                _rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args(), ctx.x_fm
+            )
+        else:
+            gx = gates_x.reshape(steps, b, 3 * hidden)  # (t, b, 3h)
+            h = h0
+            skip = _is_zero(h0)  # the usual zero initial state: no first recurrent product
+            for t in order:
+                if skip:
+                    g = gh[t].zero_() if bias is None else gh[t].copy_(bias)  # (b, 3h)
+                    skip = False
+                else:
+                    g = prod.set_(gh[t], h, bias)  # (b, 3h)
+                gate = torch.add(gx[t, :, : 2 * hidden], g[:, : 2 * hidden], out=rz[t])
+                r, z = gate.sigmoid_().chunk(2, dim=1)  # 2 x (b, h)
+                n = torch.addcmul(gx[t, :, 2 * hidden :], r, g[:, 2 * hidden :], out=ns[t])
+                n.tanh_()
+                h = torch.addcmul(n, z, h - n, out=hs[t])  # (b, h)
         ctx.rz, ctx.ns, ctx.gh, ctx.reverse, ctx.prod = rz, ns, gh, reverse, prod
         ctx.has_bias = bias is not None
         ctx.save_for_backward(h0, hs)
@@ -253,6 +404,30 @@ class _GRUSequence(torch.autograd.Function):
         rz, ns, gh, reverse, prod = ctx.rz, ctx.ns, ctx.gh, ctx.reverse, ctx.prod
         steps, b, hidden = ns.shape
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
+        if ctx.native:
+            dgx = torch.empty_like(gh)  # (t, b, 3h): gradients of the input projections
+            dgh = torch.empty_like(gh)  # (t, b, 3h): gradients of W_hh h + b_hh
+            d_fm, dbias = _native_backward_buffers(ctx, gh, 2)
+            dh = _fresh(grad_hn)  # (b, h)
+            need_h0 = ctx.needs_input_grad[1]
+            native.gru_backward(
+                rz,
+                ns,
+                gh,
+                hs,
+                h0,
+                grad_hs.contiguous(),
+                dh,
+                dgx,
+                dgh,
+                reverse,
+                need_h0,
+                prod.args_t(),
+                d_fm,
+                dbias,
+            )
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[5:])
+            return _gru_grads(ctx, dgx, grad_w, dbias, dh)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
         one_minus_z = 1 - z  # (t, b, h)
@@ -274,12 +449,20 @@ class _GRUSequence(torch.autograd.Function):
             torch.mul(dpre_n, r[t], out=dhh[:, 2 * hidden :])
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = (dh * z[t]).add_(prod.back(dhh))  # (b, h)
-        flat_x = dgx.view(steps * b, 3 * hidden)  # (n, 3h)
         flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
         grad_w = prod.grads(flat_h, h_prev.view(steps * b, hidden), ctx.needs_input_grad[5:])
         grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        grad_h0 = dh if ctx.needs_input_grad[1] else None
-        return flat_x, grad_h0, grad_bias, None, None, *grad_w
+        return _gru_grads(ctx, dgx, grad_w, grad_bias, dh)
+
+
+def _gru_grads(
+    ctx, dgx: Tensor, grad_w: Sequence[Tensor | None], grad_bias: Tensor | None, dh: Tensor
+) -> tuple:
+    """What :meth:`_GRUSequence.backward` returns, from the gradients of the input projections
+    ``(t, b, 3h)``, the weights', the bias's and ``h0``'s."""
+    steps, b, three_h = dgx.shape
+    grad_h0 = dh if ctx.needs_input_grad[1] else None
+    return dgx.view(steps * b, three_h), grad_h0, grad_bias, None, None, *grad_w
 
 
 class _RNNSequence(torch.autograd.Function):
@@ -299,16 +482,28 @@ class _RNNSequence(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         b, hidden = h0.shape
         steps = gates_x.shape[0] // b if b else 0
-        hs = gates_x.reshape(steps, b, hidden)  # (t, b, h)
-        hs = hs + bias if bias is not None else hs.clone()  # (t, b, h): pre-activations
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        h = h0
-        skip = _is_zero(h0)
-        for t in order:
-            pre = hs[t] if skip else prod.add_(hs[t], h)  # (b, h)
-            skip = False
-            h = pre.relu_() if relu else pre.tanh_()  # (b, h), in place
+        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, *_some(bias))
+        if ctx.native:
+            assert isinstance(prod, _Kron)
+            h0 = h0.contiguous()
+            bias = None if bias is None else bias.contiguous()
+            hs = gates_x.new_empty(steps, b, hidden)  # (t, b, h)
+            skip = _is_zero(h0)
+            ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
+            native.rnn_forward(
+                _rows(gates_x), bias, hs, h0, reverse, relu, skip, prod.args(), ctx.x_fm
+            )
+        else:
+            hs = gates_x.reshape(steps, b, hidden)  # (t, b, h)
+            hs = hs + bias if bias is not None else hs.clone()  # (t, b, h): pre-activations
+            h = h0
+            skip = _is_zero(h0)
+            for t in order:
+                pre = hs[t] if skip else prod.add_(hs[t], h)  # (b, h)
+                skip = False
+                h = pre.relu_() if relu else pre.tanh_()  # (b, h), in place
         ctx.reverse, ctx.relu, ctx.prod, ctx.has_bias = reverse, relu, prod, bias is not None
         ctx.save_for_backward(h0, hs)
         h_n = hs[order[-1]].clone() if steps else h0.clone()  # (b, h)
@@ -321,19 +516,37 @@ class _RNNSequence(torch.autograd.Function):
         reverse, prod = ctx.reverse, ctx.prod
         steps, b, hidden = hs.shape
         grad_hs = grad_hs.reshape(steps, b, hidden)  # (t, b, h)
-        deriv = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs  # (t, b, h)
         dpre = torch.empty_like(hs)  # (t, b, h)
-        dh = grad_hn.clone()  # (b, h)
-        order = range(steps) if reverse else range(steps - 1, -1, -1)
-        for t in order:
-            dh += grad_hs[t]
-            d = torch.mul(dh, deriv[t], out=dpre[t])  # (b, h)
-            if t != order[-1] or ctx.needs_input_grad[1]:
-                dh = prod.back(d)  # (b, h)
         flat = dpre.view(steps * b, hidden)  # (n, h)
-        h_prev = _previous(hs, h0, reverse).view(steps * b, hidden)  # (n, h)
-        grad_w = prod.grads(flat, h_prev, ctx.needs_input_grad[6:])
-        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if ctx.native:
+            d_fm, grad_bias = _native_backward_buffers(ctx, hs, 2)
+            dh = _fresh(grad_hn)  # (b, h)
+            need_h0 = ctx.needs_input_grad[1]
+            native.rnn_backward(
+                hs,
+                grad_hs.contiguous(),
+                dh,
+                dpre,
+                reverse,
+                ctx.relu,
+                need_h0,
+                prod.args_t(),
+                d_fm,
+                grad_bias,
+            )
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
+        else:
+            deriv = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs  # (t, b, h)
+            dh = grad_hn.clone()  # (b, h)
+            order = range(steps) if reverse else range(steps - 1, -1, -1)
+            for t in order:
+                dh += grad_hs[t]
+                d = torch.mul(dh, deriv[t], out=dpre[t])  # (b, h)
+                if t != order[-1] or ctx.needs_input_grad[1]:
+                    dh = prod.back(d)  # (b, h)
+            h_prev = _previous(hs, h0, reverse).view(steps * b, hidden)  # (n, h)
+            grad_w = prod.grads(flat, h_prev, ctx.needs_input_grad[6:])
+            grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_h0 = dh if ctx.needs_input_grad[1] else None
         return flat, grad_h0, grad_bias, None, None, None, *grad_w
 

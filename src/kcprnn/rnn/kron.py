@@ -209,14 +209,20 @@ def kron_matmul_ops(layout: KronLayout, terms: int) -> int:
     return 2 * factors - 1 + (terms > 1) + gathers
 
 
-def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
-    """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
-    macs, pre, post = 0, layout.in_features, 1
+def kron_factor_macs(layout: KronLayout, terms: int, rows: int) -> list[int]:
+    """Multiply-accumulates of each factor's product in :func:`kron_apply` on ``rows`` rows,
+    in ``layout.order``."""
+    macs, pre, post = [], layout.in_features, 1
     for i, j in zip(reversed(layout.in_sizes), reversed(layout.out_sizes), strict=True):
         pre //= i
-        macs += terms * rows * pre * i * j * post
+        macs.append(terms * rows * pre * i * j * post)
         post *= j
-    return macs
+    return macs[::-1]
+
+
+def kron_matmul_macs(layout: KronLayout, terms: int, rows: int) -> int:
+    """Multiply-accumulates of :func:`kron_apply` on ``rows`` rows."""
+    return sum(kron_factor_macs(layout, terms, rows))
 
 
 def kron_apply(
@@ -262,30 +268,38 @@ def kron_apply(
     return y if out_index is None else y.index_select(1, out_index)  # (m, j)
 
 
-def _apply_except(z: Tensor, mats: Sequence[Tensor], skip: int) -> Tensor:
-    """Rows ``z`` ``(m, i)`` in factor-major order with every factor but ``skip`` applied:
-    ``(P, m Π_{k<skip} J^(k), I^(skip), Π_{k>skip} J^(k))`` (``P`` is 1 when no factor is)."""
-    m = z.shape[0]
-    sizes = [a.shape[2] for a in mats]
-    pre, post = math.prod(sizes), 1
-    z = z.reshape(1, m, -1)
-    for n in range(len(mats) - 1, -1, -1):
-        a = mats[n]
-        j_n, i_n = a.shape[1], a.shape[2]
-        pre //= i_n
-        rows = m * pre
-        if n == skip:
-            post *= i_n
-            continue
-        if post == 1:
-            z = torch.matmul(z.reshape(z.shape[0], rows, i_n), a.transpose(1, 2))
-        else:
-            zt = z.reshape(z.shape[0], rows, i_n, post).transpose(1, 2)  # (P, i_n, rows, post)
-            y = torch.matmul(a, zt.reshape(z.shape[0], i_n, rows * post))  # (P, j_n, rows post)
-            z = y.view(a.shape[0], j_n, rows, post).transpose(1, 2)  # (P, rows, j_n, post)
-        post *= j_n
-    inner = math.prod(a.shape[1] for a in mats[skip + 1 :])
-    return z.reshape(z.shape[0], -1, sizes[skip], inner)
+BATCHED_POST = 16
+"""A factor applied along an axis followed by at least this many entries runs as a batch of
+small GEMMs over the rows; before shorter trailing axes the rows are transposed first (one copy)
+so that one GEMM per term covers them."""
+
+
+def _along(z: Tensor, a: Tensor) -> Tensor:
+    """``z`` ``(P', pre, i, post)`` with the factor ``a`` ``(P, j, i)`` applied along its third
+    axis: ``(P, pre, j, post)`` (``P'`` is 1 or ``P``)."""
+    pz, pre, i, post = z.shape
+    p, j = a.shape[0], a.shape[1]
+    if post == 1:
+        return torch.matmul(z.view(pz, pre, i), a.transpose(1, 2)).view(p, pre, j, 1)
+    if post >= BATCHED_POST:
+        return torch.matmul(a[:, None], z)  # (P, pre, j, post)
+    zt = z.transpose(2, 3).reshape(pz, pre * post, i)  # (P', pre post, i)
+    y = torch.matmul(zt, a.transpose(1, 2))  # (P, pre post, j)
+    return y.view(p, pre, post, j).transpose(2, 3)  # (P, pre, j, post)
+
+
+def _contract(g: Tensor, x: Tensor) -> Tensor:
+    """``Σ g[p, r, j, q] x[p, r, i, q]`` over ``r`` and ``q``: ``(P, j, i)``, for ``g``
+    ``(P', pre, j, post)`` and ``x`` ``(P'', pre, i, post)``."""
+    pg, pre, j, post = g.shape
+    px, i = x.shape[0], x.shape[2]
+    if post == 1:
+        return torch.matmul(g.reshape(pg, pre, j).transpose(1, 2), x.reshape(px, pre, i))
+    if post >= BATCHED_POST and j * i <= 2 * post * (i + j):  # per-row products, summed
+        return torch.matmul(g, x.transpose(2, 3)).sum(1)  # (P, j, i)
+    gt = g.transpose(1, 2).reshape(pg, j, pre * post)  # (P', j, pre post)
+    xt = x.transpose(2, 3).reshape(px, pre * post, i)  # (P'', pre post, i)
+    return torch.matmul(gt, xt)  # (P, j, i)
 
 
 def kron_grads(
@@ -293,25 +307,79 @@ def kron_grads(
 ) -> list[Tensor | None]:
     """The gradients of the factor matrices ``mats`` of ``y = kron_apply(x, mats)`` for output
     gradients ``grad``: rows ``x`` ``(m, i)`` and ``grad`` ``(m, j)``, both in factor-major
-    order. Each is one GEMM over all rows (after at most two copies), on the input with every
-    other factor applied; ``needs[n]``: whether factor ``n``'s gradient is wanted."""
+    order; ``needs[n]``: whether factor ``n``'s gradient is wanted.
+
+    Factor ``n``'s gradient contracts ``x`` with the factors before it applied and ``grad`` with
+    the transposes of those after it applied, over every axis but ``n``; both sweeps are
+    carried from one factor to the next, so all ``N`` gradients take ``2 (N - 1)`` factor
+    products and ``N`` contractions over all rows.
+    """
+    num = len(mats)
+    ins = [a.shape[2] for a in mats]
+    outs = [a.shape[1] for a in mats]
+    wanted = [n for n in range(num) if needs[n]]
+    if not wanted:
+        return [None] * num
+    m = x.shape[0]
+    # xs[n]: x with factors < n applied, (P', m Π_{k<n} J_k, I_n, Π_{k>n} I_k)
+    xs: dict[int, Tensor] = {}
+    z = x.reshape(1, m, ins[0], -1)
+    for n in range(max(wanted) + 1):
+        xs[n] = z
+        if n < max(wanted):
+            y = _along(z, mats[n])  # (P, ., J_n, Π_{k>n} I_k)
+            z = y.reshape(y.shape[0], -1, ins[n + 1], math.prod(ins[n + 2 :]))
+    # gs[n]: grad with the transposes of factors > n applied, (P', m Π_{k<n} J_k, J_n, Π_{k>n} I_k)
+    gs: dict[int, Tensor] = {}
+    z = grad.reshape(1, -1, outs[-1], 1)
+    for n in range(num - 1, min(wanted) - 1, -1):
+        gs[n] = z
+        if n > min(wanted):
+            y = _along(z, mats[n].transpose(1, 2))  # (P, ., I_n, Π_{k>n} I_k)
+            z = y.reshape(y.shape[0], -1, outs[n - 1], ins[n] * z.shape[3])
     out: list[Tensor | None] = []
     for n, a in enumerate(mats):
         if not needs[n]:
             out.append(None)
             continue
-        terms, j_n, i_n = a.shape
-        y = _apply_except(x, mats, n)  # (P', rows, i_n, post)
-        post = y.shape[3]
-        if post == 1:
-            g = grad.reshape(-1, j_n)  # (rows, j_n)
-            da = torch.matmul(g.t(), y.reshape(y.shape[0], -1, i_n))  # (P', j_n, i_n)
-        else:
-            g = grad.reshape(-1, j_n, post).transpose(0, 1).reshape(j_n, -1)  # (j_n, rows post)
-            yt = y.transpose(2, 3).reshape(y.shape[0], -1, i_n)  # (P', rows post, i_n)
-            da = torch.matmul(g, yt)  # (P', j_n, i_n)
-        out.append(da.expand(terms, j_n, i_n).contiguous() if da.shape[0] != terms else da)
+        da = _contract(gs[n], xs[n])  # (P', J_n, I_n)
+        out.append(da.expand(a.shape).contiguous() if da.shape[0] != a.shape[0] else da)
     return out
+
+
+NARROW_GRADS = 16.0
+"""A MAC of :func:`kron_grads` over a factor whose smaller size is ``k`` costs
+``1 + (NARROW_GRADS / k) ** 2`` large-GEMM MACs: small factors run far below a large GEMM's
+rate (as batches of tiny products, or after transposing copies)."""
+
+
+def kron_grads_cost(shapes: Sequence[Sequence[int]], rows: int) -> float:
+    """The price of :func:`kron_grads` over ``rows`` rows for factors of ``shapes``
+    ``(P, J, I)``, in large-GEMM MACs: its factor products and contractions, each weighted by
+    the narrowness of the factor."""
+    ins = [s[2] for s in shapes]
+    outs = [s[1] for s in shapes]
+    terms = shapes[0][0]
+    total = 0.0
+    for n in range(len(shapes)):
+        # the x sweep applies factor n to (rows Π_{k<n} J_k, I_n, Π_{k>n} I_k), the gradient
+        # sweep its transpose to (rows Π_{k<n} J_k, J_n, Π_{k>n} I_k); the contraction for
+        # factor n multiplies the two
+        macs = terms * rows * math.prod(outs[:n]) * ins[n] * outs[n] * math.prod(ins[n + 1 :])
+        total += 3 * macs * (1 + (NARROW_GRADS / min(ins[n], outs[n])) ** 2)
+    return total
+
+
+def kron_grads_dense_first(shapes: Sequence[Sequence[int]], rows: int) -> bool:
+    """Whether the factor gradients over ``rows`` rows are cheaper from the dense gradient of
+    the whole matrix (one large GEMM over the rows, then :func:`kron_grads` over an identity of
+    ``I`` rows) than from :func:`kron_grads` over the rows themselves."""
+    ins = math.prod(s[2] for s in shapes)
+    outs = math.prod(s[1] for s in shapes)
+    if rows <= ins:
+        return False
+    dense = rows * ins * outs + kron_grads_cost(shapes, ins)
+    return dense < kron_grads_cost(shapes, rows)
 
 
 def rebuild(matrix: FactorizedMatrix) -> Tensor:

@@ -10,18 +10,22 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
   dense where that is cheaper: :func:`input_is_dense`), then kcprnn's fused loop
   (:mod:`kcprnn.rnn.fused`) with ``W_hh`` dense (rebuilt once per sequence if factorized).
 - ``"structured"``: as ``"dense"``, but ``W_hh`` multiplied as a Kronecker sum
-  (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step.
+  (:mod:`kcprnn.rnn.kron`: KCP and CP) at every step; in float32 on the CPU the whole loop is
+  one call of the compiled kernel (:mod:`kcprnn._cpu.native`), which the model prices when it
+  plans for the kernels (``CostModel.kernels``; planning never builds them).
 - ``"steps"``: the input product, then one cell step at a time under autograd
   (:func:`~kcprnn.rnn.scan`); what remains for sequences of different lengths when torch's
   kernel is not chosen, and under ``torch.compile``.
 
 ``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
 equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
-priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step.
+priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step, the compiled
+structured loop per step and per gate unit of every row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,7 +33,13 @@ import torch
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
-from .kron import kron_layout_of, kron_matmul_macs, kron_matmul_ops
+from .kron import (
+    KronLayout,
+    kron_grads_cost,
+    kron_layout_of,
+    kron_matmul_macs,
+    kron_matmul_ops,
+)
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
@@ -116,18 +126,71 @@ def layer_costs(
             costs.pop("structured", None)
             continue
         layout, terms = kron
-        ops = kron_matmul_ops(layout, terms)
-        macs = kron_matmul_macs(layout, terms, rows)
         if "structured" in costs:
-            costs["structured"] += (
-                ih
-                + passes * cm.rnn_small_gemm * macs
-                + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
+            costs["structured"] += ih + _structured_loop(
+                layout, terms, rows, g, steps, training, cm
             )
     if not fused_ok:
         costs.pop("dense")
         costs.pop("structured", None)
     return costs
+
+
+def _structured_loop(
+    layout: KronLayout,
+    terms: int,
+    rows: int,
+    gates: int,
+    steps: int,
+    training: bool,
+    cm: CostModel,
+) -> float:
+    """Price of the structured loop over ``rows`` rows in ``steps`` steps (``gates`` outputs
+    of ``W_hh``): the compiled kernel's where the model plans for it (its products and gate
+    arithmetic per step, forward and backward, then the factor gradients over all rows at
+    once), else one torch launch per factor product and gather of every step."""
+    macs = kron_matmul_macs(layout, terms, rows)
+    per_step = 1 + cm.rnn_step_backward * training
+    if cm.kernels:
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
+        ins, outs = layout.in_sizes, layout.out_sizes
+        forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows)
+        if not training:
+            return forward
+        backward = loop + cm.rnn_native_gemm * _kernel_work(outs, ins, terms, rows)
+        shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
+        structured = kron_grads_cost(shapes, rows)
+        dense = rows * layout.in_features * layout.out_features
+        grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
+        return forward + backward + grads
+    passes = 3 if training else 1
+    ops = kron_matmul_ops(layout, terms)
+    return (
+        passes * cm.rnn_small_gemm * macs
+        + steps * (cm.rnn_fused_step + ops * cm.rnn_kron_op) * per_step
+    )
+
+
+KERNEL_WIDTH = 16
+"""Floats per vector the compiled kernel is priced for."""
+
+
+def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
+    """Multiply-adds of one product of the compiled kernel over ``rows`` rows, as it runs them:
+    a factor followed by a trailing axis shorter than a vector multiplies its rows by the
+    factor expanded over that axis (``post`` times the MACs), and the outputs left over after
+    the whole vectors run as scalars (at an eighth of the rate)."""
+    total = 0.0
+    for k, (i, j) in enumerate(zip(in_sizes, out_sizes, strict=True)):
+        pre, post = math.prod(in_sizes[:k]), math.prod(out_sizes[k + 1 :])
+        macs = terms * rows * pre * i * j * post
+        if post < KERNEL_WIDTH and (i * post) * (j * post) <= 1 << 16:
+            work, width = macs * post, j * post  # row mode, expanded
+        else:
+            work, width = macs, post
+        full = width // KERNEL_WIDTH * KERNEL_WIDTH
+        total += work * (full + 8 * (width - full)) / width
+    return total
 
 
 def choose_route(

@@ -1,0 +1,365 @@
+"""The compiled recurrences (kcprnn/_cpu/native_rnn.cpp) against the torch loops of
+kcprnn.rnn.fused: LSTM, GRU and Elman (tanh, relu) layers with a Kronecker-sum W_hh, both
+directions, batch 1 and 16, odd sizes, several terms, KCP with and without index permutations
+and CP. The kernel runs float32 only; its values and gradients (of the input projections, the
+initial states, the bias and every factor matrix) are compared with the torch loop in float64 on
+the same numbers, within float32 rounding accumulated over the steps. Without the kernel
+(``KCPRNN_NATIVE=0``, no compiler) the torch loop runs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kcprnn
+from kcprnn._cpu import native
+from kcprnn.rnn.fused import fused_sequence
+from kcprnn.rnn.kron import kron_apply, kron_terms
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason="the compiled kernel cannot be built"
+)
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# (hidden, W_hh format, options per mode: (in_modes, out_modes) or None for the defaults)
+LAYOUTS = {
+    # two factors of one mode each, two terms: no permutations
+    "kcp-odd": (15, "kcp", {"rank": 2, "terms": 2}, {"in": [[3, 5]], "out": [[3, 5]]}),
+    # two modes of two factors: permutations on both sides, whole-vector rows per factor
+    "kcp-perm": (24, "kcp", {"rank": 2, "terms": 2}, {"in": [[2, 3], [2, 2]], "out": None}),
+    # three factors, two of them 1 x 1 or one column
+    "kcp3": (24, "kcp", {"rank": 2, "terms": 2, "num_factors": 3}, None),
+    # the default layout: a factor multiplied along long trailing axes
+    "kcp-default": (64, "kcp", {}, None),
+    "cp": (15, "cp", {"rank": 3}, None),
+}
+TOL = {"rtol": 2e-4, "atol": 2e-5}
+
+
+def _out_modes(mode: str, in_modes: list[list[int]]) -> list[list[int]]:
+    """Output modes for ``G * hidden`` outputs: the first mode's first factor times ``G``."""
+    out = [list(m) for m in in_modes]
+    out[0][0] *= GATES[mode]
+    return out
+
+
+def _matrix(mode: str, layout: str) -> tuple[int, list[torch.Tensor], object]:
+    """``(hidden, factor matrices (float64 leaves), layout)`` of a ``W_hh`` for ``mode``."""
+    hidden, fmt, options, modes = LAYOUTS[layout]
+    options = dict(options)
+    if modes is not None:
+        options["in_modes"] = modes["in"]
+        options["out_modes"] = _out_modes(mode, modes["out"] or modes["in"])
+    w = kcprnn.formats.make_matrix(
+        fmt, hidden, GATES[mode] * hidden, dtype=torch.float64, **options
+    )
+    found = kron_terms(w)
+    assert found is not None
+    mats, spec = found
+    return hidden, [m.detach().requires_grad_() for m in mats], spec
+
+
+def _inputs(mode: str, hidden: int, steps: int, batch: int, zero_state: bool):
+    g = GATES[mode] * hidden
+    gx = torch.randn(steps * batch, g, dtype=torch.float64)
+    bias = torch.randn(g, dtype=torch.float64)
+    state = [torch.randn(batch, hidden, dtype=torch.float64)]
+    if mode == "LSTM":
+        state.append(torch.randn(batch, hidden, dtype=torch.float64))
+    if zero_state:
+        state[0].zero_()
+    return gx, bias, state
+
+
+def _run(mode, nonlinearity, gx, bias, state, mats, spec, reverse):
+    """Outputs, final states and the gradients of every input of one fused sequence."""
+    leaves = [gx, bias, *state, *mats]
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    gx, bias, state, mats = leaves[0], leaves[1], leaves[2 : 2 + len(state)], leaves[-len(mats) :]
+    out, final = fused_sequence(mode, gx, tuple(state), mats, bias, reverse, spec, nonlinearity)
+    weight = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    loss = (out * weight).sum() + sum((s * s).sum() for s in final)
+    grads = torch.autograd.grad(loss, leaves)
+    return [out, *final, *grads]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The names of the compiled recurrence functions called (spied on in :mod:`native`)."""
+    seen: list[str] = []
+    for name in (
+        "lstm_forward",
+        "lstm_backward",
+        "gru_forward",
+        "gru_backward",
+        "rnn_forward",
+        "rnn_backward",
+    ):
+        original = getattr(native, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            seen.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(native, name, spy)
+    return seen
+
+
+KINDS = [("LSTM", "tanh"), ("GRU", "tanh"), ("RNN", "tanh"), ("RNN", "relu")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("mode", "nonlinearity"), KINDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("batch", "zero_state"), [(1, False), (16, True), (5, False)])
+def test_kernel_matches_the_torch_loop(
+    layout, mode, nonlinearity, reverse, batch, zero_state, calls
+):
+    torch.manual_seed(0)
+    hidden, mats, spec = _matrix(mode, layout)
+    gx, bias, state = _inputs(mode, hidden, 7, batch, zero_state)
+    want = _run(mode, nonlinearity, gx, bias, state, mats, spec, reverse)  # float64: torch
+    assert calls == []
+    got = _run(
+        mode,
+        nonlinearity,
+        gx.float(),
+        bias.float(),
+        [s.float() for s in state],
+        [m.float() for m in mats],
+        spec,
+        reverse,
+    )
+    assert calls == [f"{mode.lower()}_forward", f"{mode.lower()}_backward"]
+    _assert_close(got, want)
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """float32 results against float64 ones: within the tolerance, relative to each tensor's
+    largest entry."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        scale = 1.0 + float(b.detach().abs().max())
+        torch.testing.assert_close(
+            a.detach().double(), b.detach(), rtol=TOL["rtol"], atol=TOL["atol"] * scale
+        )
+
+
+@pytest.mark.parametrize(("mode", "nonlinearity"), KINDS)
+def test_without_bias_and_without_gradients_for_the_initial_state(mode, nonlinearity, calls):
+    torch.manual_seed(1)
+    hidden, mats, spec = _matrix(mode, "kcp-perm")
+    gx, _, state = _inputs(mode, hidden, 6, 4, False)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        x = gx.to(dtype).requires_grad_()
+        ms = [m.detach().to(dtype).requires_grad_() for m in mats]
+        st = tuple(s.to(dtype) for s in state)  # no gradients wanted
+        out, final = fused_sequence(mode, x, st, ms, None, False, spec, nonlinearity)
+        loss = (out * out).sum() + final[-1].sum()
+        results.append([out, *final, *torch.autograd.grad(loss, [x, *ms])])
+    assert calls == [f"{mode.lower()}_forward", f"{mode.lower()}_backward"]
+    _assert_close(results[1], results[0])
+
+
+def test_strided_input_projections(calls):
+    """Input projections that are a column slice of a wider product (both directions' gates in
+    one GEMM) are read in place."""
+    torch.manual_seed(2)
+    hidden, mats, spec = _matrix("LSTM", "kcp-perm")
+    wide = torch.randn(5 * 3, 2 * 4 * hidden)
+    gx = wide[:, 4 * hidden :]
+    assert not gx.is_contiguous()
+    state = (torch.randn(3, hidden), torch.randn(3, hidden))
+    ms = [m.detach().float() for m in mats]
+    got = fused_sequence("LSTM", gx, state, ms, None, True, spec)
+    state64 = tuple(s.double() for s in state)
+    want = fused_sequence(
+        "LSTM", gx.contiguous().double(), state64, [m.double() for m in ms], None, True, spec
+    )
+    assert calls == ["lstm_forward"]
+    torch.testing.assert_close(got[0].double(), want[0], **TOL)
+    torch.testing.assert_close(got[1][1].double(), want[1][1], **TOL)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_product_matches_kron_apply(layout):
+    torch.manual_seed(3)
+    _, mats, spec = _matrix("LSTM", layout)
+    mats = [m.detach().float() for m in mats]
+    idx = spec.indices(torch.device("cpu"))
+    args = native.KronArgs(mats, *idx)
+    tspec = spec.transposed()
+    args_t = native.KronArgs([m.transpose(1, 2) for m in mats], *tspec.indices(torch.device("cpu")))
+    for rows in (1, 7, 16):
+        x = torch.randn(rows, spec.in_features)
+        want = kron_apply(x.double(), [m.double() for m in mats], spec)
+        torch.testing.assert_close(native.kron_apply(x, args).double(), want, **TOL)
+        y = torch.randn(rows, spec.out_features)
+        want_t = kron_apply(y.double(), [m.transpose(1, 2).double() for m in mats], tspec)
+        torch.testing.assert_close(native.kron_apply(y, args_t).double(), want_t, **TOL)
+
+
+def test_module_structured_route_runs_the_kernel(calls):
+    """A two-layer bidirectional KCP LSTM on the structured route in float32 against the same
+    model in float64 stepping through autograd, with dropout between the layers."""
+    torch.manual_seed(4)
+    model = kcprnn.LSTM(
+        6, 16, num_layers=2, bidirectional=True, dropout=0.3, format="kcp", hidden_format="kcp"
+    )
+    model.recurrence = "structured"
+    ref = copy.deepcopy(model).double()
+    ref.recurrence = "steps"
+    x = torch.randn(9, 4, 6)
+    results = []
+    for m, inp in ((model, x), (ref, x.double())):
+        torch.manual_seed(5)  # the same dropout masks
+        out, (h, c) = m(inp)
+        loss = (out * out).sum() + h.sum() + c.sum()
+        results.append([out, h, c, *torch.autograd.grad(loss, list(m.parameters()))])
+    assert calls.count("lstm_forward") == 4 and calls.count("lstm_backward") == 4
+    _assert_close(results[0], results[1])
+
+
+def _fresh_state(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+
+
+def test_disabled_by_environment_runs_the_torch_loop(monkeypatch, calls):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv("KCPRNN_NATIVE", "0")
+    torch.manual_seed(6)
+    hidden, mats, spec = _matrix("LSTM", "kcp-perm")
+    gx, bias, state = _inputs("LSTM", hidden, 5, 3, False)
+    got = _run(
+        "LSTM",
+        "tanh",
+        gx.float(),
+        bias.float(),
+        [s.float() for s in state],
+        [m.float() for m in mats],
+        spec,
+        False,
+    )
+    want = _run("LSTM", "tanh", gx, bias, state, mats, spec, False)
+    assert calls == []
+    _assert_close(got, want)
+
+
+def test_without_a_compiler_runs_the_torch_loop(monkeypatch, tmp_path, calls, caplog):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv("KCPRNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    torch.manual_seed(7)
+    hidden, mats, spec = _matrix("GRU", "cp")
+    gx, bias, state = _inputs("GRU", hidden, 5, 2, False)
+    got = _run(
+        "GRU",
+        "tanh",
+        gx.float(),
+        bias.float(),
+        [s.float() for s in state],
+        [m.float() for m in mats],
+        spec,
+        True,
+    )
+    assert calls == [] and not native.available()
+    assert "no C++ compiler" in str(native.info()["error"])
+    want = _run("GRU", "tanh", gx, bias, state, mats, spec, True)
+    _assert_close(got, want)
+
+
+def test_float64_runs_the_torch_loop(calls):
+    hidden, mats, spec = _matrix("RNN", "cp")
+    gx, bias, state = _inputs("RNN", hidden, 4, 2, False)
+    _run("RNN", "tanh", gx, bias, state, mats, spec, False)
+    assert calls == []
+
+
+def test_kernel_arguments_are_checked():
+    mats = [torch.randn(1, 4, 2), torch.randn(1, 3, 3)]
+    with pytest.raises(ValueError, match="float32"):
+        native.KronArgs([m.double() for m in mats], None, None)
+    with pytest.raises(ValueError, match="in_index must have 6 entries"):
+        native.KronArgs(mats, torch.arange(5), None)
+    args = native.KronArgs(mats, None, None)  # 6 -> 12
+    with pytest.raises(ValueError, match="maps 6 -> 12 features"):
+        native.rnn_forward(
+            torch.randn(4, 6),
+            None,
+            torch.empty(2, 2, 6),
+            torch.zeros(2, 6),
+            False,
+            False,
+            True,
+            args,
+        )
+    with pytest.raises(ValueError, match="gx must be float32 rows"):
+        native.lstm_forward(
+            torch.randn(4, 12).t(),
+            None,
+            torch.empty(2, 2, 12),
+            torch.zeros(2, 3),
+            torch.zeros(2, 3),
+            *[torch.empty(2, 2, 3)] * 3,
+            False,
+            True,
+            args,
+        )
+
+
+def test_the_layouts_cover_both_product_modes():
+    """The cases above exercise permutations on and off, one and several terms, and factors
+    multiplied along trailing axes shorter and longer than a vector."""
+    perms, terms, long_post = set(), set(), False
+    for name in LAYOUTS:
+        _, mats, spec = _matrix("LSTM", name)
+        perms.add(spec.in_index is not None or spec.out_index is not None)
+        terms.add(mats[0].shape[0] > 1)
+        post = 1
+        for m in reversed(mats[1:]):
+            post *= m.shape[1]
+        long_post |= post >= 16
+    assert perms == {True, False} and terms == {True, False} and long_post
+
+
+def test_gradients_without_factor_gradients(calls):
+    """Factors that need no gradient: the forward keeps no factor-major rows, and the input's
+    and initial state's gradients are unchanged."""
+    torch.manual_seed(8)
+    hidden, mats, spec = _matrix("LSTM", "kcp-perm")
+    gx, bias, state = _inputs("LSTM", hidden, 6, 3, False)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in (gx, bias, *state)]
+        ms = [m.detach().to(dtype) for m in mats]
+        out, final = fused_sequence("LSTM", leaves[0], tuple(leaves[2:]), ms, leaves[1], True, spec)
+        loss = (out * out).sum() + final[1].sum()
+        results.append([out, *torch.autograd.grad(loss, leaves)])
+    assert calls == ["lstm_forward", "lstm_backward"]
+    _assert_close(results[1], results[0])
+
+
+def test_planning_prices_the_kernel_without_building_it(monkeypatch):
+    """auto takes the structured route for a KCP W_hh at the speech size in float32 (the cost
+    model plans for the kernel) without building or loading it; without the kernels in the
+    model the structured loop is priced higher."""
+    from kcprnn._cpu import CostModel
+    from kcprnn.rnn import plan
+
+    monkeypatch.setattr(native, "build", lambda *a, **k: pytest.fail("planning built the kernel"))
+    monkeypatch.setattr(native, "_library", lambda: pytest.fail("planning loaded the kernel"))
+    model = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp")
+    cells = [model.cell(0, d) for d in range(2)]
+    assert plan.choose_route("auto", cells, 300 * 16, 300, True, True) == "structured"
+    with_kernels = plan.layer_costs(cells, 4800, 300, True, True, CostModel())
+    without = plan.layer_costs(cells, 4800, 300, True, True, CostModel(kernels=False))
+    assert with_kernels["structured"] < without["structured"]
+    assert with_kernels["torch"] == without["torch"]
+    # float64 plans without the kernels
+    double = copy.deepcopy(model).double()
+    cells64 = [double.cell(0, d) for d in range(2)]
+    assert cells64[0].weight_hh.planning_model().kernels is False
