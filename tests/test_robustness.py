@@ -569,7 +569,6 @@ def test_a_training_run_writes_only_its_run_folder_and_cache(tmp_path, monkeypat
     cache, run = tmp_path / "cache", tmp_path / "runs" / "tiny"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
-    monkeypatch.setenv("KCPRNN_CACHE", str(cache))
     monkeypatch.setenv("KCPRNN_CACHE_DIR", str(cache))
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))

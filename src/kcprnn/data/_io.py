@@ -12,9 +12,9 @@ __all__ = ["default_cache_dir", "load_npy", "save_npy_atomic"]
 
 
 def default_cache_dir() -> Path:
-    """``$KCPRNN_CACHE`` if set, else ``$XDG_CACHE_HOME/kcprnn`` (``~/.cache/kcprnn``)."""
-    if os.environ.get("KCPRNN_CACHE"):
-        return Path(os.environ["KCPRNN_CACHE"])
+    """``$KCPRNN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/kcprnn`` (``~/.cache/kcprnn``)."""
+    if os.environ.get("KCPRNN_CACHE_DIR"):
+        return Path(os.environ["KCPRNN_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "kcprnn"
 

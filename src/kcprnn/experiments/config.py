@@ -60,7 +60,7 @@ class Config:
     # speech: timit | tedlium (real corpora, need data_dir) | timit-like | tedlium-like
     dataset: str = "ucf11-like"
     data_dir: str = ""  # top folder of a real dataset (for shd/ssc: the folder of the .h5 files)
-    cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE or ~/.cache/kcprnn
+    cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE_DIR or ~/.cache/kcprnn
     num_frames: int = 6  # frames per clip, ascending (UCF: 6, YouTube Celebrities: up to 85)
     frame_width: int = 160  # frames are scaled to frame_width x frame_height RGB
     frame_height: int = 120
