@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._compile import compiled_recurrence
 from .cells import RNNCellBase
 from .fused import fused_sequence
 from .kron import kron_terms, rebuild
@@ -92,20 +93,21 @@ def run_layer(
     With sequences of equal length and no LSTM projection, ``route`` ``"dense"`` runs
     :func:`~kcprnn.rnn.fused_sequence` with ``W_hh`` dense (rebuilt once if factorized),
     ``"structured"`` the same with ``W_hh`` multiplied as a Kronecker sum where it is one (KCP,
-    CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Everything
-    else, ``route="steps"`` and code under ``torch.compile`` step through :func:`scan` with
-    autograd. ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman
-    layer, which then adds none; an error where the layer would step through :func:`scan`).
+    CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Under
+    ``torch.compile`` both run the fused loop with ``W_hh`` rebuilt dense as one opaque
+    ``kcprnn::recurrence`` node (:mod:`kcprnn._compile`). Everything else and
+    ``route="steps"`` step through :func:`scan` with autograd. ``bias_included``: ``gates_x``
+    already holds ``b_hh`` (for a fused LSTM or Elman layer, which then adds none; an error
+    where the layer would step through :func:`scan`).
     """
     hh = cell.weight_hh
-    if (
-        route in ("dense", "structured")
-        and len(set(batch_sizes)) == 1
-        and cell.weight_hr is None
-        and not torch.compiler.is_compiling()  # compiled graphs fuse the steps themselves
-    ):
+    if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
         bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
+        if torch.compiler.is_compiling():  # one opaque node, W_hh rebuilt in the graph
+            return compiled_recurrence(
+                cell.mode, gates_x, state, rebuild(hh), bias, reverse, nonlinearity
+            )
         found = kron_terms(hh) if route == "structured" else None
         if found is not None:
             mats, layout = found

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .._compile import compiled_route
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
@@ -275,7 +276,11 @@ class RNNBase(nn.Module):
         for layer in range(self.num_layers):
             d = self.num_directions
             cells = [self.cell(layer, direction) for direction in range(d)]
-            route = choose_route(self.recurrence, cells, rows, len(sizes), equal, training)
+            compiling = torch.compiler.is_compiling()
+            if compiling:  # no cost model in a traced graph (kcprnn._compile)
+                route = compiled_route(cells, equal)
+            else:
+                route = choose_route(self.recurrence, cells, rows, len(sizes), equal, training)
             if route == "torch":
                 if layer == 0 and not packed:
                     seq = x.transpose(0, 1) if self.batch_first else x  # (t, b, i)
@@ -296,7 +301,7 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
-                    if route != "steps" and input_is_dense(cell, rows, training):
+                    if not compiling and route != "steps" and input_is_dense(cell, rows, training):
                         w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
