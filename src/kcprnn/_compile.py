@@ -214,9 +214,7 @@ def exported_product(matrix: FactorizedMatrix, rows: Tensor, bias: Tensor | None
     """``matrix(rows, bias)`` in plain operators (under ``torch.export``): ``F.linear`` on the
     matrix rebuilt from its factors in the graph, so that an exported program stores the
     factors, not ``W``."""
-    from .rnn.kron import rebuild
-
-    return F.linear(rows, rebuild(matrix), bias)  # (b, j)
+    return F.linear(rows, matrix.to_dense(), bias)  # (b, j)
 
 
 # --- the fused recurrences -----------------------------------------------------------------

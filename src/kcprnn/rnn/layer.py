@@ -147,13 +147,17 @@ def torch_layer(
         ``(output, final state)``: ``(t, b, d*p)`` or ``(n, d*p)``, and tensors ``(d, b, s)``.
     """
     cell = cells[0]
+    # torch.export: to_dense, plain reshapes (rebuild's index layout is computed from tensors)
+    dense: Callable[[Any], Tensor] = (
+        (lambda m: m.to_dense()) if torch.compiler.is_exporting() else rebuild
+    )
     params: list[Tensor] = []
     for c in cells:
-        params += [rebuild(c.weight_ih), rebuild(c.weight_hh)]
+        params += [dense(c.weight_ih), dense(c.weight_hh)]
         if c.bias_ih is not None and c.bias_hh is not None:
             params += [c.bias_ih, c.bias_hh]
         if c.weight_hr is not None:
-            params.append(rebuild(c.weight_hr))
+            params.append(dense(c.weight_hr))
     mode = cell.mode
     if mode == "RNN":
         mode = "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
