@@ -166,18 +166,25 @@ def test_compiled_cell_and_projection_match_eager():
             torch.testing.assert_close(a, b, **TOL)
 
 
-def test_product_operator_gradients_float64():
-    """The custom operator's backward (a recomputation under autograd, its own operator)
-    against eager autograd of the same product, in float64, for the input, bias and factors;
-    and on parameters that are not the module's own (swapped in for the call)."""
+@pytest.mark.parametrize("kept", [True, False])
+def test_product_operator_gradients_float64(kept):
+    """The custom operator's backward (the kept autograd graph of its forward, or where none
+    is kept a recomputation) against eager autograd of the same product, in float64, for the
+    input, bias and factors; and on parameters that are not the module's own (swapped in)."""
     matrix = kcprnn.formats.FORMATS["kcp"](6, 4, rank=2, terms=2, dtype=torch.float64)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     params = list(matrix.parameters())
-    key = _compile.module_key(matrix)
     grad = torch.randn(3, 4, dtype=torch.float64)
+    _compile._KEPT.clear()
 
-    out = torch.ops.kcprnn.product(x, bias, params, key, 4)
+    def product(x, bias, params):
+        out = torch.ops.kcprnn.product(x, bias, params, _compile.module_key(matrix), 4, True, True)
+        if not kept:
+            _compile._KEPT.clear()
+        return out[0]
+
+    out = product(x, bias, params)
     got = torch.autograd.grad(out, [x, bias, *params], grad)
     ref_out = matrix(x, bias)
     ref = torch.autograd.grad(ref_out, [x, bias, *params], grad)
@@ -186,15 +193,16 @@ def test_product_operator_gradients_float64():
         torch.testing.assert_close(a, b)
 
     others = [torch.randn_like(p, requires_grad=True) for p in params]
-    out = torch.ops.kcprnn.product(x, None, others, key, 4)
+    out = product(x, bias, others)
     got = torch.autograd.grad(out, others, grad)
     with torch.no_grad():
         for p, q in zip(params, others, strict=True):
             p.copy_(q)
-    ref = torch.autograd.grad(matrix(x), params, grad)
-    torch.testing.assert_close(out, matrix(x))
+    ref = torch.autograd.grad(matrix(x, bias), params, grad)
+    torch.testing.assert_close(out, matrix(x, bias))
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b)
+    assert not _compile._KEPT  # every kept graph was taken by its backward
 
 
 def test_recurrence_operator_gradcheck_float64():
@@ -212,6 +220,7 @@ def test_recurrence_operator_gradcheck_float64():
         return out, hn, cn
 
     assert torch.autograd.gradcheck(fn, (gates, h0, c0, weight, bias))
+    _compile._KEPT.clear()  # gradcheck's forwards without a backward
     ref = kcprnn.rnn.fused_sequence("LSTM", gates, (h0, c0), [weight], bias, True)
     torch.testing.assert_close(fn(gates, h0, c0, weight, bias)[0], ref[0])
 
@@ -224,4 +233,4 @@ def test_dead_module_key_is_a_clear_error():
 
     gc.collect()
     with pytest.raises(RuntimeError, match=f"key={key}"):
-        torch.ops.kcprnn.product(torch.randn(1, 6), None, [], key, 4)
+        torch.ops.kcprnn.product(torch.randn(1, 6), None, [], key, 4, False, False)

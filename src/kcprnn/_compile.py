@@ -6,15 +6,20 @@ custom operators (namespace ``kcprnn``): the compiler sees one node with a shape
 node runs the eager code (planner, tuned and compiled kernels) at run time. Inductor then compiles
 only the graph around them, which takes seconds at any layer size.
 
-- ``kcprnn::product(x, bias, params, key, out_features)``: ``matrix(x, bias)`` for the
-  :class:`~kcprnn.formats.FactorizedMatrix` registered under ``key``, run without autograd
-  (the inference plan, with its cached small matrices). Its backward
-  ``kcprnn::product_backward`` runs the product again with autograd (the training plan) and
-  differentiates it: a compiled training step costs one more forward product than eager.
-- ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu)``:
-  :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight; its backward
-  ``kcprnn::recurrence_backward`` runs the sequence again and its hand-written backward through
-  time.
+- ``kcprnn::product(x, bias, params, key, out_features, need_grad, need_x)``:
+  ``matrix(x, bias)`` for the :class:`~kcprnn.formats.FactorizedMatrix` registered under
+  ``key``. Without gradients it runs without autograd (the inference plan, with its cached
+  small matrices); with them it runs the eager training product under autograd from fresh
+  leaves and keeps that autograd graph under a token (its second output), which the backward
+  ``kcprnn::product_backward`` differentiates: the compiled training step does the eager
+  forward and backward work, no more. A graph not kept (a second backward, or more than
+  :data:`_KEEP_LIMIT` forwards awaiting their backward) is recomputed.
+- ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu, need_grad)``:
+  :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight, its graph kept the same
+  way for ``kcprnn::recurrence_backward`` (the hand-written backward through time).
+
+The operators' inputs are saved for the backward, so the compiled graph keeps them alive and
+unchanged while a kept graph reads them.
 
 ``key`` names a live module (:func:`module_key`, evaluated once while tracing); the module's
 parameters are passed too, so that the graph depends on them and the gradients reach them.
@@ -27,7 +32,9 @@ torch's own recurrence on rebuilt weights (:func:`compiled_route`).
 
 from __future__ import annotations
 
+import itertools
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -138,66 +145,131 @@ def _fresh(t: Tensor, inputs: Sequence[Tensor | None]) -> Tensor:
     return t
 
 
+# --- autograd graphs kept from a forward operator for its backward ----------------------------
+
+_KEPT: OrderedDict[int, tuple[Sequence[Tensor], Sequence[Tensor]]] = OrderedDict()
+_KEEP_LIMIT = 64
+_TOKENS = itertools.count(1)
+
+
+def _keep(outputs: Sequence[Tensor], wrt: Sequence[Tensor]) -> Tensor:
+    """Keep the autograd graph from ``wrt`` to ``outputs`` for the backward operator; returns
+    its token (a 0-d int64 tensor, an output of the forward operator). The graph is dropped
+    with the token (when the autograd graph that saved it is freed), and at most
+    :data:`_KEEP_LIMIT` are kept (the oldest are dropped: their backward recomputes)."""
+    token = next(_TOKENS)
+    _KEPT[token] = (outputs, wrt)
+    while len(_KEPT) > _KEEP_LIMIT:
+        _KEPT.popitem(last=False)
+    value = torch.tensor(token)
+    weakref.finalize(value, _KEPT.pop, token, None)  # a forward whose backward never comes
+    return value
+
+
+def _take(token: Tensor) -> tuple[Sequence[Tensor], Sequence[Tensor]] | None:
+    """The graph kept under ``token``, removed (a second backward recomputes), or ``None``."""
+    value = int(token)
+    return _KEPT.pop(value, None) if value else None
+
+
+def _no_token() -> Tensor:
+    return torch.tensor(0)
+
+
+def _grads(
+    outputs: Sequence[Tensor], wrt: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence
+) -> list[Tensor]:
+    with _autograd():
+        found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+    return [
+        torch.zeros_like(w) if g is None else _fresh(g, inputs)
+        for g, w in zip(found, wrt, strict=True)
+    ]
+
+
 # --- the product of a format ---------------------------------------------------------------
 
 
-@torch.library.custom_op("kcprnn::product", mutates_args=())
-def _product(
-    x: Tensor, bias: Tensor | None, params: list[Tensor], key: int, out_features: int
-) -> Tensor:
-    matrix = _module(key)
-    with torch.no_grad(), _parameters(matrix, params) as m:
-        out = m(x, bias)  # (b, j)
-    return _fresh(out, [x, bias, *params])
-
-
-@_product.register_fake
-def _product_fake(
-    x: Tensor, bias: Tensor | None, params: list[Tensor], key: int, out_features: int
-) -> Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
-@torch.library.custom_op("kcprnn::product_backward", mutates_args=())
-def _product_backward(
-    grad: Tensor, x: Tensor, params: list[Tensor], key: int, need_x: bool
-) -> list[Tensor]:
-    matrix = _module(key)
+def _product_graph(
+    matrix: Any, x: Tensor, bias: Tensor | None, params: Sequence[Tensor], need_x: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """``matrix(x, bias)`` under autograd from fresh leaves (the training plan): the output
+    and the leaves (``x`` first where ``need_x``, then ``params``); ``bias`` is a constant."""
     with _autograd():
         x_leaf = x.detach().requires_grad_(need_x)
         leaves = [p.detach().requires_grad_(True) for p in params]
         with _parameters(matrix, leaves, swap=True) as m:
-            out = m(x_leaf)  # (b, j)
-        wrt = ([x_leaf] if need_x else []) + leaves
-        grads = torch.autograd.grad(out, wrt, grad, allow_unused=True)
-    return [
-        torch.zeros_like(w) if g is None else _fresh(g, [grad, x, *params])
-        for g, w in zip(grads, wrt, strict=True)
-    ]
+            out = m(x_leaf, None if bias is None else bias.detach())  # (b, j)
+    return out, ([x_leaf] if need_x else []) + leaves
+
+
+@torch.library.custom_op("kcprnn::product", mutates_args=())
+def _product(
+    x: Tensor,
+    bias: Tensor | None,
+    params: list[Tensor],
+    key: int,
+    out_features: int,
+    need_grad: bool,
+    need_x: bool,
+) -> tuple[Tensor, Tensor]:
+    matrix = _module(key)
+    if need_grad:
+        out, wrt = _product_graph(matrix, x, bias, params, need_x)
+        return out.detach().clone(memory_format=torch.contiguous_format), _keep([out], wrt)
+    with torch.no_grad(), _parameters(matrix, params) as m:
+        out = m(x, bias)  # (b, j)
+    return _fresh(out, [x, bias, *params]), _no_token()
+
+
+@_product.register_fake
+def _product_fake(
+    x: Tensor,
+    bias: Tensor | None,
+    params: list[Tensor],
+    key: int,
+    out_features: int,
+    need_grad: bool,
+    need_x: bool,
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape[0], out_features), x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("kcprnn::product_backward", mutates_args=())
+def _product_backward(
+    grad: Tensor, token: Tensor, x: Tensor, params: list[Tensor], key: int, need_x: bool
+) -> list[Tensor]:
+    kept = _take(token)
+    if kept is None:  # no graph kept: recompute the product under autograd
+        out, wrt = _product_graph(_module(key), x, None, params, need_x)
+        kept = ([out], wrt)
+    return _grads(kept[0], kept[1], [grad], [grad, x, *params])
 
 
 @_product_backward.register_fake
 def _product_backward_fake(
-    grad: Tensor, x: Tensor, params: list[Tensor], key: int, need_x: bool
+    grad: Tensor, token: Tensor, x: Tensor, params: list[Tensor], key: int, need_x: bool
 ) -> list[Tensor]:
     return ([torch.empty_like(x)] if need_x else []) + [torch.empty_like(p) for p in params]
 
 
-def _product_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, bias, params, key, _ = inputs
-    ctx.save_for_backward(x, *params)
+def _product_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, bias, params, key, _, _, need_x = inputs
+    # the inputs are kept alive (and unchanged) for the backward: the kept graph reads them
+    ctx.save_for_backward(x, output[1], *params)
     ctx.key = key
+    ctx.need_x = need_x
     ctx.has_bias = bias is not None
 
 
-def _product_grad(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    x, *params = ctx.saved_tensors
-    need_x = bool(ctx.needs_input_grad[0])
-    grads = _product_backward(grad.contiguous(), x, params, ctx.key, need_x)
+def _product_grad(ctx: Any, grad: Tensor, _token_grad: Any) -> tuple[Any, ...]:
+    x, token, *params = ctx.saved_tensors
+    need_x = bool(ctx.need_x and ctx.needs_input_grad[0])
+    grads = _product_backward(grad.contiguous(), token, x, params, ctx.key, bool(ctx.need_x))
     grad_x = grads[0] if need_x else None
-    grad_params = grads[1:] if need_x else grads
+    grad_params = grads[1:] if ctx.need_x else grads
     grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-    return grad_x, grad_bias, grad_params, None, None
+    return grad_x, grad_bias, grad_params, None, None, None, None
 
 
 _product.register_autograd(_product_grad, setup_context=_product_setup)
@@ -207,7 +279,13 @@ def compiled_product(matrix: FactorizedMatrix, rows: Tensor, bias: Tensor | None
     """``matrix(rows, bias)`` for 2-D ``rows`` as one ``kcprnn::product`` node (under
     ``torch.compile``)."""
     params = list(matrix.parameters())
-    return _product(rows, bias, params, module_key(matrix), matrix.out_features)  # (b, j)
+    need_x = rows.requires_grad
+    need_grad = torch.is_grad_enabled() and (
+        need_x or any(p.requires_grad for p in params) or (bias is not None and bias.requires_grad)
+    )
+    key = module_key(matrix)
+    out, _ = _product(rows, bias, params, key, matrix.out_features, need_grad, need_x)
+    return out  # (b, j)
 
 
 def exported_product(matrix: FactorizedMatrix, rows: Tensor, bias: Tensor | None) -> Tensor:
@@ -237,6 +315,29 @@ def _run_fused(
     return fused_sequence(mode, gates_x, state, [weight], bias, reverse, None, nonlinearity)
 
 
+def _recurrence_graph(
+    gates_x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    bias: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    reverse: bool,
+    relu: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The fused sequence under autograd from fresh leaves: its outputs ``(out, h_n[, c_n])``
+    and the leaves ``(gates_x, h0, weight[, c0][, bias])``."""
+    with _autograd():
+        leaves = [t.detach().requires_grad_(True) for t in (gates_x, h0, weight)]
+        c_leaf = None if c0 is None else c0.detach().requires_grad_(True)
+        b_leaf = None if bias is None else bias.detach().requires_grad_(True)
+        out, final = _run_fused(
+            leaves[0], leaves[1], c_leaf, b_leaf, leaves[2], mode, reverse, relu
+        )
+    wrt = [*leaves, *(t for t in (c_leaf, b_leaf) if t is not None)]
+    return [out, *final], wrt
+
+
 @torch.library.custom_op("kcprnn::recurrence", mutates_args=())
 def _recurrence(
     gates_x: Tensor,
@@ -247,14 +348,26 @@ def _recurrence(
     mode: str,
     reverse: bool,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if need_grad:
+        outs, wrt = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu)
+        token = _keep(outs, wrt)
+        out, h = (
+            outs[0].detach().clone(memory_format=torch.contiguous_format),
+            outs[1].detach().clone(memory_format=torch.contiguous_format),
+        )
+        c = (
+            outs[2].detach().clone(memory_format=torch.contiguous_format)
+            if c0 is not None
+            else h0.new_empty(0)
+        )
+        return out, h, c, token
     with torch.no_grad():
         out, final = _run_fused(gates_x, h0, c0, bias, weight, mode, reverse, relu)
-    inputs = [gates_x, h0, c0, bias, weight]
-    out = _fresh(out, inputs)
-    h = final[0].clone()
+    out = _fresh(out, [gates_x, h0, c0, bias, weight])
     c = final[1].clone() if c0 is not None else h0.new_empty(0)
-    return out, h, c
+    return out, final[0].clone(), c, _no_token()
 
 
 @_recurrence.register_fake
@@ -267,10 +380,11 @@ def _recurrence_fake(
     mode: str,
     reverse: bool,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out = gates_x.new_empty(gates_x.shape[0], h0.shape[1])
     c = torch.empty_like(c0) if c0 is not None else h0.new_empty(0)
-    return out, torch.empty_like(h0), c
+    return out, torch.empty_like(h0), c, h0.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("kcprnn::recurrence_backward", mutates_args=())
@@ -278,6 +392,7 @@ def _recurrence_backward(
     grad_out: Tensor,
     grad_h: Tensor,
     grad_c: Tensor | None,
+    token: Tensor,
     gates_x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
@@ -287,25 +402,13 @@ def _recurrence_backward(
     reverse: bool,
     relu: bool,
 ) -> list[Tensor]:
-    with _autograd():
-        leaves = [t.detach().requires_grad_(True) for t in (gates_x, h0, weight)]
-        c_leaf = None if c0 is None else c0.detach().requires_grad_(True)
-        b_leaf = None if bias is None else bias.detach().requires_grad_(True)
-        out, final = _run_fused(
-            leaves[0], leaves[1], c_leaf, b_leaf, leaves[2], mode, reverse, relu
-        )
-        outs = [out, final[0]]
-        grads_in = [grad_out, grad_h]
-        if c_leaf is not None and grad_c is not None:
-            outs.append(final[1])
-            grads_in.append(grad_c)
-        wrt = [*leaves, *(t for t in (c_leaf, b_leaf) if t is not None)]
-        grads = torch.autograd.grad(outs, wrt, grads_in, allow_unused=True)
+    kept = _take(token)
+    if kept is None:  # no graph kept: run the sequence again under autograd
+        kept = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu)
+    outs, wrt = kept
+    grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
     inputs = [grad_out, grad_h, grad_c, gates_x, h0, c0, bias, weight]
-    return [
-        torch.zeros_like(w) if g is None else _fresh(g, inputs)
-        for g, w in zip(grads, wrt, strict=True)
-    ]
+    return _grads(outs[: len(grads)], wrt, grads, inputs)
 
 
 @_recurrence_backward.register_fake
@@ -313,6 +416,7 @@ def _recurrence_backward_fake(
     grad_out: Tensor,
     grad_h: Tensor,
     grad_c: Tensor | None,
+    token: Tensor,
     gates_x: Tensor,
     h0: Tensor,
     c0: Tensor | None,
@@ -327,14 +431,17 @@ def _recurrence_backward_fake(
 
 
 def _recurrence_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    gates_x, h0, c0, bias, weight, mode, reverse, relu = inputs
-    ctx.save_for_backward(gates_x, h0, c0, bias, weight)
+    gates_x, h0, c0, bias, weight, mode, reverse, relu, _ = inputs
+    # the inputs are kept alive (and unchanged) for the backward: the kept graph reads them
+    ctx.save_for_backward(gates_x, h0, c0, bias, weight, output[3])
     ctx.options = (mode, reverse, relu)
     ctx.has_c, ctx.has_bias = c0 is not None, bias is not None
 
 
-def _recurrence_grad(ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor) -> tuple:
-    gates_x, h0, c0, bias, weight = ctx.saved_tensors
+def _recurrence_grad(
+    ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, _token_grad: Any
+) -> tuple:
+    gates_x, h0, c0, bias, weight, token = ctx.saved_tensors
     grad_out = torch.zeros_like(gates_x[:, : h0.shape[1]]) if grad_out is None else grad_out
     grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
     if ctx.has_c:
@@ -343,6 +450,7 @@ def _recurrence_grad(ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor)
         grad_out.contiguous(),
         grad_h.contiguous(),
         grad_c.contiguous() if ctx.has_c else None,
+        token,
         gates_x,
         h0,
         c0,
@@ -353,7 +461,7 @@ def _recurrence_grad(ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor)
     g_gates, g_h0, g_weight, *rest = grads
     g_c0 = rest.pop(0) if ctx.has_c else None
     g_bias = rest.pop(0) if ctx.has_bias else None
-    return g_gates, g_h0, g_c0, g_bias, g_weight, None, None, None
+    return g_gates, g_h0, g_c0, g_bias, g_weight, None, None, None, None
 
 
 _recurrence.register_autograd(_recurrence_grad, setup_context=_recurrence_setup)
@@ -371,9 +479,10 @@ def compiled_recurrence(
     """:func:`~kcprnn.rnn.fused_sequence` with the dense recurrent ``weight`` as one
     ``kcprnn::recurrence`` node (under ``torch.compile``); same arguments and results."""
     c0 = state[1] if mode == "LSTM" else None
-    out, h, c = _recurrence(
-        gates_x, state[0], c0, bias, weight, mode, reverse, nonlinearity == "relu"
-    )
+    tensors = [gates_x, *state, weight, *([] if bias is None else [bias])]
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    relu = nonlinearity == "relu"
+    out, h, c, _ = _recurrence(gates_x, state[0], c0, bias, weight, mode, reverse, relu, need_grad)
     return out, ((h, c) if mode == "LSTM" else (h,))
 
 
