@@ -243,3 +243,21 @@ def test_dead_module_key_is_a_clear_error():
     gc.collect()
     with pytest.raises(RuntimeError, match=f"key={key}"):
         torch.ops.kcprnn.product(torch.randn(1, 6), None, [], key, 4, False, False)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank": [2, 3], "terms": 2, "num_factors": 2},
+        {"rank": 2, "terms": 3, "num_factors": 3},
+        {"rank": 2, "num_factors": 1},
+        {"in_modes": [[2, 3], [1, 4]], "out_modes": [[3, 1], [2, 2]], "rank": 2},
+    ],
+)
+def test_exported_kcp_product_equals_the_format(options):
+    """The plain-operator KCP product that torch.export traces, in float64, against the
+    format's own product (which its tests check against the dense reconstruction)."""
+    matrix = kcprnn.formats.FORMATS["kcp"](24, 12, dtype=torch.float64, **options)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64)
+    torch.testing.assert_close(_compile.exported_product(matrix, x, bias), matrix(x, bias))

@@ -25,14 +25,16 @@ unchanged while a kept graph reads them.
 parameters are passed too, so that the graph depends on them and the gradients reach them.
 
 Under ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) nothing opaque is
-used: a product is ``F.linear`` on the matrix rebuilt from its factors inside the graph
-(:func:`exported_product`), so the factors are the stored weights, and recurrent layers run
-torch's own recurrence on rebuilt weights (:func:`compiled_route`).
+used: a KCP product is its Kronecker factors applied in turn by batched matmuls, any other
+format's ``F.linear`` on the matrix rebuilt from its factors inside the graph
+(:func:`exported_product`), so the factors are the stored weights; recurrent layers step
+through time in plain operators (:func:`compiled_route`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -98,15 +100,15 @@ def _parameters(
     """``module`` computing with ``params`` (in ``module.parameters()`` order): the module
     itself where they are its own parameters (same memory) and not ``swap``, else with them
     swapped in for the duration."""
-    names = [name for name, _ in module.named_parameters()]
-    own = [p for _, p in module.named_parameters()]
-    if len(names) != len(params):
+    own = list(module.parameters())
+    if len(own) != len(params):
         raise ValueError(
-            f"{type(module).__name__} has {len(names)} parameters, got {len(params)} tensors"
+            f"{type(module).__name__} has {len(own)} parameters, got {len(params)} tensors"
         )
     if not swap and all(_same(a, b) for a, b in zip(own, params, strict=True)):
         yield module
         return
+    names = [name for name, _ in module.named_parameters()]
     with torch.nn.utils.stateless._reparametrize_module(
         module, dict(zip(names, params, strict=True))
     ):
@@ -289,10 +291,47 @@ def compiled_product(matrix: FactorizedMatrix, rows: Tensor, bias: Tensor | None
 
 
 def exported_product(matrix: FactorizedMatrix, rows: Tensor, bias: Tensor | None) -> Tensor:
-    """``matrix(rows, bias)`` in plain operators (under ``torch.export``): ``F.linear`` on the
-    matrix rebuilt from its factors in the graph, so that an exported program stores the
-    factors, not ``W``."""
+    """``matrix(rows, bias)`` in plain operators (under ``torch.export``), computed from the
+    factors in the graph so that an exported program stores the factors, not ``W``: a KCP
+    matrix by :func:`_kcp_structured`, any other through ``F.linear`` on ``to_dense()``."""
+    from .formats.kcp import KCPMatrix
+
+    if isinstance(matrix, KCPMatrix) and matrix.algorithm != "dense":
+        out = _kcp_structured(matrix._factor_list(), rows)  # (b, j)
+        return out if bias is None else out + bias
     return F.linear(rows, matrix.to_dense(), bias)  # (b, j)
+
+
+def _kcp_structured(factors: Sequence[Sequence[Tensor]], x: Tensor) -> Tensor:
+    """A KCP product in plain operators: each Kronecker factor ``A_p^(n)`` ``(P, J^(n),
+    I^(n))`` built from its CP factors, then applied to its axes of the input, last factor
+    first, one batched matmul each (:mod:`kcprnn.formats.kcp` gives the index orders)."""
+    from .formats.kcp.algebra import factor_dense
+
+    num_n, num_d = len(factors), len(factors[0])
+    ins = [[factors[n][d].shape[3] for d in range(num_d)] for n in range(num_n)]
+    outs = [[factors[n][d].shape[2] for d in range(num_d)] for n in range(num_n)]
+    b = x.shape[0]
+    # mode-major, factor-minor input axes -> factor-major (b, I^(1), ..., I^(N))
+    z = x.reshape(b, *[ins[n][d] for d in range(num_d) for n in range(num_n)])
+    z = z.permute(0, *[1 + d * num_n + n for n in range(num_n) for d in range(num_d)])
+    sizes = [math.prod(s) for s in ins]
+    z = z.reshape(1, b, math.prod(sizes[:-1]), sizes[-1], 1)  # (P', b, pre, I^(n), post)
+    for n in reversed(range(num_n)):
+        a = factor_dense(factors[n])  # (P, J^(n), I^(n))
+        terms, j_n, i_n = a.shape
+        p_z, _, pre, _, post = z.shape
+        y = z.permute(0, 1, 2, 4, 3).reshape(p_z, b * pre * post, i_n)
+        y = torch.matmul(y, a.transpose(1, 2))  # (P, b pre post, J^(n))
+        y = y.reshape(terms, b, pre, post, j_n).permute(0, 1, 2, 4, 3)  # (P, b, pre, J, post)
+        if n > 0:
+            z = y.reshape(terms, b, pre // sizes[n - 1], sizes[n - 1], j_n * post)
+        else:
+            z = y.reshape(terms, b, j_n * post)
+    out = z.sum(0)  # (b, J^(1) ... J^(N)), factor-major
+    out = out.reshape(b, *[outs[n][d] for n in range(num_n) for d in range(num_d)])
+    out = out.permute(0, *[1 + n * num_d + d for d in range(num_d) for n in range(num_n)])
+    return out.reshape(b, -1)  # (b, j)
 
 
 # --- the fused recurrences -----------------------------------------------------------------
@@ -487,12 +526,11 @@ def compiled_recurrence(
 
 
 def compiled_route(cells: Sequence[RNNCellBase], equal_lengths: bool) -> str:
-    """The route a recurrent layer runs while traced: torch's own recurrence on weights rebuilt
-    from the factors under ``torch.export`` (plain operators, unrolled over the example's
-    steps); otherwise the fused ``kcprnn::recurrence`` (``"dense"``) where it applies
-    (sequences of equal length, no LSTM projection), else one step at a time (``"steps"``)."""
-    if torch.compiler.is_exporting():
-        return "torch"
+    """The route a recurrent layer runs while traced: the fused ``kcprnn::recurrence``
+    (``"dense"``) where it applies (sequences of equal length, no LSTM projection), else one
+    step at a time (``"steps"``). Under ``torch.export`` :func:`~kcprnn.rnn.run_layer` steps
+    through time in plain operators either way (the input product in its format, then the
+    recurrence unrolled over the example's steps on ``W_hh`` rebuilt once)."""
     if equal_lengths and cells[0].weight_hr is None:
         return "dense"
     return "steps"

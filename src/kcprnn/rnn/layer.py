@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._compile import compiled_recurrence
 from .cells import RNNCellBase
 from .fused import fused_sequence
 from .kron import kron_terms, rebuild
-from .steps import State
+from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = ["check_batch_sizes", "run_layer", "scan", "torch_layer"]
 
@@ -95,11 +96,15 @@ def run_layer(
     ``"structured"`` the same with ``W_hh`` multiplied as a Kronecker sum where it is one (KCP,
     CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Under
     ``torch.compile`` both run the fused loop with ``W_hh`` rebuilt dense as one opaque
-    ``kcprnn::recurrence`` node (:mod:`kcprnn._compile`). Everything else and
-    ``route="steps"`` step through :func:`scan` with autograd. ``bias_included``: ``gates_x``
-    already holds ``b_hh`` (for a fused LSTM or Elman layer, which then adds none; an error
-    where the layer would step through :func:`scan`).
+    ``kcprnn::recurrence`` node (:mod:`kcprnn._compile`); under ``torch.export`` every layer
+    steps through :func:`scan` in plain operators (unrolled over the example's steps).
+    Everything else and ``route="steps"`` step through :func:`scan` with autograd.
+    ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman layer,
+    which then adds none; an error where the layer would step through :func:`scan`).
     """
+    if torch.compiler.is_exporting():
+        step = _exported_step(cell, bias_included)
+        return scan(step, gates_x, batch_sizes, state, reverse=reverse)
     hh = cell.weight_hh
     if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
@@ -126,6 +131,32 @@ def run_layer(
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
 
 
+def _exported_step(cell: RNNCellBase, bias_included: bool) -> Callable[[Tensor, State], State]:
+    """``cell.step`` in plain operators for ``torch.export``: ``W_hh`` (and ``W_hr``) rebuilt
+    once from the factors (``to_dense``: plain reshapes, so an exported program stores the
+    factors), ``b_hh`` left out where ``gates_x`` already holds it."""
+    mode = cell.mode
+    bias = None if bias_included and mode != "GRU" else cell.bias_hh
+    w_hh = cell.weight_hh.to_dense()  # (g, p)
+
+    def hh(h: Tensor) -> Tensor:
+        return F.linear(h, w_hh)  # (b, g)
+
+    if mode == "LSTM":
+        hr = None
+        if cell.weight_hr is not None:
+            w_hr = cell.weight_hr.to_dense()  # (p, h)
+
+            def hr(h: Tensor) -> Tensor:
+                return F.linear(h, w_hr)  # (b, p)
+
+        return lambda g, s: lstm_step(g, s[0], s[1], hh, bias, hr)
+    if mode == "GRU":
+        return lambda g, s: (gru_step(g, s[0], hh, bias),)
+    nonlinearity = getattr(cell, "nonlinearity", "tanh")
+    return lambda g, s: (rnn_step(g, s[0], hh, bias, nonlinearity),)
+
+
 def torch_layer(
     cells: Sequence[RNNCellBase],
     x: Tensor,
@@ -147,17 +178,13 @@ def torch_layer(
         ``(output, final state)``: ``(t, b, d*p)`` or ``(n, d*p)``, and tensors ``(d, b, s)``.
     """
     cell = cells[0]
-    # torch.export: to_dense, plain reshapes (rebuild's index layout is computed from tensors)
-    dense: Callable[[Any], Tensor] = (
-        (lambda m: m.to_dense()) if torch.compiler.is_exporting() else rebuild
-    )
     params: list[Tensor] = []
     for c in cells:
-        params += [dense(c.weight_ih), dense(c.weight_hh)]
+        params += [rebuild(c.weight_ih), rebuild(c.weight_hh)]
         if c.bias_ih is not None and c.bias_hh is not None:
             params += [c.bias_ih, c.bias_hh]
         if c.weight_hr is not None:
-            params.append(dense(c.weight_hr))
+            params.append(rebuild(c.weight_hr))
     mode = cell.mode
     if mode == "RNN":
         mode = "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
