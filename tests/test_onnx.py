@@ -133,3 +133,50 @@ def test_file_stores_the_factors_not_the_dense_matrix(tmp_path):
         for a, b in zip(got, ref, strict=True):
             np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
     assert sizes["kcp"] * 10 < sizes["dense"]
+
+
+class Recurrent(nn.Module):
+    """A bidirectional 2-layer KCP LSTM, a TT GRU and a ReLU RNN with a KCP recurrent matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = kcprnn.LSTM(INPUT, HIDDEN, 2, batch_first=True, bidirectional=True)
+        self.gru = kcprnn.GRU(INPUT, HIDDEN, batch_first=True, format="tt", rank=2)
+        self.rnn = kcprnn.RNN(
+            INPUT, HIDDEN, nonlinearity="relu", batch_first=True, hidden_format="kcp"
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y, (h, c) = self.lstm(x)
+        out = [y, h, c]
+        for m in (self.gru, self.rnn):
+            y, h = m(x)
+            out += [y, h]
+        return out
+
+
+def test_sequence_length_is_dynamic(tmp_path):
+    """Exported with a symbolic length, the recurrences are ONNX ``Scan`` loops: one file runs
+    any number of steps (the batch size stays the example's)."""
+    model = Recurrent().eval()
+    path = tmp_path / "dynamic.onnx"
+    steps = torch.export.Dim("steps", min=2)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (torch.randn(3, 5, INPUT),),
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=({1: steps},),
+        )
+    assert program is not None
+    program.save(str(path))
+    assert "Scan" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    for shape in ((3, 5), (3, 9), (3, 2)):
+        x = torch.randn(*shape, INPUT)
+        with torch.no_grad():
+            ref = model(x)
+        for a, b in zip(run(path, x), ref, strict=True):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4, err_msg=str(shape))

@@ -104,6 +104,8 @@ def run_layer(
     """
     if torch.compiler.is_exporting():
         step = _exported_step(cell, bias_included)
+        if len(set(batch_sizes)) == 1:  # any number of steps: one scan operator
+            return _exported_scan(step, gates_x, state, reverse)
         return scan(step, gates_x, batch_sizes, state, reverse=reverse)
     hh = cell.weight_hh
     if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
@@ -155,6 +157,24 @@ def _exported_step(cell: RNNCellBase, bias_included: bool) -> Callable[[Tensor, 
         return lambda g, s: (gru_step(g, s[0], hh, bias),)
     nonlinearity = getattr(cell, "nonlinearity", "tanh")
     return lambda g, s: (rnn_step(g, s[0], hh, bias, nonlinearity),)
+
+
+def _exported_scan(
+    step: Callable[[Tensor, State], State], gates_x: Tensor, state: State, reverse: bool
+) -> tuple[Tensor, State]:
+    """:func:`scan` over equal-length sequences as torch's ``scan`` operator (an ONNX
+    ``Scan``), so that an exported program takes any number of steps."""
+    from torch._higher_order_ops.scan import scan as scan_op
+
+    b = state[0].shape[0]
+    xs = gates_x.reshape(-1, b, gates_x.shape[-1])  # (t, b, g)
+
+    def combine(carry: list[Tensor], g: Tensor) -> tuple[list[Tensor], Tensor]:
+        new = step(g, tuple(carry))
+        return list(new), new[0].clone()
+
+    final, outs = scan_op(combine, list(state), xs, reverse=reverse)  # outs (t, b, p)
+    return outs.reshape(-1, outs.shape[-1]), tuple(final)  # (n, p)
 
 
 def torch_layer(
