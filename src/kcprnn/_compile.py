@@ -14,7 +14,7 @@ only the graph around them, which takes seconds at any layer size.
   ``kcprnn::product_backward`` differentiates: the compiled training step does the eager
   forward and backward work, no more. A graph not kept (a second backward, or more than
   :data:`_KEEP_LIMIT` forwards awaiting their backward) is recomputed.
-- ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu, need_grad)``:
+- ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu, needs)``:
   :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight, its graph kept the same
   way for ``kcprnn::recurrence_backward`` (the hand-written backward through time).
 
@@ -181,12 +181,14 @@ def _no_token() -> Tensor:
 def _grads(
     outputs: Sequence[Tensor], wrt: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence
 ) -> list[Tensor]:
+    chosen = [w for w in wrt if w.requires_grad]  # zeros for the others
     with _autograd():
-        found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-    return [
-        torch.zeros_like(w) if g is None else _fresh(g, inputs)
-        for g, w in zip(found, wrt, strict=True)
-    ]
+        found = iter(torch.autograd.grad(outputs, chosen, grads, allow_unused=True))
+    out = []
+    for w in wrt:
+        g = next(found) if w.requires_grad else None
+        out.append(torch.zeros_like(w) if g is None else _fresh(g, inputs))
+    return out
 
 
 # --- the product of a format ---------------------------------------------------------------
@@ -197,11 +199,18 @@ def _product_graph(
 ) -> tuple[Tensor, list[Tensor]]:
     """``matrix(x, bias)`` under autograd from fresh leaves (the training plan): the output
     and the leaves (``x`` first where ``need_x``, then ``params``); ``bias`` is a constant."""
+    own = list(matrix.parameters())
     with _autograd():
         x_leaf = x.detach().requires_grad_(need_x)
-        leaves = [p.detach().requires_grad_(True) for p in params]
-        with _parameters(matrix, leaves, swap=True) as m:
-            out = m(x_leaf, None if bias is None else bias.detach())  # (b, j)
+        bias = None if bias is None else bias.detach()
+        if len(own) == len(params) and all(
+            a.requires_grad and _same(a, b) for a, b in zip(own, params, strict=True)
+        ):  # the module's own parameters: differentiated where they are (no swap)
+            out, leaves = matrix(x_leaf, bias), own  # (b, j)
+        else:
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            with _parameters(matrix, leaves, swap=True) as m:
+                out = m(x_leaf, bias)  # (b, j)
     return out, ([x_leaf] if need_x else []) + leaves
 
 
@@ -363,13 +372,16 @@ def _recurrence_graph(
     mode: str,
     reverse: bool,
     relu: bool,
+    needs: Sequence[bool],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The fused sequence under autograd from fresh leaves: its outputs ``(out, h_n[, c_n])``
-    and the leaves ``(gates_x, h0, weight[, c0][, bias])``."""
+    and the leaves ``(gates_x, h0, weight[, c0][, bias])``, each requiring a gradient where
+    ``needs`` says (in that order: the fused backward skips work for the others)."""
+    need = iter(needs)
     with _autograd():
-        leaves = [t.detach().requires_grad_(True) for t in (gates_x, h0, weight)]
-        c_leaf = None if c0 is None else c0.detach().requires_grad_(True)
-        b_leaf = None if bias is None else bias.detach().requires_grad_(True)
+        leaves = [t.detach().requires_grad_(next(need)) for t in (gates_x, h0, weight)]
+        c_leaf = None if c0 is None else c0.detach().requires_grad_(next(need))
+        b_leaf = None if bias is None else bias.detach().requires_grad_(next(need))
         out, final = _run_fused(
             leaves[0], leaves[1], c_leaf, b_leaf, leaves[2], mode, reverse, relu
         )
@@ -387,10 +399,10 @@ def _recurrence(
     mode: str,
     reverse: bool,
     relu: bool,
-    need_grad: bool,
+    needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if need_grad:
-        outs, wrt = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu)
+    if any(needs):
+        outs, wrt = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu, needs)
         token = _keep(outs, wrt)
         out, h = (
             outs[0].detach().clone(memory_format=torch.contiguous_format),
@@ -419,7 +431,7 @@ def _recurrence_fake(
     mode: str,
     reverse: bool,
     relu: bool,
-    need_grad: bool,
+    needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out = gates_x.new_empty(gates_x.shape[0], h0.shape[1])
     c = torch.empty_like(c0) if c0 is not None else h0.new_empty(0)
@@ -440,10 +452,11 @@ def _recurrence_backward(
     mode: str,
     reverse: bool,
     relu: bool,
+    needs: list[bool],
 ) -> list[Tensor]:
     kept = _take(token)
     if kept is None:  # no graph kept: run the sequence again under autograd
-        kept = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu)
+        kept = _recurrence_graph(gates_x, h0, c0, bias, weight, mode, reverse, relu, needs)
     outs, wrt = kept
     grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
     inputs = [grad_out, grad_h, grad_c, gates_x, h0, c0, bias, weight]
@@ -464,16 +477,17 @@ def _recurrence_backward_fake(
     mode: str,
     reverse: bool,
     relu: bool,
+    needs: list[bool],
 ) -> list[Tensor]:
     wrt = [gates_x, h0, weight, *(t for t in (c0, bias) if t is not None)]
     return [torch.empty_like(t) for t in wrt]
 
 
 def _recurrence_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    gates_x, h0, c0, bias, weight, mode, reverse, relu, _ = inputs
+    gates_x, h0, c0, bias, weight, mode, reverse, relu, needs = inputs
     # the inputs are kept alive (and unchanged) for the backward: the kept graph reads them
     ctx.save_for_backward(gates_x, h0, c0, bias, weight, output[3])
-    ctx.options = (mode, reverse, relu)
+    ctx.options = (mode, reverse, relu, needs)
     ctx.has_c, ctx.has_bias = c0 is not None, bias is not None
 
 
@@ -518,10 +532,11 @@ def compiled_recurrence(
     """:func:`~kcprnn.rnn.fused_sequence` with the dense recurrent ``weight`` as one
     ``kcprnn::recurrence`` node (under ``torch.compile``); same arguments and results."""
     c0 = state[1] if mode == "LSTM" else None
-    tensors = [gates_x, *state, weight, *([] if bias is None else [bias])]
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    tensors = [gates_x, state[0], weight, *(t for t in (c0, bias) if t is not None)]
+    grad = torch.is_grad_enabled()
+    needs = [grad and t.requires_grad for t in tensors]
     relu = nonlinearity == "relu"
-    out, h, c, _ = _recurrence(gates_x, state[0], c0, bias, weight, mode, reverse, relu, need_grad)
+    out, h, c, _ = _recurrence(gates_x, state[0], c0, bias, weight, mode, reverse, relu, needs)
     return out, ((h, c) if mode == "LSTM" else (h,))
 
 
