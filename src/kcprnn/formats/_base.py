@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._compile import compiled_product, exported_product
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 
@@ -168,6 +169,10 @@ class FactorizedMatrix(nn.Module):
             )
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)  # (b, i)
+        if torch.compiler.is_compiling() and self.format_name != "dense":
+            # one opaque node under torch.compile, plain operators under torch.export
+            traced = exported_product if torch.compiler.is_exporting() else compiled_product
+            return traced(self, rows, bias).reshape(*lead, self.out_features)
         if self.algorithm == "dense":
             out = F.linear(rows, self.to_dense(), bias)  # (b, j)
         elif bias is not None:

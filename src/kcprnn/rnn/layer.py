@@ -15,12 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .._compile import compiled_recurrence
 from .cells import RNNCellBase
 from .fused import fused_sequence
 from .kron import kron_terms, rebuild
-from .steps import State
+from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = ["check_batch_sizes", "run_layer", "scan", "torch_layer"]
 
@@ -92,20 +94,27 @@ def run_layer(
     With sequences of equal length and no LSTM projection, ``route`` ``"dense"`` runs
     :func:`~kcprnn.rnn.fused_sequence` with ``W_hh`` dense (rebuilt once if factorized),
     ``"structured"`` the same with ``W_hh`` multiplied as a Kronecker sum where it is one (KCP,
-    CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Everything
-    else, ``route="steps"`` and code under ``torch.compile`` step through :func:`scan` with
-    autograd. ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman
-    layer, which then adds none; an error where the layer would step through :func:`scan`).
+    CP; :mod:`kcprnn.rnn.kron`); both have a hand-written backward through time. Under
+    ``torch.compile`` both run the fused loop with ``W_hh`` rebuilt dense as one opaque
+    ``kcprnn::recurrence`` node (:mod:`kcprnn._compile`); under ``torch.export`` every layer
+    steps through :func:`scan` in plain operators (unrolled over the example's steps).
+    Everything else and ``route="steps"`` step through :func:`scan` with autograd.
+    ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman layer,
+    which then adds none; an error where the layer would step through :func:`scan`).
     """
+    if torch.compiler.is_exporting():
+        step = _exported_step(cell, bias_included)
+        if len(set(batch_sizes)) == 1:  # any number of steps: one scan operator
+            return _exported_scan(step, gates_x, state, reverse)
+        return scan(step, gates_x, batch_sizes, state, reverse=reverse)
     hh = cell.weight_hh
-    if (
-        route in ("dense", "structured")
-        and len(set(batch_sizes)) == 1
-        and cell.weight_hr is None
-        and not torch.compiler.is_compiling()  # compiled graphs fuse the steps themselves
-    ):
+    if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
         bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
+        if torch.compiler.is_compiling():  # one opaque node, W_hh rebuilt in the graph
+            return compiled_recurrence(
+                cell.mode, gates_x, state, rebuild(hh), bias, reverse, nonlinearity
+            )
         found = kron_terms(hh) if route == "structured" else None
         if found is not None:
             mats, layout = found
@@ -122,6 +131,50 @@ def run_layer(
             f"projection, route 'dense' or 'structured'), got route={route!r}"
         )
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
+
+
+def _exported_step(cell: RNNCellBase, bias_included: bool) -> Callable[[Tensor, State], State]:
+    """``cell.step`` in plain operators for ``torch.export``: ``W_hh`` (and ``W_hr``) rebuilt
+    once from the factors (``to_dense``: plain reshapes, so an exported program stores the
+    factors), ``b_hh`` left out where ``gates_x`` already holds it."""
+    mode = cell.mode
+    bias = None if bias_included and mode != "GRU" else cell.bias_hh
+    w_hh = cell.weight_hh.to_dense()  # (g, p)
+
+    def hh(h: Tensor) -> Tensor:
+        return F.linear(h, w_hh)  # (b, g)
+
+    if mode == "LSTM":
+        hr = None
+        if cell.weight_hr is not None:
+            w_hr = cell.weight_hr.to_dense()  # (p, h)
+
+            def hr(h: Tensor) -> Tensor:
+                return F.linear(h, w_hr)  # (b, p)
+
+        return lambda g, s: lstm_step(g, s[0], s[1], hh, bias, hr)
+    if mode == "GRU":
+        return lambda g, s: (gru_step(g, s[0], hh, bias),)
+    nonlinearity = getattr(cell, "nonlinearity", "tanh")
+    return lambda g, s: (rnn_step(g, s[0], hh, bias, nonlinearity),)
+
+
+def _exported_scan(
+    step: Callable[[Tensor, State], State], gates_x: Tensor, state: State, reverse: bool
+) -> tuple[Tensor, State]:
+    """:func:`scan` over equal-length sequences as torch's ``scan`` operator (an ONNX
+    ``Scan``), so that an exported program takes any number of steps."""
+    from torch._higher_order_ops.scan import scan as scan_op
+
+    b = state[0].shape[0]
+    xs = gates_x.reshape(-1, b, gates_x.shape[-1])  # (t, b, g)
+
+    def combine(carry: list[Tensor], g: Tensor) -> tuple[list[Tensor], Tensor]:
+        new = step(g, tuple(carry))
+        return list(new), new[0].clone()
+
+    final, outs = scan_op(combine, list(state), xs, reverse=reverse)  # outs (t, b, p)
+    return outs.reshape(-1, outs.shape[-1]), tuple(final)  # (n, p)
 
 
 def torch_layer(

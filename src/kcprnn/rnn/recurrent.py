@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .._compile import compiled_route
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
@@ -232,6 +233,7 @@ class RNNBase(nn.Module):
             if data.dim() != 2:
                 raise ValueError(f"{mode}: PackedSequence data must be 2-D, got {data.dim()}-D")
             sizes = check_batch_sizes(batch_sizes_t, data.shape[0])
+            steps = len(sizes)
             batch, batched = sizes[0], True
             x = data  # (n, i)
         else:
@@ -253,7 +255,9 @@ class RNNBase(nn.Module):
                     f"{mode}: Expected sequence length to be larger than 0, got input of shape "
                     f"{tuple(input.shape)}"
                 )
-            sizes = [batch] * steps
+            # torch.export: one entry stands for every step, so that the length stays symbolic
+            # (run_layer scans the time axis of the equal-length rows)
+            sizes = [batch] if torch.compiler.is_exporting() else [batch] * steps
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"{mode}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
@@ -270,20 +274,24 @@ class RNNBase(nn.Module):
 
         finals: list[State] = []
         layer_input = x
-        rows = x.shape[0] if packed else batch * len(sizes)
+        rows = x.shape[0] if packed else batch * steps
         equal = len(set(sizes)) == 1
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         for layer in range(self.num_layers):
             d = self.num_directions
             cells = [self.cell(layer, direction) for direction in range(d)]
-            route = choose_route(self.recurrence, cells, rows, len(sizes), equal, training)
+            compiling = torch.compiler.is_compiling()
+            if compiling:  # no cost model in a traced graph (kcprnn._compile)
+                route = compiled_route(cells, equal)
+            else:
+                route = choose_route(self.recurrence, cells, rows, steps, equal, training)
             if route == "torch":
                 if layer == 0 and not packed:
                     seq = x.transpose(0, 1) if self.batch_first else x  # (t, b, i)
                 elif packed:
                     seq = layer_input  # (n, f)
                 else:
-                    seq = layer_input.view(len(sizes), batch, -1)  # (t, b, f)
+                    seq = layer_input.view(steps, batch, -1)  # (t, b, f)
                 states = tuple(t[layer * d : (layer + 1) * d] for t in hx)  # (d, b, s)
                 out, final = torch_layer(cells, seq, batch_sizes_t if packed else None, states)
                 layer_input = out.reshape(rows, out.shape[-1])  # (n, d*p)
@@ -297,7 +305,7 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
-                    if route != "steps" and input_is_dense(cell, rows, training):
+                    if not compiling and route != "steps" and input_is_dense(cell, rows, training):
                         w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
@@ -321,7 +329,7 @@ class RNNBase(nn.Module):
             if unsorted_indices is not None:
                 h_n = tuple(t.index_select(1, unsorted_indices) for t in h_n)  # (k, b, s)
             return PackedSequence(layer_input, batch_sizes_t, sorted_indices, unsorted_indices), h_n
-        output = layer_input.reshape(len(sizes), batch, layer_input.shape[-1])  # (t, b, d*p)
+        output = layer_input.reshape(steps, batch, layer_input.shape[-1])  # (t, b, d*p)
         if self.batch_first:
             output = output.transpose(0, 1)  # (b, t, d*p)
         if not batched:

@@ -1,0 +1,186 @@
+"""``torch.compile`` (default backend, inductor) on the paper's UCF11 layer: compile time, and
+eager against compiled forward and forward+backward.
+
+The layer: ``kcprnn.LSTM(57600, 256, batch_first=True, format="kcp")`` (57,600 inputs, 1,024 gate
+rows), rank 2, in the interleaved layout of the paper (``in [[2,4],[4,5],[4,5],[3,6]]``,
+``out [[4,4],[2,2],[2,2],[2,2]]``) and the blocked one (each Kronecker factor owns whole modes,
+``kcprnn.benchmarking.blocked_split``); a batch of 16 clips of 6 frames.
+
+Each (layout, threads) case runs in a fresh subprocess with inductor's caches off, so that the
+compile times are cold: the first compiled call under ``no_grad`` (the inference graph), then
+the first forward+backward (the training graphs). Then the four timed functions (eager and
+compiled, forward under ``no_grad`` and forward+backward of ``output.sum()``) are warmed up and
+their repetitions interleaved (one call of each per round, the order rotated every round); the
+medians and minimums are reported. Run it under ``nice`` on a shared machine.
+
+Usage::
+
+    nice python benchmarks/bench_compile.py [--threads 1 2] [--reps 30] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+LAYOUTS = {
+    "interleaved": {
+        "in_modes": [[2, 4], [4, 5], [4, 5], [3, 6]],
+        "out_modes": [[4, 4], [2, 2], [2, 2], [2, 2]],
+    },
+    "blocked": {
+        "in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]],
+        "out_modes": [[8, 2], [4, 1], [4, 1], [4, 1]],
+    },
+}
+BATCH, FRAMES, INPUT, HIDDEN, RANK = 16, 6, 57_600, 256, 2
+
+
+def run_case(layout: str, threads: int, reps: int) -> dict:
+    """One case in this process (a fresh one: see :func:`main`)."""
+    import torch
+
+    import kcprnn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=RANK, **LAYOUTS[layout])
+    x = torch.randn(BATCH, FRAMES, INPUT)
+    compiled = torch.compile(model)
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                return m(x)[0]
+
+        return run
+
+    def train(m):
+        def run():
+            model.zero_grad(set_to_none=True)
+            out = m(x)[0]
+            out.sum().backward()
+            return out
+
+        return run
+
+    start = time.perf_counter()
+    out_c = forward(compiled)()
+    compile_forward = time.perf_counter() - start
+    start = time.perf_counter()
+    train(compiled)()
+    compile_train = time.perf_counter() - start
+    grads_c = [p.grad.clone() for p in model.parameters()]
+    out_e = forward(model)()
+    train(model)()
+    grads_e = [p.grad.clone() for p in model.parameters()]
+    err_out = (out_c - out_e).abs().max().item()
+    err_grad = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(grads_c, grads_e, strict=True)
+    )
+
+    funcs = {
+        "eager_forward": forward(model),
+        "compiled_forward": forward(compiled),
+        "eager_train": train(model),
+        "compiled_train": train(compiled),
+    }
+    times: dict[str, list[float]] = {k: [] for k in funcs}
+    names = list(funcs)
+    for _ in range(3):
+        for k in names:
+            funcs[k]()
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for k in order:
+            start = time.perf_counter()
+            funcs[k]()
+            times[k].append(time.perf_counter() - start)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    mins = {k: 1e3 * min(v) for k, v in times.items()}
+    return {
+        "layout": layout,
+        "threads": threads,
+        "compile_forward_s": round(compile_forward, 2),
+        "compile_train_s": round(compile_train, 2),
+        "max_abs_error_output": err_out,
+        "max_rel_error_grads": err_grad,
+        "median_ms": {k: round(v, 3) for k, v in ms.items()},
+        "min_ms": {k: round(v, 3) for k, v in mins.items()},
+        "compiled_over_eager_forward": round(ms["compiled_forward"] / ms["eager_forward"], 3),
+        "compiled_over_eager_train": round(ms["compiled_train"] / ms["eager_train"], 3),
+    }
+
+
+def versions() -> dict:
+    import torch
+
+    import kcprnn
+
+    return {
+        "torch": torch.__version__,
+        "kcprnn": getattr(kcprnn, "__version__", "?"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "?",
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json")
+    parser.add_argument("--case", nargs=2, metavar=("LAYOUT", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        result = run_case(args.case[0], int(args.case[1]), args.reps)
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    results = []
+    for threads in args.threads:
+        for layout in args.layouts:
+            cmd = [sys.executable, __file__, "--case", layout, str(threads)]
+            cmd += ["--reps", str(args.reps)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"case {layout}/{threads} failed")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(result)
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "setup": {
+            "batch": BATCH,
+            "frames": FRAMES,
+            "input": INPUT,
+            "hidden": HIDDEN,
+            "rank": RANK,
+            "reps": args.reps,
+        },
+        "results": results,
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = args.out / "results.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, args.out / "results.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""``torch.compile`` with the default backend (inductor) matches eager, forward and gradients,
+for every format in FactorizedLinear, LSTM (bidirectional, 2 layers), GRU and RNN.
+
+Eager is the reference (its own tests check it against ``torch.nn`` and dense reconstruction).
+Float32 tolerances: outputs and gradients within ``rtol=1e-4, atol=1e-5`` (inductor reorders
+the additions around the opaque products). Each format compiles one module holding the four
+kinds, in one graph (``fullgraph=True``) for padded input; a packed sequence compiles with a
+graph break (its ``batch_sizes`` are read as Python ints).
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import kcprnn
+from kcprnn import _compile
+
+# inductor's first use imports modules that call torch.jit.script_method
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+
+FORMAT_OPTIONS = {
+    "dense": {},
+    "kcp": {"rank": [2, 3], "terms": 2, "num_factors": 2},
+    "cp": {"rank": 3},
+    "tucker": {"rank": 2},
+    "tt": {"rank": 3},
+    "tr": {"rank": 2},
+    "bt": {"rank": 2, "blocks": 2},
+    "ht": {"rank": 2},
+}
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+INPUT, HIDDEN, OUT = 24, 8, 16
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Four(nn.Module):
+    """FactorizedLinear, a bidirectional LSTM (2 layers for KCP), a GRU and a ReLU RNN on one
+    input, in one format."""
+
+    def __init__(self, format: str) -> None:
+        super().__init__()
+        opts = FORMAT_OPTIONS[format]
+        self.linear = kcprnn.FactorizedLinear(INPUT, OUT, format=format, **opts)
+        layers = 2 if format == "kcp" else 1
+        self.lstm = kcprnn.LSTM(
+            INPUT, HIDDEN, layers, batch_first=True, bidirectional=True, format=format, **opts
+        )
+        self.gru = kcprnn.GRU(INPUT, HIDDEN, format=format, **opts)
+        self.rnn = kcprnn.RNN(INPUT, HIDDEN, nonlinearity="relu", format=format, **opts)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = [self.linear(x)]
+        y, (h, c) = self.lstm(x)
+        out += [y, h, c]
+        y, h = self.gru(x.transpose(0, 1))  # time-major
+        out += [y, h]
+        y, h = self.rnn(x.transpose(0, 1))
+        return [*out, y, h]
+
+
+class Every(nn.Module):
+    """:class:`Four` in every format (one compile for all: inductor's fixed cost per graph
+    dominates at these sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({f: Four(f) for f in sorted(FORMAT_OPTIONS)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        return {f: part(x) for f, part in self.parts.items()}
+
+
+def outputs_and_grads(model: nn.Module, fn, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    outs = fn(x)
+    loss = sum(
+        (o * torch.linspace(-1, 1, o.shape[-1])).sum() for group in outs.values() for o in group
+    )
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {f: [o.detach() for o in group] for f, group in outs.items()}, grads
+
+
+def test_compiled_matches_eager_in_every_format():
+    model = Every()
+    x = torch.randn(3, 5, INPUT)
+    ref_out, ref_grads = outputs_and_grads(model, model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    out, grads = outputs_and_grads(model, compiled, x)
+    for f in FORMAT_OPTIONS:
+        for k, (a, b) in enumerate(zip(out[f], ref_out[f], strict=True)):
+            torch.testing.assert_close(a, b, **TOL, msg=f"{f} output {k}")
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("format", ["kcp", "tt"])
+def test_compiled_inference_matches_eager(format):
+    """Under ``no_grad`` the operators run the inference plans (another graph)."""
+    model = Four(format)
+    x = torch.randn(3, 5, INPUT)
+    _compile._KEPT.clear()
+    with torch.no_grad():
+        ref = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    for k, (a, b) in enumerate(zip(got, ref, strict=True)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"{format} output {k}")
+    assert not _compile._KEPT  # nothing kept without gradients
+
+
+def test_products_are_opaque_nodes():
+    """The traced graph holds one kcprnn::product per factorized product and one
+    kcprnn::recurrence per fused direction, and none of the KCP planner's small operators."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="kcp")
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 3, INPUT))
+    (gm,) = graphs
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count("kcprnn.product.default") == 2  # W_ih of each direction
+    assert targets.count("kcprnn.recurrence.default") == 2
+    assert not any("mkldnn" in t for t in targets)
+
+
+# dynamo reads .grad of the graph's intermediate tensors when it resumes after the break
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_packed_sequence_compiles_with_a_graph_break():
+    model = kcprnn.LSTM(INPUT, HIDDEN, format="kcp", **FORMAT_OPTIONS["kcp"])
+    x = torch.randn(4, 3, INPUT)
+    lengths = torch.tensor([4, 3, 1])
+    packed = pack_padded_sequence(x, lengths)
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        out, (h, c) = m(packed)
+        (out.data.square().sum() + h.sum() + c.sum()).backward()
+        return (
+            out.data.detach(),
+            h.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+        )
+
+    ref = run(model)
+    got = run(torch.compile(model))
+    torch.testing.assert_close(got[0], ref[0], **TOL)
+    torch.testing.assert_close(got[1], ref[1], **TOL)
+    for name, g in got[2].items():
+        torch.testing.assert_close(g, ref[2][name], **TOL, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+def test_compiled_cell_and_projection_match_eager():
+    """An LSTM with a projection steps through time (no fused loop); a cell is one step."""
+    model = kcprnn.LSTM(INPUT, HIDDEN, proj_size=3, format="tt", rank=2)
+    cell = kcprnn.GRUCell(INPUT, HIDDEN, format="kcp")
+    x = torch.randn(4, 2, INPUT)
+    for module, arg in ((model, x), (cell, x[0])):
+        torch._dynamo.reset()
+        ref = module(arg)
+        got = torch.compile(module, fullgraph=True)(arg)
+        leaves = torch.utils._pytree.tree_leaves
+        for a, b in zip(leaves(got), leaves(ref), strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_product_operator_gradients_float64(kept):
+    """The custom operator's backward (the kept autograd graph of its forward, or where none
+    is kept a recomputation) against eager autograd of the same product, in float64, for the
+    input, bias and factors; and on parameters that are not the module's own (swapped in)."""
+    matrix = kcprnn.formats.FORMATS["kcp"](6, 4, rank=2, terms=2, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    params = list(matrix.parameters())
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    _compile._KEPT.clear()
+
+    def product(x, bias, params):
+        out = torch.ops.kcprnn.product(x, bias, params, _compile.module_key(matrix), 4, True, True)
+        if not kept:
+            _compile._KEPT.clear()
+        return out[0]
+
+    out = product(x, bias, params)
+    got = torch.autograd.grad(out, [x, bias, *params], grad)
+    ref_out = matrix(x, bias)
+    ref = torch.autograd.grad(ref_out, [x, bias, *params], grad)
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+    others = [torch.randn_like(p, requires_grad=True) for p in params]
+    out = product(x, bias, others)
+    got = torch.autograd.grad(out, others, grad)
+    with torch.no_grad():
+        for p, q in zip(params, others, strict=True):
+            p.copy_(q)
+    ref = torch.autograd.grad(matrix(x, bias), params, grad)
+    torch.testing.assert_close(out, matrix(x, bias))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not _compile._KEPT  # every kept graph was taken by its backward
+
+
+def test_recurrence_operator_gradcheck_float64():
+    t, b, h = 3, 2, 3
+    gates = torch.randn(t * b, 4 * h, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4 * h, h, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4 * h, dtype=torch.float64, requires_grad=True)
+
+    def fn(gates, h0, c0, weight, bias):
+        out, (hn, cn) = _compile.compiled_recurrence(
+            "LSTM", gates, (h0, c0), weight, bias, True, "tanh"
+        )
+        return out, hn, cn
+
+    assert torch.autograd.gradcheck(fn, (gates, h0, c0, weight, bias))
+    _compile._KEPT.clear()  # gradcheck's forwards without a backward
+    ref = kcprnn.rnn.fused_sequence("LSTM", gates, (h0, c0), [weight], bias, True)
+    torch.testing.assert_close(fn(gates, h0, c0, weight, bias)[0], ref[0])
+
+
+def test_dead_module_key_is_a_clear_error():
+    matrix = kcprnn.formats.FORMATS["tt"](6, 4)
+    key = _compile.module_key(matrix)
+    del matrix
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"key={key}"):
+        torch.ops.kcprnn.product(torch.randn(1, 6), None, [], key, 4, False, False)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank": [2, 3], "terms": 2, "num_factors": 2},
+        {"rank": 2, "terms": 3, "num_factors": 3},
+        {"rank": 2, "num_factors": 1},
+        {"in_modes": [[2, 3], [1, 4]], "out_modes": [[3, 1], [2, 2]], "rank": 2},
+    ],
+)
+def test_exported_kcp_product_equals_the_format(options):
+    """The plain-operator KCP product that torch.export traces, in float64, against the
+    format's own product (which its tests check against the dense reconstruction)."""
+    matrix = kcprnn.formats.FORMATS["kcp"](24, 12, dtype=torch.float64, **options)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    bias = torch.randn(12, dtype=torch.float64)
+    torch.testing.assert_close(_compile.exported_product(matrix, x, bias), matrix(x, bias))
