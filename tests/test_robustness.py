@@ -194,6 +194,14 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         lambda t: _lstm()(torch.randn(5, 3, 10, 1)),
     ),
     (
+        "factorized layer input dtype unlike its factors",
+        TypeError,
+        r"TTMatrix: input must have the type torch.float32, got type torch.float64",
+        lambda t: kcprnn.FactorizedLinear(24, 16, format="tt")(
+            torch.randn(3, 24, dtype=torch.float64)
+        ),
+    ),
+    (
         "input dtype unlike the parameters",
         TypeError,
         r"LSTM: input must have the type torch.float32, got type torch.float64",

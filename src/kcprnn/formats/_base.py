@@ -167,6 +167,11 @@ class FactorizedMatrix(nn.Module):
                 f"{type(self).__name__}: expected input with last dimension "
                 f"in_features={self.in_features}, got shape {tuple(x.shape)}"
             )
+        p = next(iter(self.parameters()), None)
+        if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{type(self).__name__}: input must have the type {p.dtype}, got type {x.dtype}"
+            )
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)  # (b, i)
         if torch.compiler.is_compiling() and self.format_name != "dense":
