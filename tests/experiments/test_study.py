@@ -169,3 +169,11 @@ def test_bad_arguments(tmp_path, capsys):
     assert "unknown formats ['nope']" in capsys.readouterr().err
     assert cli_main([*args, "--budgets", "2"]) == 2
     assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_empty_study_writes_tables_without_a_plot(tmp_path, capsys):
+    args = ["study", "--preset", str(CONFIGS / "fsdd_dense.toml"), "--out", str(tmp_path)]
+    assert cli_main([*args, "--aggregate-only"]) == 0
+    assert (tmp_path / "study.csv").read_text().startswith("format,budget,runs,")
+    assert not (tmp_path / "study.png").exists()
+    capsys.readouterr()

@@ -436,7 +436,10 @@ def write_outputs(
 
 def plot_pareto(path: Path, rows: Sequence[StudyRow], metric: str) -> Path | None:
     """The metric (percent) against recurrent parameters (log scale), one curve per format with
-    one-std error bars, dense as a dashed line; ``None`` when matplotlib is missing."""
+    one-std error bars, dense as a dashed line; ``None`` when matplotlib is missing or there is
+    nothing to plot."""
+    if not rows:
+        return None
     try:
         import matplotlib
 
