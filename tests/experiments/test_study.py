@@ -40,7 +40,7 @@ def study_args(digits: Path, out: Path, *extra: str) -> list[str]:
         "--formats",
         "dense,tt,kcp",
         "--budgets",
-        "0.5,default",
+        "0.5,default,0.5:1",
         "--seeds",
         "0,1",
         "--out",
@@ -60,7 +60,7 @@ def test_grid_runs_resumes_and_aggregates(tiny_digits, tmp_path, capsys):
     out = tmp_path / "study"
     assert cli_main(study_args(tiny_digits, out)) == 0
     first = capsys.readouterr().out
-    assert "runs: 10 done, 0 skipped" in first  # dense x 2 seeds + (tt, kcp) x 2 budgets x 2
+    assert "runs: 14 done, 0 skipped" in first  # dense x 2 seeds + (tt, kcp) x 3 budgets x 2
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert "kcp-0.5-s1" in runs and "dense-default-s0" in runs and "dense-0.5-s0" not in runs
     config = json.loads((out / "runs" / "tt-0.5-s0" / "config.json").read_text())
@@ -76,14 +76,17 @@ def test_grid_runs_resumes_and_aggregates(tiny_digits, tmp_path, capsys):
     # a rerun skips every finished run and rewrites the same table
     table = (out / "study.csv").read_text()
     assert cli_main(study_args(tiny_digits, out)) == 0
-    assert "runs: 0 done, 10 skipped" in capsys.readouterr().out
+    assert "runs: 0 done, 14 skipped" in capsys.readouterr().out
     assert (out / "runs" / "tt-0.5-s0" / "summary.json").stat().st_mtime_ns == stamp
     assert (out / "study.csv").read_text() == table
     # a removed summary is run again, in a spawned worker process
     (out / "runs" / "kcp-default-s1" / "summary.json").unlink()
     (out / "runs" / "tt-default-s1" / "summary.json").unlink()
     assert cli_main(study_args(tiny_digits, out, "--jobs", "2")) == 0
-    assert "runs: 2 done, 8 skipped" in capsys.readouterr().out
+    assert "runs: 2 done, 12 skipped" in capsys.readouterr().out
+    split = json.loads((out / "runs" / "kcp-ih0.5-hh1-s0" / "config.json").read_text())
+    assert split["format_options"] == {"rank": 0.5} and split["hidden_options"] == {"rank": 1.0}
+    assert "ih0.5-hh1" in (out / "study.csv").read_text()
 
 
 def fake_run(root: Path, fmt: str, budget, seed: int, acc: float, params: int) -> None:
@@ -91,7 +94,9 @@ def fake_run(root: Path, fmt: str, budget, seed: int, acc: float, params: int) -
     run.mkdir(parents=True)
     options = {} if budget == DEFAULT else {"rank": budget}
     (run / "config.json").write_text(
-        json.dumps({"format": fmt, "seed": seed, "format_options": options})
+        json.dumps(
+            {"format": fmt, "seed": seed, "format_options": options, "hidden_options": options}
+        )
     )
     summary = {
         "test_acc": acc,
@@ -147,7 +152,9 @@ def test_plan_and_budget_parsing():
     ]
     assert RunSpec("tt", 0.001, 2).run_id == "tt-0.001-s2"
     assert parse_budget("1/50") == 0.02 and parse_budget("default") == DEFAULT
-    for bad in ("0", "1.5", "-0.1", "nan", "abc"):
+    assert parse_budget("0.25:1/50") == (0.25, 0.02)
+    assert RunSpec("kcp", (0.25, 0.02), 0).run_id == "kcp-ih0.25-hh0.02-s0"
+    for bad in ("0", "1.5", "-0.1", "nan", "abc", "0.1:2"):
         with pytest.raises(ConfigError):
             parse_budget(bad)
 

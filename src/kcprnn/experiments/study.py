@@ -3,8 +3,9 @@ then a table, a Pareto plot and a paired comparison.
 
 Every run is one :func:`~kcprnn.experiments.train.train` of the preset with the run's format for
 both recurrent matrices (``format`` and ``hidden_format``), its budget as the float ``rank`` of
-both (:mod:`kcprnn.budget`; the budget ``default`` passes no rank: the format's defaults), its
-seed, one thread, and its own folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own
+both (:mod:`kcprnn.budget`; the budget ``default`` passes no rank: the format's defaults; a
+pair ``IH:HH`` gives ``W_ih`` and ``W_hh`` budgets of their own, ``0.25:0.02``), its seed,
+one thread, and its own folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own
 ``format_options`` and ``hidden_options`` are dropped (they belong to the preset's format); its
 other keys, and ``--set KEY=VALUE`` overrides, apply to every run. ``dense`` runs once per seed
 (budgets do not apply to it) and is the reference line of the plot.
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 DEFAULT = "default"
 """The budget that passes no rank: every format at its own defaults."""
 
+Budget = float | str | tuple[float, float]
+"""A share of each matrix's dense parameters, :data:`DEFAULT`, or ``(W_ih share, W_hh share)``."""
+
 
 # --- the grid ---
 
@@ -73,7 +77,7 @@ class RunSpec:
     :data:`DEFAULT`), ``seed``."""
 
     format: str
-    budget: float | str
+    budget: Budget
     seed: int
 
     @property
@@ -85,16 +89,23 @@ class RunSpec:
         return f"{self.format}-{self.budget_tag}-s{self.seed}"
 
 
-def budget_tag(budget: float | str) -> str:
-    """``"default"`` or the budget as ``%g`` (``0.01``, ``0.002``, ``1e-05``)."""
+def budget_tag(budget: Budget) -> str:
+    """``"default"``, the budget as ``%g`` (``0.01``, ``0.002``, ``1e-05``), or a pair as
+    ``ih0.25-hh0.02``."""
+    if isinstance(budget, tuple):
+        return f"ih{budget[0]:g}-hh{budget[1]:g}"
     return budget if isinstance(budget, str) else f"{budget:g}"
 
 
-def parse_budget(text: str) -> float | str:
-    """``"default"``, or a float in ``(0, 1]`` (``0.02``, ``1/50``)."""
+def parse_budget(text: str) -> Budget:
+    """``"default"``, a float in ``(0, 1]`` (``0.02``, ``1/50``), or ``IH:HH``, two of them
+    (``0.25:0.02``: ``W_ih`` at 1/4, ``W_hh`` at 1/50)."""
     text = text.strip()
     if text == DEFAULT:
         return DEFAULT
+    if ":" in text:
+        ih, _, hh = text.partition(":")
+        return (float(parse_budget(ih)), float(parse_budget(hh)))  # type: ignore[arg-type]
     try:
         num, _, den = text.partition("/")
         value = float(num) / float(den) if den else float(num)
@@ -106,7 +117,7 @@ def parse_budget(text: str) -> float | str:
 
 
 def plan_runs(
-    formats: Sequence[str], budgets: Sequence[float | str], seeds: Sequence[int]
+    formats: Sequence[str], budgets: Sequence[Budget], seeds: Sequence[int]
 ) -> list[RunSpec]:
     """The grid, dense once per seed; seeds outermost, so partial results cover every cell."""
     runs = []
@@ -119,13 +130,14 @@ def plan_runs(
 
 def run_config(base: Config, spec: RunSpec, out: Path) -> Config:
     """The preset's config with the run's format, budget, seed, folder and one thread."""
-    options = {} if spec.budget == DEFAULT else {"rank": float(spec.budget)}
+    budget = spec.budget
+    ih, hh = budget if isinstance(budget, tuple) else (budget, budget)
     return dataclasses.replace(
         base,
         format=spec.format,
         hidden_format=spec.format,
-        format_options=dict(options),
-        hidden_options=dict(options),
+        format_options={} if ih == DEFAULT else {"rank": float(ih)},
+        hidden_options={} if hh == DEFAULT else {"rank": float(hh)},
         seed=spec.seed,
         name=spec.run_id,
         out_dir=str(out / "runs" / spec.run_id),
@@ -222,7 +234,7 @@ class RunResult:
     """What the aggregation reads from one run folder."""
 
     format: str
-    budget: float | str
+    budget: Budget
     seed: int
     metric: float
     recurrent_params: int
@@ -238,8 +250,13 @@ def read_runs(out: Path, metric: str = "test_acc") -> list[RunResult]:
         config = json.loads((summary_path.parent / "config.json").read_text())
         if metric not in summary:
             raise ConfigError(f"{summary_path} has no metric {metric!r}; it has {sorted(summary)}")
-        rank = config.get("format_options", {}).get("rank")
-        budget: float | str = float(rank) if isinstance(rank, float) else DEFAULT
+        ih = config.get("format_options", {}).get("rank")
+        hh = config.get("hidden_options", {}).get("rank")
+        budget: Budget = DEFAULT
+        if isinstance(ih, float) and isinstance(hh, float):
+            budget = ih if ih == hh else (ih, hh)
+        elif ih is not None or hh is not None:
+            budget = f"rank {ih}/{hh}"  # ranks given directly: a cell of its own
         results.append(
             RunResult(
                 config["format"],
@@ -259,7 +276,7 @@ class StudyRow:
     """Mean and spread of one (format, budget) cell over its seeds."""
 
     format: str
-    budget: float | str
+    budget: Budget
     runs: int
     mean: float
     std: float
@@ -272,14 +289,17 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _budget_key(budget: float | str) -> float:
-    return math.inf if isinstance(budget, str) else -budget
+def _budget_key(budget: Budget) -> tuple[float, float]:
+    """Largest budgets first (a pair by its ``W_hh`` share), named cells last."""
+    if isinstance(budget, tuple):
+        return (-budget[1], -budget[0])
+    return (math.inf, 0.0) if isinstance(budget, str) else (-budget, -budget)
 
 
 def aggregate(results: Sequence[RunResult]) -> list[StudyRow]:
     """One row per (format, budget): sorted by format, then budget from the largest
     (``default`` last)."""
-    cells: dict[tuple[str, float | str], list[RunResult]] = {}
+    cells: dict[tuple[str, Budget], list[RunResult]] = {}
     for r in results:
         cells.setdefault((r.format, r.budget), []).append(r)
     rows = []
@@ -305,7 +325,7 @@ def aggregate(results: Sequence[RunResult]) -> list[StudyRow]:
 class PairedRow:
     """KCP minus the best other format at one budget, over the seeds both ran."""
 
-    budget: float | str
+    budget: Budget
     other: str
     pairs: int
     mean_diff: float
@@ -317,7 +337,7 @@ class PairedRow:
 def paired(results: Sequence[RunResult], reference: str = "kcp") -> list[PairedRow]:
     """At every budget where ``reference`` and another compressed format ran: the other format
     with the highest mean metric there, and ``reference - other`` seed by seed."""
-    by_cell: dict[tuple[str, float | str], dict[int, float]] = {}
+    by_cell: dict[tuple[str, Budget], dict[int, float]] = {}
     for r in results:
         by_cell.setdefault((r.format, r.budget), {})[r.seed] = r.metric
     out = []
