@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+import kcprnn
 from kcprnn import FORMATS, LSTM, make_matrix
 from kcprnn.budget import (
     blocked_splits,
@@ -114,6 +115,7 @@ def test_lstm_takes_budgets_for_both_matrices():
 
 
 def test_configurations_lists_the_solution_first():
+    assert kcprnn.configurations is configurations
     table = configurations(256, 1024, 0.01, ["tt", "kcp", "dense"], limit=3)
     assert set(table) == {"tt", "kcp", "dense"}
     for fmt in ("tt", "kcp"):

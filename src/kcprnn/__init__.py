@@ -8,6 +8,7 @@ machine-tuned costs the formats plan with (``kcprnn calibrate`` measures them).
 """
 
 from ._cpu import CostModel, default_cost_model
+from .budget import Configuration, configurations
 from .formats import (
     FORMATS,
     BTMatrix,
@@ -71,4 +72,7 @@ __all__ = [
     "make_matrix",
     "summary",
     "__version__",
+    # parameter budgets
+    "Configuration",
+    "configurations",
 ]
