@@ -371,10 +371,20 @@ def paired(results: Sequence[RunResult], reference: str = "kcp") -> list[PairedR
 # --- outputs ---
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, _FILE_MODE)  # mkstemp makes it private; a table is an ordinary file
     os.replace(tmp, path)
 
 
@@ -490,6 +500,7 @@ def plot_pareto(path: Path, rows: Sequence[StudyRow], metric: str) -> Path | Non
     os.close(fd)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
     return path
 
