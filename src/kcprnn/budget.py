@@ -178,6 +178,12 @@ def blocked_splits(
     input modes and all output modes but the smallest factor (> 1) of the first one, factor 2
     the trailing input modes and that factor.
 
+    Factor 2's inputs are then the contiguous trailing block of every row, so the sequential
+    product runs its first GEMM on a view of the input with no gathering copy, and its ``J^(2)``
+    outputs per ``I^(2)`` inputs keep that GEMM cheap; taking them from the first output mode
+    leaves factor 1's later output modes as one contiguous run, so the final reordering of the
+    output moves blocks of ``J_2 ⋯ J_D`` numbers instead of single ones.
+
     Example:
         >>> blocked_splits([8, 20, 20, 18], [16, 4, 4, 4])
         ([[8, 1], [20, 1], [1, 20], [1, 18]], [[8, 2], [4, 1], [4, 1], [4, 1]])

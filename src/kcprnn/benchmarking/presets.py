@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..budget import blocked_splits
 from ..shapes import balanced_factors
 
 __all__ = [
@@ -26,28 +27,10 @@ def kronecker_split(modes: Sequence[int]) -> list[list[int]]:
     return [sorted(balanced_factors(int(m), 2)) for m in modes]
 
 
-def blocked_split(
-    in_modes: Sequence[int], out_modes: Sequence[int]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Two Kronecker factors that each own whole input modes, for KCP's fast layout.
-
-    Factor 1 takes the leading half of the input modes and every output mode but a factor of
-    the first one; factor 2 takes the trailing input modes and the smallest factor (> 1) of the
-    first output mode. Factor 2's inputs are then the contiguous trailing block of every row, so
-    the sequential product runs its first GEMM on a view of the input with no gathering copy,
-    and its ``J^(2)`` outputs per ``I^(2)`` inputs keep that GEMM cheap. Taking them from the
-    first output mode leaves factor 1's later output modes as one contiguous run, so the final
-    reordering of the output moves blocks of ``J_2 ⋯ J_D`` numbers instead of single ones
-    (the faster choice at the UCF11 size):
-    ``[8, 20, 20, 18] -> [16, 4, 4, 4]`` gives ``[[8, 1], [20, 1], [1, 20], [1, 18]]`` and
-    ``[[8, 2], [4, 1], [4, 1], [4, 1]]``.
-    """
-    half = len(in_modes) // 2
-    ins = [[int(m), 1] if d < half else [1, int(m)] for d, m in enumerate(in_modes)]
-    first = int(out_modes[0])
-    small = next((f for f in range(2, first + 1) if first % f == 0), 1)
-    outs = [[first // small, small]] + [[int(m), 1] for m in out_modes[1:]]
-    return ins, outs
+blocked_split = blocked_splits
+"""KCP's blocked layout for two Kronecker factors (:func:`kcprnn.budget.blocked_splits`):
+``[8, 20, 20, 18] -> [16, 4, 4, 4]`` gives ``[[8, 1], [20, 1], [1, 20], [1, 18]]`` and
+``[[8, 2], [4, 1], [4, 1], [4, 1]]``."""
 
 
 @dataclass(frozen=True)
