@@ -137,12 +137,17 @@ def _autograd() -> Iterator[None]:
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, was)
 
 
-def _fresh(t: Tensor, inputs: Sequence[Tensor | None]) -> Tensor:
-    """``t`` contiguous and sharing no memory with ``inputs`` (custom operators may not return
-    views of their inputs)."""
+def _storages(inputs: Sequence[Tensor | None]) -> set[int]:
+    """The addresses of the storages of ``inputs`` (for :func:`_fresh`)."""
+    return {i.untyped_storage().data_ptr() for i in inputs if i is not None}
+
+
+def _fresh(t: Tensor, inputs: Sequence[Tensor | None] | set[int]) -> Tensor:
+    """``t`` contiguous and sharing no memory with ``inputs`` (tensors, or their
+    :func:`_storages`): custom operators may not return views of their inputs."""
     t = t.contiguous()
-    ptr = t.untyped_storage().data_ptr()
-    if any(i is not None and i.untyped_storage().data_ptr() == ptr for i in inputs):
+    storages = inputs if isinstance(inputs, set) else _storages(inputs)
+    if t.untyped_storage().data_ptr() in storages:
         t = t.clone()
     return t
 
@@ -184,10 +189,11 @@ def _grads(
     chosen = [w for w in wrt if w.requires_grad]  # zeros for the others
     with _autograd():
         found = iter(torch.autograd.grad(outputs, chosen, grads, allow_unused=True))
+    storages = _storages(inputs)
     out = []
     for w in wrt:
         g = next(found) if w.requires_grad else None
-        out.append(torch.zeros_like(w) if g is None else _fresh(g, inputs))
+        out.append(torch.zeros_like(w) if g is None else _fresh(g, storages))
     return out
 
 
@@ -227,7 +233,9 @@ def _product(
     matrix = _module(key)
     if need_grad:
         out, wrt = _product_graph(matrix, x, bias, params, need_x)
-        return out.detach().clone(memory_format=torch.contiguous_format), _keep([out], wrt)
+        # the kept graph needs ``out`` only as its root: a linear map's autograd graph does
+        # not save its own result, so the returned tensor may share its memory
+        return _fresh(out.detach(), [x, bias, *params]), _keep([out], wrt)
     with torch.no_grad(), _parameters(matrix, params) as m:
         out = m(x, bias)  # (b, j)
     return _fresh(out, [x, bias, *params]), _no_token()
