@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kcprnn
-from kcprnn._cpu import native
+from kcprnn._cpu import native, native_rnn
 from kcprnn.rnn.fused import fused_sequence
 from kcprnn.rnn.kron import kron_apply, kron_terms
 
@@ -87,7 +87,7 @@ def _run(mode, nonlinearity, gx, bias, state, mats, spec, reverse):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The names of the compiled recurrence functions called (spied on in :mod:`native`)."""
+    """The names of the compiled recurrence functions called (spied on in :mod:`native_rnn`)."""
     seen: list[str] = []
     for name in (
         "lstm_forward",
@@ -97,13 +97,13 @@ def calls(monkeypatch):
         "rnn_forward",
         "rnn_backward",
     ):
-        original = getattr(native, name)
+        original = getattr(native_rnn, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
             seen.append(_name)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(native, name, spy)
+        monkeypatch.setattr(native_rnn, name, spy)
     return seen
 
 
@@ -191,16 +191,18 @@ def test_kernel_product_matches_kron_apply(layout):
     _, mats, spec = _matrix("LSTM", layout)
     mats = [m.detach().float() for m in mats]
     idx = spec.indices(torch.device("cpu"))
-    args = native.KronArgs(mats, *idx)
+    args = native_rnn.KronArgs(mats, *idx)
     tspec = spec.transposed()
-    args_t = native.KronArgs([m.transpose(1, 2) for m in mats], *tspec.indices(torch.device("cpu")))
+    args_t = native_rnn.KronArgs(
+        [m.transpose(1, 2) for m in mats], *tspec.indices(torch.device("cpu"))
+    )
     for rows in (1, 7, 16):
         x = torch.randn(rows, spec.in_features)
         want = kron_apply(x.double(), [m.double() for m in mats], spec)
-        torch.testing.assert_close(native.kron_apply(x, args).double(), want, **TOL)
+        torch.testing.assert_close(native_rnn.kron_apply(x, args).double(), want, **TOL)
         y = torch.randn(rows, spec.out_features)
         want_t = kron_apply(y.double(), [m.transpose(1, 2).double() for m in mats], tspec)
-        torch.testing.assert_close(native.kron_apply(y, args_t).double(), want_t, **TOL)
+        torch.testing.assert_close(native_rnn.kron_apply(y, args_t).double(), want_t, **TOL)
 
 
 def test_module_structured_route_runs_the_kernel(calls):
@@ -282,12 +284,12 @@ def test_float64_runs_the_torch_loop(calls):
 def test_kernel_arguments_are_checked():
     mats = [torch.randn(1, 4, 2), torch.randn(1, 3, 3)]
     with pytest.raises(ValueError, match="float32"):
-        native.KronArgs([m.double() for m in mats], None, None)
+        native_rnn.KronArgs([m.double() for m in mats], None, None)
     with pytest.raises(ValueError, match="in_index must have 6 entries"):
-        native.KronArgs(mats, torch.arange(5), None)
-    args = native.KronArgs(mats, None, None)  # 6 -> 12
+        native_rnn.KronArgs(mats, torch.arange(5), None)
+    args = native_rnn.KronArgs(mats, None, None)  # 6 -> 12
     with pytest.raises(ValueError, match="maps 6 -> 12 features"):
-        native.rnn_forward(
+        native_rnn.rnn_forward(
             torch.randn(4, 6),
             None,
             torch.empty(2, 2, 6),
@@ -298,7 +300,7 @@ def test_kernel_arguments_are_checked():
             args,
         )
     with pytest.raises(ValueError, match="gx must be float32 rows"):
-        native.lstm_forward(
+        native_rnn.lstm_forward(
             torch.randn(4, 12).t(),
             None,
             torch.empty(2, 2, 12),

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._cpu import default_cost_model, native
+from .._cpu import default_cost_model, native, native_rnn
 from .._cpu.ops import linear_nt, weight_grad
 from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
 
@@ -92,15 +92,15 @@ class _Kron:
             and native.available()
         )
 
-    def args(self) -> native.KronArgs:
+    def args(self) -> native_rnn.KronArgs:
         """``W`` for the compiled kernels."""
-        return native.KronArgs(self.mats, *self.index)
+        return native_rnn.KronArgs(self.mats, *self.index)
 
-    def args_t(self) -> native.KronArgs:
+    def args_t(self) -> native_rnn.KronArgs:
         """``W.T`` for the compiled kernels."""
         layout = self.layout.transposed()
         mats = [a.transpose(1, 2) for a in self.mats]
-        return native.KronArgs(mats, *layout.indices(self.mats[0].device))
+        return native_rnn.KronArgs(mats, *layout.indices(self.mats[0].device))
 
     def add_(self, out: Tensor, h: Tensor) -> Tensor:
         return out.add_(kron_apply(h, self.mats, self.layout, self.index))
@@ -210,7 +210,7 @@ class _LSTMSequence(torch.autograd.Function):
             cs, tcs = torch.empty_like(hs), torch.empty_like(hs)  # (t, b, h)
             skip = _is_zero(h0)
             ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
-            native.lstm_forward(
+            native_rnn.lstm_forward(
                 gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), ctx.x_fm
             )
         else:
@@ -239,7 +239,7 @@ class _LSTMSequence(torch.autograd.Function):
             d_fm, dbias = _native_backward_buffers(ctx, acts, 3)
             dh, dc = _fresh(grad_hn), _fresh(grad_cn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
-            native.lstm_backward(
+            native_rnn.lstm_backward(
                 acts,
                 cs,
                 tc,
@@ -373,7 +373,7 @@ class _GRUSequence(torch.autograd.Function):
             bias = None if bias is None else bias.contiguous()
             skip = _is_zero(h0)
             ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[5:]) else None
-            native.gru_forward(
+            native_rnn.gru_forward(
                 _rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args(), ctx.x_fm
             )
         else:
@@ -410,7 +410,7 @@ class _GRUSequence(torch.autograd.Function):
             d_fm, dbias = _native_backward_buffers(ctx, gh, 2)
             dh = _fresh(grad_hn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
-            native.gru_backward(
+            native_rnn.gru_backward(
                 rz,
                 ns,
                 gh,
@@ -492,7 +492,7 @@ class _RNNSequence(torch.autograd.Function):
             hs = gates_x.new_empty(steps, b, hidden)  # (t, b, h)
             skip = _is_zero(h0)
             ctx.x_fm = torch.empty_like(hs) if any(ctx.needs_input_grad[6:]) else None
-            native.rnn_forward(
+            native_rnn.rnn_forward(
                 _rows(gates_x), bias, hs, h0, reverse, relu, skip, prod.args(), ctx.x_fm
             )
         else:
@@ -522,7 +522,7 @@ class _RNNSequence(torch.autograd.Function):
             d_fm, grad_bias = _native_backward_buffers(ctx, hs, 2)
             dh = _fresh(grad_hn)  # (b, h)
             need_h0 = ctx.needs_input_grad[1]
-            native.rnn_backward(
+            native_rnn.rnn_backward(
                 hs,
                 grad_hs.contiguous(),
                 dh,
