@@ -44,3 +44,21 @@ def ucf11_tree(tmp_path: Path) -> Path:
         (root / cls / f"{prefix}_01" / "Annotation").mkdir()
         (root / cls / f"{prefix}_01" / "Annotation" / "notes.xgtf").write_text("<xml/>")
     return root
+
+
+@pytest.fixture(scope="module")
+def source_images():
+    """Skip the module's tests where the video stand-ins' source images (a Debian package, not a
+    Python one) are not installed."""
+    from kcprnn.data import load_source_images
+
+    try:
+        load_source_images()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A data cache folder shared by the tests of one module (the stand-in is generated once)."""
+    return tmp_path_factory.mktemp("cache")

@@ -38,6 +38,8 @@ ATOL = 5e-5
 
 # youtube-like: 47 training clips in global batches of 2 -> 24 steps per epoch, the last one a
 # single clip (rank 1 runs it with weight 0)
+pytestmark = pytest.mark.usefixtures("source_images")
+
 TINY = dict(
     dataset="youtube-like",
     clips_per_class=2,
@@ -55,21 +57,6 @@ TINY = dict(
     progress=False,
     threads=1,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _source_images():
-    from kcprnn.data import load_source_images
-
-    try:
-        load_source_images()
-    except FileNotFoundError as exc:  # system data (apt package), not a Python package
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def test_shard_splits_a_global_batch_and_weights_the_ranks():

@@ -27,6 +27,8 @@ SKIP = ("seconds_per_epoch", "name")  # summary keys that differ between equal r
 
 # youtube-like: 47 training clips, batches of 4 -> 12 steps per epoch, 36 in all; a checkpoint
 # every 5 steps (5, 10, 15, ...) and after each epoch (12, 24, 36)
+pytestmark = pytest.mark.usefixtures("source_images")
+
 TINY = dict(
     dataset="youtube-like",
     clips_per_class=2,
@@ -45,21 +47,6 @@ TINY = dict(
     progress=False,
     threads=1,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _source_images():
-    from kcprnn.data import load_source_images
-
-    try:
-        load_source_images()
-    except FileNotFoundError as exc:  # system data (apt package), not a Python package
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
