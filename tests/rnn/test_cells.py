@@ -239,7 +239,7 @@ def test_gru_sequence_gradcheck():
 def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, blocked_rows):
     """Over more rows than the cost model's recurrent_grad_blocked_rows, W_hh's gradient is the
     blocked weight_grad; otherwise one GEMM. Both give autograd's gradient."""
-    from kcprnn.rnn import fused
+    from kcprnn.rnn import _fused_base as fused
 
     model = CostModel().replace(recurrent_grad_blocked_rows=blocked_rows)
     monkeypatch.setattr(fused, "default_cost_model", lambda: model)
