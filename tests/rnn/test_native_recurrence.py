@@ -9,6 +9,7 @@ the same numbers, within float32 rounding accumulated over the steps. Without th
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -365,3 +366,29 @@ def test_planning_prices_the_kernel_without_building_it(monkeypatch):
     double = copy.deepcopy(model).double()
     cells64 = [double.cell(0, d) for d in range(2)]
     assert cells64[0].weight_hh.planning_model().kernels is False
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(16, 16), (128, 32)],  # the speech W_hh: the expanding factor goes last
+        [(128, 32), (16, 16)],
+        [(2, 8), (32, 4), (4, 4)],
+        [(3, 5), (32, 4), (2, 8)],
+        [(1, 6), (5, 1), (7, 3)],
+    ],
+)
+def test_kernel_product_in_any_factor_order(shapes):
+    """The kernel applies the factors in the order with the fewest multiply-accumulates, which
+    depends on their shapes: every order gives the dense Kronecker sum's product."""
+    torch.manual_seed(7)
+    mats = [torch.randn(2, j, i) for j, i in shapes]  # two terms
+    args = native_rnn.KronArgs(mats, None, None)
+    dense = sum(
+        functools.reduce(torch.kron, [m[p].double() for m in mats]) for p in range(2)
+    )  # (out, in)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, dense.shape[1])
+        torch.testing.assert_close(
+            native_rnn.kron_apply(x, args).double(), x.double() @ dense.T, **TOL
+        )

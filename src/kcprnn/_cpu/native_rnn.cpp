@@ -7,10 +7,13 @@
 //
 // The Kronecker sum (kcprnn/rnn/kron.py): W = Pi_out (sum_p A_p^(0) x ... x A_p^(N-1)) Pi_in^T,
 // factor n of term p a dense (J_n, I_n) matrix. y = W x for rows x is: gather x into
-// factor-major order (in_index), multiply by the factors from the last to the first, sum the
-// terms, and gather the result back (out_index). Before factor n the rows are
-// (rows * pre_n, I_n, post_n) with pre_n = prod_{k<n} I_k and post_n = prod_{k>n} J_k; after it
-// (rows * pre_n, J_n, post_n). Each factor is one small row-major GEMM C = A B:
+// factor-major order (in_index), multiply by the factors one at a time, sum the terms, and
+// gather the result back (out_index). The factors are applied in the order with the fewest
+// multiply-accumulates (Kron::cheapest_order; a factor mapping few inputs to many outputs
+// goes last). Before factor n the rows are (rows * pre_n, I_n, post_n), pre_n and post_n the
+// products of the sizes of the modes before and after n (J_k for the factors already applied,
+// I_k for the others); after it (rows * pre_n, J_n, post_n). Each factor is one small row-major
+// GEMM C = A B:
 //  - "row" mode (post_n below a vector's width): C (rows pre_n, J_n post_n) = Z (rows pre_n,
 //    I_n post_n) K, with K = (A^(n) x I_post)^T expanded once per sequence (post_n times the
 //    MACs, but whole vectors along J_n post_n);
@@ -31,6 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <vector>
 
 typedef int64_t i64;
@@ -154,7 +158,8 @@ static void gemm(i64 M, i64 N, i64 K, const float* a, i64 lda, const float* b, i
 struct Kron {
   int n, terms;
   i64 in, out, rows;  // features, and the batch rows it was sized for
-  std::vector<i64> in_sz, out_sz, pre, post;
+  std::vector<i64> in_sz, out_sz, pre, post;  // pre, post: per factor, as applied
+  std::vector<int> order;                     // the factors in the order they are applied
   std::vector<char> row;                  // row mode per factor
   std::vector<const float*> mats;         // factor n: (terms, J_n, I_n)
   std::vector<std::vector<float>> kt;     // row mode: (terms, I_n post_n, J_n post_n)
@@ -173,13 +178,17 @@ struct Kron {
     post.resize(n);
     row.resize(n);
     kt.resize(n);
-    i64 p = 1, big = in;
-    for (int k = 0; k < n; k++) pre[k] = p, p *= in_sz[k];
-    p = 1;
-    for (int k = n - 1; k >= 0; k--) {
-      post[k] = p;
-      big = big > pre[k] * out_sz[k] * p ? big : pre[k] * out_sz[k] * p;
-      p *= out_sz[k];
+    order = cheapest_order();
+    // the sizes of the modes as the factors are applied: I_k before factor k, J_k after it
+    std::vector<i64> cur(in_sz);
+    i64 big = in;
+    for (int k : order) {
+      i64 p = 1, q = 1;
+      for (int m = 0; m < k; m++) p *= cur[m];
+      for (int m = k + 1; m < n; m++) q *= cur[m];
+      pre[k] = p, post[k] = q;
+      cur[k] = out_sz[k];
+      big = big > p * out_sz[k] * q ? big : p * out_sz[k] * q;
     }
     for (int k = 0; k < n; k++) {
       i64 q = post[k], ik = in_sz[k], jk = out_sz[k];
@@ -203,6 +212,33 @@ struct Kron {
     buf0.resize((size_t)(rows * big));
     buf1.resize((size_t)(rows * big));
     acc.resize((size_t)(rows * out));
+  }
+
+  // the order of the factors with the fewest multiply-accumulates, among all orders of up to
+  // six factors (the last factor first where several tie); applying factor k multiplies a
+  // (rows pre, I_k, post) array, the factors applied before it at their output sizes
+  std::vector<int> cheapest_order() const {
+    std::vector<int> best(n), perm(n);
+    for (int k = 0; k < n; k++) best[k] = perm[k] = n - 1 - k;
+    if (n > 6) return best;
+    auto macs = [&](const std::vector<int>& o) {
+      std::vector<i64> cur(in_sz);
+      double total = 0;
+      for (int k : o) {
+        double size = 1;
+        for (int m = 0; m < n; m++) size *= m == k ? 1 : cur[m];
+        total += size * in_sz[k] * out_sz[k];
+        cur[k] = out_sz[k];
+      }
+      return total;
+    };
+    double least = macs(best);
+    std::sort(perm.begin(), perm.end());
+    do {
+      double m = macs(perm);
+      if (m < least) least = m, best = perm;
+    } while (std::next_permutation(perm.begin(), perm.end()));
+    return best;
   }
 
   // dst (rows, in) = x (rows, in) in factor-major order (a copy where there is no permutation)
@@ -231,9 +267,11 @@ struct Kron {
   void apply_fm(const float* src) {
     for (int t = 0; t < terms; t++) {
       const float* z = src;
-      for (int k = n - 1; k >= 0; k--) {
-        float* dst = k == 0 ? acc.data() : (z == buf0.data() ? buf1.data() : buf0.data());
-        bool add = k == 0 && t > 0;
+      for (int step = 0; step < n; step++) {
+        int k = order[step];
+        bool last = step == n - 1;
+        float* dst = last ? acc.data() : (z == buf0.data() ? buf1.data() : buf0.data());
+        bool add = last && t > 0;
         i64 ik = in_sz[k], jk = out_sz[k], q = post[k], r = rows * pre[k];
         if (row[k]) {
           const float* e = kt[k].data() + t * ik * q * jk * q;
