@@ -17,6 +17,7 @@ Shape comments: ``m`` rows, ``P`` terms, ``i``/``j`` in and out features.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,21 +91,34 @@ class KronLayout:
 
     def transposed(self) -> KronLayout:
         """The layout of ``W.T`` (factors ``A_p^(n).T``, same order)."""
-        return KronLayout(
-            order=self.order,
-            in_index=None if self.out_index is None else _inverse(self.out_index),
-            out_index=None if self.in_index is None else _inverse(self.in_index),
-            in_sizes=self.out_sizes,
-            out_sizes=self.in_sizes,
-        )
+        return _transposed(self)
 
     def indices(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """``in_index`` and ``out_index`` as tensors on ``device``."""
+        """``in_index`` and ``out_index`` as int64 tensors on ``device`` (kept per layout and
+        device: do not modify them)."""
+        return _indices(self, torch.device(device))
 
-        def make(index: tuple[int, ...] | None) -> Tensor | None:
-            return None if index is None else torch.tensor(index, device=device)
 
-        return make(self.in_index), make(self.out_index)
+@functools.lru_cache(maxsize=64)
+def _transposed(self: KronLayout) -> KronLayout:
+    return KronLayout(
+        order=self.order,
+        in_index=None if self.out_index is None else _inverse(self.out_index),
+        out_index=None if self.in_index is None else _inverse(self.in_index),
+        in_sizes=self.out_sizes,
+        out_sizes=self.in_sizes,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _indices(layout: KronLayout, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    def make(index: tuple[int, ...] | None) -> Tensor | None:
+        if index is None:
+            return None
+        with torch.inference_mode(False):  # usable outside inference mode too
+            return torch.tensor(index, dtype=torch.int64, device=device)
+
+    return make(layout.in_index), make(layout.out_index)
 
 
 def _inverse(perm: Sequence[int]) -> tuple[int, ...]:
@@ -122,16 +136,30 @@ def kron_layout(
     """The layout of a Kronecker sum whose ``D x N`` factor sizes per mode are ``in_splits`` and
     ``out_splits`` (``splits[d][n] = I_d^(n)``), its factors multiplied in ``order`` (default:
     the largest factor last, where :func:`kron_apply` multiplies it with one plain GEMM, unless
-    the natural order needs no gathers)."""
+    the natural order needs no gathers). Layouts are kept per sizes and order (a recurrence asks
+    for its matrix's layout at every call)."""
+    return _kron_layout(
+        tuple(tuple(int(s) for s in m) for m in in_splits),
+        tuple(tuple(int(s) for s in m) for m in out_splits),
+        None if order is None else tuple(int(n) for n in order),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _kron_layout(
+    in_splits: tuple[tuple[int, ...], ...],
+    out_splits: tuple[tuple[int, ...], ...],
+    order: tuple[int, ...] | None,
+) -> KronLayout:
     num_n = len(in_splits[0])
     in_sizes = [math.prod(m[n] for m in in_splits) for n in range(num_n)]
     out_sizes = [math.prod(m[n] for m in out_splits) for n in range(num_n)]
     if order is None:
-        natural = kron_layout(in_splits, out_splits, range(num_n))
+        natural = _kron_layout(in_splits, out_splits, tuple(range(num_n)))
         if natural.in_index is None and natural.out_index is None:
             return natural  # no gathers (CP): keep the factors as they are
         last = max(range(num_n), key=lambda n: in_sizes[n] * out_sizes[n])
-        order = [n for n in range(num_n) if n != last] + [last]
+        order = (*[n for n in range(num_n) if n != last], last)
     in_index = _factor_major(in_splits, order)
     out_fm = _factor_major(out_splits, order)  # natural output index at each position
     return KronLayout(
