@@ -14,7 +14,10 @@ through them): each step then multiplies by the factors, and their gradients com
 structured product over all ``t*b`` rows. With a Kronecker sum in float32 on the CPU, the loop
 itself (the products and the gate arithmetic of every step, forward and backward) runs in one
 call of the compiled kernel (:mod:`kcprnn._cpu.native`) where it can be built; elsewhere, and
-with ``KCPRNN_NATIVE=0``, the same loop runs on torch ops.
+with ``KCPRNN_NATIVE=0``, the same loop runs on torch ops. The buffers the compiled loops fill
+(activations, states, gradients) come from a per-thread pool and are reused once nothing refers
+to them (:mod:`kcprnn.rnn._buffers`; :func:`release_buffers` returns them to the system), and
+:func:`input_projection` writes a layer's input projections into the same pool.
 
 Shape comments: ``t`` time steps, ``b`` batch, ``h`` hidden size, ``n = t*b`` rows.
 """
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._cpu import native_rnn
-from ._buffers import pooled_empty
+from ._buffers import pooled_empty, release_buffers
 from ._fused_base import (
     _Dense,
     _empty,
@@ -45,7 +48,14 @@ from ._fused_base import (
 from ._fused_gru import _GRUSequence, _RNNSequence
 from .kron import KronLayout
 
-__all__ = ["fused_sequence", "gru_sequence", "input_projection", "lstm_sequence", "rnn_sequence"]
+__all__ = [
+    "fused_sequence",
+    "gru_sequence",
+    "input_projection",
+    "lstm_sequence",
+    "release_buffers",
+    "rnn_sequence",
+]
 
 
 def _lstm_forward(
