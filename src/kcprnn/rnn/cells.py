@@ -27,8 +27,7 @@ from ._options import (
     input_matrix_options,
 )
 from .fused import gru_sequence, lstm_sequence
-from .kron import rebuild
-from .plan import cell_uses_dense
+from .plan import cell_uses_dense, dense_weight
 from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = [
@@ -257,7 +256,7 @@ class RNNCellBase(nn.Module):
         """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
         calls until a parameter changes (in place or replaced)."""
         if torch.is_grad_enabled():
-            return rebuild(self.weight_ih), rebuild(self.weight_hh)
+            return dense_weight(self.weight_ih), dense_weight(self.weight_hh)
         mats = (self.weight_ih, self.weight_hh)
         slots = self._dense_slots
         if slots is None or slots[0] is not mats[0] or slots[1] is not mats[1]:
@@ -271,7 +270,7 @@ class RNNCellBase(nn.Module):
         )
         cached = self._dense_cache
         if cached is None or cached[0] != key:
-            cached = (key, (rebuild(self.weight_ih), rebuild(self.weight_hh)))
+            cached = (key, (dense_weight(self.weight_ih), dense_weight(self.weight_hh)))
             self._dense_cache = cached
         return cached[1]
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
@@ -39,14 +41,58 @@ from .kron import (
     kron_layout_of,
     kron_matmul_macs,
     kron_matmul_ops,
+    rebuild,
 )
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = ["ROUTES", "cell_uses_dense", "choose_route", "input_is_dense", "layer_costs"]
+__all__ = [
+    "ROUTES",
+    "LayerPlan",
+    "cell_uses_dense",
+    "choose_route",
+    "dense_weight",
+    "input_is_dense",
+    "kron_layout_cached",
+    "layer_costs",
+    "plan_layer",
+]
 
 ROUTES = ("auto", "torch", "dense", "structured", "steps")
+
+
+def dense_weight(matrix: FactorizedMatrix) -> Tensor:
+    """``matrix`` dense ``(out_features, in_features)`` with autograd to its factors, by its
+    format's fastest rebuild: a KCP matrix through :func:`~kcprnn.rnn.kron.rebuild` (the
+    Kronecker products of its factor matrices, then two gathers), every other format through
+    its ``to_dense`` (CP, Tucker, BT, HT, TT and TR by halves: one GEMM and one copy forward,
+    one copy and two GEMMs backward; a dense matrix is its parameter itself)."""
+    if matrix.format_name == "kcp":
+        return rebuild(matrix)
+    return matrix.to_dense()
+
+
+_LAYOUTS: dict[tuple[Any, ...], tuple[KronLayout, int] | None] = {}
+
+
+def kron_layout_cached(matrix: FactorizedMatrix) -> tuple[KronLayout, int] | None:
+    """:func:`~kcprnn.rnn.kron.kron_layout_of`, kept per format, number of modes and factor
+    shapes (which determine a KCP or CP layout: every factor is ``(..., J, I)`` in the modes'
+    order), so that a layer pays its index bookkeeping once, not at every call."""
+    if matrix.format_name not in ("kcp", "cp"):
+        return None
+    key = (
+        matrix.format_name,
+        matrix.num_modes,
+        tuple(tuple(p.shape) for p in matrix.parameters()),
+    )
+    found = _LAYOUTS.get(key, False)
+    if found is False:
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.clear()
+        found = _LAYOUTS[key] = kron_layout_of(matrix)
+    return found  # type: ignore[return-value]
 
 
 def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
@@ -121,7 +167,7 @@ def layer_costs(
         costs["dense"] += (
             ih + _rebuild(hh, training, cm) + recurrent + steps * cm.rnn_fused_step * per_step
         )
-        kron = kron_layout_of(hh)
+        kron = kron_layout_cached(hh)
         if kron is None:
             costs.pop("structured", None)
             continue
@@ -215,6 +261,81 @@ def choose_route(
     if route == "structured" and "structured" not in costs:
         route = "dense"
     return route if route in costs else "torch"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer runs: its ``route`` (as :func:`choose_route` gives it) and, per cell,
+    whether the input product runs on ``W_ih`` rebuilt dense (:func:`input_is_dense`)."""
+
+    route: str
+    dense_inputs: tuple[bool, ...]
+
+
+PLAN_CACHE_SIZE = 64
+"""Plans a module keeps (:func:`plan_layer`); the cache is emptied when it is full."""
+
+
+def plan_layer(
+    route: str,
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+    cache: dict[tuple[Any, ...], LayerPlan] | None = None,
+) -> LayerPlan:
+    """The :class:`LayerPlan` of the layer of ``cells`` (arguments as :func:`choose_route`),
+    looked up in ``cache`` (a module's own dict) when one is given.
+
+    A plan depends on the shapes and on what the prices read, never on parameter values, so
+    the key is the arguments plus, per matrix, the matrix itself (a replaced one plans
+    afresh), its algorithm and cost model, the dtype and device of its parameters, and the
+    default cost model (``$KCPRNN_COST_MODEL``). Under ``torch.compile`` nothing is cached
+    (the route is ``"steps"``)."""
+    if torch.compiler.is_compiling() or cache is None:
+        return _make_plan(route, cells, rows, steps, equal_lengths, training)
+    key = (route, rows, steps, equal_lengths, training, _signature(cells))
+    found = cache.get(key)
+    if found is None:
+        found = _make_plan(route, cells, rows, steps, equal_lengths, training)
+        if len(cache) >= PLAN_CACHE_SIZE:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+def _make_plan(
+    route: str,
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+) -> LayerPlan:
+    chosen = choose_route(route, cells, rows, steps, equal_lengths, training)
+    dense = tuple(
+        chosen not in ("torch", "steps") and input_is_dense(c, rows, training) for c in cells
+    )
+    return LayerPlan(chosen, dense)
+
+
+def _signature(cells: Sequence[RNNCellBase]) -> tuple[Any, ...]:
+    """What a layer's plan depends on besides its arguments (see :func:`plan_layer`)."""
+    out: list[Any] = [default_cost_model()]
+    for c in cells:
+        for m in (c.weight_ih, c.weight_hh, c.weight_hr):
+            if m is None:
+                continue
+            p = next(m.parameters(), None)
+            out += (
+                m,
+                m.algorithm,
+                m._cost_model,
+                None if p is None else p.dtype,
+                None if p is None else p.device,
+            )
+    return tuple(out)
 
 
 def _model(cells: Sequence[RNNCellBase]) -> CostModel:
