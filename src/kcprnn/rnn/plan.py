@@ -96,12 +96,17 @@ def kron_layout_cached(matrix: FactorizedMatrix) -> tuple[KronLayout, int] | Non
 
 
 def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
-    """Price of rebuilding ``matrix`` dense (nothing for a dense matrix)."""
+    """Price of rebuilding ``matrix`` dense once (:func:`dense_weight`), with its backward in
+    training (nothing for a dense matrix): per element of ``W`` and per MAC of the
+    reconstruction, twice the MACs backward."""
     if matrix.format_name == "dense":
         return 0.0
     elements = matrix.in_features * matrix.out_features
     macs = matrix.reconstruction_macs()
-    return (1 + training) * (cm.rnn_rebuild * elements + macs)
+    forward = cm.rnn_rebuild * elements + macs
+    if not training:
+        return forward
+    return forward + cm.rnn_rebuild_backward * elements + 2 * macs
 
 
 def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
@@ -143,30 +148,38 @@ def layer_costs(
     ``rows`` rows in ``steps`` time steps; ``equal_lengths``: all sequences have ``steps``
     steps (the fused loops need it); ``training``: gradients will be computed."""
     cm = default_cost_model() if cost_model is None else cost_model
-    passes = 3 if training else 1
-    per_step = 1 + cm.rnn_step_backward * training
     cell = cells[0]
     fused_ok = equal_lengths and cell.weight_hr is None
     costs = {"torch": 0.0, "dense": 0.0, "structured": 0.0}
     for c in cells:
         hh = c.weight_hh
         g, p = hh.out_features, hh.in_features
-        recurrent = passes * max(rows, steps * cm.rnn_min_rows) * p * g
+        recurrent_once = max(rows, steps * cm.rnn_min_rows) * p * g
         weights: list[FactorizedMatrix] = [c.weight_ih, hh]
         if c.weight_hr is not None:
             weights.append(c.weight_hr)
-        projection = 0 if c.weight_hr is None else passes * rows * c.weight_hr.in_features * p
-        costs["torch"] += (
-            sum(_rebuild(m, training, cm) for m in weights)
-            + passes * rows * c.weight_ih.in_features * g
-            + recurrent
-            + projection
-            + steps * cm.rnn_torch_step * per_step
+        # torch's own kernel: one pass of its GEMMs and steps forward, two backward, each
+        # scaled by what its kernel for this mode costs over its LSTM's (and so kcprnn's fused
+        # dense loop, which does the same per-step work; the compiled structured loop is not)
+        once = rows * c.weight_ih.in_features * g + recurrent_once
+        if c.weight_hr is not None:
+            once += rows * c.weight_hr.in_features * p
+        scale, scale_backward = _torch_scales(c.mode, cm)
+        costs["torch"] += sum(_rebuild(m, training, cm) for m in weights) + scale * (
+            once + steps * cm.rnn_torch_step
         )
+        if training:
+            costs["torch"] += scale_backward * (
+                2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+            )
         ih = min(_input_costs(c, rows, training, cm))
-        costs["dense"] += (
-            ih + _rebuild(hh, training, cm) + recurrent + steps * cm.rnn_fused_step * per_step
-        )
+        fused = recurrent_once + steps * cm.rnn_fused_step  # kcprnn's fused loop, one pass
+        if training:
+            fused_backward = 2 * recurrent_once + steps * cm.rnn_fused_step * cm.rnn_step_backward
+            fused = scale * fused + scale_backward * fused_backward
+        else:
+            fused = scale * fused
+        costs["dense"] += ih + _rebuild(hh, training, cm) + fused
         kron = kron_layout_cached(hh)
         if kron is None:
             costs.pop("structured", None)
@@ -182,6 +195,16 @@ def layer_costs(
     return costs
 
 
+def _torch_scales(mode: str, cm: CostModel) -> tuple[float, float]:
+    """Forward and backward price of torch's recurrent kernel for ``mode`` relative to its
+    LSTM's (the cost model's ``rnn_torch_*`` fields)."""
+    if mode == "GRU":
+        return cm.rnn_torch_gru, cm.rnn_torch_gru_backward
+    if mode == "RNN":
+        return cm.rnn_torch_rnn, cm.rnn_torch_rnn_backward
+    return 1.0, 1.0
+
+
 def _structured_loop(
     layout: KronLayout,
     terms: int,
@@ -192,23 +215,24 @@ def _structured_loop(
     cm: CostModel,
 ) -> float:
     """Price of the structured loop over ``rows`` rows in ``steps`` steps (``gates`` outputs
-    of ``W_hh``): the compiled kernel's where the model plans for it (its products and gate
-    arithmetic per step, forward and backward, then the factor gradients over all rows at
-    once), else one torch launch per factor product and gather of every step."""
+    of ``W_hh``): the compiled kernel's where the model plans for it (per step, per gate unit
+    of every row and per multiply-add of its products, forward and backward priced apart; then
+    the factor gradients over all rows at once, the cheaper of the sweeps and the dense-first
+    contraction), else one torch launch per factor product and gather of every step."""
     macs = kron_matmul_macs(layout, terms, rows)
     per_step = 1 + cm.rnn_step_backward * training
     if cm.kernels:
-        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
         ins, outs = layout.in_sizes, layout.out_sizes
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
         forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows)
         if not training:
             return forward
-        backward = loop + cm.rnn_native_gemm * _kernel_work(outs, ins, terms, rows)
+        backward = loop + cm.rnn_native_backward_gemm * _kernel_work(outs, ins, terms, rows)
         shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
         structured = kron_grads_cost(shapes, rows)
         dense = rows * layout.in_features * layout.out_features
         grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
-        return forward + backward + grads
+        return forward + backward + cm.rnn_native_grads * grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
     return (
