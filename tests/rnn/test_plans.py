@@ -70,6 +70,7 @@ def test_plans_are_kept_per_shape_and_replanned_when_inputs_to_the_prices_change
         model(x)
         assert len(calls) == count + 1, change
 
+
 def test_plan_cache_is_bounded():
     torch.manual_seed(0)
     model = kcprnn.GRU(INPUT, HIDDEN, format="tt", hidden_format="tt")
@@ -131,3 +132,108 @@ def test_torch_route_with_gradients_rebuilds_every_call():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     ref = nn.GRU(INPUT, HIDDEN, dtype=torch.float64)
     assert isinstance(ref, nn.GRU)
+
+
+def _speech_cp_lstm():
+    # the speech layer (40 -> 512, one direction) with CP for both matrices, modes explicit
+    return kcprnn.LSTM(
+        40,
+        512,
+        format="cp",
+        rank=4,
+        in_modes=[5, 2, 2, 2],
+        out_modes=[8, 8, 8, 4],
+        hidden_format="cp",
+        hidden_options={"rank": 4, "in_modes": [8, 4, 4, 4], "out_modes": [8, 8, 8, 4]},
+    )
+
+
+def test_route_prices_by_hand():
+    """The prices of the three routes of a CP LSTM layer at the speech point (T=300, B=16),
+    written out from the cost model's fields (defaults) and the shapes."""
+    cells = [_speech_cp_lstm().cell(0)]
+    cm = CostModel()
+    rows, steps, g = 4800, 300, 2048
+    # reconstruction MACs by halves (two modes each side, joined over the rank 4):
+    # W_ih merged modes [40, 16, 16, 8], W_hh [64, 32, 32, 16]
+    macs_ih = 4 * 40 * 16 + 4 * 16 * 8 + 4 * 40 * 2048
+    macs_hh = 4 * 64 * 32 + 4 * 32 * 16 + 4 * 512 * 2048
+    assert cells[0].weight_ih.reconstruction_macs() == macs_ih
+    assert cells[0].weight_hh.reconstruction_macs() == macs_hh
+    rebuild_ih = cm.rnn_rebuild * 40 * g + macs_ih
+    rebuild_hh = cm.rnn_rebuild * 512 * g + macs_hh
+    once = rows * 40 * g + rows * 512 * g  # one pass of the input and recurrent GEMMs
+    torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step
+    # the input product: W_ih rebuilt dense beats CP's narrow factor GEMMs (1 + 360 / 40 per
+    # MAC of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
+    structured_input = (1 + cm.rnn_structured_input / 40) * 4 * rows * (10240 + 2560 + 640 + 160)
+    dense_input = rebuild_ih + rows * 40 * g
+    assert dense_input < structured_input
+    dense_price = dense_input + rebuild_hh + rows * 512 * g + steps * cm.rnn_fused_step
+    # the compiled loop: per step, per gate unit, and its products as the kernel runs them:
+    # factors (8x8, 4x8, 4x8, 4x4) of 4 terms; the third runs expanded over its trailing axis
+    # of 4 (4x the MACs), the last expanded over nothing and on scalars (8x)
+    work = 4 * rows * (8 * 8 * 256 + 8 * 4 * 8 * 32 + 32 * 4 * 8 * 4 * 4 + 128 * 4 * 4 * 8)
+    assert work == 1_101_004_800
+    loop = steps * cm.rnn_native_step + rows * g * cm.rnn_native_gate
+    structured_price = dense_input + loop + cm.rnn_native_gemm * work
+    got = plan.layer_costs(cells, rows, steps, True, False, cm)
+    want = {"torch": torch_price, "dense": dense_price, "structured": structured_price}
+    assert got == pytest.approx(want, rel=1e-12)
+    assert plan.choose_route("auto", cells, rows, steps, True, False) == "structured"
+
+    # training, without the factor gradients' price: the rebuilds' backward, two more passes
+    # of torch's GEMMs and its steps' backward; the kernel's transposed products
+    # (4x8, 8x4, 8x4 expanded 4x, 4x4 expanded and scalar)
+    lean = cm.replace(rnn_native_grads=0.0)
+    back_ih = cm.rnn_rebuild_backward * 40 * g + 2 * macs_ih
+    back_hh = cm.rnn_rebuild_backward * 512 * g + 2 * macs_hh
+    torch_train = (
+        torch_price
+        + back_ih
+        + back_hh
+        + 2 * once
+        + steps * cm.rnn_torch_step * cm.rnn_step_backward
+    )
+    dense_input_train = rebuild_ih + back_ih + 3 * rows * 40 * g
+    work_t = 4 * rows * (8 * 8 * 64 + 8 * 8 * 4 * 16 + 64 * 8 * 4 * 4 * 4 + 512 * 4 * 4 * 8)
+    assert work_t == 2_044_723_200
+    structured_train = (
+        dense_input_train
+        + loop
+        + cm.rnn_native_gemm * work
+        + loop
+        + cm.rnn_native_backward_gemm * work_t
+    )
+    got = plan.layer_costs(cells, rows, steps, True, True, lean)
+    assert got["torch"] == pytest.approx(torch_train, rel=1e-12)
+    assert got["structured"] == pytest.approx(structured_train, rel=1e-12)
+    # the factor gradients: the cheaper of the sweeps over all rows and the dense-first
+    # contraction (one rows x 512 x 2048 GEMM, then the sweeps over the 512 rows of W_hh)
+    from kcprnn.rnn.kron import kron_grads_cost
+
+    shapes = [(4, 8, 8), (4, 8, 4), (4, 8, 4), (4, 4, 4)]
+    grads = min(kron_grads_cost(shapes, rows), rows * 512 * g + kron_grads_cost(shapes, 512))
+    full = plan.layer_costs(cells, rows, steps, True, True, cm)
+    assert full["structured"] - got["structured"] == pytest.approx(cm.rnn_native_grads * grads)
+    # with it, training prices the structured loop above torch's kernel on the rebuilt weights
+    assert full["structured"] > full["torch"]
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+
+
+def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
+    torch.manual_seed(0)
+    cells = [kcprnn.GRU(40, 512, format="dense").cell(0)]
+    cm = CostModel()
+    rows, steps, g = 4800, 300, 1536
+    once = rows * 40 * g + rows * 512 * g
+    got = plan.layer_costs(cells, rows, steps, True, False, cm)
+    assert got["torch"] == pytest.approx(cm.rnn_torch_gru * (once + steps * cm.rnn_torch_step))
+    fused = cm.rnn_torch_gru * (rows * 512 * g + steps * cm.rnn_fused_step)
+    assert got["dense"] == pytest.approx(rows * 40 * g + fused)
+    train = plan.layer_costs(cells, rows, steps, True, True, cm)
+    backward = 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+    assert train["torch"] - got["torch"] == pytest.approx(cm.rnn_torch_gru_backward * backward)
+    # dense weights: torch's kernel in both (the fused loop does the same per-step work)
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+    assert plan.choose_route("auto", cells, rows, steps, True, False) == "torch"
