@@ -164,9 +164,10 @@ def test_route_prices_by_hand():
     rebuild_hh = cm.rnn_rebuild * 512 * g + macs_hh
     once = rows * 40 * g + rows * 512 * g  # one pass of the input and recurrent GEMMs
     torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step
-    # the input product: W_ih rebuilt dense beats CP's narrow factor GEMMs (1 + 360 / 40 per
-    # MAC of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
-    structured_input = (1 + cm.rnn_structured_input / 40) * 4 * rows * (10240 + 2560 + 640 + 160)
+    # the input product: W_ih rebuilt dense beats CP's own sweep (rnn_factorized_input per MAC
+    # of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
+    structured_input = cm.rnn_factorized_input * 4 * rows * (10240 + 2560 + 640 + 160)
+    assert plan._input_costs(cells[0], rows, False, cm)[0] == pytest.approx(structured_input)
     dense_input = rebuild_ih + rows * 40 * g
     assert dense_input < structured_input
     dense_price = dense_input + rebuild_hh + rows * 512 * g + steps * cm.rnn_fused_step
@@ -219,6 +220,20 @@ def test_route_prices_by_hand():
     # with it, training prices the structured loop above torch's kernel on the rebuilt weights
     assert full["structured"] > full["torch"]
     assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+
+
+def test_spikes_tt_input_product_prices_the_sweep():
+    # SHD spikes (700 -> 256, T=250, B=16): TT's sweep over 700 inputs is slower than the
+    # rebuilt dense GEMM, so the layer stays on torch's kernel
+    cell = kcprnn.LSTM(700, 256, format="tt", hidden_format="tt").cell(0)
+    cm = CostModel()
+    structured, dense = plan._input_costs(cell, 4000, True, cm)
+    assert structured == pytest.approx(
+        3 * cm.rnn_factorized_input * cell.weight_ih.macs(4000, training=True)
+    )
+    assert dense < structured
+    assert plan.choose_route("auto", [cell], 4000, 250, True, True) == "torch"
+    assert plan.choose_route("auto", [cell], 4000, 250, True, False) == "torch"
 
 
 def test_gru_kernel_scales_torch_and_the_fused_loop_alike():

@@ -102,6 +102,9 @@ class CostModel:
     rnn_structured_input: float = 360.0  # a MAC of a structured product over ``f`` inputs
     # costs (1 + this / f): on narrow inputs its factor GEMMs have tiny inner dimensions and run
     # far below a large GEMM's rate; on wide ones they run near it
+    rnn_factorized_input: float = 6.0  # a MAC of a TT, TR, BT, HT, CP or Tucker product over
+    # many rows (the input product of a sequence): their sweeps run narrow GEMMs between
+    # permuting copies, at 5.5-10x a large GEMM's time per MAC forward and 6-13x in training
     rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense) ...
     rnn_rebuild_backward: float = 30.0  # ... and of its backward (the gradient copied back to
     # the halves' layout and read by two skinny GEMMs), beyond the reconstruction's MACs

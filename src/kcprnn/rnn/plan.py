@@ -117,14 +117,16 @@ def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
 def _input_costs(
     cell: RNNCellBase, rows: int, training: bool, cm: CostModel
 ) -> tuple[float, float]:
-    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format, and on ``W_ih``
-    rebuilt dense (the same for a dense matrix)."""
+    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format (KCP's products by the
+    width of their inputs, the other formats' sweeps at ``rnn_factorized_input`` per MAC), and
+    on ``W_ih`` rebuilt dense (the same for a dense matrix)."""
     ih = cell.weight_ih
     passes = 3 if training else 1
     dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
-    return passes * _structured_rate(ih, cm) * ih.macs(rows, training=training), dense
+    rate = _structured_rate(ih, cm) if ih.format_name == "kcp" else cm.rnn_factorized_input
+    return passes * rate * ih.macs(rows, training=training), dense
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
