@@ -252,3 +252,29 @@ def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
     # dense weights: torch's kernel in both (the fused loop does the same per-step work)
     assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
     assert plan.choose_route("auto", cells, rows, steps, True, False) == "torch"
+
+
+def test_cell_step_choice_follows_cost_model_and_dtype(monkeypatch):
+    torch.manual_seed(0)
+    cell = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp")
+    calls = []
+    real = kcprnn.rnn.cells.cell_uses_dense
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kcprnn.rnn.cells, "cell_uses_dense", counted)
+    with torch.no_grad():
+        assert not cell._use_dense(1)  # one row: the factors beat reading a dense W
+        assert not cell._use_dense(1)
+        assert len(calls) == 1
+        # a cost model under which the structured step is dear: chosen afresh, and dense
+        dear = CostModel(rnn_structured_input=1e9, rnn_cell_op=1e12)
+        cell.weight_ih.cost_model = dear
+        cell.weight_hh.cost_model = dear
+        assert cell._use_dense(1)
+        assert len(calls) == 2
+        cell.double()
+        cell._use_dense(1)
+        assert len(calls) == 3

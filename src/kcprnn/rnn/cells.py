@@ -137,7 +137,7 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
-        self._dense_choice: dict[tuple[int, bool], bool] = {}
+        self._dense_choice: dict[tuple[Any, ...], bool] = {}
         self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self._dense_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
@@ -240,16 +240,30 @@ class RNNCellBase(nn.Module):
 
     def _use_dense(self, batch: int) -> bool:
         """Whether a step on ``batch`` rows runs on dense weights and torch's fused cell
-        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes only)."""
+        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes, the matrices'
+        algorithms and cost models, and the parameters' dtype and device, which key it)."""
         if self.weight_hr is not None or torch.compiler.is_compiling():
             return False
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = (batch, training)
+        ih, hh = self.weight_ih, self.weight_hh
+        p = next(hh.parameters(), None)
+        key = (
+            batch,
+            training,
+            ih,
+            hh,
+            ih.algorithm,
+            hh.algorithm,
+            ih._cost_model,
+            hh._cost_model,
+            None if p is None else (p.dtype, p.device),
+        )
         choice = self._dense_choice.get(key)
         if choice is None:
             choice = cell_uses_dense(self, batch, training)
-            if len(self._dense_choice) < 64:
-                self._dense_choice[key] = choice
+            if len(self._dense_choice) >= 64:
+                self._dense_choice.clear()
+            self._dense_choice[key] = choice
         return choice
 
     def _dense_weights(self) -> tuple[Tensor, Tensor]:
