@@ -2,8 +2,8 @@
 
 A layer (all directions of one of the stacked layers) runs one of these routes:
 
-- ``"torch"``: every weight rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`, once per call;
-  gradients reach the factors through it) and torch's own fused recurrence (``torch.lstm``,
+- ``"torch"``: every weight rebuilt dense (:func:`dense_weight`, once per call; gradients
+  reach the factors through it; without gradients the cells keep the rebuilt weights) and torch's own fused recurrence (``torch.lstm``,
   ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) over both directions; any input,
   packed or not.
 - ``"dense"``: the input product of all steps (in ``W_ih``'s format, or on ``W_ih`` rebuilt
@@ -19,8 +19,11 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
 
 ``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
 equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
-priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step, the compiled
-structured loop per step and per gate unit of every row.
+priced per call for ``W_ih`` and per sequence for ``W_hh`` (its backward apart), torch's kernel
+and the fused loops per pass of their GEMMs and per step (GRU and Elman kernels scaled against
+the LSTM's), the compiled structured loop per step, per gate unit of every row and per MAC of
+its products (forward and transposed apart), then its factor gradients. A module keeps every
+layer's :class:`LayerPlan` per input shape (:func:`plan_layer`).
 """
 
 from __future__ import annotations
