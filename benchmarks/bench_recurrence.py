@@ -5,7 +5,9 @@ Regimes:
 
 - ``speech``: bidirectional LSTM (and GRU, Elman RNN), T=300 frames, batch 16, 40 features per
   frame, hidden 512 (TIMIT/TED-LIUM-like acoustic models); kcprnn with ``W_ih`` in ``format``
-  and ``W_hh`` in ``hidden_format``, the formats' default options (KCP: rank 1, 2 factors).
+  and ``W_hh`` in ``hidden_format``, the formats' default options except KCP's, which are
+  given explicitly (:data:`KCP_OPTIONS`: rank 1, 2 factors) so that a change of the default
+  does not change what is measured.
 - ``spikes``: unidirectional LSTM, T=250 time bins, batch 16, 700 input channels (SHD), hidden
   256.
 - ``streaming``: one ``LSTMCell`` step at batch 1 without gradients, at the speech size
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import time
@@ -66,7 +69,8 @@ SPEECH_FORMATS = [
     ("cp", "cp"),
     ("tucker", "tucker"),
 ]
-OTHER_MODES = [("dense", "dense"), ("kcp", "kcp"), ("cp", "cp")]  # GRU and RNN, speech size
+OTHER_MODES = SPEECH_FORMATS  # GRU and RNN, speech size
+KCP_OPTIONS = {"rank": 1, "num_factors": 2}
 SPIKE_FORMATS = [("dense", "dense"), ("kcp", "dense"), ("kcp", "kcp"), ("tt", "tt")]
 
 
@@ -90,7 +94,13 @@ def sequence_cases(regime: str, cfg: dict, mode: str, formats, bidirectional: bo
     cases = [(f"{regime}/{mode}/torch.nn", torch_cls(*size, bidirectional=bidirectional), x, "")]
     for pair in formats:
         fmt, hfmt, forced = pair if len(pair) == 3 else (*pair, "")
-        model = ours_cls(*size, bidirectional=bidirectional, format=fmt, hidden_format=hfmt)
+        model = ours_cls(
+            *size,
+            bidirectional=bidirectional,
+            format=fmt,
+            hidden_format=hfmt,
+            **_options(fmt, hfmt),
+        )
         if forced:
             model.recurrence = forced
             route = forced
@@ -101,12 +111,20 @@ def sequence_cases(regime: str, cfg: dict, mode: str, formats, bidirectional: bo
     return cases
 
 
+def _options(fmt: str, hfmt: str) -> dict:
+    """KCP's options, explicit for whichever matrix is KCP (:data:`KCP_OPTIONS`)."""
+    out: dict = dict(KCP_OPTIONS) if fmt == "kcp" else {}
+    if hfmt == "kcp":
+        out["hidden_options"] = dict(KCP_OPTIONS)
+    return out
+
+
 def streaming_cases():
     """One cell step at batch 1 without gradients: (name, module, input, route)."""
     out = []
     for size, name, opts in [
-        ((40, 512), "speech", {"format": "kcp", "hidden_format": "kcp"}),
-        ((57_600, 256), "video", {"format": "kcp", "in_modes": [8, 20, 20, 18]}),
+        ((40, 512), "speech", {"format": "kcp", "hidden_format": "kcp", **_options("kcp", "kcp")}),
+        ((57_600, 256), "video", {"format": "kcp", "in_modes": [8, 20, 20, 18], **KCP_OPTIONS}),
     ]:
         x = torch.randn(1, size[0])
         out.append((f"streaming-{name}/LSTMCell/torch.nn", nn.LSTMCell(*size), x, ""))
@@ -217,11 +235,14 @@ def main() -> None:
         lines.append(s)
 
     kernels = _kernels()
+    load_before = os.getloadavg()
     say(
         f"# bench_recurrence {datetime.now(UTC).isoformat(timespec='seconds')} "
-        f"torch {torch.__version__} threads {args.threads} reps {args.reps} "
+        f"torch {torch.__version__} kcprnn {getattr(kcprnn, '__version__', '?')} "
+        f"threads {args.threads} reps {args.reps} "
         f"{platform.processor() or platform.machine()} compiled kernels: "
-        f"{'yes' if kernels.get('available') else 'no'}"
+        f"{'yes' if kernels.get('available') else 'no'} load average "
+        + " ".join(f"{v:.1f}" for v in load_before)
     )
     for group, cases, kind in groups:
         timings = {}
@@ -247,9 +268,16 @@ def main() -> None:
                 cols.append(f"{med * 1e3:12.2f} {med / base:8.2f}")
             results.append(row)
             say(f"{name:44s} {route:22s} " + " ".join(cols))
+    load_after = os.getloadavg()
+    say("\n# load average at the end " + " ".join(f"{v:.1f}" for v in load_after))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
+        "kcprnn": getattr(kcprnn, "__version__", "?"),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "kcp_options": KCP_OPTIONS,
         "torch": torch.__version__,
         "threads": args.threads,
         "reps": args.reps,

@@ -80,22 +80,34 @@ class CostModel:
     # --- recurrences (rnn) ---
     rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent
     # kernels (torch.lstm, torch.gru, ...), beyond its GEMM
+    rnn_torch_gru: float = 1.4  # torch's GRU recurrence (its GEMMs and steps) over the price of
+    # the same work in its LSTM, forward (kcprnn's fused dense GRU loop is priced the same way)
+    rnn_torch_gru_backward: float = 1.75  # ... and backward
+    rnn_torch_rnn: float = 1.0  # the same for the Elman recurrences (tanh, relu), forward ...
+    rnn_torch_rnn_backward: float = 1.0  # ... and backward
     rnn_fused_step: float = 5.5e6  # one step of kcprnn's fused LSTM/GRU/RNN loop, beyond its GEMM
     rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
     rnn_native_step: float = 2.0e5  # one step of the compiled structured loop (native_rnn.cpp),
-    # beyond its products and gate arithmetic
+    # forward or backward, beyond its products and gate arithmetic
     rnn_native_gate: float = 40.0  # one gate pre-activation (row x gate unit) of a compiled step:
     # the output permutation, the activations and the cell update
-    rnn_native_gemm: float = 1.35  # one multiply-add of the compiled step's factor products,
-    # counted as the kernel runs them (plan._kernel_work: expanded products on short trailing
-    # axes, scalar tails)
+    rnn_native_gemm: float = 1.8  # one multiply-add of the compiled forward step's factor
+    # products, counted as the kernel runs them (plan._kernel_work: expanded products on short
+    # trailing axes, scalar tails) ...
+    rnn_native_backward_gemm: float = 1.35  # ... and of the backward step's transposed products
+    rnn_native_grads: float = 1.7  # one MAC of the structured loop's factor gradients (over all
+    # rows at once, after the backward loop), relative to a large GEMM's
     rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
     rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step
     rnn_structured_input: float = 360.0  # a MAC of a structured product over ``f`` inputs
     # costs (1 + this / f): on narrow inputs its factor GEMMs have tiny inner dimensions and run
     # far below a large GEMM's rate; on wide ones they run near it
-    rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense), and
-    # as much again for its backward
+    rnn_factorized_input: float = 6.0  # a MAC of a TT, TR, BT, HT, CP or Tucker product over
+    # many rows (the input product of a sequence): their sweeps run narrow GEMMs between
+    # permuting copies, at 5.5-10x a large GEMM's time per MAC forward and 6-13x in training
+    rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense) ...
+    rnn_rebuild_backward: float = 30.0  # ... and of its backward (the gradient copied back to
+    # the halves' layout and read by two skinny GEMMs), beyond the reconstruction's MACs
     rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step
     rnn_min_rows: int = 16  # a dense product over fewer rows costs as much as over this many
     # (reading the weight dominates)

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from .tucker import contract_trailing, map_row_chunks, matrix_to_merged, merged_to_matrix
+from ._halves import join_halves, kron_rows, split_point
+from .tucker import contract_trailing, map_row_chunks, matrix_to_merged
 
 __all__ = [
     "CPMatrix",
@@ -62,18 +63,15 @@ def cp_num_params(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) 
 
 def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
     """Reconstruct ``W`` (``(out_features, in_features)``) from factors ``U_d`` of shape
-    ``(R, J_d, I_d)``."""
-    rank = factors[0].shape[0]
-    out_modes = [f.shape[1] for f in factors]
-    in_modes = [f.shape[2] for f in factors]
-    t = factors[0].reshape(rank, -1)  # (r, o) with o = merged (j_1 i_1)
-    for u in factors[1:-1]:
-        t = (t.unsqueeze(-1) * u.reshape(rank, 1, -1)).reshape(rank, -1)  # (r, o m n)
-    if len(factors) > 1:
-        t = t.T @ factors[-1].reshape(rank, -1)  # (o, m n): sums the rank
-    else:
-        t = t.sum(0)  # (m n)
-    return merged_to_matrix(t, in_modes, out_modes)  # (j, i)
+    ``(R, J_d, I_d)``: the Kronecker products of the leading and of the trailing factors per
+    rank (natural layout, small), then one product over the rank
+    (:func:`~kcprnn.formats._halves.join_halves`)."""
+    if len(factors) == 1:
+        return factors[0].sum(0)  # (j, i)
+    k = split_point(len(factors))
+    left = kron_rows([u.unsqueeze(1) for u in factors[:k]])  # (r, 1, j_L, i_L)
+    right = kron_rows([u.unsqueeze(1) for u in factors[k:]])  # (r, 1, j_R, i_R)
+    return join_halves(left.squeeze(1), right.squeeze(1))  # (j, i)
 
 
 def cp_linear(
@@ -112,12 +110,16 @@ def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int]
 
 
 def cp_reconstruction_flops(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
-    """MACs of :func:`cp_to_dense`: ``R prod_{e<=d}(I_e J_e)`` for ``d = 2..D`` (``R I J``
-    additions when ``D = 1``)."""
+    """MACs of :func:`cp_to_dense`: the Kronecker products of each half,
+    ``R prod_{f<=e}(I_f J_f)`` for every factor ``e`` after a half's first, and the product over
+    the rank, ``R I J`` (``R I J`` additions when ``D = 1``)."""
     merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
     if len(merged) == 1:
         return rank * merged[0]
-    return sum(rank * math.prod(merged[: d + 1]) for d in range(1, len(merged)))
+    k = split_point(len(merged))
+    halves = [merged[:k], merged[k:]]
+    kron = sum(rank * math.prod(h[: e + 1]) for h in halves for e in range(1, len(h)))
+    return kron + rank * math.prod(merged)
 
 
 def cp_als(

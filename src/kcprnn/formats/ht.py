@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel
 from ._base import FactorizedMatrix, register
+from ._halves import join_halves
 from ._ht_product import HTPlan, HTStep, ht_linear, ht_plan
 from ._ht_tree import DimensionTree, ht_tree, validate_ht_ranks
 
@@ -100,13 +101,20 @@ def ht_to_dense(
         z = torch.einsum("xct,yc->xyt", z.reshape(-1, rc, rt), u_r)  # (x, y, t)
         frames[t] = z.reshape(-1, rt)  # (x*y, t)
     left, right = tree.split(tree.root)
-    w = frames[left] @ root @ frames[right].T  # (x, y): merged modes (j_1 i_1)(j_2 i_2)...
-    d = tree.num_modes
-    w = w.reshape(
-        [s for pair in zip(out_modes, in_modes, strict=True) for s in pair]
-    )  # (j_1, i_1, ..., j_D, i_D)
-    w = w.permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))  # (j_1, ..., j_D, i_1, ..., i_D)
-    return w.reshape(math.prod(out_modes), math.prod(in_modes))  # (J, I)
+    # by halves (kcprnn.formats._halves): the left frame times the root and the right frame,
+    # each in the natural layout (small), then one product over the root's right rank
+    halves = []
+    for frame, (lo, hi) in (
+        (frames[left] @ root, tree.spans[left]),  # (x, s)
+        (frames[right], tree.spans[right]),  # (y, s)
+    ):
+        n = hi - lo
+        pairs = [size for e in range(lo, hi) for size in (out_modes[e], in_modes[e])]
+        half = frame.reshape(*pairs, -1).permute(2 * n, *range(0, 2 * n, 2), *range(1, 2 * n, 2))
+        halves.append(
+            half.reshape(-1, math.prod(out_modes[lo:hi]), math.prod(in_modes[lo:hi]))
+        )  # (s, j_half, i_half)
+    return join_halves(halves[0], halves[1])  # (J, I)
 
 
 def _reconstruction_macs(

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_ranks
 from ._base import FactorizedMatrix, register
+from ._halves import join_halves, kron_rows, split_point
 
 __all__ = [
     "TuckerMatrix",
@@ -163,10 +164,33 @@ def tucker_to_dense(
     factors: Sequence[Tensor], core: Tensor, in_modes: Sequence[int], out_modes: Sequence[int]
 ) -> Tensor:
     """Reconstruct ``W`` (``(out_features, in_features)``); with a block axis, the sum of the
-    blocks."""
+    blocks.
+
+    By halves (:mod:`kcprnn.formats._halves`): the core times the leading modes' factors, and
+    the Kronecker product of the trailing modes' factors (over their ranks too), both in the
+    natural layout, then one product over the blocks and the trailing ranks."""
     factors, core = _as_blocks(factors, core)
-    t = _mode_products(core, factors).sum(0)  # (j_1 i_1, ..., j_D i_D)
-    return merged_to_matrix(t, in_modes, out_modes)  # (j, i)
+    d = len(factors)
+    if d == 1:
+        return merged_to_matrix(_mode_products(core, factors).sum(0), in_modes, out_modes)
+    k = split_point(d)
+    c = core.shape[0]
+    t = core
+    for mat in factors[:k]:
+        t = t.reshape(c, mat.shape[2], -1)  # (c, R_e, rest)
+        t = torch.bmm(mat, t).transpose(1, 2)  # (c, rest, M_e): next mode in front
+    ranks = math.prod(core.shape[1 + k :])  # R_{k+1} ... R_D
+    pairs = [s for e in range(k) for s in (out_modes[e], in_modes[e])]
+    t = t.reshape(c * ranks, *pairs)  # (s, j_1, i_1, ..., j_k, i_k)
+    order = [0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2)]
+    jl, il = math.prod(out_modes[:k]), math.prod(in_modes[:k])
+    left = t.permute(order).reshape(c * ranks, jl, il)  # (s, j_L, i_L)
+    mats = [
+        u.view(c, j, i, u.shape[2]).permute(0, 3, 1, 2)  # (c, R_e, J_e, I_e)
+        for u, i, j in zip(factors[k:], in_modes[k:], out_modes[k:], strict=True)
+    ]
+    right = kron_rows(mats)  # (c, R_{k+1} ... R_D, j_R, i_R)
+    return join_halves(left, right.reshape(c * ranks, *right.shape[2:]))  # (j, i)
 
 
 def tucker_linear(
@@ -239,12 +263,20 @@ def tucker_linear_flops(
 def tucker_reconstruction_flops(
     in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int = 1
 ) -> int:
-    """MACs of :func:`tucker_to_dense`: mode ``d`` costs
-    ``C prod_{f<=d}(J_f I_f) prod_{f>=d} R_f``."""
+    """MACs of :func:`tucker_to_dense`: leading mode ``e`` costs
+    ``C prod_{f<=e}(J_f I_f) prod_{f>=e} R_f``, the Kronecker product of the trailing factors
+    ``C prod_{k<=f<=e}(R_f J_f I_f)`` for every trailing mode ``e`` after the first, and the
+    product over the blocks and trailing ranks ``C prod_{f>=k} R_f J I`` (``D = 1``: the core
+    times the factor, ``C R J I``)."""
     merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
-    return blocks * sum(
-        math.prod(merged[: e + 1]) * math.prod(ranks[e:]) for e in range(len(merged))
-    )
+    d = len(merged)
+    if d == 1:
+        return blocks * merged[0] * ranks[0]
+    k = split_point(d)
+    leading = sum(math.prod(merged[: e + 1]) * math.prod(ranks[e:]) for e in range(k))
+    trailing = [r * m for r, m in zip(ranks[k:], merged[k:], strict=True)]
+    kron = sum(math.prod(trailing[: e + 1]) for e in range(1, len(trailing)))
+    return blocks * (leading + kron + math.prod(ranks[k:]) * math.prod(merged))
 
 
 def hosvd(

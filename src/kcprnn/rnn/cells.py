@@ -27,8 +27,7 @@ from ._options import (
     input_matrix_options,
 )
 from .fused import gru_sequence, lstm_sequence
-from .kron import rebuild
-from .plan import cell_uses_dense
+from .plan import cell_uses_dense, dense_weight
 from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = [
@@ -138,7 +137,7 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
-        self._dense_choice: dict[tuple[int, bool], bool] = {}
+        self._dense_choice: dict[tuple[Any, ...], bool] = {}
         self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self._dense_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
@@ -241,23 +240,37 @@ class RNNCellBase(nn.Module):
 
     def _use_dense(self, batch: int) -> bool:
         """Whether a step on ``batch`` rows runs on dense weights and torch's fused cell
-        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes only)."""
+        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes, the matrices'
+        algorithms and cost models, and the parameters' dtype and device, which key it)."""
         if self.weight_hr is not None or torch.compiler.is_compiling():
             return False
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = (batch, training)
+        ih, hh = self.weight_ih, self.weight_hh
+        p = next(hh.parameters(), None)
+        key = (
+            batch,
+            training,
+            ih,
+            hh,
+            ih.algorithm,
+            hh.algorithm,
+            ih._cost_model,
+            hh._cost_model,
+            None if p is None else (p.dtype, p.device),
+        )
         choice = self._dense_choice.get(key)
         if choice is None:
             choice = cell_uses_dense(self, batch, training)
-            if len(self._dense_choice) < 64:
-                self._dense_choice[key] = choice
+            if len(self._dense_choice) >= 64:
+                self._dense_choice.clear()
+            self._dense_choice[key] = choice
         return choice
 
     def _dense_weights(self) -> tuple[Tensor, Tensor]:
         """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
         calls until a parameter changes (in place or replaced)."""
         if torch.is_grad_enabled():
-            return rebuild(self.weight_ih), rebuild(self.weight_hh)
+            return dense_weight(self.weight_ih), dense_weight(self.weight_hh)
         mats = (self.weight_ih, self.weight_hh)
         slots = self._dense_slots
         if slots is None or slots[0] is not mats[0] or slots[1] is not mats[1]:
@@ -271,7 +284,7 @@ class RNNCellBase(nn.Module):
         )
         cached = self._dense_cache
         if cached is None or cached[0] != key:
-            cached = (key, (rebuild(self.weight_ih), rebuild(self.weight_hh)))
+            cached = (key, (dense_weight(self.weight_ih), dense_weight(self.weight_hh)))
             self._dense_cache = cached
         return cached[1]
 

@@ -22,6 +22,7 @@ from .._compile import compiled_recurrence
 from .cells import RNNCellBase
 from .fused import fused_sequence
 from .kron import kron_terms, rebuild
+from .plan import dense_weight, kron_layout_cached
 from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = ["check_batch_sizes", "run_layer", "scan", "torch_layer"]
@@ -115,13 +116,13 @@ def run_layer(
             return compiled_recurrence(
                 cell.mode, gates_x, state, rebuild(hh), bias, reverse, nonlinearity
             )
-        found = kron_terms(hh) if route == "structured" else None
-        if found is not None:
-            mats, layout = found
+        kron = kron_layout_cached(hh) if route == "structured" else None
+        if kron is not None:
+            mats, layout = kron_terms(hh, kron[0])  # type: ignore[misc]
             return fused_sequence(
                 cell.mode, gates_x, state, mats, bias, reverse, layout, nonlinearity
             )
-        weight = rebuild(hh)  # (g, p); the parameter itself for a dense matrix
+        weight = dense_weight(hh)  # (g, p); the parameter itself for a dense matrix
         return fused_sequence(
             cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
         )
@@ -185,9 +186,9 @@ def torch_layer(
 ) -> tuple[Tensor, State]:
     """One layer, all its directions (``cells``: forward, then reverse), through torch's own
     fused recurrence (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) on
-    the weights rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`: the parameters themselves for
-    dense matrices;
-    gradients reach the factors through the rebuild).
+    the weights rebuilt dense (:func:`~kcprnn.rnn.plan.dense_weight`: the parameters
+    themselves for dense matrices; gradients reach the factors through the rebuild; without
+    gradients the cells keep their rebuilt weights between calls until a parameter changes).
 
     Args:
         x: time-major input ``(t, b, i)``, or the rows of a packed sequence ``(n, i)`` with its
@@ -200,24 +201,29 @@ def torch_layer(
     cell = cells[0]
     params: list[Tensor] = []
     for c in cells:
-        params += [rebuild(c.weight_ih), rebuild(c.weight_hh)]
+        # rebuilt every call under autograd; without it kept until a parameter changes
+        params += c._dense_weights()
         if c.bias_ih is not None and c.bias_hh is not None:
             params += [c.bias_ih, c.bias_hh]
         if c.weight_hr is not None:
-            params.append(rebuild(c.weight_hr))
+            params.append(dense_weight(c.weight_hr))
     mode = cell.mode
     if mode == "RNN":
         mode = "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
     kernel = _TORCH_KERNELS[mode]
     hx: Any = state if cell.mode == "LSTM" else state[0]
     bidirectional = len(cells) == 2
-    with warnings.catch_warnings():
-        # cuDNN asks for one flat weight buffer; the rebuilt weights are fresh every call
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
-        if batch_sizes is None:
-            res = kernel(x, hx, params, cell.bias, 1, 0.0, False, bidirectional, False)
-        else:
-            res = kernel(x, batch_sizes, hx, params, cell.bias, 1, 0.0, False, bidirectional)
+    if batch_sizes is None:
+        args: tuple[Any, ...] = (x, hx, params, cell.bias, 1, 0.0, False, bidirectional, False)
+    else:
+        args = (x, batch_sizes, hx, params, cell.bias, 1, 0.0, False, bidirectional)
+    if x.device.type != "cuda":
+        res = kernel(*args)
+    else:
+        with warnings.catch_warnings():
+            # cuDNN asks for one flat weight buffer; the rebuilt weights are fresh every call
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+            res = kernel(*args)
     return res[0], tuple(res[1:])
 
 

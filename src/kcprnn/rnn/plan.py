@@ -2,8 +2,8 @@
 
 A layer (all directions of one of the stacked layers) runs one of these routes:
 
-- ``"torch"``: every weight rebuilt dense (:func:`~kcprnn.rnn.kron.rebuild`, once per call;
-  gradients reach the factors through it) and torch's own fused recurrence (``torch.lstm``,
+- ``"torch"``: every weight rebuilt dense (:func:`dense_weight`, once per call; gradients
+  reach the factors through it; without gradients the cells keep the rebuilt weights) and torch's own fused recurrence (``torch.lstm``,
   ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) over both directions; any input,
   packed or not.
 - ``"dense"``: the input product of all steps (in ``W_ih``'s format, or on ``W_ih`` rebuilt
@@ -19,17 +19,22 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
 
 ``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
 equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
-priced per call for ``W_ih`` and per sequence for ``W_hh``, the loops per step, the compiled
-structured loop per step and per gate unit of every row.
+priced per call for ``W_ih`` and per sequence for ``W_hh`` (its backward apart), torch's kernel
+and the fused loops per pass of their GEMMs and per step (GRU and Elman kernels scaled against
+the LSTM's), the compiled structured loop per step, per gate unit of every row and per MAC of
+its products (forward and transposed apart), then its factor gradients. A module keeps every
+layer's :class:`LayerPlan` per input shape (:func:`plan_layer`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
@@ -39,23 +44,72 @@ from .kron import (
     kron_layout_of,
     kron_matmul_macs,
     kron_matmul_ops,
+    rebuild,
 )
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = ["ROUTES", "cell_uses_dense", "choose_route", "input_is_dense", "layer_costs"]
+__all__ = [
+    "ROUTES",
+    "LayerPlan",
+    "cell_uses_dense",
+    "choose_route",
+    "dense_weight",
+    "input_is_dense",
+    "kron_layout_cached",
+    "layer_costs",
+    "plan_layer",
+]
 
 ROUTES = ("auto", "torch", "dense", "structured", "steps")
 
 
+def dense_weight(matrix: FactorizedMatrix) -> Tensor:
+    """``matrix`` dense ``(out_features, in_features)`` with autograd to its factors, by its
+    format's fastest rebuild: a KCP matrix through :func:`~kcprnn.rnn.kron.rebuild` (the
+    Kronecker products of its factor matrices, then two gathers), every other format through
+    its ``to_dense`` (CP, Tucker, BT, HT, TT and TR by halves: one GEMM and one copy forward,
+    one copy and two GEMMs backward; a dense matrix is its parameter itself)."""
+    if matrix.format_name == "kcp":
+        return rebuild(matrix)
+    return matrix.to_dense()
+
+
+_LAYOUTS: dict[tuple[Any, ...], tuple[KronLayout, int] | None] = {}
+
+
+def kron_layout_cached(matrix: FactorizedMatrix) -> tuple[KronLayout, int] | None:
+    """:func:`~kcprnn.rnn.kron.kron_layout_of`, kept per format, number of modes and factor
+    shapes (which determine a KCP or CP layout: every factor is ``(..., J, I)`` in the modes'
+    order), so that a layer pays its index bookkeeping once, not at every call."""
+    if matrix.format_name not in ("kcp", "cp"):
+        return None
+    key = (
+        matrix.format_name,
+        matrix.num_modes,
+        tuple(tuple(p.shape) for p in matrix.parameters()),
+    )
+    found = _LAYOUTS.get(key, False)
+    if found is False:
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.clear()
+        found = _LAYOUTS[key] = kron_layout_of(matrix)
+    return found  # type: ignore[return-value]
+
+
 def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
-    """Price of rebuilding ``matrix`` dense (nothing for a dense matrix)."""
+    """Price of rebuilding ``matrix`` dense once (:func:`dense_weight`), with its backward in
+    training (nothing for a dense matrix): per element of ``W`` and per MAC of the
+    reconstruction, twice the MACs backward."""
     if matrix.format_name == "dense":
         return 0.0
     elements = matrix.in_features * matrix.out_features
     macs = matrix.reconstruction_macs()
-    return (1 + training) * (cm.rnn_rebuild * elements + macs)
+    forward = cm.rnn_rebuild * elements + macs
+    if not training:
+        return forward
+    return forward + cm.rnn_rebuild_backward * elements + 2 * macs
 
 
 def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
@@ -66,14 +120,16 @@ def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
 def _input_costs(
     cell: RNNCellBase, rows: int, training: bool, cm: CostModel
 ) -> tuple[float, float]:
-    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format, and on ``W_ih``
-    rebuilt dense (the same for a dense matrix)."""
+    """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format (KCP's products by the
+    width of their inputs, the other formats' sweeps at ``rnn_factorized_input`` per MAC), and
+    on ``W_ih`` rebuilt dense (the same for a dense matrix)."""
     ih = cell.weight_ih
     passes = 3 if training else 1
     dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
-    return passes * _structured_rate(ih, cm) * ih.macs(rows, training=training), dense
+    rate = _structured_rate(ih, cm) if ih.format_name == "kcp" else cm.rnn_factorized_input
+    return passes * rate * ih.macs(rows, training=training), dense
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
@@ -97,31 +153,39 @@ def layer_costs(
     ``rows`` rows in ``steps`` time steps; ``equal_lengths``: all sequences have ``steps``
     steps (the fused loops need it); ``training``: gradients will be computed."""
     cm = default_cost_model() if cost_model is None else cost_model
-    passes = 3 if training else 1
-    per_step = 1 + cm.rnn_step_backward * training
     cell = cells[0]
     fused_ok = equal_lengths and cell.weight_hr is None
     costs = {"torch": 0.0, "dense": 0.0, "structured": 0.0}
     for c in cells:
         hh = c.weight_hh
         g, p = hh.out_features, hh.in_features
-        recurrent = passes * max(rows, steps * cm.rnn_min_rows) * p * g
+        recurrent_once = max(rows, steps * cm.rnn_min_rows) * p * g
         weights: list[FactorizedMatrix] = [c.weight_ih, hh]
         if c.weight_hr is not None:
             weights.append(c.weight_hr)
-        projection = 0 if c.weight_hr is None else passes * rows * c.weight_hr.in_features * p
-        costs["torch"] += (
-            sum(_rebuild(m, training, cm) for m in weights)
-            + passes * rows * c.weight_ih.in_features * g
-            + recurrent
-            + projection
-            + steps * cm.rnn_torch_step * per_step
+        # torch's own kernel: one pass of its GEMMs and steps forward, two backward, each
+        # scaled by what its kernel for this mode costs over its LSTM's (and so kcprnn's fused
+        # dense loop, which does the same per-step work; the compiled structured loop is not)
+        once = rows * c.weight_ih.in_features * g + recurrent_once
+        if c.weight_hr is not None:
+            once += rows * c.weight_hr.in_features * p
+        scale, scale_backward = _torch_scales(c.mode, cm)
+        costs["torch"] += sum(_rebuild(m, training, cm) for m in weights) + scale * (
+            once + steps * cm.rnn_torch_step
         )
+        if training:
+            costs["torch"] += scale_backward * (
+                2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+            )
         ih = min(_input_costs(c, rows, training, cm))
-        costs["dense"] += (
-            ih + _rebuild(hh, training, cm) + recurrent + steps * cm.rnn_fused_step * per_step
-        )
-        kron = kron_layout_of(hh)
+        fused = recurrent_once + steps * cm.rnn_fused_step  # kcprnn's fused loop, one pass
+        if training:
+            fused_backward = 2 * recurrent_once + steps * cm.rnn_fused_step * cm.rnn_step_backward
+            fused = scale * fused + scale_backward * fused_backward
+        else:
+            fused = scale * fused
+        costs["dense"] += ih + _rebuild(hh, training, cm) + fused
+        kron = kron_layout_cached(hh)
         if kron is None:
             costs.pop("structured", None)
             continue
@@ -136,6 +200,16 @@ def layer_costs(
     return costs
 
 
+def _torch_scales(mode: str, cm: CostModel) -> tuple[float, float]:
+    """Forward and backward price of torch's recurrent kernel for ``mode`` relative to its
+    LSTM's (the cost model's ``rnn_torch_*`` fields)."""
+    if mode == "GRU":
+        return cm.rnn_torch_gru, cm.rnn_torch_gru_backward
+    if mode == "RNN":
+        return cm.rnn_torch_rnn, cm.rnn_torch_rnn_backward
+    return 1.0, 1.0
+
+
 def _structured_loop(
     layout: KronLayout,
     terms: int,
@@ -146,23 +220,24 @@ def _structured_loop(
     cm: CostModel,
 ) -> float:
     """Price of the structured loop over ``rows`` rows in ``steps`` steps (``gates`` outputs
-    of ``W_hh``): the compiled kernel's where the model plans for it (its products and gate
-    arithmetic per step, forward and backward, then the factor gradients over all rows at
-    once), else one torch launch per factor product and gather of every step."""
+    of ``W_hh``): the compiled kernel's where the model plans for it (per step, per gate unit
+    of every row and per multiply-add of its products, forward and backward priced apart; then
+    the factor gradients over all rows at once, the cheaper of the sweeps and the dense-first
+    contraction), else one torch launch per factor product and gather of every step."""
     macs = kron_matmul_macs(layout, terms, rows)
     per_step = 1 + cm.rnn_step_backward * training
     if cm.kernels:
-        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
         ins, outs = layout.in_sizes, layout.out_sizes
+        loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
         forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows)
         if not training:
             return forward
-        backward = loop + cm.rnn_native_gemm * _kernel_work(outs, ins, terms, rows)
+        backward = loop + cm.rnn_native_backward_gemm * _kernel_work(outs, ins, terms, rows)
         shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
         structured = kron_grads_cost(shapes, rows)
         dense = rows * layout.in_features * layout.out_features
         grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
-        return forward + backward + grads
+        return forward + backward + cm.rnn_native_grads * grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
     return (
@@ -215,6 +290,81 @@ def choose_route(
     if route == "structured" and "structured" not in costs:
         route = "dense"
     return route if route in costs else "torch"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer runs: its ``route`` (as :func:`choose_route` gives it) and, per cell,
+    whether the input product runs on ``W_ih`` rebuilt dense (:func:`input_is_dense`)."""
+
+    route: str
+    dense_inputs: tuple[bool, ...]
+
+
+PLAN_CACHE_SIZE = 64
+"""Plans a module keeps (:func:`plan_layer`); the cache is emptied when it is full."""
+
+
+def plan_layer(
+    route: str,
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+    cache: dict[tuple[Any, ...], LayerPlan] | None = None,
+) -> LayerPlan:
+    """The :class:`LayerPlan` of the layer of ``cells`` (arguments as :func:`choose_route`),
+    looked up in ``cache`` (a module's own dict) when one is given.
+
+    A plan depends on the shapes and on what the prices read, never on parameter values, so
+    the key is the arguments plus, per matrix, the matrix itself (a replaced one plans
+    afresh), its algorithm and cost model, the dtype and device of its parameters, and the
+    default cost model (``$KCPRNN_COST_MODEL``). Under ``torch.compile`` nothing is cached
+    (the route is ``"steps"``)."""
+    if torch.compiler.is_compiling() or cache is None:
+        return _make_plan(route, cells, rows, steps, equal_lengths, training)
+    key = (route, rows, steps, equal_lengths, training, _signature(cells))
+    found = cache.get(key)
+    if found is None:
+        found = _make_plan(route, cells, rows, steps, equal_lengths, training)
+        if len(cache) >= PLAN_CACHE_SIZE:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+def _make_plan(
+    route: str,
+    cells: Sequence[RNNCellBase],
+    rows: int,
+    steps: int,
+    equal_lengths: bool,
+    training: bool,
+) -> LayerPlan:
+    chosen = choose_route(route, cells, rows, steps, equal_lengths, training)
+    dense = tuple(
+        chosen not in ("torch", "steps") and input_is_dense(c, rows, training) for c in cells
+    )
+    return LayerPlan(chosen, dense)
+
+
+def _signature(cells: Sequence[RNNCellBase]) -> tuple[Any, ...]:
+    """What a layer's plan depends on besides its arguments (see :func:`plan_layer`)."""
+    out: list[Any] = [default_cost_model()]
+    for c in cells:
+        for m in (c.weight_ih, c.weight_hh, c.weight_hr):
+            if m is None:
+                continue
+            p = next(m.parameters(), None)
+            out += (
+                m,
+                m.algorithm,
+                m._cost_model,
+                None if p is None else p.dtype,
+                None if p is None else p.device,
+            )
+    return tuple(out)
 
 
 def _model(cells: Sequence[RNNCellBase]) -> CostModel:

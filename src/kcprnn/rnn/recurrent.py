@@ -27,9 +27,8 @@ from .._compile import compiled_route
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
-from .kron import rebuild
 from .layer import check_batch_sizes, run_layer, scan, torch_layer
-from .plan import ROUTES, choose_route, input_is_dense
+from .plan import ROUTES, LayerPlan, dense_weight, plan_layer
 from .steps import State
 
 __all__ = ["GRU", "LSTM", "RNN", "RNNBase", "run_layer", "scan"]
@@ -130,6 +129,9 @@ class RNNBase(nn.Module):
                 cells.append(cell)
         self.cells = nn.ModuleList(cells)
         self.recurrence = "auto"
+        # every layer's plan per input shape (kcprnn.rnn.plan.plan_layer); plans read shapes,
+        # formats, algorithms, cost models, dtypes and devices, never parameter values
+        self._plans: dict[tuple[Any, ...], LayerPlan] = {}
 
     # --- properties --------------------------------------------------------------------------
 
@@ -282,9 +284,11 @@ class RNNBase(nn.Module):
             cells = [self.cell(layer, direction) for direction in range(d)]
             compiling = torch.compiler.is_compiling()
             if compiling:  # no cost model in a traced graph (kcprnn._compile)
-                route = compiled_route(cells, equal)
+                route, dense_inputs = compiled_route(cells, equal), (False,) * d
             else:
-                route = choose_route(self.recurrence, cells, rows, steps, equal, training)
+                plans = self.__dict__.setdefault("_plans", {})
+                found = plan_layer(self.recurrence, cells, rows, steps, equal, training, plans)
+                route, dense_inputs = found.route, found.dense_inputs
             if route == "torch":
                 if layer == 0 and not packed:
                     seq = x.transpose(0, 1) if self.batch_first else x  # (t, b, i)
@@ -305,8 +309,8 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
-                    if not compiling and route != "steps" and input_is_dense(cell, rows, training):
-                        w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
+                    if dense_inputs[direction]:
+                        w_ih = dense_weight(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
                         gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D

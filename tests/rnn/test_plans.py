@@ -1,0 +1,280 @@
+"""Layer plans kept per shape (``kcprnn.rnn.plan.plan_layer``) and the dense weights the torch
+route keeps between calls without gradients: kept while nothing they depend on changes, planned
+or rebuilt afresh when it does (dtype, cost model, algorithm, a replaced matrix; parameter values
+changed in place or by ``load_state_dict``), and always what an uncached call gives."""
+
+import pytest
+import torch
+from torch import nn
+
+import kcprnn
+from kcprnn._cpu import CostModel
+from kcprnn.rnn import plan
+
+INPUT, HIDDEN, STEPS, BATCH = 6, 8, 5, 3
+TOL = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = plan.choose_route
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "choose_route", counted)
+    return calls
+
+
+def test_plans_are_kept_per_shape_and_replanned_when_inputs_to_the_prices_change(monkeypatch):
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, bidirectional=True, format="kcp", hidden_format="cp")
+    x = torch.randn(STEPS, BATCH, INPUT)
+    calls = _counting(monkeypatch)
+    model(x)
+    model(x)
+    assert len(calls) == 1  # one layer, planned once
+    model(torch.randn(STEPS + 1, BATCH, INPUT))  # another shape: its own plan
+    assert len(calls) == 2
+    with torch.no_grad():  # inference is priced without the backward
+        model(x)
+    assert len(calls) == 3
+    # a cost model that makes the structured loop dear: replanned, and it changes the route
+    cells = [model.cell(0, d) for d in range(2)]
+    before = plan.plan_layer("auto", cells, STEPS * BATCH, STEPS, True, True, model._plans)
+    assert before.route == "structured"
+    dear = CostModel(rnn_native_gemm=1e9, rnn_small_gemm=1e9)
+    for c in cells:
+        c.weight_hh.cost_model = dear
+    model(x)
+    assert len(calls) == 4
+    after = plan.plan_layer("auto", cells, STEPS * BATCH, STEPS, True, True, model._plans)
+    assert len(calls) == 4 and after.route == "torch"
+    assert after == plan._make_plan("auto", cells, STEPS * BATCH, STEPS, True, True)
+    # another algorithm, another dtype, a replaced matrix: each planned afresh
+    for change in ("algorithm", "dtype", "matrix", "recurrence"):
+        if change == "algorithm":
+            model.cell(0, 0).weight_ih.algorithm = "dense"
+        elif change == "dtype":
+            model.double()
+            x = x.double()
+        elif change == "matrix":
+            model.cell(0, 1).weight_hh = kcprnn.formats.make_matrix(
+                "cp", HIDDEN, 4 * HIDDEN, rank=2, dtype=torch.float64
+            )
+        else:
+            model.recurrence = "steps"
+        count = len(calls)
+        model(x)
+        model(x)
+        assert len(calls) == count + 1, change
+
+
+def test_plan_cache_is_bounded():
+    torch.manual_seed(0)
+    model = kcprnn.GRU(INPUT, HIDDEN, format="tt", hidden_format="tt")
+    for steps in range(1, plan.PLAN_CACHE_SIZE + 5):
+        model(torch.randn(steps, 1, INPUT))
+    assert 0 < len(model._plans) <= plan.PLAN_CACHE_SIZE
+
+
+@pytest.mark.parametrize("fmt", ["cp", "tt", "kcp"])
+def test_torch_route_without_gradients_follows_parameter_changes(fmt):
+    torch.manual_seed(0)
+    kw = {"format": fmt, "hidden_format": fmt, "dtype": torch.float64, "bidirectional": True}
+    model = kcprnn.LSTM(INPUT, HIDDEN, **kw)
+    other = kcprnn.LSTM(INPUT, HIDDEN, **kw)
+    reference = kcprnn.LSTM(INPUT, HIDDEN, **kw)
+    model.recurrence = "torch"
+    reference.recurrence = "steps"  # no cached weights: one cell step at a time
+    x = torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64)
+
+    def check():
+        reference.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            got, want = model(x), reference(x)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        for a, b in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+    check()
+    with torch.no_grad():
+        first = model(x)[0]
+        assert torch.equal(model(x)[0], first)  # kept: the same weights give the same output
+    model.load_state_dict(other.state_dict())
+    check()
+    with torch.no_grad():
+        next(model.cell(0, 1).weight_hh.parameters()).mul_(1.5)  # in place
+    check()
+    factor = next(model.cell(0, 0).weight_ih.parameters())
+    factor.data = factor.data * 0.5  # new storage
+    check()
+    model.float()
+    reference.float()
+    x = x.float()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        got, want = model(x), reference(x)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_route_with_gradients_rebuilds_every_call():
+    # under autograd nothing is kept: the gradients reach the factors at every call
+    torch.manual_seed(0)
+    model = kcprnn.GRU(INPUT, HIDDEN, format="cp", hidden_format="cp", dtype=torch.float64)
+    model.recurrence = "torch"
+    x = torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64)
+    for _ in range(2):
+        model.zero_grad()
+        model(x)[0].sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    ref = nn.GRU(INPUT, HIDDEN, dtype=torch.float64)
+    assert isinstance(ref, nn.GRU)
+
+
+def _speech_cp_lstm():
+    # the speech layer (40 -> 512, one direction) with CP for both matrices, modes explicit
+    return kcprnn.LSTM(
+        40,
+        512,
+        format="cp",
+        rank=4,
+        in_modes=[5, 2, 2, 2],
+        out_modes=[8, 8, 8, 4],
+        hidden_format="cp",
+        hidden_options={"rank": 4, "in_modes": [8, 4, 4, 4], "out_modes": [8, 8, 8, 4]},
+    )
+
+
+def test_route_prices_by_hand():
+    """The prices of the three routes of a CP LSTM layer at the speech point (T=300, B=16),
+    written out from the cost model's fields (defaults) and the shapes."""
+    cells = [_speech_cp_lstm().cell(0)]
+    cm = CostModel()
+    rows, steps, g = 4800, 300, 2048
+    # reconstruction MACs by halves (two modes each side, joined over the rank 4):
+    # W_ih merged modes [40, 16, 16, 8], W_hh [64, 32, 32, 16]
+    macs_ih = 4 * 40 * 16 + 4 * 16 * 8 + 4 * 40 * 2048
+    macs_hh = 4 * 64 * 32 + 4 * 32 * 16 + 4 * 512 * 2048
+    assert cells[0].weight_ih.reconstruction_macs() == macs_ih
+    assert cells[0].weight_hh.reconstruction_macs() == macs_hh
+    rebuild_ih = cm.rnn_rebuild * 40 * g + macs_ih
+    rebuild_hh = cm.rnn_rebuild * 512 * g + macs_hh
+    once = rows * 40 * g + rows * 512 * g  # one pass of the input and recurrent GEMMs
+    torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step
+    # the input product: W_ih rebuilt dense beats CP's own sweep (rnn_factorized_input per MAC
+    # of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
+    structured_input = cm.rnn_factorized_input * 4 * rows * (10240 + 2560 + 640 + 160)
+    assert plan._input_costs(cells[0], rows, False, cm)[0] == pytest.approx(structured_input)
+    dense_input = rebuild_ih + rows * 40 * g
+    assert dense_input < structured_input
+    dense_price = dense_input + rebuild_hh + rows * 512 * g + steps * cm.rnn_fused_step
+    # the compiled loop: per step, per gate unit, and its products as the kernel runs them:
+    # factors (8x8, 4x8, 4x8, 4x4) of 4 terms; the third runs expanded over its trailing axis
+    # of 4 (4x the MACs), the last expanded over nothing and on scalars (8x)
+    work = 4 * rows * (8 * 8 * 256 + 8 * 4 * 8 * 32 + 32 * 4 * 8 * 4 * 4 + 128 * 4 * 4 * 8)
+    assert work == 1_101_004_800
+    loop = steps * cm.rnn_native_step + rows * g * cm.rnn_native_gate
+    structured_price = dense_input + loop + cm.rnn_native_gemm * work
+    got = plan.layer_costs(cells, rows, steps, True, False, cm)
+    want = {"torch": torch_price, "dense": dense_price, "structured": structured_price}
+    assert got == pytest.approx(want, rel=1e-12)
+    assert plan.choose_route("auto", cells, rows, steps, True, False) == "structured"
+
+    # training, without the factor gradients' price: the rebuilds' backward, two more passes
+    # of torch's GEMMs and its steps' backward; the kernel's transposed products
+    # (4x8, 8x4, 8x4 expanded 4x, 4x4 expanded and scalar)
+    lean = cm.replace(rnn_native_grads=0.0)
+    back_ih = cm.rnn_rebuild_backward * 40 * g + 2 * macs_ih
+    back_hh = cm.rnn_rebuild_backward * 512 * g + 2 * macs_hh
+    torch_train = (
+        torch_price
+        + back_ih
+        + back_hh
+        + 2 * once
+        + steps * cm.rnn_torch_step * cm.rnn_step_backward
+    )
+    dense_input_train = rebuild_ih + back_ih + 3 * rows * 40 * g
+    work_t = 4 * rows * (8 * 8 * 64 + 8 * 8 * 4 * 16 + 64 * 8 * 4 * 4 * 4 + 512 * 4 * 4 * 8)
+    assert work_t == 2_044_723_200
+    structured_train = (
+        dense_input_train
+        + loop
+        + cm.rnn_native_gemm * work
+        + loop
+        + cm.rnn_native_backward_gemm * work_t
+    )
+    got = plan.layer_costs(cells, rows, steps, True, True, lean)
+    assert got["torch"] == pytest.approx(torch_train, rel=1e-12)
+    assert got["structured"] == pytest.approx(structured_train, rel=1e-12)
+    # the factor gradients: the cheaper of the sweeps over all rows and the dense-first
+    # contraction (one rows x 512 x 2048 GEMM, then the sweeps over the 512 rows of W_hh)
+    from kcprnn.rnn.kron import kron_grads_cost
+
+    shapes = [(4, 8, 8), (4, 8, 4), (4, 8, 4), (4, 4, 4)]
+    grads = min(kron_grads_cost(shapes, rows), rows * 512 * g + kron_grads_cost(shapes, 512))
+    full = plan.layer_costs(cells, rows, steps, True, True, cm)
+    assert full["structured"] - got["structured"] == pytest.approx(cm.rnn_native_grads * grads)
+    # with it, training prices the structured loop above torch's kernel on the rebuilt weights
+    assert full["structured"] > full["torch"]
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+
+
+def test_spikes_tt_input_product_prices_the_sweep():
+    # SHD spikes (700 -> 256, T=250, B=16): TT's sweep over 700 inputs is slower than the
+    # rebuilt dense GEMM, so the layer stays on torch's kernel
+    cell = kcprnn.LSTM(700, 256, format="tt", hidden_format="tt").cell(0)
+    cm = CostModel()
+    structured, dense = plan._input_costs(cell, 4000, True, cm)
+    assert structured == pytest.approx(
+        3 * cm.rnn_factorized_input * cell.weight_ih.macs(4000, training=True)
+    )
+    assert dense < structured
+    assert plan.choose_route("auto", [cell], 4000, 250, True, True) == "torch"
+    assert plan.choose_route("auto", [cell], 4000, 250, True, False) == "torch"
+
+
+def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
+    torch.manual_seed(0)
+    cells = [kcprnn.GRU(40, 512, format="dense").cell(0)]
+    cm = CostModel()
+    rows, steps, g = 4800, 300, 1536
+    once = rows * 40 * g + rows * 512 * g
+    got = plan.layer_costs(cells, rows, steps, True, False, cm)
+    assert got["torch"] == pytest.approx(cm.rnn_torch_gru * (once + steps * cm.rnn_torch_step))
+    fused = cm.rnn_torch_gru * (rows * 512 * g + steps * cm.rnn_fused_step)
+    assert got["dense"] == pytest.approx(rows * 40 * g + fused)
+    train = plan.layer_costs(cells, rows, steps, True, True, cm)
+    backward = 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+    assert train["torch"] - got["torch"] == pytest.approx(cm.rnn_torch_gru_backward * backward)
+    # dense weights: torch's kernel in both (the fused loop does the same per-step work)
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+    assert plan.choose_route("auto", cells, rows, steps, True, False) == "torch"
+
+
+def test_cell_step_choice_follows_cost_model_and_dtype(monkeypatch):
+    torch.manual_seed(0)
+    cell = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp")
+    calls = []
+    real = kcprnn.rnn.cells.cell_uses_dense
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kcprnn.rnn.cells, "cell_uses_dense", counted)
+    with torch.no_grad():
+        assert not cell._use_dense(1)  # one row: the factors beat reading a dense W
+        assert not cell._use_dense(1)
+        assert len(calls) == 1
+        # a cost model under which the structured step is dear: chosen afresh, and dense
+        dear = CostModel(rnn_structured_input=1e9, rnn_cell_op=1e12)
+        cell.weight_ih.cost_model = dear
+        cell.weight_hh.cost_model = dear
+        assert cell._use_dense(1)
+        assert len(calls) == 2
+        cell.double()
+        cell._use_dense(1)
+        assert len(calls) == 3
