@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .._compile import compiled_route
+from .._compile import compiled_layer, compiled_route, fuses_layer
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
@@ -305,6 +305,15 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
+                    if compiling and fuses_layer(cell, route):  # one opaque node
+                        state = tuple(t[idx] for t in hx)  # (b, s)
+                        first = layer == 0 and not packed and self.batch_first
+                        out, final = compiled_layer(
+                            cell, layer_input, bias, state, direction == 1, first, bool(fold)
+                        )
+                        outs.append(out)  # (n, p)
+                        finals.append(final)
+                        continue
                     if not compiling and route != "steps" and input_is_dense(cell, rows, training):
                         w_ih = rebuild(cell.weight_ih)  # (g, i), once per call
                         gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
