@@ -682,18 +682,13 @@ def _layer_wrt(
     c0: Tensor | None,
     bias_hh: Tensor | None,
     weight: Tensor,
-    need_x: bool,
+    needs: Sequence[bool],
 ) -> list[Tensor]:
-    """The tensors :func:`_layer_backward` returns gradients for, in its order."""
-    wrt = [x] if need_x else []
-    return (
-        wrt
-        + [t for t in (bias,) if t is not None]
-        + list(params)
-        + [h0]
-        + [t for t in (c0, bias_hh) if t is not None]
-        + [weight]
-    )
+    """The tensors :func:`_layer_backward` returns gradients for, in its order: those that
+    ``needs`` marks (:data:`_LAYER_SLOTS` order) and are given."""
+    slots: list[list[Tensor]] = [[t] if t is not None else [] for t in (x, bias)]
+    slots += [list(params)] + [[t] if t is not None else [] for t in (h0, c0, bias_hh, weight)]
+    return [t for group, need in zip(slots, needs, strict=True) if need for t in group]
 
 
 @torch.library.custom_op("kcprnn::layer_backward", mutates_args=())
@@ -735,8 +730,14 @@ def _layer_backward(
         )
     outs, wrt = kept
     grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
-    inputs = [grad_out, grad_h, grad_c, x, bias, h0, c0, bias_hh, weight, *params]
-    return _grads(outs[: len(grads)], wrt, grads, inputs)
+    chosen = [w for w in wrt if w.requires_grad]  # the leaves ``needs`` marks, in order
+    with _autograd():
+        found = torch.autograd.grad(outs[: len(grads)], chosen, grads, allow_unused=True)
+    storages = _storages([grad_out, grad_h, grad_c, x, bias, h0, c0, bias_hh, weight, *params])
+    return [
+        torch.zeros_like(w) if g is None else _fresh(g, storages)
+        for g, w in zip(found, chosen, strict=True)
+    ]
 
 
 @_layer_backward.register_fake
@@ -759,7 +760,7 @@ def _layer_backward_fake(
     batch_major: bool,
     needs: list[bool],
 ) -> list[Tensor]:
-    wrt = _layer_wrt(x, bias, params, h0, c0, bias_hh, weight, needs[0])
+    wrt = _layer_wrt(x, bias, params, h0, c0, bias_hh, weight, needs)
     return [torch.empty_like(t) for t in wrt]
 
 
@@ -774,7 +775,7 @@ def _layer_grad(
     ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, _token_grad: Any
 ) -> tuple:
     x, bias, h0, c0, bias_hh, weight, token, *params = ctx.saved_tensors
-    need_x = ctx.options[-1][0]
+    needs = ctx.options[-1]
     if grad_out is None:
         grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
     grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
@@ -797,14 +798,13 @@ def _layer_grad(
             *ctx.options,
         )
     )
-    g_x = next(grads) if need_x else None
-    g_bias = next(grads) if bias is not None else None
-    g_params = [next(grads) for _ in params]
-    g_h0 = next(grads)
-    g_c0 = next(grads) if c0 is not None else None
-    g_bias_hh = next(grads) if bias_hh is not None else None
-    g_weight = next(grads)
-    return (g_x, g_bias, g_params, g_h0, g_c0, g_bias_hh, g_weight) + (None,) * 6
+    out: list[Any] = []
+    for t, need in zip((x, bias, params, h0, c0, bias_hh, weight), needs, strict=True):
+        if isinstance(t, list):
+            out.append([next(grads) for _ in t] if need else None)
+        else:
+            out.append(next(grads) if need and t is not None else None)
+    return (*out, *(None,) * 6)
 
 
 _layer.register_autograd(_layer_grad, setup_context=_layer_setup)
