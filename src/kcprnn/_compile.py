@@ -17,6 +17,12 @@ only the graph around them, which takes seconds at any layer size.
 - ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu, needs)``:
   :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight, its graph kept the same
   way for ``kcprnn::recurrence_backward`` (the hand-written backward through time).
+- ``kcprnn::layer(x, bias, params, h0, c0, bias_hh, weight, key, ...)``: both in one operator
+  for a fused direction whose ``W_ih`` is factorized (:func:`compiled_layer`): the input
+  product over all steps' rows, their reordering to time-major and the fused sequence; its
+  backward ``kcprnn::layer_backward`` differentiates the kept graph once and returns only the
+  gradients that are needed. One operator instead of two saves a dispatch, a nested
+  ``autograd.grad`` and the graph's kernels between them in each direction.
 
 The operators' inputs are saved for the backward, so the compiled graph keeps them alive and
 unchanged while a kept graph reads them.
