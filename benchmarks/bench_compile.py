@@ -11,7 +11,10 @@ compile times are cold: the first compiled call under ``no_grad`` (the inference
 the first forward+backward (the training graphs). Then the four timed functions (eager and
 compiled, forward under ``no_grad`` and forward+backward of ``output.sum()``) are warmed up and
 their repetitions interleaved (one call of each per round, the order rotated every round); the
-medians and minimums are reported. Run it under ``nice`` on a shared machine.
+medians and minimums of the wall time are reported, and the medians of the process CPU time
+(``time.process_time``: the time the process ran, which a loaded machine inflates far less than
+the wall time) with the median over rounds of each compiled call's CPU time minus the same
+round's eager call's. Run it under ``nice`` on a shared machine.
 
 Usage::
 
@@ -95,6 +98,7 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
         "compiled_train": train(compiled),
     }
     times: dict[str, list[float]] = {k: [] for k in funcs}
+    cpu: dict[str, list[float]] = {k: [] for k in funcs}
     names = list(funcs)
     for _ in range(3):
         for k in names:
@@ -102,11 +106,21 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             funcs[k]()
+            cpu[k].append(time.process_time() - start_cpu)
             times[k].append(time.perf_counter() - start)
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     mins = {k: 1e3 * min(v) for k, v in times.items()}
+    cpu_ms = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
+    # paired: each round's compiled call against the same round's eager call
+    paired = {
+        kind: 1e3
+        * statistics.median(
+            c - e for c, e in zip(cpu[f"compiled_{kind}"], cpu[f"eager_{kind}"], strict=True)
+        )
+        for kind in ("forward", "train")
+    }
     return {
         "layout": layout,
         "threads": threads,
@@ -118,6 +132,9 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
         "min_ms": {k: round(v, 3) for k, v in mins.items()},
         "compiled_over_eager_forward": round(ms["compiled_forward"] / ms["eager_forward"], 3),
         "compiled_over_eager_train": round(ms["compiled_train"] / ms["eager_train"], 3),
+        "cpu_median_ms": {k: round(v, 3) for k, v in cpu_ms.items()},
+        "cpu_compiled_minus_eager_ms": {k: round(v, 3) for k, v in paired.items()},
+        "cpu_compiled_over_eager_train": round(cpu_ms["compiled_train"] / cpu_ms["eager_train"], 3),
     }
 
 

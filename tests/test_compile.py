@@ -116,22 +116,73 @@ def test_compiled_inference_matches_eager(format):
     assert not _compile._KEPT  # nothing kept without gradients
 
 
-def test_products_are_opaque_nodes():
-    """The traced graph holds one kcprnn::product per factorized product and one
-    kcprnn::recurrence per fused direction, and none of the KCP planner's small operators."""
+def _traced_targets(model: nn.Module, x: torch.Tensor) -> list[str]:
     graphs = []
 
     def backend(gm, inputs):
         graphs.append(gm)
         return gm.forward
 
-    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="kcp")
-    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 3, INPUT))
+    torch.compile(model, backend=backend, fullgraph=True)(x)
     (gm,) = graphs
-    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets.count("kcprnn.product.default") == 2  # W_ih of each direction
-    assert targets.count("kcprnn.recurrence.default") == 2
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_products_are_opaque_nodes():
+    """A fused direction over a factorized input product is one kcprnn::layer node (product and
+    recurrence together); a dense W_ih stays a graph operator before one kcprnn::recurrence; a
+    FactorizedLinear is one kcprnn::product; none of the KCP planner's small operators."""
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="kcp")
+    targets = _traced_targets(model, torch.randn(2, 3, INPUT))
+    assert targets.count("kcprnn.layer.default") == 2  # each direction
+    assert not any(t.startswith(("kcprnn.product", "kcprnn.recurrence")) for t in targets)
     assert not any("mkldnn" in t for t in targets)
+
+    dense = kcprnn.GRU(INPUT, HIDDEN, format="dense")
+    targets = _traced_targets(dense, torch.randn(3, 2, INPUT))
+    assert targets.count("kcprnn.recurrence.default") == 1
+    assert not any(t.startswith(("kcprnn.layer", "kcprnn.product")) for t in targets)
+
+    linear = kcprnn.FactorizedLinear(INPUT, OUT, format="tt")
+    assert _traced_targets(linear, torch.randn(4, INPUT)).count("kcprnn.product.default") == 1
+
+
+def test_training_graphs_copy_no_input_sized_tensor():
+    """The compiled training step (forward and backward graphs, as inductor receives them)
+    makes no tensor as large as the input: the input reaches the layer operator as a view,
+    is saved for the backward as that view, and no gradient is formed for it."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def compiler(name):
+        def compile_graph(gm, inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    model = kcprnn.LSTM(96, 8, batch_first=True, format="kcp", rank=2)
+    x = torch.randn(4, 5, 96)  # 1,920 elements, more than any state or gate tensor here
+    out, (h, c) = torch.compile(model, backend=backend, fullgraph=True)(x)
+    (out.sum() + h.sum() + c.sum()).backward()
+    assert set(graphs) == {"forward", "backward"}
+    views = {"view", "reshape", "_unsafe_view", "alias", "permute", "transpose", "t", "select"}
+    for name, gm in graphs.items():
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            if node.op != "call_function":
+                continue
+            made = val if isinstance(val, (list, tuple)) else [val]  # an operator's results
+            for t in made:
+                if isinstance(t, torch.Tensor) and t.numel() >= x.numel():
+                    op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+                    assert op in views, f"{name} graph: {node.format_node()} makes {t.shape}"
+    layer = [n for n in graphs["forward"].graph.nodes if "kcprnn.layer" in str(n.target)]
+    (node,) = layer
+    assert node.args[0].meta["val"].shape == (20, 96)  # the input rows, a view of x
 
 
 # dynamo reads .grad of the graph's intermediate tensors when it resumes after the break
@@ -232,6 +283,68 @@ def test_recurrence_operator_gradcheck_float64():
     _compile._KEPT.clear()  # gradcheck's forwards without a backward
     ref = kcprnn.rnn.fused_sequence("LSTM", gates, (h0, c0), [weight], bias, True)
     torch.testing.assert_close(fn(gates, h0, c0, weight, bias)[0], ref[0])
+
+
+@pytest.mark.parametrize(
+    ("cell_type", "batch_major", "reverse", "kept"),
+    [
+        ("LSTM", True, False, True),
+        ("LSTM", False, True, False),
+        ("GRU", True, True, True),
+        ("RNN", False, False, False),
+    ],
+)
+def test_layer_operator_gradients_float64(cell_type, batch_major, reverse, kept):
+    """``kcprnn::layer`` (input product and fused recurrence in one operator) against the same
+    layer in eager autograd (the format's product, the time-major reordering, the fused
+    sequence), in float64: outputs and the gradients of the input, the folded input bias, the
+    factors, the initial state and both recurrent weights; its backward from the kept graph
+    and, where none is kept, from a recomputation."""
+    torch.manual_seed(0)
+    cls = {"LSTM": kcprnn.LSTMCell, "GRU": kcprnn.GRUCell, "RNN": kcprnn.RNNCell}[cell_type]
+    cell = cls(6, 3, format="kcp", rank=2, hidden_format="kcp", dtype=torch.float64)
+    b, t = 2, 3
+    x = (
+        torch.randn(b, t, 6, dtype=torch.float64)
+        if batch_major
+        else torch.randn(t, b, 6, dtype=torch.float64)
+    )
+    x.requires_grad_(True)
+    sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (3,)
+    state = tuple(torch.randn(b, s, dtype=torch.float64, requires_grad=True) for s in sizes)
+    fold = cell_type != "GRU"
+    bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih
+    wrt = [x, *state, *cell.parameters()]
+    _compile._KEPT.clear()
+
+    out, final = _compile.compiled_layer(cell, x, bias, state, reverse, batch_major, fold)
+    if not kept:
+        _compile._KEPT.clear()
+    grads_out = [torch.randn_like(out), *(torch.randn_like(f) for f in final)]
+    got = torch.autograd.grad([out, *final], wrt, grads_out, allow_unused=True)
+
+    gates = cell.weight_ih(x.reshape(-1, 6), bias)  # (n, g)
+    if batch_major:
+        gates = gates.view(b, t, -1).transpose(0, 1).reshape(b * t, -1)
+    nonlinearity = getattr(cell, "nonlinearity", "tanh")
+    ref_out, ref_final = kcprnn.rnn.fused_sequence(
+        cell_type,
+        gates,
+        state,
+        [kcprnn.rnn.kron.rebuild(cell.weight_hh)],
+        None if fold else cell.bias_hh,
+        reverse,
+        None,
+        nonlinearity,
+    )
+    ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads_out, allow_unused=True)
+    torch.testing.assert_close(out, ref_out)
+    for a, r in zip(final, ref_final, strict=True):
+        torch.testing.assert_close(a, r)
+    for a, r, tensor in zip(got, ref, wrt, strict=True):
+        assert r is not None, tuple(tensor.shape)
+        torch.testing.assert_close(a, r)
+    assert not _compile._KEPT  # the kept graph was taken by its backward
 
 
 def test_dead_module_key_is_a_clear_error():

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .._compile import compiled_route
+from .._compile import compiled_layer, compiled_route, fuses_layer
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
+from .fused import input_projection
 from .layer import check_batch_sizes, run_layer, scan, torch_layer
 from .plan import ROUTES, LayerPlan, dense_weight, plan_layer
 from .steps import State
@@ -309,9 +310,18 @@ class RNNBase(nn.Module):
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
+                    if compiling and fuses_layer(cell, route):  # one opaque node
+                        state = tuple(t[idx] for t in hx)  # (b, s)
+                        first = layer == 0 and not packed and self.batch_first
+                        out, final = compiled_layer(
+                            cell, layer_input, bias, state, direction == 1, first, bool(fold)
+                        )
+                        outs.append(out)  # (n, p)
+                        finals.append(final)
+                        continue
                     if dense_inputs[direction]:
                         w_ih = dense_weight(cell.weight_ih)  # (g, i), once per call
-                        gates_x = F.linear(layer_input, w_ih, bias)  # (n, g) or 3-D
+                        gates_x = input_projection(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
                         gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
                     if layer == 0 and not packed:
