@@ -22,6 +22,7 @@ from ._options import (
     check_arguments,
     check_input_dtype,
     check_torch_module,
+    default_budget_options,
     fold_gates,
     hidden_matrix_options,
     input_matrix_options,
@@ -126,6 +127,7 @@ class RNNCellBase(nn.Module):
         }
         if proj_size:
             specs["hr"] = (hidden_format, dict(hidden_opts), hidden_size, proj_size)
+        specs = default_budget_options(specs)  # a budget for every compressed matrix with no rank
         # kept for load_dense_weights, which decomposes with the same options
         self._matrix_options = {role: spec[:2] for role, spec in specs.items()}
         factory: dict[str, Any] = {"device": device, "dtype": resolve_dtype(dtype)}
