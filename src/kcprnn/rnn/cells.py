@@ -394,6 +394,9 @@ class LSTMCell(RNNCellBase):
             ``W_ih``'s ``out_modes`` (``[4,4,4,4] -> [16,4,4,4]``) unless ``out_modes`` is given.
         hidden_options: options for ``hidden_format`` (``rank``, modes, ...).
         **options: options of ``format`` for ``W_ih`` (``in_modes``, ``out_modes``, ``rank``, ...).
+            Without a ``rank``, a compressed matrix's size comes from one budget for the cell:
+            1/32 of the compressed matrices' dense parameters, split evenly, none above 1/4 of
+            itself (:func:`kcprnn.budget.split_budget`, as in :class:`~kcprnn.LSTM`).
 
     Inputs: input, (h_0, c_0)
         - **input** of shape ``(batch, input_size)`` or ``(input_size)``.

@@ -28,7 +28,7 @@ from .walk import sequential_setup
 
 __all__ = ["KCP_INITS", "KCPMatrix"]
 
-KCP_INITS = ("variance", "orthogonal", "dense")
+KCP_INITS = ("variance", "orthogonal")
 """The initializations of :class:`KCPMatrix` (its ``init`` option)."""
 
 
@@ -57,11 +57,11 @@ class KCPMatrix(FactorizedMatrix):
         rank: the CP rank ``R_n`` of every factor, an int or a list of ``N`` ints.
         init: how :meth:`reset_parameters` draws the factors so that ``W`` has the target std
             (``nn.Linear``'s by default): ``"variance"`` (default; entries ``±σ`` with random
-            signs, ``σ`` set so the reconstruction's variance is exact), ``"orthogonal"``
+            signs, ``σ`` set so the reconstruction's variance is exact) or ``"orthogonal"``
             (every small matrix ``F[n][d][p, r]`` a random semi-orthogonal matrix, one scale
-            for all, so a single term is a Kronecker product of orthogonal matrices with a
-            flat spectrum) or ``"dense"`` (``nn.Linear``'s uniform dense matrix decomposed by
-            :func:`kcp_from_dense`, then scaled to the target std; costs an SVD and CP-ALS).
+            for all, so a single term is a Kronecker product of orthogonal matrices: a flat
+            spectrum, where ``±σ`` factors of size 2 x 2 are singular half of the time and
+            leave a low-rank ``W`` at small ranks).
         algorithm: ``"auto"`` (default, cost model :func:`~.plan.kcp_plan`), ``"sequential"``,
             ``"parallel"`` or ``"dense"`` (reconstruct ``W``, then ``F.linear``).
         device, dtype: factory arguments, as in ``torch.nn``.
@@ -317,8 +317,6 @@ class KCPMatrix(FactorizedMatrix):
         with torch.no_grad():
             if self.init == "orthogonal":
                 self._orthogonal_init(std)
-            elif self.init == "dense":
-                self._dense_init(std)
             else:
                 self._variance_init(std)
 
@@ -353,22 +351,6 @@ class KCPMatrix(FactorizedMatrix):
         for factor in self._factor_list():
             for p in factor:
                 p.copy_(_semi_orthogonal(p) * scale)
-
-    def _dense_init(self, std: float) -> None:
-        first = self._factor_list()[0][0]
-        bound = math.sqrt(3.0) * std
-        weight = torch.empty(
-            self.out_features, self.in_features, device=first.device, dtype=first.dtype
-        ).uniform_(-bound, bound)
-        factors = kcp_from_dense(weight, self.in_splits, self.out_splits, self.ranks, self.terms)
-        norm = kcp_to_dense(factors).norm()
-        target = std * math.sqrt(self.in_features * self.out_features)
-        # every entry times t scales W by t^(D N)
-        exponent = len(self.in_splits) * self.num_factors
-        t = (target / float(norm)) ** (1.0 / exponent) if float(norm) > 0 else 1.0
-        for mine, new in zip(self._factor_list(), factors, strict=True):
-            for p, u in zip(mine, new, strict=True):
-                p.copy_(u * t)
 
     def format_repr_items(self) -> list[str]:
         return [
