@@ -334,15 +334,17 @@ def test_auto_routes_by_regime():
     speech = kcprnn.LSTM(40, 512, bidirectional=True, format="dense")
     cells = [speech.cell(0, d) for d in range(2)]
     assert plan.choose_route("auto", cells, 4800, 300, True, True) == "torch"
-    kcp = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp")
+    # the formats' small constructor ranks (KCP 1, TT 4), not the default budget's
+    small = {"rank": 1, "hidden_options": {"rank": 1}}
+    kcp = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp", **small)
     cells = [kcp.cell(0, d) for d in range(2)]
     assert plan.choose_route("auto", cells, 4800, 300, True, True) == "structured"
     # sequences of different lengths: the fused loops cannot run them
     assert plan.choose_route("auto", cells, 4000, 300, False, True) == "torch"
     assert plan.choose_route("structured", cells, 4000, 300, False, True) == "torch"
-    tt = kcprnn.LSTM(40, 512, format="tt", hidden_format="tt")
+    tt = kcprnn.LSTM(40, 512, format="tt", hidden_format="tt", rank=4, hidden_options={"rank": 4})
     assert plan.choose_route("structured", [tt.cell(0)], 4800, 300, True, True) == "dense"
-    video = kcprnn.LSTM(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18])
+    video = kcprnn.LSTM(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18], rank=1)
     route = plan.choose_route("auto", [video.cell(0)], 96, 6, True, True)
     assert route in ("dense", "structured")  # never rebuilds the 57,600-wide input matrix
 
