@@ -378,11 +378,16 @@ def _solve(found: list[Configuration], target: float) -> Configuration:
 
 
 def split_budget(
-    sizes: Sequence[int], budget: float = DEFAULT_BUDGET, cap: float = DEFAULT_CAP
+    sizes: Sequence[int],
+    budget: float = DEFAULT_BUDGET,
+    cap: float = DEFAULT_CAP,
+    *,
+    base: int | None = None,
 ) -> list[float]:
-    """Shares of their own dense sizes for matrices stored together in ``budget`` of their
-    summed dense sizes: the total ``budget * sum(sizes)`` is split evenly in parameters, no
-    matrix above ``cap`` of its own size, the remainder split evenly among the others.
+    """Shares of their own dense sizes for matrices stored together in ``budget`` of ``base``
+    parameters (default: their summed dense sizes): the total ``budget * base`` is split evenly
+    in parameters, no matrix above ``cap`` of its own size, the remainder split evenly among the
+    others (what no matrix can take under its cap is left unused).
 
     A narrow input matrix (an LSTM's ``1024 x 13`` next to its ``1024 x 256`` hidden one) gets
     ``cap`` of itself and the hidden one the rest; matrices of equal size get ``budget`` each.
@@ -397,7 +402,11 @@ def split_budget(
     cap = validate_budget(cap)
     if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in sizes):
         raise ValueError(f"sizes must be positive ints, got {list(sizes)!r}")
-    left = budget * sum(sizes)
+    if base is None:
+        base = sum(sizes)
+    elif isinstance(base, bool) or not isinstance(base, int) or base <= 0:
+        raise ValueError(f"base must be a positive int, got base={base!r}")
+    left = budget * base
     shares: dict[int, float] = {}
     open_ = sorted(range(len(sizes)), key=lambda k: sizes[k])  # smallest caps first
     while open_:

@@ -34,6 +34,13 @@ def test_split_budget_hand_computed():
     )
 
 
+def test_split_budget_of_a_given_base():
+    # 1/32 of 524,288 = 16,384: 8,192 each, whatever the sizes above it
+    assert split_budget([59_000_000, HH], base=2 * HH) == [8192 / 59_000_000, 8192 / HH]
+    with pytest.raises(ValueError, match="base must be a positive int"):
+        split_budget([10, 20], base=0)
+
+
 @pytest.mark.parametrize("bad", [[], [0, 5], [3.5], [True]])
 def test_split_budget_rejects_bad_sizes(bad):
     with pytest.raises(ValueError, match="sizes must be positive ints"):
@@ -82,6 +89,23 @@ def test_explicit_options_win_and_keep_the_other_share():
     # fixed options other than rank are kept; only the rank is solved
     cell = kcprnn.LSTMCell(13, 256, format="kcp", hidden_format="kcp", hidden_options={"terms": 3})
     assert cell.weight_hh.terms == 3 and cell.weight_hh.num_params <= 5280
+
+
+def test_a_wide_input_counts_as_wide_as_the_hidden_matrix():
+    # 57,600 inputs: each matrix counts at most W_hh's 262,144 toward the total, so the pair
+    # stores 16,384 parameters, 8,192 each
+    cell = kcprnn.LSTMCell(57_600, 256, format="tt", hidden_format="tt")
+    wide = 1024 * 57_600
+    ih = make_matrix("tt", 57_600, 1024, rank=8192 / wide)
+    hh = make_matrix("tt", 256, 1024, rank=8192 / HH)
+    assert cell.weight_ih.num_params == ih.num_params <= 8192
+    assert cell.weight_hh.num_params == hh.num_params <= 8192
+    # with a dense W_hh, W_ih alone gets 1/32 of W_hh's size
+    cell = kcprnn.LSTMCell(57_600, 256, format="kcp")
+    assert cell.weight_ih.num_params <= HH / 32
+    assert (
+        cell.weight_ih.num_params == make_matrix("kcp", 57_600, 1024, rank=8192 / wide).num_params
+    )
 
 
 def test_dense_matrices_are_outside_the_budget():

@@ -101,20 +101,25 @@ def default_budget_options(specs: dict[str, MatrixSpec]) -> dict[str, MatrixSpec
     whose options give no ``rank`` solved for its share of one budget (:mod:`kcprnn.budget`).
 
     The rule: the compressed matrices together store :data:`~kcprnn.budget.DEFAULT_BUDGET`
-    (1/32) of their dense parameters, split evenly between them in parameters, no matrix above
-    :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the remainder to the others
-    (:func:`~kcprnn.budget.split_budget`). For an LSTM with 13 inputs and 256 hidden units in
-    one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and ``W_hh`` (``1024 x 256``) the
-    rest, about 1/50: 32x smaller in all. The shares are counted over every compressed matrix,
-    so a matrix given its own ``rank`` keeps it and the others keep the share they would get
-    without it. Each share is solved into the format's options as a float ``rank`` would be
-    (the largest configuration not above it; the smallest one where none fits).
+    (1/32) of their dense parameters, each counted at most at ``W_hh``'s dense size (an input
+    wider than the hidden state does not raise the budget), split evenly between them in
+    parameters, no matrix above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the
+    remainder to the others (:func:`~kcprnn.budget.split_budget`). For an LSTM with 13 inputs
+    and 256 hidden units in one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and
+    ``W_hh`` (``1024 x 256``) the rest, about 1/50: 32x smaller in all. With 57,600 inputs
+    each matrix gets 8,192 parameters (1/32 of ``W_hh``, 1/7,200 of ``W_ih``). The shares are
+    counted over every compressed matrix, so a matrix given its own ``rank`` keeps it and the
+    others keep the share they would get without it. Each share is solved into the format's
+    options as a float ``rank`` would be (the largest configuration not above it; the smallest
+    one where none fits).
     """
     compressed = [role for role, spec in specs.items() if spec[0] in SOLVED_FORMATS]
     if not compressed:
         return specs
     sizes = [specs[role][2] * specs[role][3] for role in compressed]
-    shares = split_budget(sizes, DEFAULT_BUDGET, DEFAULT_CAP)
+    hidden = specs["hh"][2] * specs["hh"][3]
+    base = sum(min(n, hidden) for n in sizes)
+    shares = split_budget(sizes, DEFAULT_BUDGET, DEFAULT_CAP, base=base)
     out = dict(specs)
     for role, share in zip(compressed, shares, strict=True):
         fmt, opts, n_in, n_out = specs[role]
