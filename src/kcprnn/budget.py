@@ -373,7 +373,7 @@ def _solve(found: list[Configuration], target: float) -> Configuration:
     if not fits:
         return found[0]
     best = max(c.num_params for c in fits)
-    # ties: the earliest in the sorted list (the interleaved KCP layout)
+    # ties: the earliest in the sorted list (among KCP fallbacks, the interleaved layout)
     return next(c for c in fits if c.num_params == best)
 
 
