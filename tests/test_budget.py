@@ -26,11 +26,22 @@ def test_hand_computed_tt_and_kcp():
     # (7, 7, 6): 224 + 1,568 + 672 + 96 = 2,560 fits; (7, 7, 7) = 2,688 does not
     w = make_matrix("tt", 256, 1024, rank=0.01)
     assert w.ranks == (1, 7, 7, 6, 1) and w.num_params == 2560
-    # KCP, interleaved split in ((2,2) x 4) out ((4,2),(4,2),(2,2),(2,2)):
-    # S = (8 + 8 + 4 + 4) + (4 + 4 + 4 + 4) = 40 per unit of P R; floor(2,621.44 / 40) = 65
+    # KCP, blocked split in ((4,1),(4,1),(1,4),(1,4)) out ((4,2),(8,1),(4,1),(4,1)):
+    # S = (16 + 32 + 4 + 4) + (2 + 1 + 4 + 4) = 67 per unit of P R; floor(2,621.44 / 67) = 39
     w = make_matrix("kcp", 256, 1024, rank=0.01)
-    assert (w.terms, w.ranks, w.num_params) == (1, (65, 65), 2600)
-    assert w.in_splits == ((2, 2),) * 4 and w.out_splits == ((4, 2), (4, 2), (2, 2), (2, 2))
+    assert (w.terms, w.ranks, w.num_params) == (1, (39, 39), 2613)
+    assert w.in_splits == ((4, 1), (4, 1), (1, 4), (1, 4))
+    assert w.out_splits == ((4, 2), (8, 1), (4, 1), (4, 1))
+    # the interleaved split ((2,2) x 4), ((4,2),(4,2),(2,2),(2,2)): S = 24 + 16 = 40 -> 65
+    interleaved = candidates("kcp", 256, 1024, 0.01)
+    assert (
+        max(
+            c.num_params
+            for c in interleaved
+            if c.label == "interleaved" and c.num_params <= 2621.44
+        )
+        == 2600
+    )
     # CP: R * (32 + 32 + 16 + 16) = 96 R -> R = 27 (2,592)
     assert make_matrix("cp", 256, 1024, rank=0.01).num_params == 2592
 
@@ -70,7 +81,7 @@ def test_random_shapes_and_budgets(fmt):
 
 def test_fixed_options_are_kept():
     w = make_matrix("kcp", 256, 1024, rank=0.01, terms=5)
-    assert w.terms == 5 and w.ranks == (13, 13) and w.num_params == 2600  # 5 * 13 * 40
+    assert w.terms == 5 and w.ranks == (7, 7) and w.num_params == 2345  # 5 * 7 * 67 (blocked)
     w = make_matrix("bt", 256, 1024, rank=0.01, blocks=2)
     assert w.blocks == 2 and w.num_params <= 2621.44
     w = make_matrix("tt", 256, 1024, rank=0.01, in_modes=[16, 16], out_modes=[32, 32])

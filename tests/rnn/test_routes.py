@@ -334,15 +334,17 @@ def test_auto_routes_by_regime():
     speech = kcprnn.LSTM(40, 512, bidirectional=True, format="dense")
     cells = [speech.cell(0, d) for d in range(2)]
     assert plan.choose_route("auto", cells, 4800, 300, True, True) == "torch"
-    kcp = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp")
+    # the formats' small constructor ranks (KCP 1, TT 4), not the default budget's
+    small = {"rank": 1, "hidden_options": {"rank": 1}}
+    kcp = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp", **small)
     cells = [kcp.cell(0, d) for d in range(2)]
     assert plan.choose_route("auto", cells, 4800, 300, True, True) == "structured"
     # sequences of different lengths: the fused loops cannot run them
     assert plan.choose_route("auto", cells, 4000, 300, False, True) == "torch"
     assert plan.choose_route("structured", cells, 4000, 300, False, True) == "torch"
-    tt = kcprnn.LSTM(40, 512, format="tt", hidden_format="tt")
+    tt = kcprnn.LSTM(40, 512, format="tt", hidden_format="tt", rank=4, hidden_options={"rank": 4})
     assert plan.choose_route("structured", [tt.cell(0)], 4800, 300, True, True) == "dense"
-    video = kcprnn.LSTM(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18])
+    video = kcprnn.LSTM(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18], rank=1)
     route = plan.choose_route("auto", [video.cell(0)], 96, 6, True, True)
     assert route in ("dense", "structured")  # never rebuilds the 57,600-wide input matrix
 
@@ -382,8 +384,11 @@ def test_cell_dense_step_matches_structured_and_follows_updates(cls, monkeypatch
 
 def test_cell_routes_by_size():
     dense = kcprnn.LSTMCell(40, 512, format="dense")
-    speech = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp")
-    video = kcprnn.LSTMCell(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18])
+    # rank 1 (no default budget): the smallest KCP matrices
+    speech = kcprnn.LSTMCell(
+        40, 512, format="kcp", hidden_format="kcp", rank=1, hidden_options={"rank": 1}
+    )
+    video = kcprnn.LSTMCell(57_600, 256, format="kcp", in_modes=[8, 20, 20, 18], rank=1)
     with torch.no_grad():
         assert dense._use_dense(1)  # torch's fused cell on the parameters themselves
         assert not speech._use_dense(1)  # one row: reading a dense W costs more than the factors
@@ -411,12 +416,13 @@ def test_rebuild_matches_to_dense_with_gradients(fmt, options):
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("fmt", ["tt", "kcp", "ht"])
-def test_wide_inputs_keep_the_structured_input_product(fmt):
+@pytest.mark.parametrize(("fmt", "rank"), [("tt", 4), ("kcp", 1), ("ht", 4)])
+def test_wide_inputs_keep_the_structured_input_product(fmt, rank):
     # At the video size (57,600 inputs) every format's factor GEMMs have long rows: rebuilding
-    # W_ih dense (1024 x 57,600) per call would cost far more than the product itself.
+    # W_ih dense (1024 x 57,600) per call would cost far more than the product itself (at the
+    # formats' small constructor ranks; the default budget's are far larger).
     torch.manual_seed(0)
-    cell = kcprnn.LSTMCell(57600, 64, format=fmt)
+    cell = kcprnn.LSTMCell(57600, 64, format=fmt, rank=rank)
     assert not plan.input_is_dense(cell, rows=96, training=True)
     assert not plan.input_is_dense(cell, rows=96, training=False)
 
@@ -425,5 +431,5 @@ def test_narrow_inputs_rebuild_a_kcp_input_matrix():
     # At 40 inputs KCP's factor GEMMs have inner dimensions of a few elements; one dense
     # product over 4,800 rows is cheaper than the structured one.
     torch.manual_seed(0)
-    cell = kcprnn.LSTMCell(40, 512, format="kcp")
+    cell = kcprnn.LSTMCell(40, 512, format="kcp", rank=1)
     assert plan.input_is_dense(cell, rows=300 * 16, training=True)

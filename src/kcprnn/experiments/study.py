@@ -3,7 +3,8 @@ then a table, a Pareto plot and a paired comparison.
 
 Every run is one :func:`~kcprnn.experiments.train.train` of the preset with the run's format for
 both recurrent matrices (``format`` and ``hidden_format``), its budget as the float ``rank`` of
-both (:mod:`kcprnn.budget`; the budget ``default`` passes no rank: the format's defaults; a
+both (:mod:`kcprnn.budget`; the budget ``default`` passes no rank: the recurrent modules'
+default, one budget for the pair, :func:`kcprnn.budget.split_budget`; a
 pair ``IH:HH`` gives ``W_ih`` and ``W_hh`` budgets of their own, ``0.25:0.02``), its seed,
 one thread, and its own folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own
 ``format_options`` and ``hidden_options`` are dropped (they belong to the preset's format); its
@@ -62,7 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
-"""The budget that passes no rank: every format at its own defaults."""
+"""The budget that passes no rank: every format at the recurrent modules' default (1/32 of the
+dense recurrent parameters for the pair, :func:`kcprnn.budget.split_budget`)."""
 
 Budget = float | str | tuple[float, float]
 """A share of each matrix's dense parameters, :data:`DEFAULT`, or ``(W_ih share, W_hh share)``."""
@@ -521,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budgets",
         default=DEFAULT,
         help="comma-separated shares of the dense parameters in (0, 1] (0.02 or 1/50), or "
-        "'default' (each format's defaults)",
+        "'default' (the modules' default: 1/32 of the pair)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs (1 thread each)")

@@ -38,6 +38,14 @@ ARGS_DOC = r"""
     bidirectional; not with ``proj_size``), or the format's balanced default when
     ``hidden_modes`` is not given. An explicit ``out_modes`` (the full ``G*hidden_size`` gate
     output, flat or nested) is passed through to every layer.
+
+    Default sizes: a matrix in a compressed format whose options give no ``rank`` is sized by
+    one parameter budget per cell. The cell's compressed matrices (``W_ih``, ``W_hh``, ``W_hr``;
+    dense ones are outside it) together store 1/32 of their dense parameters, split evenly, none
+    above 1/4 of itself, the remainder to the others: ``LSTM(13, 256, format=F,
+    hidden_format=F)`` gives ``W_ih`` 1/4 of itself and ``W_hh`` the rest, 32x smaller in all.
+    Each share is solved into the format's options as a float ``rank`` is
+    (:mod:`kcprnn.budget`; KCP in its blocked layout). An explicit ``rank`` wins.
 """
 
 IO_DOC = r"""

@@ -5,6 +5,9 @@ An LSTM's input-to-hidden matrix ``W_ih`` stacks the ``G = 4`` gates ``(i, f, g,
 (``G = 3`` for a GRU, 1 for an Elman RNN), so its output size is ``G * hidden_size``. Given the
 modes ``J_1 ⋯ J_D`` of ``hidden_size``, the gates are folded into the first output mode,
 ``J_1 <- G * J_1``, so that the tensorized ``W_ih`` keeps one mode per hidden mode.
+
+A matrix in a compressed format whose options give no ``rank`` gets a parameter budget by the
+rule of :func:`default_budget_options`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..budget import DEFAULT_BUDGET, DEFAULT_CAP, SOLVED_FORMATS, budget_options, split_budget
 from ..formats import FORMATS
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "check_input_dtype",
     "check_modes",
     "check_torch_module",
+    "default_budget_options",
     "fold_gates",
     "hidden_matrix_options",
     "input_matrix_options",
@@ -83,6 +88,46 @@ def hidden_matrix_options(
             opts.setdefault("in_modes", list(hidden_modes))
             opts.setdefault("out_modes", fold_gates(hidden_modes, num_gates))
     return opts
+
+
+MatrixSpec = tuple[str, dict[str, Any], int, int]
+"""A cell's matrix: ``(format, options, in_features, out_features)``."""
+
+
+def default_budget_options(specs: dict[str, MatrixSpec]) -> dict[str, MatrixSpec]:
+    """The default size of a cell's compressed matrices: ``specs`` (by role, ``"ih"``,
+    ``"hh"``, ``"hr"``) with every matrix in a compressed format the budget solver knows
+    (:data:`~kcprnn.budget.SOLVED_FORMATS`: not ``"dense"`` nor a format registered elsewhere)
+    whose options give no ``rank`` solved for its share of one budget (:mod:`kcprnn.budget`).
+
+    The rule: the compressed matrices together store :data:`~kcprnn.budget.DEFAULT_BUDGET`
+    (1/32) of their dense parameters, each counted at most at ``W_hh``'s dense size (an input
+    wider than the hidden state does not raise the budget), split evenly between them in
+    parameters, no matrix above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the
+    remainder to the others (:func:`~kcprnn.budget.split_budget`). For an LSTM with 13 inputs
+    and 256 hidden units in one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and
+    ``W_hh`` (``1024 x 256``) the rest, about 1/50: 32x smaller in all. With 57,600 inputs
+    each matrix gets 8,192 parameters (1/32 of ``W_hh``, 1/7,200 of ``W_ih``). The shares are
+    counted over every compressed matrix, so a matrix given its own ``rank`` keeps it and the
+    others keep the share they would get without it. Each share is solved into the format's
+    options as a float ``rank`` would be (the largest configuration not above it; the smallest
+    one where none fits).
+    """
+    compressed = [role for role, spec in specs.items() if spec[0] in SOLVED_FORMATS]
+    if not compressed:
+        return specs
+    sizes = [specs[role][2] * specs[role][3] for role in compressed]
+    hidden = specs["hh"][2] * specs["hh"][3]
+    base = sum(min(n, hidden) for n in sizes)
+    shares = split_budget(sizes, DEFAULT_BUDGET, DEFAULT_CAP, base=base)
+    out = dict(specs)
+    for role, share in zip(compressed, shares, strict=True):
+        fmt, opts, n_in, n_out = specs[role]
+        if opts.get("rank") is not None:
+            continue
+        solved = budget_options(fmt, n_in, n_out, {**opts, "rank": share}, warn=False)
+        out[role] = (fmt, solved, n_in, n_out)
+    return out
 
 
 # --- checks ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ._options import (
     check_arguments,
     check_input_dtype,
     check_torch_module,
+    default_budget_options,
     fold_gates,
     hidden_matrix_options,
     input_matrix_options,
@@ -125,6 +126,7 @@ class RNNCellBase(nn.Module):
         }
         if proj_size:
             specs["hr"] = (hidden_format, dict(hidden_opts), hidden_size, proj_size)
+        specs = default_budget_options(specs)  # a budget for every compressed matrix with no rank
         # kept for load_dense_weights, which decomposes with the same options
         self._matrix_options = {role: spec[:2] for role, spec in specs.items()}
         factory: dict[str, Any] = {"device": device, "dtype": resolve_dtype(dtype)}
@@ -405,6 +407,9 @@ class LSTMCell(RNNCellBase):
             ``W_ih``'s ``out_modes`` (``[4,4,4,4] -> [16,4,4,4]``) unless ``out_modes`` is given.
         hidden_options: options for ``hidden_format`` (``rank``, modes, ...).
         **options: options of ``format`` for ``W_ih`` (``in_modes``, ``out_modes``, ``rank``, ...).
+            Without a ``rank``, a compressed matrix's size comes from one budget for the cell:
+            1/32 of the compressed matrices' dense parameters, split evenly, none above 1/4 of
+            itself (:func:`kcprnn.budget.split_budget`, as in :class:`~kcprnn.LSTM`).
 
     Inputs: input, (h_0, c_0)
         - **input** of shape ``(batch, input_size)`` or ``(input_size)``.

@@ -26,7 +26,10 @@ from .plan import kcp_plan, kcp_plan_macs
 from .sequential import kcp_linear_sequential, kcp_sequential_prepare, sequential_run, walk_matrices
 from .walk import sequential_setup
 
-__all__ = ["KCPMatrix"]
+__all__ = ["KCP_INITS", "KCPMatrix"]
+
+KCP_INITS = ("variance", "orthogonal")
+"""The initializations of :class:`KCPMatrix` (its ``init`` option)."""
 
 
 @register("kcp")
@@ -52,6 +55,13 @@ class KCPMatrix(FactorizedMatrix):
         num_factors: ``N`` (default 2); implied by nested mode lists.
         terms: ``P``, the number of Kronecker (KT) terms.
         rank: the CP rank ``R_n`` of every factor, an int or a list of ``N`` ints.
+        init: how :meth:`reset_parameters` draws the factors so that ``W`` has the target std
+            (``nn.Linear``'s by default): ``"variance"`` (default; entries ``±σ`` with random
+            signs, ``σ`` set so the reconstruction's variance is exact) or ``"orthogonal"``
+            (every small matrix ``F[n][d][p, r]`` a random semi-orthogonal matrix, one scale
+            for all, so a single term is a Kronecker product of orthogonal matrices: a flat
+            spectrum, where ``±σ`` factors of size 2 x 2 are singular half of the time and
+            leave a low-rank ``W`` at small ranks).
         algorithm: ``"auto"`` (default, cost model :func:`~.plan.kcp_plan`), ``"sequential"``,
             ``"parallel"`` or ``"dense"`` (reconstruct ``W``, then ``F.linear``).
         device, dtype: factory arguments, as in ``torch.nn``.
@@ -89,6 +99,7 @@ class KCPMatrix(FactorizedMatrix):
         num_factors: int | None = None,
         terms: int = 1,
         rank: int | Sequence[int] = 1,
+        init: str = "variance",
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -112,6 +123,9 @@ class KCPMatrix(FactorizedMatrix):
             cost_model=cost_model,
         )
         self.terms = validate_positive_int(terms, "terms")
+        if init not in KCP_INITS:
+            raise ValueError(f"unknown KCP init {init!r}; choose one of {list(KCP_INITS)}")
+        self.init = init
         self.num_factors = num_n
         self.ranks = validate_kcp_ranks(rank, num_n)
         self.in_splits: Splits = tuple(
@@ -295,21 +309,48 @@ class KCPMatrix(FactorizedMatrix):
         return out
 
     def reset_parameters(self, std: float | None = None) -> None:
+        """Draw the factors so that ``W``'s entries have standard deviation ``std`` (default
+        :meth:`default_std`), the way :attr:`init` names."""
+        std = self.default_std() if std is None else std
+        if not std > 0:
+            raise ValueError(f"std must be positive, got std={std}")
+        with torch.no_grad():
+            if self.init == "orthogonal":
+                self._orthogonal_init(std)
+            else:
+                self._variance_init(std)
+
+    def _variance_init(self, std: float) -> None:
         # Var(W[j, i]) = P * prod_n R_n * sigma^(2 D N) for i.i.d. zero-mean entries of variance
         # sigma^2. Entries are +-sigma with random signs: a product of D*N of them has
         # the fixed magnitude sigma^(D N), so the second moment of the reconstruction is exact for
         # P * prod R_n = 1 and a sum of few equal-magnitude terms otherwise (products of normals
         # would be heavy-tailed and make the realized std of W erratic).
-        std = self.default_std() if std is None else std
-        if not std > 0:
-            raise ValueError(f"std must be positive, got std={std}")
         count = self.terms * math.prod(self.ranks)
         exponent = len(self.in_splits) * self.num_factors
         sigma = (std**2 / count) ** (1.0 / (2 * exponent))
-        with torch.no_grad():
-            for factor in self._factor_list():
-                for p in factor:
-                    p.copy_(torch.randint_like(p, 2) * (2 * sigma) - sigma)
+        for factor in self._factor_list():
+            for p in factor:
+                p.copy_(torch.randint_like(p, 2) * (2 * sigma) - sigma)
+
+    def _orthogonal_init(self, std: float) -> None:
+        # Every small matrix (J, I) is Haar semi-orthogonal: min(J, I) singular values of 1, a
+        # squared Frobenius norm of min(J, I). A term's Kronecker product of them has
+        # prod min(J, I) unit singular values; independent terms with random signs add their
+        # squared norms in expectation, so one scale c per small matrix gives
+        # E ||W||_F^2 = P prod_n R_n c^(2 D N) prod_{n,d} min(J, I) = std^2 * out * in.
+        mass = math.prod(
+            min(i, j)
+            for i_s, j_s in zip(self.in_splits, self.out_splits, strict=True)
+            for i, j in zip(i_s, j_s, strict=True)
+        )
+        count = self.terms * math.prod(self.ranks)
+        exponent = len(self.in_splits) * self.num_factors
+        target = std**2 * self.in_features * self.out_features
+        scale = (target / (count * mass)) ** (1.0 / (2 * exponent))
+        for factor in self._factor_list():
+            for p in factor:
+                p.copy_(_semi_orthogonal(p) * scale)
 
     def format_repr_items(self) -> list[str]:
         return [
@@ -318,4 +359,16 @@ class KCPMatrix(FactorizedMatrix):
             f"ranks={list(self.ranks)}",
             f"terms={self.terms}",
             f"num_factors={self.num_factors}",
+            *([f"init={self.init!r}"] if self.init != "variance" else []),
         ]
+
+
+def _semi_orthogonal(like: Tensor) -> Tensor:
+    """Random matrices of ``like``'s shape ``(..., J, I)``, each Haar-distributed with
+    orthonormal columns (``J >= I``) or rows (``J < I``): the sign-corrected QR of a Gaussian."""
+    j, i = like.shape[-2:]
+    g = torch.randn(like.shape, device=like.device, dtype=like.dtype)
+    tall = g if j >= i else g.transpose(-2, -1)  # (..., max, min)
+    q, r = torch.linalg.qr(tall)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q if j >= i else q.transpose(-2, -1)
