@@ -256,7 +256,9 @@ def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
 
 def test_cell_step_choice_follows_cost_model_and_dtype(monkeypatch):
     torch.manual_seed(0)
-    cell = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp")
+    # rank 1 (not the default budget): the factors beat reading a dense W at one row
+    small = {"rank": 1, "hidden_options": {"rank": 1}}
+    cell = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp", **small)
     calls = []
     real = kcprnn.rnn.cells.cell_uses_dense
 
