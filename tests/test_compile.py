@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import kcprnn
-from kcprnn import _compile
+from kcprnn import _compile, _compile_layer
 
 # inductor's first use imports modules that call torch.jit.script_method
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
@@ -317,7 +317,7 @@ def test_layer_operator_gradients_float64(cell_type, batch_major, reverse, kept)
     wrt = [x, *state, *cell.parameters()]
     _compile._KEPT.clear()
 
-    out, final = _compile.compiled_layer(cell, x, bias, state, reverse, batch_major, fold)
+    out, final = _compile_layer.compiled_layer(cell, x, bias, state, reverse, batch_major, fold)
     if not kept:
         _compile._KEPT.clear()
     grads_out = [torch.randn_like(out), *(torch.randn_like(f) for f in final)]
