@@ -72,6 +72,7 @@ def _run(model, seed, acc, fmt=None, params=3360, compression=17554.3):
         "ih_params": params,
         "compression": compression,
         "seconds_per_epoch": 1.0 + seed,
+        "train_acc": 0.3 if model == "dense" else 0.9,
         "num_classes": 11,
     }
 
@@ -94,6 +95,7 @@ def test_summarize_takes_mean_and_sample_std_over_seeds():
     assert rows["tt"]["test_acc_mean"] == pytest.approx(0.55)
     assert rows["tt"]["test_acc_std"] == pytest.approx(statistics.stdev([0.6, 0.5]))
     assert rows["tt"]["seconds_per_epoch"] == pytest.approx(1.5)
+    assert rows["dense"]["train_acc_mean"] == pytest.approx(0.3)
     assert rows["kcp"]["seeds"] == [0, 1] and rows["kcp"]["ih_params"] == 3354
     assert rows["kcp-r1"]["group"] == "extreme" and rows["tt"]["group"] == "matched"
     one = demo.summarize(RUNS[:1])
@@ -109,9 +111,10 @@ def test_reading_names_the_best_the_close_ones_and_the_extreme_gap():
     # extreme: 25.0 %, 30.0 points below tt, 3360 / 78 = 43x fewer parameters
     assert "25.0 ± 7.1 %, 30.0 points below tt with 43x fewer parameters" in text
     assert "above 1 of the 3 compressed models" in text  # dense 35 % beats only kcp-r1
+    assert "far from fitting the training clips (30 % training accuracy" in text
     assert "Chance is 9.1 %" in text and "Over 2 seeds" in text
     table = demo.format_table(rows)
-    assert "| tt | tt, ranks 1,4,4,4,1 | 3,360 | 17,554x | 1.5 | 55.0 ± 7.1 | 2 |" in table
+    assert "| tt | tt, ranks 1,4,4,4,1 | 3,360 | 17,554x | 1.5 | 90.0 | 55.0 ± 7.1 | 2 |" in table
 
 
 def test_write_demo_report_files(tmp_path):
