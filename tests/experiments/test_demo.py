@@ -108,6 +108,7 @@ def test_reading_names_the_best_the_close_ones_and_the_extreme_gap():
     # tt 55.0 +- 7.1 is best; kcp at 53.0 is within tt's spread
     assert "tt scores highest, 55.0 ± 7.1 %" in text
     assert "kcp is within one standard deviation" in text
+    assert "KCP at that budget: kcp (interleaved, P=1, R=43) 53.0 ± 1.4 %." in text
     # extreme: 25.0 %, 30.0 points below tt, 3360 / 78 = 43x fewer parameters
     assert "25.0 ± 7.1 %, 30.0 points below tt with 43x fewer parameters" in text
     assert "above 1 of the 3 compressed models" in text  # dense 35 % beats only kcp-r1

@@ -276,7 +276,8 @@ def reading(rows: list[dict[str, Any]], chance: float) -> str:
         kcps = [r for r in matched if r["format"] == "kcp"]
         if kcps:
             forms = ", ".join(
-                f"{r['description']} {_pct(r['test_acc_mean'], r['test_acc_std'])} %" for r in kcps
+                f"{r['model']} ({r['description']}) {_pct(r['test_acc_mean'], r['test_acc_std'])} %"
+                for r in kcps
             )
             parts.append(f"KCP at that budget: {forms}.")
         for r in rows:
