@@ -114,6 +114,8 @@ def test_reading_names_the_best_the_close_ones_and_the_extreme_gap():
     assert "above 1 of the 3 compressed models" in text  # dense 35 % beats only kcp-r1
     assert "far from fitting the training clips (30 % training accuracy" in text
     assert "Chance is 9.1 %" in text and "Over 2 seeds" in text
+    no_extreme = demo.reading(demo.summarize(RUNS[:6]), 1 / 11)
+    assert "below all 2 compressed models" in no_extreme and "extreme" not in no_extreme
     table = demo.format_table(rows)
     assert "| tt | tt, ranks 1,4,4,4,1 | 3,360 | 17,554x | 1.5 | 90.0 | 55.0 ± 7.1 | 2 |" in table
 

@@ -87,7 +87,7 @@ class DemoModel:
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
-    "dense": DemoModel("dense", {}, "dense", "dense"),
+    "dense": DemoModel("dense", {}, "the full matrix", "dense"),
     "kcp": DemoModel("kcp", {**KCP_INTERLEAVED, "rank": 43}, "interleaved, P=1, R=43", "matched"),
     "kcp-blocked": DemoModel("kcp", {**KCP_BLOCKED, "rank": 17}, "blocked, P=1, R=17", "matched"),
     "kcp-p2": DemoModel(
@@ -304,8 +304,13 @@ def reading(rows: list[dict[str, Any]], chance: float) -> str:
         )
         parts.append(
             f"The dense LSTM ({d['ih_params']:,} input-to-hidden parameters) scores "
-            f"{_pct(d['test_acc_mean'], d['test_acc_std'])} %, above {above} of the "
-            f"{len(compressed)} compressed models; {fits}."
+            f"{_pct(d['test_acc_mean'], d['test_acc_std'])} %, "
+            + (
+                f"below all {len(compressed)} compressed models"
+                if above == 0
+                else f"above {above} of the {len(compressed)} compressed models"
+            )
+            + f"; {fits}."
         )
     parts.append(
         f"Chance is {100 * chance:.1f} %. "
