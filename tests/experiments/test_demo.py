@@ -177,5 +177,7 @@ def test_tiny_demo_end_to_end_and_resumes(tmp_path, source_images, cache, capsys
     (cfg,) = demo.demo_configs(out, ["tt"], seeds=[1], epochs=1, clips_per_class=2)
     assert demo.finished_run(cfg) is not None
     assert demo.finished_run(dataclasses.replace(cfg, threads=1, cache_dir="x")) is not None
+    absolute = dataclasses.replace(cfg, out_dir=str(cfg.run_dir.resolve()))
+    assert demo.finished_run(absolute) is not None
     assert demo.finished_run(dataclasses.replace(cfg, epochs=2)) is None
     assert demo.finished_run(dataclasses.replace(cfg, lr=1e-2)) is None

@@ -23,8 +23,8 @@ at 1e-4 it stays at chance, at 2e-6 it learns more slowly than at 1e-5. A seed d
 stand-in, the split, the initialization and the batch order.
 
 A run whose folder already holds a ``summary.json`` written under the same config (up to the
-thread count, the progress bar and the cache folder) is reused, so an interrupted demo resumes
-where it stopped. ``--help`` lists the knobs.
+thread count, the progress bar, the cache folder and the spelling of its path) is reused, so an
+interrupted demo resumes where it stopped. ``--help`` lists the knobs.
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ def demo_configs(
     ]
 
 
-REUSE_IGNORES = ("threads", "progress", "cache_dir")
+REUSE_IGNORES = ("threads", "progress", "cache_dir", "out_dir")
 """Config keys that may differ between a finished run and the demo's config for it to be
-reused: they do not change what is trained."""
+reused: they do not change what is trained (``out_dir``: the same folder, spelt relative or
+absolute)."""
 
 
 def finished_run(cfg: Config) -> dict[str, Any] | None:
