@@ -1,13 +1,12 @@
-"""Loader -> training -> checkpoint -> evaluation on tiny data; repeatability; report; demo."""
+"""Loader -> training -> checkpoint -> evaluation on tiny data; repeatability; report."""
 
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from kcprnn.experiments import demo, report
+from kcprnn.experiments import report
 from kcprnn.experiments.config import Config
 from kcprnn.experiments.train import evaluate, load_checkpoint, load_data, split_indices, train
 
@@ -162,19 +161,3 @@ def test_report_table_and_files(tmp_path, capsys):
     assert (tmp_path / "accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"
     assert report.main([str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
-
-
-def test_demo_configs_share_one_protocol(tmp_path):
-    configs = demo.demo_configs(tmp_path, list(demo.DEMO_FORMATS), epochs=2)
-    assert [c.format for c in configs] == ["dense", "kcp", "tt", "tr", "bt", "ht"]
-    for c in configs:
-        assert (c.dataset, c.epochs, c.lr, c.batch_size, c.seed, c.num_frames) == (
-            "ucf11-like",
-            2,
-            1e-5 if c.format == "dense" else 1e-3,
-            16,
-            0,
-            6,
-        )
-    assert np.prod([np.prod(m) for m in configs[1].format_options["in_modes"]]) == 57600
-    assert demo.main(["--formats=dense,svd"]) == 2
