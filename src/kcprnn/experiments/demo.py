@@ -5,7 +5,7 @@ every run, and a reading of the numbers) and ``accuracy_vs_compression.png`` int
 folder, one subfolder per run (``<model>-s<seed>``, which ``kcprnn report`` also reads).
 
 The models (:data:`DEMO_MODELS`) compare the formats at one input-to-hidden budget: every
-compressed model stores 3,088 to 3,392 ``W_ih`` parameters (17,000x to 19,000x compression; TT
+compressed model stores 3,240 to 3,392 ``W_ih`` parameters (17,000x to 19,000x compression; TT
 rank 4, 3,360 parameters, and BT 2 blocks of rank 4, 3,392, are the published UCF11 models), with
 KCP in its interleaved layout (the paper's form), its blocked layout and with ``P = 2`` terms;
 and KCP's extreme point, rank 1 (78 parameters, 756,185x). The options are explicit, so the
@@ -102,7 +102,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
     "kcp-r1": DemoModel("kcp", {**KCP_INTERLEAVED, "rank": 1}, "interleaved, P=1, R=1", "extreme"),
 }
 """The demo's models by name. The gates fold into the first output mode (``W_ih`` is 1,024 x
-57,600, output modes 16x4x4x4); the ``matched`` ones store 3,088-3,392 ``W_ih`` parameters."""
+57,600, output modes 16x4x4x4); the ``matched`` ones store 3,240-3,392 ``W_ih`` parameters."""
 
 DEFAULT_SEEDS = (0, 1)
 """Seeds a plain ``kcprnn demo`` runs: two fit about ten minutes on a 2-core CPU
