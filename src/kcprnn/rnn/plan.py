@@ -3,9 +3,9 @@
 A layer (all directions of one of the stacked layers) runs one of these routes:
 
 - ``"torch"``: every weight rebuilt dense (:func:`dense_weight`, once per call; gradients
-  reach the factors through it; without gradients the cells keep the rebuilt weights) and torch's own fused recurrence (``torch.lstm``,
-  ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) over both directions; any input,
-  packed or not.
+  reach the factors through it; without gradients the cells keep the rebuilt weights) and
+  torch's own fused recurrence (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``,
+  ``torch.rnn_relu``) over both directions; any input, packed or not.
 - ``"dense"``: the input product of all steps (in ``W_ih``'s format, or on ``W_ih`` rebuilt
   dense where that is cheaper: :func:`input_is_dense`), then kcprnn's fused loop
   (:mod:`kcprnn.rnn.fused`) with ``W_hh`` dense (rebuilt once per sequence if factorized).
