@@ -105,8 +105,8 @@ DEMO_MODELS: dict[str, DemoModel] = {
 57,600, output modes 16x4x4x4); the ``matched`` ones store 3,240-3,392 ``W_ih`` parameters."""
 
 DEFAULT_SEEDS = (0, 1)
-"""Seeds a plain ``kcprnn demo`` runs: two fit about ten minutes on a 2-core CPU
-(``--seeds 0,1,2`` for three)."""
+"""Seeds a plain ``kcprnn demo`` runs: two take about 15 minutes on an idle 2-core CPU, most
+of it the dense LSTM (``--seeds 0,1,2`` for three)."""
 DEFAULT_DENSE_LR = 1e-5
 
 
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_seeds,
         default=list(DEFAULT_SEEDS),
         help="comma-separated seeds; each draws its own stand-in (default: "
-        f"{','.join(map(str, DEFAULT_SEEDS))}, about 10 minutes on 2 cores; 0,1,2 for three)",
+        f"{','.join(map(str, DEFAULT_SEEDS))}, about 15 minutes on an idle 2-core CPU; 0,1,2 for three)",
     )
     parser.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument(
@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if len(args.seeds) < 3:
         print(
-            f"  {len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''} (to fit about ten "
-            "minutes on 2 cores): the spread is a rough one; --seeds 0,1,2 for more.",
+            f"  {len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''} (about 7 minutes "
+            "each on an idle 2-core CPU): the spread is a rough one; --seeds 0,1,2 for more.",
             flush=True,
         )
     runs = []
