@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         type=_seeds,
         default=list(DEFAULT_SEEDS),
         help="comma-separated seeds; each draws its own stand-in (default: "
-        f"{','.join(map(str, DEFAULT_SEEDS))}, about 15 minutes on an idle 2-core CPU; 0,1,2 for three)",
+        f"{','.join(map(str, DEFAULT_SEEDS))}, about 15 minutes on an idle 2-core CPU; "
+        "0,1,2 for three)",
     )
     parser.add_argument("--epochs", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument(
