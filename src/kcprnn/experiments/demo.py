@@ -34,10 +34,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 
 from .config import Config, ConfigError
 from .loop import write_atomic
+from .report import save_figure
 from .train import train
 
 __all__ = [
@@ -348,12 +347,7 @@ def plot(rows: list[dict[str, Any]], path: Path, chance: float) -> None:
     ax.set_ylabel(f"test accuracy (%), mean of {seeds} seed{'s' if seeds > 1 else ''}")
     ax.set_title("UCF11-like stand-in")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_demo_report(

@@ -100,11 +100,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel(f"{title} (%)")
     ax.set_title(rows[0]["dataset"] if rows else "")
     ax.grid(True, which="both", alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path, mode: int | None = None) -> None:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG atomically (a temporary file
+    in the same folder, then ``os.replace``; ``mode`` sets its permissions) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
     os.close(fd)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    if mode is not None:
+        os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 

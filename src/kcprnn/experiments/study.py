@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
+from .report import save_figure
 
 __all__ = [
     "PairedRow",
@@ -497,13 +498,7 @@ def plot_pareto(path: Path, rows: Sequence[StudyRow], metric: str) -> Path | Non
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
+    save_figure(fig, path, _FILE_MODE)
     return path
 
 
