@@ -64,6 +64,7 @@ log = logging.getLogger("kcprnn")
 
 SOURCE = Path(__file__).with_name("native_tall.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("native_rnn.cpp"))  # compiled into one library
+HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by native_rnn.cpp
 BUILD_TIMEOUT = 120.0  # seconds the compiler may run (``$KCPRNN_BUILD_TIMEOUT`` overrides)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _I64 = ctypes.c_int64
@@ -147,8 +148,8 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]
 
 def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
     """Compile :data:`SOURCES` into one library with ``flags`` into ``directory`` (default
-    :func:`cache_dir`) unless a build with the same sources, flags, compiler and CPU is there;
-    return the shared library's path. Raises ``RuntimeError`` with the compiler's message
+    :func:`cache_dir`) unless a build with the same sources (and :data:`HEADERS`), flags,
+    compiler and CPU is there; return the shared library's path. Raises ``RuntimeError`` with the compiler's message
     when the build fails or runs past :func:`build_timeout`."""
     cxx = _compiler()
     if cxx is None:
@@ -156,7 +157,7 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is for x86-64 CPUs, this one is {platform.machine()!r}")
     timeout = build_timeout()
-    sources = [path.read_bytes() for path in SOURCES]
+    sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
     version = _run([cxx, "--version"], timeout).stdout
     key = hashlib.sha256(
         b"\0".join(
