@@ -149,8 +149,8 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]
 def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path:
     """Compile :data:`SOURCES` into one library with ``flags`` into ``directory`` (default
     :func:`cache_dir`) unless a build with the same sources (and :data:`HEADERS`), flags,
-    compiler and CPU is there; return the shared library's path. Raises ``RuntimeError`` with the compiler's message
-    when the build fails or runs past :func:`build_timeout`."""
+    compiler and CPU is there; return the shared library's path. Raises ``RuntimeError`` with
+    the compiler's message when the build fails or runs past :func:`build_timeout`."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (tried $CXX, c++, g++, clang++)")
