@@ -192,6 +192,12 @@ class RNNCellBase(nn.Module):
         """Feature sizes of the state tensors (``(output_size,)`` or ``(output_size, hidden)``)."""
         return (self.output_size,)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles leave out what the steps keep (the compiled step holds pointers)
+        state = super().__getstate__()
+        state.update(_dense_cache=None, _native_cache=None, _param_slots=None)
+        return state
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size:
