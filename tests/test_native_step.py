@@ -212,7 +212,7 @@ def test_disabled_by_environment_runs_torch_ops(monkeypatch):
         monkeypatch.setattr(cell, "_use_dense", lambda b: False)
         _assert_close(_step(cell, mode, x, state), _reference(cell, mode, x, state))
         assert cell._native_cache is None
-        assert not _cell_step.native_applies(cell, torch.float32, torch.device("cpu"))
+        assert not _cell_step.native_applies(cell, torch.float32, True)
 
 
 def test_routes_without_gradients():
@@ -228,7 +228,7 @@ def test_routes_without_gradients():
         assert costs["native"] < costs["dense"]
         h, c = speech(torch.randn(1, 40))
         assert isinstance(speech._native_cache[1], CellStep)
-    assert not _cell_step.native_applies(speech.double(), torch.float64, torch.device("cpu"))
+    assert not _cell_step.native_applies(speech.double(), torch.float64, True)
 
 
 def test_counts_the_step_macs():
@@ -268,3 +268,16 @@ def test_dot_product_factor_matches_kron():
     x = torch.randn(3, 8 * 256)
     w = sum(torch.kron(a0[p].double(), a1[p].double()) for p in range(2))
     torch.testing.assert_close(native_rnn.kron_apply(x, args).double(), x.double() @ w.T, **TOL)
+
+
+def test_copies_prepare_their_own_step(forced):
+    torch.manual_seed(11)
+    cell = _cell("GRU", "cp")
+    x, state = torch.randn(2, INPUT), _state("GRU", 2)
+    _step(cell, "GRU", x, state)
+    twin = copy.deepcopy(cell)  # after a step: the kept step is left out of the copy
+    with torch.no_grad():
+        next(twin.weight_hh.parameters()).mul_(-1)
+    _assert_close(_step(twin, "GRU", x, state), _reference(twin, "GRU", x, state))
+    _assert_close(_step(cell, "GRU", x, state), _reference(cell, "GRU", x, state))
+    assert twin._native_cache[1] is not cell._native_cache[1]

@@ -69,10 +69,10 @@ def _bias(name: str, b: Tensor | None, size: int) -> Tensor | None:
 
 def _state_ok(s: Tensor, rows: int, hidden: int) -> bool:
     return (
-        s.shape == (rows, hidden)
+        s.is_cpu  # (a property: cheaper than building s.device)
         and s.dtype == torch.float32
-        and s.device.type == "cpu"
         and s.is_contiguous()
+        and s.shape == (rows, hidden)
     )
 
 
@@ -146,7 +146,7 @@ class CellStep:
             or rows_in.dim() != 2
             or rows_in.shape != (rows, width)
             or rows_in.dtype != torch.float32
-            or rows_in.device.type != "cpu"
+            or not rows_in.is_cpu
             or (rows_in.stride(1) != 1 and width > 1)
             or not _state_ok(h, rows, self.hidden)
             or (lstm and not _state_ok(c, rows, self.hidden))  # type: ignore[arg-type]

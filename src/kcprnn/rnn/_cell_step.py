@@ -64,11 +64,8 @@ def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
         found = [(d._parameters, n) for m in (ih, hh) for d in m.modules() for n in d._parameters]
         found += [(cell._parameters, "bias_ih"), (cell._parameters, "bias_hh")]
         slots = cell._param_slots = (ih, hh, found)
-    return tuple(
-        (p.data_ptr(), p._version)  # a move or a new dtype gives new storage
-        for params, name in slots[2]
-        if (p := params[name]) is not None
-    )
+    # a move or a new dtype gives new storage
+    return tuple([(p.data_ptr(), p._version) for d, n in slots[2] if (p := d[n]) is not None])
 
 
 def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
@@ -115,16 +112,16 @@ def _mode(cell: RNNCellBase) -> str:
     return cell.mode
 
 
-def native_applies(cell: RNNCellBase, dtype: torch.dtype, device: torch.device) -> bool:
+def native_applies(cell: RNNCellBase, dtype: torch.dtype, cpu: bool) -> bool:
     """Whether the compiled step runs ``cell``: a Kronecker sum (KCP, CP) for ``W_ih`` or
     ``W_hh`` (a cell without one keeps torch's cell or the formats' products), no projection,
-    parameters of ``dtype`` and ``device`` float32 on the CPU, the kernels built. Autograd is
-    the caller's check."""
+    tensors of ``dtype`` on the CPU (``cpu``) in float32, the kernels built. Autograd is the
+    caller's check."""
     return (
         cell.weight_hr is None
         and (_is_kron(cell.weight_hh) or _is_kron(cell.weight_ih))
         and dtype == torch.float32
-        and device.type == "cpu"
+        and cpu
         and native.available()
     )
 
@@ -237,7 +234,7 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     compiled step can run, by :func:`step_costs` (ties go to torch); else by
     :func:`kcprnn.rnn.plan.cell_uses_dense` (the products on torch ops)."""
     p = cell.bias_hh if cell.bias_hh is not None else next(cell.weight_hh.parameters(), None)
-    if not training and p is not None and native_applies(cell, p.dtype, p.device):
+    if not training and p is not None and native_applies(cell, p.dtype, p.is_cpu):
         costs = step_costs(cell, batch, cell.weight_hh.planning_model())
         return costs["dense"] <= costs["native"]
     return plan.cell_uses_dense(cell, batch, training)

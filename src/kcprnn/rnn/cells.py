@@ -267,7 +267,7 @@ class RNNCellBase(nn.Module):
             hh._algorithm,
             ih._cost_model,
             hh._cost_model,
-            None if p is None else (p.dtype, p.device),
+            None if p is None else (p.dtype, p.is_cpu),  # what the prices read of them
         )
         choice = self._dense_choice.get(key)
         if choice is None:
@@ -288,7 +288,7 @@ class RNNCellBase(nn.Module):
         if not (
             torch.is_grad_enabled()
             and (x.requires_grad or any(t.requires_grad for t in state) or self._needs_grad())
-        ) and native_applies(self, x.dtype, x.device):
+        ) and native_applies(self, x.dtype, x.is_cpu):
             step = native_step(self)
             h, c = state[0].contiguous(), state[1].contiguous() if len(state) > 1 else None
             if step.has_ih:
