@@ -156,7 +156,8 @@ def _environment(threads: int) -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
     except OSError:
         pass
     return {
@@ -170,6 +171,13 @@ def _environment(threads: int) -> dict:
         "threads": threads,
         "native": kcprnn._cpu.native.info(),
     }
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     print(lines[-1])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-        (args.out / "console.txt").write_text("\n".join(lines) + "\n")
+        _write(args.out / "bench.json", json.dumps({"environment": env, "rows": rows}, indent=1))
+        _write(args.out / "console.txt", "\n".join(lines) + "\n")
     return 0
 
 
