@@ -55,7 +55,7 @@ def _route(cell) -> str:
     """Which step a kcprnn cell takes at one row without gradients."""
     if cell._use_dense(1):
         return "dense"
-    return "native" if cell._native_cache is not None else "ops"
+    return "native" if getattr(cell, "_native_cache", None) is not None else "ops"
 
 
 def _block(fn: Callable[[], object], calls: int) -> float:

@@ -149,8 +149,11 @@ def _changes(cell, other):
     yield "load_state_dict", lambda: cell.load_state_dict(other.state_dict())
     yield ".data swap", lambda: setattr(ih_factor, "data", ih_factor.data * -2)
     yield "bias in place", lambda: cell.bias_hh.add_(0.5)
-    yield "replaced", lambda: cell.weight_ih.factors[0].__setitem__(
-        0, nn.Parameter(cell.weight_ih.factors[0][0] * 3)
+    yield (
+        "replaced",
+        lambda: cell.weight_ih.factors[0].__setitem__(
+            0, nn.Parameter(cell.weight_ih.factors[0][0] * 3)
+        ),
     )
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "cell_uses_dense",
     "dense_weights",
+    "kept",
     "native_applies",
     "native_step",
     "step_costs",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 _CPU = torch.device("cpu")
+_T = TypeVar("_T")
 
 
 def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
@@ -66,6 +68,19 @@ def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
         slots = cell._param_slots = (ih, hh, found)
     # a move or a new dtype gives new storage
     return tuple([(p.data_ptr(), p._version) for d, n in slots[2] if (p := d[n]) is not None])
+
+
+def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
+    """``build()`` (anything made from the weights of ``W_ih``, ``W_hh`` and the biases),
+    kept by ``cell`` under ``name`` between calls without gradients until a parameter changes;
+    built afresh under autograd (with its graph)."""
+    if torch.is_grad_enabled():
+        return build()
+    key = weights_key(cell)
+    found = cell._kept.get(name)
+    if found is None or found[0] != key:
+        found = cell._kept[name] = (key, build())
+    return found[1]
 
 
 def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:

@@ -11,14 +11,14 @@ functions of :mod:`kcprnn.rnn.steps`; :meth:`RNNCellBase.input_projection` and
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
-from ._cell_step import cell_uses_dense, dense_weights, native_applies, native_step
+from ._cell_step import cell_uses_dense, dense_weights, kept, native_applies, native_step
 from ._options import (
     check_arguments,
     check_input_dtype,
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _Cell = TypeVar("_Cell", bound="RNNCellBase")
+_Kept = TypeVar("_Kept")
 
 
 def _from_dense(
@@ -143,6 +144,7 @@ class RNNCellBase(nn.Module):
         self._dense_choice: dict[tuple[Any, ...], bool] = {}
         self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self._native_cache: tuple[tuple, Any] | None = None
+        self._kept: dict[str, tuple[tuple, Any]] = {}  # kept(): name -> (weights key, value)
         self._param_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
 
@@ -195,7 +197,7 @@ class RNNCellBase(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles leave out what the steps keep (the compiled step holds pointers)
         state = super().__getstate__()
-        state.update(_dense_cache=None, _native_cache=None, _param_slots=None)
+        state.update(_dense_cache=None, _native_cache=None, _param_slots=None, _kept={})
         return state
 
     def extra_repr(self) -> str:
@@ -281,6 +283,12 @@ class RNNCellBase(nn.Module):
         """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
         calls until a parameter changes (in place or replaced)."""
         return dense_weights(self)
+
+    def _kept_weight(self, name: str, build: Callable[..., _Kept], *args: Any) -> _Kept:
+        """``build(*args)``, a value made from the weights (a rebuilt matrix, a Kronecker sum's
+        factor matrices), kept under ``name`` between calls without gradients until a parameter
+        changes (:func:`kcprnn.rnn._cell_step.kept`); built afresh under autograd."""
+        return kept(self, name, lambda: build(*args))
 
     def _structured_step(self, x: Tensor, state: State) -> State:
         """One step through the formats' products: the compiled step where no gradient is
