@@ -3,8 +3,8 @@
 ``rnn_native_row``, ``rnn_cell_gather``, and ``rnn_cell_op`` as the compiled step's fixed
 price), on one thread.
 
-Each price is a least-squares fit over a few sizes, every size's time the median of
-interleaved blocks:
+Each price is a least-squares fit over a few sizes, every size's time the median of short
+blocks of calls:
 
 - torch's fused cell on kept dense weights: ``t = fixed + elements * (weight + row * rows)``
   over LSTM cells 40 -> {8, 128, 512} and 1, 4, 16 rows (kcprnn KCP cells forced to their dense
@@ -16,7 +16,7 @@ interleaved blocks:
 
 Times are converted to the model's units (one MAC of a large float32 GEMM on the reference
 machine, 2 threads) with :data:`UNIT_PS`, the unit behind ``kernel_prepared`` (1.5e5 for an op
-launch of 2.7 us). Usage: ``python benchmarks/bench_cell_costs.py [--rounds 9]``.
+launch of 2.7 us). Usage: ``python benchmarks/bench_cell_costs.py [--rounds 41]``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ from kcprnn._cpu.native_step import CellStep
 UNIT_PS = 18.0  # picoseconds per cost unit
 
 
-def _median_us(fn, rounds: int, calls: int = 50) -> float:
+def _median_us(fn, rounds: int) -> float:
+    """Median time of ``fn`` over ``rounds`` blocks of about 0.3 ms each: blocks this short are
+    seldom cut by the scheduler on a shared machine, so the median sees the unloaded time."""
     fn()
+    start = time.perf_counter()
+    fn()
+    calls = max(1, int(3e-4 / (time.perf_counter() - start)))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -57,7 +62,7 @@ def _fit(points: list[tuple[float, float, float]]) -> tuple[float, float, float]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=41)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -97,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         plain = CellStep("LSTM", 256, 57_600, KronArgs(mats, None, None), None, w_hh, None)
         x, h, c = torch.randn(1, 57_600), torch.randn(1, 256), torch.randn(1, 256)
-        t_perm = _median_us(lambda: permuted(x, h, c), args.rounds, 10)
-        t_plain = _median_us(lambda: plain(x, h, c), args.rounds, 10)
+        t_perm = _median_us(lambda: permuted(x, h, c), args.rounds)
+        t_plain = _median_us(lambda: plain(x, h, c), args.rounds)
     fixed, weight, row = _fit(torch_points)
     n_fixed, n_weight, n_row = _fit(native_points)
     gather_ps = max(t_perm - t_plain, 0.0) * 1e6 / 57_600

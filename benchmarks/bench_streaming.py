@@ -10,14 +10,16 @@ Cases, without gradients, on ``--threads`` threads (default 1):
   batch 1, speech size, the same formats (routes ``auto``), against ``torch.nn``.
 
 Every case is built and warmed up; the repetitions of one group (a mode and size) are
-interleaved, one timed block per case per round, and each case reports the median time of its
-blocks and its speed-up over torch.nn (torch's median over kcprnn's). The route each kcprnn case
-took (``dense``: torch's fused cell on the kept dense weights; ``native``: the compiled step;
-``ops``: torch ops), the versions, the CPU and the load average before and after are recorded.
+interleaved, one timed block per case per round (about 0.3 ms of calls, or one call: short
+blocks are seldom cut by the scheduler on a shared machine), and each case reports the median
+time of its blocks and its speed-up over torch.nn (torch's median over kcprnn's). The route
+each kcprnn case took (``dense``: torch's fused cell on the kept dense weights; ``native``: the
+compiled step; ``ops``: torch ops), the versions, the CPU and the load average before and
+after are recorded.
 
 Usage::
 
-    python benchmarks/bench_streaming.py [--threads 1] [--rounds 15] [--steps 1000]
+    python benchmarks/bench_streaming.py [--threads 1] [--rounds 41] [--steps 1000]
         [--cases cell,sequence] [--sizes speech,video] [--out DIR]
 
 Writes ``bench.json`` and ``console.txt`` under ``--out`` when given.
@@ -94,7 +96,7 @@ def cell_group(mode: str, size: str, rounds: int) -> list[dict]:
         cells[name] = getattr(kcprnn, f"{mode}Cell")(n_in, hidden, **options)
     cases = {name: (lambda c=c: c(x, hx)) for name, c in cells.items()}
     with torch.no_grad():
-        medians = _interleave(cases, rounds, 0.02 if size == "speech" else 0.05)
+        medians = _interleave(cases, rounds, 3e-4)
         routes = {name: _route(c) for name, c in cells.items() if name != "torch.nn"}
     base = medians["torch.nn"]
     return [
@@ -183,7 +185,7 @@ def _write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--cases", default="cell,sequence")
     ap.add_argument("--sizes", default="speech,video")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             if case == "cell":
                 groups = [cell_group(mode, size, args.rounds) for size in args.sizes.split(",")]
             else:
-                groups = [sequence_group(mode, args.steps, max(3, args.rounds // 3))]
+                groups = [sequence_group(mode, args.steps, max(3, args.rounds // 8))]
             for group in groups:
                 for row in group:
                     unit = "us" if "us" in row else "ms"

@@ -15,9 +15,9 @@ Without autograd recording, a cell's step runs one of:
 Both kept objects are keyed by every parameter's storage and version counter, so an in-place
 update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
 seen at the next call. :func:`step_costs` prices the first two in the units of the cost model
-(:class:`~kcprnn._cpu.CostModel`: the compiled step as one op launch, ``rnn_cell_op``, plus
-its products and gate arithmetic; torch's cell by its ``rnn_torch_cell`` and ``rnn_cell_*``
-fields).
+(:class:`~kcprnn._cpu.CostModel`: the compiled step as ``rnn_native_call`` op launches of
+``rnn_cell_op`` plus its products and gate arithmetic; torch's cell by its ``rnn_torch_cell``
+and ``rnn_cell_*`` fields).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]
         for m in (ih, hh)
     )
     compiled = (
-        cm.rnn_cell_op
+        cm.rnn_native_call * cm.rnn_cell_op
         + batch * gates * cm.rnn_native_gate
         + _native_product(ih, "ih", batch, cm)
         + _native_product(hh, "hh", batch, cm)
