@@ -263,12 +263,14 @@ def test_step_arguments_are_checked():
     assert native_step.MODES["RNN_RELU"] == 3
 
 
-def test_dot_product_factor_matches_kron():
-    """A factor with no trailing axis that is too large to expand runs as dot products."""
+@pytest.mark.parametrize(("first", "last"), [((3, 8), (300, 256)), ((3, 5), (9000, 7))])
+def test_dot_product_factor_matches_kron(first, last):
+    """A factor with no trailing axis that is too large to expand (J x I above 2^16) runs as
+    dot products, over whole vectors of its inputs or (7 inputs) none."""
     torch.manual_seed(10)
-    a0, a1 = torch.randn(2, 3, 8), torch.randn(2, 300, 256)  # two terms; 300 x 256 > 2^16
+    a0, a1 = torch.randn(2, *first), torch.randn(2, *last)  # two terms
     args = native_rnn.KronArgs([a0, a1], None, None)
-    x = torch.randn(3, 8 * 256)
+    x = torch.randn(3, first[1] * last[1])
     w = sum(torch.kron(a0[p].double(), a1[p].double()) for p in range(2))
     torch.testing.assert_close(native_rnn.kron_apply(x, args).double(), x.double() @ w.T, **TOL)
 

@@ -57,7 +57,8 @@ static void dense_nt(i64 rows, i64 in, i64 out, const float* x, i64 ldx, const f
         s2 += vload(w2 + k) * xv;
         s3 += vload(w3 + k) * xv;
       }
-      float r[4] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3)};
+      float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (in >= W) r[0] = hsum(s0), r[1] = hsum(s1), r[2] = hsum(s2), r[3] = hsum(s3);
       for (; k < in; k++) {
         r[0] += w0[k] * xb[k], r[1] += w1[k] * xb[k];
         r[2] += w2[k] * xb[k], r[3] += w3[k] * xb[k];
