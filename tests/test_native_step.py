@@ -286,3 +286,14 @@ def test_copies_prepare_their_own_step(forced):
     _assert_close(_step(twin, "GRU", x, state), _reference(twin, "GRU", x, state))
     _assert_close(_step(cell, "GRU", x, state), _reference(cell, "GRU", x, state))
     assert twin._native_cache[1] is not cell._native_cache[1]
+
+
+def test_compiled_graphs_trace_the_torch_ops(forced):
+    torch.manual_seed(13)
+    cell = _cell("LSTM", "kcp-both")
+    x, state = torch.randn(2, INPUT), _state("LSTM", 2)
+    compiled = torch.compile(cell, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x, state)
+    assert forced == []  # no compiled step inside the graph
+    _assert_close(tuple(got), _reference(cell, "LSTM", x, state))

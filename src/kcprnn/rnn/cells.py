@@ -292,11 +292,16 @@ class RNNCellBase(nn.Module):
 
     def _structured_step(self, x: Tensor, state: State) -> State:
         """One step through the formats' products: the compiled step where no gradient is
-        recorded and it can run (float32 on the CPU), else :meth:`step` on torch ops."""
-        if not (
-            torch.is_grad_enabled()
-            and (x.requires_grad or any(t.requires_grad for t in state) or self._needs_grad())
-        ) and native_applies(self, x.dtype, x.is_cpu):
+        recorded and it can run (float32 on the CPU, not under ``torch.compile``), else
+        :meth:`step` on torch ops."""
+        if (
+            not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or any(t.requires_grad for t in state) or self._needs_grad())
+            )
+            and native_applies(self, x.dtype, x.is_cpu)
+            and not torch.compiler.is_compiling()  # compiled graphs trace the torch ops
+        ):
             step = native_step(self)
             h, c = state[0].contiguous(), state[1].contiguous() if len(state) > 1 else None
             if step.has_ih:
