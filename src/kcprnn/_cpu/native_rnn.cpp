@@ -3,7 +3,9 @@
 // AVX2 + FMA). The Python side (kcprnn/rnn/fused.py) computes the input projections of all
 // steps before the loop and the factor gradients after it, in one product over all steps each;
 // these functions run the loop in between, where torch would launch about a dozen operations per
-// step from Python.
+// step from Python. The last part of the file is a single cell step with W_ih and W_hh each a
+// Kronecker sum or dense (kcprnn_step; Python side in kcprnn/_cpu/native_step.py), for
+// streaming inference one row at a time.
 //
 // The Kronecker sum and its products are in native_kron.h; each call plans the product afresh
 // (the factors change between training steps). The GEMM holds a tile of MR rows x NV vectors of C in registers (GCC vector extensions, no
