@@ -109,6 +109,16 @@ class CostModel:
     rnn_rebuild_backward: float = 30.0  # ... and of its backward (the gradient copied back to
     # the halves' layout and read by two skinny GEMMs), beyond the reconstruction's MACs
     rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step
+    # --- one cell step without gradients (rnn/_cell_step.py) ---
+    rnn_torch_cell: float = 1.5e6  # one step of torch's fused cell on the kept dense weights,
+    # beyond its products: the cell's Python, the cache check, the launches
+    rnn_cell_weight: float = 4.5  # one weight element of torch's products in that step ...
+    rnn_cell_row: float = 1.8  # ... plus this per row
+    rnn_native_call: float = 2.0  # one call of the compiled step beyond its work, in op launches
+    # of a structured cell step (rnn_cell_op): the cell's Python, the cache check, the call
+    rnn_native_weight: float = 1.0  # one weight element of a dense matrix in the compiled step
+    rnn_native_row: float = 2.6  # ... plus this per row (dot products: below a GEMM's rate)
+    rnn_cell_gather: float = 25.0  # one input element gathered into factor-major order there
     rnn_min_rows: int = 16  # a dense product over fewer rows costs as much as over this many
     # (reading the weight dominates)
 

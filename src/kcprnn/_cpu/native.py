@@ -8,7 +8,9 @@ weight gradient. :func:`inner_rows` runs the last
 factor's two-chunk CP product per row and writes it, with the bias, into the final output
 layout; :func:`gather` copies a permuted view of the rows in one pass (the interleaved axes the
 paper's layout gathers). The same library holds the whole recurrences with a Kronecker-sum
-hidden-to-hidden matrix (:file:`native_rnn.cpp`), called through :mod:`kcprnn._cpu.native_rnn`.
+hidden-to-hidden matrix and the single cell steps of streaming inference
+(:file:`native_rnn.cpp`), called through :mod:`kcprnn._cpu.native_rnn` and
+:mod:`kcprnn._cpu.native_step`.
 All are float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA (:file:`native_tall.cpp`,
 :file:`native_rnn.cpp`, built into one library).
 
@@ -42,6 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,13 +67,17 @@ log = logging.getLogger("kcprnn")
 
 SOURCE = Path(__file__).with_name("native_tall.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("native_rnn.cpp"))  # compiled into one library
-HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by native_rnn.cpp
+HEADERS = (  # included by native_rnn.cpp
+    Path(__file__).with_name("native_simd.h"),
+    Path(__file__).with_name("native_kron.h"),
+)
 BUILD_TIMEOUT = 120.0  # seconds the compiler may run (``$KCPRNN_BUILD_TIMEOUT`` overrides)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _I64 = ctypes.c_int64
 
 _lock = threading.Lock()
 _counting = threading.local()  # "box": the running count of counting_macs, where active
+_active = 0  # counting_macs blocks open in any thread
 _state: dict[str, object] = {}  # "lib" (ctypes.CDLL or None), "error" (str), "path"
 
 
@@ -79,16 +86,23 @@ def counting_macs():
     """Counts the multiply-accumulates of the kernels this thread runs inside the block (torch's
     flop counter does not see them: they are called through ctypes). Yields a one-element list
     holding the running total."""
+    global _active
     previous = getattr(_counting, "box", None)
     box = [0]
     _counting.box = box
+    with _lock:
+        _active += 1
     try:
         yield box
     finally:
         _counting.box = previous
+        with _lock:
+            _active -= 1
 
 
 def _count(macs: int) -> None:
+    if not _active:  # the common case, checked without the thread-local lookup
+        return
     box = getattr(_counting, "box", None)
     if box is not None:
         box[0] += int(macs)
@@ -545,6 +559,16 @@ def _declare_rnn(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [*argtypes, *_KRON]
+    # the cell step (native_step.py): mode, hidden, in, W_ih's Kronecker sum, w_ih, b_ih, then
+    # W_hh's, w_hh, b_hh
+    lib.kcprnn_step_new.restype = _P
+    step_new: list[Any] = [_INT, _I64, _I64, *_KRON, _P, _P, *_KRON, _P, _P]
+    lib.kcprnn_step_new.argtypes = step_new
+    lib.kcprnn_step_free.restype = None
+    lib.kcprnn_step_free.argtypes = [_P]
+    # step, rows, x, ldx, gx, ldgx, h, c, h_out, c_out
+    lib.kcprnn_step.restype = None
+    lib.kcprnn_step.argtypes = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P]
 
 
 def main(argv: list[str] | None = None) -> int:

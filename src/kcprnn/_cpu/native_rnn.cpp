@@ -3,22 +3,12 @@
 // AVX2 + FMA). The Python side (kcprnn/rnn/fused.py) computes the input projections of all
 // steps before the loop and the factor gradients after it, in one product over all steps each;
 // these functions run the loop in between, where torch would launch about a dozen operations per
-// step from Python.
+// step from Python. The last part of the file is a single cell step with W_ih and W_hh each a
+// Kronecker sum or dense (kcprnn_step; Python side in kcprnn/_cpu/native_step.py), for
+// streaming inference one row at a time.
 //
-// The Kronecker sum (kcprnn/rnn/kron.py): W = Pi_out (sum_p A_p^(0) x ... x A_p^(N-1)) Pi_in^T,
-// factor n of term p a dense (J_n, I_n) matrix. y = W x for rows x is: gather x into
-// factor-major order (in_index), multiply by the factors one at a time, sum the terms, and
-// gather the result back (out_index). The factors are applied in the order with the fewest
-// multiply-accumulates (Kron::cheapest_order; a factor mapping few inputs to many outputs
-// goes last). Before factor n the rows are (rows * pre_n, I_n, post_n), pre_n and post_n the
-// products of the sizes of the modes before and after n (J_k for the factors already applied,
-// I_k for the others); after it (rows * pre_n, J_n, post_n). Each factor is one small row-major
-// GEMM C = A B:
-//  - "row" mode (post_n below a vector's width): C (rows pre_n, J_n post_n) = Z (rows pre_n,
-//    I_n post_n) K, with K = (A^(n) x I_post)^T expanded once per sequence (post_n times the
-//    MACs, but whole vectors along J_n post_n);
-//  - "column" mode: for every row r, C_r (J_n, post_n) = A^(n) (J_n, I_n) Z_r (I_n, post_n).
-// The GEMM holds a tile of MR rows x NV vectors of C in registers (GCC vector extensions, no
+// The Kronecker sum and its products are in native_kron.h; each call plans the product afresh
+// (the factors change between training steps). The GEMM holds a tile of MR rows x NV vectors of C in registers (GCC vector extensions, no
 // intrinsics) and broadcasts the entries of its left operand. The output gather is fused into
 // the gate arithmetic that reads the product.
 //
@@ -30,154 +20,9 @@
 // part, below what an OpenMP parallel region per step costs on a loaded machine.
 //
 // The vector types, activations and GEMM tiles are in native_simd.h. Built together with
-// native_tall.cpp into one library by kcprnn/_cpu/native.py.
+// native_tall.cpp and native_step.cpp into one library by kcprnn/_cpu/native.py.
 
-#include "native_simd.h"
-
-#include <algorithm>
-#include <vector>
-
-// ---------------------------------------------------------------------------------------------
-// the Kronecker sum
-
-// dst[m] = x[index[m]] (a separate function so that __restrict lets GCC vectorize it)
-static void gather_row(i64 n, const float* __restrict x, const int32_t* __restrict index,
-                       float* __restrict dst) {
-  for (i64 m = 0; m < n; m++) dst[m] = x[index[m]];
-}
-
-struct Kron {
-  int n, terms;
-  i64 in, out, rows;  // features, and the batch rows it was sized for
-  std::vector<i64> in_sz, out_sz, pre, post;  // pre, post: per factor, as applied
-  std::vector<int> order;                     // the factors in the order they are applied
-  std::vector<char> row;                  // row mode per factor
-  std::vector<const float*> mats;         // factor n: (terms, J_n, I_n)
-  std::vector<std::vector<float>> kt;     // row mode: (terms, I_n post_n, J_n post_n)
-  std::vector<int32_t> in_index, out_index;  // empty: identity
-  std::vector<float> xf, buf0, buf1, acc;
-
-  // sizes: I_0..I_{N-1} then J_0..J_{N-1}; mats: N pointers; indices may be null
-  Kron(int n_, int terms_, const i64* sizes, const float* const* mats_, const i64* in_idx,
-       const i64* out_idx, i64 rows_)
-      : n(n_), terms(terms_), in(1), out(1), rows(rows_) {
-    in_sz.assign(sizes, sizes + n);
-    out_sz.assign(sizes + n, sizes + 2 * n);
-    mats.assign(mats_, mats_ + n);
-    for (int k = 0; k < n; k++) in *= in_sz[k], out *= out_sz[k];
-    pre.resize(n);
-    post.resize(n);
-    row.resize(n);
-    kt.resize(n);
-    order = cheapest_order();
-    // the sizes of the modes as the factors are applied: I_k before factor k, J_k after it
-    std::vector<i64> cur(in_sz);
-    i64 big = in;
-    for (int k : order) {
-      i64 p = 1, q = 1;
-      for (int m = 0; m < k; m++) p *= cur[m];
-      for (int m = k + 1; m < n; m++) q *= cur[m];
-      pre[k] = p, post[k] = q;
-      cur[k] = out_sz[k];
-      big = big > p * out_sz[k] * q ? big : p * out_sz[k] * q;
-    }
-    for (int k = 0; k < n; k++) {
-      i64 q = post[k], ik = in_sz[k], jk = out_sz[k];
-      row[k] = q < W && ik * q * jk * q <= (1 << 16);
-      if (!row[k]) continue;
-      std::vector<float>& e = kt[k];
-      e.assign((size_t)(terms * ik * q * jk * q), 0.0f);
-      for (int t = 0; t < terms; t++) {
-        const float* a = mats[k] + t * jk * ik;  // (J, I)
-        float* et = e.data() + t * ik * q * jk * q;
-        for (i64 i = 0; i < ik; i++)
-          for (i64 j = 0; j < jk; j++)
-            for (i64 s = 0; s < q; s++) et[(i * q + s) * (jk * q) + j * q + s] = a[j * ik + i];
-      }
-    }
-    if (in_idx)
-      for (i64 k = 0; k < in; k++) in_index.push_back((int32_t)in_idx[k]);
-    if (out_idx)
-      for (i64 k = 0; k < out; k++) out_index.push_back((int32_t)out_idx[k]);
-    xf.resize((size_t)(rows * in));
-    buf0.resize((size_t)(rows * big));
-    buf1.resize((size_t)(rows * big));
-    acc.resize((size_t)(rows * out));
-  }
-
-  // the order of the factors with the fewest multiply-accumulates, among all orders of up to
-  // six factors (the last factor first where several tie); applying factor k multiplies a
-  // (rows pre, I_k, post) array, the factors applied before it at their output sizes
-  std::vector<int> cheapest_order() const {
-    std::vector<int> best(n), perm(n);
-    for (int k = 0; k < n; k++) best[k] = perm[k] = n - 1 - k;
-    if (n > 6) return best;
-    auto macs = [&](const std::vector<int>& o) {
-      std::vector<i64> cur(in_sz);
-      double total = 0;
-      for (int k : o) {
-        double size = 1;
-        for (int m = 0; m < n; m++) size *= m == k ? 1 : cur[m];
-        total += size * in_sz[k] * out_sz[k];
-        cur[k] = out_sz[k];
-      }
-      return total;
-    };
-    double least = macs(best);
-    std::sort(perm.begin(), perm.end());
-    do {
-      double m = macs(perm);
-      if (m < least) least = m, best = perm;
-    } while (std::next_permutation(perm.begin(), perm.end()));
-    return best;
-  }
-
-  // dst (rows, in) = x (rows, in) in factor-major order (a copy where there is no permutation)
-  void gather(const float* x, float* dst) const {
-    if (in_index.empty()) {
-      memcpy(dst, x, sizeof(float) * rows * in);
-      return;
-    }
-    for (i64 b = 0; b < rows; b++) gather_row(in, x + b * in, in_index.data(), dst + b * in);
-  }
-
-  // acc (rows, out) in factor-major order = W x for x (rows, in) contiguous, natural order;
-  // read the natural output j at acc[b * out + index(j)]
-  void apply(const float* x) {
-    if (in_index.empty()) return apply_fm(x);
-    gather(x, xf.data());
-    apply_fm(xf.data());
-  }
-
-  // the same for x already in factor-major order
-  void apply_fm(const float* src) {
-    for (int t = 0; t < terms; t++) {
-      const float* z = src;
-      for (int step = 0; step < n; step++) {
-        int k = order[step];
-        bool last = step == n - 1;
-        float* dst = last ? acc.data() : (z == buf0.data() ? buf1.data() : buf0.data());
-        bool add = last && t > 0;
-        i64 ik = in_sz[k], jk = out_sz[k], q = post[k], r = rows * pre[k];
-        if (row[k]) {
-          const float* e = kt[k].data() + t * ik * q * jk * q;
-          gemm(r, jk * q, ik * q, z, ik * q, e, jk * q, dst, jk * q, add);
-        } else {
-          const float* a = mats[k] + t * jk * ik;
-          for (i64 s = 0; s < r; s++)
-            gemm(jk, q, ik, a, ik, z + s * ik * q, q, dst + s * jk * q, q, add);
-        }
-        z = dst;
-      }
-    }
-  }
-
-  inline i64 at(i64 j) const { return out_index.empty() ? j : out_index[j]; }
-};
-
-#define KRON_ARGS \
-  int n_factors, int terms, const i64 *sizes, const float *const *mats, const i64 *in_index, \
-      const i64 *out_index
+#include "native_kron.h"
 
 #define KRON(rows) Kron kron(n_factors, terms, sizes, mats, in_index, out_index, rows)
 
@@ -524,4 +369,119 @@ extern "C" void kcprnn_kron_apply(i64 rows, const float* x, float* y, KRON_ARGS)
   kron.apply(x);
   for (i64 b = 0; b < rows; b++)
     for (i64 j = 0; j < kron.out; j++) y[b * kron.out + j] = kron.acc[b * kron.out + kron.at(j)];
+}
+
+// ---------------------------------------------------------------------------------------------
+// One cell step, W_ih and W_hh each a Kronecker sum or a dense matrix, prepared once per version
+// of the weights (kcprnn_step_new: the plans, their expanded factors and index arrays) and run
+// on any number of rows with a workspace per thread: the streaming case, one row at a time,
+// where a torch step reads every weight of a dense W_hh.
+
+struct CellStep {
+  int mode;  // 0 LSTM, 1 GRU, 2 Elman tanh, 3 Elman relu
+  i64 hidden, in, gates;
+  KronPlan* ih = nullptr;  // a Kronecker sum, or else ...
+  const float* w_ih;       // ... a dense (gates, in) matrix, or else the caller gives W_ih x
+  const float* b_ih;       // (gates) or null
+  KronPlan* hh = nullptr;
+  const float* w_hh;  // (gates, hidden) where hh is null
+  const float* b_hh;
+  ~CellStep() {
+    delete ih;
+    delete hh;
+  }
+};
+
+// floats of workspace a product of plan over rows needs
+static i64 plan_work(const KronPlan* p, i64 rows) {
+  return p ? rows * (p->in + 2 * p->big + p->out) : 0;
+}
+
+// g (rows, n) (+)= W x (+ bias) for x (rows, in; row stride ldx), on the plan or the dense w;
+// work: plan_work floats
+static void step_product(const KronPlan* p, const float* w, const float* bias, i64 rows, i64 in,
+                         i64 n, const float* x, i64 ldx, float* g, bool add, float* work) {
+  if (p) {
+    float *xf = work, *b0 = xf + rows * p->in, *b1 = b0 + rows * p->big, *acc = b1 + rows * p->big;
+    const float* src = x;
+    if (!p->in_index.empty()) {
+      for (i64 b = 0; b < rows; b++) gather_row(in, x + b * ldx, p->in_index.data(), xf + b * in);
+      src = xf;
+    } else if (ldx != in) {
+      for (i64 b = 0; b < rows; b++) memcpy(xf + b * in, x + b * ldx, sizeof(float) * in);
+      src = xf;
+    }
+    p->apply_fm(rows, src, b0, b1, acc);
+    const int32_t* oi = p->out_index.empty() ? nullptr : p->out_index.data();
+    for (i64 b = 0; b < rows; b++) {
+      if (add)
+        add_product(n, g + b * n, acc + b * n, oi);
+      else
+        set_product(n, g + b * n, acc + b * n, oi);
+    }
+  } else {
+    dense_nt(rows, in, n, x, ldx, w, g, add);
+  }
+  if (bias)
+    for (i64 b = 0; b < rows; b++)
+      for (i64 j = 0; j < n; j++) g[b * n + j] += bias[j];
+}
+
+static KronPlan* plan_or_null(KRON_ARGS) {
+  if (n_factors == 0) return nullptr;
+  return new KronPlan(n_factors, terms, sizes, mats, in_index, out_index);
+}
+
+// ih_* and hh_*: a Kronecker sum (n_factors > 0) or none (0: w_ih / w_hh dense, or w_ih null
+// for an input product the caller computes); the weights are read through these pointers at
+// every step (the caller keeps them), the expanded factors and indices are copied
+extern "C" void* kcprnn_step_new(int mode, i64 hidden, i64 in, int ih_n, int ih_terms,
+                                 const i64* ih_sizes, const float* const* ih_mats,
+                                 const i64* ih_in, const i64* ih_out, const float* w_ih,
+                                 const float* b_ih, int hh_n, int hh_terms, const i64* hh_sizes,
+                                 const float* const* hh_mats, const i64* hh_in,
+                                 const i64* hh_out, const float* w_hh, const float* b_hh) {
+  CellStep* s = new CellStep;
+  s->mode = mode, s->hidden = hidden, s->in = in;
+  s->gates = hidden * (mode == 0 ? 4 : mode == 1 ? 3 : 1);
+  s->ih = plan_or_null(ih_n, ih_terms, ih_sizes, ih_mats, ih_in, ih_out);
+  s->hh = plan_or_null(hh_n, hh_terms, hh_sizes, hh_mats, hh_in, hh_out);
+  s->w_ih = w_ih, s->b_ih = b_ih, s->w_hh = w_hh, s->b_hh = b_hh;
+  return s;
+}
+
+extern "C" void kcprnn_step_free(void* step) { delete (CellStep*)step; }
+
+// one step on rows: x (rows, in; row stride ldx), or gx (rows, gates; row stride ldgx) = W_ih x
+// + b_ih where the step has no W_ih; h, c (rows, hidden) contiguous (c: LSTM only); writes
+// h_out and c_out (rows, hidden)
+extern "C" void kcprnn_step(const void* step, i64 rows, const float* x, i64 ldx, const float* gx,
+                            i64 ldgx, const float* h, const float* c, float* h_out,
+                            float* c_out) {
+  const CellStep& s = *(const CellStep*)step;
+  const i64 hd = s.hidden, g = s.gates;
+  thread_local std::vector<float> work;
+  i64 need = rows * 2 * g + 3 * hd + std::max(plan_work(s.ih, rows), plan_work(s.hh, rows));
+  if ((i64)work.size() < need) work.resize((size_t)need);
+  // gi, gh (rows, gates); t0 (2 hidden), t1 (hidden): per-row scratch of the cell arithmetic
+  float *gi = work.data(), *gh = gi + rows * g, *t0 = gh + rows * g, *t1 = t0 + 2 * hd;
+  float* pw = t1 + hd;
+  if (s.ih || s.w_ih) {
+    step_product(s.ih, s.w_ih, s.b_ih, rows, s.in, g, x, ldx, gi, false, pw);
+  } else {
+    for (i64 b = 0; b < rows; b++) memcpy(gi + b * g, gx + b * ldgx, sizeof(float) * g);
+  }
+  bool gru = s.mode == 1;  // GRU: W_hh h + b_hh kept apart (r multiplies its n part)
+  step_product(s.hh, s.w_hh, s.b_hh, rows, hd, g, h, hd, gru ? gh : gi, !gru, pw);
+  for (i64 b = 0; b < rows; b++) {
+    float *gb = gi + b * g, *hn = h_out + b * hd;
+    if (s.mode == 0) {
+      lstm_cell(hd, gb, c + b * hd, c_out + b * hd, t0, hn);
+    } else if (gru) {
+      gru_cell(hd, gb, gh + b * g, h + b * hd, t0, t1, hn);
+    } else {
+      rnn_act(hd, gb, s.mode == 3);
+      memcpy(hn, gb, sizeof(float) * hd);
+    }
+  }
 }

@@ -11,13 +11,14 @@ functions of :mod:`kcprnn.rnn.steps`; :meth:`RNNCellBase.input_projection` and
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
+from ._cell_step import cell_uses_dense, dense_weights, kept, native_applies, native_step
 from ._options import (
     check_arguments,
     check_input_dtype,
@@ -28,7 +29,6 @@ from ._options import (
     input_matrix_options,
 )
 from .fused import gru_sequence, lstm_sequence
-from .plan import cell_uses_dense, dense_weight
 from .steps import State, gru_step, lstm_step, rnn_step
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _Cell = TypeVar("_Cell", bound="RNNCellBase")
+_Kept = TypeVar("_Kept")
 
 
 def _from_dense(
@@ -139,9 +140,12 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        # kept between steps without gradients (kcprnn.rnn._cell_step)
         self._dense_choice: dict[tuple[Any, ...], bool] = {}
         self._dense_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
-        self._dense_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
+        self._native_cache: tuple[tuple, Any] | None = None
+        self._kept: dict[str, tuple[tuple, Any]] = {}  # kept(): name -> (weights key, value)
+        self._param_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
         self.reset_parameters()
 
     @property
@@ -190,6 +194,12 @@ class RNNCellBase(nn.Module):
         """Feature sizes of the state tensors (``(output_size,)`` or ``(output_size, hidden)``)."""
         return (self.output_size,)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles leave out what the steps keep (the compiled step holds pointers)
+        state = super().__getstate__()
+        state.update(_dense_cache=None, _native_cache=None, _param_slots=None, _kept={})
+        return state
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size:
@@ -233,7 +243,7 @@ class RNNCellBase(nn.Module):
         if self._use_dense(b):
             new = self._dense_step(x, state)  # tuple of (b, s)
         else:
-            new = self.step(self.input_projection(x), state)  # tuple of (b, s)
+            new = self._structured_step(x, state)  # tuple of (b, s)
         if not batched:
             new = tuple(t.squeeze(0) for t in new)
         return new
@@ -242,23 +252,24 @@ class RNNCellBase(nn.Module):
 
     def _use_dense(self, batch: int) -> bool:
         """Whether a step on ``batch`` rows runs on dense weights and torch's fused cell
-        (:func:`~kcprnn.rnn.plan.cell_uses_dense`; the answer depends on shapes, the matrices'
-        algorithms and cost models, and the parameters' dtype and device, which key it)."""
+        (:func:`kcprnn.rnn._cell_step.cell_uses_dense`; the answer depends on shapes, the
+        matrices' algorithms and cost models, and the parameters' dtype and device, which key
+        it)."""
         if self.weight_hr is not None or torch.compiler.is_compiling():
             return False
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         ih, hh = self.weight_ih, self.weight_hh
-        p = next(hh.parameters(), None)
+        p = self.bias_hh if self.bias_hh is not None else next(hh.parameters(), None)
         key = (
             batch,
             training,
             ih,
             hh,
-            ih.algorithm,
-            hh.algorithm,
+            ih._algorithm,
+            hh._algorithm,
             ih._cost_model,
             hh._cost_model,
-            None if p is None else (p.dtype, p.device),
+            None if p is None else (p.dtype, p.is_cpu),  # what the prices read of them
         )
         choice = self._dense_choice.get(key)
         if choice is None:
@@ -271,24 +282,35 @@ class RNNCellBase(nn.Module):
     def _dense_weights(self) -> tuple[Tensor, Tensor]:
         """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
         calls until a parameter changes (in place or replaced)."""
-        if torch.is_grad_enabled():
-            return dense_weight(self.weight_ih), dense_weight(self.weight_hh)
-        mats = (self.weight_ih, self.weight_hh)
-        slots = self._dense_slots
-        if slots is None or slots[0] is not mats[0] or slots[1] is not mats[1]:
-            # where every parameter lives, read afresh each call (a replaced one is seen)
-            found = [(d._parameters, n) for m in mats for d in m.modules() for n in d._parameters]
-            slots = self._dense_slots = (mats[0], mats[1], found)
-        key = tuple(
-            (p.data_ptr(), p._version)  # a move or a new dtype gives new storage
-            for params, name in slots[2]
-            if (p := params[name]) is not None
-        )
-        cached = self._dense_cache
-        if cached is None or cached[0] != key:
-            cached = (key, (dense_weight(self.weight_ih), dense_weight(self.weight_hh)))
-            self._dense_cache = cached
-        return cached[1]
+        return dense_weights(self)
+
+    def _kept_weight(self, name: str, build: Callable[..., _Kept], *args: Any) -> _Kept:
+        """``build(*args)``, a value made from the weights (a rebuilt matrix, a Kronecker sum's
+        factor matrices), kept under ``name`` between calls without gradients until a parameter
+        changes (:func:`kcprnn.rnn._cell_step.kept`); built afresh under autograd."""
+        return kept(self, name, lambda: build(*args))
+
+    def _structured_step(self, x: Tensor, state: State) -> State:
+        """One step through the formats' products: the compiled step where no gradient is
+        recorded and it can run (float32 on the CPU, not under ``torch.compile``), else
+        :meth:`step` on torch ops."""
+        if (
+            not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or any(t.requires_grad for t in state) or self._needs_grad())
+            )
+            and native_applies(self, x.dtype, x.is_cpu)
+            and not torch.compiler.is_compiling()  # compiled graphs trace the torch ops
+        ):
+            step = native_step(self)
+            h, c = state[0].contiguous(), state[1].contiguous() if len(state) > 1 else None
+            if step.has_ih:
+                return step(x if x.stride(-1) == 1 else x.contiguous(), h, c)
+            return step(None, h, c, gx=self.input_projection(x))
+        return self.step(self.input_projection(x), state)
+
+    def _needs_grad(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     def _dense_step(self, x: Tensor, state: State) -> State:
         """One step on dense weights through torch's fused cell."""

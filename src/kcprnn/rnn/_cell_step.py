@@ -1,0 +1,255 @@
+"""The cells' steps without gradients: the weights a step reads, kept between calls until a
+parameter changes, and the price of each way to run the step.
+
+Without autograd recording, a cell's step runs one of:
+
+- torch's fused cell (``torch.lstm_cell``, ...) on its weights rebuilt dense and kept
+  (:func:`dense_weights`);
+- the compiled step (:class:`~kcprnn._cpu.native_step.CellStep`, float32 on the CPU where the
+  kernels are built): the products of ``W_ih`` and ``W_hh`` as Kronecker sums (KCP, CP: a few
+  small factor products instead of reading every weight) or as dense matrices, both biases
+  and the cell's arithmetic in one call (:func:`native_step`);
+- the formats' own products and the step functions of :mod:`kcprnn.rnn.steps` (the route with
+  autograd, and where the kernels cannot run).
+
+Both kept objects are keyed by every parameter's storage and version counter, so an in-place
+update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
+seen at the next call. :func:`step_costs` prices the first two in the units of the cost model
+(:class:`~kcprnn._cpu.CostModel`: the compiled step as ``rnn_native_call`` op launches of
+``rnn_cell_op`` plus its products and gate arithmetic; torch's cell by its ``rnn_torch_cell``
+and ``rnn_cell_*`` fields).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .._cpu import CostModel, native
+from .._cpu.native_rnn import KronArgs
+from .._cpu.native_step import CellStep
+from ..formats import FactorizedMatrix
+from . import plan
+from .kron import kron_terms
+from .plan import dense_weight, kron_layout_cached
+
+if TYPE_CHECKING:
+    from .cells import RNNCellBase
+
+__all__ = [
+    "cell_uses_dense",
+    "dense_weights",
+    "kept",
+    "native_applies",
+    "native_step",
+    "step_costs",
+    "weights_key",
+]
+
+_CPU = torch.device("cpu")
+_T = TypeVar("_T")
+
+
+def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
+    """What the kept weights of ``cell`` depend on: the storage and version counter of every
+    parameter of ``W_ih``, ``W_hh`` and the biases (where each lives is looked up once per pair
+    of matrices; the parameters themselves are read afresh, so a replaced one is seen)."""
+    ih, hh = cell.weight_ih, cell.weight_hh
+    slots = cell._param_slots
+    if slots is None or slots[0] is not ih or slots[1] is not hh:
+        found = [(d._parameters, n) for m in (ih, hh) for d in m.modules() for n in d._parameters]
+        found += [(cell._parameters, "bias_ih"), (cell._parameters, "bias_hh")]
+        slots = cell._param_slots = (ih, hh, found)
+    # a move or a new dtype gives new storage
+    return tuple([(p.data_ptr(), p._version) for d, n in slots[2] if (p := d[n]) is not None])
+
+
+def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
+    """``build()`` (anything made from the weights of ``W_ih``, ``W_hh`` and the biases),
+    kept by ``cell`` under ``name`` between calls without gradients until a parameter changes;
+    built afresh under autograd (with its graph)."""
+    if torch.is_grad_enabled():
+        return build()
+    key = weights_key(cell)
+    found = cell._kept.get(name)
+    if found is None or found[0] != key:
+        found = cell._kept[name] = (key, build())
+    return found[1]
+
+
+def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
+    """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
+    calls until a parameter changes."""
+    if torch.is_grad_enabled():
+        return dense_weight(cell.weight_ih), dense_weight(cell.weight_hh)
+    key = weights_key(cell)
+    cached = cell._dense_cache
+    if cached is None or cached[0] != key:
+        cached = (key, (dense_weight(cell.weight_ih), dense_weight(cell.weight_hh)))
+        cell._dense_cache = cached
+    return cached[1]
+
+
+def _is_kron(matrix: FactorizedMatrix) -> bool:
+    """Whether the compiled step multiplies ``matrix`` as a Kronecker sum."""
+    return matrix.format_name in ("kcp", "cp") and matrix.algorithm != "dense"
+
+
+def _kron_args(matrix: FactorizedMatrix) -> KronArgs:
+    found = kron_layout_cached(matrix)
+    assert found is not None
+    built = kron_terms(matrix, found[0])
+    assert built is not None
+    mats, layout = built
+    return KronArgs([a.detach() for a in mats], *layout.indices(_CPU))
+
+
+def _operand(matrix: FactorizedMatrix, role: str) -> KronArgs | Tensor | None:
+    """How the compiled step reads ``matrix``: its Kronecker sum, its dense weight (the
+    parameter itself for a dense matrix, else rebuilt), or ``None`` for an input matrix in
+    another format (the step is given its product)."""
+    if _is_kron(matrix):
+        return _kron_args(matrix)
+    if matrix.format_name == "dense" or role == "hh":
+        return dense_weight(matrix).detach().contiguous()
+    return None
+
+
+def _mode(cell: RNNCellBase) -> str:
+    if cell.mode == "RNN":
+        return "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
+    return cell.mode
+
+
+def native_applies(cell: RNNCellBase, dtype: torch.dtype, cpu: bool) -> bool:
+    """Whether the compiled step runs ``cell``: a Kronecker sum (KCP, CP) for ``W_ih`` or
+    ``W_hh`` (a cell without one keeps torch's cell or the formats' products), no projection,
+    tensors of ``dtype`` on the CPU (``cpu``) in float32, the kernels built. Autograd is the
+    caller's check."""
+    return (
+        cell.weight_hr is None
+        and (_is_kron(cell.weight_hh) or _is_kron(cell.weight_ih))
+        and dtype == torch.float32
+        and cpu
+        and native.available()
+    )
+
+
+def native_step(cell: RNNCellBase) -> CellStep:
+    """The compiled step of ``cell``'s current weights, prepared once per version of them.
+    Call only without autograd recording, where :func:`native_applies` holds."""
+    key = weights_key(cell)
+    cached = cell._native_cache
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            ih = _operand(cell.weight_ih, "ih")
+            hh = _operand(cell.weight_hh, "hh")
+            step = CellStep(
+                _mode(cell),
+                cell.hidden_size,
+                cell.input_size,
+                ih,
+                cell.bias_ih,
+                hh,  # type: ignore[arg-type]
+                cell.bias_hh,
+            )
+        cached = cell._native_cache = (key, step)
+    return cached[1]
+
+
+KERNEL_WIDTH = 16
+"""Floats per vector the compiled kernel is priced for."""
+
+
+@functools.lru_cache(maxsize=256)
+def kron_step_work(ins: tuple[int, ...], outs: tuple[int, ...], terms: int) -> float:
+    """Multiply-adds per row of a product of the compiled step's Kronecker sum (``KronPlan``
+    in ``native_kron.h``), as it runs them: the factors in the order with the fewest MACs; a
+    factor followed by fewer trailing entries than a vector (and small enough) multiplies by its
+    expansion over them (that many times the MACs, whole vectors along the outputs), one
+    followed by none by dot products along its inputs, any other along its trailing axis; what
+    is left after the whole vectors runs as scalars, at an eighth of the rate."""
+    n = len(ins)
+
+    def macs(order: Sequence[int]) -> float:
+        cur, total = list(ins), 0.0
+        for k in order:
+            total += math.prod(cur[:k] + cur[k + 1 :]) * ins[k] * outs[k]
+            cur[k] = outs[k]
+        return total
+
+    best = list(range(n - 1, -1, -1))
+    if n <= 6:
+        least = macs(best)
+        for perm in itertools.permutations(range(n)):
+            if macs(perm) < least:
+                least, best = macs(perm), list(perm)
+    cur, total = list(ins), 0.0
+    for k in best:
+        pre, post = math.prod(cur[:k]), math.prod(cur[k + 1 :])
+        i, j = ins[k], outs[k]
+        work = terms * pre * i * j * post
+        if post < KERNEL_WIDTH and i * post * j * post <= 1 << 16:
+            work, width = work * post, j * post
+        else:
+            width = i if post == 1 else post
+        full = width // KERNEL_WIDTH * KERNEL_WIDTH
+        total += work * (full + 8 * (width - full)) / width
+        cur[k] = j
+    return total
+
+
+def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
+    return elements * (weight + row * batch)
+
+
+def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostModel) -> float:
+    """Price of one of the compiled step's products over ``batch`` rows."""
+    elements = matrix.in_features * matrix.out_features
+    if _is_kron(matrix):
+        found = kron_layout_cached(matrix)
+        assert found is not None
+        layout, terms = found
+        work = batch * kron_step_work(layout.in_sizes, layout.out_sizes, terms)
+        gathers = batch * layout.in_features * (layout.in_index is not None)
+        return cm.rnn_native_gemm * work + cm.rnn_cell_gather * gathers
+    if matrix.format_name == "dense" or role == "hh":
+        return _dense_product(elements, batch, cm.rnn_native_weight, cm.rnn_native_row)
+    # another format's own product, from Python
+    return cm.rnn_cell_op * 8 + cm.rnn_factorized_input * matrix.macs(batch)
+
+
+def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]:
+    """Prices of one step of ``cell`` on ``batch`` rows without gradients: ``"dense"`` (torch's
+    fused cell on the kept dense weights) and ``"native"`` (the compiled step)."""
+    ih, hh = cell.weight_ih, cell.weight_hh
+    gates = hh.out_features
+    dense = cm.rnn_torch_cell + sum(
+        _dense_product(m.in_features * m.out_features, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
+        for m in (ih, hh)
+    )
+    compiled = (
+        cm.rnn_native_call * cm.rnn_cell_op
+        + batch * gates * cm.rnn_native_gate
+        + _native_product(ih, "ih", batch, cm)
+        + _native_product(hh, "hh", batch, cm)
+    )
+    return {"dense": dense, "native": compiled}
+
+
+def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
+    """Whether one step of ``cell`` on ``batch`` rows is cheaper on its dense weights and
+    torch's fused cell than through its formats' products: without gradients, where the
+    compiled step can run, by :func:`step_costs` (ties go to torch); else by
+    :func:`kcprnn.rnn.plan.cell_uses_dense` (the products on torch ops)."""
+    p = cell.bias_hh if cell.bias_hh is not None else next(cell.weight_hh.parameters(), None)
+    if not training and p is not None and native_applies(cell, p.dtype, p.is_cpu):
+        costs = step_costs(cell, batch, cell.weight_hh.planning_model())
+        return costs["dense"] <= costs["native"]
+    return plan.cell_uses_dense(cell, batch, training)
