@@ -73,8 +73,9 @@ def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
 def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
     """``build()`` (anything made from the weights of ``W_ih``, ``W_hh`` and the biases),
     kept by ``cell`` under ``name`` between calls without gradients until a parameter changes;
-    built afresh under autograd (with its graph)."""
-    if torch.is_grad_enabled():
+    built afresh under autograd (with its graph) and inside ``torch.compile`` (which traces the
+    build into its graph)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return build()
     key = weights_key(cell)
     found = cell._kept.get(name)

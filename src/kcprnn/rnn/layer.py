@@ -118,11 +118,13 @@ def run_layer(
             )
         kron = kron_layout_cached(hh) if route == "structured" else None
         if kron is not None:
-            mats, layout = kron_terms(hh, kron[0])  # type: ignore[misc]
+            # the factor matrices, kept between calls without gradients
+            mats, layout = cell._kept_weight("kron_hh", kron_terms, hh, kron[0])  # type: ignore[misc]
             return fused_sequence(
                 cell.mode, gates_x, state, mats, bias, reverse, layout, nonlinearity
             )
-        weight = dense_weight(hh)  # (g, p); the parameter itself for a dense matrix
+        # (g, p): the parameter itself for a dense matrix; kept without gradients
+        weight = cell._kept_weight("dense_hh", dense_weight, hh)
         return fused_sequence(
             cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
         )

@@ -321,7 +321,8 @@ class RNNBase(nn.Module):
                         finals.append(final)
                         continue
                     if dense_inputs[direction]:
-                        w_ih = dense_weight(cell.weight_ih)  # (g, i), once per call
+                        # (g, i), once per call; kept between calls without gradients
+                        w_ih = cell._kept_weight("dense_ih", dense_weight, cell.weight_ih)
                         gates_x = input_projection(layer_input, w_ih, bias)  # (n, g) or 3-D
                     else:
                         gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
