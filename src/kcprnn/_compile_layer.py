@@ -23,6 +23,7 @@ from ._compile import (
     _autograd,
     _fresh,
     _keep,
+    _keep_state,
     _module,
     _no_token,
     _parameters,
@@ -343,6 +344,29 @@ def compiled_layer(
     needs[2] = grad and any(p.requires_grad for p in params)
     relu = getattr(cell, "nonlinearity", "tanh") == "relu"
     key = module_key(matrix)
+    spec: tuple[int, ...] = ()
+    if any(needs) and isinstance(rows.shape[0], int):
+        spec = _kcp_spec(matrix, rows.shape[0], needs[2])
+    if spec:  # a KCP walk: its matrices built in the graph, the rest by the eager code
+        kcp: Any = matrix  # a KCPMatrix (_kcp_spec)
+        mats = kcp_step_matrices(kcp._factor_list(), spec)
+        out, h, c, _ = _layer_kcp(
+            rows,
+            bias,
+            mats,
+            state[0],
+            c0,
+            bias_hh,
+            weight,
+            key,
+            list(spec),
+            cell.mode,
+            reverse,
+            relu,
+            batch_major,
+            needs,
+        )
+        return out, ((h, c) if cell.mode == "LSTM" else (h,))
     out, h, c, _ = _layer(
         rows,
         bias,
@@ -359,3 +383,410 @@ def compiled_layer(
         needs,
     )
     return out, ((h, c) if cell.mode == "LSTM" else (h,))
+
+
+# --- the KCP fast path: the eager product's and recurrence's own code, no autograd graph ----
+
+
+class _Ctx:
+    """What the fused recurrences' ``autograd.Function`` methods read and write of their
+    context, for calling them directly (:func:`_kcp_forward`, :func:`_kcp_backward`)."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors: tuple[Tensor, ...] = ()
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        self.saved_tensors = tensors
+
+
+def _recurrence_function(mode: str) -> Any:
+    from .rnn._fused_gru import _GRUSequence, _RNNSequence
+    from .rnn.fused import _LSTMSequence
+
+    return {"LSTM": _LSTMSequence, "GRU": _GRUSequence, "RNN": _RNNSequence}[mode]
+
+
+def _recurrence_args(
+    gates: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    reverse: bool,
+    relu: bool,
+) -> tuple[Any, ...]:
+    """The arguments :func:`~kcprnn.rnn.fused_sequence` passes to ``mode``'s function for a
+    dense recurrent ``weight``."""
+    if mode == "LSTM":
+        return (gates, h0, c0, bias_hh, reverse, None, weight)
+    if mode == "GRU":
+        return (gates, h0, bias_hh, reverse, None, weight)
+    return (gates, h0, bias_hh, reverse, relu, None, weight)
+
+
+@torch.compiler.assume_constant_result
+def _kcp_spec(matrix: Any, rows: int, training: bool) -> tuple[int, ...]:
+    """How :func:`compiled_layer` runs a KCP input product over ``rows`` rows by its
+    sequential walk (the plan eager runs with gradients: ``training`` says whether the
+    factors take them): ``(N, *order, inner, *inner_order)`` (``inner`` -1 for none), or
+    ``()`` where the walk does not apply (another format or algorithm, ``P > 1``, ``N = 1``).
+    Evaluated once while tracing."""
+    from .formats.kcp import KCPMatrix
+
+    if (
+        not isinstance(matrix, KCPMatrix)
+        or matrix.algorithm == "dense"
+        or matrix.terms != 1
+        or matrix.num_factors < 2
+    ):
+        return ()
+    plan = matrix._plan(rows, training, False, matrix.planning_model())
+    if plan.algorithm != "sequential":
+        return ()
+    inner = -1 if plan.inner is None else plan.inner
+    walk = _kcp_walk(matrix, (len(plan.order), *plan.order, inner, *plan.inner_order))
+    if tuple(step.factor for step in walk.steps) != tuple(plan.order):
+        return ()
+    return (len(plan.order), *plan.order, inner, *plan.inner_order)
+
+
+def _kcp_walk(matrix: Any, spec: Sequence[int]) -> Any:
+    """The :class:`~kcprnn.formats.kcp.layout.Walk` that ``spec`` (:func:`_kcp_spec`) names."""
+    from .formats.kcp.walk import sequential_setup
+
+    num_n = spec[0]
+    order = tuple(spec[1 : 1 + num_n])
+    inner = None if spec[1 + num_n] < 0 else spec[1 + num_n]
+    inner_order = tuple(spec[2 + num_n :])
+    return sequential_setup(
+        matrix.in_splits,
+        matrix.out_splits,
+        matrix.terms,
+        order,
+        inner,
+        inner_order,
+        matrix.planning_model(),
+    )
+
+
+def kcp_step_matrices(factors: Sequence[Sequence[Tensor]], spec: Sequence[int]) -> list[Tensor]:
+    """The matrices of the sequential walk that ``spec`` (:func:`_kcp_spec`) names, built from
+    the factors in plain operators (traced: inductor fuses them), in the walk's step order:
+    a factor's dense ``(g, f)`` matrix (``P = 1``), or for the inner last factor its suffix
+    ``(k, o, c)`` and, where the cut is not at axis 0, its prefix ``(m, a k)``."""
+    from .formats.kcp.sequential import ParallelChunks, kcp_sequential_prepare
+
+    num_n = spec[0]
+    order = tuple(spec[1 : 1 + num_n])
+    inner = None if spec[1 + num_n] < 0 else spec[1 + num_n]
+    dense = kcp_sequential_prepare(factors, order, inner, tuple(spec[2 + num_n :]))
+    flat: list[Tensor] = []
+    for n in order:
+        a = dense[n]
+        if isinstance(a, ParallelChunks):
+            flat += [a.suffix] if a.prefix is None else [a.suffix, a.prefix]
+        else:
+            flat.append(a.reshape(-1, a.shape[-1]))  # (g, f): P = 1
+    return flat
+
+
+def _kcp_forward(
+    x: Tensor,
+    bias: Tensor | None,
+    mats: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    key: int,
+    spec: Sequence[int],
+    mode: str,
+    reverse: bool,
+    relu: bool,
+    batch_major: bool,
+    needs: Sequence[bool],
+) -> tuple[Tensor, tuple[Tensor, ...], Any]:
+    """The walk over the rows of ``x`` and the fused recurrence over its output, by their
+    eager forwards without autograd: ``(out, final state, kept)``, ``kept`` what
+    :func:`_kcp_backward` needs."""
+    from .formats.kcp.backward import unflatten_matrices
+    from .formats.kcp.sequential import run_walk
+    from .formats.kcp.walk import chunk_rows
+
+    walk = _kcp_walk(_module(key), spec)
+    flat: list[Tensor | None] = list(mats)
+    if walk.inner and len(flat) == len(walk.steps):
+        flat.append(None)  # an inner product cut at axis 0: no prefix
+    steps = unflatten_matrices(walk, flat)
+    b = x.shape[0]
+    chunk = chunk_rows(b, x.shape[1], walk.steps, walk.model)
+    parts = x.split(chunk) if chunk < b else (x,)
+    saved: list[list[Any]] = []
+    with torch.no_grad():
+        outs = []
+        for part in parts:
+            saved.append([])
+            outs.append(run_walk(part, steps, walk, bias, saved[-1]))
+        gates = outs[0] if len(outs) == 1 else torch.cat(outs)  # (n, g)
+        if batch_major:  # (b, t, g) rows -> (t, b, g), as the recurrence reads them
+            g = gates.shape[1]
+            gates = gates.view(h0.shape[0], -1, g).transpose(0, 1).reshape(-1, g)  # (n, g)
+        args = _recurrence_args(gates, h0, c0, bias_hh, weight, mode, reverse, relu)
+        wanted = {"gates": True, "h0": needs[3], "c0": needs[4], "bias": needs[5]}
+        grads_needed = [
+            wanted["gates"],
+            wanted["h0"],
+            *([wanted["c0"]] if mode == "LSTM" else []),
+            bias_hh is not None and wanted["bias"],
+        ]
+        ctx = _Ctx((*grads_needed, *(False,) * (len(args) - len(grads_needed) - 1), needs[6]))
+        out, *final = _recurrence_function(mode).forward(ctx, *args)
+    return out, tuple(final), (walk, steps, [p.shape[0] for p in parts], saved, ctx)
+
+
+def _kcp_backward(
+    kept: Any,
+    grad_out: Tensor,
+    grad_h: Tensor,
+    grad_c: Tensor | None,
+    h0: Tensor,
+    mode: str,
+    batch_major: bool,
+    needs: Sequence[bool],
+) -> list[Tensor]:
+    """The gradients of :func:`_kcp_forward` by the recurrence's and the walk's hand-written
+    backwards, for the tensors ``needs`` marks (:func:`_kcp_wrt` order)."""
+    from .formats.kcp.backward import walk_backward
+    from .formats.kcp.sequential import ParallelChunks
+
+    walk, steps, sizes, saved, ctx = kept
+    grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
+    with torch.no_grad():
+        found = _recurrence_function(mode).backward(ctx, *grads)
+        dgates = found[0]  # (n, g), time-major
+        if batch_major:
+            g = dgates.shape[1]
+            dgates = dgates.view(-1, h0.shape[0], g).transpose(0, 1).reshape(-1, g)  # (n, g)
+        dgates = dgates.contiguous()
+        need_x, need_params = needs[0], needs[2]
+        grad_x: list[Tensor] = []
+        step_grads: list[Any] = [None] * len(steps)
+        offset = 0
+        for rows, kept_steps in zip(sizes, saved, strict=True):
+            part = dgates[offset : offset + rows]
+            offset += rows
+            gx, gs = walk_backward(
+                part, steps, walk, kept_steps, need_x, [need_params] * len(steps)
+            )
+            if gx is not None:
+                grad_x.append(gx)
+            if need_params:
+                for t, g_t in enumerate(gs):
+                    if step_grads[t] is None:
+                        step_grads[t] = g_t
+                    elif isinstance(g_t, tuple):
+                        step_grads[t] = tuple(
+                            None if a is None else a + b_
+                            for a, b_ in zip(step_grads[t], g_t, strict=True)
+                        )
+                    else:
+                        step_grads[t] = step_grads[t] + g_t
+    out: list[Tensor] = []
+    if need_x:
+        out.append(grad_x[0] if len(grad_x) == 1 else torch.cat(grad_x))
+    if needs[1]:
+        out.append(dgates.sum(0))
+    if need_params:
+        for mat, g_t in zip(steps, step_grads, strict=True):
+            if isinstance(mat, ParallelChunks):
+                out.append(g_t[0])
+                if mat.prefix is not None:
+                    out.append(g_t[1])
+            else:
+                out.append(g_t)
+    lstm = mode == "LSTM"
+    if needs[3]:
+        out.append(found[1])
+    if lstm and needs[4]:
+        out.append(found[2])
+    if needs[5]:
+        out.append(found[3 if lstm else 2])
+    if needs[6]:
+        out.append(found[-1])
+    return out
+
+
+@torch.library.custom_op("kcprnn::layer_kcp", mutates_args=())
+def _layer_kcp(
+    x: Tensor,
+    bias: Tensor | None,
+    mats: list[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    key: int,
+    spec: list[int],
+    mode: str,
+    reverse: bool,
+    relu: bool,
+    batch_major: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, final, kept = _kcp_forward(
+        x, bias, mats, h0, c0, bias_hh, weight, key, spec, mode, reverse, relu, batch_major, needs
+    )
+    token = _keep_state(kept)
+    # a copy: the kept state holds the sequence's outputs, which the caller may change (the
+    # compiled graph's outputs do not share the version counter that would catch it)
+    out = out.clone()
+    return out, final[0], final[1] if c0 is not None else h0.new_empty(0), token
+
+
+@_layer_kcp.register_fake
+def _layer_kcp_fake(
+    x: Tensor,
+    bias: Tensor | None,
+    mats: list[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    key: int,
+    spec: list[int],
+    mode: str,
+    reverse: bool,
+    relu: bool,
+    batch_major: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out = x.new_empty(x.shape[0], h0.shape[1])
+    c = torch.empty_like(c0) if c0 is not None else h0.new_empty(0)
+    return out, torch.empty_like(h0), c, h0.new_empty((), dtype=torch.int64)
+
+
+def _kcp_wrt(
+    x: Tensor,
+    bias: Tensor | None,
+    mats: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor]:
+    return _layer_wrt(x, bias, mats, h0, c0, bias_hh, weight, needs)
+
+
+@torch.library.custom_op("kcprnn::layer_kcp_backward", mutates_args=())
+def _layer_kcp_backward(
+    grad_out: Tensor,
+    grad_h: Tensor,
+    grad_c: Tensor | None,
+    token: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    mats: list[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    key: int,
+    spec: list[int],
+    mode: str,
+    reverse: bool,
+    relu: bool,
+    batch_major: bool,
+    needs: list[bool],
+) -> list[Tensor]:
+    kept = _take(token)
+    if kept is None:  # none kept: run the forward again
+        kept = _kcp_forward(
+            x,
+            bias,
+            mats,
+            h0,
+            c0,
+            bias_hh,
+            weight,
+            key,
+            spec,
+            mode,
+            reverse,
+            relu,
+            batch_major,
+            needs,
+        )[2]
+    return _kcp_backward(kept, grad_out, grad_h, grad_c, h0, mode, batch_major, needs)
+
+
+@_layer_kcp_backward.register_fake
+def _layer_kcp_backward_fake(
+    grad_out: Tensor,
+    grad_h: Tensor,
+    grad_c: Tensor | None,
+    token: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    mats: list[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    key: int,
+    spec: list[int],
+    mode: str,
+    reverse: bool,
+    relu: bool,
+    batch_major: bool,
+    needs: list[bool],
+) -> list[Tensor]:
+    return [torch.empty_like(t) for t in _kcp_wrt(x, bias, mats, h0, c0, bias_hh, weight, needs)]
+
+
+def _layer_kcp_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, bias, mats, h0, c0, bias_hh, weight, key, spec, *options = inputs
+    ctx.save_for_backward(x, bias, h0, c0, bias_hh, weight, output[3], *mats)
+    ctx.key, ctx.spec, ctx.options = key, spec, options
+
+
+def _layer_kcp_grad(
+    ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, _token_grad: Any
+) -> tuple:
+    x, bias, h0, c0, bias_hh, weight, token, *mats = ctx.saved_tensors
+    needs = ctx.options[-1]
+    if grad_out is None:
+        grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
+    grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
+    if c0 is not None:
+        grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
+    grads = iter(
+        _layer_kcp_backward(
+            grad_out.contiguous(),
+            grad_h.contiguous(),
+            grad_c.contiguous() if c0 is not None else None,
+            token,
+            x,
+            bias,
+            mats,
+            h0,
+            c0,
+            bias_hh,
+            weight,
+            ctx.key,
+            ctx.spec,
+            *ctx.options,
+        )
+    )
+    out: list[Any] = []
+    for t, need in zip((x, bias, mats, h0, c0, bias_hh, weight), needs, strict=True):
+        if isinstance(t, list):
+            out.append([next(grads) for _ in t] if need else None)
+        else:
+            out.append(next(grads) if need and t is not None else None)
+    return (*out, *(None,) * 7)
+
+
+_layer_kcp.register_autograd(_layer_kcp_grad, setup_context=_layer_kcp_setup)
