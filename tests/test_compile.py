@@ -431,7 +431,7 @@ def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, k
     b, t = 2, 3
     shape = (b, t, i) if batch_major else (t, b, i)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    spec = _compile_layer._kcp_spec(cell.weight_ih, b * t, True)
+    spec = _compile_layer._kcp_spec(cell.weight_ih, b * t, True, False)
     assert spec  # the fast path runs
     walk = _compile_layer._kcp_walk(cell.weight_ih, spec)
     assert walk.inner == (case == "blocked")
@@ -524,4 +524,10 @@ def test_compiled_kcp_walk_matches_eager():
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], **TOL, msg=name)
+    assert not _compile._KEPT
+    with torch.no_grad():  # the inference plan's walk, nothing kept
+        ref = model(x)["kcp"]
+        got = compiled(x)["kcp"]
+    for k, (a, b) in enumerate(zip(got, ref, strict=True)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"inference output {k}")
     assert not _compile._KEPT

@@ -345,8 +345,8 @@ def compiled_layer(
     relu = getattr(cell, "nonlinearity", "tanh") == "relu"
     key = module_key(matrix)
     spec: tuple[int, ...] = ()
-    if any(needs) and isinstance(rows.shape[0], int):
-        spec = _kcp_spec(matrix, rows.shape[0], needs[2])
+    if isinstance(rows.shape[0], int):
+        spec = _kcp_spec(matrix, rows.shape[0], needs[2], not torch.is_grad_enabled())
     if spec:  # a KCP walk: its matrices built in the graph, the rest by the eager code
         kcp: Any = matrix  # a KCPMatrix (_kcp_spec)
         mats = kcp_step_matrices(kcp._factor_list(), spec)
@@ -427,12 +427,13 @@ def _recurrence_args(
 
 
 @torch.compiler.assume_constant_result
-def _kcp_spec(matrix: Any, rows: int, training: bool) -> tuple[int, ...]:
+def _kcp_spec(matrix: Any, rows: int, training: bool, prepared: bool) -> tuple[int, ...]:
     """How :func:`compiled_layer` runs a KCP input product over ``rows`` rows by its
-    sequential walk (the plan eager runs with gradients: ``training`` says whether the
-    factors take them): ``(N, *order, inner, *inner_order)`` (``inner`` -1 for none), or
-    ``()`` where the walk does not apply (another format or algorithm, ``P > 1``, ``N = 1``).
-    Evaluated once while tracing."""
+    sequential walk, the plan eager runs (``training``: the factors take gradients;
+    ``prepared``: autograd is off, :meth:`~kcprnn.formats.KCPMatrix.plan`):
+    ``(N, *order, inner, *inner_order)`` (``inner`` -1 for none), or ``()`` where the walk
+    does not apply (another format or algorithm, ``P > 1``, ``N = 1``). Evaluated once while
+    tracing."""
     from .formats.kcp import KCPMatrix
 
     if (
@@ -442,7 +443,7 @@ def _kcp_spec(matrix: Any, rows: int, training: bool) -> tuple[int, ...]:
         or matrix.num_factors < 2
     ):
         return ()
-    plan = matrix._plan(rows, training, False, matrix.planning_model())
+    plan = matrix._plan(rows, training, prepared, matrix.planning_model())
     if plan.algorithm != "sequential":
         return ()
     inner = -1 if plan.inner is None else plan.inner
@@ -528,7 +529,8 @@ def _kcp_forward(
         outs = []
         for part in parts:
             saved.append([])
-            outs.append(run_walk(part, steps, walk, bias, saved[-1]))
+            # without gradients nothing is saved (the walk then reuses its buffers)
+            outs.append(run_walk(part, steps, walk, bias, saved[-1] if any(needs) else None))
         gates = outs[0] if len(outs) == 1 else torch.cat(outs)  # (n, g)
         if batch_major:  # (b, t, g) rows -> (t, b, g), as the recurrence reads them
             g = gates.shape[1]
@@ -638,6 +640,8 @@ def _layer_kcp(
     out, final, kept = _kcp_forward(
         x, bias, mats, h0, c0, bias_hh, weight, key, spec, mode, reverse, relu, batch_major, needs
     )
+    if not any(needs):
+        return out, final[0], final[1] if c0 is not None else h0.new_empty(0), _no_token()
     token = _keep_state(kept)
     # a copy: the kept state holds the sequence's outputs, which the caller may change (the
     # compiled graph's outputs do not share the version counter that would catch it)
