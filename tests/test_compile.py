@@ -531,3 +531,26 @@ def test_compiled_kcp_walk_matches_eager():
     for k, (a, b) in enumerate(zip(got, ref, strict=True)):
         torch.testing.assert_close(a, b, **TOL, msg=f"inference output {k}")
     assert not _compile._KEPT
+
+
+def test_dynamic_batch_matches_eager():
+    """``dynamic=True``: with a symbolic number of rows the KCP walk is not planned while
+    tracing (the general ``kcprnn::layer`` runs); two batch sizes, training and inference."""
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2)
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    for b in (3, 5):
+        x = torch.randn(b, 4, INPUT)
+        for fn in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            out = fn(x)[0]
+            out.sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            with torch.no_grad():
+                infer = fn(x)[0]
+            if fn is model:
+                ref = (out.detach(), grads, infer)
+        torch.testing.assert_close(out.detach(), ref[0], **TOL)
+        torch.testing.assert_close(infer, ref[2], **TOL)
+        for a, r in zip(grads, ref[1], strict=True):
+            torch.testing.assert_close(a, r, **TOL)

@@ -350,7 +350,7 @@ def compiled_layer(
     if spec:  # a KCP walk: its matrices built in the graph, the rest by the eager code
         kcp: Any = matrix  # a KCPMatrix (_kcp_spec)
         mats = kcp_step_matrices(kcp._factor_list(), spec)
-        out, h, c, _ = _layer_kcp(
+        out, h, c, _ = torch.ops.kcprnn.layer_kcp.default(
             rows,
             bias,
             mats,
@@ -447,10 +447,18 @@ def _kcp_spec(matrix: Any, rows: int, training: bool, prepared: bool) -> tuple[i
     if plan.algorithm != "sequential":
         return ()
     inner = -1 if plan.inner is None else plan.inner
-    walk = _kcp_walk(matrix, (len(plan.order), *plan.order, inner, *plan.inner_order))
+    spec = (len(plan.order), *plan.order, inner, *plan.inner_order)
+    walk = _kcp_walk(matrix, spec)
     if tuple(step.factor for step in walk.steps) != tuple(plan.order):
         return ()
-    return (len(plan.order), *plan.order, inner, *plan.inner_order)
+    if len(_WALKS) >= 256:
+        _WALKS.clear()
+    _WALKS[(module_key(matrix), *spec)] = walk  # the walk the graph's matrices are built for
+    return spec
+
+
+_WALKS: dict[tuple[int, ...], Any] = {}
+"""The walks :func:`_kcp_spec` planned, by module key and spec."""
 
 
 def _kcp_walk(matrix: Any, spec: Sequence[int]) -> Any:
@@ -516,7 +524,9 @@ def _kcp_forward(
     from .formats.kcp.sequential import run_walk
     from .formats.kcp.walk import chunk_rows
 
-    walk = _kcp_walk(_module(key), spec)
+    walk = _WALKS.get((key, *spec))
+    if walk is None:
+        walk = _kcp_walk(_module(key), spec)
     flat: list[Tensor | None] = list(mats)
     if walk.inner and len(flat) == len(walk.steps):
         flat.append(None)  # an inner product cut at axis 0: no prefix
@@ -559,7 +569,7 @@ def _kcp_backward(
     needs: Sequence[bool],
 ) -> list[Tensor]:
     """The gradients of :func:`_kcp_forward` by the recurrence's and the walk's hand-written
-    backwards, for the tensors ``needs`` marks (:func:`_kcp_wrt` order)."""
+    backwards, for the tensors ``needs`` marks (:func:`_layer_wrt` order)."""
     from .formats.kcp.backward import walk_backward
     from .formats.kcp.sequential import ParallelChunks
 
@@ -620,7 +630,24 @@ def _kcp_backward(
     return out
 
 
-@torch.library.custom_op("kcprnn::layer_kcp", mutates_args=())
+# ``kcprnn::layer_kcp`` and its backward are registered on a plain ``torch.library.Library``
+# (a schema, a kernel, a fake kernel, an autograd kernel) rather than through
+# ``torch.library.custom_op``, whose wrappers (argument trees, aliasing checks, a dynamo guard
+# around the kernel) run at every call of the compiled graph.
+
+_LIB = torch.library.Library("kcprnn", "FRAGMENT")
+_KCP_ARGS = (
+    "Tensor x, Tensor? bias, Tensor[] mats, Tensor h0, Tensor? c0, Tensor? bias_hh, "
+    "Tensor weight, int key, int[] spec, str mode, bool reverse, bool relu, bool batch_major, "
+    "bool[] needs"
+)
+_LIB.define(f"layer_kcp({_KCP_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(
+    f"layer_kcp_backward(Tensor grad_out, Tensor grad_h, Tensor? grad_c, Tensor token, "
+    f"{_KCP_ARGS}) -> Tensor[]"
+)
+
+
 def _layer_kcp(
     x: Tensor,
     bias: Tensor | None,
@@ -649,7 +676,6 @@ def _layer_kcp(
     return out, final[0], final[1] if c0 is not None else h0.new_empty(0), token
 
 
-@_layer_kcp.register_fake
 def _layer_kcp_fake(
     x: Tensor,
     bias: Tensor | None,
@@ -671,20 +697,6 @@ def _layer_kcp_fake(
     return out, torch.empty_like(h0), c, h0.new_empty((), dtype=torch.int64)
 
 
-def _kcp_wrt(
-    x: Tensor,
-    bias: Tensor | None,
-    mats: Sequence[Tensor],
-    h0: Tensor,
-    c0: Tensor | None,
-    bias_hh: Tensor | None,
-    weight: Tensor,
-    needs: Sequence[bool],
-) -> list[Tensor]:
-    return _layer_wrt(x, bias, mats, h0, c0, bias_hh, weight, needs)
-
-
-@torch.library.custom_op("kcprnn::layer_kcp_backward", mutates_args=())
 def _layer_kcp_backward(
     grad_out: Tensor,
     grad_h: Tensor,
@@ -726,7 +738,6 @@ def _layer_kcp_backward(
     return _kcp_backward(kept, grad_out, grad_h, grad_c, h0, mode, batch_major, needs)
 
 
-@_layer_kcp_backward.register_fake
 def _layer_kcp_backward_fake(
     grad_out: Tensor,
     grad_h: Tensor,
@@ -747,50 +758,83 @@ def _layer_kcp_backward_fake(
     batch_major: bool,
     needs: list[bool],
 ) -> list[Tensor]:
-    return [torch.empty_like(t) for t in _kcp_wrt(x, bias, mats, h0, c0, bias_hh, weight, needs)]
+    wrt = _layer_wrt(x, bias, mats, h0, c0, bias_hh, weight, needs)
+    return [torch.empty_like(t) for t in wrt]
 
 
-def _layer_kcp_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    x, bias, mats, h0, c0, bias_hh, weight, key, spec, *options = inputs
-    ctx.save_for_backward(x, bias, h0, c0, bias_hh, weight, output[3], *mats)
-    ctx.key, ctx.spec, ctx.options = key, spec, options
+class _LayerKCP(torch.autograd.Function):
+    """``kcprnn::layer_kcp`` under autograd (its autograd kernel): the operator below
+    autograd, its gradients by ``kcprnn::layer_kcp_backward``. Arguments: the tensors, the
+    options ``(key, spec, mode, reverse, relu, batch_major, needs)``, then the matrices."""
 
+    @staticmethod
+    def forward(ctx, x, bias, h0, c0, bias_hh, weight, options, *mats):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, h, c, token = torch.ops.kcprnn.layer_kcp.default(
+                x, bias, list(mats), h0, c0, bias_hh, weight, *options
+            )
+        ctx.save_for_backward(x, bias, h0, c0, bias_hh, weight, token, *mats)
+        ctx.options = options
+        ctx.mark_non_differentiable(token)
+        return out, h, c, token
 
-def _layer_kcp_grad(
-    ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, _token_grad: Any
-) -> tuple:
-    x, bias, h0, c0, bias_hh, weight, token, *mats = ctx.saved_tensors
-    needs = ctx.options[-1]
-    if grad_out is None:
-        grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
-    grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
-    if c0 is not None:
-        grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
-    grads = iter(
-        _layer_kcp_backward(
-            grad_out.contiguous(),
-            grad_h.contiguous(),
-            grad_c.contiguous() if c0 is not None else None,
-            token,
-            x,
-            bias,
-            mats,
-            h0,
-            c0,
-            bias_hh,
-            weight,
-            ctx.key,
-            ctx.spec,
-            *ctx.options,
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_c, _token_grad):
+        x, bias, h0, c0, bias_hh, weight, token, *mats = ctx.saved_tensors
+        needs = ctx.options[-1]
+        if grad_out is None:
+            grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
+        grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
+        if c0 is not None:
+            grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
+        grads = iter(
+            torch.ops.kcprnn.layer_kcp_backward.default(
+                grad_out.contiguous(),
+                grad_h.contiguous(),
+                grad_c.contiguous() if c0 is not None else None,
+                token,
+                x,
+                bias,
+                mats,
+                h0,
+                c0,
+                bias_hh,
+                weight,
+                *ctx.options,
+            )
         )
-    )
-    out: list[Any] = []
-    for t, need in zip((x, bias, mats, h0, c0, bias_hh, weight), needs, strict=True):
-        if isinstance(t, list):
-            out.append([next(grads) for _ in t] if need else None)
-        else:
-            out.append(next(grads) if need and t is not None else None)
-    return (*out, *(None,) * 7)
+        single = [
+            next(grads) if need and t is not None else None
+            for t, need in zip((x, bias), needs[:2], strict=True)
+        ]
+        grad_mats = [next(grads) for _ in mats] if needs[2] else [None] * len(mats)
+        rest = [
+            next(grads) if need and t is not None else None
+            for t, need in zip((h0, c0, bias_hh, weight), needs[3:], strict=True)
+        ]
+        return (*single, *rest, None, *grad_mats)
 
 
-_layer_kcp.register_autograd(_layer_kcp_grad, setup_context=_layer_kcp_setup)
+def _layer_kcp_autograd(
+    x: Tensor,
+    bias: Tensor | None,
+    mats: list[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    *options: Any,
+) -> Any:
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(
+        x, bias, h0, c0, bias_hh, weight, *mats
+    ):
+        return _LayerKCP.apply(x, bias, h0, c0, bias_hh, weight, options, *mats)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.kcprnn.layer_kcp.default(x, bias, mats, h0, c0, bias_hh, weight, *options)
+
+
+_LIB.impl("layer_kcp", _layer_kcp, "CompositeExplicitAutograd")
+_LIB.impl("layer_kcp", _layer_kcp_autograd, "Autograd")
+_LIB.impl("layer_kcp_backward", _layer_kcp_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("kcprnn::layer_kcp", _layer_kcp_fake, lib=_LIB)
+torch.library.register_fake("kcprnn::layer_kcp_backward", _layer_kcp_backward_fake, lib=_LIB)
