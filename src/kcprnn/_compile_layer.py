@@ -6,9 +6,19 @@ factorized (:func:`compiled_layer`): the input product over all steps' rows, the
 time-major and the fused sequence. Its backward ``kcprnn::layer_backward`` differentiates the
 kept graph once and returns only the gradients that are needed. One operator instead of two
 saves a dispatch, a nested ``autograd.grad`` and the graph's kernels between them in each
-direction.
+direction. The graph is kept and recomputed the way :mod:`kcprnn._compile` does for its
+operators.
 
-The graph is kept and recomputed the way :mod:`kcprnn._compile` does for its operators.
+Where ``W_ih`` is a KCP matrix whose product runs the sequential walk (``P = 1``, ``N > 1``,
+the walk planned for a static number of rows; :func:`_kcp_spec`), the direction is
+``kcprnn::layer_kcp`` instead: the walk's small matrices are built from the factors in the
+graph (:func:`kcp_step_matrices`: plain operators, which inductor fuses into a kernel and AOT
+autograd differentiates), and the operator calls the walk's and the fused recurrence's own
+forward code directly, without autograd (:func:`_kcp_forward`); what their hand-written
+backwards need is kept under a token for ``kcprnn::layer_kcp_backward``, which calls them
+(:func:`_kcp_backward`; recomputed where none is kept). No fresh leaves, no autograd graph, no
+nested ``autograd.grad``. Both operators are registered on a plain ``torch.library.Library``
+(their wrappers cost less per call than ``torch.library.custom_op``'s).
 """
 
 from __future__ import annotations
