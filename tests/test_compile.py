@@ -134,7 +134,12 @@ def test_products_are_opaque_nodes():
     FactorizedLinear is one kcprnn::product; none of the KCP planner's small operators."""
     model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="kcp")
     targets = _traced_targets(model, torch.randn(2, 3, INPUT))
-    assert targets.count("kcprnn.layer.default") == 2  # each direction
+    # each direction; a KCP walk (P = 1) as kcprnn::layer_kcp, its matrices built in the graph
+    assert targets.count("kcprnn.layer_kcp.default") == 2
+    assert not any(t.startswith(("kcprnn.product", "kcprnn.recurrence")) for t in targets)
+    tt = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="tt")
+    targets = _traced_targets(tt, torch.randn(2, 3, INPUT))
+    assert targets.count("kcprnn.layer.default") == 2
     assert not any(t.startswith(("kcprnn.product", "kcprnn.recurrence")) for t in targets)
     assert not any("mkldnn" in t for t in targets)
 
@@ -374,3 +379,178 @@ def test_exported_kcp_product_equals_the_format(options):
     x = torch.randn(5, 24, dtype=torch.float64)
     bias = torch.randn(12, dtype=torch.float64)
     torch.testing.assert_close(_compile.exported_product(matrix, x, bias), matrix(x, bias))
+
+
+UCF_BLOCKED = {"in_modes": [[8, 1], [20, 1], [1, 20], [1, 18]]}
+UCF_BLOCKED["out_modes"] = [[8, 2], [4, 1], [4, 1], [4, 1]]
+
+
+def _kcp_cell(case: str, cell_type: str):
+    """A float64 cell whose KCP W_ih runs the sequential walk of ``case``: ``small`` (two
+    factors, a swap), ``blocked`` (the paper's blocked UCF11 split: its last factor as its own
+    CP product, cut inside) or ``chunked`` (the rows in chunks of two)."""
+    import dataclasses
+
+    from kcprnn._cpu.cost import default_cost_model
+
+    cls = {"LSTM": kcprnn.LSTMCell, "GRU": kcprnn.GRUCell, "RNN": kcprnn.RNNCell}[cell_type]
+    if case == "blocked":
+        return cls(57600, 256, format="kcp", rank=2, dtype=torch.float64, **UCF_BLOCKED)
+    options: dict = {"hidden_format": "kcp"}
+    if case == "chunked":
+        model = dataclasses.replace(default_cost_model(), gather_chunk=50)
+        options = {"algorithm": "sequential", "cost_model": model}
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[cell_type]
+        options |= {"in_modes": [[2, 3], [2, 2]], "out_modes": [[gates, 3], [1, 1]]}
+        return cls(24, 3, format="kcp", rank=2, dtype=torch.float64, **options)
+    return cls(6, 3, format="kcp", rank=2, dtype=torch.float64, **options)
+
+
+@pytest.mark.parametrize(
+    ("cell_type", "batch_major", "reverse", "kept", "case"),
+    [
+        ("LSTM", True, False, True, "blocked"),
+        ("LSTM", False, True, False, "small"),
+        ("GRU", True, True, True, "chunked"),
+        ("GRU", False, False, False, "small"),
+        ("RNN", True, False, True, "small"),
+        ("RNN", False, True, False, "chunked"),
+    ],
+)
+def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, kept, case):
+    """``kcprnn::layer_kcp`` (a KCP walk's matrices from the graph, the walk's and the fused
+    recurrence's own forward and backward) against the same layer in eager autograd, in
+    float64: outputs and the gradients of the input, the folded input bias, the factors, the
+    initial state and both recurrent weights; its backward from the kept state and, where
+    none is kept, from a recomputation."""
+    from kcprnn.formats.kcp.walk import chunk_rows
+
+    torch.manual_seed(0)
+    cell = _kcp_cell(case, cell_type)
+    i = cell.weight_ih.in_features
+    b, t = 2, 3
+    shape = (b, t, i) if batch_major else (t, b, i)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    spec = _compile_layer._kcp_spec(cell.weight_ih, b * t, True, False)
+    assert spec  # the fast path runs
+    walk = _compile_layer._kcp_walk(cell.weight_ih, spec)
+    assert walk.inner == (case == "blocked")
+    assert (chunk_rows(b * t, i, walk.steps, walk.model) < b * t) == (case == "chunked")
+    sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (cell.hidden_size,)
+    state = tuple(torch.randn(b, s, dtype=torch.float64, requires_grad=True) for s in sizes)
+    fold = cell_type != "GRU"
+    bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih
+    wrt = [x, *state, *cell.parameters()]
+    _compile._KEPT.clear()
+
+    out, final = _compile_layer.compiled_layer(cell, x, bias, state, reverse, batch_major, fold)
+    if not kept:
+        _compile._KEPT.clear()
+    grads_out = [torch.randn_like(out), *(torch.randn_like(f) for f in final)]
+    got = torch.autograd.grad([out, *final], wrt, grads_out, allow_unused=True)
+
+    gates = cell.weight_ih(x.reshape(-1, i), bias)  # (n, g)
+    if batch_major:
+        gates = gates.view(b, t, -1).transpose(0, 1).reshape(b * t, -1)
+    ref_out, ref_final = kcprnn.rnn.fused_sequence(
+        cell_type,
+        gates,
+        state,
+        [kcprnn.rnn.kron.rebuild(cell.weight_hh)],
+        None if fold else cell.bias_hh,
+        reverse,
+        None,
+        getattr(cell, "nonlinearity", "tanh"),
+    )
+    ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads_out, allow_unused=True)
+    torch.testing.assert_close(out, ref_out)
+    for a, r in zip(final, ref_final, strict=True):
+        torch.testing.assert_close(a, r)
+    for a, r, tensor in zip(got, ref, wrt, strict=True):
+        assert r is not None, tuple(tensor.shape)
+        torch.testing.assert_close(a, r)
+    assert not _compile._KEPT  # the kept state was taken by its backward
+
+
+def test_compiled_kcp_output_changed_in_place_keeps_gradients():
+    """The state kept for the backward is the operator's own: changing the compiled layer's
+    output in place before the backward leaves the gradients as they were."""
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 5, INPUT)
+
+    def grads(change: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        y, (h, c) = compiled(x)
+        if change:  # the same memory, unseen by autograd
+            y.detach().mul_(2)
+            h.detach().add_(1)
+            c.detach().add_(1)
+        (y.sum() + h.sum() + c.sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not _compile._KEPT
+
+
+def test_compiled_kcp_walk_matches_eager():
+    """A two-layer bidirectional KCP LSTM (P = 1: every direction a kcprnn::layer_kcp, its
+    walk's matrices built by inductor) and a GRU, compiled in one graph, against eager:
+    outputs and every parameter's gradient."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = kcprnn.LSTM(
+                INPUT, HIDDEN, 2, batch_first=True, bidirectional=True, format="kcp", rank=2
+            )
+            self.gru = kcprnn.GRU(INPUT, HIDDEN, format="kcp", rank=2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+            y, (h, c) = self.lstm(x)
+            z, g = self.gru(x.transpose(0, 1))
+            return {"kcp": [y, h, c, z, g]}
+
+    torch.manual_seed(0)
+    model = Two()
+    x = torch.randn(3, 5, INPUT)
+    ref_out, ref_grads = outputs_and_grads(model, model, x)
+    compiled = torch.compile(model, fullgraph=True)
+    out, grads = outputs_and_grads(model, compiled, x)
+    for k, (a, b) in enumerate(zip(out["kcp"], ref_out["kcp"], strict=True)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"output {k}")
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **TOL, msg=name)
+    assert not _compile._KEPT
+    with torch.no_grad():  # the inference plan's walk, nothing kept
+        ref = model(x)["kcp"]
+        got = compiled(x)["kcp"]
+    for k, (a, b) in enumerate(zip(got, ref, strict=True)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"inference output {k}")
+    assert not _compile._KEPT
+
+
+def test_dynamic_batch_matches_eager():
+    """``dynamic=True``: with a symbolic number of rows the KCP walk is not planned while
+    tracing (the general ``kcprnn::layer`` runs); two batch sizes, training and inference."""
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2)
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    for b in (3, 5):
+        x = torch.randn(b, 4, INPUT)
+        for fn in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            out = fn(x)[0]
+            out.sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            with torch.no_grad():
+                infer = fn(x)[0]
+            if fn is model:
+                ref = (out.detach(), grads, infer)
+        torch.testing.assert_close(out.detach(), ref[0], **TOL)
+        torch.testing.assert_close(infer, ref[2], **TOL)
+        for a, r in zip(grads, ref[1], strict=True):
+            torch.testing.assert_close(a, r, **TOL)

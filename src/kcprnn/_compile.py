@@ -18,7 +18,8 @@ only the graph around them, which takes seconds at any layer size.
   :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight, its graph kept the same
   way for ``kcprnn::recurrence_backward`` (the hand-written backward through time).
 - ``kcprnn::layer``: a direction's input product and fused recurrence in one operator
-  (:mod:`kcprnn._compile_layer`).
+  (:mod:`kcprnn._compile_layer`); ``kcprnn::layer_kcp`` the same for a KCP walk, its small
+  matrices built in the graph and its bodies called without autograd.
 
 The operators' inputs are saved for the backward, so the compiled graph keeps them alive and
 unchanged while a kept graph reads them.
@@ -156,7 +157,7 @@ def _fresh(t: Tensor, inputs: Sequence[Tensor | None] | set[int]) -> Tensor:
 
 # --- autograd graphs kept from a forward operator for its backward ----------------------------
 
-_KEPT: OrderedDict[int, tuple[Sequence[Tensor], Sequence[Tensor]]] = OrderedDict()
+_KEPT: OrderedDict[int, Any] = OrderedDict()
 _KEEP_LIMIT = 64
 _TOKENS = itertools.count(1)
 
@@ -166,8 +167,13 @@ def _keep(outputs: Sequence[Tensor], wrt: Sequence[Tensor]) -> Tensor:
     its token (a 0-d int64 tensor, an output of the forward operator). The graph is dropped
     with the token (when the autograd graph that saved it is freed), and at most
     :data:`_KEEP_LIMIT` are kept (the oldest are dropped: their backward recomputes)."""
+    return _keep_state((outputs, wrt))
+
+
+def _keep_state(state: Any) -> Tensor:
+    """:func:`_keep` for any ``state`` the backward operator needs (its token)."""
     token = next(_TOKENS)
-    _KEPT[token] = (outputs, wrt)
+    _KEPT[token] = state
     while len(_KEPT) > _KEEP_LIMIT:
         _KEPT.popitem(last=False)
     value = torch.tensor(token)
@@ -175,8 +181,9 @@ def _keep(outputs: Sequence[Tensor], wrt: Sequence[Tensor]) -> Tensor:
     return value
 
 
-def _take(token: Tensor) -> tuple[Sequence[Tensor], Sequence[Tensor]] | None:
-    """The graph kept under ``token``, removed (a second backward recomputes), or ``None``."""
+def _take(token: Tensor) -> Any:
+    """What is kept under ``token`` (:func:`_keep`, :func:`_keep_state`), removed (a second
+    backward recomputes), or ``None``."""
     value = int(token)
     return _KEPT.pop(value, None) if value else None
 
