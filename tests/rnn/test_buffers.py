@@ -63,6 +63,19 @@ def test_pool_holds_at_most_pool_max_elements(pool_everything, monkeypatch):
     assert _buffers._pool() == []
 
 
+def test_dropping_a_buffer_behind_others_of_other_sizes(pool_everything, monkeypatch):
+    # the dropped buffer is not the pool's first: list.remove would compare tensors of
+    # different sizes elementwise and raise
+    monkeypatch.setattr(_buffers, "POOL_MAX", 100)
+    keep = _empty(10)
+    big = _empty(60)
+    ptr_keep = keep.data_ptr()
+    del big
+    c = _empty(50)  # 10 + 60 + 50 > 100: the unused 60 goes, the 10 in use stays
+    assert [b.numel() for b in _buffers._pool()] == [10, 50]
+    assert _buffers._pool()[0].data_ptr() == ptr_keep and c.numel() == 50
+
+
 def test_small_and_other_device_requests_are_not_pooled(monkeypatch):
     _buffers.release_buffers()
     monkeypatch.setattr(_buffers, "POOL_MIN", 64)

@@ -73,7 +73,8 @@ def pooled_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
             if held + numel <= POOL_MAX:
                 break
             if _unused(buf):
-                pool.remove(buf)
+                # by identity: list.remove would compare tensors elementwise
+                del pool[next(i for i, b in enumerate(pool) if b is buf)]
                 held -= buf.numel()
     with torch.inference_mode(False):  # a normal tensor even when called in inference mode
         buf = torch.empty(numel, dtype=dtype, device=device)
