@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import kcprnn
 from kcprnn.cli import main as cli_main
 from kcprnn.data.speech import (
     CHARACTERS,
@@ -254,6 +255,40 @@ def test_presets_every_format_and_budgets(task):
     for fmt in FORMATS[1:]:
         assert counts[fmt]["recurrent_dense_params"] == dense
         assert counts[fmt]["recurrent_compression"] >= 100, (task, fmt)
+
+
+def test_empty_hidden_modes_leave_each_format_its_own_modes():
+    # hidden_modes = [] in a preset: the modes each format picks itself, as kcprnn.LSTM does
+    # when given none, not an error
+    cfg = load_config(
+        CONFIGS / "timit-like_kcp.toml",
+        [
+            "--hidden_size=32",
+            "--hidden_modes=[]",
+            "--format_options.rank=0.05",
+            "--hidden_options.rank=0.05",
+        ],
+    )
+    assert cfg.hidden_modes == ()
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, 369, 60)
+    torch.manual_seed(0)
+    reference = kcprnn.LSTM(
+        369,
+        32,
+        batch_first=True,
+        bidirectional=True,
+        format="kcp",
+        hidden_format="kcp",
+        hidden_options={"rank": 0.05},
+        rank=0.05,
+    )
+    for direction in range(2):
+        ours, ref = model.rnn.cell(0, direction), reference.cell(0, direction)
+        for name in ("weight_ih", "weight_hh"):
+            a, b = getattr(ours, name), getattr(ref, name)
+            assert a.num_params == b.num_params
+            torch.testing.assert_close(a.to_dense(), b.to_dense())
 
 
 @pytest.mark.skipif(not LIBRIVOX.is_dir(), reason="Debian package pocketsphinx-testdata is missing")
