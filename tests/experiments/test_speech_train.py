@@ -211,7 +211,7 @@ def test_timit_like_standin_and_training(tmp_path):
                 "--utterances_per_speaker=2",
                 "--eval_utterances_per_speaker=1",
                 "--hidden_size=16",
-                "--hidden_modes=[4,4]",
+                "--hidden_modes=[2,2,4]",  # as many modes as the preset's in_modes [3, 3, 41]
                 "--no-progress",
             ]
         )
