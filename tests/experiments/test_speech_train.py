@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import kcprnn
 from kcprnn.cli import main as cli_main
 from kcprnn.data.speech import (
     CHARACTERS,
@@ -210,7 +211,7 @@ def test_timit_like_standin_and_training(tmp_path):
                 "--utterances_per_speaker=2",
                 "--eval_utterances_per_speaker=1",
                 "--hidden_size=16",
-                "--hidden_modes=[4,4]",
+                "--hidden_modes=[2,2,4]",  # as many modes as the preset's in_modes [3, 3, 41]
                 "--no-progress",
             ]
         )
@@ -254,6 +255,58 @@ def test_presets_every_format_and_budgets(task):
     for fmt in FORMATS[1:]:
         assert counts[fmt]["recurrent_dense_params"] == dense
         assert counts[fmt]["recurrent_compression"] >= 100, (task, fmt)
+
+
+def test_timit_like_kcp_preset_is_a_sum_of_three_kronecker_products_over_the_input_layout():
+    # 369 inputs = (3 frames x 3 derivative orders) x 41 bands; W_ih = sum_p A_p (64 x 9) kron
+    # B_p (16 x 41): rearranged as the (64*9) x (16*41) matrix of the Van Loan-Pitsianis
+    # shuffle, a sum of 3 Kronecker products is a matrix of rank 3
+    cfg = load_config(CONFIGS / "timit-like_kcp.toml")
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, 369, 60)
+    w = model.weight_ih.to_dense().double()
+    assert w.shape == (4 * cfg.hidden_size, 369)
+    shuffled = w.reshape(64, 16, 9, 41).permute(0, 2, 1, 3).reshape(64 * 9, 16 * 41)
+    assert torch.linalg.matrix_rank(shuffled).item() == 3
+    # the same shuffle on the input's other splits is of full rank: the structure is that one
+    other = w.reshape(64, 16, 41, 9).permute(0, 2, 1, 3).reshape(64 * 41, 16 * 9)
+    assert torch.linalg.matrix_rank(other).item() > 3
+
+
+def test_empty_hidden_modes_leave_each_format_its_own_modes():
+    # hidden_modes = [] in a preset: the modes each format picks itself, as kcprnn.LSTM does
+    # when given none, not an error
+    cfg = load_config(
+        CONFIGS / "timit-like_dense.toml",
+        [
+            "--format=kcp",
+            "--hidden_format=kcp",
+            "--hidden_size=32",
+            "--hidden_modes=[]",
+            "--format_options.rank=0.05",
+            "--hidden_options.rank=0.05",
+        ],
+    )
+    assert cfg.hidden_modes == ()
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, 369, 60)
+    torch.manual_seed(0)
+    reference = kcprnn.LSTM(
+        369,
+        32,
+        batch_first=True,
+        bidirectional=True,
+        format="kcp",
+        hidden_format="kcp",
+        hidden_options={"rank": 0.05},
+        rank=0.05,
+    )
+    for direction in range(2):
+        ours, ref = model.rnn.cell(0, direction), reference.cell(0, direction)
+        for name in ("weight_ih", "weight_hh"):
+            a, b = getattr(ours, name), getattr(ref, name)
+            assert a.num_params == b.num_params
+            torch.testing.assert_close(a.to_dense(), b.to_dense())
 
 
 @pytest.mark.skipif(not LIBRIVOX.is_dir(), reason="Debian package pocketsphinx-testdata is missing")

@@ -91,7 +91,7 @@ def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
         format_options=dict(cfg.format_options),
         hidden_format=cfg.hidden_format,
         hidden_options=dict(cfg.hidden_options),
-        hidden_modes=list(cfg.hidden_modes),
+        hidden_modes=list(cfg.hidden_modes) or None,  # []: each format's own modes
         device=cfg.device,
     )
 
