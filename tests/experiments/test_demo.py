@@ -43,24 +43,41 @@ def test_matched_models_share_one_budget_and_the_extreme_point_is_far_below():
 
 def test_demo_configs_share_one_protocol(tmp_path):
     models = list(demo.DEMO_MODELS)
-    configs = demo.demo_configs(tmp_path, models, seeds=[0, 1], epochs=2, dense_lr=3e-6)
+    configs = demo.demo_configs(
+        tmp_path, models, seeds=[0, 1], epochs=2, dense_ih_lr=3e-6, dense_seeds=None
+    )
     assert [c.name for c in configs] == [f"{m}-s{s}" for s in (0, 1) for m in models]
     assert [c.seed for c in configs] == [0] * len(models) + [1] * len(models)
     for c in configs:
-        assert (c.dataset, c.epochs, c.batch_size, c.num_frames, c.hidden_format) == (
+        assert (c.dataset, c.epochs, c.batch_size, c.num_frames, c.hidden_format, c.lr) == (
             "ucf11-like",
             2,
             16,
             6,
             "dense",
+            1e-3,
         )
-        assert c.lr == (3e-6 if c.format == "dense" else 1e-3)
+        # only the dense W_ih has its own rate; weight decay is off for every model
+        assert c.ih_lr == (3e-6 if c.format == "dense" else 0.0) and c.weight_decay == 0.0
         assert c.run_dir == tmp_path / c.name
     kcp = configs[models.index("kcp")]
     assert np.prod([np.prod(m) for m in kcp.format_options["in_modes"]]) == 57600
     assert demo.main(["--models=dense,svd"]) == 2
+    assert demo.main(["--dense-seeds=-1"]) == 2
     with pytest.raises(SystemExit):
         demo.main(["--seeds=0,0"])
+
+
+def test_dense_runs_on_the_first_dense_seeds_only(tmp_path):
+    names = [c.name for c in demo.demo_configs(tmp_path, ["dense", "tt"], seeds=[3, 1, 2])]
+    assert demo.DEFAULT_DENSE_SEEDS == 1
+    assert names == ["dense-s3", "tt-s3", "tt-s1", "tt-s2"]
+    two = demo.demo_configs(tmp_path, ["dense", "tt"], seeds=[3, 1, 2], dense_seeds=2)
+    assert [c.name for c in two] == ["dense-s3", "tt-s3", "dense-s1", "tt-s1", "tt-s2"]
+    defaults = demo.demo_configs(tmp_path, ["dense"])
+    assert [(c.seed, c.epochs, c.ih_lr) for c in defaults] == [
+        (0, demo.DEFAULT_EPOCHS, demo.DEFAULT_DENSE_IH_LR)
+    ]
 
 
 def _run(model, seed, acc, fmt=None, params=3360, compression=17554.3):
@@ -114,6 +131,9 @@ def test_reading_names_the_best_the_close_ones_and_the_extreme_gap():
     assert "above 1 of the 3 compressed models" in text  # dense 35 % beats only kcp-r1
     assert "far from fitting the training clips (30 % training accuracy" in text
     assert "Chance is 9.1 %" in text and "Over 2 seeds" in text
+    one_dense = demo.reading(demo.summarize(RUNS[:1] + RUNS[2:]), 1 / 11)
+    assert "(58,982,400 input-to-hidden parameters; seed 0 only) scores 30.0 %," in one_dense
+    assert "seed 0 only" not in text
     no_extreme = demo.reading(demo.summarize(RUNS[:6]), 1 / 11)
     assert "below all 2 compressed models" in no_extreme and "extreme" not in no_extreme
     table = demo.format_table(rows)
@@ -128,7 +148,8 @@ def test_write_demo_report_files(tmp_path):
         "epochs": 8,
         "batch_size": 16,
         "lr": 1e-3,
-        "dense_lr": 2e-6,
+        "dense_ih_lr": 2e-6,
+        "dense_seeds": [0, 1],
     }
     demo.write_demo_report(RUNS, tmp_path, protocol)
     record = json.loads((tmp_path / "results.json").read_text())

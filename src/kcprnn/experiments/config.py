@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "apply_overrides",
+    "config_defaults",
     "load_config",
 ]
 
@@ -107,6 +109,8 @@ class Config:
     batch_size: int = 16
     lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
+    ih_lr: float = 0.0  # Adam lr of the first layer's input-to-hidden matrices; 0 = lr
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every parameter; 0 = plain Adam
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -160,6 +164,16 @@ class Config:
             raise ConfigError(f"lr must be > 0, got lr={self.lr}")
         if not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip}")
+        for key in ("ih_lr", "weight_decay"):
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
+            if value and self.dataset in SPEECH_DATASETS:
+                raise ConfigError(
+                    f"{key} applies to the classification runs; the speech task "
+                    f"(dataset={self.dataset!r}) trains with one Adam lr: set {key}=0, got "
+                    f"{key}={value}"
+                )
         for key in ("bin_width", "max_time"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")
@@ -195,6 +209,12 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name or 'run'}")
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every :class:`Config` key with its default value, JSON-ready: what a saved config that
+    predates a key meant by leaving it out."""
+    return Config().to_dict()
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:

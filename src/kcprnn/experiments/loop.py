@@ -50,7 +50,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, config_defaults
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -334,8 +334,10 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path, Path | N
 
 def check_resumable(saved: dict[str, Any], cfg: Config) -> None:
     """Refuse to resume a checkpoint written under another config (keys outside
-    :data:`RESUMABLE_KEYS` differ) or past the requested epochs."""
+    :data:`RESUMABLE_KEYS` differ) or past the requested epochs. A key the saved config lacks
+    (one added to :class:`Config` after it was written) counts as its default."""
     now = cfg.to_dict()
+    saved = {**config_defaults(), **saved}
     differ = sorted(
         k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k)
     )

@@ -76,6 +76,7 @@ __all__ = [
     "load_checkpoint",
     "load_data",
     "main",
+    "make_optimizer",
     "resume_config",
     "split_indices",
     "train",
@@ -333,6 +334,30 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 # --- training ---
 
 
+def make_optimizer(cfg: Config, model: SequenceClassifier) -> torch.optim.Optimizer:
+    """Adam over every parameter of ``model`` at ``cfg.lr``; with ``cfg.ih_lr > 0`` the first
+    layer's input-to-hidden matrices (every direction; the matrices that read the frames) form a
+    second parameter group at ``cfg.ih_lr``; with ``cfg.weight_decay > 0`` AdamW, whose every
+    parameter (weights, factor cores, biases) also shrinks by ``lr * weight_decay`` of itself
+    at each step."""
+    groups: list[dict[str, Any]]
+    if cfg.ih_lr:
+        rnn = model.rnn
+        ih = [
+            p
+            for direction in range(rnn.num_directions)
+            for p in rnn.cell(0, direction).weight_ih.parameters()
+        ]
+        ih_ids = {id(p) for p in ih}
+        rest = [p for p in model.parameters() if id(p) not in ih_ids]
+        groups = [{"params": rest}, {"params": ih, "lr": cfg.ih_lr}]
+    else:
+        groups = [{"params": list(model.parameters())}]
+    if cfg.weight_decay:
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
 @dataclass
 class ClassificationTask:
     """Cross-entropy on shuffled batches; after each epoch, test (and validation) loss and
@@ -490,7 +515,7 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
     model = build_model(cfg, clips.input_size, clips.num_classes)
     numbers = model_numbers(model)
     log.info("model: %s", model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(cfg, model)
     task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device)
     meta = {"input_size": clips.input_size, "class_names": list(clips.class_names)}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)
