@@ -1,9 +1,12 @@
 """Interleaved A/B at the speech point: every format (both matrices, the modules' default sizes
 unless noted) against the same torch.nn module, bidirectional, T=300, batch 16, 40 -> 512,
 1 thread. Each round times torch.nn then kcprnn; the reading is the median of the per-round
-ratios (and the largest), which separates a real overhead from the machine's drift.
+ratios (and the largest), which separates a real overhead from the machine's drift. Three
+measurements: the forward under ``no_grad`` (``infer``: kcprnn keeps weights rebuilt from its
+factors between such calls), the forward with autograd recording (``fwd``) and the forward
+plus ``backward`` (``fwd+bwd``).
 
-    python benchmarks/ab_speech_formats.py LSTM 9
+    python benchmarks/ab_speech_formats.py LSTM 9 [infer,fwd,fwd+bwd]
 """
 
 import statistics
@@ -33,25 +36,28 @@ def main() -> None:
     cases["kcp/kcp default"] = {"format": "kcp", "hidden_format": "kcp"}
     mods = {k: make(40, 512, bidirectional=True, **v) for k, v in cases.items()}
 
-    def timed(m: torch.nn.Module, bwd: bool) -> float:
+    def timed(m: torch.nn.Module, kind: str) -> float:
         t0 = time.perf_counter()
-        out, _ = m(x)
-        if bwd:
+        with torch.set_grad_enabled(kind != "infer"):
+            out, _ = m(x)
+        if kind == "fwd+bwd":
             out.sum().backward()
         return time.perf_counter() - t0
 
+    kinds = sys.argv[3].split(",") if len(sys.argv) > 3 else ["infer", "fwd", "fwd+bwd"]
+
     print(f"# {mode} torch {torch.__version__} threads 1 reps {reps}", flush=True)
-    for bwd in (False, True):
+    for kind in kinds:
         for m in [*mods.values(), ref]:
-            timed(m, bwd)  # warm
+            timed(m, kind)  # warm
         for k, m in mods.items():
             a, b = [], []
             for _ in range(reps):
-                a.append(timed(ref, bwd))
-                b.append(timed(m, bwd))
+                a.append(timed(ref, kind))
+                b.append(timed(m, kind))
             ratios = [q / p for p, q in zip(a, b, strict=True)]
             print(
-                f"{mode} {'fwd+bwd' if bwd else 'fwd':8s} {k:16s} "
+                f"{mode} {kind:8s} {k:16s} "
                 f"torch {1e3 * statistics.median(a):7.1f} ms  "
                 f"kcprnn {1e3 * statistics.median(b):7.1f} ms  "
                 f"median ratio {statistics.median(ratios):.3f}  max ratio {max(ratios):.3f}",
