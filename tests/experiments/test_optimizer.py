@@ -9,6 +9,7 @@ import torch
 from kcprnn.experiments.config import Config, ConfigError, config_defaults, load_config
 from kcprnn.experiments.loop import check_resumable
 from kcprnn.experiments.model import SequenceClassifier
+from kcprnn.experiments.speech import build_ctc_model
 from kcprnn.experiments.train import load_checkpoint, make_optimizer, train
 
 
@@ -107,13 +108,34 @@ def test_bad_weight_decay_names_the_value(override, message):
         load_config(None, [override])
 
 
-def test_weight_decay_override_and_speech_refusal():
+def test_weight_decay_override():
     assert load_config(None, ["--weight_decay=1e-2"]).weight_decay == 0.01
     assert load_config(None, ["--weight_decay=2"]).weight_decay == 2.0  # int -> float
-    with pytest.raises(ConfigError, match=r"dataset='timit-like'.*weight_decay=0\.5"):
-        Config(dataset="timit-like", weight_decay=0.5)
-    with pytest.raises(ConfigError, match=r"dataset='timit-like'.*ih_lr=0\.001"):
-        Config(dataset="timit-like", ih_lr=1e-3)
+
+
+def test_speech_models_take_the_same_options():
+    cfg = Config(
+        dataset="timit-like",
+        lr=1e-3,
+        ih_lr=1e-4,
+        weight_decay=0.5,
+        num_layers=2,
+        bidirectional=True,
+    )
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, 6, 5)
+    opt = make_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    ih = {id(p) for d in range(2) for p in model.rnn.cell(0, d).weight_ih.parameters()}
+    groups = opt.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert {id(p) for p in groups[1]["params"]} == ih  # first layer's W_ih, both directions
+    assert len(groups[0]["params"]) + len(ih) == len(list(model.parameters()))
+    before, grads = _one_step(opt, model)
+    for name, p in model.named_parameters():  # first AdamW step, each group at its own lr
+        lr = 1e-4 if id(p) in ih else 1e-3
+        expected = before[name] * (1 - lr * 0.5) - _adam_first_step(lr, grads[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_a_config_saved_before_a_key_existed_reads_as_its_default():

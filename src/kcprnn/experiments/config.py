@@ -168,12 +168,6 @@ class Config:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
-            if value and self.dataset in SPEECH_DATASETS:
-                raise ConfigError(
-                    f"{key} applies to the classification runs; the speech task "
-                    f"(dataset={self.dataset!r}) trains with one Adam lr: set {key}=0, got "
-                    f"{key}={value}"
-                )
         for key in ("bin_width", "max_time"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")

@@ -36,7 +36,7 @@ from ..data.speech import (
 from .config import Config
 from .ctc import CTCModel, beam_search, error_rate, greedy_decode
 from .loop import Dist, fit, write_json
-from .train import load_in_turn, model_numbers
+from .train import load_in_turn, make_optimizer, model_numbers
 
 __all__ = [
     "build_ctc_model",
@@ -262,7 +262,7 @@ def train_speech(
     model = build_ctc_model(cfg, data.input_size, data.num_symbols)
     numbers = model_numbers(model)  # type: ignore[arg-type]
     log.info("model: %s", model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(cfg, model)
     task = SpeechTask(cfg, data, device)
     meta = {"input_size": data.input_size, "class_names": ["<blank>", *data.corpus.vocabulary]}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ from .loop import (
     write_json,
 )
 from .model import SequenceClassifier
+
+if TYPE_CHECKING:
+    from .ctc import CTCModel
 
 __all__ = [
     "SpikeData",
@@ -334,7 +337,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 # --- training ---
 
 
-def make_optimizer(cfg: Config, model: SequenceClassifier) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.optim.Optimizer:
     """Adam over every parameter of ``model`` at ``cfg.lr``; with ``cfg.ih_lr > 0`` the first
     layer's input-to-hidden matrices (every direction; the matrices that read the frames) form a
     second parameter group at ``cfg.ih_lr``; with ``cfg.weight_decay > 0`` AdamW, whose every
