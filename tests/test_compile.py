@@ -411,6 +411,9 @@ def _kcp_cell(case: str, cell_type: str):
     [
         ("LSTM", True, False, True, "blocked"),
         ("LSTM", False, True, False, "small"),
+        ("LSTM", True, True, True, "chunked"),
+        ("LSTM", True, False, False, "unfolded"),
+        ("LSTM", False, False, True, "unfolded"),
         ("GRU", True, True, True, "chunked"),
         ("GRU", False, False, False, "small"),
         ("RNN", True, False, True, "small"),
@@ -438,7 +441,7 @@ def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, k
     assert (chunk_rows(b * t, i, walk.steps, walk.model) < b * t) == (case == "chunked")
     sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (cell.hidden_size,)
     state = tuple(torch.randn(b, s, dtype=torch.float64, requires_grad=True) for s in sizes)
-    fold = cell_type != "GRU"
+    fold = cell_type != "GRU" and case != "unfolded"  # "unfolded": b_hh by the recurrence
     bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih
     wrt = [x, *state, *cell.parameters()]
     _compile._KEPT.clear()

@@ -410,6 +410,85 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
+class _LSTMRun:
+    """The dense-``W_hh`` LSTM recurrence of :func:`_kcp_forward`, run by the eager
+    recurrence's own loops (:func:`~kcprnn.rnn.fused._lstm_forward`,
+    :func:`~kcprnn.rnn.fused.lstm_backward_steps`) without its ``autograd.Function``: the
+    walk's output becomes the loop's activation buffer in one step (batch-major rows: one
+    time-major copy with ``b_hh`` added; time-major rows: in place where the walk's output is
+    fresh), where the ``autograd.Function`` reorders and then copies again."""
+
+    def __init__(
+        self,
+        gates: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        bias_hh: Tensor | None,
+        weight: Tensor,
+        reverse: bool,
+        batch_major: bool,
+        fresh: bool,
+    ) -> None:
+        from .rnn._fused_base import _Dense
+        from .rnn.fused import _lstm_forward
+
+        b = h0.shape[0]
+        g = gates.shape[1]
+        if batch_major:  # (b, t, 4h) rows -> (t, b, 4h), one copy with the bias added
+            rows = gates.view(b, -1, g).transpose(0, 1)
+            view = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            view = view.copy_(rows) if bias_hh is None else torch.add(rows, bias_hh, out=view)
+        else:  # (t, b, 4h), in place where the walk's output is fresh
+            view = gates.view(-1, b, g)
+            if bias_hh is not None:
+                view = view.add_(bias_hh) if fresh else view + bias_hh
+            elif not fresh:
+                view = view.clone()
+        steps = view.shape[0]
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        self.prod = _Dense([weight])
+        self.hs, self.cs, self.tcs, self.acts = _lstm_forward(view, h0, c0, self.prod, order)
+        self.h0, self.c0, self.reverse, self.batch_major = h0, c0, reverse, batch_major
+        self.has_bias = bias_hh is not None
+        self.h_n = self.hs[order[-1]].clone()  # (b, h)
+        self.c_n = self.cs[order[-1]].clone()  # (b, h)
+
+    def backward(
+        self, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, needs: Sequence[bool]
+    ) -> list[Any]:
+        """``[dgates (n, 4h) in the rows' order, dh0, dc0, d bias_hh, d W_hh]`` (``None``
+        for those ``needs`` leaves out)."""
+        from .rnn._fused_base import _previous, _recurrent_weight_grad
+        from .rnn.fused import lstm_backward_steps
+
+        steps, b, g = self.acts.shape
+        hidden = self.hs.shape[2]
+        n = steps * b
+        dgates = torch.empty_like(self.acts)  # (t, b, 4h)
+        dh, dc = lstm_backward_steps(
+            self.acts,
+            self.cs,
+            self.tcs,
+            self.c0,
+            grad_out.view(steps, b, hidden),
+            grad_h,
+            grad_c,
+            self.prod,
+            self.reverse,
+            needs[3],
+            dgates,
+        )
+        flat = dgates.view(n, g)  # (n, 4h), time-major
+        grad_w = None
+        if needs[6]:
+            h_prev = _previous(self.hs, self.h0, self.reverse)  # (t, b, h)
+            grad_w = _recurrent_weight_grad(flat, h_prev.view(n, hidden))
+        grad_bias = flat.sum(0) if self.has_bias and needs[5] else None
+        if self.batch_major:  # the rows' order
+            flat = dgates.transpose(0, 1).reshape(n, g)
+        return [flat, dh if needs[3] else None, dc, grad_bias, grad_w]
+
+
 def _recurrence_function(mode: str) -> Any:
     from .rnn._fused_gru import _GRUSequence, _RNNSequence
     from .rnn.fused import _LSTMSequence
@@ -551,6 +630,22 @@ def _kcp_forward(
             saved.append([])
             # without gradients nothing is saved (the walk then reuses its buffers)
             outs.append(run_walk(part, steps, walk, bias, saved[-1] if any(needs) else None))
+        if mode == "LSTM" and c0 is not None and x.shape[0] > 0:
+            # the walk's output (fresh where it added a bias or was concatenated) is the
+            # recurrence's own activation buffer, read time-major through a strided view
+            fresh = len(outs) > 1 or (bias is not None and any(needs))
+            lstm = _LSTMRun(
+                outs[0] if len(outs) == 1 else torch.cat(outs),
+                h0,
+                c0,
+                bias_hh,
+                weight,
+                reverse,
+                batch_major,
+                fresh,
+            )
+            out, h_n, c_n = lstm.hs.view(x.shape[0], -1), lstm.h_n, lstm.c_n
+            return out, (h_n, c_n), (walk, steps, [p.shape[0] for p in parts], saved, lstm)
         gates = outs[0] if len(outs) == 1 else torch.cat(outs)  # (n, g)
         if batch_major:  # (b, t, g) rows -> (t, b, g), as the recurrence reads them
             g = gates.shape[1]
@@ -586,12 +681,17 @@ def _kcp_backward(
     walk, steps, sizes, saved, ctx = kept
     grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
     with torch.no_grad():
-        found = _recurrence_function(mode).backward(ctx, *grads)
-        dgates = found[0]  # (n, g), time-major
-        if batch_major:
-            g = dgates.shape[1]
-            dgates = dgates.view(-1, h0.shape[0], g).transpose(0, 1).reshape(-1, g)  # (n, g)
-        dgates = dgates.contiguous()
+        if isinstance(ctx, _LSTMRun):
+            assert grad_c is not None
+            found = ctx.backward(grad_out, grad_h, grad_c, needs)
+            dgates = found[0]  # (n, g), in the rows' order
+        else:
+            found = _recurrence_function(mode).backward(ctx, *grads)
+            dgates = found[0]  # (n, g), time-major
+            if batch_major:
+                g = dgates.shape[1]
+                dgates = dgates.view(-1, h0.shape[0], g).transpose(0, 1).reshape(-1, g)
+            dgates = dgates.contiguous()
         need_x, need_params = needs[0], needs[2]
         grad_x: list[Tensor] = []
         step_grads: list[Any] = [None] * len(steps)
