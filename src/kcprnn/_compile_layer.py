@@ -410,6 +410,30 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
+class _DenseProduct:
+    """The dense recurrent products of :class:`~kcprnn.rnn._fused_base._Dense` (``add_``,
+    ``back``) by :func:`~kcprnn._cpu.ops.linear_nt`'s own kernel choice, made once for the
+    whole sequence instead of at every step."""
+
+    def __init__(self, weight: Tensor) -> None:
+        from ._cpu.ops import _ONEDNN_LINEAR, _onednn_fits
+
+        self.weight, self.weight_t = weight, weight.t()  # (g, h), (h, g)
+        self.onednn = _ONEDNN_LINEAR if _onednn_fits(weight[:, :1], weight) else None
+
+    def add_(self, out: Tensor, h: Tensor) -> Tensor:
+        """``out += h @ W.T`` in place; ``out`` ``(b, g)``."""
+        if self.onednn is not None and h.shape[1] > 0:
+            return out.add_(self.onednn(h, self.weight, None, "none", [], ""))
+        return out.add_(h.mm(self.weight_t))
+
+    def back(self, d: Tensor) -> Tensor:
+        """``d @ W``: ``(b, g) -> (b, h)``."""
+        if self.onednn is not None and d.shape[1] > 0:
+            return self.onednn(d, self.weight_t, None, "none", [], "")
+        return d.mm(self.weight)
+
+
 class _LSTMRun:
     """The dense-``W_hh`` LSTM recurrence of :func:`_kcp_forward`, run by the eager
     recurrence's own loops (:func:`~kcprnn.rnn.fused._lstm_forward`,
@@ -429,7 +453,6 @@ class _LSTMRun:
         batch_major: bool,
         fresh: bool,
     ) -> None:
-        from .rnn._fused_base import _Dense
         from .rnn.fused import _lstm_forward
 
         b = h0.shape[0]
@@ -446,7 +469,7 @@ class _LSTMRun:
                 view = view.clone()
         steps = view.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        self.prod = _Dense([weight])
+        self.prod: Any = _DenseProduct(weight)  # a _Dense's add_ and back
         self.hs, self.cs, self.tcs, self.acts = _lstm_forward(view, h0, c0, self.prod, order)
         self.h0, self.c0, self.reverse, self.batch_major = h0, c0, reverse, batch_major
         self.has_bias = bias_hh is not None
