@@ -24,7 +24,7 @@ nested ``autograd.grad``. Both operators are registered on a plain ``torch.libra
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -469,7 +469,7 @@ class _LSTMRun:
                 view = view.clone()
         steps = view.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        self.prod: Any = _DenseProduct(weight)  # a _Dense's add_ and back
+        self.prod = cast(Any, _DenseProduct(weight))  # as a _Dense: its add_ and back
         self.hs, self.cs, self.tcs, self.acts = _lstm_forward(view, h0, c0, self.prod, order)
         self.h0, self.c0, self.reverse, self.batch_major = h0, c0, reverse, batch_major
         self.has_bias = bias_hh is not None
