@@ -81,49 +81,6 @@ def _lstm_forward(
     return hs, cs, tcs, gates
 
 
-def lstm_backward_steps(
-    acts: Tensor,
-    cs: Tensor,
-    tc: Tensor,
-    c0: Tensor,
-    grad_hs: Tensor,
-    grad_hn: Tensor,
-    grad_cn: Tensor,
-    prod: _Dense | _Kron,
-    reverse: bool,
-    need_h0: bool,
-    dgates: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """The LSTM recurrence's backward through time on torch ops, from what
-    :func:`_lstm_forward` kept (``acts`` ``(t, b, 4h)``, ``cs`` and ``tc`` ``(t, b, h)``, any
-    strides) and the outputs' gradients (``grad_hs`` ``(t, b, h)``, ``grad_hn``, ``grad_cn``
-    ``(b, h)``): writes the pre-activation gradients into ``dgates`` ``(t, b, 4h)`` (any
-    strides whose rows ``dgates[t]`` have a unit last stride) and returns the gradients of
-    ``h0`` (``grad_hn``'s own running value when ``need_h0`` is false) and ``c0``."""
-    steps, b, four_h = acts.shape
-    hidden = four_h // 4
-    c_prev = _previous(cs, c0, reverse)  # (t, b, h)
-    i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
-    o_dtc = torch.addcmul(o, o * tc, tc, value=-1)  # (t, b, h): d c / d h via o tanh(c)
-    # what dc multiplies for the i, f, g gates, and the activations' derivatives
-    by_dc = torch.stack([gg, c_prev, i], dim=2)  # (t, b, 3, h)
-    deriv = torch.addcmul(acts, acts, acts, value=-1)  # (t, b, 4h): sigmoid'
-    torch.mul(gg, gg, out=deriv[..., 2 * hidden : 3 * hidden]).neg_().add_(1)  # tanh'
-    dh, dc = grad_hn.clone(), grad_cn.clone()  # (b, h)
-    order = range(steps) if reverse else range(steps - 1, -1, -1)
-    for t in order:
-        dh += grad_hs[t]
-        dc.addcmul_(dh, o_dtc[t])
-        d = dgates[t]  # (b, 4h)
-        torch.mul(dh, tc[t], out=d[:, 3 * hidden :])  # d o
-        torch.mul(dc[:, None], by_dc[t], out=d[:, : 3 * hidden].view(b, 3, hidden))  # i, f, g
-        d.mul_(deriv[t])  # pre-activation gradients
-        dc = dc * f[t]
-        if t != order[-1] or need_h0:  # the first step's only for h0
-            dh = prod.back(d)  # (b, h)
-    return dh, dc
-
-
 class _LSTMSequence(torch.autograd.Function):
     """A whole single-direction LSTM layer over equal-length sequences, with a hand-written
     backward through time: a few fused operations per step instead of autograd's graph, and the
@@ -199,20 +156,26 @@ class _LSTMSequence(torch.autograd.Function):
             grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
             return _lstm_grads(ctx, dgates, grad_w, dbias, dh, dc)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
+        c_prev = _previous(cs, c0, reverse)  # (t, b, h)
+        i, f, gg, o = acts.chunk(4, dim=2)  # 4 x (t, b, h)
+        o_dtc = torch.addcmul(o, o * tc, tc, value=-1)  # (t, b, h): d c / d h via o tanh(c)
+        # what dc multiplies for the i, f, g gates, and the activations' derivatives
+        by_dc = torch.stack([gg, c_prev, i], dim=2)  # (t, b, 3, h)
+        deriv = torch.addcmul(acts, acts, acts, value=-1)  # (t, b, 4h): sigmoid'
+        torch.mul(gg, gg, out=deriv[..., 2 * hidden : 3 * hidden]).neg_().add_(1)  # tanh'
         dgates = torch.empty_like(acts)  # (t, b, 4h)
-        dh, dc = lstm_backward_steps(
-            acts,
-            cs,
-            tc,
-            c0,
-            grad_hs,
-            grad_hn,
-            grad_cn,
-            prod,
-            reverse,
-            ctx.needs_input_grad[1],
-            dgates,
-        )
+        dh, dc = grad_hn.clone(), grad_cn.clone()  # (b, h)
+        order = range(steps) if reverse else range(steps - 1, -1, -1)
+        for t in order:
+            dh += grad_hs[t]
+            dc.addcmul_(dh, o_dtc[t])
+            d = dgates[t]  # (b, 4h)
+            torch.mul(dh, tc[t], out=d[:, 3 * hidden :])  # d o
+            torch.mul(dc[:, None], by_dc[t], out=d[:, : 3 * hidden].view(b, 3, hidden))  # i, f, g
+            d.mul_(deriv[t])  # pre-activation gradients
+            dc = dc * f[t]
+            if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
+                dh = prod.back(d)  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
         grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
