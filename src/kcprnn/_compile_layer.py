@@ -498,14 +498,15 @@ def _lstm_backward_steps(
     d_ifg = dgates[..., : 3 * hidden].view(steps, b, 3, hidden).unbind(0)
     g_hs, odtc_t, tc_t = grad_hs.unbind(0), o_dtc.unbind(0), tc.unbind(0)
     by_t, deriv_t, f_t = by_dc.unbind(0), deriv.unbind(0), f.unbind(0)
+    dc_col = dc[:, None]  # (b, 1, h): dc, updated in place
     order = range(steps) if reverse else range(steps - 1, -1, -1)
     for t in order:
         dh += g_hs[t]
         dc.addcmul_(dh, odtc_t[t])
         torch.mul(dh, tc_t[t], out=d_o[t])  # d o
-        torch.mul(dc[:, None], by_t[t], out=d_ifg[t])  # d i, d f, d g
+        torch.mul(dc_col, by_t[t], out=d_ifg[t])  # d i, d f, d g
         d_t[t].mul_(deriv_t[t])  # pre-activation gradients
-        dc = dc * f_t[t]
+        dc.mul_(f_t[t])
         if t != order[-1] or need_h0:  # the first step's only for h0
             dh = prod.back(d_t[t])  # (b, h)
     return dh, dc
