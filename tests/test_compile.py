@@ -411,6 +411,9 @@ def _kcp_cell(case: str, cell_type: str):
     [
         ("LSTM", True, False, True, "blocked"),
         ("LSTM", False, True, False, "small"),
+        ("LSTM", True, True, True, "chunked"),
+        ("LSTM", True, False, False, "unfolded"),
+        ("LSTM", False, False, True, "unfolded"),
         ("GRU", True, True, True, "chunked"),
         ("GRU", False, False, False, "small"),
         ("RNN", True, False, True, "small"),
@@ -438,7 +441,7 @@ def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, k
     assert (chunk_rows(b * t, i, walk.steps, walk.model) < b * t) == (case == "chunked")
     sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (cell.hidden_size,)
     state = tuple(torch.randn(b, s, dtype=torch.float64, requires_grad=True) for s in sizes)
-    fold = cell_type != "GRU"
+    fold = cell_type != "GRU" and case != "unfolded"  # "unfolded": b_hh by the recurrence
     bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih
     wrt = [x, *state, *cell.parameters()]
     _compile._KEPT.clear()
@@ -554,3 +557,36 @@ def test_dynamic_batch_matches_eager():
         torch.testing.assert_close(infer, ref[2], **TOL)
         for a, r in zip(grads, ref[1], strict=True):
             torch.testing.assert_close(a, r, **TOL)
+
+
+@pytest.mark.parametrize(
+    ("reverse", "zero_state", "bias"), [(False, True, False), (True, False, True)]
+)
+def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(reverse, zero_state, bias):
+    """The LSTM recurrence inside ``kcprnn::layer_kcp`` (its own loops, no
+    ``autograd.Function``) gives exactly the fused recurrence's outputs and gradients in
+    float32 (the same operations in the same order), forward and reverse, from a zero and a
+    nonzero initial state, with and without ``b_hh``."""
+    torch.manual_seed(0)
+    t, b, h = 4, 3, 8
+    gates = torch.randn(t * b, 4 * h)
+    state = [torch.randn(b, h) * (0.0 if zero_state else 1.0) for _ in range(2)]
+    weight = torch.randn(4 * h, h) * 0.3
+    bias_hh = torch.randn(4 * h) if bias else None
+    grads = [torch.randn(t * b, h), torch.randn(b, h), torch.randn(b, h)]
+
+    leaves = [x.clone().requires_grad_(True) for x in (gates, *state, weight)]
+    wrt = leaves + ([bias_hh.clone().requires_grad_(True)] if bias else [])
+    ref_out, ref_final = kcprnn.rnn.fused_sequence(
+        "LSTM", leaves[0], leaves[1:3], [leaves[3]], wrt[4] if bias else None, reverse, None
+    )
+    ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads)
+
+    run = _compile_layer._LSTMRun(gates.clone(), *state, bias_hh, weight, reverse, False, False)
+    needs = [True, True, True, True, True, bias, True]
+    dgates, dh0, dc0, dbias, dweight = run.backward(*grads, needs)
+    assert torch.equal(run.hs.view(t * b, h), ref_out)
+    assert torch.equal(run.h_n, ref_final[0]) and torch.equal(run.c_n, ref_final[1])
+    got = [dgates, dh0, dc0, dweight] + ([dbias] if bias else [])
+    for a, r in zip(got, ref, strict=True):
+        assert torch.equal(a, r)
