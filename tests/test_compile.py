@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import kcprnn
-from kcprnn import _compile, _compile_layer
+from kcprnn import _compile, _compile_kcp, _compile_layer, _compile_lstm
 
 # inductor's first use imports modules that call torch.jit.script_method
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
@@ -434,9 +434,9 @@ def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, k
     b, t = 2, 3
     shape = (b, t, i) if batch_major else (t, b, i)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    spec = _compile_layer._kcp_spec(cell.weight_ih, b * t, True, False)
+    spec = _compile_kcp._kcp_spec(cell.weight_ih, b * t, True, False)
     assert spec  # the fast path runs
-    walk = _compile_layer._kcp_walk(cell.weight_ih, spec)
+    walk = _compile_kcp._kcp_walk(cell.weight_ih, spec)
     assert walk.inner == (case == "blocked")
     assert (chunk_rows(b * t, i, walk.steps, walk.model) < b * t) == (case == "chunked")
     sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (cell.hidden_size,)
@@ -582,7 +582,7 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(reverse, zero_state, bi
     )
     ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads)
 
-    run = _compile_layer._LSTMRun(gates.clone(), *state, bias_hh, weight, reverse, False, False)
+    run = _compile_lstm._LSTMRun(gates.clone(), *state, bias_hh, weight, reverse, False, False)
     needs = [True, True, True, True, True, bias, True]
     dgates, dh0, dc0, dbias, dweight = run.backward(*grads, needs)
     assert torch.equal(run.hs.view(t * b, h), ref_out)
