@@ -22,6 +22,58 @@ from ._compile_lstm import _Ctx, _LSTMRun
 __all__ = ["kcp_step_matrices"]
 
 
+def _layer_wrt(
+    x: Tensor,
+    bias: Tensor | None,
+    params: Sequence[Tensor],
+    h0: Tensor,
+    c0: Tensor | None,
+    bias_hh: Tensor | None,
+    weight: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor]:
+    """The tensors a layer operator's backward returns gradients for, in its order: those that
+    ``needs`` marks (:data:`kcprnn._compile_layer._LAYER_SLOTS` order) and are given."""
+    slots: list[list[Tensor]] = [[t] if t is not None else [] for t in (x, bias)]
+    slots += [list(params)] + [[t] if t is not None else [] for t in (h0, c0, bias_hh, weight)]
+    return [t for group, need in zip(slots, needs, strict=True) if need for t in group]
+
+
+def _output_grads(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    grad_out: Tensor | None,
+    grad_h: Tensor | None,
+    grad_c: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The gradients of a layer operator's outputs ``(out, h_n[, c_n])`` as its backward
+    operator takes them: zeros where autograd gives none, contiguous."""
+    if grad_out is None:
+        grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
+    grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
+    if c0 is None:
+        return grad_out.contiguous(), grad_h.contiguous(), None
+    grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
+    return grad_out.contiguous(), grad_h.contiguous(), grad_c.contiguous()
+
+
+def _input_grads(
+    grads: Sequence[Tensor], inputs: Sequence[Any], needs: Sequence[bool]
+) -> list[Any]:
+    """A backward operator's ``grads`` (:func:`_layer_wrt` order) put back per input
+    ``(x, bias, params, h0, c0, bias_hh, weight)``: a list for the parameters, ``None`` where
+    ``needs`` says none or the input is absent."""
+    it = iter(grads)
+    out: list[Any] = []
+    for t, need in zip(inputs, needs, strict=True):
+        if isinstance(t, (list, tuple)):
+            out.append([next(it) for _ in t] if need else None)
+        else:
+            out.append(next(it) if need and t is not None else None)
+    return out
+
+
 def _recurrence_function(mode: str) -> Any:
     from .rnn._fused_gru import _GRUSequence, _RNNSequence
     from .rnn.fused import _LSTMSequence
@@ -344,8 +396,6 @@ def _layer_kcp_backward(
 def _layer_kcp_backward_fake(
     grad_out: Tensor, grad_h: Tensor, grad_c: Tensor | None, token: Tensor, *args: Any
 ) -> list[Tensor]:
-    from ._compile_layer import _layer_wrt
-
     x, bias, mats, h0, c0, bias_hh, weight = args[:7]
     wrt = _layer_wrt(x, bias, mats, h0, c0, bias_hh, weight, args[-1])
     return [torch.empty_like(t) for t in wrt]
@@ -370,38 +420,21 @@ class _LayerKCP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_c, _token_grad):
         x, bias, h0, c0, bias_hh, weight, token, *mats = ctx.saved_tensors
-        needs = ctx.options[-1]
-        if grad_out is None:
-            grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
-        grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
-        if c0 is not None:
-            grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
-        grads = iter(
-            torch.ops.kcprnn.layer_kcp_backward.default(
-                grad_out.contiguous(),
-                grad_h.contiguous(),
-                grad_c.contiguous() if c0 is not None else None,
-                token,
-                x,
-                bias,
-                mats,
-                h0,
-                c0,
-                bias_hh,
-                weight,
-                *ctx.options,
-            )
+        grads = torch.ops.kcprnn.layer_kcp_backward.default(
+            *_output_grads(x, h0, c0, grad_out, grad_h, grad_c),
+            token,
+            x,
+            bias,
+            mats,
+            h0,
+            c0,
+            bias_hh,
+            weight,
+            *ctx.options,
         )
-        single = [
-            next(grads) if need and t is not None else None
-            for t, need in zip((x, bias), needs[:2], strict=True)
-        ]
-        grad_mats = [next(grads) for _ in mats] if needs[2] else [None] * len(mats)
-        rest = [
-            next(grads) if need and t is not None else None
-            for t, need in zip((h0, c0, bias_hh, weight), needs[3:], strict=True)
-        ]
-        return (*single, *rest, None, *grad_mats)
+        g = _input_grads(grads, (x, bias, mats, h0, c0, bias_hh, weight), ctx.options[-1])
+        grad_mats = g[2] if g[2] is not None else [None] * len(mats)
+        return (g[0], g[1], *g[3:], None, *grad_mats)
 
 
 def _layer_kcp_autograd(

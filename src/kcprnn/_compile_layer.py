@@ -43,7 +43,13 @@ from ._compile import (
     _take,
     module_key,
 )
-from ._compile_kcp import _kcp_spec, kcp_step_matrices
+from ._compile_kcp import (
+    _input_grads,
+    _kcp_spec,
+    _layer_wrt,
+    _output_grads,
+    kcp_step_matrices,
+)
 
 if TYPE_CHECKING:
     from .rnn.cells import RNNCellBase
@@ -175,23 +181,6 @@ def _layer_fake(
     return out, torch.empty_like(h0), c, h0.new_empty((), dtype=torch.int64)
 
 
-def _layer_wrt(
-    x: Tensor,
-    bias: Tensor | None,
-    params: Sequence[Tensor],
-    h0: Tensor,
-    c0: Tensor | None,
-    bias_hh: Tensor | None,
-    weight: Tensor,
-    needs: Sequence[bool],
-) -> list[Tensor]:
-    """The tensors :func:`_layer_backward` returns gradients for, in its order: those that
-    ``needs`` marks (:data:`_LAYER_SLOTS` order) and are given."""
-    slots: list[list[Tensor]] = [[t] if t is not None else [] for t in (x, bias)]
-    slots += [list(params)] + [[t] if t is not None else [] for t in (h0, c0, bias_hh, weight)]
-    return [t for group, need in zip(slots, needs, strict=True) if need for t in group]
-
-
 @torch.library.custom_op("kcprnn::layer_backward", mutates_args=())
 def _layer_backward(
     grad_out: Tensor,
@@ -276,35 +265,20 @@ def _layer_grad(
     ctx: Any, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, _token_grad: Any
 ) -> tuple:
     x, bias, h0, c0, bias_hh, weight, token, *params = ctx.saved_tensors
-    needs = ctx.options[-1]
-    if grad_out is None:
-        grad_out = h0.new_zeros(x.shape[0], h0.shape[1])
-    grad_h = torch.zeros_like(h0) if grad_h is None else grad_h
-    if c0 is not None:
-        grad_c = torch.zeros_like(c0) if grad_c is None else grad_c
-    grads = iter(
-        _layer_backward(
-            grad_out.contiguous(),
-            grad_h.contiguous(),
-            grad_c.contiguous() if c0 is not None else None,
-            token,
-            x,
-            bias,
-            params,
-            h0,
-            c0,
-            bias_hh,
-            weight,
-            ctx.key,
-            *ctx.options,
-        )
+    grads = _layer_backward(
+        *_output_grads(x, h0, c0, grad_out, grad_h, grad_c),
+        token,
+        x,
+        bias,
+        params,
+        h0,
+        c0,
+        bias_hh,
+        weight,
+        ctx.key,
+        *ctx.options,
     )
-    out: list[Any] = []
-    for t, need in zip((x, bias, params, h0, c0, bias_hh, weight), needs, strict=True):
-        if isinstance(t, list):
-            out.append([next(grads) for _ in t] if need else None)
-        else:
-            out.append(next(grads) if need and t is not None else None)
+    out = _input_grads(grads, (x, bias, params, h0, c0, bias_hh, weight), ctx.options[-1])
     return (*out, *(None,) * 6)
 
 
