@@ -26,7 +26,7 @@ from kcprnn.data.speech import (
     write_sphere,
 )
 from kcprnn.experiments.config import load_config
-from kcprnn.experiments.ctc import CTCModel, beam_search, error_rate, greedy_decode
+from kcprnn.experiments.ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from kcprnn.experiments.report import collect, format_table
 from kcprnn.experiments.speech import build_ctc_model
 from kcprnn.experiments.train import load_checkpoint, model_numbers
@@ -76,6 +76,14 @@ def test_error_rates_against_hand_counts():
     assert error_rate([["sh", "ix"]], [["sh", "ix"]]) == 0.0
     with pytest.raises(ValueError, match="empty"):
         error_rate([[]], [["a"]])
+
+
+def test_char_error_rate_against_hand_counts():
+    # "the cat" (7 characters with the space) -> "the hat": one substitution
+    assert char_error_rate([["the", "cat"]], [["the", "hat"]]) == pytest.approx(1 / 7)
+    # "ab cd" -> "abcd": the space deleted (1 of 5); an empty hypothesis deletes all 2 + 5
+    assert char_error_rate([["ab", "cd"]], [["abcd"]]) == pytest.approx(1 / 5)
+    assert char_error_rate([["ab"], ["ab", "cd"]], [[], ["ab", "cd"]]) == pytest.approx(2 / 7)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

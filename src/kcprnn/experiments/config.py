@@ -104,6 +104,7 @@ class Config:
     hidden_options: dict = field(default_factory=dict)  # rank, ... for the hidden format
     bidirectional: bool = False  # a second recurrent direction, read out with the first
     readout: str = "last"  # last: the final hidden state | mean: the mean over time steps
+    dropout: float = 0.0  # on the recurrent outputs: between stacked layers, before the output
     # --- optimization ---
     epochs: int = 10
     batch_size: int = 16
@@ -164,6 +165,8 @@ class Config:
             raise ConfigError(f"lr must be > 0, got lr={self.lr}")
         if not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must lie in [0, 1), got dropout={self.dropout}")
         for key in ("ih_lr", "weight_decay"):
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .. import FactorizedMatrix
 from .model import make_rnn
 
-__all__ = ["CTCModel", "beam_search", "error_rate", "greedy_decode"]
+__all__ = ["CTCModel", "beam_search", "char_error_rate", "error_rate", "greedy_decode"]
 
 
 class CTCModel(nn.Module):
@@ -46,6 +46,8 @@ class CTCModel(nn.Module):
             options (``rank``, ``in_modes``, ...).
         hidden_format, hidden_options: the hidden-to-hidden format and its options.
         hidden_modes: modes of the hidden size (the gates fold into the first one).
+        dropout: dropout probability on every recurrent layer's output: between stacked layers
+            and before the output layer (training only; 0 = none).
     """
 
     def __init__(
@@ -62,9 +64,12 @@ class CTCModel(nn.Module):
         hidden_format: str = "dense",
         hidden_options: dict[str, Any] | None = None,
         hidden_modes: Sequence[Any] | None = None,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got dropout={dropout}")
         if num_symbols < 2:
             raise ValueError(f"num_symbols must count the blank and >= 1 symbol, got {num_symbols}")
         self.rnn = make_rnn(
@@ -79,7 +84,9 @@ class CTCModel(nn.Module):
             hidden_options=hidden_options,
             hidden_modes=hidden_modes,
             device=device,
+            dropout=dropout,
         )
+        self.dropout = nn.Dropout(dropout)
         directions = 2 if bidirectional else 1
         self.output = nn.Linear(directions * hidden_size, num_symbols, device=device)
 
@@ -95,7 +102,7 @@ class CTCModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)  # (b, t, d*h)
-        return self.output(out).log_softmax(dim=-1)  # (b, t, c)
+        return self.output(self.dropout(out)).log_softmax(dim=-1)  # (b, t, c)
 
 
 def greedy_decode(log_probs: np.ndarray | Tensor, length: int | None = None) -> list[int]:
@@ -172,3 +179,15 @@ def error_rate(references: Sequence[Sequence[str]], hypotheses: Sequence[Sequenc
     out = jiwer.process_words([" ".join(r) for r in references], [" ".join(h) for h in hypotheses])
     edits = out.substitutions + out.deletions + out.insertions
     return edits / sum(len(r) for r in references)
+
+
+def char_error_rate(
+    references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str]]
+) -> float:
+    """Character error rate between word sequences: :func:`error_rate` over their characters,
+    the spaces between words counted as characters."""
+
+    def chars(words: Sequence[str]) -> list[str]:
+        return ["|" if c == " " else c for c in " ".join(words)]
+
+    return error_rate([chars(r) for r in references], [chars(h) for h in hypotheses])

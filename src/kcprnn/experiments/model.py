@@ -39,8 +39,10 @@ def make_rnn(
     hidden_options: dict[str, Any] | None,
     hidden_modes: Sequence[Any] | None,
     device: torch.device | str | None,
+    dropout: float = 0.0,
 ) -> LSTM | GRU:
-    """The batch-first ``kcprnn.LSTM`` or ``GRU`` (``cell``) the experiment models run."""
+    """The batch-first ``kcprnn.LSTM`` or ``GRU`` (``cell``) the experiment models run;
+    ``dropout`` applies between stacked layers (as ``torch.nn.LSTM``'s)."""
     if cell not in ("lstm", "gru"):
         raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
     rnn_class = LSTM if cell == "lstm" else GRU
@@ -50,6 +52,7 @@ def make_rnn(
         num_layers=num_layers,
         batch_first=True,
         bidirectional=bidirectional,
+        dropout=dropout if num_layers > 1 else 0.0,
         device=device,
         format=format,
         hidden_format=hidden_format,
@@ -74,6 +77,8 @@ class SequenceClassifier(nn.Module):
         hidden_options: the hidden-to-hidden format's options.
         bidirectional: run a second direction backwards over the frames.
         readout: ``"last"`` or ``"mean"`` (see the module docstring).
+        dropout: dropout probability on the recurrent layer's output before the classifier
+            (training only; 0 = none).
     """
 
     def __init__(
@@ -90,9 +95,12 @@ class SequenceClassifier(nn.Module):
         hidden_options: dict[str, Any] | None = None,
         bidirectional: bool = False,
         readout: str = "last",
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got dropout={dropout}")
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {list(READOUTS)}, got readout={readout!r}")
         self.rnn = make_rnn(
@@ -110,6 +118,7 @@ class SequenceClassifier(nn.Module):
         )
         self.readout = readout
         self.hidden_size = hidden_size
+        self.dropout = nn.Dropout(dropout)
         directions = 2 if bidirectional else 1
         self.classifier = nn.Linear(directions * hidden_size, num_classes, device=device)
 
@@ -128,6 +137,7 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)  # (b, t, d*h)
+        out = self.dropout(out)
         if self.readout == "mean":
             return self.classifier(out.mean(dim=1))  # (b, c)
         h = self.hidden_size

@@ -5,8 +5,9 @@ features (cached) with mean/variance normalization -> a stacked bidirectional (c
 LSTM/GRU with a linear CTC output -> Adam on the CTC loss over length-sorted batches -> after
 every epoch, decoding of the dev and test sets and their error rate: ``dev_per``/``test_per``
 (phone error rate; TIMIT scored on the 39 folded phones) or ``dev_wer``/``test_wer`` (word error
-rate) in ``metrics.jsonl``, with the epoch's training time. The epochs run in the shared loop of
-:mod:`kcprnn.experiments.loop` (checkpoints, resuming, multi-process training).
+rate, next to the character error rate ``dev_cer``/``test_cer``) in ``metrics.jsonl``, with the
+epoch's training time. The epochs run in the shared loop of :mod:`kcprnn.experiments.loop`
+(checkpoints, resuming, multi-process training).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..data.speech import (
     speech_standin_dir,
 )
 from .config import Config
-from .ctc import CTCModel, beam_search, error_rate, greedy_decode
+from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from .loop import Dist, fit, write_json
 from .train import load_in_turn, make_optimizer, model_numbers
 
@@ -92,6 +93,7 @@ def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
         hidden_format=cfg.hidden_format,
         hidden_options=dict(cfg.hidden_options),
         hidden_modes=list(cfg.hidden_modes) or None,  # []: each format's own modes
+        dropout=cfg.dropout,
         device=cfg.device,
     )
 
@@ -142,8 +144,9 @@ def decode_split(
     batch_size: int,
     device: torch.device,
     beam_size: int = 1,
-) -> tuple[float, float, list[list[str]]]:
-    """Mean CTC loss per utterance, error rate (PER or WER) and the decoded tokens of ``idx``."""
+) -> tuple[float, float, list[list[str]], float]:
+    """Mean CTC loss per utterance, error rate (PER or WER), the decoded tokens of ``idx`` and,
+    for character targets, the character error rate (NaN for phones)."""
     model.eval()
     loss_sum, refs, hyps = 0.0, [], []
     for b in _length_batches(data, idx, batch_size):
@@ -170,7 +173,10 @@ def decode_split(
             hyps.append(_scored(data, _hypothesis_tokens(data, symbols)))
             refs.append(_scored(data, data.refs[i]))
     rate = error_rate(refs, hyps) if refs else float("nan")
-    return loss_sum / max(len(idx), 1), rate, hyps
+    chars = float("nan")
+    if refs and data.corpus.unit == "char":
+        chars = char_error_rate(refs, hyps)
+    return loss_sum / max(len(idx), 1), rate, hyps, chars
 
 
 @dataclass
@@ -217,10 +223,12 @@ class SpeechTask:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss_sum"] / len(data.train)}
         for split, idx in (("dev", data.dev), ("test", data.test)):
             if len(idx):
-                split_loss, rate, _ = decode_split(
+                split_loss, rate, _, chars = decode_split(
                     cast(CTCModel, model), data, idx, cfg.batch_size, self.device, cfg.beam_size
                 )
                 row[f"{split}_loss"], row[f"{split}_{self.metric}"] = split_loss, rate
+                if self.metric == "wer":
+                    row[f"{split}_cer"] = chars
         row.update(
             epoch_seconds=seconds,
             eval_seconds=time.perf_counter() - start_eval,

@@ -242,6 +242,7 @@ def build_model(cfg: Config, input_size: int, num_classes: int) -> SequenceClass
         hidden_options=dict(cfg.hidden_options),
         bidirectional=cfg.bidirectional,
         readout=cfg.readout,
+        dropout=cfg.dropout,
         device=cfg.device,
     )
 

@@ -1,0 +1,87 @@
+"""The ``dropout`` option of the experiment models: the recurrent outputs are dropped before the
+output layer (and between stacked layers) in training only, exactly as ``torch.nn.functional``'s
+dropout with the same random draws; bad values name themselves."""
+
+import pytest
+import torch
+
+from kcprnn.experiments.config import Config, ConfigError, load_config
+from kcprnn.experiments.ctc import CTCModel
+from kcprnn.experiments.model import SequenceClassifier
+from kcprnn.experiments.speech import build_ctc_model
+from kcprnn.experiments.train import build_model
+
+
+def _pair(make):
+    """The same model (same initialization) with and without dropout."""
+    torch.manual_seed(0)
+    plain = make(0.0)
+    torch.manual_seed(0)
+    dropped = make(0.4)
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.parameters(), dropped.parameters(), strict=True)
+    )
+    return plain, dropped
+
+
+def test_ctc_model_drops_the_recurrent_output_in_training_only():
+    plain, dropped = _pair(
+        lambda p: CTCModel(6, 4, 5, format="tt", format_options={"rank": 2}, dropout=p)
+    )
+    x = torch.randn(3, 7, 6)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)
+    dropped.train()
+    torch.manual_seed(5)
+    got = dropped(x)
+    torch.manual_seed(5)
+    out, _ = plain.rnn(x)  # (b, t, 2h)
+    expected = plain.output(torch.nn.functional.dropout(out, 0.4)).log_softmax(-1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, plain.train()(x))  # the masks change the output
+
+
+def test_sequence_classifier_drops_before_the_readout():
+    plain, dropped = _pair(
+        lambda p: SequenceClassifier(6, 4, 3, format="dense", readout="mean", dropout=p)
+    )
+    x = torch.randn(2, 5, 6)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)
+    dropped.train()
+    torch.manual_seed(2)
+    got = dropped(x)
+    torch.manual_seed(2)
+    out, _ = plain.rnn(x)
+    expected = plain.classifier(torch.nn.functional.dropout(out, 0.4).mean(dim=1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_config_reaches_the_stacked_layers():
+    cfg = Config(dataset="timit-like", num_layers=2, bidirectional=True, dropout=0.25)
+    model = build_ctc_model(cfg, 6, 5)
+    assert model.rnn.dropout == 0.25 and model.dropout.p == 0.25
+    one = build_ctc_model(Config(dataset="timit-like", dropout=0.25), 6, 5)
+    assert one.rnn.dropout == 0.0 and one.dropout.p == 0.25  # nothing between one layer
+    video = build_model(Config(dropout=0.1, format="dense"), 12, 3)
+    assert video.dropout.p == 0.1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--dropout=-0.1", r"dropout must lie in \[0, 1\), got dropout=-0\.1"),
+        ("--dropout=1", r"dropout must lie in \[0, 1\), got dropout=1\.0"),
+        ("--dropout=half", r"'dropout' must be of type float"),
+    ],
+)
+def test_bad_dropout_names_the_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_models_refuse_bad_dropout():
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got dropout=1\.5"):
+        CTCModel(6, 4, 5, dropout=1.5)
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got dropout=-1"):
+        SequenceClassifier(6, 4, 3, dropout=-1)
