@@ -306,6 +306,32 @@ def test_load_dense_weights_keeps_the_constructor_options():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "tol"), [("tt", 1e-8), ("cp", 1e-6), ("tucker", 1e-8), ("kcp", 0.1)]
+)
+def test_load_dense_weights_with_a_parameter_budget(fmt, tol):
+    """A cell built with budgets (float ranks) loads dense weights into the configurations the
+    constructor solved: the same parameter shapes, and a weight the cell itself can represent
+    (its own initial one) comes back (exactly for TT, CP and Tucker; KCP's fit is iterative)."""
+    torch.manual_seed(0)
+    cell = kcprnn.LSTMCell(
+        24,
+        8,
+        format=fmt,
+        rank=0.2,
+        hidden_format=fmt,
+        hidden_options={"rank": 0.3},
+        dtype=torch.float64,
+    )
+    w_ih, w_hh = (cell.weight_ih.to_dense().detach(), cell.weight_hh.to_dense().detach())
+    shapes = [p.shape for p in cell.parameters()]
+    cell.load_dense_weights(w_ih, w_hh)
+    assert [p.shape for p in cell.parameters()] == shapes
+    with torch.no_grad():
+        for got, want in ((cell.weight_ih.to_dense(), w_ih), (cell.weight_hh.to_dense(), w_hh)):
+            assert (got - want).norm() / want.norm() < tol
+
+
 def test_load_dense_weights_errors_name_the_weight():
     cell = kcprnn.LSTMCell(5, 4, format="dense")
     w_ih, w_hh = torch.randn(16, 5), torch.randn(16, 4)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
 from ._cell_step import cell_uses_dense, dense_weights, kept, native_applies, native_step
 from ._options import (
@@ -55,7 +56,10 @@ def _from_dense(
     role: str, weight: Tensor, format: str, options: dict[str, Any]
 ) -> FactorizedMatrix:
     """``FORMATS[format].from_dense(weight, **options)``, naming the weight's role if the format
-    has no decomposition."""
+    has no decomposition; a parameter budget (a float ``rank``) is solved first, as the
+    constructor solved it."""
+    if is_budget(options.get("rank")):
+        options = budget_options(format, weight.shape[1], weight.shape[0], options)
     try:
         return FORMATS[format].from_dense(weight, **options)
     except NotImplementedError as err:
