@@ -101,6 +101,9 @@ class Config:
     hidden_modes: tuple = (4, 4, 4, 4)  # hidden modes (gates fold into the first output mode);
     # [] = none given: every format tensorizes by its own defaults
     format_options: dict = field(default_factory=dict)  # in_modes, rank, ... for the format
+    # speech: one table per stacked layer ([[layer_options]] in TOML), laid over format_options
+    # for that layer's input-to-hidden matrices; () = format_options alone for every layer
+    layer_options: tuple = ()
     hidden_options: dict = field(default_factory=dict)  # rank, ... for the hidden format
     bidirectional: bool = False  # a second recurrent direction, read out with the first
     readout: str = "last"  # last: the final hidden state | mean: the mean over time steps
@@ -126,6 +129,20 @@ class Config:
         object.__setattr__(self, "hidden_modes", _tupled(self.hidden_modes))
         for key in ("format_options", "hidden_options"):
             object.__setattr__(self, key, {k: _tupled(v) for k, v in getattr(self, key).items()})
+        if self.layer_options:
+            if (
+                not all(isinstance(o, dict) for o in self.layer_options)
+                or len(self.layer_options) != self.num_layers
+            ):
+                raise ConfigError(
+                    f"layer_options must be one table per layer (num_layers={self.num_layers}), "
+                    f"got layer_options={list(self.layer_options)!r}"
+                )
+            object.__setattr__(
+                self,
+                "layer_options",
+                tuple({k: _tupled(v) for k, v in o.items()} for o in self.layer_options),
+            )
         _check_choice(self.dataset, DATASETS, "dataset")
         from ..formats import FORMATS  # registered by importing kcprnn.formats
 
@@ -195,6 +212,11 @@ class Config:
             raise ConfigError(
                 f"num_layers={self.num_layers} is for the speech data sets; "
                 f"dataset={self.dataset!r} uses one recurrent layer"
+            )
+        if self.dataset not in SPEECH_DATASETS and self.layer_options:
+            raise ConfigError(
+                f"layer_options is for the speech data sets' stacked layers; "
+                f"dataset={self.dataset!r} uses one recurrent layer: use format_options"
             )
         if self.dataset in REAL_DATASETS and not self.data_dir:
             raise ConfigError(f"dataset={self.dataset!r} is real data: set data_dir to its folder")

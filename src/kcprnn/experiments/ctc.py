@@ -46,6 +46,8 @@ class CTCModel(nn.Module):
             options (``rank``, ``in_modes``, ...).
         hidden_format, hidden_options: the hidden-to-hidden format and its options.
         hidden_modes: modes of the hidden size (the gates fold into the first one).
+        layer_options: one dict per layer laid over ``format_options`` for that layer's
+            input-to-hidden matrices (:class:`kcprnn.LSTM`'s ``layer_options``).
         dropout: dropout probability on every recurrent layer's output: between stacked layers
             and before the output layer (training only; 0 = none).
     """
@@ -64,6 +66,7 @@ class CTCModel(nn.Module):
         hidden_format: str = "dense",
         hidden_options: dict[str, Any] | None = None,
         hidden_modes: Sequence[Any] | None = None,
+        layer_options: Sequence[dict[str, Any]] | None = None,
         dropout: float = 0.0,
         device: torch.device | str | None = None,
     ) -> None:
@@ -85,6 +88,7 @@ class CTCModel(nn.Module):
             hidden_modes=hidden_modes,
             device=device,
             dropout=dropout,
+            layer_options=layer_options,
         )
         self.dropout = nn.Dropout(dropout)
         directions = 2 if bidirectional else 1

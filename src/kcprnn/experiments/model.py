@@ -40,9 +40,11 @@ def make_rnn(
     hidden_modes: Sequence[Any] | None,
     device: torch.device | str | None,
     dropout: float = 0.0,
+    layer_options: Sequence[dict[str, Any]] | None = None,
 ) -> LSTM | GRU:
     """The batch-first ``kcprnn.LSTM`` or ``GRU`` (``cell``) the experiment models run;
-    ``dropout`` applies between stacked layers (as ``torch.nn.LSTM``'s)."""
+    ``dropout`` applies between stacked layers (as ``torch.nn.LSTM``'s), ``layer_options`` are
+    the modules' per-layer input-to-hidden options."""
     if cell not in ("lstm", "gru"):
         raise ValueError(f"cell must be 'lstm' or 'gru', got cell={cell!r}")
     rnn_class = LSTM if cell == "lstm" else GRU
@@ -58,6 +60,7 @@ def make_rnn(
         hidden_format=hidden_format,
         hidden_modes=hidden_modes,
         hidden_options=dict(hidden_options or {}),
+        layer_options=[dict(o) for o in layer_options] if layer_options else None,
         **(format_options or {}),
     )
 

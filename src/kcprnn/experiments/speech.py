@@ -93,6 +93,7 @@ def build_ctc_model(cfg: Config, input_size: int, num_symbols: int) -> CTCModel:
         hidden_format=cfg.hidden_format,
         hidden_options=dict(cfg.hidden_options),
         hidden_modes=list(cfg.hidden_modes) or None,  # []: each format's own modes
+        layer_options=list(cfg.layer_options) or None,
         dropout=cfg.dropout,
         device=cfg.device,
     )

@@ -1,10 +1,12 @@
-"""The ``dropout`` option of the experiment models: the recurrent outputs are dropped before the
-output layer (and between stacked layers) in training only, exactly as ``torch.nn.functional``'s
-dropout with the same random draws; bad values name themselves."""
+"""Model options of the experiment harness. ``dropout``: the recurrent outputs are dropped before
+the output layer (and between stacked layers) in training only, exactly as
+``torch.nn.functional``'s dropout with the same random draws. ``layer_options``: one table per
+stacked layer laid over ``format_options``. Bad values name themselves."""
 
 import pytest
 import torch
 
+import kcprnn
 from kcprnn.experiments.config import Config, ConfigError, load_config
 from kcprnn.experiments.ctc import CTCModel
 from kcprnn.experiments.model import SequenceClassifier
@@ -85,3 +87,60 @@ def test_models_refuse_bad_dropout():
         CTCModel(6, 4, 5, dropout=1.5)
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got dropout=-1"):
         SequenceClassifier(6, 4, 3, dropout=-1)
+
+
+def test_layer_options_from_a_preset_shape_each_layer(tmp_path):
+    preset = tmp_path / "two.toml"
+    preset.write_text(
+        'dataset = "timit-like"\nnum_layers = 2\nbidirectional = true\n'
+        "hidden_size = 8\nhidden_modes = []\n"
+        'format = "tt"\nhidden_format = "dense"\n'
+        "[format_options]\nrank = 2\n"
+        "[[layer_options]]\nin_modes = [3, 2]\n"
+        "[[layer_options]]\nrank = 3\n"
+    )
+    cfg = load_config(preset)
+    assert cfg.layer_options == ({"in_modes": (3, 2)}, {"rank": 3})
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, 6, 5)
+    torch.manual_seed(0)
+    reference = kcprnn.LSTM(
+        6,
+        8,
+        num_layers=2,
+        bidirectional=True,
+        batch_first=True,
+        format="tt",
+        hidden_modes=None,
+        rank=2,
+        layer_options=[{"in_modes": [3, 2]}, {"rank": 3}],
+    )
+    assert [tuple(p.shape) for p in model.rnn.parameters()] == [
+        tuple(p.shape) for p in reference.parameters()
+    ]
+    first, second = model.rnn.cell(0).weight_ih, model.rnn.cell(1).weight_ih
+    assert first.in_modes == (3, 2) and second.in_features == 16
+    assert first.num_params != second.num_params
+    # the same through an override, and the saved config keeps the tables
+    over = load_config(preset, ["--layer_options=[{rank = 1}, {rank = 2}]"])
+    assert over.layer_options == ({"rank": 1}, {"rank": 2})
+    assert over.to_dict()["layer_options"] == [{"rank": 1}, {"rank": 2}]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["--dataset=timit-like", "--num_layers=2", "--layer_options=[{rank = 1}]"],
+            r"layer_options must be one table per layer \(num_layers=2\)",
+        ),
+        (
+            ["--dataset=timit-like", "--layer_options=[3]"],
+            r"layer_options must be one table per layer \(num_layers=1\), got layer_options=\[3\]",
+        ),
+        (["--layer_options=[{rank = 1}]"], r"layer_options is for the speech data sets"),
+    ],
+)
+def test_bad_layer_options_name_the_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
