@@ -153,7 +153,9 @@ def test_kcprnn_train_on_a_tiny_timit_tree(tmp_path, capsys):
         "--epochs=2",
         "--hidden_size=16",
         "--hidden_modes=[4,4]",
-        "--num_layers=2",
+        "--num_layers=2",  # the preset's three layer tables become two
+        "--layer_options=[{rank = 1, terms = 2, in_modes = [[3, 1], [1, 41]], "
+        "out_modes = [[4, 1], [1, 16]]}, {rank = 0.5}]",
         "--no-progress",
         "--normalization=global",
     ]
