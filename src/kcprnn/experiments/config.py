@@ -115,6 +115,9 @@ class Config:
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     ih_lr: float = 0.0  # Adam lr of the first layer's input-to-hidden matrices; 0 = lr
     weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every parameter; 0 = plain Adam
+    init_from: str = ""  # a run folder of the same architecture: its weights decomposed into ours
+    distill: float = 0.0  # weight of the KL from the teacher's outputs to the model's; 0 = off
+    teacher: str = ""  # the run folder of the distillation teacher; "" = init_from
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -184,10 +187,19 @@ class Config:
             raise ConfigError(f"grad_clip must be >= 0, got grad_clip={self.grad_clip}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must lie in [0, 1), got dropout={self.dropout}")
-        for key in ("ih_lr", "weight_decay"):
+        for key in ("ih_lr", "weight_decay", "distill"):
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
+        if self.distill and not (self.teacher or self.init_from):
+            raise ConfigError(
+                f"distill={self.distill} needs a teacher: set teacher (or init_from) to a "
+                "run folder"
+            )
+        if self.teacher and not self.distill:
+            raise ConfigError(
+                f"teacher={self.teacher!r} is given but distill=0: set distill to its weight"
+            )
         for key in ("bin_width", "max_time"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0 seconds, got {key}={getattr(self, key)!r}")

@@ -37,7 +37,8 @@ from ..data.speech import (
 from .config import Config
 from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from .loop import Dist, fit, write_json
-from .train import load_in_turn, make_optimizer, model_numbers
+from .train import load_in_turn, log_initialization, make_optimizer, model_numbers
+from .transfer import Teacher, distillation_loss, initialize_from
 
 __all__ = [
     "build_ctc_model",
@@ -188,9 +189,12 @@ class SpeechTask:
     cfg: Config
     data: SpeechSet
     device: torch.device
+    teacher: Teacher | None = None
     stat_keys: tuple[str, ...] = ("loss_sum",)
 
     def __post_init__(self) -> None:
+        if self.teacher is not None:
+            self.stat_keys = ("loss_sum", "distill_sum")
         self.batches = _length_batches(self.data, self.data.train, self.cfg.batch_size)
         self.metric = "per" if self.data.corpus.unit == "phone" else "wer"
 
@@ -214,7 +218,13 @@ class SpeechTask:
             reduction="mean",
             zero_infinity=True,
         )
-        return loss, {"loss_sum": loss.item() * len(rows)}
+        sums = {"loss_sum": loss.item() * len(rows)}
+        if self.teacher is not None:
+            frames = torch.arange(x.shape[1])[None] < lengths[:, None]  # (b, t)
+            kl = distillation_loss(log_probs, self.teacher.log_probs(x), frames.to(x.device))
+            sums["distill_sum"] = kl.item() * len(rows)
+            loss = loss + self.teacher.weight * kl
+        return loss, sums
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float
@@ -222,6 +232,8 @@ class SpeechTask:
         cfg, data = self.cfg, self.data
         start_eval = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss_sum"] / len(data.train)}
+        if "distill_sum" in sums:
+            row["train_distill"] = sums["distill_sum"] / len(data.train)
         for split, idx in (("dev", data.dev), ("test", data.test)):
             if len(idx):
                 split_loss, rate, _, chars = decode_split(
@@ -269,10 +281,15 @@ def train_speech(
     )
     torch.manual_seed(cfg.seed)
     model = build_ctc_model(cfg, data.input_size, data.num_symbols)
+    if cfg.init_from and checkpoint is None:
+        log_initialization(cfg.init_from, initialize_from(model, cfg.init_from))
     numbers = model_numbers(model)  # type: ignore[arg-type]
     log.info("model: %s", model)
     optimizer = make_optimizer(cfg, model)
-    task = SpeechTask(cfg, data, device)
+    teacher = None
+    if cfg.distill:
+        teacher = Teacher(cfg.teacher or cfg.init_from, cfg.distill, model, device)
+    task = SpeechTask(cfg, data, device, teacher)
     meta = {"input_size": data.input_size, "class_names": ["<blank>", *data.corpus.vocabulary]}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)
     key = f"test_{metric}"

@@ -69,6 +69,7 @@ from .loop import (
     write_json,
 )
 from .model import SequenceClassifier
+from .transfer import Teacher, distillation_loss, initialize_from
 
 if TYPE_CHECKING:
     from .ctc import CTCModel
@@ -362,6 +363,14 @@ def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.o
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
+def log_initialization(run_dir: str, records: list[dict[str, Any]]) -> None:
+    """Log :func:`~kcprnn.experiments.transfer.initialize_from`'s decomposition errors."""
+    errors = ", ".join(
+        f"{r['matrix']}[{r['layer']},{r['direction']}] {r['relative_error']:.3f}" for r in records
+    )
+    log.info("initialized from %s; relative errors of the decompositions: %s", run_dir, errors)
+
+
 @dataclass
 class ClassificationTask:
     """Cross-entropy on shuffled batches; after each epoch, test (and validation) loss and
@@ -373,6 +382,7 @@ class ClassificationTask:
     test_idx: np.ndarray
     valid_idx: np.ndarray
     device: torch.device
+    teacher: Teacher | None = None
     stat_keys: tuple[str, ...] = ("loss_sum", "correct")
 
     def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
@@ -389,7 +399,11 @@ class ClassificationTask:
         logits = net(x)  # (b, c)
         loss = F.cross_entropy(logits, y)
         correct = (logits.argmax(1) == y).sum().item()
-        return loss, {"loss_sum": loss.item() * len(rows), "correct": correct}
+        sums = {"loss_sum": loss.item() * len(rows), "correct": correct}
+        if self.teacher is not None:
+            kl = distillation_loss(logits.log_softmax(-1), self.teacher.log_probs(x))
+            loss = loss + self.teacher.weight * kl
+        return loss, sums
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float
@@ -517,10 +531,15 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, clips.input_size, clips.num_classes)
+    if cfg.init_from and checkpoint is None:
+        log_initialization(cfg.init_from, initialize_from(model, cfg.init_from))
     numbers = model_numbers(model)
     log.info("model: %s", model)
     optimizer = make_optimizer(cfg, model)
-    task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device)
+    teacher = None
+    if cfg.distill:
+        teacher = Teacher(cfg.teacher or cfg.init_from, cfg.distill, model, device)
+    task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device, teacher)
     meta = {"input_size": clips.input_size, "class_names": list(clips.class_names)}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)
 
