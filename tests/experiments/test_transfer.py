@@ -107,7 +107,9 @@ def test_speech_step_adds_the_weighted_distillation_term(dense_run):
     data = load_speech_data(cfg)
     torch.manual_seed(0)
     model = build_ctc_model(cfg, data.input_size, data.num_symbols)
+    state = torch.get_rng_state()
     teacher = Teacher(str(run), cfg.distill, model, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)  # loading draws nothing from the run's RNG
     rows = data.train[:2]
     loss, sums = SpeechTask(cfg, data, torch.device("cpu"), teacher).step(model, rows, rows)
     plain, plain_sums = SpeechTask(cfg, data, torch.device("cpu")).step(model, rows, rows)

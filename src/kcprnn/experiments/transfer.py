@@ -32,7 +32,8 @@ def _load(run_dir: str, role: str) -> tuple[Any, Any]:
 
     if not Path(run_dir).is_dir():
         raise FileNotFoundError(f"{role}={run_dir!r}: no such run folder")
-    model, cfg, _ = load_checkpoint(run_dir)
+    with torch.random.fork_rng(devices=[]):  # building the model draws an initialization
+        model, cfg, _ = load_checkpoint(run_dir)
     return model, cfg
 
 
