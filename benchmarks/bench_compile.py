@@ -10,7 +10,12 @@ Each (layout, threads) case runs in a fresh subprocess with inductor's caches of
 compile times are cold: the first compiled call under ``no_grad`` (the inference graph), then
 the first forward+backward (the training graphs). Then the four timed functions (eager and
 compiled, forward under ``no_grad`` and forward+backward of ``output.sum()``) are warmed up and
-their repetitions interleaved (one call of each per round, the order rotated every round); the
+their repetitions interleaved: one call of each per round, in an order that runs through all 24
+permutations of the four (``--order balanced``, the default), so that every call follows every
+other equally often (use a multiple of 24 rounds for exact balance). The state a call leaves
+behind (caches, the allocator) changes the next call's time; a fixed cyclic order (``--order
+cyclic``, the order rotated every round, which keeps each call's predecessor: the compiled
+training step always right after the eager one) biases the paired differences by that. The
 medians and minimums of the wall time are reported, and the medians of the process CPU time
 (``time.process_time``: the time the process ran, which a loaded machine inflates far less than
 the wall time) with the median over rounds of each compiled call's CPU time minus the same
@@ -32,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -114,7 +120,9 @@ def split_report(cpu: dict[str, list[float]], bodies: dict[str, list[dict[str, f
     return row
 
 
-def run_case(layout: str, threads: int, reps: int, split: bool = False) -> dict:
+def run_case(
+    layout: str, threads: int, reps: int, split: bool = False, order_kind: str = "balanced"
+) -> dict:
     """One case in this process (a fresh one: see :func:`main`)."""
     import torch
 
@@ -171,11 +179,15 @@ def run_case(layout: str, threads: int, reps: int, split: bool = False) -> dict:
     if split:
         time_bodies(spent)
     names = list(funcs)
+    orders = list(itertools.permutations(names))
     for _ in range(3):
         for k in names:
             funcs[k]()
     for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        if order_kind == "cyclic":
+            order = names[r % len(names) :] + names[: r % len(names)]
+        else:
+            order = list(orders[r % len(orders)])
         for k in order:
             spent.clear()
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -208,6 +220,7 @@ def run_case(layout: str, threads: int, reps: int, split: bool = False) -> dict:
         "cpu_median_ms": {k: round(v, 3) for k, v in cpu_ms.items()},
         "cpu_compiled_minus_eager_ms": {k: round(v, 3) for k, v in paired.items()},
         "cpu_compiled_over_eager_train": round(cpu_ms["compiled_train"] / cpu_ms["eager_train"], 3),
+        "order": order_kind,
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
     if split:
@@ -239,10 +252,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--split", action="store_true", help="also time the operator bodies (see above)"
     )
+    parser.add_argument(
+        "--order",
+        choices=["balanced", "cyclic"],
+        default="balanced",
+        help="the calls' order in each round (see above)",
+    )
     parser.add_argument("--case", nargs=2, metavar=("LAYOUT", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        result = run_case(args.case[0], int(args.case[1]), args.reps, args.split)
+        result = run_case(args.case[0], int(args.case[1]), args.reps, args.split, args.order)
         sys.stdout.write(json.dumps(result) + "\n")
         return
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
@@ -250,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         for layout in args.layouts:
             cmd = [sys.executable, __file__, "--case", layout, str(threads)]
-            cmd += ["--reps", str(args.reps)] + (["--split"] if args.split else [])
+            cmd += ["--reps", str(args.reps), "--order", args.order]
+            cmd += ["--split"] if args.split else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
@@ -270,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             "rank": RANK,
             "reps": args.reps,
             "split": args.split,
+            "order": args.order,
         },
         "results": results,
     }
