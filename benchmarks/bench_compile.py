@@ -10,20 +10,34 @@ Each (layout, threads) case runs in a fresh subprocess with inductor's caches of
 compile times are cold: the first compiled call under ``no_grad`` (the inference graph), then
 the first forward+backward (the training graphs). Then the four timed functions (eager and
 compiled, forward under ``no_grad`` and forward+backward of ``output.sum()``) are warmed up and
-their repetitions interleaved (one call of each per round, the order rotated every round); the
+their repetitions interleaved: one call of each per round, in an order that runs through all 24
+permutations of the four (``--order balanced``, the default), so that every call follows every
+other equally often (use a multiple of 24 rounds for exact balance). The state a call leaves
+behind (caches, the allocator) changes the next call's time; a fixed cyclic order (``--order
+cyclic``, the order rotated every round, which keeps each call's predecessor: the compiled
+training step always right after the eager one) biases the paired differences by that. The
 medians and minimums of the wall time are reported, and the medians of the process CPU time
 (``time.process_time``: the time the process ran, which a loaded machine inflates far less than
 the wall time) with the median over rounds of each compiled call's CPU time minus the same
 round's eager call's. Run it under ``nice`` on a shared machine.
 
+``--split`` also times the operator bodies of every training step (CPU time; compiled: the
+forward and backward bodies of ``kcprnn::layer_kcp``; eager: the forward and backward of the KCP
+walk's and of the LSTM recurrence's ``autograd.Function``) and reports the medians of the
+bodies' time and of the rest of the step (module Python, autograd engine, dynamo, AOT
+autograd and inductor's runtime, the graph's own kernels) with their paired compiled - eager
+medians. The timers add a few microseconds per body (four bodies an eager training step, two a
+compiled one), so keep the headline numbers from a run without it.
+
 Usage::
 
-    nice python benchmarks/bench_compile.py [--threads 1 2] [--reps 30] [--out DIR]
+    nice python benchmarks/bench_compile.py [--threads 1 2] [--reps 30] [--out DIR] [--split]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -47,7 +61,68 @@ LAYOUTS = {
 BATCH, FRAMES, INPUT, HIDDEN, RANK = 16, 6, 57_600, 256, 2
 
 
-def run_case(layout: str, threads: int, reps: int) -> dict:
+BODIES = {
+    "compiled": [("kcprnn._compile_kcp", "_kcp_forward"), ("kcprnn._compile_kcp", "_kcp_backward")],
+    "eager": [
+        ("kcprnn.formats.kcp.backward", "SequentialProduct.forward"),
+        ("kcprnn.formats.kcp.backward", "SequentialProduct.backward"),
+        ("kcprnn.rnn.fused", "_LSTMSequence.forward"),
+        ("kcprnn.rnn.fused", "_LSTMSequence.backward"),
+    ],
+}
+
+
+def time_bodies(spent: dict[str, float]) -> None:
+    """Wrap the operator bodies of :data:`BODIES` so that every call adds its process CPU time
+    to ``spent[name]`` (``--split``)."""
+    import importlib
+
+    for entries in BODIES.values():
+        for module_name, qualname in entries:
+            owner = importlib.import_module(module_name)
+            *outer, name = qualname.split(".")
+            for part in outer:
+                owner = getattr(owner, part)
+            body = getattr(owner, name)
+
+            def timed(*args, _body=body, _name=qualname):
+                start = time.process_time()
+                try:
+                    return _body(*args)
+                finally:
+                    spent[_name] = spent.get(_name, 0.0) + time.process_time() - start
+
+            setattr(owner, name, staticmethod(timed) if outer else timed)
+
+
+def split_report(cpu: dict[str, list[float]], bodies: dict[str, list[dict[str, float]]]) -> dict:
+    """``--split``: the medians (ms) of the training step's bodies' CPU time and of the rest of
+    the step, eager and compiled, with their paired compiled - eager medians."""
+    row: dict = {}
+    for mode in ("eager", "compiled"):
+        key = f"{mode}_train"
+        inside = [sum(b.values()) for b in bodies[key]]
+        row[f"{mode}_bodies_ms"] = round(1e3 * statistics.median(inside), 3)
+        row[f"{mode}_outside_ms"] = round(
+            1e3 * statistics.median(t - b for t, b in zip(cpu[key], inside, strict=True)), 3
+        )
+        names = sorted({n for b in bodies[key] for n in b})
+        row[f"{mode}_each_ms"] = {
+            n: round(1e3 * statistics.median(b.get(n, 0.0) for b in bodies[key]), 3) for n in names
+        }
+    inside_c = [sum(b.values()) for b in bodies["compiled_train"]]
+    inside_e = [sum(b.values()) for b in bodies["eager_train"]]
+    rounds = list(zip(cpu["compiled_train"], inside_c, cpu["eager_train"], inside_e, strict=True))
+    row["paired_bodies_ms"] = round(1e3 * statistics.median(c - e for _, c, _, e in rounds), 3)
+    row["paired_outside_ms"] = round(
+        1e3 * statistics.median((tc - c) - (te - e) for tc, c, te, e in rounds), 3
+    )
+    return row
+
+
+def run_case(
+    layout: str, threads: int, reps: int, split: bool = False, order_kind: str = "balanced"
+) -> dict:
     """One case in this process (a fresh one: see :func:`main`)."""
     import torch
 
@@ -99,17 +174,27 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
     }
     times: dict[str, list[float]] = {k: [] for k in funcs}
     cpu: dict[str, list[float]] = {k: [] for k in funcs}
+    bodies: dict[str, list[dict[str, float]]] = {k: [] for k in funcs}
+    spent: dict[str, float] = {}
+    if split:
+        time_bodies(spent)
     names = list(funcs)
+    orders = list(itertools.permutations(names))
     for _ in range(3):
         for k in names:
             funcs[k]()
     for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        if order_kind == "cyclic":
+            order = names[r % len(names) :] + names[: r % len(names)]
+        else:
+            order = list(orders[r % len(orders)])
         for k in order:
+            spent.clear()
             start, start_cpu = time.perf_counter(), time.process_time()
             funcs[k]()
             cpu[k].append(time.process_time() - start_cpu)
             times[k].append(time.perf_counter() - start)
+            bodies[k].append(dict(spent))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     mins = {k: 1e3 * min(v) for k, v in times.items()}
     cpu_ms = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
@@ -121,7 +206,7 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
         )
         for kind in ("forward", "train")
     }
-    return {
+    result = {
         "layout": layout,
         "threads": threads,
         "compile_forward_s": round(compile_forward, 2),
@@ -135,7 +220,12 @@ def run_case(layout: str, threads: int, reps: int) -> dict:
         "cpu_median_ms": {k: round(v, 3) for k, v in cpu_ms.items()},
         "cpu_compiled_minus_eager_ms": {k: round(v, 3) for k, v in paired.items()},
         "cpu_compiled_over_eager_train": round(cpu_ms["compiled_train"] / cpu_ms["eager_train"], 3),
+        "order": order_kind,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
     }
+    if split:
+        result["split"] = split_report(cpu, bodies)
+    return result
 
 
 def versions() -> dict:
@@ -159,10 +249,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json")
+    parser.add_argument(
+        "--split", action="store_true", help="also time the operator bodies (see above)"
+    )
+    parser.add_argument(
+        "--order",
+        choices=["balanced", "cyclic"],
+        default="balanced",
+        help="the calls' order in each round (see above)",
+    )
     parser.add_argument("--case", nargs=2, metavar=("LAYOUT", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        result = run_case(args.case[0], int(args.case[1]), args.reps)
+        result = run_case(args.case[0], int(args.case[1]), args.reps, args.split, args.order)
         sys.stdout.write(json.dumps(result) + "\n")
         return
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
@@ -170,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         for layout in args.layouts:
             cmd = [sys.executable, __file__, "--case", layout, str(threads)]
-            cmd += ["--reps", str(args.reps)]
+            cmd += ["--reps", str(args.reps), "--order", args.order]
+            cmd += ["--split"] if args.split else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
@@ -189,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             "hidden": HIDDEN,
             "rank": RANK,
             "reps": args.reps,
+            "split": args.split,
+            "order": args.order,
         },
         "results": results,
     }
