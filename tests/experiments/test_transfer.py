@@ -99,6 +99,16 @@ def test_distillation_loss_is_torchs_kl_divergence():
     torch.testing.assert_close(distillation_loss(student, teacher, mask), kl[mask.bool()].mean())
     torch.testing.assert_close(distillation_loss(student, teacher), kl.mean())
     assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    # at temperature 2: softmax(log p / 2) on both sides, the divergence scaled by 4
+    soft = F.kl_div(
+        (student / 2).log_softmax(-1),
+        (teacher / 2).log_softmax(-1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    torch.testing.assert_close(
+        distillation_loss(student, teacher, mask, temperature=2.0), 4 * soft[mask.bool()].mean()
+    )
 
 
 def test_speech_step_adds_the_weighted_distillation_term(dense_run):
@@ -187,6 +197,10 @@ def test_classifier_init_from_and_teacher(tmp_path):
         (["--teacher=runs/dense"], r"teacher='runs/dense' is given but distill=0"),
         (["--distill=nan", "--teacher=x"], r"distill must be a finite number >= 0"),
         (["--distill=-1", "--teacher=x"], r"distill must be a finite number >= 0, got distill=-1"),
+        (
+            ["--distill=1", "--teacher=x", "--distill_temperature=0"],
+            r"distill_temperature must be a finite number > 0, got distill_temperature=0\.0",
+        ),
     ],
 )
 def test_bad_transfer_options_name_the_value(overrides, message):

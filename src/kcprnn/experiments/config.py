@@ -118,6 +118,7 @@ class Config:
     init_from: str = ""  # a run folder of the same architecture: its weights decomposed into ours
     distill: float = 0.0  # weight of the KL from the teacher's outputs to the model's; 0 = off
     teacher: str = ""  # the run folder of the distillation teacher; "" = init_from
+    distill_temperature: float = 1.0  # both distributions softened by T, the KL scaled by T^2
     seed: int = 0  # seeds the split, the initialization and the batch order
     device: str = "cpu"  # cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -195,6 +196,11 @@ class Config:
             raise ConfigError(
                 f"distill={self.distill} needs a teacher: set teacher (or init_from) to a "
                 "run folder"
+            )
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ConfigError(
+                "distill_temperature must be a finite number > 0, "
+                f"got distill_temperature={self.distill_temperature}"
             )
         if self.teacher and not self.distill:
             raise ConfigError(

@@ -38,7 +38,7 @@ from .config import Config
 from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from .loop import Dist, fit, write_json
 from .train import load_in_turn, log_initialization, make_optimizer, model_numbers
-from .transfer import Teacher, distillation_loss, initialize_from
+from .transfer import Teacher, initialize_from
 
 __all__ = [
     "build_ctc_model",
@@ -221,7 +221,7 @@ class SpeechTask:
         sums = {"loss_sum": loss.item() * len(rows)}
         if self.teacher is not None:
             frames = torch.arange(x.shape[1])[None] < lengths[:, None]  # (b, t)
-            kl = distillation_loss(log_probs, self.teacher.log_probs(x), frames.to(x.device))
+            kl = self.teacher.divergence(log_probs, x, frames.to(x.device))
             sums["distill_sum"] = kl.item() * len(rows)
             loss = loss + self.teacher.weight * kl
         return loss, sums
@@ -288,7 +288,9 @@ def train_speech(
     optimizer = make_optimizer(cfg, model)
     teacher = None
     if cfg.distill:
-        teacher = Teacher(cfg.teacher or cfg.init_from, cfg.distill, model, device)
+        teacher = Teacher(
+            cfg.teacher or cfg.init_from, cfg.distill, model, device, cfg.distill_temperature
+        )
     task = SpeechTask(cfg, data, device, teacher)
     meta = {"input_size": data.input_size, "class_names": ["<blank>", *data.corpus.vocabulary]}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)

@@ -69,7 +69,7 @@ from .loop import (
     write_json,
 )
 from .model import SequenceClassifier
-from .transfer import Teacher, distillation_loss, initialize_from
+from .transfer import Teacher, initialize_from
 
 if TYPE_CHECKING:
     from .ctc import CTCModel
@@ -401,7 +401,7 @@ class ClassificationTask:
         correct = (logits.argmax(1) == y).sum().item()
         sums = {"loss_sum": loss.item() * len(rows), "correct": correct}
         if self.teacher is not None:
-            kl = distillation_loss(logits.log_softmax(-1), self.teacher.log_probs(x))
+            kl = self.teacher.divergence(logits.log_softmax(-1), x)
             loss = loss + self.teacher.weight * kl
         return loss, sums
 
@@ -538,7 +538,9 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
     optimizer = make_optimizer(cfg, model)
     teacher = None
     if cfg.distill:
-        teacher = Teacher(cfg.teacher or cfg.init_from, cfg.distill, model, device)
+        teacher = Teacher(
+            cfg.teacher or cfg.init_from, cfg.distill, model, device, cfg.distill_temperature
+        )
     task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device, teacher)
     meta = {"input_size": clips.input_size, "class_names": list(clips.class_names)}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)

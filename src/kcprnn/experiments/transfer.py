@@ -9,9 +9,9 @@ usual route to a compressed model in practice; what it buys is measured in ``doc
 
 ``distill = w`` with ``teacher = RUN_DIR`` (:class:`Teacher`): the training loss gains ``w``
 times the Kullback-Leibler divergence from the teacher's output distribution to the model's
-(Hinton et al. 2015 at temperature 1): per frame, averaged over the frames of the utterances, for
-the CTC models; per sequence for the classifiers. The teacher runs without gradients in eval
-mode on the same (undropped) inputs.
+(Hinton et al. 2015; ``distill_temperature`` softens both first): per frame, averaged over the
+frames of the utterances, for the CTC models; per sequence for the classifiers. The teacher runs
+without gradients in eval mode on the same (undropped) inputs.
 """
 
 from __future__ import annotations
@@ -102,11 +102,18 @@ def initialize_from(model: nn.Module, run_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+def distillation_loss(
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
     """Mean over positions of ``KL(teacher || student)`` between the log-probabilities
     ``(..., classes)``; ``mask`` (the leading shape, 1 for positions that count) restricts the
-    mean."""
-    kl = (teacher.exp() * (teacher - student)).sum(-1)  # (...)
+    mean. At a ``temperature`` T other than 1 both distributions are softened first
+    (``softmax(log p / T)``) and the divergence is scaled by T², which keeps its gradients'
+    scale (Hinton et al. 2015)."""
+    if temperature != 1.0:
+        student = (student / temperature).log_softmax(-1)
+        teacher = (teacher / temperature).log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1) * temperature**2  # (...)
     if mask is None:
         return kl.mean()
     mask = mask.to(kl.dtype)
@@ -123,7 +130,14 @@ class Teacher:
     """The model of a finished run (``teacher``), evaluated without gradients in eval mode, and
     the weight of its distillation term. Any architecture with the same inputs and classes."""
 
-    def __init__(self, run_dir: str, weight: float, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        weight: float,
+        model: nn.Module,
+        device: torch.device,
+        temperature: float = 1.0,
+    ) -> None:
         teacher, _ = _load(run_dir, "teacher")
         if type(teacher) is not type(model) or _outputs(teacher) != _outputs(model):
             raise ValueError(
@@ -135,6 +149,7 @@ class Teacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weight = weight
+        self.temperature = temperature
 
     @torch.no_grad()
     def log_probs(self, x: Tensor) -> Tensor:
@@ -143,3 +158,7 @@ class Teacher:
         self.model.eval()
         out = self.model(x)
         return out if out.dim() == 3 else out.log_softmax(-1)
+
+    def divergence(self, student: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """:func:`distillation_loss` of the model's log-probabilities ``student`` for ``x``."""
+        return distillation_loss(student, self.log_probs(x), mask, self.temperature)
