@@ -28,7 +28,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,28 +74,107 @@ def cases() -> list[dict]:
     return list(found.values())
 
 
-def time_forward(case: dict) -> float:
+def _clock() -> tuple[float, float, float]:
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return time.perf_counter(), time.thread_time(), float(faults)
+
+
+def _since(start: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of this thread and minor page faults since ``start``."""
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1], now[2] - start[2]
+
+
+def time_forward(case: dict) -> tuple[float, float, float]:
     m = case["matrix"]
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = _clock()
         dense_weight(m)
-        return time.perf_counter() - t0
+        return _since(t0)
 
 
-def time_backward(case: dict) -> float:
+def time_backward(case: dict) -> tuple[float, float]:
     m, g = case["matrix"], case["grad_out"]
     for p in m.parameters():
         p.grad = None
-    t0 = time.perf_counter()
-    (dense_weight(m) * g).sum().backward()
-    return time.perf_counter() - t0
+    t0 = _clock()
+    dense_weight(m).backward(g)
+    return _since(t0)
 
 
-def time_write(case: dict) -> float:
+def time_write(case: dict) -> tuple[float, float, float]:
     j, i = case["shape"]
-    t0 = time.perf_counter()
+    t0 = _clock()
     torch.empty(j, i).fill_(1.0)
-    return time.perf_counter() - t0
+    return _since(t0)
+
+
+def measure(formats: list[str], reps: int, warmup: int) -> list[dict]:
+    """Interleaved repetitions of every case: per case its description and, per timer, the
+    samples ``[[wall_s, cpu_s], ...]``."""
+    torch.set_num_threads(1)
+    all_cases = [c for c in cases() if c["format"] in formats]
+    timers = {"fwd": time_forward, "fwdbwd": time_backward, "write": time_write}
+    samples: dict[tuple[int, str], list[tuple[float, float, float]]] = {
+        (id(c), k): [] for c in all_cases for k in timers
+    }
+    for rep in range(warmup + reps):
+        for case in all_cases:
+            for name, timer in timers.items():
+                t = timer(case)
+                if rep >= warmup:
+                    samples[(id(case), name)].append(t)
+    keep = ("format", "role", "shape", "macs", "params", "repr")
+    return [
+        {
+            **{k: case[k] for k in keep},
+            "samples": {k: samples[(id(case), k)] for k in timers},
+        }
+        for case in all_cases
+    ]
+
+
+def _key(row: dict) -> tuple:
+    return row["format"], row["role"], tuple(row["shape"])
+
+
+def _medians(samples: dict[str, list]) -> dict[str, float]:
+    """Per timer, the median wall and CPU (thread) time in ms."""
+    out = {}
+    for k, v in samples.items():
+        out[f"{k}_ms"] = statistics.median(x[0] for x in v) * 1e3
+        out[f"{k}_cpu_ms"] = statistics.median(x[1] for x in v) * 1e3
+        out[f"{k}_faults"] = statistics.median(x[2] for x in v)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def paired(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Rounds alternating a child process on ``--baseline-src`` and one on this checkout's
+    sources (``PYTHONPATH``), ``--reps`` repetitions each; the samples of all rounds merged."""
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    sources = {"baseline": args.baseline_src, "current": os.environ.get("PYTHONPATH") or here}
+    merged: dict[str, dict[tuple, dict]] = {name: {} for name in sources}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, src in sources.items():
+                raw = Path(tmp) / f"{name}.json"
+                command = [sys.executable, __file__, "--raw", str(raw), "--reps", str(args.reps)]
+                command += ["--warmup", str(args.warmup), "--formats", *args.formats]
+                env = {**os.environ, "PYTHONPATH": src}
+                subprocess.run(command, env=env, check=True)
+                for row in json.loads(raw.read_text()):
+                    have = merged[name].setdefault(_key(row), {**row, "samples": {}})
+                    for k, v in row["samples"].items():
+                        have["samples"].setdefault(k, []).extend(v)
+    return {name: list(rows.values()) for name, rows in merged.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,70 +187,71 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(__file__).resolve().parent / "results" / "rebuild" / "latest",
     )
     parser.add_argument("--formats", nargs="*", default=list(FORMATS))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    all_cases = [c for c in cases() if c["format"] in args.formats]
-    timers = {"fwd": time_forward, "fwdbwd": time_backward, "write": time_write}
-    samples = {(id(c), k): [] for c in all_cases for k in timers}
-    load_before = os.getloadavg()
-    for rep in range(args.warmup + args.reps):
-        for case in all_cases:
-            for name, timer in timers.items():
-                t = timer(case)
-                if rep >= args.warmup:
-                    samples[(id(case), name)].append(t)
-    load_after = os.getloadavg()
-    rows = []
-    header = (
-        f"{'format':7} {'role':9} {'shape':>10} {'MACs':>11} {'fwd ms':>8} {'f+b ms':>8} "
-        f"{'write ms':>8} {'fwd/write':>9}"
+    parser.add_argument(
+        "--baseline-src",
+        help="a kcprnn source folder to compare with: rounds alternate a child process on it "
+        "and one on the current sources",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --baseline-src")
+    parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)  # child: raw samples
+    args = parser.parse_args(argv)
+    if args.raw is not None:
+        _write_json(args.raw, measure(args.formats, args.reps, args.warmup))  # type: ignore[arg-type]
+        return 0
+    load_before = os.getloadavg()
+    if args.baseline_src:
+        runs = paired(args)
+    else:
+        runs = {"current": measure(args.formats, args.reps, args.warmup)}
+    load_after = os.getloadavg()
+    tables = {}
+    for name, rows in runs.items():
+        tables[name] = []
+        for row in rows:
+            samples = row.pop("samples")
+            tables[name].append({**row, **_medians(samples), "n": len(samples["fwd"])})
+    current = {_key(r): r for r in tables["current"]}
+    base = {_key(r): r for r in tables.get("baseline", [])}
+    header = (
+        f"{'format':7} {'role':9} {'shape':>10} {'MACs':>11} {'fwd ms':>7} {'f+b ms':>7} "
+        f"{'fwd cpu':>7} {'f+b cpu':>7} {'write':>6} {'faults':>6}"
+    )
+    if base:
+        header += f"  {'base fwd':>8} {'base f+b':>8} {'faults':>6} {'base MACs':>11}  (cpu ms)"
     print(header)
     print("-" * len(header))
-    for case in all_cases:
-        med = {k: statistics.median(samples[(id(case), k)]) * 1e3 for k in timers}
-        q = {
-            k: statistics.quantiles(samples[(id(case), k)], n=4) if args.reps >= 4 else None
-            for k in timers
-        }
-        row = {
-            "format": case["format"],
-            "role": case["role"],
-            "shape": case["shape"],
-            "macs": case["macs"],
-            "params": case["params"],
-            "repr": case["repr"],
-            "fwd_ms": med["fwd"],
-            "fwdbwd_ms": med["fwdbwd"],
-            "write_ms": med["write"],
-            "quartiles_ms": {
-                k: None if v is None else [x * 1e3 for x in (v[0], v[2])] for k, v in q.items()
-            },
-        }
-        rows.append(row)
-        shape = "x".join(map(str, case["shape"]))
-        print(
-            f"{case['format']:7} {case['role']:9} {shape:>10} {case['macs']:>11,} "
-            f"{med['fwd']:8.3f} {med['fwdbwd']:8.3f} {med['write']:8.3f} "
-            f"{med['fwd'] / med['write']:9.1f}"
+    for key, r in current.items():
+        line = (
+            f"{r['format']:7} {r['role']:9} {'x'.join(map(str, r['shape'])):>10} "
+            f"{r['macs']:>11,} {r['fwd_ms']:7.3f} {r['fwdbwd_ms']:7.3f} {r['fwd_cpu_ms']:7.3f} "
+            f"{r['fwdbwd_cpu_ms']:7.3f} {r['write_ms']:6.3f} {r['fwdbwd_faults']:6.0f}"
         )
+        if key in base:
+            b = base[key]
+            line += f"  {b['fwd_cpu_ms']:8.3f} {b['fwdbwd_cpu_ms']:8.3f} {b['fwdbwd_faults']:6.0f}"
+            line += f" {b['macs']:>11,}"
+        print(line)
     result = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": 1,
         "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "reps": args.reps,
+        "rounds": args.rounds if args.baseline_src else 1,
         "warmup": args.warmup,
+        "baseline_src": args.baseline_src,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "dtype": "float32",
-        "rows": rows,
+        "rows": tables["current"],
+        "baseline_rows": tables.get("baseline"),
     }
-    print(f"torch {torch.__version__}, 1 thread, load {load_before[0]:.2f} -> {load_after[0]:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out / "rebuild.json")
+    print(
+        f"torch {torch.__version__}, 1 thread, load (1/5/15 min) "
+        f"{' '.join(f'{x:.2f}' for x in load_before)} -> "
+        f"{' '.join(f'{x:.2f}' for x in load_after)}"
+    )
+    _write_json(args.out / "rebuild.json", result)
     return 0
 
 

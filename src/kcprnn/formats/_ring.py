@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 from ._base import FactorizedMatrix
+from ._halves import join_halves
 
 __all__ = [
     "ORDERS",
@@ -303,10 +304,9 @@ def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
     right = _merge(cores[half:])  # (r, o2, q2, c)
     c, o1, q1, r = left.shape
     o2, q2 = right.shape[1], right.shape[2]
-    a = left.permute(1, 2, 3, 0).reshape(o1 * q1, r * c)  # (o1 q1, r c)
-    b = right.permute(0, 3, 1, 2).reshape(r * c, o2 * q2)  # (r c, o2 q2)
-    w = (a @ b).view(o1, q1, o2, q2)  # (o1, q1, o2, q2)
-    return w.permute(0, 2, 1, 3).reshape(o1 * o2, q1 * q2)  # (o, q)
+    a = left.permute(3, 0, 1, 2).reshape(r * c, o1, q1)  # (r c, o1, q1)
+    b = right.permute(0, 3, 1, 2).reshape(r * c, o2, q2)  # (r c, o2, q2)
+    return join_halves(a, b)  # (o, q)
 
 
 # --- module ---

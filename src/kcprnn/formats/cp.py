@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from ._halves import join_halves, kron_rows, split_point
+from ._halves import (
+    join_halves,
+    join_halves_backward,
+    kron_grads,
+    kron_rows,
+    needs_graph,
+    split_point,
+)
 from .tucker import contract_trailing, map_row_chunks, matrix_to_merged
 
 __all__ = [
@@ -61,17 +68,53 @@ def cp_num_params(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) 
     return rank * sum(i * j for i, j in zip(in_modes, out_modes, strict=True))
 
 
+def _cp_halves(factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The Kronecker products per rank of the leading and of the trailing factors:
+    ``(r, j_L, i_L)`` and ``(r, j_R, i_R)``."""
+    k = split_point(len(factors))
+    left = kron_rows([u.unsqueeze(1) for u in factors[:k]])  # (r, 1, j_L, i_L)
+    right = kron_rows([u.unsqueeze(1) for u in factors[k:]])  # (r, 1, j_R, i_R)
+    return left.squeeze(1), right.squeeze(1)
+
+
+class _CPToDense(torch.autograd.Function):
+    """:func:`cp_to_dense` (``D >= 2``) with a hand-written backward: the gradient of ``W``
+    goes to the two halves as in :func:`~kcprnn.formats._halves.join_halves_backward` (two
+    GEMMs over the rank) and from each half to its factors by
+    :func:`~kcprnn.formats._halves.kron_grads`; autograd would keep and reduce a broadcast
+    product per Kronecker step instead. Second derivatives work: under ``create_graph`` the
+    backward rebuilds the halves from the factors with autograd recording."""
+
+    @staticmethod
+    def forward(ctx, *factors: Tensor) -> Tensor:
+        left, right = _cp_halves(factors)
+        ctx.save_for_backward(left, right, *factors)
+        return join_halves(left, right)  # (j, i)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        left, right, *factors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: keep the halves' graph
+            left, right = _cp_halves(factors)
+        grad_left, grad_right = join_halves_backward(grad, left, right)
+        k = split_point(len(factors))
+        mats = [u.unsqueeze(1) for u in factors]  # (r, 1, j_e, i_e)
+        grads = kron_grads(grad_left.unsqueeze(1), mats[:k])
+        grads += kron_grads(grad_right.unsqueeze(1), mats[k:])
+        return tuple(g.squeeze(1) for g in grads)  # (r, j_e, i_e) each
+
+
 def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
     """Reconstruct ``W`` (``(out_features, in_features)``) from factors ``U_d`` of shape
     ``(R, J_d, I_d)``: the Kronecker products of the leading and of the trailing factors per
     rank (natural layout, small), then one product over the rank
-    (:func:`~kcprnn.formats._halves.join_halves`)."""
+    (:func:`~kcprnn.formats._halves.join_halves`). The backward is hand-written (one GEMM per
+    half, then the Kronecker products' gradients)."""
     if len(factors) == 1:
         return factors[0].sum(0)  # (j, i)
-    k = split_point(len(factors))
-    left = kron_rows([u.unsqueeze(1) for u in factors[:k]])  # (r, 1, j_L, i_L)
-    right = kron_rows([u.unsqueeze(1) for u in factors[k:]])  # (r, 1, j_R, i_R)
-    return join_halves(left.squeeze(1), right.squeeze(1))  # (j, i)
+    if needs_graph(*factors):
+        return _CPToDense.apply(*factors)  # (j, i)
+    return join_halves(*_cp_halves(factors))  # (j, i)
 
 
 def cp_linear(
