@@ -12,9 +12,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kcprnn
 from kcprnn.formats import _halves
-from kcprnn.formats._halves import join_halves, kron_grads, kron_rows
-from kcprnn.formats._ring import ring_to_dense
-from kcprnn.formats.cp import cp_to_dense
+from kcprnn.formats._halves import (
+    half_to_merged,
+    join_halves,
+    merged_to_half,
+    outer_grads,
+    outer_rows,
+)
+from kcprnn.formats._ring import ring_split, ring_to_dense, ring_to_dense_flops
+from kcprnn.formats.cp import cp_split, cp_to_dense
 from kcprnn.formats.tucker import tucker_to_dense
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -77,6 +83,8 @@ CASES = [
     ("cp", (512, 2048), {**SPEECH_HH, "rank": 5}),
     ("cp", (24, 10), {"in_modes": [3, 4, 2], "out_modes": [2, 1, 5], "rank": 3}),
     ("cp", (40, 84), {"num_modes": 2, "rank": 4}),
+    ("cp", (6, 10), {"in_modes": [3, 1, 2], "out_modes": [2, 1, 5], "rank": 3}),
+    ("cp", (21, 16), {"in_modes": [7, 3, 1, 1], "out_modes": [2, 2, 2, 2], "rank": 3}),
     ("cp", (2 * 3 * 2 * 2 * 2, 3 * 2 * 2 * 2 * 2), {"num_modes": 5, "rank": 2}),
     ("cp", (6, 4), {"num_modes": 1, "rank": 3}),
     ("tucker", (512, 2048), {**SPEECH_HH, "rank": [3, 2, 2, 3]}),
@@ -91,9 +99,12 @@ CASES = [
     ("tt", (512, 2048), {**SPEECH_HH, "rank": 3}),
     ("tt", (24, 10), {"in_modes": [3, 4, 2], "out_modes": [2, 1, 5], "rank": [2, 3]}),
     ("tt", (60, 84), {"num_modes": 2, "rank": 4}),
+    ("tt", (16, 16), {"in_modes": [2] * 4, "out_modes": [2] * 4, "rank": [1, 4, 4]}),
+    ("tt", (21, 16), {"in_modes": [7, 3, 1, 1], "out_modes": [2, 2, 2, 2], "rank": [3, 1, 2]}),
     ("tr", (512, 2048), {**SPEECH_HH, "rank": 2}),
     ("tr", (24, 10), {"in_modes": [3, 4, 2], "out_modes": [2, 1, 5], "rank": [2, 3, 1]}),
     ("tr", (24, 40), {"num_modes": 1, "rank": 3}),
+    ("tr", (21, 16), {"in_modes": [7, 3, 1, 1], "out_modes": [2, 2, 2, 2], "rank": [2, 3, 1, 2]}),
     ("tr", (2 * 3 * 2 * 2 * 2, 3 * 2 * 2 * 2 * 2), {"num_modes": 5, "rank": 2}),
 ]
 
@@ -189,26 +200,47 @@ def test_join_halves_by_definition_with_gradients(monkeypatch):
     assert torch.autograd.gradgradcheck(join_halves, (left, right))
 
 
-def test_kron_grads_match_autograd():
+def test_outer_products_and_their_gradients():
     torch.manual_seed(0)
-    mats = [
-        torch.randn(2, s, j, i, dtype=torch.float64)
-        for s, j, i in [(2, 3, 1), (1, 2, 4), (3, 1, 2)]
-    ]
-    for count in (1, 2, 3):
-        leaves = [m.clone().requires_grad_(True) for m in mats[:count]]
-        out = kron_rows(leaves)
+    vectors = [torch.randn(2, m, dtype=torch.float64) for m in (3, 1, 4, 2)]
+    for count in (1, 2, 3, 4):
+        leaves = [v.clone().requires_grad_(True) for v in vectors[:count]]
+        out = outer_rows(leaves)
+        want = leaves[0]
+        for v in leaves[1:]:
+            want = torch.stack([torch.outer(a, b).flatten() for a, b in zip(want, v, strict=True)])
+        torch.testing.assert_close(out, want, **TOL)
         probe = torch.randn_like(out)
-        want = torch.autograd.grad(out, leaves, probe)
-        got = kron_grads(probe, mats[:count])
-        for a, b in zip(got, want, strict=True):
+        expected = torch.autograd.grad(out, leaves, probe)
+        for a, b in zip(outer_grads(probe, vectors[:count]), expected, strict=True):
             torch.testing.assert_close(a, b, **TOL)
 
 
+def test_merged_and_half_layouts_are_inverse():
+    t = torch.arange(2 * 6 * 10, dtype=torch.float64).reshape(2, 60)
+    half = merged_to_half(t, [2, 5], [3, 2])  # merged (j_1 i_1, j_2 i_2) = (6, 10)
+    for j1, i1, j2, i2 in [(0, 0, 0, 0), (1, 2, 4, 1), (1, 0, 3, 1)]:
+        assert half[1, j1 * 5 + j2, i1 * 2 + i2] == t[1, (j1 * 3 + i1) * 10 + j2 * 2 + i2]
+    torch.testing.assert_close(half_to_merged(half, [2, 5], [3, 2]), t)
+
+
+def test_splits_by_hand():
+    # speech W_ih, input 123: merged modes (328, 24, 8, 4); 1 + 3 factors keep the Kronecker
+    # products at 24 * 8 + 24 * 8 * 4 = 960 entries per rank (2 + 2: 328 * 24 = 7,872)
+    assert cp_split([41, 3, 1, 1], [8, 8, 8, 4]) == 1
+    assert cp_split([8, 4, 4, 4], [8, 8, 8, 4]) == 2  # speech W_hh: (64 * 32) + (32 * 16)
+    # TT ranks (1, 1, 4, 4, 1) on 2x2 modes: split after core 1 (closing over r_1 = 1:
+    # 256) with the right half's merges 16 * 4 * 4 + 64 * 4 * 1 = 512; after core 2 the
+    # closing product alone costs 256 * 4
+    assert ring_split([2] * 4, [2] * 4, (1, 1, 4, 4, 1)) == 1
+    assert ring_to_dense_flops([2] * 4, [2] * 4, (1, 1, 4, 4, 1)) == 256 + 512
+    assert ring_split([2] * 4, [2] * 4, (3, 3, 3, 3, 3)) == 2  # a tie: the balanced split
+
+
 @pytest.mark.parametrize(
-    ("fmt", "shape", "options"), [c for c in CASES if c[0] in ("tucker", "bt")]
+    ("fmt", "shape", "options"), [c for c in CASES if c[0] in ("tucker", "bt", "tt", "tr")]
 )
-def test_tucker_reconstruction_macs_match_executed_products(fmt, shape, options):
+def test_reconstruction_macs_match_executed_products(fmt, shape, options):
     w = make(fmt, shape, options)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         w.to_dense()

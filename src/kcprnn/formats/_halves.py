@@ -1,17 +1,21 @@
-"""Dense reconstruction by halves: the formats' ``to_dense`` as one GEMM and one copy.
+"""Dense reconstruction by halves: the formats' ``to_dense`` as GEMMs that write ``W`` in place.
 
 Every format here writes ``W[(j_L, j_R), (i_L, i_R)]`` (the modes split into a leading and a
-trailing group, ``j = (j_L, j_R)`` and ``i = (i_L, i_R)`` row-major) as a sum over a small
-joining index ``s``:
+trailing group, ``j = (j_L, j_R)`` and ``i = (i_L, i_R)`` row-major) as a sum over a joining
+index ``s``:
 
     ``W[(j_L, j_R), (i_L, i_R)] = Σ_s L[s, j_L, i_L] R[s, j_R, i_R]``
 
-(CP: ``s`` the rank; Tucker and BT: the blocks and the trailing modes' ranks; HT: the root's
-right rank; TT and TR do the same in ``_ring``). Both halves are small (about ``sqrt(I J)``
-entries per ``s``), so the cost is :func:`join_halves`: one GEMM with inner dimension ``S``
-and one copy into ``W``'s natural layout; its backward is the same copy back and two GEMMs
-that read ``W``'s gradient once each, which is the cheapest contraction of a dense gradient
-back to the halves.
+(CP: ``s`` the rank; Tucker and BT: the blocks and the first mode's rank, ``L`` the first
+factor; HT: the root's right rank; TT and TR: the two bonds between the halves of the ring).
+The cost is :func:`join_halves`: GEMMs with inner dimension ``S``, ``J I S`` MACs, computed
+in cache-sized slabs that are copied into ``W``'s natural layout as they come; its backward
+copies the gradient of ``W`` back slab by slab and runs two GEMMs per slab, which reads the
+gradient once and is the cheapest contraction of a dense gradient back to the halves.
+
+:func:`outer_rows` and :func:`outer_grads` are the per-rank outer products a CP half is made
+of and their gradients; :func:`merged_to_half` and :func:`half_to_merged` move a half between
+merged-mode order and the ``(s, j, i)`` layout the join takes.
 
 Shape comments: ``s`` the joining index, ``a``/``b`` the leading group's out/in size,
 ``c``/``d`` the trailing group's.
@@ -19,6 +23,7 @@ Shape comments: ``s`` the joining index, ``a``/``b`` the leading group's out/in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,17 +32,13 @@ from torch import Tensor
 __all__ = [
     "join_halves",
     "join_halves_backward",
-    "kron_grads",
+    "half_to_merged",
     "kron_rows",
+    "merged_to_half",
     "needs_graph",
-    "split_point",
+    "outer_grads",
+    "outer_rows",
 ]
-
-
-def split_point(num_modes: int) -> int:
-    """Modes in the leading group: half of them (the trailing group gets the rest), so that
-    both halves are small and the copy into ``W`` moves runs of the trailing input modes."""
-    return num_modes // 2
 
 
 JOIN_CHUNK_ELEMENTS = 1 << 17
@@ -146,24 +147,47 @@ def kron_rows(mats: Sequence[Tensor]) -> Tensor:
     return a
 
 
-def kron_grads(grad: Tensor, mats: Sequence[Tensor]) -> list[Tensor]:
-    """Gradients of :func:`kron_rows` ``(mats)`` with respect to each of ``mats``
-    ``(t, s_k, J_k, I_k)`` for the gradient ``grad`` ``(t, Π s_k, Π J_k, Π I_k)`` of its
-    result: for every matrix, ``grad`` contracted with all the others (one ``einsum`` each)."""
-    if len(mats) == 1:
-        return [grad.reshape(mats[0].shape)]
-    k = len(mats)
-    # sublists: t = 0, s_k = 1 + k', J_k = 1 + k + k', I_k = 1 + 2 k + k'
-    sub = [[0, 1 + e, 1 + k + e, 1 + 2 * k + e] for e in range(k)]
-    shape = [grad.shape[0], *(m.shape[1] for m in mats)]
-    shape += [m.shape[2] for m in mats] + [m.shape[3] for m in mats]
-    g = grad.reshape(shape)  # (t, s_1 .. s_k, J_1 .. J_k, I_1 .. I_k)
-    g_sub = [0, *range(1, 1 + 3 * k)]
+def outer_rows(vectors: Sequence[Tensor]) -> Tensor:
+    """Per leading index, the outer product of ``vectors`` ``(t, m_k)``, flattened row-major:
+    ``(t, Π m_k)``."""
+    out = vectors[0]  # (t, m)
+    for v in vectors[1:]:
+        out = (out.unsqueeze(2) * v.unsqueeze(1)).reshape(out.shape[0], -1)  # (t, m m')
+    return out
+
+
+def outer_grads(grad: Tensor, vectors: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of :func:`outer_rows` ``(vectors)`` with respect to each of ``vectors`` for
+    the gradient ``grad`` ``(t, Π m_k)`` of its result: for vector ``e``, ``grad`` viewed as
+    ``(t, P, m_e, Q)`` contracted with the outer products of the vectors before (``P``) and
+    after (``Q``) it, as two batched matrix-vector products on contiguous views."""
+    t = grad.shape[0]
+    sizes = [v.shape[1] for v in vectors]
     grads = []
-    for e in range(k):
-        operands: list[object] = [g, g_sub]
-        for f in range(k):
-            if f != e:
-                operands += [mats[f], sub[f]]
-        grads.append(torch.einsum(*operands, sub[e]))  # (t, s_e, J_e, I_e)
+    for e, m in enumerate(sizes):
+        p, q = math.prod(sizes[:e]), math.prod(sizes[e + 1 :])
+        h = grad.reshape(t, p, m * q)  # (t, P, m Q)
+        if e > 0:
+            h = torch.bmm(outer_rows(vectors[:e]).unsqueeze(1), h)  # (t, 1, m Q)
+        h = h.reshape(t, m, q)  # (t, m, Q)
+        if e + 1 < len(vectors):
+            h = torch.bmm(h, outer_rows(vectors[e + 1 :]).unsqueeze(2))  # (t, m, 1)
+        grads.append(h.reshape(t, m))  # (t, m)
     return grads
+
+
+def merged_to_half(t: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
+    """``(s, J_1 I_1 ⋯ J_k I_k)`` (merged modes, ``j`` major in each) -> ``(s, Π J, Π I)``."""
+    k = len(in_modes)
+    pairs = [size for e in range(k) for size in (out_modes[e], in_modes[e])]
+    t = t.reshape(t.shape[0], *pairs)  # (s, j_1, i_1, ..., j_k, i_k)
+    t = t.permute(0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2))  # (s, j.., i..)
+    return t.reshape(t.shape[0], math.prod(out_modes), math.prod(in_modes))
+
+
+def half_to_merged(t: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
+    """The inverse of :func:`merged_to_half`: ``(s, Π J, Π I)`` -> ``(s, Π J_e I_e)``."""
+    k = len(in_modes)
+    t = t.reshape(t.shape[0], *out_modes, *in_modes)  # (s, j.., i..)
+    t = t.permute(0, *(i for e in range(k) for i in (1 + e, 1 + k + e)))  # (s, j_1, i_1, ..)
+    return t.reshape(t.shape[0], -1)
