@@ -175,7 +175,7 @@ def pure_to_dense(w):
     return lambda *cores: ring_to_dense(cores)
 
 
-@pytest.mark.parametrize("slab", [7, 1 << 17])
+@pytest.mark.parametrize("slab", [7, 1 << 18])
 @pytest.mark.parametrize(("fmt", "shape", "options"), GRADCHECK)
 def test_gradcheck_of_to_dense(fmt, shape, options, slab, monkeypatch):
     monkeypatch.setattr(_halves, "JOIN_CHUNK_ELEMENTS", slab)

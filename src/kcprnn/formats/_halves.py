@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 
-JOIN_CHUNK_ELEMENTS = 1 << 17
-"""Entries of the product's slab that :func:`join_halves` computes per GEMM (512 KiB in
+JOIN_CHUNK_ELEMENTS = 1 << 18
+"""Entries of the product's slab that :func:`join_halves` computes per GEMM (1 MiB in
 float32): each slab stays in cache while it is copied into ``W``, and no buffer the size of
 ``W`` other than ``W`` itself (or its gradient's copy) is ever allocated."""
 
