@@ -38,7 +38,6 @@ __all__ = [
     "ring_intermediate_size",
     "ring_linear",
     "ring_linear_flops",
-    "ring_split",
     "ring_to_dense",
     "ring_to_dense_flops",
 ]
@@ -162,39 +161,21 @@ def _merge_macs(
     return total
 
 
-def _split_macs(
-    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], half: int
+def ring_to_dense_flops(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
 ) -> int:
+    """Multiply-accumulates of :func:`ring_to_dense`: the two halves' merges and the product
+    that closes the ring (a single core's trace adds none)."""
     count = len(in_modes)
+    if count == 1:
+        return 0
+    half = count // 2
     closing = math.prod(in_modes) * math.prod(out_modes) * ranks[half] * ranks[0]
     return (
         _merge_macs(in_modes, out_modes, ranks, 0, half)
         + _merge_macs(in_modes, out_modes, ranks, half, count)
         + closing
     )
-
-
-def ring_split(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
-    """Cores in the leading half of :func:`ring_to_dense`: the split with the fewest
-    multiply-accumulates (ties: the most balanced one). The closing product costs
-    ``J I r_0 r_k`` at every split ``k``, so the halves' merges (the sizes of the halves) and
-    an uneven rank ``r_k`` decide."""
-    count = len(in_modes)
-    return min(
-        range(1, count),
-        key=lambda k: (_split_macs(in_modes, out_modes, ranks, k), abs(2 * k - count)),
-    )
-
-
-def ring_to_dense_flops(
-    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]
-) -> int:
-    """Multiply-accumulates of :func:`ring_to_dense`: the two halves' merges and the product
-    that closes the ring, at the split :func:`ring_split` chooses (a single core's trace adds
-    none)."""
-    if len(in_modes) == 1:
-        return 0
-    return _split_macs(in_modes, out_modes, ranks, ring_split(in_modes, out_modes, ranks))
 
 
 # --- pure functions: the sweeps ---
@@ -313,15 +294,13 @@ def _merge(cores: Sequence[Tensor]) -> Tensor:
 
 
 def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
-    """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores: each half (split by
-    :func:`ring_split`) merged left to right, then one product over both bonds between the
-    halves closes the ring (:func:`~kcprnn.formats._halves.join_halves`; no ``r_0``-fold
-    intermediate to take the trace of)."""
+    """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores: each half merged left
+    to right, then one product over both bonds between the halves closes the ring
+    (:func:`~kcprnn.formats._halves.join_halves`; no ``r_0``-fold intermediate to take the
+    trace of)."""
     if len(cores) == 1:
         return cores[0].diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
-    shapes = _core_shapes(cores)
-    ranks = [shape[0] for shape in shapes] + [shapes[-1][3]]
-    half = ring_split([s[2] for s in shapes], [s[1] for s in shapes], ranks)
+    half = len(cores) // 2
     left = _merge(cores[:half])  # (c, o1, q1, r)
     right = _merge(cores[half:])  # (r, o2, q2, c)
     c, o1, q1, r = left.shape
