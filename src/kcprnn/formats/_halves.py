@@ -7,7 +7,7 @@ index ``s``:
     ``W[(j_L, j_R), (i_L, i_R)] = Σ_s L[s, j_L, i_L] R[s, j_R, i_R]``
 
 (CP: ``s`` the rank; Tucker and BT: the blocks and the first mode's rank, ``L`` the first
-factor; HT: the root's right rank; TT and TR: the two bonds between the halves of the ring).
+factor; HT: the root's right rank; TT and TR close their ring the same way in ``_ring``).
 The cost is :func:`join_halves`: GEMMs with inner dimension ``S``, ``J I S`` MACs, computed
 in cache-sized slabs that are copied into ``W``'s natural layout as they come; its backward
 copies the gradient of ``W`` back slab by slab and runs two GEMMs per slab, which reads the

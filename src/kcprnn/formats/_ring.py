@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 from ._base import FactorizedMatrix
-from ._halves import join_halves
 
 __all__ = [
     "ORDERS",
@@ -295,9 +294,8 @@ def _merge(cores: Sequence[Tensor]) -> Tensor:
 
 def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
     """Reconstruct ``W`` (``(J_1 ⋯ J_D, I_1 ⋯ I_D)``) from ring/TT cores: each half merged left
-    to right, then one product over both bonds between the halves closes the ring
-    (:func:`~kcprnn.formats._halves.join_halves`; no ``r_0``-fold intermediate to take the
-    trace of)."""
+    to right, then one product over both bonds between the halves closes the ring (no
+    ``r_0``-fold intermediate to take the trace of)."""
     if len(cores) == 1:
         return cores[0].diagonal(dim1=0, dim2=3).sum(-1)  # (o, q)
     half = len(cores) // 2
@@ -305,9 +303,10 @@ def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
     right = _merge(cores[half:])  # (r, o2, q2, c)
     c, o1, q1, r = left.shape
     o2, q2 = right.shape[1], right.shape[2]
-    a = left.permute(3, 0, 1, 2).reshape(r * c, o1, q1)  # (r c, o1, q1)
-    b = right.permute(0, 3, 1, 2).reshape(r * c, o2, q2)  # (r c, o2, q2)
-    return join_halves(a, b)  # (o, q)
+    a = left.permute(1, 2, 3, 0).reshape(o1 * q1, r * c)  # (o1 q1, r c)
+    b = right.permute(0, 3, 1, 2).reshape(r * c, o2 * q2)  # (r c, o2 q2)
+    w = (a @ b).view(o1, q1, o2, q2)  # (o1, q1, o2, q2)
+    return w.permute(0, 2, 1, 3).reshape(o1 * o2, q1 * q2)  # (o, q)
 
 
 # --- module ---
