@@ -32,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "join_halves",
     "join_halves_backward",
+    "join_halves_plain",
     "half_to_merged",
     "kron_rows",
     "merged_to_half",
@@ -54,7 +55,10 @@ def _slabs(a: int, row: int) -> list[tuple[int, int]]:
     return [(lo, min(a, lo + step)) for lo in range(0, a, step)]
 
 
-def _join_plain(left: Tensor, right: Tensor) -> Tensor:
+def join_halves_plain(left: Tensor, right: Tensor) -> Tensor:
+    """:func:`join_halves` as one GEMM and one copy in plain operators, differentiated by
+    autograd: the halves' gradients then come as ``(a b, s)`` products viewed as ``(s, a, b)``,
+    which suits halves that are themselves views of ``(x, s)`` frames (HT's)."""
     s, a, b = left.shape
     c, d = right.shape[1], right.shape[2]
     w = left.reshape(s, a * b).mT @ right.reshape(s, c * d)  # (a b, c d)
@@ -66,7 +70,7 @@ def _join(left: Tensor, right: Tensor) -> Tensor:
     c, d = right.shape[1], right.shape[2]
     slabs = _slabs(a, b * c * d)
     if len(slabs) == 1 or torch.compiler.is_compiling():
-        return _join_plain(left, right)
+        return join_halves_plain(left, right)
     lm, rm = left.reshape(s, a * b), right.reshape(s, c * d)
     w = torch.empty(a, c, b, d, dtype=torch.result_type(left, right), device=left.device)
     for lo, hi in slabs:
