@@ -8,16 +8,19 @@ models use, the cells' ``weight_ih`` / ``weight_hh`` of
 123 and hidden 512 and 256, and times per matrix, in float32 on one thread:
 
 - ``fwd``: ``dense_weight(matrix)`` under ``torch.no_grad()``;
-- ``fwd+bwd``: ``dense_weight(matrix)``, ``(W * G).sum().backward()`` with a fixed random ``G``
-  (the gradients reach every factor), parameter grads reset to ``None`` outside the timing;
-- ``write W``: ``torch.empty(J, I).fill_(1.0)``, the floor of producing ``W`` at all.
+- ``fwd+bwd``: ``dense_weight(matrix).backward(G)`` with a fixed random ``G`` (the gradients
+  reach every factor), parameter grads reset to ``None`` outside the timing;
+- ``write W``: ``torch.empty(J, I).fill_(1.0)``, the floor of producing ``W`` at all;
 
-Every case of one repetition runs back to back and the repetitions are interleaved (rep 1 of
-every case, then rep 2, ...), so load from other jobs on a shared machine hits all cases alike;
-the table reports medians. KCP (rebuilt by ``kcprnn.rnn.kron.rebuild``, not ``to_dense``) is
-listed for reference.
+each as wall time, CPU time of the thread (robust to preemption on a shared machine) and minor
+page faults. Every case of one repetition runs back to back and the repetitions are interleaved
+(rep 1 of every case, then rep 2, ...), so load from other jobs hits all cases alike; the table
+reports medians. KCP (rebuilt by ``kcprnn.rnn.kron.rebuild``, not ``to_dense``) is listed for
+reference. With ``--baseline-src DIR`` the script alternates child processes on ``DIR`` (another
+checkout's ``src``) and on the current sources for ``--rounds`` rounds and prints both.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rebuild.py [--reps N] [--out DIR]
+        [--baseline-src OTHER/src --rounds R] [--formats tt cp ...]
 
 Writes ``DIR/rebuild.json`` (default ``benchmarks/results/rebuild/latest``).
 """
