@@ -48,10 +48,11 @@ def test_reconstruction_macs_by_hand():
     modes = {"in_modes": [8, 4, 4, 4], "out_modes": [8, 8, 8, 4]}
     cp = kcprnn.formats.make_matrix("cp", 512, 2048, rank=4, **modes)
     assert cp.reconstruction_macs() == 4 * 64 * 32 + 4 * 32 * 16 + 4 * 512 * 2048
-    # Tucker rank 4: leading modes 64 * 4^4 + 64 * 32 * 4^3, the trailing Kronecker product
-    # (4 * 32) * (4 * 16), joined over the 16 trailing ranks
+    # Tucker rank 4: the modes applied last to first, each over one rank; mode 4 on the core
+    # 4^3 * (16 * 4), mode 3: 4^2 * (32 * 4) * 16, mode 2: 4 * (32 * 4) * (32 * 16), then the
+    # first factor over R_1 on the whole matrix: 4 * 2^20
     tucker = kcprnn.formats.make_matrix("tucker", 512, 2048, rank=4, **modes)
-    want = 64 * 4**4 + 64 * 32 * 4**3 + (4 * 32) * (4 * 16) + 16 * 512 * 2048
+    want = 4**3 * 16 * 4 + 4**2 * 32 * 4 * 16 + 4 * 32 * 4 * 32 * 16 + 4 * 512 * 2048
     assert tucker.reconstruction_macs() == want
     bt = kcprnn.formats.make_matrix("bt", 512, 2048, rank=4, blocks=2, **modes)
     assert bt.reconstruction_macs() == 2 * want

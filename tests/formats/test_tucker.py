@@ -121,8 +121,9 @@ def test_counts_by_hand():
     b = 7
     expected = b * 15 * 6 + b * 5 * 3 * 2 * 3 + b * 5 * 3 * 2 * 2
     assert tucker_linear_flops(b, (3, 2), (2, 5), (2, 3)) == expected
-    # mode 1: 6 * (2*3); mode 2: (6*10) * 3
-    assert tucker_reconstruction_flops((3, 2), (2, 5), (2, 3)) == 36 + 180
+    # merged modes (6, 10): mode 2 first, core (2, 3) times A_2^T (3, 10): 2*3*10; then
+    # A_1 (6, 2) times that (2, 10): 6*2*10
+    assert tucker_reconstruction_flops((3, 2), (2, 5), (2, 3)) == 60 + 120
 
 
 def test_repr_and_attributes():

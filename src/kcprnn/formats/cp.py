@@ -33,7 +33,15 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, register
-from ._halves import join_halves, kron_rows, split_point
+from ._halves import (
+    half_to_merged,
+    join_halves,
+    join_halves_backward,
+    merged_to_half,
+    needs_graph,
+    outer_grads,
+    outer_rows,
+)
 from .tucker import contract_trailing, map_row_chunks, matrix_to_merged
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "cp_linear_flops",
     "cp_num_params",
     "cp_reconstruction_flops",
+    "cp_split",
     "cp_to_dense",
     "validate_cp_rank",
 ]
@@ -61,17 +70,66 @@ def cp_num_params(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) 
     return rank * sum(i * j for i, j in zip(in_modes, out_modes, strict=True))
 
 
+def _factor_split(factors: Sequence[Tensor]) -> int:
+    return cp_split([u.shape[2] for u in factors], [u.shape[1] for u in factors])
+
+
+def _cp_halves(factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The Kronecker products per rank of the leading and of the trailing factors:
+    ``(r, j_L, i_L)`` and ``(r, j_R, i_R)``."""
+    k = _factor_split(factors)
+    halves = []
+    for group in (factors[:k], factors[k:]):
+        merged = outer_rows([u.reshape(u.shape[0], -1) for u in group])  # (r, j_1 i_1 ..)
+        out_modes, in_modes = [u.shape[1] for u in group], [u.shape[2] for u in group]
+        halves.append(merged_to_half(merged, out_modes, in_modes))  # (r, j_half, i_half)
+    return halves[0], halves[1]
+
+
+class _CPToDense(torch.autograd.Function):
+    """:func:`cp_to_dense` (``D >= 2``) with a hand-written backward: the gradient of ``W``
+    goes to the two halves as in :func:`~kcprnn.formats._halves.join_halves_backward` (two
+    GEMMs over the rank), is laid out per half in merged-mode order (a small copy), and goes
+    to the factors by :func:`~kcprnn.formats._halves.outer_grads` (batched matrix-vector
+    products); autograd would instead keep and reduce a broadcast product per Kronecker step.
+    Second derivatives work: under ``create_graph`` the backward rebuilds the halves from the
+    factors with autograd recording."""
+
+    @staticmethod
+    def forward(ctx, *factors: Tensor) -> Tensor:
+        left, right = _cp_halves(factors)
+        ctx.save_for_backward(left, right, *factors)
+        return join_halves(left, right)  # (j, i)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        left, right, *factors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: keep the halves' graph
+            left, right = _cp_halves(factors)
+        grad_halves = join_halves_backward(grad, left, right)
+        k = _factor_split(factors)
+        grads: list[Tensor] = []
+        for g, group in zip(grad_halves, (factors[:k], factors[k:]), strict=True):
+            out_modes, in_modes = [u.shape[1] for u in group], [u.shape[2] for u in group]
+            merged = half_to_merged(g, out_modes, in_modes)  # (r, j_1 i_1 ..)
+            vectors = [u.reshape(u.shape[0], -1) for u in group]  # (r, j_e i_e)
+            grads += [
+                gu.view(u.shape) for gu, u in zip(outer_grads(merged, vectors), group, strict=True)
+            ]
+        return tuple(grads)  # (r, j_e, i_e) each
+
+
 def cp_to_dense(factors: Sequence[Tensor]) -> Tensor:
     """Reconstruct ``W`` (``(out_features, in_features)``) from factors ``U_d`` of shape
     ``(R, J_d, I_d)``: the Kronecker products of the leading and of the trailing factors per
     rank (natural layout, small), then one product over the rank
-    (:func:`~kcprnn.formats._halves.join_halves`)."""
+    (:func:`~kcprnn.formats._halves.join_halves`). The backward is hand-written (one GEMM per
+    half, then the Kronecker products' gradients)."""
     if len(factors) == 1:
         return factors[0].sum(0)  # (j, i)
-    k = split_point(len(factors))
-    left = kron_rows([u.unsqueeze(1) for u in factors[:k]])  # (r, 1, j_L, i_L)
-    right = kron_rows([u.unsqueeze(1) for u in factors[k:]])  # (r, 1, j_R, i_R)
-    return join_halves(left.squeeze(1), right.squeeze(1))  # (j, i)
+    if needs_graph(*factors):
+        return _CPToDense.apply(*factors)  # (j, i)
+    return join_halves(*_cp_halves(factors))  # (j, i)
 
 
 def cp_linear(
@@ -109,17 +167,31 @@ def cp_linear_flops(rows: int, in_modes: Sequence[int], out_modes: Sequence[int]
     )
 
 
+def _split_macs(merged: Sequence[int], rank: int, k: int) -> int:
+    halves = [merged[:k], merged[k:]]
+    kron = sum(rank * math.prod(h[: e + 1]) for h in halves for e in range(1, len(h)))
+    return kron + rank * math.prod(merged)
+
+
+def cp_split(in_modes: Sequence[int], out_modes: Sequence[int]) -> int:
+    """Factors in the leading half of :func:`cp_to_dense` (``D >= 2``): the split whose two
+    Kronecker products are smallest (ties: the most balanced one). The product over the rank
+    costs ``R I J`` at every split; an input of ``41 x 3 x 1 x 1`` modes, say, then gets
+    ``1 + 3`` factors, not ``2 + 2`` (halves of 328 and 768 entries per rank, not 7,872 and
+    32)."""
+    merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
+    count = len(merged)
+    return min(range(1, count), key=lambda k: (_split_macs(merged, 1, k), abs(2 * k - count)))
+
+
 def cp_reconstruction_flops(in_modes: Sequence[int], out_modes: Sequence[int], rank: int) -> int:
-    """MACs of :func:`cp_to_dense`: the Kronecker products of each half,
+    """MACs of :func:`cp_to_dense`: the Kronecker products of each half (:func:`cp_split`),
     ``R prod_{f<=e}(I_f J_f)`` for every factor ``e`` after a half's first, and the product over
     the rank, ``R I J`` (``R I J`` additions when ``D = 1``)."""
     merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
     if len(merged) == 1:
         return rank * merged[0]
-    k = split_point(len(merged))
-    halves = [merged[:k], merged[k:]]
-    kron = sum(rank * math.prod(h[: e + 1]) for h in halves for e in range(1, len(h)))
-    return kron + rank * math.prod(merged)
+    return _split_macs(merged, rank, cp_split(in_modes, out_modes))
 
 
 def cp_als(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel
 from ._base import FactorizedMatrix, register
-from ._halves import join_halves
+from ._halves import join_halves_plain
 from ._ht_product import HTPlan, HTStep, ht_linear, ht_plan
 from ._ht_tree import DimensionTree, ht_tree, validate_ht_ranks
 
@@ -114,7 +114,7 @@ def ht_to_dense(
         halves.append(
             half.reshape(-1, math.prod(out_modes[lo:hi]), math.prod(in_modes[lo:hi]))
         )  # (s, j_half, i_half)
-    return join_halves(halves[0], halves[1])  # (J, I)
+    return join_halves_plain(halves[0], halves[1])  # (J, I)
 
 
 def _reconstruction_macs(

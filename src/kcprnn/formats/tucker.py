@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_ranks
 from ._base import FactorizedMatrix, register
-from ._halves import join_halves, kron_rows, split_point
+from ._halves import join_halves
 
 __all__ = [
     "TuckerMatrix",
@@ -166,31 +166,32 @@ def tucker_to_dense(
     """Reconstruct ``W`` (``(out_features, in_features)``); with a block axis, the sum of the
     blocks.
 
-    By halves (:mod:`kcprnn.formats._halves`): the core times the leading modes' factors, and
-    the Kronecker product of the trailing modes' factors (over their ranks too), both in the
-    natural layout, then one product over the blocks and the trailing ranks."""
+    The factors are applied from the last mode to the first, each step one (batched) GEMM over
+    a single rank ``R_e`` that writes its result with the output modes already split into
+    their row and column groups: after mode ``e`` the tensor is
+    ``(c, R_1 .. R_{e-1}, J_e .. J_D, I_e .. I_D)``. The first factor comes last, joined to that
+    tensor over the blocks and ``R_1`` together (:func:`~kcprnn.formats._halves.join_halves`:
+    GEMMs over ``C R_1`` that write ``W`` in place, so the block sum costs nothing extra). The
+    MACs are dominated by that join, ``C R_1 J I`` (:func:`tucker_reconstruction_flops`)."""
     factors, core = _as_blocks(factors, core)
-    d = len(factors)
-    if d == 1:
-        return merged_to_matrix(_mode_products(core, factors).sum(0), in_modes, out_modes)
-    k = split_point(d)
-    c = core.shape[0]
-    t = core
-    for mat in factors[:k]:
-        t = t.reshape(c, mat.shape[2], -1)  # (c, R_e, rest)
-        t = torch.bmm(mat, t).transpose(1, 2)  # (c, rest, M_e): next mode in front
-    ranks = math.prod(core.shape[1 + k :])  # R_{k+1} ... R_D
-    pairs = [s for e in range(k) for s in (out_modes[e], in_modes[e])]
-    t = t.reshape(c * ranks, *pairs)  # (s, j_1, i_1, ..., j_k, i_k)
-    order = [0, *range(1, 2 * k + 1, 2), *range(2, 2 * k + 1, 2)]
-    jl, il = math.prod(out_modes[:k]), math.prod(in_modes[:k])
-    left = t.permute(order).reshape(c * ranks, jl, il)  # (s, j_L, i_L)
-    mats = [
-        u.view(c, j, i, u.shape[2]).permute(0, 3, 1, 2)  # (c, R_e, J_e, I_e)
-        for u, i, j in zip(factors[k:], in_modes[k:], out_modes[k:], strict=True)
-    ]
-    right = kron_rows(mats)  # (c, R_{k+1} ... R_D, j_R, i_R)
-    return join_halves(left, right.reshape(c * ranks, *right.shape[2:]))  # (j, i)
+    c, d = core.shape[0], len(factors)
+    ranks = tuple(core.shape[1:])
+    t = core  # (c, R_1 .. R_e, J_{>e}, I_{>e}) as (c, q, r, jr, ir)
+    jr = ir = 1
+    for e in range(d - 1, 0, -1):
+        q = math.prod(ranks[:e])
+        j, i, r = out_modes[e], in_modes[e], ranks[e]
+        x = t.reshape(c, q, r, jr * ir)  # (c, q, r, jr ir)
+        if jr * ir == 1:
+            y = torch.bmm(x.reshape(c, q, r), factors[e].transpose(1, 2))  # (c, q, j i)
+        else:
+            y = torch.matmul(factors[e].unsqueeze(1), x)  # (c, q, j i, jr ir)
+        y = y.reshape(c * q, j, i, jr, ir).transpose(2, 3)  # (c q, j, jr, i, ir)
+        t = y.reshape(c * q, j * jr, i * ir)  # (c q, j jr, i ir)
+        jr, ir = j * jr, i * ir
+    j, i, r = out_modes[0], in_modes[0], ranks[0]
+    first = factors[0].transpose(1, 2).reshape(c * r, j, i)  # (c r, j, i)
+    return join_halves(first, t.reshape(c * r, jr, ir))  # (J, I)
 
 
 def tucker_linear(
@@ -263,20 +264,14 @@ def tucker_linear_flops(
 def tucker_reconstruction_flops(
     in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int = 1
 ) -> int:
-    """MACs of :func:`tucker_to_dense`: leading mode ``e`` costs
-    ``C prod_{f<=e}(J_f I_f) prod_{f>=e} R_f``, the Kronecker product of the trailing factors
-    ``C prod_{k<=f<=e}(R_f J_f I_f)`` for every trailing mode ``e`` after the first, and the
-    product over the blocks and trailing ranks ``C prod_{f>=k} R_f J I`` (``D = 1``: the core
-    times the factor, ``C R J I``)."""
+    """MACs of :func:`tucker_to_dense`: mode ``e >= 2`` costs
+    ``C prod_{f<e} R_f * J_e I_e R_e * prod_{f>e} J_f I_f``, the first mode ``C R_1 J I``."""
     merged = [i * j for i, j in zip(in_modes, out_modes, strict=True)]
-    d = len(merged)
-    if d == 1:
-        return blocks * merged[0] * ranks[0]
-    k = split_point(d)
-    leading = sum(math.prod(merged[: e + 1]) * math.prod(ranks[e:]) for e in range(k))
-    trailing = [r * m for r, m in zip(ranks[k:], merged[k:], strict=True)]
-    kron = sum(math.prod(trailing[: e + 1]) for e in range(1, len(trailing)))
-    return blocks * (leading + kron + math.prod(ranks[k:]) * math.prod(merged))
+    steps = sum(
+        math.prod(ranks[:e]) * merged[e] * ranks[e] * math.prod(merged[e + 1 :])
+        for e in range(1, len(merged))
+    )
+    return blocks * (steps + ranks[0] * math.prod(merged))
 
 
 def hosvd(
