@@ -69,8 +69,8 @@ def dense_weight(matrix: FactorizedMatrix) -> Tensor:
     """``matrix`` dense ``(out_features, in_features)`` with autograd to its factors, by its
     format's fastest rebuild: a KCP matrix through :func:`~kcprnn.rnn.kron.rebuild` (the
     Kronecker products of its factor matrices, then two gathers), every other format through
-    its ``to_dense`` (CP, Tucker, BT, HT, TT and TR by halves: one GEMM and one copy forward,
-    one copy and two GEMMs backward; a dense matrix is its parameter itself)."""
+    its ``to_dense`` (CP, HT, TT and TR as two halves joined by one GEMM; Tucker and BT mode by
+    mode, then the first factor; a dense matrix is its parameter itself)."""
     if matrix.format_name == "kcp":
         return rebuild(matrix)
     return matrix.to_dense()
