@@ -119,6 +119,9 @@ def test_layer_options_from_a_preset_shape_each_layer(tmp_path):
     over = load_config(preset, ["--layer_options=[{rank = 1}, {rank = 2}]"])
     assert over.layer_options == ({"rank": 1}, {"rank": 2})
     assert over.to_dict()["layer_options"] == [{"rank": 1}, {"rank": 2}]
+    # a saved config (lists) makes the same Config, with or without tables
+    assert Config(**over.to_dict()) == over
+    assert Config(**Config().to_dict()) == Config()
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,7 @@ class Config:
         object.__setattr__(self, "hidden_modes", _tupled(self.hidden_modes))
         for key in ("format_options", "hidden_options"):
             object.__setattr__(self, key, {k: _tupled(v) for k, v in getattr(self, key).items()})
+        object.__setattr__(self, "layer_options", tuple(self.layer_options))
         if self.layer_options:
             if (
                 not all(isinstance(o, dict) for o in self.layer_options)
