@@ -40,7 +40,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,6 +147,16 @@ def init_distributed(device: str) -> tuple[Dist, str]:
         backend, comm = "gloo", torch.device("cpu")
     tdist.init_process_group(backend, rank=rank, world_size=world)
     return Dist(rank, world, comm, owns_group=True), device
+
+
+def load_in_turn(d: Dist, load: Callable[[], Any]) -> Any:
+    """``load()`` on rank 0 first (it may fill a cache), then on the other ranks."""
+    if not d.is_main:
+        d.barrier()
+    result = load()
+    if d.is_main:
+        d.barrier()
+    return result
 
 
 def close_distributed(d: Dist, wait: bool = True) -> None:

@@ -36,9 +36,9 @@ from ..data.speech import (
 )
 from .config import Config
 from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
-from .loop import Dist, fit, write_json
-from .train import load_in_turn, log_initialization, make_optimizer, model_numbers
-from .transfer import Teacher, initialize_from
+from .loop import Dist, fit, load_in_turn, write_json
+from .train import make_optimizer, model_numbers
+from .transfer import Teacher, start_from
 
 __all__ = [
     "build_ctc_model",
@@ -281,16 +281,10 @@ def train_speech(
     )
     torch.manual_seed(cfg.seed)
     model = build_ctc_model(cfg, data.input_size, data.num_symbols)
-    if cfg.init_from and checkpoint is None:
-        log_initialization(cfg.init_from, initialize_from(model, cfg.init_from))
+    teacher = start_from(cfg, model, device, resuming=checkpoint is not None)
     numbers = model_numbers(model)  # type: ignore[arg-type]
     log.info("model: %s", model)
     optimizer = make_optimizer(cfg, model)
-    teacher = None
-    if cfg.distill:
-        teacher = Teacher(
-            cfg.teacher or cfg.init_from, cfg.distill, model, device, cfg.distill_temperature
-        )
     task = SpeechTask(cfg, data, device, teacher)
     meta = {"input_size": data.input_size, "class_names": ["<blank>", *data.corpus.vocabulary]}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)

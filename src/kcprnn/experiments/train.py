@@ -23,7 +23,6 @@ import logging
 import os
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,11 +64,12 @@ from .loop import (
     close_distributed,
     fit,
     init_distributed,
+    load_in_turn,
     read_checkpoint,
     write_json,
 )
 from .model import SequenceClassifier
-from .transfer import Teacher, initialize_from
+from .transfer import Teacher, start_from
 
 if TYPE_CHECKING:
     from .ctc import CTCModel
@@ -363,14 +363,6 @@ def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.o
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
-def log_initialization(run_dir: str, records: list[dict[str, Any]]) -> None:
-    """Log :func:`~kcprnn.experiments.transfer.initialize_from`'s decomposition errors."""
-    errors = ", ".join(
-        f"{r['matrix']}[{r['layer']},{r['direction']}] {r['relative_error']:.3f}" for r in records
-    )
-    log.info("initialized from %s; relative errors of the decompositions: %s", run_dir, errors)
-
-
 @dataclass
 class ClassificationTask:
     """Cross-entropy on shuffled batches; after each epoch, test (and validation) loss and
@@ -425,16 +417,6 @@ class ClassificationTask:
                 model, self.data, self.valid_idx, cfg.batch_size, self.device
             )
         return row
-
-
-def load_in_turn(d: Dist, load: Callable[[], Any]) -> Any:
-    """``load()`` on rank 0 first (it may fill a cache), then on the other ranks."""
-    if not d.is_main:
-        d.barrier()
-    result = load()
-    if d.is_main:
-        d.barrier()
-    return result
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
@@ -531,16 +513,10 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, clips.input_size, clips.num_classes)
-    if cfg.init_from and checkpoint is None:
-        log_initialization(cfg.init_from, initialize_from(model, cfg.init_from))
+    teacher = start_from(cfg, model, device, resuming=checkpoint is not None)
     numbers = model_numbers(model)
     log.info("model: %s", model)
     optimizer = make_optimizer(cfg, model)
-    teacher = None
-    if cfg.distill:
-        teacher = Teacher(
-            cfg.teacher or cfg.init_from, cfg.distill, model, device, cfg.distill_temperature
-        )
     task = ClassificationTask(cfg, clips, train_idx, test_idx, valid_idx, device, teacher)
     meta = {"input_size": clips.input_size, "class_names": list(clips.class_names)}
     history = fit(cfg, run_dir, model, optimizer, task, d, device, meta, checkpoint)

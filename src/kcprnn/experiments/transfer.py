@@ -16,6 +16,7 @@ without gradients in eval mode on the same (undropped) inputs.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from torch import Tensor, nn
 
 from ..rnn.plan import dense_weight
 
-__all__ = ["Teacher", "distillation_loss", "initialize_from"]
+__all__ = ["Teacher", "distillation_loss", "initialize_from", "start_from"]
+
+log = logging.getLogger(__name__)
 
 
 def _load(run_dir: str, role: str) -> tuple[Any, Any]:
@@ -99,6 +102,10 @@ def initialize_from(model: nn.Module, run_dir: str) -> list[dict[str, Any]]:
         for name, p in model.named_parameters():
             if not name.startswith("rnn."):
                 p.copy_(state[name])  # the output layer: same shapes by the architecture check
+    errors = ", ".join(
+        f"{r['matrix']}[{r['layer']},{r['direction']}] {r['relative_error']:.3f}" for r in records
+    )
+    log.info("initialized from %s; relative errors of the decompositions: %s", run_dir, errors)
     return records
 
 
@@ -162,3 +169,15 @@ class Teacher:
     def divergence(self, student: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """:func:`distillation_loss` of the model's log-probabilities ``student`` for ``x``."""
         return distillation_loss(student, self.log_probs(x), mask, self.temperature)
+
+
+def start_from(cfg: Any, model: nn.Module, device: torch.device, resuming: bool) -> Teacher | None:
+    """What a run's config asks of a trained run: ``init_from`` applied to ``model`` (a fresh
+    run only: a resumed one reads its own checkpoint), and the distillation :class:`Teacher`
+    (``None`` without ``distill``)."""
+    if cfg.init_from and not resuming:
+        initialize_from(model, cfg.init_from)
+    if not cfg.distill:
+        return None
+    source = cfg.teacher or cfg.init_from
+    return Teacher(source, cfg.distill, model, device, cfg.distill_temperature)
