@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from kcprnn.data.speech import (
     CHARACTERS,
@@ -28,6 +29,7 @@ from kcprnn.data.speech import (
     read_sphere_header,
     read_stm,
     stack_frames,
+    warp_bands,
     write_sphere,
 )
 
@@ -266,3 +268,28 @@ def test_normalization_and_frame_stacking():
     assert np.array_equal(stack_frames(x, 2), [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 8, 9]])
     with pytest.raises(ValueError, match="normalization"):
         normalize(frames, ["a"] * 3, [True] * 3, "cepstral")
+
+
+def test_band_warp_by_hand_and_commutes_with_deltas():
+    # two utterances, one step, two groups (say static and delta) of 4 bands + energy
+    x = torch.arange(20, dtype=torch.float64).reshape(2, 1, 10)
+    out = warp_bands(x, 4, 5, torch.tensor([1.0, 0.5], dtype=torch.float64))
+    assert torch.equal(out[0], x[0])  # factor 1: unchanged
+    # factor 0.5: band j reads position j / 2: x0, (x0 + x1) / 2, x1, (x1 + x2) / 2; energy kept
+    assert out[1, 0].tolist() == [10, 10.5, 11, 11.5, 14, 15, 15.5, 16, 16.5, 19]
+    # factor 1.5: positions 0, 1.5, 3, 4.5 -> the last band (3)
+    up = warp_bands(x[:1], 4, 5, torch.tensor([1.5], dtype=torch.float64))
+    assert up[0, 0].tolist() == [0, 1.5, 3, 3, 4, 5, 6.5, 8, 8, 9]
+    # deltas are linear in time and the warp in frequency: warping the deltas of the bands
+    # equals the deltas of the warped bands
+    rng = np.random.default_rng(0)
+    static = rng.normal(size=(12, 6))  # 12 frames, 5 bands + energy
+    feats = np.concatenate([static, deltas(static)], axis=1)  # (12, 12)
+    f = torch.tensor([0.83])
+    warped = warp_bands(torch.from_numpy(feats)[None], 5, 6, f)[0].numpy()
+    static_w = warp_bands(torch.from_numpy(static)[None], 5, 6, f)[0].numpy()
+    assert np.allclose(warped, np.concatenate([static_w, deltas(static_w)], axis=1))
+    with pytest.raises(ValueError, match="a frame holds 10 values"):
+        warp_bands(x, 4, 3, torch.ones(2))
+    with pytest.raises(ValueError, match=r"one warp factor per utterance \(2\), got \(3,\)"):
+        warp_bands(x, 4, 5, torch.ones(3))

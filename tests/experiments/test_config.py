@@ -49,6 +49,8 @@ def test_preset_and_overrides(tmp_path):
         ("--device=gpu", "device must be"),
         ("--dataset=ucf11", "set data_dir"),
         ("lr=1", "not of the form --key=value"),
+        ("--band_warp=-0.1", r"band_warp must lie in \[0, 1\), got band_warp=-0.1"),
+        ("--band_warp=0.1", r"band_warp=0.1 warps the mel bands.*'ucf11-like' has none"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

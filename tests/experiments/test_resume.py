@@ -238,6 +238,7 @@ def test_speech_run_resumes_bit_identical(tmp_path, monkeypatch):
         bidirectional=True,
         num_layers=2,
         dropout=0.3,  # its masks come from the saved RNG state as well
+        band_warp=0.2,  # and so do the warp factors
         epochs=2,
         batch_size=1,
         checkpoint_every=1,

@@ -25,10 +25,10 @@ from kcprnn.data.speech import (
     speech_standin_dir,
     write_sphere,
 )
-from kcprnn.experiments.config import load_config
+from kcprnn.experiments.config import Config, load_config
 from kcprnn.experiments.ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from kcprnn.experiments.report import collect, format_table
-from kcprnn.experiments.speech import build_ctc_model
+from kcprnn.experiments.speech import SpeechTask, _batch, build_ctc_model, load_speech_data
 from kcprnn.experiments.train import load_checkpoint, model_numbers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
@@ -179,6 +179,45 @@ def test_kcprnn_train_on_a_tiny_timit_tree(tmp_path, capsys):
         cli_main(["train", *args[:2], f"--data_dir={tmp_path / 'nope'}", f"--out_dir={run}"]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_band_warp_reaches_the_model_and_the_teacher_alike(tmp_path):
+    cfg = Config(
+        dataset="timit",
+        data_dir=str(_tiny_timit(tmp_path)),
+        cache_dir=str(tmp_path / "cache"),
+        format="dense",
+        hidden_format="dense",
+        hidden_size=8,
+        hidden_modes=(),
+        bidirectional=True,
+        band_warp=0.3,
+    )
+    data = load_speech_data(cfg)
+    torch.manual_seed(0)
+    model = build_ctc_model(cfg, data.input_size, data.num_symbols)
+    seen: dict[str, torch.Tensor] = {}
+    model.register_forward_pre_hook(lambda m, args: seen.__setitem__("model", args[0]))
+
+    class Teacher:  # records what it is shown
+        weight = 1.0
+
+        def divergence(self, log_probs, x, frames):
+            seen["teacher"] = x
+            return log_probs.sum() * 0.0
+
+    rows = data.train[:2]
+    plain = _batch(data, rows, torch.device("cpu"), max(len(data.frames[i]) for i in rows))[0]
+    SpeechTask(cfg, data, torch.device("cpu"), Teacher()).step(model, rows, rows)
+    assert seen["teacher"] is seen["model"]
+    warped = seen["model"].reshape(2, -1, 3, 41)
+    plain = plain.reshape(2, -1, 3, 41)
+    assert not torch.allclose(warped[..., :40], plain[..., :40])  # the 40 bands move
+    assert torch.equal(warped[..., 40], plain[..., 40])  # the log energy does not
+    # without band_warp the batch reaches the model as it is
+    task = SpeechTask(Config(**{**cfg.to_dict(), "band_warp": 0.0}), data, torch.device("cpu"))
+    task.step(model, rows, rows)
+    assert torch.equal(seen["model"].reshape(plain.shape), plain)
 
 
 @needs_synth

@@ -88,6 +88,9 @@ class Config:
     deltas: bool = True  # append deltas and delta-deltas (40 + 1 -> 123 values per frame)
     normalization: str = "global"  # global (training statistics) | speaker | none
     frame_stack: int = 1  # stack k frames side by side at 1/k the frame rate (k * 123 values)
+    # training batches only: each utterance's mel bands warped by a factor drawn uniformly from
+    # [1 - band_warp, 1 + band_warp] (VTLP-like; a teacher sees the same warped batch); 0 = off
+    band_warp: float = 0.0
     num_layers: int = 1  # stacked recurrent layers (speech only)
     beam_size: int = 1  # CTC decoding: 1 = greedy (best path), > 1 = prefix beam search
     train_speakers: int = 12  # timit-like/tedlium-like: training voices (3 more test, 2 dev)
@@ -231,6 +234,13 @@ class Config:
             raise ConfigError(
                 f"num_layers={self.num_layers} is for the speech data sets; "
                 f"dataset={self.dataset!r} uses one recurrent layer"
+            )
+        if not 0.0 <= self.band_warp < 1.0:
+            raise ConfigError(f"band_warp must lie in [0, 1), got band_warp={self.band_warp}")
+        if self.dataset not in SPEECH_DATASETS and self.band_warp:
+            raise ConfigError(
+                f"band_warp={self.band_warp} warps the mel bands of the speech data sets; "
+                f"dataset={self.dataset!r} has none"
             )
         if self.dataset not in SPEECH_DATASETS and self.layer_options:
             raise ConfigError(

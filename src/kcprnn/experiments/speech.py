@@ -33,6 +33,7 @@ from ..data.speech import (
     load_tedlium,
     load_timit,
     speech_standin_dir,
+    warp_bands,
 )
 from .config import Config
 from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
@@ -208,6 +209,8 @@ class SpeechTask:
         # first, so each process's slice must see the padding one process would
         padded = max(len(self.data.frames[i]) for i in batch)
         x, lengths, targets, target_lengths = _batch(self.data, rows, self.device, padded)
+        if self.cfg.band_warp:
+            x = self.warped(x)
         log_probs = net(x)  # (b, t, c)
         loss = torch.nn.functional.ctc_loss(
             log_probs.transpose(0, 1),
@@ -225,6 +228,13 @@ class SpeechTask:
             sums["distill_sum"] = kl.item() * len(rows)
             loss = loss + self.teacher.weight * kl
         return loss, sums
+
+    def warped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(b, t, d)`` with each utterance's mel bands warped by a factor drawn from
+        ``1 +- band_warp`` (torch's global generator, which checkpoints save and restore)."""
+        cfg = self.cfg
+        factors = 1.0 + cfg.band_warp * (2.0 * torch.rand(x.shape[0]) - 1.0)  # (b,)
+        return warp_bands(x, cfg.n_mels, cfg.n_mels + int(cfg.energy), factors.to(x.device))
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float

@@ -11,6 +11,7 @@ from .features import (
     deltas,
     extract_features,
     normalize,
+    warp_bands,
 )
 from .standins import (
     SpeechStandInSpec,
@@ -57,5 +58,6 @@ __all__ = [
     "read_stm",
     "speech_standin_dir",
     "stack_frames",
+    "warp_bands",
     "write_sphere",
 ]

@@ -294,3 +294,34 @@ def normalize(
         mean, std = stats["*" if mode == "global" else speakers[i]]
         out.append(((np.asarray(f, dtype=np.float64) - mean) / std).astype(np.float32))
     return out
+
+
+def warp_bands(x: torch.Tensor, n_bands: int, group: int, factors: torch.Tensor) -> torch.Tensor:
+    """Mel bands resampled along frequency, one warp factor per utterance (a VTLP-like
+    augmentation: a speaker's vocal tract length scales the positions of its formants).
+
+    The last axis of ``x`` ``(b, t, d)`` holds ``d / group`` groups (stacked frames, derivative
+    orders) of ``group`` values whose first ``n_bands`` are the mel bands; the rest (the log
+    energy) are kept. Utterance ``i``'s band ``j`` takes the value at position
+    ``min(j * factors[i], n_bands - 1)``, linearly interpolated between neighbouring bands: a
+    factor above 1 moves the spectrum down in frequency, below 1 up. Deltas are linear in time,
+    so warping them equals the deltas of the warped bands.
+    """
+    b, t, d = x.shape
+    if n_bands < 1 or group < n_bands or d % group:
+        raise ValueError(
+            f"cannot warp {n_bands} bands in groups of {group} values: a frame holds {d} values"
+        )
+    if factors.shape != (b,):
+        raise ValueError(f"need one warp factor per utterance ({b}), got {tuple(factors.shape)}")
+    v = x.reshape(b, t, d // group, group)
+    pos = torch.arange(n_bands, dtype=x.dtype, device=x.device) * factors[:, None].to(x)
+    pos = pos.clamp(0, n_bands - 1)  # (b, n_bands)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=n_bands - 1)
+    w = (pos - lo).view(b, 1, 1, n_bands)
+    shape = (b, t, d // group, n_bands)
+    bands = v[..., :n_bands]
+    low = bands.gather(-1, lo.view(b, 1, 1, n_bands).expand(shape))
+    high = bands.gather(-1, hi.view(b, 1, 1, n_bands).expand(shape))
+    return torch.cat([low + (high - low) * w, v[..., n_bands:]], -1).reshape(b, t, d)
