@@ -232,9 +232,9 @@ class SpeechTask:
     def warped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(b, t, d)`` with each utterance's mel bands warped by a factor drawn from
         ``1 +- band_warp`` (torch's global generator, which checkpoints save and restore)."""
-        cfg = self.cfg
-        factors = 1.0 + cfg.band_warp * (2.0 * torch.rand(x.shape[0]) - 1.0)  # (b,)
-        return warp_bands(x, cfg.n_mels, cfg.n_mels + int(cfg.energy), factors.to(x.device))
+        spec = feature_spec(self.cfg)
+        factors = 1.0 + self.cfg.band_warp * (2.0 * torch.rand(x.shape[0]) - 1.0)  # (b,)
+        return warp_bands(x, spec.n_mels, spec.group, factors.to(x.device))
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float

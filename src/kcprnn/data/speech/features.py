@@ -93,9 +93,14 @@ class FeatureSpec:
         return int(round(self.sample_rate * self.hop_ms / 1000.0))
 
     @property
+    def group(self) -> int:
+        """Values per derivative order: the mel bands, then the log energy."""
+        return self.n_mels + int(self.energy)
+
+    @property
     def dim(self) -> int:
         """Values per frame."""
-        return (self.n_mels + int(self.energy)) * (3 if self.deltas else 1)
+        return self.group * (3 if self.deltas else 1)
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
