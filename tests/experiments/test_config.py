@@ -50,6 +50,7 @@ def test_preset_and_overrides(tmp_path):
         ("--dataset=ucf11", "set data_dir"),
         ("lr=1", "not of the form --key=value"),
         ("--band_warp=-0.1", r"band_warp must lie in \[0, 1\), got band_warp=-0.1"),
+        ("--ema=1.0", r"ema must lie in \[0, 1\), got ema=1.0"),
         ("--band_warp=0.1", r"band_warp=0.1 warps the mel bands.*'ucf11-like' has none"),
     ],
 )

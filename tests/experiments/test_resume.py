@@ -239,6 +239,7 @@ def test_speech_run_resumes_bit_identical(tmp_path, monkeypatch):
         num_layers=2,
         dropout=0.3,  # its masks come from the saved RNG state as well
         band_warp=0.2,  # and so do the warp factors
+        ema=0.9,  # the averages and the live parameters both come back
         epochs=2,
         batch_size=1,
         checkpoint_every=1,

@@ -118,6 +118,9 @@ class Config:
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     ih_lr: float = 0.0  # Adam lr of the first layer's input-to-hidden matrices; 0 = lr
     weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every parameter; 0 = plain Adam
+    # evaluate and save an exponential moving average of the parameters, kept with this decay per
+    # optimizer step (see kcprnn.experiments.average); 0 = off, the last step's parameters
+    ema: float = 0.0
     init_from: str = ""  # a run folder of the same architecture: its weights decomposed into ours
     distill: float = 0.0  # weight of the KL from the teacher's outputs to the model's; 0 = off
     teacher: str = ""  # the run folder of the distillation teacher; "" = init_from
@@ -235,6 +238,8 @@ class Config:
                 f"num_layers={self.num_layers} is for the speech data sets; "
                 f"dataset={self.dataset!r} uses one recurrent layer"
             )
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must lie in [0, 1), got ema={self.ema}")
         if not 0.0 <= self.band_warp < 1.0:
             raise ConfigError(f"band_warp must lie in [0, 1), got band_warp={self.band_warp}")
         if self.dataset not in SPEECH_DATASETS and self.band_warp:

@@ -19,9 +19,10 @@ the position (``epoch`` completed epochs, ``step`` optimizer steps into the next
 ``global_step``), the metrics history, the partial sums of the epoch in progress, the
 optimizer's non-tensor state, every RNG state that is not a tensor (the batch order generator,
 NumPy's global generator, Python's ``random``) and the names of the two tensor files it belongs
-to: ``checkpoint-<tag>.safetensors`` (the model's ``state_dict``, loadable on its own) and
-``trainstate-<tag>.safetensors`` (the optimizer's tensors, torch's CPU and CUDA generator
-states). A save writes the two tensor files under new names, then replaces ``checkpoint.json``
+to: ``checkpoint-<tag>.safetensors`` (the model's ``state_dict``, loadable on its own; with
+``ema`` the parameters' moving averages, see :mod:`.average`) and ``trainstate-<tag>.safetensors``
+(the optimizer's tensors, torch's CPU and CUDA generator states; with ``ema`` the live
+parameters). A save writes the two tensor files under new names, then replaces ``checkpoint.json``
 (temporary file + :func:`os.replace`), then deletes the older tensor files (the previous
 checkpoint's and any an interrupted save left): a save cut short at any point leaves the previous
 record and the files it names intact. Nothing is pickled.
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +52,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
+from .average import ParameterAverage
 from .config import Config, ConfigError, config_defaults
 
 __all__ = [
@@ -280,9 +283,11 @@ def write_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     record: dict[str, Any],
+    average: ParameterAverage | None = None,
 ) -> None:
     """Save the model, the optimizer and the RNG states with ``record`` (config, position,
-    history, ...) as described in the module docstring."""
+    history, ...) as described in the module docstring; with an ``average`` the weights file
+    holds the averaged parameters and the train state the live ones."""
     from safetensors.torch import save
 
     old = _tensor_files(run_dir)
@@ -290,8 +295,10 @@ def write_checkpoint(
     weights, train_state = f"checkpoint-{tag}.safetensors", f"trainstate-{tag}.safetensors"
     opt_tensors, opt_plain = _optimizer_state(optimizer)
     rng_tensors, rng_plain = _rng_state()
-    write_atomic(run_dir / weights, save({k: _cpu(v) for k, v in model.state_dict().items()}))
-    write_atomic(run_dir / train_state, save({**opt_tensors, **rng_tensors}))
+    state = {k: _cpu(v) for k, v in model.state_dict().items()}
+    live = average.checkpoint_tensors(state) if average is not None else {}
+    write_atomic(run_dir / weights, save(state))
+    write_atomic(run_dir / train_state, save({**opt_tensors, **rng_tensors, **live}))
     record = {
         "format": "kcprnn-checkpoint",
         "version": CHECKPOINT_VERSION,
@@ -415,6 +422,7 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
     pos = _Position()
+    average = ParameterAverage(model, cfg.ema) if cfg.ema and resume is None else None
     if resume is not None:
         record, weights_path, state_path = resume
         if state_path is None:
@@ -434,6 +442,9 @@ def fit(
         )
         if pos.numpy_epoch is not None:
             rng.bit_generator.state = pos.numpy_epoch
+        if cfg.ema:
+            average = ParameterAverage(model, cfg.ema)
+            average.restore(state)
         log.info("resumed at epoch %d, step %d", pos.epoch + 1, pos.step)
     net: nn.Module = model
     if d.active:  # after loading: the ranks start from the same parameters anyway
@@ -460,6 +471,7 @@ def fit(
                 "elapsed": elapsed,
                 "rng": {"numpy_epoch": numpy_epoch},
             },
+            average,
         )
 
     show_bar = cfg.progress and d.is_main and sys.stderr.isatty()
@@ -497,6 +509,8 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             global_step += 1
+            if average is not None:
+                average.update(global_step)
             if counted:
                 for key, value in stats.items():
                     sums[key] += value
@@ -513,11 +527,14 @@ def fit(
         seconds = elapsed + time.perf_counter() - start
         total = d.sum(sums)
         if d.is_main:
-            row = task.epoch_row(model, epoch, total, seconds)
+            with average.applied() if average is not None else nullcontext():
+                row = task.epoch_row(model, epoch, total, seconds)
             history.append(row)
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             log.info("epoch %d: %s", epoch, json.dumps(row))
             save(epoch, 0, {}, 0.0, rng.bit_generator.state)
+    if average is not None:  # leave the model as the metrics and the checkpoint describe it
+        average.copy_to_model()
     result: list[dict[str, Any]] = d.broadcast_json(history)
     return result

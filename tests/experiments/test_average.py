@@ -1,0 +1,110 @@
+"""The parameters' moving average (``ema``): against a hand-written recurrence, the swap in and
+out for evaluation, and a run whose checkpoint and metrics are the average's."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kcprnn.experiments.average import ParameterAverage
+from kcprnn.experiments.config import Config
+from kcprnn.experiments.loop import read_checkpoint
+from kcprnn.experiments.train import evaluate, load_checkpoint, load_data, split_indices, train
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def test_average_follows_the_recurrence_by_hand():
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    average = ParameterAverage(model, 0.9)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for step in range(1, 31):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))  # warm-up: 2/11, 3/12, ... then 0.9 from step 80
+        for n, p in model.named_parameters():
+            expected[n] = d * expected[n] + (1 - d) * p.detach()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(average.values[n], expected[n], rtol=1e-12, atol=1e-12)
+        assert not torch.equal(average.values[n], p)  # it lags the live parameters
+
+
+def test_first_step_by_hand():
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = ParameterAverage(model, 0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.1)
+    average.update(1)  # d = 2 / 11: 0 * 2/11 + 1.1 * 9/11 = 0.9
+    assert average.values["weight"].item() == pytest.approx(0.9, abs=1e-15)
+
+
+def test_applied_swaps_in_and_back_even_on_error():
+    torch.manual_seed(1)
+    model = _model()
+    average = ParameterAverage(model, 0.5)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for v in average.values.values():
+        v.add_(1.0)
+    with pytest.raises(RuntimeError, match="inside"), average.applied():
+        for n, p in model.named_parameters():
+            assert torch.equal(p, live[n] + 1.0)
+        raise RuntimeError("inside")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, live[n])
+
+
+def test_restore_needs_the_live_parameters():
+    model = _model()
+    average = ParameterAverage(model, 0.5)
+    with pytest.raises(ValueError, match=r"no live parameters for \['0.weight'.*ema = 0"):
+        average.restore({})
+    with pytest.raises(ValueError, match="decay must lie in"):
+        ParameterAverage(model, 1.0)
+
+
+@pytest.mark.usefixtures("source_images")
+def test_run_evaluates_and_saves_the_average(tmp_path, cache):
+    cfg = Config(
+        dataset="youtube-like",
+        clips_per_class=2,
+        num_frames=3,
+        frame_width=32,
+        frame_height=24,
+        hidden_size=16,
+        hidden_modes=(2, 2, 2, 2),
+        format="kcp",
+        batch_size=4,
+        lr=3e-2,
+        epochs=2,
+        ema=0.8,
+        seed=5,
+        progress=False,
+        threads=1,
+        cache_dir=str(cache),
+        out_dir=str(tmp_path / "run"),
+    )
+    train(cfg)
+    record, weights_path, state_path = read_checkpoint(cfg.run_dir)
+    saved, state = load_file(weights_path), load_file(state_path)
+    names = [k[len("live/") :] for k in state if k.startswith("live/")]
+    assert names and all(k in saved for k in names)
+    assert any(not torch.equal(saved[k], state[f"live/{k}"]) for k in names)
+    # the last metrics line describes the saved (averaged) weights
+    model, cfg2, _ = load_checkpoint(cfg.run_dir)
+    clips = load_data(cfg2)
+    _, test_idx = split_indices(cfg2, clips)
+    loss, acc = evaluate(model, clips, test_idx, cfg2.batch_size, torch.device("cpu"))
+    last = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert loss == pytest.approx(last["test_loss"], rel=1e-6)
+    assert acc == last["test_acc"]
