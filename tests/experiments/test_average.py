@@ -24,29 +24,36 @@ def test_average_follows_the_recurrence_by_hand():
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     average = ParameterAverage(model, 0.9)
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trajectory = []
     x = torch.randn(8, 3, dtype=torch.float64)
     for step in range(1, 31):
         opt.zero_grad()
         model(x).square().sum().backward()
         opt.step()
         average.update(step)
-        d = min(0.9, (1 + step) / (10 + step))  # warm-up: 2/11, 3/12, ... then 0.9 from step 80
-        for n, p in model.named_parameters():
-            expected[n] = d * expected[n] + (1 - d) * p.detach()
+        trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    # the bias-corrected average: step k's parameters weighted by 0.9 ** (30 - k), normalized
+    weights = [0.9 ** (30 - k) for k in range(1, 31)]
+    for n in expected:
+        expected[n] = sum(w * t[n] for w, t in zip(weights, trajectory, strict=True)) / sum(weights)
     for n, p in model.named_parameters():
         torch.testing.assert_close(average.values[n], expected[n], rtol=1e-12, atol=1e-12)
         assert not torch.equal(average.values[n], p)  # it lags the live parameters
 
 
-def test_first_step_by_hand():
+def test_first_steps_by_hand():
     model = nn.Linear(1, 1, bias=False).double()
     with torch.no_grad():
-        model.weight.fill_(0.0)
-    average = ParameterAverage(model, 0.99)
+        model.weight.fill_(5.0)
+    average = ParameterAverage(model, 0.5)
     with torch.no_grad():
-        model.weight.fill_(1.1)
-    average.update(1)  # d = 2 / 11: 0 * 2/11 + 1.1 * 9/11 = 0.9
-    assert average.values["weight"].item() == pytest.approx(0.9, abs=1e-15)
+        model.weight.fill_(1.5)
+    average.update(1)  # d = 0: the initial 5.0 never counts
+    assert average.values["weight"].item() == 1.5
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    average.update(2)  # d = (0.5 - 0.25) / (1 - 0.25) = 1/3: (1.5 * 0.5 + 3.0) / 1.5 = 2.5
+    assert average.values["weight"].item() == pytest.approx(2.5, abs=1e-15)
 
 
 def test_applied_swaps_in_and_back_even_on_error():

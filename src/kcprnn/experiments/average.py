@@ -3,14 +3,17 @@
 After the optimizer's ``n``-th step (``n`` counted from 1 over the whole run) every parameter's
 average moves toward its current value::
 
-    d = min(ema, (1 + n) / (10 + n))
+    d = (ema - ema**n) / (1 - ema**n)
     average = d * average + (1 - d) * parameter
 
-The warm-up bound on ``d`` lets the average follow the fast early changes instead of carrying the
-initial weights for ``1 / (1 - ema)`` steps. Buffers are not averaged (the models here have none
-that training changes). :func:`~kcprnn.experiments.loop.fit` evaluates every epoch on the average
-and writes it as the checkpoint's weights; the live parameters the optimizer keeps working on go
-to the train-state file (``live/<name>``), so that a resumed run continues bit-identically.
+This is the bias-corrected exponential average (Adam's correction): the parameters after steps
+``k = 1..n`` weighted by ``ema**(n - k)`` and normalized. The first step's average is that
+step's parameters (``d = 0``), the initial weights never count, and ``d`` rises to ``ema``: the
+average covers about the last ``1 / (1 - ema)`` steps from early on (200 at ``ema = 0.995``).
+Buffers are not averaged (the models here have none that training changes).
+:func:`~kcprnn.experiments.loop.fit` evaluates every epoch on the average and writes it as the
+checkpoint's weights; the live parameters the optimizer keeps working on go to the train-state
+file (``live/<name>``), so that a resumed run continues bit-identically.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class ParameterAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold the parameters in after the optimizer's ``step``-th step (1 for the first)."""
-        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        d = (self.decay - self.decay**step) / (1.0 - self.decay**step)
         for name, p in self.params.items():
             self.values[name].lerp_(p.detach(), 1.0 - d)
 
