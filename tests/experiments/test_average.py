@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import TINY
 from torch import nn
 
 from kcprnn.experiments.average import ParameterAverage
@@ -82,22 +83,9 @@ def test_restore_needs_the_live_parameters():
 
 @pytest.mark.usefixtures("source_images")
 def test_run_evaluates_and_saves_the_average(tmp_path, cache):
+    # the resume tests' tiny video run (a TT layer), two epochs, averaged
     cfg = Config(
-        dataset="youtube-like",
-        clips_per_class=2,
-        num_frames=3,
-        frame_width=32,
-        frame_height=24,
-        hidden_size=16,
-        hidden_modes=(2, 2, 2, 2),
-        format="kcp",
-        batch_size=4,
-        lr=3e-2,
-        epochs=2,
-        ema=0.8,
-        seed=5,
-        progress=False,
-        threads=1,
+        **{**TINY, "epochs": 2, "checkpoint_every": 0, "ema": 0.8},
         cache_dir=str(cache),
         out_dir=str(tmp_path / "run"),
     )
