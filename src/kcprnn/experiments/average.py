@@ -32,7 +32,8 @@ class ParameterAverage:
 
     Args:
         model: the trained module (not a DDP wrapper: its parameter names are the state_dict's).
-        decay: ``ema``, in ``(0, 1)``: the weight the average keeps at each step once warmed up.
+        decay: ``ema``, in ``(0, 1)``: the weight the average keeps at each step, which the
+            bias correction reaches as ``decay**n`` vanishes.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
