@@ -24,7 +24,6 @@ def test_average_follows_the_recurrence_by_hand():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     average = ParameterAverage(model, 0.9)
-    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     trajectory = []
     x = torch.randn(8, 3, dtype=torch.float64)
     for step in range(1, 31):
@@ -35,8 +34,10 @@ def test_average_follows_the_recurrence_by_hand():
         trajectory.append({n: p.detach().clone() for n, p in model.named_parameters()})
     # the bias-corrected average: step k's parameters weighted by 0.9 ** (30 - k), normalized
     weights = [0.9 ** (30 - k) for k in range(1, 31)]
-    for n in expected:
-        expected[n] = sum(w * t[n] for w, t in zip(weights, trajectory, strict=True)) / sum(weights)
+    expected = {
+        n: sum(w * t[n] for w, t in zip(weights, trajectory, strict=True)) / sum(weights)
+        for n in trajectory[0]
+    }
     for n, p in model.named_parameters():
         torch.testing.assert_close(average.values[n], expected[n], rtol=1e-12, atol=1e-12)
         assert not torch.equal(average.values[n], p)  # it lags the live parameters

@@ -422,7 +422,7 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
     pos = _Position()
-    average = ParameterAverage(model, cfg.ema) if cfg.ema and resume is None else None
+    state: dict[str, Tensor] = {}
     if resume is not None:
         record, weights_path, state_path = resume
         if state_path is None:
@@ -442,10 +442,11 @@ def fit(
         )
         if pos.numpy_epoch is not None:
             rng.bit_generator.state = pos.numpy_epoch
-        if cfg.ema:
-            average = ParameterAverage(model, cfg.ema)
-            average.restore(state)
         log.info("resumed at epoch %d, step %d", pos.epoch + 1, pos.step)
+    # started from the loaded weights, which are the averages when resuming
+    average = ParameterAverage(model, cfg.ema) if cfg.ema else None
+    if average is not None and resume is not None:
+        average.restore(state)
     net: nn.Module = model
     if d.active:  # after loading: the ranks start from the same parameters anyway
         ids = [device.index] if device.type == "cuda" else None

@@ -198,6 +198,7 @@ class SpeechTask:
             self.stat_keys = ("loss_sum", "distill_sum")
         self.batches = _length_batches(self.data, self.data.train, self.cfg.batch_size)
         self.metric = "per" if self.data.corpus.unit == "phone" else "wer"
+        self.spec = feature_spec(self.cfg)
 
     def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         return [self.batches[k] for k in rng.permutation(len(self.batches))]
@@ -232,9 +233,8 @@ class SpeechTask:
     def warped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(b, t, d)`` with each utterance's mel bands warped by a factor drawn from
         ``1 +- band_warp`` (torch's global generator, which checkpoints save and restore)."""
-        spec = feature_spec(self.cfg)
         factors = 1.0 + self.cfg.band_warp * (2.0 * torch.rand(x.shape[0]) - 1.0)  # (b,)
-        return warp_bands(x, spec.n_mels, spec.group, factors.to(x.device))
+        return warp_bands(x, self.spec.n_mels, self.spec.group, factors.to(x.device))
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float
