@@ -15,6 +15,10 @@ COMMANDS = {
         "kcprnn.experiments.compress",
         "decompose a trained LSTM/GRU into a format, fine-tune, report accuracy",
     ),
+    "evaluate": (
+        "kcprnn.experiments.evaluate",
+        "score finished runs' checkpoints again (e.g. with CTC beam search)",
+    ),
     "report": ("kcprnn.experiments.report", "rebuild the results table and plot from run folders"),
     "bench": ("kcprnn.bench", "benchmark formats and RNNs (ours, dense, peers)"),
     "example": ("kcprnn.example", "build a KCP layer, check it against its dense reconstruction"),

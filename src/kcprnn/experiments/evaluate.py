@@ -1,0 +1,94 @@
+"""``kcprnn evaluate``: score the saved checkpoint of finished runs again, on their own data, with
+another decoder if asked (CTC prefix beam search for a run trained with greedy decoding).
+
+A run's ``metrics.jsonl`` scores each epoch as the run was configured; this rebuilds the model of
+each run folder from its checkpoint (the averaged weights of an ``ema`` run) and scores it on the
+same data and splits: dev and test PER or WER (and CER for characters) for speech, test (and
+validation) loss and accuracy for the classifiers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from ..safetensors_io import write_text_atomic
+from .config import SPEECH_DATASETS, ConfigError
+from .train import FSDDSplits, SpikeData, evaluate, load_checkpoint, load_data, split_indices
+
+
+def evaluate_run(run_dir: str | Path, beam_size: int | None = None) -> dict[str, Any]:
+    """The scores of ``run_dir``'s checkpoint. ``beam_size``: the CTC decoder for speech runs
+    (1 = greedy, > 1 = prefix beam search; ``None``: the run's own ``beam_size``)."""
+    model, cfg, _ = load_checkpoint(run_dir)
+    device = torch.device("cpu")
+    row: dict[str, Any] = {"run": str(run_dir), "dataset": cfg.dataset}
+    with torch.no_grad():
+        if cfg.dataset in SPEECH_DATASETS:
+            from .ctc import CTCModel
+            from .speech import decode_split, load_speech_data
+
+            beam = cfg.beam_size if beam_size is None else beam_size
+            if beam < 1:
+                raise ConfigError(f"beam_size must be at least 1, got beam_size={beam}")
+            data = load_speech_data(cfg)
+            metric = "per" if data.corpus.unit == "phone" else "wer"
+            row["beam_size"] = beam
+            for split, idx in (("dev", data.dev), ("test", data.test)):
+                if len(idx):
+                    loss, rate, _, chars = decode_split(
+                        cast(CTCModel, model), data, idx, cfg.batch_size, device, beam
+                    )
+                    row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
+                    if metric == "wer":
+                        row[f"{split}_cer"] = chars
+            return row
+        if beam_size is not None:
+            raise ConfigError(
+                f"beam_size={beam_size} decodes CTC outputs; {cfg.dataset!r} is a classification "
+                "data set"
+            )
+        clips = load_data(cfg)
+        _, test_idx = split_indices(cfg, clips)
+        splits = [("test", test_idx)]
+        if isinstance(clips, (SpikeData, FSDDSplits)) and len(clips.valid):
+            splits.append(("valid", np.asarray(clips.valid)))
+        for split, idx in splits:
+            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(
+                model, clips, idx, cfg.batch_size, device
+            )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kcprnn evaluate", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument(
+        "--beam_size",
+        type=int,
+        help="speech runs: 1 = greedy, > 1 = CTC prefix beam search (default: the run's own)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", help="also write the rows to this JSON Lines file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(args.threads, 1))
+    rows = []
+    for run in args.run_dirs:
+        try:
+            row = evaluate_run(run, args.beam_size)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            print(f"kcprnn evaluate: error: {run}: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out:
+        write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+    return 0

@@ -1,0 +1,76 @@
+"""``kcprnn evaluate``: a finished run's checkpoint scored again reproduces its last metrics line,
+another CTC decoder gives what a run configured with that decoder logged, and bad requests get
+clear errors."""
+
+import json
+
+import pytest
+from test_resume import TINY
+from test_speech_train import _tiny_timit
+
+from kcprnn.cli import main as cli_main
+from kcprnn.experiments.config import Config, ConfigError
+from kcprnn.experiments.evaluate import evaluate_run
+from kcprnn.experiments.train import train
+
+
+def _last(run) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_speech_runs_rescored_with_either_decoder(tmp_path):
+    data_dir = _tiny_timit(tmp_path)
+    common = dict(
+        dataset="timit",
+        data_dir=str(data_dir),
+        cache_dir=str(tmp_path / "cache"),
+        hidden_size=16,
+        hidden_modes=(4, 4),
+        format="kcp",
+        format_options={"rank": 2},
+        bidirectional=True,
+        ema=0.5,  # the checkpoint holds the average, which the metrics describe
+        epochs=2,
+        batch_size=2,
+        lr=1e-2,
+        seed=5,
+        progress=False,
+        threads=1,
+    )
+    beam, greedy = tmp_path / "beam", tmp_path / "greedy"
+    train(Config(**common, beam_size=3, out_dir=str(beam)))
+    train(Config(**common, beam_size=1, out_dir=str(greedy)))  # the same training
+
+    row = evaluate_run(beam)  # the run's own decoder
+    assert row["beam_size"] == 3
+    for key in ("test_loss", "test_per"):
+        assert row[key] == pytest.approx(_last(beam)[key], rel=1e-6)
+    row = evaluate_run(beam, beam_size=1)  # greedy: what the greedy run logged
+    assert row["beam_size"] == 1
+    for key in ("test_loss", "test_per"):
+        assert row[key] == pytest.approx(_last(greedy)[key], rel=1e-6)
+
+    out = tmp_path / "scores.jsonl"
+    assert cli_main(["evaluate", str(greedy), "--beam_size", "2", "--out", str(out)]) == 0
+    (written,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written["run"] == str(greedy) and written["beam_size"] == 2
+    assert written["test_per"] == pytest.approx(evaluate_run(greedy, beam_size=2)["test_per"])
+    with pytest.raises(ConfigError, match="beam_size=0"):
+        evaluate_run(greedy, beam_size=0)
+
+
+@pytest.mark.usefixtures("source_images")
+def test_classifier_run_rescored(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    train(
+        Config(
+            **{**TINY, "epochs": 2, "checkpoint_every": 0}, cache_dir=str(cache), out_dir=str(run)
+        )
+    )
+    row = evaluate_run(run)
+    assert row["test_acc"] == _last(run)["test_acc"]
+    assert row["test_loss"] == pytest.approx(_last(run)["test_loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"beam_size=4 decodes CTC outputs; 'youtube-like'"):
+        evaluate_run(run, beam_size=4)
+    assert cli_main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "missing checkpoint.json" in capsys.readouterr().err
