@@ -29,6 +29,7 @@ from kcprnn.data.speech import (
     read_sphere_header,
     read_stm,
     stack_frames,
+    tilt_bands,
     warp_bands,
     write_sphere,
 )
@@ -268,6 +269,31 @@ def test_normalization_and_frame_stacking():
     assert np.array_equal(stack_frames(x, 2), [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 8, 9]])
     with pytest.raises(ValueError, match="normalization"):
         normalize(frames, ["a"] * 3, [True] * 3, "cepstral")
+
+
+def test_spectral_tilt_by_hand_and_leaves_the_deltas():
+    # two utterances, one step, two stacked frames of (static, delta) groups of 3 bands + energy
+    x = torch.arange(32, dtype=torch.float64).reshape(2, 1, 16)
+    out = tilt_bands(x, 3, 4, 2, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]))
+    # u = -1, 0, 1: utterance 0 gets u, utterance 1 gets 3 (u^2 - 1/3) = 2, -1, 2, on the static
+    # bands of both frames (groups 0 and 2); deltas (groups 1 and 3) and energies unchanged
+    up = [-1, 0, 1, 0, 0, 0, 0, 0]
+    bend = [2, -1, 2, 0, 0, 0, 0, 0]
+    assert torch.allclose(out[0, 0], x[0, 0] + torch.tensor(up + up, dtype=torch.float64))
+    assert torch.allclose(out[1, 0], x[1, 0] + torch.tensor(bend + bend, dtype=torch.float64))
+    # a constant offset has no time derivative: tilting [static, deltas(static)] equals
+    # [tilted static, deltas(tilted static)]
+    rng = np.random.default_rng(1)
+    static = rng.normal(size=(9, 6))  # 9 frames, 5 bands + energy
+    feats = torch.from_numpy(np.concatenate([static, deltas(static)], axis=1))[None]
+    s, k = torch.tensor([0.7]), torch.tensor([-0.4])
+    tilted = tilt_bands(feats, 5, 6, 2, s, k)[0].numpy()
+    static_t = tilt_bands(torch.from_numpy(static)[None], 5, 6, 1, s, k)[0].numpy()
+    assert np.allclose(tilted, np.concatenate([static_t, deltas(static_t)], axis=1))
+    with pytest.raises(ValueError, match="3 orders: a frame holds 16 values"):
+        tilt_bands(x, 3, 4, 3, torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"one curvature per utterance \(2\), got \(1,\)"):
+        tilt_bands(x, 3, 4, 2, torch.zeros(2), torch.zeros(1))
 
 
 def test_band_warp_by_hand_and_commutes_with_deltas():

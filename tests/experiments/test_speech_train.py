@@ -218,6 +218,20 @@ def test_band_warp_reaches_the_model_and_the_teacher_alike(tmp_path):
     task = SpeechTask(Config(**{**cfg.to_dict(), "band_warp": 0.0}), data, torch.device("cpu"))
     task.step(model, rows, rows)
     assert torch.equal(seen["model"].reshape(plain.shape), plain)
+    # spectral_tilt alone: each utterance's static bands move by a curve over the bands drawn
+    # from the global generator (a slope, then a curvature); deltas and energy stay
+    tilt = Config(**{**cfg.to_dict(), "band_warp": 0.0, "spectral_tilt": 0.5})
+    torch.manual_seed(7)
+    SpeechTask(tilt, data, torch.device("cpu"), Teacher()).step(model, rows, rows)
+    assert seen["teacher"] is seen["model"]
+    torch.manual_seed(7)
+    slopes, curvatures = (2 * torch.rand(2) - 1) * 0.5, (2 * torch.rand(2) - 1) * 0.5
+    u = torch.linspace(-1, 1, 40)
+    offset = slopes[:, None] * u + curvatures[:, None] * (u**2 - 1 / 3)  # (2, 40)
+    tilted = seen["model"].reshape(plain.shape)
+    assert torch.allclose(tilted[:, :, 0, :40], plain[:, :, 0, :40] + offset[:, None], atol=1e-6)
+    assert torch.equal(tilted[:, :, 1:], plain[:, :, 1:])  # deltas
+    assert torch.equal(tilted[..., 40], plain[..., 40])  # energy
 
 
 @needs_synth

@@ -91,6 +91,10 @@ class Config:
     # training batches only: each utterance's mel bands warped by a factor drawn uniformly from
     # [1 - band_warp, 1 + band_warp] (VTLP-like; a teacher sees the same warped batch); 0 = off
     band_warp: float = 0.0
+    # training batches only: each utterance's static mel bands offset by s * u + k * (u^2 - 1/3)
+    # over the bands (u from -1 to 1), s and k drawn uniformly from [-spectral_tilt,
+    # spectral_tilt], in units of the normalized features (after any warp); 0 = off
+    spectral_tilt: float = 0.0
     num_layers: int = 1  # stacked recurrent layers (speech only)
     beam_size: int = 1  # CTC decoding: 1 = greedy (best path), > 1 = prefix beam search
     train_speakers: int = 12  # timit-like/tedlium-like: training voices (3 more test, 2 dev)
@@ -246,6 +250,13 @@ class Config:
             raise ConfigError(
                 f"band_warp={self.band_warp} warps the mel bands of the speech data sets; "
                 f"dataset={self.dataset!r} has none"
+            )
+        if not self.spectral_tilt >= 0.0:
+            raise ConfigError(f"spectral_tilt must be >= 0, got spectral_tilt={self.spectral_tilt}")
+        if self.dataset not in SPEECH_DATASETS and self.spectral_tilt:
+            raise ConfigError(
+                f"spectral_tilt={self.spectral_tilt} offsets the mel bands of the speech data "
+                f"sets; dataset={self.dataset!r} has none"
             )
         if self.dataset not in SPEECH_DATASETS and self.layer_options:
             raise ConfigError(

@@ -33,6 +33,7 @@ from ..data.speech import (
     load_tedlium,
     load_timit,
     speech_standin_dir,
+    tilt_bands,
     warp_bands,
 )
 from .config import Config
@@ -210,8 +211,8 @@ class SpeechTask:
         # first, so each process's slice must see the padding one process would
         padded = max(len(self.data.frames[i]) for i in batch)
         x, lengths, targets, target_lengths = _batch(self.data, rows, self.device, padded)
-        if self.cfg.band_warp:
-            x = self.warped(x)
+        if self.cfg.band_warp or self.cfg.spectral_tilt:
+            x = self.augmented(x)
         log_probs = net(x)  # (b, t, c)
         loss = torch.nn.functional.ctc_loss(
             log_probs.transpose(0, 1),
@@ -230,11 +231,20 @@ class SpeechTask:
             loss = loss + self.teacher.weight * kl
         return loss, sums
 
-    def warped(self, x: torch.Tensor) -> torch.Tensor:
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(b, t, d)`` with each utterance's mel bands warped by a factor drawn from
-        ``1 +- band_warp`` (torch's global generator, which checkpoints save and restore)."""
-        factors = 1.0 + self.cfg.band_warp * (2.0 * torch.rand(x.shape[0]) - 1.0)  # (b,)
-        return warp_bands(x, self.spec.n_mels, self.spec.group, factors.to(x.device))
+        ``1 +- band_warp``, then its static bands tilted by a slope and a curvature drawn from
+        ``+- spectral_tilt`` (torch's global generator, which checkpoints save and restore)."""
+        b, cfg, spec = x.shape[0], self.cfg, self.spec
+        if cfg.band_warp:
+            factors = 1.0 + cfg.band_warp * (2.0 * torch.rand(b) - 1.0)  # (b,)
+            x = warp_bands(x, spec.n_mels, spec.group, factors.to(x.device))
+        if cfg.spectral_tilt:
+            slopes = (2.0 * torch.rand(b) - 1.0) * cfg.spectral_tilt  # (b,)
+            curvatures = (2.0 * torch.rand(b) - 1.0) * cfg.spectral_tilt  # (b,)
+            orders = 3 if spec.deltas else 1
+            x = tilt_bands(x, spec.n_mels, spec.group, orders, slopes, curvatures)
+        return x
 
     def epoch_row(
         self, model: torch.nn.Module, epoch: int, sums: dict[str, float], seconds: float

@@ -11,6 +11,7 @@ from .features import (
     deltas,
     extract_features,
     normalize,
+    tilt_bands,
     warp_bands,
 )
 from .standins import (
@@ -58,6 +59,7 @@ __all__ = [
     "read_stm",
     "speech_standin_dir",
     "stack_frames",
+    "tilt_bands",
     "warp_bands",
     "write_sphere",
 ]

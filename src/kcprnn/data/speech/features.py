@@ -330,3 +330,38 @@ def warp_bands(x: torch.Tensor, n_bands: int, group: int, factors: torch.Tensor)
     low = bands.gather(-1, lo.view(b, 1, 1, n_bands).expand(shape))
     high = bands.gather(-1, hi.view(b, 1, 1, n_bands).expand(shape))
     return torch.cat([low + (high - low) * w, v[..., n_bands:]], -1).reshape(b, t, d)
+
+
+def tilt_bands(
+    x: torch.Tensor,
+    n_bands: int,
+    group: int,
+    orders: int,
+    slopes: torch.Tensor,
+    curvatures: torch.Tensor,
+) -> torch.Tensor:
+    """Static mel bands offset by a smooth curve over frequency, one per utterance (a spectral
+    tilt augmentation: a voice, a microphone or a synthesizer that lifts the high bands against
+    the low ones, or the middle against both ends).
+
+    ``x`` ``(b, t, d)`` is laid out as for :func:`warp_bands`, its groups running over the
+    stacked frames and, within a frame, over ``orders`` derivative orders (3 with deltas, 1
+    without), the static values first. Utterance ``i``'s static band ``j`` of every frame gets
+    ``slopes[i] * u_j + curvatures[i] * (u_j ** 2 - 1 / 3)``, ``u`` running evenly from -1 (the
+    lowest band) to 1 (the highest). The deltas do not change (a constant offset has none), nor
+    does the log energy.
+    """
+    b, t, d = x.shape
+    if n_bands < 1 or group < n_bands or orders < 1 or d % (group * orders):
+        raise ValueError(
+            f"cannot tilt {n_bands} bands in groups of {group} values and {orders} orders: a "
+            f"frame holds {d} values"
+        )
+    for name, v in (("slope", slopes), ("curvature", curvatures)):
+        if v.shape != (b,):
+            raise ValueError(f"need one {name} per utterance ({b}), got {tuple(v.shape)}")
+    u = torch.linspace(-1, 1, n_bands, dtype=x.dtype, device=x.device)  # (n_bands,)
+    offset = slopes[:, None].to(x) * u + curvatures[:, None].to(x) * (u**2 - 1 / 3)  # (b, n_bands)
+    out = x.reshape(b, t, d // group, group).clone()
+    out[:, :, ::orders, :n_bands] += offset[:, None, None, :]
+    return out.reshape(b, t, d)
