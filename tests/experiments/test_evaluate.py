@@ -5,13 +5,15 @@ clear errors."""
 import json
 
 import pytest
+import torch
 from test_resume import TINY
 from test_speech_train import _tiny_timit
 
 from kcprnn.cli import main as cli_main
 from kcprnn.experiments.config import Config, ConfigError
 from kcprnn.experiments.evaluate import evaluate_run
-from kcprnn.experiments.train import train
+from kcprnn.experiments.speech import decode_split, load_speech_data
+from kcprnn.experiments.train import load_checkpoint, train
 
 
 def _last(run) -> dict:
@@ -58,6 +60,24 @@ def test_speech_runs_rescored_with_either_decoder(tmp_path):
     with pytest.raises(ConfigError, match="beam_size=0"):
         evaluate_run(greedy, beam_size=0)
 
+    # per speaker: each split of the tiny tree holds one speaker, whose rate is the split's
+    row = evaluate_run(greedy, per_speaker=True)
+    model, cfg, _ = load_checkpoint(greedy)
+    data = load_speech_data(cfg)
+    assert len(data.test) and len(data.dev)
+    for split, idx in (("dev", data.dev), ("test", data.test)):
+        if len(idx):
+            by_speaker = row[f"{split}_per_by_speaker"]
+            assert list(by_speaker) == sorted({data.speakers[i] for i in idx})
+            assert list(by_speaker.values()) == [row[f"{split}_per"]]
+            # the decoded tokens come back in the order of idx: each as decoded alone
+            hyps = decode_split(model, data, idx, 2, torch.device("cpu"))[2]
+            alone = [
+                decode_split(model, data, idx[k : k + 1], 1, torch.device("cpu"))[2][0]
+                for k in range(len(idx))
+            ]
+            assert hyps == alone
+
 
 @pytest.mark.usefixtures("source_images")
 def test_classifier_run_rescored(tmp_path, cache, capsys):
@@ -72,5 +92,7 @@ def test_classifier_run_rescored(tmp_path, cache, capsys):
     assert row["test_loss"] == pytest.approx(_last(run)["test_loss"], rel=1e-6)
     with pytest.raises(ConfigError, match=r"beam_size=4 decodes CTC outputs; 'youtube-like'"):
         evaluate_run(run, beam_size=4)
+    with pytest.raises(ConfigError, match=r"per_speaker scores speech runs; 'youtube-like'"):
+        evaluate_run(run, per_speaker=True)
     assert cli_main(["evaluate", str(tmp_path / "missing")]) == 2
     assert "missing checkpoint.json" in capsys.readouterr().err

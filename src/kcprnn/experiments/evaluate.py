@@ -23,16 +23,19 @@ from .config import SPEECH_DATASETS, ConfigError
 from .train import FSDDSplits, SpikeData, evaluate, load_checkpoint, load_data, split_indices
 
 
-def evaluate_run(run_dir: str | Path, beam_size: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, beam_size: int | None = None, per_speaker: bool = False
+) -> dict[str, Any]:
     """The scores of ``run_dir``'s checkpoint. ``beam_size``: the CTC decoder for speech runs
-    (1 = greedy, > 1 = prefix beam search; ``None``: the run's own ``beam_size``)."""
+    (1 = greedy, > 1 = prefix beam search; ``None``: the run's own ``beam_size``);
+    ``per_speaker``: also each dev and test speaker's own error rate (speech runs)."""
     model, cfg, _ = load_checkpoint(run_dir)
     device = torch.device("cpu")
     row: dict[str, Any] = {"run": str(run_dir), "dataset": cfg.dataset}
     with torch.no_grad():
         if cfg.dataset in SPEECH_DATASETS:
-            from .ctc import CTCModel
-            from .speech import decode_split, load_speech_data
+            from .ctc import CTCModel, error_rate
+            from .speech import _scored, decode_split, load_speech_data
 
             beam = cfg.beam_size if beam_size is None else beam_size
             if beam < 1:
@@ -42,13 +45,24 @@ def evaluate_run(run_dir: str | Path, beam_size: int | None = None) -> dict[str,
             row["beam_size"] = beam
             for split, idx in (("dev", data.dev), ("test", data.test)):
                 if len(idx):
-                    loss, rate, _, chars = decode_split(
+                    loss, rate, hyps, chars = decode_split(
                         cast(CTCModel, model), data, idx, cfg.batch_size, device, beam
                     )
                     row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
                     if metric == "wer":
                         row[f"{split}_cer"] = chars
+                    if per_speaker:
+                        pairs: dict[str, tuple[list, list]] = {}
+                        for i, hyp in zip(idx, hyps, strict=True):
+                            refs, found = pairs.setdefault(data.speakers[i], ([], []))
+                            refs.append(_scored(data, data.refs[i]))
+                            found.append(hyp)
+                        row[f"{split}_{metric}_by_speaker"] = {
+                            spk: error_rate(*pairs[spk]) for spk in sorted(pairs)
+                        }
             return row
+        if per_speaker:
+            raise ConfigError(f"per_speaker scores speech runs; {cfg.dataset!r} is not one")
         if beam_size is not None:
             raise ConfigError(
                 f"beam_size={beam_size} decodes CTC outputs; {cfg.dataset!r} is a classification "
@@ -76,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="speech runs: 1 = greedy, > 1 = CTC prefix beam search (default: the run's own)",
     )
+    parser.add_argument(
+        "--per_speaker",
+        action="store_true",
+        help="speech runs: also each dev and test speaker's own PER or WER",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="also write the rows to this JSON Lines file")
     args = parser.parse_args(argv)
@@ -83,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for run in args.run_dirs:
         try:
-            row = evaluate_run(run, args.beam_size)
+            row = evaluate_run(run, args.beam_size, args.per_speaker)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             print(f"kcprnn evaluate: error: {run}: {exc}", file=sys.stderr)
             return 2

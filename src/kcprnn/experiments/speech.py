@@ -149,10 +149,12 @@ def decode_split(
     device: torch.device,
     beam_size: int = 1,
 ) -> tuple[float, float, list[list[str]], float]:
-    """Mean CTC loss per utterance, error rate (PER or WER), the decoded tokens of ``idx`` and,
-    for character targets, the character error rate (NaN for phones)."""
+    """Mean CTC loss per utterance, error rate (PER or WER), the decoded tokens of each of
+    ``idx`` (in its order) and, for character targets, the character error rate (NaN for
+    phones)."""
     model.eval()
     loss_sum, refs, hyps = 0.0, [], []
+    decoded: dict[int, list[str]] = {}
     for b in _length_batches(data, idx, batch_size):
         x, lengths, targets, target_lengths = _batch(data, b, device)
         log_probs = model(x)  # (b, t, c)
@@ -174,13 +176,14 @@ def decode_split(
                 if beam_size <= 1
                 else beam_search(scores[row], beam_size, n)
             )
-            hyps.append(_scored(data, _hypothesis_tokens(data, symbols)))
+            decoded[int(i)] = _scored(data, _hypothesis_tokens(data, symbols))
+            hyps.append(decoded[int(i)])
             refs.append(_scored(data, data.refs[i]))
     rate = error_rate(refs, hyps) if refs else float("nan")
     chars = float("nan")
     if refs and data.corpus.unit == "char":
         chars = char_error_rate(refs, hyps)
-    return loss_sum / max(len(idx), 1), rate, hyps, chars
+    return loss_sum / max(len(idx), 1), rate, [decoded[int(i)] for i in idx], chars
 
 
 @dataclass
