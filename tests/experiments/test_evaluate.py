@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from test_resume import TINY
-from test_speech_train import _tiny_timit
+from test_speech_train import tiny_timit_run
 
 from kcprnn.cli import main as cli_main
 from kcprnn.experiments.config import Config, ConfigError
@@ -21,24 +21,8 @@ def _last(run) -> dict:
 
 
 def test_speech_runs_rescored_with_either_decoder(tmp_path):
-    data_dir = _tiny_timit(tmp_path)
-    common = dict(
-        dataset="timit",
-        data_dir=str(data_dir),
-        cache_dir=str(tmp_path / "cache"),
-        hidden_size=16,
-        hidden_modes=(4, 4),
-        format="kcp",
-        format_options={"rank": 2},
-        bidirectional=True,
-        ema=0.5,  # the checkpoint holds the average, which the metrics describe
-        epochs=2,
-        batch_size=2,
-        lr=1e-2,
-        seed=5,
-        progress=False,
-        threads=1,
-    )
+    # the checkpoint holds the average (ema), which the metrics describe
+    common = tiny_timit_run(tmp_path, format="kcp", ema=0.5, batch_size=2, seed=5)
     beam, greedy = tmp_path / "beam", tmp_path / "greedy"
     train(Config(**common, beam_size=3, out_dir=str(beam)))
     train(Config(**common, beam_size=1, out_dir=str(greedy)))  # the same training

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_speech_train import _tiny_timit
+from test_speech_train import tiny_timit_run
 
 from kcprnn.experiments.config import Config, ConfigError
 from kcprnn.experiments.loop import read_checkpoint
@@ -226,26 +226,15 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path, cache, reference
 
 
 def test_speech_run_resumes_bit_identical(tmp_path, monkeypatch):
-    data_dir = _tiny_timit(tmp_path)
-    common = dict(
-        dataset="timit",
-        data_dir=str(data_dir),
-        cache_dir=str(tmp_path / "cache"),
-        hidden_size=16,
-        hidden_modes=(4, 4),
+    common = tiny_timit_run(
+        tmp_path,
         format="tt",
-        format_options={"rank": 2},
-        bidirectional=True,
         num_layers=2,
         dropout=0.3,  # its masks come from the saved RNG state as well
         band_warp=0.2,  # and so do the warp factors
         ema=0.9,  # the averages and the live parameters both come back
-        epochs=2,
         batch_size=1,
         checkpoint_every=1,
-        lr=1e-2,
-        progress=False,
-        threads=1,
     )
     ref, run = tmp_path / "ref", tmp_path / "run"
     train(Config(**common, out_dir=str(ref)))

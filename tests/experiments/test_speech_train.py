@@ -141,6 +141,25 @@ def _tiny_timit(root: Path) -> Path:
     return root / "TIMIT"
 
 
+def tiny_timit_run(tmp_path: Path, **overrides) -> dict:
+    """Config keys of a tiny bidirectional run on :func:`_tiny_timit`'s tree (written under
+    ``tmp_path``), ``overrides`` on top."""
+    return {
+        "dataset": "timit",
+        "data_dir": str(_tiny_timit(tmp_path)),
+        "cache_dir": str(tmp_path / "cache"),
+        "hidden_size": 16,
+        "hidden_modes": (4, 4),
+        "format_options": {"rank": 2},
+        "bidirectional": True,
+        "epochs": 2,
+        "lr": 1e-2,
+        "progress": False,
+        "threads": 1,
+        **overrides,
+    }
+
+
 def test_kcprnn_train_on_a_tiny_timit_tree(tmp_path, capsys):
     data_dir = _tiny_timit(tmp_path)
     run = tmp_path / "run"
