@@ -52,7 +52,8 @@ def test_preset_and_overrides(tmp_path):
         ("--band_warp=-0.1", r"band_warp must lie in \[0, 1\), got band_warp=-0.1"),
         ("--ema=1.0", r"ema must lie in \[0, 1\), got ema=1.0"),
         ("--band_warp=0.1", r"band_warp=0.1 warps the mel bands.*'ucf11-like' has none"),
-        ("--spectral_tilt=-1", r"spectral_tilt must be >= 0, got spectral_tilt=-1"),
+        ("--spectral_tilt=-1", r"spectral_tilt must be finite and >= 0, got spectral_tilt=-1"),
+        ("--spectral_tilt=inf", r"spectral_tilt must be finite and >= 0, got spectral_tilt=inf"),
         ("--spectral_tilt=0.5", r"spectral_tilt=0.5 offsets the mel bands.*'ucf11-like' has none"),
     ],
 )

@@ -251,8 +251,10 @@ class Config:
                 f"band_warp={self.band_warp} warps the mel bands of the speech data sets; "
                 f"dataset={self.dataset!r} has none"
             )
-        if not self.spectral_tilt >= 0.0:
-            raise ConfigError(f"spectral_tilt must be >= 0, got spectral_tilt={self.spectral_tilt}")
+        if not 0.0 <= self.spectral_tilt < math.inf:
+            raise ConfigError(
+                f"spectral_tilt must be finite and >= 0, got spectral_tilt={self.spectral_tilt}"
+            )
         if self.dataset not in SPEECH_DATASETS and self.spectral_tilt:
             raise ConfigError(
                 f"spectral_tilt={self.spectral_tilt} offsets the mel bands of the speech data "

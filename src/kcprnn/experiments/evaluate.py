@@ -13,14 +13,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..safetensors_io import write_text_atomic
-from .config import SPEECH_DATASETS, ConfigError
+from .config import SPEECH_DATASETS, Config, ConfigError
 from .train import FSDDSplits, SpikeData, evaluate, load_checkpoint, load_data, split_indices
+
+CPU = torch.device("cpu")
 
 
 def evaluate_run(
@@ -30,37 +32,13 @@ def evaluate_run(
     (1 = greedy, > 1 = prefix beam search; ``None``: the run's own ``beam_size``);
     ``per_speaker``: also each dev and test speaker's own error rate (speech runs)."""
     model, cfg, _ = load_checkpoint(run_dir)
-    device = torch.device("cpu")
     row: dict[str, Any] = {"run": str(run_dir), "dataset": cfg.dataset}
     with torch.no_grad():
         if cfg.dataset in SPEECH_DATASETS:
-            from .ctc import CTCModel, error_rate
-            from .speech import _scored, decode_split, load_speech_data
-
             beam = cfg.beam_size if beam_size is None else beam_size
             if beam < 1:
                 raise ConfigError(f"beam_size must be at least 1, got beam_size={beam}")
-            data = load_speech_data(cfg)
-            metric = "per" if data.corpus.unit == "phone" else "wer"
-            row["beam_size"] = beam
-            for split, idx in (("dev", data.dev), ("test", data.test)):
-                if len(idx):
-                    loss, rate, hyps, chars = decode_split(
-                        cast(CTCModel, model), data, idx, cfg.batch_size, device, beam
-                    )
-                    row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
-                    if metric == "wer":
-                        row[f"{split}_cer"] = chars
-                    if per_speaker:
-                        pairs: dict[str, tuple[list, list]] = {}
-                        for i, hyp in zip(idx, hyps, strict=True):
-                            refs, found = pairs.setdefault(data.speakers[i], ([], []))
-                            refs.append(_scored(data, data.refs[i]))
-                            found.append(hyp)
-                        row[f"{split}_{metric}_by_speaker"] = {
-                            spk: error_rate(*pairs[spk]) for spk in sorted(pairs)
-                        }
-            return row
+            return {**row, **_speech_scores(model, cfg, beam, per_speaker)}
         if per_speaker:
             raise ConfigError(f"per_speaker scores speech runs; {cfg.dataset!r} is not one")
         if beam_size is not None:
@@ -68,15 +46,42 @@ def evaluate_run(
                 f"beam_size={beam_size} decodes CTC outputs; {cfg.dataset!r} is a classification "
                 "data set"
             )
-        clips = load_data(cfg)
-        _, test_idx = split_indices(cfg, clips)
-        splits = [("test", test_idx)]
-        if isinstance(clips, (SpikeData, FSDDSplits)) and len(clips.valid):
-            splits.append(("valid", np.asarray(clips.valid)))
-        for split, idx in splits:
-            row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(
-                model, clips, idx, cfg.batch_size, device
-            )
+        return {**row, **_classifier_scores(model, cfg)}
+
+
+def _speech_scores(model: Any, cfg: Config, beam: int, per_speaker: bool) -> dict[str, Any]:
+    from .ctc import error_rate
+    from .speech import _scored, decode_split, load_speech_data
+
+    data = load_speech_data(cfg)
+    metric = "per" if data.corpus.unit == "phone" else "wer"
+    row: dict[str, Any] = {"beam_size": beam}
+    for split, idx in (("dev", data.dev), ("test", data.test)):
+        if not len(idx):
+            continue
+        loss, rate, hyps, chars = decode_split(model, data, idx, cfg.batch_size, CPU, beam)
+        row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
+        if metric == "wer":
+            row[f"{split}_cer"] = chars
+        if per_speaker:  # (references, hypotheses) per speaker
+            pairs: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
+            for i, hyp in zip(idx, hyps, strict=True):
+                refs, found = pairs.setdefault(data.speakers[i], ([], []))
+                refs.append(_scored(data, data.refs[i]))
+                found.append(hyp)
+            row[f"{split}_{metric}_by_speaker"] = {s: error_rate(*pairs[s]) for s in sorted(pairs)}
+    return row
+
+
+def _classifier_scores(model: Any, cfg: Config) -> dict[str, Any]:
+    clips = load_data(cfg)
+    _, test_idx = split_indices(cfg, clips)
+    splits = [("test", test_idx)]
+    if isinstance(clips, (SpikeData, FSDDSplits)) and len(clips.valid):
+        splits.append(("valid", np.asarray(clips.valid)))
+    row: dict[str, Any] = {}
+    for split, idx in splits:
+        row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, clips, idx, cfg.batch_size, CPU)
     return row
 
 
