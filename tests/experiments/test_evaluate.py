@@ -43,6 +43,12 @@ def test_speech_runs_rescored_with_either_decoder(tmp_path):
     assert written["test_per"] == pytest.approx(evaluate_run(greedy, beam_size=2)["test_per"])
     with pytest.raises(ConfigError, match="beam_size=0"):
         evaluate_run(greedy, beam_size=0)
+    # a bigram of the training targets in the beam search; none for greedy decoding
+    row = evaluate_run(greedy, beam_size=2, lm_weight=0.5, lm_bonus=1.0)
+    assert (row["lm_weight"], row["lm_bonus"]) == (0.5, 1.0) and 0 <= row["test_per"]
+    assert evaluate_run(greedy, beam_size=2, lm_bonus=0.0)["test_per"] == written["test_per"]
+    with pytest.raises(ConfigError, match=r"lm_weight=0.0 and lm_bonus=2.0 score.*beam_size=1"):
+        evaluate_run(greedy, lm_bonus=2.0)
 
     # per speaker: each split of the tiny tree holds one speaker, whose rate is the split's
     row = evaluate_run(greedy, per_speaker=True)
@@ -78,5 +84,9 @@ def test_classifier_run_rescored(tmp_path, cache, capsys):
         evaluate_run(run, beam_size=4)
     with pytest.raises(ConfigError, match=r"per_speaker scores speech runs; 'youtube-like'"):
         evaluate_run(run, per_speaker=True)
+    with pytest.raises(
+        ConfigError, match=r"lm_weight and lm_bonus decode speech runs; 'youtube-like'"
+    ):
+        evaluate_run(run, lm_weight=1.0)
     assert cli_main(["evaluate", str(tmp_path / "missing")]) == 2
     assert "missing checkpoint.json" in capsys.readouterr().err

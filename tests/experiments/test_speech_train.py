@@ -26,7 +26,14 @@ from kcprnn.data.speech import (
     write_sphere,
 )
 from kcprnn.experiments.config import Config, load_config
-from kcprnn.experiments.ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
+from kcprnn.experiments.ctc import (
+    Bigram,
+    CTCModel,
+    beam_search,
+    char_error_rate,
+    error_rate,
+    greedy_decode,
+)
 from kcprnn.experiments.report import collect, format_table
 from kcprnn.experiments.speech import SpeechTask, _batch, build_ctc_model, load_speech_data
 from kcprnn.experiments.train import load_checkpoint, model_numbers
@@ -65,6 +72,39 @@ def test_beam_search_finds_the_most_probable_labelling():
             totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(5), path]))
         best = max(totals, key=totals.get)
         assert tuple(beam_search(np.log(probs), beam_size=50)) == best
+
+
+def test_beam_search_with_a_bigram_against_brute_force():
+    # add-one counts: from the start 1 -> 3, 2 -> 1; after 1: 1 -> 1, 2 -> 2; after 2: 1, 1
+    lm = Bigram.estimate([[1, 2], [1]], 3, smoothing=1.0)
+    assert np.allclose(
+        np.exp(lm.log_probs[:, 1:]), [[3 / 4, 1 / 4], [1 / 3, 2 / 3], [1 / 2, 1 / 2]]
+    )
+    assert np.all(np.isneginf(lm.log_probs[:, 0]))  # the blank is never predicted
+    weight, bonus = 1.5, 0.7
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        probs = rng.dirichlet(np.ones(3), size=5)
+        totals: dict[tuple, float] = {}
+        for path in itertools.product(range(3), repeat=5):
+            label = tuple(s for k, s in enumerate(path) if s and (k == 0 or path[k - 1] != s))
+            totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(5), path]))
+        fused = {
+            label: np.log(p)
+            + sum(
+                weight * lm.log_probs[a, b] + bonus
+                for a, b in zip((0, *label)[: len(label)], label, strict=True)
+            )
+            for label, p in totals.items()
+        }
+        best = max(fused, key=fused.get)
+        assert tuple(beam_search(np.log(probs), 50, None, lm, weight, bonus)) == best
+        # weight 0 and bonus 0: the language model changes nothing
+        assert beam_search(np.log(probs), 50, None, lm) == beam_search(np.log(probs), 50)
+    with pytest.raises(ValueError, match=r"sequence 1 holds symbol 3, outside 1..2"):
+        Bigram.estimate([[1], [3]], 3)
+    with pytest.raises(ValueError, match="covers 3 symbols, the scores 4"):
+        beam_search(np.zeros((2, 4)), 4, None, lm, 1.0)
 
 
 def test_error_rates_against_hand_counts():

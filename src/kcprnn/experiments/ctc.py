@@ -4,14 +4,15 @@
 with a linear layer to the output symbols plus the CTC blank (index 0), trained with
 :class:`torch.nn.CTCLoss`.
 
-Decoding (our own, no language model):
+Decoding (our own):
 
 - :func:`greedy_decode`: the best symbol per frame, repeats collapsed, blanks removed.
-- :func:`beam_search`: CTC prefix beam search (Graves 2012; Hannun et al. 2014) without a
-  language model: hypotheses are label prefixes scored by the total probability of all
-  alignments that produce them (blank-ending and non-blank-ending parts kept apart), the
-  ``beam_size`` best kept after each frame. It finds the most probable *labelling* where greedy
-  decoding finds the most probable *path*.
+- :func:`beam_search`: CTC prefix beam search (Graves 2012; Hannun et al. 2014): hypotheses are
+  label prefixes scored by the total probability of all alignments that produce them
+  (blank-ending and non-blank-ending parts kept apart), the ``beam_size`` best kept after each
+  frame. It finds the most probable *labelling* where greedy decoding finds the most probable
+  *path*. Optionally with a symbol :class:`Bigram` language model by shallow fusion: each
+  extension of a prefix by a symbol also scores ``lm_weight * log P(symbol | last symbol)``.
 
 Error rates come from ``jiwer``: word error rate over words, phone error rate over phones (each
 phone a "word"), both the total edit distance over the total reference length.
@@ -20,6 +21,7 @@ phone a "word"), both the total edit distance over the total reference length.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from .. import FactorizedMatrix
 from .model import make_rnn
 
-__all__ = ["CTCModel", "beam_search", "char_error_rate", "error_rate", "greedy_decode"]
+__all__ = ["Bigram", "CTCModel", "beam_search", "char_error_rate", "error_rate", "greedy_decode"]
 
 
 class CTCModel(nn.Module):
@@ -122,13 +124,57 @@ def greedy_decode(log_probs: np.ndarray | Tensor, length: int | None = None) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Bigram:
+    """A symbol bigram language model for :func:`beam_search`: ``log_probs[a, b]`` is
+    ``log P(b | a)`` over the symbols ``1 .. C - 1``, row 0 the start of an utterance (column 0,
+    the blank, is never predicted)."""
+
+    log_probs: np.ndarray  # (C, C)
+
+    @classmethod
+    def estimate(
+        cls, sequences: Sequence[Sequence[int]], num_symbols: int, smoothing: float = 1.0
+    ) -> Bigram:
+        """Relative frequencies of symbol pairs in ``sequences`` (CTC targets, symbols ``1 ..
+        num_symbols - 1``), each count plus ``smoothing`` (add-k)."""
+        if smoothing < 0:
+            raise ValueError(f"smoothing must be >= 0, got smoothing={smoothing}")
+        counts = np.full((num_symbols, num_symbols), float(smoothing))
+        counts[:, 0] = 0.0
+        for n, seq in enumerate(sequences):
+            previous = 0
+            for s in seq:
+                if not 0 < s < num_symbols:
+                    raise ValueError(f"sequence {n} holds symbol {s}, outside 1..{num_symbols - 1}")
+                counts[previous, s] += 1.0
+                previous = s
+        totals = counts.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return cls(np.where(totals > 0, np.log(counts / totals), -np.inf))
+
+
 def beam_search(
-    log_probs: np.ndarray | Tensor, beam_size: int = 8, length: int | None = None
+    log_probs: np.ndarray | Tensor,
+    beam_size: int = 8,
+    length: int | None = None,
+    lm: Bigram | None = None,
+    lm_weight: float = 0.0,
+    lm_bonus: float = 0.0,
 ) -> list[int]:
-    """CTC prefix beam search over one utterance's ``(T, C)`` log-probabilities (blank 0)."""
+    """CTC prefix beam search over one utterance's ``(T, C)`` log-probabilities (blank 0), with
+    ``lm_weight`` times the log-probability of ``lm``, plus ``lm_bonus`` (which offsets the
+    language model's cost of every symbol), added for every symbol a prefix grows by."""
     scores = log_probs.detach().cpu().numpy() if isinstance(log_probs, Tensor) else log_probs
     lp = np.asarray(scores, dtype=np.float64)[: length if length is not None else len(scores)]
     neg_inf = -np.inf
+    if lm is not None and lm.log_probs.shape != (lp.shape[1], lp.shape[1]):
+        raise ValueError(
+            f"the language model covers {lm.log_probs.shape[0]} symbols, the scores {lp.shape[1]}"
+        )
+    fusion = None
+    if lm is not None and (lm_weight or lm_bonus):
+        fusion = lm_weight * np.nan_to_num(lm.log_probs, neginf=-1e30) + lm_bonus  # (C, C)
     # prefix -> (log P(prefix, ending in blank), log P(prefix, ending in its last symbol))
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}
     for t in range(len(lp)):
@@ -145,12 +191,13 @@ def beam_search(
                     add(prefix, total + p, neg_inf)
                     continue
                 extended = prefix + (s,)
+                grow = p if fusion is None else p + fusion[prefix[-1] if prefix else 0, s]
                 if prefix and prefix[-1] == s:
                     # a repeat needs a blank in between to extend; without one it stays
-                    add(extended, neg_inf, pb + p)
+                    add(extended, neg_inf, pb + grow)
                     add(prefix, neg_inf, pn + p)
                 else:
-                    add(extended, neg_inf, total + p)
+                    add(extended, neg_inf, total + grow)
         ranked = sorted(nxt.items(), key=lambda kv: -np.logaddexp(kv[1][0], kv[1][1]))
         ranked = ranked[:beam_size]
         beams = {k: (v[0], v[1]) for k, v in ranked}

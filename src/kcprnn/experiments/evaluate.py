@@ -26,11 +26,17 @@ CPU = torch.device("cpu")
 
 
 def evaluate_run(
-    run_dir: str | Path, beam_size: int | None = None, per_speaker: bool = False
+    run_dir: str | Path,
+    beam_size: int | None = None,
+    per_speaker: bool = False,
+    lm_weight: float = 0.0,
+    lm_bonus: float = 0.0,
 ) -> dict[str, Any]:
     """The scores of ``run_dir``'s checkpoint. ``beam_size``: the CTC decoder for speech runs
     (1 = greedy, > 1 = prefix beam search; ``None``: the run's own ``beam_size``);
-    ``per_speaker``: also each dev and test speaker's own error rate (speech runs)."""
+    ``per_speaker``: also each dev and test speaker's own error rate; ``lm_weight``: the beam
+    search's weight on a symbol bigram estimated from the run's training targets, ``lm_bonus``
+    its score per symbol (speech runs)."""
     model, cfg, _ = load_checkpoint(run_dir)
     row: dict[str, Any] = {"run": str(run_dir), "dataset": cfg.dataset}
     with torch.no_grad():
@@ -38,7 +44,16 @@ def evaluate_run(
             beam = cfg.beam_size if beam_size is None else beam_size
             if beam < 1:
                 raise ConfigError(f"beam_size must be at least 1, got beam_size={beam}")
-            return {**row, **_speech_scores(model, cfg, beam, per_speaker)}
+            if (lm_weight or lm_bonus) and beam == 1:
+                raise ConfigError(
+                    f"lm_weight={lm_weight} and lm_bonus={lm_bonus} score a language model in "
+                    "the beam search; greedy decoding (beam_size=1) has none"
+                )
+            return {**row, **_speech_scores(model, cfg, beam, per_speaker, lm_weight, lm_bonus)}
+        if lm_weight or lm_bonus:
+            raise ConfigError(
+                f"lm_weight and lm_bonus decode speech runs; {cfg.dataset!r} is not one"
+            )
         if per_speaker:
             raise ConfigError(f"per_speaker scores speech runs; {cfg.dataset!r} is not one")
         if beam_size is not None:
@@ -49,17 +64,25 @@ def evaluate_run(
         return {**row, **_classifier_scores(model, cfg)}
 
 
-def _speech_scores(model: Any, cfg: Config, beam: int, per_speaker: bool) -> dict[str, Any]:
-    from .ctc import error_rate
+def _speech_scores(
+    model: Any, cfg: Config, beam: int, per_speaker: bool, lm_weight: float, lm_bonus: float
+) -> dict[str, Any]:
+    from .ctc import Bigram, error_rate
     from .speech import _scored, decode_split, load_speech_data
 
     data = load_speech_data(cfg)
     metric = "per" if data.corpus.unit == "phone" else "wer"
     row: dict[str, Any] = {"beam_size": beam}
+    lm = None
+    if lm_weight or lm_bonus:
+        lm = Bigram.estimate([data.targets[i] for i in data.train], data.num_symbols)
+        row["lm_weight"], row["lm_bonus"] = lm_weight, lm_bonus
     for split, idx in (("dev", data.dev), ("test", data.test)):
         if not len(idx):
             continue
-        loss, rate, hyps, chars = decode_split(model, data, idx, cfg.batch_size, CPU, beam)
+        loss, rate, hyps, chars = decode_split(
+            model, data, idx, cfg.batch_size, CPU, beam, lm, lm_weight, lm_bonus
+        )
         row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
         if metric == "wer":
             row[f"{split}_cer"] = chars
@@ -100,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="speech runs: also each dev and test speaker's own PER or WER",
     )
+    parser.add_argument(
+        "--lm_weight",
+        type=float,
+        default=0.0,
+        help="speech runs, with --beam_size > 1: the weight on a symbol bigram language model "
+        "estimated from the run's training targets (default 0: none)",
+    )
+    parser.add_argument(
+        "--lm_bonus",
+        type=float,
+        default=0.0,
+        help="with --lm_weight: a score added per decoded symbol (default 0)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="also write the rows to this JSON Lines file")
     args = parser.parse_args(argv)
@@ -107,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for run in args.run_dirs:
         try:
-            row = evaluate_run(run, args.beam_size, args.per_speaker)
+            row = evaluate_run(run, args.beam_size, args.per_speaker, args.lm_weight, args.lm_bonus)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             print(f"kcprnn evaluate: error: {run}: {exc}", file=sys.stderr)
             return 2

@@ -37,7 +37,7 @@ from ..data.speech import (
     warp_bands,
 )
 from .config import Config
-from .ctc import CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
+from .ctc import Bigram, CTCModel, beam_search, char_error_rate, error_rate, greedy_decode
 from .loop import Dist, fit, load_in_turn, write_json
 from .train import make_optimizer, model_numbers
 from .transfer import Teacher, start_from
@@ -148,10 +148,13 @@ def decode_split(
     batch_size: int,
     device: torch.device,
     beam_size: int = 1,
+    lm: Bigram | None = None,
+    lm_weight: float = 0.0,
+    lm_bonus: float = 0.0,
 ) -> tuple[float, float, list[list[str]], float]:
     """Mean CTC loss per utterance, error rate (PER or WER), the decoded tokens of each of
     ``idx`` (in its order) and, for character targets, the character error rate (NaN for
-    phones)."""
+    phones). ``lm``, ``lm_weight``, ``lm_bonus``: a language model for the beam search."""
     model.eval()
     loss_sum, refs, hyps = 0.0, [], []
     decoded: dict[int, list[str]] = {}
@@ -174,7 +177,7 @@ def decode_split(
             symbols = (
                 greedy_decode(scores[row], n)
                 if beam_size <= 1
-                else beam_search(scores[row], beam_size, n)
+                else beam_search(scores[row], beam_size, n, lm, lm_weight, lm_bonus)
             )
             decoded[int(i)] = _scored(data, _hypothesis_tokens(data, symbols))
             hyps.append(decoded[int(i)])
