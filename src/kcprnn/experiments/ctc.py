@@ -12,7 +12,8 @@ Decoding (our own):
   (blank-ending and non-blank-ending parts kept apart), the ``beam_size`` best kept after each
   frame. It finds the most probable *labelling* where greedy decoding finds the most probable
   *path*. Optionally with a symbol :class:`Bigram` language model by shallow fusion: each
-  extension of a prefix by a symbol also scores ``lm_weight * log P(symbol | last symbol)``.
+  extension of a prefix by a symbol also scores ``lm_weight * log P(symbol | last symbol) +
+  lm_bonus``.
 
 Error rates come from ``jiwer``: word error rate over words, phone error rate over phones (each
 phone a "word"), both the total edit distance over the total reference length.
@@ -174,6 +175,7 @@ def beam_search(
         )
     fusion = None
     if lm is not None and (lm_weight or lm_bonus):
+        # a pair never seen (no smoothing) costs a large finite amount, not -inf: no inf - inf
         fusion = lm_weight * np.nan_to_num(lm.log_probs, neginf=-1e30) + lm_bonus  # (C, C)
     # prefix -> (log P(prefix, ending in blank), log P(prefix, ending in its last symbol))
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}

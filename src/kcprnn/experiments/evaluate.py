@@ -1,5 +1,6 @@
 """``kcprnn evaluate``: score the saved checkpoint of finished runs again, on their own data, with
-another decoder if asked (CTC prefix beam search for a run trained with greedy decoding).
+another decoder if asked (CTC prefix beam search, with or without a phone or character bigram of
+the training targets, for a run trained with greedy decoding).
 
 A run's ``metrics.jsonl`` scores each epoch as the run was configured; this rebuilds the model of
 each run folder from its checkpoint (the averaged weights of an ``ema`` run) and scores it on the
