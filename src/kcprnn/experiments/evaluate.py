@@ -111,7 +111,9 @@ def _classifier_scores(model: Any, cfg: Config) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="kcprnn evaluate", description=__doc__.splitlines()[0].split(": ", 1)[1]
+        prog="kcprnn evaluate",
+        description="Score the checkpoints of finished runs again on their own data and splits, "
+        "one JSON line per run; speech runs with another CTC decoder if asked.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument(
