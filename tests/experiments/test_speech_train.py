@@ -57,6 +57,17 @@ def test_greedy_decode_collapses_repeats_and_drops_blanks():
     assert greedy_decode(np.zeros((0, 4))) == []
 
 
+def _labelling_probs(probs: np.ndarray) -> dict[tuple, float]:
+    """Brute force: every labelling's CTC probability, summed over all ``C ** T`` paths of the
+    ``(T, C)`` frame probabilities (blank 0)."""
+    t, c = probs.shape
+    totals: dict[tuple, float] = {}
+    for path in itertools.product(range(c), repeat=t):
+        label = tuple(s for k, s in enumerate(path) if s and (k == 0 or path[k - 1] != s))
+        totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(t), path]))
+    return totals
+
+
 def test_beam_search_finds_the_most_probable_labelling():
     # two frames, P(blank) = 0.6, P(a) = 0.4: the best path is blank-blank (""), p = 0.36, but
     # "a" has p = 0.4 * 0.4 + 0.4 * 0.6 + 0.6 * 0.4 = 0.64
@@ -66,10 +77,7 @@ def test_beam_search_finds_the_most_probable_labelling():
     rng = np.random.default_rng(0)
     for _ in range(3):
         probs = rng.dirichlet(np.ones(3), size=5)
-        totals: dict[tuple, float] = {}
-        for path in itertools.product(range(3), repeat=5):
-            label = tuple(s for k, s in enumerate(path) if s and (k == 0 or path[k - 1] != s))
-            totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(5), path]))
+        totals = _labelling_probs(probs)
         best = max(totals, key=totals.get)
         assert tuple(beam_search(np.log(probs), beam_size=50)) == best
 
@@ -85,10 +93,7 @@ def test_beam_search_with_a_bigram_against_brute_force():
     rng = np.random.default_rng(1)
     for _ in range(3):
         probs = rng.dirichlet(np.ones(3), size=5)
-        totals: dict[tuple, float] = {}
-        for path in itertools.product(range(3), repeat=5):
-            label = tuple(s for k, s in enumerate(path) if s and (k == 0 or path[k - 1] != s))
-            totals[label] = totals.get(label, 0.0) + float(np.prod(probs[np.arange(5), path]))
+        totals = _labelling_probs(probs)
         fused = {
             label: np.log(p)
             + sum(
