@@ -89,6 +89,9 @@ def test_beam_search_with_a_bigram_against_brute_force():
         np.exp(lm.log_probs[:, 1:]), [[3 / 4, 1 / 4], [1 / 3, 2 / 3], [1 / 2, 1 / 2]]
     )
     assert np.all(np.isneginf(lm.log_probs[:, 0]))  # the blank is never predicted
+    # what an extension scores: weight * log P + bonus (from the start, P(1) = 2 / 3 here)
+    scores = Bigram.estimate([[1]], 3, weight=2.0, bonus=0.5).scores()
+    assert scores[0, 1] == pytest.approx(2.0 * np.log(2 / 3) + 0.5)
     weight, bonus = 1.5, 0.7
     rng = np.random.default_rng(1)
     for _ in range(3):
@@ -103,13 +106,15 @@ def test_beam_search_with_a_bigram_against_brute_force():
             for label, p in totals.items()
         }
         best = max(fused, key=fused.get)
-        assert tuple(beam_search(np.log(probs), 50, None, lm, weight, bonus)) == best
+        fused_lm = Bigram(lm.log_probs, weight, bonus)
+        assert tuple(beam_search(np.log(probs), 50, None, fused_lm)) == best
         # weight 0 and bonus 0: the language model changes nothing
-        assert beam_search(np.log(probs), 50, None, lm) == beam_search(np.log(probs), 50)
+        silent = Bigram(lm.log_probs, weight=0.0)
+        assert beam_search(np.log(probs), 50, None, silent) == beam_search(np.log(probs), 50)
     with pytest.raises(ValueError, match=r"sequence 1 holds symbol 3, outside 1..2"):
         Bigram.estimate([[1], [3]], 3)
     with pytest.raises(ValueError, match="covers 3 symbols, the scores 4"):
-        beam_search(np.zeros((2, 4)), 4, None, lm, 1.0)
+        beam_search(np.zeros((2, 4)), 4, None, lm)
 
 
 def test_error_rates_against_hand_counts():

@@ -12,8 +12,8 @@ Decoding (our own):
   (blank-ending and non-blank-ending parts kept apart), the ``beam_size`` best kept after each
   frame. It finds the most probable *labelling* where greedy decoding finds the most probable
   *path*. Optionally with a symbol :class:`Bigram` language model by shallow fusion: each
-  extension of a prefix by a symbol also scores ``lm_weight * log P(symbol | last symbol) +
-  lm_bonus``.
+  extension of a prefix by a symbol also scores ``weight * log P(symbol | last symbol) +
+  bonus``.
 
 Error rates come from ``jiwer``: word error rate over words, phone error rate over phones (each
 phone a "word"), both the total edit distance over the total reference length.
@@ -129,13 +129,21 @@ def greedy_decode(log_probs: np.ndarray | Tensor, length: int | None = None) -> 
 class Bigram:
     """A symbol bigram language model for :func:`beam_search`: ``log_probs[a, b]`` is
     ``log P(b | a)`` over the symbols ``1 .. C - 1``, row 0 the start of an utterance (column 0,
-    the blank, is never predicted)."""
+    the blank, is never predicted). Every symbol a prefix grows by scores
+    ``weight * log P + bonus`` (``bonus`` offsets the model's cost per symbol)."""
 
     log_probs: np.ndarray  # (C, C)
+    weight: float = 1.0
+    bonus: float = 0.0
 
     @classmethod
     def estimate(
-        cls, sequences: Sequence[Sequence[int]], num_symbols: int, smoothing: float = 1.0
+        cls,
+        sequences: Sequence[Sequence[int]],
+        num_symbols: int,
+        smoothing: float = 1.0,
+        weight: float = 1.0,
+        bonus: float = 0.0,
     ) -> Bigram:
         """Relative frequencies of symbol pairs in ``sequences`` (CTC targets, symbols ``1 ..
         num_symbols - 1``), each count plus ``smoothing`` (add-k)."""
@@ -152,7 +160,13 @@ class Bigram:
                 previous = s
         totals = counts.sum(axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return cls(np.where(totals > 0, np.log(counts / totals), -np.inf))
+            log_probs = np.where(totals > 0, np.log(counts / totals), -np.inf)
+        return cls(log_probs, weight, bonus)
+
+    def scores(self) -> np.ndarray:
+        """``(C, C)``: what extending a prefix ending in ``a`` by ``b`` adds. A pair never seen
+        (no smoothing) costs a large finite amount, not -inf: no inf - inf downstream."""
+        return self.weight * np.nan_to_num(self.log_probs, neginf=-1e30) + self.bonus
 
 
 def beam_search(
@@ -160,12 +174,9 @@ def beam_search(
     beam_size: int = 8,
     length: int | None = None,
     lm: Bigram | None = None,
-    lm_weight: float = 0.0,
-    lm_bonus: float = 0.0,
 ) -> list[int]:
     """CTC prefix beam search over one utterance's ``(T, C)`` log-probabilities (blank 0), with
-    ``lm_weight`` times the log-probability of ``lm``, plus ``lm_bonus`` (which offsets the
-    language model's cost of every symbol), added for every symbol a prefix grows by."""
+    ``lm``'s score (:meth:`Bigram.scores`) added for every symbol a prefix grows by."""
     scores = log_probs.detach().cpu().numpy() if isinstance(log_probs, Tensor) else log_probs
     lp = np.asarray(scores, dtype=np.float64)[: length if length is not None else len(scores)]
     neg_inf = -np.inf
@@ -173,10 +184,7 @@ def beam_search(
         raise ValueError(
             f"the language model covers {lm.log_probs.shape[0]} symbols, the scores {lp.shape[1]}"
         )
-    fusion = None
-    if lm is not None and (lm_weight or lm_bonus):
-        # a pair never seen (no smoothing) costs a large finite amount, not -inf: no inf - inf
-        fusion = lm_weight * np.nan_to_num(lm.log_probs, neginf=-1e30) + lm_bonus  # (C, C)
+    fusion = lm.scores() if lm is not None else None  # (C, C)
     # prefix -> (log P(prefix, ending in blank), log P(prefix, ending in its last symbol))
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}
     for t in range(len(lp)):

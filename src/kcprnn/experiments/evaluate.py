@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..safetensors_io import write_text_atomic
 from .config import SPEECH_DATASETS, Config, ConfigError
-from .train import FSDDSplits, SpikeData, evaluate, load_checkpoint, load_data, split_indices
+from .train import evaluate, load_checkpoint, load_data, split_indices, valid_indices
 
 CPU = torch.device("cpu")
 
@@ -68,43 +67,26 @@ def evaluate_run(
 def _speech_scores(
     model: Any, cfg: Config, beam: int, per_speaker: bool, lm_weight: float, lm_bonus: float
 ) -> dict[str, Any]:
-    from .ctc import Bigram, error_rate
-    from .speech import _scored, decode_split, load_speech_data
+    from .ctc import Bigram
+    from .speech import load_speech_data, score_splits
 
     data = load_speech_data(cfg)
-    metric = "per" if data.corpus.unit == "phone" else "wer"
     row: dict[str, Any] = {"beam_size": beam}
     lm = None
     if lm_weight or lm_bonus:
-        lm = Bigram.estimate([data.targets[i] for i in data.train], data.num_symbols)
+        targets = [data.targets[i] for i in data.train]
+        lm = Bigram.estimate(targets, data.num_symbols, weight=lm_weight, bonus=lm_bonus)
         row["lm_weight"], row["lm_bonus"] = lm_weight, lm_bonus
-    for split, idx in (("dev", data.dev), ("test", data.test)):
-        if not len(idx):
-            continue
-        loss, rate, hyps, chars = decode_split(
-            model, data, idx, cfg.batch_size, CPU, beam, lm, lm_weight, lm_bonus
-        )
-        row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
-        if metric == "wer":
-            row[f"{split}_cer"] = chars
-        if per_speaker:  # (references, hypotheses) per speaker
-            pairs: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
-            for i, hyp in zip(idx, hyps, strict=True):
-                refs, found = pairs.setdefault(data.speakers[i], ([], []))
-                refs.append(_scored(data, data.refs[i]))
-                found.append(hyp)
-            row[f"{split}_{metric}_by_speaker"] = {s: error_rate(*pairs[s]) for s in sorted(pairs)}
-    return row
+    return {**row, **score_splits(model, data, cfg.batch_size, CPU, beam, lm, per_speaker)}
 
 
 def _classifier_scores(model: Any, cfg: Config) -> dict[str, Any]:
     clips = load_data(cfg)
     _, test_idx = split_indices(cfg, clips)
-    splits = [("test", test_idx)]
-    if isinstance(clips, (SpikeData, FSDDSplits)) and len(clips.valid):
-        splits.append(("valid", np.asarray(clips.valid)))
     row: dict[str, Any] = {}
-    for split, idx in splits:
+    for split, idx in (("test", test_idx), ("valid", valid_indices(clips))):
+        if not len(idx):
+            continue
         row[f"{split}_loss"], row[f"{split}_acc"] = evaluate(model, clips, idx, cfg.batch_size, CPU)
     return row
 

@@ -45,6 +45,7 @@ from .transfer import Teacher, start_from
 __all__ = [
     "build_ctc_model",
     "decode_split",
+    "score_splits",
     "load_speech_corpus",
     "load_speech_data",
     "train_speech",
@@ -149,12 +150,10 @@ def decode_split(
     device: torch.device,
     beam_size: int = 1,
     lm: Bigram | None = None,
-    lm_weight: float = 0.0,
-    lm_bonus: float = 0.0,
 ) -> tuple[float, float, list[list[str]], float]:
     """Mean CTC loss per utterance, error rate (PER or WER), the decoded tokens of each of
     ``idx`` (in its order) and, for character targets, the character error rate (NaN for
-    phones). ``lm``, ``lm_weight``, ``lm_bonus``: a language model for the beam search."""
+    phones). ``lm``: a language model for the beam search."""
     model.eval()
     loss_sum, refs, hyps = 0.0, [], []
     decoded: dict[int, list[str]] = {}
@@ -177,7 +176,7 @@ def decode_split(
             symbols = (
                 greedy_decode(scores[row], n)
                 if beam_size <= 1
-                else beam_search(scores[row], beam_size, n, lm, lm_weight, lm_bonus)
+                else beam_search(scores[row], beam_size, n, lm)
             )
             decoded[int(i)] = _scored(data, _hypothesis_tokens(data, symbols))
             hyps.append(decoded[int(i)])
@@ -187,6 +186,37 @@ def decode_split(
     if refs and data.corpus.unit == "char":
         chars = char_error_rate(refs, hyps)
     return loss_sum / max(len(idx), 1), rate, [decoded[int(i)] for i in idx], chars
+
+
+def score_splits(
+    model: CTCModel,
+    data: SpeechSet,
+    batch_size: int,
+    device: torch.device,
+    beam_size: int = 1,
+    lm: Bigram | None = None,
+    per_speaker: bool = False,
+) -> dict[str, Any]:
+    """``model``'s scores on the dev and test utterances (splits without any are left out):
+    ``{split}_loss``, ``{split}_per`` or ``{split}_wer`` (and ``{split}_cer`` for character
+    targets); with ``per_speaker`` also each speaker's own rate (``{split}_per_by_speaker``)."""
+    metric = data.metric
+    row: dict[str, Any] = {}
+    for split, idx in (("dev", data.dev), ("test", data.test)):
+        if not len(idx):
+            continue
+        loss, rate, hyps, chars = decode_split(model, data, idx, batch_size, device, beam_size, lm)
+        row[f"{split}_loss"], row[f"{split}_{metric}"] = loss, rate
+        if metric == "wer":
+            row[f"{split}_cer"] = chars
+        if per_speaker:  # (references, hypotheses) per speaker
+            pairs: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
+            for i, hyp in zip(idx, hyps, strict=True):
+                refs, found = pairs.setdefault(data.speakers[i], ([], []))
+                refs.append(_scored(data, data.refs[i]))
+                found.append(hyp)
+            row[f"{split}_{metric}_by_speaker"] = {s: error_rate(*pairs[s]) for s in sorted(pairs)}
+    return row
 
 
 @dataclass
@@ -204,7 +234,6 @@ class SpeechTask:
         if self.teacher is not None:
             self.stat_keys = ("loss_sum", "distill_sum")
         self.batches = _length_batches(self.data, self.data.train, self.cfg.batch_size)
-        self.metric = "per" if self.data.corpus.unit == "phone" else "wer"
         self.spec = feature_spec(self.cfg)
 
     def epoch_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
@@ -260,14 +289,9 @@ class SpeechTask:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": sums["loss_sum"] / len(data.train)}
         if "distill_sum" in sums:
             row["train_distill"] = sums["distill_sum"] / len(data.train)
-        for split, idx in (("dev", data.dev), ("test", data.test)):
-            if len(idx):
-                split_loss, rate, _, chars = decode_split(
-                    cast(CTCModel, model), data, idx, cfg.batch_size, self.device, cfg.beam_size
-                )
-                row[f"{split}_loss"], row[f"{split}_{self.metric}"] = split_loss, rate
-                if self.metric == "wer":
-                    row[f"{split}_cer"] = chars
+        row.update(
+            score_splits(cast(CTCModel, model), data, cfg.batch_size, self.device, cfg.beam_size)
+        )
         row.update(
             epoch_seconds=seconds,
             eval_seconds=time.perf_counter() - start_eval,
@@ -291,7 +315,7 @@ def train_speech(
     data = load_in_turn(d, lambda: load_speech_data(cfg))
     for path, reason in data.skipped:
         log.warning("skipped utterance %s: %s", path, reason)
-    metric = "per" if data.corpus.unit == "phone" else "wer"
+    metric = data.metric
     log.info(
         "%s: %d utterances (%d train, %d dev, %d test, %d skipped), %d symbols + blank, "
         "%d values per frame, loaded in %.1f s",

@@ -212,6 +212,13 @@ def split_indices(cfg: Config, clips: Data) -> tuple[np.ndarray, np.ndarray]:
     return stratified_split(clips.labels, cfg.test_fraction, cfg.seed)
 
 
+def valid_indices(clips: Data) -> np.ndarray:
+    """The validation samples: the spike and FSDD data sets' own split, none for the video."""
+    if isinstance(clips, (SpikeData, FSDDSplits)):
+        return np.asarray(clips.valid)
+    return np.zeros(0, dtype=np.int64)
+
+
 def to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 ``(b, t, h, w, 3)`` -> float ``(b, t, h*w*3)`` in [-1, 1] on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # (b, t, h, w, 3) uint8
@@ -497,9 +504,7 @@ def _train(cfg: Config, run_dir: Path, d: Dist, device_name: str, resume: bool) 
     for path, reason in clips.skipped:
         log.warning("skipped clip %s: %s", path, reason)
     train_idx, test_idx = split_indices(cfg, clips)
-    valid_idx = (
-        clips.valid if isinstance(clips, (SpikeData, FSDDSplits)) else np.zeros(0, dtype=np.int64)
-    )
+    valid_idx = valid_indices(clips)
     log.info(
         "%s: %d samples (%d train, %d validation, %d test, %d skipped), %d classes",
         cfg.dataset,

@@ -70,6 +70,11 @@ class SpeechSet:
         """Output symbols including the CTC blank (index 0)."""
         return len(self.corpus.vocabulary) + 1
 
+    @property
+    def metric(self) -> str:
+        """The error rate it is scored by: ``"per"`` for phone targets, ``"wer"`` otherwise."""
+        return "per" if self.corpus.unit == "phone" else "wer"
+
 
 def load_speech_set(
     corpus: SpeechCorpus,
