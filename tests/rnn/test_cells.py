@@ -235,17 +235,23 @@ def test_gru_sequence_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: gru_sequence(*a), args)
 
 
-@pytest.mark.parametrize("blocked_rows", [0, 10**9])
-def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, blocked_rows):
-    """Over more rows than the cost model's recurrent_grad_blocked_rows, W_hh's gradient is the
-    blocked weight_grad; otherwise one GEMM. Both give autograd's gradient."""
+@pytest.mark.parametrize("mm_rows", [0, 10**9])
+def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, mm_rows):
+    """Up to the cost model's recurrent_grad_mm_rows rows, W_hh's gradient runs on linear_nt
+    (oneDNN); over more, on torch.mm. Both give autograd's gradient."""
     from kcprnn.rnn import _fused_base as fused
 
-    model = CostModel().replace(recurrent_grad_blocked_rows=blocked_rows)
+    model = CostModel().replace(recurrent_grad_mm_rows=mm_rows)
     monkeypatch.setattr(fused, "default_cost_model", lambda: model)
     calls = []
-    real = fused.weight_grad
-    monkeypatch.setattr(fused, "weight_grad", lambda *a: calls.append(1) or real(*a))
+    real = fused.linear_nt
+    rows = 8  # steps * batch below: the weight gradient's inner dimension
+
+    def counting(a, b):
+        calls.extend([1] if a.shape[1] == rows else [])  # not a step's product
+        return real(a, b)
+
+    monkeypatch.setattr(fused, "linear_nt", counting)
     torch.manual_seed(4)
     b, h, steps = 2, 3, 4
     f64 = torch.float64
@@ -262,7 +268,7 @@ def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, bloc
     assert_same_values_and_gradients(
         gru_sequence(*gru_args), _gru_by_steps(*gru_args, False), gru_args
     )
-    assert len(calls) == (2 if blocked_rows == 0 else 0)  # one backward of each fused layer
+    assert len(calls) == (2 if mm_rows > 0 else 0)  # one backward of each fused layer
 
 
 # --- conversion from torch.nn and subclasses ---

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kcprnn
-from kcprnn._cpu import native, native_rnn
+from kcprnn._cpu import native, native_dense, native_rnn
 from kcprnn.rnn.fused import fused_sequence
 from kcprnn.rnn.kron import kron_apply, kron_terms
 
@@ -392,3 +392,107 @@ def test_kernel_product_in_any_factor_order(shapes):
         torch.testing.assert_close(
             native_rnn.kron_apply(x, args).double(), x.double() @ dense.T, **TOL
         )
+
+
+# --- a dense W_hh: each step's product on oneDNN (packed W_hh), the rest compiled ---
+
+
+def _dense_weight(mode: str, hidden: int) -> torch.Tensor:
+    return torch.randn(GATES[mode] * hidden, hidden, dtype=torch.float64) * 0.3
+
+
+@pytest.mark.parametrize(("mode", "nonlinearity"), KINDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("batch", "zero_state"), [(1, False), (16, True), (5, False)])
+def test_dense_steps_match_the_torch_loop(mode, nonlinearity, reverse, batch, zero_state, calls):
+    torch.manual_seed(0)
+    hidden = 13
+    w = _dense_weight(mode, hidden)
+    gx, bias, state = _inputs(mode, hidden, 7, batch, zero_state)
+    want = _run(mode, nonlinearity, gx, bias, state, [w], None, reverse)  # float64: torch
+    assert calls == []
+    f32 = [s.float() for s in state]
+    got = _run(mode, nonlinearity, gx.float(), bias.float(), f32, [w.float()], None, reverse)
+    assert calls == [f"{mode.lower()}_forward", f"{mode.lower()}_backward"]
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize(("mode", "nonlinearity"), KINDS)
+def test_dense_steps_unpacked_and_without_gradients_for_the_initial_state(
+    mode, nonlinearity, calls, monkeypatch
+):
+    """Where torch cannot pack the weight for oneDNN the steps' products run on
+    ``linear_nt`` (the same numbers up to rounding); without a gradient for the initial state
+    none reaches it."""
+    torch.manual_seed(2)
+    hidden = 9
+    w = _dense_weight(mode, hidden)
+    gx, _, state = _inputs(mode, hidden, 6, 4, False)
+    results = []
+    for dtype, pack in ((torch.float64, True), (torch.float32, True), (torch.float32, False)):
+        if not pack:
+            monkeypatch.setattr(native_dense, "_PACK", None)
+        x = gx.to(dtype).requires_grad_()
+        weight = w.to(dtype).requires_grad_()
+        st = tuple(s.to(dtype) for s in state)
+        out, final = fused_sequence(mode, x, st, [weight], None, False, None, nonlinearity)
+        loss = (out * out).sum() + final[-1].sum()
+        results.append([out, *final, *torch.autograd.grad(loss, [x, weight])])
+    assert calls == [f"{mode.lower()}_forward", f"{mode.lower()}_backward"] * 2
+    _assert_close(results[1], results[0])
+    _assert_close(results[2], results[0])
+
+
+def test_dense_args_pack_once_for_onednn(monkeypatch):
+    torch.manual_seed(3)
+    w = torch.randn(12, 5)
+    args = native_dense.DenseArgs(w)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(args.mul(x), x @ w.T)
+    assert (args._packed is not None) == (native_dense._PACK is not None)
+    torch.testing.assert_close(args.mul(x[:1]), x[:1] @ w.T)  # any rows after packing
+    monkeypatch.setattr(native_dense, "_PACK", None)
+    plain = native_dense.DenseArgs(w)
+    torch.testing.assert_close(plain.mul(x), x @ w.T)
+    assert plain._packed is None
+
+
+def _torch_name(name: str) -> str:
+    """kcprnn's ``cells.K.weight_ih.weight`` as torch.nn's ``weight_ih_lL[_reverse]`` (two
+    directions)."""
+    parts = name.split(".")
+    k = int(parts[1])
+    suffix = f"_l{k // 2}" + ("_reverse" if k % 2 else "")
+    return parts[2] + suffix
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_module_dense_route_matches_torch_nn(mode, calls):
+    """A bidirectional two-layer module with dense weights on the compiled dense loop (float32)
+    against torch.nn's module in float64 with the same weights: outputs, final states and the
+    gradients of the input, the initial state and every parameter."""
+    torch.manual_seed(4)
+    ref = getattr(torch.nn, mode)(6, 10, num_layers=2, bidirectional=True)
+    model = getattr(kcprnn, mode).from_torch(ref, format="dense")
+    ref.double()
+    model.recurrence = "dense"
+    x = torch.randn(9, 3, 6, dtype=torch.float64)
+    states = [torch.randn(4, 3, 10, dtype=torch.float64) for _ in range(2 if mode == "LSTM" else 1)]
+    results = []
+    for net, dtype in ((ref, torch.float64), (model, torch.float32)):
+        xs = x.to(dtype).requires_grad_()
+        st = [s.to(dtype).requires_grad_() for s in states]
+        out, final = net(xs, tuple(st) if mode == "LSTM" else st[0])
+        finals = list(final) if mode == "LSTM" else [final]
+        loss = (out * torch.linspace(-1, 1, 20, dtype=dtype)).sum()
+        loss = loss + sum((f * f).sum() for f in finals)
+        named = dict(net.named_parameters())
+        if net is model:
+            named = {_torch_name(k): v for k, v in named.items()}
+        names = sorted(named)
+        grads = torch.autograd.grad(loss, [xs, *st, *(named[k] for k in names)])
+        results.append([out, *finals, *grads])
+    assert names == sorted(n for n, _ in ref.named_parameters())
+    assert calls.count(f"{mode.lower()}_forward") == 4  # two layers, two directions
+    assert calls.count(f"{mode.lower()}_backward") == 4
+    _assert_close(results[1], results[0])

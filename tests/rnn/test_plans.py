@@ -170,7 +170,12 @@ def test_route_prices_by_hand():
     assert plan._input_costs(cells[0], rows, False, cm)[0] == pytest.approx(structured_input)
     dense_input = rebuild_ih + rows * 40 * g
     assert dense_input < structured_input
-    dense_price = dense_input + rebuild_hh + rows * 512 * g + steps * cm.rnn_fused_step
+    # the compiled dense loop: priced against torch's kernel for the recurrent work, plus its
+    # own per-step calls
+    recurrent = rows * 512 * g + steps * cm.rnn_torch_step
+    dense_price = (
+        dense_input + rebuild_hh + cm.rnn_dense_forward * recurrent + steps * cm.rnn_dense_step
+    )
     # the compiled loop: per step, per gate unit, and its products as the kernel runs them:
     # factors (8x8, 4x8, 4x8, 4x4) of 4 terms; the third runs expanded over its trailing axis
     # of 4 (4x the MACs), the last expanded over nothing and on scalars (8x)
@@ -206,8 +211,17 @@ def test_route_prices_by_hand():
         + loop
         + cm.rnn_native_backward_gemm * work_t
     )
+    dense_train = (
+        dense_input_train
+        + rebuild_hh
+        + back_hh
+        + cm.rnn_dense_forward * recurrent
+        + cm.rnn_dense_backward * (2 * rows * 512 * g + steps * cm.rnn_torch_step * 2.0)
+        + 2 * steps * cm.rnn_dense_step
+    )
     got = plan.layer_costs(cells, rows, steps, True, True, lean)
     assert got["torch"] == pytest.approx(torch_train, rel=1e-12)
+    assert got["dense"] == pytest.approx(dense_train, rel=1e-12)
     assert got["structured"] == pytest.approx(structured_train, rel=1e-12)
     # the factor gradients: the cheaper of the sweeps over all rows and the dense-first
     # contraction (one rows x 512 x 2048 GEMM, then the sweeps over the 512 rows of W_hh)
@@ -217,14 +231,19 @@ def test_route_prices_by_hand():
     grads = min(kron_grads_cost(shapes, rows), rows * 512 * g + kron_grads_cost(shapes, 512))
     full = plan.layer_costs(cells, rows, steps, True, True, cm)
     assert full["structured"] - got["structured"] == pytest.approx(cm.rnn_native_grads * grads)
-    # with it, training prices the structured loop above torch's kernel on the rebuilt weights
-    assert full["structured"] > full["torch"]
-    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
+    # with it, training prices the structured loop above torch's kernel on the rebuilt weights,
+    # and both above the compiled dense loop on them
+    assert full["dense"] < full["torch"] < full["structured"]
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "dense"
+    # below rnn_min_rows rows per step the dense loop is priced as the loop on torch ops
+    few = plan.layer_costs(cells, steps, steps, True, True, cm)
+    assert few["dense"] > few["torch"]
 
 
 def test_spikes_tt_input_product_prices_the_sweep():
     # SHD spikes (700 -> 256, T=250, B=16): TT's sweep over 700 inputs is slower than the
-    # rebuilt dense GEMM, so the layer stays on torch's kernel
+    # rebuilt dense GEMM, so the input product runs on W_ih rebuilt: torch's kernel without
+    # gradients, the compiled dense loop in training
     cell = kcprnn.LSTM(700, 256, format="tt", hidden_format="tt").cell(0)
     cm = CostModel()
     structured, dense = plan._input_costs(cell, 4000, True, cm)
@@ -232,11 +251,15 @@ def test_spikes_tt_input_product_prices_the_sweep():
         3 * cm.rnn_factorized_input * cell.weight_ih.macs(4000, training=True)
     )
     assert dense < structured
-    assert plan.choose_route("auto", [cell], 4000, 250, True, True) == "torch"
+    assert plan.choose_route("auto", [cell], 4000, 250, True, True) == "dense"
+    assert plan.input_is_dense(cell, 4000, True)
     assert plan.choose_route("auto", [cell], 4000, 250, True, False) == "torch"
 
 
-def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
+def test_gru_kernel_scales_torch_not_the_compiled_loop():
+    """torch's GRU kernel is priced at rnn_torch_gru times its LSTM's for the same work; the
+    compiled dense loop runs a GRU step at the LSTM's rate, so a dense GRU layer takes it with
+    and without gradients. Without oneDNN the loop on torch ops is scaled like torch's."""
     torch.manual_seed(0)
     cells = [kcprnn.GRU(40, 512, format="dense").cell(0)]
     cm = CostModel()
@@ -244,14 +267,19 @@ def test_gru_kernel_scales_torch_and_the_fused_loop_alike():
     once = rows * 40 * g + rows * 512 * g
     got = plan.layer_costs(cells, rows, steps, True, False, cm)
     assert got["torch"] == pytest.approx(cm.rnn_torch_gru * (once + steps * cm.rnn_torch_step))
-    fused = cm.rnn_torch_gru * (rows * 512 * g + steps * cm.rnn_fused_step)
-    assert got["dense"] == pytest.approx(rows * 40 * g + fused)
+    recurrent = rows * 512 * g + steps * cm.rnn_torch_step
+    compiled = cm.rnn_dense_forward * recurrent + steps * cm.rnn_dense_step
+    assert got["dense"] == pytest.approx(rows * 40 * g + compiled)
     train = plan.layer_costs(cells, rows, steps, True, True, cm)
     backward = 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
     assert train["torch"] - got["torch"] == pytest.approx(cm.rnn_torch_gru_backward * backward)
-    # dense weights: torch's kernel in both (the fused loop does the same per-step work)
-    assert plan.choose_route("auto", cells, rows, steps, True, True) == "torch"
-    assert plan.choose_route("auto", cells, rows, steps, True, False) == "torch"
+    assert plan.choose_route("auto", cells, rows, steps, True, True) == "dense"
+    assert plan.choose_route("auto", cells, rows, steps, True, False) == "dense"
+    plain = cm.replace(onednn=False)
+    fused = cm.rnn_torch_gru * (rows * 512 * g + steps * cm.rnn_fused_step)
+    got = plan.layer_costs(cells, rows, steps, True, False, plain)
+    assert got["dense"] == pytest.approx(rows * 40 * g + fused)
+    assert got["dense"] > got["torch"]
 
 
 def test_cell_step_choice_follows_cost_model_and_dtype(monkeypatch):

@@ -285,7 +285,7 @@ def test_options_per_layer():
     assert model.cell(0).weight_hh.in_features == 4
 
 
-def test_input_product_is_one_call_over_all_steps():
+def test_input_product_is_one_call_over_all_steps(monkeypatch):
     model = kcprnn.GRU(
         INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense", batch_first=True
     )
@@ -294,6 +294,13 @@ def test_input_product_is_one_call_over_all_steps():
     for cell in model.cells:
         cell.weight_ih.register_forward_hook(lambda m, a, o: calls["ih"].append(a[0].shape))
         cell.weight_hh.register_forward_hook(lambda m, a, o: calls["hh"].append(a[0].shape))
+    # the fused loops multiply a dense W_ih into a reused buffer (fused.input_projection)
+    real = kcprnn.rnn.recurrent.input_projection
+    monkeypatch.setattr(
+        kcprnn.rnn.recurrent,
+        "input_projection",
+        lambda x, w, b: calls["ih"].append(x.shape) or real(x, w, b),
+    )
     model(torch.randn(3, 7, INPUT))
     assert calls["ih"] == [(3, 7, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
     assert calls["hh"] == []  # equal lengths, dense W_hh: the fused layer multiplies it itself

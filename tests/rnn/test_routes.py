@@ -333,7 +333,9 @@ def test_recurrence_is_validated():
 def test_auto_routes_by_regime():
     speech = kcprnn.LSTM(40, 512, bidirectional=True, format="dense")
     cells = [speech.cell(0, d) for d in range(2)]
-    assert plan.choose_route("auto", cells, 4800, 300, True, True) == "torch"
+    # dense weights: the compiled dense loop in training, torch's kernel without gradients
+    assert plan.choose_route("auto", cells, 4800, 300, True, True) == "dense"
+    assert plan.choose_route("auto", cells, 4800, 300, True, False) == "torch"
     # the formats' small constructor ranks (KCP 1, TT 4), not the default budget's
     small = {"rank": 1, "hidden_options": {"rank": 1}}
     kcp = kcprnn.LSTM(40, 512, bidirectional=True, format="kcp", hidden_format="kcp", **small)

@@ -75,7 +75,7 @@ class CostModel:
     tucker_chunk_elements: int = 1 << 19  # Tucker/CP multiply larger inputs in chunks of rows
     ht_move: float = 8.0  # one element copied by an HT permutation
     ht_max_search: int = 5  # HT leaf orders searched exhaustively up to this many modes
-    recurrent_grad_blocked_rows: int = 4096  # W_hh's gradient over more rows runs blocked
+    recurrent_grad_mm_rows: int = 2048  # W_hh's gradient over more rows: one torch.mm, not oneDNN
 
     # --- recurrences (rnn) ---
     rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent
@@ -86,6 +86,12 @@ class CostModel:
     rnn_torch_rnn: float = 1.0  # the same for the Elman recurrences (tanh, relu), forward ...
     rnn_torch_rnn_backward: float = 1.0  # ... and backward
     rnn_fused_step: float = 5.5e6  # one step of kcprnn's fused LSTM/GRU/RNN loop, beyond its GEMM
+    rnn_dense_forward: float = 1.15  # the compiled dense loop (each step's product on oneDNN with
+    # W_hh packed, the rest in one compiled call: native_dense.py) over torch's LSTM kernel for
+    # the same recurrent work, any mode, forward ...
+    rnn_dense_backward: float = 0.65  # ... and backward (transposed products, one W_hh GEMM) ...
+    rnn_dense_step: float = 1.5e6  # ... plus this per step each way (two calls from Python); run
+    # from rnn_min_rows rows per step (below them its GEMM is a GEMV slower than torch's)
     rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
     rnn_native_step: float = 2.0e5  # one step of the compiled structured loop (native_rnn.cpp),
     # forward or backward, beyond its products and gate arithmetic

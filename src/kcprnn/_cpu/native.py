@@ -44,7 +44,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,6 +69,7 @@ SOURCES = (SOURCE, Path(__file__).with_name("native_rnn.cpp"))  # compiled into 
 HEADERS = (  # included by native_rnn.cpp
     Path(__file__).with_name("native_simd.h"),
     Path(__file__).with_name("native_kron.h"),
+    Path(__file__).with_name("native_cells.h"),
 )
 BUILD_TIMEOUT = 120.0  # seconds the compiler may run (``$KCPRNN_BUILD_TIMEOUT`` overrides)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -270,7 +270,10 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_int,  # sizes, strides, out
     ]
-    _declare_rnn(lib)
+    from . import native_dense, native_rnn  # they import this module: loaded by now
+
+    native_rnn.declare(lib)
+    native_dense.declare(lib)
     return lib
 
 
@@ -527,48 +530,6 @@ def tall_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
         threads,
     )
     return out
-
-
-# --- ctypes signatures of the whole recurrences (native_rnn.cpp; Python side in native_rnn.py) ---
-
-_P = ctypes.c_void_p
-_INT = ctypes.c_int
-_KRON = [_INT, _INT, _P, _P, _P, _P]  # factors, terms, sizes, matrix pointers, in/out index
-_RNN_SIGNATURES: dict[str, list] = {
-    # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, x_fm, reverse, skip_first
-    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 8, _INT, _INT],
-    # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, d_fm, dbias, reverse,
-    # need_h0
-    "kcprnn_lstm_backward": [_I64, _I64, _I64, *[_P] * 10, _INT, _INT],
-    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, x_fm, reverse, skip_first
-    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 7, _INT, _INT],
-    # steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, d_fm, dbias, reverse,
-    # need_h0
-    "kcprnn_gru_backward": [_I64, _I64, _I64, *[_P] * 11, _INT, _INT],
-    # steps, batch, hidden, gx, ldx, bias, hs, h0, x_fm, reverse, relu, skip_first
-    "kcprnn_rnn_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _INT],
-    # steps, batch, hidden, hs, grad_hs, dh, dpre, d_fm, dbias, reverse, relu, need_h0
-    "kcprnn_rnn_backward": [_I64, _I64, _I64, *[_P] * 6, _INT, _INT, _INT],
-    # rows, x, y
-    "kcprnn_kron_apply": [_I64, _P, _P],
-}
-
-
-def _declare_rnn(lib: ctypes.CDLL) -> None:
-    for name, argtypes in _RNN_SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn.argtypes = [*argtypes, *_KRON]
-    # the cell step (native_step.py): mode, hidden, in, W_ih's Kronecker sum, w_ih, b_ih, then
-    # W_hh's, w_hh, b_hh
-    lib.kcprnn_step_new.restype = _P
-    step_new: list[Any] = [_INT, _I64, _I64, *_KRON, _P, _P, *_KRON, _P, _P]
-    lib.kcprnn_step_new.argtypes = step_new
-    lib.kcprnn_step_free.restype = None
-    lib.kcprnn_step_free.argtypes = [_P]
-    # step, rows, x, ldx, gx, ldgx, h, c, h_out, c_out
-    lib.kcprnn_step.restype = None
-    lib.kcprnn_step.argtypes = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P]
 
 
 def main(argv: list[str] | None = None) -> int:

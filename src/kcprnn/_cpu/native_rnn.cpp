@@ -22,124 +22,10 @@
 // The vector types, activations and GEMM tiles are in native_simd.h. Built together with
 // native_tall.cpp and native_step.cpp into one library by kcprnn/_cpu/native.py.
 
+#include "native_cells.h"
 #include "native_kron.h"
 
 #define KRON(rows) Kron kron(n_factors, terms, sizes, mats, in_index, out_index, rows)
-
-// step t of the s-th iteration of a loop that runs forward (or backward in time for reverse)
-static inline i64 forward_step(i64 s, i64 steps, int reverse) {
-  return reverse ? steps - 1 - s : s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// per-row elementwise parts (separate functions so that __restrict lets GCC vectorize them)
-
-#define R __restrict
-
-// g[j] = x[j] (+ bias[j]) (+ a[index(j)] where a is given): a step's pre-activations from its
-// input projection, the bias and the natural outputs of the product
-static void pre_activation(i64 n, float* R g, const float* R x, const float* R bias,
-                           const float* R a, const int32_t* R oi) {
-  if (bias)
-    for (i64 j = 0; j < n; j++) g[j] = x[j] + bias[j];
-  else
-    for (i64 j = 0; j < n; j++) g[j] = x[j];
-  if (a && oi)
-    for (i64 j = 0; j < n; j++) g[j] += a[oi[j]];
-  else if (a)
-    for (i64 j = 0; j < n; j++) g[j] += a[j];
-}
-
-// g[j] += a[index(j)], the natural outputs of a product added to g
-static void add_product(i64 n, float* R g, const float* R a, const int32_t* R oi) {
-  if (oi)
-    for (i64 j = 0; j < n; j++) g[j] += a[oi[j]];
-  else
-    for (i64 j = 0; j < n; j++) g[j] += a[j];
-}
-
-// g[j] = a[index(j)]
-static void set_product(i64 n, float* R g, const float* R a, const int32_t* R oi) {
-  if (oi)
-    for (i64 j = 0; j < n; j++) g[j] = a[oi[j]];
-  else
-    for (i64 j = 0; j < n; j++) g[j] = a[j];
-}
-
-static void lstm_cell(i64 h, float* R g, const float* R cp, float* R c, float* R tc,
-                      float* R hn) {
-  for (i64 j = 0; j < 2 * h; j++) g[j] = sigmoid_(g[j]);
-  for (i64 j = 2 * h; j < 3 * h; j++) g[j] = tanh_(g[j]);
-  for (i64 j = 3 * h; j < 4 * h; j++) g[j] = sigmoid_(g[j]);
-  for (i64 k = 0; k < h; k++) {
-    float cv = g[h + k] * cp[k] + g[k] * g[2 * h + k];
-    c[k] = cv;
-    float tv = tanh_(cv);
-    tc[k] = tv;
-    hn[k] = g[3 * h + k] * tv;
-  }
-}
-
-// dh: the gradient of h (without grad_h's share, added here); dc: of c, replaced by c_prev's
-static void lstm_cell_back(i64 h, const float* R g, const float* R tc, const float* R cp,
-                           const float* R gh, const float* R dh, float* R dc, float* R d) {
-  for (i64 k = 0; k < h; k++) {
-    float i = g[k], f = g[h + k], gg = g[2 * h + k], o = g[3 * h + k];
-    float tv = tc[k];
-    float dhv = dh[k] + gh[k];
-    float dcv = dc[k] + dhv * o * (1.0f - tv * tv);
-    d[k] = dcv * gg * i * (1.0f - i);
-    d[h + k] = dcv * cp[k] * f * (1.0f - f);
-    d[2 * h + k] = dcv * i * (1.0f - gg * gg);
-    d[3 * h + k] = dhv * tv * o * (1.0f - o);
-    dc[k] = dcv * f;
-  }
-}
-
-static void gru_cell(i64 h, const float* R x, const float* R g, const float* R hp, float* R rz,
-                     float* R n, float* R hn) {
-  for (i64 j = 0; j < 2 * h; j++) rz[j] = sigmoid_(x[j] + g[j]);
-  for (i64 k = 0; k < h; k++) {
-    float nv = tanh_(x[2 * h + k] + rz[k] * g[2 * h + k]);
-    n[k] = nv;
-    hn[k] = nv + rz[h + k] * (hp[k] - nv);
-  }
-}
-
-// dh: the gradient of h, grad_h's share added here, replaced by z times it (the direct path)
-static void gru_cell_back(i64 h, const float* R rz, const float* R n, const float* R g,
-                          const float* R hp, const float* R gh, float* R dh, float* R dx,
-                          float* R dhh) {
-  for (i64 k = 0; k < h; k++) {
-    float r = rz[k], z = rz[h + k], nv = n[k];
-    float dhv = dh[k] + gh[k];
-    float dn = dhv * (1.0f - z) * (1.0f - nv * nv);
-    float dr = dn * g[2 * h + k] * r * (1.0f - r);
-    float dz = dhv * (hp[k] - nv) * z * (1.0f - z);
-    dx[k] = dr;
-    dx[h + k] = dz;
-    dx[2 * h + k] = dn;
-    dhh[k] = dr;
-    dhh[h + k] = dz;
-    dhh[2 * h + k] = dn * r;
-    dh[k] = dhv * z;
-  }
-}
-
-static void rnn_act(i64 n, float* R p, int relu) {
-  if (relu)
-    for (i64 j = 0; j < n; j++) p[j] = p[j] > 0.0f ? p[j] : 0.0f;
-  else
-    for (i64 j = 0; j < n; j++) p[j] = tanh_(p[j]);
-}
-
-static void rnn_back(i64 n, const float* R hs, const float* R dh, const float* R gh, float* R d,
-                     int relu) {
-  if (relu)
-    for (i64 j = 0; j < n; j++) d[j] = hs[j] > 0.0f ? dh[j] + gh[j] : 0.0f;
-  else
-    for (i64 j = 0; j < n; j++) d[j] = (dh[j] + gh[j]) * (1.0f - hs[j] * hs[j]);
-}
 
 // ---------------------------------------------------------------------------------------------
 // The optional outputs every sequence function takes for the factor gradients (computed by the
@@ -177,11 +63,6 @@ static void backward_product(Kron& kron, const float* d, float* d_fm, i64 t, boo
   }
 }
 
-static void add_rows(i64 rows, i64 n, const float* R d, float* R sum) {
-  for (i64 b = 0; b < rows; b++)
-    for (i64 j = 0; j < n; j++) sum[j] += d[b * n + j];
-}
-
 // ---------------------------------------------------------------------------------------------
 // LSTM: gates (t, b, 4h) in the order i, f, g, o
 
@@ -193,7 +74,7 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
                                     const float* c0, float* hs, float* cs, float* tcs,
                                     float* x_fm, int reverse, int skip_first, KRON_ARGS) {
   KRON(batch);
-  const i64 g4 = 4 * hidden, bh = batch * hidden;
+  const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
   const float* h = h0;
   const float* c = c0;
@@ -202,13 +83,8 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    for (i64 b = 0; b < batch; b++) {
-      float* g = gates + (t * batch + b) * g4;
-      const float* a = product ? kron.acc.data() + b * g4 : nullptr;
-      pre_activation(g4, g, gx + (t * batch + b) * ldx, bias, a, oi);
-      i64 o = t * bh + b * hidden;
-      lstm_cell(hidden, g, c + b * hidden, cs + o, tcs + o, hs + o);
-    }
+    lstm_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi,
+                      gates, c, hs, cs, tcs);
     h = hs + t * bh;
     c = cs + t * bh;
   }
@@ -223,20 +99,14 @@ extern "C" void kcprnn_lstm_backward(i64 steps, i64 batch, i64 hidden, const flo
                                      float* d_fm, float* dbias, int reverse, int need_h0,
                                      KRON_ARGS) {
   KRON(batch);
-  const i64 g4 = 4 * hidden, bh = batch * hidden;
+  const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(steps - 1 - s, steps, reverse);  // backward in time
     bool first = s == steps - 1;                           // the forward's first step
     i64 tp = reverse ? t + 1 : t - 1;                      // the step before t
-    const float* cprev = first ? c0 : cs + tp * bh;
-    float* d = dgates + t * batch * g4;
-    for (i64 b = 0; b < batch; b++) {
-      i64 o = t * bh + b * hidden, og = b * g4;
-      lstm_cell_back(hidden, acts + t * batch * g4 + og, tcs + o, cprev + b * hidden,
-                     grad_hs + o, dh + b * hidden, dc + b * hidden, d + og);
-    }
-    if (dbias) add_rows(batch, g4, d, dbias);
+    const float* d = lstm_backward_rows(t, batch, hidden, acts, tcs, first ? c0 : cs + tp * bh,
+                                        grad_hs, dh, dc, dgates, dbias);
     bool apply = !first || need_h0;
     backward_product(kron, d, d_fm, t, apply);
     if (apply)
@@ -256,7 +126,7 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
                                    float* ns, float* hs, float* x_fm, int reverse,
                                    int skip_first, KRON_ARGS) {
   KRON(batch);
-  const i64 g3 = 3 * hidden, bh = batch * hidden;
+  const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
   const float* h = h0;
   for (i64 s = 0; s < steps; s++) {
@@ -264,18 +134,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    for (i64 b = 0; b < batch; b++) {
-      i64 og = (t * batch + b) * g3, o = t * bh + b * hidden;
-      float* g = gh + og;
-      if (product)
-        set_product(g3, g, kron.acc.data() + b * g3, oi);
-      else
-        for (i64 j = 0; j < g3; j++) g[j] = 0.0f;
-      if (bias)
-        for (i64 j = 0; j < g3; j++) g[j] += bias[j];
-      gru_cell(hidden, gx + (t * batch + b) * ldx, g, h + b * hidden,
-               rz + (t * batch + b) * 2 * hidden, ns + o, hs + o);
-    }
+    gru_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi, h,
+                     gh, rz, ns, hs);
     h = hs + t * bh;
   }
 }
@@ -289,20 +149,14 @@ extern "C" void kcprnn_gru_backward(i64 steps, i64 batch, i64 hidden, const floa
                                     float* dgh, float* d_fm, float* dbias, int reverse,
                                     int need_h0, KRON_ARGS) {
   KRON(batch);
-  const i64 g3 = 3 * hidden, bh = batch * hidden;
+  const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(steps - 1 - s, steps, reverse);
     bool first = s == steps - 1;
     i64 tp = reverse ? t + 1 : t - 1;
-    const float* hprev = first ? h0 : hs + tp * bh;
-    for (i64 b = 0; b < batch; b++) {
-      i64 og = (t * batch + b) * g3, o = t * bh + b * hidden;
-      gru_cell_back(hidden, rz + (t * batch + b) * 2 * hidden, ns + o, gh + og,
-                    hprev + b * hidden, grad_hs + o, dh + b * hidden, dgx + og, dgh + og);
-    }
-    const float* d = dgh + t * batch * g3;
-    if (dbias) add_rows(batch, g3, d, dbias);
+    const float* d = gru_backward_rows(t, batch, hidden, rz, ns, gh, first ? h0 : hs + tp * bh,
+                                       grad_hs, dh, dgx, dgh, dbias);
     bool apply = !first || need_h0;
     backward_product(kron, d, d_fm, t, apply);
     if (apply)
@@ -328,12 +182,8 @@ extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    for (i64 b = 0; b < batch; b++) {
-      float* p = hs + t * bh + b * hidden;
-      const float* a = product ? kron.acc.data() + b * hidden : nullptr;
-      pre_activation(hidden, p, gx + (t * batch + b) * ldx, bias, a, oi);
-      rnn_act(hidden, p, relu);
-    }
+    rnn_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi, hs,
+                     relu);
     h = hs + t * bh;
   }
 }
@@ -345,20 +195,84 @@ extern "C" void kcprnn_rnn_backward(i64 steps, i64 batch, i64 hidden, const floa
                                     float* dbias, int reverse, int relu, int need_h0,
                                     KRON_ARGS) {
   KRON(batch);
-  const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(steps - 1 - s, steps, reverse);
     bool first = s == steps - 1;
-    float* d = dpre + t * bh;
-    rnn_back(bh, hs + t * bh, dh, grad_hs + t * bh, d, relu);
-    if (dbias) add_rows(batch, hidden, d, dbias);
+    const float* d = rnn_backward_rows(t, batch, hidden, hs, grad_hs, dh, dpre, dbias, relu);
     bool apply = !first || need_h0;
     backward_product(kron, d, d_fm, t, apply);
     if (apply)
       for (i64 b = 0; b < batch; b++)
         set_product(hidden, dh + b * hidden, kron.acc.data() + b * hidden, oi);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One iteration s of the loops above with a dense W_hh whose products the caller computes
+// between the calls (oneDNN's GEMM on a prepacked W_hh: kcprnn/_cpu/native_dense.py). Forward,
+// a = W_hh h of the state before the step (batch, gates), null where it is skipped (h0 zero).
+// Backward, a is the previous iteration's W_hh^T d (batch, hidden), null at the first (then dh
+// holds h_n's gradient): the LSTM and Elman steps read it as the step's dh, the GRU adds it to dh.
+
+static inline i64 previous_step(i64 s, i64 steps, int reverse) {  // of forward iteration s > 0
+  return forward_step(s - 1, steps, reverse);
+}
+
+extern "C" void kcprnn_lstm_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
+                                         i64 ldx, const float* bias, const float* a,
+                                         float* gates, const float* c0, float* hs, float* cs,
+                                         float* tcs, int reverse) {
+  const float* c = s == 0 ? c0 : cs + previous_step(s, steps, reverse) * batch * hidden;
+  lstm_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr,
+                    gates, c, hs, cs, tcs);
+}
+
+extern "C" void kcprnn_lstm_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,
+                                          const float* acts, const float* cs, const float* tcs,
+                                          const float* c0, const float* grad_hs, const float* a,
+                                          float* dh, float* dc, float* dgates, float* dbias,
+                                          int reverse) {
+  i64 f = steps - 1 - s;  // the forward iteration
+  const float* cprev = f == 0 ? c0 : cs + previous_step(f, steps, reverse) * batch * hidden;
+  lstm_backward_rows(forward_step(f, steps, reverse), batch, hidden, acts, tcs, cprev, grad_hs,
+                     a ? a : dh, dc, dgates, dbias);
+}
+
+extern "C" void kcprnn_gru_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
+                                        i64 ldx, const float* bias, const float* a,
+                                        const float* h0, float* gh, float* rz, float* ns,
+                                        float* hs, int reverse) {
+  const float* h = s == 0 ? h0 : hs + previous_step(s, steps, reverse) * batch * hidden;
+  gru_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr, h,
+                   gh, rz, ns, hs);
+}
+
+extern "C" void kcprnn_gru_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,
+                                         const float* rz, const float* ns, const float* gh,
+                                         const float* hs, const float* h0, const float* grad_hs,
+                                         const float* a, float* dh, float* dgx, float* dgh,
+                                         float* dbias, int reverse) {
+  i64 f = steps - 1 - s;
+  const float* hprev = f == 0 ? h0 : hs + previous_step(f, steps, reverse) * batch * hidden;
+  if (a)
+    for (i64 j = 0; j < batch * hidden; j++) dh[j] += a[j];
+  gru_backward_rows(forward_step(f, steps, reverse), batch, hidden, rz, ns, gh, hprev, grad_hs, dh,
+                    dgx, dgh, dbias);
+}
+
+extern "C" void kcprnn_rnn_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
+                                        i64 ldx, const float* bias, const float* a, float* hs,
+                                        int reverse, int relu) {
+  rnn_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr, hs,
+                   relu);
+}
+
+extern "C" void kcprnn_rnn_backward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* hs,
+                                         const float* grad_hs, const float* a, const float* dh,
+                                         float* dpre, float* dbias, int reverse, int relu) {
+  rnn_backward_rows(forward_step(steps - 1 - s, steps, reverse), batch, hidden, hs, grad_hs,
+                    a ? a : dh, dpre, dbias, relu);
 }
 
 // ---------------------------------------------------------------------------------------------

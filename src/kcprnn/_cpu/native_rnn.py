@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import native
+from . import native, native_dense
+from .native_dense import DenseArgs
 
 __all__ = [
     "KronArgs",
+    "declare",
     "gru_backward",
     "gru_forward",
     "kron_apply",
@@ -128,7 +131,7 @@ def _rows(name: str, gx: Tensor, rows: int, width: int) -> int:
     return gx.stride(0)
 
 
-def _check_kron(name: str, kron: KronArgs, in_features: int, out_features: int) -> None:
+def _check_kron(name: str, kron: KronArgs | DenseArgs, in_features: int, out_features: int) -> None:
     if (kron.in_features, kron.out_features) != (in_features, out_features):
         raise ValueError(
             f"{name}: the Kronecker sum maps {kron.in_features} -> {kron.out_features} "
@@ -147,7 +150,7 @@ def lstm_forward(
     tcs: Tensor,
     reverse: bool,
     skip_first: bool,
-    kron: KronArgs,
+    kron: KronArgs | DenseArgs,
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole LSTM direction over the input projections ``gx`` ``(t b, 4h)`` (time-major
@@ -176,6 +179,10 @@ def lstm_forward(
     )
     _check_kron("lstm_forward", kron, h, 4 * h)
     native._count((steps - int(skip_first)) * kron.macs(b))
+    if isinstance(kron, DenseArgs):
+        lstm = native_dense.lstm_forward
+        lstm(lib, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first, kron)
+        return
     lib.kcprnn_lstm_forward(
         steps,
         b,
@@ -207,7 +214,7 @@ def lstm_backward(
     dgates: Tensor,
     reverse: bool,
     need_h0: bool,
-    kron_t: KronArgs,
+    kron_t: KronArgs | DenseArgs,
     d_fm: Tensor | None = None,
     dbias: Tensor | None = None,
 ) -> None:
@@ -234,6 +241,10 @@ def lstm_backward(
     )
     _check_kron("lstm_backward", kron_t, 4 * h, h)
     native._count((steps - 1 + int(need_h0)) * kron_t.macs(b))
+    if isinstance(kron_t, DenseArgs):
+        args = (acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, reverse, need_h0, kron_t)
+        native_dense.lstm_backward(lib, *args)
+        return
     lib.kcprnn_lstm_backward(
         steps,
         b,
@@ -264,7 +275,7 @@ def gru_forward(
     hs: Tensor,
     reverse: bool,
     skip_first: bool,
-    kron: KronArgs,
+    kron: KronArgs | DenseArgs,
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole GRU direction over the input projections ``gx`` ``(t b, 3h)`` (time-major
@@ -290,6 +301,10 @@ def gru_forward(
     )
     _check_kron("gru_forward", kron, h, 3 * h)
     native._count((steps - int(skip_first)) * kron.macs(b))
+    if isinstance(kron, DenseArgs):
+        gru = native_dense.gru_forward
+        gru(lib, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip_first, kron)
+        return
     lib.kcprnn_gru_forward(
         steps,
         b,
@@ -321,7 +336,7 @@ def gru_backward(
     dgh: Tensor,
     reverse: bool,
     need_h0: bool,
-    kron_t: KronArgs,
+    kron_t: KronArgs | DenseArgs,
     d_fm: Tensor | None = None,
     dbias: Tensor | None = None,
 ) -> None:
@@ -347,6 +362,10 @@ def gru_backward(
     )
     _check_kron("gru_backward", kron_t, 3 * h, h)
     native._count((steps - 1 + int(need_h0)) * kron_t.macs(b))
+    if isinstance(kron_t, DenseArgs):
+        args = (rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, dbias, reverse, need_h0, kron_t)
+        native_dense.gru_backward(lib, *args)
+        return
     lib.kcprnn_gru_backward(
         steps,
         b,
@@ -376,7 +395,7 @@ def rnn_forward(
     reverse: bool,
     relu: bool,
     skip_first: bool,
-    kron: KronArgs,
+    kron: KronArgs | DenseArgs,
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole Elman direction over the input projections ``gx`` ``(t b, h)`` (time-major rows
@@ -397,6 +416,9 @@ def rnn_forward(
     )
     _check_kron("rnn_forward", kron, h, h)
     native._count((steps - int(skip_first)) * kron.macs(b))
+    if isinstance(kron, DenseArgs):
+        native_dense.rnn_forward(lib, gx, ldx, bias, hs, h0, reverse, relu, skip_first, kron)
+        return
     lib.kcprnn_rnn_forward(
         steps,
         b,
@@ -422,7 +444,7 @@ def rnn_backward(
     reverse: bool,
     relu: bool,
     need_h0: bool,
-    kron_t: KronArgs,
+    kron_t: KronArgs | DenseArgs,
     d_fm: Tensor | None = None,
     dbias: Tensor | None = None,
 ) -> None:
@@ -445,6 +467,10 @@ def rnn_backward(
     )
     _check_kron("rnn_backward", kron_t, h, h)
     native._count((steps - 1 + int(need_h0)) * kron_t.macs(b))
+    if isinstance(kron_t, DenseArgs):
+        args = (hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, kron_t)
+        native_dense.rnn_backward(lib, *args)
+        return
     lib.kcprnn_rnn_backward(
         steps,
         b,
@@ -472,3 +498,46 @@ def kron_apply(x: Tensor, kron: KronArgs) -> Tensor:
     native._count(kron.macs(x.shape[0]))
     lib.kcprnn_kron_apply(x.shape[0], x.data_ptr(), out.data_ptr(), *kron.args())
     return out
+
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+_INT = ctypes.c_int
+_KRON = [_INT, _INT, _P, _P, _P, _P]  # factors, terms, sizes, matrix pointers, in/out index
+_RNN_SIGNATURES: dict[str, list] = {
+    # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, x_fm, reverse, skip_first
+    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 8, _INT, _INT],
+    # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, d_fm, dbias, reverse,
+    # need_h0
+    "kcprnn_lstm_backward": [_I64, _I64, _I64, *[_P] * 10, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, x_fm, reverse, skip_first
+    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 7, _INT, _INT],
+    # steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, d_fm, dbias, reverse,
+    # need_h0
+    "kcprnn_gru_backward": [_I64, _I64, _I64, *[_P] * 11, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, hs, h0, x_fm, reverse, relu, skip_first
+    "kcprnn_rnn_forward": [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _INT],
+    # steps, batch, hidden, hs, grad_hs, dh, dpre, d_fm, dbias, reverse, relu, need_h0
+    "kcprnn_rnn_backward": [_I64, _I64, _I64, *[_P] * 6, _INT, _INT, _INT],
+    # rows, x, y
+    "kcprnn_kron_apply": [_I64, _P, _P],
+}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Declare the ctypes signatures of the recurrences and the cell step on the loaded
+    library."""
+    for name, argtypes in _RNN_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [*argtypes, *_KRON]
+    # the cell step (native_step.py): mode, hidden, in, W_ih's Kronecker sum, w_ih, b_ih, then
+    # W_hh's, w_hh, b_hh
+    lib.kcprnn_step_new.restype = _P
+    step_new: list[Any] = [_INT, _I64, _I64, *_KRON, _P, _P, *_KRON, _P, _P]
+    lib.kcprnn_step_new.argtypes = step_new
+    lib.kcprnn_step_free.restype = None
+    lib.kcprnn_step_free.argtypes = [_P]
+    # step, rows, x, ldx, gx, ldgx, h, c, h_out, c_out
+    lib.kcprnn_step.restype = None
+    lib.kcprnn_step.argtypes = [_P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P]

@@ -12,19 +12,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._cpu import default_cost_model, native, native_rnn
-from .._cpu.ops import linear_nt, weight_grad
+from .._cpu import default_cost_model, native, native_dense, native_rnn
+from .._cpu.ops import linear_nt
 from ._buffers import pooled_empty, scratch
 from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
 
 
 def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
     """``grad.T @ h_prev``: ``(n, g)``, ``(n, h)`` -> ``(g, h)``, the recurrent weight's gradient
-    over all steps: one GEMM (:func:`~kcprnn._cpu.ops.linear_nt`), or the blocked
-    :func:`~kcprnn._cpu.ops.weight_grad` over more rows than the cost model's
-    ``recurrent_grad_blocked_rows``."""
-    if grad.shape[0] > default_cost_model().recurrent_grad_blocked_rows:
-        return weight_grad(grad, h_prev)  # (g, h)
+    over all steps in one GEMM: oneDNN's (:func:`~kcprnn._cpu.ops.linear_nt`), or torch's
+    ``mm`` over more rows than the cost model's ``recurrent_grad_mm_rows`` (faster there)."""
+    if grad.shape[0] > default_cost_model().recurrent_grad_mm_rows:
+        return grad.t().mm(h_prev)  # (g, h)
     return linear_nt(grad.t(), h_prev.t())  # (g, h)
 
 
@@ -34,11 +33,30 @@ def _is_zero(h: Tensor) -> bool:
     return h.device.type == "cpu" and not bool(h.any())
 
 
+def _native_ok(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and (
+        native.available()
+    )
+
+
 class _Dense:
     """The recurrent products with a dense ``W_hh`` ``(g, h)``."""
 
     def __init__(self, weights: Sequence[Tensor]) -> None:
         (self.weight,) = weights
+
+    def compiled(self, *tensors: Tensor) -> bool:
+        """Whether the compiled recurrence steps run with ``tensors`` (as :meth:`_Kron.compiled`),
+        each step's product on oneDNN (:class:`~kcprnn._cpu.native_dense.DenseArgs`)."""
+        return _native_ok(self.weight, *tensors)
+
+    def args(self) -> native_dense.DenseArgs:
+        """``W`` for the compiled steps."""
+        return native_dense.DenseArgs(self.weight)
+
+    def args_t(self) -> native_dense.DenseArgs:
+        """``W.T`` for the compiled steps."""
+        return native_dense.DenseArgs(self.weight.t())
 
     def add_(self, out: Tensor, h: Tensor) -> Tensor:
         """``out += h @ W.T`` in place; ``out`` ``(b, g)``."""
@@ -71,10 +89,7 @@ class _Kron:
     def compiled(self, *tensors: Tensor) -> bool:
         """Whether the compiled recurrence kernels run this product with ``tensors``: all
         float32 on the CPU, and the kernels built."""
-        return (
-            all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (*self.mats, *tensors))
-            and native.available()
-        )
+        return _native_ok(*self.mats, *tensors)
 
     def args(self) -> native_rnn.KronArgs:
         """``W`` for the compiled kernels."""
@@ -155,10 +170,27 @@ def _native_backward_buffers(
     return d_fm, dbias
 
 
-def _native_weight_grads(ctx, d_fm: Tensor | None, needs: Sequence[bool]) -> list[Tensor | None]:
+def _native_weight_grads(
+    ctx, d_fm: Tensor | None, needs: Sequence[bool], grad: Tensor, h0: Tensor, hs: Tensor
+) -> list[Tensor | None]:
+    """The recurrent weights' gradients after a compiled backward: a Kronecker sum's from the
+    factor-major rows ``d_fm`` and ``ctx.x_fm``; a dense ``W_hh``'s from all steps' gradients
+    ``grad`` ``(t, b, g)`` and the states before every step (``h0``, ``hs`` ``(t, b, h)``)."""
+    if isinstance(ctx.prod, _Dense):
+        if not any(needs):
+            return [None] * len(needs)
+        n = grad.shape[0] * grad.shape[1]
+        h_prev = _previous(hs, h0, ctx.reverse).view(n, hs.shape[2])  # (n, h)
+        return ctx.prod.grads(grad.view(n, grad.shape[2]), h_prev, needs)
     if d_fm is None:
         return [None] * len(needs)
     return ctx.prod.grads_fm(d_fm, ctx.x_fm, needs)
+
+
+def _factor_rows(prod: _Dense | _Kron, like: Tensor, needs: Sequence[bool]) -> Tensor | None:
+    """For a compiled forward: the buffer ``like`` ``(t, b, h)`` receives the state before every
+    step in factor-major order, where a Kronecker sum's factor gradients are wanted."""
+    return _empty(like, *like.shape) if isinstance(prod, _Kron) and any(needs) else None
 
 
 def _empty(like: Tensor, *shape: int) -> Tensor:

@@ -14,9 +14,9 @@ from torch import Tensor
 from .._cpu import native_rnn
 from ._fused_base import (
     _empty,
+    _factor_rows,
     _fresh,
     _is_zero,
-    _Kron,
     _native_backward_buffers,
     _native_weight_grads,
     _previous,
@@ -45,18 +45,17 @@ class _GRUSequence(torch.autograd.Function):
         steps = gates_x.shape[0] // b if b else 0
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, *_some(bias))
+        ctx.native = prod.compiled(gates_x, h0, *_some(bias))
         new = _empty if ctx.native else lambda like, *shape: like.new_empty(shape)
         gh = new(gates_x, steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
         rz = new(gates_x, steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
         ns = new(gates_x, steps, b, hidden)  # (t, b, h)
         hs = new(gates_x, steps, b, hidden)  # (t, b, h)
         if ctx.native:
-            assert isinstance(prod, _Kron)
             h0 = h0.contiguous()
             bias = None if bias is None else bias.contiguous()
             skip = _is_zero(h0)
-            ctx.x_fm = _empty(hs, *hs.shape) if any(ctx.needs_input_grad[5:]) else None
+            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[5:])
             native_rnn.gru_forward(
                 _rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args(), ctx.x_fm
             )
@@ -110,7 +109,7 @@ class _GRUSequence(torch.autograd.Function):
                 d_fm,
                 dbias,
             )
-            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[5:])
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[5:], dgh, h0, hs)
             return _gru_grads(ctx, dgx, grad_w, dbias, dh)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
@@ -168,14 +167,13 @@ class _RNNSequence(torch.autograd.Function):
         steps = gates_x.shape[0] // b if b else 0
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, *_some(bias))
+        ctx.native = prod.compiled(gates_x, h0, *_some(bias))
         if ctx.native:
-            assert isinstance(prod, _Kron)
             h0 = h0.contiguous()
             bias = None if bias is None else bias.contiguous()
             hs = _empty(gates_x, steps, b, hidden)  # (t, b, h)
             skip = _is_zero(h0)
-            ctx.x_fm = _empty(hs, *hs.shape) if any(ctx.needs_input_grad[6:]) else None
+            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[6:])
             native_rnn.rnn_forward(
                 _rows(gates_x), bias, hs, h0, reverse, relu, skip, prod.args(), ctx.x_fm
             )
@@ -218,7 +216,7 @@ class _RNNSequence(torch.autograd.Function):
                 d_fm,
                 grad_bias,
             )
-            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:], dpre, h0, hs)
         else:
             deriv = (hs > 0).to(hs.dtype) if ctx.relu else 1 - hs * hs  # (t, b, h)
             dh = grad_hn.clone()  # (b, h)

@@ -35,6 +35,7 @@ from ._buffers import pooled_empty, release_buffers
 from ._fused_base import (
     _Dense,
     _empty,
+    _factor_rows,
     _fresh,
     _is_zero,
     _Kron,
@@ -101,14 +102,13 @@ class _LSTMSequence(torch.autograd.Function):
         steps = gates_x.shape[0] // b if b else 0
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         prod = _product(spec, weights)
-        ctx.native = isinstance(prod, _Kron) and prod.compiled(gates_x, h0, c0, *_some(bias))
+        ctx.native = prod.compiled(gates_x, h0, c0, *_some(bias))
         if ctx.native:
-            assert isinstance(prod, _Kron)
             h0, c0, gx = h0.contiguous(), c0.contiguous(), _rows(gates_x)
             acts = _empty(gx, steps, b, 4 * hidden)  # (t, b, 4h)
             hs, cs, tcs = (_empty(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
             skip = _is_zero(h0)
-            ctx.x_fm = _empty(gx, steps, b, hidden) if any(ctx.needs_input_grad[6:]) else None
+            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[6:])
             native_rnn.lstm_forward(
                 gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), ctx.x_fm
             )
@@ -153,7 +153,7 @@ class _LSTMSequence(torch.autograd.Function):
                 d_fm,
                 dbias,
             )
-            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:])
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:], dgates, h0, hs)
             return _lstm_grads(ctx, dgates, grad_w, dbias, dh, dc)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         c_prev = _previous(cs, c0, reverse)  # (t, b, h)

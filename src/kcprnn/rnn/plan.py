@@ -178,12 +178,20 @@ def layer_costs(
                 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
             )
         ih = min(_input_costs(c, rows, training, cm))
-        fused = recurrent_once + steps * cm.rnn_fused_step  # kcprnn's fused loop, one pass
-        if training:
-            fused_backward = 2 * recurrent_once + steps * cm.rnn_fused_step * cm.rnn_step_backward
-            fused = scale * fused + scale_backward * fused_backward
-        else:
-            fused = scale * fused
+        if cm.kernels and cm.onednn and rows >= steps * cm.rnn_min_rows:
+            # the compiled dense loop, priced against torch's LSTM kernel plus its own steps
+            torch_like = recurrent_once + steps * cm.rnn_torch_step
+            fused = cm.rnn_dense_forward * torch_like + steps * cm.rnn_dense_step
+            if training:
+                backward = 2 * recurrent_once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+                fused += cm.rnn_dense_backward * backward + steps * cm.rnn_dense_step
+        else:  # kcprnn's fused loop on torch ops, one pass
+            fused = recurrent_once + steps * cm.rnn_fused_step
+            if training:
+                backward = 2 * recurrent_once + steps * cm.rnn_fused_step * cm.rnn_step_backward
+                fused = scale * fused + scale_backward * backward
+            else:
+                fused = scale * fused
         costs["dense"] += ih + _rebuild(hh, training, cm) + fused
         kron = kron_layout_cached(hh)
         if kron is None:

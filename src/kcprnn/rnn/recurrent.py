@@ -320,7 +320,8 @@ class RNNBase(nn.Module):
                         outs.append(out)  # (n, p)
                         finals.append(final)
                         continue
-                    if dense_inputs[direction]:
+                    dense_ih = cell.weight_ih.format_name == "dense" and not compiling
+                    if dense_inputs[direction] or dense_ih:
                         # (g, i), once per call; kept between calls without gradients
                         w_ih = cell._kept_weight("dense_ih", dense_weight, cell.weight_ih)
                         gates_x = input_projection(layer_input, w_ih, bias)  # (n, g) or 3-D

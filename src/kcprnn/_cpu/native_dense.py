@@ -1,0 +1,203 @@
+"""The compiled recurrences of :mod:`kcprnn._cpu.native_rnn` with a dense hidden-to-hidden
+matrix: each step's product ``W_hh h`` runs on oneDNN's inner product with ``W_hh`` packed once
+per call (:class:`DenseArgs`), and the rest of the step (the gate arithmetic of every row, the
+bias, the bias gradient) in one call of the compiled step (``kcprnn_*_step`` in
+``native_rnn.cpp``), two calls per step in all instead of about a dozen torch operations.
+
+On this kind of CPU (AVX-512 without Intel's MKL fast path) the packed product is the fastest
+GEMM torch ships for ``(16, 512) @ (512, 2048)``: about 0.32 ms against 0.42 ms for oneDNN on
+the unpacked weight and 0.46 ms for MKL (``benchmarks/results/recurrence/dense-loop/``).
+
+The loops take the checked tensors from :mod:`kcprnn._cpu.native_rnn`'s functions, which call
+them when their ``kron`` argument is a :class:`DenseArgs`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .ops import linear_nt
+
+__all__ = ["DenseArgs", "declare"]
+
+_PACK: Any
+_PACKED_LINEAR: Any
+try:  # oneDNN's weight packing and its fp32 inner product on the packed weight
+    _PACK = torch.ops.mkldnn._reorder_linear_weight
+    _PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise
+except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+    _PACK = _PACKED_LINEAR = None
+
+
+class DenseArgs:
+    """A dense ``W`` ``(out, in)`` as the recurrence loops take it: :meth:`mul` computes
+    ``x @ W.T`` on ``W`` packed for oneDNN at the first call (for its number of rows) where
+    torch can (float32 on the CPU with oneDNN enabled), else on
+    :func:`~kcprnn._cpu.ops.linear_nt`."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight.detach()
+        self.out_features, self.in_features = self.weight.shape
+        self._packed: Tensor | None = None
+        self._pack = (
+            _PACK is not None
+            and bool(torch.backends.mkldnn.enabled)
+            and self.weight.dtype == torch.float32
+            and self.weight.device.type == "cpu"
+        )
+
+    def mul(self, x: Tensor) -> Tensor:
+        """``x @ W.T``: ``(m, in)`` -> ``(m, out)``, a new contiguous tensor."""
+        if self._pack and self._packed is None:
+            try:
+                self._packed = _PACK(self.weight.contiguous(), max(x.shape[0], 1))
+            except RuntimeError:  # pragma: no cover - a build whose packing refuses the shape
+                self._pack = False
+        if self._packed is not None:
+            return _PACKED_LINEAR(x, self._packed, None, "none", [], "")  # (m, out)
+        return linear_nt(x, self.weight).contiguous()  # (m, out)
+
+    def macs(self, rows: int) -> int:
+        """Multiply-accumulates of one product over ``rows`` rows."""
+        return rows * self.in_features * self.out_features
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _backward_products(
+    step: Callable[[int, int | None], None],
+    steps: int,
+    need_h0: bool,
+    mul: Callable[[Tensor], Tensor],
+    grads: Callable[[int], Tensor],
+) -> Tensor | None:
+    """Run a backward loop: ``step(s, a)`` for every iteration ``s`` with ``a`` the previous
+    iteration's ``mul(grads(t))`` (a pointer, ``None`` at the first); returns the last product
+    (the gradient reaching ``h0``) when ``need_h0``, else ``None``."""
+    a: Tensor | None = None
+    for s in range(steps):
+        step(s, _p(a))
+        if s < steps - 1 or need_h0:
+            a = mul(grads(s))
+    return a if need_h0 and steps else None
+
+
+def _time(steps: int, reverse: bool) -> Callable[[int], int]:
+    """The time index of forward iteration ``s``."""
+    return (lambda s: steps - 1 - s) if reverse else (lambda s: s)
+
+
+def lstm_forward(lib, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w) -> None:
+    """:func:`kcprnn._cpu.native_rnn.lstm_forward` with a dense ``W_hh`` ``w``."""
+    steps, b, h = hs.shape
+    step, at = lib.kcprnn_lstm_forward_step, _time(steps, reverse)
+    fixed = (gates.data_ptr(), c0.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr())
+    state = h0
+    for s in range(steps):
+        a = None if s == 0 and skip else w.mul(state)  # (b, 4h)
+        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed, int(reverse))
+        state = hs[at(s)]
+
+
+def lstm_backward(lib, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, reverse, need_h0, w_t):
+    """:func:`kcprnn._cpu.native_rnn.lstm_backward` with a dense ``W_hh.T`` ``w_t``."""
+    steps, b, h = cs.shape
+    fixed = (acts, cs, tcs, c0, grad_hs)
+    ptrs = [t.data_ptr() for t in fixed]
+    tail = (dh.data_ptr(), dc.data_ptr(), dgates.data_ptr(), _p(dbias), int(reverse))
+
+    def step(s: int, a: int | None) -> None:
+        lib.kcprnn_lstm_backward_step(s, steps, b, h, *ptrs, a, *tail)
+
+    at = _time(steps, reverse)
+    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dgates[at(steps - 1 - s)])
+    if last is not None:
+        dh.copy_(last)
+
+
+def gru_forward(lib, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip, w) -> None:
+    """:func:`kcprnn._cpu.native_rnn.gru_forward` with a dense ``W_hh`` ``w``."""
+    steps, b, h = hs.shape
+    step, at = lib.kcprnn_gru_forward_step, _time(steps, reverse)
+    fixed = (h0.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr())
+    state = h0
+    for s in range(steps):
+        a = None if s == 0 and skip else w.mul(state)  # (b, 3h)
+        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed, int(reverse))
+        state = hs[at(s)]
+
+
+def gru_backward(lib, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, dbias, reverse, need_h0, w_t):
+    """:func:`kcprnn._cpu.native_rnn.gru_backward` with a dense ``W_hh.T`` ``w_t``."""
+    steps, b, h = hs.shape
+    ptrs = [t.data_ptr() for t in (rz, ns, gh, hs, h0, grad_hs)]
+    tail = (dh.data_ptr(), dgx.data_ptr(), dgh.data_ptr(), _p(dbias), int(reverse))
+
+    def step(s: int, a: int | None) -> None:
+        lib.kcprnn_gru_backward_step(s, steps, b, h, *ptrs, a, *tail)
+
+    at = _time(steps, reverse)
+    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dgh[at(steps - 1 - s)])
+    if last is not None:
+        dh.add_(last)
+
+
+def rnn_forward(lib, gx, ldx, bias, hs, h0, reverse, relu, skip, w) -> None:
+    """:func:`kcprnn._cpu.native_rnn.rnn_forward` with a dense ``W_hh`` ``w``."""
+    steps, b, h = hs.shape
+    step, at = lib.kcprnn_rnn_forward_step, _time(steps, reverse)
+    fixed = (hs.data_ptr(), int(reverse), int(relu))
+    state = h0
+    for s in range(steps):
+        a = None if s == 0 and skip else w.mul(state)  # (b, h)
+        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed)
+        state = hs[at(s)]
+
+
+def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t) -> None:
+    """:func:`kcprnn._cpu.native_rnn.rnn_backward` with a dense ``W_hh.T`` ``w_t``."""
+    steps, b, h = hs.shape
+    ptrs = (hs.data_ptr(), grad_hs.data_ptr())
+    tail = (dh.data_ptr(), dpre.data_ptr(), _p(dbias), int(reverse), int(relu))
+
+    def step(s: int, a: int | None) -> None:
+        lib.kcprnn_rnn_backward_step(s, steps, b, h, *ptrs, a, *tail)
+
+    at = _time(steps, reverse)
+    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dpre[at(steps - 1 - s)])
+    if last is not None:
+        dh.copy_(last)
+
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_SIGNATURES: dict[str, list] = {
+    # s, steps, batch, hidden, gx, ldx, bias, a, gates, c0, hs, cs, tcs, reverse
+    "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, acts, cs, tcs, c0, grad_hs, a, dh, dc, dgates, dbias, reverse
+    "kcprnn_lstm_backward_step": [*[_I64] * 4, *[_P] * 10, _INT],
+    # s, steps, batch, hidden, gx, ldx, bias, a, h0, gh, rz, ns, hs, reverse
+    "kcprnn_gru_forward_step": [*[_I64] * 4, _P, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, a, dh, dgx, dgh, dbias, reverse
+    "kcprnn_gru_backward_step": [*[_I64] * 4, *[_P] * 11, _INT],
+    # s, steps, batch, hidden, gx, ldx, bias, a, hs, reverse, relu
+    "kcprnn_rnn_forward_step": [*[_I64] * 4, _P, _I64, _P, _P, _P, _INT, _INT],
+    # s, steps, batch, hidden, hs, grad_hs, a, dh, dpre, dbias, reverse, relu
+    "kcprnn_rnn_backward_step": [*[_I64] * 4, *[_P] * 6, _INT, _INT],
+}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Declare the step functions' ctypes signatures on the loaded library."""
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = argtypes
