@@ -559,16 +559,21 @@ def test_dynamic_batch_matches_eager():
             torch.testing.assert_close(a, r, **TOL)
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize(
     ("reverse", "zero_state", "bias"), [(False, True, False), (True, False, True)]
 )
-def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(reverse, zero_state, bias, monkeypatch):
-    """The LSTM recurrence inside ``kcprnn::layer_kcp`` (its own loops, no
-    ``autograd.Function``) gives exactly the fused recurrence's outputs and gradients in
-    float32 when that runs on torch ops (the same operations in the same order; the compiled
-    steps compute the activations their own way), forward and reverse, from a zero and a
-    nonzero initial state, with and without ``b_hh``."""
-    monkeypatch.setattr(kcprnn.rnn._fused_base, "_native_ok", lambda *tensors: False)
+def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
+    reverse, zero_state, bias, native, monkeypatch
+):
+    """The LSTM recurrence inside ``kcprnn::layer_kcp`` (no ``autograd.Function``) gives
+    exactly the fused recurrence's outputs and gradients in float32, both on torch ops (the
+    same operations in the same order) and on the compiled steps, forward and reverse, from a
+    zero and a nonzero initial state, with and without ``b_hh``."""
+    if not native:
+        monkeypatch.setattr(kcprnn.rnn._fused_base, "_native_ok", lambda *tensors: False)
+    elif not kcprnn._cpu.native.available():
+        pytest.skip("the compiled kernel cannot be built")
     torch.manual_seed(0)
     t, b, h = 4, 3, 8
     gates = torch.randn(t * b, 4 * h)
@@ -585,6 +590,7 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(reverse, zero_state, bi
     ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads)
 
     run = _compile_lstm._LSTMRun(gates.clone(), *state, bias_hh, weight, reverse, False, False)
+    assert run.native == native
     needs = [True, True, True, True, True, bias, True]
     dgates, dh0, dc0, dbias, dweight = run.backward(*grads, needs)
     assert torch.equal(run.hs.view(t * b, h), ref_out)

@@ -14,6 +14,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ._cpu import native_rnn
+from .rnn import _fused_base
+from .rnn._fused_base import _Dense, _fresh, _is_zero
+
 __all__: list[str] = []
 
 
@@ -59,8 +63,6 @@ def _lstm_steps(
     """:func:`~kcprnn.rnn.fused._lstm_forward`'s operations in its order (the same numbers),
     with every step's views of the buffers taken once for the whole sequence (``unbind``)
     instead of indexed at each step."""
-    from .rnn._fused_base import _is_zero
-
     steps, b, four_h = gates.shape
     hidden = four_h // 4
     hs = gates.new_empty(steps, b, hidden)  # (t, b, h)
@@ -165,8 +167,20 @@ class _LSTMRun:
                 view = view.clone()
         steps = view.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        self.prod = cast(Any, _DenseProduct(weight))  # as a _Dense: its add_ and back
-        self.hs, self.cs, self.tcs, self.acts = _lstm_steps(view, h0, c0, self.prod, order)
+        self.native = _fused_base._native_ok(weight, view, h0, c0)
+        if self.native:  # the eager fused recurrence's compiled steps (fused.py)
+            h0, c0 = h0.contiguous(), c0.contiguous()
+            self.acts = torch.empty_like(view)  # (t, b, 4h)
+            self.hs, self.cs, self.tcs = (view.new_empty(steps, b, g // 4) for _ in range(3))
+            skip = _is_zero(h0)
+            self.prod = _Dense([weight])
+            native_rnn.lstm_forward(
+                view.view(-1, g), None, self.acts, h0, c0, self.hs, self.cs, self.tcs,
+                reverse, skip, self.prod.args(),
+            )  # fmt: skip
+        else:
+            self.prod = cast(Any, _DenseProduct(weight))  # as a _Dense: its add_ and back
+            self.hs, self.cs, self.tcs, self.acts = _lstm_steps(view, h0, c0, self.prod, order)
         self.h0, self.c0, self.reverse, self.batch_major = h0, c0, reverse, batch_major
         self.has_bias = bias_hh is not None
         self.h_n = self.hs[order[-1]].clone()  # (b, h)
@@ -183,19 +197,18 @@ class _LSTMRun:
         hidden = self.hs.shape[2]
         n = steps * b
         dgates = torch.empty_like(self.acts)  # (t, b, 4h)
-        dh, dc = _lstm_backward_steps(
-            self.acts,
-            self.cs,
-            self.tcs,
-            self.c0,
-            grad_out.view(steps, b, hidden),
-            grad_h,
-            grad_c,
-            self.prod,
-            self.reverse,
-            needs[3],
-            dgates,
-        )
+        grad_hs = grad_out.view(steps, b, hidden)
+        if self.native:
+            dh, dc = _fresh(grad_h), _fresh(grad_c)  # (b, h)
+            native_rnn.lstm_backward(
+                self.acts, self.cs, self.tcs, self.c0, grad_hs.contiguous(), dh, dc, dgates,
+                self.reverse, needs[3], self.prod.args_t(),
+            )  # fmt: skip
+        else:
+            dh, dc = _lstm_backward_steps(
+                self.acts, self.cs, self.tcs, self.c0, grad_hs, grad_h, grad_c, self.prod,
+                self.reverse, needs[3], dgates,
+            )  # fmt: skip
         flat = dgates.view(n, g)  # (n, 4h), time-major
         grad_w = None
         if needs[6]:

@@ -166,7 +166,8 @@ def test_route_prices_by_hand():
     torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step
     # the input product: W_ih rebuilt dense beats CP's own sweep (rnn_factorized_input per MAC
     # of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
-    structured_input = cm.rnn_factorized_input * 4 * rows * (10240 + 2560 + 640 + 160)
+    narrow = 1 + cm.rnn_structured_input / 40  # the narrow-input rate of any structured product
+    structured_input = cm.rnn_factorized_input * narrow * 4 * rows * (10240 + 2560 + 640 + 160)
     assert plan._input_costs(cells[0], rows, False, cm)[0] == pytest.approx(structured_input)
     dense_input = rebuild_ih + rows * 40 * g
     assert dense_input < structured_input
@@ -248,7 +249,10 @@ def test_spikes_tt_input_product_prices_the_sweep():
     cm = CostModel()
     structured, dense = plan._input_costs(cell, 4000, True, cm)
     assert structured == pytest.approx(
-        3 * cm.rnn_factorized_input * cell.weight_ih.macs(4000, training=True)
+        3
+        * cm.rnn_factorized_input
+        * (1 + cm.rnn_structured_input / 700)
+        * cell.weight_ih.macs(4000, training=True)
     )
     assert dense < structured
     assert plan.choose_route("auto", [cell], 4000, 250, True, True) == "dense"

@@ -86,9 +86,10 @@ def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
 
 def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
     """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
-    calls until a parameter changes."""
-    if torch.is_grad_enabled():
-        return dense_weight(cell.weight_ih), dense_weight(cell.weight_hh)
+    calls until a parameter changes (dense matrices: their parameters themselves)."""
+    ih, hh = cell.weight_ih, cell.weight_hh
+    if torch.is_grad_enabled() or (ih.format_name == "dense" and hh.format_name == "dense"):
+        return dense_weight(ih), dense_weight(hh)
     key = weights_key(cell)
     cached = cell._dense_cache
     if cached is None or cached[0] != key:

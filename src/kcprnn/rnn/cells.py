@@ -261,8 +261,10 @@ class RNNCellBase(nn.Module):
         it)."""
         if self.weight_hr is not None or torch.compiler.is_compiling():
             return False
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         ih, hh = self.weight_ih, self.weight_hh
+        if ih.format_name == "dense" and hh.format_name == "dense":
+            return True  # torch's fused cell on the parameters themselves: nothing to price
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         p = self.bias_hh if self.bias_hh is not None else next(hh.parameters(), None)
         key = (
             batch,
