@@ -260,6 +260,21 @@ def test_spikes_tt_input_product_prices_the_sweep():
     assert plan.choose_route("auto", [cell], 4000, 250, True, False) == "torch"
 
 
+def test_cp_input_product_in_training_pays_its_backward():
+    # SHD spikes (700 -> 256): CP's own input product is the cheaper one forward, the rebuilt
+    # dense one in training (its sweeps' backward: rnn_cp_input_training)
+    cell = kcprnn.LSTM(700, 256, format="cp", rank=4).cell(0)
+    cm = CostModel()
+    forward, _ = plan._input_costs(cell, 8000, False, cm)
+    training, _ = plan._input_costs(cell, 8000, True, cm)
+    per_pass = cm.rnn_factorized_input * (1 + cm.rnn_structured_input / 700)
+    assert forward == pytest.approx(per_pass * cell.weight_ih.macs(8000))
+    rate = per_pass * cm.rnn_cp_input_training
+    assert training == pytest.approx(3 * rate * cell.weight_ih.macs(8000, training=True))
+    assert not plan.input_is_dense(cell, 8000, False)
+    assert plan.input_is_dense(cell, 8000, True)
+
+
 def test_gru_kernel_scales_torch_not_the_compiled_loop():
     """torch's GRU kernel is priced at rnn_torch_gru times its LSTM's for the same work; the
     compiled dense loop runs a GRU step at the LSTM's rate, so a dense GRU layer takes it with

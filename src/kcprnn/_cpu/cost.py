@@ -111,6 +111,9 @@ class CostModel:
     rnn_factorized_input: float = 6.0  # a MAC of a TT, TR, BT, HT, CP or Tucker product over
     # many rows (the input product of a sequence): their sweeps run narrow GEMMs between
     # permuting copies, at 5.5-10x a large GEMM's time per MAC forward and 6-13x in training
+    rnn_cp_input_training: float = 3.0  # CP's input product in training over that rate: its
+    # backward runs at about 7x its forward (spikes, 700 inputs: 0.6x the dense product forward,
+    # 1.7x forward+backward; the suite's CP W_ih trained at 0.72-0.81x torch.nn without this)
     rnn_rebuild: float = 4.0  # one element of a weight rebuilt from its factors (to_dense) ...
     rnn_rebuild_backward: float = 30.0  # ... and of its backward (the gradient copied back to
     # the halves' layout and read by two skinny GEMMs), beyond the reconstruction's MACs

@@ -133,6 +133,8 @@ def _input_costs(
     rate = _structured_rate(ih, cm)
     if ih.format_name != "kcp":
         rate *= cm.rnn_factorized_input
+    if ih.format_name == "cp" and training:
+        rate *= cm.rnn_cp_input_training
     return passes * rate * ih.macs(rows, training=training), dense
 
 
