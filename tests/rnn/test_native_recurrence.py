@@ -408,7 +408,8 @@ def test_dense_steps_match_the_torch_loop(mode, nonlinearity, reverse, batch, ze
     torch.manual_seed(0)
     hidden = 13
     w = _dense_weight(mode, hidden)
-    gx, bias, state = _inputs(mode, hidden, 7, batch, zero_state)
+    # more steps than PACK_AFTER: the products run on the weight as it is, then packed
+    gx, bias, state = _inputs(mode, hidden, native_dense.PACK_AFTER + 4, batch, zero_state)
     want = _run(mode, nonlinearity, gx, bias, state, [w], None, reverse)  # float64: torch
     assert calls == []
     f32 = [s.float() for s in state]
@@ -443,17 +444,25 @@ def test_dense_steps_unpacked_and_without_gradients_for_the_initial_state(
     _assert_close(results[2], results[0])
 
 
-def test_dense_args_pack_once_for_onednn(monkeypatch):
+def test_dense_args_pack_after_a_few_products(monkeypatch):
+    """The first PACK_AFTER products run on the weight as it is, the later ones on the weight
+    packed once for oneDNN (where torch has it); every one equals x @ W.T."""
     torch.manual_seed(3)
     w = torch.randn(12, 5)
-    args = native_dense.DenseArgs(w)
+    args = native_dense.DenseArgs(w.t().contiguous().t())  # any strides
     x = torch.randn(4, 5)
+    for _ in range(native_dense.PACK_AFTER):
+        torch.testing.assert_close(args.mul(x), x @ w.T)
+    assert args._packed is None
     torch.testing.assert_close(args.mul(x), x @ w.T)
-    assert (args._packed is not None) == (native_dense._PACK is not None)
+    packed = args._packed
+    assert (packed is not None) == (native_dense._PACK is not None)
     torch.testing.assert_close(args.mul(x[:1]), x[:1] @ w.T)  # any rows after packing
+    assert args._packed is packed  # packed once
     monkeypatch.setattr(native_dense, "_PACK", None)
     plain = native_dense.DenseArgs(w)
-    torch.testing.assert_close(plain.mul(x), x @ w.T)
+    for _ in range(native_dense.PACK_AFTER + 2):
+        torch.testing.assert_close(plain.mul(x), x @ w.T)
     assert plain._packed is None
 
 

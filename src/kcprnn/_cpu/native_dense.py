@@ -1,8 +1,9 @@
 """The compiled recurrences of :mod:`kcprnn._cpu.native_rnn` with a dense hidden-to-hidden
-matrix: each step's product ``W_hh h`` runs on oneDNN's inner product with ``W_hh`` packed once
-per call (:class:`DenseArgs`), and the rest of the step (the gate arithmetic of every row, the
-bias, the bias gradient) in one call of the compiled step (``kcprnn_*_step`` in
-``native_rnn.cpp``), two calls per step in all instead of about a dozen torch operations.
+matrix: each step's product ``W_hh h`` runs on oneDNN's inner product, with ``W_hh`` packed once
+per call after the first :data:`PACK_AFTER` steps (:class:`DenseArgs`), and the rest of the
+step (the gate arithmetic of every row, the bias, the bias gradient) in one call of the compiled
+step (``kcprnn_*_step`` in ``native_rnn.cpp``), two calls per step in all instead of about a
+dozen torch operations.
 
 On this kind of CPU (AVX-512 without Intel's MKL fast path) the packed product is the fastest
 GEMM torch ships for ``(16, 512) @ (512, 2048)``: about 0.32 ms against 0.42 ms for oneDNN on
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .ops import linear_nt
 
-__all__ = ["DenseArgs", "declare"]
+__all__ = ["PACK_AFTER", "DenseArgs", "declare"]
 
 _PACK: Any
 _PACKED_LINEAR: Any
@@ -34,16 +35,24 @@ except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torc
     _PACK = _PACKED_LINEAR = None
 
 
+PACK_AFTER = 8
+"""Products a :class:`DenseArgs` runs on the weight as it is before packing it for oneDNN:
+packing costs about ten products' saving (0.25 ms for 1,024 x 256, 1 ms for 2,048 x 512), so a
+short sequence (the video layer's 6 frames) never pays it."""
+
+
 class DenseArgs:
     """A dense ``W`` ``(out, in)`` as the recurrence loops take it: :meth:`mul` computes
-    ``x @ W.T`` on ``W`` packed for oneDNN at the first call (for its number of rows) where
-    torch can (float32 on the CPU with oneDNN enabled), else on
-    :func:`~kcprnn._cpu.ops.linear_nt`."""
+    ``x @ W.T`` on :func:`~kcprnn._cpu.ops.linear_nt`, and from the call after
+    :data:`PACK_AFTER` on ``W`` packed for oneDNN where torch can (float32 on the CPU with
+    oneDNN enabled)."""
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight.detach()
         self.out_features, self.in_features = self.weight.shape
         self._packed: Tensor | None = None
+        self._plain: Tensor | None = None
+        self._calls = 0
         self._pack = (
             _PACK is not None
             and bool(torch.backends.mkldnn.enabled)
@@ -53,14 +62,17 @@ class DenseArgs:
 
     def mul(self, x: Tensor) -> Tensor:
         """``x @ W.T``: ``(m, in)`` -> ``(m, out)``, a new contiguous tensor."""
-        if self._pack and self._packed is None:
+        self._calls += 1
+        if self._pack and self._packed is None and self._calls > PACK_AFTER:
             try:
                 self._packed = _PACK(self.weight.contiguous(), max(x.shape[0], 1))
             except RuntimeError:  # pragma: no cover - a build whose packing refuses the shape
                 self._pack = False
         if self._packed is not None:
             return _PACKED_LINEAR(x, self._packed, None, "none", [], "")  # (m, out)
-        return linear_nt(x, self.weight).contiguous()  # (m, out)
+        if self._plain is None:
+            self._plain = self.weight.contiguous()  # (out, in): W.T's view copied once
+        return linear_nt(x, self._plain).contiguous()  # (m, out)
 
     def macs(self, rows: int) -> int:
         """Multiply-accumulates of one product over ``rows`` rows."""
