@@ -16,7 +16,6 @@ them when their ``kron`` argument is a :class:`DenseArgs`.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,107 +82,75 @@ def _p(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _backward_products(
-    step: Callable[[int, int | None], None],
-    steps: int,
-    need_h0: bool,
-    mul: Callable[[Tensor], Tensor],
-    grads: Callable[[int], Tensor],
-) -> Tensor | None:
-    """Run a backward loop: ``step(s, a)`` for every iteration ``s`` with ``a`` the previous
-    iteration's ``mul(grads(t))`` (a pointer, ``None`` at the first); returns the last product
-    (the gradient reaching ``h0``) when ``need_h0``, else ``None``."""
+def _forward(step, gx, ldx, bias, h0, hs, reverse, skip, w, tail) -> None:
+    """A forward loop: ``step(s, steps, batch, hidden, gx, ldx, bias, a, *tail)`` for every
+    iteration ``s``, ``a`` the product ``W_hh h`` of the state before it (``h0``, then the
+    ``hs`` the steps write; skipped at the first where ``skip``)."""
+    steps, b, h = hs.shape
+    state = h0
+    for s in range(steps):
+        a = None if s == 0 and skip else w.mul(state)  # (b, g)
+        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *tail)
+        state = hs[steps - 1 - s if reverse else s]
+
+
+def _backward(step, head, tail, grads, reverse, need_h0, w_t) -> Tensor | None:
+    """A backward loop: ``step(s, steps, batch, hidden, *head, a, *tail)`` for every iteration
+    ``s``, ``a`` the previous iteration's ``W_hh^T d`` (``None`` at the first) with ``d`` its
+    rows of ``grads`` ``(t, b, g)``; returns the last product (the gradient reaching ``h0``) when
+    ``need_h0``, else ``None``."""
+    steps, b, _ = grads.shape
+    h = w_t.out_features
+    ptrs = [t.data_ptr() for t in head]
     a: Tensor | None = None
     for s in range(steps):
-        step(s, _p(a))
+        step(s, steps, b, h, *ptrs, _p(a), *tail)
         if s < steps - 1 or need_h0:
-            a = mul(grads(s))
+            f = steps - 1 - s  # the forward iteration
+            a = w_t.mul(grads[steps - 1 - f if reverse else f])  # (b, h)
     return a if need_h0 and steps else None
-
-
-def _time(steps: int, reverse: bool) -> Callable[[int], int]:
-    """The time index of forward iteration ``s``."""
-    return (lambda s: steps - 1 - s) if reverse else (lambda s: s)
 
 
 def lstm_forward(lib, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.lstm_forward` with a dense ``W_hh`` ``w``."""
-    steps, b, h = hs.shape
-    step, at = lib.kcprnn_lstm_forward_step, _time(steps, reverse)
-    fixed = (gates.data_ptr(), c0.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr())
-    state = h0
-    for s in range(steps):
-        a = None if s == 0 and skip else w.mul(state)  # (b, 4h)
-        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed, int(reverse))
-        state = hs[at(s)]
+    tail = [t.data_ptr() for t in (gates, c0, hs, cs, tcs)] + [int(reverse)]
+    _forward(lib.kcprnn_lstm_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
 
 
 def lstm_backward(lib, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, reverse, need_h0, w_t):
     """:func:`kcprnn._cpu.native_rnn.lstm_backward` with a dense ``W_hh.T`` ``w_t``."""
-    steps, b, h = cs.shape
-    fixed = (acts, cs, tcs, c0, grad_hs)
-    ptrs = [t.data_ptr() for t in fixed]
     tail = (dh.data_ptr(), dc.data_ptr(), dgates.data_ptr(), _p(dbias), int(reverse))
-
-    def step(s: int, a: int | None) -> None:
-        lib.kcprnn_lstm_backward_step(s, steps, b, h, *ptrs, a, *tail)
-
-    at = _time(steps, reverse)
-    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dgates[at(steps - 1 - s)])
+    head = (acts, cs, tcs, c0, grad_hs)
+    last = _backward(lib.kcprnn_lstm_backward_step, head, tail, dgates, reverse, need_h0, w_t)
     if last is not None:
         dh.copy_(last)
 
 
 def gru_forward(lib, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.gru_forward` with a dense ``W_hh`` ``w``."""
-    steps, b, h = hs.shape
-    step, at = lib.kcprnn_gru_forward_step, _time(steps, reverse)
-    fixed = (h0.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr())
-    state = h0
-    for s in range(steps):
-        a = None if s == 0 and skip else w.mul(state)  # (b, 3h)
-        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed, int(reverse))
-        state = hs[at(s)]
+    tail = [t.data_ptr() for t in (h0, gh, rz, ns, hs)] + [int(reverse)]
+    _forward(lib.kcprnn_gru_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
 
 
 def gru_backward(lib, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, dbias, reverse, need_h0, w_t):
     """:func:`kcprnn._cpu.native_rnn.gru_backward` with a dense ``W_hh.T`` ``w_t``."""
-    steps, b, h = hs.shape
-    ptrs = [t.data_ptr() for t in (rz, ns, gh, hs, h0, grad_hs)]
     tail = (dh.data_ptr(), dgx.data_ptr(), dgh.data_ptr(), _p(dbias), int(reverse))
-
-    def step(s: int, a: int | None) -> None:
-        lib.kcprnn_gru_backward_step(s, steps, b, h, *ptrs, a, *tail)
-
-    at = _time(steps, reverse)
-    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dgh[at(steps - 1 - s)])
+    head = (rz, ns, gh, hs, h0, grad_hs)
+    last = _backward(lib.kcprnn_gru_backward_step, head, tail, dgh, reverse, need_h0, w_t)
     if last is not None:
-        dh.add_(last)
+        dh.add_(last)  # the GRU step adds the product to dh's direct path
 
 
 def rnn_forward(lib, gx, ldx, bias, hs, h0, reverse, relu, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.rnn_forward` with a dense ``W_hh`` ``w``."""
-    steps, b, h = hs.shape
-    step, at = lib.kcprnn_rnn_forward_step, _time(steps, reverse)
-    fixed = (hs.data_ptr(), int(reverse), int(relu))
-    state = h0
-    for s in range(steps):
-        a = None if s == 0 and skip else w.mul(state)  # (b, h)
-        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *fixed)
-        state = hs[at(s)]
+    tail = (hs.data_ptr(), int(reverse), int(relu))
+    _forward(lib.kcprnn_rnn_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
 
 
 def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t) -> None:
     """:func:`kcprnn._cpu.native_rnn.rnn_backward` with a dense ``W_hh.T`` ``w_t``."""
-    steps, b, h = hs.shape
-    ptrs = (hs.data_ptr(), grad_hs.data_ptr())
     tail = (dh.data_ptr(), dpre.data_ptr(), _p(dbias), int(reverse), int(relu))
-
-    def step(s: int, a: int | None) -> None:
-        lib.kcprnn_rnn_backward_step(s, steps, b, h, *ptrs, a, *tail)
-
-    at = _time(steps, reverse)
-    last = _backward_products(step, steps, need_h0, w_t.mul, lambda s: dpre[at(steps - 1 - s)])
+    last = _backward(lib.kcprnn_rnn_backward_step, (hs, grad_hs), tail, dpre, reverse, need_h0, w_t)
     if last is not None:
         dh.copy_(last)
 
