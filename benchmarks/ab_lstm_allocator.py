@@ -5,11 +5,12 @@ gradients accumulated, gradients cleared before each call (``p.grad = None``), a
 does). Run it twice, once as is and once with glibc's mmap threshold raised, to see how much of
 torch's training call is page faults on fresh workspace::
 
-    python benchmarks/ab_lstm_allocator.py
+    python benchmarks/ab_lstm_allocator.py [--layers 3] [--reps 5]
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         python benchmarks/ab_lstm_allocator.py
 """
 
+import argparse
 import os
 import statistics
 import time
@@ -20,11 +21,15 @@ import kcprnn
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(300, 16, 40)
-    ref = torch.nn.LSTM(40, 512, bidirectional=True)
-    ours = kcprnn.LSTM(40, 512, bidirectional=True, format="dense")
+    ref = torch.nn.LSTM(40, 512, bidirectional=True, num_layers=args.layers)
+    ours = kcprnn.LSTM(40, 512, bidirectional=True, format="dense", num_layers=args.layers)
 
     def train_call(m: torch.nn.Module, clear: bool, toggle: bool) -> float:
         if toggle:
@@ -42,10 +47,13 @@ def main() -> None:
             m(x)
 
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    print(f"# torch {torch.__version__}, 1 thread, MALLOC_MMAP_THRESHOLD_={threshold}")
+    print(
+        f"# torch {torch.__version__}, 1 thread, {args.layers} layer(s), "
+        f"MALLOC_MMAP_THRESHOLD_={threshold}"
+    )
     for clear, toggle in ((False, False), (True, False), (True, True)):
         a, b = [], []
-        for _ in range(5):
+        for _ in range(args.reps):
             if toggle:
                 infer_call(ref)
                 infer_call(ours)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._cpu import native_rnn
+from .._cpu.ops import linear_nt
 from ._buffers import pooled_empty, release_buffers
 from ._fused_base import (
     _Dense,
@@ -218,7 +219,9 @@ class _InputProjection(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         rows, weight = ctx.saved_tensors
         grad = grad.reshape(-1, weight.shape[0])  # (n, g)
-        grad_x = grad.mm(weight).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # oneDNN's product where it runs (faster than MKL's here)
+            grad_x = linear_nt(grad, weight.t().contiguous()).view(ctx.shape)  # (..., i)
         grad_w = grad.t().mm(rows) if ctx.needs_input_grad[1] else None  # (g, i)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (g,)
         return grad_x, grad_w, grad_b
