@@ -1,8 +1,9 @@
 """The LSTM recurrence that ``kcprnn::layer_kcp`` (:mod:`kcprnn._compile_kcp`) runs inside its
-operator: the fused recurrence's operations in its order (the same numbers as
-:func:`~kcprnn.rnn.fused_sequence` with a dense ``W_hh``), called directly without autograd,
-every step's views taken once per sequence, and the dense recurrent product's kernel chosen
-once per sequence; plus the context object through which the other recurrences'
+operator, the same numbers as :func:`~kcprnn.rnn.fused_sequence` with a dense ``W_hh``, called
+directly without autograd: in float32 on the CPU the same compiled steps
+(:mod:`kcprnn._cpu.native_dense`), elsewhere the fused recurrence's torch operations in its
+order with every step's views taken once per sequence and the dense recurrent product's kernel
+chosen once per sequence; plus the context object through which the other recurrences'
 ``autograd.Function`` methods are called directly.
 """
 
@@ -135,12 +136,13 @@ def _lstm_backward_steps(
 
 class _LSTMRun:
     """The dense-``W_hh`` LSTM recurrence of :func:`_kcp_forward` and its backward, the same
-    operations as :class:`~kcprnn.rnn.fused._LSTMSequence` (equal results) without the
-    ``autograd.Function``: the walk's output becomes the loop's activation buffer in one
-    step (batch-major rows: one time-major copy with ``b_hh`` added; time-major rows: in place
-    where the walk's output is fresh, where the ``autograd.Function`` reorders and then copies
-    again), the products' kernel is chosen once (:class:`_DenseProduct`) and each step's views
-    are taken once for the sequence (:func:`_lstm_steps`, :func:`_lstm_backward_steps`)."""
+    operations as :class:`~kcprnn.rnn.fused._LSTMSequence` (equal results: its compiled steps
+    where they run, else its torch operations) without the ``autograd.Function``: the walk's
+    output becomes the loop's activation buffer in one step (batch-major rows: one time-major
+    copy with ``b_hh`` added; time-major rows: in place where the walk's output is fresh, where
+    the ``autograd.Function`` reorders and then copies again); on torch operations the
+    products' kernel is chosen once (:class:`_DenseProduct`) and each step's views are taken
+    once for the sequence (:func:`_lstm_steps`, :func:`_lstm_backward_steps`)."""
 
     def __init__(
         self,

@@ -34,6 +34,8 @@ def _is_zero(h: Tensor) -> bool:
 
 
 def _native_ok(*tensors: Tensor) -> bool:
+    """Whether the compiled recurrences can run on ``tensors``: float32 on the CPU, and the
+    kernels built."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and (
         native.available()
     )

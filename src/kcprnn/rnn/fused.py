@@ -13,8 +13,10 @@ the small factor matrices of a KCP or CP ``W_hh`` as the inputs, so gradients fl
 through them): each step then multiplies by the factors, and their gradients come from one
 structured product over all ``t*b`` rows. With a Kronecker sum in float32 on the CPU, the loop
 itself (the products and the gate arithmetic of every step, forward and backward) runs in one
-call of the compiled kernel (:mod:`kcprnn._cpu.native`) where it can be built; elsewhere, and
-with ``KCPRNN_NATIVE=0``, the same loop runs on torch ops. The buffers the compiled loops fill
+call of the compiled kernel (:mod:`kcprnn._cpu.native`) where it can be built; with a dense
+``W_hh`` each step is two calls, its product on oneDNN and the rest compiled
+(:mod:`kcprnn._cpu.native_dense`); elsewhere, and with ``KCPRNN_NATIVE=0``, the same loop runs
+on torch ops. The buffers the compiled loops fill
 (activations, states, gradients) come from a per-thread pool and are reused once nothing refers
 to them (:mod:`kcprnn.rnn._buffers`; :func:`release_buffers` returns them to the system), and
 :func:`input_projection` writes a layer's input projections into the same pool.
