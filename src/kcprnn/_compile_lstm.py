@@ -18,8 +18,13 @@ from torch import Tensor
 from ._cpu import native_rnn
 from .rnn import _fused_base
 from .rnn._fused_base import _Dense, _fresh, _is_zero
+from .rnn.fused import lstm_compiled
 
 __all__: list[str] = []
+
+
+def _fresh_buffer(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape)
 
 
 class _Ctx:
@@ -170,16 +175,12 @@ class _LSTMRun:
         steps = view.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         self.native = _fused_base._native_ok(weight, view, h0, c0)
-        if self.native:  # the eager fused recurrence's compiled steps (fused.py)
+        if self.native:  # the eager fused recurrence's compiled steps
             h0, c0 = h0.contiguous(), c0.contiguous()
-            self.acts = torch.empty_like(view)  # (t, b, 4h)
-            self.hs, self.cs, self.tcs = (view.new_empty(steps, b, g // 4) for _ in range(3))
-            skip = _is_zero(h0)
             self.prod = _Dense([weight])
-            native_rnn.lstm_forward(
-                view.view(-1, g), None, self.acts, h0, c0, self.hs, self.cs, self.tcs,
-                reverse, skip, self.prod.args(),
-            )  # fmt: skip
+            self.acts, self.hs, self.cs, self.tcs, _ = lstm_compiled(
+                view.view(-1, g), None, h0, c0, self.prod, reverse, new=_fresh_buffer
+            )
         else:
             self.prod = cast(Any, _DenseProduct(weight))  # as a _Dense: its add_ and back
             self.hs, self.cs, self.tcs, self.acts = _lstm_steps(view, h0, c0, self.prod, order)

@@ -74,6 +74,8 @@ HEADERS = (  # included by native_rnn.cpp
 BUILD_TIMEOUT = 120.0  # seconds the compiler may run (``$KCPRNN_BUILD_TIMEOUT`` overrides)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+_INT = ctypes.c_int
 
 _lock = threading.Lock()
 _counting = threading.local()  # "box": the running count of counting_macs, where active

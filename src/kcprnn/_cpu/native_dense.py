@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native
 from .ops import linear_nt
 
 __all__ = ["PACK_AFTER", "DenseArgs", "declare"]
@@ -87,10 +88,11 @@ def _forward(step, gx, ldx, bias, h0, hs, reverse, skip, w, tail) -> None:
     iteration ``s``, ``a`` the product ``W_hh h`` of the state before it (``h0``, then the
     ``hs`` the steps write; skipped at the first where ``skip``)."""
     steps, b, h = hs.shape
+    head = (gx.data_ptr(), ldx, _p(bias))
     state = h0
     for s in range(steps):
         a = None if s == 0 and skip else w.mul(state)  # (b, g)
-        step(s, steps, b, h, gx.data_ptr(), ldx, _p(bias), _p(a), *tail)
+        step(s, steps, b, h, *head, _p(a), *tail)
         state = hs[steps - 1 - s if reverse else s]
 
 
@@ -105,9 +107,8 @@ def _backward(step, head, tail, grads, reverse, need_h0, w_t) -> Tensor | None:
     a: Tensor | None = None
     for s in range(steps):
         step(s, steps, b, h, *ptrs, _p(a), *tail)
-        if s < steps - 1 or need_h0:
-            f = steps - 1 - s  # the forward iteration
-            a = w_t.mul(grads[steps - 1 - f if reverse else f])  # (b, h)
+        if s < steps - 1 or need_h0:  # the step's rows: time steps-1-s, or s in reverse
+            a = w_t.mul(grads[s if reverse else steps - 1 - s])  # (b, h)
     return a if need_h0 and steps else None
 
 
@@ -155,9 +156,7 @@ def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t)
         dh.copy_(last)
 
 
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_INT = ctypes.c_int
+_P, _I64, _INT = native._P, native._I64, native._INT
 _SIGNATURES: dict[str, list] = {
     # s, steps, batch, hidden, gx, ldx, bias, a, gates, c0, hs, cs, tcs, reverse
     "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, *[_P] * 7, _INT],

@@ -134,7 +134,7 @@ def _rows(name: str, gx: Tensor, rows: int, width: int) -> int:
 def _check_kron(name: str, kron: KronArgs | DenseArgs, in_features: int, out_features: int) -> None:
     if (kron.in_features, kron.out_features) != (in_features, out_features):
         raise ValueError(
-            f"{name}: the Kronecker sum maps {kron.in_features} -> {kron.out_features} "
+            f"{name}: the recurrent matrix maps {kron.in_features} -> {kron.out_features} "
             f"features, the recurrence needs {in_features} -> {out_features}"
         )
 
@@ -500,9 +500,7 @@ def kron_apply(x: Tensor, kron: KronArgs) -> Tensor:
     return out
 
 
-_I64 = ctypes.c_int64
-_P = ctypes.c_void_p
-_INT = ctypes.c_int
+_I64, _P, _INT = native._I64, native._P, native._INT
 _KRON = [_INT, _INT, _P, _P, _P, _P]  # factors, terms, sizes, matrix pointers, in/out index
 _RNN_SIGNATURES: dict[str, list] = {
     # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, x_fm, reverse, skip_first

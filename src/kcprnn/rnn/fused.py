@@ -85,6 +85,30 @@ def _lstm_forward(
     return hs, cs, tcs, gates
 
 
+def lstm_compiled(
+    gx: Tensor,
+    bias: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    prod: _Dense | _Kron,
+    reverse: bool,
+    needs: Sequence[bool] = (),
+    new=_empty,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The LSTM recurrence on the compiled kernels (``prod.compiled`` holds; ``h0``, ``c0``
+    contiguous) over the input projections ``gx`` ``(t b, 4h)``: ``(acts, hs, cs, tcs, x_fm)``,
+    buffers from ``new(like, *shape)``, ``x_fm`` the factor-major states where a Kronecker
+    sum's factor gradients (``needs``) are wanted."""
+    b, hidden = h0.shape
+    steps = gx.shape[0] // b if b else 0
+    acts = new(gx, steps, b, 4 * hidden)  # (t, b, 4h)
+    hs, cs, tcs = (new(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
+    x_fm = _factor_rows(prod, hs, needs)
+    skip = _is_zero(h0)
+    native_rnn.lstm_forward(gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), x_fm)
+    return acts, hs, cs, tcs, x_fm
+
+
 class _LSTMSequence(torch.autograd.Function):
     """A whole single-direction LSTM layer over equal-length sequences, with a hand-written
     backward through time: a few fused operations per step instead of autograd's graph, and the
@@ -107,13 +131,9 @@ class _LSTMSequence(torch.autograd.Function):
         prod = _product(spec, weights)
         ctx.native = prod.compiled(gates_x, h0, c0, *_some(bias))
         if ctx.native:
-            h0, c0, gx = h0.contiguous(), c0.contiguous(), _rows(gates_x)
-            acts = _empty(gx, steps, b, 4 * hidden)  # (t, b, 4h)
-            hs, cs, tcs = (_empty(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
-            skip = _is_zero(h0)
-            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[6:])
-            native_rnn.lstm_forward(
-                gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), ctx.x_fm
+            h0, c0 = h0.contiguous(), c0.contiguous()
+            acts, hs, cs, tcs, ctx.x_fm = lstm_compiled(
+                _rows(gates_x), bias, h0, c0, prod, reverse, ctx.needs_input_grad[6:]
             )
         else:
             gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
