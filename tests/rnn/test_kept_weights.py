@@ -77,3 +77,52 @@ def test_kept_values_never_leak_into_autograd() -> None:
     out.square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_repeated_cell_steps_follow_every_change(mode: str) -> None:
+    """A cell stepping without gradients repeats its last dense step's weights while nothing
+    changed; every change (in place, replaced ``.data``, a new algorithm, another batch size
+    or dtype, gradients on) is seen at the next step. Checked against ``torch.nn``'s cell on
+    the rebuilt weights."""
+    torch.manual_seed(5)
+    cell = getattr(kcprnn, mode)(6, 8, format="tt", hidden_format="tt", rank=2)
+    ref = getattr(torch.nn, mode)(6, 8)
+
+    def expected(x, hx):
+        with torch.no_grad():
+            ref.weight_ih.copy_(cell.weight_ih.to_dense())
+            ref.weight_hh.copy_(cell.weight_hh.to_dense())
+            ref.bias_ih.copy_(cell.bias_ih)
+            ref.bias_hh.copy_(cell.bias_hh)
+            return ref(x, hx)
+
+    def state(b, dtype=torch.float32):
+        h = torch.randn(b, 8, dtype=dtype)
+        return (h, torch.randn(b, 8, dtype=dtype)) if mode == "LSTMCell" else h
+
+    x, hx = torch.randn(3, 6), state(3)
+    with torch.no_grad():
+        first = cell(x, hx)
+        assert cell._repeat is not None  # the dense step, remembered
+        torch.testing.assert_close(cell(x, hx), first)
+        torch.testing.assert_close(first, expected(x, hx))
+        next(cell.weight_hh.parameters()).mul_(0.5)  # in place
+        torch.testing.assert_close(cell(x, hx), expected(x, hx))
+        cell.bias_ih.data = cell.bias_ih.data + 1.0  # replaced .data
+        torch.testing.assert_close(cell(x, hx), expected(x, hx))
+        x2, hx2 = torch.randn(5, 6), state(5)  # another batch size
+        torch.testing.assert_close(cell(x2, hx2), expected(x2, hx2))
+        cell.weight_ih.algorithm = "dense"  # another algorithm: planned afresh
+        torch.testing.assert_close(cell(x2, hx2), expected(x2, hx2))
+    out = cell(x, hx)  # gradients on: rebuilt under autograd
+    grads = out[0] if mode == "LSTMCell" else out
+    grads.sum().backward()
+    assert all(p.grad is not None for p in cell.weight_hh.parameters())
+    cell.double()
+    ref.double()
+    x64, hx64 = x.double(), state(3, torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(cell(x64, hx64), expected(x64, hx64))
+        with pytest.raises(ValueError, match="input_size"):
+            cell(torch.randn(3, 7, dtype=torch.float64), hx64)  # still checked after a repeat

@@ -327,3 +327,31 @@ def test_cell_step_choice_follows_cost_model_and_dtype(monkeypatch):
         cell.double()
         cell._use_dense(1)
         assert len(calls) == 3
+
+
+def test_product_ops_counts_the_aten_operators_once():
+    torch.manual_seed(0)
+    tt = kcprnn.formats.make_matrix("tt", 512, 2048, rank=4)
+    ht = kcprnn.formats.make_matrix("ht", 512, 2048, rank=4)
+    dense = kcprnn.formats.make_matrix("dense", 512, 2048)
+    n_tt, n_ht = plan.product_ops(tt), plan.product_ops(ht)
+    assert plan.product_ops(dense) <= 4  # one product and its views
+    assert 10 < n_tt < n_ht  # a core at a time; HT walks a tree of more nodes
+    calls = []
+    real = tt.forward
+    tt.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    assert plan.product_ops(tt) == n_tt and not calls  # counted once per structure
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tr", "ht", "bt", "tucker"])
+def test_cell_without_gradients_reads_kept_dense_weights_unless_the_input_is_wide(fmt):
+    """At the speech size (40 -> 512) every format's product is tens of aten operators, dearer
+    than torch's cell on the kept dense weights; at the video width (57,600 inputs) reading a
+    dense ``W_ih`` (59 M weights) is far dearer than the factors."""
+    torch.manual_seed(0)
+    opts = {"format": fmt, "rank": 2, "hidden_format": fmt, "hidden_options": {"rank": 2}}
+    speech = kcprnn.LSTMCell(40, 512, **opts)
+    assert plan.cell_uses_dense(speech, 1, training=False)
+    assert plan.cell_uses_dense(speech, 16, training=False)
+    wide = kcprnn.LSTMCell(57600, 16, format=fmt, rank=2)
+    assert not plan.cell_uses_dense(wide, 1, training=False)

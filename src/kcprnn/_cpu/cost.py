@@ -118,6 +118,10 @@ class CostModel:
     rnn_rebuild_backward: float = 30.0  # ... and of its backward (the gradient copied back to
     # the halves' layout and read by two skinny GEMMs), beyond the reconstruction's MACs
     rnn_cell_op: float = 5.0e5  # one op launch of a structured cell step
+    rnn_aten_op: float = 1.0e5  # one aten operator of a format's product in a cell step
+    # without gradients (plan.product_ops counts them): TT, TR, BT, HT, Tucker and CP products
+    # of one row took 1.9-2.6 us per operator whatever their size
+    rnn_step_ops: float = 12.0  # aten operators of a structured step's gate arithmetic
     # --- one cell step without gradients (rnn/_cell_step.py) ---
     rnn_torch_cell: float = 1.5e6  # one step of torch's fused cell on the kept dense weights,
     # beyond its products: the cell's Python, the cache check, the launches

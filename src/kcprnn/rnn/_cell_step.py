@@ -48,6 +48,8 @@ __all__ = [
     "kept",
     "native_applies",
     "native_step",
+    "remember_dense",
+    "repeated_dense",
     "step_costs",
     "weights_key",
 ]
@@ -60,7 +62,8 @@ def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
     """What the kept weights of ``cell`` depend on: the storage and version counter of every
     parameter of ``W_ih``, ``W_hh`` and the biases (where each lives is looked up once per pair
     of matrices; the parameters themselves are read afresh, so a replaced one is seen)."""
-    ih, hh = cell.weight_ih, cell.weight_hh
+    modules = cell._modules  # faster than nn.Module.__getattr__, on every step
+    ih, hh = modules["weight_ih"], modules["weight_hh"]
     slots = cell._param_slots
     if slots is None or slots[0] is not ih or slots[1] is not hh:
         found = [(d._parameters, n) for m in (ih, hh) for d in m.modules() for n in d._parameters]
@@ -96,6 +99,39 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
         cached = (key, (dense_weight(cell.weight_ih), dense_weight(cell.weight_hh)))
         cell._dense_cache = cached
     return cached[1]
+
+
+def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
+    """What a step's route and checks depend on besides the weights' values: the shapes, dtype
+    and device of its tensors, the matrices themselves, their algorithms and cost models."""
+    modules = cell._modules
+    ih, hh = modules["weight_ih"], modules["weight_hh"]
+    shapes = tuple([t.shape for t in hx])
+    models = (ih._algorithm, hh._algorithm, ih._cost_model, hh._cost_model)
+    return (input.shape, input.dtype, input.device, shapes, ih, hh, *models)
+
+
+def remember_dense(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> None:
+    """Keep what lets the next call repeat this one's step on the dense weights without
+    gradients (:func:`repeated_dense`): called after such a step on a batched ``input`` with a
+    given state, whose checks passed."""
+    cell._repeat = (_signature(cell, input, hx), weights_key(cell), dense_weights(cell))
+
+
+def repeated_dense(
+    cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor] | None
+) -> tuple[Tensor, Tensor] | None:
+    """The dense weights for a step that repeats the last one remembered
+    (:func:`remember_dense`): no gradients, tensors of the same shapes, dtype and device, the
+    same matrices, algorithms and cost models, and no parameter changed since; ``None``
+    otherwise (the full step then checks, plans and runs). A step on a stream of inputs then
+    costs about what ``torch.nn``'s cell costs."""
+    found = cell._repeat
+    if found is None or hx is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if found[0] != _signature(cell, input, hx) or found[1] != weights_key(cell):
+        return None
+    return found[2]
 
 
 def _is_kron(matrix: FactorizedMatrix) -> bool:
@@ -224,7 +260,8 @@ def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostMod
     if matrix.format_name == "dense" or role == "hh":
         return _dense_product(elements, batch, cm.rnn_native_weight, cm.rnn_native_row)
     # another format's own product, from Python
-    return cm.rnn_cell_op * 8 + cm.rnn_factorized_input * matrix.macs(batch)
+    ops = plan.product_ops(matrix)
+    return ops * cm.rnn_aten_op + cm.rnn_factorized_input * matrix.macs(batch)
 
 
 def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]:

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
-from ._cell_step import cell_uses_dense, dense_weights, kept, native_applies, native_step
+from ._cell_step import (
+    cell_uses_dense,
+    dense_weights,
+    kept,
+    native_applies,
+    native_step,
+    remember_dense,
+    repeated_dense,
+)
 from ._options import (
     check_arguments,
     check_input_dtype,
@@ -150,6 +158,7 @@ class RNNCellBase(nn.Module):
         self._native_cache: tuple[tuple, Any] | None = None
         self._kept: dict[str, tuple[tuple, Any]] = {}  # kept(): name -> (weights key, value)
         self._param_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
+        self._repeat: tuple[tuple, tuple, tuple[Tensor, Tensor]] | None = None  # the last step
         self.reset_parameters()
 
     @property
@@ -201,7 +210,9 @@ class RNNCellBase(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles leave out what the steps keep (the compiled step holds pointers)
         state = super().__getstate__()
-        state.update(_dense_cache=None, _native_cache=None, _param_slots=None, _kept={})
+        state.update(
+            _dense_cache=None, _native_cache=None, _param_slots=None, _kept={}, _repeat=None
+        )
         return state
 
     def extra_repr(self) -> str:
@@ -213,6 +224,9 @@ class RNNCellBase(nn.Module):
         return s
 
     def _forward(self, input: Tensor, hx: State | None) -> State:
+        weights = repeated_dense(self, input, hx)
+        if weights is not None:
+            return self._dense_step(input, hx, weights)  # type: ignore[arg-type]
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -246,6 +260,8 @@ class RNNCellBase(nn.Module):
             state = tuple(checked)
         if self._use_dense(b):
             new = self._dense_step(x, state)  # tuple of (b, s)
+            if batched and hx is not None and not torch.is_grad_enabled():
+                remember_dense(self, input, state)
         else:
             new = self._structured_step(x, state)  # tuple of (b, s)
         if not batched:
@@ -318,8 +334,11 @@ class RNNCellBase(nn.Module):
     def _needs_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
-    def _dense_step(self, x: Tensor, state: State) -> State:
-        """One step on dense weights through torch's fused cell."""
+    def _dense_step(
+        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
+    ) -> State:
+        """One step on dense weights (``weights``, or :meth:`_dense_weights`) through torch's
+        fused cell."""
         raise NotImplementedError(f"{type(self).__name__} does not define _dense_step()")
 
     # --- conversion ----------------------------------------------------------------------------
@@ -466,10 +485,12 @@ class LSTMCell(RNNCellBase):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
 
-    def _dense_step(self, x: Tensor, state: State) -> State:
-        w_ih, w_hh = self._dense_weights()
-        h, c = torch._VF.lstm_cell(x, state, w_ih, w_hh, self.bias_ih, self.bias_hh)
-        return h, c
+    def _dense_step(
+        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
+    ) -> State:
+        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        b = self._parameters  # faster than nn.Module.__getattr__, on every step
+        return torch.lstm_cell(x, state, w_ih, w_hh, b["bias_ih"], b["bias_hh"])
 
     def step(self, gates_x: Tensor, state: State) -> State:
         h, c = state
@@ -517,9 +538,12 @@ class GRUCell(RNNCellBase):
     def step(self, gates_x: Tensor, state: State) -> State:
         return (gru_step(gates_x, state[0], self.weight_hh, self.bias_hh),)
 
-    def _dense_step(self, x: Tensor, state: State) -> State:
-        w_ih, w_hh = self._dense_weights()
-        return (torch._VF.gru_cell(x, state[0], w_ih, w_hh, self.bias_ih, self.bias_hh),)
+    def _dense_step(
+        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
+    ) -> State:
+        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        b = self._parameters
+        return (torch.gru_cell(x, state[0], w_ih, w_hh, b["bias_ih"], b["bias_hh"]),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))
@@ -566,10 +590,13 @@ class RNNCell(RNNCellBase):
     def step(self, gates_x: Tensor, state: State) -> State:
         return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
 
-    def _dense_step(self, x: Tensor, state: State) -> State:
-        w_ih, w_hh = self._dense_weights()
-        cell = torch._VF.rnn_relu_cell if self.nonlinearity == "relu" else torch._VF.rnn_tanh_cell
-        return (cell(x, state[0], w_ih, w_hh, self.bias_ih, self.bias_hh),)
+    def _dense_step(
+        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
+    ) -> State:
+        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        cell = torch.rnn_relu_cell if self.nonlinearity == "relu" else torch.rnn_tanh_cell
+        b = self._parameters
+        return (cell(x, state[0], w_ih, w_hh, b["bias_ih"], b["bias_hh"]),)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         (h,) = self._forward(input, None if hx is None else (hx,))

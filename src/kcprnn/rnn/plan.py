@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
@@ -98,6 +99,53 @@ def kron_layout_cached(matrix: FactorizedMatrix) -> tuple[KronLayout, int] | Non
             _LAYOUTS.clear()
         found = _LAYOUTS[key] = kron_layout_of(matrix)
     return found  # type: ignore[return-value]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators that run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_OPS: dict[tuple[Any, ...], int] = {}
+
+
+def product_ops(matrix: FactorizedMatrix) -> int:
+    """How many aten operators one product of ``matrix`` launches (on one row, without
+    gradients; at least 1): each costs a launch and its Python whatever its size, which on a
+    cell step's few rows outweighs the arithmetic (a rank-4 TT product of a 512 x 2,048 matrix
+    is about 50 of them, HT about 135). Counted once per format, algorithm and factor shapes,
+    by running the product under a counting dispatch mode; kernels called outside the
+    dispatcher (KCP's compiled products) count as none."""
+    params = list(matrix.parameters())
+    key = (
+        type(matrix),
+        matrix.algorithm,
+        matrix.in_features,
+        matrix.out_features,
+        tuple((tuple(p.shape), p.dtype, p.device) for p in params),
+    )
+    found = _OPS.get(key)
+    if found is None:
+        p = params[0] if params else None
+        x = torch.zeros(
+            1,
+            matrix.in_features,
+            dtype=None if p is None else p.dtype,
+            device=None if p is None else p.device,
+        )
+        with torch.no_grad(), _OpCounter() as counter:
+            matrix(x)
+        if len(_OPS) >= 256:
+            _OPS.clear()
+        found = _OPS[key] = max(counter.count, 1)
+    return found
 
 
 def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
@@ -390,21 +438,39 @@ def _model(cells: Sequence[RNNCellBase]) -> CostModel:
 
 def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     """Whether one step of ``cell`` on ``batch`` rows is cheaper with dense weights (rebuilt,
-    or cached between calls without gradients) and torch's fused cell than through the
-    formats' products."""
+    or kept between calls without gradients) and torch's fused cell than through the formats'
+    products. Without gradients the kept weights cost what torch's cell on them costs
+    (``rnn_torch_cell``, ``rnn_cell_weight`` and ``rnn_cell_row`` per element), the products
+    their aten operators (:func:`product_ops`, ``rnn_aten_op`` each) and their MACs, plus the
+    step's gate arithmetic."""
     if cell.weight_hr is not None:
         return False
     cm = _model([cell])
-    passes = 3 if training else 1
+    matrices = (cell.weight_ih, cell.weight_hh)
+    if not training:
+        dense = cm.rnn_torch_cell + sum(
+            m.in_features * m.out_features * (cm.rnn_cell_weight + cm.rnn_cell_row * batch)
+            for m in matrices
+        )
+        structured = cm.rnn_torch_cell + cm.rnn_step_ops * cm.rnn_aten_op
+        for m in matrices:
+            if m.format_name == "dense" or m.algorithm == "dense":
+                elements = m.in_features * m.out_features
+                structured += elements * (cm.rnn_cell_weight + cm.rnn_cell_row * batch)
+                continue
+            rate = _structured_rate(m, cm)
+            if m.format_name != "kcp":
+                rate *= cm.rnn_factorized_input
+            structured += product_ops(m) * cm.rnn_aten_op + rate * m.macs(batch)
+        return dense <= structured
     structured = 0.0
     dense = 0.0
-    for m in (cell.weight_ih, cell.weight_hh):
-        dense += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
-        if training:
-            dense += _rebuild(m, True, cm)
+    for m in matrices:
+        dense += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+        dense += _rebuild(m, True, cm)
         if m.format_name == "dense" or m.algorithm == "dense":
-            structured += passes * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+            structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            structured += passes * _structured_rate(m, cm) * m.macs(batch, training=training)
-            structured += cm.rnn_cell_op * 8 * (1 + training)
+            structured += 3 * _structured_rate(m, cm) * m.macs(batch, training=True)
+            structured += cm.rnn_cell_op * 8 * 2
     return dense <= structured
