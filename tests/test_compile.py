@@ -231,6 +231,27 @@ def test_compiled_cell_and_projection_match_eager():
             torch.testing.assert_close(a, b, **TOL)
 
 
+def test_compiled_cell_ignores_what_eager_steps_keep():
+    """Eager steps without gradients remember their last dense step; the compiled cell neither
+    reads nor guards on it, so eager calls in between do not recompile it."""
+    cell = kcprnn.LSTMCell(INPUT, HIDDEN, format="tt", hidden_format="tt", rank=2)
+    x = torch.randn(3, INPUT)
+    hx = (torch.randn(3, HIDDEN), torch.randn(3, HIDDEN))
+    torch._dynamo.reset()
+    compiled = torch.compile(cell, fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        ref = cell(x, hx)
+        assert cell._repeat is not None
+        got = compiled(x, hx)
+        cell._repeat = None
+        again = compiled(x, hx)
+        cell(x, hx)
+        compiled(x, hx)
+    for a, b, c in zip(got, again, ref, strict=True):
+        torch.testing.assert_close(a, c, **TOL)
+        torch.testing.assert_close(b, c, **TOL)
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_product_operator_gradients_float64(kept):
     """The custom operator's backward (the kept autograd graph of its forward, or where none

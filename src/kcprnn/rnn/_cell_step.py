@@ -126,10 +126,10 @@ def repeated_dense(
     same matrices, algorithms and cost models, and no parameter changed since; ``None``
     otherwise (the full step then checks, plans and runs). A step on a stream of inputs then
     costs about what ``torch.nn``'s cell costs."""
+    if torch.compiler.is_compiling() or hx is None or torch.is_grad_enabled():
+        return None  # compiling: before reading what the eager steps keep (no guards on it)
     found = cell._repeat
-    if found is None or hx is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    if found[0] != _signature(cell, input, hx) or found[1] != weights_key(cell):
+    if found is None or found[0] != _signature(cell, input, hx) or found[1] != weights_key(cell):
         return None
     return found[2]
 
