@@ -5,7 +5,8 @@ Cases, without gradients, on ``--threads`` threads (default 1):
 - ``cell``: one step of an ``LSTMCell``, ``GRUCell`` and ``RNNCell`` (tanh) at the speech size
   (40 -> 512) and the video size (57,600 -> 256), kcprnn with its weights ``dense``, ``W_ih``
   in KCP (``kcp-ih``, default size), both in KCP at the default size (``kcp-both``) and at rank
-  1 (``kcp-r1``), against the ``torch.nn`` cell of the same mode and size;
+  1 (``kcp-r1``), both in TT, TR, HT, BT, Tucker or CP at rank 4 (``tt-both``, ...), against
+  the ``torch.nn`` cell of the same mode and size;
 - ``sequence``: ``LSTM``, ``GRU`` and ``RNN`` (tanh) over ``--steps`` (default 1,000) steps at
   batch 1, speech size, the same formats (routes ``auto``), against ``torch.nn``.
 
@@ -50,6 +51,13 @@ FORMATS = {
     "kcp-both": {"format": "kcp", "hidden_format": "kcp"},
     "kcp-r1": {"format": "kcp", "hidden_format": "kcp", "rank": 1, "hidden_options": {"rank": 1}},
 }
+# the other formats, both matrices at rank 4 (the regime suite's size)
+FORMATS.update(
+    {
+        f"{f}-both": {"format": f, "hidden_format": f, "rank": 4, "hidden_options": {"rank": 4}}
+        for f in ("tt", "tr", "ht", "bt", "tucker", "cp")
+    }
+)
 MODES = ("LSTM", "GRU", "RNN")
 
 
