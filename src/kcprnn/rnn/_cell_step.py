@@ -58,12 +58,18 @@ _CPU = torch.device("cpu")
 _T = TypeVar("_T")
 
 
+def _matrices(cell: RNNCellBase) -> tuple[FactorizedMatrix, FactorizedMatrix]:
+    """``cell``'s ``W_ih`` and ``W_hh`` from its ``_modules`` (faster than
+    ``nn.Module.__getattr__``, which every step would pay)."""
+    modules = cell._modules
+    return modules["weight_ih"], modules["weight_hh"]  # type: ignore[return-value]
+
+
 def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
     """What the kept weights of ``cell`` depend on: the storage and version counter of every
     parameter of ``W_ih``, ``W_hh`` and the biases (where each lives is looked up once per pair
     of matrices; the parameters themselves are read afresh, so a replaced one is seen)."""
-    modules = cell._modules  # faster than nn.Module.__getattr__, on every step
-    ih, hh = modules["weight_ih"], modules["weight_hh"]
+    ih, hh = _matrices(cell)
     slots = cell._param_slots
     if slots is None or slots[0] is not ih or slots[1] is not hh:
         found = [(d._parameters, n) for m in (ih, hh) for d in m.modules() for n in d._parameters]
@@ -104,8 +110,7 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
 def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
     """What a step's route and checks depend on besides the weights' values: the shapes, dtype
     and device of its tensors, the matrices themselves, their algorithms and cost models."""
-    modules = cell._modules
-    ih, hh = modules["weight_ih"], modules["weight_hh"]
+    ih, hh = _matrices(cell)
     shapes = tuple([t.shape for t in hx])
     models = (ih._algorithm, hh._algorithm, ih._cost_model, hh._cost_model)
     return (input.shape, input.dtype, input.device, shapes, ih, hh, *models)
