@@ -163,7 +163,10 @@ def test_route_prices_by_hand():
     rebuild_ih = cm.rnn_rebuild * 40 * g + macs_ih
     rebuild_hh = cm.rnn_rebuild * 512 * g + macs_hh
     once = rows * 40 * g + rows * 512 * g  # one pass of the input and recurrent GEMMs
-    torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step
+    # torch's LSTM kernel (oneDNN) also reorders both weights at every call (priced without
+    # gradients only)
+    reorder = cm.rnn_torch_lstm_call * (40 * g + 512 * g)
+    torch_price = rebuild_ih + rebuild_hh + once + steps * cm.rnn_torch_step + reorder
     # the input product: W_ih rebuilt dense beats CP's own sweep (rnn_factorized_input per MAC
     # of cp_linear: 4 * 4800 * (2048 * 5 + 256 * 10 + 32 * 20 + 4 * 40))
     narrow = 1 + cm.rnn_structured_input / 40  # the narrow-input rate of any structured product
@@ -197,6 +200,7 @@ def test_route_prices_by_hand():
     back_hh = cm.rnn_rebuild_backward * 512 * g + 2 * macs_hh
     torch_train = (
         torch_price
+        - reorder
         + back_ih
         + back_hh
         + 2 * once
@@ -355,3 +359,34 @@ def test_cell_without_gradients_reads_kept_dense_weights_unless_the_input_is_wid
     assert plan.cell_uses_dense(speech, 16, training=False)
     wide = kcprnn.LSTMCell(57600, 16, format=fmt, rank=2)
     assert not plan.cell_uses_dense(wide, 1, training=False)
+
+
+def test_short_lstm_sequences_leave_torchs_kernel():
+    """torch's LSTM kernel reorders its weights at every call (about 1 ms at 40 -> 512), which
+    a sequence of a few steps does not amortize: ``auto`` runs those on the compiled dense loop
+    and keeps long ones on torch's kernel. The GRU kernel pays no such price."""
+    torch.manual_seed(0)
+    cm = CostModel()
+    off = cm.replace(rnn_torch_lstm_call=0.0)
+    cells = [kcprnn.LSTM(40, 512, format="dense").cell(0)]
+    short = plan.layer_costs(cells, 16, 1, True, False, cm)
+    reorder = short["torch"] - plan.layer_costs(cells, 16, 1, True, False, off)["torch"]
+    assert reorder == pytest.approx(cm.rnn_torch_lstm_call * (40 + 512) * 2048)
+    assert short["dense"] < short["torch"]
+    long = plan.layer_costs(cells, 16 * 300, 300, True, False, cm)
+    assert long["torch"] < long["dense"]
+    training = plan.layer_costs(cells, 16, 1, True, True, cm)  # not priced in training
+    assert training == plan.layer_costs(cells, 16, 1, True, True, off)
+    gru = [kcprnn.GRU(40, 512, format="dense").cell(0)]
+    assert plan.layer_costs(gru, 16, 1, True, False, cm) == plan.layer_costs(
+        gru, 16, 1, True, False, off
+    )
+    without_onednn = cm.replace(onednn=False)  # e.g. another device: no reorder priced
+    assert (
+        plan.layer_costs(cells, 16, 1, True, False, without_onednn)["torch"]
+        == (
+            plan.layer_costs(
+                cells, 16, 1, True, False, without_onednn.replace(rnn_torch_lstm_call=0)
+            )["torch"]
+        )
+    )

@@ -80,6 +80,10 @@ class CostModel:
     # --- recurrences (rnn) ---
     rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent
     # kernels (torch.lstm, torch.gru, ...), beyond its GEMM
+    rnn_torch_lstm_call: float = 20.0  # one weight element of a layer direction, per call of
+    # torch's LSTM kernel on the CPU in float32 without gradients (oneDNN's RNN primitive
+    # reorders the weights at every call: 0.2 ms at 40 -> 256, 1 ms at 40 -> 512; its GRU and
+    # Elman kernels do not)
     rnn_torch_gru: float = 1.4  # torch's GRU recurrence (its GEMMs and steps) over the price of
     # the same work in its LSTM, forward (kcprnn's fused dense GRU loop is priced the same way)
     rnn_torch_gru_backward: float = 1.75  # ... and backward
