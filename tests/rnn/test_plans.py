@@ -390,3 +390,22 @@ def test_short_lstm_sequences_leave_torchs_kernel():
             )["torch"]
         )
     )
+
+
+def test_lstm_training_keeps_torchs_kernel_while_its_workspace_is_reused():
+    """torch's LSTM trains faster than the compiled loop while its workspace (about 12 floats
+    per row and hidden unit) stays under glibc's 32 MiB mmap threshold, and pays fresh pages at
+    every call above it: ``auto`` trains 50 steps of batch 16 at hidden 256 on torch's kernel
+    and 300 steps on the loop. The GRU's kernel keeps the loop at both lengths."""
+    torch.manual_seed(0)
+    cm = CostModel()
+    cells = [kcprnn.LSTM(40, 256, format="dense").cell(0)]
+    assert 16 * 50 * 256 * cm.rnn_torch_workspace < cm.rnn_torch_mmap
+    assert 16 * 300 * 256 * cm.rnn_torch_workspace > cm.rnn_torch_mmap
+    assert plan.choose_route("auto", cells, 16 * 50, 50, True, True) == "torch"
+    assert plan.choose_route("auto", cells, 16 * 300, 300, True, True) == "dense"
+    short = plan.layer_costs(cells, 16 * 50, 50, True, True, cm)
+    cold = plan.layer_costs(cells, 16 * 50, 50, True, True, cm.replace(rnn_dense_warm=1.0))
+    assert short["torch"] == cold["torch"] and short["dense"] > cold["dense"]
+    gru = [kcprnn.GRU(40, 256, format="dense").cell(0)]
+    assert plan.choose_route("auto", gru, 16 * 50, 50, True, True) == "dense"

@@ -96,6 +96,13 @@ class CostModel:
     rnn_dense_backward: float = 0.65  # ... and backward (transposed products, one W_hh GEMM) ...
     rnn_dense_step: float = 1.5e6  # ... plus this per step each way (two calls from Python); run
     # from rnn_min_rows rows per step (below them its GEMM is a GEMV slower than torch's)
+    rnn_dense_warm: float = 1.35  # the loop's price over that in LSTM training where torch's
+    # workspace stays in glibc's heap (the rnn_dense_* prices were fitted where it does not, and
+    # torch's kernel then pays fresh pages at every call): 1.15-1.37x torch's time there
+    rnn_torch_workspace: float = 12.0  # floats of torch's LSTM training workspace per row and
+    # hidden unit of a direction ...
+    rnn_torch_mmap: int = 8_388_608  # ... reused between calls below this many (glibc's largest
+    # mmap threshold, 32 MiB of float32)
     rnn_kron_op: float = 1.0e6  # one factor product or gather of a structured recurrent step
     rnn_native_step: float = 2.0e5  # one step of the compiled structured loop (native_rnn.cpp),
     # forward or backward, beyond its products and gate arithmetic

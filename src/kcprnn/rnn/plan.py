@@ -246,6 +246,8 @@ def layer_costs(
             if training:
                 backward = 2 * recurrent_once + steps * cm.rnn_torch_step * cm.rnn_step_backward
                 fused += cm.rnn_dense_backward * backward + steps * cm.rnn_dense_step
+                if c.mode == "LSTM" and rows * p * cm.rnn_torch_workspace < cm.rnn_torch_mmap:
+                    fused *= cm.rnn_dense_warm  # torch's workspace is reused, without faults
         else:  # kcprnn's fused loop on torch ops, one pass
             fused = recurrent_once + steps * cm.rnn_fused_step
             if training:
