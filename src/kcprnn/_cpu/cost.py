@@ -83,7 +83,10 @@ class CostModel:
     rnn_torch_lstm_call: float = 20.0  # one weight element of a layer direction, per call of
     # torch's LSTM kernel on the CPU in float32 without gradients (oneDNN's RNN primitive
     # reorders the weights at every call: 0.2 ms at 40 -> 256, 1 ms at 40 -> 512; its GRU and
-    # Elman kernels do not)
+    # Elman kernels do not) ...
+    rnn_torch_lstm_train: float = 100.0  # ... and per training call, forward and backward
+    # (2-9 ns per element measured: 0.3 ms at 40 -> 256, 6 ms at 40 -> 512, 0.5 s for a
+    # 57,600 -> 1,024 W_ih)
     rnn_torch_gru: float = 1.4  # torch's GRU recurrence (its GEMMs and steps) over the price of
     # the same work in its LSTM, forward (kcprnn's fused dense GRU loop is priced the same way)
     rnn_torch_gru_backward: float = 1.75  # ... and backward

@@ -229,11 +229,9 @@ def layer_costs(
         costs["torch"] += sum(_rebuild(m, training, cm) for m in weights) + scale * (
             once + steps * cm.rnn_torch_step
         )
-        if c.mode == "LSTM" and cm.onednn and not training:  # its per-call weight reorders
-            # (in training its time is dominated by how glibc serves its workspace: not priced)
-            costs["torch"] += cm.rnn_torch_lstm_call * sum(
-                m.in_features * m.out_features for m in weights
-            )
+        if c.mode == "LSTM" and cm.onednn:  # its weight reorders at every call
+            reorder = cm.rnn_torch_lstm_train if training else cm.rnn_torch_lstm_call
+            costs["torch"] += reorder * sum(m.in_features * m.out_features for m in weights)
         if training:
             costs["torch"] += scale_backward * (
                 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
