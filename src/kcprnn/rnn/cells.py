@@ -58,6 +58,7 @@ __all__ = [
 
 _Cell = TypeVar("_Cell", bound="RNNCellBase")
 _Kept = TypeVar("_Kept")
+_Pair = tuple[Tensor, Tensor]  # W_ih and W_hh dense
 
 
 def _from_dense(
@@ -334,9 +335,7 @@ class RNNCellBase(nn.Module):
     def _needs_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
-    def _dense_step(
-        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
-    ) -> State:
+    def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
         """One step on dense weights (``weights``, or :meth:`_dense_weights`) through torch's
         fused cell."""
         raise NotImplementedError(f"{type(self).__name__} does not define _dense_step()")
@@ -485,9 +484,7 @@ class LSTMCell(RNNCellBase):
     def state_sizes(self) -> tuple[int, ...]:
         return (self.output_size, self.hidden_size)
 
-    def _dense_step(
-        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
-    ) -> State:
+    def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
         w_ih, w_hh = self._dense_weights() if weights is None else weights
         b = self._parameters  # faster than nn.Module.__getattr__, on every step
         return torch.lstm_cell(x, state, w_ih, w_hh, b["bias_ih"], b["bias_hh"])
@@ -538,9 +535,7 @@ class GRUCell(RNNCellBase):
     def step(self, gates_x: Tensor, state: State) -> State:
         return (gru_step(gates_x, state[0], self.weight_hh, self.bias_hh),)
 
-    def _dense_step(
-        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
-    ) -> State:
+    def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
         w_ih, w_hh = self._dense_weights() if weights is None else weights
         b = self._parameters
         return (torch.gru_cell(x, state[0], w_ih, w_hh, b["bias_ih"], b["bias_hh"]),)
@@ -590,9 +585,7 @@ class RNNCell(RNNCellBase):
     def step(self, gates_x: Tensor, state: State) -> State:
         return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
 
-    def _dense_step(
-        self, x: Tensor, state: State, weights: tuple[Tensor, Tensor] | None = None
-    ) -> State:
+    def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
         w_ih, w_hh = self._dense_weights() if weights is None else weights
         cell = torch.rnn_relu_cell if self.nonlinearity == "relu" else torch.rnn_tanh_cell
         b = self._parameters
