@@ -20,12 +20,14 @@ A layer (all directions of one of the stacked layers) runs one of these routes:
 ``"auto"`` takes the cheapest available route by :func:`layer_costs`, in multiply-accumulate
 equivalents of the :class:`~kcprnn._cpu.CostModel` (its ``rnn_*`` fields): the dense rebuild is
 priced per call for ``W_ih`` and per sequence for ``W_hh`` (its backward apart), torch's kernel
-per pass of its GEMMs and per step (GRU and Elman kernels scaled against the LSTM's), the
-compiled dense loop against torch's LSTM kernel for the same work plus its own calls per step
-(from ``rnn_min_rows`` rows per step; below them, and without the kernels, as the loop on torch
-ops), the compiled structured loop per step, per gate unit of every row and per MAC of
-its products (forward and transposed apart), then its factor gradients. A module keeps every
-layer's :class:`LayerPlan` per input shape (:func:`plan_layer`).
+per pass of its GEMMs and per step (GRU and Elman kernels scaled against the LSTM's; the LSTM's
+also per weight element a call, for oneDNN's reorders), the compiled dense loop against torch's
+LSTM kernel for the same work plus its own calls per step (from ``rnn_min_rows`` rows per step;
+below them, and without the kernels, as the loop on torch ops; dearer in LSTM training while
+torch's workspace stays small enough for glibc to reuse it), the compiled structured loop per
+step, per gate unit of every row and per MAC of its products (forward and transposed apart),
+then its factor gradients. A module keeps every layer's :class:`LayerPlan` per input shape
+(:func:`plan_layer`).
 """
 
 from __future__ import annotations
