@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._cpu import CostModel, default_cost_model
 from ..formats import FactorizedMatrix
+from ._options import _first_parameter
 from .kron import (
     KronLayout,
     kron_grads_cost,
@@ -427,7 +428,7 @@ def _signature(cells: Sequence[RNNCellBase]) -> tuple[Any, ...]:
         for m in (c.weight_ih, c.weight_hh, c.weight_hr):
             if m is None:
                 continue
-            p = next(m.parameters(), None)
+            p = _first_parameter(m)  # what next(m.parameters()) gives, without the generator
             out += (
                 m,
                 m.algorithm,

@@ -170,7 +170,10 @@ class RNNBase(nn.Module):
 
     def cell(self, layer: int, direction: int = 0) -> RNNCellBase:
         """The cell of ``layer`` and ``direction`` (0 forward, 1 reverse)."""
-        return cast(RNNCellBase, self.cells[layer * self.num_directions + direction])
+        index = layer * self.num_directions + direction
+        found = self._modules["cells"]._modules.get(str(index))  # type: ignore[union-attr]
+        # the ModuleList's own indexing (negative indices, its IndexError) where that misses
+        return cast(RNNCellBase, found if found is not None else self.cells[index])
 
     def reset_parameters(self) -> None:
         """``torch.nn``'s init, ``U(-1/sqrt(h), 1/sqrt(h))``, through each format's
