@@ -269,31 +269,59 @@ def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostMod
     return ops * cm.rnn_aten_op + cm.rnn_factorized_input * matrix.macs(batch)
 
 
+def _torch_cell(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
+    """Price of one step of torch's fused cell on ``cell``'s kept dense weights."""
+    return cm.rnn_torch_cell + sum(
+        _dense_product(m.in_features * m.out_features, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
+        for m in (cell.weight_ih, cell.weight_hh)
+    )
+
+
+def _own_products(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
+    """Price of one step through the formats' own products on torch operations: each product
+    its aten operators (:func:`~kcprnn.rnn.plan.product_ops`, ``rnn_aten_op`` each) and its
+    MACs at the structured rate, a dense matrix as in torch's cell, plus the step's Python and
+    gate arithmetic."""
+    price = cm.rnn_torch_cell + cm.rnn_step_ops * cm.rnn_aten_op
+    for m in (cell.weight_ih, cell.weight_hh):
+        if m.format_name == "dense" or m.algorithm == "dense":
+            elements = m.in_features * m.out_features
+            price += _dense_product(elements, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
+            continue
+        rate = plan.structured_rate(m, cm)
+        if m.format_name != "kcp":
+            rate *= cm.rnn_factorized_input
+        price += plan.product_ops(m) * cm.rnn_aten_op + rate * m.macs(batch)
+    return price
+
+
 def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]:
     """Prices of one step of ``cell`` on ``batch`` rows without gradients: ``"dense"`` (torch's
     fused cell on the kept dense weights) and ``"native"`` (the compiled step)."""
     ih, hh = cell.weight_ih, cell.weight_hh
     gates = hh.out_features
-    dense = cm.rnn_torch_cell + sum(
-        _dense_product(m.in_features * m.out_features, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
-        for m in (ih, hh)
-    )
     compiled = (
         cm.rnn_native_call * cm.rnn_cell_op
         + batch * gates * cm.rnn_native_gate
         + _native_product(ih, "ih", batch, cm)
         + _native_product(hh, "hh", batch, cm)
     )
-    return {"dense": dense, "native": compiled}
+    return {"dense": _torch_cell(cell, batch, cm), "native": compiled}
 
 
 def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     """Whether one step of ``cell`` on ``batch`` rows is cheaper on its dense weights and
-    torch's fused cell than through its formats' products: without gradients, where the
-    compiled step can run, by :func:`step_costs` (ties go to torch); else by
-    :func:`kcprnn.rnn.plan.cell_uses_dense` (the products on torch ops)."""
+    torch's fused cell than through its formats' products (ties go to torch): without
+    gradients against the compiled step where it can run (:func:`step_costs`), else against
+    the products on torch operations; in training by
+    :func:`kcprnn.rnn.plan.cell_trains_dense`."""
+    if training:
+        return plan.cell_trains_dense(cell, batch)
+    if cell.weight_hr is not None:
+        return False
+    cm = cell.weight_hh.planning_model()
     p = cell.bias_hh if cell.bias_hh is not None else next(cell.weight_hh.parameters(), None)
-    if not training and p is not None and native_applies(cell, p.dtype, p.is_cpu):
-        costs = step_costs(cell, batch, cell.weight_hh.planning_model())
+    if p is not None and native_applies(cell, p.dtype, p.is_cpu):
+        costs = step_costs(cell, batch, cm)
         return costs["dense"] <= costs["native"]
-    return plan.cell_uses_dense(cell, batch, training)
+    return _torch_cell(cell, batch, cm) <= _own_products(cell, batch, cm)

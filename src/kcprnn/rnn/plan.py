@@ -59,13 +59,15 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUTES",
     "LayerPlan",
-    "cell_uses_dense",
+    "cell_trains_dense",
     "choose_route",
     "dense_weight",
     "input_is_dense",
     "kron_layout_cached",
     "layer_costs",
     "plan_layer",
+    "product_ops",
+    "structured_rate",
 ]
 
 ROUTES = ("auto", "torch", "dense", "structured", "steps")
@@ -165,7 +167,7 @@ def _rebuild(matrix: FactorizedMatrix, training: bool, cm: CostModel) -> float:
     return forward + cm.rnn_rebuild_backward * elements + 2 * macs
 
 
-def _structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
+def structured_rate(matrix: FactorizedMatrix, cm: CostModel) -> float:
     """Price of one MAC of ``matrix``'s structured product, relative to a large GEMM's."""
     return 1.0 + cm.rnn_structured_input / matrix.in_features
 
@@ -174,7 +176,7 @@ def _input_costs(
     cell: RNNCellBase, rows: int, training: bool, cm: CostModel
 ) -> tuple[float, float]:
     """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format (KCP's products by the
-    width of their inputs, :func:`_structured_rate`; the other formats' sweeps at
+    width of their inputs, :func:`structured_rate`; the other formats' sweeps at
     ``rnn_factorized_input`` times that per MAC: at 123 to 1,024 inputs HT, CP and TT sweeps
     trained 1.1-2x slower than the rebuilt product), and on ``W_ih`` rebuilt dense (the same for
     a dense matrix)."""
@@ -183,7 +185,7 @@ def _input_costs(
     dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
-    rate = _structured_rate(ih, cm)
+    rate = structured_rate(ih, cm)
     if ih.format_name != "kcp":
         rate *= cm.rnn_factorized_input
     if ih.format_name == "cp" and training:
@@ -444,41 +446,21 @@ def _model(cells: Sequence[RNNCellBase]) -> CostModel:
     return cells[0].weight_hh.planning_model()
 
 
-def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
-    """Whether one step of ``cell`` on ``batch`` rows is cheaper with dense weights (rebuilt,
-    or kept between calls without gradients) and torch's fused cell than through the formats'
-    products. Without gradients the kept weights cost what torch's cell on them costs
-    (``rnn_torch_cell``, ``rnn_cell_weight`` and ``rnn_cell_row`` per element), the products
-    their aten operators (:func:`product_ops`, ``rnn_aten_op`` each) and their MACs, plus the
-    step's gate arithmetic."""
+def cell_trains_dense(cell: RNNCellBase, batch: int) -> bool:
+    """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
+    rebuilt dense (under autograd) and torch's fused cell than through the formats' products
+    (without gradients: :func:`kcprnn.rnn._cell_step.cell_uses_dense`)."""
     if cell.weight_hr is not None:
         return False
     cm = _model([cell])
-    matrices = (cell.weight_ih, cell.weight_hh)
-    if not training:
-        dense = cm.rnn_torch_cell + sum(
-            m.in_features * m.out_features * (cm.rnn_cell_weight + cm.rnn_cell_row * batch)
-            for m in matrices
-        )
-        structured = cm.rnn_torch_cell + cm.rnn_step_ops * cm.rnn_aten_op
-        for m in matrices:
-            if m.format_name == "dense" or m.algorithm == "dense":
-                elements = m.in_features * m.out_features
-                structured += elements * (cm.rnn_cell_weight + cm.rnn_cell_row * batch)
-                continue
-            rate = _structured_rate(m, cm)
-            if m.format_name != "kcp":
-                rate *= cm.rnn_factorized_input
-            structured += product_ops(m) * cm.rnn_aten_op + rate * m.macs(batch)
-        return dense <= structured
     structured = 0.0
     dense = 0.0
-    for m in matrices:
+    for m in (cell.weight_ih, cell.weight_hh):
         dense += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         dense += _rebuild(m, True, cm)
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            structured += 3 * _structured_rate(m, cm) * m.macs(batch, training=True)
+            structured += 3 * structured_rate(m, cm) * m.macs(batch, training=True)
             structured += cm.rnn_cell_op * 8 * 2
     return dense <= structured
