@@ -18,7 +18,9 @@ from kcprnn.experiments.study import (
     parse_budget,
     plan_runs,
     read_runs,
+    run_config,
     run_study,
+    study_config,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
@@ -184,3 +186,23 @@ def test_empty_study_writes_tables_without_a_plot(tmp_path, capsys):
     assert (tmp_path / "study.csv").read_text().startswith("format,budget,runs,")
     assert not (tmp_path / "study.png").exists()
     capsys.readouterr()
+
+
+def test_set_format_options_reach_every_compressed_run(tmp_path):
+    # the preset's own KCP options are dropped; options given with --set go to every
+    # compressed run next to its budget's rank, and never to dense
+    preset = CONFIGS / "shd-like_kcp.toml"
+    assert load_config(preset, []).format_options  # the preset has options of its own
+    base = study_config(preset, ["format_options.init=orthogonal", "epochs=2"])
+    assert base.epochs == 2
+    assert base.format_options == {"init": "orthogonal"} and base.hidden_options == {}
+    kcp = run_config(base, RunSpec("kcp", (0.25, 0.02), 1), tmp_path)
+    assert kcp.format_options == {"init": "orthogonal", "rank": 0.25}
+    assert kcp.hidden_options == {"rank": 0.02}
+    assert run_config(base, RunSpec("kcp", DEFAULT, 0), tmp_path).format_options == {
+        "init": "orthogonal"
+    }
+    dense = run_config(base, RunSpec("dense", DEFAULT, 0), tmp_path)
+    assert dense.format_options == {} == dense.hidden_options
+    plain = study_config(preset, [])
+    assert plain.format_options == {} == plain.hidden_options

@@ -8,7 +8,10 @@ default, one budget for the pair, :func:`kcprnn.budget.split_budget`; a
 pair ``IH:HH`` gives ``W_ih`` and ``W_hh`` budgets of their own, ``0.25:0.02``), its seed,
 one thread, and its own folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own
 ``format_options`` and ``hidden_options`` are dropped (they belong to the preset's format); its
-other keys, and ``--set KEY=VALUE`` overrides, apply to every run. ``dense`` runs once per seed
+other keys, and ``--set KEY=VALUE`` overrides, apply to every run, an option given as ``--set
+format_options.KEY=VALUE`` (``hidden_options.``) to every compressed run, next to its budget's
+``rank`` (so only with formats that take it, e.g. ``format_options.init=orthogonal`` with
+``kcp``). ``dense`` runs once per seed
 (budgets do not apply to it) and is the reference line of the plot.
 
 Runs whose ``summary.json`` exists are skipped, so an interrupted study resumes where it stopped;
@@ -131,6 +134,23 @@ def plan_runs(
     return list(dict.fromkeys(runs))
 
 
+def study_config(preset: str | Path, sets: Sequence[str]) -> Config:
+    """The preset with the ``--set`` overrides (``KEY=VALUE``), without the preset's own
+    format options (they belong to its format), keeping those set here
+    (``format_options.KEY=VALUE``, ``hidden_options.KEY=VALUE``) for every compressed run."""
+    base = load_config(preset, [f"--{item}" for item in sets])
+    given: dict[str, set[str]] = {"format_options": set(), "hidden_options": set()}
+    for item in sets:
+        head, _, key = item.partition("=")[0].partition(".")
+        if head in given and key:
+            given[head].add(key.split(".")[0])
+    return dataclasses.replace(
+        base,
+        format_options={k: base.format_options[k] for k in given["format_options"]},
+        hidden_options={k: base.hidden_options[k] for k in given["hidden_options"]},
+    )
+
+
 def run_config(base: Config, spec: RunSpec, out: Path) -> Config:
     """The preset's config with the run's format, budget, seed, folder and one thread."""
     budget = spec.budget
@@ -139,14 +159,23 @@ def run_config(base: Config, spec: RunSpec, out: Path) -> Config:
         base,
         format=spec.format,
         hidden_format=spec.format,
-        format_options={} if ih == DEFAULT else {"rank": float(ih)},
-        hidden_options={} if hh == DEFAULT else {"rank": float(hh)},
+        format_options=_options(base.format_options, spec.format, ih),
+        hidden_options=_options(base.hidden_options, spec.format, hh),
         seed=spec.seed,
         name=spec.run_id,
         out_dir=str(out / "runs" / spec.run_id),
         threads=1,
         progress=False,
     )
+
+
+def _options(given: dict[str, Any], fmt: str, budget: float | str) -> dict[str, Any]:
+    """A run's options for one matrix: the study's own (``--set format_options.KEY=VALUE``)
+    for a compressed format, and its budget as the float ``rank`` (none for ``default``)."""
+    options = {} if fmt == "dense" else dict(given)
+    if budget != DEFAULT:
+        options["rank"] = float(budget)
+    return options
 
 
 def _run_one(values: dict[str, Any]) -> dict[str, Any]:
@@ -529,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a preset key for every run (repeatable), e.g. --set epochs=5",
+        help="override a preset key for every run (repeatable), e.g. --set epochs=5; "
+        "--set format_options.init=orthogonal gives every compressed run's W_ih that option",
     )
     parser.add_argument(
         "--aggregate-only", action="store_true", help="skip training, aggregate what exists"
@@ -550,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--formats, --budgets and --seeds each need at least one entry")
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-        base = load_config(args.preset, [f"--{item}" for item in args.set])
-        base = dataclasses.replace(base, format_options={}, hidden_options={})
+        base = study_config(args.preset, args.set)
         out = Path(args.out)
         (out / "runs").mkdir(parents=True, exist_ok=True)
         specs = plan_runs(formats, budgets, seeds)
