@@ -399,10 +399,11 @@ def test_timit_like_kcp_preset_is_a_sum_of_three_kronecker_products_over_the_inp
     w = model.weight_ih.to_dense().double()
     assert w.shape == (4 * cfg.hidden_size, 369)
     shuffled = w.reshape(64, 16, 9, 41).permute(0, 2, 1, 3).reshape(64 * 9, 16 * 41)
-    assert torch.linalg.matrix_rank(shuffled).item() == 3
+    # (W is float32: singular values below 1e-5 of the largest are its rounding)
+    assert torch.linalg.matrix_rank(shuffled, rtol=1e-5).item() == 3
     # the same shuffle on the input's other splits is of full rank: the structure is that one
     other = w.reshape(64, 16, 41, 9).permute(0, 2, 1, 3).reshape(64 * 41, 16 * 9)
-    assert torch.linalg.matrix_rank(other).item() > 3
+    assert torch.linalg.matrix_rank(other, rtol=1e-5).item() > 3
 
 
 def test_empty_hidden_modes_leave_each_format_its_own_modes():

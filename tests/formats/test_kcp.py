@@ -658,7 +658,9 @@ def test_repr_lists_splits_and_ranks():
 
 def test_init_std_exact_for_a_single_term():
     # P * prod(R) = 1: every entry of W has magnitude sigma^(D N) = std exactly.
-    w = KCPMatrix(60, 12, in_modes=[[3, 4], [5, 1]], out_modes=[[2, 2], [3, 1]], dtype=F64)
+    w = KCPMatrix(
+        60, 12, in_modes=[[3, 4], [5, 1]], out_modes=[[2, 2], [3, 1]], init="variance", dtype=F64
+    )
     w.reset_parameters(0.1)
     torch.testing.assert_close(w.to_dense().abs(), torch.full((12, 60), 0.1, dtype=F64))
 

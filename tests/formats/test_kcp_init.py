@@ -88,8 +88,20 @@ def test_init_is_seeded_and_named_in_the_repr():
         torch.manual_seed(4)
         b = KCPMatrix(30, 20, init=init, rank=2).to_dense()
         torch.testing.assert_close(a, b)
-    assert "init='orthogonal'" in repr(KCPMatrix(30, 20, init="orthogonal"))
-    assert "init=" not in repr(KCPMatrix(30, 20))
+    assert "init='variance'" in repr(KCPMatrix(30, 20, init="variance"))
+    assert "init=" not in repr(KCPMatrix(30, 20))  # the default, orthogonal
+
+
+def test_default_init_is_orthogonal():
+    # the default draws the orthogonal init's factors: the same numbers for a seed
+    torch.manual_seed(5)
+    a = KCPMatrix(256, 1024, rank=2, dtype=F64).to_dense()
+    torch.manual_seed(5)
+    b = KCPMatrix(256, 1024, rank=2, init="orthogonal", dtype=F64).to_dense()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(5)
+    c = KCPMatrix(256, 1024, rank=2, init="variance", dtype=F64).to_dense()
+    assert not torch.equal(a, c)
 
 
 def test_unknown_init_is_named():

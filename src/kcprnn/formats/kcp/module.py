@@ -28,8 +28,8 @@ from .walk import sequential_setup
 
 __all__ = ["KCP_INITS", "KCPMatrix"]
 
-KCP_INITS = ("variance", "orthogonal")
-"""The initializations of :class:`KCPMatrix` (its ``init`` option)."""
+KCP_INITS = ("orthogonal", "variance")
+"""The initializations of :class:`KCPMatrix` (its ``init`` option), the default first."""
 
 
 @register("kcp")
@@ -56,12 +56,13 @@ class KCPMatrix(FactorizedMatrix):
         terms: ``P``, the number of Kronecker (KT) terms.
         rank: the CP rank ``R_n`` of every factor, an int or a list of ``N`` ints.
         init: how :meth:`reset_parameters` draws the factors so that ``W`` has the target std
-            (``nn.Linear``'s by default): ``"variance"`` (default; entries ``±σ`` with random
-            signs, ``σ`` set so the reconstruction's variance is exact) or ``"orthogonal"``
-            (every small matrix ``F[n][d][p, r]`` a random semi-orthogonal matrix, one scale
-            for all, so a single term is a Kronecker product of orthogonal matrices: a flat
-            spectrum, where ``±σ`` factors of size 2 x 2 are singular half of the time and
-            leave a low-rank ``W`` at small ranks).
+            (``nn.Linear``'s by default): ``"orthogonal"`` (default; every small matrix
+            ``F[n][d][p, r]`` a random semi-orthogonal matrix, one scale for all, so a single
+            term is a Kronecker product of orthogonal matrices: a flat spectrum of full rank)
+            or ``"variance"`` (entries ``±σ`` with random signs, ``σ`` set so the
+            reconstruction's variance is exact; its factors of size 2 x 2 are singular half of
+            the time and leave a low-rank ``W`` at small ranks, which costs 4-9 points of
+            accuracy there: docs/accuracy.md).
         algorithm: ``"auto"`` (default, cost model :func:`~.plan.kcp_plan`), ``"sequential"``,
             ``"parallel"`` or ``"dense"`` (reconstruct ``W``, then ``F.linear``).
         device, dtype: factory arguments, as in ``torch.nn``.
@@ -99,7 +100,7 @@ class KCPMatrix(FactorizedMatrix):
         num_factors: int | None = None,
         terms: int = 1,
         rank: int | Sequence[int] = 1,
-        init: str = "variance",
+        init: str = "orthogonal",
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -315,10 +316,10 @@ class KCPMatrix(FactorizedMatrix):
         if not std > 0:
             raise ValueError(f"std must be positive, got std={std}")
         with torch.no_grad():
-            if self.init == "orthogonal":
-                self._orthogonal_init(std)
-            else:
+            if self.init == "variance":
                 self._variance_init(std)
+            else:
+                self._orthogonal_init(std)
 
     def _variance_init(self, std: float) -> None:
         # Var(W[j, i]) = P * prod_n R_n * sigma^(2 D N) for i.i.d. zero-mean entries of variance
@@ -359,7 +360,7 @@ class KCPMatrix(FactorizedMatrix):
             f"ranks={list(self.ranks)}",
             f"terms={self.terms}",
             f"num_factors={self.num_factors}",
-            *([f"init={self.init!r}"] if self.init != "variance" else []),
+            *([f"init={self.init!r}"] if self.init != KCP_INITS[0] else []),
         ]
 
 
