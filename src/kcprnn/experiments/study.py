@@ -4,15 +4,14 @@ then a table, a Pareto plot and a paired comparison.
 Every run is one :func:`~kcprnn.experiments.train.train` of the preset with the run's format for
 both recurrent matrices (``format`` and ``hidden_format``), its budget as the float ``rank`` of
 both (:mod:`kcprnn.budget`; the budget ``default`` passes no rank: the recurrent modules'
-default, one budget for the pair, :func:`kcprnn.budget.split_budget`; a
-pair ``IH:HH`` gives ``W_ih`` and ``W_hh`` budgets of their own, ``0.25:0.02``), its seed,
-one thread, and its own folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own
-``format_options`` and ``hidden_options`` are dropped (they belong to the preset's format); its
-other keys, and ``--set KEY=VALUE`` overrides, apply to every run, an option given as ``--set
-format_options.KEY=VALUE`` (``hidden_options.``) to every compressed run, next to its budget's
-``rank`` (so only with formats that take it, e.g. ``format_options.init=orthogonal`` with
-``kcp``). ``dense`` runs once per seed
-(budgets do not apply to it) and is the reference line of the plot.
+default, one budget for the pair, :func:`kcprnn.budget.split_budget`; a pair ``IH:HH`` gives
+``W_ih`` and ``W_hh`` budgets of their own, ``0.25:0.02``), its seed, one thread, and its own
+folder ``OUT/runs/<format>-<budget>-s<seed>``. The preset's own ``format_options`` and
+``hidden_options`` are dropped (they belong to the preset's format); its other keys and ``--set
+KEY=VALUE`` overrides apply to every run, ``--set format_options.KEY=VALUE`` (``hidden_options.``)
+to every compressed run next to its budget's ``rank`` (e.g. ``format_options.init=variance``
+with ``kcp``). ``dense`` runs once per seed (budgets do not apply to it) and is the reference
+line of the plot.
 
 Runs whose ``summary.json`` exists are skipped, so an interrupted study resumes where it stopped;
 the rest run in up to ``--jobs`` processes (spawned, one thread each). Then, from every run
@@ -135,9 +134,9 @@ def plan_runs(
 
 
 def study_config(preset: str | Path, sets: Sequence[str]) -> Config:
-    """The preset with the ``--set`` overrides (``KEY=VALUE``), without the preset's own
-    format options (they belong to its format), keeping those set here
-    (``format_options.KEY=VALUE``, ``hidden_options.KEY=VALUE``) for every compressed run."""
+    """The preset with the ``--set`` overrides (``KEY=VALUE``), its format options only those
+    set here (``format_options.KEY=VALUE``, ``hidden_options.``): the preset's own belong to
+    its format."""
     base = load_config(preset, [f"--{item}" for item in sets])
     given: dict[str, set[str]] = {"format_options": set(), "hidden_options": set()}
     for item in sets:
@@ -155,27 +154,21 @@ def run_config(base: Config, spec: RunSpec, out: Path) -> Config:
     """The preset's config with the run's format, budget, seed, folder and one thread."""
     budget = spec.budget
     ih, hh = budget if isinstance(budget, tuple) else (budget, budget)
+    dense = spec.format == "dense"
+    ih_rank, hh_rank = ({} if b == DEFAULT else {"rank": float(b)} for b in (ih, hh))
     return dataclasses.replace(
         base,
         format=spec.format,
         hidden_format=spec.format,
-        format_options=_options(base.format_options, spec.format, ih),
-        hidden_options=_options(base.hidden_options, spec.format, hh),
+        # the study's own options (--set) for a compressed format, the budget as its rank
+        format_options={**({} if dense else base.format_options), **ih_rank},
+        hidden_options={**({} if dense else base.hidden_options), **hh_rank},
         seed=spec.seed,
         name=spec.run_id,
         out_dir=str(out / "runs" / spec.run_id),
         threads=1,
         progress=False,
     )
-
-
-def _options(given: dict[str, Any], fmt: str, budget: float | str) -> dict[str, Any]:
-    """A run's options for one matrix: the study's own (``--set format_options.KEY=VALUE``)
-    for a compressed format, and its budget as the float ``rank`` (none for ``default``)."""
-    options = {} if fmt == "dense" else dict(given)
-    if budget != DEFAULT:
-        options["rank"] = float(budget)
-    return options
 
 
 def _run_one(values: dict[str, Any]) -> dict[str, Any]:
@@ -559,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override a preset key for every run (repeatable), e.g. --set epochs=5; "
-        "--set format_options.init=orthogonal gives every compressed run's W_ih that option",
+        "--set format_options.init=variance gives every compressed run's W_ih that option",
     )
     parser.add_argument(
         "--aggregate-only", action="store_true", help="skip training, aggregate what exists"
