@@ -269,11 +269,16 @@ def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostMod
     return ops * cm.rnn_aten_op + cm.rnn_factorized_input * matrix.macs(batch)
 
 
+def _cell_product(matrix: FactorizedMatrix, batch: int, cm: CostModel) -> float:
+    """Price of ``matrix``'s dense product inside torch's fused cell."""
+    elements = matrix.in_features * matrix.out_features
+    return _dense_product(elements, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
+
+
 def _torch_cell(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
     """Price of one step of torch's fused cell on ``cell``'s kept dense weights."""
     return cm.rnn_torch_cell + sum(
-        _dense_product(m.in_features * m.out_features, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
-        for m in (cell.weight_ih, cell.weight_hh)
+        _cell_product(m, batch, cm) for m in (cell.weight_ih, cell.weight_hh)
     )
 
 
@@ -285,8 +290,7 @@ def _own_products(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
     price = cm.rnn_torch_cell + cm.rnn_step_ops * cm.rnn_aten_op
     for m in (cell.weight_ih, cell.weight_hh):
         if m.format_name == "dense" or m.algorithm == "dense":
-            elements = m.in_features * m.out_features
-            price += _dense_product(elements, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
+            price += _cell_product(m, batch, cm)
             continue
         rate = plan.structured_rate(m, cm)
         if m.format_name != "kcp":
