@@ -14,6 +14,7 @@ from kcprnn.experiments.study import (
     DEFAULT,
     RunSpec,
     aggregate,
+    metric_goal,
     paired,
     parse_budget,
     plan_runs,
@@ -22,6 +23,7 @@ from kcprnn.experiments.study import (
     run_study,
     study_config,
 )
+from kcprnn.experiments.study_tables import RunResult
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
@@ -89,6 +91,10 @@ def test_grid_runs_resumes_and_aggregates(tiny_digits, tmp_path, capsys):
     split = json.loads((out / "runs" / "kcp-ih0.5-hh1-s0" / "config.json").read_text())
     assert split["format_options"] == {"rank": 0.5} and split["hidden_options"] == {"rank": 1.0}
     assert "ih0.5-hh1" in (out / "study.csv").read_text()
+    assert "best other (highest mean)" in (out / "paired.md").read_text()
+    # the same runs read as a metric that is better low
+    assert cli_main(study_args(tiny_digits, out, "--aggregate-only", "--goal", "min")) == 0
+    assert "best other (lowest mean)" in (out / "paired.md").read_text()
 
 
 def fake_run(root: Path, fmt: str, budget, seed: int, acc: float, params: int) -> None:
@@ -140,6 +146,26 @@ def test_aggregation_math(tmp_path):
     assert p.other == "ht" and p.pairs == 2
     assert math.isclose(p.mean_diff, 0.06) and math.isclose(p.std_diff, math.sqrt(0.0032))
     assert math.isclose(p.other_mean, 0.65)
+
+
+def test_paired_error_rate_takes_the_lowest_other():
+    """For an error rate the best other format is the one with the lowest mean, and the
+    differences stay KCP - other (negative: KCP ahead)."""
+    per = {"kcp": [0.40, 0.44], "tt": [0.42, 0.46], "ht": [0.50, 0.52]}
+    results = [
+        RunResult(fmt, 0.01, seed, value, 100, 10.0, 1.0)
+        for fmt, values in per.items()
+        for seed, value in enumerate(values)
+    ]
+    assert metric_goal("test_per") == "min" and metric_goal("dev_wer") == "min"
+    assert metric_goal("test_loss") == "min" and metric_goal("test_acc") == "max"
+    (low,) = paired(results, goal="min")
+    assert low.other == "tt" and math.isclose(low.mean_diff, -0.02)
+    assert math.isclose(low.other_mean, 0.44) and low.pairs == 2
+    (high,) = paired(results)  # read as an accuracy, HT would be the best other
+    assert high.other == "ht" and math.isclose(high.mean_diff, -0.09)
+    with pytest.raises(ValueError, match="goal"):
+        paired(results, goal="lowest")
 
 
 def test_plan_and_budget_parsing():
