@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kcprnn
 from kcprnn import FORMATS
 from kcprnn.bench import main
 from kcprnn.benchmarking import (
@@ -36,16 +37,26 @@ UCF_IN, UCF_OUT = [8, 20, 20, 18], [16, 4, 4, 4]
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load_check_targets():
-    """``benchmarks/check_targets.py``, a script outside the package, as a module."""
-    spec = importlib.util.spec_from_file_location("check_targets", BENCHMARKS / "check_targets.py")
+def _load_script(name: str):
+    """``benchmarks/<name>.py``, a script outside the package, as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-check_targets = _load_check_targets()
+check_targets = _load_script("check_targets")
+
+
+def test_relative_step_hand_case():
+    """A sign step of lr on every weight of a dense matrix moves it by lr * sqrt(size)."""
+    relative_step = _load_script("relative_step").relative_step
+    torch.manual_seed(0)
+    weight = kcprnn.make_matrix("dense", 6, 4).to_dense().detach()  # what the probe builds
+    expected = 1e-3 * math.sqrt(24) / float(weight.norm())
+    assert relative_step("dense", 6, 4, {}) == pytest.approx(expected, rel=1e-5)
+    assert relative_step("dense", 6, 4, {}, lr=2e-3) == pytest.approx(2 * expected, rel=1e-5)
 
 
 def test_median_hand_cases():
