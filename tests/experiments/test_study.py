@@ -74,8 +74,13 @@ def test_grid_runs_resumes_and_aggregates(tiny_digits, tmp_path, capsys):
     summary = json.loads((out / "runs" / "tt-0.5-s0" / "summary.json").read_text())
     dense_params = 4 * 8 * (13 + 8)
     assert summary["recurrent_params"] <= 0.5 * dense_params
-    for name in ("study.csv", "study.md", "paired.csv", "paired.md", "study.png"):
+    for name in ("study.csv", "study.md", "paired.csv", "paired.md", "study.png", "runs.csv"):
         assert (out / name).is_file(), name
+    listed = (out / "runs.csv").read_text().splitlines()
+    assert len(listed) == 1 + 14 and listed[0].startswith("format,budget,seed,test_acc (%)")
+    row = next(r.split(",") for r in listed if r.startswith("tt,0.5,0,"))
+    assert float(row[3]) == pytest.approx(100 * summary["test_acc"], abs=0.005)
+    assert int(row[4]) == summary["recurrent_params"]
     stamp = (out / "runs" / "tt-0.5-s0" / "summary.json").stat().st_mtime_ns
     # a rerun skips every finished run and rewrites the same table
     table = (out / "study.csv").read_text()

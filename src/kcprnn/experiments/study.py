@@ -20,6 +20,7 @@ folder under ``OUT/runs``:
 - ``study.csv`` / ``study.md``: per (format, budget), the number of runs, mean and standard
   deviation (over seeds, ``n - 1`` in the denominator) of the metric, the recurrent parameters
   (``W_ih`` and ``W_hh``) and their compression against dense;
+- ``runs.csv``: every finished run's format, budget, seed, metric, parameters and s/epoch;
 - ``study.png``: the metric against the recurrent parameters (log scale), one curve per format
   with error bars of one standard deviation, dense as a dashed line (needs matplotlib);
 - ``paired.csv`` / ``paired.md``: at every budget, KCP minus the best other format (the best
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         results = read_runs(out, args.metric)
         goal = args.goal or metric_goal(args.metric)
         rows, pairs = aggregate(results), paired(results, goal=goal)
-        written = write_outputs(out, rows, pairs, args.metric, goal)
+        written = write_outputs(out, rows, pairs, args.metric, goal, results)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"kcprnn study: error: {exc}", file=sys.stderr)
         return 2

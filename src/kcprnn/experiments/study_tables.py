@@ -253,10 +253,26 @@ def write_outputs(
     pairs: Sequence[PairedRow],
     metric: str,
     goal: str = "max",
+    results: Sequence[RunResult] = (),
 ) -> list[Path]:
-    """``study.csv``, ``study.md``, ``paired.csv``, ``paired.md`` and (with matplotlib)
-    ``study.png`` in ``out``; returns the paths written. Metric values are in percent."""
+    """``study.csv``, ``study.md``, ``paired.csv``, ``paired.md``, ``runs.csv`` (every run of
+    ``results``, by format, budget and seed) and (with matplotlib) ``study.png`` in ``out``;
+    returns the paths written. Metric values are in percent."""
     written = []
+    header = ["format", "budget", "seed", f"{metric} (%)", "recurrent params", "s/epoch"]
+    body = [
+        [
+            r.format,
+            budget_tag(r.budget),
+            str(r.seed),
+            _fmt(r.metric, 100),
+            str(r.recurrent_params),
+            _fmt(r.seconds_per_epoch, 1, 1),
+        ]
+        for r in sorted(results, key=lambda r: (r.format, _budget_key(r.budget), r.seed))
+    ]
+    _write_atomic(out / "runs.csv", _table(header, body)[0])
+    written.append(out / "runs.csv")
     header = [
         "format",
         "budget",
