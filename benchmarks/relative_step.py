@@ -27,10 +27,9 @@ import kcprnn
 from kcprnn.budget import budget_options
 
 
-def relative_step(fmt: str, n_in: int, n_out: int, options: dict, lr: float = 1e-3) -> float:
-    """``|W' - W| / |W|`` after one sign step of ``lr`` on every parameter of the matrix."""
-    torch.manual_seed(0)
-    matrix = kcprnn.make_matrix(fmt, n_in, n_out, **options)
+def relative_step(matrix: torch.nn.Module, lr: float = 1e-3) -> float:
+    """``|W' - W| / |W|`` after one sign step of ``lr`` on every parameter of ``matrix`` (a
+    factorized matrix, changed in place)."""
     before = matrix.to_dense().detach().clone()  # (n_out, n_in); dense: not the parameter
     direction = torch.randn_like(before)
     (matrix.to_dense() * direction).sum().backward()
@@ -57,9 +56,10 @@ def main() -> None:
     if not cases:
         parser.error("give --shares or --options")
     for options in cases:
+        torch.manual_seed(0)
         matrix = kcprnn.make_matrix(args.format, args.in_features, args.out_features, **options)
         params = sum(p.numel() for p in matrix.parameters())
-        step = relative_step(args.format, args.in_features, args.out_features, options)
+        step = relative_step(matrix)
         print(f"{args.format} {options}: {params:,} parameters, |dW|/|W| per 1e-3 = {step:.4f}")
 
 

@@ -53,10 +53,12 @@ def test_relative_step_hand_case():
     """A sign step of lr on every weight of a dense matrix moves it by lr * sqrt(size)."""
     relative_step = _load_script("relative_step").relative_step
     torch.manual_seed(0)
-    weight = kcprnn.make_matrix("dense", 6, 4).to_dense().detach()  # what the probe builds
-    expected = 1e-3 * math.sqrt(24) / float(weight.norm())
-    assert relative_step("dense", 6, 4, {}) == pytest.approx(expected, rel=1e-5)
-    assert relative_step("dense", 6, 4, {}, lr=2e-3) == pytest.approx(2 * expected, rel=1e-5)
+    matrix = kcprnn.make_matrix("dense", 6, 4)
+    expected = 1e-3 * math.sqrt(24) / float(matrix.to_dense().detach().norm())
+    assert relative_step(matrix) == pytest.approx(expected, rel=1e-5)
+    torch.manual_seed(0)
+    again = kcprnn.make_matrix("dense", 6, 4)
+    assert relative_step(again, lr=2e-3) == pytest.approx(2 * expected, rel=1e-5)
 
 
 def test_median_hand_cases():

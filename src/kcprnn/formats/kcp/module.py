@@ -100,7 +100,7 @@ class KCPMatrix(FactorizedMatrix):
         num_factors: int | None = None,
         terms: int = 1,
         rank: int | Sequence[int] = 1,
-        init: str = "orthogonal",
+        init: str = KCP_INITS[0],
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
