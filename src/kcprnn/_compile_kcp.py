@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compile import _keep_state, _module, _no_token, _take, module_key
+from ._compile import _keep_state, _module, _no_token, _parameters, _take, module_key
 from ._compile_lstm import _Ctx, _LSTMRun
 
 __all__ = ["kcp_step_matrices"]
@@ -175,6 +175,38 @@ def kcp_step_matrices(factors: Sequence[Sequence[Tensor]], spec: Sequence[int]) 
     return flat
 
 
+_KEPT_MATRICES: dict[tuple[int, ...], tuple[list[Tensor], list[int], Any]] = {}
+"""The walk's matrices :func:`_inference_matrices` built last, by module key and spec, with
+the factors they were built from and the factors' version counters."""
+
+
+def _inference_matrices(
+    key: int, spec: Sequence[int], factors: Sequence[Tensor], walk: Any, rows: int
+) -> Any:
+    """The walk's matrices for inference from ``factors`` (in ``parameters()`` order), kept
+    between calls while the same factor tensors are unchanged (same objects, same version
+    counters: an optimizer step or ``load_state_dict`` rebuilds them), as the KCP matrix keeps
+    its own under ``no_grad`` (built by it, so both share them)."""
+    ident = (key, *spec)
+    kept = _KEPT_MATRICES.get(ident)
+    if (
+        kept is not None
+        and len(kept[0]) == len(factors)
+        and all(a is b for a, b in zip(kept[0], factors, strict=True))
+        and all(a._version == v for a, v in zip(factors, kept[1], strict=True))
+    ):
+        return kept[2]
+    with _parameters(_module(key), factors) as module:
+        matrix: Any = module  # a KCPMatrix (the key's)
+        nested, model, _, _ = matrix._forward_setup()
+        plan = matrix._plan(rows, False, True, model)
+        steps = matrix._prepared(plan, nested, walk)
+    if len(_KEPT_MATRICES) >= 256:
+        _KEPT_MATRICES.clear()
+    _KEPT_MATRICES[ident] = (list(factors), [f._version for f in factors], steps)
+    return steps
+
+
 def _kcp_forward(
     x: Tensor,
     bias: Tensor | None,
@@ -201,10 +233,13 @@ def _kcp_forward(
     walk = _WALKS.get((key, *spec))
     if walk is None:
         walk = _kcp_walk(_module(key), spec)
-    flat: list[Tensor | None] = list(mats)
-    if walk.inner and len(flat) == len(walk.steps):
-        flat.append(None)  # an inner product cut at axis 0: no prefix
-    steps = unflatten_matrices(walk, flat)
+    if any(needs):
+        flat: list[Tensor | None] = list(mats)
+        if walk.inner and len(flat) == len(walk.steps):
+            flat.append(None)  # an inner product cut at axis 0: no prefix
+        steps = unflatten_matrices(walk, flat)
+    else:  # inference: ``mats`` are the factors
+        steps = _inference_matrices(key, spec, mats, walk, x.shape[0])
     b = x.shape[0]
     chunk = chunk_rows(b, x.shape[1], walk.steps, walk.model)
     parts = x.split(chunk) if chunk < b else (x,)
@@ -451,6 +486,10 @@ def _layer_kcp_autograd(
         x, bias, h0, c0, bias_hh, weight, *mats
     ):
         return _LayerKCP.apply(x, bias, h0, c0, bias_hh, weight, options, *mats)
+    if type(x) is Tensor and not any(options[-1]):
+        # plain tensors (not traced) that nothing differentiates: the kernel itself, without a
+        # second dispatch
+        return _layer_kcp(x, bias, mats, h0, c0, bias_hh, weight, *options)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.kcprnn.layer_kcp.default(x, bias, mats, h0, c0, bias_hh, weight, *options)
 

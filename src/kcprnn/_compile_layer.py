@@ -334,7 +334,9 @@ def compiled_layer(
         spec = _kcp_spec(matrix, rows.shape[0], needs[2], not torch.is_grad_enabled())
     if spec:  # a KCP walk: its matrices built in the graph, the rest by the eager code
         kcp: Any = matrix  # a KCPMatrix (_kcp_spec)
-        mats = kcp_step_matrices(kcp._factor_list(), spec)
+        # training: the walk's matrices built in the graph (AOT autograd differentiates them);
+        # inference: the factors, the operator uses the matrices the KCP matrix keeps
+        mats = kcp_step_matrices(kcp._factor_list(), spec) if any(needs) else params
         out, h, c, _ = torch.ops.kcprnn.layer_kcp.default(
             rows,
             bias,
