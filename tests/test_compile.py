@@ -557,6 +557,28 @@ def test_compiled_kcp_walk_matches_eager():
     assert not _compile._KEPT
 
 
+def test_compiled_kcp_inference_follows_changed_factors():
+    """Compiled inference keeps the walk's matrices between calls: an in-place change of the
+    factors (an optimizer step) and a ``load_state_dict`` are both seen by the next call (two
+    modes per Kronecker factor: the matrices are products of the factors, not views of them;
+    the sequential walk, which inference would not choose at this size)."""
+    torch.manual_seed(0)
+    modes = {"in_modes": [[2, 3], [2, 2]], "out_modes": [[4, 2], [2, 2]], "algorithm": "sequential"}
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2, **modes)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 4, INPUT)
+    with torch.no_grad():
+        before = compiled(x)[0]
+        torch.testing.assert_close(before, model(x)[0], **TOL)
+        next(model.cells[0].weight_ih.parameters()).mul_(1.5)
+        changed = compiled(x)[0]
+        torch.testing.assert_close(changed, model(x)[0], **TOL)
+        assert not torch.allclose(changed, before)
+        other = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2, **modes)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(compiled(x)[0], other(x)[0], **TOL)
+
+
 def test_dynamic_batch_matches_eager():
     """``dynamic=True``: with a symbolic number of rows the KCP walk is not planned while
     tracing (the general ``kcprnn::layer`` runs); two batch sizes, training and inference."""
@@ -580,17 +602,19 @@ def test_dynamic_batch_matches_eager():
             torch.testing.assert_close(a, r, **TOL)
 
 
+@pytest.mark.parametrize("batch_major", [False, True])
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize(
     ("reverse", "zero_state", "bias"), [(False, True, False), (True, False, True)]
 )
 def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
-    reverse, zero_state, bias, native, monkeypatch
+    reverse, zero_state, bias, native, batch_major, monkeypatch
 ):
     """The LSTM recurrence inside ``kcprnn::layer_kcp`` (no ``autograd.Function``) gives
     exactly the fused recurrence's outputs and gradients in float32, both on torch ops (the
     same operations in the same order) and on the compiled steps, forward and reverse, from a
-    zero and a nonzero initial state, with and without ``b_hh``."""
+    zero and a nonzero initial state, with and without ``b_hh``, from time-major rows and from
+    batch-major ones (a batch-first input's: the compiled steps read them in place)."""
     if not native:
         monkeypatch.setattr(kcprnn.rnn._fused_base, "_native_ok", lambda *tensors: False)
     elif not kcprnn._cpu.native.available():
@@ -603,6 +627,8 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
     bias_hh = torch.randn(4 * h) if bias else None
     grads = [torch.randn(t * b, h), torch.randn(b, h), torch.randn(b, h)]
 
+    # the fused recurrence takes time-major rows; the run gets them batch-major where asked
+    rows = gates.view(t, b, -1).transpose(0, 1).reshape(t * b, -1) if batch_major else gates
     leaves = [x.clone().requires_grad_(True) for x in (gates, *state, weight)]
     wrt = leaves + ([bias_hh.clone().requires_grad_(True)] if bias else [])
     ref_out, ref_final = kcprnn.rnn.fused_sequence(
@@ -610,10 +636,12 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
     )
     ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads)
 
-    run = _compile_lstm._LSTMRun(gates.clone(), *state, bias_hh, weight, reverse, False, False)
+    run = _compile_lstm._LSTMRun(rows.clone(), *state, bias_hh, weight, reverse, batch_major, False)
     assert run.native == native
     needs = [True, True, True, True, True, bias, True]
     dgates, dh0, dc0, dbias, dweight = run.backward(*grads, needs)
+    if batch_major:  # in the rows' order
+        dgates = dgates.view(b, t, -1).transpose(0, 1).reshape(t * b, -1)
     assert torch.equal(run.hs.view(t * b, h), ref_out)
     assert torch.equal(run.h_n, ref_final[0]) and torch.equal(run.c_n, ref_final[1])
     got = [dgates, dh0, dc0, dweight] + ([dbias] if bias else [])

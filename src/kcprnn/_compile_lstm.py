@@ -142,12 +142,14 @@ def _lstm_backward_steps(
 class _LSTMRun:
     """The dense-``W_hh`` LSTM recurrence of :func:`_kcp_forward` and its backward, the same
     operations as :class:`~kcprnn.rnn.fused._LSTMSequence` (equal results: its compiled steps
-    where they run, else its torch operations) without the ``autograd.Function``: the walk's
-    output becomes the loop's activation buffer in one step (batch-major rows: one time-major
-    copy with ``b_hh`` added; time-major rows: in place where the walk's output is fresh, where
-    the ``autograd.Function`` reorders and then copies again); on torch operations the
-    products' kernel is chosen once (:class:`_DenseProduct`) and each step's views are taken
-    once for the sequence (:func:`_lstm_steps`, :func:`_lstm_backward_steps`)."""
+    where they run, else its torch operations) without the ``autograd.Function``. The compiled
+    steps read the walk's output where it is, batch-major rows through a transposed view, and add
+    ``b_hh`` themselves (the ``autograd.Function`` gets the rows reordered by a copy). On torch
+    operations the walk's output becomes the loop's activation buffer in one step (batch-major
+    rows: one time-major copy with ``b_hh`` added; time-major rows: in place where the walk's
+    output is fresh), the products' kernel is chosen once (:class:`_DenseProduct`) and each
+    step's views are taken once for the sequence (:func:`_lstm_steps`,
+    :func:`_lstm_backward_steps`)."""
 
     def __init__(
         self,
@@ -162,26 +164,25 @@ class _LSTMRun:
     ) -> None:
         b = h0.shape[0]
         g = gates.shape[1]
-        if batch_major:  # (b, t, 4h) rows -> (t, b, 4h), one copy with the bias added
-            rows = gates.view(b, -1, g).transpose(0, 1)
-            view = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-            view = view.copy_(rows) if bias_hh is None else torch.add(rows, bias_hh, out=view)
-        else:  # (t, b, 4h), in place where the walk's output is fresh
-            view = gates.view(-1, b, g)
-            if bias_hh is not None:
-                view = view.add_(bias_hh) if fresh else view + bias_hh
-            elif not fresh:
-                view = view.clone()
-        steps = view.shape[0]
+        # (t, b, 4h): batch-major rows read through a transposed view
+        rows = gates.view(b, -1, g).transpose(0, 1) if batch_major else gates.view(-1, b, g)
+        steps = rows.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        self.native = _fused_base._native_ok(weight, view, h0, c0)
-        if self.native:  # the eager fused recurrence's compiled steps
+        self.native = _fused_base._native_ok(weight, rows, h0, c0)
+        if self.native:  # the eager fused recurrence's compiled steps, reading the rows in place
             h0, c0 = h0.contiguous(), c0.contiguous()
             self.prod = _Dense([weight])
             self.acts, self.hs, self.cs, self.tcs, _ = lstm_compiled(
-                view.view(-1, g), None, h0, c0, self.prod, reverse, new=_fresh_buffer
+                rows, bias_hh, h0, c0, self.prod, reverse, new=_fresh_buffer
             )
-        else:
+        else:  # torch operations activate the rows in place
+            if batch_major:  # one time-major copy with the bias added
+                view = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+                view = view.copy_(rows) if bias_hh is None else torch.add(rows, bias_hh, out=view)
+            elif bias_hh is not None:  # in place where the walk's output is fresh
+                view = rows.add_(bias_hh) if fresh else rows + bias_hh
+            else:
+                view = rows if fresh else rows.clone()
             self.prod = cast(Any, _DenseProduct(weight))  # as a _Dense: its add_ and back
             self.hs, self.cs, self.tcs, self.acts = _lstm_steps(view, h0, c0, self.prod, order)
         self.h0, self.c0, self.reverse, self.batch_major = h0, c0, reverse, batch_major

@@ -300,7 +300,7 @@ def test_kernel_arguments_are_checked():
             True,
             args,
         )
-    with pytest.raises(ValueError, match="gx must be float32 rows"):
+    with pytest.raises(ValueError, match="gx must be float32 on the CPU"):
         native_rnn.lstm_forward(
             torch.randn(4, 12).t(),
             None,
@@ -312,6 +312,56 @@ def test_kernel_arguments_are_checked():
             True,
             args,
         )
+
+
+def _forward_outputs(mode: str, gx, bias, h0, kron, reverse: bool) -> list[torch.Tensor]:
+    """Every buffer one compiled forward direction fills, from zero-filled buffers."""
+    batch, hidden = h0.shape
+    steps = gx.shape[0] if gx.dim() == 3 else gx.shape[0] // batch
+    h0 = h0.float()
+    if mode == "LSTM":
+        outs = [torch.zeros(steps, batch, 4 * hidden)]
+        outs += [torch.zeros(steps, batch, hidden) for _ in range(3)]
+        native_rnn.lstm_forward(gx, bias, outs[0], h0, h0.flip(0), *outs[1:], reverse, False, kron)
+    elif mode == "GRU":
+        outs = [torch.zeros(steps, batch, 3 * hidden), torch.zeros(steps, batch, 2 * hidden)]
+        outs += [torch.zeros(steps, batch, hidden) for _ in range(2)]
+        native_rnn.gru_forward(gx, bias, h0, *outs, reverse, False, kron)
+    else:
+        outs = [torch.zeros(steps, batch, hidden)]
+        native_rnn.rnn_forward(gx, bias, outs[0], h0, reverse, False, False, kron)
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("weight", ["dense", "kron"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_batch_major_projections_are_read_in_place(mode, weight, reverse):
+    """Input projections stored batch-major (a batch-first input's rows) and passed as a
+    transposed ``(t, b, g)`` view give bit for bit what their time-major copy gives: the dense
+    steps read them through the strides, the whole loops copy them first."""
+    torch.manual_seed(11)
+    steps, batch = 5, 3
+    if weight == "dense":
+        hidden = 7
+        kron = native_dense.DenseArgs(_dense_weight(mode, hidden).float())
+    else:
+        hidden, mats, spec = _matrix(mode, "kcp-perm")
+        kron = native_rnn.KronArgs(
+            [m.detach().float() for m in mats], *spec.indices(torch.device("cpu"))
+        )
+    g = GATES[mode] * hidden
+    stored = torch.randn(batch, steps, g)  # (b, t, g): batch-major rows
+    bias = torch.randn(g)
+    h0 = torch.randn(batch, hidden)
+    view = stored.transpose(0, 1)  # (t, b, g), strides (g, t g, 1)
+    want = _forward_outputs(mode, view.contiguous().view(steps * batch, g), bias, h0, kron, reverse)
+    got = _forward_outputs(mode, view, bias, h0, kron, reverse)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert want[-1].abs().sum() > 0  # the states were written
+    with pytest.raises(ValueError, match=r"\(5, 3, " + str(g)):  # the batch does not match
+        _forward_outputs(mode, view[:, :2], bias, h0, kron, reverse)
 
 
 def test_the_layouts_cover_both_product_modes():

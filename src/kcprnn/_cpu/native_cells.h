@@ -130,14 +130,15 @@ static void add_rows(i64 rows, i64 n, const float* R d, float* R sum) {
 // The rows of one step t, shared by the whole loops below and the single steps with a dense W_hh
 // at the end of the file. a: W_hh h of the state before the step (batch rows of the product's
 // outputs, in natural order through oi where oi is given) or null where the product is skipped.
+// The forward rows read the step's input projections from gxt, its first row, ldx apart.
 
-static void lstm_forward_rows(i64 t, i64 batch, i64 hidden, const float* gx, i64 ldx,
+static void lstm_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64 ldx,
                               const float* bias, const float* a, const int32_t* oi, float* gates,
                               const float* c, float* hs, float* cs, float* tcs) {
   const i64 g4 = 4 * hidden;
   for (i64 b = 0; b < batch; b++) {
     float* g = gates + (t * batch + b) * g4;
-    pre_activation(g4, g, gx + (t * batch + b) * ldx, bias, a ? a + b * g4 : nullptr, oi);
+    pre_activation(g4, g, gxt + b * ldx, bias, a ? a + b * g4 : nullptr, oi);
     i64 o = (t * batch + b) * hidden;
     lstm_cell(hidden, g, c + b * hidden, cs + o, tcs + o, hs + o);
   }
@@ -160,7 +161,7 @@ static const float* lstm_backward_rows(i64 t, i64 batch, i64 hidden, const float
 }
 
 // gh[t] = a + bias (W_hh h + b_hh), then the cell from the state before the step, h
-static void gru_forward_rows(i64 t, i64 batch, i64 hidden, const float* gx, i64 ldx,
+static void gru_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64 ldx,
                              const float* bias, const float* a, const int32_t* oi, const float* h,
                              float* gh, float* rz, float* ns, float* hs) {
   const i64 g3 = 3 * hidden;
@@ -173,7 +174,7 @@ static void gru_forward_rows(i64 t, i64 batch, i64 hidden, const float* gx, i64 
       for (i64 j = 0; j < g3; j++) g[j] = 0.0f;
     if (bias)
       for (i64 j = 0; j < g3; j++) g[j] += bias[j];
-    gru_cell(hidden, gx + (t * batch + b) * ldx, g, h + b * hidden,
+    gru_cell(hidden, gxt + b * ldx, g, h + b * hidden,
              rz + (t * batch + b) * 2 * hidden, ns + o, hs + o);
   }
 }
@@ -194,12 +195,12 @@ static const float* gru_backward_rows(i64 t, i64 batch, i64 hidden, const float*
   return d;
 }
 
-static void rnn_forward_rows(i64 t, i64 batch, i64 hidden, const float* gx, i64 ldx,
+static void rnn_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64 ldx,
                              const float* bias, const float* a, const int32_t* oi, float* hs,
                              int relu) {
   for (i64 b = 0; b < batch; b++) {
     float* p = hs + (t * batch + b) * hidden;
-    pre_activation(hidden, p, gx + (t * batch + b) * ldx, bias, a ? a + b * hidden : nullptr, oi);
+    pre_activation(hidden, p, gxt + b * ldx, bias, a ? a + b * hidden : nullptr, oi);
     rnn_act(hidden, p, relu);
   }
 }

@@ -83,12 +83,13 @@ def _p(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _forward(step, gx, ldx, bias, h0, hs, reverse, skip, w, tail) -> None:
-    """A forward loop: ``step(s, steps, batch, hidden, gx, ldx, bias, a, *tail)`` for every
-    iteration ``s``, ``a`` the product ``W_hh h`` of the state before it (``h0``, then the
+def _forward(step, gx, strides, bias, h0, hs, reverse, skip, w, tail) -> None:
+    """A forward loop: ``step(s, steps, batch, hidden, gx, ldx, ldt, bias, a, *tail)`` for every
+    iteration ``s`` (``strides``: ``(ldx, ldt)``, the input projections' row strides along the
+    batch and along time), ``a`` the product ``W_hh h`` of the state before it (``h0``, then the
     ``hs`` the steps write; skipped at the first where ``skip``)."""
     steps, b, h = hs.shape
-    head = (gx.data_ptr(), ldx, _p(bias))
+    head = (gx.data_ptr(), *strides, _p(bias))
     state = h0
     for s in range(steps):
         a = None if s == 0 and skip else w.mul(state)  # (b, g)
@@ -112,10 +113,10 @@ def _backward(step, head, tail, grads, reverse, need_h0, w_t) -> Tensor | None:
     return a if need_h0 and steps else None
 
 
-def lstm_forward(lib, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w) -> None:
+def lstm_forward(lib, gx, strides, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.lstm_forward` with a dense ``W_hh`` ``w``."""
     tail = [t.data_ptr() for t in (gates, c0, hs, cs, tcs)] + [int(reverse)]
-    _forward(lib.kcprnn_lstm_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
+    _forward(lib.kcprnn_lstm_forward_step, gx, strides, bias, h0, hs, reverse, skip, w, tail)
 
 
 def lstm_backward(lib, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, reverse, need_h0, w_t):
@@ -127,10 +128,10 @@ def lstm_backward(lib, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, revers
         dh.copy_(last)
 
 
-def gru_forward(lib, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip, w) -> None:
+def gru_forward(lib, gx, strides, bias, h0, gh, rz, ns, hs, reverse, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.gru_forward` with a dense ``W_hh`` ``w``."""
     tail = [t.data_ptr() for t in (h0, gh, rz, ns, hs)] + [int(reverse)]
-    _forward(lib.kcprnn_gru_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
+    _forward(lib.kcprnn_gru_forward_step, gx, strides, bias, h0, hs, reverse, skip, w, tail)
 
 
 def gru_backward(lib, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, dbias, reverse, need_h0, w_t):
@@ -142,10 +143,10 @@ def gru_backward(lib, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, dbias, reverse,
         dh.add_(last)  # the GRU step adds the product to dh's direct path
 
 
-def rnn_forward(lib, gx, ldx, bias, hs, h0, reverse, relu, skip, w) -> None:
+def rnn_forward(lib, gx, strides, bias, hs, h0, reverse, relu, skip, w) -> None:
     """:func:`kcprnn._cpu.native_rnn.rnn_forward` with a dense ``W_hh`` ``w``."""
     tail = (hs.data_ptr(), int(reverse), int(relu))
-    _forward(lib.kcprnn_rnn_forward_step, gx, ldx, bias, h0, hs, reverse, skip, w, tail)
+    _forward(lib.kcprnn_rnn_forward_step, gx, strides, bias, h0, hs, reverse, skip, w, tail)
 
 
 def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t) -> None:
@@ -158,16 +159,16 @@ def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t)
 
 _P, _I64, _INT = native._P, native._I64, native._INT
 _SIGNATURES: dict[str, list] = {
-    # s, steps, batch, hidden, gx, ldx, bias, a, gates, c0, hs, cs, tcs, reverse
-    "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, gates, c0, hs, cs, tcs, reverse
+    "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT],
     # s, steps, batch, hidden, acts, cs, tcs, c0, grad_hs, a, dh, dc, dgates, dbias, reverse
     "kcprnn_lstm_backward_step": [*[_I64] * 4, *[_P] * 10, _INT],
-    # s, steps, batch, hidden, gx, ldx, bias, a, h0, gh, rz, ns, hs, reverse
-    "kcprnn_gru_forward_step": [*[_I64] * 4, _P, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, h0, gh, rz, ns, hs, reverse
+    "kcprnn_gru_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT],
     # s, steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, a, dh, dgx, dgh, dbias, reverse
     "kcprnn_gru_backward_step": [*[_I64] * 4, *[_P] * 11, _INT],
-    # s, steps, batch, hidden, gx, ldx, bias, a, hs, reverse, relu
-    "kcprnn_rnn_forward_step": [*[_I64] * 4, _P, _I64, _P, _P, _P, _INT, _INT],
+    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, hs, reverse, relu
+    "kcprnn_rnn_forward_step": [*[_I64] * 4, _P, _I64, _I64, _P, _P, _P, _INT, _INT],
     # s, steps, batch, hidden, hs, grad_hs, a, dh, dpre, dbias, reverse, relu
     "kcprnn_rnn_backward_step": [*[_I64] * 4, *[_P] * 6, _INT, _INT],
 }

@@ -83,7 +83,8 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    lstm_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi,
+    lstm_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
+                      product ? kron.acc.data() : nullptr, oi,
                       gates, c, hs, cs, tcs);
     h = hs + t * bh;
     c = cs + t * bh;
@@ -134,7 +135,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    gru_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi, h,
+    gru_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
+                     product ? kron.acc.data() : nullptr, oi, h,
                      gh, rz, ns, hs);
     h = hs + t * bh;
   }
@@ -182,7 +184,8 @@ extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    rnn_forward_rows(t, batch, hidden, gx, ldx, bias, product ? kron.acc.data() : nullptr, oi, hs,
+    rnn_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
+                     product ? kron.acc.data() : nullptr, oi, hs,
                      relu);
     h = hs + t * bh;
   }
@@ -211,7 +214,9 @@ extern "C" void kcprnn_rnn_backward(i64 steps, i64 batch, i64 hidden, const floa
 // ---------------------------------------------------------------------------------------------
 // One iteration s of the loops above with a dense W_hh whose products the caller computes
 // between the calls (oneDNN's GEMM on a prepacked W_hh: kcprnn/_cpu/native_dense.py). Forward,
-// a = W_hh h of the state before the step (batch, gates), null where it is skipped (h0 zero).
+// a = W_hh h of the state before the step (batch, gates), null where it is skipped (h0 zero);
+// row (t, b) of the input projections at gx + t * ldt + b * ldx (time-major rows: ldt = batch
+// ldx; batch-major ones, as a batch-first input's product leaves them: ldt = ldx, ldx = steps ldt).
 // Backward, a is the previous iteration's W_hh^T d (batch, hidden), null at the first (then dh
 // holds h_n's gradient): the LSTM and Elman steps read it as the step's dh, the GRU adds it to dh.
 
@@ -220,12 +225,12 @@ static inline i64 previous_step(i64 s, i64 steps, int reverse) {  // of forward 
 }
 
 extern "C" void kcprnn_lstm_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
-                                         i64 ldx, const float* bias, const float* a,
+                                         i64 ldx, i64 ldt, const float* bias, const float* a,
                                          float* gates, const float* c0, float* hs, float* cs,
                                          float* tcs, int reverse) {
   const float* c = s == 0 ? c0 : cs + previous_step(s, steps, reverse) * batch * hidden;
-  lstm_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr,
-                    gates, c, hs, cs, tcs);
+  i64 t = forward_step(s, steps, reverse);
+  lstm_forward_rows(t, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, gates, c, hs, cs, tcs);
 }
 
 extern "C" void kcprnn_lstm_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,
@@ -240,12 +245,12 @@ extern "C" void kcprnn_lstm_backward_step(i64 s, i64 steps, i64 batch, i64 hidde
 }
 
 extern "C" void kcprnn_gru_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
-                                        i64 ldx, const float* bias, const float* a,
+                                        i64 ldx, i64 ldt, const float* bias, const float* a,
                                         const float* h0, float* gh, float* rz, float* ns,
                                         float* hs, int reverse) {
   const float* h = s == 0 ? h0 : hs + previous_step(s, steps, reverse) * batch * hidden;
-  gru_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr, h,
-                   gh, rz, ns, hs);
+  i64 t = forward_step(s, steps, reverse);
+  gru_forward_rows(t, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, h, gh, rz, ns, hs);
 }
 
 extern "C" void kcprnn_gru_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,
@@ -262,10 +267,10 @@ extern "C" void kcprnn_gru_backward_step(i64 s, i64 steps, i64 batch, i64 hidden
 }
 
 extern "C" void kcprnn_rnn_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
-                                        i64 ldx, const float* bias, const float* a, float* hs,
-                                        int reverse, int relu) {
-  rnn_forward_rows(forward_step(s, steps, reverse), batch, hidden, gx, ldx, bias, a, nullptr, hs,
-                   relu);
+                                        i64 ldx, i64 ldt, const float* bias, const float* a,
+                                        float* hs, int reverse, int relu) {
+  i64 t = forward_step(s, steps, reverse);
+  rnn_forward_rows(t, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, hs, relu);
 }
 
 extern "C" void kcprnn_rnn_backward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* hs,

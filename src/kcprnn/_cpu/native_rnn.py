@@ -114,21 +114,34 @@ def _check(name: str, shapes: dict[str, tuple[Tensor | None, tuple[int, ...]]]) 
             )
 
 
-def _rows(name: str, gx: Tensor, rows: int, width: int) -> int:
-    """The row stride of input projections ``gx`` ``(rows, width)``: float32 on the CPU with
-    unit stride along the last axis."""
+def _rows(name: str, gx: Tensor, steps: int, batch: int, width: int) -> tuple[int, int]:
+    """The row strides ``(ldx, ldt)`` along the batch and along time of input projections
+    ``gx``: float32 on the CPU with unit stride along the last axis, either ``(steps batch,
+    width)`` time-major rows or a ``(steps, batch, width)`` view with any strides (a
+    batch-first input's projections transposed: no copy for the compiled steps)."""
+    shape = (steps * batch, width) if gx.dim() == 2 else (steps, batch, width)
     if (
-        tuple(gx.shape) != (rows, width)
+        tuple(gx.shape) != shape
         or gx.dtype != torch.float32
         or gx.device.type != "cpu"
-        or (gx.stride(1) != 1 and width > 1)
+        or (gx.stride(-1) != 1 and width > 1)
     ):
         raise ValueError(
-            f"{name}: gx must be float32 rows on the CPU of shape {(rows, width)} with unit "
-            f"stride along the last axis, got {gx.dtype} {tuple(gx.shape)} on {gx.device} with "
-            f"strides {gx.stride()}"
+            f"{name}: gx must be float32 on the CPU of shape {(steps * batch, width)} or "
+            f"{(steps, batch, width)} with unit stride along the last axis, got {gx.dtype} "
+            f"{tuple(gx.shape)} on {gx.device} with strides {gx.stride()}"
         )
-    return gx.stride(0)
+    if gx.dim() == 2:
+        return gx.stride(0), batch * gx.stride(0)
+    return gx.stride(1), gx.stride(0)
+
+
+def _time_major(gx: Tensor, steps: int, batch: int, ldx: int, ldt: int) -> tuple[Tensor, int]:
+    """``gx`` as time-major rows and their stride, for the whole loops (copied where
+    :func:`_rows` found another layout)."""
+    if ldt == batch * ldx or steps * batch == 0:
+        return gx, ldx
+    return gx.reshape(steps * batch, -1).contiguous(), gx.shape[-1]
 
 
 def _check_kron(name: str, kron: KronArgs | DenseArgs, in_features: int, out_features: int) -> None:
@@ -154,7 +167,8 @@ def lstm_forward(
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole LSTM direction over the input projections ``gx`` ``(t b, 4h)`` (time-major
-    rows with unit stride along the last axis, gates ``i, f, g, o``) and ``bias`` ``(4h,)`` or
+    rows with unit stride along the last axis, or a ``(t, b, 4h)`` view: :func:`_rows`; gates
+    ``i, f, g, o``) and ``bias`` ``(4h,)`` or
     ``None``: ``gates`` ``(t, b, 4h)`` receives the activated gates and ``hs``, ``cs``, ``tcs``
     ``(t, b, h)`` the hidden states, the cell states and ``tanh`` of them, indexed by time.
     ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero (no first product); ``x_fm``
@@ -163,7 +177,7 @@ def lstm_forward(
     lib = native._require()
     steps, b, g = gates.shape
     h = g // 4
-    ldx = _rows("lstm_forward", gx, steps * b, 4 * h)
+    ldx, ldt = _rows("lstm_forward", gx, steps, b, 4 * h)
     _check(
         "lstm_forward",
         {
@@ -181,8 +195,9 @@ def lstm_forward(
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
         lstm = native_dense.lstm_forward
-        lstm(lib, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first, kron)
+        lstm(lib, gx, (ldx, ldt), bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first, kron)
         return
+    gx, ldx = _time_major(gx, steps, b, ldx, ldt)
     lib.kcprnn_lstm_forward(
         steps,
         b,
@@ -286,7 +301,7 @@ def gru_forward(
     :func:`lstm_forward`."""
     lib = native._require()
     steps, b, h = hs.shape
-    ldx = _rows("gru_forward", gx, steps * b, 3 * h)
+    ldx, ldt = _rows("gru_forward", gx, steps, b, 3 * h)
     _check(
         "gru_forward",
         {
@@ -303,8 +318,9 @@ def gru_forward(
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
         gru = native_dense.gru_forward
-        gru(lib, gx, ldx, bias, h0, gh, rz, ns, hs, reverse, skip_first, kron)
+        gru(lib, gx, (ldx, ldt), bias, h0, gh, rz, ns, hs, reverse, skip_first, kron)
         return
+    gx, ldx = _time_major(gx, steps, b, ldx, ldt)
     lib.kcprnn_gru_forward(
         steps,
         b,
@@ -404,7 +420,7 @@ def rnn_forward(
     as in :func:`lstm_forward`."""
     lib = native._require()
     steps, b, h = hs.shape
-    ldx = _rows("rnn_forward", gx, steps * b, h)
+    ldx, ldt = _rows("rnn_forward", gx, steps, b, h)
     _check(
         "rnn_forward",
         {
@@ -417,8 +433,10 @@ def rnn_forward(
     _check_kron("rnn_forward", kron, h, h)
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
-        native_dense.rnn_forward(lib, gx, ldx, bias, hs, h0, reverse, relu, skip_first, kron)
+        strides = (ldx, ldt)
+        native_dense.rnn_forward(lib, gx, strides, bias, hs, h0, reverse, relu, skip_first, kron)
         return
+    gx, ldx = _time_major(gx, steps, b, ldx, ldt)
     lib.kcprnn_rnn_forward(
         steps,
         b,

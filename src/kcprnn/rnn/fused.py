@@ -96,11 +96,12 @@ def lstm_compiled(
     new=_empty,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The LSTM recurrence on the compiled kernels (``prod.compiled`` holds; ``h0``, ``c0``
-    contiguous) over the input projections ``gx`` ``(t b, 4h)``: ``(acts, hs, cs, tcs, x_fm)``,
-    buffers from ``new(like, *shape)``, ``x_fm`` the factor-major states where a Kronecker
-    sum's factor gradients (``needs``) are wanted."""
+    contiguous) over the input projections ``gx`` ``(t b, 4h)`` (or a ``(t, b, 4h)`` view with
+    unit stride along the last axis): ``(acts, hs, cs, tcs, x_fm)``, buffers from
+    ``new(like, *shape)``, ``x_fm`` the factor-major states where a Kronecker sum's factor
+    gradients (``needs``) are wanted."""
     b, hidden = h0.shape
-    steps = gx.shape[0] // b if b else 0
+    steps = gx.shape[0] if gx.dim() == 3 else (gx.shape[0] // b if b else 0)
     acts = new(gx, steps, b, 4 * hidden)  # (t, b, 4h)
     hs, cs, tcs = (new(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
     x_fm = _factor_rows(prod, hs, needs)
