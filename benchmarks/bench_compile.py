@@ -15,7 +15,11 @@ permutations of the four (``--order balanced``, the default), so that every call
 other equally often (use a multiple of 24 rounds for exact balance). The state a call leaves
 behind (caches, the allocator) changes the next call's time; a fixed cyclic order (``--order
 cyclic``, the order rotated every round, which keeps each call's predecessor: the compiled
-training step always right after the eager one) biases the paired differences by that. The
+training step always right after the eager one) biases the paired differences by that. With
+``--block K`` each function runs ``K`` times in a row at its turn and the first call of each
+block (the one that follows another function) is not recorded: the steady state of a program
+that calls one model over and over, where each call finds its own code and data as its previous
+call left them; with one call per turn (the default) every call follows another function's. The
 medians and minimums of the wall time are reported, and the medians of the process CPU time
 (``time.process_time``: the time the process ran, which a loaded machine inflates far less than
 the wall time) with the median over rounds of each compiled call's CPU time minus the same
@@ -31,7 +35,8 @@ compiled one), so keep the headline numbers from a run without it.
 
 Usage::
 
-    nice python benchmarks/bench_compile.py [--threads 1 2] [--reps 30] [--out DIR] [--split]
+    nice python benchmarks/bench_compile.py [--threads 1 2] [--reps 30] [--block K] [--out DIR]
+        [--split]
 """
 
 from __future__ import annotations
@@ -121,7 +126,12 @@ def split_report(cpu: dict[str, list[float]], bodies: dict[str, list[dict[str, f
 
 
 def run_case(
-    layout: str, threads: int, reps: int, split: bool = False, order_kind: str = "balanced"
+    layout: str,
+    threads: int,
+    reps: int,
+    split: bool = False,
+    order_kind: str = "balanced",
+    block: int = 1,
 ) -> dict:
     """One case in this process (a fresh one: see :func:`main`)."""
     import torch
@@ -189,12 +199,16 @@ def run_case(
         else:
             order = list(orders[r % len(orders)])
         for k in order:
-            spent.clear()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            funcs[k]()
-            cpu[k].append(time.process_time() - start_cpu)
-            times[k].append(time.perf_counter() - start)
-            bodies[k].append(dict(spent))
+            for i in range(block):
+                spent.clear()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                funcs[k]()
+                cpu_time, wall = time.process_time() - start_cpu, time.perf_counter() - start
+                if block > 1 and i == 0:  # follows another function's call: not recorded
+                    continue
+                cpu[k].append(cpu_time)
+                times[k].append(wall)
+                bodies[k].append(dict(spent))
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     mins = {k: 1e3 * min(v) for k, v in times.items()}
     cpu_ms = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
@@ -221,6 +235,7 @@ def run_case(
         "cpu_compiled_minus_eager_ms": {k: round(v, 3) for k, v in paired.items()},
         "cpu_compiled_over_eager_train": round(cpu_ms["compiled_train"] / cpu_ms["eager_train"], 3),
         "order": order_kind,
+        "block": block,
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
     if split:
@@ -258,10 +273,19 @@ def main(argv: list[str] | None = None) -> None:
         default="balanced",
         help="the calls' order in each round (see above)",
     )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive calls of each function per round; the first of each block is not "
+        "recorded (see above)",
+    )
     parser.add_argument("--case", nargs=2, metavar=("LAYOUT", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        result = run_case(args.case[0], int(args.case[1]), args.reps, args.split, args.order)
+        result = run_case(
+            args.case[0], int(args.case[1]), args.reps, args.split, args.order, args.block
+        )
         sys.stdout.write(json.dumps(result) + "\n")
         return
     env = dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
@@ -269,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         for layout in args.layouts:
             cmd = [sys.executable, __file__, "--case", layout, str(threads)]
-            cmd += ["--reps", str(args.reps), "--order", args.order]
+            cmd += ["--reps", str(args.reps), "--order", args.order, "--block", str(args.block)]
             cmd += ["--split"] if args.split else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -291,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             "reps": args.reps,
             "split": args.split,
             "order": args.order,
+            "block": args.block,
         },
         "results": results,
     }
