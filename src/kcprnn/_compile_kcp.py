@@ -175,20 +175,16 @@ def kcp_step_matrices(factors: Sequence[Sequence[Tensor]], spec: Sequence[int]) 
     return flat
 
 
-_KEPT_MATRICES: dict[tuple[int, ...], tuple[list[Tensor], list[int], Any]] = {}
-"""The walk's matrices :func:`_inference_matrices` built last, by module key and spec, with
-the factors they were built from and the factors' version counters."""
-
-
 def _inference_matrices(
     key: int, spec: Sequence[int], factors: Sequence[Tensor], walk: Any, rows: int
 ) -> Any:
-    """The walk's matrices for inference from ``factors`` (in ``parameters()`` order), kept
-    between calls while the same factor tensors are unchanged (same objects, same version
-    counters: an optimizer step or ``load_state_dict`` rebuilds them), as the KCP matrix keeps
-    its own under ``no_grad`` (built by it, so both share them)."""
-    ident = (key, *spec)
-    kept = _KEPT_MATRICES.get(ident)
+    """The walk's matrices for inference from ``factors`` (in ``parameters()`` order), kept on
+    the KCP matrix by spec between calls while the same factor tensors are unchanged (same
+    objects, same version counters: an optimizer step or ``load_state_dict`` rebuilds them);
+    built by the matrix's own inference cache, so that eager and compiled calls share them."""
+    module = _module(key)
+    kept_by_spec = module.__dict__.setdefault("_compiled_inference", {})
+    kept = kept_by_spec.get(tuple(spec))
     if (
         kept is not None
         and len(kept[0]) == len(factors)
@@ -196,14 +192,12 @@ def _inference_matrices(
         and all(a._version == v for a, v in zip(factors, kept[1], strict=True))
     ):
         return kept[2]
-    with _parameters(_module(key), factors) as module:
-        matrix: Any = module  # a KCPMatrix (the key's)
+    with _parameters(module, factors) as swapped:
+        matrix: Any = swapped  # a KCPMatrix (the key's)
         nested, model, _, _ = matrix._forward_setup()
         plan = matrix._plan(rows, False, True, model)
         steps = matrix._prepared(plan, nested, walk)
-    if len(_KEPT_MATRICES) >= 256:
-        _KEPT_MATRICES.clear()
-    _KEPT_MATRICES[ident] = (list(factors), [f._version for f in factors], steps)
+    kept_by_spec[tuple(spec)] = (list(factors), [f._version for f in factors], steps)
     return steps
 
 
