@@ -639,11 +639,15 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
     run = _compile_lstm._LSTMRun(rows.clone(), *state, bias_hh, weight, reverse, batch_major, False)
     assert run.native == native
     needs = [True, True, True, True, True, bias, True]
-    dgates, dh0, dc0, dbias, dweight = run.backward(*grads, needs)
+    dgates, dh0, dc0, dbias, dweight, summed = run.backward(*grads, needs, row_sum=True)
     if batch_major:  # in the rows' order
         dgates = dgates.view(b, t, -1).transpose(0, 1).reshape(t * b, -1)
     assert torch.equal(run.hs.view(t * b, h), ref_out)
     assert torch.equal(run.h_n, ref_final[0]) and torch.equal(run.c_n, ref_final[1])
     got = [dgates, dh0, dc0, dweight] + ([dbias] if bias else [])
-    for a, r in zip(got, ref, strict=True):
-        assert torch.equal(a, r)
+    for k, (a, r) in enumerate(zip(got, ref, strict=True)):
+        if k == 3 and zero_state:  # W_hh's gradient without the zero first step's rows: the
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)  # GEMM sums fewer terms
+        else:
+            assert torch.equal(a, r), k
+    torch.testing.assert_close(summed, ref[0].sum(0), rtol=1e-5, atol=1e-6)  # the rows' sum

@@ -297,8 +297,9 @@ def _kcp_backward(
     with torch.no_grad():
         if isinstance(ctx, _LSTMRun):
             assert grad_c is not None
-            found = ctx.backward(grad_out, grad_h, grad_c, needs)
+            found = ctx.backward(grad_out, grad_h, grad_c, needs, row_sum=needs[1])
             dgates = found[0]  # (n, g), in the rows' order
+            bias_grad = found.pop()  # the walk's bias: the sum over the rows
         else:
             found = _recurrence_function(mode).backward(ctx, *grads)
             dgates = found[0]  # (n, g), time-major
@@ -306,6 +307,7 @@ def _kcp_backward(
                 g = dgates.shape[1]
                 dgates = dgates.view(-1, h0.shape[0], g).transpose(0, 1).reshape(-1, g)
             dgates = dgates.contiguous()
+            bias_grad = dgates.sum(0) if needs[1] else None
         need_x, need_params = needs[0], needs[2]
         grad_x: list[Tensor] = []
         step_grads: list[Any] = [None] * len(steps)
@@ -333,7 +335,7 @@ def _kcp_backward(
     if need_x:
         out.append(grad_x[0] if len(grad_x) == 1 else torch.cat(grad_x))
     if needs[1]:
-        out.append(dgates.sum(0))
+        out.append(bias_grad)
     if need_params:
         for mat, g_t in zip(steps, step_grads, strict=True):
             if isinstance(mat, ParallelChunks):

@@ -169,11 +169,12 @@ class _LSTMRun:
         steps = rows.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         self.native = _fused_base._native_ok(weight, rows, h0, c0)
+        self.zero_h0 = _is_zero(h0)  # no first product, and no W_hh gradient from h0
         if self.native:  # the eager fused recurrence's compiled steps, reading the rows in place
             h0, c0 = h0.contiguous(), c0.contiguous()
             self.prod = _Dense([weight])
             self.acts, self.hs, self.cs, self.tcs, _ = lstm_compiled(
-                rows, bias_hh, h0, c0, self.prod, reverse, new=_fresh_buffer
+                rows, bias_hh, h0, c0, self.prod, reverse, new=_fresh_buffer, skip=self.zero_h0
             )
         else:  # torch operations activate the rows in place
             if batch_major:  # one time-major copy with the bias added
@@ -191,10 +192,18 @@ class _LSTMRun:
         self.c_n = self.cs[order[-1]].clone()  # (b, h)
 
     def backward(
-        self, grad_out: Tensor, grad_h: Tensor, grad_c: Tensor, needs: Sequence[bool]
+        self,
+        grad_out: Tensor,
+        grad_h: Tensor,
+        grad_c: Tensor,
+        needs: Sequence[bool],
+        row_sum: bool = False,
     ) -> list[Any]:
-        """``[dgates (n, 4h) in the rows' order, dh0, dc0, d bias_hh, d W_hh]`` (``None``
-        for those ``needs`` leaves out)."""
+        """``[dgates (n, 4h) in the rows' order, dh0, dc0, d bias_hh, d W_hh, dgates summed
+        over the rows]`` (``None`` for those ``needs`` leaves out; the sum where ``row_sum``:
+        the gradient of a bias the walk added). On the compiled steps the sum accumulates in the
+        step kernel, and the ``W_hh`` gradient from a zero ``h0`` skips the first step's rows
+        instead of copying the states before every step."""
         from .rnn._fused_base import _previous, _recurrent_weight_grad
 
         steps, b, g = self.acts.shape
@@ -202,11 +211,14 @@ class _LSTMRun:
         n = steps * b
         dgates = torch.empty_like(self.acts)  # (t, b, 4h)
         grad_hs = grad_out.view(steps, b, hidden)
+        want_sum = row_sum or (self.has_bias and needs[5])
+        summed = None
         if self.native:
             dh, dc = _fresh(grad_h), _fresh(grad_c)  # (b, h)
+            summed = dgates.new_zeros(g) if want_sum else None
             native_rnn.lstm_backward(
                 self.acts, self.cs, self.tcs, self.c0, grad_hs.contiguous(), dh, dc, dgates,
-                self.reverse, needs[3], self.prod.args_t(),
+                self.reverse, needs[3], self.prod.args_t(), None, summed,
             )  # fmt: skip
         else:
             dh, dc = _lstm_backward_steps(
@@ -214,11 +226,16 @@ class _LSTMRun:
                 self.reverse, needs[3], dgates,
             )  # fmt: skip
         flat = dgates.view(n, g)  # (n, 4h), time-major
+        if want_sum and summed is None:
+            summed = flat.sum(0)
         grad_w = None
-        if needs[6]:
+        if needs[6] and self.zero_h0 and steps > 1:  # the steps after the first, as they lie
+            later, before = (flat[:-b], self.hs[1:]) if self.reverse else (flat[b:], self.hs[:-1])
+            grad_w = _recurrent_weight_grad(later, before.reshape(-1, hidden))
+        elif needs[6]:
             h_prev = _previous(self.hs, self.h0, self.reverse)  # (t, b, h)
             grad_w = _recurrent_weight_grad(flat, h_prev.view(n, hidden))
-        grad_bias = flat.sum(0) if self.has_bias and needs[5] else None
+        grad_bias = summed if self.has_bias and needs[5] else None
         if self.batch_major:  # the rows' order
             flat = dgates.transpose(0, 1).reshape(n, g)
-        return [flat, dh if needs[3] else None, dc, grad_bias, grad_w]
+        return [flat, dh if needs[3] else None, dc, grad_bias, grad_w, summed if row_sum else None]

@@ -94,18 +94,20 @@ def lstm_compiled(
     reverse: bool,
     needs: Sequence[bool] = (),
     new=_empty,
+    skip: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The LSTM recurrence on the compiled kernels (``prod.compiled`` holds; ``h0``, ``c0``
     contiguous) over the input projections ``gx`` ``(t b, 4h)`` (or a ``(t, b, 4h)`` view with
     unit stride along the last axis): ``(acts, hs, cs, tcs, x_fm)``, buffers from
     ``new(like, *shape)``, ``x_fm`` the factor-major states where a Kronecker sum's factor
-    gradients (``needs``) are wanted."""
+    gradients (``needs``) are wanted; ``skip``: whether ``h0`` is zero, where the caller
+    knows (else checked)."""
     b, hidden = h0.shape
     steps = gx.shape[0] if gx.dim() == 3 else (gx.shape[0] // b if b else 0)
     acts = new(gx, steps, b, 4 * hidden)  # (t, b, 4h)
     hs, cs, tcs = (new(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
     x_fm = _factor_rows(prod, hs, needs)
-    skip = _is_zero(h0)
+    skip = _is_zero(h0) if skip is None else skip
     native_rnn.lstm_forward(gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), x_fm)
     return acts, hs, cs, tcs, x_fm
 
