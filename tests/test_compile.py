@@ -496,6 +496,36 @@ def test_layer_kcp_operator_gradients_float64(cell_type, batch_major, reverse, k
     assert not _compile._KEPT  # the kept state was taken by its backward
 
 
+@pytest.mark.parametrize(
+    ("case", "reverse"), [("small", False), ("small", True), ("blocked", True)]
+)
+def test_layer_kcp_operator_from_a_zero_state_float64(case, reverse):
+    """A zero initial state made by the module (``zero_state``: the LSTM loop takes it on trust,
+    skips the first product and computes W_hh's gradient without the first step's rows) gives
+    the eager layer's outputs and gradients, the initial state's included."""
+    torch.manual_seed(1)
+    cell = _kcp_cell(case, "LSTM")
+    i = cell.weight_ih.in_features
+    b, t = 2, 3
+    x = torch.randn(b, t, i, dtype=torch.float64, requires_grad=True)
+    h = cell.hidden_size
+    state = tuple(torch.zeros(b, h, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = cell.bias_ih + cell.bias_hh
+    wrt = [x, *state, *cell.parameters()]
+    out, final = _compile_layer.compiled_layer(cell, x, bias, state, reverse, True, True, True)
+    grads_out = [torch.randn_like(out), *(torch.randn_like(f) for f in final)]
+    got = torch.autograd.grad([out, *final], wrt, grads_out)
+    gates = cell.weight_ih(x.reshape(-1, i), bias).view(b, t, -1).transpose(0, 1)
+    ref_out, ref_final = kcprnn.rnn.fused_sequence(
+        "LSTM", gates.reshape(b * t, -1), state, [kcprnn.rnn.kron.rebuild(cell.weight_hh)],
+        None, reverse, None,
+    )  # fmt: skip
+    ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads_out)
+    torch.testing.assert_close(out, ref_out)
+    for a, r in zip([*final, *got], [*ref_final, *ref], strict=True):
+        torch.testing.assert_close(a, r)
+
+
 def test_compiled_kcp_output_changed_in_place_keeps_gradients():
     """The state kept for the backward is the operator's own: changing the compiled layer's
     output in place before the backward leaves the gradients as they were."""

@@ -215,11 +215,13 @@ def _kcp_forward(
     reverse: bool,
     relu: bool,
     batch_major: bool,
+    zero_state: bool,
     needs: Sequence[bool],
 ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
     """The walk over the rows of ``x`` and the fused recurrence over its output, by their
     eager forwards without autograd: ``(out, final state, kept)``, ``kept`` what
-    :func:`_kcp_backward` needs."""
+    :func:`_kcp_backward` needs. ``zero_state``: the initial state is zero (the module made
+    it), so the LSTM loop need not look."""
     from .formats.kcp.backward import unflatten_matrices
     from .formats.kcp.sequential import run_walk
     from .formats.kcp.walk import chunk_rows
@@ -257,6 +259,7 @@ def _kcp_forward(
                 reverse,
                 batch_major,
                 fresh,
+                zero_state or None,
             )
             out, h_n, c_n = lstm.hs.view(x.shape[0], -1), lstm.h_n, lstm.c_n
             return out, (h_n, c_n), (walk, steps, [p.shape[0] for p in parts], saved, lstm)
@@ -365,7 +368,7 @@ _LIB = torch.library.Library("kcprnn", "FRAGMENT")
 _KCP_ARGS = (
     "Tensor x, Tensor? bias, Tensor[] mats, Tensor h0, Tensor? c0, Tensor? bias_hh, "
     "Tensor weight, int key, int[] spec, str mode, bool reverse, bool relu, bool batch_major, "
-    "bool[] needs"
+    "bool zero_state, bool[] needs"
 )
 _LIB.define(f"layer_kcp({_KCP_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define(
@@ -388,11 +391,13 @@ def _layer_kcp(
     reverse: bool,
     relu: bool,
     batch_major: bool,
+    zero_state: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out, final, kept = _kcp_forward(
-        x, bias, mats, h0, c0, bias_hh, weight, key, spec, mode, reverse, relu, batch_major, needs
-    )
+        x, bias, mats, h0, c0, bias_hh, weight, key, spec, mode, reverse, relu, batch_major,
+        zero_state, needs,
+    )  # fmt: skip
     if not any(needs):
         return out, final[0], final[1] if c0 is not None else h0.new_empty(0), _no_token()
     token = _keep_state(kept)
@@ -420,7 +425,7 @@ def _layer_kcp_backward(
     kept = _take(token)
     if kept is None:  # none kept: run the forward again
         kept = _kcp_forward(*args)[2]
-    h0, mode, batch_major, needs = args[3], args[9], args[12], args[13]
+    h0, mode, batch_major, needs = args[3], args[9], args[12], args[-1]
     return _kcp_backward(kept, grad_out, grad_h, grad_c, h0, mode, batch_major, needs)
 
 
@@ -435,7 +440,8 @@ def _layer_kcp_backward_fake(
 class _LayerKCP(torch.autograd.Function):
     """``kcprnn::layer_kcp`` under autograd (its autograd kernel): the operator below
     autograd, its gradients by ``kcprnn::layer_kcp_backward``. Arguments: the tensors, the
-    options ``(key, spec, mode, reverse, relu, batch_major, needs)``, then the matrices."""
+    options ``(key, spec, mode, reverse, relu, batch_major, zero_state, needs)``, then the
+    matrices."""
 
     @staticmethod
     def forward(ctx, x, bias, h0, c0, bias_hh, weight, options, *mats):

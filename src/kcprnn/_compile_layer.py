@@ -304,6 +304,7 @@ def compiled_layer(
     reverse: bool,
     batch_major: bool,
     bias_included: bool,
+    zero_state: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """One direction of one layer as one ``kcprnn::layer`` node (under ``torch.compile``, where
     :func:`fuses_layer`): the input product ``cell.weight_ih(layer_input, bias)`` over all
@@ -311,8 +312,9 @@ def compiled_layer(
 
     ``layer_input`` is ``(t, b, i)``, ``(b, t, i)`` (``batch_major``) or ``(n, i)`` rows in
     time-major order; ``bias_included`` says that ``bias`` holds ``b_hh`` (as for
-    :func:`~kcprnn.rnn.run_layer`). Returns ``(out (n, h), (h_n[, c_n]))``, ``out`` in
-    time-major order."""
+    :func:`~kcprnn.rnn.run_layer`); ``zero_state`` that ``state`` is zeros the module made (no
+    initial state given). Returns ``(out (n, h), (h_n[, c_n]))``, ``out`` in time-major
+    order."""
     from .rnn.kron import rebuild
 
     matrix = cell.weight_ih
@@ -351,6 +353,7 @@ def compiled_layer(
             reverse,
             relu,
             batch_major,
+            zero_state,
             needs,
         )
         return out, ((h, c) if cell.mode == "LSTM" else (h,))

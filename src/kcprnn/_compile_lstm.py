@@ -161,6 +161,7 @@ class _LSTMRun:
         reverse: bool,
         batch_major: bool,
         fresh: bool,
+        zero_h0: bool | None = None,
     ) -> None:
         b = h0.shape[0]
         g = gates.shape[1]
@@ -169,7 +170,9 @@ class _LSTMRun:
         steps = rows.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         self.native = _fused_base._native_ok(weight, rows, h0, c0)
-        self.zero_h0 = _is_zero(h0)  # no first product, and no W_hh gradient from h0
+        # h0 zero (checked where the caller does not know): no first product, and no W_hh
+        # gradient from h0
+        self.zero_h0 = _is_zero(h0) if zero_h0 is None else zero_h0
         if self.native:  # the eager fused recurrence's compiled steps, reading the rows in place
             h0, c0 = h0.contiguous(), c0.contiguous()
             self.prod = _Dense([weight])

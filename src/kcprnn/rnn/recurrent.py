@@ -272,6 +272,7 @@ class RNNBase(nn.Module):
             )
         check_input_dtype(mode, x, self)
         k = self.num_layers * self.num_directions
+        zero_state = hx is None
         if hx is None:
             hx = tuple(x.new_zeros(k, batch, s) for s in self._state_sizes())  # (k, b, s)
         else:
@@ -318,7 +319,14 @@ class RNNBase(nn.Module):
                         state = tuple(t[idx] for t in hx)  # (b, s)
                         first = layer == 0 and not packed and self.batch_first
                         out, final = compiled_layer(
-                            cell, layer_input, bias, state, direction == 1, first, bool(fold)
+                            cell,
+                            layer_input,
+                            bias,
+                            state,
+                            direction == 1,
+                            first,
+                            bool(fold),
+                            zero_state,
                         )
                         outs.append(out)  # (n, p)
                         finals.append(final)
