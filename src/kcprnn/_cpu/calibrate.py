@@ -3,12 +3,15 @@
 Every cost is relative to one multiply-accumulate of a large float32 GEMM, so the command first
 times such a GEMM, then per element: a strided permute copy (contiguous runs of 6), a block
 transpose, an ``index_select`` gather, the compiled one-pass gather; per op: a launch with and
-without autograd recording; per row: a narrow GEMM's time (on one thread); and for tall
+without autograd recording; per row: a narrow GEMM's time (on one thread); for tall
 products (many rows, few outputs) the time on oneDNN and on the compiled kernel over MKL's,
-each pair interleaved. The defaults fold in effects no micro-benchmark sees (they were tuned
-end to end), so each measured field of the starting model (the defaults, or ``--base FILE``)
-is scaled by this machine's measurement over :data:`REFERENCE`, the same measurement on the
-machine the defaults come from; the other fields are kept. ``--raw`` prints the measurements
+each pair interleaved; and for a recurrent weight's gradient (``grad.T @ h`` over a sequence's
+rows) ``torch.mm`` against oneDNN. The defaults fold in effects no micro-benchmark sees (they
+were tuned end to end), so each measured field of the starting model (the defaults, or
+``--base FILE``) is scaled by this machine's measurement over :data:`REFERENCE`, the same
+measurement on the machine the defaults come from; where ``torch.mm`` computes the recurrent
+gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``);
+the other fields are kept. ``--raw`` prints the measurements
 themselves. Usage::
 
     kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
@@ -100,7 +103,7 @@ def measure(budget: float = 60.0) -> dict[str, float]:
     """The raw costs of this machine, in MACs of a large float32 GEMM (ratios to MKL for the
     ``*_gain`` entries), in about ``budget`` seconds: the sizes are fixed (those of KCP's
     UCF11 layer, 96 rows of 57,600 inputs), the budget sets how often each is repeated."""
-    clock = _Clock(max(budget, 0.0) / 16)
+    clock = _Clock(max(budget, 0.0) / 18)
     raw: dict[str, float] = {}
     with torch.no_grad():
         # one MAC of a large float32 GEMM: the unit of every cost
@@ -160,21 +163,43 @@ def measure(budget: float = 60.0) -> dict[str, float]:
                 )
             dest = torch.empty(view.shape)
             raw["native_gather"] = clock.time(lambda: native.gather(view, dest)) / numel / mac
+
+        # a recurrent weight's gradient over a sequence's rows, torch.mm over oneDNN: the video
+        # layer's (96 rows, 1,024 x 256) and a speech layer's share (960 rows, 2,048 x 512)
+        if ops.onednn_available():
+            for name, (n, g, h) in RECURRENT_GRAD_SIZES.items():
+                d, hp = torch.randn(n, g), torch.randn(n, h)
+                raw[name] = clock.ratio(
+                    functools.partial(torch.mm, d.t(), hp),
+                    functools.partial(ops.linear_nt, d.t(), hp.t()),
+                )
     return raw
+
+
+RECURRENT_GRAD_SIZES: dict[str, tuple[int, int, int]] = {
+    "recurrent_grad_mm": (96, 1024, 256),
+    "recurrent_grad_mm_wide": (960, 2048, 512),
+}
+"""The ``(rows, gates, hidden)`` of :func:`measure`'s recurrent-gradient timings."""
 
 
 def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
     """``base`` (default: the built-in defaults) with every field :func:`measure` covers
     scaled by how this machine's measurement compares with :data:`REFERENCE`'s: the defaults
     fold in effects a micro-benchmark does not see (they were tuned end to end by
-    ``benchmarks/bench_kcp_auto.py``), so the ratio carries them to the new machine."""
+    ``benchmarks/bench_kcp_auto.py``), so the ratio carries them to the new machine; and
+    ``recurrent_grad_mm_rows`` 0 where ``torch.mm`` computed the recurrent gradient faster than
+    oneDNN at every size measured (:data:`RECURRENT_GRAD_SIZES`)."""
     base = CostModel() if base is None else base
     raw = measure(budget)
-    changes = {
+    changes: dict[str, float | int] = {
         name: _sig(getattr(base, name) * value / REFERENCE[name])
         for name, value in raw.items()
         if name in REFERENCE and REFERENCE[name] > 0
     }
+    grad = [raw[name] for name in RECURRENT_GRAD_SIZES if name in raw]
+    if grad and max(grad) < 1.0:  # torch.mm faster at every size measured
+        changes["recurrent_grad_mm_rows"] = 0
     return base.replace(**changes)
 
 
