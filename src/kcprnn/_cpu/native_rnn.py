@@ -168,12 +168,12 @@ def lstm_forward(
 ) -> None:
     """A whole LSTM direction over the input projections ``gx`` ``(t b, 4h)`` (time-major
     rows with unit stride along the last axis, or a ``(t, b, 4h)`` view: :func:`_rows`; gates
-    ``i, f, g, o``) and ``bias`` ``(4h,)`` or
-    ``None``: ``gates`` ``(t, b, 4h)`` receives the activated gates and ``hs``, ``cs``, ``tcs``
-    ``(t, b, h)`` the hidden states, the cell states and ``tanh`` of them, indexed by time.
-    ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero (no first product); ``x_fm``
-    ``(t, b, h)``, where given, receives the state before every step (indexed by time) in the
-    Kronecker sum's factor-major order, the rows its factor gradients multiply."""
+    ``i, f, g, o``) and ``bias`` ``(4h,)`` or ``None``: ``gates`` ``(t, b, 4h)`` receives the
+    activated gates and ``hs``, ``cs``, ``tcs`` ``(t, b, h)`` the hidden states, the cell states
+    and ``tanh`` of them, indexed by time. ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero
+    (no first product); ``x_fm`` ``(t, b, h)``, where given, receives the state before every
+    step (indexed by time) in the Kronecker sum's factor-major order, the rows its factor
+    gradients multiply."""
     lib = native._require()
     steps, b, g = gates.shape
     h = g // 4
@@ -294,11 +294,10 @@ def gru_forward(
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole GRU direction over the input projections ``gx`` ``(t b, 3h)`` (time-major
-    rows with unit stride along the last axis, gates ``r, z, n``; ``bias`` ``b_hh`` ``(3h,)`` or
-    ``None``): ``gh`` ``(t, b, 3h)`` receives
-    ``W_hh h + b_hh`` of every step, ``rz`` ``(t, b, 2h)`` the ``r, z`` gates, ``ns`` and
-    ``hs`` ``(t, b, h)`` the candidates and hidden states; ``x_fm`` as in
-    :func:`lstm_forward`."""
+    rows with unit stride along the last axis, or a ``(t, b, 3h)`` view, gates ``r, z, n``;
+    ``bias`` ``b_hh`` ``(3h,)`` or ``None``): ``gh`` ``(t, b, 3h)`` receives ``W_hh h + b_hh``
+    of every step, ``rz`` ``(t, b, 2h)`` the ``r, z`` gates, ``ns`` and ``hs`` ``(t, b, h)``
+    the candidates and hidden states; ``x_fm`` as in :func:`lstm_forward`."""
     lib = native._require()
     steps, b, h = hs.shape
     ldx, ldt = _rows("gru_forward", gx, steps, b, 3 * h)
@@ -415,9 +414,9 @@ def rnn_forward(
     x_fm: Tensor | None = None,
 ) -> None:
     """A whole Elman direction over the input projections ``gx`` ``(t b, h)`` (time-major rows
-    with unit stride along the last axis) and ``bias`` ``(h,)`` or ``None``: ``hs``
-    ``(t, b, h)`` receives the hidden states (``tanh``, or ``relu`` where ``relu``); ``x_fm``
-    as in :func:`lstm_forward`."""
+    with unit stride along the last axis, or a ``(t, b, h)`` view) and ``bias`` ``(h,)`` or
+    ``None``: ``hs`` ``(t, b, h)`` receives the hidden states (``tanh``, or ``relu`` where
+    ``relu``); ``x_fm`` as in :func:`lstm_forward`."""
     lib = native._require()
     steps, b, h = hs.shape
     ldx, ldt = _rows("rnn_forward", gx, steps, b, h)
