@@ -285,6 +285,36 @@ def test_options_per_layer():
     assert model.cell(0).weight_hh.in_features == 4
 
 
+@pytest.mark.parametrize("input_size", [5, 40])
+def test_batch_first_reorders_the_narrower_of_input_and_gates(input_size, monkeypatch):
+    """A batch-first input narrower than the gates (5 against 3 x 8) is put in time order
+    before the input product, a wider one (40) after it as gates: both give the time-major
+    module's outputs and gradients (the same weights, float64)."""
+    torch.manual_seed(0)
+    kwargs = {"num_layers": 2, "bidirectional": True, "format": "tt", "dtype": torch.float64}
+    first = kcprnn.GRU(input_size, 8, batch_first=True, **kwargs)
+    second = kcprnn.GRU(input_size, 8, batch_first=False, **kwargs)
+    second.load_state_dict(first.state_dict())
+    first.recurrence = second.recurrence = "dense"  # kcprnn's loops, not torch's kernel
+    calls = []  # the input product's rows, as a module call or a dense projection
+    first.cell(0).weight_ih.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    real = kcprnn.rnn.recurrent.input_projection
+    monkeypatch.setattr(
+        kcprnn.rnn.recurrent,
+        "input_projection",
+        lambda x, w, b: calls.append(x.shape) or real(x, w, b),
+    )
+    x = torch.randn(3, 7, input_size, dtype=torch.float64, requires_grad=True)
+    out, h = first(x)
+    ref_out, ref_h = second(x.transpose(0, 1))
+    torch.testing.assert_close(out, ref_out.transpose(0, 1))
+    torch.testing.assert_close(h, ref_h)
+    grad = torch.autograd.grad((out * out).sum() + h.sum(), x)[0]
+    ref_grad = torch.autograd.grad((ref_out * ref_out).sum() + ref_h.sum(), x)[0]
+    torch.testing.assert_close(grad, ref_grad)
+    assert calls[0] == ((7, 3, input_size) if input_size < 24 else (3, 7, input_size))
+
+
 def test_input_product_is_one_call_over_all_steps(monkeypatch):
     model = kcprnn.GRU(
         INPUT, HIDDEN, num_layers=2, bidirectional=True, format="dense", batch_first=True
@@ -302,7 +332,10 @@ def test_input_product_is_one_call_over_all_steps(monkeypatch):
         lambda x, w, b: calls["ih"].append(x.shape) or real(x, w, b),
     )
     model(torch.randn(3, 7, INPUT))
-    assert calls["ih"] == [(3, 7, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
+    # the batch-first input, narrower than the gates, goes in time order (once for both
+    # directions) rather than the gates after the product
+    assert INPUT < 3 * HIDDEN
+    assert calls["ih"] == [(7, 3, INPUT)] * 2 + [(21, 2 * HIDDEN)] * 2
     assert calls["hh"] == []  # equal lengths, dense W_hh: the fused layer multiplies it itself
     calls["ih"].clear()
     packed = pack_padded_sequence(

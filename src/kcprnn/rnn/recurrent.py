@@ -308,6 +308,10 @@ class RNNBase(nn.Module):
                 finals.extend(tuple(t[k] for t in final) for k in range(d))
             else:
                 outs = []
+                # a batch-first input narrower than the gates is put in time order before the
+                # input product (one copy of the input, shared by the directions) instead of
+                # its gates after it (one copy of the gates per direction)
+                time_major_x: Tensor | None = None
                 for direction, cell in enumerate(cells):
                     idx = layer * d + direction
                     # the fused LSTM and Elman loops take b_hh folded into the input product
@@ -331,15 +335,21 @@ class RNNBase(nn.Module):
                         outs.append(out)  # (n, p)
                         finals.append(final)
                         continue
+                    rows_in = layer_input
+                    reorder = layer == 0 and not packed and self.batch_first
+                    if reorder and x.shape[-1] < cell.weight_ih.out_features:
+                        if time_major_x is None:
+                            time_major_x = x.transpose(0, 1).contiguous()  # (t, b, i)
+                        rows_in, reorder = time_major_x, False
                     dense_ih = cell.weight_ih.format_name == "dense" and not compiling
                     if dense_inputs[direction] or dense_ih:
                         # (g, i), once per call; kept between calls without gradients
                         w_ih = cell._kept_weight("dense_ih", dense_weight, cell.weight_ih)
-                        gates_x = input_projection(layer_input, w_ih, bias)  # (n, g) or 3-D
+                        gates_x = input_projection(rows_in, w_ih, bias)  # (n, g) or 3-D
                     else:
-                        gates_x = cell.weight_ih(layer_input, bias)  # (n, g) or 3-D
+                        gates_x = cell.weight_ih(rows_in, bias)  # (n, g) or 3-D
                     if layer == 0 and not packed:
-                        if self.batch_first:
+                        if reorder:
                             gates_x = gates_x.transpose(0, 1)  # (t, b, g)
                         gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
                     state = tuple(t[idx] for t in hx)  # (b, s)
