@@ -41,13 +41,18 @@ def test_calibrate_prints_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert {"permute", "gather_index", "kernel", "kernel_prepared", "row"} <= set(raw) <= MEASURED
     assert all(math.isfinite(v) and v > 0 for v in raw.values())
     default = CostModel()
-    grad_mm_faster = max(raw.get(k, math.inf) for k in calibrate.RECURRENT_GRAD_SIZES) < 1
+    grad = [raw[k] for k in calibrate.RECURRENT_GRAD_SIZES if k in raw]
+    grad_rows = default.recurrent_grad_mm_rows
+    if grad and max(grad) < 1:
+        grad_rows = 0
+    elif grad and min(grad) > 1:
+        grad_rows = calibrate.ONEDNN_GRAD_ROWS
     for name, value in printed.to_dict().items():
         if name in raw:  # the default scaled by this machine over the reference one
             expected = getattr(default, name) * raw[name] / calibrate.REFERENCE[name]
             assert math.isclose(value, expected, rel_tol=1e-2), name
         elif name == "recurrent_grad_mm_rows":
-            assert value == (0 if grad_mm_faster else default.recurrent_grad_mm_rows)
+            assert value == grad_rows
         else:
             assert value == getattr(default, name), name
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporary file left
@@ -60,12 +65,12 @@ def test_raw_measurements_are_printed_as_json(capsys):
 
 
 @pytest.mark.parametrize(
-    ("ratios", "rows"), [((0.6, 0.7), 0), ((0.6, 1.2), None), ((1.3, 1.5), None), ((), None)]
+    ("ratios", "rows"), [((0.6, 0.7), 0), ((0.6, 1.2), None), ((1.3, 1.5), 2048), ((), None)]
 )
-def test_recurrent_gradient_goes_to_mm_only_where_mm_wins_at_every_size(monkeypatch, ratios, rows):
-    """``recurrent_grad_mm_rows`` drops to 0 (``torch.mm`` at any number of rows) only where
-    ``mm`` beat oneDNN at both measured sizes; otherwise (or without oneDNN: no timings) the
-    starting model's threshold stays."""
+def test_recurrent_gradient_route_follows_the_faster_at_both_sizes(monkeypatch, ratios, rows):
+    """``recurrent_grad_mm_rows`` is 0 (``torch.mm`` at any number of rows) where ``mm`` beat
+    oneDNN at both measured sizes, 2,048 (oneDNN up to there) where oneDNN beat ``mm`` at both;
+    a mixed result (or no timings, without oneDNN) keeps the starting model's threshold."""
     raw = dict(zip(calibrate.RECURRENT_GRAD_SIZES, ratios, strict=False))
     monkeypatch.setattr(calibrate, "measure", lambda budget: dict(raw))
     base = CostModel().replace(recurrent_grad_mm_rows=777)

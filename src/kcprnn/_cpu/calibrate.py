@@ -10,8 +10,9 @@ rows) ``torch.mm`` against oneDNN. The defaults fold in effects no micro-benchma
 were tuned end to end), so each measured field of the starting model (the defaults, or
 ``--base FILE``) is scaled by this machine's measurement over :data:`REFERENCE`, the same
 measurement on the machine the defaults come from; where ``torch.mm`` computes the recurrent
-gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``);
-the other fields are kept. ``--raw`` prints the measurements
+gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``),
+where oneDNN did at both :data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the other fields
+are kept. ``--raw`` prints the measurements
 themselves. Usage::
 
     kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
@@ -182,6 +183,10 @@ RECURRENT_GRAD_SIZES: dict[str, tuple[int, int, int]] = {
 }
 """The ``(rows, gates, hidden)`` of :func:`measure`'s recurrent-gradient timings."""
 
+ONEDNN_GRAD_ROWS = 2048
+"""``recurrent_grad_mm_rows`` where oneDNN computed the recurrent gradient faster at both sizes:
+oneDNN up to 2,048 rows, ``torch.mm`` beyond (faster at 4,800 rows on every machine measured)."""
+
 
 def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
     """``base`` (default: the built-in defaults) with every field :func:`measure` covers
@@ -189,7 +194,8 @@ def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
     fold in effects a micro-benchmark does not see (they were tuned end to end by
     ``benchmarks/bench_kcp_auto.py``), so the ratio carries them to the new machine; and
     ``recurrent_grad_mm_rows`` 0 where ``torch.mm`` computed the recurrent gradient faster than
-    oneDNN at every size measured (:data:`RECURRENT_GRAD_SIZES`)."""
+    oneDNN at every size measured (:data:`RECURRENT_GRAD_SIZES`), :data:`ONEDNN_GRAD_ROWS` where
+    oneDNN did (a mixed result keeps ``base``'s)."""
     base = CostModel() if base is None else base
     raw = measure(budget)
     changes: dict[str, float | int] = {
@@ -200,6 +206,8 @@ def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
     grad = [raw[name] for name in RECURRENT_GRAD_SIZES if name in raw]
     if grad and max(grad) < 1.0:  # torch.mm faster at every size measured
         changes["recurrent_grad_mm_rows"] = 0
+    elif grad and min(grad) > 1.0:  # oneDNN faster at every size measured
+        changes["recurrent_grad_mm_rows"] = ONEDNN_GRAD_ROWS
     return base.replace(**changes)
 
 

@@ -75,7 +75,9 @@ class CostModel:
     tucker_chunk_elements: int = 1 << 19  # Tucker/CP multiply larger inputs in chunks of rows
     ht_move: float = 8.0  # one element copied by an HT permutation
     ht_max_search: int = 5  # HT leaf orders searched exhaustively up to this many modes
-    recurrent_grad_mm_rows: int = 2048  # W_hh's gradient over more rows: one torch.mm, not oneDNN
+    # W_hh's gradient over more rows: one torch.mm, else oneDNN (mm was the faster from 16 to
+    # 4,800 rows on the Xeon VM; `kcprnn calibrate` measures it)
+    recurrent_grad_mm_rows: int = 0
 
     # --- recurrences (rnn) ---
     rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent
