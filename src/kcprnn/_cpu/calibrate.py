@@ -11,9 +11,8 @@ were tuned end to end), so each measured field of the starting model (the defaul
 ``--base FILE``) is scaled by this machine's measurement over :data:`REFERENCE`, the same
 measurement on the machine the defaults come from; where ``torch.mm`` computes the recurrent
 gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``),
-where oneDNN did at both :data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the other fields
-are kept. ``--raw`` prints the measurements
-themselves. Usage::
+where oneDNN does, :data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the other fields are
+kept. ``--raw`` prints the measurements themselves. Usage::
 
     kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
     python -m kcprnn._cpu.calibrate ...

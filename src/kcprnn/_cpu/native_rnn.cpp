@@ -83,9 +83,9 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    lstm_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
-                      product ? kron.acc.data() : nullptr, oi,
-                      gates, c, hs, cs, tcs);
+    const float* a = product ? kron.acc.data() : nullptr;
+    lstm_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, gates, c, hs, cs,
+                      tcs);
     h = hs + t * bh;
     c = cs + t * bh;
   }
@@ -135,9 +135,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    gru_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
-                     product ? kron.acc.data() : nullptr, oi, h,
-                     gh, rz, ns, hs);
+    const float* a = product ? kron.acc.data() : nullptr;
+    gru_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, h, gh, rz, ns, hs);
     h = hs + t * bh;
   }
 }
@@ -184,9 +183,8 @@ extern "C" void kcprnn_rnn_forward(i64 steps, i64 batch, i64 hidden, const float
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
-    rnn_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias,
-                     product ? kron.acc.data() : nullptr, oi, hs,
-                     relu);
+    const float* a = product ? kron.acc.data() : nullptr;
+    rnn_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, hs, relu);
     h = hs + t * bh;
   }
 }
