@@ -128,34 +128,45 @@ def _traced_targets(model: nn.Module, x: torch.Tensor) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def test_products_are_opaque_nodes():
-    """A fused direction over a factorized input product is one kcprnn::layer node (product and
-    recurrence together); a dense W_ih stays a graph operator before one kcprnn::recurrence; a
-    FactorizedLinear is one kcprnn::product; none of the KCP planner's small operators."""
-    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="kcp")
-    targets = _traced_targets(model, torch.randn(2, 3, INPUT))
-    # each direction; a KCP walk (P = 1) as kcprnn::layer_kcp, its matrices built in the graph
-    assert targets.count("kcprnn.layer_kcp.default") == 2
-    assert not any(t.startswith(("kcprnn.product", "kcprnn.recurrence")) for t in targets)
-    tt = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format="tt")
-    targets = _traced_targets(tt, torch.randn(2, 3, INPUT))
-    assert targets.count("kcprnn.layer.default") == 2
-    assert not any(t.startswith(("kcprnn.product", "kcprnn.recurrence")) for t in targets)
-    assert not any("mkldnn" in t for t in targets)
+def walking_lstm(**options) -> kcprnn.LSTM:
+    """A KCP LSTM whose every layer eager runs as the sequential walk into the fused dense loop
+    when training (a wide input, the dense route), as the video layer is: compiled direction
+    by direction (``kcprnn::layer_kcp``) rather than as one ``kcprnn::rnn``."""
+    model = kcprnn.LSTM(WIDE, HIDDEN, batch_first=True, format="kcp", rank=2, **options)
+    model.recurrence = "dense"
+    return model
 
-    dense = kcprnn.GRU(INPUT, HIDDEN, format="dense")
-    targets = _traced_targets(dense, torch.randn(3, 2, INPUT))
-    assert targets.count("kcprnn.recurrence.default") == 1
-    assert not any(t.startswith(("kcprnn.layer", "kcprnn.product")) for t in targets)
+
+WIDE = 256
+
+
+def test_products_are_opaque_nodes():
+    """A recurrent module is one kcprnn::rnn node (its eager forward, routes chosen at run
+    time) in every format, unless eager walks a KCP input product into the fused dense loop in
+    every layer: then each direction is one kcprnn::layer_kcp; a FactorizedLinear is one
+    kcprnn::product; none of the KCP planner's small operators."""
+    for format in ("kcp", "tt", "dense"):
+        model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, bidirectional=True, format=format)
+        targets = _traced_targets(model, torch.randn(2, 3, INPUT))
+        assert targets.count("kcprnn.rnn.default") == 1, format
+        assert not any(t.startswith(("kcprnn.layer", "kcprnn.product")) for t in targets)
+        assert not any("mkldnn" in t for t in targets)
+    targets = _traced_targets(walking_lstm(bidirectional=True), torch.randn(2, 3, WIDE))
+    assert targets.count("kcprnn.layer_kcp.default") == 2  # one per direction
+    assert not any(t.startswith(("kcprnn.rnn", "kcprnn.product")) for t in targets)
+    gru = kcprnn.GRU(INPUT, HIDDEN, format="dense")
+    assert _traced_targets(gru, torch.randn(3, 2, INPUT)).count("kcprnn.rnn.default") == 1
 
     linear = kcprnn.FactorizedLinear(INPUT, OUT, format="tt")
     assert _traced_targets(linear, torch.randn(4, INPUT)).count("kcprnn.product.default") == 1
 
 
-def test_training_graphs_copy_no_input_sized_tensor():
+@pytest.mark.parametrize("walk", [True, False])
+def test_training_graphs_copy_no_input_sized_tensor(walk):
     """The compiled training step (forward and backward graphs, as inductor receives them)
-    makes no tensor as large as the input: the input reaches the layer operator as a view,
-    is saved for the backward as that view, and no gradient is formed for it."""
+    makes no tensor as large as the input: the input reaches the operator (a layer's or the
+    module's) as it is or as a view, is saved for the backward so, and no gradient is formed
+    for it."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -169,8 +180,8 @@ def test_training_graphs_copy_no_input_sized_tensor():
         return compile_graph
 
     backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    model = kcprnn.LSTM(96, 8, batch_first=True, format="kcp", rank=2)
-    x = torch.randn(4, 5, 96)  # 1,920 elements, more than any state or gate tensor here
+    model = walking_lstm() if walk else kcprnn.LSTM(WIDE, 8, batch_first=True, format="kcp")
+    x = torch.randn(4, 5, WIDE)  # 5,120 elements, more than any state or gate tensor here
     out, (h, c) = torch.compile(model, backend=backend, fullgraph=True)(x)
     (out.sum() + h.sum() + c.sum()).backward()
     assert set(graphs) == {"forward", "backward"}
@@ -185,9 +196,10 @@ def test_training_graphs_copy_no_input_sized_tensor():
                 if isinstance(t, torch.Tensor) and t.numel() >= x.numel():
                     op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
                     assert op in views, f"{name} graph: {node.format_node()} makes {t.shape}"
-    layer = [n for n in graphs["forward"].graph.nodes if "kcprnn.layer" in str(n.target)]
-    (node,) = layer
-    assert node.args[0].meta["val"].shape == (20, 96)  # the input rows, a view of x
+    name = "kcprnn.layer" if walk else "kcprnn.rnn"
+    (node,) = [n for n in graphs["forward"].graph.nodes if name in str(n.target)]
+    rows = (20, WIDE) if walk else x.shape
+    assert node.args[0].meta["val"].shape == rows  # the input rows (a view), or the input
 
 
 # dynamo reads .grad of the graph's intermediate tensors when it resumes after the break
@@ -526,13 +538,20 @@ def test_layer_kcp_operator_from_a_zero_state_float64(case, reverse):
         torch.testing.assert_close(a, r)
 
 
-def test_compiled_kcp_output_changed_in_place_keeps_gradients():
+@pytest.mark.parametrize("case", ["walk", "one direction", "two directions"])
+def test_compiled_kcp_output_changed_in_place_keeps_gradients(case):
     """The state kept for the backward is the operator's own: changing the compiled layer's
-    output in place before the backward leaves the gradients as they were."""
+    output in place before the backward leaves the gradients as they were (the walk's
+    operator; the module's, whose one-direction output the kept graph saves and whose
+    two-direction output it does not)."""
     torch.manual_seed(0)
-    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2)
+    if case == "walk":
+        model = walking_lstm()
+    else:
+        two = case == "two directions"
+        model = kcprnn.LSTM(WIDE, HIDDEN, batch_first=True, bidirectional=two, format="kcp")
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(3, 5, INPUT)
+    x = torch.randn(3, 5, WIDE)
 
     def grads(change: bool) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -550,17 +569,17 @@ def test_compiled_kcp_output_changed_in_place_keeps_gradients():
 
 
 def test_compiled_kcp_walk_matches_eager():
-    """A two-layer bidirectional KCP LSTM (P = 1: every direction a kcprnn::layer_kcp, its
-    walk's matrices built by inductor) and a GRU, compiled in one graph, against eager:
-    outputs and every parameter's gradient."""
+    """A bidirectional KCP LSTM and a GRU that eager trains by the walk (P = 1: every
+    direction a kcprnn::layer_kcp, its walk's matrices built by inductor), compiled in one
+    graph, against eager: outputs and every parameter's gradient; inference (one
+    kcprnn::rnn per module) too."""
 
     class Two(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = kcprnn.LSTM(
-                INPUT, HIDDEN, 2, batch_first=True, bidirectional=True, format="kcp", rank=2
-            )
-            self.gru = kcprnn.GRU(INPUT, HIDDEN, format="kcp", rank=2)
+            self.lstm = walking_lstm(bidirectional=True)
+            self.gru = kcprnn.GRU(WIDE, HIDDEN, format="kcp", rank=2)
+            self.gru.recurrence = "dense"
 
         def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
             y, (h, c) = self.lstm(x)
@@ -569,7 +588,7 @@ def test_compiled_kcp_walk_matches_eager():
 
     torch.manual_seed(0)
     model = Two()
-    x = torch.randn(3, 5, INPUT)
+    x = torch.randn(3, 5, WIDE)
     ref_out, ref_grads = outputs_and_grads(model, model, x)
     compiled = torch.compile(model, fullgraph=True)
     out, grads = outputs_and_grads(model, compiled, x)
@@ -681,3 +700,59 @@ def test_layer_kcp_lstm_loops_equal_the_fused_recurrence(
         else:
             assert torch.equal(a, r), k
     torch.testing.assert_close(summed, ref[0].sum(0), rtol=1e-5, atol=1e-6)  # the rows' sum
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch_first", "given", "kept"),
+    [
+        ("LSTM", True, True, True),
+        ("LSTM", False, False, False),
+        ("GRU", False, True, False),
+        ("RNN", True, False, True),
+    ],
+)
+def test_module_operator_gradients_float64(mode, batch_first, given, kept):
+    """``kcprnn::rnn`` (the whole module's eager forward in one operator) against the module in
+    eager autograd, in float64: a two-layer bidirectional module with dropout between the
+    layers (the same random state), KCP and TT weights, one parameter frozen; outputs and the
+    gradients of the input, the initial state and the parameters, from the kept graph and,
+    where none is kept, from a recomputation that replays the dropout masks."""
+    from kcprnn import _compile_module
+
+    torch.manual_seed(0)
+    cls = getattr(kcprnn, mode)
+    model = cls(
+        6, 3, 2, batch_first=batch_first, dropout=0.5, bidirectional=True, format="kcp",
+        rank=2, hidden_format="tt", dtype=torch.float64,
+    )  # fmt: skip
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    sizes = (3, 3) if mode == "LSTM" else (3,)
+    batch = 2 if batch_first else 4
+    hx = tuple(
+        torch.randn(4, batch, s, dtype=torch.float64, requires_grad=True) for s in sizes
+    )  # (layers * directions, b, s)
+    hx = hx if given else None
+    wrt = [x, *(hx or ()), *(p for p in model.parameters() if p.requires_grad)]
+    _compile._KEPT.clear()
+
+    torch.manual_seed(1)
+    out, state = _compile_module.compiled_module(model, x, hx)
+    if not kept:
+        _compile._KEPT.clear()
+        torch.rand(5)  # the generator moves on; the recomputation replays the forward's state
+    grads_out = [torch.randn_like(out), *(torch.randn_like(s) for s in state)]
+    got = torch.autograd.grad([out, *state], wrt, grads_out)
+
+    torch.manual_seed(1)
+    ref_out, ref_state = model(x, hx if mode == "LSTM" or hx is None else hx[0])
+    ref_state = ref_state if isinstance(ref_state, tuple) else (ref_state,)
+    ref = torch.autograd.grad([ref_out, *ref_state], wrt, grads_out)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for a, r in zip(state, ref_state, strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r)
+    assert frozen.grad is None
+    assert not _compile._KEPT  # the kept graph was taken by its backward

@@ -354,8 +354,6 @@ def choose_route(
     by :func:`layer_costs` for ``"auto"``. A fused route that cannot run falls back: to
     ``"dense"`` for ``"structured"`` on a recurrent matrix that is not a Kronecker sum, to
     ``"torch"`` for sequences of different lengths or an LSTM projection."""
-    if torch.compiler.is_compiling():  # compiled graphs fuse the steps themselves
-        return "steps"
     if route in ("torch", "steps"):
         return route
     costs = layer_costs(cells, rows, steps, equal_lengths, training, _model(cells))
@@ -395,7 +393,7 @@ def plan_layer(
     the key is the arguments plus, per matrix, the matrix itself (a replaced one plans
     afresh), its algorithm and cost model, the dtype and device of its parameters, and the
     default cost model (``$KCPRNN_COST_MODEL``). Under ``torch.compile`` nothing is cached
-    (the route is ``"steps"``)."""
+    (the plan is made while tracing, :func:`~kcprnn._compile_module.walks_every_layer`)."""
     if torch.compiler.is_compiling() or cache is None:
         return _make_plan(route, cells, rows, steps, equal_lengths, training)
     key = (route, rows, steps, equal_lengths, training, _signature(cells))

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .._compile import compiled_route
 from .._compile_layer import compiled_layer, fuses_layer
+from .._compile_module import compiled_module, walks_every_layer
 from ._docs import GRU_DOC, LSTM_DOC, RNN_DOC
 from ._options import check_arguments, check_input_dtype, check_torch_module, fold_gates
 from .cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
@@ -273,6 +274,7 @@ class RNNBase(nn.Module):
         check_input_dtype(mode, x, self)
         k = self.num_layers * self.num_directions
         zero_state = hx is None
+        given = hx
         if hx is None:
             hx = tuple(x.new_zeros(k, batch, s) for s in self._state_sizes())  # (k, b, s)
         else:
@@ -285,6 +287,14 @@ class RNNBase(nn.Module):
         rows = x.shape[0] if packed else batch * steps
         equal = len(set(sizes)) == 1
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if (
+            torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
+            and not packed
+            and not walks_every_layer(self, batch, steps, training)
+        ):  # one opaque node running this forward eagerly (kcprnn._compile_module)
+            assert not isinstance(input, PackedSequence)
+            return compiled_module(self, input, given)
         for layer in range(self.num_layers):
             d = self.num_directions
             cells = [self.cell(layer, direction) for direction in range(d)]
