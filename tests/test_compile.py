@@ -323,68 +323,6 @@ def test_recurrence_operator_gradcheck_float64():
     torch.testing.assert_close(fn(gates, h0, c0, weight, bias)[0], ref[0])
 
 
-@pytest.mark.parametrize(
-    ("cell_type", "batch_major", "reverse", "kept"),
-    [
-        ("LSTM", True, False, True),
-        ("LSTM", False, True, False),
-        ("GRU", True, True, True),
-        ("RNN", False, False, False),
-    ],
-)
-def test_layer_operator_gradients_float64(cell_type, batch_major, reverse, kept):
-    """``kcprnn::layer`` (input product and fused recurrence in one operator) against the same
-    layer in eager autograd (the format's product, the time-major reordering, the fused
-    sequence), in float64: outputs and the gradients of the input, the folded input bias, the
-    factors, the initial state and both recurrent weights; its backward from the kept graph
-    and, where none is kept, from a recomputation."""
-    torch.manual_seed(0)
-    cls = {"LSTM": kcprnn.LSTMCell, "GRU": kcprnn.GRUCell, "RNN": kcprnn.RNNCell}[cell_type]
-    cell = cls(6, 3, format="kcp", rank=2, hidden_format="kcp", dtype=torch.float64)
-    b, t = 2, 3
-    x = (
-        torch.randn(b, t, 6, dtype=torch.float64)
-        if batch_major
-        else torch.randn(t, b, 6, dtype=torch.float64)
-    )
-    x.requires_grad_(True)
-    sizes = cell.state_sizes() if hasattr(cell, "state_sizes") else (3,)
-    state = tuple(torch.randn(b, s, dtype=torch.float64, requires_grad=True) for s in sizes)
-    fold = cell_type != "GRU"
-    bias = cell.bias_ih + cell.bias_hh if fold else cell.bias_ih
-    wrt = [x, *state, *cell.parameters()]
-    _compile._KEPT.clear()
-
-    out, final = _compile_layer.compiled_layer(cell, x, bias, state, reverse, batch_major, fold)
-    if not kept:
-        _compile._KEPT.clear()
-    grads_out = [torch.randn_like(out), *(torch.randn_like(f) for f in final)]
-    got = torch.autograd.grad([out, *final], wrt, grads_out, allow_unused=True)
-
-    gates = cell.weight_ih(x.reshape(-1, 6), bias)  # (n, g)
-    if batch_major:
-        gates = gates.view(b, t, -1).transpose(0, 1).reshape(b * t, -1)
-    nonlinearity = getattr(cell, "nonlinearity", "tanh")
-    ref_out, ref_final = kcprnn.rnn.fused_sequence(
-        cell_type,
-        gates,
-        state,
-        [kcprnn.rnn.kron.rebuild(cell.weight_hh)],
-        None if fold else cell.bias_hh,
-        reverse,
-        None,
-        nonlinearity,
-    )
-    ref = torch.autograd.grad([ref_out, *ref_final], wrt, grads_out, allow_unused=True)
-    torch.testing.assert_close(out, ref_out)
-    for a, r in zip(final, ref_final, strict=True):
-        torch.testing.assert_close(a, r)
-    for a, r, tensor in zip(got, ref, wrt, strict=True):
-        assert r is not None, tuple(tensor.shape)
-        torch.testing.assert_close(a, r)
-    assert not _compile._KEPT  # the kept graph was taken by its backward
-
-
 def test_dead_module_key_is_a_clear_error():
     matrix = kcprnn.formats.FORMATS["tt"](6, 4)
     key = _compile.module_key(matrix)
@@ -630,7 +568,7 @@ def test_compiled_kcp_inference_follows_changed_factors():
 
 def test_dynamic_batch_matches_eager():
     """``dynamic=True``: with a symbolic number of rows the KCP walk is not planned while
-    tracing (the general ``kcprnn::layer`` runs); two batch sizes, training and inference."""
+    tracing (the module's ``kcprnn::rnn`` runs); two batch sizes, training and inference."""
     torch.manual_seed(0)
     model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", rank=2)
     compiled = torch.compile(model, dynamic=True, fullgraph=True)

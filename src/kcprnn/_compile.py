@@ -17,10 +17,10 @@ only the graph around them, which takes seconds at any layer size.
 - ``kcprnn::recurrence(gates_x, h0, c0, bias, weight, mode, reverse, relu, needs)``:
   :func:`~kcprnn.rnn.fused_sequence` with a dense recurrent weight, its graph kept the same
   way for ``kcprnn::recurrence_backward`` (the hand-written backward through time).
-- ``kcprnn::layer``: a direction's input product and fused recurrence in one operator
-  (:mod:`kcprnn._compile_layer`); ``kcprnn::layer_kcp`` (:mod:`kcprnn._compile_kcp`) the same
-  for a KCP walk, its small matrices built in the graph and its bodies called without
-  autograd.
+- ``kcprnn::rnn``: a whole recurrent module's eager forward (:mod:`kcprnn._compile_module`);
+  ``kcprnn::layer_kcp`` (:mod:`kcprnn._compile_kcp`, :mod:`kcprnn._compile_layer`) a
+  direction's KCP walk and fused recurrence where eager runs every layer so, its small
+  matrices built in the graph and its bodies called without autograd.
 
 The operators' inputs are saved for the backward, so the compiled graph keeps them alive and
 unchanged while a kept graph reads them.

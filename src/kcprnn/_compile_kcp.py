@@ -33,7 +33,8 @@ def _layer_wrt(
     needs: Sequence[bool],
 ) -> list[Tensor]:
     """The tensors a layer operator's backward returns gradients for, in its order: those that
-    ``needs`` marks (:data:`kcprnn._compile_layer._LAYER_SLOTS` order) and are given."""
+    ``needs`` marks (in the order ``x, bias, params, h0, c0, bias_hh, weight``) and are
+    given."""
     slots: list[list[Tensor]] = [[t] if t is not None else [] for t in (x, bias)]
     slots += [list(params)] + [[t] if t is not None else [] for t in (h0, c0, bias_hh, weight)]
     return [t for group, need in zip(slots, needs, strict=True) if need for t in group]
