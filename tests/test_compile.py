@@ -694,3 +694,25 @@ def test_module_operator_gradients_float64(mode, batch_first, given, kept):
         torch.testing.assert_close(a, r)
     assert frozen.grad is None
     assert not _compile._KEPT  # the kept graph was taken by its backward
+
+
+def test_compiled_module_under_functional_call_uses_the_given_parameters():
+    """``torch.func.functional_call`` on a compiled module: without gradients the operator
+    takes no parameters and reads those put in the module's place; with them, the gradients
+    reach the given tensors. Against the module that owns them, eager."""
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", hidden_format="tt", rank=2)
+    other = kcprnn.LSTM(INPUT, HIDDEN, batch_first=True, format="kcp", hidden_format="tt", rank=2)
+    params = dict(other.named_parameters())
+    x = torch.randn(3, 5, INPUT)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.func.functional_call(compiled, params, (x,))[0], other(x)[0], **TOL
+        )
+        torch.testing.assert_close(compiled(x)[0], model(x)[0], **TOL)  # its own again
+    got = torch.func.functional_call(compiled, params, (x,))[0]
+    grads = torch.autograd.grad(got.sum(), list(params.values()))
+    ref = torch.autograd.grad(other(x)[0].sum(), list(other.parameters()))
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,11 +92,18 @@ def compiled_module(
     module: RNNBase, input: Tensor, hx: tuple[Tensor, ...] | None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``module._forward(input, hx)`` as one ``kcprnn::rnn`` node (under ``torch.compile``):
-    ``(output, (h_n[, c_n]))`` as eager returns them."""
+    ``(output, (h_n[, c_n]))`` as eager returns them.
+
+    The parameters are the operator's inputs only where one takes a gradient: without, the
+    graph does not depend on them (the kernel reads the module's own, or those
+    ``torch.func.functional_call`` put in their place), so the compiled call neither guards
+    nor checks them."""
+    grad = torch.is_grad_enabled()
     params = list(module.parameters())
+    if not (grad and any(p.requires_grad for p in params)):
+        params = []
     h0 = None if hx is None else hx[0]
     c0 = None if hx is None or len(hx) < 2 else hx[1]
-    grad = torch.is_grad_enabled()
     needs = [grad and t is not None and t.requires_grad for t in (input, h0, c0, *params)]
     out, h, c, _, _ = torch.ops.kcprnn.rnn.default(input, h0, c0, params, module_key(module), needs)
     return out, ((h, c) if module.mode == "LSTM" else (h,))
@@ -191,7 +198,9 @@ def _graph(
             return t
 
         own = list(module.parameters())
-        if all(
+        if not params:  # none differentiated: the module's own
+            leaves = own
+        elif all(
             a.requires_grad == n and _same(a, b)
             for a, b, n in zip(own, params, need_params, strict=True)
         ):  # the module's own parameters: differentiated where they are (no swap)
@@ -206,7 +215,8 @@ def _graph(
             _parameters(module, leaves, swap=leaves is not own),
         ):
             out, state = module._forward(x_leaf, hx)
-    wrt = [t for t, n in zip((x_leaf, h_leaf, c_leaf, *leaves), needs, strict=True) if n]
+    inputs = (x_leaf, h_leaf, c_leaf, *(leaves if params else ()))
+    wrt = [t for t, n in zip(inputs, needs, strict=True) if n]
     return [out, *state], [t for t in wrt if t is not None], saved
 
 
@@ -235,7 +245,7 @@ def _rnn(
         c = None if len(found) < 3 else found[2] if fresh[2] else found[2].clone()
     else:
         hx = None if h0 is None else (h0,) if c0 is None else (h0, c0)
-        with torch.no_grad(), _parameters(module, params):
+        with torch.no_grad(), _parameters(module, params) if params else nullcontext():
             found, state = module._forward(x, hx)
         # the forward's results are computed (never views of its inputs)
         out = _output(module, x, found, shape)
