@@ -716,3 +716,35 @@ def test_compiled_module_under_functional_call_uses_the_given_parameters():
     ref = torch.autograd.grad(other(x)[0].sum(), list(other.parameters()))
     for a, b in zip(grads, ref, strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize(("mode", "kept"), [("LSTM", True), ("GRU", False), ("RNN", True)])
+def test_cell_operator_gradients_float64(mode, kept):
+    """A factorized cell's step as ``kcprnn::rnn`` (its eager step in one operator) against the
+    eager step in float64: the new state and the gradients of the input, the state and the
+    parameters, from the kept graph and from a recomputation; unbatched too."""
+    from kcprnn import _compile_module
+
+    torch.manual_seed(0)
+    cls = getattr(kcprnn, mode + "Cell")
+    cell = cls(6, 3, format="kcp", rank=2, hidden_format="tt", dtype=torch.float64)
+    for batch in ((2,), ()):
+        x = torch.randn(*batch, 6, dtype=torch.float64, requires_grad=True)
+        sizes = (3, 3) if mode == "LSTM" else (3,)
+        hx = tuple(torch.randn(*batch, s, dtype=torch.float64, requires_grad=True) for s in sizes)
+        wrt = [x, *hx, *cell.parameters()]
+        _compile._KEPT.clear()
+        empty, state = _compile_module.compiled_module(cell, x, hx)
+        assert empty.numel() == 0
+        if not kept:
+            _compile._KEPT.clear()
+        grads_out = [torch.randn_like(s) for s in state]
+        got = torch.autograd.grad(state, wrt, grads_out)
+        ref_state = cell(x, hx if mode == "LSTM" else hx[0])
+        ref_state = ref_state if isinstance(ref_state, tuple) else (ref_state,)
+        ref = torch.autograd.grad(ref_state, wrt, grads_out)
+        for a, r in zip(state, ref_state, strict=True):
+            torch.testing.assert_close(a, r, rtol=0, atol=0)
+        for a, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, r)
+        assert not _compile._KEPT

@@ -288,12 +288,28 @@ def test_copies_prepare_their_own_step(forced):
     assert twin._native_cache[1] is not cell._native_cache[1]
 
 
-def test_compiled_graphs_trace_the_torch_ops(forced):
+def test_compiled_graphs_run_the_step_in_one_operator(forced):
+    """Under ``torch.compile`` a factorized cell is one ``kcprnn::rnn`` node whose kernel runs
+    the eager step, the compiled one included; while exporting, the torch ops are traced."""
     torch.manual_seed(13)
     cell = _cell("LSTM", "kcp-both")
     x, state = torch.randn(2, INPUT), _state("LSTM", 2)
-    compiled = torch.compile(cell, backend="eager", fullgraph=True)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(cell, backend=backend, fullgraph=True)
     with torch.no_grad():
         got = compiled(x, state)
-    assert forced == []  # no compiled step inside the graph
+    (gm,) = graphs
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count("kcprnn.rnn.default") == 1
+    assert forced == ["LSTM"]  # the eager step, run by the operator
     _assert_close(tuple(got), _reference(cell, "LSTM", x, state))
+    forced.clear()
+    with torch.no_grad():
+        exported = torch.export.export(cell, (x, state)).module()(x, state)
+    assert forced == []  # no compiled step inside an exported graph
+    _assert_close(tuple(exported), _reference(cell, "LSTM", x, state))

@@ -41,9 +41,10 @@ from ._compile import (
 )
 
 if TYPE_CHECKING:
+    from .rnn.cells import RNNCellBase
     from .rnn.recurrent import RNNBase
 
-__all__ = ["compiled_module", "walks_every_layer"]
+__all__ = ["compiled_module", "compiles_opaque", "walks_every_layer"]
 
 
 def walks_every_layer(module: RNNBase, batch: Any, steps: Any, training: bool) -> bool:
@@ -88,11 +89,20 @@ def _walks(key: int, rows: int, steps: int, training: bool, grad: bool) -> bool:
     return True
 
 
+def compiles_opaque(cell: RNNCellBase) -> bool:
+    """Whether a cell step runs as one ``kcprnn::rnn`` while compiled (not exporting): where
+    a matrix is factorized (a dense cell's torch ops are traced, which costs less per call
+    than an opaque node)."""
+    formats = {cell.weight_ih.format_name, cell.weight_hh.format_name}
+    compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return compiling and formats != {"dense"}
+
+
 def compiled_module(
-    module: RNNBase, input: Tensor, hx: tuple[Tensor, ...] | None
+    module: RNNBase | RNNCellBase, input: Tensor, hx: tuple[Tensor, ...] | None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``module._forward(input, hx)`` as one ``kcprnn::rnn`` node (under ``torch.compile``):
-    ``(output, (h_n[, c_n]))`` as eager returns them.
+    ``(output, (h_n[, c_n]))`` as eager returns them; for a cell, ``(empty, (h'[, c']))``.
 
     The parameters are the operator's inputs only where one takes a gradient: without, the
     graph does not depend on them (the kernel reads the module's own, or those
@@ -112,10 +122,27 @@ def compiled_module(
 # --- the operator's kernels ----------------------------------------------------------------
 
 
+def _is_cell(module: Any) -> bool:
+    from .rnn.cells import RNNCellBase
+
+    return isinstance(module, RNNCellBase)
+
+
+def _run(module: Any, x: Tensor, hx: tuple[Tensor, ...] | None) -> tuple[Any, tuple]:
+    """The eager forward: ``(output, state)``, for a cell ``(None, state)``."""
+    if _is_cell(module):
+        return None, module._forward(x, hx)
+    return module._forward(x, hx)
+
+
 def _shapes(module: Any, x: Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """The shapes of eager's ``output``, ``h_n`` and ``c_n`` for input ``x``."""
+    """The shapes of eager's ``output`` (none for a cell: ``(0,)``), ``h_n`` and ``c_n`` for
+    input ``x``."""
     hidden = module.hidden_size
     out_size = module.proj_size or hidden
+    if _is_cell(module):
+        lead = tuple(x.shape[:-1])
+        return (0,), (*lead, out_size), (*lead, hidden)
     k = module.num_layers * module.num_directions
     width = module.num_directions * out_size
     if x.dim() == 2:
@@ -128,7 +155,9 @@ def _output(module: Any, x: Tensor, out: Tensor | None, shape: Sequence[int]) ->
     """``out`` laid out as eager's output of a fused layer is (time-major rows, seen batch-first
     where the module is: the layout the fake kernel declares) and not a view (a view would
     make the compiled graph's output one, which may not be changed in place); a new tensor
-    for ``None``."""
+    for ``None``; an empty one for a cell."""
+    if _is_cell(module):
+        return x.new_empty(0)
     if module.batch_first and x.dim() == 3:
         b, _, w = shape
         strides: tuple[int, ...] = (w, b * w, 1)
@@ -147,7 +176,8 @@ def _output(module: Any, x: Tensor, out: Tensor | None, shape: Sequence[int]) ->
 def _random_state(module: Any, x: Tensor, needs: Sequence[bool]) -> Tensor:
     """The random state a training forward starts from where dropout runs between layers
     (replayed by a recomputed forward), else an empty tensor."""
-    if any(needs) and module.training and module.dropout and module.num_layers > 1:
+    dropout = getattr(module, "dropout", 0.0) and getattr(module, "num_layers", 1) > 1
+    if any(needs) and module.training and dropout:
         if x.device.type == "cuda":
             return torch.cuda.get_rng_state(x.device)
         return torch.get_rng_state()
@@ -183,7 +213,8 @@ def _graph(
     params: Sequence[Tensor],
     needs: Sequence[bool],
 ) -> tuple[list[Tensor], list[Tensor], set[int]]:
-    """The eager forward under autograd: its outputs ``(output, h_n[, c_n])``, the tensors
+    """The eager forward under autograd: its outputs ``(output, h_n[, c_n])`` (a cell's
+    ``(h'[, c'])``), the tensors
     they are differentiated for (``needs`` order: ``x``, ``h0``, ``c0``, the parameters;
     only the needed ones) and the storages of the tensors its graph saves."""
     need_x, need_h0, need_c0, *need_params = needs
@@ -214,10 +245,11 @@ def _graph(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             _parameters(module, leaves, swap=leaves is not own),
         ):
-            out, state = module._forward(x_leaf, hx)
+            out, state = _run(module, x_leaf, hx)
     inputs = (x_leaf, h_leaf, c_leaf, *(leaves if params else ()))
     wrt = [t for t, n in zip(inputs, needs, strict=True) if n]
-    return [out, *state], [t for t in wrt if t is not None], saved
+    outs = [*state] if out is None else [out, *state]
+    return outs, [t for t in wrt if t is not None], saved
 
 
 def _rnn(
@@ -236,17 +268,17 @@ def _rnn(
         token = _keep(outs, wrt)
         # the caller may change the outputs in place, which the compiled graph's version
         # counters do not catch: those the kept graph saved are returned as copies
-        found = [t.detach() for t in outs]
-        fresh = [t.untyped_storage().data_ptr() not in saved for t in found]
-        out = _output(module, x, found[0] if fresh[0] else None, shape)
+        made: list[Any] = [None] * _is_cell(module) + [t.detach() for t in outs]
+        fresh = [t is None or t.untyped_storage().data_ptr() not in saved for t in made]
+        out = _output(module, x, made[0] if fresh[0] else None, shape)
         if not fresh[0]:
-            out.copy_(found[0])
-        h = found[1] if fresh[1] else found[1].clone()
-        c = None if len(found) < 3 else found[2] if fresh[2] else found[2].clone()
+            out.copy_(made[0])
+        h = made[1] if fresh[1] else made[1].clone()
+        c = None if len(made) < 3 else made[2] if fresh[2] else made[2].clone()
     else:
         hx = None if h0 is None else (h0,) if c0 is None else (h0, c0)
         with torch.no_grad(), _parameters(module, params) if params else nullcontext():
-            found, state = module._forward(x, hx)
+            found, state = _run(module, x, hx)
         # the forward's results are computed (never views of its inputs)
         out = _output(module, x, found, shape)
         h, c = state[0].contiguous(), state[1].contiguous() if len(state) > 1 else None
@@ -288,7 +320,8 @@ def _rnn_backward(
         with _replayed(rng, x.device):
             kept = _graph(_module(key), x, h0, c0, params, needs)[:2]
     outs, wrt = kept
-    grads = [grad_out, grad_h] + ([grad_c] if grad_c is not None else [])
+    grads = [] if _is_cell(_module(key)) else [grad_out]
+    grads += [grad_h] + ([grad_c] if grad_c is not None else [])
     with _autograd():
         found = torch.autograd.grad(outs[: len(grads)], wrt, grads, allow_unused=True)
     storages = _storages([grad_out, grad_h, grad_c, x, h0, c0, *params])

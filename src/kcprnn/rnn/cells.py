@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .._compile_module import compiled_module, compiles_opaque
 from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
 from ._cell_step import (
@@ -302,11 +303,6 @@ class RNNCellBase(nn.Module):
             self._dense_choice[key] = choice
         return choice
 
-    def _dense_weights(self) -> tuple[Tensor, Tensor]:
-        """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
-        calls until a parameter changes (in place or replaced)."""
-        return dense_weights(self)
-
     def _kept_weight(self, name: str, build: Callable[..., _Kept], *args: Any) -> _Kept:
         """``build(*args)``, a value made from the weights (a rebuilt matrix, a Kronecker sum's
         factor matrices), kept under ``name`` between calls without gradients until a parameter
@@ -316,7 +312,9 @@ class RNNCellBase(nn.Module):
     def _structured_step(self, x: Tensor, state: State) -> State:
         """One step through the formats' products: the compiled step where no gradient is
         recorded and it can run (float32 on the CPU, not under ``torch.compile``), else
-        :meth:`step` on torch ops."""
+        :meth:`step` on torch ops; compiled, one opaque node running this eager code."""
+        if compiles_opaque(self):
+            return compiled_module(self, x, state)[1]
         if (
             not (
                 torch.is_grad_enabled()
@@ -336,8 +334,8 @@ class RNNCellBase(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
-        """One step on dense weights (``weights``, or :meth:`_dense_weights`) through torch's
-        fused cell."""
+        """One step on dense weights (``weights``, or those kept or rebuilt by
+        :func:`~kcprnn.rnn._cell_step.dense_weights`) through torch's fused cell."""
         raise NotImplementedError(f"{type(self).__name__} does not define _dense_step()")
 
     # --- conversion ----------------------------------------------------------------------------
@@ -485,7 +483,7 @@ class LSTMCell(RNNCellBase):
         return (self.output_size, self.hidden_size)
 
     def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
-        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        w_ih, w_hh = dense_weights(self) if weights is None else weights
         b = self._parameters  # faster than nn.Module.__getattr__, on every step
         return torch.lstm_cell(x, state, w_ih, w_hh, b["bias_ih"], b["bias_hh"])
 
@@ -536,7 +534,7 @@ class GRUCell(RNNCellBase):
         return (gru_step(gates_x, state[0], self.weight_hh, self.bias_hh),)
 
     def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
-        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        w_ih, w_hh = dense_weights(self) if weights is None else weights
         b = self._parameters
         return (torch.gru_cell(x, state[0], w_ih, w_hh, b["bias_ih"], b["bias_hh"]),)
 
@@ -586,7 +584,7 @@ class RNNCell(RNNCellBase):
         return (rnn_step(gates_x, state[0], self.weight_hh, self.bias_hh, self.nonlinearity),)
 
     def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
-        w_ih, w_hh = self._dense_weights() if weights is None else weights
+        w_ih, w_hh = dense_weights(self) if weights is None else weights
         cell = torch.rnn_relu_cell if self.nonlinearity == "relu" else torch.rnn_tanh_cell
         b = self._parameters
         return (cell(x, state[0], w_ih, w_hh, b["bias_ih"], b["bias_hh"]),)

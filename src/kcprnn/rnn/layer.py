@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._compile import compiled_recurrence
+from ._cell_step import dense_weights
 from .cells import RNNCellBase
 from .fused import fused_sequence
 from .kron import kron_terms, rebuild
@@ -204,7 +205,7 @@ def torch_layer(
     params: list[Tensor] = []
     for c in cells:
         # rebuilt every call under autograd; without it kept until a parameter changes
-        params += c._dense_weights()
+        params += dense_weights(c)
         if c.bias_ih is not None and c.bias_hh is not None:
             params += [c.bias_ih, c.bias_hh]
         if c.weight_hr is not None:
