@@ -120,6 +120,36 @@ def test_one_mode_is_a_sum_of_kronecker_products():
     torch.testing.assert_close(w.to_dense(), expected)
 
 
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(2, 3)],
+        [(2, 3), (3, 1)],
+        [(4, 2), (1, 3), (2, 2)],
+        [(2, 1), (1, 1), (3, 2), (1, 2), (2, 3)],
+    ],
+)
+def test_factor_dense_is_the_sum_over_the_rank_of_kronecker_products(shapes):
+    """``factor_dense`` (the rank summed by one GEMM between two groups of modes) against
+    ``Σ_r kron(F_1[p, r], ..., F_D[p, r])`` by ``torch.kron``, and its gradients by gradcheck,
+    in float64."""
+    from kcprnn.formats.kcp.algebra import factor_dense
+
+    torch.manual_seed(len(shapes))
+    factor = [torch.randn(2, 3, j, i, dtype=F64, requires_grad=True) for j, i in shapes]
+    expected = []
+    for p in range(2):
+        total = 0
+        for r in range(3):
+            k = factor[0][p, r]
+            for f in factor[1:]:
+                k = torch.kron(k, f[p, r])
+            total = total + k
+        expected.append(total)
+    torch.testing.assert_close(factor_dense(factor), torch.stack(expected))
+    assert torch.autograd.gradcheck(lambda *f: factor_dense(f), factor)
+
+
 def test_one_factor_is_plain_cp():
     w = make_case(([[3], [4]], [[2], [5]], 2, 3))
     ((u1, u2),) = factors_of(w)
