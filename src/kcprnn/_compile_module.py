@@ -302,19 +302,14 @@ def _rnn_fake(
     return _output(module, x, None, shape), x.new_empty(h_shape), c, token, rng
 
 
+# The backward kernels take the forward's arguments after the gradients, the token and the
+# random state: ``args`` is ``(x, h0, c0, params, key, needs)``.
+
+
 def _rnn_backward(
-    grad_out: Tensor,
-    grad_h: Tensor,
-    grad_c: Tensor | None,
-    token: Tensor,
-    rng: Tensor,
-    x: Tensor,
-    h0: Tensor | None,
-    c0: Tensor | None,
-    params: list[Tensor],
-    key: int,
-    needs: list[bool],
+    grad_out: Tensor, grad_h: Tensor, grad_c: Tensor | None, token: Tensor, rng: Tensor, *args: Any
 ) -> list[Tensor]:
+    x, h0, c0, params, key, needs = args
     kept = _take(token)
     if kept is None:  # none kept: run the forward again, from the same random state
         with _replayed(rng, x.device):
@@ -331,19 +326,8 @@ def _rnn_backward(
     ]
 
 
-def _rnn_backward_fake(
-    grad_out: Tensor,
-    grad_h: Tensor,
-    grad_c: Tensor | None,
-    token: Tensor,
-    rng: Tensor,
-    x: Tensor,
-    h0: Tensor | None,
-    c0: Tensor | None,
-    params: list[Tensor],
-    key: int,
-    needs: list[bool],
-) -> list[Tensor]:
+def _rnn_backward_fake(*args: Any) -> list[Tensor]:
+    x, h0, c0, params, _, needs = args[5:]
     inputs = [x, h0, c0, *params]
     return [torch.empty_like(t) for t, n in zip(inputs, needs, strict=True) if n and t is not None]
 

@@ -392,8 +392,9 @@ def plan_layer(
     A plan depends on the shapes and on what the prices read, never on parameter values, so
     the key is the arguments plus, per matrix, the matrix itself (a replaced one plans
     afresh), its algorithm and cost model, the dtype and device of its parameters, and the
-    default cost model (``$KCPRNN_COST_MODEL``). Under ``torch.compile`` nothing is cached
-    (the plan is made while tracing, :func:`~kcprnn._compile_module.walks_every_layer`)."""
+    default cost model (``$KCPRNN_COST_MODEL``). Nothing is cached without ``cache`` (as
+    :func:`~kcprnn._compile_module.walks_every_layer` plans while tracing) or under
+    ``torch.compile``."""
     if torch.compiler.is_compiling() or cache is None:
         return _make_plan(route, cells, rows, steps, equal_lengths, training)
     key = (route, rows, steps, equal_lengths, training, _signature(cells))
