@@ -7,7 +7,9 @@ library), compiled once (the compile time of its inference and training graphs i
 then timed in rounds that interleave the two: per round, eager and compiled forward under
 ``no_grad`` and eager and compiled forward+backward of ``output.sum()``, the order of eager and
 compiled swapped every round. Medians over rounds of the wall time, ms, and compiled over
-eager. One process, ``torch._dynamo.reset()`` between cases.
+eager; the compiled output's largest difference from eager's and the largest relative
+difference of a parameter's gradient are recorded too. One process, ``torch._dynamo.reset()``
+between cases.
 
 Usage::
 
@@ -72,10 +74,22 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        compiled(x)
+        got = compiled(x)[0]
     model.train()
     compiled(x)[0].sum().backward()
     compile_s = time.perf_counter() - start
+    with torch.no_grad():  # the compiled module computes what eager does
+        output_error = (got - model.eval()(x)[0]).abs().max().item()
+    model.train()
+    grads = []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        fn(x)[0].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    grad_error = max(
+        ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        for a, b in zip(grads[1], grads[0], strict=True)
+    )
 
     def forward(fn):
         model.eval()
@@ -101,6 +115,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     return {
         "case": case,
         "compile_s": round(compile_s, 1),
+        "max_abs_error_output": output_error,
+        "max_rel_error_grads": grad_error,
         "forward_ms": {"eager": round(med["fe"], 3), "compiled": round(med["fc"], 3)},
         "train_ms": {"eager": round(med["te"], 3), "compiled": round(med["tc"], 3)},
         "forward_ratio": round(med["fc"] / med["fe"], 3),
@@ -129,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
     }
     print(json.dumps(setup))
-    print("| module: W_ih / W_hh | compile s | forward ms, eager / compiled | ratio "
-          "| forward+backward ms, eager / compiled | ratio |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| module: W_ih / W_hh | compile s | forward ms, eager / compiled | ratio "
+        "| forward+backward ms, eager / compiled | ratio | error: output / gradients |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     results = []
     for case in args.cases:
         found = run_case(case, args)
@@ -140,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {case.replace(':', ' ', 1).replace(':', ' / ')} | {found['compile_s']} "
             f"| {f['eager']:.2f} / {f['compiled']:.2f} | {found['forward_ratio']:.3f} "
-            f"| {t['eager']:.2f} / {t['compiled']:.2f} | {found['train_ratio']:.3f} |",
+            f"| {t['eager']:.2f} / {t['compiled']:.2f} | {found['train_ratio']:.3f} "
+            f"| {found['max_abs_error_output']:.1e} / {found['max_rel_error_grads']:.1e} |",
             flush=True,
         )
     if args.out is not None:
