@@ -748,3 +748,24 @@ def test_cell_operator_gradients_float64(mode, kept):
         for a, r in zip(got, ref, strict=True):
             torch.testing.assert_close(a, r)
         assert not _compile._KEPT
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_compiled_unbatched_input_equals_eager(batch_first):
+    """An unbatched ``(t, i)`` input, with and without an initial state: the compiled
+    module's outputs have eager's shapes and values."""
+    torch.manual_seed(0)
+    for cls in (kcprnn.LSTM, kcprnn.GRU):
+        model = cls(
+            INPUT, HIDDEN, 2, batch_first=batch_first, bidirectional=True, format="kcp",
+            hidden_format="tt", rank=2,
+        )  # fmt: skip
+        compiled = torch.compile(model, fullgraph=True)
+        x = torch.randn(5, INPUT)
+        h = torch.randn(4, HIDDEN)
+        state = (h, torch.randn(4, HIDDEN)) if cls is kcprnn.LSTM else h
+        for args in ((x,), (x, state)):
+            leaves = torch.utils._pytree.tree_leaves
+            for a, b in zip(leaves(compiled(*args)), leaves(model(*args)), strict=True):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
