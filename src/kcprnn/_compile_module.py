@@ -5,10 +5,11 @@ Under ``torch.compile`` a recurrent module (LSTM, GRU, RNN on unpacked input) is
 time: the cost model picks each layer's route (torch's kernel, the fused loops, the structured
 recurrences) and its input products as eager does, and the weights and plans eager keeps
 between calls are reused, so the compiled module does the eager work plus the compiled graph's
-own call. The one exception is a module whose every layer eager runs as a KCP walk into the
-fused dense loop (:func:`walks_every_layer`, the wide inputs of video): it keeps the
-per-direction ``kcprnn::layer_kcp`` operators of :mod:`kcprnn._compile_layer`, whose compiled
-forms skip work that eager does.
+own call. A cell with a factorized matrix is the same node around its eager step
+(:func:`compiles_opaque`). The one exception is a module whose every layer eager runs as a KCP
+walk into the fused dense loop (:func:`walks_every_layer`, the wide inputs of video): it keeps
+the per-direction ``kcprnn::layer_kcp`` operators of :mod:`kcprnn._compile_layer`, whose
+compiled forms skip work that eager does.
 
 With gradients the operator keeps the eager autograd graph under a token (its fourth output)
 for ``kcprnn::rnn_backward``, which differentiates it; a graph not kept is recomputed, with the
@@ -70,6 +71,8 @@ def _static(n: Any) -> bool:
 
 @torch.compiler.assume_constant_result
 def _walks(key: int, rows: int, steps: int, training: bool, grad: bool) -> bool:
+    """:func:`walks_every_layer` for the module under ``key``, run as plain Python while
+    tracing (``grad``: whether autograd records)."""
     from ._compile_kcp import _kcp_spec
     from ._compile_layer import fuses_layer
     from .rnn.plan import plan_layer
