@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import kcprnn
 from kcprnn import FORMATS
@@ -43,6 +44,37 @@ def test_cell_matches_torch(kind, bias, dtype):
         for a, b in zip(as_tuple(ours(*args)), as_tuple(ref(*args)), strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_dense_cell_step_with_a_state_matches_torch(kind):
+    """A dense cell given a batched state steps on its parameters directly: values and the
+    gradients of the input, the state and every weight equal torch.nn's in float64; a pruned
+    weight (no longer a parameter) takes the full step and is used; a state of the wrong size
+    gets the full step's error."""
+    ours_cls, torch_cls, extra = CELLS[kind]
+    torch.manual_seed(0)
+    ref = torch_cls(5, 3, dtype=torch.float64, **extra)
+    ours = ours_cls.from_torch(ref, format="dense")
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    n_states = 2 if kind == "lstm" else 1
+    hx = tuple(torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(n_states))
+    arg = hx if n_states == 2 else hx[0]
+    grads = []
+    for model, weights in ((ours, ours.weight_ih.weight), (ref, ref.weight_ih)):
+        out = as_tuple(model(x, arg))
+        loss = sum((o * torch.linspace(-1, 1, 3, dtype=torch.float64)).sum() for o in out)
+        grads.append(torch.autograd.grad(loss, [x, *hx, weights]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    with torch.no_grad():
+        prune.l1_unstructured(ours.weight_ih, "weight", amount=0.5)
+        ref.weight_ih.copy_(ours.weight_ih.weight)
+        for a, b in zip(as_tuple(ours(x, arg)), as_tuple(ref(x, arg)), strict=True):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    bad = tuple(h[:, :2] for h in hx)
+    with pytest.raises(ValueError, match="Expected hx"):
+        ours(x, bad if n_states == 2 else bad[0])
 
 
 @pytest.mark.parametrize("kind", sorted(CELLS))

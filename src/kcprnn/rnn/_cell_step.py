@@ -130,13 +130,46 @@ def repeated_dense(
     (:func:`remember_dense`): no gradients, tensors of the same shapes, dtype and device, the
     same matrices, algorithms and cost models, and no parameter changed since; ``None``
     otherwise (the full step then checks, plans and runs). A step on a stream of inputs then
-    costs about what ``torch.nn``'s cell costs."""
-    if torch.compiler.is_compiling() or hx is None or torch.is_grad_enabled():
+    costs about what ``torch.nn``'s cell costs. A cell whose matrices are both dense steps on
+    their parameters, with or without gradients, once its batched tensors pass the checks
+    (:func:`_plain_dense`)."""
+    if torch.compiler.is_compiling() or hx is None:
         return None  # compiling: before reading what the eager steps keep (no guards on it)
+    plain = _plain_dense(cell, input, hx)
+    if plain is not None or torch.is_grad_enabled():
+        return plain
     found = cell._repeat
     if found is None or found[0] != _signature(cell, input, hx) or found[1] != weights_key(cell):
         return None
     return found[2]
+
+
+def _plain_dense(
+    cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """The parameters of ``cell``'s two dense matrices where a step on ``input`` and ``hx``
+    needs none of the full step's work: batched tensors of the cell's sizes and dtype, no
+    projection, weights that are plain parameters (not reparametrized or pruned); ``None``
+    otherwise (the full step checks and reports)."""
+    ih, hh = _matrices(cell)
+    if ih.format_name != "dense" or hh.format_name != "dense" or input.dim() != 2:
+        return None
+    w_ih, w_hh = ih._parameters.get("weight"), hh._parameters.get("weight")
+    sizes = cell.state_sizes()
+    if (
+        w_ih is None
+        or w_hh is None
+        or input.shape[1] != w_ih.shape[1]
+        or input.dtype != w_ih.dtype
+        or len(hx) != len(sizes)
+        or cell.weight_hr is not None
+    ):
+        return None
+    b = input.shape[0]
+    for t, s in zip(hx, sizes, strict=True):
+        if t.shape != (b, s):
+            return None
+    return w_ih, w_hh
 
 
 def _is_kron(matrix: FactorizedMatrix) -> bool:
