@@ -958,3 +958,33 @@ def test_from_dense_with_terms_matches_the_nearest_kronecker_sum():
 def test_from_dense_rejects_a_vector():
     with pytest.raises(ValueError, match=r"2-D weight, got shape \(6,\)"):
         KCPMatrix.from_dense(torch.randn(6), in_modes=[[2, 3]], out_modes=[[1, 1]])
+
+
+def test_final_gather_without_gradients_writes_a_pooled_buffer_it_does_not_reuse_early(
+    monkeypatch,
+):
+    """Without gradients the walk's final reordering (an index_select, forced here by a long
+    minimum run) writes into a pooled buffer: the results equal the dense product, and a
+    result the caller still holds is not overwritten by the next call's."""
+    model = DEFAULT.replace(final_gather_run=1 << 30)
+    pooled = []
+    select = torch.index_select
+
+    def spy(*args, **kwargs):
+        pooled.append("out" in kwargs)
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", spy)
+    torch.manual_seed(3)
+    for case in CASES:
+        w = make_case(case)
+        f = factors_of(w)
+        rows = -(-(1 << 16) // w.out_features)  # at least the pool's smallest buffer
+        x1, x2 = torch.randn(2, rows, w.in_features, dtype=F64)
+        with torch.no_grad():
+            y1 = kcp_linear_sequential(x1, f, cost_model=model)
+            y2 = kcp_linear_sequential(x2, f, cost_model=model)
+        dense = w.to_dense().detach()
+        assert rel_err(y1, x1 @ dense.T) < 1e-10
+        assert rel_err(y2, x2 @ dense.T) < 1e-10
+    assert sum(pooled) >= 4  # two or more cases gathered, into pooled buffers

@@ -289,7 +289,14 @@ def run_walk(
         sizes = [a.size for a in step.axes]
     if walk.gathers:  # the output numbers of each row picked in order by one flat index
         index = final_index(tuple(sizes), walk.final, z.device, False)
-        z = torch.index_select(z.reshape(b, walk.out_features), 1, index)  # (b, j)
+        flat = z.reshape(b, walk.out_features)  # (b, j) in the walk's order
+        if torch.is_grad_enabled() and flat.requires_grad:
+            z = torch.index_select(flat, 1, index)  # (b, j)
+        else:  # into warm memory: a pooled buffer, free again once the caller drops it
+            from ...rnn._buffers import pooled_empty  # imported here: kcprnn.rnn imports us
+
+            out = pooled_empty((b, walk.out_features), z.dtype, z.device)
+            z = torch.index_select(flat, 1, index, out=out)  # (b, j)
         return z if bias is None else z.add_(bias)  # (b, j)
     if walk.final:
         z = z.reshape(b, *sizes).permute(0, *[q + 1 for q in walk.final])
