@@ -194,18 +194,12 @@ def _replayed(state: Tensor, device: torch.device) -> Iterator[None]:
         yield
         return
     cuda = device.type == "cuda"
-    saved = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
-    if cuda:
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-    try:
-        yield
-    finally:
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type):
         if cuda:
-            torch.cuda.set_rng_state(saved, device)
+            torch.cuda.set_rng_state(state, device)
         else:
-            torch.set_rng_state(saved)
+            torch.set_rng_state(state)
+        yield
 
 
 def _graph(

@@ -1,4 +1,4 @@
-"""The buffers the fused recurrences reuse between calls (kcprnn/rnn/_buffers.py) and the pooled
+"""The buffers the fused recurrences reuse between calls (kcprnn/_cpu/buffers.py) and the pooled
 input projection: a buffer is handed out again only once nothing refers to it, results kept by
 the caller are never overwritten by later calls, and the fused layers give the same numbers
 (against float64 references) with every buffer pooled, call after call, with changing shapes."""
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import kcprnn
+from kcprnn._cpu import buffers as _buffers
 from kcprnn._cpu import native
-from kcprnn.rnn import _buffers
 from kcprnn.rnn.fused import fused_sequence, input_projection
 from kcprnn.rnn.kron import kron_terms
 

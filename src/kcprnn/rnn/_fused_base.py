@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .._cpu import default_cost_model, native, native_dense, native_rnn
+from .._cpu.buffers import pooled_empty, scratch
 from .._cpu.ops import linear_nt
-from ._buffers import pooled_empty, scratch
 from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
 
 
@@ -197,7 +197,7 @@ def _factor_rows(prod: _Dense | _Kron, like: Tensor, needs: Sequence[bool]) -> T
 
 def _empty(like: Tensor, *shape: int) -> Tensor:
     """An uninitialised ``shape`` tensor of ``like``'s dtype and device for a compiled loop to
-    fill: a pooled buffer (:func:`~kcprnn.rnn._buffers.pooled_empty`), warm after the first
+    fill: a pooled buffer (:func:`~kcprnn._cpu.buffers.pooled_empty`), warm after the first
     call of the same shapes."""
     return pooled_empty(shape, like.dtype, like.device)
 

@@ -18,7 +18,7 @@ call of the compiled kernel (:mod:`kcprnn._cpu.native`) where it can be built; w
 (:mod:`kcprnn._cpu.native_dense`); elsewhere, and with ``KCPRNN_NATIVE=0``, the same loop runs
 on torch ops. The buffers the compiled loops fill
 (activations, states, gradients) come from a per-thread pool and are reused once nothing refers
-to them (:mod:`kcprnn.rnn._buffers`; :func:`release_buffers` returns them to the system), and
+to them (:mod:`kcprnn._cpu.buffers`; :func:`release_buffers` returns them to the system), and
 :func:`input_projection` writes a layer's input projections into the same pool.
 
 Shape comments: ``t`` time steps, ``b`` batch, ``h`` hidden size, ``n = t*b`` rows.
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._cpu import native_rnn
+from .._cpu.buffers import pooled_empty, release_buffers
 from .._cpu.ops import linear_nt
-from ._buffers import pooled_empty, release_buffers
 from ._fused_base import (
     _Dense,
     _empty,
@@ -224,7 +224,7 @@ def _lstm_grads(
 
 
 class _InputProjection(torch.autograd.Function):
-    """``x @ W.T + b`` into a pooled buffer (:func:`~kcprnn.rnn._buffers.pooled_empty`), with
+    """``x @ W.T + b`` into a pooled buffer (:func:`~kcprnn._cpu.buffers.pooled_empty`), with
     ``F.linear``'s gradients."""
 
     @staticmethod
@@ -256,7 +256,7 @@ def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """``F.linear(x, weight, bias)`` for the input projections of a fused recurrence: on the
     CPU the result is written into a buffer reused between calls of the same shapes (fresh
     memory is paid for in page faults, about as much as the product itself at the speech size:
-    :mod:`kcprnn.rnn._buffers`). ``x`` ``(..., i)``, ``weight`` ``(g, i)``, ``bias`` ``(g,)``
+    :mod:`kcprnn._cpu.buffers`). ``x`` ``(..., i)``, ``weight`` ``(g, i)``, ``bias`` ``(g,)``
     or ``None``; returns ``(..., g)``, contiguous, with ``F.linear``'s gradients (no double
     backward). Elsewhere, and for inputs ``F.linear`` would reject, it is ``F.linear``."""
     if (

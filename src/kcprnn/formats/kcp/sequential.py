@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._cpu import native as _native
+from ..._cpu.buffers import pooled_empty
 from ..._cpu.cost import CostModel, default_cost_model
 from ..._cpu.ops import scratch, tall_forward_transposed, tall_linear
 from .algebra import Splits, factor_dense
@@ -293,8 +294,6 @@ def run_walk(
         if torch.is_grad_enabled() and flat.requires_grad:
             z = torch.index_select(flat, 1, index)  # (b, j)
         else:  # into warm memory: a pooled buffer, free again once the caller drops it
-            from ...rnn._buffers import pooled_empty  # imported here: kcprnn.rnn imports us
-
             out = pooled_empty((b, walk.out_features), z.dtype, z.device)
             z = torch.index_select(flat, 1, index, out=out)  # (b, j)
         return z if bias is None else z.add_(bias)  # (b, j)

@@ -1,4 +1,4 @@
-"""CPU buffers the fused recurrences reuse between calls.
+"""CPU buffers reused between calls (by the fused recurrences and the KCP walk's final gather).
 
 A recurrence over a long sequence writes tens of megabytes of activations per direction (the
 speech-size LSTM: 39 MB of gates, 10 MB for each of the states). Fresh buffers that large come
