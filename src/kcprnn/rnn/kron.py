@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..formats import FactorizedMatrix
+from ..formats.kcp.algebra import factor_dense
 
 Splits = Sequence[Sequence[int]]
 
@@ -171,17 +172,6 @@ def _kron_layout(
     )
 
 
-def _kron_factor(parts: Sequence[Tensor]) -> Tensor:
-    """``Σ_r ⊗_d parts[d][:, r]`` for ``parts[d]`` of shape ``(P, R, J_d, I_d)``:
-    ``(P, Π J_d, Π I_d)``."""
-    a = parts[0]  # (P, R, j, i)
-    for f in parts[1:]:
-        p, r, ja, ia = a.shape
-        jb, ib = f.shape[2:]
-        a = (a[:, :, :, None, :, None] * f[:, :, None, :, None, :]).reshape(p, r, ja * jb, ia * ib)
-    return a.sum(1)  # (P, j, i)
-
-
 def _splits(matrix: FactorizedMatrix) -> tuple[Splits, Splits, int] | None:
     """``(in_splits, out_splits, terms)`` of ``matrix`` as a Kronecker sum, or ``None``."""
     name = matrix.format_name
@@ -221,7 +211,7 @@ def kron_terms(
     if matrix.format_name == "kcp":
         kcp: Any = matrix
         factors = [list(f) for f in kcp.factors]
-        mats = [_kron_factor(factors[n]) for n in layout.order]
+        mats = [factor_dense(factors[n]) for n in layout.order]
     else:
         cp: Any = matrix
         us = list(cp.factors)
@@ -410,21 +400,59 @@ def kron_grads_dense_first(shapes: Sequence[Sequence[int]], rows: int) -> bool:
     return dense < kron_grads_cost(shapes, rows)
 
 
+REBUILD_GATHER_LIMIT = 1 << 22
+"""Largest matrix (in entries) whose rebuild reorders its entries by one gather over a kept
+position table (8 bytes an entry); a larger one permutes and gathers its rows and columns."""
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(layout: KronLayout, device: torch.device) -> Tensor:
+    """For every entry of the natural ``(out_features, in_features)`` matrix, its position in
+    the Kronecker product laid out ``(J_1, I_1, J_2, I_2, ...)`` (factors in ``layout.order``):
+    int64 ``(j * i,)``, kept per layout and device."""
+    sizes = [s for pair in zip(layout.out_sizes, layout.in_sizes, strict=True) for s in pair]
+    n = len(layout.in_sizes)
+    pos = torch.arange(math.prod(sizes)).view(sizes)
+    pos = pos.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))  # factor-major rows, columns
+    pos = pos.reshape(layout.out_features, layout.in_features)
+    in_index, out_index = layout.indices(torch.device("cpu"))
+    if out_index is not None:
+        pos = pos[out_index]
+    if in_index is not None:
+        pos = pos[:, torch.argsort(in_index)]
+    return pos.reshape(-1).to(device)
+
+
 def rebuild(matrix: FactorizedMatrix) -> Tensor:
     """``matrix`` dense ``(out_features, in_features)``, with autograd to its factors: a KCP or
-    CP matrix as the Kronecker products of its factor matrices (then two gathers), which is
-    faster than their ``to_dense``; any other format through ``to_dense``."""
+    CP matrix from the small matrices of its Kronecker sum, any other format through
+    ``to_dense``.
+
+    The factors' Kronecker product is formed with each factor's whole block innermost
+    (``(J_1, I_1, J_2, I_2, ...)``: broadcast products over contiguous runs, and the sum over
+    the terms folded into one GEMM with the last factor), then put in the natural order by one
+    gather over a kept position table."""
     if matrix.format_name not in ("kcp", "cp"):
         return matrix.to_dense()
     found = kron_terms(matrix)
     assert found is not None
     mats, layout = found
-    w = mats[0]  # (P, j, i)
-    for b in mats[1:]:
-        p, ja, ia = w.shape
-        jb, ib = b.shape[1:]
-        w = (w[:, :, None, :, None] * b[:, None, :, None, :]).reshape(p, ja * jb, ia * ib)
-    w = w.sum(0) if w.shape[0] > 1 else w.squeeze(0)  # (j, i) factor-major
+    p = mats[0].shape[0]
+    left = mats[0].reshape(p, -1)  # (P, J_1 I_1)
+    for b in mats[1:-1]:
+        left = (left[:, :, None] * b.reshape(p, 1, -1)).reshape(p, -1)  # (P, .. J_n I_n)
+    if len(mats) == 1:
+        flat = left.sum(0)
+    elif p == 1:
+        flat = left.reshape(-1, 1) * mats[-1].reshape(1, -1)  # (.., J_N I_N)
+    else:
+        flat = left.t() @ mats[-1].reshape(p, -1)  # (.., J_N I_N): the sum over the terms
+    j, i = layout.out_features, layout.in_features
+    if j * i <= REBUILD_GATHER_LIMIT and not torch.compiler.is_compiling():
+        return flat.reshape(-1).index_select(0, _positions(layout, flat.device)).view(j, i)
+    n = len(mats)
+    sizes = [s for pair in zip(layout.out_sizes, layout.in_sizes, strict=True) for s in pair]
+    w = flat.reshape(sizes).permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2)).reshape(j, i)
     in_index, out_index = layout.indices(w.device)
     if out_index is not None:
         w = w.index_select(0, out_index)
