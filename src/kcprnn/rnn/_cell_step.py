@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,8 +37,9 @@ from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
 from . import plan
-from .kron import kron_terms
+from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
+from .steps import State, gru_step, lstm_step, rnn_step
 
 if TYPE_CHECKING:
     from .cells import RNNCellBase
@@ -46,10 +48,12 @@ __all__ = [
     "cell_uses_dense",
     "dense_weights",
     "kept",
+    "needs_grad",
     "native_applies",
     "native_step",
     "remember_dense",
     "repeated_dense",
+    "shared_step",
     "step_costs",
     "weights_key",
 ]
@@ -65,18 +69,36 @@ def _matrices(cell: RNNCellBase) -> tuple[FactorizedMatrix, FactorizedMatrix]:
     return modules["weight_ih"], modules["weight_hh"]  # type: ignore[return-value]
 
 
-def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
-    """What the kept weights of ``cell`` depend on: the storage and version counter of every
-    parameter of ``W_ih``, ``W_hh`` and the biases (where each lives is looked up once per pair
-    of matrices; the parameters themselves are read afresh, so a replaced one is seen)."""
+def _weights(cell: RNNCellBase) -> list[Tensor]:
+    """The parameters of ``W_ih``, ``W_hh`` and the biases of ``cell`` (where each lives is
+    looked up once per pair of matrices; the parameters themselves are read afresh, so a
+    replaced one is seen)."""
     ih, hh = _matrices(cell)
     slots = cell._param_slots
     if slots is None or slots[0] is not ih or slots[1] is not hh:
         found = [(d._parameters, n) for m in (ih, hh) for d in m.modules() for n in d._parameters]
         found += [(cell._parameters, "bias_ih"), (cell._parameters, "bias_hh")]
         slots = cell._param_slots = (ih, hh, found)
-    # a move or a new dtype gives new storage
-    return tuple([(p.data_ptr(), p._version) for d, n in slots[2] if (p := d[n]) is not None])
+    return [p for d, n in slots[2] if (p := d[n]) is not None]
+
+
+def weights_key(cell: RNNCellBase) -> tuple[Any, ...]:
+    """What the kept weights of ``cell`` depend on: the storage and version counter of every
+    parameter of ``W_ih``, ``W_hh`` and the biases (a move or a new dtype gives new storage)."""
+    return tuple([(p.data_ptr(), p._version) for p in _weights(cell)])
+
+
+def _grad_key(cell: RNNCellBase) -> tuple[Any, ...]:
+    """:func:`weights_key` and which parameters need gradients: what builds shared under
+    autograd depend on."""
+    return tuple([(p.data_ptr(), p._version, p.requires_grad) for p in _weights(cell)])
+
+
+def needs_grad(cell: RNNCellBase) -> bool:
+    """Whether any parameter of ``cell`` requires a gradient."""
+    if cell.weight_hr is not None:
+        return any(p.requires_grad for p in cell.parameters())
+    return any([p.requires_grad for p in _weights(cell)])
 
 
 def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
@@ -93,18 +115,148 @@ def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
     return found[1]
 
 
+class _Shared(torch.autograd.Function):
+    """Tensors built from a matrix's parameters once (``build(matrix)``: its dense rebuild, or
+    the factor matrices of its Kronecker sum), with a graph of their own back to the
+    parameters: every step that reads them adds its gradients to theirs, and one backward
+    through the kept graph (retained: any number of backward passes may reach it) turns the
+    sums into the parameters' gradients. A backward that records a graph
+    (``create_graph=True``) builds afresh, so that second derivatives never reach the kept
+    graph. In-place changes of the parameters after the build are reported by the backward as
+    autograd reports them."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, build: Callable[[Any], Sequence[Tensor]], matrix: Any, *params: Tensor
+    ) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            outs = tuple(build(matrix))  # with their own graph
+        ctx.outs, ctx.build, ctx.matrix, ctx.params = outs, build, matrix, params
+        return tuple([o.detach() for o in outs])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        outs, params = ctx.outs, ctx.params
+        if torch.is_grad_enabled():
+            current = tuple([p for p in ctx.matrix.parameters() if p.requires_grad])
+            if len(current) != len(params) or any(map(operator.is_not, current, params)):
+                raise RuntimeError(
+                    "kcprnn: second derivatives through a cell's kept weights need the "
+                    "parameters the forward used, but the matrix's parameters were replaced"
+                )
+            outs = tuple(ctx.build(ctx.matrix))  # a graph of this backward's own
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            params,
+            [g for _, g in pairs],
+            retain_graph=True,
+            create_graph=torch.is_grad_enabled(),
+            allow_unused=True,
+        )
+        return (None, None, *got)
+
+
+def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) -> list[Tensor]:
+    """``build(matrix)`` shared by every call under autograd until a parameter changes
+    (:class:`_Shared`); built plainly when no parameter of ``matrix`` needs a gradient."""
+    params = [p for p in matrix.parameters() if p.requires_grad]
+    if matrix.format_name == "dense" or not params:
+        return list(build(matrix))
+    return list(_Shared.apply(build, matrix, *params))
+
+
+def _dense_build(matrix: FactorizedMatrix) -> tuple[Tensor]:
+    return (dense_weight(matrix),)
+
+
+def _kron_build(matrix: FactorizedMatrix) -> list[Tensor]:
+    found = kron_layout_cached(matrix)
+    assert found is not None
+    built = kron_terms(matrix, found[0])
+    assert built is not None
+    return built[0]
+
+
+def _sharing(cell: RNNCellBase) -> bool:
+    """Whether a call may share what it builds from the weights with other calls under
+    autograd: not while ``torch.compile`` traces (it traces the builds) nor under
+    ``torch.func`` transforms."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
 def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
-    """``W_ih`` and ``W_hh`` dense: rebuilt under autograd; without gradients, kept between
-    calls until a parameter changes (dense matrices: their parameters themselves)."""
+    """``W_ih`` and ``W_hh`` dense, kept between calls until a parameter changes (dense
+    matrices: their parameters themselves). Under autograd every call until then shares one
+    rebuild with its graph (:class:`_Shared`): the steps of a sequence rebuild each matrix
+    once and back-propagate through the rebuild once; inside ``torch.compile`` (traced) and
+    under ``torch.func`` transforms they are rebuilt every call."""
     ih, hh = cell.weight_ih, cell.weight_hh
-    if torch.is_grad_enabled() or (ih.format_name == "dense" and hh.format_name == "dense"):
+    if (ih.format_name == "dense" and hh.format_name == "dense") or not _sharing(cell):
         return dense_weight(ih), dense_weight(hh)
-    key = weights_key(cell)
+    grad = torch.is_grad_enabled()
+    key = _grad_key(cell) if grad else (weights_key(cell), False)
     cached = cell._dense_cache
     if cached is None or cached[0] != key:
-        cached = (key, (dense_weight(cell.weight_ih), dense_weight(cell.weight_hh)))
-        cell._dense_cache = cached
+        cell._dense_cache = None  # the old weights go before the new ones are built
+        if grad:
+            pair = (_shared(_dense_build, ih)[0], _shared(_dense_build, hh)[0])
+        else:
+            pair = (dense_weight(ih), dense_weight(hh))
+        cached = cell._dense_cache = (key, pair)
     return cached[1]
+
+
+Product = Callable[[Tensor], Tensor]
+
+
+def _kron_product(matrix: FactorizedMatrix) -> Product | None:
+    """Rows ``(b, i) -> (b, j)`` through the factor matrices of ``matrix``'s Kronecker sum,
+    shared (:func:`_shared`); ``None`` for a matrix the compiled step would not take as one."""
+    if not _is_kron(matrix):
+        return None
+    mats = _shared(_kron_build, matrix)
+    found = kron_layout_cached(matrix)
+    assert found is not None
+    layout = found[0]
+    index = layout.indices(mats[0].device)
+    return functools.partial(kron_apply, mats=mats, layout=layout, index=index)
+
+
+def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
+    """One step of ``cell`` under autograd with each KCP or CP matrix multiplied through its
+    factor matrices, built once per version of the weights and shared by the steps until then
+    (the steps of a sequence build them once and back-propagate through the build once; each
+    step's products are a few small GEMMs); ``None`` where this does not apply: no Kronecker
+    sum, a projection, no gradient recorded, or no sharing (:func:`_sharing`)."""
+    ih, hh = _matrices(cell)
+    if (
+        cell.weight_hr is not None
+        or not (_is_kron(ih) or _is_kron(hh))
+        or not torch.is_grad_enabled()
+        or not _sharing(cell)
+    ):
+        return None
+    key = _grad_key(cell)
+    found = cell._kept.get("shared products")
+    if found is None or found[0] != key:
+        cell._kept.pop("shared products", None)
+        found = cell._kept["shared products"] = (key, (_kron_product(ih), _kron_product(hh)))
+    ih_product, hh_product = found[1]
+    bias = cell._parameters
+    if ih_product is None:
+        gx = cell.input_projection(x)  # (b, G h)
+    else:
+        gx = ih_product(x)  # (b, G h)
+        if bias["bias_ih"] is not None:
+            gx = gx + bias["bias_ih"]
+    product = hh if hh_product is None else hh_product
+    if cell.mode == "LSTM":
+        return lstm_step(gx, state[0], state[1], product, bias["bias_hh"])
+    if cell.mode == "GRU":
+        return (gru_step(gx, state[0], product, bias["bias_hh"]),)
+    nonlinearity = getattr(cell, "nonlinearity", "tanh")
+    return (rnn_step(gx, state[0], product, bias["bias_hh"], nonlinearity),)
 
 
 def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:

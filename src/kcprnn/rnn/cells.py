@@ -26,8 +26,10 @@ from ._cell_step import (
     kept,
     native_applies,
     native_step,
+    needs_grad,
     remember_dense,
     repeated_dense,
+    shared_step,
 )
 from ._options import (
     check_arguments,
@@ -282,7 +284,7 @@ class RNNCellBase(nn.Module):
         ih, hh = self.weight_ih, self.weight_hh
         if ih.format_name == "dense" and hh.format_name == "dense":
             return True  # torch's fused cell on the parameters themselves: nothing to price
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        training = torch.is_grad_enabled() and needs_grad(self)
         p = self.bias_hh if self.bias_hh is not None else next(hh.parameters(), None)
         key = (
             batch,
@@ -311,14 +313,15 @@ class RNNCellBase(nn.Module):
 
     def _structured_step(self, x: Tensor, state: State) -> State:
         """One step through the formats' products: the compiled step where no gradient is
-        recorded and it can run (float32 on the CPU, not under ``torch.compile``), else
-        :meth:`step` on torch ops; compiled, one opaque node running this eager code."""
+        recorded and it can run (float32, CPU, not compiling); under autograd KCP and CP
+        matrices through shared factor matrices (:func:`~kcprnn.rnn._cell_step.shared_step`);
+        else :meth:`step` on torch ops; compiled, one opaque node running this eager code."""
         if compiles_opaque(self):
             return compiled_module(self, x, state)[1]
         if (
             not (
                 torch.is_grad_enabled()
-                and (x.requires_grad or any(t.requires_grad for t in state) or self._needs_grad())
+                and (x.requires_grad or any(t.requires_grad for t in state) or needs_grad(self))
             )
             and native_applies(self, x.dtype, x.is_cpu)
             and not torch.compiler.is_compiling()  # compiled graphs trace the torch ops
@@ -328,10 +331,7 @@ class RNNCellBase(nn.Module):
             if step.has_ih:
                 return step(x if x.stride(-1) == 1 else x.contiguous(), h, c)
             return step(None, h, c, gx=self.input_projection(x))
-        return self.step(self.input_projection(x), state)
-
-    def _needs_grad(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
+        return shared_step(self, x, state) or self.step(self.input_projection(x), state)
 
     def _dense_step(self, x: Tensor, state: State, weights: _Pair | None = None) -> State:
         """One step on dense weights (``weights``, or those kept or rebuilt by
