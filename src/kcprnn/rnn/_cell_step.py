@@ -1,5 +1,5 @@
-"""The cells' steps without gradients: the weights a step reads, kept between calls until a
-parameter changes, and the price of each way to run the step.
+"""The cells' steps: the weights a step reads, kept between calls until a parameter changes,
+and the price of each way to run the step.
 
 Without autograd recording, a cell's step runs one of:
 
@@ -9,10 +9,16 @@ Without autograd recording, a cell's step runs one of:
   kernels are built): the products of ``W_ih`` and ``W_hh`` as Kronecker sums (KCP, CP: a few
   small factor products instead of reading every weight) or as dense matrices, both biases
   and the cell's arithmetic in one call (:func:`native_step`);
-- the formats' own products and the step functions of :mod:`kcprnn.rnn.steps` (the route with
-  autograd, and where the kernels cannot run).
+- the formats' own products and the step functions of :mod:`kcprnn.rnn.steps` (where the
+  kernels cannot run).
 
-Both kept objects are keyed by every parameter's storage and version counter, so an in-place
+Under autograd a step runs torch's fused cell on the dense weights or the step functions on
+the formats' products, KCP and CP matrices through their Kronecker factor matrices
+(:func:`shared_step`); the dense weights and the factor matrices are built once per version of
+the weights with a graph of their own and shared by the steps (:class:`_Shared`), so that a
+sequence of steps builds and back-propagates through each matrix once.
+
+The kept objects are keyed by every parameter's storage and version counter, so an in-place
 update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
 seen at the next call. :func:`step_costs` prices the first two in the units of the cost model
 (:class:`~kcprnn._cpu.CostModel`: the compiled step as ``rnn_native_call`` op launches of
@@ -178,7 +184,7 @@ def _kron_build(matrix: FactorizedMatrix) -> list[Tensor]:
     return built[0]
 
 
-def _sharing(cell: RNNCellBase) -> bool:
+def _sharing() -> bool:
     """Whether a call may share what it builds from the weights with other calls under
     autograd: not while ``torch.compile`` traces (it traces the builds) nor under
     ``torch.func`` transforms."""
@@ -192,7 +198,7 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
     once and back-propagate through the rebuild once; inside ``torch.compile`` (traced) and
     under ``torch.func`` transforms they are rebuilt every call."""
     ih, hh = cell.weight_ih, cell.weight_hh
-    if (ih.format_name == "dense" and hh.format_name == "dense") or not _sharing(cell):
+    if (ih.format_name == "dense" and hh.format_name == "dense") or not _sharing():
         return dense_weight(ih), dense_weight(hh)
     grad = torch.is_grad_enabled()
     key = _grad_key(cell) if grad else (weights_key(cell), False)
@@ -207,10 +213,10 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
     return cached[1]
 
 
-Product = Callable[[Tensor], Tensor]
+_Product = Callable[[Tensor], Tensor]
 
 
-def _kron_product(matrix: FactorizedMatrix) -> Product | None:
+def _kron_product(matrix: FactorizedMatrix) -> _Product | None:
     """Rows ``(b, i) -> (b, j)`` through the factor matrices of ``matrix``'s Kronecker sum,
     shared (:func:`_shared`); ``None`` for a matrix the compiled step would not take as one."""
     if not _is_kron(matrix):
@@ -234,7 +240,7 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
         cell.weight_hr is not None
         or not (_is_kron(ih) or _is_kron(hh))
         or not torch.is_grad_enabled()
-        or not _sharing(cell)
+        or not _sharing()
     ):
         return None
     key = _grad_key(cell)

@@ -405,22 +405,29 @@ REBUILD_GATHER_LIMIT = 1 << 22
 position table (8 bytes an entry); a larger one permutes and gathers its rows and columns."""
 
 
+def _reorder(flat: Tensor, layout: KronLayout) -> Tensor:
+    """The Kronecker product laid out ``(J_1, I_1, J_2, I_2, ...)`` (factors in
+    ``layout.order``) as the natural ``(out_features, in_features)`` matrix: factor-major rows
+    and columns by one permute, then the natural order by gathers of rows and columns."""
+    n = len(layout.in_sizes)
+    sizes = [s for pair in zip(layout.out_sizes, layout.in_sizes, strict=True) for s in pair]
+    w = flat.reshape(sizes).permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))
+    w = w.reshape(layout.out_features, layout.in_features)  # (j, i) factor-major
+    in_index, out_index = layout.indices(w.device)
+    if out_index is not None:
+        w = w.index_select(0, out_index)
+    if in_index is not None:
+        w = w.index_select(1, torch.argsort(in_index))
+    return w  # (j, i)
+
+
 @functools.lru_cache(maxsize=16)
 def _positions(layout: KronLayout, device: torch.device) -> Tensor:
     """For every entry of the natural ``(out_features, in_features)`` matrix, its position in
-    the Kronecker product laid out ``(J_1, I_1, J_2, I_2, ...)`` (factors in ``layout.order``):
-    int64 ``(j * i,)``, kept per layout and device."""
-    sizes = [s for pair in zip(layout.out_sizes, layout.in_sizes, strict=True) for s in pair]
-    n = len(layout.in_sizes)
-    pos = torch.arange(math.prod(sizes)).view(sizes)
-    pos = pos.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2))  # factor-major rows, columns
-    pos = pos.reshape(layout.out_features, layout.in_features)
-    in_index, out_index = layout.indices(torch.device("cpu"))
-    if out_index is not None:
-        pos = pos[out_index]
-    if in_index is not None:
-        pos = pos[:, torch.argsort(in_index)]
-    return pos.reshape(-1).to(device)
+    the Kronecker product laid out as :func:`_reorder` takes it: int64 ``(j * i,)``, kept per
+    layout and device."""
+    numel = layout.out_features * layout.in_features
+    return _reorder(torch.arange(numel), layout).reshape(-1).to(device)
 
 
 def rebuild(matrix: FactorizedMatrix) -> Tensor:
@@ -448,14 +455,6 @@ def rebuild(matrix: FactorizedMatrix) -> Tensor:
     else:
         flat = left.t() @ mats[-1].reshape(p, -1)  # (.., J_N I_N): the sum over the terms
     j, i = layout.out_features, layout.in_features
-    if j * i <= REBUILD_GATHER_LIMIT and not torch.compiler.is_compiling():
-        return flat.reshape(-1).index_select(0, _positions(layout, flat.device)).view(j, i)
-    n = len(mats)
-    sizes = [s for pair in zip(layout.out_sizes, layout.in_sizes, strict=True) for s in pair]
-    w = flat.reshape(sizes).permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2)).reshape(j, i)
-    in_index, out_index = layout.indices(w.device)
-    if out_index is not None:
-        w = w.index_select(0, out_index)
-    if in_index is not None:
-        w = w.index_select(1, torch.argsort(in_index))
-    return w  # (j, i)
+    if j * i > REBUILD_GATHER_LIMIT or torch.compiler.is_compiling():
+        return _reorder(flat, layout)
+    return flat.reshape(-1).index_select(0, _positions(layout, flat.device)).view(j, i)
