@@ -153,6 +153,18 @@ def test_aggregation_math(tmp_path):
     assert math.isclose(p.other_mean, 0.65)
 
 
+def test_a_metric_missing_from_the_summary_comes_from_the_last_epoch(tmp_path):
+    fake_run(tmp_path, "kcp", 0.1, 0, 0.9, 100)
+    run = tmp_path / "runs" / "kcp-0.1-s0"
+    epochs = [{"epoch": 1, "dev_cer": 0.5}, {"epoch": 2, "dev_cer": 0.25}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    (result,) = read_runs(tmp_path, "dev_cer")
+    assert result.metric == 0.25
+    assert read_runs(tmp_path, "test_acc")[0].metric == 0.9  # the summary's own first
+    with pytest.raises(ConfigError, match="no metric 'test_cer'.*last epoch"):
+        read_runs(tmp_path, "test_cer")
+
+
 def test_paired_error_rate_takes_the_lowest_other():
     """For an error rate the best other format is the one with the lowest mean, and the
     differences stay KCP - other (negative: KCP ahead)."""

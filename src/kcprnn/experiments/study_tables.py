@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError
 from .report import save_figure
@@ -81,14 +82,30 @@ class RunResult:
     seconds_per_epoch: float
 
 
+def _last_epoch(run: Path) -> dict[str, Any]:
+    """The last record of ``run/metrics.jsonl`` (empty if there is none)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines and lines[-1].strip() else {}
+
+
 def read_runs(out: Path, metric: str = "test_acc") -> list[RunResult]:
-    """Every finished run under ``out/runs`` (its ``config.json`` and ``summary.json``)."""
+    """Every finished run under ``out/runs`` (its ``config.json`` and ``summary.json``); a
+    metric the summary lacks is read from the last epoch of the run's ``metrics.jsonl`` (the
+    speech runs' character error rates ``dev_cer``/``test_cer``)."""
     results = []
     for summary_path in sorted((out / "runs").glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
         config = json.loads((summary_path.parent / "config.json").read_text())
         if metric not in summary:
-            raise ConfigError(f"{summary_path} has no metric {metric!r}; it has {sorted(summary)}")
+            last = _last_epoch(summary_path.parent)
+            if metric not in last:
+                raise ConfigError(
+                    f"{summary_path} has no metric {metric!r}, nor the last epoch of its "
+                    f"metrics.jsonl; the summary has {sorted(summary)}, the last epoch "
+                    f"{sorted(last)}"
+                )
+            summary = {**summary, metric: last[metric]}
         ih = config.get("format_options", {}).get("rank")
         hh = config.get("hidden_options", {}).get("rank")
         budget: Budget = DEFAULT
