@@ -402,7 +402,8 @@ def kron_grads_dense_first(shapes: Sequence[Sequence[int]], rows: int) -> bool:
 
 REBUILD_GATHER_LIMIT = 1 << 22
 """Largest matrix (in entries) whose rebuild reorders its entries by one gather over a kept
-position table (8 bytes an entry); a larger one permutes and gathers its rows and columns."""
+position table (two int32 tables, 8 bytes an entry); a larger one permutes and gathers its
+rows and columns."""
 
 
 def _reorder(flat: Tensor, layout: KronLayout) -> Tensor:
@@ -422,12 +423,27 @@ def _reorder(flat: Tensor, layout: KronLayout) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _positions(layout: KronLayout, device: torch.device) -> Tensor:
+def _positions(layout: KronLayout, device: torch.device) -> tuple[Tensor, Tensor]:
     """For every entry of the natural ``(out_features, in_features)`` matrix, its position in
-    the Kronecker product laid out as :func:`_reorder` takes it: int64 ``(j * i,)``, kept per
-    layout and device."""
+    the Kronecker product laid out as :func:`_reorder` takes it, and the inverse permutation:
+    int32 ``(j * i,)`` each, kept per layout and device."""
     numel = layout.out_features * layout.in_features
-    return _reorder(torch.arange(numel), layout).reshape(-1).to(device)
+    pos = _reorder(torch.arange(numel), layout).reshape(-1)
+    return pos.to(device, torch.int32), torch.argsort(pos).to(device, torch.int32)
+
+
+class _Permute(torch.autograd.Function):
+    """``flat[pos]`` for a permutation ``pos``; the backward gathers with the inverse
+    permutation (autograd's ``index_select`` would zero a buffer and scatter into it)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, pos: Tensor, inv: Tensor) -> Tensor:
+        ctx.inv = inv
+        return flat.index_select(0, pos)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad.index_select(0, ctx.inv), None, None
 
 
 def rebuild(matrix: FactorizedMatrix) -> Tensor:
@@ -457,4 +473,5 @@ def rebuild(matrix: FactorizedMatrix) -> Tensor:
     j, i = layout.out_features, layout.in_features
     if j * i > REBUILD_GATHER_LIMIT or torch.compiler.is_compiling():
         return _reorder(flat, layout)
-    return flat.reshape(-1).index_select(0, _positions(layout, flat.device)).view(j, i)
+    pos, inv = _positions(layout, flat.device)
+    return _Permute.apply(flat.reshape(-1), pos, inv).view(j, i)  # (j, i)
