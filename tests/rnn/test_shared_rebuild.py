@@ -151,7 +151,7 @@ def test_a_sequence_of_steps_builds_each_matrix_once(mode, fmt, hidden_fmt, rout
     else:
         plain = _cell_step.kron_terms
         monkeypatch.setattr(_cell_step, "kron_terms", lambda m, *a: built.append(m) or plain(m, *a))
-        expected = [m for m in (cell.weight_ih, cell.weight_hh) if m.format_name in ("kcp", "cp")]
+        expected = [m for m in (cell.weight_ih, cell.weight_hh) if m.format_name == "kcp"]
     xs = torch.randn(5, 2, INPUT, dtype=torch.float64)
     state = _state(mode)
     got = _steps(cell, xs, state, reference=False)

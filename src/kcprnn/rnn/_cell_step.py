@@ -13,7 +13,7 @@ Without autograd recording, a cell's step runs one of:
   kernels cannot run).
 
 Under autograd a step runs torch's fused cell on the dense weights or the step functions on
-the formats' products, KCP and CP matrices through their Kronecker factor matrices
+the formats' products, KCP matrices through their Kronecker factor matrices
 (:func:`shared_step`); the dense weights and the factor matrices are built once per version of
 the weights with a graph of their own and shared by the steps (:class:`_Shared`), so that a
 sequence of steps builds and back-propagates through each matrix once.
@@ -217,9 +217,10 @@ _Product = Callable[[Tensor], Tensor]
 
 
 def _kron_product(matrix: FactorizedMatrix) -> _Product | None:
-    """Rows ``(b, i) -> (b, j)`` through the factor matrices of ``matrix``'s Kronecker sum,
-    shared (:func:`_shared`); ``None`` for a matrix the compiled step would not take as one."""
-    if not _is_kron(matrix):
+    """Rows ``(b, i) -> (b, j)`` through the factor matrices of a KCP ``matrix``'s Kronecker
+    sum, shared (:func:`_shared`); ``None`` for any other (a CP matrix's factor matrices are its
+    parameters, nothing to share, and its own product is faster than ``R`` Kronecker terms)."""
+    if matrix.format_name != "kcp" or not _is_kron(matrix):
         return None
     mats = _shared(_kron_build, matrix)
     found = kron_layout_cached(matrix)
@@ -230,15 +231,15 @@ def _kron_product(matrix: FactorizedMatrix) -> _Product | None:
 
 
 def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
-    """One step of ``cell`` under autograd with each KCP or CP matrix multiplied through its
+    """One step of ``cell`` under autograd with each KCP matrix multiplied through its
     factor matrices, built once per version of the weights and shared by the steps until then
     (the steps of a sequence build them once and back-propagate through the build once; each
-    step's products are a few small GEMMs); ``None`` where this does not apply: no Kronecker
-    sum, a projection, no gradient recorded, or no sharing (:func:`_sharing`)."""
+    step's products are a few small GEMMs); ``None`` where this does not apply: no KCP matrix,
+    a projection, no gradient recorded, or no sharing (:func:`_sharing`)."""
     ih, hh = _matrices(cell)
     if (
         cell.weight_hr is not None
-        or not (_is_kron(ih) or _is_kron(hh))
+        or not any(m.format_name == "kcp" and _is_kron(m) for m in (ih, hh))
         or not torch.is_grad_enabled()
         or not _sharing()
     ):

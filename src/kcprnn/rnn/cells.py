@@ -313,7 +313,7 @@ class RNNCellBase(nn.Module):
 
     def _structured_step(self, x: Tensor, state: State) -> State:
         """One step through the formats' products: the compiled step where no gradient is
-        recorded and it can run (float32, CPU, not compiling); under autograd KCP and CP
+        recorded and it can run (float32, CPU, not compiling); under autograd KCP
         matrices through shared factor matrices (:func:`~kcprnn.rnn._cell_step.shared_step`);
         else :meth:`step` on torch ops; compiled, one opaque node running this eager code."""
         if compiles_opaque(self):
