@@ -247,3 +247,37 @@ def test_second_derivatives_through_the_shared_build(route):
         norm = sum((g**2).sum() for g in grads)
         results.append(torch.autograd.grad(norm, params))
     _assert_grads(*results)
+
+
+def test_repeated_steps_under_autograd_follow_shape_mode_and_parameter_changes(monkeypatch):
+    cell = _cell("GRU", "kcp", "tt", "dense")
+    checks = []
+    plain = _cell_step._signature
+    monkeypatch.setattr(_cell_step, "_signature", lambda *a: checks.append(1) or plain(*a))
+    state = _state("GRU")
+    xs = torch.randn(3, 2, INPUT, dtype=torch.float64)
+    got = _steps(cell, xs, state, reference=False)
+    assert cell._repeat is not None and cell._repeat[1][0] is True  # remembered under autograd
+    torch.testing.assert_close(got, _steps(cell, xs, state, reference=True), **TOL)
+    # another batch size: the full step, then remembered for it
+    wide = torch.randn(2, 5, INPUT, dtype=torch.float64)
+    state5 = _state("GRU", 5)
+    got = _steps(cell, wide, state5, reference=False)
+    torch.testing.assert_close(got, _steps(cell, wide, state5, reference=True), **TOL)
+    # without gradients: no graph, the same values
+    with torch.no_grad():
+        out = cell(xs[0], state)
+    assert out.grad_fn is None
+    torch.testing.assert_close(
+        out,
+        torch.gru_cell(
+            xs[0],
+            state,
+            cell.weight_ih.to_dense(),
+            cell.weight_hh.to_dense(),
+            cell.bias_ih,
+            cell.bias_hh,
+        ),
+        **TOL,
+    )
+    assert checks  # the repeats compared signatures

@@ -275,30 +275,40 @@ def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[
     return (input.shape, input.dtype, input.device, shapes, ih, hh, *models)
 
 
+def _repeat_key(cell: RNNCellBase) -> tuple[Any, ...] | None:
+    """What a remembered step's weights depend on in the current mode: the parameters'
+    storage and version counters, and under autograd which of them need gradients; ``None``
+    where steps are not remembered (under ``torch.func`` transforms)."""
+    if not torch.is_grad_enabled():
+        return (False, weights_key(cell))
+    return (True, _grad_key(cell)) if _sharing() else None
+
+
 def remember_dense(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> None:
-    """Keep what lets the next call repeat this one's step on the dense weights without
-    gradients (:func:`repeated_dense`): called after such a step on a batched ``input`` with a
-    given state, whose checks passed."""
-    cell._repeat = (_signature(cell, input, hx), weights_key(cell), dense_weights(cell))
+    """Keep what lets the next call repeat this one's step on the dense weights
+    (:func:`repeated_dense`): called after such a step on a batched ``input`` with a given
+    state, whose checks passed."""
+    key = _repeat_key(cell)
+    cell._repeat = None if key is None else (_signature(cell, input, hx), key, dense_weights(cell))
 
 
 def repeated_dense(
     cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor] | None
 ) -> tuple[Tensor, Tensor] | None:
     """The dense weights for a step that repeats the last one remembered
-    (:func:`remember_dense`): no gradients, tensors of the same shapes, dtype and device, the
-    same matrices, algorithms and cost models, and no parameter changed since; ``None``
-    otherwise (the full step then checks, plans and runs). A step on a stream of inputs then
-    costs about what ``torch.nn``'s cell costs. A cell whose matrices are both dense steps on
-    their parameters, with or without gradients, once its batched tensors pass the checks
-    (:func:`_plain_dense`)."""
+    (:func:`remember_dense`): tensors of the same shapes, dtype and device, the same matrices,
+    algorithms and cost models, the same autograd mode, and no parameter changed since (nor,
+    under autograd, which need gradients); ``None`` otherwise (the full step then checks, plans
+    and runs). A step on a stream of inputs, or the steps of a sequence in training, then cost
+    about what ``torch.nn``'s cell costs. A cell whose matrices are both dense steps on its
+    parameters once its batched tensors pass the checks (:func:`_plain_dense`)."""
     if torch.compiler.is_compiling() or hx is None:
         return None  # compiling: before reading what the eager steps keep (no guards on it)
     plain = _plain_dense(cell, input, hx)
-    if plain is not None or torch.is_grad_enabled():
+    if plain is not None:
         return plain
     found = cell._repeat
-    if found is None or found[0] != _signature(cell, input, hx) or found[1] != weights_key(cell):
+    if found is None or found[0] != _signature(cell, input, hx) or found[1] != _repeat_key(cell):
         return None
     return found[2]
 

@@ -264,7 +264,7 @@ class RNNCellBase(nn.Module):
             state = tuple(checked)
         if self._use_dense(b):
             new = self._dense_step(x, state)  # tuple of (b, s)
-            if batched and hx is not None and not torch.is_grad_enabled():
+            if batched and hx is not None:
                 remember_dense(self, input, state)
         else:
             new = self._structured_step(x, state)  # tuple of (b, s)
