@@ -129,11 +129,15 @@ def test_one_mode_is_a_sum_of_kronecker_products():
         [(2, 1), (1, 1), (3, 2), (1, 2), (2, 3)],
     ],
 )
-def test_factor_dense_is_the_sum_over_the_rank_of_kronecker_products(shapes):
-    """``factor_dense`` (the rank summed by one GEMM between two groups of modes) against
-    ``Σ_r kron(F_1[p, r], ..., F_D[p, r])`` by ``torch.kron``, and its gradients by gradcheck,
-    in float64."""
+@pytest.mark.parametrize("flat", [False, True], ids=["kron-groups", "flat-groups"])
+def test_factor_dense_is_the_sum_over_the_rank_of_kronecker_products(shapes, flat, monkeypatch):
+    """``factor_dense`` (the rank summed by one GEMM between two groups of modes, each group
+    formed as Kronecker products of matrices or flat) against ``Σ_r kron(F_1[p, r], ...,
+    F_D[p, r])`` by ``torch.kron``, and its gradients by gradcheck, in float64."""
+    from kcprnn.formats.kcp import algebra
     from kcprnn.formats.kcp.algebra import factor_dense
+
+    monkeypatch.setattr(algebra, "FLAT_GROUPS", 0 if flat else 1 << 40)
 
     torch.manual_seed(len(shapes))
     factor = [torch.randn(2, 3, j, i, dtype=F64, requires_grad=True) for j, i in shapes]

@@ -135,24 +135,50 @@ def kron_pairs(a: Tensor, b: Tensor) -> Tensor:
     return out.reshape(*out.shape[:-4], big_j * j, big_i * i)  # (..., Jj, Ii)
 
 
+FLAT_GROUPS = 4096
+"""``P R`` times the larger group's entries from which :func:`factor_dense` forms each group
+flat, mode by mode with the whole next mode innermost (long contiguous runs, one reorder of
+the result), rather than as Kronecker products of matrices (no reorder, but inner runs as short
+as one mode's columns)."""
+
+
+def _flat_group(fs: Sequence[Tensor]) -> Tensor:
+    """``⊗_d fs[d][p, r]`` with each mode's ``(J_d, I_d)`` block kept whole:
+    ``(p, r, J_1 I_1 J_2 I_2 ...)``."""
+    p, r = fs[0].shape[:2]
+    g = fs[0].reshape(p * r, -1)
+    for f in fs[1:]:
+        g = (g[:, :, None] * f.reshape(p * r, 1, -1)).reshape(p * r, -1)
+    return g.view(p, r, -1)
+
+
 def factor_dense(factor: Sequence[Tensor]) -> Tensor:
     """``A_p = Σ_r ⊗_d F[d][p, r]`` for one Kronecker factor: ``(P, J^(n), I^(n))``.
 
     The modes are split in two groups of about equal size, each group's Kronecker products
-    formed per rank (``(p, r, a, b)`` and ``(p, r, c, d)``), and the sum over the rank is one
-    batched GEMM between them: ``r`` times fewer elements formed than the products of all the
-    modes per rank, which a rank in the hundreds makes tens of megabytes (and as many again in
-    the backward)."""
+    formed per rank, and the sum over the rank is one batched GEMM between them: ``r`` times
+    fewer elements formed than the products of all the modes per rank, which a rank in the
+    hundreds makes tens of megabytes (and as many again in the backward). Small groups are
+    formed as Kronecker products of matrices (``(p, r, a, b)``); from :data:`FLAT_GROUPS`
+    entries on, flat with each mode's block whole (:func:`_flat_group`) and the GEMM's result
+    reordered once."""
     if len(factor) == 1:
         return factor[0].sum(1)  # (p, g, f)
     sizes = [f.shape[2] * f.shape[3] for f in factor]
     half = min(range(1, len(factor)), key=lambda k: max(math.prod(sizes[:k]), math.prod(sizes[k:])))
+    p, r = factor[0].shape[:2]
+    if p * r * max(math.prod(sizes[:half]), math.prod(sizes[half:])) >= FLAT_GROUPS:
+        m = torch.bmm(_flat_group(factor[:half]).transpose(1, 2), _flat_group(factor[half:]))
+        d = len(factor)
+        axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
+        m = m.reshape(p, *axes).permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
+        return m.reshape(p, math.prod(axes[0::2]), math.prod(axes[1::2]))  # (p, J, I)
     left, right = factor[0], factor[half]  # (p, r, a, b), (p, r, c, d)
     for f in factor[1:half]:
         left = kron_pairs(left, f)
     for f in factor[half + 1 :]:
         right = kron_pairs(right, f)
-    p, r, a, b = left.shape
+    a, b = left.shape[2:]
     c, d = right.shape[2:]
     m = torch.bmm(left.reshape(p, r, a * b).transpose(1, 2), right.reshape(p, r, c * d))
     # (p, a, b, c, d) -> rows (a, c), columns (b, d), as the products of all the modes index
