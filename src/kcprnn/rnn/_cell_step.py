@@ -201,7 +201,8 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
     if (ih.format_name == "dense" and hh.format_name == "dense") or not _sharing():
         return dense_weight(ih), dense_weight(hh)
     grad = torch.is_grad_enabled()
-    key = _grad_key(cell) if grad else (weights_key(cell), False)
+    key = _mode_key(cell)
+    assert key is not None  # sharing holds here
     cached = cell._dense_cache
     if cached is None or cached[0] != key:
         cell._dense_cache = None  # the old weights go before the new ones are built
@@ -216,11 +217,17 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
 _Product = Callable[[Tensor], Tensor]
 
 
+def _shares_kron(matrix: FactorizedMatrix) -> bool:
+    """Whether the shared step multiplies ``matrix`` through its Kronecker factor matrices:
+    a KCP matrix multiplied as a Kronecker sum."""
+    return matrix.format_name == "kcp" and _is_kron(matrix)
+
+
 def _kron_product(matrix: FactorizedMatrix) -> _Product | None:
     """Rows ``(b, i) -> (b, j)`` through the factor matrices of a KCP ``matrix``'s Kronecker
     sum, shared (:func:`_shared`); ``None`` for any other (a CP matrix's factor matrices are its
     parameters, nothing to share, and its own product is faster than ``R`` Kronecker terms)."""
-    if matrix.format_name != "kcp" or not _is_kron(matrix):
+    if not _shares_kron(matrix):
         return None
     mats = _shared(_kron_build, matrix)
     found = kron_layout_cached(matrix)
@@ -239,7 +246,7 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     ih, hh = _matrices(cell)
     if (
         cell.weight_hr is not None
-        or not any(m.format_name == "kcp" and _is_kron(m) for m in (ih, hh))
+        or not (_shares_kron(ih) or _shares_kron(hh))
         or not torch.is_grad_enabled()
         or not _sharing()
     ):
@@ -275,10 +282,10 @@ def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[
     return (input.shape, input.dtype, input.device, shapes, ih, hh, *models)
 
 
-def _repeat_key(cell: RNNCellBase) -> tuple[Any, ...] | None:
-    """What a remembered step's weights depend on in the current mode: the parameters'
-    storage and version counters, and under autograd which of them need gradients; ``None``
-    where steps are not remembered (under ``torch.func`` transforms)."""
+def _mode_key(cell: RNNCellBase) -> tuple[Any, ...] | None:
+    """What kept dense weights depend on in the current autograd mode: the parameters' storage
+    and version counters, and under autograd which of them need gradients; ``None`` where
+    nothing is kept (under ``torch.func`` transforms)."""
     if not torch.is_grad_enabled():
         return (False, weights_key(cell))
     return (True, _grad_key(cell)) if _sharing() else None
@@ -288,7 +295,7 @@ def remember_dense(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> No
     """Keep what lets the next call repeat this one's step on the dense weights
     (:func:`repeated_dense`): called after such a step on a batched ``input`` with a given
     state, whose checks passed."""
-    key = _repeat_key(cell)
+    key = _mode_key(cell)
     cell._repeat = None if key is None else (_signature(cell, input, hx), key, dense_weights(cell))
 
 
@@ -308,7 +315,7 @@ def repeated_dense(
     if plain is not None:
         return plain
     found = cell._repeat
-    if found is None or found[0] != _signature(cell, input, hx) or found[1] != _repeat_key(cell):
+    if found is None or found[0] != _signature(cell, input, hx) or found[1] != _mode_key(cell):
         return None
     return found[2]
 
