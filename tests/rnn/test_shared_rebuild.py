@@ -3,7 +3,8 @@ reconstruction, and the cells' steps under autograd, which share one build of ea
 dense rebuild, or the factor matrices of a Kronecker sum) with its graph until a parameter
 changes: checked in float64 against steps on ``to_dense()`` rebuilt at every step, over
 sequences, repeated and separate backward passes, parameter changes, frozen parameters and
-second derivatives."""
+second derivatives; each with KCP's factor matrices built on the compiled kernel and on torch
+operations."""
 
 from __future__ import annotations
 
@@ -11,11 +12,24 @@ import pytest
 import torch
 
 import kcprnn
+from kcprnn._cpu import native, native_factor
 from kcprnn.formats.kcp import kcp_to_dense
 from kcprnn.rnn import _cell_step, kron
 from kcprnn.rnn.kron import rebuild
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def factor_builds(request, monkeypatch):
+    """Every test with KCP's factor matrices built by the compiled kernel (one autograd node
+    the steps share directly) and on torch operations (shared through ``_Shared``)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native_factor, "MAX_WORK", 0)
+    elif not native.available():
+        pytest.skip("the compiled kernels are not built here")
+    return request.param
+
 
 MATRICES = [
     ("kcp", 40, 96, {"rank": 3}),

@@ -10,9 +10,10 @@ layout; :func:`gather` copies a permuted view of the rows in one pass (the inter
 paper's layout gathers). The same library holds the whole recurrences with a Kronecker-sum
 hidden-to-hidden matrix and the single cell steps of streaming inference
 (:file:`native_rnn.cpp`), called through :mod:`kcprnn._cpu.native_rnn` and
-:mod:`kcprnn._cpu.native_step`.
-All are float32 only, for x86-64 CPUs with AVX-512 or AVX2 and FMA (:file:`native_tall.cpp`,
-:file:`native_rnn.cpp`, built into one library).
+:mod:`kcprnn._cpu.native_step`, and KCP's factor matrices from their CP factors with their
+gradient (:file:`native_factor.cpp`, :mod:`kcprnn._cpu.native_factor`, float32 and float64;
+the others are float32 only). All are for x86-64 CPUs with AVX-512 or AVX2 and FMA, built into
+one library.
 
 The library is C++ built when a kernel first runs (never when a format only plans or counts:
 planning asks the cost model, :attr:`~kcprnn._cpu.cost.CostModel.kernels`), or ahead of time by
@@ -65,7 +66,11 @@ __all__ = [
 log = logging.getLogger("kcprnn")
 
 SOURCE = Path(__file__).with_name("native_tall.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("native_rnn.cpp"))  # compiled into one library
+SOURCES = (  # compiled into one library
+    SOURCE,
+    Path(__file__).with_name("native_rnn.cpp"),
+    Path(__file__).with_name("native_factor.cpp"),
+)
 HEADERS = (  # included by native_rnn.cpp
     Path(__file__).with_name("native_simd.h"),
     Path(__file__).with_name("native_kron.h"),
@@ -272,10 +277,11 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_int,  # sizes, strides, out
     ]
-    from . import native_dense, native_rnn  # they import this module: loaded by now
+    from . import native_dense, native_factor, native_rnn  # they import this module
 
     native_rnn.declare(lib)
     native_dense.declare(lib)
+    native_factor.declare(lib)
     return lib
 
 

@@ -15,8 +15,9 @@ Without autograd recording, a cell's step runs one of:
 Under autograd a step runs torch's fused cell on the dense weights or the step functions on
 the formats' products, KCP matrices through their Kronecker factor matrices
 (:func:`shared_step`); the dense weights and the factor matrices are built once per version of
-the weights with a graph of their own and shared by the steps (:class:`_Shared`), so that a
-sequence of steps builds and back-propagates through each matrix once.
+the weights with a graph of their own and shared by the steps (:class:`_Shared`, or, for KCP
+factor matrices built by the compiled kernel, that kernel's node itself), so that a sequence
+of steps builds and back-propagates through each matrix once.
 
 The kept objects are keyed by every parameter's storage and version counter, so an in-place
 update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
-from .._cpu import CostModel, native
+from .._cpu import CostModel, native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
@@ -165,11 +166,22 @@ class _Shared(torch.autograd.Function):
 
 def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) -> list[Tensor]:
     """``build(matrix)`` shared by every call under autograd until a parameter changes
-    (:class:`_Shared`); built plainly when no parameter of ``matrix`` needs a gradient."""
+    (:class:`_Shared`); built plainly when no parameter of ``matrix`` needs a gradient, and
+    when each built tensor is one node that any number of backward passes may go through (a
+    KCP matrix's factor matrices on the compiled kernel)."""
     params = [p for p in matrix.parameters() if p.requires_grad]
     if matrix.format_name == "dense" or not params:
         return list(build(matrix))
+    if build is _kron_build and _native_factors(matrix):
+        return list(build(matrix))
     return list(_Shared.apply(build, matrix, *params))
+
+
+def _native_factors(matrix: FactorizedMatrix) -> bool:
+    """Whether every factor matrix of the KCP ``matrix`` is built by the compiled kernel, as
+    one autograd node that keeps its inputs (:mod:`kcprnn._cpu.native_factor`)."""
+    kcp: Any = matrix
+    return all(native_factor.applies(list(f)) for f in kcp.factors)
 
 
 def _dense_build(matrix: FactorizedMatrix) -> tuple[Tensor]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..formats import FactorizedMatrix
-from ..formats.kcp.algebra import factor_dense
+from ..formats.kcp.algebra import factor_dense_all
 
 Splits = Sequence[Sequence[int]]
 
@@ -211,7 +211,7 @@ def kron_terms(
     if matrix.format_name == "kcp":
         kcp: Any = matrix
         factors = [list(f) for f in kcp.factors]
-        mats = [factor_dense(factors[n]) for n in layout.order]
+        mats = factor_dense_all([factors[n] for n in layout.order])
     else:
         cp: Any = matrix
         us = list(cp.factors)

@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ..._cpu import native_factor
 from ...shapes import validate_positive_int, validate_ranks
 from ..cp import cp_als
 
@@ -20,6 +21,8 @@ __all__ = [
     "Splits",
     "chunk_kron",
     "factor_dense",
+    "factor_dense_all",
+    "factor_dense_torch",
     "kron_pairs",
     "merged_axis_factors",
     "kcp_from_dense",
@@ -155,6 +158,25 @@ def _flat_group(fs: Sequence[Tensor]) -> Tensor:
 def factor_dense(factor: Sequence[Tensor]) -> Tensor:
     """``A_p = Σ_r ⊗_d F[d][p, r]`` for one Kronecker factor: ``(P, J^(n), I^(n))``.
 
+    Where :func:`kcprnn._cpu.native_factor.applies` (small factors on the CPU, eager), on the
+    compiled kernel as one autograd node; else on torch operations (:func:`factor_dense_torch`).
+    """
+    if native_factor.applies(factor):
+        return native_factor.factor_dense([factor], factor_dense_torch)[0]
+    return factor_dense_torch(factor)
+
+
+def factor_dense_all(factors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """:func:`factor_dense` of each Kronecker factor in ``factors``; on the compiled kernel
+    where it applies to all, as one autograd node."""
+    if all(native_factor.applies(f) for f in factors):
+        return native_factor.factor_dense(factors, factor_dense_torch)
+    return [factor_dense_torch(f) for f in factors]
+
+
+def factor_dense_torch(factor: Sequence[Tensor]) -> Tensor:
+    """:func:`factor_dense` on torch operations.
+
     The modes are split in two groups of about equal size, each group's Kronecker products
     formed per rank, and the sum over the rank is one batched GEMM between them: ``r`` times
     fewer elements formed than the products of all the modes per rank, which a rank in the
@@ -216,7 +238,7 @@ def kcp_to_dense(factors: Sequence[Sequence[Tensor]]) -> Tensor:
     """Reconstruct ``W`` (``(out_features, in_features)``) from ``factors[n][d]`` of shape
     ``(P, R_n, J_d^(n), I_d^(n))``."""
     n_f, n_d = len(factors), len(factors[0])
-    dense = [factor_dense(f) for f in factors]  # each (p, g, f)
+    dense = factor_dense_all(factors)  # each (p, g, f)
     t = dense[0]
     for a in dense[1:]:
         t = kron_pairs(t, a)  # (p, g, f): factor-major indices

@@ -1,0 +1,154 @@
+"""KCP's factor matrix on the compiled kernel (``kcprnn._cpu.native_factor``) against an einsum
+over the CP factors in float64: values, gradients, gradcheck and second derivatives, several
+factors in one node, backward passes through one build, in-place changes, and where it must
+not run (traced, transformed, other dtypes, too large)."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import pytest
+import torch
+
+from kcprnn._cpu import native, native_factor
+from kcprnn.formats.kcp.algebra import factor_dense, factor_dense_all, factor_dense_torch
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the kernels are not built here")
+
+SHAPES = [  # (P, R, [(J_d, I_d), ...])
+    (1, 4, [(4, 5), (4, 2), (4, 2), (2, 2)]),
+    (1, 3, [(2, 1), (2, 1), (2, 1), (2, 1)]),
+    (2, 3, [(3, 2), (1, 4)]),
+    (1, 2, [(3, 2)]),
+    (3, 5, [(2, 3), (3, 1), (1, 1)]),
+    (2, 1, [(1, 7), (5, 1), (2, 2), (1, 1), (3, 2)]),
+]
+
+
+def _factor(p, r, modes, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p, r, j, i, generator=gen, dtype=dtype).requires_grad_() for j, i in modes]
+
+
+def _einsum(factor):
+    """``Σ_r ⊗_d F_d[p, r]`` by one einsum: rows ``(j_1 .. j_D)``, columns ``(i_1 .. i_D)``."""
+    d = len(factor)
+    letters = iter(string.ascii_letters[2:])
+    js = [next(letters) for _ in range(d)]
+    is_ = [next(letters) for _ in range(d)]
+    spec = ",".join(f"pr{j}{i}" for j, i in zip(js, is_, strict=True))
+    out = torch.einsum(f"{spec}->p{''.join(js)}{''.join(is_)}", *factor)
+    p = factor[0].shape[0]
+    rows = math.prod(f.shape[2] for f in factor)
+    return out.reshape(p, rows, -1)  # (P, J, I)
+
+
+@pytest.mark.parametrize(("p", "r", "modes"), SHAPES)
+def test_values_and_gradients_match_an_einsum(p, r, modes):
+    factor = _factor(p, r, modes)
+    assert native_factor.applies(factor)
+    got, want = factor_dense(factor), _einsum(factor)
+    assert got.grad_fn is not None and "FactorDense" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(
+        torch.autograd.grad(got, factor, g), torch.autograd.grad(want, factor, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("p", "r", "modes"), SHAPES[:3])
+def test_float32_within_rounding_of_float64(p, r, modes):
+    factor = _factor(p, r, modes)
+    single = [f.detach().float().requires_grad_() for f in factor]
+    got, want = factor_dense(single), _einsum(factor)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    for a, b in zip(
+        torch.autograd.grad(got, single, g.float()),
+        torch.autograd.grad(want, factor, g),
+        strict=True,
+    ):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("p", "r", "modes"), [SHAPES[2], SHAPES[4]])
+def test_gradcheck_and_second_derivatives(p, r, modes):
+    factor = _factor(p, r, modes)
+
+    def fn(*fs):
+        return factor_dense(list(fs))
+
+    assert torch.autograd.gradcheck(fn, factor)
+    assert torch.autograd.gradgradcheck(fn, factor)
+
+
+def test_several_factors_in_one_node_and_an_unused_one():
+    groups = [_factor(2, 3, [(2, 3), (3, 1)], seed=1), _factor(2, 3, [(1, 2), (2, 2)], seed=2)]
+    outs = factor_dense_all(groups)
+    assert outs[0].grad_fn is outs[1].grad_fn  # one node
+    for got, group in zip(outs, groups, strict=True):
+        torch.testing.assert_close(got, _einsum(group), rtol=1e-12, atol=1e-12)
+    flat = [t for g in groups for t in g]
+
+    def fn(*fs):
+        return tuple(factor_dense_all([fs[:2], fs[2:]]))
+
+    assert torch.autograd.gradcheck(fn, flat)
+    outs[1].sum().backward()  # the first matrix unused: its factors get no gradient
+    assert all(f.grad is None for f in groups[0])
+    want = torch.autograd.grad(_einsum(groups[1]).sum(), groups[1])
+    for f, w in zip(groups[1], want, strict=True):
+        torch.testing.assert_close(f.grad, w)
+
+
+def test_backward_passes_through_one_build():
+    factor = _factor(2, 3, [(2, 3), (3, 2)])
+    built = factor_dense(factor)  # one build, two losses each back-propagated once
+    weights = [torch.randn_like(built) for _ in range(2)]
+    for w in weights:
+        got = torch.autograd.grad((built * w).sum(), factor)
+        want = torch.autograd.grad((_einsum(factor) * w).sum(), factor)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_an_in_place_change_after_the_build_fails_the_backward():
+    factor = _factor(1, 2, [(2, 2), (2, 2)])
+    built = factor_dense(factor)
+    with torch.no_grad():
+        factor[1].add_(1.0)
+    with pytest.raises(RuntimeError, match=r"CP factor \(1, 2, 2, 2\).*modified by an inplace"):
+        built.sum().backward()
+
+
+def test_where_it_does_not_run():
+    factor = _factor(1, 2, [(4, 4), (4, 4)])
+    assert native_factor.applies(factor)
+    assert not native_factor.applies([f.detach().half() for f in factor])  # dtype
+    assert not native_factor.applies([factor[0], factor[1].float()])  # mixed dtypes
+    big = _factor(1, 64, [(32, 32), (2, 2)])  # 64 x 4,096 entries
+    assert not native_factor.applies(big)
+    torch.testing.assert_close(factor_dense(big), _einsum(big))  # on torch operations
+
+    def traced(*fs):
+        assert not native_factor.applies(list(fs))
+        return factor_dense(list(fs))
+
+    # torch.func transforms and a dispatch mode (make_fx) trace the torch operations
+    grads = torch.func.grad(lambda *fs: traced(*fs).sum(), argnums=(0, 1))(*factor)
+    want = torch.autograd.grad(_einsum(factor).sum(), factor)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(traced)(*[f.detach() for f in factor])
+    torch.testing.assert_close(graph(*factor), _einsum(factor))
+
+
+def test_without_the_kernel_the_torch_operations_run(monkeypatch):
+    factor = _factor(2, 3, [(2, 3), (3, 2)])
+    monkeypatch.setattr(native_factor, "MAX_WORK", 0)
+    got = factor_dense(factor)
+    assert "FactorDense" not in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, factor_dense_torch(factor))
+    torch.testing.assert_close(got, _einsum(factor))
