@@ -73,6 +73,31 @@ def _pointers(tensors: Sequence[Tensor]) -> Any:
     return (_P * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
+class _Plan:
+    """What the kernel needs for one shape of factor besides the tensors: the functions of the
+    dtype, the tables (:func:`_tables`) and the output's shape."""
+
+    def __init__(self, shapes: tuple[tuple[int, int], ...], p: int, r: int, dtype: Any) -> None:
+        lib = native._require()
+        self.build = getattr(lib, "kcprnn_factor_dense" + _SUFFIX[dtype])
+        self.grad = getattr(lib, "kcprnn_factor_dense_grad" + _SUFFIX[dtype])
+        blocks, offsets = _tables(shapes)
+        self.head = (len(shapes), blocks.data_ptr(), offsets.data_ptr(), p, r)
+        self._keep = (blocks, offsets)
+        self.shape = (p, math.prod(j for j, _ in shapes), math.prod(i for _, i in shapes))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shapes: tuple[tuple[int, int], ...], p: int, r: int, dtype: Any) -> _Plan:
+    return _Plan(shapes, p, r, dtype)
+
+
+def _plan_of(fs: Sequence[Tensor]) -> _Plan:
+    first = fs[0]
+    shapes = tuple([(f.shape[2], f.shape[3]) for f in fs])
+    return _plan(shapes, first.shape[0], first.shape[1], first.dtype)
+
+
 def applies(factor: Sequence[Tensor]) -> bool:
     """Whether :func:`factor_dense` runs on the compiled kernel for ``factor``: tensors
     ``(P, R, J_d, I_d)`` of one dtype, float32 or float64, on the CPU, at most
@@ -98,31 +123,15 @@ def applies(factor: Sequence[Tensor]) -> bool:
     )
 
 
-def _build(fs: Sequence[Tensor]) -> Tensor:
-    shapes = tuple((f.shape[2], f.shape[3]) for f in fs)
-    blocks, offsets = _tables(shapes)
-    p, r = fs[0].shape[:2]
-    out = fs[0].new_empty(p, math.prod(j for j, _ in shapes), math.prod(i for _, i in shapes))
-    getattr(native._require(), "kcprnn_factor_dense" + _SUFFIX[out.dtype])(
-        len(fs), blocks.data_ptr(), offsets.data_ptr(), p, r, _pointers(fs), out.data_ptr()
-    )
-    return out  # (P, J, I)
+def _build(plan: _Plan, fs: Sequence[Tensor]) -> Tensor:
+    out = fs[0].new_empty(plan.shape)  # (P, J, I)
+    plan.build(*plan.head, _pointers(fs), out.data_ptr())
+    return out
 
 
-def _grads(fs: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
-    shapes = tuple((f.shape[2], f.shape[3]) for f in fs)
-    blocks, offsets = _tables(shapes)
+def _grads(plan: _Plan, fs: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
     grads = [torch.empty_like(f) for f in fs]
-    getattr(native._require(), "kcprnn_factor_dense_grad" + _SUFFIX[grad.dtype])(
-        len(fs),
-        blocks.data_ptr(),
-        offsets.data_ptr(),
-        fs[0].shape[0],
-        fs[0].shape[1],
-        _pointers(fs),
-        grad.data_ptr(),
-        _pointers(grads),
-    )
+    plan.grad(*plan.head, _pointers(fs), grad.data_ptr(), _pointers(grads))
     return grads
 
 
@@ -141,10 +150,12 @@ class _FactorDense(torch.autograd.Function):
         sizes: tuple[int, ...],
         *flat: Tensor,
     ) -> tuple[Tensor, ...]:
-        ctx.flat, ctx.sizes, ctx.torch_path = flat, sizes, torch_path
+        groups = [[f.contiguous() for f in group] for group in _groups(flat, sizes)]
+        ctx.plans = [_plan_of(group) for group in groups]
+        ctx.flat, ctx.groups, ctx.sizes, ctx.torch_path = flat, groups, sizes, torch_path
         ctx.versions = [f._version for f in flat]
         ctx.set_materialize_grads(False)  # an unused factor matrix gets no gradient
-        return tuple([_build([f.contiguous() for f in group]) for group in _groups(flat, sizes)])
+        return tuple([_build(plan, g) for plan, g in zip(ctx.plans, groups, strict=True)])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
@@ -166,12 +177,11 @@ class _FactorDense(torch.autograd.Function):
             )
             return (None, None, *got)
         out: list[Tensor | None] = [None, None]
-        for group, grad in zip(_groups(flat, ctx.sizes), grads, strict=True):
+        for plan, group, grad in zip(ctx.plans, ctx.groups, grads, strict=True):
             if grad is None:
                 out.extend([None] * len(group))
-                continue
-            got = _grads([f.contiguous() for f in group], grad.contiguous())
-            out.extend([d if f.requires_grad else None for d, f in zip(got, group, strict=True)])
+            else:
+                out.extend(_grads(plan, group, grad.contiguous()))
         return tuple(out)
 
 
