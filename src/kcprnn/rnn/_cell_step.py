@@ -43,7 +43,7 @@ from .._cpu import CostModel, native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
-from . import plan
+from . import _cell_train, plan
 from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
 from .steps import State, gru_step, lstm_step, rnn_step
@@ -253,8 +253,10 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     """One step of ``cell`` under autograd with each KCP matrix multiplied through its
     factor matrices, built once per version of the weights and shared by the steps until then
     (the steps of a sequence build them once and back-propagate through the build once; each
-    step's products are a few small GEMMs); ``None`` where this does not apply: no KCP matrix,
-    a projection, no gradient recorded, or no sharing (:func:`_sharing`)."""
+    step's products are a few small GEMMs). In float32 on the CPU, with each matrix KCP or
+    dense and a narrow input, the whole step is one node on the compiled kernels
+    (:func:`_compiled_step`). ``None`` where this does not apply: no KCP matrix, a projection,
+    no gradient recorded, or no sharing (:func:`_sharing`)."""
     ih, hh = _matrices(cell)
     if (
         cell.weight_hr is not None
@@ -264,6 +266,9 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     ):
         return None
     key = _grad_key(cell)
+    compiled = _compiled_step(cell, x, state, key)
+    if compiled is not None:
+        return compiled
     found = cell._kept.get("shared products")
     if found is None or found[0] != key:
         cell._kept.pop("shared products", None)
@@ -283,6 +288,43 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
         return (gru_step(gx, state[0], product, bias["bias_hh"]),)
     nonlinearity = getattr(cell, "nonlinearity", "tanh")
     return (rnn_step(gx, state[0], product, bias["bias_hh"], nonlinearity),)
+
+
+def _train_operand(matrix: FactorizedMatrix) -> _cell_train.Operand | None:
+    """``matrix`` for the compiled training step: a KCP matrix's shared factor matrices, a
+    dense matrix's weight; ``None`` for other formats (a CP matrix's own product, on torch
+    operations, is faster than its ``R`` Kronecker terms)."""
+    if _shares_kron(matrix):
+        found = kron_layout_cached(matrix)
+        assert found is not None
+        return _cell_train.Operand(_shared(_kron_build, matrix), found[0])
+    if matrix.format_name == "dense":
+        return _cell_train.Operand([dense_weight(matrix)], None)
+    return None
+
+
+def _compiled_step(
+    cell: RNNCellBase, x: Tensor, state: State, key: tuple[Any, ...]
+) -> State | None:
+    """The step as one autograd node on the compiled kernels (:mod:`kcprnn.rnn._cell_train`)
+    where both matrices are KCP or dense, at least one KCP, the input at most
+    :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
+    ``None`` elsewhere. Its operands are made once per version of the weights (``key``)."""
+    ih, hh = _matrices(cell)
+    if not (_shares_kron(ih) or _shares_kron(hh)) or ih.in_features > _cell_train.MAX_INPUT:
+        return None
+    bias = cell._parameters
+    if not _cell_train.applies(x, *state, bias["bias_ih"], bias["bias_hh"]):
+        return None
+    found = cell._kept.get("compiled step")
+    if found is None or found[0] != key:
+        cell._kept.pop("compiled step", None)
+        pair = (_train_operand(ih), _train_operand(hh))
+        found = cell._kept["compiled step"] = (key, pair)
+    ih_op, hh_op = found[1]
+    if ih_op is None or hh_op is None or not _cell_train.applies(*ih_op.tensors, *hh_op.tensors):
+        return None
+    return _cell_train.step(_mode(cell), ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"])
 
 
 def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:

@@ -1,0 +1,287 @@
+"""One cell step under autograd as one node on the compiled kernels: both products (Kronecker
+sums on the compiled product, dense matrices on oneDNN), the gate arithmetic and its backward
+in a few calls, for float32 on the CPU.
+
+Through torch operations a step of an LSTM cell with two Kronecker-sum matrices is about forty
+small operators and as many autograd nodes, forward and backward (the products' gathers and
+batched GEMMs, the gates' activations and products); here it is the two products and one
+compiled call of the gate arithmetic (``kcprnn_*_forward_step`` of ``native_rnn.cpp``, the
+step the whole recurrences run), and backward the compiled gate gradients, the transposed
+products for the input and the state, and each factor's gradient by
+:func:`~kcprnn.rnn.kron.kron_grads`. A backward that records a graph (second derivatives)
+recomputes the step on torch operations and differentiates that.
+
+:class:`_Operands` holds what a version of the weights needs (the products' compiled
+arguments), made once per version by the caller.
+
+Shape comments: ``b`` rows, ``h`` hidden size, ``g`` gate rows (``4h``, ``3h`` or ``h``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._cpu import native
+from .._cpu.ops import linear_nt
+from ._fused_base import _Kron
+from .kron import KronLayout, kron_apply, kron_grads
+from .steps import gru_step, lstm_step, rnn_step
+
+__all__ = ["MAX_INPUT", "Operand", "applies", "step"]
+
+MAX_INPUT = 4096
+"""Widest input the compiled step takes: at the video size (57,600 inputs) the factor
+gradients over the whole input row cost more than autograd's products there, and an Elman
+cell's step with gradients ran a third slower (``kcprnn bench --points streaming``); at the
+speech size (40 inputs) the step is where torch operations cost the most per MAC."""
+
+
+class Operand:
+    """One weight of a cell step: a Kronecker sum (its factor matrices ``tensors`` with their
+    ``layout``) or a dense matrix (``tensors`` ``(W,)``)."""
+
+    def __init__(self, tensors: Sequence[Tensor], layout: KronLayout | None) -> None:
+        self.tensors = list(tensors)
+        self.layout = layout
+        if layout is None:
+            self.weight = self.tensors[0].detach()  # (g, i)
+            self.kron: _Kron | None = None
+            return
+        self.kron = _Kron(layout, [t.detach() for t in self.tensors])
+        self.mats = self.kron.mats
+        args, args_t = self.kron.args(), self.kron.args_t()
+        self._keep = (args, args_t)  # what the kernel reads through the pointers below
+        self.shape = (args.in_features, args.out_features)
+        self.call = native._require().kcprnn_kron_apply
+        self.args, self.args_t = args.args(), args_t.args()
+        in_index, out_index = self.kron.index
+        self.in_index = in_index
+        self.out_inverse = None if out_index is None else torch.argsort(out_index)
+
+    def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], width)
+        self.call(x.shape[0], x.data_ptr(), out.data_ptr(), *args)
+        return out
+
+    def mul(self, x: Tensor) -> Tensor:
+        """``x @ W.T``: ``(b, i) -> (b, g)``, a new contiguous tensor."""
+        if self.kron is None:
+            return linear_nt(x, self.weight).contiguous()  # (b, g)
+        return self._apply(x, self.args, self.shape[1])  # (b, g)
+
+    def back(self, d: Tensor) -> Tensor:
+        """``d @ W``: ``(b, g) -> (b, i)``."""
+        if self.kron is None:
+            return linear_nt(d, self.weight.t())  # (b, i)
+        return self._apply(d, self.args_t, self.shape[0])  # (b, i)
+
+    def grads(self, d: Tensor, x: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
+        """The gradients of :attr:`tensors` from the output gradient ``d`` ``(b, g)`` and the
+        input ``x`` ``(b, i)``."""
+        if not any(needs):
+            return [None] * len(needs)
+        if self.kron is None:
+            return [d.t().mm(x)]  # (g, i)
+        if self.in_index is not None:  # both sides in factor-major order
+            x = x.index_select(1, self.in_index)  # (b, i)
+        if self.out_inverse is not None:
+            d = d.index_select(1, self.out_inverse)  # (b, g)
+        return kron_grads(x, d, self.mats, needs)
+
+    def differentiable(self, weights: Sequence[Tensor]) -> Any:
+        """``x -> x @ W.T`` on torch operations through ``weights`` (this operand's tensors as
+        the autograd node received them)."""
+        if self.layout is None:
+            return lambda x: F.linear(x, weights[0])
+        index = self.layout.indices(weights[0].device)
+        return lambda x: kron_apply(x, weights, self.layout, index)
+
+
+def applies(*tensors: Tensor | None) -> bool:
+    """Whether :func:`step` runs on ``tensors`` (the step's input, state, biases and the
+    operands' tensors): all float32 on the CPU, and the kernels built."""
+    return (
+        all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in tensors)
+        and native.available()
+    )
+
+
+_MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+
+
+def step(
+    mode: str,
+    ih: Operand,
+    hh: Operand,
+    x: Tensor,
+    state: Sequence[Tensor],
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """One ``mode`` step (``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``) on rows ``x``
+    ``(b, i)`` from ``state`` (``(h, c)`` or ``(h,)``, each ``(b, h)``), as one autograd node.
+    Call only where :func:`applies` holds. Returns the new state."""
+    c = state[1] if mode == "LSTM" else None
+    n_ih = len(ih.tensors)
+    out = _Step.apply(
+        _MODES[mode], ih, hh, n_ih, x, state[0], c, bias_ih, bias_hh, *ih.tensors, *hh.tensors
+    )
+    return tuple(out) if mode == "LSTM" else (out,)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        mode: int,
+        ih: Operand,
+        hh: Operand,
+        n_ih: int,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor | None,
+        bias_ih: Tensor | None,
+        bias_hh: Tensor | None,
+        *weights: Tensor,
+    ) -> Any:
+        lib = native._require()
+        x, h = x.contiguous(), h.contiguous()
+        b, hidden = h.shape
+        gx = ih.mul(x)  # (b, g)
+        a = hh.mul(h)  # (b, g)
+        g = gx.shape[1]
+        ctx.mode, ctx.ih, ctx.hh, ctx.n_ih = mode, ih, hh, n_ih
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        if mode == 0:  # LSTM
+            c = c.contiguous()  # type: ignore[union-attr]
+            bias = _sum(bias_ih, bias_hh)
+            acts = gx.new_empty(1, b, g)  # (1, b, 4h)
+            hs, cs, tcs = (h.new_empty(1, b, hidden) for _ in range(3))  # (1, b, h)
+            lib.kcprnn_lstm_forward_step(
+                0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias), a.data_ptr(),
+                acts.data_ptr(), c.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr(), 0,
+            )  # fmt: skip
+            ctx.save_for_backward(x, h, c, bias_ih, bias_hh, acts, cs, tcs, *weights)
+            return hs[0], cs[0]
+        if mode == 1:  # GRU: b_ih joins the input projection, b_hh stays inside the reset gate
+            if bias_ih is not None:
+                gx.add_(bias_ih)
+            gh = gx.new_empty(1, b, g)  # (1, b, 3h)
+            rz = gx.new_empty(1, b, 2 * hidden)  # (1, b, 2h)
+            ns, hs = (h.new_empty(1, b, hidden) for _ in range(2))  # (1, b, h)
+            lib.kcprnn_gru_forward_step(
+                0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias_hh), a.data_ptr(),
+                h.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr(), 0,
+            )  # fmt: skip
+            ctx.save_for_backward(x, h, None, bias_ih, bias_hh, gh, rz, ns, *weights)
+            return hs[0]
+        bias = _sum(bias_ih, bias_hh)
+        hs = h.new_empty(1, b, hidden)  # (1, b, h)
+        lib.kcprnn_rnn_forward_step(
+            0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias), a.data_ptr(), hs.data_ptr(),
+            0, int(mode == 3),
+        )  # fmt: skip
+        out = hs[0]
+        ctx.save_for_backward(x, h, None, bias_ih, bias_hh, out, None, None, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, h, c, bias_ih, bias_hh, s0, s1, s2, *weights = ctx.saved_tensors
+        mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # a graph of the backward: recompute on torch operations
+            return _recorded_backward(ctx, grads)
+        lib = native._require()
+        b, hidden = h.shape
+        dh = h.new_zeros(b, hidden)  # (b, h): no gradient from a later step
+        grad_h = grads[0].contiguous()  # (b, h), kept: the kernel reads it through a pointer
+        dbias = None
+        dc: Tensor | None = None
+        if mode == 0:
+            acts, cs, tcs = s0, s1, s2
+            dc = grads[1].contiguous().clone()  # (b, h): becomes the gradient of c
+            d = acts.new_empty(acts.shape)  # (1, b, 4h)
+            dbias = acts.new_zeros(acts.shape[2]) if any(needs[7:9]) else None
+            lib.kcprnn_lstm_backward_step(
+                0, 1, b, hidden, acts.data_ptr(), cs.data_ptr(), tcs.data_ptr(), c.data_ptr(),
+                grad_h.data_ptr(), None, dh.data_ptr(), dc.data_ptr(),
+                d.data_ptr(), _ptr(dbias), 0,
+            )  # fmt: skip
+            d_ih = d_hh = d[0]  # (b, 4h)
+            db_ih, db_hh = dbias, dbias
+        elif mode == 1:
+            gh, rz, ns = s0, s1, s2
+            d_ih = gh.new_empty(b, gh.shape[2])  # (b, 3h)
+            d_hh = gh.new_empty(b, gh.shape[2])  # (b, 3h)
+            dbias = gh.new_zeros(gh.shape[2]) if needs[8] else None
+            lib.kcprnn_gru_backward_step(  # (its hs: states after earlier steps, none here)
+                0, 1, b, hidden, rz.data_ptr(), ns.data_ptr(), gh.data_ptr(), h.data_ptr(),
+                h.data_ptr(), grad_h.data_ptr(), None, dh.data_ptr(),
+                d_ih.data_ptr(), d_hh.data_ptr(), _ptr(dbias), 0,
+            )  # fmt: skip
+            db_ih = d_ih.sum(0) if needs[7] else None
+            db_hh = dbias
+        else:
+            out = s0  # (b, h)
+            d_ih = d_hh = out.new_empty(b, hidden)  # (b, h)
+            dbias = out.new_zeros(hidden) if any(needs[7:9]) else None
+            lib.kcprnn_rnn_backward_step(
+                0, 1, b, hidden, out.data_ptr(), grad_h.data_ptr(), None,
+                dh.data_ptr(), d_ih.data_ptr(), _ptr(dbias), 0, int(mode == 3),
+            )  # fmt: skip
+            db_ih, db_hh = dbias, dbias
+        dx = ih.back(d_ih) if needs[4] else None
+        if needs[5]:
+            dh = hh.back(d_hh) if mode != 1 else dh.add_(hh.back(d_hh))
+        w_ih = ih.grads(d_ih, x, needs[9 : 9 + n_ih])
+        w_hh = hh.grads(d_hh, h, needs[9 + n_ih :])
+        return (
+            None, None, None, None, dx, dh if needs[5] else None, dc if needs[6] else None,
+            db_ih if needs[7] else None, db_hh if needs[8] else None, *w_ih, *w_hh,
+        )  # fmt: skip
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b  # (g,)
+
+
+def _recorded_backward(ctx: Any, grads: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    """The backward on torch operations, recomputing the step from the saved inputs, for a
+    backward that records its own graph (second derivatives)."""
+    x, h, c, bias_ih, bias_hh, _, _, _, *weights = ctx.saved_tensors
+    mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
+    ih_product = ih.differentiable(weights[:n_ih])
+    hh_product = hh.differentiable(weights[n_ih:])
+    with torch.enable_grad():
+        gx = ih_product(x)  # (b, g)
+        if bias_ih is not None:
+            gx = gx + bias_ih
+        if mode == 0:
+            outs: tuple[Tensor, ...] = lstm_step(gx, h, c, hh_product, bias_hh)
+        elif mode == 1:
+            outs = (gru_step(gx, h, hh_product, bias_hh),)
+        else:
+            relu = "relu" if mode == 3 else "tanh"
+            outs = (rnn_step(gx, h, hh_product, bias_hh, relu),)
+    inputs = [x, h, c, bias_ih, bias_hh, *weights]
+    wanted = [k for k, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[4 + k]]
+    got = torch.autograd.grad(
+        outs, [inputs[k] for k in wanted], grads[: len(outs)], create_graph=True, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(inputs)
+    for k, g in zip(wanted, got, strict=True):
+        result[k] = g
+    return (None, None, None, None, *result)

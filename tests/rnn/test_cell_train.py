@@ -1,0 +1,194 @@
+"""A cell step under autograd as one node on the compiled kernels (``kcprnn.rnn._cell_train``)
+against torch's cells on the float64 reconstruction of the same weights: values and the
+gradients of the input, the state, the biases and every parameter, for LSTM, GRU and Elman
+cells with KCP and dense matrices, unbatched, without biases, over a
+sequence of steps with one backward, with second derivatives (recomputed on torch operations)
+and with a parameter changed in place before the backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kcprnn
+from kcprnn._cpu import native
+from kcprnn.rnn import _cell_train
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the kernels are not built here")
+
+INPUT, HIDDEN = 12, 8
+MODES = {  # kcprnn cell, torch's functional cell, keyword options
+    "LSTM": ("LSTMCell", torch.lstm_cell, {}),
+    "GRU": ("GRUCell", torch.gru_cell, {}),
+    "RNN_TANH": ("RNNCell", torch.rnn_tanh_cell, {}),
+    "RNN_RELU": ("RNNCell", torch.rnn_relu_cell, {"nonlinearity": "relu"}),
+}
+PAIRS = [
+    ("kcp", "kcp", {"rank": 2, "terms": 2}),
+    ("kcp", "dense", {"rank": 2, "num_factors": 3}),
+    ("dense", "kcp", {"rank": 2}),
+]
+TOL = {"rtol": 2e-4, "atol": 2e-5}  # float32 against float64
+
+
+def _cell(mode, fmt, hidden_fmt, options, bias=True):
+    torch.manual_seed(3)
+    name, _, extra = MODES[mode]
+    kwargs = {"format": fmt, "hidden_format": hidden_fmt, "bias": bias, **extra}
+    if fmt != "dense":
+        kwargs["rank"] = options["rank"]
+        kwargs.update({k: v for k, v in options.items() if k != "rank"})
+    if hidden_fmt != "dense":
+        kwargs["hidden_options"] = dict(options)
+    cell = getattr(kcprnn, name)(INPUT, HIDDEN, **kwargs)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_(0, 0.4)
+    cell._use_dense = lambda batch: False  # the structured route, whatever the prices say
+    return cell
+
+
+def _reference(cell, mode, x, state):
+    """torch's cell on ``to_dense()`` of a float64 copy; returns (outputs, copy)."""
+    ref = copy.deepcopy(cell).double()
+    fn = MODES[mode][1]
+    args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
+    out = fn(x, tuple(state) if mode == "LSTM" else state[0], *args)
+    return (tuple(out) if mode == "LSTM" else (out,)), ref
+
+
+def _inputs(mode, batch=3, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, INPUT, generator=gen, dtype=dtype).requires_grad_()
+    state = [torch.randn(batch, HIDDEN, generator=gen, dtype=dtype).requires_grad_()]
+    if mode == "LSTM":
+        state.append(torch.randn(batch, HIDDEN, generator=gen, dtype=dtype).requires_grad_())
+    return x, state
+
+
+def _double(tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def _check(cell, mode, x, state, out, weights=None):
+    """``out`` (the cell's step on ``x``, ``state``) against the float64 reference: values, and
+    the gradients of a fixed weighting of the outputs."""
+    xd, sd = _double([x])[0], _double(state)
+    want, ref = _reference(cell, mode, xd, sd)
+    assert len(out) == len(want)
+    for a, b in zip(out, want, strict=True):
+        torch.testing.assert_close(a.double(), b, **TOL)
+    weights = weights or [torch.linspace(-1, 1, HIDDEN) * (k + 1) for k in range(len(out))]
+    loss = sum((o * w).sum() for o, w in zip(out, weights, strict=True))
+    ref_loss = sum((o * w.double()).sum() for o, w in zip(want, weights, strict=True))
+    params, ref_params = list(cell.parameters()), list(ref.parameters())
+    got = torch.autograd.grad(loss, [x, *state, *params], allow_unused=True)
+    exp = torch.autograd.grad(ref_loss, [xd, *sd, *ref_params], allow_unused=True)
+    for a, b in zip(got, exp, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.double(), b, **TOL)
+
+
+@pytest.mark.parametrize(("fmt", "hidden_fmt", "options"), PAIRS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_step_matches_torch_values_and_every_gradient(mode, fmt, hidden_fmt, options):
+    cell = _cell(mode, fmt, hidden_fmt, options)
+    x, state = _inputs(mode)
+    out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+    out = out if mode == "LSTM" else (out,)
+    assert type(out[0].grad_fn).__name__ == "_StepBackward"  # one compiled node
+    _check(cell, mode, x, state, out)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unbatched_and_without_biases(mode):
+    cell = _cell(mode, "kcp", "dense", {"rank": 2}, bias=False)
+    x, state = _inputs(mode, batch=1)
+    out = cell(x[0], tuple(s[0] for s in state) if mode == "LSTM" else state[0][0])
+    out = out if mode == "LSTM" else (out,)
+    assert out[0].shape == (HIDDEN,)
+    assert type(out[0].grad_fn).__name__ != "_StepBackward"  # the squeeze after the step
+    _check(cell, mode, x, state, tuple(o[None] for o in out))
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_a_sequence_of_steps_with_one_backward(mode):
+    cell = _cell(mode, "kcp", "kcp", {"rank": 2})
+    xs = torch.randn(4, 2, INPUT, generator=torch.Generator().manual_seed(7))
+    state = [torch.zeros(2, HIDDEN) for _ in range(2 if mode == "LSTM" else 1)]
+    ref = copy.deepcopy(cell).double()
+    fn = MODES[mode][1]
+    total, ref_total = 0.0, 0.0
+    s, rs = tuple(state), tuple(t.double() for t in state)
+    for x in xs:
+        out = cell(x, s if mode == "LSTM" else s[0])
+        s = out if mode == "LSTM" else (out,)
+        args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
+        rout = fn(x.double(), rs if mode == "LSTM" else rs[0], *args)
+        rs = tuple(rout) if mode == "LSTM" else (rout,)
+        total = total + s[0].sum()
+        ref_total = ref_total + rs[0].sum()
+    torch.testing.assert_close(total.double(), ref_total, **TOL)
+    got = torch.autograd.grad(total, list(cell.parameters()))
+    exp = torch.autograd.grad(ref_total, list(ref.parameters()))
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_second_derivatives_recompute_on_torch_operations(mode):
+    cell = _cell(mode, "kcp", "kcp", {"rank": 2})
+    x, state = _inputs(mode)
+    params = list(cell.parameters())
+    out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+    out = out if mode == "LSTM" else (out,)
+    assert type(out[0].grad_fn).__name__ == "_StepBackward"
+    grads = torch.autograd.grad(sum(o.sum() for o in out), params, create_graph=True)
+    got = torch.autograd.grad(sum((g**2).sum() for g in grads), params)
+
+    xd, sd = _double([x])[0], _double(state)
+    want, ref = _reference(cell, mode, xd, sd)
+    ref_params = list(ref.parameters())
+    ref_grads = torch.autograd.grad(sum(o.sum() for o in want), ref_params, create_graph=True)
+    exp = torch.autograd.grad(sum((g**2).sum() for g in ref_grads), ref_params)
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_parameter_changed_in_place_before_the_backward_is_reported():
+    cell = _cell("LSTM", "kcp", "dense", {"rank": 2})  # dense W_hh: its parameter is an operand
+    x, state = _inputs("LSTM")
+    h, c = cell(x, tuple(state))
+    with torch.no_grad():
+        cell.weight_hh.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (h + c).sum().backward()
+
+
+def test_cp_and_wide_inputs_take_the_torch_operations():
+    cp = _cell("LSTM", "cp", "cp", {"rank": 2})
+    x, state = _inputs("LSTM")
+    assert type(cp(x, tuple(state))[0].grad_fn).__name__ != "_StepBackward"
+    torch.manual_seed(0)
+    wide = kcprnn.RNNCell(_cell_train.MAX_INPUT + 4, HIDDEN, format="kcp", hidden_format="kcp")
+    wide._use_dense = lambda batch: False
+    out = wide(torch.randn(2, _cell_train.MAX_INPUT + 4), torch.randn(2, HIDDEN))
+    assert type(out.grad_fn).__name__ != "_StepBackward"
+
+
+def test_float64_takes_the_torch_operations():
+    cell = _cell("GRU", "kcp", "kcp", {"rank": 2}).double()
+    x, state = _inputs("GRU", dtype=torch.float64)
+    out = cell(x, state[0])
+    assert type(out.grad_fn).__name__ != "_StepBackward"
+    w_ih, w_hh = cell.weight_ih.to_dense(), cell.weight_hh.to_dense()
+    want = torch.gru_cell(x, state[0], w_ih, w_hh, cell.bias_ih, cell.bias_hh)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    params = list(cell.parameters())
+    for a, b in zip(
+        torch.autograd.grad(out.sum(), params), torch.autograd.grad(want.sum(), params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
