@@ -5,10 +5,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import kcprnn
 from kcprnn import FORMATS, LSTM, make_matrix
 from kcprnn.budget import (
+    aligned_splits,
     blocked_splits,
     budget_options,
     candidates,
@@ -52,6 +54,27 @@ def test_blocked_splits_example():
     assert outs == [[8, 2], [4, 1], [4, 1], [4, 1]]
     assert [math.prod(s) for s in ins] == [8, 20, 20, 18]
     assert [math.prod(s) for s in outs] == [16, 4, 4, 4]
+
+
+def test_aligned_layout_spends_the_budget_on_terms_of_full_matrices():
+    # 3 x 80 inputs (frames x bands), 1,024 gates: J_2 = 8 makes 128 x 3 (384) nearest 8 x 80
+    # (640) among the divisors of 1,024 (J_2 = 4: 768 against 320)
+    assert aligned_splits([3, 80], 1024) == ([[3, 1], [1, 80]], [[128, 1], [1, 8]])
+    assert aligned_splits([8, 20, 20, 18], 1024) == ([[160, 1], [1, 360]], [[64, 1], [1, 16]])
+    # a term is 384 + 640 + 2 parameters; 0.01 * 245,760 = 2,457.6 -> P = 2, R = 1 (2,052)
+    w = make_matrix("kcp", 240, 1024, rank=0.01, in_modes=[3, 80], layout="aligned")
+    assert (w.terms, w.ranks, w.num_params) == (2, (1, 1), 2052)
+    assert w.in_splits == ((3, 1), (1, 80)) and w.out_splits == ((128, 1), (1, 8))
+    dense = w.to_dense().detach()
+    blocks = dense.reshape(128, 8, 3, 80).permute(0, 2, 1, 3).reshape(384, 640)
+    assert int(torch.linalg.matrix_rank(blocks)) <= 2  # a sum of two Kronecker products
+    # the default layout is unchanged
+    default = make_matrix("kcp", 240, 1024, rank=0.01, in_modes=[3, 80])
+    assert default.out_splits == ((16, 2), (32, 1)) and default.terms == 1
+    with pytest.raises(ValueError, match="KCP budget option"):
+        make_matrix("tt", 240, 1024, rank=0.01, layout="aligned")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_matrix("kcp", 240, 1024, rank=0.01, layout="diagonal")
 
 
 @pytest.mark.parametrize("fmt", COMPRESSED)
@@ -136,7 +159,7 @@ def test_configurations_lists_the_solution_first():
         assert first.macs == built.macs(1) and first.macs > 0
         assert all(c.num_params <= 2621.44 for c in table[fmt])
         assert math.isclose(first.compression, 262144 / first.num_params)
-    assert {c.label for c in table["kcp"]} == {"interleaved", "blocked"}
+    assert {c.label for c in table["kcp"]} == {"interleaved", "blocked", "aligned"}
     assert table["dense"][0].num_params == 262144
 
 

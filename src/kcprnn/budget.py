@@ -15,11 +15,12 @@ candidates, for the modes the options give or the format's default modes:
 - ``kcp``: the parameter count is ``P R S``, with ``S = Σ_n Σ_d I_d^(n) J_d^(n)`` fixed by the
   Kronecker split of the modes, so the budget gives the product ``k = P R = floor(target / S)``
   for each split. The splits are the interleaved one (every mode split into two balanced
-  factors) and the blocked one (each factor owns whole modes, :func:`blocked_splits`), both
-  listed by :func:`configurations`; a budget builds the layout :data:`KCP_LAYOUT` names (the
-  other one only where that one cannot fit), and ``k`` goes into the rank (``P = 1``,
-  ``R = k``: :data:`KCP_PREFERENCE`). Given ``terms`` or nested modes, only the rank is
-  solved.
+  factors), the blocked one (each factor owns whole modes, :func:`blocked_splits`) and the
+  aligned one (each factor one whole mode of inputs and outputs, :func:`aligned_splits`), all
+  listed by :func:`configurations`; a budget builds the layout ``layout=`` or
+  :data:`KCP_LAYOUT` names (another only where that one cannot fit), and ``k`` goes into the
+  rank (``P = 1``, ``R = k``: :data:`KCP_PREFERENCE`), or for the aligned layout into the terms
+  (``P = k``, ``R = 1``). Given ``terms`` or nested modes, only the rank is solved.
 - ``dense``: ``rank=1.0`` is the dense matrix itself; any smaller budget is an error.
 
 Options the caller fixed (modes, ``terms``, ``blocks``) are kept; only the free ones are solved.
@@ -49,9 +50,11 @@ __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_CAP",
     "KCP_LAYOUT",
+    "KCP_LAYOUTS",
     "KCP_PREFERENCE",
     "SOLVED_FORMATS",
     "Configuration",
+    "aligned_splits",
     "blocked_splits",
     "budget_options",
     "candidates",
@@ -71,6 +74,11 @@ general: the interleaved split's two factors are as small as the split allows (`
 each for ``1024 x 256``), so a budget's rank soon exceeds what they can use, while the blocked
 split's first factor holds most of the matrix (``512 x 16``) and takes the rank usefully (FSDD,
 docs/accuracy.md: 98.3 % against 97.4 % at the same 32x)."""
+
+KCP_LAYOUTS = ("blocked", "interleaved", "aligned")
+"""The Kronecker splits a KCP budget can build; ``layout=`` next to a budget ``rank`` picks one
+(default :data:`KCP_LAYOUT`): :func:`blocked_splits`, the interleaved one, or
+:func:`aligned_splits` (terms of two full matrices; where the input has at least two modes)."""
 
 KCP_PREFERENCE = "rank"
 """How KCP spends the product ``k = P R`` a budget leaves: ``"rank"`` (``P = 1``, ``R = k``)
@@ -216,6 +224,29 @@ def blocked_splits(
     return ins, outs
 
 
+def aligned_splits(
+    in_modes: Sequence[int], out_features: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """KCP's aligned layout for two Kronecker factors: factor 1 takes the leading half of the
+    input modes merged into one mode, factor 2 the rest, and the outputs are split between them
+    so that the two factors' matrices are about equally large (``J_1 I_1`` nearest ``J_2
+    I_2``). Each factor then owns one whole mode of inputs and outputs: every term ``A_p ⊗ B_p``
+    is a Kronecker product of two full matrices (Van Loan's nearest Kronecker sum), and a rank
+    above 1 adds nothing, so a budget spends itself on terms. For stacked speech frames,
+    ``[3, 80]`` frames by bands with 1,024 gates: ``A_p`` 128 x 3 across frames, ``B_p`` 8 x 80
+    across bands.
+
+    Example:
+        >>> aligned_splits([3, 80], 1024)
+        ([[3, 1], [1, 80]], [[128, 1], [1, 8]])
+    """
+    half = max(1, len(in_modes) // 2)
+    i1, i2 = math.prod(in_modes[:half]), math.prod(in_modes[half:])
+    divisors = [j for j in range(1, out_features + 1) if out_features % j == 0]
+    j2 = min(divisors, key=lambda j: (abs(out_features // j * i1 - j * i2), j))
+    return [[i1, 1], [1, i2]], [[out_features // j2, 1], [1, j2]]
+
+
 def _kcp_candidates(
     in_features: int, out_features: int, options: dict[str, Any], target: float
 ) -> list[Configuration]:
@@ -244,6 +275,8 @@ def _kcp_candidates(
         if n == 2 and in_splits is None and out_splits is None:
             bi, bo = blocked_splits(im, om)
             layouts.append(("blocked", bi, bo))
+            if len(im) > 1:
+                layouts.append(("aligned", *aligned_splits(im, out_features)))
     out = []
     for name, ins, outs in layouts:
         s = kcp_num_params(ins, outs, (1,) * n, 1)  # S: parameters per unit of P R
@@ -253,7 +286,7 @@ def _kcp_candidates(
         for k in sorted({1, k_max, k_max + 1}):
             if fixed_terms is not None:
                 terms, rank = fixed_terms, k
-            elif KCP_PREFERENCE == "terms":
+            elif KCP_PREFERENCE == "terms" or name == "aligned":
                 terms, rank = k, 1
             else:
                 terms, rank = 1, k
@@ -366,9 +399,9 @@ def _bt_candidates(
     ]
 
 
-def _solve(found: list[Configuration], target: float) -> Configuration:
+def _solve(found: list[Configuration], target: float, layout: str = KCP_LAYOUT) -> Configuration:
     fits = [c for c in found if c.num_params <= target]
-    preferred = [c for c in fits if c.label == KCP_LAYOUT]
+    preferred = [c for c in fits if c.label == layout]
     fits = preferred or fits
     if not fits:
         return found[0]
@@ -435,6 +468,12 @@ def budget_options(
     options (what :func:`~kcprnn.formats.make_matrix` does with a float rank). ``warn=False``
     drops the warning when the smallest configuration is above the budget."""
     budget = validate_budget(options.get("rank"))
+    layout = options.get("layout", KCP_LAYOUT)
+    if format != "kcp" and "layout" in options:
+        raise ValueError(f"layout={layout!r} is a KCP budget option, not one of {format!r}")
+    if layout not in KCP_LAYOUTS:
+        raise ValueError(f"layout must be one of {list(KCP_LAYOUTS)}, got layout={layout!r}")
+    options = {k: v for k, v in options.items() if k != "layout"}
     found = candidates(format, in_features, out_features, budget, **options)
     target = budget * in_features * out_features
     if format == "dense":
@@ -444,7 +483,7 @@ def budget_options(
                 f"got rank={options['rank']!r}"
             )
         return {k: v for k, v in options.items() if k != "rank"}
-    best = _solve(found, target)
+    best = _solve(found, target, layout)
     if best.num_params > target and warn:
         log.warning(
             "%s (%d x %d): budget %g asks for %.1f parameters, below the smallest "
