@@ -5,6 +5,7 @@ compiled gate steps) against ``torch.nn`` and against torch's kernel on the same
 16-rows-per-step threshold.
 
     python benchmarks/ab_dense_loop.py [--modes LSTM,GRU,RNN] [--threads 1] [--reps 5]
+        [--sizes I:H:B:T,...]
 
 Prints one line per mode and size: kcprnn's median time over ``torch.nn``'s (the median of the
 per-round ratios) for the forward under ``no_grad`` (``infer``) and the forward+backward
@@ -31,6 +32,8 @@ SIZES = [  # (input, hidden, batch, steps)
     (700, 256, 32, 100),
     (700, 256, 16, 250),
     (40, 512, 16, 300),
+    (512, 256, 16, 300),  # the upper layers of a three-layer bidirectional speech LSTM
+    (1024, 512, 16, 300),
 ]
 
 
@@ -48,12 +51,16 @@ def main() -> None:
     ap.add_argument("--modes", default="LSTM,GRU,RNN")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--sizes", default="", help="I:H:B:T,... instead of the built-in grid")
     args = ap.parse_args()
+    sizes = SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"# torch {torch.__version__} threads {args.threads} reps {args.reps}", flush=True)
     for mode in args.modes.split(","):
-        for i, h, b, t in SIZES:
+        for i, h, b, t in sizes:
             x = torch.randn(t, b, i)
             ref = getattr(torch.nn, mode)(i, h)
             ours = {}
