@@ -1,5 +1,5 @@
 """One cell step under autograd as one node on the compiled kernels: both products (Kronecker
-sums on the compiled product, dense matrices on oneDNN), the gate arithmetic and its backward
+sums on the compiled product, dense matrices on MKL), the gate arithmetic and its backward
 in a few calls, for float32 on the CPU.
 
 Through torch operations a step of an LSTM cell with two Kronecker-sum matrices is about forty
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._cpu import native
-from .._cpu.ops import linear_nt
 from ._fused_base import _Kron
 from .kron import KronLayout, kron_apply, kron_grads
 from .steps import gru_step, lstm_step, rnn_step
@@ -71,14 +70,14 @@ class Operand:
 
     def mul(self, x: Tensor) -> Tensor:
         """``x @ W.T``: ``(b, i) -> (b, g)``, a new contiguous tensor."""
-        if self.kron is None:
-            return linear_nt(x, self.weight).contiguous()  # (b, g)
+        if self.kron is None:  # MKL: oneDNN would reorder the whole matrix at every call
+            return F.linear(x, self.weight)  # (b, g)
         return self._apply(x, self.args, self.shape[1])  # (b, g)
 
     def back(self, d: Tensor) -> Tensor:
         """``d @ W``: ``(b, g) -> (b, i)``."""
         if self.kron is None:
-            return linear_nt(d, self.weight.t())  # (b, i)
+            return d.mm(self.weight)  # (b, i)
         return self._apply(d, self.args_t, self.shape[0])  # (b, i)
 
     def grads(self, d: Tensor, x: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
