@@ -142,16 +142,18 @@ def test_a_sequence_of_steps_with_one_backward(mode):
 def test_second_derivatives_recompute_on_torch_operations(mode):
     cell = _cell(mode, "kcp", "kcp", {"rank": 2})
     x, state = _inputs(mode)
+    x = x.detach().t().contiguous().t().requires_grad_()  # strided: the node copies it
+    assert not x.is_contiguous()
     params = list(cell.parameters())
     out = cell(x, tuple(state) if mode == "LSTM" else state[0])
     out = out if mode == "LSTM" else (out,)
     assert type(out[0].grad_fn).__name__ == "_StepBackward"
-    grads = torch.autograd.grad(sum(o.sum() for o in out), params, create_graph=True)
-    got = torch.autograd.grad(sum((g**2).sum() for g in grads), params)
+    grads = torch.autograd.grad(sum(o.sum() for o in out), [x, *params], create_graph=True)
+    got = torch.autograd.grad(sum((g**2).sum() for g in grads), [x, *params])
 
     xd, sd = _double([x])[0], _double(state)
     want, ref = _reference(cell, mode, xd, sd)
-    ref_params = list(ref.parameters())
+    ref_params = [xd, *ref.parameters()]
     ref_grads = torch.autograd.grad(sum(o.sum() for o in want), ref_params, create_graph=True)
     exp = torch.autograd.grad(sum((g**2).sum() for g in ref_grads), ref_params)
     for a, b in zip(got, exp, strict=True):

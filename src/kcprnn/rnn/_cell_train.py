@@ -11,8 +11,8 @@ products for the input and the state, and each factor's gradient by
 :func:`~kcprnn.rnn.kron.kron_grads`. A backward that records a graph (second derivatives)
 recomputes the step on torch operations and differentiates that.
 
-:class:`_Operands` holds what a version of the weights needs (the products' compiled
-arguments), made once per version by the caller.
+:class:`Operand` holds what a version of one weight needs (the products' compiled arguments,
+the index orders), made once per version by the caller.
 
 Shape comments: ``b`` rows, ``h`` hidden size, ``g`` gate rows (``4h``, ``3h`` or ``h``).
 """
@@ -56,6 +56,7 @@ class Operand:
         args, args_t = self.kron.args(), self.kron.args_t()
         self._keep = (args, args_t)  # what the kernel reads through the pointers below
         self.shape = (args.in_features, args.out_features)
+        self.macs = args.macs(1)  # per row, either way (for native.counting_macs)
         self.call = native._require().kcprnn_kron_apply
         self.args, self.args_t = args.args(), args_t.args()
         in_index, out_index = self.kron.index
@@ -65,6 +66,7 @@ class Operand:
     def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:
         x = x.contiguous()
         out = x.new_empty(x.shape[0], width)
+        native._count(x.shape[0] * self.macs)
         self.call(x.shape[0], x.data_ptr(), out.data_ptr(), *args)
         return out
 
@@ -154,13 +156,13 @@ class _Step(torch.autograd.Function):
         *weights: Tensor,
     ) -> Any:
         lib = native._require()
+        inputs = (x, h, c)  # saved as given: a recorded backward differentiates through them
         x, h = x.contiguous(), h.contiguous()
         b, hidden = h.shape
         gx = ih.mul(x)  # (b, g)
         a = hh.mul(h)  # (b, g)
         g = gx.shape[1]
         ctx.mode, ctx.ih, ctx.hh, ctx.n_ih = mode, ih, hh, n_ih
-        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
         if mode == 0:  # LSTM
             c = c.contiguous()  # type: ignore[union-attr]
             bias = _sum(bias_ih, bias_hh)
@@ -170,7 +172,7 @@ class _Step(torch.autograd.Function):
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias), a.data_ptr(),
                 acts.data_ptr(), c.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr(), 0,
             )  # fmt: skip
-            ctx.save_for_backward(x, h, c, bias_ih, bias_hh, acts, cs, tcs, *weights)
+            ctx.save_for_backward(*inputs, bias_ih, bias_hh, acts, cs, tcs, *weights)
             return hs[0], cs[0]
         if mode == 1:  # GRU: b_ih joins the input projection, b_hh stays inside the reset gate
             if bias_ih is not None:
@@ -182,7 +184,7 @@ class _Step(torch.autograd.Function):
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias_hh), a.data_ptr(),
                 h.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr(), 0,
             )  # fmt: skip
-            ctx.save_for_backward(x, h, None, bias_ih, bias_hh, gh, rz, ns, *weights)
+            ctx.save_for_backward(*inputs, bias_ih, bias_hh, gh, rz, ns, *weights)
             return hs[0]
         bias = _sum(bias_ih, bias_hh)
         hs = h.new_empty(1, b, hidden)  # (1, b, h)
@@ -191,7 +193,7 @@ class _Step(torch.autograd.Function):
             0, int(mode == 3),
         )  # fmt: skip
         out = hs[0]
-        ctx.save_for_backward(x, h, None, bias_ih, bias_hh, out, None, None, *weights)
+        ctx.save_for_backward(*inputs, bias_ih, bias_hh, out, None, None, *weights)
         return out
 
     @staticmethod
@@ -202,6 +204,7 @@ class _Step(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the backward: recompute on torch operations
             return _recorded_backward(ctx, grads)
         lib = native._require()
+        h = h.contiguous()  # (b, h); the kernels read h and c through pointers
         b, hidden = h.shape
         dh = h.new_zeros(b, hidden)  # (b, h): no gradient from a later step
         grad_h = grads[0].contiguous()  # (b, h), kept: the kernel reads it through a pointer
@@ -209,6 +212,7 @@ class _Step(torch.autograd.Function):
         dc: Tensor | None = None
         if mode == 0:
             acts, cs, tcs = s0, s1, s2
+            c = c.contiguous()  # (b, h)
             dc = grads[1].contiguous().clone()  # (b, h): becomes the gradient of c
             d = acts.new_empty(acts.shape)  # (1, b, 4h)
             dbias = acts.new_zeros(acts.shape[2]) if any(needs[7:9]) else None
