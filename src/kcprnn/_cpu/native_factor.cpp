@@ -55,7 +55,8 @@ inline void outer(const T* a, i64 n, const T* b, i64 m, T* out, bool accumulate)
   }
 }
 
-// A scratch vector per thread and purpose, grown as needed and never shrunk or cleared.
+// A scratch vector per thread and purpose, grown as needed and never shrunk or cleared (the
+// Python side sends factors of at most a few hundred thousand entries: at most a few MB).
 template <typename T, int Which>
 T* scratch(i64 n) {
   thread_local std::vector<T> buf;
