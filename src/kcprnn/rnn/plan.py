@@ -176,7 +176,8 @@ def _input_costs(
     cell: RNNCellBase, rows: int, training: bool, cm: CostModel
 ) -> tuple[float, float]:
     """Prices of ``W_ih x`` over ``rows`` rows: in ``W_ih``'s own format (KCP's products by the
-    width of their inputs, :func:`structured_rate`; the other formats' sweeps at
+    width of their inputs, :func:`structured_rate`, plus ``rnn_kcp_output`` per output entry;
+    the other formats' sweeps at
     ``rnn_factorized_input`` times that per MAC: at 123 to 1,024 inputs HT, CP and TT sweeps
     trained 1.1-2x slower than the rebuilt product), and on ``W_ih`` rebuilt dense (the same for
     a dense matrix)."""
@@ -186,11 +187,14 @@ def _input_costs(
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
     rate = structured_rate(ih, cm)
-    if ih.format_name != "kcp":
+    output = 0.0
+    if ih.format_name == "kcp":
+        output = passes * rows * ih.out_features * cm.rnn_kcp_output
+    else:
         rate *= cm.rnn_factorized_input
     if ih.format_name == "cp" and training:
         rate *= cm.rnn_cp_input_training
-    return passes * rate * ih.macs(rows, training=training), dense
+    return passes * rate * ih.macs(rows, training=training) + output, dense
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
