@@ -415,3 +415,28 @@ def test_lstm_training_keeps_torchs_kernel_while_its_workspace_is_reused():
     assert short["torch"] == cold["torch"] and short["dense"] > cold["dense"]
     gru = [kcprnn.GRU(40, 256, format="dense").cell(0)]
     assert plan.choose_route("auto", gru, 16 * 50, 50, True, True) == "dense"
+
+
+def test_kcp_input_product_pays_for_its_output_entries():
+    # 40 -> 2,048 gates over 4,800 rows: the structured product's gather and bias pass over the
+    # gate tensor (rnn_kcp_output per entry and pass) make W_ih rebuilt dense the cheaper one;
+    # without that term the MACs alone would keep it structured. 700 inputs stay structured.
+    cm = CostModel()
+    narrow = kcprnn.LSTM(40, 512, format="kcp", rank=4).cell(0)
+    for training, passes in ((False, 1), (True, 3)):
+        structured, dense = plan._input_costs(narrow, 4800, training, cm)
+        macs = narrow.weight_ih.macs(4800, training=training)
+        output = passes * 4800 * 2048 * cm.rnn_kcp_output
+        rate = plan.structured_rate(narrow.weight_ih, cm)
+        assert structured == pytest.approx(passes * rate * macs + output)
+        assert dense < structured
+        assert passes * rate * macs < dense  # the MACs alone
+    assert plan.input_is_dense(narrow, 4800, False)
+    free = CostModel(rnn_kcp_output=0.0)
+    assert (
+        plan._input_costs(narrow, 4800, False, free)[0]
+        < plan._input_costs(narrow, 4800, False, free)[1]
+    )
+    wide = kcprnn.LSTM(700, 256, format="kcp", rank=4).cell(0)
+    assert not plan.input_is_dense(wide, 3200, False)
+    assert not plan.input_is_dense(wide, 8000, True)
