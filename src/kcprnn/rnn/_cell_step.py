@@ -306,12 +306,12 @@ def _train_operand(matrix: FactorizedMatrix) -> _cell_train.Operand | None:
 def _compiled_step(
     cell: RNNCellBase, x: Tensor, state: State, key: tuple[Any, ...]
 ) -> State | None:
-    """The step as one autograd node on the compiled kernels (:mod:`kcprnn.rnn._cell_train`)
-    where both matrices are KCP or dense, at least one KCP, the input at most
-    :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
+    """The step of :func:`shared_step` (at least one matrix KCP) as one autograd node on the
+    compiled kernels (:mod:`kcprnn.rnn._cell_train`) where the other is KCP or dense, the input
+    at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
     ``None`` elsewhere. Its operands are made once per version of the weights (``key``)."""
     ih, hh = _matrices(cell)
-    if not (_shares_kron(ih) or _shares_kron(hh)) or ih.in_features > _cell_train.MAX_INPUT:
+    if ih.in_features > _cell_train.MAX_INPUT:
         return None
     bias = cell._parameters
     if not _cell_train.applies(x, *state, bias["bias_ih"], bias["bias_hh"]):

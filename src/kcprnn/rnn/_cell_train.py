@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._cpu import native
 from ._fused_base import _Kron
-from .kron import KronLayout, kron_apply, kron_grads
+from .kron import KronLayout, kron_apply
 from .steps import gru_step, lstm_step, rnn_step
 
 __all__ = ["MAX_INPUT", "Operand", "applies", "step"]
@@ -52,16 +52,12 @@ class Operand:
             self.kron: _Kron | None = None
             return
         self.kron = _Kron(layout, [t.detach() for t in self.tensors])
-        self.mats = self.kron.mats
         args, args_t = self.kron.args(), self.kron.args_t()
         self._keep = (args, args_t)  # what the kernel reads through the pointers below
         self.shape = (args.in_features, args.out_features)
         self.macs = args.macs(1)  # per row, either way (for native.counting_macs)
         self.call = native._require().kcprnn_kron_apply
         self.args, self.args_t = args.args(), args_t.args()
-        in_index, out_index = self.kron.index
-        self.in_index = in_index
-        self.out_inverse = None if out_index is None else torch.argsort(out_index)
 
     def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:
         x = x.contiguous()
@@ -89,11 +85,7 @@ class Operand:
             return [None] * len(needs)
         if self.kron is None:
             return [d.t().mm(x)]  # (g, i)
-        if self.in_index is not None:  # both sides in factor-major order
-            x = x.index_select(1, self.in_index)  # (b, i)
-        if self.out_inverse is not None:
-            d = d.index_select(1, self.out_inverse)  # (b, g)
-        return kron_grads(x, d, self.mats, needs)
+        return self.kron.grads(d, x, needs)
 
     def differentiable(self, weights: Sequence[Tensor]) -> Any:
         """``x -> x @ W.T`` on torch operations through ``weights`` (this operand's tensors as

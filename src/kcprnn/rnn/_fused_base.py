@@ -87,6 +87,7 @@ class _Kron:
         self.index = layout.indices(self.mats[0].device)
         self._t: tuple[list[Tensor], KronLayout, tuple[Tensor | None, Tensor | None]] | None
         self._t = None
+        self._out_inverse: Tensor | None = None  # natural -> factor-major outputs, made once
 
     def compiled(self, *tensors: Tensor) -> bool:
         """Whether the compiled recurrence kernels run this product with ``tensors``: all
@@ -135,7 +136,9 @@ class _Kron:
         if in_index is not None:  # both sides in factor-major order
             h_prev = h_prev.index_select(1, in_index)  # (n, h)
         if out_index is not None:
-            grad = grad.index_select(1, torch.argsort(out_index))  # (n, g)
+            if self._out_inverse is None:
+                self._out_inverse = torch.argsort(out_index)
+            grad = grad.index_select(1, self._out_inverse)  # (n, g)
         return kron_grads(h_prev, grad, self.mats, needs)
 
 

@@ -161,9 +161,7 @@ def factor_dense(factor: Sequence[Tensor]) -> Tensor:
     Where :func:`kcprnn._cpu.native_factor.applies` (small factors on the CPU, eager), on the
     compiled kernel as one autograd node; else on torch operations (:func:`factor_dense_torch`).
     """
-    if native_factor.applies(factor):
-        return native_factor.factor_dense([factor], factor_dense_torch)[0]
-    return factor_dense_torch(factor)
+    return factor_dense_all([factor])[0]
 
 
 def factor_dense_all(factors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
