@@ -171,7 +171,10 @@ def _exported_scan(
     from torch._higher_order_ops.scan import scan as scan_op
 
     b = state[0].shape[0]
-    xs = gates_x.reshape(-1, b, gates_x.shape[-1])  # (t, b, g)
+    # a tensor of its own, not a view: torch compiles ``combine`` once per process and guards
+    # on its input's base, and an export whose input is not a view then fails that guard's
+    # check with an AttributeError instead of compiling anew (torch 2.13)
+    xs = gates_x.reshape(-1, b, gates_x.shape[-1]).clone()  # (t, b, g)
 
     def combine(carry: list[Tensor], g: Tensor) -> tuple[list[Tensor], Tensor]:
         new = step(g, tuple(carry))
