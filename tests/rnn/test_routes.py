@@ -104,6 +104,41 @@ def test_dense_routes_match_torch(kind, route, packed):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("route", ["dense", "structured"])
+def test_fused_loops_add_both_biases(kind, route, monkeypatch):
+    """On the fused routes the LSTM and Elman loops add ``b_ih + b_hh`` as they read the input
+    projections, which are made without a bias; the GRU loop keeps ``b_hh`` (inside its reset
+    gate) and the projection ``b_ih``."""
+    from kcprnn.rnn import layer, recurrent
+
+    ours_cls, _, extra = KINDS[kind]
+    model = ours_cls(
+        INPUT, HIDDEN, format="dense", hidden_format="kcp", dtype=torch.float64, **extra
+    )
+    model.recurrence = route
+    seen = {}
+    projection, sequence = recurrent.input_projection, layer.fused_sequence
+
+    def spy_projection(x, weight, bias=None):
+        seen["projection"] = bias
+        return projection(x, weight, bias)
+
+    def spy_sequence(mode, gates_x, state, weights, bias=None, *args):
+        seen["loop"] = bias
+        return sequence(mode, gates_x, state, weights, bias, *args)
+
+    monkeypatch.setattr(recurrent, "input_projection", spy_projection)
+    monkeypatch.setattr(layer, "fused_sequence", spy_sequence)
+    model(torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64))
+    cell = model.cells[0]
+    if kind == "gru":
+        assert seen["projection"] is cell.bias_ih and seen["loop"] is cell.bias_hh
+    else:
+        assert seen["projection"] is None
+        torch.testing.assert_close(seen["loop"], cell.bias_ih + cell.bias_hh, rtol=0, atol=0)
+
+
 def _compressed(kind, hidden_format, **kw):
     ours_cls, _, extra = KINDS[kind]
     opts = dict(HIDDEN_FORMATS[hidden_format])

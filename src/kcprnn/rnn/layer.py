@@ -90,6 +90,7 @@ def run_layer(
     reverse: bool = False,
     route: str = "dense",
     bias_included: bool = False,
+    loop_bias: Tensor | None = None,
 ) -> tuple[Tensor, State]:
     """One direction of one layer over precomputed input projections, as :func:`scan`.
 
@@ -103,6 +104,10 @@ def run_layer(
     Everything else and ``route="steps"`` step through :func:`scan` with autograd.
     ``bias_included``: ``gates_x`` already holds ``b_hh`` (for a fused LSTM or Elman layer,
     which then adds none; an error where the layer would step through :func:`scan`).
+    ``loop_bias``: the bias a fused LSTM or Elman loop adds instead of ``b_hh`` as it reads
+    each step's projections (``b_ih + b_hh`` where ``gates_x`` holds neither: adding it there
+    costs nothing, while a product with a bias first copies the bias into every gate row); the
+    same error where the layer would step through :func:`scan`.
     """
     if torch.compiler.is_exporting():
         step = _exported_step(cell, bias_included)
@@ -113,6 +118,8 @@ def run_layer(
     if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
         bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
+        if loop_bias is not None and cell.mode != "GRU":
+            bias = loop_bias  # (g,)
         if torch.compiler.is_compiling():  # one opaque node, W_hh rebuilt in the graph
             return compiled_recurrence(
                 cell.mode, gates_x, state, rebuild(hh), bias, reverse, nonlinearity
@@ -129,10 +136,10 @@ def run_layer(
         return fused_sequence(
             cell.mode, gates_x, state, [weight], bias, reverse, None, nonlinearity
         )
-    if bias_included:
+    if bias_included or loop_bias is not None:
         raise ValueError(
-            f"run_layer: bias_included=True needs a fused {cell.mode} layer (equal lengths, no "
-            f"projection, route 'dense' or 'structured'), got route={route!r}"
+            f"run_layer: bias_included=True or a loop_bias needs a fused {cell.mode} layer "
+            f"(equal lengths, no projection, route 'dense' or 'structured'), got route={route!r}"
         )
     return scan(cell.step, gates_x, batch_sizes, state, reverse=reverse)
 

@@ -324,11 +324,16 @@ class RNNBase(nn.Module):
                 time_major_x: Tensor | None = None
                 for direction, cell in enumerate(cells):
                     idx = layer * d + direction
-                    # the fused LSTM and Elman loops take b_hh folded into the input product
+                    # the fused LSTM and Elman loops add b_ih + b_hh as they read each step's
+                    # input projections, made without a bias (a product with one first copies
+                    # it into every row); traced, b_hh is folded into the input product
                     b_ih, b_hh = cell.bias_ih, cell.bias_hh
                     fold = route in ("dense", "structured") and cell.mode != "GRU"
                     fold = fold and b_ih is not None and b_hh is not None
                     bias = b_ih + b_hh if fold and b_ih is not None and b_hh is not None else b_ih
+                    loop_bias = None
+                    if fold and not (compiling or torch.compiler.is_exporting()):
+                        loop_bias, bias, fold = bias, None, False
                     if compiling and fuses_layer(cell, route):  # one opaque node
                         state = tuple(t[idx] for t in hx)  # (b, s)
                         first = layer == 0 and not packed and self.batch_first
@@ -364,7 +369,7 @@ class RNNBase(nn.Module):
                         gates_x = gates_x.reshape(-1, gates_x.shape[-1])  # (n, g)
                     state = tuple(t[idx] for t in hx)  # (b, s)
                     out, final = run_layer(
-                        cell, gates_x, sizes, state, direction == 1, route, bool(fold)
+                        cell, gates_x, sizes, state, direction == 1, route, bool(fold), loop_bias
                     )
                     outs.append(out)  # (n, p)
                     finals.append(final)
