@@ -117,7 +117,12 @@ class CostModel:
     # products, counted as the kernel runs them (plan._kernel_work: expanded products on short
     # trailing axes, scalar tails) ...
     rnn_native_backward_gemm: float = 1.35  # ... and of the backward step's transposed products
-    rnn_native_grads: float = 1.7  # one MAC of the structured loop's factor gradients (over all
+    rnn_native_product: float = 1.5e5  # one factor product (one term's mode) of a compiled step,
+    # forward or backward, beyond its work: its loops' setup over the step's rows ...
+    rnn_native_traffic: float = 8.0  # ... plus each element it reads or writes
+    # (plan._kernel_traffic): products of 4 to 8 per mode, as in a CP W_hh of four modes at
+    # rank 4, are bound by moving their intermediates, not by their MACs
+    rnn_native_grads: float = 0.6  # one MAC of the structured loop's factor gradients (over all
     # rows at once, after the backward loop), relative to a large GEMM's
     rnn_step_backward: float = 2.0  # a step's backward over its forward (overheads and products)
     rnn_small_gemm: float = 4.0  # a MAC of the small factor products of a structured step

@@ -301,16 +301,21 @@ def _structured_loop(
     of ``W_hh``): the compiled kernel's where the model plans for it (per step, per gate unit
     of every row and per multiply-add of its products, forward and backward priced apart; then
     the factor gradients over all rows at once, the cheaper of the sweeps and the dense-first
-    contraction), else one torch launch per factor product and gather of every step."""
+    contraction), else one torch launch per factor product and gather of every step. Each
+    factor product of a compiled step also pays for its setup and for the elements it moves
+    (``rnn_native_product``, ``rnn_native_traffic``)."""
     macs = kron_matmul_macs(layout, terms, rows)
     per_step = 1 + cm.rnn_step_backward * training
     if cm.kernels:
         ins, outs = layout.in_sizes, layout.out_sizes
         loop = steps * cm.rnn_native_step + rows * gates * cm.rnn_native_gate
-        forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows)
+        loop += steps * terms * len(ins) * cm.rnn_native_product
+        traffic = cm.rnn_native_traffic * _kernel_traffic(ins, outs, terms, rows)
+        forward = loop + cm.rnn_native_gemm * _kernel_work(ins, outs, terms, rows) + traffic
         if not training:
             return forward
         backward = loop + cm.rnn_native_backward_gemm * _kernel_work(outs, ins, terms, rows)
+        backward += cm.rnn_native_traffic * _kernel_traffic(outs, ins, terms, rows)
         shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
         structured = kron_grads_cost(shapes, rows)
         dense = rows * layout.in_features * layout.out_features
@@ -326,6 +331,19 @@ def _structured_loop(
 
 KERNEL_WIDTH = 16
 """Floats per vector the compiled kernel is priced for."""
+
+
+def _kernel_traffic(
+    in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int
+) -> int:
+    """Elements the compiled kernel's factor products read and write over ``rows`` rows: mode
+    ``k`` maps an intermediate of ``pre * i * post`` entries per row and term to one of
+    ``pre * j * post`` (``pre`` the input sizes before ``k``, ``post`` the output sizes after)."""
+    total = 0
+    for k, (i, j) in enumerate(zip(in_sizes, out_sizes, strict=True)):
+        pre, post = math.prod(in_sizes[:k]), math.prod(out_sizes[k + 1 :])
+        total += pre * (i + j) * post
+    return terms * rows * total
 
 
 def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
