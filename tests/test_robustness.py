@@ -121,6 +121,18 @@ CASES: list[tuple[str, type[BaseException], str, Callable[[Path], object]]] = [
         lambda t: kcprnn.FactorizedLinear(24, 16, format="tt", rank=-1),
     ),
     (
+        "an option the format does not take",
+        TypeError,
+        r"format 'dense' \(DenseMatrix\) takes no option 'rank'; its options: in_modes",
+        lambda t: kcprnn.LSTM(10, 8, format="dense", rank=4),
+    ),
+    (
+        "a misspelt option",
+        TypeError,
+        r"format 'kcp' \(KCPMatrix\) takes no option 'ranks'; .*terms, rank, init",
+        lambda t: kcprnn.FactorizedLinear(24, 16, format="kcp", ranks=3),
+    ),
+    (
         "rank of the wrong type",
         TypeError,
         r"'abc' of type str",

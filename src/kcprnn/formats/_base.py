@@ -8,7 +8,9 @@ hooks marked "subclass hooks" below; everything else (input checks, leading batc
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import ClassVar, TypedDict, TypeVar
 
@@ -59,7 +61,25 @@ def make_matrix(format: str, in_features: int, out_features: int, **options) -> 
 
     if is_budget(options.get("rank")):
         options = budget_options(format, in_features, out_features, options)
-    return FORMATS[format](in_features, out_features, **options)
+    cls = FORMATS[format]
+    try:
+        return cls(in_features, out_features, **options)
+    except TypeError as err:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if bad is None or bad.group(1) not in options:
+            raise
+        takes = dict.fromkeys(  # the named arguments of every __init__ along the MRO, in order
+            name
+            for klass in cls.__mro__
+            if "__init__" in vars(klass)
+            for name, p in inspect.signature(klass.__init__).parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and name not in ("self", "in_features", "out_features")
+        )
+        raise TypeError(
+            f"format {format!r} ({cls.__name__}) takes no option {bad.group(1)!r}; its options: "
+            f"{', '.join(takes)}"
+        ) from err
 
 
 class FactoryKwargs(TypedDict):
