@@ -3,7 +3,7 @@ one gradient of the matrix) on the compiled kernel (:mod:`kcprnn._cpu.native_fac
 torch operations (:func:`kcprnn.formats.kcp.algebra.factor_dense_torch`), over factors from a
 cell's few thousand entries to millions of multiply-adds, each shape's two cases interleaved
 round by round; medians (us), the torch operations' time over the kernel's, and whether
-:func:`~kcprnn._cpu.native_factor.applies` takes the shape (``MAX_WORK``).
+:func:`~kcprnn._cpu.native_factor.applies` takes the shape (``work_limit``).
 
 Usage::
 
@@ -35,6 +35,12 @@ SHAPES = [  # (rank, [(J_d, I_d), ...])
     (4, [(16, 15), (16, 16)]),
     (16, [(16, 15), (16, 16)]),
     (64, [(8, 6), (8, 6), (4, 5)]),
+    (12, [(8, 8), (8, 8), (4, 4)]),
+    (65, [(4, 8), (4, 4), (4, 1), (4, 1)]),  # RNNCell(40, 512)'s default KCP W_hh: factor 0
+    (130, [(4, 8), (4, 4), (4, 1), (4, 1)]),
+    (260, [(4, 8), (4, 4), (4, 1), (4, 1)]),
+    (16, [(4, 4), (4, 4), (4, 4), (4, 4)]),
+    (32, [(4, 4), (4, 4), (4, 4), (4, 4)]),
 ]
 
 

@@ -26,14 +26,15 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import native
 
-__all__ = ["MAX_WORK", "applies", "declare", "factor_dense"]
+__all__ = ["MAX_WORK", "applies", "declare", "factor_dense", "work_limit"]
 
 MAX_WORK = 1 << 15
-"""Largest ``P R J I`` (the multiply-adds of one pass) built here for a factor of two modes,
-doubled for each further mode: the loops take about 1 ns a multiply-add forward and backward
-on one thread, the torch operations about 0.12 ms in launches for two modes and 0.03 ms more
-for each further one, then run their GEMM at BLAS speed
-(``benchmarks/bench_factor_dense.py``)."""
+"""Largest ``P R J I`` (the multiply-adds of one pass) built here for a factor of two modes;
+16 times that for three modes, doubled for each further mode (:func:`work_limit`): the loops
+take about 0.4-1 ns a multiply-add forward and backward on one thread, the torch operations
+0.1-0.2 ms in launches, then one GEMM for two modes (at BLAS speed, faster from about 60,000)
+and one per further mode over ever larger operands (the kernel is faster up to about 800,000
+for three modes and 1-2 million for four; ``benchmarks/bench_factor_dense.py``)."""
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -98,10 +99,15 @@ def _plan_of(fs: Sequence[Tensor]) -> _Plan:
     return _plan(shapes, first.shape[0], first.shape[1], first.dtype)
 
 
+def work_limit(modes: int) -> int:
+    """The largest ``P R J I`` built here for a factor of ``modes`` modes (:data:`MAX_WORK`)."""
+    return MAX_WORK if modes <= 2 else MAX_WORK << (modes + 1)
+
+
 def applies(factor: Sequence[Tensor]) -> bool:
     """Whether :func:`factor_dense` runs on the compiled kernel for ``factor``: tensors
     ``(P, R, J_d, I_d)`` of one dtype, float32 or float64, on the CPU, at most
-    :data:`MAX_WORK` entries times terms and rank (doubled for each mode after the second),
+    :func:`work_limit` entries times terms and rank,
     nothing traced or transformed, the library built."""
     if torch.compiler.is_compiling():  # first: what follows is not for dynamo to trace
         return False
@@ -116,7 +122,7 @@ def applies(factor: Sequence[Tensor]) -> bool:
     p, r = first.shape[:2]
     work = p * r * math.prod(f.shape[2] * f.shape[3] for f in factor)
     return (
-        0 < work <= MAX_WORK << max(len(factor) - 2, 0)
+        0 < work <= work_limit(len(factor))
         and not torch._C._are_functorch_transforms_active()
         and _get_current_dispatch_mode() is None  # nor traced by a dispatch mode (make_fx)
         and native.available()
