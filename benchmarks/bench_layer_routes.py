@@ -1,10 +1,11 @@
 """Does ``auto`` pick the fastest route for a recurrent layer with a Kronecker-sum ``W_hh``?
 
-``--collect OUT.json`` times every route of one-layer LSTM, GRU and Elman modules built as the
-suite builds them (``format=F, hidden_format=F, rank=4``, F in KCP and CP) at the speech,
-spikes and batch-1 sizes: torch's kernel on the rebuilt weights, the compiled dense loop and
-the compiled structured loop, in inference (eval, ``no_grad``) and training (forward, ``sum``,
-backward), medians of ``--reps`` calls after one warm-up. ``--evaluate IN.json`` prices the same
+``--collect OUT.json`` times every route of one-layer LSTM, GRU and Elman modules with KCP or
+CP for both matrices, at rank 4 as the suite builds them or (``kcp-default``) KCP at the
+modules' default budget, at the speech, spikes and batch-1 sizes: torch's kernel on the rebuilt
+weights, the compiled dense loop and the compiled structured loop, in inference (eval,
+``no_grad``) and training (forward, ``sum``, backward), medians of ``--reps`` calls after one
+warm-up. ``--evaluate IN.json`` prices the same
 layers with the cost model (``--set field=value`` overrides fields) and prints, per layer and
 phase, the route chosen, the fastest measured and the regret (the chosen route's time over the
 fastest's), then the sum of the chosen times over the sum of the fastest.
@@ -45,10 +46,17 @@ SIZES = [
 ]
 
 
+FORMATS = ("cp", "kcp", "kcp-default")
+
+
 def build(mode: str, size: tuple, fmt: str) -> torch.nn.Module:
+    """The module of ``mode`` at ``size`` with ``fmt`` for both matrices: rank 4 as the suite
+    builds it, or (``"kcp-default"``) KCP at the modules' default budget."""
     torch.manual_seed(0)
     inputs, hidden, _, _, bi = size
     cls = getattr(kcprnn, mode)
+    if fmt == "kcp-default":
+        return cls(inputs, hidden, bidirectional=bi, format="kcp", hidden_format="kcp")
     return cls(inputs, hidden, bidirectional=bi, format=fmt, hidden_format=fmt, rank=4,
                hidden_options={"rank": 4})  # fmt: skip
 
@@ -67,11 +75,11 @@ def call(m: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
             m(x)
 
 
-def collect(path: str, reps: int) -> None:
+def collect(path: str, reps: int, formats: tuple[str, ...]) -> None:
     records = []
     for mode in ("LSTM", "GRU", "RNN"):
         for size in SIZES:
-            for fmt in ("cp", "kcp"):
+            for fmt in formats:
                 m = build(mode, size, fmt)
                 x = torch.randn(size[2], size[3], size[0])  # (t, b, i)
                 times = {}
@@ -126,11 +134,14 @@ def main() -> None:
     parser.add_argument("--evaluate", metavar="IN")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help="subset of " + ",".join(FORMATS)
+    )
     parser.add_argument("--reps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.collect:
-        collect(args.collect, args.reps)
+        collect(args.collect, args.reps, tuple(args.formats.split(",")))
     if args.evaluate:
         evaluate(args.evaluate, dict(item.split("=", 1) for item in args.set))
     if not (args.collect or args.evaluate):

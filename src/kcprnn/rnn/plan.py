@@ -32,6 +32,7 @@ then its factor gradients. A module keeps every layer's :class:`LayerPlan` per i
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -333,27 +334,55 @@ KERNEL_WIDTH = 16
 """Floats per vector the compiled kernel is priced for."""
 
 
+def _kernel_order(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(k, pre, post)`` for each factor ``k`` in the order the compiled kernel applies them
+    (``KronPlan::cheapest_order`` in ``native_kron.h``): of all orders of up to six factors, the
+    one with the fewest multiply-adds, the last factor first where several tie. Factor ``k``
+    multiplies a ``(rows pre, I_k, post)`` array, the factors applied before it at their output
+    sizes."""
+    n = len(in_sizes)
+
+    def macs(order: Sequence[int]) -> int:
+        cur, total = list(in_sizes), 0
+        for k in order:
+            total += math.prod(cur[:k]) * math.prod(cur[k + 1 :]) * in_sizes[k] * out_sizes[k]
+            cur[k] = out_sizes[k]
+        return total
+
+    best = list(range(n - 1, -1, -1))
+    if n <= 6:
+        least = macs(best)
+        for order in itertools.permutations(range(n)):
+            if (m := macs(order)) < least:
+                least, best = m, list(order)
+    cur, steps = list(in_sizes), []
+    for k in best:
+        steps.append((k, math.prod(cur[:k]), math.prod(cur[k + 1 :])))
+        cur[k] = out_sizes[k]
+    return steps
+
+
 def _kernel_traffic(
     in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int
 ) -> int:
-    """Elements the compiled kernel's factor products read and write over ``rows`` rows: mode
-    ``k`` maps an intermediate of ``pre * i * post`` entries per row and term to one of
-    ``pre * j * post`` (``pre`` the input sizes before ``k``, ``post`` the output sizes after)."""
+    """Elements the compiled kernel's factor products read and write over ``rows`` rows: factor
+    ``k`` maps an intermediate of ``pre * I_k * post`` entries per row and term to one of
+    ``pre * J_k * post`` (:func:`_kernel_order`)."""
     total = 0
-    for k, (i, j) in enumerate(zip(in_sizes, out_sizes, strict=True)):
-        pre, post = math.prod(in_sizes[:k]), math.prod(out_sizes[k + 1 :])
-        total += pre * (i + j) * post
+    for k, pre, post in _kernel_order(in_sizes, out_sizes):
+        total += pre * (in_sizes[k] + out_sizes[k]) * post
     return terms * rows * total
 
 
 def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
-    """Multiply-adds of one product of the compiled kernel over ``rows`` rows, as it runs them:
-    a factor followed by a trailing axis shorter than a vector multiplies its rows by the
-    factor expanded over that axis (``post`` times the MACs), and the outputs left over after
-    the whole vectors run as scalars (at an eighth of the rate)."""
+    """Multiply-adds of one product of the compiled kernel over ``rows`` rows, as it runs them
+    (its factors in :func:`_kernel_order`): a factor followed by a trailing axis shorter than a
+    vector multiplies its rows by the factor expanded over that axis (``post`` times the MACs),
+    and the outputs left over after the whole vectors run as scalars (at an eighth of the
+    rate)."""
     total = 0.0
-    for k, (i, j) in enumerate(zip(in_sizes, out_sizes, strict=True)):
-        pre, post = math.prod(in_sizes[:k]), math.prod(out_sizes[k + 1 :])
+    for k, pre, post in _kernel_order(in_sizes, out_sizes):
+        i, j = in_sizes[k], out_sizes[k]
         macs = terms * rows * pre * i * j * post
         if post < KERNEL_WIDTH and (i * post) * (j * post) <= 1 << 16:
             work, width = macs * post, j * post  # row mode, expanded
