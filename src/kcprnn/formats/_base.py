@@ -72,7 +72,7 @@ def make_matrix(format: str, in_features: int, out_features: int, **options) -> 
             name
             for klass in cls.__mro__
             if "__init__" in vars(klass)
-            for name, p in inspect.signature(klass.__init__).parameters.items()
+            for name, p in inspect.signature(vars(klass)["__init__"]).parameters.items()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
             and name not in ("self", "in_features", "out_features")
         )

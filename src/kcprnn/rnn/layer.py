@@ -117,7 +117,7 @@ def run_layer(
     hh = cell.weight_hh
     if route in ("dense", "structured") and len(set(batch_sizes)) == 1 and cell.weight_hr is None:
         nonlinearity = getattr(cell, "nonlinearity", "tanh")
-        bias = None if bias_included and cell.mode != "GRU" else cell.bias_hh
+        bias: Tensor | None = None if bias_included and cell.mode != "GRU" else cell.bias_hh
         if loop_bias is not None and cell.mode != "GRU":
             bias = loop_bias  # (g,)
         if torch.compiler.is_compiling():  # one opaque node, W_hh rebuilt in the graph
