@@ -30,8 +30,6 @@ and ``rnn_cell_*`` fields).
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -469,48 +467,6 @@ def native_step(cell: RNNCellBase) -> CellStep:
     return cached[1]
 
 
-KERNEL_WIDTH = 16
-"""Floats per vector the compiled kernel is priced for."""
-
-
-@functools.lru_cache(maxsize=256)
-def kron_step_work(ins: tuple[int, ...], outs: tuple[int, ...], terms: int) -> float:
-    """Multiply-adds per row of a product of the compiled step's Kronecker sum (``KronPlan``
-    in ``native_kron.h``), as it runs them: the factors in the order with the fewest MACs; a
-    factor followed by fewer trailing entries than a vector (and small enough) multiplies by its
-    expansion over them (that many times the MACs, whole vectors along the outputs), one
-    followed by none by dot products along its inputs, any other along its trailing axis; what
-    is left after the whole vectors runs as scalars, at an eighth of the rate."""
-    n = len(ins)
-
-    def macs(order: Sequence[int]) -> float:
-        cur, total = list(ins), 0.0
-        for k in order:
-            total += math.prod(cur[:k] + cur[k + 1 :]) * ins[k] * outs[k]
-            cur[k] = outs[k]
-        return total
-
-    best = list(range(n - 1, -1, -1))
-    if n <= 6:
-        least = macs(best)
-        for perm in itertools.permutations(range(n)):
-            if macs(perm) < least:
-                least, best = macs(perm), list(perm)
-    cur, total = list(ins), 0.0
-    for k in best:
-        pre, post = math.prod(cur[:k]), math.prod(cur[k + 1 :])
-        i, j = ins[k], outs[k]
-        work = terms * pre * i * j * post
-        if post < KERNEL_WIDTH and i * post * j * post <= 1 << 16:
-            work, width = work * post, j * post
-        else:
-            width = i if post == 1 else post
-        full = width // KERNEL_WIDTH * KERNEL_WIDTH
-        total += work * (full + 8 * (width - full)) / width
-        cur[k] = j
-    return total
-
-
 def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
     return elements * (weight + row * batch)
 
@@ -522,7 +478,7 @@ def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostMod
         found = kron_layout_cached(matrix)
         assert found is not None
         layout, terms = found
-        work = batch * kron_step_work(layout.in_sizes, layout.out_sizes, terms)
+        work = batch * plan.kron_step_work(layout.in_sizes, layout.out_sizes, terms)
         gathers = batch * layout.in_features * (layout.in_index is not None)
         return cm.rnn_native_gemm * work + cm.rnn_cell_gather * gathers
     if matrix.format_name == "dense" or role == "hh":

@@ -374,23 +374,30 @@ def _kernel_traffic(
     return terms * rows * total
 
 
-def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
-    """Multiply-adds of one product of the compiled kernel over ``rows`` rows, as it runs them
-    (its factors in :func:`_kernel_order`): a factor followed by a trailing axis shorter than a
-    vector multiplies its rows by the factor expanded over that axis (``post`` times the MACs),
-    and the outputs left over after the whole vectors run as scalars (at an eighth of the
-    rate)."""
+def kron_step_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int) -> float:
+    """Multiply-adds per row of one product of the compiled kernel's Kronecker sum
+    (``KronPlan`` in ``native_kron.h``), as it runs them (its factors in
+    :func:`_kernel_order`): a factor followed by fewer trailing entries than a vector (and small
+    enough) multiplies by its expansion over them (that many times the MACs, whole vectors along
+    the outputs), one followed by none by dot products along its inputs, any other along its
+    trailing axis; what is left after the whole vectors runs as scalars, at an eighth of the
+    rate."""
     total = 0.0
     for k, pre, post in _kernel_order(in_sizes, out_sizes):
         i, j = in_sizes[k], out_sizes[k]
-        macs = terms * rows * pre * i * j * post
+        work = terms * pre * i * j * post
         if post < KERNEL_WIDTH and (i * post) * (j * post) <= 1 << 16:
-            work, width = macs * post, j * post  # row mode, expanded
+            work, width = work * post, j * post  # row mode, expanded
         else:
-            work, width = macs, post
+            width = i if post == 1 else post
         full = width // KERNEL_WIDTH * KERNEL_WIDTH
         total += work * (full + 8 * (width - full)) / width
     return total
+
+
+def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
+    """:func:`kron_step_work` over ``rows`` rows."""
+    return rows * kron_step_work(in_sizes, out_sizes, terms)
 
 
 def choose_route(
