@@ -32,6 +32,7 @@ then its factor gradients. A module keeps every layer's :class:`LayerPlan` per i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -374,7 +375,8 @@ def _kernel_traffic(
     return terms * rows * total
 
 
-def kron_step_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int) -> float:
+@functools.lru_cache(maxsize=256)
+def kron_step_work(in_sizes: tuple[int, ...], out_sizes: tuple[int, ...], terms: int) -> float:
     """Multiply-adds per row of one product of the compiled kernel's Kronecker sum
     (``KronPlan`` in ``native_kron.h``), as it runs them (its factors in
     :func:`_kernel_order`): a factor followed by fewer trailing entries than a vector (and small
@@ -397,7 +399,7 @@ def kron_step_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int
 
 def _kernel_work(in_sizes: Sequence[int], out_sizes: Sequence[int], terms: int, rows: int) -> float:
     """:func:`kron_step_work` over ``rows`` rows."""
-    return rows * kron_step_work(in_sizes, out_sizes, terms)
+    return rows * kron_step_work(tuple(in_sizes), tuple(out_sizes), terms)
 
 
 def choose_route(
