@@ -130,8 +130,9 @@ class CostModel:
     # costs (1 + this / f): on narrow inputs its factor GEMMs have tiny inner dimensions and run
     # far below a large GEMM's rate; on wide ones they run near it
     rnn_kcp_output: float = 60.0  # per output entry of a KCP input product over many rows,
-    # beyond what the rebuilt dense product writes: its final gather into the natural order and
-    # the bias pass over the whole gate tensor. Measured (biLSTM, T=300, batch 16): about 230
+    # beyond what the rebuilt dense product writes: its final gather into the natural order
+    # (and, for a GRU, the bias pass over the whole gate tensor; fused LSTM and Elman loops add
+    # the bias themselves). Measured with the bias pass (biLSTM, T=300, batch 16): about 230
     # large-GEMM MACs an entry at hidden 512, 65-90 at hidden 256; 60 sends 40-wide inputs to the
     # rebuilt W_ih (1.3-1.5x faster there) and keeps 123-wide ones structured, which is the
     # faster at hidden 256 and 8 % slower at 512 (benchmarks/results/regimes/kcp-input-output/)

@@ -264,7 +264,7 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     ):
         return None
     key = _grad_key(cell)
-    compiled = _compiled_step(cell, x, state, key)
+    compiled = _compiled_step(cell, ih, hh, x, state, key)
     if compiled is not None:
         return compiled
     found = cell._kept.get("shared products")
@@ -302,13 +302,18 @@ def _train_operand(matrix: FactorizedMatrix) -> _cell_train.Operand | None:
 
 
 def _compiled_step(
-    cell: RNNCellBase, x: Tensor, state: State, key: tuple[Any, ...]
+    cell: RNNCellBase,
+    ih: FactorizedMatrix,
+    hh: FactorizedMatrix,
+    x: Tensor,
+    state: State,
+    key: tuple[Any, ...],
 ) -> State | None:
     """The step of :func:`shared_step` (at least one matrix KCP) as one autograd node on the
     compiled kernels (:mod:`kcprnn.rnn._cell_train`) where the other is KCP or dense, the input
     at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
-    ``None`` elsewhere. Its operands are made once per version of the weights (``key``)."""
-    ih, hh = _matrices(cell)
+    ``None`` elsewhere. Its operands are made once per version of the weights (``key``);
+    ``ih``, ``hh``: the cell's matrices (:func:`_matrices`)."""
     if ih.in_features > _cell_train.MAX_INPUT:
         return None
     bias = cell._parameters

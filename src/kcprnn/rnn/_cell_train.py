@@ -190,11 +190,12 @@ class _Step(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        x, h, c, bias_ih, bias_hh, s0, s1, s2, *weights = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, h, c, bias_ih, bias_hh, s0, s1, s2, *weights = saved
         mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # a graph of the backward: recompute on torch operations
-            return _recorded_backward(ctx, grads)
+            return _recorded_backward(ctx, grads, saved)
         lib = native._require()
         h = h.contiguous()  # (b, h); the kernels read h and c through pointers
         b, hidden = h.shape
@@ -253,10 +254,11 @@ def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a + b  # (g,)
 
 
-def _recorded_backward(ctx: Any, grads: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
-    """The backward on torch operations, recomputing the step from the saved inputs, for a
-    backward that records its own graph (second derivatives)."""
-    x, h, c, bias_ih, bias_hh, _, _, _, *weights = ctx.saved_tensors
+def _recorded_backward(ctx: Any, grads: Sequence[Tensor], saved: Any) -> tuple[Tensor | None, ...]:
+    """The backward on torch operations, recomputing the step from the saved inputs
+    (``saved``: ``ctx.saved_tensors``), for a backward that records its own graph (second
+    derivatives)."""
+    x, h, c, bias_ih, bias_hh, _, _, _, *weights = saved
     mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
     ih_product = ih.differentiable(weights[:n_ih])
     hh_product = hh.differentiable(weights[n_ih:])
