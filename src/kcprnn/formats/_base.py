@@ -27,6 +27,7 @@ __all__ = [
     "FactorizedMatrix",
     "FactoryKwargs",
     "make_matrix",
+    "orthonormal_",
     "register",
     "resolve_dtype",
 ]
@@ -304,3 +305,24 @@ class FactorizedMatrix(nn.Module):
     def format_repr_items(self) -> list[str]:
         """Format-specific ``extra_repr`` entries (ranks, terms, ...)."""
         return []
+
+
+def orthonormal_(param: Tensor, rows: int) -> None:
+    """Fill ``param`` (viewed as ``(rows, cols)``) with a random matrix whose map ``v -> M v``
+    preserves squared norms: orthonormal columns when ``cols <= rows`` (exact), otherwise
+    orthonormal rows scaled by ``sqrt(cols / rows)`` (exact in expectation over isotropic ``v``).
+
+    Gram-Schmidt (each vector orthogonalized twice) on a Gaussian draw gives the Haar
+    distribution; it is used instead of ``torch.linalg.qr`` because these matrices are tiny and a
+    multithreaded LAPACK call on them costs far more than the arithmetic on a busy machine.
+    """
+    cols = param.numel() // rows
+    dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+    g = torch.randn(max(rows, cols), min(rows, cols), device=param.device, dtype=dtype)
+    for k in range(g.shape[1]):
+        v = g[:, k]  # (m,)
+        for _ in range(2):
+            v = v - g[:, :k] @ (g[:, :k].T @ v)  # (m,)
+        g[:, k] = v / v.norm()
+    m = g if cols <= rows else g.T * math.sqrt(cols / rows)  # (rows, cols)
+    param.copy_(m.reshape(param.shape))

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
-from ._base import FactorizedMatrix
+from ._base import FactorizedMatrix, orthonormal_
 
 __all__ = [
     "ORDERS",
+    "RING_INITS",
     "RingMatrix",
     "ring_chunk_rows",
     "ring_contraction_order",
@@ -311,6 +312,9 @@ def ring_to_dense(cores: Sequence[Tensor]) -> Tensor:
 
 # --- module ---
 
+RING_INITS = ("uniform", "orthogonal")
+"""The draws :meth:`RingMatrix.reset_parameters` knows (``init``); the first is the default."""
+
 
 class RingMatrix(FactorizedMatrix):
     """Shared module code of the TT (:class:`~kcprnn.formats.tt.TTMatrix`) and TR
@@ -333,11 +337,14 @@ class RingMatrix(FactorizedMatrix):
         out_modes: Sequence[int] | None = None,
         num_modes: int | None = None,
         rank: int | Sequence[int] | None = None,
+        init: str = "uniform",
         algorithm: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cost_model: CostModel | None = None,
     ) -> None:
+        if init not in RING_INITS:
+            raise ValueError(f"init must be one of {RING_INITS}, got init={init!r}")
         super().__init__(
             in_features,
             out_features,
@@ -350,6 +357,7 @@ class RingMatrix(FactorizedMatrix):
             cost_model=cost_model,
         )
         self.ranks = self.resolve_ranks(self.default_rank if rank is None else rank, self.num_modes)
+        self.init = init
         b = self.bonds
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(b[d], m, n, b[d + 1], **self.factory_kwargs))
@@ -373,18 +381,47 @@ class RingMatrix(FactorizedMatrix):
         raise NotImplementedError
 
     def reset_parameters(self, std: float | None = None) -> None:
+        """Draw the cores so that ``W``'s entries have standard deviation ``std`` (default
+        :meth:`default_std`), the way :attr:`init` names."""
+        std = self.default_std() if std is None else std
+        if not std > 0:
+            raise ValueError(f"std must be positive, got std={std}")
+        with torch.no_grad():
+            if self.init == "orthogonal":
+                self._orthogonal_init(std)
+            else:
+                self._uniform_init(std)
+
+    def _uniform_init(self, std: float) -> None:
         # W[j, i] is a sum over index paths (a_0, ..., a_{D-1}) of the bonds r_0, ..., r_{D-1}
         # (for TT r_0 = 1; for TR the trace closes a_D = a_0) of products of D independent
         # zero-mean core entries of variance σ²; distinct paths are uncorrelated, so
         #     Var(W) = Π_{d=0}^{D-1} r_d · σ^(2D),   σ = (std² / Π r_d)^(1 / (2D)).
         # Entries are uniform (std σ): a product of uniforms has lighter tails than a product
         # of Gaussians, so the second moment of one draw scatters less around std².
-        std = self.default_std() if std is None else std
         sigma = (std**2 / math.prod(self.bonds[:-1])) ** (1 / (2 * self.num_modes))
         bound = sigma * math.sqrt(3)  # U(-a, a) has std a / sqrt(3)
-        with torch.no_grad():
-            for core in self.cores:
-                core.uniform_(-bound, bound)
+        for core in self.cores:
+            core.uniform_(-bound, bound)
+
+    def _orthogonal_init(self, std: float) -> None:
+        # Every core's unfolding (r_{d-1} J_d I_d, r_d) is a random map that preserves norms
+        # (orthonormal columns; orthonormal rows scaled, exact in expectation, where r_d is the
+        # larger). For a TT (closing rank 1) the products of the first d cores are then
+        # isometries, so ||W||_F is the norm of the last core, a unit vector before it is
+        # scaled to std * sqrt(I J): the draw's mean square is std² exactly. A ring's trace
+        # has no such form; its cores share one scale c set by the path count of the uniform
+        # rule, Var(W) = Π_d r_d · Π_d c² s_d², with s_d² each core's mean square entry.
+        for core in self.cores:
+            orthonormal_(core, core.numel() // core.shape[-1])
+        if self.bonds[0] == 1:
+            self.cores[-1].mul_(std * math.sqrt(self.in_features * self.out_features))
+            return
+        squares = [float(core.square().mean()) for core in self.cores]
+        paths = math.prod(self.bonds[:-1]) * math.prod(squares)
+        scale = (std**2 / paths) ** (1 / (2 * self.num_modes))
+        for core in self.cores:
+            core.mul_(scale)
 
     def matmul(self, x: Tensor) -> Tensor:
         order = self.contraction_order(x.shape[0])
@@ -407,7 +444,8 @@ class RingMatrix(FactorizedMatrix):
         return ring_to_dense_flops(self.in_modes, self.out_modes, self.bonds)
 
     def format_repr_items(self) -> list[str]:
-        return [f"ranks={list(self.ranks)}"]
+        items = [f"ranks={list(self.ranks)}"]
+        return items + ([f"init={self.init!r}"] if self.init != RING_INITS[0] else [])
 
     @classmethod
     def from_dense(cls, weight: Tensor, **options) -> RingMatrix:

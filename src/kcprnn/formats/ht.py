@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .._cpu import CostModel
-from ._base import FactorizedMatrix, register
+from ._base import FactorizedMatrix, orthonormal_, register
 from ._halves import join_halves_plain
 from ._ht_product import HTPlan, HTStep, ht_linear, ht_plan
 from ._ht_tree import DimensionTree, ht_tree, validate_ht_ranks
@@ -175,27 +175,6 @@ def _ht_hsvd(
 # --- module ---
 
 
-def _orthonormal_(param: Tensor, rows: int) -> None:
-    """Fill ``param`` (viewed as ``(rows, cols)``) with a random matrix whose map ``v -> M v``
-    preserves squared norms: orthonormal columns when ``cols <= rows`` (exact), otherwise
-    orthonormal rows scaled by ``sqrt(cols / rows)`` (exact in expectation over isotropic ``v``).
-
-    Gram-Schmidt (each vector orthogonalized twice) on a Gaussian draw gives the Haar
-    distribution; it is used instead of ``torch.linalg.qr`` because these matrices are tiny and a
-    multithreaded LAPACK call on them costs far more than the arithmetic on a busy machine.
-    """
-    cols = param.numel() // rows
-    dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
-    g = torch.randn(max(rows, cols), min(rows, cols), device=param.device, dtype=dtype)
-    for k in range(g.shape[1]):
-        v = g[:, k]  # (m,)
-        for _ in range(2):
-            v = v - g[:, :k] @ (g[:, :k].T @ v)  # (m,)
-        g[:, k] = v / v.norm()
-    m = g if cols <= rows else g.T * math.sqrt(cols / rows)  # (rows, cols)
-    param.copy_(m.reshape(param.shape))
-
-
 @register("ht")
 class HTMatrix(FactorizedMatrix):
     r"""Weight in hierarchical Tucker format over the merged modes ``(J_d I_d)``.
@@ -302,9 +281,9 @@ class HTMatrix(FactorizedMatrix):
         std = self.default_std() if std is None else std
         with torch.no_grad():
             for u in self.leaves:
-                _orthonormal_(u, u.shape[0])
+                orthonormal_(u, u.shape[0])
             for b in self.transfers:
-                _orthonormal_(b, b.shape[0] * b.shape[1])
+                orthonormal_(b, b.shape[0] * b.shape[1])
             self.root.normal_()
             self.root.mul_(std * math.sqrt(self.in_features * self.out_features) / self.root.norm())
 
