@@ -129,15 +129,20 @@ def test_one_mode_is_a_sum_of_kronecker_products():
         [(2, 1), (1, 1), (3, 2), (1, 2), (2, 3)],
     ],
 )
-@pytest.mark.parametrize("flat", [False, True], ids=["kron-groups", "flat-groups"])
+@pytest.mark.parametrize(
+    "flat", [False, True, "bmm"], ids=["kron-groups", "flat-groups", "flat-groups-bmm"]
+)
 def test_factor_dense_is_the_sum_over_the_rank_of_kronecker_products(shapes, flat, monkeypatch):
     """``factor_dense`` (the rank summed by one GEMM between two groups of modes, each group
-    formed as Kronecker products of matrices or flat) against ``Σ_r kron(F_1[p, r], ...,
-    F_D[p, r])`` by ``torch.kron``, and its gradients by gradcheck, in float64."""
+    formed as Kronecker products of matrices or flat, the flat groups' backward broadcast or
+    by batched products) against ``Σ_r kron(F_1[p, r], ..., F_D[p, r])`` by ``torch.kron``,
+    and its gradients by gradcheck, in float64."""
     from kcprnn.formats.kcp import algebra
     from kcprnn.formats.kcp.algebra import factor_dense
 
     monkeypatch.setattr(algebra, "FLAT_GROUPS", 0 if flat else 1 << 40)
+    monkeypatch.setattr(algebra, "OUTER_BMM_ROWS", 0 if flat == "bmm" else 1 << 40)
+    monkeypatch.setattr(algebra, "OUTER_BMM_COLUMNS", 0)
 
     torch.manual_seed(len(shapes))
     factor = [torch.randn(2, 3, j, i, dtype=F64, requires_grad=True) for j, i in shapes]
@@ -152,6 +157,44 @@ def test_factor_dense_is_the_sum_over_the_rank_of_kronecker_products(shapes, fla
         expected.append(total)
     torch.testing.assert_close(factor_dense(factor), torch.stack(expected))
     assert torch.autograd.gradcheck(lambda *f: factor_dense(f), factor)
+
+
+def test_outer_rows_backward_by_batched_products():
+    """``outer_rows`` above its threshold (one autograd node with a backward of batched
+    products) against the broadcast product in float64: values, gradients by gradcheck,
+    second derivatives by gradgradcheck, and under ``torch.func.vmap``; below the threshold,
+    and with one column, the broadcast itself."""
+    from kcprnn.formats.kcp.algebra import OUTER_BMM_COLUMNS, OUTER_BMM_ROWS, outer_rows
+
+    torch.manual_seed(11)
+    m, n = OUTER_BMM_COLUMNS, 3
+    k = -(-OUTER_BMM_ROWS // m)
+    a = torch.randn(k, m, dtype=F64, requires_grad=True)
+    b = torch.randn(k, n, dtype=F64, requires_grad=True)
+    out = outer_rows(a, b)
+    assert type(out.grad_fn).__name__ == "_OuterRowsBackward"
+    torch.testing.assert_close(out, torch.einsum("qs,qt->qst", a, b).reshape(k, m * n))
+    small = (a[:3].detach().requires_grad_(), b[:3].detach().requires_grad_())
+    narrow = (a[:, :5].detach().requires_grad_(), b.detach().requires_grad_())
+    assert type(outer_rows(*narrow).grad_fn).__name__ != "_OuterRowsBackward"
+    assert type(outer_rows(*small).grad_fn).__name__ != "_OuterRowsBackward"
+    assert type(outer_rows(a, b[:, :1]).grad_fn).__name__ != "_OuterRowsBackward"
+    g = torch.randn(k, m * n, dtype=F64)
+    da, db = torch.autograd.grad(out, (a, b), g)
+    ref = torch.autograd.grad((a[:, :, None] * b[:, None, :]).reshape(k, -1), (a, b), g)
+    torch.testing.assert_close(da, ref[0])
+    torch.testing.assert_close(db, ref[1])
+    few = (a[:8].detach().requires_grad_(), b[:8].detach().requires_grad_())
+    with pytest.MonkeyPatch.context() as mp:
+        from kcprnn.formats.kcp import algebra
+
+        mp.setattr(algebra, "OUTER_BMM_ROWS", 0)
+        mp.setattr(algebra, "OUTER_BMM_COLUMNS", 0)
+        assert torch.autograd.gradcheck(outer_rows, few)
+        assert torch.autograd.gradgradcheck(outer_rows, few)
+        batched = torch.randn(2, 8, m, dtype=F64)
+        got = torch.func.vmap(lambda x: outer_rows(x, few[1]))(batched)
+        torch.testing.assert_close(got, torch.stack([outer_rows(x, few[1]) for x in batched]))
 
 
 def test_one_factor_is_plain_cp():
