@@ -142,3 +142,26 @@ def test_tr_svd_closes_the_ring_with_the_requested_rank():
     assert [tuple(c.shape) for c in cores] == [(2, 4, 4, 3), (3, 4, 4, 2)]
     with pytest.raises(ValueError, match=r"2-D weight, got shape \(2, 3, 4\)"):
         TRMatrix.from_dense(torch.randn(2, 3, 4))
+
+
+def test_orthogonal_init():
+    """``init="orthogonal"``: every core's ``(r_{d-1} J I, r_d)`` unfolding has orthonormal
+    columns up to one shared scale, and ``W``'s mean square averaged over draws is ``std²``
+    within 15 %."""
+    w = TRMatrix(
+        120, 48, in_modes=[4, 6, 5], out_modes=[4, 3, 4], rank=3, dtype=F64, init="orthogonal"
+    )
+    assert "init='orthogonal'" in repr(w)
+    squares = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        w.reset_parameters(0.1)
+        scales = []
+        for core in w.cores:
+            m = core.detach().reshape(-1, core.shape[-1])  # (r J I, r')
+            gram = m.T @ m
+            scales.append(gram[0, 0].item())
+            torch.testing.assert_close(gram, scales[-1] * torch.eye(m.shape[1], dtype=F64))
+        assert scales == pytest.approx([scales[0]] * len(scales))
+        squares.append(w.to_dense().detach().pow(2).mean().item())
+    assert math.sqrt(sum(squares) / len(squares)) == pytest.approx(0.1, rel=0.15)

@@ -138,6 +138,11 @@ class TRMatrix(RingMatrix):
         in_features, out_features, in_modes, out_modes, num_modes, algorithm, device, dtype,
         cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: one int for all ``D`` ring bonds or the list ``(r_0, ..., r_{D-1})``. Default 4.
+        init: how :meth:`reset_parameters` draws the cores so that ``W`` has the target std
+            (``nn.Linear``'s by default): ``"uniform"`` (default; i.i.d. uniform entries, the
+            variance of ``W`` exact in expectation) or ``"orthogonal"`` (every core's
+            ``(r_{d-1} J_d I_d, r_d)`` unfolding a random norm-preserving map, one scale; the
+            mean square of ``W`` exact in expectation). docs/accuracy.md compares them.
 
     Attributes:
         cores: ``nn.ParameterList`` of ``D`` tensors ``(r_{d-1}, J_d, I_d, r_d)``.

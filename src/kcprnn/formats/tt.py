@@ -166,6 +166,11 @@ class TTMatrix(RingMatrix):
         cost_model: as in :class:`~kcprnn.formats.FactorizedMatrix`.
         rank: one int for all ``D - 1`` inner bonds, their list, or the full ``D + 1`` list with
             ones at both ends. Default 4 (the TT-LSTM/GRU papers' UCF11 setting).
+        init: how :meth:`reset_parameters` draws the cores so that ``W`` has the target std
+            (``nn.Linear``'s by default): ``"uniform"`` (default; i.i.d. uniform entries, the
+            variance of ``W`` exact in expectation) or ``"orthogonal"`` (every core's
+            ``(r_{d-1} J_d I_d, r_d)`` unfolding a random norm-preserving map, one scale; for a
+            TT the mean square of ``W`` is then exact for every draw). docs/accuracy.md compares them.
 
     Attributes:
         cores: ``nn.ParameterList`` of ``D`` tensors ``(r_{d-1}, J_d, I_d, r_d)``.
