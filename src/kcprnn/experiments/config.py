@@ -48,6 +48,7 @@ NORMALIZATIONS = ("global", "speaker", "none")
 SPLITS = ("auto", "stratified", "group", "logo")
 CELLS = ("lstm", "gru")
 READOUTS = ("last", "mean")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,9 @@ class Config:
     lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     ih_lr: float = 0.0  # Adam lr of the first layer's input-to-hidden matrices; 0 = lr
+    # constant: every step at lr | cosine: each parameter group's rate follows half a cosine
+    # from its lr at the first optimizer step to 0 after the last of all epochs
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every parameter; 0 = plain Adam
     # evaluate and save an exponential moving average of the parameters, kept with this decay per
     # optimizer step (see kcprnn.experiments.average); 0 = off, the last step's parameters
@@ -241,6 +245,10 @@ class Config:
             raise ConfigError(
                 f"num_layers={self.num_layers} is for the speech data sets; "
                 f"dataset={self.dataset!r} uses one recurrent layer"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got lr_schedule={self.lr_schedule!r}"
             )
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must lie in [0, 1), got ema={self.ema}")

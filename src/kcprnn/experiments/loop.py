@@ -27,14 +27,18 @@ parameters). A save writes the two tensor files under new names, then replaces `
 checkpoint's and any an interrupted save left): a save cut short at any point leaves the previous
 record and the files it names intact. Nothing is pickled.
 
-There is no learning-rate scheduler (the rate stays ``lr``); the record says so
-(``"scheduler": null``).
+Learning rate. ``lr_schedule = "constant"`` keeps each parameter group's rate; ``"cosine"``
+sets it before every optimizer step to its first rate (kept in the group as ``initial_lr``)
+times :func:`lr_factor` of the global step, a function of the position alone, so a resumed run
+takes the same rates as an uninterrupted one. No scheduler object is kept (``"scheduler":
+null`` in the record); the epochs given when resuming set the cosine's length.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -64,6 +68,7 @@ __all__ = [
     "close_distributed",
     "fit",
     "init_distributed",
+    "lr_factor",
     "read_checkpoint",
     "shard",
     "write_checkpoint",
@@ -369,6 +374,22 @@ def check_resumable(saved: dict[str, Any], cfg: Config) -> None:
 # --- the loop ---
 
 
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The factor on each group's first rate at optimizer step ``step`` (counted from 0) of
+    ``total``: 1 for ``"constant"``; for ``"cosine"`` half a cosine from 1 at step 0 towards 0
+    at step ``total`` (``0.5 (1 + cos(pi step / total))``, 0 from ``total`` on)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; known: constant, cosine")
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
 class Task(Protocol):
     """What differs between the experiments: data, loss and evaluation."""
 
@@ -508,6 +529,9 @@ def fit(
             (loss if scale == 1.0 else loss * scale).backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.lr_schedule != "constant":
+                total_steps = cfg.epochs * len(batches)
+                _set_lr(optimizer, lr_factor(cfg.lr_schedule, global_step, total_steps))
             optimizer.step()
             global_step += 1
             if average is not None:
@@ -530,6 +554,8 @@ def fit(
         if d.is_main:
             with average.applied() if average is not None else nullcontext():
                 row = task.epoch_row(model, epoch, total, seconds)
+            if cfg.lr_schedule != "constant":
+                row["lr"] = optimizer.param_groups[0]["lr"]  # the epoch's last step's
             history.append(row)
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")

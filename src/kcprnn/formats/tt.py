@@ -170,7 +170,8 @@ class TTMatrix(RingMatrix):
             (``nn.Linear``'s by default): ``"uniform"`` (default; i.i.d. uniform entries, the
             variance of ``W`` exact in expectation) or ``"orthogonal"`` (every core's
             ``(r_{d-1} J_d I_d, r_d)`` unfolding a random norm-preserving map, one scale; for a
-            TT the mean square of ``W`` is then exact for every draw). docs/accuracy.md compares them.
+            TT the mean square of ``W`` is then exact for every draw). docs/accuracy.md
+            compares them.
 
     Attributes:
         cores: ``nn.ParameterList`` of ``D`` tensors ``(r_{d-1}, J_d, I_d, r_d)``.
