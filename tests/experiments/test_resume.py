@@ -3,6 +3,7 @@ parameters (bit for bit, CPU, one thread) and metrics as an uninterrupted run; e
 the checkpoint files; clear errors."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from test_speech_train import tiny_timit_run
 
 from kcprnn.experiments.config import Config, ConfigError
-from kcprnn.experiments.loop import read_checkpoint
+from kcprnn.experiments.loop import lr_factor, read_checkpoint
 from kcprnn.experiments.train import main, resume_config, train
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -292,3 +293,46 @@ def test_clear_errors(tmp_path, cache, reference, capsys):
         p.unlink()
     with pytest.raises(FileNotFoundError, match="trainstate-0003-000000-.*missing"):
         train(resume_config(broken), resume=True)
+
+
+def test_cosine_schedule_resumes_bit_identical(tmp_path, cache, reference, monkeypatch):
+    """``lr_schedule="cosine"``: the rates follow ``0.5 (1 + cos(pi k / 36))`` over the 36
+    optimizer steps (each epoch's metrics line gives its last step's rate), the run differs from
+    the constant-rate one, and a run whose third save fails resumes to the same parameters and
+    metrics as an uninterrupted one."""
+    cosine = {**TINY, "lr_schedule": "cosine"}
+    ref = tmp_path / "ref"
+    train(Config(**cosine, cache_dir=str(cache), out_dir=str(ref)))
+    rates = [r["lr"] for r in metrics(ref)]
+    expected = [TINY["lr"] * 0.5 * (1 + math.cos(math.pi * k / 36)) for k in (11, 23, 35)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    a, b = weights(ref), weights(reference)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    run, real_replace, commits = tmp_path / "run", os.replace, []
+
+    def fail_third_commit(src, dst):
+        if Path(dst).name == "checkpoint.json":
+            commits.append(dst)
+            if len(commits) == 3:
+                raise OSError("killed (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_third_commit)
+    with pytest.raises(OSError, match="simulated"):
+        train(Config(**cosine, cache_dir=str(cache), out_dir=str(run)))
+    monkeypatch.setattr(os, "replace", real_replace)
+    record, _, _ = read_checkpoint(run)
+    assert record["global_step"] == 10
+    assert record["optimizer"]["param_groups"][0]["initial_lr"] == TINY["lr"]
+    assert main(["--resume", str(run)]) == 0
+    assert_same_run(run, ref)
+
+
+def test_lr_factor_and_schedule_errors():
+    assert [lr_factor("cosine", k, 4) for k in range(6)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.sqrt(0.5), 0.5, 0.5 - 0.5 * math.sqrt(0.5), 0.0, 0.0]
+    )
+    assert lr_factor("constant", 3, 4) == 1.0
+    with pytest.raises(ConfigError, match=r"lr_schedule must be one of .*got lr_schedule='linear'"):
+        Config(**{**TINY, "lr_schedule": "linear"})
