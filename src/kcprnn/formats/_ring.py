@@ -408,14 +408,19 @@ class RingMatrix(FactorizedMatrix):
         # Every core's unfolding (r_{d-1} J_d I_d, r_d) is a random map that preserves norms
         # (orthonormal columns; orthonormal rows scaled, exact in expectation, where r_d is the
         # larger). For a TT (closing rank 1) the products of the first d cores are then
-        # isometries, so ||W||_F is the norm of the last core, a unit vector before it is
-        # scaled to std * sqrt(I J): the draw's mean square is std² exactly. A ring's trace
-        # has no such form; its cores share one scale c set by the path count of the uniform
-        # rule, Var(W) = Π_d r_d · Π_d c² s_d², with s_d² each core's mean square entry.
+        # isometries and the last core a unit vector, so ||W||_F = 1 before scaling; every
+        # core gets the same factor c, c^D = std * sqrt(I J), and the draw's mean square is
+        # std² exactly. (Putting the whole scale in the last core, as HT's root does, left the
+        # others' entries small against Adam's fixed step and collapsed training late on some
+        # seeds: docs/accuracy.md.) A ring's trace has no such form; its cores share one scale
+        # c set by the path count of the uniform rule, Var(W) = Π_d r_d · Π_d c² s_d², with s_d²
+        # each core's mean square entry.
         for core in self.cores:
             orthonormal_(core, core.numel() // core.shape[-1])
         if self.bonds[0] == 1:
-            self.cores[-1].mul_(std * math.sqrt(self.in_features * self.out_features))
+            norm = std * math.sqrt(self.in_features * self.out_features)
+            for core in self.cores:
+                core.mul_(norm ** (1 / self.num_modes))
             return
         squares = [float(core.square().mean()) for core in self.cores]
         paths = math.prod(self.bonds[:-1]) * math.prod(squares)
