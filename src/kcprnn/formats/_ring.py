@@ -410,11 +410,11 @@ class RingMatrix(FactorizedMatrix):
         # larger). For a TT (closing rank 1) the products of the first d cores are then
         # isometries and the last core a unit vector, so ||W||_F = 1 before scaling; every
         # core gets the same factor c, c^D = std * sqrt(I J), and the draw's mean square is
-        # std² exactly. (Putting the whole scale in the last core, as HT's root does, left the
-        # others' entries small against Adam's fixed step and collapsed training late on some
-        # seeds: docs/accuracy.md.) A ring's trace has no such form; its cores share one scale
-        # c set by the path count of the uniform rule, Var(W) = Π_d r_d · Π_d c² s_d², with s_d²
-        # each core's mean square entry.
+        # std² exactly. One factor for all keeps the cores' entries of one size against Adam's
+        # per-entry step (the whole scale in one core, as HT's root holds it, trains into late
+        # collapses on some seeds: docs/accuracy.md). A ring's trace has no such form; its
+        # cores share one scale c set by the path count of the uniform rule,
+        # Var(W) = Π_d r_d · Π_d c² s_d², with s_d² each core's mean square entry.
         for core in self.cores:
             orthonormal_(core, core.numel() // core.shape[-1])
         if self.bonds[0] == 1:
