@@ -100,6 +100,23 @@ def assert_same_run(run: Path, ref: Path) -> None:
     assert summary == ref_summary
 
 
+def killed_at_third_save(monkeypatch, cfg: Config) -> None:
+    """Train ``cfg`` until its third checkpoint commit fails (a run killed while saving)."""
+    real_replace, commits = os.replace, []
+
+    def fail_third_commit(src, dst):
+        if Path(dst).name == "checkpoint.json":
+            commits.append(dst)
+            if len(commits) == 3:
+                raise OSError("killed (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_third_commit)
+    with pytest.raises(OSError, match="simulated"):
+        train(cfg)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cache, reference):
     run = tmp_path / "run"
     ready = tmp_path / "ready"
@@ -239,20 +256,7 @@ def test_speech_run_resumes_bit_identical(tmp_path, monkeypatch):
     )
     ref, run = tmp_path / "ref", tmp_path / "run"
     train(Config(**common, out_dir=str(ref)))
-
-    real_replace, commits = os.replace, []
-
-    def fail_third_commit(src, dst):
-        if Path(dst).name == "checkpoint.json":
-            commits.append(dst)
-            if len(commits) == 3:
-                raise OSError("killed (simulated)")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_third_commit)
-    with pytest.raises(OSError, match="simulated"):
-        train(Config(**common, out_dir=str(run)))
-    monkeypatch.setattr(os, "replace", real_replace)
+    killed_at_third_save(monkeypatch, Config(**common, out_dir=str(run)))
     # 2 utterances, batches of 1: saves at step 1 (mid-epoch), 2 (end of epoch 1), 3 (failed)
     record, _, _ = read_checkpoint(run)
     assert (record["epoch"], record["step"]) == (1, 0)
@@ -309,19 +313,8 @@ def test_cosine_schedule_resumes_bit_identical(tmp_path, cache, reference, monke
     a, b = weights(ref), weights(reference)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
-    run, real_replace, commits = tmp_path / "run", os.replace, []
-
-    def fail_third_commit(src, dst):
-        if Path(dst).name == "checkpoint.json":
-            commits.append(dst)
-            if len(commits) == 3:
-                raise OSError("killed (simulated)")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_third_commit)
-    with pytest.raises(OSError, match="simulated"):
-        train(Config(**cosine, cache_dir=str(cache), out_dir=str(run)))
-    monkeypatch.setattr(os, "replace", real_replace)
+    run = tmp_path / "run"
+    killed_at_third_save(monkeypatch, Config(**cosine, cache_dir=str(cache), out_dir=str(run)))
     record, _, _ = read_checkpoint(run)
     assert record["global_step"] == 10
     assert record["optimizer"]["param_groups"][0]["initial_lr"] == TINY["lr"]
