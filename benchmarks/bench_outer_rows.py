@@ -40,6 +40,7 @@ MODULES = [  # (mode, inputs, hidden)
     ("LSTM", 700, 256),
     ("LSTM", 700, 128),
 ]
+DEFAULT = algebra.OUTER_BMM_ROWS
 OFF = 1 << 60  # OUTER_BMM_ROWS that never takes the batched backward
 
 
@@ -60,16 +61,13 @@ def _median_pair(
 
 def _switched(on: bool, run: Callable[[], object]) -> Callable[[], object]:
     def call() -> object:
-        algebra.OUTER_BMM_ROWS = default if on else OFF
+        algebra.OUTER_BMM_ROWS = DEFAULT if on else OFF
         try:
             return run()
         finally:
-            algebra.OUTER_BMM_ROWS = default
+            algebra.OUTER_BMM_ROWS = DEFAULT
 
     return call
-
-
-default = algebra.OUTER_BMM_ROWS
 
 
 def _factor_shapes() -> list[tuple[str, list[torch.Size]]]:

@@ -302,6 +302,14 @@ class FactorizedMatrix(nn.Module):
         :meth:`default_std`)."""
         raise NotImplementedError
 
+    def _target_std(self, std: float | None) -> float:
+        """``std`` for :meth:`reset_parameters`: :meth:`default_std` where ``None``; a
+        ``ValueError`` naming it unless positive."""
+        std = self.default_std() if std is None else std
+        if not std > 0:
+            raise ValueError(f"std must be positive, got std={std}")
+        return std
+
     def format_repr_items(self) -> list[str]:
         """Format-specific ``extra_repr`` entries (ranks, terms, ...)."""
         return []

@@ -383,9 +383,7 @@ class RingMatrix(FactorizedMatrix):
     def reset_parameters(self, std: float | None = None) -> None:
         """Draw the cores so that ``W``'s entries have standard deviation ``std`` (default
         :meth:`default_std`), the way :attr:`init` names."""
-        std = self.default_std() if std is None else std
-        if not std > 0:
-            raise ValueError(f"std must be positive, got std={std}")
+        std = self._target_std(std)
         with torch.no_grad():
             if self.init == "orthogonal":
                 self._orthogonal_init(std)

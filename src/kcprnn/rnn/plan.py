@@ -335,7 +335,10 @@ KERNEL_WIDTH = 16
 """Floats per vector the compiled kernel is priced for."""
 
 
-def _kernel_order(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=256)
+def _kernel_order(
+    in_sizes: tuple[int, ...], out_sizes: tuple[int, ...]
+) -> tuple[tuple[int, int, int], ...]:
     """``(k, pre, post)`` for each factor ``k`` in the order the compiled kernel applies them
     (``KronPlan::cheapest_order`` in ``native_kron.h``): of all orders of up to six factors, the
     one with the fewest multiply-adds, the last factor first where several tie. Factor ``k``
@@ -360,7 +363,7 @@ def _kernel_order(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> list[tup
     for k in best:
         steps.append((k, math.prod(cur[:k]), math.prod(cur[k + 1 :])))
         cur[k] = out_sizes[k]
-    return steps
+    return tuple(steps)
 
 
 def _kernel_traffic(
@@ -370,7 +373,7 @@ def _kernel_traffic(
     ``k`` maps an intermediate of ``pre * I_k * post`` entries per row and term to one of
     ``pre * J_k * post`` (:func:`_kernel_order`)."""
     total = 0
-    for k, pre, post in _kernel_order(in_sizes, out_sizes):
+    for k, pre, post in _kernel_order(tuple(in_sizes), tuple(out_sizes)):
         total += pre * (in_sizes[k] + out_sizes[k]) * post
     return terms * rows * total
 

@@ -186,7 +186,11 @@ def outer_rows(a: Tensor, b: Tensor) -> Tensor:
         and not torch.compiler.is_compiling()
     ):
         return cast(Tensor, _OuterRows.apply(a, b))  # (k, m n)
-    return (a[:, :, None] * b[:, None, :]).reshape(k, m * n)  # (k, m n)
+    return _broadcast_outer(a, b)  # (k, m n)
+
+
+def _broadcast_outer(a: Tensor, b: Tensor) -> Tensor:
+    return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)  # (k, m n)
 
 
 class _OuterRows(torch.autograd.Function):
@@ -196,7 +200,7 @@ class _OuterRows(torch.autograd.Function):
 
     @staticmethod
     def forward(a: Tensor, b: Tensor) -> Tensor:
-        return (a[:, :, None] * b[:, None, :]).reshape(a.shape[0], -1)  # (k, m n)
+        return _broadcast_outer(a, b)  # (k, m n)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
