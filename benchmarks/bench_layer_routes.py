@@ -2,7 +2,8 @@
 
 ``--collect OUT.json`` times every route of one-layer LSTM, GRU and Elman modules with KCP or
 CP for both matrices, at rank 4 as the suite builds them or (``kcp-default``) KCP at the
-modules' default budget, at the speech, spikes and batch-1 sizes: torch's kernel on the rebuilt
+modules' default budget, or (``dense``) dense ones, at the speech, spikes and batch-1 sizes
+(``--modes`` and ``--sizes`` pick a subset): torch's kernel on the rebuilt
 weights, the compiled dense loop and the compiled structured loop, in inference (eval,
 ``no_grad``) and training (forward, ``sum``, backward), medians of ``--reps`` calls after one
 warm-up. ``--evaluate IN.json`` prices the same
@@ -13,6 +14,7 @@ fastest's), then the sum of the chosen times over the sum of the fastest.
 Usage::
 
     python benchmarks/bench_layer_routes.py --collect routes.json [--threads 1] [--reps 4]
+        [--formats dense,cp] [--modes GRU] [--sizes 4,5]
     python benchmarks/bench_layer_routes.py --evaluate routes.json [--set rnn_native_traffic=0]
 """
 
@@ -46,7 +48,8 @@ SIZES = [
 ]
 
 
-FORMATS = ("cp", "kcp", "kcp-default")
+FORMATS = ("cp", "kcp", "kcp-default", "dense")
+MODES = ("LSTM", "GRU", "RNN")
 
 
 def build(mode: str, size: tuple, fmt: str) -> torch.nn.Module:
@@ -55,6 +58,8 @@ def build(mode: str, size: tuple, fmt: str) -> torch.nn.Module:
     torch.manual_seed(0)
     inputs, hidden, _, _, bi = size
     cls = getattr(kcprnn, mode)
+    if fmt == "dense":
+        return cls(inputs, hidden, bidirectional=bi, format="dense", hidden_format="dense")
     if fmt == "kcp-default":
         return cls(inputs, hidden, bidirectional=bi, format="kcp", hidden_format="kcp")
     return cls(inputs, hidden, bidirectional=bi, format=fmt, hidden_format=fmt, rank=4,
@@ -75,16 +80,22 @@ def call(m: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
             m(x)
 
 
-def collect(path: str, reps: int, formats: tuple[str, ...]) -> None:
+def collect(
+    path: str, reps: int, formats: tuple[str, ...], modes: tuple[str, ...], sizes: list[tuple]
+) -> None:
     records = []
-    for mode in ("LSTM", "GRU", "RNN"):
-        for size in SIZES:
+    for mode in modes:
+        for size in sizes:
             for fmt in formats:
                 m = build(mode, size, fmt)
                 x = torch.randn(size[2], size[3], size[0])  # (t, b, i)
                 times = {}
+                cells = [m.cell(0, d) for d in range(2 if size[4] else 1)]
                 for phase in ("infer", "train"):
-                    for route in ROUTES:
+                    offered = plan.layer_costs(
+                        cells, size[2] * size[3], size[2], True, phase == "train"
+                    )
+                    for route in (r for r in ROUTES if r in offered):
                         m.recurrence = route
                         call(m, x, phase == "train")  # warm-up
                         ts = []
@@ -137,11 +148,15 @@ def main() -> None:
     parser.add_argument(
         "--formats", default=",".join(FORMATS), help="subset of " + ",".join(FORMATS)
     )
+    parser.add_argument("--modes", default=",".join(MODES), help="subset of " + ",".join(MODES))
+    parser.add_argument("--sizes", default="", help="indices into SIZES (default: all)")
     parser.add_argument("--reps", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.collect:
-        collect(args.collect, args.reps, tuple(args.formats.split(",")))
+        sizes = [SIZES[int(k)] for k in args.sizes.split(",") if k] or SIZES
+        formats, modes = tuple(args.formats.split(",")), tuple(args.modes.split(","))
+        collect(args.collect, args.reps, formats, modes, sizes)
     if args.evaluate:
         evaluate(args.evaluate, dict(item.split("=", 1) for item in args.set))
     if not (args.collect or args.evaluate):
