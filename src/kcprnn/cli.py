@@ -24,7 +24,7 @@ COMMANDS = {
     "example": ("kcprnn.example", "build a KCP layer, check it against its dense reconstruction"),
     "build": ("kcprnn._cpu.native", "build the compiled CPU kernels now, print where (or why not)"),
     "calibrate": ("kcprnn._cpu.calibrate", "measure this machine's costs, print a cost model"),
-    "budget": ("kcprnn.budget", "list each format's configurations within a parameter budget"),
+    "budget": ("kcprnn.budget_cli", "list each format's configurations within a parameter budget"),
     "study": ("kcprnn.experiments.study", "train a grid of formats x budgets x seeds, aggregate"),
 }
 

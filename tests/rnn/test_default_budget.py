@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 import kcprnn
-from kcprnn.budget import DEFAULT_BUDGET, DEFAULT_CAP, SOLVED_FORMATS, split_budget
+from kcprnn.budget import (
+    DEFAULT_BUDGET,
+    DEFAULT_CAP,
+    DEFAULT_WIDE_COUNT,
+    SOLVED_FORMATS,
+    split_budget,
+)
 from kcprnn.formats import make_matrix
 
 IH, HH = 1024 * 13, 1024 * 256  # an LSTM with 13 inputs and 256 hidden units
@@ -91,21 +97,41 @@ def test_explicit_options_win_and_keep_the_other_share():
     assert cell.weight_hh.terms == 3 and cell.weight_hh.num_params <= 5280
 
 
-def test_a_wide_input_counts_as_wide_as_the_hidden_matrix():
-    # 57,600 inputs: each matrix counts at most W_hh's 262,144 toward the total, so the pair
-    # stores 16,384 parameters, 8,192 each
+def test_a_wide_input_counts_at_most_twice_the_hidden_matrix():
+    # 57,600 inputs: W_ih counts DEFAULT_WIDE_COUNT = 2 times W_hh's 262,144 toward the total,
+    # so the pair stores 1/32 of 786,432 = 24,576 parameters, 12,288 each
+    assert DEFAULT_WIDE_COUNT == 2
     cell = kcprnn.LSTMCell(57_600, 256, format="tt", hidden_format="tt")
     wide = 1024 * 57_600
-    ih = make_matrix("tt", 57_600, 1024, rank=8192 / wide)
-    hh = make_matrix("tt", 256, 1024, rank=8192 / HH)
-    assert cell.weight_ih.num_params == ih.num_params <= 8192
-    assert cell.weight_hh.num_params == hh.num_params <= 8192
-    # with a dense W_hh, W_ih alone gets 1/32 of W_hh's size
+    ih = make_matrix("tt", 57_600, 1024, rank=12_288 / wide)
+    hh = make_matrix("tt", 256, 1024, rank=12_288 / HH)
+    assert cell.weight_ih.num_params == ih.num_params <= 12_288
+    assert cell.weight_hh.num_params == hh.num_params <= 12_288
+    # with a dense W_hh, W_ih alone gets 1/32 of twice W_hh's size
     cell = kcprnn.LSTMCell(57_600, 256, format="kcp")
-    assert cell.weight_ih.num_params <= HH / 32
     assert (
-        cell.weight_ih.num_params == make_matrix("kcp", 57_600, 1024, rank=8192 / wide).num_params
+        cell.weight_ih.num_params == make_matrix("kcp", 57_600, 1024, rank=16_384 / wide).num_params
     )
+
+
+@pytest.mark.parametrize(
+    ("n_in", "hidden", "each"),
+    [
+        # the spike stand-in: W_ih 512 x 700 = 358,400 counts as 2 x 65,536; 1/32 of 196,608
+        # is 6,144, 3,072 each
+        (700, 128, 3072),
+        # W_ih 1024 x 400 = 409,600 counts in full: 1/32 of 671,744 = 20,992, 10,496 each
+        (400, 256, 10_496),
+    ],
+)
+def test_a_wider_input_raises_the_budget_up_to_the_bound(n_in, hidden, each):
+    ih_size, hh_size = 4 * hidden * n_in, 4 * hidden * hidden
+    assert (min(ih_size, 2 * hh_size) + hh_size) / 32 == 2 * each
+    cell = kcprnn.LSTMCell(n_in, hidden, format="tt", hidden_format="tt")
+    ih = make_matrix("tt", n_in, 4 * hidden, rank=each / ih_size)
+    hh = make_matrix("tt", hidden, 4 * hidden, rank=each / hh_size)
+    assert cell.weight_ih.num_params == ih.num_params <= each
+    assert cell.weight_hh.num_params == hh.num_params <= each
 
 
 def test_dense_matrices_are_outside_the_budget():

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..budget import DEFAULT_BUDGET, DEFAULT_CAP, SOLVED_FORMATS, budget_options, split_budget
+from ..budget import (
+    DEFAULT_BUDGET,
+    DEFAULT_CAP,
+    DEFAULT_WIDE_COUNT,
+    SOLVED_FORMATS,
+    budget_options,
+    split_budget,
+)
 from ..formats import FORMATS
 
 __all__ = [
@@ -101,16 +108,18 @@ def default_budget_options(specs: dict[str, MatrixSpec]) -> dict[str, MatrixSpec
     whose options give no ``rank`` solved for its share of one budget (:mod:`kcprnn.budget`).
 
     The rule: the compressed matrices together store :data:`~kcprnn.budget.DEFAULT_BUDGET`
-    (1/32) of their dense parameters, each counted at most at ``W_hh``'s dense size (an input
-    wider than the hidden state does not raise the budget), split evenly between them in
-    parameters, no matrix above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the
-    remainder to the others (:func:`~kcprnn.budget.split_budget`). For an LSTM with 13 inputs
-    and 256 hidden units in one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and
-    ``W_hh`` (``1024 x 256``) the rest, about 1/50: 32x smaller in all. With 57,600 inputs
-    each matrix gets 8,192 parameters (1/32 of ``W_hh``, 1/7,200 of ``W_ih``). The shares are
-    counted over every compressed matrix, so a matrix given its own ``rank`` keeps it and the
-    others keep the share they would get without it. Each share is solved into the format's
-    options as a float ``rank`` would be (the largest configuration not above it; the smallest
+    (1/32) of their dense parameters, each counted at most at
+    :data:`~kcprnn.budget.DEFAULT_WIDE_COUNT` (2) times ``W_hh``'s dense size (a wide input
+    raises the budget, by a bounded amount), split evenly between them in parameters, no matrix
+    above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the remainder to the others
+    (:func:`~kcprnn.budget.split_budget`). For an LSTM with 13 inputs and 256 hidden units in
+    one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and ``W_hh`` (``1024 x 256``) the
+    rest, about 1/50: 32x smaller in all. With 57,600 inputs each matrix gets 12,288 parameters
+    (3/64 of ``W_hh``, 1/4,800 of ``W_ih``); with 700 inputs and 128 hidden units, 3,072 each
+    (1/117 of ``W_ih``, 3/64 of ``W_hh``: 69x in all). The shares are counted over every
+    compressed matrix, so a matrix given its own ``rank`` keeps it and the others keep the
+    share they would get without it. Each share is solved into the format's options as a float
+    ``rank`` would be (the largest configuration not above it; the smallest
     one where none fits).
     """
     compressed = [role for role, spec in specs.items() if spec[0] in SOLVED_FORMATS]
@@ -118,7 +127,7 @@ def default_budget_options(specs: dict[str, MatrixSpec]) -> dict[str, MatrixSpec
         return specs
     sizes = [specs[role][2] * specs[role][3] for role in compressed]
     hidden = specs["hh"][2] * specs["hh"][3]
-    base = sum(min(n, hidden) for n in sizes)
+    base = sum(min(n, DEFAULT_WIDE_COUNT * hidden) for n in sizes)
     shares = split_budget(sizes, DEFAULT_BUDGET, DEFAULT_CAP, base=base)
     out = dict(specs)
     for role, share in zip(compressed, shares, strict=True):
