@@ -34,7 +34,9 @@ import kcprnn
 from kcprnn.rnn import plan
 
 ROUTES = ("torch", "dense", "structured")
-# (input, hidden, steps, batch, bidirectional): the speech and spikes points, batch 1 and 64
+# (input, hidden, steps, batch, bidirectional): the speech and spikes points, batch 1 and 64,
+# hidden 128 (the spike stand-in's size, whose W_hh products run on torch.mm), and inputs of
+# 128-700 at hidden 128 and 256 (where torch's LSTM training slows with the input's width)
 SIZES = [
     (40, 256, 300, 16, True),
     (40, 512, 300, 16, True),
@@ -45,6 +47,14 @@ SIZES = [
     (40, 512, 1000, 1, False),
     (40, 256, 1000, 1, False),
     (40, 256, 300, 64, True),
+    (40, 128, 100, 16, False),
+    (700, 128, 100, 16, False),
+    (40, 128, 300, 16, True),
+    (128, 128, 100, 16, False),
+    (300, 128, 100, 16, False),
+    (700, 128, 100, 32, False),
+    (256, 256, 100, 16, False),
+    (700, 256, 100, 16, False),
 ]
 
 

@@ -498,9 +498,9 @@ def test_dense_args_pack_after_a_few_products(monkeypatch):
     """The first PACK_AFTER products run on the weight as it is, the later ones on the weight
     packed once for oneDNN (where torch has it); every one equals x @ W.T."""
     torch.manual_seed(3)
-    w = torch.randn(12, 5)
+    w = torch.randn(12, native_dense.SMALL_MM_IN + 1)  # wider than the small products
     args = native_dense.DenseArgs(w.t().contiguous().t())  # any strides
-    x = torch.randn(4, 5)
+    x = torch.randn(4, w.shape[1])
     for _ in range(native_dense.PACK_AFTER):
         torch.testing.assert_close(args.mul(x), x @ w.T)
     assert args._packed is None
@@ -514,6 +514,25 @@ def test_dense_args_pack_after_a_few_products(monkeypatch):
     for _ in range(native_dense.PACK_AFTER + 2):
         torch.testing.assert_close(plain.mul(x), x @ w.T)
     assert plain._packed is None
+
+
+def test_dense_args_multiply_a_small_weight_by_mm_unpacked():
+    """A W within SMALL_MM_ELEMENTS and SMALL_MM_IN is never packed; its products equal
+    x @ W.T from the first call on; one element more, or one column more, and it packs."""
+    torch.manual_seed(4)
+    limit, columns = native_dense.SMALL_MM_ELEMENTS, native_dense.SMALL_MM_IN
+    for shape, small in [
+        ((limit // 128, 128), True),
+        ((limit // 128 + 1, 128), False),
+        ((limit // columns, columns), True),
+        ((1, columns + 1), False),
+    ]:
+        w = torch.randn(*shape)
+        args = native_dense.DenseArgs(w)
+        x = torch.randn(3, shape[1])
+        for _ in range(native_dense.PACK_AFTER + 2):
+            torch.testing.assert_close(args.mul(x), x @ w.T)
+        assert (args._packed is None) == (small or native_dense._PACK is None), shape
 
 
 def _torch_name(name: str) -> str:

@@ -9,6 +9,7 @@ from torch import nn
 
 import kcprnn
 from kcprnn._cpu import CostModel
+from kcprnn._cpu.native_dense import small_product
 from kcprnn.rnn import _cell_step, plan
 
 INPUT, HIDDEN, STEPS, BATCH = 6, 8, 5, 3
@@ -212,6 +213,8 @@ def test_route_prices_by_hand():
         + back_hh
         + 2 * once
         + steps * cm.rnn_torch_step * cm.rnn_step_backward
+        # its three input products (forward, both backward) priced above a GEMM's
+        + 3 * (cm.rnn_torch_lstm_input - 1) * rows * 40 * g
     )
     dense_input_train = rebuild_ih + back_ih + 3 * rows * 40 * g
     # transposed (4x8, 4x8 and 8x8 as I x J, 4x4) in the order 1, 2, 0, 3 (pre, post = 8, 32;
@@ -469,3 +472,38 @@ def test_kernel_order_is_the_cheapest_as_the_kernel_applies_it():
     assert (layout.in_sizes, layout.out_sizes) == ((16, 32), (2, 1024))
     cells = [model.cell(0, d) for d in range(2)]
     assert plan.choose_route("auto", cells, 4800, 300, True, False) == "structured"
+
+
+@pytest.mark.parametrize(
+    ("mode", "hidden", "small"),
+    [("RNN", 256, (True, True)), ("GRU", 128, (True, True)), ("LSTM", 128, (True, False))],
+)
+def test_dense_loop_prices_small_products_without_the_packed_call(mode, hidden, small):
+    """A W_hh (and W_hh.T in training) within native_dense's small-product limits runs on
+    torch.mm: the dense loop's price drops by rnn_dense_packed_call per step for each."""
+    torch.manual_seed(0)
+    cells = [getattr(kcprnn, mode)(40, hidden, format="dense", hidden_format="dense").cell(0)]
+    cm = CostModel()
+    g = cells[0].weight_hh.out_features
+    assert (small_product(hidden, g), small_product(g, hidden)) == small
+    rows, steps = 6400, 100  # an LSTM workspace beyond rnn_torch_mmap: no rnn_dense_warm
+    assert rows * hidden * cm.rnn_torch_workspace >= cm.rnn_torch_mmap
+    for training, count in [(False, small[0]), (True, small[0] + small[1])]:
+        got = plan.layer_costs(cells, rows, steps, True, training, cm)["dense"]
+        full = plan.layer_costs(
+            cells, rows, steps, True, training, cm.replace(rnn_dense_packed_call=0.0)
+        )
+        assert full["dense"] - got == pytest.approx(steps * cm.rnn_dense_packed_call * count)
+
+
+def test_torch_lstm_training_prices_its_input_products_above_a_gemm():
+    """In training (only), torch's LSTM kernel pays rnn_torch_lstm_input per MAC of its three
+    input products; its GRU kernel does not."""
+    cm, rows, steps = CostModel(), 1600, 100
+    for mode, extra in [("LSTM", 3 * (cm.rnn_torch_lstm_input - 1) * rows * 700 * 512), ("GRU", 0)]:
+        cells = [getattr(kcprnn, mode)(700, 128, format="dense", hidden_format="dense").cell(0)]
+        plain = cm.replace(rnn_torch_lstm_input=1.0)
+        for training in (False, True):
+            got = plan.layer_costs(cells, rows, steps, True, training, cm)["torch"]
+            base = plan.layer_costs(cells, rows, steps, True, training, plain)["torch"]
+            assert got - base == pytest.approx(extra if training else 0.0)

@@ -89,6 +89,11 @@ class CostModel:
     rnn_torch_lstm_train: float = 100.0  # ... and per training call, forward and backward
     # (2-9 ns per element measured: 0.3 ms at 40 -> 256, 6 ms at 40 -> 512, 0.5 s for a
     # 57,600 -> 1,024 W_ih)
+    rnn_torch_lstm_input: float = 1.3  # torch's LSTM kernel in training prices its input
+    # products (forward and both backward) at this times a GEMM's: they run slower than
+    # kcprnn's (about 2x measured from 128 to 700 inputs); fitted with the fields above on 16
+    # layers (40-700 inputs, hidden 128-512), where 1.2-1.4 route every one to its fastest
+    # (benchmarks/results/recurrence/small-mm/)
     rnn_torch_gru: float = 1.4  # torch's GRU recurrence (its GEMMs and steps) over the price of
     # the same work in its LSTM, forward (kcprnn's fused dense GRU loop is priced the same way)
     rnn_torch_gru_backward: float = 1.75  # ... and backward
@@ -101,6 +106,9 @@ class CostModel:
     rnn_dense_backward: float = 0.65  # ... and backward (transposed products, one W_hh GEMM) ...
     rnn_dense_step: float = 1.5e6  # ... plus this per step each way (two calls from Python); run
     # from rnn_min_rows rows per step (below them its GEMM is a GEMV slower than torch's)
+    rnn_dense_packed_call: float = 1.0e6  # ... of which this per product of a step is oneDNN's
+    # packed product's call, which a small W_hh's products on torch.mm do not pay
+    # (native_dense.small_product)
     rnn_dense_warm: float = 1.35  # the loop's price over that in LSTM training where torch's
     # workspace stays in glibc's heap (the rnn_dense_* prices were fitted where it does not, and
     # torch's kernel then pays fresh pages at every call): 1.15-1.37x torch's time there

@@ -24,7 +24,14 @@ from torch import Tensor
 from . import native
 from .ops import linear_nt
 
-__all__ = ["PACK_AFTER", "DenseArgs", "declare"]
+__all__ = [
+    "PACK_AFTER",
+    "SMALL_MM_ELEMENTS",
+    "SMALL_MM_IN",
+    "DenseArgs",
+    "declare",
+    "small_product",
+]
 
 _PACK: Any
 _PACKED_LINEAR: Any
@@ -41,11 +48,29 @@ packing costs about ten products' saving (0.25 ms for 1,024 x 256, 1 ms for 2,04
 short sequence (the video layer's 6 frames) never pays it."""
 
 
+SMALL_MM_ELEMENTS = 65_536
+"""A ``W`` of at most this many elements and at most :data:`SMALL_MM_IN` columns is multiplied
+by ``torch.mm``, never packed: oneDNN's packed product costs about 12-17 us a call beyond its
+arithmetic, which ``torch.mm`` does not pay (per step at 16-64 rows: ``128 -> 512`` 23-58 us
+against 33-69 packed, ``256 -> 256`` 22-59 against 30-66, ``384 -> 128`` 21-49 against 27-52),
+while from 512 columns, or ``256 -> 768`` and up, the packed product is as fast or faster
+(``512 -> 128`` at 16 rows: 28 us against 36; ``benchmarks/ab_small_recurrent_gemm.py``)."""
+
+SMALL_MM_IN = 384
+"""The most columns a ``W`` multiplied by ``torch.mm`` has (:data:`SMALL_MM_ELEMENTS`)."""
+
+
+def small_product(in_features: int, out_features: int) -> bool:
+    """Whether :class:`DenseArgs` multiplies a ``W`` ``(out_features, in_features)`` by
+    ``torch.mm`` unpacked (:data:`SMALL_MM_ELEMENTS`, :data:`SMALL_MM_IN`)."""
+    return in_features <= SMALL_MM_IN and in_features * out_features <= SMALL_MM_ELEMENTS
+
+
 class DenseArgs:
     """A dense ``W`` ``(out, in)`` as the recurrence loops take it: :meth:`mul` computes
-    ``x @ W.T`` on :func:`~kcprnn._cpu.ops.linear_nt`, and from the call after
-    :data:`PACK_AFTER` on ``W`` packed for oneDNN where torch can (float32 on the CPU with
-    oneDNN enabled)."""
+    ``x @ W.T`` by ``torch.mm`` for a small ``W`` (:data:`SMALL_MM_ELEMENTS`), else on
+    :func:`~kcprnn._cpu.ops.linear_nt`, and from the call after :data:`PACK_AFTER` on ``W``
+    packed for oneDNN where torch can (float32 on the CPU with oneDNN enabled)."""
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight.detach()
@@ -53,8 +78,10 @@ class DenseArgs:
         self._packed: Tensor | None = None
         self._plain: Tensor | None = None
         self._calls = 0
+        self._small = small_product(self.in_features, self.out_features)
         self._pack = (
-            _PACK is not None
+            not self._small
+            and _PACK is not None
             and bool(torch.backends.mkldnn.enabled)
             and self.weight.dtype == torch.float32
             and self.weight.device.type == "cpu"
@@ -62,6 +89,8 @@ class DenseArgs:
 
     def mul(self, x: Tensor) -> Tensor:
         """``x @ W.T``: ``(m, in)`` -> ``(m, out)``, a new contiguous tensor."""
+        if self._small:
+            return torch.mm(x, self.weight.t())  # (m, out)
         self._calls += 1
         if self._pack and self._packed is None and self._calls > PACK_AFTER:
             try:

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._cpu import CostModel, default_cost_model
+from .._cpu.native_dense import small_product
 from ..formats import FactorizedMatrix
 from ._options import _first_parameter
 from .kron import (
@@ -247,14 +248,19 @@ def layer_costs(
             costs["torch"] += scale_backward * (
                 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
             )
+            if c.mode == "LSTM" and cm.onednn:  # its input products, slower than a GEMM's
+                inputs = rows * c.weight_ih.in_features * g
+                costs["torch"] += 3 * (cm.rnn_torch_lstm_input - 1) * inputs
         ih = min(_input_costs(c, rows, training, cm))
         if cm.kernels and cm.onednn and rows >= steps * cm.rnn_min_rows:
             # the compiled dense loop, priced against torch's LSTM kernel plus its own steps
             torch_like = recurrent_once + steps * cm.rnn_torch_step
             fused = cm.rnn_dense_forward * torch_like + steps * cm.rnn_dense_step
+            fused -= steps * cm.rnn_dense_packed_call * small_product(p, g)
             if training:
                 backward = 2 * recurrent_once + steps * cm.rnn_torch_step * cm.rnn_step_backward
                 fused += cm.rnn_dense_backward * backward + steps * cm.rnn_dense_step
+                fused -= steps * cm.rnn_dense_packed_call * small_product(g, p)
                 if c.mode == "LSTM" and rows * p * cm.rnn_torch_workspace < cm.rnn_torch_mmap:
                     fused *= cm.rnn_dense_warm  # torch's workspace is reused, without faults
         else:  # kcprnn's fused loop on torch ops, one pass
