@@ -97,7 +97,7 @@ def _recurrence_args(
     if mode == "LSTM":
         return (gates, h0, c0, bias_hh, reverse, None, weight)
     if mode == "GRU":
-        return (gates, h0, bias_hh, reverse, None, weight)
+        return (gates, h0, bias_hh, reverse, None, True, weight)
     return (gates, h0, bias_hh, reverse, relu, None, weight)
 
 

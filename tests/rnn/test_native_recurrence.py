@@ -574,3 +574,39 @@ def test_module_dense_route_matches_torch_nn(mode, calls):
     assert calls.count(f"{mode.lower()}_forward") == 4  # two layers, two directions
     assert calls.count(f"{mode.lower()}_backward") == 4
     _assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize(("fmt", "route"), [("dense", "dense"), ("cp", "structured")])
+def test_gru_inference_keeps_one_step_of_the_backward_buffers(fmt, route, calls, monkeypatch):
+    """Without gradients the compiled GRU loops rewrite one step's gh, rz and ns instead of
+    keeping every step's for a backward: the outputs equal torch.nn's module in float64 with the
+    same weights (dense) and the same module's outputs with gradients (both)."""
+    kept: list[int] = []
+    forward = native_rnn.gru_forward
+
+    def spy(gx, bias, h0, gh, *rest, **kwargs):
+        kept.append(gh.shape[0])
+        return forward(gx, bias, h0, gh, *rest, **kwargs)
+
+    monkeypatch.setattr(native_rnn, "gru_forward", spy)
+    torch.manual_seed(5)
+    hidden = 15
+    model = kcprnn.GRU(6, hidden, num_layers=2, bidirectional=True, format=fmt, hidden_format=fmt)
+    model.recurrence = route
+    x = torch.randn(7, 3, 6)
+    h0 = torch.randn(4, 3, hidden)
+    with torch.no_grad():
+        out, h_n = model(x, h0)
+    assert calls.count("gru_forward") == 4  # two layers, two directions
+    graded, h_graded = model(x.requires_grad_(), h0)
+    assert kept == [1] * 4 + [7] * 4  # one step's rows without gradients, all 7 steps' with
+    torch.testing.assert_close(out, graded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(h_n, h_graded.detach(), rtol=0, atol=0)
+    if fmt == "dense":
+        ref = torch.nn.GRU(6, hidden, num_layers=2, bidirectional=True).double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                getattr(ref, _torch_name(name)).copy_(p)
+            want, want_h = ref(x.detach().double(), h0.double())
+        torch.testing.assert_close(out, want.float(), **TOL)
+        torch.testing.assert_close(h_n, want_h.float(), **TOL)

@@ -160,13 +160,14 @@ static const float* lstm_backward_rows(i64 t, i64 batch, i64 hidden, const float
   return d;
 }
 
-// gh[t] = a + bias (W_hh h + b_hh), then the cell from the state before the step, h
-static void gru_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64 ldx,
+// gh[ts] = a + bias (W_hh h + b_hh), then the cell from the state before the step, h, into
+// hs[t]; ts is t where the backward reads gh, rz and ns, else 0 (one step's scratch rows)
+static void gru_forward_rows(i64 t, i64 ts, i64 batch, i64 hidden, const float* gxt, i64 ldx,
                              const float* bias, const float* a, const int32_t* oi, const float* h,
                              float* gh, float* rz, float* ns, float* hs) {
   const i64 g3 = 3 * hidden;
   for (i64 b = 0; b < batch; b++) {
-    i64 og = (t * batch + b) * g3, o = (t * batch + b) * hidden;
+    i64 og = (ts * batch + b) * g3, o = (ts * batch + b) * hidden;
     float* g = gh + og;
     if (a)
       set_product(g3, g, a + b * g3, oi);
@@ -174,8 +175,8 @@ static void gru_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64
       for (i64 j = 0; j < g3; j++) g[j] = 0.0f;
     if (bias)
       for (i64 j = 0; j < g3; j++) g[j] += bias[j];
-    gru_cell(hidden, gxt + b * ldx, g, h + b * hidden,
-             rz + (t * batch + b) * 2 * hidden, ns + o, hs + o);
+    gru_cell(hidden, gxt + b * ldx, g, h + b * hidden, rz + (ts * batch + b) * 2 * hidden, ns + o,
+             hs + (t * batch + b) * hidden);
   }
 }
 

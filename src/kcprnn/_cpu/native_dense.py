@@ -157,9 +157,9 @@ def lstm_backward(lib, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, dbias, revers
         dh.copy_(last)
 
 
-def gru_forward(lib, gx, strides, bias, h0, gh, rz, ns, hs, reverse, skip, w) -> None:
+def gru_forward(lib, gx, strides, bias, h0, gh, rz, ns, hs, reverse, skip, w, keep) -> None:
     """:func:`kcprnn._cpu.native_rnn.gru_forward` with a dense ``W_hh`` ``w``."""
-    tail = [t.data_ptr() for t in (h0, gh, rz, ns, hs)] + [int(reverse)]
+    tail = [t.data_ptr() for t in (h0, gh, rz, ns, hs)] + [int(reverse), int(keep)]
     _forward(lib.kcprnn_gru_forward_step, gx, strides, bias, h0, hs, reverse, skip, w, tail)
 
 
@@ -192,8 +192,8 @@ _SIGNATURES: dict[str, list] = {
     "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT],
     # s, steps, batch, hidden, acts, cs, tcs, c0, grad_hs, a, dh, dc, dgates, dbias, reverse
     "kcprnn_lstm_backward_step": [*[_I64] * 4, *[_P] * 10, _INT],
-    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, h0, gh, rz, ns, hs, reverse
-    "kcprnn_gru_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, h0, gh, rz, ns, hs, reverse, keep
+    "kcprnn_gru_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT, _INT],
     # s, steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, a, dh, dgx, dgh, dbias, reverse
     "kcprnn_gru_backward_step": [*[_I64] * 4, *[_P] * 11, _INT],
     # s, steps, batch, hidden, gx, ldx, ldt, bias, a, hs, reverse, relu

@@ -121,11 +121,12 @@ extern "C" void kcprnn_lstm_backward(i64 steps, i64 batch, i64 hidden, const flo
 
 // gx: the input projections, row (t, b) at gx + (t * batch + b) * ldx; bias: b_hh (3h) or
 // null; gh: W_hh h + b_hh of every step; rz, ns: the r, z gates and the candidate n; hs: the
-// hidden states.
+// hidden states. With keep = 0 (no backward to come) gh, rz and ns are one step's rows, rewritten
+// at every step.
 extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float* gx, i64 ldx,
                                    const float* bias, const float* h0, float* gh, float* rz,
                                    float* ns, float* hs, float* x_fm, int reverse,
-                                   int skip_first, KRON_ARGS) {
+                                   int skip_first, int keep, KRON_ARGS) {
   KRON(batch);
   const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -136,7 +137,8 @@ extern "C" void kcprnn_gru_forward(i64 steps, i64 batch, i64 hidden, const float
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
     const float* a = product ? kron.acc.data() : nullptr;
-    gru_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, h, gh, rz, ns, hs);
+    gru_forward_rows(t, keep ? t : 0, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, h, gh,
+                     rz, ns, hs);
     h = hs + t * bh;
   }
 }
@@ -245,10 +247,11 @@ extern "C" void kcprnn_lstm_backward_step(i64 s, i64 steps, i64 batch, i64 hidde
 extern "C" void kcprnn_gru_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
                                         i64 ldx, i64 ldt, const float* bias, const float* a,
                                         const float* h0, float* gh, float* rz, float* ns,
-                                        float* hs, int reverse) {
+                                        float* hs, int reverse, int keep) {
   const float* h = s == 0 ? h0 : hs + previous_step(s, steps, reverse) * batch * hidden;
   i64 t = forward_step(s, steps, reverse);
-  gru_forward_rows(t, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, h, gh, rz, ns, hs);
+  gru_forward_rows(t, keep ? t : 0, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, h, gh, rz,
+                   ns, hs);
 }
 
 extern "C" void kcprnn_gru_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,

@@ -297,18 +297,21 @@ def gru_forward(
     rows with unit stride along the last axis, or a ``(t, b, 3h)`` view, gates ``r, z, n``;
     ``bias`` ``b_hh`` ``(3h,)`` or ``None``): ``gh`` ``(t, b, 3h)`` receives ``W_hh h + b_hh``
     of every step, ``rz`` ``(t, b, 2h)`` the ``r, z`` gates, ``ns`` and ``hs`` ``(t, b, h)``
-    the candidates and hidden states; ``x_fm`` as in :func:`lstm_forward`."""
+    the candidates and hidden states; ``x_fm`` as in :func:`lstm_forward`. Where no backward
+    follows, ``gh``, ``rz`` and ``ns`` may hold one step, ``(1, b, .)``, rewritten at every step
+    (the memory traffic of the others saved)."""
     lib = native._require()
     steps, b, h = hs.shape
     ldx, ldt = _rows("gru_forward", gx, steps, b, 3 * h)
+    kept = steps if gh.dim() != 3 or gh.shape[0] != 1 else 1  # (t, b, 3h), or one step's rows
     _check(
         "gru_forward",
         {
-            "gh": (gh, (steps, b, 3 * h)),
+            "gh": (gh, (kept, b, 3 * h)),
             "bias": (bias, (3 * h,)),
             "h0": (h0, (b, h)),
-            "rz": (rz, (steps, b, 2 * h)),
-            "ns": (ns, (steps, b, h)),
+            "rz": (rz, (kept, b, 2 * h)),
+            "ns": (ns, (kept, b, h)),
             "hs": (hs, (steps, b, h)),
             "x_fm": (x_fm, (steps, b, h)),
         },
@@ -317,7 +320,8 @@ def gru_forward(
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
         gru = native_dense.gru_forward
-        gru(lib, gx, (ldx, ldt), bias, h0, gh, rz, ns, hs, reverse, skip_first, kron)
+        keep = kept == steps
+        gru(lib, gx, (ldx, ldt), bias, h0, gh, rz, ns, hs, reverse, skip_first, kron, keep)
         return
     gx, ldx = _time_major(gx, steps, b, ldx, ldt)
     lib.kcprnn_gru_forward(
@@ -335,6 +339,7 @@ def gru_forward(
         _ptr(x_fm),
         int(reverse),
         int(skip_first),
+        int(kept == steps),
         *kron.args(),
     )
 
@@ -525,8 +530,8 @@ _RNN_SIGNATURES: dict[str, list] = {
     # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, d_fm, dbias, reverse,
     # need_h0
     "kcprnn_lstm_backward": [_I64, _I64, _I64, *[_P] * 10, _INT, _INT],
-    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, x_fm, reverse, skip_first
-    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 7, _INT, _INT],
+    # steps, batch, hidden, gx, ldx, bias, h0, gh, rz, ns, hs, x_fm, reverse, skip_first, keep
+    "kcprnn_gru_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 7, _INT, _INT, _INT],
     # steps, batch, hidden, rz, ns, gh, hs, h0, grad_hs, dh, dgx, dgh, d_fm, dbias, reverse,
     # need_h0
     "kcprnn_gru_backward": [_I64, _I64, _I64, *[_P] * 11, _INT, _INT],

@@ -174,7 +174,7 @@ class _Step(torch.autograd.Function):
             ns, hs = (h.new_empty(1, b, hidden) for _ in range(2))  # (1, b, h)
             lib.kcprnn_gru_forward_step(
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias_hh), a.data_ptr(),
-                h.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr(), 0,
+                h.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr(), 0, 1,
             )  # fmt: skip
             ctx.save_for_backward(*inputs, bias_ih, bias_hh, gh, rz, ns, *weights)
             return hs[0]

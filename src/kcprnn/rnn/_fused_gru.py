@@ -39,6 +39,7 @@ class _GRUSequence(torch.autograd.Function):
         bias: Tensor | None,
         reverse: bool,
         spec: KronLayout | None,
+        keep: bool,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor]:
         b, hidden = h0.shape
@@ -47,15 +48,18 @@ class _GRUSequence(torch.autograd.Function):
         prod = _product(spec, weights)
         ctx.native = prod.compiled(gates_x, h0, *_some(bias))
         new = _empty if ctx.native else lambda like, *shape: like.new_empty(shape)
-        gh = new(gates_x, steps, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
-        rz = new(gates_x, steps, b, 2 * hidden)  # (t, b, 2h): the r and z gates
-        ns = new(gates_x, steps, b, hidden)  # (t, b, h)
+        # what the backward reads, of every step; with no backward to come (keep False) the
+        # compiled loop rewrites one step's rows instead
+        kept = steps if keep or not ctx.native else min(steps, 1)
+        gh = new(gates_x, kept, b, 3 * hidden)  # (t, b, 3h): W_hh h + b_hh of every step
+        rz = new(gates_x, kept, b, 2 * hidden)  # (t, b, 2h): the r and z gates
+        ns = new(gates_x, kept, b, hidden)  # (t, b, h)
         hs = new(gates_x, steps, b, hidden)  # (t, b, h)
         if ctx.native:
             h0 = h0.contiguous()
             bias = None if bias is None else bias.contiguous()
             skip = _is_zero(h0)
-            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[5:])
+            ctx.x_fm = _factor_rows(prod, hs, ctx.needs_input_grad[6:]) if keep else None
             native_rnn.gru_forward(
                 _rows(gates_x), bias, h0, gh, rz, ns, hs, reverse, skip, prod.args(), ctx.x_fm
             )
@@ -109,7 +113,7 @@ class _GRUSequence(torch.autograd.Function):
                 d_fm,
                 dbias,
             )
-            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[5:], dgh, h0, hs)
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:], dgh, h0, hs)
             return _gru_grads(ctx, dgx, grad_w, dbias, dh)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         r, z = rz.chunk(2, dim=2)  # 2 x (t, b, h)
@@ -133,7 +137,7 @@ class _GRUSequence(torch.autograd.Function):
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = (dh * z[t]).add_(prod.back(dhh))  # (b, h)
         flat_h = dgh.view(steps * b, 3 * hidden)  # (n, 3h)
-        grad_w = prod.grads(flat_h, h_prev.view(steps * b, hidden), ctx.needs_input_grad[5:])
+        grad_w = prod.grads(flat_h, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
         grad_bias = flat_h.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return _gru_grads(ctx, dgx, grad_w, grad_bias, dh)
 
@@ -145,7 +149,7 @@ def _gru_grads(
     ``(t, b, 3h)``, the weights', the bias's and ``h0``'s."""
     steps, b, three_h = dgx.shape
     grad_h0 = dh if ctx.needs_input_grad[1] else None
-    return dgx.view(steps * b, three_h), grad_h0, grad_bias, None, None, *grad_w
+    return dgx.view(steps * b, three_h), grad_h0, grad_bias, None, None, None, *grad_w
 
 
 class _RNNSequence(torch.autograd.Function):

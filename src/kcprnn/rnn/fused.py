@@ -291,7 +291,10 @@ def fused_sequence(
         out, h, c = _LSTMSequence.apply(gates_x, state[0], state[1], bias, reverse, kron, *weights)
         return out, (h, c)
     if mode == "GRU":
-        out, h = _GRUSequence.apply(gates_x, state[0], bias, reverse, kron, *weights)
+        keep = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (gates_x, state[0], bias, *weights)
+        )
+        out, h = _GRUSequence.apply(gates_x, state[0], bias, reverse, kron, keep, *weights)
         return out, (h,)
     if mode == "RNN":
         relu = nonlinearity == "relu"
@@ -333,7 +336,7 @@ def gru_sequence(
     ``torch.nn``). Returns ``(outputs (t b, h), h_n (b, h))``, the numbers of
     :func:`~kcprnn.rnn.gru_step` step by step, with a hand-written backward through time (no
     double backward)."""
-    return _GRUSequence.apply(gates_x, h0, bias, reverse, None, weight)
+    return _GRUSequence.apply(gates_x, h0, bias, reverse, None, True, weight)
 
 
 def rnn_sequence(
