@@ -4,7 +4,8 @@ One-layer GRUs with dense weights on the ``dense`` route (the compiled dense loo
 ``--formats cp``, CP for both matrices on the ``structured`` route, at the spike points
 (700 inputs, 32 sequences of 100 and 250 steps, hidden 256; and hidden 128, batch 16) and the
 speech point (bidirectional, 40 inputs, 16 sequences of 300 steps, hidden 256). Prints the
-medians of ``--reps`` calls after two warm-ups, ours and torch's interleaved, and
+medians of ``--reps`` calls after two warm-ups, ours and torch's interleaved
+(:func:`~kcprnn.benchmarking.timing.time_interleaved`), and
 ``torch.nn``'s time over ours. Run it on two versions of the code to compare them.
 
 Usage::
@@ -15,12 +16,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
 import kcprnn
+from kcprnn.benchmarking.timing import time_interleaved
 
 # (input, hidden, steps, batch, bidirectional)
 SIZES = [
@@ -49,15 +50,14 @@ def main() -> None:
             ours.recurrence = "dense" if fmt == "dense" else "structured"
             ref = torch.nn.GRU(inputs, hidden, bidirectional=bi).eval()
             x = torch.randn(steps, batch, inputs)
-            times: dict[str, list[float]] = {"ours": [], "torch.nn": []}
             with torch.no_grad():
-                for r in range(args.reps + 2):
-                    for name, module in (("ours", ours), ("torch.nn", ref)):
-                        t0 = time.perf_counter()
-                        module(x)
-                        if r >= 2:
-                            times[name].append((time.perf_counter() - t0) * 1e3)
-            ms = {k: statistics.median(v) for k, v in times.items()}
+                ours_t, ref_t = time_interleaved(
+                    [partial(ours, x), partial(ref, x)],
+                    device=x.device,
+                    rounds=args.reps,
+                    warmup=2,
+                )
+            ms = {"ours": ours_t.median_s * 1e3, "torch.nn": ref_t.median_s * 1e3}
             print(
                 f"{fmt:5s} {(inputs, hidden, steps, batch, bi)}: ours {ms['ours']:.2f}, "
                 f"torch.nn {ms['torch.nn']:.2f}, torch.nn / ours {ms['torch.nn'] / ms['ours']:.3f}",

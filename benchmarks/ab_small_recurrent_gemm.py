@@ -4,7 +4,8 @@ inner product against torch.mm, on whole layers where the compiled dense loop ru
 Runs the ``dense`` route of one-layer LSTM, GRU and Elman modules (dense weights) at hidden
 sizes 128 and 256, batches 16 and 32, 100 steps, inference (eval, ``no_grad``) and training
 (forward, ``sum``, backward), with ``torch.nn``'s module on the same input as the reference;
-medians of ``--reps`` calls after two warm-ups, all variants interleaved round by round.
+medians of ``--reps`` rounds after two warm-ups, all variants interleaved
+(:func:`~kcprnn.benchmarking.timing.time_interleaved`).
 ``--small-mm 0`` turns the small-product path off (every product packed, the former rule).
 
 Usage::
@@ -15,18 +16,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
 import kcprnn
 from kcprnn._cpu import native_dense
+from kcprnn.benchmarking.timing import time_interleaved
 
 SIZES = [(40, 128, 100, 16), (40, 128, 100, 32), (700, 128, 100, 16), (40, 256, 100, 16)]
 
 
-def run(m: torch.nn.Module, x: torch.Tensor, training: bool) -> None:
+def run(m: torch.nn.Module, x: torch.Tensor, training: bool, small_mm: int) -> None:
+    """One call of ``m`` on ``x`` (with a backward when ``training``), products of at most
+    ``small_mm`` weight elements on torch.mm (:data:`~kcprnn._cpu.native_dense.SMALL_MM_ELEMENTS`;
+    the dense loop reads it when it starts a sequence)."""
+    native_dense.SMALL_MM_ELEMENTS = small_mm
     if training:
         for p in m.parameters():
             p.grad = None
@@ -57,17 +62,24 @@ def main() -> None:
                 training = phase == "train"
                 ours.train(training)
                 ref.train(training)
-                variants = {"torch.nn": ref, "packed": ours, "small mm": ours}
-                times: dict[str, list[float]] = {k: [] for k in variants}
-                for r in range(args.reps + 2):
-                    for name, module in variants.items():
-                        native_dense.SMALL_MM_ELEMENTS = 0 if name == "packed" else limit
-                        t0 = time.perf_counter()
-                        run(module, x, training)
-                        if r >= 2:
-                            times[name].append((time.perf_counter() - t0) * 1e3)
+                stats = time_interleaved(
+                    [
+                        partial(run, ref, x, training, limit),
+                        partial(run, ours, x, training, 0),  # every product packed
+                        partial(run, ours, x, training, limit),
+                    ],
+                    device=x.device,
+                    rounds=args.reps,
+                    warmup=2,
+                )
                 native_dense.SMALL_MM_ELEMENTS = limit
-                med = {k: statistics.median(v) for k, v in times.items()}
+                med = dict(
+                    zip(
+                        ("torch.nn", "packed", "small mm"),
+                        [t.median_s * 1e3 for t in stats],
+                        strict=True,
+                    )
+                )
                 print(
                     f"{mode:4s} {size} {phase:5s} | {med['torch.nn']:8.2f} | {med['packed']:6.2f}"
                     f" | {med['small mm']:8.2f} | {med['packed'] / med['small mm']:.3f}",
