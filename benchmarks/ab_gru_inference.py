@@ -1,7 +1,9 @@
-"""GRU inference on the fused routes against ``torch.nn.GRU`` (eval, ``no_grad``).
+"""GRU (and ``--modes LSTM``) inference on the fused routes against ``torch.nn``'s module
+(eval, ``no_grad``).
 
-One-layer GRUs with dense weights on the ``dense`` route (the compiled dense loop) and, for
-``--formats cp``, CP for both matrices on the ``structured`` route, at the spike points
+One-layer modules with dense weights on the ``dense`` route (the compiled dense loop) and, for
+``--formats cp`` or ``kcp``, that format at rank 4 for both matrices on the ``structured``
+route, at the spike points
 (700 inputs, 32 sequences of 100 and 250 steps, hidden 256; and hidden 128, batch 16) and the
 speech point (bidirectional, 40 inputs, 16 sequences of 300 steps, hidden 256). Prints the
 medians of ``--reps`` calls after two warm-ups, ours and torch's interleaved
@@ -11,11 +13,13 @@ medians of ``--reps`` calls after two warm-ups, ours and torch's interleaved
 Usage::
 
     python benchmarks/ab_gru_inference.py [--threads 1] [--reps 11] [--formats dense,cp]
+        [--modes GRU,LSTM]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from functools import partial
 
 import torch
@@ -37,18 +41,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--formats", default="dense")
+    parser.add_argument("--modes", default="GRU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s); ms, medians of {args.reps}")
-    for fmt in args.formats.split(","):
+    for mode, fmt in itertools.product(args.modes.split(","), args.formats.split(",")):
         for inputs, hidden, steps, batch, bi in SIZES:
             torch.manual_seed(0)
             options = {} if fmt == "dense" else {"rank": 4, "hidden_options": {"rank": 4}}
-            ours = kcprnn.GRU(
+            ours = getattr(kcprnn, mode)(
                 inputs, hidden, bidirectional=bi, format=fmt, hidden_format=fmt, **options
             ).eval()
             ours.recurrence = "dense" if fmt == "dense" else "structured"
-            ref = torch.nn.GRU(inputs, hidden, bidirectional=bi).eval()
+            ref = getattr(torch.nn, mode)(inputs, hidden, bidirectional=bi).eval()
             x = torch.randn(steps, batch, inputs)
             with torch.no_grad():
                 ours_t, ref_t = time_interleaved(
@@ -59,7 +64,7 @@ def main() -> None:
                 )
             ms = {"ours": ours_t.median_s * 1e3, "torch.nn": ref_t.median_s * 1e3}
             print(
-                f"{fmt:5s} {(inputs, hidden, steps, batch, bi)}: ours {ms['ours']:.2f}, "
+                f"{mode} {fmt:5s} {(inputs, hidden, steps, batch, bi)}: ours {ms['ours']:.2f}, "
                 f"torch.nn {ms['torch.nn']:.2f}, torch.nn / ours {ms['torch.nn'] / ms['ours']:.3f}",
                 flush=True,
             )

@@ -95,7 +95,7 @@ def _recurrence_args(
     """The arguments :func:`~kcprnn.rnn.fused_sequence` passes to ``mode``'s function for a
     dense recurrent ``weight``."""
     if mode == "LSTM":
-        return (gates, h0, c0, bias_hh, reverse, None, weight)
+        return (gates, h0, c0, bias_hh, reverse, None, True, weight)
     if mode == "GRU":
         return (gates, h0, bias_hh, reverse, None, True, weight)
     return (gates, h0, bias_hh, reverse, relu, None, weight)

@@ -610,3 +610,40 @@ def test_gru_inference_keeps_one_step_of_the_backward_buffers(fmt, route, calls,
             want, want_h = ref(x.detach().double(), h0.double())
         torch.testing.assert_close(out, want.float(), **TOL)
         torch.testing.assert_close(h_n, want_h.float(), **TOL)
+
+
+@pytest.mark.parametrize("steps", [7, 2, 1])
+@pytest.mark.parametrize(("fmt", "route"), [("dense", "dense"), ("cp", "structured")])
+def test_lstm_inference_keeps_a_step_of_gates_and_two_of_states(fmt, route, steps, monkeypatch):
+    """Without gradients the compiled LSTM loops write one step's gates and alternate two
+    steps' cell states (the final c read from the last one's row, in both directions): outputs
+    and final states equal the same module's with gradients, bit for bit, and torch.nn's
+    module in float64 with the same weights (dense)."""
+    kept: list[tuple[int, int]] = []
+    forward = native_rnn.lstm_forward
+
+    def spy(gx, bias, gates, h0, c0, hs, cs, *rest, **kwargs):
+        kept.append((gates.shape[0], cs.shape[0]))
+        return forward(gx, bias, gates, h0, c0, hs, cs, *rest, **kwargs)
+
+    monkeypatch.setattr(native_rnn, "lstm_forward", spy)
+    torch.manual_seed(6)
+    hidden = 12
+    model = kcprnn.LSTM(5, hidden, num_layers=2, bidirectional=True, format=fmt, hidden_format=fmt)
+    model.recurrence = route
+    x = torch.randn(steps, 3, 5)
+    state = (torch.randn(4, 3, hidden), torch.randn(4, 3, hidden))
+    with torch.no_grad():
+        out, (h_n, c_n) = model(x, state)
+    graded, (h_g, c_g) = model(x.requires_grad_(), state)
+    assert kept == [(min(steps, 1), min(steps, 2))] * 4 + [(steps, steps)] * 4
+    for got, want in ((out, graded), (h_n, h_g), (c_n, c_g)):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    if fmt == "dense":
+        ref = torch.nn.LSTM(5, hidden, num_layers=2, bidirectional=True).double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                getattr(ref, _torch_name(name)).copy_(p)
+            want, (want_h, want_c) = ref(x.detach().double(), tuple(s.double() for s in state))
+        for got, ref_value in ((out, want), (h_n, want_h), (c_n, want_c)):
+            torch.testing.assert_close(got, ref_value.float(), **TOL)

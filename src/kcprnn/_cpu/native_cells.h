@@ -132,15 +132,17 @@ static void add_rows(i64 rows, i64 n, const float* R d, float* R sum) {
 // outputs, in natural order through oi where oi is given) or null where the product is skipped.
 // The forward rows read the step's input projections from gxt, its first row, ldx apart.
 
-static void lstm_forward_rows(i64 t, i64 batch, i64 hidden, const float* gxt, i64 ldx,
-                              const float* bias, const float* a, const int32_t* oi, float* gates,
-                              const float* c, float* hs, float* cs, float* tcs) {
+// the step's gates into gates[tg], its cell states and their tanh into cs[tc], tcs[tc], its h
+// into hs[t]; tg, tc are t where a backward reads them, else scratch rows (see the loops)
+static void lstm_forward_rows(i64 t, i64 tg, i64 tc, i64 batch, i64 hidden, const float* gxt,
+                              i64 ldx, const float* bias, const float* a, const int32_t* oi,
+                              float* gates, const float* c, float* hs, float* cs, float* tcs) {
   const i64 g4 = 4 * hidden;
   for (i64 b = 0; b < batch; b++) {
-    float* g = gates + (t * batch + b) * g4;
+    float* g = gates + (tg * batch + b) * g4;
     pre_activation(g4, g, gxt + b * ldx, bias, a ? a + b * g4 : nullptr, oi);
-    i64 o = (t * batch + b) * hidden;
-    lstm_cell(hidden, g, c + b * hidden, cs + o, tcs + o, hs + o);
+    i64 o = (tc * batch + b) * hidden;
+    lstm_cell(hidden, g, c + b * hidden, cs + o, tcs + o, hs + (t * batch + b) * hidden);
   }
 }
 

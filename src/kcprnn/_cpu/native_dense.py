@@ -142,9 +142,9 @@ def _backward(step, head, tail, grads, reverse, need_h0, w_t) -> Tensor | None:
     return a if need_h0 and steps else None
 
 
-def lstm_forward(lib, gx, strides, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w) -> None:
+def lstm_forward(lib, gx, strides, bias, gates, h0, c0, hs, cs, tcs, reverse, skip, w, keep):
     """:func:`kcprnn._cpu.native_rnn.lstm_forward` with a dense ``W_hh`` ``w``."""
-    tail = [t.data_ptr() for t in (gates, c0, hs, cs, tcs)] + [int(reverse)]
+    tail = [t.data_ptr() for t in (gates, c0, hs, cs, tcs)] + [int(reverse), int(keep)]
     _forward(lib.kcprnn_lstm_forward_step, gx, strides, bias, h0, hs, reverse, skip, w, tail)
 
 
@@ -188,8 +188,8 @@ def rnn_backward(lib, hs, grad_hs, dh, dpre, dbias, reverse, relu, need_h0, w_t)
 
 _P, _I64, _INT = native._P, native._I64, native._INT
 _SIGNATURES: dict[str, list] = {
-    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, gates, c0, hs, cs, tcs, reverse
-    "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT],
+    # s, steps, batch, hidden, gx, ldx, ldt, bias, a, gates, c0, hs, cs, tcs, reverse, keep
+    "kcprnn_lstm_forward_step": [*[_I64] * 4, _P, _I64, _I64, *[_P] * 7, _INT, _INT],
     # s, steps, batch, hidden, acts, cs, tcs, c0, grad_hs, a, dh, dc, dgates, dbias, reverse
     "kcprnn_lstm_backward_step": [*[_I64] * 4, *[_P] * 10, _INT],
     # s, steps, batch, hidden, gx, ldx, ldt, bias, a, h0, gh, rz, ns, hs, reverse, keep

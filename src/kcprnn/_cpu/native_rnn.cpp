@@ -68,11 +68,14 @@ static void backward_product(Kron& kron, const float* d, float* d_fm, i64 t, boo
 
 // gx: the input projections, row (t, b) at gx + (t * batch + b) * ldx; bias (4h) or null;
 // gates (t, b, 4h): receives the activated gates; hs, cs, tcs (t, b, h): the hidden states, the
-// cell states and tanh of the cell states; skip_first: h0 is zero.
+// cell states and tanh of the cell states; skip_first: h0 is zero. With keep = 0 (no backward to
+// come) gates holds one step's rows and cs, tcs two (steps alternate between them; the last
+// step's cell state is in row (steps - 1) % 2).
 extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const float* gx, i64 ldx,
                                     const float* bias, float* gates, const float* h0,
                                     const float* c0, float* hs, float* cs, float* tcs,
-                                    float* x_fm, int reverse, int skip_first, KRON_ARGS) {
+                                    float* x_fm, int reverse, int skip_first, int keep,
+                                    KRON_ARGS) {
   KRON(batch);
   const i64 bh = batch * hidden;
   const int32_t* oi = kron.out_index.empty() ? nullptr : kron.out_index.data();
@@ -80,14 +83,15 @@ extern "C" void kcprnn_lstm_forward(i64 steps, i64 batch, i64 hidden, const floa
   const float* c = c0;
   for (i64 s = 0; s < steps; s++) {
     i64 t = forward_step(s, steps, reverse);
+    i64 tc = keep ? t : s % 2;
     bool product = !(s == 0 && skip_first);
     const float* fm = product_input(kron, h, x_fm, t);
     if (product) forward_product(kron, h, fm);
     const float* a = product ? kron.acc.data() : nullptr;
-    lstm_forward_rows(t, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi, gates, c, hs, cs,
-                      tcs);
+    lstm_forward_rows(t, keep ? t : 0, tc, batch, hidden, gx + t * batch * ldx, ldx, bias, a, oi,
+                      gates, c, hs, cs, tcs);
     h = hs + t * bh;
-    c = cs + t * bh;
+    c = cs + tc * bh;
   }
 }
 
@@ -227,10 +231,12 @@ static inline i64 previous_step(i64 s, i64 steps, int reverse) {  // of forward 
 extern "C" void kcprnn_lstm_forward_step(i64 s, i64 steps, i64 batch, i64 hidden, const float* gx,
                                          i64 ldx, i64 ldt, const float* bias, const float* a,
                                          float* gates, const float* c0, float* hs, float* cs,
-                                         float* tcs, int reverse) {
-  const float* c = s == 0 ? c0 : cs + previous_step(s, steps, reverse) * batch * hidden;
+                                         float* tcs, int reverse, int keep) {
+  i64 cprev = keep ? previous_step(s, steps, reverse) : (s + 1) % 2;
+  const float* c = s == 0 ? c0 : cs + cprev * batch * hidden;
   i64 t = forward_step(s, steps, reverse);
-  lstm_forward_rows(t, batch, hidden, gx + t * ldt, ldx, bias, a, nullptr, gates, c, hs, cs, tcs);
+  lstm_forward_rows(t, keep ? t : 0, keep ? t : s % 2, batch, hidden, gx + t * ldt, ldx, bias, a,
+                    nullptr, gates, c, hs, cs, tcs);
 }
 
 extern "C" void kcprnn_lstm_backward_step(i64 s, i64 steps, i64 batch, i64 hidden,

@@ -173,29 +173,31 @@ def lstm_forward(
     and ``tanh`` of them, indexed by time. ``kron``: ``W_hh``; ``skip_first``: ``h0`` is zero
     (no first product); ``x_fm`` ``(t, b, h)``, where given, receives the state before every
     step (indexed by time) in the Kronecker sum's factor-major order, the rows its factor
-    gradients multiply."""
+    gradients multiply. Where no backward follows, ``gates`` may hold one step ``(1, b, 4h)``
+    and ``cs``, ``tcs`` two ``(2, b, h)`` (the steps alternate; the last one's cell state is
+    row ``(t - 1) % 2``)."""
     lib = native._require()
-    steps, b, g = gates.shape
-    h = g // 4
+    steps, b, h = hs.shape
+    keep = gates.dim() != 3 or gates.shape[0] == steps  # else one step's scratch rows
+    states = steps if keep else min(steps, 2)
     ldx, ldt = _rows("lstm_forward", gx, steps, b, 4 * h)
     _check(
         "lstm_forward",
         {
             "bias": (bias, (4 * h,)),
-            "gates": (gates, (steps, b, 4 * h)),
+            "gates": (gates, (steps if keep else 1, b, 4 * h)),
             "h0": (h0, (b, h)),
             "c0": (c0, (b, h)),
-            **{
-                k: (v, (steps, b, h))
-                for k, v in (("hs", hs), ("cs", cs), ("tcs", tcs), ("x_fm", x_fm))
-            },
+            "hs": (hs, (steps, b, h)),
+            "x_fm": (x_fm, (steps, b, h)),
+            **{k: (v, (states, b, h)) for k, v in (("cs", cs), ("tcs", tcs))},
         },
     )
     _check_kron("lstm_forward", kron, h, 4 * h)
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
         lstm = native_dense.lstm_forward
-        lstm(lib, gx, (ldx, ldt), bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first, kron)
+        lstm(lib, gx, (ldx, ldt), bias, gates, h0, c0, hs, cs, tcs, reverse, skip_first, kron, keep)
         return
     gx, ldx = _time_major(gx, steps, b, ldx, ldt)
     lib.kcprnn_lstm_forward(
@@ -214,6 +216,7 @@ def lstm_forward(
         _ptr(x_fm),
         int(reverse),
         int(skip_first),
+        int(keep),
         *kron.args(),
     )
 
@@ -526,7 +529,7 @@ _I64, _P, _INT = native._I64, native._P, native._INT
 _KRON = [_INT, _INT, _P, _P, _P, _P]  # factors, terms, sizes, matrix pointers, in/out index
 _RNN_SIGNATURES: dict[str, list] = {
     # steps, batch, hidden, gx, ldx, bias, gates, h0, c0, hs, cs, tcs, x_fm, reverse, skip_first
-    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 8, _INT, _INT],
+    "kcprnn_lstm_forward": [_I64, _I64, _I64, _P, _I64, *[_P] * 8, _INT, _INT, _INT],
     # steps, batch, hidden, acts, cs, tcs, c0, grad_hs, dh, dc, dgates, d_fm, dbias, reverse,
     # need_h0
     "kcprnn_lstm_backward": [_I64, _I64, _I64, *[_P] * 10, _INT, _INT],

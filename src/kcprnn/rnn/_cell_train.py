@@ -162,7 +162,7 @@ class _Step(torch.autograd.Function):
             hs, cs, tcs = (h.new_empty(1, b, hidden) for _ in range(3))  # (1, b, h)
             lib.kcprnn_lstm_forward_step(
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias), a.data_ptr(),
-                acts.data_ptr(), c.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr(), 0,
+                acts.data_ptr(), c.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr(), 0, 1,
             )  # fmt: skip
             ctx.save_for_backward(*inputs, bias_ih, bias_hh, acts, cs, tcs, *weights)
             return hs[0], cs[0]

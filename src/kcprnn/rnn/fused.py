@@ -95,18 +95,22 @@ def lstm_compiled(
     needs: Sequence[bool] = (),
     new=_empty,
     skip: bool | None = None,
+    keep: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The LSTM recurrence on the compiled kernels (``prod.compiled`` holds; ``h0``, ``c0``
     contiguous) over the input projections ``gx`` ``(t b, 4h)`` (or a ``(t, b, 4h)`` view with
     unit stride along the last axis): ``(acts, hs, cs, tcs, x_fm)``, buffers from
     ``new(like, *shape)``, ``x_fm`` the factor-major states where a Kronecker sum's factor
     gradients (``needs``) are wanted; ``skip``: whether ``h0`` is zero, where the caller
-    knows (else checked)."""
+    knows (else checked); ``keep``: whether a backward will read ``acts``, ``cs`` and ``tcs``
+    (without one they hold one step's gates and two steps' states, the steps alternating, the
+    last step's cell state in row ``(t - 1) % 2``)."""
     b, hidden = h0.shape
     steps = gx.shape[0] if gx.dim() == 3 else (gx.shape[0] // b if b else 0)
-    acts = new(gx, steps, b, 4 * hidden)  # (t, b, 4h)
-    hs, cs, tcs = (new(gx, steps, b, hidden) for _ in range(3))  # (t, b, h)
-    x_fm = _factor_rows(prod, hs, needs)
+    acts = new(gx, steps if keep else min(steps, 1), b, 4 * hidden)  # (t, b, 4h)
+    hs = new(gx, steps, b, hidden)  # (t, b, h)
+    cs, tcs = (new(gx, steps if keep else min(steps, 2), b, hidden) for _ in range(2))  # (t, b, h)
+    x_fm = _factor_rows(prod, hs, needs) if keep else None
     skip = _is_zero(h0) if skip is None else skip
     native_rnn.lstm_forward(gx, bias, acts, h0, c0, hs, cs, tcs, reverse, skip, prod.args(), x_fm)
     return acts, hs, cs, tcs, x_fm
@@ -126,6 +130,7 @@ class _LSTMSequence(torch.autograd.Function):
         bias: Tensor | None,
         reverse: bool,
         spec: KronLayout | None,
+        keep: bool,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, hidden = h0.shape
@@ -136,7 +141,7 @@ class _LSTMSequence(torch.autograd.Function):
         if ctx.native:
             h0, c0 = h0.contiguous(), c0.contiguous()
             acts, hs, cs, tcs, ctx.x_fm = lstm_compiled(
-                _rows(gates_x), bias, h0, c0, prod, reverse, ctx.needs_input_grad[6:]
+                _rows(gates_x), bias, h0, c0, prod, reverse, ctx.needs_input_grad[7:], keep=keep
             )
         else:
             gates = gates_x.reshape(steps, b, 4 * hidden)  # (t, b, 4h)
@@ -148,6 +153,8 @@ class _LSTMSequence(torch.autograd.Function):
         ctx.save_for_backward(h0, c0, hs)
         last = order[-1] if steps else None
         h_n = hs[last].clone() if steps else h0.clone()  # (b, h)
+        if steps and ctx.native and not keep:  # the last step's cell state: its scratch row
+            last = (steps - 1) % 2
         c_n = cs[last].clone() if steps else c0.clone()  # (b, h)
         return hs.view(steps * b, hidden), h_n, c_n
 
@@ -179,7 +186,7 @@ class _LSTMSequence(torch.autograd.Function):
                 d_fm,
                 dbias,
             )
-            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[6:], dgates, h0, hs)
+            grad_w = _native_weight_grads(ctx, d_fm, ctx.needs_input_grad[7:], dgates, h0, hs)
             return _lstm_grads(ctx, dgates, grad_w, dbias, dh, dc)
         h_prev = _previous(hs, h0, reverse)  # (t, b, h)
         c_prev = _previous(cs, c0, reverse)  # (t, b, h)
@@ -203,7 +210,7 @@ class _LSTMSequence(torch.autograd.Function):
             if t != order[-1] or ctx.needs_input_grad[1]:  # the first step's only for h0
                 dh = prod.back(d)  # (b, h)
         flat = dgates.view(steps * b, four_h)  # (n, 4h)
-        grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[6:])
+        grad_w = prod.grads(flat, h_prev.view(steps * b, hidden), ctx.needs_input_grad[7:])
         grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None  # (4h,)
         return _lstm_grads(ctx, dgates, grad_w, grad_bias, dh, dc)
 
@@ -220,7 +227,7 @@ def _lstm_grads(
     ``dgates`` ``(t, b, 4h)``, the weights' and the bias's, and those of ``h0`` and ``c0``."""
     steps, b, four_h = dgates.shape
     grad_h0 = dh if ctx.needs_input_grad[1] else None
-    return dgates.view(steps * b, four_h), grad_h0, dc, grad_bias, None, None, *grad_w
+    return dgates.view(steps * b, four_h), grad_h0, dc, grad_bias, None, None, None, *grad_w
 
 
 class _InputProjection(torch.autograd.Function):
@@ -271,6 +278,12 @@ def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return _InputProjection.apply(x, weight, bias)
 
 
+def _backward_follows(*tensors: Tensor | None) -> bool:
+    """Whether a backward can reach ``tensors``' recurrence (grad mode on and one of them
+    requires grad): without one the compiled loops keep only a step's buffers."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def fused_sequence(
     mode: str,
     gates_x: Tensor,
@@ -288,12 +301,13 @@ def fused_sequence(
     ``(outputs (t b, h), final state)``.
     """
     if mode == "LSTM":
-        out, h, c = _LSTMSequence.apply(gates_x, state[0], state[1], bias, reverse, kron, *weights)
+        keep = _backward_follows(gates_x, *state, bias, *weights)
+        out, h, c = _LSTMSequence.apply(
+            gates_x, state[0], state[1], bias, reverse, kron, keep, *weights
+        )
         return out, (h, c)
     if mode == "GRU":
-        keep = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (gates_x, state[0], bias, *weights)
-        )
+        keep = _backward_follows(gates_x, state[0], bias, *weights)
         out, h = _GRUSequence.apply(gates_x, state[0], bias, reverse, kron, keep, *weights)
         return out, (h,)
     if mode == "RNN":
@@ -324,7 +338,7 @@ def lstm_sequence(
         :func:`~kcprnn.rnn.lstm_step` step by step, with a hand-written backward through time
         (double backward is not supported).
     """
-    return _LSTMSequence.apply(gates_x, h0, c0, bias, reverse, None, weight)
+    return _LSTMSequence.apply(gates_x, h0, c0, bias, reverse, None, True, weight)
 
 
 def gru_sequence(
