@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +253,48 @@ def test_set_format_options_reach_every_compressed_run(tmp_path):
     assert dense.format_options == {} == dense.hidden_options
     plain = study_config(preset, [])
     assert plain.format_options == {} == plain.hidden_options
+
+
+_PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from kcprnn.experiments.study import exit_with_parent
+
+def work(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=exit_with_parent,
+                               initargs=(os.getpid(), 0.1))
+    pool.submit(work, sys.argv[1])
+    while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():
+        time.sleep(0.05)
+    os._exit(0)  # as if killed: no shutdown of the pool
+"""
+
+
+def test_pool_workers_end_when_the_study_is_killed(tmp_path):
+    """A study's pool workers watch their parent: killed without shutting its pool down, the
+    parent leaves no worker training on (a spawn worker otherwise finishes its run)."""
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    marker = tmp_path / "worker.pid"
+    subprocess.run([sys.executable, str(script), str(marker)], check=True, timeout=60)
+    worker = int(marker.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker), f"worker {worker} outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for init counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"

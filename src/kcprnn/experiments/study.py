@@ -65,6 +65,7 @@ __all__ = [
     "RunSpec",
     "StudyRow",
     "aggregate",
+    "exit_with_parent",
     "main",
     "metric_goal",
     "paired",
@@ -226,7 +227,9 @@ def run_study(
             torch.set_num_threads(threads)
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = {pool.submit(runner, cfg.to_dict()): (spec, cfg) for spec, cfg in todo}
             for future in as_completed(futures):
                 spec, cfg = futures[future]
@@ -234,6 +237,22 @@ def run_study(
     if bar is not None:
         bar.close()
     return outcome
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A pool worker's initializer: a daemon thread ends the worker within ``every`` seconds of
+    its parent ``parent`` going away (killed, not only interrupted), so that no run keeps
+    training unseen after its study stopped (a resumed study redoes it from its last
+    checkpoint)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kcprnn-exit-with-parent", daemon=True).start()
 
 
 def _progress(total: int, enabled: bool) -> Any:
