@@ -576,19 +576,26 @@ def test_module_dense_route_matches_torch_nn(mode, calls):
     _assert_close(results[1], results[0])
 
 
+def _record_rows(monkeypatch, name: str, positions: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Spies on ``native_rnn.<name>``: each call appends the leading size of its positional
+    arguments at ``positions`` (the buffers a backward would read) to the returned list."""
+    seen: list[tuple[int, ...]] = []
+    original = getattr(native_rnn, name)
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(args[k].shape[0] for k in positions))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(native_rnn, name, spy)
+    return seen
+
+
 @pytest.mark.parametrize(("fmt", "route"), [("dense", "dense"), ("cp", "structured")])
 def test_gru_inference_keeps_one_step_of_the_backward_buffers(fmt, route, calls, monkeypatch):
     """Without gradients the compiled GRU loops rewrite one step's gh, rz and ns instead of
     keeping every step's for a backward: the outputs equal torch.nn's module in float64 with the
     same weights (dense) and the same module's outputs with gradients (both)."""
-    kept: list[int] = []
-    forward = native_rnn.gru_forward
-
-    def spy(gx, bias, h0, gh, *rest, **kwargs):
-        kept.append(gh.shape[0])
-        return forward(gx, bias, h0, gh, *rest, **kwargs)
-
-    monkeypatch.setattr(native_rnn, "gru_forward", spy)
+    kept = _record_rows(monkeypatch, "gru_forward", (3,))  # gh
     torch.manual_seed(5)
     hidden = 15
     model = kcprnn.GRU(6, hidden, num_layers=2, bidirectional=True, format=fmt, hidden_format=fmt)
@@ -599,7 +606,7 @@ def test_gru_inference_keeps_one_step_of_the_backward_buffers(fmt, route, calls,
         out, h_n = model(x, h0)
     assert calls.count("gru_forward") == 4  # two layers, two directions
     graded, h_graded = model(x.requires_grad_(), h0)
-    assert kept == [1] * 4 + [7] * 4  # one step's rows without gradients, all 7 steps' with
+    assert kept == [(1,)] * 4 + [(7,)] * 4  # one step's rows without gradients, all 7 with
     torch.testing.assert_close(out, graded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(h_n, h_graded.detach(), rtol=0, atol=0)
     if fmt == "dense":
@@ -619,14 +626,7 @@ def test_lstm_inference_keeps_a_step_of_gates_and_two_of_states(fmt, route, step
     steps' cell states (the final c read from the last one's row, in both directions): outputs
     and final states equal the same module's with gradients, bit for bit, and torch.nn's
     module in float64 with the same weights (dense)."""
-    kept: list[tuple[int, int]] = []
-    forward = native_rnn.lstm_forward
-
-    def spy(gx, bias, gates, h0, c0, hs, cs, *rest, **kwargs):
-        kept.append((gates.shape[0], cs.shape[0]))
-        return forward(gx, bias, gates, h0, c0, hs, cs, *rest, **kwargs)
-
-    monkeypatch.setattr(native_rnn, "lstm_forward", spy)
+    kept = _record_rows(monkeypatch, "lstm_forward", (2, 6))  # gates, cs
     torch.manual_seed(6)
     hidden = 12
     model = kcprnn.LSTM(5, hidden, num_layers=2, bidirectional=True, format=fmt, hidden_format=fmt)

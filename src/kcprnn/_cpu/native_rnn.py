@@ -178,7 +178,7 @@ def lstm_forward(
     row ``(t - 1) % 2``)."""
     lib = native._require()
     steps, b, h = hs.shape
-    keep = gates.dim() != 3 or gates.shape[0] == steps  # else one step's scratch rows
+    keep = gates.shape[0] == steps  # else one step's scratch rows
     states = steps if keep else min(steps, 2)
     ldx, ldt = _rows("lstm_forward", gx, steps, b, 4 * h)
     _check(
@@ -306,7 +306,8 @@ def gru_forward(
     lib = native._require()
     steps, b, h = hs.shape
     ldx, ldt = _rows("gru_forward", gx, steps, b, 3 * h)
-    kept = steps if gh.dim() != 3 or gh.shape[0] != 1 else 1  # (t, b, 3h), or one step's rows
+    keep = gh.shape[0] == steps  # else one step's scratch rows
+    kept = steps if keep else 1
     _check(
         "gru_forward",
         {
@@ -323,7 +324,6 @@ def gru_forward(
     native._count((steps - int(skip_first)) * kron.macs(b))
     if isinstance(kron, DenseArgs):
         gru = native_dense.gru_forward
-        keep = kept == steps
         gru(lib, gx, (ldx, ldt), bias, h0, gh, rz, ns, hs, reverse, skip_first, kron, keep)
         return
     gx, ldx = _time_major(gx, steps, b, ldx, ldt)
@@ -342,7 +342,7 @@ def gru_forward(
         _ptr(x_fm),
         int(reverse),
         int(skip_first),
-        int(kept == steps),
+        int(keep),
         *kron.args(),
     )
 
