@@ -507,3 +507,30 @@ def test_torch_lstm_training_prices_its_input_products_above_a_gemm():
             got = plan.layer_costs(cells, rows, steps, True, training, cm)["torch"]
             base = plan.layer_costs(cells, rows, steps, True, training, plain)["torch"]
             assert got - base == pytest.approx(extra if training else 0.0)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_dense_loop_factor_scales_only_its_mode_and_phase(mode):
+    """``rnn_dense_<mode>`` multiplies the compiled dense loop's price without gradients and
+    ``rnn_dense_<mode>_train`` in training (what ``kcprnn calibrate`` measures per machine);
+    torch's kernel keeps its price, and the other modes' factors change nothing. A loop
+    priced at four times its fitted cost hands a dense layer to torch's kernel."""
+    torch.manual_seed(0)
+    cells = [getattr(kcprnn, mode)(40, 256, format="dense").cell(0)]
+    rows, steps = 4800, 300
+    name = "rnn_dense_" + mode.lower()
+    others = {f: 3.0 for f in _DENSE_FIELDS if not f.startswith(name)}
+    for training, field in ((False, name), (True, name + "_train")):
+        cm = CostModel()
+        base = plan.layer_costs(cells, rows, steps, True, training, cm)
+        fixed = plan.layer_costs(cells, rows, steps, True, training, cm.replace(**{field: 0.0}))
+        doubled = plan.layer_costs(cells, rows, steps, True, training, cm.replace(**{field: 2.0}))
+        assert doubled["torch"] == base["torch"] == fixed["torch"]
+        assert doubled["dense"] - base["dense"] == pytest.approx(base["dense"] - fixed["dense"])
+        assert base["dense"] - fixed["dense"] > 0.5 * base["dense"]  # the loop, not W_ih
+        assert plan.layer_costs(cells, rows, steps, True, training, cm.replace(**others)) == base
+        slow = plan.layer_costs(cells, rows, steps, True, training, cm.replace(**{field: 4.0}))
+        assert min(slow, key=slow.__getitem__) == "torch"
+
+
+_DENSE_FIELDS = [f"rnn_dense_{m}{s}" for m in ("lstm", "gru", "rnn") for s in ("", "_train")]

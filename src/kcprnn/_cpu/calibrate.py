@@ -3,16 +3,18 @@
 Every cost is relative to one multiply-accumulate of a large float32 GEMM, so the command first
 times such a GEMM, then per element: a strided permute copy (contiguous runs of 6), a block
 transpose, an ``index_select`` gather, the compiled one-pass gather; per op: a launch with and
-without autograd recording; per row: a narrow GEMM's time (on one thread); for tall
-products (many rows, few outputs) the time on oneDNN and on the compiled kernel over MKL's,
-each pair interleaved; and for a recurrent weight's gradient (``grad.T @ h`` over a sequence's
-rows) ``torch.mm`` against oneDNN. The defaults fold in effects no micro-benchmark sees (they
-were tuned end to end), so each measured field of the starting model (the defaults, or
-``--base FILE``) is scaled by this machine's measurement over :data:`REFERENCE`, the same
-measurement on the machine the defaults come from; where ``torch.mm`` computes the recurrent
-gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``),
-where oneDNN does, :data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the other fields are
-kept. ``--raw`` prints the measurements themselves. Usage::
+without autograd recording; per row: a narrow GEMM's time (on one thread); for tall products (many
+rows, few outputs) the time on oneDNN and on the compiled kernel over MKL's, each pair interleaved;
+and for a recurrent weight's gradient (``grad.T @ h`` over a sequence's rows) ``torch.mm`` against
+oneDNN; and for the recurrent layers kcprnn's compiled dense loop against torch's kernel, one layer
+per mode (:func:`measure_routes`). The defaults fold in effects no micro-benchmark sees (they were
+tuned end to end), so each measured field of the starting model (the defaults, or ``--base FILE``)
+is scaled by this machine's measurement over :data:`REFERENCE`, the same measurement on the machine
+the defaults come from; where ``torch.mm`` computes the recurrent gradient faster at both measured
+sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``), where oneDNN does,
+:data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the ``rnn_dense_*`` factors are solved so
+that the model prices the dense loop over torch's kernel as measured; the other fields are kept.
+``--raw`` prints the measurements themselves. Usage::
 
     kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
     python -m kcprnn._cpu.calibrate ...
@@ -31,12 +33,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import native, ops
 from .cost import CostModel
+
+if TYPE_CHECKING:
+    from ..rnn.recurrent import RNNBase
 
 __all__ = ["calibrate", "main"]
 
@@ -176,6 +182,93 @@ def measure(budget: float = 60.0) -> dict[str, float]:
     return raw
 
 
+ROUTE_LAYER = (40, 256, 16, 300)
+"""``(input, hidden, batch, steps)`` of the one-direction dense layer per mode that
+:func:`measure_routes` times on kcprnn's compiled dense loop and on torch's kernel: the speech
+regime's first layer."""
+
+ROUTE_FIELDS = {
+    f"route_{mode.lower()}{suffix}": f"rnn_dense_{mode.lower()}{suffix}"
+    for mode in ("LSTM", "GRU", "RNN")
+    for suffix in ("", "_train")
+}
+""":func:`measure_routes`' ratios and the cost-model fields :func:`calibrate` solves from them."""
+
+
+def _route_layer(mode: str) -> tuple[RNNBase, RNNBase, torch.Tensor]:
+    """A dense ``mode`` layer of :data:`ROUTE_LAYER`'s size run on kcprnn's dense loop, the
+    same layer on torch's kernel, and an input."""
+    import kcprnn  # here: kcprnn imports this package
+
+    i, h, b, t = ROUTE_LAYER
+    gen = torch.Generator().manual_seed(0)
+    loop = getattr(kcprnn, mode)(i, h, format="dense")
+    loop.recurrence = "dense"
+    kernel = getattr(kcprnn, mode)(i, h, format="dense")
+    kernel.load_state_dict(loop.state_dict())
+    kernel.recurrence = "torch"
+    return loop, kernel, torch.randn(t, b, i, generator=gen)
+
+
+def measure_routes(budget: float = 20.0) -> dict[str, float]:
+    """This machine's time of kcprnn's compiled dense loop over torch's kernel on one dense
+    layer per mode (:data:`ROUTE_LAYER`), without gradients (``route_lstm``, ...) and for a
+    forward and backward (``route_lstm_train``, ...), each pair called alternately; in about
+    ``budget`` seconds. Empty where the compiled kernels or oneDNN are missing (the loop then
+    runs on torch operations, which these fields do not price)."""
+    if not (native.available() and ops.onednn_available()):
+        return {}
+    clock = _Clock(max(budget, 0.0) / len(ROUTE_FIELDS))
+    raw: dict[str, float] = {}
+    for mode in ("LSTM", "GRU", "RNN"):
+        loop, kernel, x = _route_layer(mode)
+        name = f"route_{mode.lower()}"
+        with torch.no_grad():
+            raw[name] = clock.ratio(functools.partial(loop, x), functools.partial(kernel, x))
+        raw[name + "_train"] = clock.ratio(
+            functools.partial(_train_call, loop, x), functools.partial(_train_call, kernel, x)
+        )
+    return raw
+
+
+def measure_all(budget: float = 60.0) -> dict[str, float]:
+    """:func:`measure` and :func:`measure_routes` in about ``budget`` seconds (three quarters
+    and a quarter of it)."""
+    raw = measure(budget * 0.75)
+    raw.update(measure_routes(budget * 0.25))
+    return raw
+
+
+def _train_call(module: torch.nn.Module, x: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    module(x)[0].sum().backward()
+
+
+def _route_fields(raw: dict[str, float], base: CostModel) -> dict[str, float]:
+    """The ``rnn_dense_*`` fields under which ``base`` prices the dense loop over torch's
+    kernel at :data:`ROUTE_LAYER` as :func:`measure_routes` measured it (``raw``): the loop's
+    price is linear in the field, so each is solved from the prices at 0 and 1; kept within
+    0.25-4."""
+    from ..rnn.plan import layer_costs  # here: the recurrent modules import this package
+
+    changes: dict[str, float] = {}
+    i, h, b, t = ROUTE_LAYER
+    for key, field in ROUTE_FIELDS.items():
+        if key not in raw:
+            continue
+        mode = key.split("_")[1].upper()
+        training = key.endswith("_train")
+        cells = [_route_layer(mode)[0].cell(0)]
+        prices = [
+            layer_costs(cells, b * t, t, True, training, base.replace(**{field: f}))
+            for f in (0.0, 1.0)
+        ]
+        fixed, per_unit = prices[0]["dense"], prices[1]["dense"] - prices[0]["dense"]
+        solved = (raw[key] * prices[0]["torch"] - fixed) / per_unit
+        changes[field] = _sig(min(max(solved, 0.25), 4.0))
+    return changes
+
+
 RECURRENT_GRAD_SIZES: dict[str, tuple[int, int, int]] = {
     "recurrent_grad_mm": (96, 1024, 256),
     "recurrent_grad_mm_wide": (960, 2048, 512),
@@ -194,9 +287,10 @@ def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
     ``benchmarks/bench_kcp_auto.py``), so the ratio carries them to the new machine; and
     ``recurrent_grad_mm_rows`` 0 where ``torch.mm`` computed the recurrent gradient faster than
     oneDNN at every size measured (:data:`RECURRENT_GRAD_SIZES`), :data:`ONEDNN_GRAD_ROWS` where
-    oneDNN did (a mixed result keeps ``base``'s)."""
+    oneDNN did (a mixed result keeps ``base``'s); and the ``rnn_dense_*`` factors that make
+    ``base`` price the dense loop over torch's kernel as :func:`measure_routes` timed them."""
     base = CostModel() if base is None else base
-    raw = measure(budget)
+    raw = measure_all(budget)
     changes: dict[str, float | int] = {
         name: _sig(getattr(base, name) * value / REFERENCE[name])
         for name, value in raw.items()
@@ -207,6 +301,7 @@ def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
         changes["recurrent_grad_mm_rows"] = 0
     elif grad and min(grad) > 1.0:  # oneDNN faster at every size measured
         changes["recurrent_grad_mm_rows"] = ONEDNN_GRAD_ROWS
+    changes.update(_route_fields(raw, base))
     return base.replace(**changes)
 
 
@@ -227,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.raw:
-        print(json.dumps(measure(args.budget), indent=2))
+        print(json.dumps(measure_all(args.budget), indent=2))
         return 0
     base = CostModel.load(args.base) if args.base else None
     model = calibrate(args.budget, base)

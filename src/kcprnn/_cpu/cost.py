@@ -112,6 +112,16 @@ class CostModel:
     rnn_dense_warm: float = 1.35  # the loop's price over that in LSTM training where torch's
     # workspace stays in glibc's heap (the rnn_dense_* prices were fitted where it does not, and
     # torch's kernel then pays fresh pages at every call): 1.15-1.37x torch's time there
+    rnn_dense_lstm: float = 1.0  # the compiled dense loop's price for an LSTM layer over the
+    # fields above, without gradients ...
+    rnn_dense_lstm_train: float = 1.0  # ... and in training; likewise for GRU and Elman layers:
+    # 1 on the machine the defaults come from; `kcprnn calibrate` sets them from this machine's
+    # loop and torch's kernel timed on one layer per mode (the two's ratio moves by up to 1.4x
+    # between CPUs)
+    rnn_dense_gru: float = 1.0
+    rnn_dense_gru_train: float = 1.0
+    rnn_dense_rnn: float = 1.0
+    rnn_dense_rnn_train: float = 1.0
     rnn_torch_workspace: float = 12.0  # floats of torch's LSTM training workspace per row and
     # hidden unit of a direction ...
     rnn_torch_mmap: int = 8_388_608  # ... reused between calls below this many (glibc's largest

@@ -64,6 +64,7 @@ __all__ = [
     "LayerPlan",
     "cell_trains_dense",
     "choose_route",
+    "dense_loop_scale",
     "dense_weight",
     "input_is_dense",
     "kron_layout_cached",
@@ -263,6 +264,7 @@ def layer_costs(
                 fused -= steps * cm.rnn_dense_packed_call * small_product(g, p)
                 if c.mode == "LSTM" and rows * p * cm.rnn_torch_workspace < cm.rnn_torch_mmap:
                     fused *= cm.rnn_dense_warm  # torch's workspace is reused, without faults
+            fused *= dense_loop_scale(c.mode, training, cm)
         else:  # kcprnn's fused loop on torch ops, one pass
             fused = recurrent_once + steps * cm.rnn_fused_step
             if training:
@@ -284,6 +286,14 @@ def layer_costs(
         costs.pop("dense")
         costs.pop("structured", None)
     return costs
+
+
+def dense_loop_scale(mode: str, training: bool, cm: CostModel) -> float:
+    """The cost model's factor on the compiled dense loop's price for a ``mode`` layer
+    (``rnn_dense_lstm``, ``rnn_dense_gru_train``, ...): how this machine runs the loop
+    against torch's kernel, next to the machine the other fields were fitted on."""
+    name = "rnn_dense_" + ("lstm" if mode == "LSTM" else "gru" if mode == "GRU" else "rnn")
+    return float(getattr(cm, name + "_train" if training else name))
 
 
 def _torch_scales(mode: str, cm: CostModel) -> tuple[float, float]:
