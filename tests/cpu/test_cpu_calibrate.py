@@ -103,7 +103,6 @@ def test_recurrent_gradient_is_the_same_product_on_either_route(monkeypatch, thr
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("ratio", [0.7, 1.3])
 def test_route_fields_make_the_model_price_the_measured_ratio(monkeypatch, ratio):
     """Each ``rnn_dense_*`` factor is solved so that the model's price of the dense loop over
