@@ -116,8 +116,8 @@ class CostModel:
     # fields above, without gradients ...
     rnn_dense_lstm_train: float = 1.0  # ... and in training; likewise for GRU and Elman layers:
     # 1 on the machine the defaults come from; `kcprnn calibrate` sets them from this machine's
-    # loop and torch's kernel timed on one layer per mode (the two's ratio moves by up to 1.4x
-    # between CPUs)
+    # loop and torch's kernel timed on one layer per mode (1.2-1.4 for the LSTM loop on a 2-core
+    # AMD EPYC: benchmarks/results/recurrence/calibrated-routes/)
     rnn_dense_gru: float = 1.0
     rnn_dense_gru_train: float = 1.0
     rnn_dense_rnn: float = 1.0
