@@ -544,6 +544,16 @@ def _torch_name(name: str) -> str:
     return parts[2] + suffix
 
 
+def _torch_reference(model: torch.nn.Module, mode: str, sizes: tuple[int, int]) -> torch.nn.Module:
+    """torch.nn's two-layer bidirectional ``mode`` module of ``sizes`` (input, hidden) in
+    float64 with the dense ``model``'s weights."""
+    ref = getattr(torch.nn, mode)(*sizes, num_layers=2, bidirectional=True).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            getattr(ref, _torch_name(name)).copy_(p)
+    return ref
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_module_dense_route_matches_torch_nn(mode, calls):
     """A bidirectional two-layer module with dense weights on the compiled dense loop (float32)
@@ -610,10 +620,8 @@ def test_gru_inference_keeps_one_step_of_the_backward_buffers(fmt, route, calls,
     torch.testing.assert_close(out, graded.detach(), rtol=0, atol=0)
     torch.testing.assert_close(h_n, h_graded.detach(), rtol=0, atol=0)
     if fmt == "dense":
-        ref = torch.nn.GRU(6, hidden, num_layers=2, bidirectional=True).double()
+        ref = _torch_reference(model, "GRU", (6, hidden))
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                getattr(ref, _torch_name(name)).copy_(p)
             want, want_h = ref(x.detach().double(), h0.double())
         torch.testing.assert_close(out, want.float(), **TOL)
         torch.testing.assert_close(h_n, want_h.float(), **TOL)
@@ -640,10 +648,8 @@ def test_lstm_inference_keeps_a_step_of_gates_and_two_of_states(fmt, route, step
     for got, want in ((out, graded), (h_n, h_g), (c_n, c_g)):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
     if fmt == "dense":
-        ref = torch.nn.LSTM(5, hidden, num_layers=2, bidirectional=True).double()
+        ref = _torch_reference(model, "LSTM", (5, hidden))
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                getattr(ref, _torch_name(name)).copy_(p)
             want, (want_h, want_c) = ref(x.detach().double(), tuple(s.double() for s in state))
         for got, ref_value in ((out, want), (h_n, want_h), (c_n, want_c)):
             torch.testing.assert_close(got, ref_value.float(), **TOL)
