@@ -1,7 +1,13 @@
-"""Shared test settings: every test starts from a fixed seed and a known default dtype."""
+"""Shared test settings: every test starts from a fixed seed and a known default dtype, and
+plans with the built-in cost model whatever this machine has calibrated (the tests of the
+model's lookup set the variable themselves)."""
+
+import os
 
 import pytest
 import torch
+
+os.environ["KCPRNN_COST_MODEL"] = "builtin"
 
 
 @pytest.fixture(autouse=True)

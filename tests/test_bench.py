@@ -195,6 +195,7 @@ def _check_run(tmp_path, device: str) -> dict:
     assert rc == 0
     data = json.loads((out / "bench.json").read_text())
     assert data["schema"] == 1 and data["environment"]["threads"] == 1
+    assert data["environment"]["cost_model"] == {"source": "builtin", "changed": {}}
     assert data["peers"]["tednet"]["available"] is False
     names = [p["name"] for p in data["points"]]
     assert names[0] == "ucf11" and names[-1] == "lstm"

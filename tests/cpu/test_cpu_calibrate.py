@@ -11,7 +11,7 @@ import torch
 
 import kcprnn
 from kcprnn import cli
-from kcprnn._cpu import calibrate, native, ops
+from kcprnn._cpu import calibrate, cost, native, ops
 from kcprnn._cpu.cost import CostModel
 from kcprnn.rnn.plan import layer_costs
 
@@ -65,6 +65,27 @@ def test_calibrate_prints_a_loadable_model(tmp_path, capsys, monkeypatch):
         else:
             assert value == getattr(default, name), name
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporary file left
+
+
+def test_save_keeps_the_model_as_this_machines_default(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "cost-model-here.json"
+    monkeypatch.setattr(calibrate, "ROUTE_LAYER", SMALL_LAYER)
+    monkeypatch.setattr(cost, "machine_model_path", lambda: path)
+    monkeypatch.setattr(calibrate, "machine_model_path", lambda: path)
+    monkeypatch.delenv("KCPRNN_COST_MODEL")
+    cost.forget_machine_model()
+    try:
+        assert cost.default_cost_model() == CostModel()
+        assert cli.main(["calibrate", "--budget", "0.01", "--save"]) == 0
+        captured = capsys.readouterr()
+        printed = CostModel.from_dict(json.loads(captured.out))
+        assert str(path) in captured.err
+        assert CostModel.load(path) == printed
+        assert cost.default_cost_model() == printed  # used from now on, in this process too
+        monkeypatch.setenv("KCPRNN_COST_MODEL", "builtin")
+        assert cost.default_cost_model() == CostModel()
+    finally:
+        cost.forget_machine_model()
 
 
 def test_raw_measurements_are_printed_as_json(capsys, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kcprnn import cli
-from kcprnn._cpu import native
+from kcprnn._cpu import cost, native
 from kcprnn._cpu.cost import CostModel, default_cost_model
 from kcprnn.formats.kcp import KCPMatrix, kcp_plan
 from kcprnn.formats.kcp.layout import GatherMode
@@ -178,8 +178,61 @@ def test_default_cost_model_follows_the_environment(monkeypatch, tmp_path):
         )
     CostModel().replace(row=5.0).save(path)
     assert default_cost_model().row == 5.0  # read again when the file changes
-    monkeypatch.delenv("KCPRNN_COST_MODEL")
+    monkeypatch.setenv("KCPRNN_COST_MODEL", "builtin")
     assert default_cost_model() == CostModel()
+
+
+@pytest.fixture
+def machine_cache(monkeypatch, tmp_path):
+    """An empty kernel cache folder with no ``$KCPRNN_COST_MODEL``, looked up afresh."""
+    monkeypatch.setenv("KCPRNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KCPRNN_COST_MODEL")
+    cost.forget_machine_model()
+    yield tmp_path
+    cost.forget_machine_model()
+
+
+def test_this_machines_model_is_the_default_unless_the_environment_names_one(
+    machine_cache, monkeypatch
+):
+    assert default_cost_model() == CostModel()  # nothing saved yet
+    assert cost.default_cost_model_source() == "builtin"
+    path = cost.machine_model_path()
+    assert path.parent == machine_cache and path.name.startswith("cost-model-")
+    mine = CostModel().replace(row=77.0, rnn_dense_gru=1.5)
+    mine.save(path)
+    assert default_cost_model() == CostModel()  # looked up once per process ...
+    cost.forget_machine_model()
+    assert default_cost_model() == mine  # ... until told to look again
+    assert cost.default_cost_model_source() == str(path)
+    other = machine_cache / "other.json"
+    CostModel().replace(row=3.0).save(other)
+    monkeypatch.setenv("KCPRNN_COST_MODEL", str(other))
+    assert default_cost_model().row == 3.0 and cost.default_cost_model_source() == str(other)
+    monkeypatch.setenv("KCPRNN_COST_MODEL", "builtin")
+    assert default_cost_model() == CostModel() and cost.default_cost_model_source() == "builtin"
+
+
+def test_this_machines_model_is_keyed_by_cpu_and_torch_version(machine_cache, monkeypatch):
+    first = cost.machine_model_path()
+    cost._machine_key.cache_clear()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    try:
+        assert cost.machine_model_path() != first
+        assert cost.machine_model_path().parent == first.parent
+    finally:
+        cost._machine_key.cache_clear()
+
+
+def test_a_broken_machine_model_is_refused_naming_the_file(machine_cache):
+    path = cost.machine_model_path()
+    path.write_text('{"row": 1.0, "no_such_field": 2}')
+    with pytest.raises(ValueError, match="no_such_field") as info:
+        default_cost_model()
+    assert str(path) in str(info.value) and "kcprnn calibrate --save" in str(info.value)
+    path.write_text('{"row": ')  # cut short
+    with pytest.raises(ValueError, match=str(path)):
+        default_cost_model()
 
 
 def test_cost_model_values_are_hashable_and_compare_by_value():

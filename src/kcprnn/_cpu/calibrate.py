@@ -16,11 +16,13 @@ sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``), where oneDNN does,
 that the model prices the dense loop over torch's kernel as measured; the other fields are kept.
 ``--raw`` prints the measurements themselves. Usage::
 
-    kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--raw]
+    kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--save] [--raw]
     python -m kcprnn._cpu.calibrate ...
 
 The JSON it prints (or writes atomically with ``--out``) loads with :meth:`CostModel.load`;
-point ``$KCPRNN_COST_MODEL`` at the file to make it the default model.
+point ``$KCPRNN_COST_MODEL`` at the file to make it the default model, or pass ``--save`` to
+keep it where every later process on this CPU and torch version loads it by default
+(:func:`~.cost.machine_model_path`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, ops
-from .cost import CostModel
+from .cost import CostModel, forget_machine_model, machine_model_path
 
 if TYPE_CHECKING:
     from ..rnn.recurrent import RNNBase
@@ -318,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         "--raw", action="store_true", help="print the raw measurements instead of a model"
     )
     parser.add_argument("--out", help="also write the model to this file (atomically)")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="also keep the model as this machine's default: every later kcprnn process on this "
+        "CPU and torch version loads it unless $KCPRNN_COST_MODEL names another "
+        "(`builtin`: the defaults)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -329,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(model.to_dict(), indent=2))
     if args.out:
         model.save(args.out)
+    if args.save:
+        path = machine_model_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+        forget_machine_model()
+        print(f"saved as this machine's cost model: {path}", file=sys.stderr)
     return 0
 
 

@@ -4,14 +4,16 @@ frozen object.
 Costs are in multiply-accumulate equivalents (one MAC of a large float32 GEMM = 1). The defaults
 were measured on a 2-core x86-64 CPU (AVX-512) with torch 2.13 at 2 threads; ``kcprnn calibrate``
 measures the machine it runs on and prints a model to pass in (``KCPMatrix(..., cost_model=m)``,
-or :func:`CostModel.load` of its JSON). How each default was measured is recorded beside the
-benchmark results (``benchmarks/results/cost-model/``).
+or :func:`CostModel.load` of its JSON); with ``--save`` it keeps the model where every later
+process on this machine loads it by default (:func:`machine_model_path`). How each default was
+measured is recorded beside the benchmark results (``benchmarks/results/cost-model/``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +23,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CostModel", "default_cost_model"]
+__all__ = [
+    "BUILTIN",
+    "CostModel",
+    "default_cost_model",
+    "default_cost_model_source",
+    "forget_machine_model",
+    "machine_model_path",
+]
 
 
 @dataclass(frozen=True)
@@ -275,14 +284,73 @@ def _without_fast_paths(model: CostModel) -> CostModel:
 
 _LOADED: dict[str, tuple[tuple[int, int], CostModel]] = {}  # path -> ((mtime, size), model)
 
+BUILTIN = "builtin"
+"""``KCPRNN_COST_MODEL=builtin`` uses the built-in defaults even where this machine has a model."""
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_key() -> str:
+    from .native import _cpu_signature
+
+    text = _cpu_signature() + "\n" + torch.__version__
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def machine_model_path() -> Path:
+    """Where ``kcprnn calibrate --save`` keeps this machine's model and :func:`default_cost_model`
+    looks for it: in the kernel cache folder (``$KCPRNN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/kcprnn``, else ``~/.cache/kcprnn``), named by a hash of the CPU's model and
+    flags and torch's version, so that another CPU or another torch sharing the folder does not
+    read it."""
+    from .native import cache_dir
+
+    return cache_dir() / f"cost-model-{_machine_key()}.json"
+
+
+_MACHINE: list[
+    CostModel
+] = []  # this machine's model once looked up: [model] (the defaults if none)
+
+
+def forget_machine_model() -> None:
+    """Look for this machine's model file again at the next :func:`default_cost_model` (after
+    ``kcprnn calibrate --save`` wrote it, or a test removed it)."""
+    _MACHINE.clear()
+
+
+def _load_machine_model(file: Path) -> CostModel:
+    if not file.is_file():
+        return _DEFAULT
+    try:
+        return CostModel.load(file)
+    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(
+            f"this machine's cost model {file} does not load ({error}); run `kcprnn calibrate "
+            "--save` again or remove the file"
+        ) from error
+
+
+def default_cost_model_source() -> str:
+    """Where :func:`default_cost_model` takes its model from: the file it reads, or ``builtin``."""
+    path = os.environ.get("KCPRNN_COST_MODEL")
+    if path:
+        return path
+    default_cost_model()
+    return BUILTIN if _MACHINE[0] is _DEFAULT else str(machine_model_path())
+
 
 def default_cost_model() -> CostModel:
-    """The model used where none is passed: ``$KCPRNN_COST_MODEL`` (a JSON file written by
-    ``kcprnn calibrate --out`` or :meth:`CostModel.save`) if set, else the built-in defaults.
-    The file is read again only when it changes."""
+    """The model used where none is passed: ``$KCPRNN_COST_MODEL`` if set (a JSON file written by
+    ``kcprnn calibrate --out`` or :meth:`CostModel.save`, read again when it changes; or
+    ``builtin`` for the defaults), else this machine's model (:func:`machine_model_path`, written
+    by ``kcprnn calibrate --save``; looked up once per process), else the built-in defaults."""
     path = os.environ.get("KCPRNN_COST_MODEL")
-    if not path:
+    if path == BUILTIN:
         return _DEFAULT
+    if not path:
+        if not _MACHINE:
+            _MACHINE.append(_load_machine_model(machine_model_path()))
+        return _MACHINE[0]
     status = os.stat(path)
     stamp = (status.st_mtime_ns, status.st_size)
     kept = _LOADED.get(path)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._cpu import cost
 from ..formats import FORMATS
 from .cases import (
     PEER_FORMATS,
@@ -94,6 +95,14 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
             "enabled": bool(torch.backends.opt_einsum.enabled),
         },
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cost_model": {  # where `auto`'s prices come from, and what differs from the defaults
+            "source": cost.default_cost_model_source(),
+            "changed": {
+                name: value
+                for name, value in cost.default_cost_model().to_dict().items()
+                if value != getattr(cost.CostModel(), name)
+            },
+        },
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
