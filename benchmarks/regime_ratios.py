@@ -20,9 +20,12 @@ from typing import Any
 PHASES = ("forward", "forward_backward")
 
 
+STAT = "median_ms"  # or "min_ms" (--stat min): the fastest round, steadier on a noisy machine
+
+
 def _median(case: dict[str, Any], phase: str) -> float | None:
     found = case.get(phase)
-    return found.get("median_ms") if isinstance(found, dict) else None
+    return found.get(STAT) if isinstance(found, dict) else None
 
 
 def _ratio_text(ratios: list[float]) -> str:
@@ -83,8 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--noise", type=float, default=0.95, help="also count the ratios below this (0.95)"
     )
+    parser.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="each case's median round (default) or its fastest",
+    )
     parser.add_argument("--worst", type=int, default=10, help="list this many lowest ratios")
     args = parser.parse_args(argv)
+    global STAT
+    STAT = args.stat + "_ms"
     with open(args.json) as f:
         data = json.load(f)
     lines, every = summarize(data)
