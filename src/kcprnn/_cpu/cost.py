@@ -307,9 +307,8 @@ def machine_model_path() -> Path:
     return cache_dir() / f"cost-model-{_machine_key()}.json"
 
 
-_MACHINE: list[
-    CostModel
-] = []  # this machine's model once looked up: [model] (the defaults if none)
+# this machine's model once looked up: [model] (the defaults where it has none)
+_MACHINE: list[CostModel] = []
 
 
 def forget_machine_model() -> None:
