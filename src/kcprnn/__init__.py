@@ -35,6 +35,7 @@ from .layers import (
     TTLinear,
     TuckerLinear,
 )
+from .optim import param_groups
 from .rnn import GRU, LSTM, RNN, GRUCell, LayerSummary, LSTMCell, ModelSummary, RNNCell, summary
 from .shapes import balanced_factors
 
@@ -73,6 +74,7 @@ __all__ = [
     "default_cost_model",
     "load",
     "make_matrix",
+    "param_groups",
     "save",
     "summary",
     "__version__",

@@ -187,3 +187,64 @@ def test_training_run_uses_weight_decay(tmp_path, _source_images):
         norms[wd] = float(model.weight_ih.to_dense().detach().norm())
     # the same seed and batches: only the decay differs, and 5 steps of (1 - 0.05) shrink W_ih
     assert norms[5.0] < norms[0.0]
+
+
+def _is_tt(name):  # the TT model's W_ih cores (every other matrix is dense)
+    return ".weight_ih." in name and "cores" in name
+
+
+def test_format_lr_moves_each_formats_factors_at_its_own_rate():
+    lr = 0.01
+    model = _model(True, "tt")
+    cfg = load_config(None, ["--lr=0.01", "--format_lr.tt=0.25"])
+    assert cfg.format_lr == {"tt": 0.25}
+    opt = make_optimizer(cfg, model)
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("other", lr), ("tt", lr / 4)]
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    assert sum(map(_is_tt, names)) == 4  # two directions, two cores each
+    before, grads = _one_step(opt, model)
+    for n, p in model.named_parameters():
+        rate = lr / 4 if _is_tt(n) else lr
+        expected = before[n] - _adam_first_step(rate, grads[n])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_format_lr_next_to_ih_lr_leaves_the_input_matrices_to_ih_lr():
+    model = _model(False, "tt")
+    opt = make_optimizer(Config(lr=0.01, ih_lr=1e-4, format_lr={"tt": 0.5, "dense": 2.0}), model)
+    by_name = {g.get("name", "ih"): g for g in opt.param_groups}
+    assert by_name["ih"]["lr"] == 1e-4 and by_name["dense"]["lr"] == 0.02
+    assert "tt" not in by_name  # its only matrix is the input one, which ih_lr takes
+    ih_ids = {id(p) for p in by_name["ih"]["params"]}
+    assert ih_ids == {id(p) for n, p in model.named_parameters() if _is_ih(n)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("--format_lr.nope=0.5", "nope"), ("--format_lr.ht=0", "ht=0"), ("--format_lr.ht=-1", "-1")],
+)
+def test_bad_format_lr_is_refused_naming_it(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_param_groups_validates_and_shares_nothing_twice():
+    import kcprnn
+
+    torch.manual_seed(0)
+    model = kcprnn.LSTM(8, 16, format="tt", hidden_format="ht", bidirectional=True)
+    groups = kcprnn.param_groups(model, 0.1, format_lr={"ht": 1 / 3, "kcp": 2.0})
+    assert [g["name"] for g in groups] == ["other", "ht"]  # no KCP matrix: no empty group
+    assert groups[1]["lr"] == pytest.approx(0.1 / 3)
+    ht = [
+        p for m in model.modules() if getattr(m, "format_name", "") == "ht" for p in m.parameters()
+    ]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in ht}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each exactly once
+    with pytest.raises(ValueError, match="unknown format 'nope'"):
+        kcprnn.param_groups(model, 0.1, format_lr={"nope": 1.0})
+    with pytest.raises(ValueError, match="ht=nan"):
+        kcprnn.param_groups(model, 0.1, format_lr={"ht": float("nan")})

@@ -122,6 +122,8 @@ class Config:
     lr: float = 1e-4  # Adam; the paper: 1e-4 for UCF11/UCF50, 1e-3 for YouTube Celebrities
     grad_clip: float = 0.0  # clip the gradient's global norm to this before each step; 0 = off
     ih_lr: float = 0.0  # Adam lr of the first layer's input-to-hidden matrices; 0 = lr
+    # each named format's factors at lr times its factor, e.g. {ht = 0.333} (kcprnn.param_groups)
+    format_lr: dict = field(default_factory=dict)
     # constant: every step at lr | cosine: each parameter group's rate follows half a cosine
     # from its lr at the first optimizer step to 0 after the last of all epochs
     lr_schedule: str = "constant"
@@ -207,6 +209,14 @@ class Config:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
+        for name, factor in self.format_lr.items():
+            if name not in FORMATS or not (
+                isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0
+            ):
+                raise ConfigError(
+                    f"format_lr: {name}={factor!r} needs a format among {sorted(FORMATS)} and "
+                    "a finite factor > 0"
+                )
         if self.distill and not (self.teacher or self.init_from):
             raise ConfigError(
                 f"distill={self.distill} needs a teacher: set teacher (or init_from) to a "
@@ -353,11 +363,13 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--key=value`` strings (``--format_options.KEY=value`` for a format option)."""
+    """Apply ``--key=value`` strings (``--format_options.KEY=value`` for a format option,
+    ``--format_lr.FORMAT=factor`` for a format's rate)."""
     values = {
         **values,
         "format_options": dict(values.get("format_options", {})),
         "hidden_options": dict(values.get("hidden_options", {})),
+        "format_lr": dict(values.get("format_lr", {})),
     }
     for item in overrides:
         m = re.fullmatch(r"--([\w.]+)=(.*)", item, flags=re.S)
@@ -366,7 +378,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, text = m.groups()
         value = _parse_value(text)
         table, _, option = key.partition(".")
-        if option and table in ("format_options", "hidden_options"):
+        if option and table in ("format_options", "hidden_options", "format_lr"):
             values[table][option] = _tupled(value)
         else:
             values[key] = _coerce(key, value, f"override {item!r}")

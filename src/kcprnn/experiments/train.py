@@ -47,6 +47,7 @@ from ..data import (
     stratified_split,
 )
 from ..data.fsdd import FSDDSplits, load_fsdd
+from ..optim import param_groups
 from .config import (
     FSDD_DATASETS,
     SPEECH_DATASETS,
@@ -347,24 +348,22 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
 
 
 def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.optim.Optimizer:
-    """Adam over every parameter of ``model`` at ``cfg.lr``; with ``cfg.ih_lr > 0`` the first
-    layer's input-to-hidden matrices (every direction; the matrices that read the frames) form a
-    second parameter group at ``cfg.ih_lr``; with ``cfg.weight_decay > 0`` AdamW, whose every
-    parameter (weights, factor cores, biases) also shrinks by ``lr * weight_decay`` of itself
-    at each step."""
-    groups: list[dict[str, Any]]
+    """Adam over every parameter of ``model`` at ``cfg.lr``; the factors of each format in
+    ``cfg.format_lr`` in a group of its own at ``cfg.lr`` times its factor
+    (:func:`kcprnn.param_groups`); with ``cfg.ih_lr > 0`` the first layer's input-to-hidden
+    matrices (every direction; the matrices that read the frames) in a group at ``cfg.ih_lr``;
+    with ``cfg.weight_decay > 0`` AdamW, whose every parameter (weights, factor cores, biases)
+    also shrinks by ``lr * weight_decay`` of itself at each step."""
+    ih: list[torch.nn.Parameter] = []
     if cfg.ih_lr:
         rnn = model.rnn
-        ih = [
-            p
-            for direction in range(rnn.num_directions)
-            for p in rnn.cell(0, direction).weight_ih.parameters()
-        ]
-        ih_ids = {id(p) for p in ih}
-        rest = [p for p in model.parameters() if id(p) not in ih_ids]
-        groups = [{"params": rest}, {"params": ih, "lr": cfg.ih_lr}]
-    else:
-        groups = [{"params": list(model.parameters())}]
+        ih = [p for d in range(rnn.num_directions) for p in rnn.cell(0, d).weight_ih.parameters()]
+    groups: list[dict[str, Any]]
+    groups = [{"params": [p for p in model.parameters() if all(p is not q for q in ih)]}]
+    if cfg.format_lr:
+        groups = param_groups(model, cfg.lr, format_lr=cfg.format_lr, exclude=ih)
+    if ih:
+        groups.append({"params": ih, "lr": cfg.ih_lr})
     if cfg.weight_decay:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(groups, lr=cfg.lr)
