@@ -43,7 +43,8 @@ def param_groups(
     for name, factor in scales.items():
         if name not in FORMATS:
             raise ValueError(f"format_lr: unknown format {name!r}; known: {sorted(FORMATS)}")
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        if not (number and math.isfinite(factor) and factor > 0):
             raise ValueError(f"format_lr: {name}={factor!r} must be a finite number > 0")
     seen = {id(p) for p in exclude}
     by_format: dict[str, list[nn.Parameter]] = {name: [] for name in scales}

@@ -223,7 +223,14 @@ def test_format_lr_next_to_ih_lr_leaves_the_input_matrices_to_ih_lr():
 
 @pytest.mark.parametrize(
     ("override", "match"),
-    [("--format_lr.nope=0.5", "nope"), ("--format_lr.ht=0", "ht=0"), ("--format_lr.ht=-1", "-1")],
+    [
+        ("--format_lr.nope=0.5", "nope"),
+        ("--format_lr.ht=0", "ht=0"),
+        ("--format_lr.ht=-1", "-1"),
+        ("--format_lr.ht=true", "ht=True"),
+        ("--format_lr.ht=inf", "ht=inf"),
+        ("--format_lr=0.5", "must be of type dict"),
+    ],
 )
 def test_bad_format_lr_is_refused_naming_it(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -246,5 +253,6 @@ def test_param_groups_validates_and_shares_nothing_twice():
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each exactly once
     with pytest.raises(ValueError, match="unknown format 'nope'"):
         kcprnn.param_groups(model, 0.1, format_lr={"nope": 1.0})
-    with pytest.raises(ValueError, match="ht=nan"):
-        kcprnn.param_groups(model, 0.1, format_lr={"ht": float("nan")})
+    for bad in (float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=f"ht={bad!r}"):
+            kcprnn.param_groups(model, 0.1, format_lr={"ht": bad})

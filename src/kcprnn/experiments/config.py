@@ -211,7 +211,10 @@ class Config:
                 raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
         for name, factor in self.format_lr.items():
             if name not in FORMATS or not (
-                isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0
+                isinstance(factor, (int, float))
+                and not isinstance(factor, bool)
+                and math.isfinite(factor)
+                and factor > 0
             ):
                 raise ConfigError(
                     f"format_lr: {name}={factor!r} needs a format among {sorted(FORMATS)} and "
