@@ -19,7 +19,19 @@ from torch import nn
 
 from .formats import FORMATS, FactorizedMatrix
 
-__all__ = ["param_groups"]
+__all__ = ["check_format_lr", "param_groups"]
+
+
+def check_format_lr(format_lr: Mapping[str, Any]) -> dict[str, float]:
+    """``format_lr`` as a plain dict, checked: every key a registered format, every factor a
+    finite number above 0 (not a bool); ``ValueError`` naming the first that is not."""
+    for name, factor in format_lr.items():
+        if name not in FORMATS:
+            raise ValueError(f"format_lr: unknown format {name!r}; known: {sorted(FORMATS)}")
+        number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        if not (number and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"format_lr: {name}={factor!r} must be a finite number > 0")
+    return dict(format_lr)
 
 
 def param_groups(
@@ -36,16 +48,9 @@ def param_groups(
     or ``"other"``); empty groups are left out. A parameter shared by two matrices goes to the
     first group that reaches it.
 
-    Raises ``ValueError`` for a format name that is not a registered format, or a factor that is
-    not a finite number above 0.
+    Raises ``ValueError`` as :func:`check_format_lr` does.
     """
-    scales = dict(format_lr or {})
-    for name, factor in scales.items():
-        if name not in FORMATS:
-            raise ValueError(f"format_lr: unknown format {name!r}; known: {sorted(FORMATS)}")
-        number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
-        if not (number and math.isfinite(factor) and factor > 0):
-            raise ValueError(f"format_lr: {name}={factor!r} must be a finite number > 0")
+    scales = check_format_lr(format_lr or {})
     seen = {id(p) for p in exclude}
     by_format: dict[str, list[nn.Parameter]] = {name: [] for name in scales}
     for sub in module.modules():

@@ -97,11 +97,11 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cost_model": {  # where `auto`'s prices come from, and what differs from the defaults
             "source": cost.default_cost_model_source(),
-            "changed": {
-                name: value
-                for name, value in cost.default_cost_model().to_dict().items()
-                if value != getattr(cost.CostModel(), name)
-            },
+            "changed": dict(
+                sorted(
+                    cost.default_cost_model().to_dict().items() - cost.CostModel().to_dict().items()
+                )
+            ),
         },
     }
     if device.type == "cuda":

@@ -166,6 +166,7 @@ class Config:
             )
         _check_choice(self.dataset, DATASETS, "dataset")
         from ..formats import FORMATS  # registered by importing kcprnn.formats
+        from ..optim import check_format_lr
 
         _check_choice(self.format, tuple(FORMATS), "format")
         _check_choice(self.hidden_format, tuple(FORMATS), "hidden_format")
@@ -209,17 +210,10 @@ class Config:
             value = getattr(self, key)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{key} must be a finite number >= 0, got {key}={value}")
-        for name, factor in self.format_lr.items():
-            if name not in FORMATS or not (
-                isinstance(factor, (int, float))
-                and not isinstance(factor, bool)
-                and math.isfinite(factor)
-                and factor > 0
-            ):
-                raise ConfigError(
-                    f"format_lr: {name}={factor!r} needs a format among {sorted(FORMATS)} and "
-                    "a finite factor > 0"
-                )
+        try:
+            check_format_lr(self.format_lr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.distill and not (self.teacher or self.init_from):
             raise ConfigError(
                 f"distill={self.distill} needs a teacher: set teacher (or init_from) to a "

@@ -359,9 +359,10 @@ def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.o
         rnn = model.rnn
         ih = [p for d in range(rnn.num_directions) for p in rnn.cell(0, d).weight_ih.parameters()]
     groups: list[dict[str, Any]]
-    groups = [{"params": [p for p in model.parameters() if all(p is not q for q in ih)]}]
     if cfg.format_lr:
         groups = param_groups(model, cfg.lr, format_lr=cfg.format_lr, exclude=ih)
+    else:  # the rest of the parameters, in their order
+        groups = [{"params": [p for p in model.parameters() if all(p is not q for q in ih)]}]
     if ih:
         groups.append({"params": ih, "lr": cfg.ih_lr})
     if cfg.weight_decay:
