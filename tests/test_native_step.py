@@ -1,9 +1,10 @@
 """The compiled cell step (kcprnn/_cpu/native_rnn.cpp, kcprnn_step; kcprnn._cpu.native_step)
 and the cells' use of it without gradients: LSTM, GRU and Elman (tanh, relu) steps with KCP and
 CP weights (W_ih only, W_hh only, both; several terms; three factors), with and without bias, on
-1 and 3 rows, against torch's cells in float64 on the same weights rebuilt dense; the prepared
-step followed through in-place updates, load_state_dict, .data swaps and replaced parameters;
-and the torch ops that run the same step where the kernel is off (KCPRNN_NATIVE=0)."""
+1 and 3 rows, against torch's cells in float64 on the same weights rebuilt dense; the activations
+over their whole range in vector lanes and tails; the prepared step followed through in-place
+updates, load_state_dict, .data swaps and replaced parameters; and the torch ops that run the
+same step where the kernel is off (KCPRNN_NATIVE=0)."""
 
 from __future__ import annotations
 
@@ -137,6 +138,30 @@ def test_strided_input_and_states(forced):
     x = torch.randn(INPUT, 3).t()  # (3, INPUT), column-major
     state = tuple(torch.randn(HIDDEN, 3).t() for _ in range(2))
     _assert_close(_step(cell, "LSTM", x, state), _reference(cell, "LSTM", x, state))
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_activations_over_their_range_in_vector_lanes_and_tails(mode, forced):
+    """Pre-activations from -120 to 120 (the exp's and tanh's clamps), around zero (tanh's
+    small-argument branch) and exactly zero, at a hidden size of 21: whole vectors of 8 and 16
+    lanes and a scalar tail. The weights barely move the gates; the biases set them."""
+    torch.manual_seed(3)
+    hidden = 21
+    cls, extra = CELLS[mode]
+    cell = cls(INPUT, hidden, format="kcp", hidden_format="kcp", rank=2, **extra)
+    gates = cell.bias_ih.numel()
+    edges = torch.tensor([0.0, 1e-6, -1e-6, 3e-4, -3e-4, 5e-4, -5e-4, 7.9, -7.9, 8.0, -8.0])
+    edges = torch.cat([edges, torch.tensor([87.9, -87.9, 88.5, -88.5, 120.0, -120.0])])
+    values = torch.cat([edges, torch.linspace(-30, 30, gates - edges.numel())])
+    with torch.no_grad():
+        cell.bias_ih.copy_(values[torch.randperm(gates)])
+        cell.bias_hh.zero_()
+    x = 1e-4 * torch.randn(3, INPUT)
+    state = tuple(1e-4 * torch.randn(3, hidden) for _ in range(2 if mode == "LSTM" else 1))
+    got, want = _step(cell, mode, x, state), _reference(cell, mode, x, state)
+    assert all(torch.isfinite(g).all() for g in got)
+    _assert_close(got, want)
+    assert forced == [mode]
 
 
 def _changes(cell, other):

@@ -213,10 +213,16 @@ def test_this_machines_model_is_the_default_unless_the_environment_names_one(
     assert default_cost_model() == CostModel() and cost.default_cost_model_source() == "builtin"
 
 
-def test_this_machines_model_is_keyed_by_cpu_and_torch_version(machine_cache, monkeypatch):
+@pytest.mark.parametrize("change", ["torch", "kernels"])
+def test_this_machines_model_is_keyed_by_cpu_torch_and_kernels(machine_cache, monkeypatch, change):
     first = cost.machine_model_path()
     cost._machine_key.cache_clear()
-    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    else:  # a kernel source edited
+        edited = machine_cache / "native_cells.h"
+        edited.write_bytes(native.HEADERS[-1].read_bytes() + b"\n// edited\n")
+        monkeypatch.setattr(native, "HEADERS", (*native.HEADERS[:-1], edited))
     try:
         assert cost.machine_model_path() != first
         assert cost.machine_model_path().parent == first.parent

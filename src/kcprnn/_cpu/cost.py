@@ -290,9 +290,9 @@ BUILTIN = "builtin"
 
 @functools.lru_cache(maxsize=1)
 def _machine_key() -> str:
-    from .native import _cpu_signature
+    from .native import _cpu_signature, sources_digest
 
-    text = _cpu_signature() + "\n" + torch.__version__
+    text = _cpu_signature() + "\n" + torch.__version__ + "\n" + sources_digest()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -300,8 +300,8 @@ def machine_model_path() -> Path:
     """Where ``kcprnn calibrate --save`` keeps this machine's model and :func:`default_cost_model`
     looks for it: in the kernel cache folder (``$KCPRNN_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/kcprnn``, else ``~/.cache/kcprnn``), named by a hash of the CPU's model and
-    flags and torch's version, so that another CPU or another torch sharing the folder does not
-    read it."""
+    flags, torch's version and the kernels' sources, so that another CPU, another torch or
+    other kernels (whose speed the prices measured) sharing the folder do not read it."""
     from .native import cache_dir
 
     return cache_dir() / f"cost-model-{_machine_key()}.json"

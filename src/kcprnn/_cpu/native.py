@@ -141,6 +141,13 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def sources_digest() -> str:
+    """A hash of the kernels' source files (:data:`SOURCES` and :data:`HEADERS`): what the
+    prices measured on them (a calibrated cost model) depend on besides the CPU."""
+    sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
+    return hashlib.sha256(b"\0".join(sources)).hexdigest()[:16]
+
+
 def build_timeout() -> float:
     """Seconds the compiler may run: ``$KCPRNN_BUILD_TIMEOUT``, else :data:`BUILD_TIMEOUT`."""
     value = os.environ.get("KCPRNN_BUILD_TIMEOUT")

@@ -48,16 +48,18 @@ static void set_product(i64 n, float* R g, const float* R a, const int32_t* R oi
 
 static void lstm_cell(i64 h, float* R g, const float* R cp, float* R c, float* R tc,
                       float* R hn) {
-  for (i64 j = 0; j < 2 * h; j++) g[j] = sigmoid_(g[j]);
-  for (i64 j = 2 * h; j < 3 * h; j++) g[j] = tanh_(g[j]);
-  for (i64 j = 3 * h; j < 4 * h; j++) g[j] = sigmoid_(g[j]);
-  for (i64 k = 0; k < h; k++) {
-    float cv = g[h + k] * cp[k] + g[k] * g[2 * h + k];
-    c[k] = cv;
-    float tv = tanh_(cv);
-    tc[k] = tv;
-    hn[k] = g[3 * h + k] * tv;
-  }
+  lanes(2 * h, [=](auto t, i64 j) { st(g + j, sigmoid_(ld(t, g + j))); });
+  float* R gg = g + 2 * h;
+  float* R go = g + 3 * h;
+  lanes(h, [=](auto t, i64 j) { st(gg + j, tanh_(ld(t, gg + j))); });
+  lanes(h, [=](auto t, i64 j) { st(go + j, sigmoid_(ld(t, go + j))); });
+  lanes(h, [=](auto t, i64 k) {
+    auto cv = ld(t, g + h + k) * ld(t, cp + k) + ld(t, g + k) * ld(t, gg + k);
+    auto tv = tanh_(cv);
+    st(c + k, cv);
+    st(tc + k, tv);
+    st(hn + k, ld(t, go + k) * tv);
+  });
 }
 
 // dh: the gradient of h (without grad_h's share, added here); dc: of c, replaced by c_prev's
@@ -78,12 +80,14 @@ static void lstm_cell_back(i64 h, const float* R g, const float* R tc, const flo
 
 static void gru_cell(i64 h, const float* R x, const float* R g, const float* R hp, float* R rz,
                      float* R n, float* R hn) {
-  for (i64 j = 0; j < 2 * h; j++) rz[j] = sigmoid_(x[j] + g[j]);
-  for (i64 k = 0; k < h; k++) {
-    float nv = tanh_(x[2 * h + k] + rz[k] * g[2 * h + k]);
-    n[k] = nv;
-    hn[k] = nv + rz[h + k] * (hp[k] - nv);
-  }
+  lanes(2 * h, [=](auto t, i64 j) {
+    st(rz + j, sigmoid_(ld(t, x + j) + ld(t, g + j)));
+  });
+  lanes(h, [=](auto t, i64 k) {
+    auto nv = tanh_(ld(t, x + 2 * h + k) + ld(t, rz + k) * ld(t, g + 2 * h + k));
+    st(n + k, nv);
+    st(hn + k, nv + ld(t, rz + h + k) * (ld(t, hp + k) - nv));
+  });
 }
 
 // dh: the gradient of h, grad_h's share added here, replaced by z times it (the direct path)
@@ -110,7 +114,7 @@ static void rnn_act(i64 n, float* R p, int relu) {
   if (relu)
     for (i64 j = 0; j < n; j++) p[j] = p[j] > 0.0f ? p[j] : 0.0f;
   else
-    for (i64 j = 0; j < n; j++) p[j] = tanh_(p[j]);
+    lanes(n, [=](auto t, i64 j) { st(p + j, tanh_(ld(t, p + j))); });
 }
 
 static void rnn_back(i64 n, const float* R hs, const float* R dh, const float* R gh, float* R d,
