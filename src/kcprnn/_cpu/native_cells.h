@@ -80,9 +80,7 @@ static void lstm_cell_back(i64 h, const float* R g, const float* R tc, const flo
 
 static void gru_cell(i64 h, const float* R x, const float* R g, const float* R hp, float* R rz,
                      float* R n, float* R hn) {
-  lanes(2 * h, [=](auto t, i64 j) {
-    st(rz + j, sigmoid_(ld(t, x + j) + ld(t, g + j)));
-  });
+  lanes(2 * h, [=](auto t, i64 j) { st(rz + j, sigmoid_(ld(t, x + j) + ld(t, g + j))); });
   lanes(h, [=](auto t, i64 k) {
     auto nv = tanh_(ld(t, x + 2 * h + k) + ld(t, rz + k) * ld(t, g + 2 * h + k));
     st(n + k, nv);
@@ -120,7 +118,10 @@ static void rnn_act(i64 n, float* R p, int relu) {
 static void rnn_back(i64 n, const float* R hs, const float* R dh, const float* R gh, float* R d,
                      int relu) {
   if (relu)
-    for (i64 j = 0; j < n; j++) d[j] = hs[j] > 0.0f ? dh[j] + gh[j] : 0.0f;
+    lanes(n, [=](auto t, i64 j) {  // a select: GCC leaves the float version's branch scalar
+      auto zero = splat<decltype(t)>(0.0f);
+      st(d + j, ld(t, hs + j) > zero ? ld(t, dh + j) + ld(t, gh + j) : zero);
+    });
   else
     for (i64 j = 0; j < n; j++) d[j] = (dh[j] + gh[j]) * (1.0f - hs[j] * hs[j]);
 }
