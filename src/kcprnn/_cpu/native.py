@@ -185,13 +185,9 @@ def build(flags: tuple[str, ...] = FLAGS, directory: Path | None = None) -> Path
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is for x86-64 CPUs, this one is {platform.machine()!r}")
     timeout = build_timeout()
-    sources = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
     version = _run([cxx, "--version"], timeout).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            [*sources, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()]
-        )
-    ).hexdigest()[:16]
+    parts = [sources_digest(), " ".join(flags), version, _cpu_signature()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     directory = cache_dir() if directory is None else Path(directory)
     target = directory / f"tall-{key}.so"
     if target.exists():

@@ -33,13 +33,10 @@ typedef int32_t vi __attribute__((vector_size(W * 4)));
 // activations, each one template for a float and for a vector of W floats (explicit vectors:
 // GCC leaves the float versions' clamps as branches and does not vectorize their loops)
 
+// s, or s in every lane
 template <class T>
 static inline T splat(float s) {
-  return s;
-}
-template <>
-inline vf splat<vf>(float s) {
-  return (vf){} + s;
+  return T{} + s;
 }
 
 // the W floats at p (t a vector), or the one float at p; overloads rather than a template on

@@ -358,11 +358,7 @@ def make_optimizer(cfg: Config, model: SequenceClassifier | CTCModel) -> torch.o
     if cfg.ih_lr:
         rnn = model.rnn
         ih = [p for d in range(rnn.num_directions) for p in rnn.cell(0, d).weight_ih.parameters()]
-    groups: list[dict[str, Any]]
-    if cfg.format_lr:
-        groups = param_groups(model, cfg.lr, format_lr=cfg.format_lr, exclude=ih)
-    else:  # the rest of the parameters, in their order
-        groups = [{"params": [p for p in model.parameters() if all(p is not q for q in ih)]}]
+    groups = param_groups(model, cfg.lr, format_lr=cfg.format_lr, exclude=ih)
     if ih:
         groups.append({"params": ih, "lr": cfg.ih_lr})
     if cfg.weight_decay:
