@@ -1,7 +1,8 @@
-"""KCP's factor matrix on the compiled kernel (``kcprnn._cpu.native_factor``) against an einsum
-over the CP factors in float64: values, gradients, gradcheck and second derivatives, several
-factors in one node, backward passes through one build, in-place changes, and where it must
-not run (traced, transformed, other dtypes, too large)."""
+"""KCP's factor matrix in one autograd node (``kcprnn._cpu.native_factor``), on the compiled
+kernel and by GEMMs, against an einsum over the CP factors in float64: values, gradients,
+gradcheck and second derivatives, several factors in one node (the kernel's and the GEMMs'
+together), backward passes through one build, in-place changes, and where each must not run
+(traced, transformed, other dtypes, too large for the kernel)."""
 
 from __future__ import annotations
 
@@ -139,10 +140,12 @@ def test_where_it_does_not_run():
     assert native_factor.applies(_factor(1, 65, [(4, 8), (4, 4), (4, 1), (4, 1)]))
     assert not native_factor.applies(_factor(1, 130, [(4, 8), (4, 4), (4, 1), (4, 1)]))
     assert not native_factor.applies(_factor(1, 2, [(8, 15), (16, 16)]))  # 61,440 in two modes
-    torch.testing.assert_close(factor_dense(big), _einsum(big))  # on torch operations
+    assert native_factor.in_one_node(big)  # by GEMMs in the node
+    torch.testing.assert_close(factor_dense(big), _einsum(big))
 
     def traced(*fs):
         assert not native_factor.applies(list(fs))
+        assert not native_factor.in_one_node(list(fs))
         return factor_dense(list(fs))
 
     # torch.func transforms and a dispatch mode (make_fx) trace the torch operations
@@ -154,10 +157,101 @@ def test_where_it_does_not_run():
     torch.testing.assert_close(graph(*factor), _einsum(factor))
 
 
-def test_without_the_kernel_the_torch_operations_run(monkeypatch):
+def test_without_the_kernel_nor_the_gemms_the_torch_operations_run(monkeypatch):
     factor = _factor(2, 3, [(2, 3), (3, 2)])
     monkeypatch.setattr(native_factor, "MAX_WORK", 0)
+    monkeypatch.setattr(native_factor, "GEMMS", False)
+    assert not native_factor.in_one_node(factor)
     got = factor_dense(factor)
     assert "FactorDense" not in type(got.grad_fn).__name__
     torch.testing.assert_close(got, factor_dense_torch(factor))
     torch.testing.assert_close(got, _einsum(factor))
+
+
+# --- the GEMMs: factors the kernel does not take ------------------------------------------
+
+GEMM_SHAPES = SHAPES + [
+    (1, 9, [(4, 8), (8, 4), (8, 1), (4, 1)]),  # the default speech cell's W_hh factor, rank 9
+    (2, 4, [(1, 1), (3, 2), (2, 5)]),  # a mode of one entry
+]
+
+
+@pytest.fixture
+def gemms(monkeypatch):
+    """Every factor built by GEMMs in the node: the kernel takes none."""
+    monkeypatch.setattr(native_factor, "MAX_WORK", 0)
+
+
+@pytest.mark.parametrize(("p", "r", "modes"), GEMM_SHAPES)
+def test_the_gemms_match_an_einsum(gemms, p, r, modes):
+    factor = _factor(p, r, modes, seed=3)
+    assert native_factor.in_one_node(factor) and not native_factor.applies(factor)
+    got, want = factor_dense(factor), _einsum(factor)
+    assert "FactorDense" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    for a, b in zip(
+        torch.autograd.grad(got, factor, g), torch.autograd.grad(want, factor, g), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_gemms_in_float32_within_rounding_of_float64(gemms):
+    factor = _factor(1, 203, [(4, 8), (8, 4), (8, 1), (4, 1)], seed=4)
+    single = [f.detach().float().requires_grad_() for f in factor]
+    got, want = factor_dense(single), _einsum(factor)
+    scale = want.abs().max()
+    torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=1e-5)
+    g = torch.randn_like(want)
+    for a, b in zip(
+        torch.autograd.grad(got, single, g.float()),
+        torch.autograd.grad(want, factor, g),
+        strict=True,
+    ):
+        torch.testing.assert_close(a.double() / b.abs().max(), b / b.abs().max(), rtol=0, atol=1e-5)
+
+
+def test_the_gemms_gradcheck_second_derivatives_and_repeated_backward(gemms):
+    factor = _factor(2, 3, [(2, 3), (3, 1), (1, 2)], seed=5)
+
+    def fn(*fs):
+        return factor_dense(list(fs))
+
+    assert torch.autograd.gradcheck(fn, factor)
+    assert torch.autograd.gradgradcheck(fn, factor)
+    built = factor_dense(factor)  # one build, two losses each back-propagated once
+    for seed in (6, 7):
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randn(built.shape, dtype=built.dtype, generator=gen)
+        got = torch.autograd.grad((built * w).sum(), factor)
+        want = torch.autograd.grad((_einsum(factor) * w).sum(), factor)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        factor[0].mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"CP factor \(2, 3, 2, 3\).*modified by an inplace"):
+        built.sum().backward()
+
+
+def test_the_kernel_and_the_gemms_in_one_node(monkeypatch):
+    small = _factor(2, 3, [(2, 3), (3, 1)], seed=8)
+    large = _factor(1, 40, [(8, 8), (8, 8)], seed=9)  # 163,840: beyond the kernel's limit
+    assert native_factor.applies(small) and not native_factor.applies(large)
+    outs = factor_dense_all([small, large])
+    assert outs[0].grad_fn is outs[1].grad_fn
+    flat = small + large
+    weights = [torch.randn_like(o) for o in outs]
+
+    def loss(built):
+        return sum((o * w).sum() for o, w in zip(built, weights, strict=True))
+
+    got = torch.autograd.grad(loss(outs), flat)
+    want_outs = [_einsum(small), _einsum(large)]
+    want = torch.autograd.grad(loss(want_outs), flat)
+    for o, w in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(native_factor, "GEMMS", False)  # the large one on torch operations
+    assert not native_factor.in_one_node(large)
+    assert "FactorDense" not in type(factor_dense(large).grad_fn).__name__

@@ -3,8 +3,8 @@ reconstruction, and the cells' steps under autograd, which share one build of ea
 dense rebuild, or the factor matrices of a Kronecker sum) with its graph until a parameter
 changes: checked in float64 against steps on ``to_dense()`` rebuilt at every step, over
 sequences, repeated and separate backward passes, parameter changes, frozen parameters and
-second derivatives; each with KCP's factor matrices built on the compiled kernel and on torch
-operations."""
+second derivatives; each with KCP's factor matrices built on the compiled kernel, by GEMMs
+(both one node the steps share) and on torch operations (shared through ``_Shared``)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from kcprnn.rnn.kron import rebuild
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
+@pytest.fixture(autouse=True, params=["native", "gemms", "torch"])
 def factor_builds(request, monkeypatch):
-    """Every test with KCP's factor matrices built by the compiled kernel (one autograd node
-    the steps share directly) and on torch operations (shared through ``_Shared``)."""
-    if request.param == "torch":
+    """Every test with KCP's factor matrices built by the compiled kernel or by GEMMs (one
+    autograd node the steps share directly) and on torch operations (shared through
+    ``_Shared``)."""
+    if request.param != "native":
         monkeypatch.setattr(native_factor, "MAX_WORK", 0)
+        monkeypatch.setattr(native_factor, "GEMMS", request.param == "gemms")
     elif not native.available():
         pytest.skip("the compiled kernels are not built here")
     return request.param

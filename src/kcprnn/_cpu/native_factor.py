@@ -1,15 +1,17 @@
-"""Python side of the compiled KCP factor matrix (``native_factor.cpp``, built into the one
-library of :mod:`kcprnn._cpu.native`): ``A_p = Σ_r ⊗_d F_d[p, r]`` for one Kronecker factor,
-forward and backward each in one call, as one autograd node.
+"""KCP's factor matrices ``A_p = Σ_r ⊗_d F_d[p, r]`` of several Kronecker factors as one
+autograd node: each on the compiled kernel (``native_factor.cpp``, built into the one library of
+:mod:`kcprnn._cpu.native`; forward and backward each in one call) where it is small, else by
+two GEMMs (:func:`gemm_build`, :func:`gemm_grads`; torch operations without autograd nodes).
 
-On torch operations the same matrix is a few dozen small operators with their autograd nodes
-(:func:`kcprnn.formats.kcp.algebra.factor_dense_torch`), about 0.17 ms forward and backward
-for a cell's factor of a few thousand entries, whatever its size; a training step of a
-compressed cell builds several. :func:`applies` says where this one runs instead: plain
-float32 or float64 tensors on the CPU, no graph being traced (``torch.compile``,
-``torch.export``, a dispatch mode) or transformed (``torch.func``), small enough
-(:data:`MAX_WORK`), and the library built. A backward that records a graph (second
-derivatives) runs on torch operations.
+On torch operations with autograd the same matrix is a few dozen small operators and their
+nodes (:func:`kcprnn.formats.kcp.algebra.factor_dense_torch`), about 0.17 ms forward and
+backward for a cell's factor of a few thousand entries, whatever its size, and for a factor of
+a default cell's rank (hundreds) several milliseconds, mostly in reshapes, broadcasts and the
+autograd engine; a training step of a compressed cell builds several. :func:`in_one_node`
+says where the node runs: plain float32 or float64 tensors on the CPU, no graph being traced
+(``torch.compile``, ``torch.export``, a dispatch mode) or transformed (``torch.func``);
+:func:`applies` which factors take the kernel (small enough, :data:`MAX_WORK`, and the library
+built). A backward that records a graph (second derivatives) runs on torch operations.
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import native
 
-__all__ = ["MAX_WORK", "applies", "declare", "factor_dense", "work_limit"]
+__all__ = [
+    "GEMMS",
+    "MAX_WORK",
+    "applies",
+    "declare",
+    "factor_dense",
+    "gemm_build",
+    "gemm_grads",
+    "halves",
+    "in_one_node",
+    "work_limit",
+]
 
 MAX_WORK = 1 << 15
 """Largest ``P R J I`` (the multiply-adds of one pass) built here for a factor of two modes;
@@ -35,6 +48,11 @@ take about 0.4-1 ns a multiply-add forward and backward on one thread, the torch
 0.1-0.2 ms in launches, then one GEMM for two modes (at BLAS speed, faster from about 60,000)
 and one per further mode over ever larger operands (the kernel is faster up to about 800,000
 for three modes and 1-2 million for four; ``benchmarks/bench_factor_dense.py``)."""
+
+GEMMS = True
+"""Whether a factor matrix the kernel does not take (:func:`applies`) is built in the node by
+GEMMs; ``False``: on torch operations with autograd (:func:`in_one_node` then holds only where
+the kernel takes every factor)."""
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -104,11 +122,9 @@ def work_limit(modes: int) -> int:
     return MAX_WORK if modes <= 2 else MAX_WORK << (modes + 1)
 
 
-def applies(factor: Sequence[Tensor]) -> bool:
-    """Whether :func:`factor_dense` runs on the compiled kernel for ``factor``: tensors
-    ``(P, R, J_d, I_d)`` of one dtype, float32 or float64, on the CPU, at most
-    :func:`work_limit` entries times terms and rank,
-    nothing traced or transformed, the library built."""
+def _eager_plain(factor: Sequence[Tensor]) -> bool:
+    """Tensors ``(P, R, J_d, I_d)`` of one dtype, float32 or float64, plain (not a subclass) on
+    the CPU, with nothing traced or transformed."""
     if torch.compiler.is_compiling():  # first: what follows is not for dynamo to trace
         return False
     first = factor[0]
@@ -117,16 +133,113 @@ def applies(factor: Sequence[Tensor]) -> bool:
         for f in factor
     ):
         return False  # a tensor subclass (fake, functional) is being traced
-    if first.dtype not in _SUFFIX:
-        return False
-    p, r = first.shape[:2]
-    work = p * r * math.prod(f.shape[2] * f.shape[3] for f in factor)
     return (
-        0 < work <= work_limit(len(factor))
+        first.dtype in _SUFFIX
         and not torch._C._are_functorch_transforms_active()
         and _get_current_dispatch_mode() is None  # nor traced by a dispatch mode (make_fx)
-        and native.available()
     )
+
+
+def _takes(factor: Sequence[Tensor]) -> bool:
+    """Whether the kernel takes ``factor`` (checked to be eager and plain): at most
+    :func:`work_limit` entries times terms and rank, the library built."""
+    p, r = factor[0].shape[:2]
+    work = p * r * math.prod(f.shape[2] * f.shape[3] for f in factor)
+    return 0 < work <= work_limit(len(factor)) and native.available()
+
+
+def applies(factor: Sequence[Tensor]) -> bool:
+    """Whether :func:`factor_dense` builds ``factor`` on the compiled kernel: tensors
+    ``(P, R, J_d, I_d)`` of one dtype, float32 or float64, on the CPU, at most
+    :func:`work_limit` entries times terms and rank,
+    nothing traced or transformed, the library built."""
+    return _eager_plain(factor) and _takes(factor)
+
+
+def in_one_node(factor: Sequence[Tensor]) -> bool:
+    """Whether :func:`factor_dense` may build ``factor`` in its node: eager, plain float32 or
+    float64 tensors on the CPU, and the kernel takes it or the GEMMs are on (:data:`GEMMS`)."""
+    return _eager_plain(factor) and (GEMMS or _takes(factor))
+
+
+def halves(factor: Sequence[Tensor]) -> int:
+    """Where a factor's modes split in two groups for one GEMM between them (:func:`gemm_build`,
+    :func:`kcprnn.formats.kcp.algebra.factor_dense_torch`): the first group's mode count, the
+    split whose larger group is smallest."""
+    sizes = [f.shape[2] * f.shape[3] for f in factor]
+    return min(range(1, len(factor)), key=lambda k: max(math.prod(sizes[:k]), math.prod(sizes[k:])))
+
+
+def _suffix_products(rows: Sequence[Tensor]) -> list[Tensor]:
+    """For rows ``rows[d]`` ``(q, s_d)``: ``out[k] = rows[k] ⊙ ... ⊙ rows[-1]`` ``(q, s_k ...)``,
+    each row pair's outer product flattened with the later mode innermost. Formed from the
+    last mode on, so that each product's inner axis is everything after it (not one mode's
+    few entries: a broadcast over a short inner axis runs several times slower)."""
+    out = [rows[-1]]
+    for f in reversed(rows[:-1]):
+        q = f.shape[0]
+        out.append((f[:, :, None] * out[-1][:, None, :]).reshape(q, -1))  # (q, s_k ...)
+    return out[::-1]
+
+
+def _suffix_grads(grad: Tensor, rows: Sequence[Tensor], suffixes: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients of ``rows`` from the gradient ``grad`` ``(q, Π s_d)`` of their product
+    ``suffixes[0]`` (:func:`_suffix_products`): mode by mode, the rest contracted away. Each
+    contraction is a broadcast product and a sum: as batched matrix-vector products (``q``
+    products of a few dozen entries) MKL took up to 3.5x longer at some of these shapes."""
+    out = []
+    for k, f in enumerate(rows[:-1]):
+        rest = suffixes[k + 1]  # (q, s_{k+1} ...)
+        g = grad.view(f.shape[0], f.shape[1], rest.shape[1])  # (q, s_k, s_{k+1} ...)
+        out.append((g * rest[:, None, :]).sum(2))  # (q, s_k)
+        grad = (g * f[:, :, None]).sum(1)  # (q, s_{k+1} ...)
+    out.append(grad)
+    return out
+
+
+def gemm_build(factor: Sequence[Tensor]) -> tuple[Tensor, Any]:
+    """``A_p = Σ_r ⊗_d F_d[p, r]`` ``(P, J, I)`` of ``factor`` (``(P, R, J_d, I_d)`` each) and
+    what :func:`gemm_grads` needs: the modes split in two groups, each group's Kronecker
+    products per rank formed flat (every mode's ``(J_d, I_d)`` block whole), the sum over the
+    rank one batched GEMM between the groups (``P R`` times the matrix's entries), the result
+    reordered once. No autograd graph is recorded."""
+    with torch.no_grad():
+        p, r = factor[0].shape[:2]
+        shape = (p, math.prod(f.shape[2] for f in factor), math.prod(f.shape[3] for f in factor))
+        if len(factor) == 1:
+            return factor[0].sum(1), None  # (P, J, I)
+        half = halves(factor)
+        rows = [f.reshape(p * r, -1) for f in factor]  # (p r, J_d I_d)
+        left, right = _suffix_products(rows[:half]), _suffix_products(rows[half:])
+        m = torch.bmm(left[0].view(p, r, -1).transpose(1, 2), right[0].view(p, r, -1))
+        d = len(factor)
+        axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
+        m = m.view(p, *axes).permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
+        return m.reshape(shape), (rows, half, left, right)  # (P, J, I)
+
+
+def gemm_grads(factor: Sequence[Tensor], saved: Any, grad: Tensor) -> list[Tensor]:
+    """The gradients of ``factor`` from the gradient ``grad`` ``(P, J, I)`` of its matrix built
+    by :func:`gemm_build` (``saved``: what it returned besides the matrix): the gradient
+    reordered into the groups' blocked order once, two batched GEMMs for the groups' Kronecker
+    products (``P R`` times the matrix's entries each), then each group's modes by a broadcast
+    product and a batched matrix-vector product per mode."""
+    with torch.no_grad():
+        first = factor[0]
+        if saved is None:
+            return [grad.unsqueeze(1).expand(first.shape).contiguous()]  # (P, R, J, I)
+        rows, half, left, right = saved
+        p, r = first.shape[:2]
+        d = len(factor)
+        axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
+        blocked = [a for k in range(d) for a in (1 + k, 1 + d + k)]  # back to J_1, I_1, ...
+        g = grad.reshape(p, *axes[0::2], *axes[1::2]).permute(0, *blocked)
+        g = g.reshape(p, left[0].shape[1], right[0].shape[1])  # (P, left, right)
+        dl = torch.bmm(right[0].view(p, r, -1), g.transpose(1, 2))  # (P, R, left)
+        dr = torch.bmm(left[0].view(p, r, -1), g)  # (P, R, right)
+        grads = _suffix_grads(dl.view(p * r, -1), rows[:half], left)
+        grads += _suffix_grads(dr.view(p * r, -1), rows[half:], right)
+        return [gk.view(f.shape) for gk, f in zip(grads, factor, strict=True)]
 
 
 def _build(plan: _Plan, fs: Sequence[Tensor]) -> Tensor:
@@ -143,11 +256,11 @@ def _grads(plan: _Plan, fs: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
 
 class _FactorDense(torch.autograd.Function):
     """The factor matrices of several Kronecker factors (``sizes[k]`` CP factors each, given
-    flat) as one autograd node. It keeps its inputs itself (not as saved tensors, which a
-    backward frees), so that any number of backward passes may go through one build, as
-    through a parameter: the steps of a cell share one build per version of the weights. An
-    input changed in place since the build fails the backward, as autograd fails it for saved
-    tensors."""
+    flat) as one autograd node, each on the kernel where it takes it, else by GEMMs. It keeps
+    its inputs itself (not as saved tensors, which a backward frees), so that any number of
+    backward passes may go through one build, as through a parameter: the steps of a cell share
+    one build per version of the weights. An input changed in place since the build fails the
+    backward, as autograd fails it for saved tensors."""
 
     @staticmethod
     def forward(
@@ -157,11 +270,21 @@ class _FactorDense(torch.autograd.Function):
         *flat: Tensor,
     ) -> tuple[Tensor, ...]:
         groups = [[f.contiguous() for f in group] for group in _groups(flat, sizes)]
-        ctx.plans = [_plan_of(group) for group in groups]
+        # per group: the kernel's plan, or what the GEMMs' backward needs
+        ctx.plans, outs = [], []
+        for group in groups:
+            if _takes(group):
+                plan = _plan_of(group)
+                ctx.plans.append(plan)
+                outs.append(_build(plan, group))
+            else:
+                out, saved = gemm_build(group)
+                ctx.plans.append((saved,))
+                outs.append(out)
         ctx.flat, ctx.groups, ctx.sizes, ctx.torch_path = flat, groups, sizes, torch_path
         ctx.versions = [f._version for f in flat]
         ctx.set_materialize_grads(False)  # an unused factor matrix gets no gradient
-        return tuple([_build(plan, g) for plan, g in zip(ctx.plans, groups, strict=True)])
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
@@ -186,8 +309,10 @@ class _FactorDense(torch.autograd.Function):
         for plan, group, grad in zip(ctx.plans, ctx.groups, grads, strict=True):
             if grad is None:
                 out.extend([None] * len(group))
-            else:
+            elif isinstance(plan, _Plan):
                 out.extend(_grads(plan, group, grad.contiguous()))
+            else:
+                out.extend(gemm_grads(group, plan[0], grad))
         return tuple(out)
 
 
@@ -203,8 +328,8 @@ def factor_dense(
     factors: Sequence[Sequence[Tensor]], torch_path: Callable[[list[Tensor]], Tensor]
 ) -> list[Tensor]:
     """``A_p = Σ_r ⊗_d F_d[p, r]`` ``(P, J, I)`` of each Kronecker factor in ``factors`` (its
-    CP factors ``F_d``) on the compiled kernel, all in one autograd node; ``torch_path``
-    computes one of them on torch operations (for second derivatives). Call only where
-    :func:`applies` holds for each."""
+    CP factors ``F_d``), all in one autograd node (the compiled kernel where :func:`applies`,
+    else GEMMs); ``torch_path`` computes one of them on torch operations (for second
+    derivatives). Call only where :func:`in_one_node` holds for each."""
     sizes = tuple(len(f) for f in factors)
     return list(_FactorDense.apply(torch_path, sizes, *[t for f in factors for t in f]))

@@ -176,10 +176,10 @@ def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) 
 
 
 def _native_factors(matrix: FactorizedMatrix) -> bool:
-    """Whether every factor matrix of the KCP ``matrix`` is built by the compiled kernel, as
-    one autograd node that keeps its inputs (:mod:`kcprnn._cpu.native_factor`)."""
+    """Whether the factor matrices of the KCP ``matrix`` are built as one autograd node that
+    keeps its inputs (:mod:`kcprnn._cpu.native_factor`)."""
     kcp: Any = matrix
-    return all(native_factor.applies(list(f)) for f in kcp.factors)
+    return all(native_factor.in_one_node(list(f)) for f in kcp.factors)
 
 
 def _dense_build(matrix: FactorizedMatrix) -> tuple[Tensor]:

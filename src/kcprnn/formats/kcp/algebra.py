@@ -218,16 +218,17 @@ class _OuterRows(torch.autograd.Function):
 def factor_dense(factor: Sequence[Tensor]) -> Tensor:
     """``A_p = Σ_r ⊗_d F[d][p, r]`` for one Kronecker factor: ``(P, J^(n), I^(n))``.
 
-    Where :func:`kcprnn._cpu.native_factor.applies` (small factors on the CPU, eager), on the
-    compiled kernel as one autograd node; else on torch operations (:func:`factor_dense_torch`).
+    Where :func:`kcprnn._cpu.native_factor.in_one_node` (eager, on the CPU), as one autograd
+    node (on the compiled kernel where the factor is small, else by two GEMMs); else on torch
+    operations (:func:`factor_dense_torch`).
     """
     return factor_dense_all([factor])[0]
 
 
 def factor_dense_all(factors: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-    """:func:`factor_dense` of each Kronecker factor in ``factors``; on the compiled kernel
-    where it applies to all, as one autograd node."""
-    if all(native_factor.applies(f) for f in factors):
+    """:func:`factor_dense` of each Kronecker factor in ``factors``; as one autograd node
+    where it runs for all."""
+    if all(native_factor.in_one_node(f) for f in factors):
         return native_factor.factor_dense(factors, factor_dense_torch)
     return [factor_dense_torch(f) for f in factors]
 
@@ -245,7 +246,7 @@ def factor_dense_torch(factor: Sequence[Tensor]) -> Tensor:
     if len(factor) == 1:
         return factor[0].sum(1)  # (p, g, f)
     sizes = [f.shape[2] * f.shape[3] for f in factor]
-    half = min(range(1, len(factor)), key=lambda k: max(math.prod(sizes[:k]), math.prod(sizes[k:])))
+    half = native_factor.halves(factor)
     p, r = factor[0].shape[:2]
     if p * r * max(math.prod(sizes[:half]), math.prod(sizes[half:])) >= FLAT_GROUPS:
         m = torch.bmm(_flat_group(factor[:half]).transpose(1, 2), _flat_group(factor[half:]))
