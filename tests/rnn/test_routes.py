@@ -234,12 +234,14 @@ def test_kron_apply_matches_dense_kcp(options):
             {"in_modes": [[2, 4], [4, 5]], "out_modes": [[4, 4], [2, 3]], "terms": 3},
         ),
         ("kcp", (512, 2048), {}),
+        ("kcp", (40, 512), {"rank": 4}),
         ("kcp", (64, 256), {"num_factors": 4, "terms": 2}),
         ("kcp", (48, 96), {"rank": 2, "num_factors": 1, "terms": 2}),
         ("cp", (24, 40), {"rank": 3}),
     ],
 )
-def test_kron_grads_match_autograd(fmt, shape, options):
+@pytest.mark.parametrize("rows", [37, 1])  # one row through two factors: four matrix products
+def test_kron_grads_match_autograd(fmt, shape, options, rows):
     """The factor gradients of one structured product over all rows, each factor alone and all
     together, against autograd through :func:`kron_apply`."""
     torch.manual_seed(0)
@@ -247,8 +249,8 @@ def test_kron_grads_match_autograd(fmt, shape, options):
     found = kron_terms(w)
     assert found is not None
     mats = [a.detach().requires_grad_() for a in found[0]]
-    x = torch.randn(37, shape[0], dtype=torch.float64)
-    grad = torch.randn(37, shape[1], dtype=torch.float64)
+    x = torch.randn(rows, shape[0], dtype=torch.float64)
+    grad = torch.randn(rows, shape[1], dtype=torch.float64)
     want = torch.autograd.grad(kron_apply(x, mats, found[1], gather=False), mats, grad)
     plain = [a.detach() for a in mats]
     for needs in (

@@ -339,6 +339,8 @@ def kron_grads(
     if not wanted:
         return [None] * num
     m = x.shape[0]
+    if m == 1 and num == 2 and mats[0].shape[0] == mats[1].shape[0] == 1:
+        return _one_row_grads(x, grad, mats, needs)
     # xs[n]: x with factors < n applied, (P', m Π_{k<n} J_k, I_n, Π_{k>n} I_k)
     xs: dict[int, Tensor] = {}
     z = x.reshape(1, m, ins[0], -1)
@@ -363,6 +365,21 @@ def kron_grads(
         da = _contract(gs[n], xs[n])  # (P', J_n, I_n)
         out.append(da.expand(a.shape).contiguous() if da.shape[0] != a.shape[0] else da)
     return out
+
+
+def _one_row_grads(
+    x: Tensor, grad: Tensor, mats: Sequence[Tensor], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """:func:`kron_grads` for one row through one term of two factors (a cell's step at batch
+    1): with ``X`` ``(I_0, I_1)`` and ``G`` ``(J_0, J_1)`` the row and its gradient, ``Y = A_0 X
+    A_1^T`` and the gradients are ``G A_1 X^T`` and ``G^T A_0 X``, four matrix products (the
+    general sweeps take about twenty operators, whose launches are all a row's cost)."""
+    a0, a1 = mats[0][0], mats[1][0]  # (J_0, I_0), (J_1, I_1)
+    xm = x.reshape(a0.shape[1], a1.shape[1])  # (I_0, I_1)
+    gm = grad.reshape(a0.shape[0], a1.shape[0])  # (J_0, J_1)
+    d0 = gm.mm(a1).mm(xm.t()) if needs[0] else None  # (J_0, I_0)
+    d1 = gm.t().mm(a0.mm(xm)) if needs[1] else None  # (J_1, I_1)
+    return [None if d is None else d.unsqueeze(0) for d in (d0, d1)]  # (1, J_n, I_n)
 
 
 NARROW_GRADS = 16.0
