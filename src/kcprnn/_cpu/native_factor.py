@@ -222,8 +222,8 @@ def gemm_grads(factor: Sequence[Tensor], saved: Any, grad: Tensor) -> list[Tenso
     """The gradients of ``factor`` from the gradient ``grad`` ``(P, J, I)`` of its matrix built
     by :func:`gemm_build` (``saved``: what it returned besides the matrix): the gradient
     reordered into the groups' blocked order once, two batched GEMMs for the groups' Kronecker
-    products (``P R`` times the matrix's entries each), then each group's modes by a broadcast
-    product and a batched matrix-vector product per mode."""
+    products (``P R`` times the matrix's entries each), then each group's modes by broadcast
+    products and sums (:func:`_suffix_grads`)."""
     with torch.no_grad():
         first = factor[0]
         if saved is None:
