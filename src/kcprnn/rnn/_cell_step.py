@@ -16,7 +16,7 @@ Under autograd a step runs torch's fused cell on the dense weights or the step f
 the formats' products, KCP matrices through their Kronecker factor matrices
 (:func:`shared_step`); the dense weights and the factor matrices are built once per version of
 the weights with a graph of their own and shared by the steps (:class:`_Shared`, or, for KCP
-factor matrices built by the compiled kernel, that kernel's node itself), so that a sequence
+factor matrices built in one node on the CPU, that node itself), so that a sequence
 of steps builds and back-propagates through each matrix once.
 
 The kept objects are keyed by every parameter's storage and version counter, so an in-place
@@ -166,7 +166,7 @@ def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) 
     """``build(matrix)`` shared by every call under autograd until a parameter changes
     (:class:`_Shared`); built plainly when no parameter of ``matrix`` needs a gradient, and
     when each built tensor is one node that any number of backward passes may go through (a
-    KCP matrix's factor matrices on the compiled kernel)."""
+    KCP matrix's factor matrices on the CPU: :mod:`kcprnn._cpu.native_factor`)."""
     params = [p for p in matrix.parameters() if p.requires_grad]
     if matrix.format_name == "dense" or not params:
         return list(build(matrix))
