@@ -38,6 +38,7 @@ __all__ = [
     "gemm_grads",
     "halves",
     "in_one_node",
+    "unblock",
     "work_limit",
 ]
 
@@ -197,6 +198,15 @@ def _suffix_grads(grad: Tensor, rows: Sequence[Tensor], suffixes: Sequence[Tenso
     return out
 
 
+def unblock(m: Tensor, factor: Sequence[Tensor]) -> Tensor:
+    """The matrix ``(P, J, I)`` of ``factor`` from ``m`` ``(P, ...)`` in the blocked order
+    ``(J_1, I_1, J_2, I_2, ...)``: one reorder."""
+    p, d = m.shape[0], len(factor)
+    axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
+    m = m.reshape(p, *axes).permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
+    return m.reshape(p, math.prod(axes[0::2]), math.prod(axes[1::2]))  # (P, J, I)
+
+
 def gemm_build(factor: Sequence[Tensor]) -> tuple[Tensor, Any]:
     """``A_p = Σ_r ⊗_d F_d[p, r]`` ``(P, J, I)`` of ``factor`` (``(P, R, J_d, I_d)`` each) and
     what :func:`gemm_grads` needs: the modes split in two groups, each group's Kronecker
@@ -204,18 +214,14 @@ def gemm_build(factor: Sequence[Tensor]) -> tuple[Tensor, Any]:
     rank one batched GEMM between the groups (``P R`` times the matrix's entries), the result
     reordered once. No autograd graph is recorded."""
     with torch.no_grad():
-        p, r = factor[0].shape[:2]
-        shape = (p, math.prod(f.shape[2] for f in factor), math.prod(f.shape[3] for f in factor))
         if len(factor) == 1:
             return factor[0].sum(1), None  # (P, J, I)
+        p, r = factor[0].shape[:2]
         half = halves(factor)
         rows = [f.reshape(p * r, -1) for f in factor]  # (p r, J_d I_d)
         left, right = _suffix_products(rows[:half]), _suffix_products(rows[half:])
         m = torch.bmm(left[0].view(p, r, -1).transpose(1, 2), right[0].view(p, r, -1))
-        d = len(factor)
-        axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
-        m = m.view(p, *axes).permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
-        return m.reshape(shape), (rows, half, left, right)  # (P, J, I)
+        return unblock(m, factor), (rows, half, left, right)  # (P, J, I)
 
 
 def gemm_grads(factor: Sequence[Tensor], saved: Any, grad: Tensor) -> list[Tensor]:
@@ -279,7 +285,7 @@ class _FactorDense(torch.autograd.Function):
                 outs.append(_build(plan, group))
             else:
                 out, saved = gemm_build(group)
-                ctx.plans.append((saved,))
+                ctx.plans.append(saved)
                 outs.append(out)
         ctx.flat, ctx.groups, ctx.sizes, ctx.torch_path = flat, groups, sizes, torch_path
         ctx.versions = [f._version for f in flat]
@@ -312,7 +318,7 @@ class _FactorDense(torch.autograd.Function):
             elif isinstance(plan, _Plan):
                 out.extend(_grads(plan, group, grad.contiguous()))
             else:
-                out.extend(gemm_grads(group, plan[0], grad))
+                out.extend(gemm_grads(group, plan, grad))
         return tuple(out)
 
 

@@ -170,12 +170,12 @@ def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) 
     params = [p for p in matrix.parameters() if p.requires_grad]
     if matrix.format_name == "dense" or not params:
         return list(build(matrix))
-    if build is _kron_build and _native_factors(matrix):
+    if build is _kron_build and _factors_in_one_node(matrix):
         return list(build(matrix))
     return list(_Shared.apply(build, matrix, *params))
 
 
-def _native_factors(matrix: FactorizedMatrix) -> bool:
+def _factors_in_one_node(matrix: FactorizedMatrix) -> bool:
     """Whether the factor matrices of the KCP ``matrix`` are built as one autograd node that
     keeps its inputs (:mod:`kcprnn._cpu.native_factor`)."""
     kcp: Any = matrix

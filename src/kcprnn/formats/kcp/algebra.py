@@ -250,10 +250,7 @@ def factor_dense_torch(factor: Sequence[Tensor]) -> Tensor:
     p, r = factor[0].shape[:2]
     if p * r * max(math.prod(sizes[:half]), math.prod(sizes[half:])) >= FLAT_GROUPS:
         m = torch.bmm(_flat_group(factor[:half]).transpose(1, 2), _flat_group(factor[half:]))
-        d = len(factor)
-        axes = [s for f in factor for s in f.shape[2:]]  # J_1, I_1, J_2, I_2, ...
-        m = m.reshape(p, *axes).permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2))
-        return m.reshape(p, math.prod(axes[0::2]), math.prod(axes[1::2]))  # (p, J, I)
+        return native_factor.unblock(m, factor)  # (p, J, I)
     left, right = factor[0], factor[half]  # (p, r, a, b), (p, r, c, d)
     for f in factor[1:half]:
         left = kron_pairs(left, f)
