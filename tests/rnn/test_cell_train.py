@@ -123,9 +123,12 @@ def test_a_sequence_of_steps_with_one_backward(mode):
     fn = MODES[mode][1]
     total, ref_total = 0.0, 0.0
     s, rs = tuple(state), tuple(t.double() for t in state)
-    for x in xs:
+    for t, x in enumerate(xs):
         out = cell(x, s if mode == "LSTM" else s[0])
         s = out if mode == "LSTM" else (out,)
+        # the first step builds the small factor matrices in its node; the steps after it,
+        # before any backward, share one build of them
+        assert ("_FactorDenseBackward" in _graph_names(s[0])) is (t > 0)
         args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
         rout = fn(x.double(), rs if mode == "LSTM" else rs[0], *args)
         rs = tuple(rout) if mode == "LSTM" else (rout,)
@@ -136,6 +139,9 @@ def test_a_sequence_of_steps_with_one_backward(mode):
     exp = torch.autograd.grad(ref_total, list(ref.parameters()))
     for a, b in zip(got, exp, strict=True):
         torch.testing.assert_close(a.double(), b, **TOL)
+    s = tuple(t.detach() for t in s)
+    after = cell(xs[0], s if mode == "LSTM" else s[0])  # the backward ran: built in its node
+    assert "_FactorDenseBackward" not in _graph_names(after[0] if mode == "LSTM" else after)
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
@@ -194,3 +200,47 @@ def test_float64_takes_the_torch_operations():
         torch.autograd.grad(out.sum(), params), torch.autograd.grad(want.sum(), params), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _graph_names(out):
+    """The names of every node reachable from ``out``'s ``grad_fn``."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("built", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_factor_matrices_built_in_the_step_or_shared(monkeypatch, mode, batch, built):
+    """Small KCP matrices are built inside the step's node (its inputs are the CP factors, one
+    row's gradients in one kernel call), larger ones in a node the steps share; both match
+    torch's cell, with the interleaved layout's gathers."""
+    if not built:
+        monkeypatch.setattr(_cell_train, "BUILD_IN_STEP", 0)
+    cell = _cell(mode, "kcp", "kcp", {"rank": 2})
+    x, state = _inputs(mode, batch=batch)
+    out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+    out = out if mode == "LSTM" else (out,)
+    assert type(out[0].grad_fn).__name__ == "_StepBackward"
+    assert ("_FactorDenseBackward" in _graph_names(out[0])) is not built
+    ih, hh = cell._kept["compiled step"][1][False]  # a step with no backward pending
+    assert (ih.groups is not None, hh.groups is not None) == (built, built)
+    _check(cell, mode, x, state, out)
+
+
+def test_a_cp_factor_changed_in_place_before_the_backward_is_reported():
+    cell = _cell("GRU", "kcp", "kcp", {"rank": 2})
+    x, state = _inputs("GRU", batch=1)
+    out = cell(x, state[0])
+    assert "_FactorDenseBackward" not in _graph_names(out)
+    with torch.no_grad():
+        next(cell.weight_hh.parameters()).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

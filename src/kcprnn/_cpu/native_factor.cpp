@@ -156,6 +156,78 @@ void factor_dense_grad(const FactorShape& sh, i64 p_terms, i64 rank, const T* co
   }
 }
 
+// One row through one term of two Kronecker factors, y = (A_0 kron A_1) x: from the row x
+// (I_0 I_1) and its output gradient g (J_0 J_1), each read through a gather (in_index: x's entry
+// at each factor-major position; out_index: g's, or in place where null), the factor matrices'
+// gradients dA_0 = G A_1 X^T (J_0, I_0) and dA_1 = G^T A_0 X (J_1, I_1), then each one's CP
+// factors' gradients (factor_dense_grad), written one after another from df: factor 0's modes
+// first, then factor 1's (P = 1, rank[n] each). A factor with nd[n] == 0 is skipped.
+template <typename T>
+void kcp_row_grads(const T* x, const i64* in_index, const T* g, const i64* out_index,
+                   const i64* dims, const T* a0, const T* a1, const int* nd,
+                   const i64* const* blocks, const i64* const* offsets, const i64* rank,
+                   const T* const* f0, const T* const* f1, T* df) {
+  const i64 j0 = dims[0], i0 = dims[1], j1 = dims[2], i1 = dims[3];
+  T* xs = scratch<T, 3>(i0 * i1 + j0 * j1 + 2 * j0 * i1 + j0 * i0 + j1 * i1);
+  T* gs = xs + i0 * i1;
+  T* t = gs + j0 * j1;  // (J_0, I_1): G A_1, then A_0 X
+  T* d0 = t + 2 * j0 * i1;
+  T* d1 = d0 + j0 * i0;
+  for (i64 n = 0; n < i0 * i1; ++n) xs[n] = in_index ? x[in_index[n]] : x[n];
+  for (i64 n = 0; n < j0 * j1; ++n) gs[n] = out_index ? g[out_index[n]] : g[n];
+  if (nd[0] > 0) {
+    T* ga = t;  // G A_1: (J_0, I_1)
+    for (i64 a = 0; a < j0 * i1; ++a) ga[a] = T(0);
+    for (i64 a = 0; a < j0; ++a)
+      for (i64 b = 0; b < j1; ++b) {
+        const T s = gs[a * j1 + b];
+        const T* row = a1 + b * i1;
+#pragma omp simd
+        for (i64 c = 0; c < i1; ++c) ga[a * i1 + c] += s * row[c];
+      }
+    for (i64 a = 0; a < j0; ++a)  // dA_0 = (G A_1) X^T
+      for (i64 c = 0; c < i0; ++c) {
+        T s = T(0);
+        const T* u = ga + a * i1;
+        const T* v = xs + c * i1;
+#pragma omp simd reduction(+ : s)
+        for (i64 e = 0; e < i1; ++e) s += u[e] * v[e];
+        d0[a * i0 + c] = s;
+      }
+  }
+  if (nd[1] > 0) {
+    T* ax = t + j0 * i1;  // A_0 X: (J_0, I_1)
+    for (i64 a = 0; a < j0 * i1; ++a) ax[a] = T(0);
+    for (i64 a = 0; a < j0; ++a)
+      for (i64 c = 0; c < i0; ++c) {
+        const T s = a0[a * i0 + c];
+        const T* row = xs + c * i1;
+#pragma omp simd
+        for (i64 e = 0; e < i1; ++e) ax[a * i1 + e] += s * row[e];
+      }
+    for (i64 b = 0; b < j1 * i1; ++b) d1[b] = T(0);
+    for (i64 a = 0; a < j0; ++a)  // dA_1 = G^T (A_0 X)
+      for (i64 b = 0; b < j1; ++b) {
+        const T s = gs[a * j1 + b];
+        const T* row = ax + a * i1;
+#pragma omp simd
+        for (i64 e = 0; e < i1; ++e) d1[b * i1 + e] += s * row[e];
+      }
+  }
+  const T* const* fs[2] = {f0, f1};
+  const T* ds[2] = {d0, d1};
+  for (int n = 0; n < 2; ++n) {
+    if (nd[n] == 0) continue;
+    std::vector<T*> out(nd[n]);
+    for (int d = 0; d < nd[n]; ++d) {
+      out[d] = df;
+      df += rank[n] * blocks[n][d];
+    }
+    factor_dense_grad(FactorShape(nd[n], blocks[n], offsets[n]), 1, rank[n], fs[n], ds[n],
+                      out.data());
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -184,6 +256,27 @@ void kcprnn_factor_dense_grad_f64(int nd, const i64* blocks, const i64* offsets,
                                   i64 rank, const double* const* factors, const double* grad,
                                   double* const* grads) {
   factor_dense_grad<double>(FactorShape(nd, blocks, offsets), p_terms, rank, factors, grad, grads);
+}
+
+// dims: J_0, I_0, J_1, I_1; a0, a1: (J_0, I_0), (J_1, I_1); per factor n: nd[n] modes (0: no
+// gradient wanted), blocks[n] and offsets[n] its tables (as kcprnn_factor_dense), rank[n], and
+// f0 / f1 its nd[n] CP factors (1, R, J_d, I_d); df: their gradients, one after another
+void kcprnn_kcp_row_grads_f32(const float* x, const i64* in_index, const float* g,
+                              const i64* out_index, const i64* dims, const float* a0,
+                              const float* a1, const int* nd, const i64* const* blocks,
+                              const i64* const* offsets, const i64* rank,
+                              const float* const* f0, const float* const* f1, float* df) {
+  kcp_row_grads<float>(x, in_index, g, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0, f1,
+                       df);
+}
+
+void kcprnn_kcp_row_grads_f64(const double* x, const i64* in_index, const double* g,
+                              const i64* out_index, const i64* dims, const double* a0,
+                              const double* a1, const int* nd, const i64* const* blocks,
+                              const i64* const* offsets, const i64* rank,
+                              const double* const* f0, const double* const* f1, double* df) {
+  kcp_row_grads<double>(x, in_index, g, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0,
+                        f1, df);
 }
 
 }  // extern "C"

@@ -31,6 +31,7 @@ from . import native
 __all__ = [
     "GEMMS",
     "MAX_WORK",
+    "RowGrads",
     "applies",
     "declare",
     "factor_dense",
@@ -38,6 +39,8 @@ __all__ = [
     "gemm_grads",
     "halves",
     "in_one_node",
+    "kernel_build",
+    "kernel_grads",
     "unblock",
     "work_limit",
 ]
@@ -60,6 +63,7 @@ _I64 = ctypes.c_int64
 _SIGNATURES = {
     "kcprnn_factor_dense": [ctypes.c_int, _P, _P, _I64, _I64, _P, _P],
     "kcprnn_factor_dense_grad": [ctypes.c_int, _P, _P, _I64, _I64, _P, _P, _P],
+    "kcprnn_kcp_row_grads": [_P] * 14,
 }
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -258,6 +262,70 @@ def _grads(plan: _Plan, fs: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
     grads = [torch.empty_like(f) for f in fs]
     plan.grad(*plan.head, _pointers(fs), grad.data_ptr(), _pointers(grads))
     return grads
+
+
+def kernel_build(factor: Sequence[Tensor]) -> tuple[Tensor, Any]:
+    """``A_p = Σ_r ⊗_d F_d[p, r]`` ``(P, J, I)`` of ``factor`` on the kernel, without autograd,
+    and what :func:`kernel_grads` needs. Call only where :func:`applies` holds."""
+    plan = _plan_of(factor)
+    return _build(plan, [f.detach().contiguous() for f in factor]), plan
+
+
+def kernel_grads(plan: Any, factor: Sequence[Tensor], grad: Tensor) -> list[Tensor]:
+    """The gradients of ``factor`` (contiguous, as :func:`kernel_build` was given them) from the
+    gradient ``grad`` ``(P, J, I)`` of its matrix; ``plan``: what :func:`kernel_build`
+    returned besides the matrix."""
+    return _grads(plan, factor, grad.contiguous())
+
+
+class RowGrads:
+    """The CP factors' gradients of a Kronecker sum of one term and two factors, ``y = (A_0 ⊗
+    A_1) x``, at one row, in one call of the kernel (``kcprnn_kcp_row_grads``): the factor
+    matrices' gradients ``G A_1 X^T`` and ``G^T A_0 X`` from the row and its output gradient
+    (each gathered into the factors' order), then each factor's build backward
+    (:func:`kernel_grads`). Made once per version of the weights from the factor matrices
+    ``mats`` ``(1, J_n, I_n)``, the contiguous CP factors ``groups`` they were built from by
+    :func:`kernel_build` (``plans``: what it returned besides them), and the gathers
+    ``in_index`` (the row's entry at each factor-major position) and ``out_index`` (the
+    output gradient's), ``None`` where the order is the natural one."""
+
+    def __init__(
+        self,
+        mats: Sequence[Tensor],
+        groups: Sequence[Sequence[Tensor]],
+        plans: Sequence[Any],
+        in_index: Tensor | None,
+        out_index: Tensor | None,
+    ) -> None:
+        a0, a1 = (m.detach().contiguous() for m in mats)
+        i64 = torch.int64
+        dims = torch.tensor([a0.shape[1], a0.shape[2], a1.shape[1], a1.shape[2]], dtype=i64)
+        nd = (ctypes.c_int * 2)(*[len(g) for g in groups])
+        ranks = torch.tensor([g[0].shape[1] for g in groups], dtype=i64)
+        blocks = (_P * 2)(*[plan.head[1] for plan in plans])
+        offsets = (_P * 2)(*[plan.head[2] for plan in plans])
+        factors = [_pointers(g) for g in groups]
+        index = [None if t is None else t.to(i64).contiguous() for t in (in_index, out_index)]
+        self._keep = (a0, a1, dims, nd, ranks, blocks, offsets, factors, index, groups, plans)
+        self.shapes = [tuple(f.shape) for g in groups for f in g]
+        self.sizes = [f.numel() for g in groups for f in g]
+        self.fn = getattr(native._require(), "kcprnn_kcp_row_grads" + _SUFFIX[a0.dtype])
+        self.head = (index[0].data_ptr() if index[0] is not None else None,)
+        self.middle = (index[1].data_ptr() if index[1] is not None else None, dims.data_ptr())
+        self.tail = (
+            a0.data_ptr(), a1.data_ptr(), nd, blocks, offsets, ranks.data_ptr(), *factors
+        )  # fmt: skip
+        self.like = a0
+
+    def __call__(self, x: Tensor, grad: Tensor) -> list[Tensor]:
+        """The CP factors' gradients (every factor's modes in order) from the row ``x`` ``(1,
+        I)`` and its output gradient ``grad`` ``(1, J)``, both contiguous, in natural order."""
+        flat = self.like.new_empty(sum(self.sizes))
+        self.fn(
+            x.data_ptr(), *self.head, grad.data_ptr(), *self.middle, *self.tail, flat.data_ptr()
+        )
+        parts = flat.split(self.sizes)
+        return [t.view(s) for t, s in zip(parts, self.shapes, strict=True)]
 
 
 class _FactorDense(torch.autograd.Function):

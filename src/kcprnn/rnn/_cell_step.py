@@ -17,7 +17,10 @@ the formats' products, KCP matrices through their Kronecker factor matrices
 (:func:`shared_step`); the dense weights and the factor matrices are built once per version of
 the weights with a graph of their own and shared by the steps (:class:`_Shared`, or, for KCP
 factor matrices built in one node on the CPU, that node itself), so that a sequence
-of steps builds and back-propagates through each matrix once.
+of steps builds and back-propagates through each matrix once. In the compiled step a step
+whose predecessor's backward has run (one step, one backward: streaming training) takes small
+KCP factor matrices built inside its own node instead (:func:`_train_operand`), and its route
+is priced for that (:func:`_compiled_trains`).
 
 The kept objects are keyed by every parameter's storage and version counter, so an in-place
 update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
@@ -30,6 +33,7 @@ and ``rnn_cell_*`` fields).
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -288,17 +292,39 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     return (rnn_step(gx, state[0], product, bias["bias_hh"], nonlinearity),)
 
 
-def _train_operand(matrix: FactorizedMatrix) -> _cell_train.Operand | None:
-    """``matrix`` for the compiled training step: a KCP matrix's shared factor matrices, a
-    dense matrix's weight; ``None`` for other formats (a CP matrix's own product, on torch
-    operations, is faster than its ``R`` Kronecker terms)."""
+def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operand | None:
+    """``matrix`` for the compiled training step: a KCP matrix's factor matrices, built inside
+    the step's node where they are small (:func:`_builds_in_step`) unless ``shared``, else in a
+    node the steps share (:func:`_shared`); a dense matrix's weight; ``None`` for other formats
+    (a CP matrix's own product, on torch operations, is faster than its ``R`` Kronecker
+    terms)."""
     if _shares_kron(matrix):
         found = kron_layout_cached(matrix)
         assert found is not None
-        return _cell_train.Operand(_shared(_kron_build, matrix), found[0])
+        layout = found[0]
+        kcp: Any = matrix
+        groups = [list(kcp.factors[n]) for n in layout.order]
+        if not shared and _builds_in_step(groups):
+            return _cell_train.Operand.built(groups, layout)
+        return _cell_train.Operand(_shared(_kron_build, matrix), layout)
     if matrix.format_name == "dense":
         return _cell_train.Operand([dense_weight(matrix)], None)
     return None
+
+
+def _builds_in_step(groups: Sequence[Sequence[Tensor]]) -> bool:
+    """Whether a step's node builds a KCP matrix's factor matrices from ``groups`` (each
+    Kronecker factor's CP factors) itself and back-propagates through the builds in its own
+    backward: the factor kernel takes every one and their work (``P R J I`` each) is at most
+    :data:`~kcprnn.rnn._cell_train.BUILD_IN_STEP` (each step pays it, where a shared build is
+    paid once per backward pass)."""
+    work = 0
+    for g in groups:
+        if not native_factor.applies(g):
+            return False
+        p, r = g[0].shape[:2]
+        work += p * r * math.prod(f.shape[2] * f.shape[3] for f in g)
+    return work <= _cell_train.BUILD_IN_STEP
 
 
 def _compiled_step(
@@ -322,12 +348,22 @@ def _compiled_step(
     found = cell._kept.get("compiled step")
     if found is None or found[0] != key:
         cell._kept.pop("compiled step", None)
-        pair = (_train_operand(ih), _train_operand(hh))
-        found = cell._kept["compiled step"] = (key, pair)
-    ih_op, hh_op = found[1]
+        found = cell._kept["compiled step"] = (key, {"pending": False})
+    kept = found[1]
+    # A step whose predecessor's backward has not run yet is one of a sequence of steps with
+    # one backward: it shares the factor matrices' build (one build backward for all steps);
+    # a step back-propagated on its own builds small ones in its node (no node of theirs).
+    shared = kept["pending"]
+    operands = kept.get(shared)
+    if operands is None:
+        operands = kept[shared] = (_train_operand(ih, shared), _train_operand(hh, shared))
+    ih_op, hh_op = operands
     if ih_op is None or hh_op is None or not _cell_train.applies(*ih_op.tensors, *hh_op.tensors):
         return None
-    return _cell_train.step(_mode(cell), ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"])
+    mode = _mode(cell)
+    out = _cell_train.step(mode, ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"], kept)
+    kept["pending"] = True  # until the step's backward runs
+    return out
 
 
 def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
@@ -544,7 +580,8 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     the products on torch operations; in training by
     :func:`kcprnn.rnn.plan.cell_trains_dense`."""
     if training:
-        return plan.cell_trains_dense(cell, batch)
+        ops = _cell_train.STEP_OPS if _compiled_trains(cell) else None
+        return plan.cell_trains_dense(cell, batch, ops)
     if cell.weight_hr is not None:
         return False
     cm = cell.weight_hh.planning_model()
@@ -553,3 +590,26 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
         costs = step_costs(cell, batch, cm)
         return costs["dense"] <= costs["native"]
     return _torch_cell(cell, batch, cm) <= _own_products(cell, batch, cm)
+
+
+def _compiled_trains(cell: RNNCellBase) -> bool:
+    """Whether a training step of ``cell`` runs the compiled step with every KCP matrix built
+    in its node (:func:`_builds_in_step`): no projection, each matrix KCP or dense (at least
+    one KCP), an input of at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT`, float32 on the CPU
+    with the kernels built."""
+    ih, hh = _matrices(cell)
+    if cell.weight_hr is not None or ih.in_features > _cell_train.MAX_INPUT:
+        return False
+    if not (_shares_kron(ih) or _shares_kron(hh)):
+        return False
+    for m in (ih, hh):
+        if _shares_kron(m):
+            found = kron_layout_cached(m)
+            assert found is not None
+            kcp: Any = m
+            if not _builds_in_step([list(kcp.factors[n]) for n in found[0].order]):
+                return False
+        elif m.format_name != "dense":
+            return False
+    p = next(hh.parameters(), None)
+    return p is not None and p.dtype == torch.float32 and p.is_cpu and native.available()

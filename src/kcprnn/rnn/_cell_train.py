@@ -7,9 +7,13 @@ small operators and as many autograd nodes, forward and backward (the products' 
 batched GEMMs, the gates' activations and products); here it is the two products and one
 compiled call of the gate arithmetic (``kcprnn_*_forward_step`` of ``native_rnn.cpp``, the
 step the whole recurrences run), and backward the compiled gate gradients, the transposed
-products for the input and the state, and each factor's gradient by
-:func:`~kcprnn.rnn.kron.kron_grads`. A backward that records a graph (second derivatives)
-recomputes the step on torch operations and differentiates that.
+products for the input and the state, and each factor matrix's gradient by
+:func:`~kcprnn.rnn.kron.kron_grads`. A KCP matrix whose factor matrices are small enters the
+node as its CP factors (:meth:`Operand.built`): the node builds the factor matrices itself and
+back-propagates through the builds in its backward, at one row in one kernel call per matrix
+(:class:`~kcprnn._cpu.native_factor.RowGrads`), so that a step with its own backward has no
+node of the builds to run. A backward that records a graph (second derivatives) recomputes the
+step on torch operations and differentiates that.
 
 :class:`Operand` holds what a version of one weight needs (the products' compiled arguments,
 the index orders), made once per version by the caller.
@@ -26,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cpu import native
+from .._cpu import native, native_factor
+from ..formats.kcp.algebra import factor_dense_torch
 from ._fused_base import _Kron
 from .kron import KronLayout, kron_apply
 from .steps import gru_step, lstm_step, rnn_step
 
-__all__ = ["MAX_INPUT", "Operand", "applies", "step"]
+__all__ = ["BUILD_IN_STEP", "MAX_INPUT", "STEP_OPS", "Operand", "applies", "step"]
 
 MAX_INPUT = 4096
 """Widest input the compiled step takes: at the video size (57,600 inputs) the factor
@@ -39,14 +44,31 @@ gradients over the whole input row cost more than autograd's products there, and
 cell's step with gradients ran a third slower (``kcprnn bench --points streaming``); at the
 speech size (40 inputs) the step is where torch operations cost the most per MAC."""
 
+BUILD_IN_STEP = 1 << 15
+"""Largest work (``P R J I`` summed over a KCP matrix's Kronecker factors) whose factor matrices
+a step's node builds and back-propagates itself (:meth:`Operand.built`); larger ones are built
+once per version of the weights in a node of their own that the steps share."""
+
+STEP_OPS = 3
+"""Operations a compressed matrix's product launches in the compiled step with its factor
+matrices built in the node, forward and backward, as the cell's route prices them
+(:func:`kcprnn.rnn.plan.cell_trains_dense`): its product, its transposed product and its
+gradients' kernel, against about 16 on torch operations. At 40 -> 512, batch 1, it sends
+an LSTM, GRU or Elman cell with a rank-4 KCP ``W_ih`` and a dense ``W_hh`` to the compiled
+step instead of rebuilding ``W_ih`` dense at every step, which took 10-35 % longer there."""
+
 
 class Operand:
     """One weight of a cell step: a Kronecker sum (its factor matrices ``tensors`` with their
-    ``layout``) or a dense matrix (``tensors`` ``(W,)``)."""
+    ``layout``) or a dense matrix (``tensors`` ``(W,)``); or, made by :meth:`built`, a KCP
+    matrix's Kronecker sum whose ``tensors`` are the CP factors themselves."""
 
     def __init__(self, tensors: Sequence[Tensor], layout: KronLayout | None) -> None:
         self.tensors = list(tensors)
         self.layout = layout
+        self.groups: list[list[Tensor]] | None = None  # the CP factors, for :meth:`built`
+        self._plans: list[Any] = []
+        self._row: native_factor.RowGrads | None = None  # one row's gradients in one call
         if layout is None:
             self.weight = self.tensors[0].detach()  # (g, i)
             self.kron: _Kron | None = None
@@ -58,6 +80,25 @@ class Operand:
         self.macs = args.macs(1)  # per row, either way (for native.counting_macs)
         self.call = native._require().kcprnn_kron_apply
         self.args, self.args_t = args.args(), args_t.args()
+
+    @classmethod
+    def built(cls, groups: Sequence[Sequence[Tensor]], layout: KronLayout) -> Operand:
+        """The Kronecker sum of a KCP matrix from ``groups`` (the CP factors of each Kronecker
+        factor, in ``layout``'s order; the factor kernel takes each:
+        :func:`kcprnn._cpu.native_factor.applies`), built on the kernel without autograd. Its
+        :attr:`tensors` are the CP factors, so that the step's node takes them as inputs and
+        back-propagates through the build in its own backward: no node of the build in the
+        graph, whose backward a step at one row pays more for than for its kernels."""
+        plain = [[f.detach().contiguous() for f in g] for g in groups]  # what the kernel reads
+        built = [native_factor.kernel_build(g) for g in plain]
+        op = cls([m for m, _ in built], layout)
+        op.tensors = [f for g in groups for f in g]
+        op.groups, op._plans = plain, [plan for _, plan in built]
+        if len(plain) == 2 and op.tensors[0].shape[0] == 1:  # one term of two factors
+            in_index, out_index = op.kron.index  # type: ignore[union-attr]
+            out_inverse = None if out_index is None else torch.argsort(out_index)
+            op._row = native_factor.RowGrads(op.kron.mats, plain, op._plans, in_index, out_inverse)  # type: ignore[union-attr]
+        return op
 
     def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:
         x = x.contiguous()
@@ -85,7 +126,22 @@ class Operand:
             return [None] * len(needs)
         if self.kron is None:
             return [d.t().mm(x)]  # (g, i)
-        return self.kron.grads(d, x, needs)
+        if self.groups is None:
+            return self.kron.grads(d, x, needs)
+        if self._row is not None and d.shape[0] == 1:
+            got = self._row(x.contiguous(), d.contiguous())
+            return [t if need else None for t, need in zip(got, needs, strict=True)]
+        starts = [0]
+        for g in self.groups:
+            starts.append(starts[-1] + len(g))
+        wanted = [any(needs[a:z]) for a, z in zip(starts, starts[1:], strict=False)]
+        mats = self.kron.grads(d, x, wanted)  # each factor matrix's, (P, J, I)
+        out: list[Tensor | None] = []
+        for g, plan, grad in zip(self.groups, self._plans, mats, strict=True):
+            out.extend(
+                [None] * len(g) if grad is None else native_factor.kernel_grads(plan, g, grad)
+            )
+        return [t if need else None for t, need in zip(out, needs, strict=True)]
 
     def differentiable(self, weights: Sequence[Tensor]) -> Any:
         """``x -> x @ W.T`` on torch operations through ``weights`` (this operand's tensors as
@@ -93,6 +149,12 @@ class Operand:
         if self.layout is None:
             return lambda x: F.linear(x, weights[0])
         index = self.layout.indices(weights[0].device)
+        if self.groups is not None:  # the CP factors: the factor matrices built from them
+            mats, start = [], 0
+            for g in self.groups:
+                mats.append(factor_dense_torch(weights[start : start + len(g)]))
+                start += len(g)
+            weights = mats
         return lambda x: kron_apply(x, weights, self.layout, index)
 
 
@@ -116,15 +178,18 @@ def step(
     state: Sequence[Tensor],
     bias_ih: Tensor | None,
     bias_hh: Tensor | None,
+    marks: dict[Any, Any] | None = None,
 ) -> tuple[Tensor, ...]:
     """One ``mode`` step (``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``) on rows ``x``
     ``(b, i)`` from ``state`` (``(h, c)`` or ``(h,)``, each ``(b, h)``), as one autograd node.
-    Call only where :func:`applies` holds. Returns the new state."""
+    Call only where :func:`applies` holds. Returns the new state. The node's backward sets
+    ``marks["pending"]`` to ``False`` when ``marks`` is given."""
     c = state[1] if mode == "LSTM" else None
     n_ih = len(ih.tensors)
     out = _Step.apply(
-        _MODES[mode], ih, hh, n_ih, x, state[0], c, bias_ih, bias_hh, *ih.tensors, *hh.tensors
-    )
+        (_MODES[mode], marks), ih, hh, n_ih, x, state[0], c, bias_ih, bias_hh, *ih.tensors,
+        *hh.tensors,
+    )  # fmt: skip
     return tuple(out) if mode == "LSTM" else (out,)
 
 
@@ -136,7 +201,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        mode: int,
+        mode_marks: tuple[int, dict[Any, Any] | None],
         ih: Operand,
         hh: Operand,
         n_ih: int,
@@ -148,6 +213,7 @@ class _Step(torch.autograd.Function):
         *weights: Tensor,
     ) -> Any:
         lib = native._require()
+        mode, ctx.marks = mode_marks
         inputs = (x, h, c)  # saved as given: a recorded backward differentiates through them
         x, h = x.contiguous(), h.contiguous()
         b, hidden = h.shape
@@ -194,6 +260,8 @@ class _Step(torch.autograd.Function):
         x, h, c, bias_ih, bias_hh, s0, s1, s2, *weights = saved
         mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
         needs = ctx.needs_input_grad
+        if ctx.marks is not None:
+            ctx.marks["pending"] = False
         if torch.is_grad_enabled():  # a graph of the backward: recompute on torch operations
             return _recorded_backward(ctx, grads, saved)
         lib = native._require()

@@ -524,10 +524,12 @@ def _model(cells: Sequence[RNNCellBase]) -> CostModel:
     return cells[0].weight_hh.planning_model()
 
 
-def cell_trains_dense(cell: RNNCellBase, batch: int) -> bool:
+def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> bool:
     """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
     rebuilt dense (under autograd) and torch's fused cell than through the formats' products
-    (without gradients: :func:`kcprnn.rnn._cell_step.cell_uses_dense`)."""
+    (without gradients: :func:`kcprnn.rnn._cell_step.cell_uses_dense`); ``ops``: the
+    operations each compressed matrix's product launches forward and backward (16 on torch
+    operations, the default; fewer in the compiled step)."""
     if cell.weight_hr is not None:
         return False
     cm = _model([cell])
@@ -540,5 +542,5 @@ def cell_trains_dense(cell: RNNCellBase, batch: int) -> bool:
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
             structured += 3 * structured_rate(m, cm) * m.macs(batch, training=True)
-            structured += cm.rnn_cell_op * 8 * 2
+            structured += cm.rnn_cell_op * (8 * 2 if ops is None else ops)
     return dense <= structured
