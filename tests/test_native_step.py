@@ -17,7 +17,7 @@ from torch import nn
 import kcprnn
 from kcprnn._cpu import native, native_rnn, native_step
 from kcprnn._cpu.native_step import CellStep
-from kcprnn.rnn import _cell_step
+from kcprnn.rnn import _cell_route, _cell_step
 from kcprnn.rnn.kron import kron_layout_of, kron_matmul_macs, rebuild
 
 pytestmark = pytest.mark.skipif(
@@ -252,7 +252,7 @@ def test_routes_without_gradients():
         assert not speech._use_dense(1)  # a few small products instead of reading W_hh
         assert not video._use_dense(1)
         assert dense._use_dense(1)  # no Kronecker sum: torch's cell
-        costs = _cell_step.step_costs(speech, 1, speech.weight_hh.planning_model())
+        costs = _cell_route.step_costs(speech, 1, speech.weight_hh.planning_model())
         assert costs["native"] < costs["dense"]
         h, c = speech(torch.randn(1, 40))
         assert isinstance(speech._native_cache[1], CellStep)

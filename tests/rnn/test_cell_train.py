@@ -244,3 +244,45 @@ def test_a_cp_factor_changed_in_place_before_the_backward_is_reported():
         next(cell.weight_hh.parameters()).mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "RNN_TANH"])
+def test_a_kcp_input_matrix_takes_the_step_alone_and_the_dense_rebuild_in_a_sequence(mode):
+    """At the speech size (40 -> 512) with a rank-4 KCP ``W_ih`` and a dense ``W_hh`` at batch
+    1, a step back-propagated on its own runs the compiled step (its factor matrices built in
+    its node); the steps of a sequence with one backward after the first rebuild ``W_ih``
+    dense once and share it (torch's fused cell): both as torch's cells compute them."""
+    torch.manual_seed(3)
+    name, fn, extra = MODES[mode]
+    cell = getattr(kcprnn, name)(40, 512, format="kcp", rank=4, **extra)
+    ref = copy.deepcopy(cell).double()
+    args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
+    xs = torch.randn(3, 1, 40, generator=torch.Generator().manual_seed(8))
+    zero = [torch.zeros(1, 512) for _ in range(2 if mode == "LSTM" else 1)]
+
+    def run(cell, xs, state, args=None):
+        total, names = 0.0, []
+        for x in xs:
+            if args is None:
+                out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+            else:
+                out = fn(x.double(), tuple(state) if mode == "LSTM" else state[0], *args)
+            state = list(out) if mode == "LSTM" else [out]
+            names.append(type(state[0].grad_fn).__name__)
+            total = total + state[0].sum()
+        return total, names
+
+    for _ in range(2):  # lone steps, each back-propagated
+        total, names = run(cell, xs[:1], zero)
+        assert names == ["_StepBackward"]
+        total.backward()
+    total, names = run(cell, xs, zero)
+    assert names[0] == "_StepBackward" and "_StepBackward" not in names[1:]
+    want, _ = run(ref, xs, [z.double() for z in zero], args)
+    torch.testing.assert_close(total.double(), want, **TOL)
+    got = torch.autograd.grad(total, list(cell.parameters()))
+    exp = torch.autograd.grad(want, list(ref.parameters()))
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a.double(), b, **TOL)
+    total, names = run(cell, xs[:1], zero)  # after the sequence's backward: alone again
+    assert names == ["_StepBackward"]

@@ -10,7 +10,7 @@ from torch import nn
 import kcprnn
 from kcprnn._cpu import CostModel
 from kcprnn._cpu.native_dense import small_product
-from kcprnn.rnn import _cell_step, plan
+from kcprnn.rnn import _cell_route, plan
 
 INPUT, HIDDEN, STEPS, BATCH = 6, 8, 5, 3
 TOL = {"rtol": 1e-9, "atol": 1e-10}
@@ -369,10 +369,10 @@ def test_cell_without_gradients_reads_kept_dense_weights_unless_the_input_is_wid
     torch.manual_seed(0)
     opts = {"format": fmt, "rank": 2, "hidden_format": fmt, "hidden_options": {"rank": 2}}
     speech = kcprnn.LSTMCell(40, 512, **opts)
-    assert _cell_step.cell_uses_dense(speech, 1, training=False)
-    assert _cell_step.cell_uses_dense(speech, 16, training=False)
+    assert _cell_route.cell_uses_dense(speech, 1, training=False)
+    assert _cell_route.cell_uses_dense(speech, 16, training=False)
     wide = kcprnn.LSTMCell(57600, 16, format=fmt, rank=2)
-    assert not _cell_step.cell_uses_dense(wide, 1, training=False)
+    assert not _cell_route.cell_uses_dense(wide, 1, training=False)
 
 
 def test_short_lstm_sequences_leave_torchs_kernel():

@@ -1,5 +1,6 @@
 """The cells' steps: the weights a step reads, kept between calls until a parameter changes,
-and the price of each way to run the step.
+and what each way to run the step runs (their prices, and the choice between them:
+:mod:`kcprnn.rnn._cell_route`).
 
 Without autograd recording, a cell's step runs one of:
 
@@ -19,15 +20,11 @@ the weights with a graph of their own and shared by the steps (:class:`_Shared`,
 factor matrices built in one node on the CPU, that node itself), so that a sequence
 of steps builds and back-propagates through each matrix once. In the compiled step a step
 whose predecessor's backward has run (one step, one backward: streaming training) takes small
-KCP factor matrices built inside its own node instead (:func:`_train_operand`), and its route
-is priced for that (:func:`_compiled_trains`).
+KCP factor matrices built inside its own node instead (:func:`_train_operand`, :func:`marks`).
 
 The kept objects are keyed by every parameter's storage and version counter, so an in-place
 update (an optimizer step, ``load_state_dict``), a replaced parameter or a ``.data`` swap is
-seen at the next call. :func:`step_costs` prices the first two in the units of the cost model
-(:class:`~kcprnn._cpu.CostModel`: the compiled step as ``rnn_native_call`` op launches of
-``rnn_cell_op`` plus its products and gate arithmetic; torch's cell by its ``rnn_torch_cell``
-and ``rnn_cell_*`` fields).
+seen at the next call.
 """
 
 from __future__ import annotations
@@ -41,11 +38,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
-from .._cpu import CostModel, native, native_factor
+from .._cpu import native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
-from . import _cell_train, plan
+from . import _cell_train
 from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
 from .steps import State, gru_step, lstm_step, rnn_step
@@ -54,7 +51,6 @@ if TYPE_CHECKING:
     from .cells import RNNCellBase
 
 __all__ = [
-    "cell_uses_dense",
     "dense_weights",
     "kept",
     "needs_grad",
@@ -63,7 +59,6 @@ __all__ = [
     "remember_dense",
     "repeated_dense",
     "shared_step",
-    "step_costs",
     "weights_key",
 ]
 
@@ -124,6 +119,19 @@ def kept(cell: RNNCellBase, name: str, build: Callable[[], _T]) -> _T:
     return found[1]
 
 
+def marks(cell: RNNCellBase) -> dict[str, bool]:
+    """How ``cell``'s training steps come: ``marks(cell)["pending"]`` is set by every step
+    under autograd and cleared by the backward through it, so a step that finds it set is
+    one of a sequence of steps with one backward (a loop over time), and one that finds it
+    clear has had its predecessor's backward (streaming training: a step, its backward, the
+    next step). The routes differ between the two: a sequence shares what it builds from the
+    weights among its steps, a lone step pays for it in full."""
+    found = cell._kept.get("marks")  # kept whatever the weights: keyed by nothing
+    if found is None:
+        found = cell._kept["marks"] = ((), {"pending": False})
+    return found[1]
+
+
 class _Shared(torch.autograd.Function):
     """Tensors built from a matrix's parameters once (``build(matrix)``: its dense rebuild, or
     the factor matrices of its Kronecker sum), with a graph of their own back to the
@@ -136,16 +144,23 @@ class _Shared(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, build: Callable[[Any], Sequence[Tensor]], matrix: Any, *params: Tensor
+        ctx: Any,
+        build: Callable[[Any], Sequence[Tensor]],
+        matrix: Any,
+        steps: dict[str, bool] | None,
+        *params: Tensor,
     ) -> tuple[Tensor, ...]:
         with torch.enable_grad():
             outs = tuple(build(matrix))  # with their own graph
         ctx.outs, ctx.build, ctx.matrix, ctx.params = outs, build, matrix, params
+        ctx.steps = steps
         return tuple([o.detach() for o in outs])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         outs, params = ctx.outs, ctx.params
+        if ctx.steps is not None:
+            ctx.steps["pending"] = False  # the steps that read the build are back-propagated
         if torch.is_grad_enabled():
             current = tuple([p for p in ctx.matrix.parameters() if p.requires_grad])
             if len(current) != len(params) or any(map(operator.is_not, current, params)):
@@ -163,20 +178,25 @@ class _Shared(torch.autograd.Function):
             create_graph=torch.is_grad_enabled(),
             allow_unused=True,
         )
-        return (None, None, *got)
+        return (None, None, None, *got)
 
 
-def _shared(build: Callable[[Any], Sequence[Tensor]], matrix: FactorizedMatrix) -> list[Tensor]:
+def _shared(
+    build: Callable[[Any], Sequence[Tensor]],
+    matrix: FactorizedMatrix,
+    steps: dict[str, bool] | None = None,
+) -> list[Tensor]:
     """``build(matrix)`` shared by every call under autograd until a parameter changes
     (:class:`_Shared`); built plainly when no parameter of ``matrix`` needs a gradient, and
     when each built tensor is one node that any number of backward passes may go through (a
-    KCP matrix's factor matrices on the CPU: :mod:`kcprnn._cpu.native_factor`)."""
+    KCP matrix's factor matrices on the CPU: :mod:`kcprnn._cpu.native_factor`). The backward
+    through the build clears ``steps["pending"]`` (:func:`marks`) when ``steps`` is given."""
     params = [p for p in matrix.parameters() if p.requires_grad]
     if matrix.format_name == "dense" or not params:
         return list(build(matrix))
     if build is _kron_build and _factors_in_one_node(matrix):
         return list(build(matrix))
-    return list(_Shared.apply(build, matrix, *params))
+    return list(_Shared.apply(build, matrix, steps, *params))
 
 
 def _factors_in_one_node(matrix: FactorizedMatrix) -> bool:
@@ -221,7 +241,8 @@ def dense_weights(cell: RNNCellBase) -> tuple[Tensor, Tensor]:
     if cached is None or cached[0] != key:
         cell._dense_cache = None  # the old weights go before the new ones are built
         if grad:
-            pair = (_shared(_dense_build, ih)[0], _shared(_dense_build, hh)[0])
+            steps = marks(cell)
+            pair = (_shared(_dense_build, ih, steps)[0], _shared(_dense_build, hh, steps)[0])
         else:
             pair = (dense_weight(ih), dense_weight(hh))
         cached = cell._dense_cache = (key, pair)
@@ -348,21 +369,23 @@ def _compiled_step(
     found = cell._kept.get("compiled step")
     if found is None or found[0] != key:
         cell._kept.pop("compiled step", None)
-        found = cell._kept["compiled step"] = (key, {"pending": False})
-    kept = found[1]
-    # A step whose predecessor's backward has not run yet is one of a sequence of steps with
-    # one backward: it shares the factor matrices' build (one build backward for all steps);
-    # a step back-propagated on its own builds small ones in its node (no node of theirs).
-    shared = kept["pending"]
-    operands = kept.get(shared)
+        found = cell._kept["compiled step"] = (key, {})
+    kept: dict[bool, Any] = found[1]
+    # a step of a sequence with one backward shares the factor matrices' build (one build
+    # backward for all steps); a step back-propagated on its own builds small ones in its node
+    steps = marks(cell)
+    shared = steps["pending"]
+    operands: Any = kept.get(shared)
     if operands is None:
-        operands = kept[shared] = (_train_operand(ih, shared), _train_operand(hh, shared))
-    ih_op, hh_op = operands
-    if ih_op is None or hh_op is None or not _cell_train.applies(*ih_op.tensors, *hh_op.tensors):
+        a, b = _train_operand(ih, shared), _train_operand(hh, shared)
+        runs = a is not None and b is not None and _cell_train.applies(*a.tensors, *b.tensors)
+        operands = kept[shared] = (a, b) if runs else False
+    if operands is False:
         return None
+    ih_op, hh_op = operands
     mode = _mode(cell)
-    out = _cell_train.step(mode, ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"], kept)
-    kept["pending"] = True  # until the step's backward runs
+    out = _cell_train.step(mode, ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"], steps)
+    steps["pending"] = True  # until the step's backward runs
     return out
 
 
@@ -384,12 +407,18 @@ def _mode_key(cell: RNNCellBase) -> tuple[Any, ...] | None:
     return (True, _grad_key(cell)) if _sharing() else None
 
 
-def remember_dense(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> None:
+def remember_dense(
+    cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor], alone: bool = False
+) -> None:
     """Keep what lets the next call repeat this one's step on the dense weights
     (:func:`repeated_dense`): called after such a step on a batched ``input`` with a given
-    state, whose checks passed."""
+    state, whose checks passed; ``alone``: a step under autograd whose predecessor's
+    backward has run may take another route (:func:`marks`), so such a step is not repeated."""
     key = _mode_key(cell)
-    cell._repeat = None if key is None else (_signature(cell, input, hx), key, dense_weights(cell))
+    if key is None:
+        cell._repeat = None
+        return
+    cell._repeat = (_signature(cell, input, hx), key, dense_weights(cell), alone)
 
 
 def repeated_dense(
@@ -410,6 +439,11 @@ def repeated_dense(
     found = cell._repeat
     if found is None or found[0] != _signature(cell, input, hx) or found[1] != _mode_key(cell):
         return None
+    if found[1][0]:  # under autograd
+        steps = marks(cell)
+        if found[3] and not steps["pending"]:
+            return None  # a lone step, whose route may differ: the full step chooses it
+        steps["pending"] = True
     return found[2]
 
 
@@ -506,110 +540,3 @@ def native_step(cell: RNNCellBase) -> CellStep:
             )
         cached = cell._native_cache = (key, step)
     return cached[1]
-
-
-def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
-    return elements * (weight + row * batch)
-
-
-def _native_product(matrix: FactorizedMatrix, role: str, batch: int, cm: CostModel) -> float:
-    """Price of one of the compiled step's products over ``batch`` rows."""
-    elements = matrix.in_features * matrix.out_features
-    if _is_kron(matrix):
-        found = kron_layout_cached(matrix)
-        assert found is not None
-        layout, terms = found
-        work = batch * plan.kron_step_work(layout.in_sizes, layout.out_sizes, terms)
-        gathers = batch * layout.in_features * (layout.in_index is not None)
-        return cm.rnn_native_gemm * work + cm.rnn_cell_gather * gathers
-    if matrix.format_name == "dense" or role == "hh":
-        return _dense_product(elements, batch, cm.rnn_native_weight, cm.rnn_native_row)
-    # another format's own product, from Python
-    ops = plan.product_ops(matrix)
-    return ops * cm.rnn_aten_op + cm.rnn_factorized_input * matrix.macs(batch)
-
-
-def _cell_product(matrix: FactorizedMatrix, batch: int, cm: CostModel) -> float:
-    """Price of ``matrix``'s dense product inside torch's fused cell."""
-    elements = matrix.in_features * matrix.out_features
-    return _dense_product(elements, batch, cm.rnn_cell_weight, cm.rnn_cell_row)
-
-
-def _torch_cell(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
-    """Price of one step of torch's fused cell on ``cell``'s kept dense weights."""
-    return cm.rnn_torch_cell + sum(
-        _cell_product(m, batch, cm) for m in (cell.weight_ih, cell.weight_hh)
-    )
-
-
-def _own_products(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
-    """Price of one step through the formats' own products on torch operations: each product
-    its aten operators (:func:`~kcprnn.rnn.plan.product_ops`, ``rnn_aten_op`` each) and its
-    MACs at the structured rate, a dense matrix as in torch's cell, plus the step's Python and
-    gate arithmetic."""
-    price = cm.rnn_torch_cell + cm.rnn_step_ops * cm.rnn_aten_op
-    for m in (cell.weight_ih, cell.weight_hh):
-        if m.format_name == "dense" or m.algorithm == "dense":
-            price += _cell_product(m, batch, cm)
-            continue
-        rate = plan.structured_rate(m, cm)
-        if m.format_name != "kcp":
-            rate *= cm.rnn_factorized_input
-        price += plan.product_ops(m) * cm.rnn_aten_op + rate * m.macs(batch)
-    return price
-
-
-def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]:
-    """Prices of one step of ``cell`` on ``batch`` rows without gradients: ``"dense"`` (torch's
-    fused cell on the kept dense weights) and ``"native"`` (the compiled step)."""
-    ih, hh = cell.weight_ih, cell.weight_hh
-    gates = hh.out_features
-    compiled = (
-        cm.rnn_native_call * cm.rnn_cell_op
-        + batch * gates * cm.rnn_native_gate
-        + _native_product(ih, "ih", batch, cm)
-        + _native_product(hh, "hh", batch, cm)
-    )
-    return {"dense": _torch_cell(cell, batch, cm), "native": compiled}
-
-
-def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
-    """Whether one step of ``cell`` on ``batch`` rows is cheaper on its dense weights and
-    torch's fused cell than through its formats' products (ties go to torch): without
-    gradients against the compiled step where it can run (:func:`step_costs`), else against
-    the products on torch operations; in training by
-    :func:`kcprnn.rnn.plan.cell_trains_dense`."""
-    if training:
-        ops = _cell_train.STEP_OPS if _compiled_trains(cell) else None
-        return plan.cell_trains_dense(cell, batch, ops)
-    if cell.weight_hr is not None:
-        return False
-    cm = cell.weight_hh.planning_model()
-    p = cell.bias_hh if cell.bias_hh is not None else next(cell.weight_hh.parameters(), None)
-    if p is not None and native_applies(cell, p.dtype, p.is_cpu):
-        costs = step_costs(cell, batch, cm)
-        return costs["dense"] <= costs["native"]
-    return _torch_cell(cell, batch, cm) <= _own_products(cell, batch, cm)
-
-
-def _compiled_trains(cell: RNNCellBase) -> bool:
-    """Whether a training step of ``cell`` runs the compiled step with every KCP matrix built
-    in its node (:func:`_builds_in_step`): no projection, each matrix KCP or dense (at least
-    one KCP), an input of at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT`, float32 on the CPU
-    with the kernels built."""
-    ih, hh = _matrices(cell)
-    if cell.weight_hr is not None or ih.in_features > _cell_train.MAX_INPUT:
-        return False
-    if not (_shares_kron(ih) or _shares_kron(hh)):
-        return False
-    for m in (ih, hh):
-        if _shares_kron(m):
-            found = kron_layout_cached(m)
-            assert found is not None
-            kcp: Any = m
-            if not _builds_in_step([list(kcp.factors[n]) for n in found[0].order]):
-                return False
-        elif m.format_name != "dense":
-            return False
-    p = next(hh.parameters(), None)
-    return p is not None and p.dtype == torch.float32 and p.is_cpu and native.available()

@@ -183,7 +183,8 @@ def step(
     """One ``mode`` step (``"LSTM"``, ``"GRU"``, ``"RNN_TANH"``, ``"RNN_RELU"``) on rows ``x``
     ``(b, i)`` from ``state`` (``(h, c)`` or ``(h,)``, each ``(b, h)``), as one autograd node.
     Call only where :func:`applies` holds. Returns the new state. The node's backward sets
-    ``marks["pending"]`` to ``False`` when ``marks`` is given."""
+    ``marks["pending"]`` to ``False`` when ``marks`` is given
+    (:func:`kcprnn.rnn._cell_step.marks`)."""
     c = state[1] if mode == "LSTM" else None
     n_ih = len(ih.tensors)
     out = _Step.apply(
@@ -214,6 +215,9 @@ class _Step(torch.autograd.Function):
     ) -> Any:
         lib = native._require()
         mode, ctx.marks = mode_marks
+        # the weights are kept, not saved (the operands hold what the backward reads); their
+        # versions are checked as autograd checks saved tensors'
+        ctx.weights, ctx.versions = weights, [w._version for w in weights]
         inputs = (x, h, c)  # saved as given: a recorded backward differentiates through them
         x, h = x.contiguous(), h.contiguous()
         b, hidden = h.shape
@@ -230,7 +234,7 @@ class _Step(torch.autograd.Function):
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias), a.data_ptr(),
                 acts.data_ptr(), c.data_ptr(), hs.data_ptr(), cs.data_ptr(), tcs.data_ptr(), 0, 1,
             )  # fmt: skip
-            ctx.save_for_backward(*inputs, bias_ih, bias_hh, acts, cs, tcs, *weights)
+            ctx.save_for_backward(*inputs, bias_ih, bias_hh, acts, cs, tcs)
             return hs[0], cs[0]
         if mode == 1:  # GRU: b_ih joins the input projection, b_hh stays inside the reset gate
             if bias_ih is not None:
@@ -242,7 +246,7 @@ class _Step(torch.autograd.Function):
                 0, 1, b, hidden, gx.data_ptr(), g, b * g, _ptr(bias_hh), a.data_ptr(),
                 h.data_ptr(), gh.data_ptr(), rz.data_ptr(), ns.data_ptr(), hs.data_ptr(), 0, 1,
             )  # fmt: skip
-            ctx.save_for_backward(*inputs, bias_ih, bias_hh, gh, rz, ns, *weights)
+            ctx.save_for_backward(*inputs, bias_ih, bias_hh, gh, rz, ns)
             return hs[0]
         bias = _sum(bias_ih, bias_hh)
         hs = h.new_empty(1, b, hidden)  # (1, b, h)
@@ -251,19 +255,26 @@ class _Step(torch.autograd.Function):
             0, int(mode == 3),
         )  # fmt: skip
         out = hs[0]
-        ctx.save_for_backward(*inputs, bias_ih, bias_hh, out, None, None, *weights)
+        ctx.save_for_backward(*inputs, bias_ih, bias_hh, out, None, None)
         return out
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        x, h, c, bias_ih, bias_hh, s0, s1, s2, *weights = saved
+        x, h, c, bias_ih, bias_hh, s0, s1, s2 = saved
+        for w, version in zip(ctx.weights, ctx.versions, strict=True):
+            if w._version != version:
+                raise RuntimeError(
+                    f"kcprnn: a weight {tuple(w.shape)} of a cell step was modified by an inplace "
+                    f"operation after the step (version {version} -> {w._version}): run the "
+                    "step again (call the cell) before backward"
+                )
         mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
         needs = ctx.needs_input_grad
         if ctx.marks is not None:
             ctx.marks["pending"] = False
         if torch.is_grad_enabled():  # a graph of the backward: recompute on torch operations
-            return _recorded_backward(ctx, grads, saved)
+            return _recorded_backward(ctx, grads, (*saved, *ctx.weights))
         lib = native._require()
         h = h.contiguous()  # (b, h); the kernels read h and c through pointers
         b, hidden = h.shape
@@ -324,8 +335,8 @@ def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def _recorded_backward(ctx: Any, grads: Sequence[Tensor], saved: Any) -> tuple[Tensor | None, ...]:
     """The backward on torch operations, recomputing the step from the saved inputs
-    (``saved``: ``ctx.saved_tensors``), for a backward that records its own graph (second
-    derivatives)."""
+    (``saved``: ``ctx.saved_tensors`` and the kept weights), for a backward that records its
+    own graph (second derivatives)."""
     x, h, c, bias_ih, bias_hh, _, _, _, *weights = saved
     mode, ih, hh, n_ih = ctx.mode, ctx.ih, ctx.hh, ctx.n_ih
     ih_product = ih.differentiable(weights[:n_ih])

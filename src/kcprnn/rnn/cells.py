@@ -20,10 +20,11 @@ from torch import Tensor, nn
 from .._compile_module import compiled_module, compiles_opaque
 from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
+from ._cell_route import cell_uses_dense, compiled_trains
 from ._cell_step import (
-    cell_uses_dense,
     dense_weights,
     kept,
+    marks,
     native_applies,
     native_step,
     needs_grad,
@@ -162,7 +163,7 @@ class RNNCellBase(nn.Module):
         self._native_cache: tuple[tuple, Any] | None = None
         self._kept: dict[str, tuple[tuple, Any]] = {}  # kept(): name -> (weights key, value)
         self._param_slots: tuple[nn.Module, nn.Module, list[tuple[dict, str]]] | None = None
-        self._repeat: tuple[tuple, tuple, tuple[Tensor, Tensor]] | None = None  # the last step
+        self._repeat: tuple[tuple, tuple, tuple[Tensor, Tensor], bool] | None = None
         self.reset_parameters()
 
     @property
@@ -264,8 +265,10 @@ class RNNCellBase(nn.Module):
             state = tuple(checked)
         if self._use_dense(b):
             new = self._dense_step(x, state)  # tuple of (b, s)
+            if training := torch.is_grad_enabled():
+                marks(self)["pending"] = True  # until a backward through the rebuild
             if batched and hx is not None:
-                remember_dense(self, input, state)
+                remember_dense(self, input, state, training and compiled_trains(self))
         else:
             new = self._structured_step(x, state)  # tuple of (b, s)
         if not batched:
@@ -276,7 +279,7 @@ class RNNCellBase(nn.Module):
 
     def _use_dense(self, batch: int) -> bool:
         """Whether a step on ``batch`` rows runs on dense weights and torch's fused cell
-        (:func:`kcprnn.rnn._cell_step.cell_uses_dense`; the answer depends on shapes, the
+        (:func:`kcprnn.rnn._cell_route.cell_uses_dense`; the answer depends on shapes, the
         matrices' algorithms and cost models, and the parameters' dtype and device, which key
         it)."""
         if self.weight_hr is not None or torch.compiler.is_compiling():
@@ -289,6 +292,7 @@ class RNNCellBase(nn.Module):
         key = (
             batch,
             training,
+            training and marks(self)["pending"],  # a step of a sequence, or a lone one
             ih,
             hh,
             ih._algorithm,
@@ -306,15 +310,13 @@ class RNNCellBase(nn.Module):
         return choice
 
     def _kept_weight(self, name: str, build: Callable[..., _Kept], *args: Any) -> _Kept:
-        """``build(*args)``, a value made from the weights (a rebuilt matrix, a Kronecker sum's
-        factor matrices), kept under ``name`` between calls without gradients until a parameter
-        changes (:func:`kcprnn.rnn._cell_step.kept`); built afresh under autograd."""
+        """``build(*args)`` (made from the weights), kept under ``name`` between calls without
+        gradients until a parameter changes (:func:`kcprnn.rnn._cell_step.kept`)."""
         return kept(self, name, lambda: build(*args))
 
     def _structured_step(self, x: Tensor, state: State) -> State:
-        """One step through the formats' products: the compiled step where no gradient is
-        recorded and it can run (float32, CPU, not compiling); under autograd KCP
-        matrices through shared factor matrices (:func:`~kcprnn.rnn._cell_step.shared_step`);
+        """One step through the formats' products: the compiled step where it can run; under
+        autograd KCP matrices' factor matrices (:func:`~kcprnn.rnn._cell_step.shared_step`);
         else :meth:`step` on torch ops; compiled, one opaque node running this eager code."""
         if compiles_opaque(self):
             return compiled_module(self, x, state)[1]

@@ -527,7 +527,7 @@ def _model(cells: Sequence[RNNCellBase]) -> CostModel:
 def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> bool:
     """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
     rebuilt dense (under autograd) and torch's fused cell than through the formats' products
-    (without gradients: :func:`kcprnn.rnn._cell_step.cell_uses_dense`); ``ops``: the
+    (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
     operations each compressed matrix's product launches forward and backward (16 on torch
     operations, the default; fewer in the compiled step)."""
     if cell.weight_hr is not None:
