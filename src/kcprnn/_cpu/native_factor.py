@@ -307,8 +307,15 @@ class RowGrads:
         factors = [_pointers(g) for g in groups]
         index = [None if t is None else t.to(i64).contiguous() for t in (in_index, out_index)]
         self._keep = (a0, a1, dims, nd, ranks, blocks, offsets, factors, index, groups, plans)
-        self.shapes = [tuple(f.shape) for g in groups for f in g]
-        self.sizes = [f.numel() for g in groups for f in g]
+        # the outputs, one after another, as runs of equal shapes: (entries, count, shape)
+        self.runs: list[tuple[int, int, tuple[int, ...]]] = []
+        for f in (f for g in groups for f in g):
+            if self.runs and self.runs[-1][2] == tuple(f.shape):
+                n, count, shape = self.runs[-1]
+                self.runs[-1] = (n, count + 1, shape)
+            else:
+                self.runs.append((f.numel(), 1, tuple(f.shape)))
+        self.total = sum(n * count for n, count, _ in self.runs)
         self.fn = getattr(native._require(), "kcprnn_kcp_row_grads" + _SUFFIX[a0.dtype])
         self.head = (index[0].data_ptr() if index[0] is not None else None,)
         self.middle = (index[1].data_ptr() if index[1] is not None else None, dims.data_ptr())
@@ -320,12 +327,16 @@ class RowGrads:
     def __call__(self, x: Tensor, grad: Tensor) -> list[Tensor]:
         """The CP factors' gradients (every factor's modes in order) from the row ``x`` ``(1,
         I)`` and its output gradient ``grad`` ``(1, J)``, both contiguous, in natural order."""
-        flat = self.like.new_empty(sum(self.sizes))
+        flat = self.like.new_empty(self.total)
         self.fn(
             x.data_ptr(), *self.head, grad.data_ptr(), *self.middle, *self.tail, flat.data_ptr()
         )
-        parts = flat.split(self.sizes)
-        return [t.view(s) for t, s in zip(parts, self.shapes, strict=True)]
+        out: list[Tensor] = []
+        start = 0
+        for n, count, shape in self.runs:  # a run of equal shapes in one unbind
+            out.extend(flat[start : start + n * count].view(count, *shape).unbind(0))
+            start += n * count
+        return out
 
 
 class _FactorDense(torch.autograd.Function):
