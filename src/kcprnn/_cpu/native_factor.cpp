@@ -156,6 +156,19 @@ void factor_dense_grad(const FactorShape& sh, i64 p_terms, i64 rank, const T* co
   }
 }
 
+// c (m, n) = a (m, k) b (k, n), all row-major; the long axis n innermost
+template <typename T>
+void matmul(const T* a, const T* b, T* c, i64 m, i64 k, i64 n) {
+  for (i64 x = 0; x < m * n; ++x) c[x] = T(0);
+  for (i64 x = 0; x < m; ++x)
+    for (i64 y = 0; y < k; ++y) {
+      const T s = a[x * k + y];
+      const T* row = b + y * n;
+#pragma omp simd
+      for (i64 z = 0; z < n; ++z) c[x * n + z] += s * row[z];
+    }
+}
+
 // One row through one term of two Kronecker factors, y = (A_0 kron A_1) x: from the row x
 // (I_0 I_1) and its output gradient g (J_0 J_1), each read through a gather (in_index: x's entry
 // at each factor-major position; out_index: g's, or in place where null), the factor matrices'
@@ -177,14 +190,7 @@ void kcp_row_grads(const T* x, const i64* in_index, const T* g, const i64* out_i
   for (i64 n = 0; n < j0 * j1; ++n) gs[n] = out_index ? g[out_index[n]] : g[n];
   if (nd[0] > 0) {
     T* ga = t;  // G A_1: (J_0, I_1)
-    for (i64 a = 0; a < j0 * i1; ++a) ga[a] = T(0);
-    for (i64 a = 0; a < j0; ++a)
-      for (i64 b = 0; b < j1; ++b) {
-        const T s = gs[a * j1 + b];
-        const T* row = a1 + b * i1;
-#pragma omp simd
-        for (i64 c = 0; c < i1; ++c) ga[a * i1 + c] += s * row[c];
-      }
+    matmul(gs, a1, ga, j0, j1, i1);
     for (i64 a = 0; a < j0; ++a)  // dA_0 = (G A_1) X^T
       for (i64 c = 0; c < i0; ++c) {
         T s = T(0);
@@ -197,14 +203,7 @@ void kcp_row_grads(const T* x, const i64* in_index, const T* g, const i64* out_i
   }
   if (nd[1] > 0) {
     T* ax = t + j0 * i1;  // A_0 X: (J_0, I_1)
-    for (i64 a = 0; a < j0 * i1; ++a) ax[a] = T(0);
-    for (i64 a = 0; a < j0; ++a)
-      for (i64 c = 0; c < i0; ++c) {
-        const T s = a0[a * i0 + c];
-        const T* row = xs + c * i1;
-#pragma omp simd
-        for (i64 e = 0; e < i1; ++e) ax[a * i1 + e] += s * row[e];
-      }
+    matmul(a0, xs, ax, j0, i0, i1);
     for (i64 b = 0; b < j1 * i1; ++b) d1[b] = T(0);
     for (i64 a = 0; a < j0; ++a)  // dA_1 = G^T (A_0 X)
       for (i64 b = 0; b < j1; ++b) {

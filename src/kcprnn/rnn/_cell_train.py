@@ -55,7 +55,8 @@ matrices built in the node, forward and backward, as the cell's route prices the
 (:func:`kcprnn.rnn.plan.cell_trains_dense`): its product, its transposed product and its
 gradients' kernel, against about 16 on torch operations. At 40 -> 512, batch 1, it sends
 an LSTM, GRU or Elman cell with a rank-4 KCP ``W_ih`` and a dense ``W_hh`` to the compiled
-step instead of rebuilding ``W_ih`` dense at every step, which took 10-35 % longer there."""
+step instead of rebuilding ``W_ih`` dense at every step, which took 10-50 % longer there
+(``benchmarks/results/recurrence/lone-step-builds/``)."""
 
 
 class Operand:
@@ -94,10 +95,12 @@ class Operand:
         op = cls([m for m, _ in built], layout)
         op.tensors = [f for g in groups for f in g]
         op.groups, op._plans = plain, [plan for _, plan in built]
+        kron = op.kron
+        assert kron is not None
         if len(plain) == 2 and op.tensors[0].shape[0] == 1:  # one term of two factors
-            in_index, out_index = op.kron.index  # type: ignore[union-attr]
+            in_index, out_index = kron.index
             out_inverse = None if out_index is None else torch.argsort(out_index)
-            op._row = native_factor.RowGrads(op.kron.mats, plain, op._plans, in_index, out_inverse)  # type: ignore[union-attr]
+            op._row = native_factor.RowGrads(kron.mats, plain, op._plans, in_index, out_inverse)
         return op
 
     def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:
@@ -216,7 +219,7 @@ class _Step(torch.autograd.Function):
         lib = native._require()
         mode, ctx.marks = mode_marks
         # the weights are kept, not saved (the operands hold what the backward reads); their
-        # versions are checked as autograd checks saved tensors'
+        # versions are checked as autograd checks saved tensors
         ctx.weights, ctx.versions = weights, [w._version for w in weights]
         inputs = (x, h, c)  # saved as given: a recorded backward differentiates through them
         x, h = x.contiguous(), h.contiguous()
