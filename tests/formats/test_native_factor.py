@@ -280,16 +280,16 @@ def test_kernel_build_and_grads_without_autograd(p, r, modes):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _row_case(first, second, r, dtype, seed, gathers):
-    """Two factors' CP factors, their matrices, a row, its output gradient and (when
-    ``gathers``) random orders of both; the reference gradients by autograd through the row's
-    product ``y = (A_0 ⊗ A_1) x`` in the factors' order."""
-    f0, f1 = _factor(1, r, first, dtype, seed), _factor(1, r, second, dtype, seed + 1)
+def _row_case(first, second, r, seed, gathers):
+    """Two factors' CP factors (float64), a row, its output gradient, (when ``gathers``) random
+    orders of both, and the reference gradients by autograd through the row's product
+    ``y = (A_0 ⊗ A_1) x`` in the factors' order."""
+    f0, f1 = _factor(1, r, first, seed=seed), _factor(1, r, second, seed=seed + 1)
     a0, a1 = _einsum(f0), _einsum(f1)  # (1, J_n, I_n), with their graphs
     i_total, j_total = a0.shape[2] * a1.shape[2], a0.shape[1] * a1.shape[1]
     gen = torch.Generator().manual_seed(seed + 2)
-    x = torch.randn(1, i_total, generator=gen, dtype=dtype)
-    g = torch.randn(1, j_total, generator=gen, dtype=dtype)
+    x = torch.randn(1, i_total, generator=gen, dtype=torch.float64)
+    g = torch.randn(1, j_total, generator=gen, dtype=torch.float64)
     in_index = torch.randperm(i_total, generator=gen) if gathers else None
     out_index = torch.randperm(j_total, generator=gen) if gathers else None
     xf = x[:, in_index] if gathers else x  # the row in the factors' order
@@ -297,31 +297,30 @@ def _row_case(first, second, r, dtype, seed, gathers):
     xm = xf.reshape(a0.shape[2], a1.shape[2])  # (I_0, I_1)
     y = torch.einsum("ab,cd,bd->ac", a0[0], a1[0], xm)  # (J_0, J_1): (A_0 ⊗ A_1) x
     want = torch.autograd.grad(y, [*f0, *f1], gf.reshape(y.shape))
-    mats = [a0.detach(), a1.detach()]
-    groups = [[f.detach().contiguous() for f in f0], [f.detach().contiguous() for f in f1]]
-    plans = [native_factor.kernel_build(grp)[1] for grp in groups]
-    rows = native_factor.RowGrads(mats, groups, plans, in_index, out_index)
-    return rows, x, g, want
+    return [f0, f1], (in_index, out_index), x, g, want
+
+
+def _row_grads(groups, indices, dtype):
+    """:class:`RowGrads` of the CP factors ``groups`` in ``dtype``, their matrices by the
+    kernel."""
+    groups = [[f.detach().to(dtype).contiguous() for f in grp] for grp in groups]
+    built = [native_factor.kernel_build(grp) for grp in groups]
+    return native_factor.RowGrads([m for m, _ in built], groups, [p for _, p in built], *indices)
 
 
 @pytest.mark.parametrize("gathers", [False, True])
 @pytest.mark.parametrize(("first", "second"), ROW_PAIRS)
 def test_one_rows_gradients_match_autograd(first, second, gathers):
-    rows, x, g, want = _row_case(first, second, 3, torch.float64, 4, gathers)
-    got = rows(x, g)
+    groups, indices, x, g, want = _row_case(first, second, 3, 4, gathers)
+    got = _row_grads(groups, indices, torch.float64)(x, g)
     assert [t.shape for t in got] == [t.shape for t in want]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
 def test_one_rows_gradients_in_float32_and_fresh_tensors_each_call():
-    rows, x, g, want = _row_case(*ROW_PAIRS[0], 4, torch.float64, 9, True)
-    single = native_factor.RowGrads(
-        [m.float() for m in rows._keep[:2]],
-        [[f.float() for f in grp] for grp in rows._keep[9]],
-        [native_factor.kernel_build([f.float() for f in grp])[1] for grp in rows._keep[9]],
-        *rows._keep[8],
-    )
+    groups, indices, x, g, want = _row_case(*ROW_PAIRS[0], 4, 9, True)
+    single = _row_grads(groups, indices, torch.float32)
     first = single(x.float(), g.float())
     for a, b in zip(first, want, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

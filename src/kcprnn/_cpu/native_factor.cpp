@@ -174,49 +174,43 @@ void matmul(const T* a, const T* b, T* c, i64 m, i64 k, i64 n) {
 // at each factor-major position; out_index: g's, or in place where null), the factor matrices'
 // gradients dA_0 = G A_1 X^T (J_0, I_0) and dA_1 = G^T A_0 X (J_1, I_1), then each one's CP
 // factors' gradients (factor_dense_grad), written one after another from df: factor 0's modes
-// first, then factor 1's (P = 1, rank[n] each). A factor with nd[n] == 0 is skipped.
+// first, then factor 1's (P = 1, rank[n] each).
 template <typename T>
-void kcp_row_grads(const T* x, const i64* in_index, const T* g, const i64* out_index,
-                   const i64* dims, const T* a0, const T* a1, const int* nd,
-                   const i64* const* blocks, const i64* const* offsets, const i64* rank,
-                   const T* const* f0, const T* const* f1, T* df) {
+void kcp_row_grads(const i64* in_index, const i64* out_index, const i64* dims, const T* a0,
+                   const T* a1, const int* nd, const i64* const* blocks,
+                   const i64* const* offsets, const i64* rank, const T* const* f0,
+                   const T* const* f1, const T* x, const T* g, T* df) {
   const i64 j0 = dims[0], i0 = dims[1], j1 = dims[2], i1 = dims[3];
   T* xs = scratch<T, 3>(i0 * i1 + j0 * j1 + 2 * j0 * i1 + j0 * i0 + j1 * i1);
   T* gs = xs + i0 * i1;
-  T* t = gs + j0 * j1;  // (J_0, I_1): G A_1, then A_0 X
-  T* d0 = t + 2 * j0 * i1;
+  T* ga = gs + j0 * j1;  // G A_1: (J_0, I_1)
+  T* ax = ga + j0 * i1;  // A_0 X: (J_0, I_1)
+  T* d0 = ax + j0 * i1;
   T* d1 = d0 + j0 * i0;
   for (i64 n = 0; n < i0 * i1; ++n) xs[n] = in_index ? x[in_index[n]] : x[n];
   for (i64 n = 0; n < j0 * j1; ++n) gs[n] = out_index ? g[out_index[n]] : g[n];
-  if (nd[0] > 0) {
-    T* ga = t;  // G A_1: (J_0, I_1)
-    matmul(gs, a1, ga, j0, j1, i1);
-    for (i64 a = 0; a < j0; ++a)  // dA_0 = (G A_1) X^T
-      for (i64 c = 0; c < i0; ++c) {
-        T s = T(0);
-        const T* u = ga + a * i1;
-        const T* v = xs + c * i1;
+  matmul(gs, a1, ga, j0, j1, i1);
+  for (i64 a = 0; a < j0; ++a)  // dA_0 = (G A_1) X^T
+    for (i64 c = 0; c < i0; ++c) {
+      T s = T(0);
+      const T* u = ga + a * i1;
+      const T* v = xs + c * i1;
 #pragma omp simd reduction(+ : s)
-        for (i64 e = 0; e < i1; ++e) s += u[e] * v[e];
-        d0[a * i0 + c] = s;
-      }
-  }
-  if (nd[1] > 0) {
-    T* ax = t + j0 * i1;  // A_0 X: (J_0, I_1)
-    matmul(a0, xs, ax, j0, i0, i1);
-    for (i64 b = 0; b < j1 * i1; ++b) d1[b] = T(0);
-    for (i64 a = 0; a < j0; ++a)  // dA_1 = G^T (A_0 X)
-      for (i64 b = 0; b < j1; ++b) {
-        const T s = gs[a * j1 + b];
-        const T* row = ax + a * i1;
+      for (i64 e = 0; e < i1; ++e) s += u[e] * v[e];
+      d0[a * i0 + c] = s;
+    }
+  matmul(a0, xs, ax, j0, i0, i1);
+  for (i64 b = 0; b < j1 * i1; ++b) d1[b] = T(0);
+  for (i64 a = 0; a < j0; ++a)  // dA_1 = G^T (A_0 X)
+    for (i64 b = 0; b < j1; ++b) {
+      const T s = gs[a * j1 + b];
+      const T* row = ax + a * i1;
 #pragma omp simd
-        for (i64 e = 0; e < i1; ++e) d1[b * i1 + e] += s * row[e];
-      }
-  }
+      for (i64 e = 0; e < i1; ++e) d1[b * i1 + e] += s * row[e];
+    }
   const T* const* fs[2] = {f0, f1};
   const T* ds[2] = {d0, d1};
   for (int n = 0; n < 2; ++n) {
-    if (nd[n] == 0) continue;
     std::vector<T*> out(nd[n]);
     for (int d = 0; d < nd[n]; ++d) {
       out[d] = df;
@@ -257,25 +251,26 @@ void kcprnn_factor_dense_grad_f64(int nd, const i64* blocks, const i64* offsets,
   factor_dense_grad<double>(FactorShape(nd, blocks, offsets), p_terms, rank, factors, grad, grads);
 }
 
-// dims: J_0, I_0, J_1, I_1; a0, a1: (J_0, I_0), (J_1, I_1); per factor n: nd[n] modes (0: no
-// gradient wanted), blocks[n] and offsets[n] its tables (as kcprnn_factor_dense), rank[n], and
-// f0 / f1 its nd[n] CP factors (1, R, J_d, I_d); df: their gradients, one after another
-void kcprnn_kcp_row_grads_f32(const float* x, const i64* in_index, const float* g,
-                              const i64* out_index, const i64* dims, const float* a0,
-                              const float* a1, const int* nd, const i64* const* blocks,
-                              const i64* const* offsets, const i64* rank,
-                              const float* const* f0, const float* const* f1, float* df) {
-  kcp_row_grads<float>(x, in_index, g, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0, f1,
+// in_index, out_index: the gathers (or null); dims: J_0, I_0, J_1, I_1; a0, a1: (J_0, I_0),
+// (J_1, I_1); per factor n: nd[n] modes, blocks[n] and offsets[n] its tables (as
+// kcprnn_factor_dense), rank[n], and f0 / f1 its nd[n] CP factors (1, R, J_d, I_d); x, g: the row
+// and its output gradient; df: the CP factors' gradients, one after another
+void kcprnn_kcp_row_grads_f32(const i64* in_index, const i64* out_index, const i64* dims,
+                              const float* a0, const float* a1, const int* nd,
+                              const i64* const* blocks, const i64* const* offsets,
+                              const i64* rank, const float* const* f0, const float* const* f1,
+                              const float* x, const float* g, float* df) {
+  kcp_row_grads<float>(in_index, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0, f1, x, g,
                        df);
 }
 
-void kcprnn_kcp_row_grads_f64(const double* x, const i64* in_index, const double* g,
-                              const i64* out_index, const i64* dims, const double* a0,
-                              const double* a1, const int* nd, const i64* const* blocks,
-                              const i64* const* offsets, const i64* rank,
-                              const double* const* f0, const double* const* f1, double* df) {
-  kcp_row_grads<double>(x, in_index, g, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0,
-                        f1, df);
+void kcprnn_kcp_row_grads_f64(const i64* in_index, const i64* out_index, const i64* dims,
+                              const double* a0, const double* a1, const int* nd,
+                              const i64* const* blocks, const i64* const* offsets,
+                              const i64* rank, const double* const* f0, const double* const* f1,
+                              const double* x, const double* g, double* df) {
+  kcp_row_grads<double>(in_index, out_index, dims, a0, a1, nd, blocks, offsets, rank, f0, f1, x,
+                        g, df);
 }
 
 }  // extern "C"

@@ -42,6 +42,7 @@ __all__ = [
     "kernel_build",
     "kernel_grads",
     "unblock",
+    "work",
     "work_limit",
 ]
 
@@ -145,12 +146,17 @@ def _eager_plain(factor: Sequence[Tensor]) -> bool:
     )
 
 
+def work(factor: Sequence[Tensor]) -> int:
+    """``P R J I`` of ``factor`` (``(P, R, J_d, I_d)`` each): the multiply-adds of one pass of
+    its build."""
+    p, r = factor[0].shape[:2]
+    return p * r * math.prod(f.shape[2] * f.shape[3] for f in factor)
+
+
 def _takes(factor: Sequence[Tensor]) -> bool:
     """Whether the kernel takes ``factor`` (checked to be eager and plain): at most
     :func:`work_limit` entries times terms and rank, the library built."""
-    p, r = factor[0].shape[:2]
-    work = p * r * math.prod(f.shape[2] * f.shape[3] for f in factor)
-    return 0 < work <= work_limit(len(factor)) and native.available()
+    return 0 < work(factor) <= work_limit(len(factor)) and native.available()
 
 
 def applies(factor: Sequence[Tensor]) -> bool:
@@ -317,10 +323,9 @@ class RowGrads:
                 self.runs.append((f.numel(), 1, tuple(f.shape)))
         self.total = sum(n * count for n, count, _ in self.runs)
         self.fn = getattr(native._require(), "kcprnn_kcp_row_grads" + _SUFFIX[a0.dtype])
-        self.head = (index[0].data_ptr() if index[0] is not None else None,)
-        self.middle = (index[1].data_ptr() if index[1] is not None else None, dims.data_ptr())
-        self.tail = (
-            a0.data_ptr(), a1.data_ptr(), nd, blocks, offsets, ranks.data_ptr(), *factors
+        self.args = (
+            *[None if t is None else t.data_ptr() for t in index], dims.data_ptr(),
+            a0.data_ptr(), a1.data_ptr(), nd, blocks, offsets, ranks.data_ptr(), *factors,
         )  # fmt: skip
         self.like = a0
 
@@ -328,9 +333,7 @@ class RowGrads:
         """The CP factors' gradients (every factor's modes in order) from the row ``x`` ``(1,
         I)`` and its output gradient ``grad`` ``(1, J)``, both contiguous, in natural order."""
         flat = self.like.new_empty(self.total)
-        self.fn(
-            x.data_ptr(), *self.head, grad.data_ptr(), *self.middle, *self.tail, flat.data_ptr()
-        )
+        self.fn(*self.args, x.data_ptr(), grad.data_ptr(), flat.data_ptr())
         out: list[Tensor] = []
         start = 0
         for n, count, shape in self.runs:  # a run of equal shapes in one unbind

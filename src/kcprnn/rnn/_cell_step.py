@@ -30,7 +30,6 @@ seen at the next call.
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -339,13 +338,9 @@ def _builds_in_step(groups: Sequence[Sequence[Tensor]]) -> bool:
     backward: the factor kernel takes every one and their work (``P R J I`` each) is at most
     :data:`~kcprnn.rnn._cell_train.BUILD_IN_STEP` (each step pays it, where a shared build is
     paid once per backward pass)."""
-    work = 0
-    for g in groups:
-        if not native_factor.applies(g):
-            return False
-        p, r = g[0].shape[:2]
-        work += p * r * math.prod(f.shape[2] * f.shape[3] for f in g)
-    return work <= _cell_train.BUILD_IN_STEP
+    if not all(native_factor.applies(g) for g in groups):
+        return False
+    return sum(native_factor.work(g) for g in groups) <= _cell_train.BUILD_IN_STEP
 
 
 def _compiled_step(

@@ -134,10 +134,10 @@ class Operand:
         if self._row is not None and d.shape[0] == 1:
             got = self._row(x.contiguous(), d.contiguous())
             return [t if need else None for t, need in zip(got, needs, strict=True)]
-        starts = [0]
+        wanted, start = [], 0
         for g in self.groups:
-            starts.append(starts[-1] + len(g))
-        wanted = [any(needs[a:z]) for a, z in zip(starts, starts[1:], strict=False)]
+            wanted.append(any(needs[start : start + len(g)]))
+            start += len(g)
         mats = self.kron.grads(d, x, wanted)  # each factor matrix's, (P, J, I)
         out: list[Tensor | None] = []
         for g, plan, grad in zip(self.groups, self._plans, mats, strict=True):
