@@ -70,6 +70,7 @@ SOURCES = (  # compiled into one library
     SOURCE,
     Path(__file__).with_name("native_rnn.cpp"),
     Path(__file__).with_name("native_factor.cpp"),
+    Path(__file__).with_name("native_chain.cpp"),
 )
 HEADERS = (  # included by native_rnn.cpp
     Path(__file__).with_name("native_simd.h"),
@@ -280,8 +281,9 @@ def load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_int,  # sizes, strides, out
     ]
-    from . import native_dense, native_factor, native_rnn  # they import this module
+    from . import native_chain, native_dense, native_factor, native_rnn  # they import this module
 
+    native_chain.declare(lib)
     native_rnn.declare(lib)
     native_dense.declare(lib)
     native_factor.declare(lib)

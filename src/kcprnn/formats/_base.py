@@ -21,16 +21,23 @@ from torch import Tensor, nn
 from .._compile import compiled_product, exported_product
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
+from ._chain import ChainPlan, ChainSpec, best_plan, chain_linear
 
 __all__ = [
     "FORMATS",
     "FactorizedMatrix",
     "FactoryKwargs",
+    "listed",
     "make_matrix",
     "orthonormal_",
     "register",
     "resolve_dtype",
 ]
+
+CHAIN_ROWS = 1
+"""Up to this many rows ``forward`` runs a format's chain (:meth:`FactorizedMatrix.chain_spec`)
+instead of its own product: one autograd node and a few operators a step, where the products
+pay their operator launches (``benchmarks/bench_chain.py``)."""
 
 FORMATS: dict[str, type[FactorizedMatrix]] = {}
 """Format name -> class. Filled by :func:`register`; iterate ``sorted(FORMATS)``."""
@@ -49,6 +56,12 @@ def register(name: str) -> Callable[[_M], _M]:
         return cls
 
     return wrap
+
+
+def listed(parameters: nn.ParameterList) -> list[Tensor]:
+    """A ``ParameterList``'s parameters in order, without its per-index lookups (a cell step's
+    chain reads its tensors at every call)."""
+    return list(parameters._parameters.values())  # type: ignore[arg-type]
 
 
 def make_matrix(format: str, in_features: int, out_features: int, **options) -> FactorizedMatrix:
@@ -206,8 +219,11 @@ class FactorizedMatrix(nn.Module):
             # one opaque node under torch.compile, plain operators under torch.export
             traced = exported_product if torch.compiler.is_exporting() else compiled_product
             return traced(self, rows, bias).reshape(*lead, self.out_features)
+        chained = None if self.algorithm == "dense" else self._chain_product(rows)
         if self.algorithm == "dense":
             out = F.linear(rows, self.to_dense(), bias)  # (b, j)
+        elif chained is not None:
+            out = chained if bias is None else chained + bias  # (b, j)
         elif bias is not None:
             out = self.matmul_bias(rows, bias)  # (b, j)
         else:
@@ -280,6 +296,30 @@ class FactorizedMatrix(nn.Module):
     def to_dense(self) -> Tensor:
         """Reconstruct ``W``, shape ``(out_features, in_features)``."""
         raise NotImplementedError
+
+    def chain_spec(self) -> ChainSpec | None:
+        """The product as a chain of labelled contractions over :meth:`chain_tensors`
+        (:mod:`kcprnn.formats._chain`), which ``forward`` runs on at most :data:`CHAIN_ROWS`
+        rows; ``None`` where the format has none."""
+        return None
+
+    def chain_tensors(self) -> list[Tensor]:
+        """The tensors of :meth:`chain_spec`'s operands, in its order."""
+        raise NotImplementedError
+
+    def _chain_product(self, rows: Tensor) -> Tensor | None:
+        """``rows @ W.T`` through the chain's kernel on at most :data:`CHAIN_ROWS` rows;
+        ``None`` where it does not run (more rows, no chain, no kernel)."""
+        if rows.shape[0] > CHAIN_ROWS or (plan := self._chain_plan()) is None:
+            return None
+        return chain_linear(rows, plan, self.chain_tensors())  # (b, j)
+
+    def _chain_plan(self) -> ChainPlan | None:
+        """:meth:`chain_spec`'s plan, made once (the shapes are fixed at construction)."""
+        if "_chain_cache" not in self.__dict__:
+            spec = self.chain_spec()
+            self.__dict__["_chain_cache"] = None if spec is None else best_plan(spec)
+        return self.__dict__["_chain_cache"]
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """Multiply-accumulates of :meth:`matmul` on ``rows`` rows, in training or inference."""

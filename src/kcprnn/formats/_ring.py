@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
-from ._base import FactorizedMatrix, orthonormal_
+from ._base import FactorizedMatrix, listed, orthonormal_
+from ._chain import ChainSpec
 
 __all__ = [
     "ORDERS",
@@ -432,6 +433,24 @@ class RingMatrix(FactorizedMatrix):
 
     def to_dense(self) -> Tensor:
         return ring_to_dense(list(self.cores))  # (j, i)
+
+    def chain_spec(self) -> ChainSpec | None:
+        # core d: (r_d, j_d, i_d, r_{d+1}), the ring closing on r_0; one core would be a trace
+        d = self.num_modes
+        if d == 1:
+            return None
+        return ChainSpec(
+            in_labels=tuple(f"i{e}" for e in range(d)),
+            in_sizes=tuple(self.in_modes),
+            operands=tuple(
+                (tuple(core.shape), (f"r{e}", f"j{e}", f"i{e}", f"r{(e + 1) % d}"))
+                for e, core in enumerate(self.cores)
+            ),
+            out_labels=tuple(f"j{e}" for e in range(d)),
+        )
+
+    def chain_tensors(self) -> list[Tensor]:
+        return listed(self.cores)
 
     def contraction_order(self, rows: int) -> str:
         """The sweep :meth:`matmul` uses on ``rows`` rows (see :func:`ring_contraction_order`)."""

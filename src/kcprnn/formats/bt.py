@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel
 from ..shapes import validate_positive_int
-from ._base import FactorizedMatrix, register
+from ._base import FactorizedMatrix, listed, register
+from ._chain import ChainSpec
 from .tucker import (
     hosvd,
+    tucker_chain_spec,
     tucker_linear,
     tucker_linear_flops,
     tucker_num_params,
@@ -179,6 +181,13 @@ class BTMatrix(FactorizedMatrix):
 
     def to_dense(self) -> Tensor:
         return bt_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def chain_spec(self) -> ChainSpec | None:
+        return tucker_chain_spec(self.in_modes, self.out_modes, self.ranks, self.blocks)
+
+    def chain_tensors(self) -> list[Tensor]:
+        factors = listed(self.factors)
+        return [factors[0], self.core, *factors[1:]]
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """MACs of :meth:`matmul` (:func:`~kcprnn.formats.tucker.tucker_linear_flops` with

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
-from ._base import FactorizedMatrix, register
+from ._base import FactorizedMatrix, listed, register
+from ._chain import ChainSpec
 from ._halves import (
     half_to_merged,
     join_halves,
@@ -300,6 +301,23 @@ class CPMatrix(FactorizedMatrix):
 
     def to_dense(self) -> Tensor:
         return cp_to_dense(list(self.factors))  # (j, i)
+
+    def chain_spec(self) -> ChainSpec | None:
+        # factor d: (r, j_d, i_d); the rank is kept as a batch axis until the last factor sums it
+        d = self.num_modes
+        if d == 1:
+            return None
+        return ChainSpec(
+            in_labels=tuple(f"i{e}" for e in range(d)),
+            in_sizes=tuple(self.in_modes),
+            operands=tuple(
+                (tuple(u.shape), ("r", f"j{e}", f"i{e}")) for e, u in enumerate(self.factors)
+            ),
+            out_labels=tuple(f"j{e}" for e in range(d)),
+        )
+
+    def chain_tensors(self) -> list[Tensor]:
+        return listed(self.factors)
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """MACs of :meth:`matmul` (:func:`cp_linear_flops`). The contraction order is fixed, so

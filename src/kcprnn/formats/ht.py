@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from .._cpu import CostModel
-from ._base import FactorizedMatrix, orthonormal_, register
+from ._base import FactorizedMatrix, listed, orthonormal_, register
+from ._chain import ChainSpec
 from ._halves import join_halves_plain
 from ._ht_product import HTPlan, HTStep, ht_linear, ht_plan
 from ._ht_tree import DimensionTree, ht_tree, validate_ht_ranks
@@ -297,6 +298,30 @@ class HTMatrix(FactorizedMatrix):
             self.out_modes,
             self.plan,
         )  # (b, j)
+
+    def chain_spec(self) -> ChainSpec | None:
+        # by node: leaf d (j_d, i_d, t_d), node t's transfer (t_L, t_R, t_t), the root
+        # (t_L, t_R), where t_n labels node n's rank; the chain's order is found by its plan
+        operands: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+        for node in range(self.tree.num_nodes):
+            if self.tree.is_leaf(node):
+                view = (self.out_modes[node], self.in_modes[node], self.ranks[node])
+                operands.append((view, (f"j{node}", f"i{node}", f"t{node}")))
+                continue
+            kids = self.tree.split(node)
+            top = (node,) if node != self.tree.root else ()
+            shape = tuple(self.ranks[n] for n in (*kids, *top))
+            operands.append((shape, tuple(f"t{n}" for n in (*kids, *top))))
+        d = self.num_modes
+        return ChainSpec(
+            in_labels=tuple(f"i{e}" for e in range(d)),
+            in_sizes=tuple(self.in_modes),
+            operands=tuple(operands),
+            out_labels=tuple(f"j{e}" for e in range(d)),
+        )
+
+    def chain_tensors(self) -> list[Tensor]:
+        return [*listed(self.leaves), *listed(self.transfers), self.root]  # by node
 
     def to_dense(self) -> Tensor:
         return ht_to_dense(

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_ranks
-from ._base import FactorizedMatrix, register
+from ._base import FactorizedMatrix, listed, register
+from ._chain import ChainSpec
 from ._halves import join_halves
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "map_row_chunks",
     "matrix_to_merged",
     "merged_to_matrix",
+    "tucker_chain_spec",
     "tucker_linear",
     "tucker_linear_flops",
     "tucker_num_params",
@@ -192,6 +194,29 @@ def tucker_to_dense(
     j, i, r = out_modes[0], in_modes[0], ranks[0]
     first = factors[0].transpose(1, 2).reshape(c * r, j, i)  # (c r, j, i)
     return join_halves(first, t.reshape(c * r, jr, ir))  # (J, I)
+
+
+def tucker_chain_spec(
+    in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int], blocks: int | None
+) -> ChainSpec:
+    """The Tucker product as a chain (:mod:`kcprnn.formats._chain`) over the tensors
+    ``[A_1, G, A_2, ..., A_D]``: the first factor, the core, the other factors (the core
+    early keeps the intermediates at the input's size). With ``blocks`` (BT) every tensor
+    has the block axis, a batch axis of every step until the last factor sums it."""
+    d = len(in_modes)
+    c = () if blocks is None else ("c",)
+    lead = () if blocks is None else (blocks,)
+    factors = [
+        ((*lead, out_modes[e], in_modes[e], ranks[e]), (*c, f"j{e}", f"i{e}", f"s{e}"))
+        for e in range(d)
+    ]
+    core = ((*lead, *ranks), (*c, *(f"s{e}" for e in range(d))))
+    return ChainSpec(
+        in_labels=tuple(f"i{e}" for e in range(d)),
+        in_sizes=tuple(in_modes),
+        operands=(factors[0], core, *factors[1:]),
+        out_labels=tuple(f"j{e}" for e in range(d)),
+    )
 
 
 def tucker_linear(
@@ -365,6 +390,13 @@ class TuckerMatrix(FactorizedMatrix):
 
     def to_dense(self) -> Tensor:
         return tucker_to_dense(list(self.factors), self.core, self.in_modes, self.out_modes)
+
+    def chain_spec(self) -> ChainSpec | None:
+        return tucker_chain_spec(self.in_modes, self.out_modes, self.ranks, None)
+
+    def chain_tensors(self) -> list[Tensor]:
+        factors = listed(self.factors)
+        return [factors[0], self.core, *factors[1:]]
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """MACs of :meth:`matmul` (:func:`tucker_linear_flops`). The contraction order is fixed,

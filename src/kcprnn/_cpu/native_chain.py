@@ -1,0 +1,203 @@
+"""A format's chain (:mod:`kcprnn.formats._chain`) in one call of the compiled kernel each way
+(:file:`native_chain.cpp`), as one autograd node.
+
+:func:`chain_layout` turns a :class:`~kcprnn.formats._chain.ChainPlan` and a number of rows into
+the kernel's int64 records (each step's two packings with their strides, its GEMM sizes and its
+offsets in one workspace) and the buffer sizes; it is kept on the plan per row count. The
+forward fills the workspace (every step's packed state and tensor), which the backward reads.
+A second derivative (``create_graph``) runs the chain's torch operations instead, whose graph
+reaches the inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import native
+
+if TYPE_CHECKING:
+    from ..formats._chain import ChainPlan
+
+__all__ = ["ChainLayout", "chain_layout", "declare", "native_chain"]
+
+MAX_AXES = 16  # kMaxAxes in native_chain.cpp
+_PACK = 1 + 2 * MAX_AXES
+_RECORD = 2 * _PACK + 7  # kRecord
+_P = ctypes.c_void_p
+_SIGNATURES = {
+    "kcprnn_chain_forward": [ctypes.c_int, _P, _P, _P, _P, _P],
+    "kcprnn_chain_backward": [ctypes.c_int, *[_P] * 11],
+}
+_SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Declare the chain functions' ctypes signatures on the loaded library."""
+    for name in ("kcprnn_chain_record", "kcprnn_chain_max_axes"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = []
+    assert lib.kcprnn_chain_record() == _RECORD and lib.kcprnn_chain_max_axes() == MAX_AXES
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, name + suffix)
+            fn.restype = None
+            fn.argtypes = argtypes
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= size
+    return out[::-1]
+
+
+def _pack(shape: Sequence[int], perm: Sequence[int]) -> list[int] | None:
+    """The record of a permuted copy of a contiguous ``shape``: axes of size 1 dropped, axes
+    that stay adjacent merged, no axes where the copy is the identity; ``None`` past
+    ``MAX_AXES``."""
+    strides = _strides(shape)
+    axes: list[tuple[int, int]] = []
+    for size, stride in ((shape[a], strides[a]) for a in perm if shape[a] != 1):
+        if axes and axes[-1][1] == size * stride:
+            axes[-1] = (axes[-1][0] * size, stride)
+        else:
+            axes.append((size, stride))
+    if len(axes) > MAX_AXES:
+        return None
+    if len(axes) <= 1 and (not axes or axes[0][1] == 1):
+        axes = []
+    pad = [0] * (MAX_AXES - len(axes))
+    return [len(axes), *(s for s, _ in axes), *pad, *(t for _, t in axes), *pad]
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    """The kernel's records for one plan and row count, and its buffer sizes."""
+
+    records: Tensor  # int64, the steps' records then the output's packing
+    workspace: int  # every step's A, W and next state
+    state: int  # the largest state after a step
+    a: int  # the largest packed state
+    w: int  # the largest packed tensor
+
+
+def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
+    """``plan``'s records at ``rows`` rows (kept on the plan); ``None`` where a packing has more
+    than ``MAX_AXES`` axes of size above 1."""
+    if rows in plan.native:
+        return plan.native[rows]
+    records: list[int] = []
+    shape = [rows, *plan.in_sizes]  # the current state's shape
+    offset, state, big_a, big_w = 0, 0, 0, 0
+    layout: ChainLayout | None = None
+    for step in plan.steps:
+        a = _pack(shape, step.perm_a)
+        w = _pack(step.view, step.perm_b)
+        if a is None or w is None:
+            break
+        sizes = (step.n * rows * step.m * step.k, step.n * step.k * step.p)
+        z = step.n * rows * step.m * step.p
+        records += [*a, *w, step.n, rows * step.m, step.k, step.p]
+        records += [offset, offset + sizes[0], offset + sizes[0] + sizes[1]]
+        offset += sizes[0] + sizes[1] + z
+        state, big_a, big_w = max(state, z), max(big_a, sizes[0]), max(big_w, sizes[1])
+        shape = [rows if s == -1 else s for s in step.out_shape]
+    else:
+        out = _pack(shape, plan.out_perm)
+        if out is not None:
+            with torch.inference_mode(False):
+                table = torch.tensor([*records, *out], dtype=torch.int64)
+            layout = ChainLayout(table, offset, state, big_a, big_w)
+    plan.native[rows] = layout
+    return layout
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> Any:
+    return (_P * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+class _NativeChain(torch.autograd.Function):
+    # forward(ctx, ...) rather than setup_context, as elsewhere: one call binds the arguments once
+    @staticmethod
+    def forward(ctx, plan: ChainPlan, layout: ChainLayout, x: Tensor, *tensors: Tensor) -> Tensor:
+        rows = x.shape[0]
+        out = x.new_empty(rows, plan.out_features)
+        ws = x.new_empty(layout.workspace)
+        fn = getattr(native._require(), "kcprnn_chain_forward" + _SUFFIX[x.dtype])
+        steps = len(plan.steps)
+        fn(
+            steps,
+            layout.records.data_ptr(),
+            x.data_ptr(),
+            _pointers(tensors),
+            out.data_ptr(),
+            ws.data_ptr(),
+        )
+        ctx.plan, ctx.layout, ctx.ws = plan, layout, ws
+        ctx.save_for_backward(x, *tensors)
+        return out  # (b, out_features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        plan: ChainPlan = ctx.plan
+        layout: ChainLayout = ctx.layout
+        x, *tensors = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[2:]
+        if torch.is_grad_enabled():  # a second derivative: the chain on torch operations
+            from ..formats._chain import chain_forward
+
+            inputs = [t for t, need in zip((x, *tensors), wanted, strict=True) if need]
+            out = chain_forward(plan, x, tensors)[0]  # tensors in the chain's order
+            found = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+            return (None, None, *(next(found) if need else None for need in wanted))
+        grads = [
+            torch.empty_like(t) if need else None
+            for t, need in zip(tensors, wanted[1:], strict=True)
+        ]
+        grad_x = torch.empty_like(x) if wanted[0] else None
+        scratch = x.new_empty(2 * layout.state + layout.a + layout.w)
+        base, size = scratch.data_ptr(), scratch.element_size()
+        g1 = base + layout.state * size
+        ga = g1 + layout.state * size
+        gw = ga + layout.a * size
+        fn = getattr(native._require(), "kcprnn_chain_backward" + _SUFFIX[x.dtype])
+        fn(
+            len(plan.steps),
+            layout.records.data_ptr(),
+            grad.contiguous().data_ptr(),
+            x.data_ptr(),
+            _pointers(tensors),
+            ctx.ws.data_ptr(),
+            _pointers(grads),
+            None if grad_x is None else grad_x.data_ptr(),
+            base,
+            g1,
+            ga,
+            gw,
+        )
+        return (None, None, grad_x, *grads)
+
+
+def native_chain(x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor]) -> Tensor | None:
+    """``x @ W.T`` through ``plan`` in the compiled kernel, one autograd node; ``None`` where it
+    cannot run (not float32 or float64 on the CPU, a tensor not contiguous, no kernel, a
+    packing past ``MAX_AXES``)."""
+    dtype = x.dtype
+    if dtype not in _SUFFIX or not x.is_cpu or not native.available():
+        return None
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            return None
+    layout = (
+        plan.native[x.shape[0]] if x.shape[0] in plan.native else chain_layout(plan, x.shape[0])
+    )
+    if layout is None:
+        return None
+    return _NativeChain.apply(plan, layout, x.contiguous(), *tensors)  # (b, out_features)

@@ -1,0 +1,146 @@
+"""The formats' products on one row as a chain in one autograd node (``kcprnn.formats._chain``,
+``kcprnn._cpu.native_chain``), against each format's dense reconstruction in float64: values,
+gradients, gradcheck and second derivatives, every chain format at several mode counts,
+ranks and blocks, float32 against the format's own product; the plans' checks; and where the
+chain must not run (more rows, another dtype, a non-contiguous tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kcprnn._cpu import native
+from kcprnn.formats import make_matrix
+from kcprnn.formats._base import CHAIN_ROWS
+from kcprnn.formats._chain import (
+    ChainSpec,
+    chain_linear,
+    chain_macs,
+    chain_plan,
+    chain_reference,
+    greedy_order,
+)
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the kernels are not built here")
+
+CASES = [  # (format, in, out, modes, options)
+    ("tt", 40, 512, 4, {"rank": 4}),
+    ("tt", 24, 10, 3, {"rank": [2, 3]}),
+    ("tr", 40, 512, 4, {"rank": 3}),
+    ("tr", 12, 6, 2, {"rank": 2}),
+    ("cp", 60, 30, 5, {"rank": 3}),
+    ("cp", 12, 6, 2, {"rank": 2}),
+    ("tucker", 40, 512, 4, {"rank": 2}),
+    ("tucker", 24, 10, 3, {"rank": [2, 1, 3]}),
+    ("bt", 40, 512, 4, {"rank": 2, "blocks": 3}),
+    ("bt", 12, 6, 2, {"rank": 2, "blocks": 2}),
+    ("ht", 40, 512, 4, {"rank": 3}),
+    ("ht", 60, 30, 5, {"rank": 2}),
+    ("ht", 12, 6, 2, {"rank": 2}),
+]
+IDS = [f"{c[0]}-{c[1]}x{c[2]}-D{c[3]}" for c in CASES]
+
+
+def _chained(out):
+    """Whether ``out`` (``forward``'s output, a view of the product) came from the chain."""
+    node = out.grad_fn
+    names = {type(node).__name__, *(type(n).__name__ for n, _ in node.next_functions if n)}
+    return any("NativeChain" in name for name in names)
+
+
+def _matrix(case, dtype=torch.float64, seed=0):
+    fmt, i, o, d, options = case
+    torch.manual_seed(seed)
+    return make_matrix(fmt, i, o, num_modes=d, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_one_row_matches_the_dense_matrix_with_gradients(case):
+    m = _matrix(case)
+    x = torch.randn(1, m.in_features, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    assert _chained(out)
+    w = m.to_dense()
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], g)
+    expected = torch.autograd.grad(x @ w.T, [x, *m.parameters()], g)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradcheck_and_second_derivatives(case):
+    m = _matrix(case)
+    x = torch.randn(1, m.in_features, dtype=torch.float64, requires_grad=True)
+    params = list(m.parameters())
+
+    def f(x, *_):
+        return m(x)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_reference_chain_and_float32_match_the_formats_product(case):
+    m = _matrix(case, dtype=torch.float32, seed=1)
+    x = torch.randn(1, m.in_features)
+    plan = m._chain_plan()
+    with torch.no_grad():
+        own = m.matmul(x)
+        torch.testing.assert_close(m(x), own, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chain_reference(x, plan, m.chain_tensors()), own)
+
+
+def test_more_rows_and_other_inputs_take_the_formats_own_product():
+    m = _matrix(CASES[0], dtype=torch.float32)
+    rows = torch.randn(CHAIN_ROWS + 1, m.in_features, requires_grad=True)
+    assert not _chained(m(rows))
+    plan = m._chain_plan()
+    x = torch.randn(1, m.in_features)
+    assert chain_linear(x.double(), plan, m.chain_tensors()) is None  # dtypes differ
+    strided = [t.detach().mT.contiguous().mT for t in m.chain_tensors()]
+    assert chain_linear(x, plan, strided) is None  # not contiguous
+    assert chain_linear(x, plan, [t.detach() for t in m.chain_tensors()]) is not None
+
+
+def test_kcp_and_dense_have_no_chain():
+    assert make_matrix("kcp", 40, 512, rank=2).chain_spec() is None
+    assert make_matrix("dense", 40, 512).chain_spec() is None
+
+
+def test_a_hand_computed_chain():
+    # W[j, i] = a[j] b[i], 2 x 3: x . b (the one contracted label), then the outer product with a
+    spec = ChainSpec(("i",), (3,), (((3,), ("i",)), ((2,), ("j",))), ("j",))
+    plan = chain_plan(spec)
+    b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    a = torch.tensor([4.0, 5.0], dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)  # x . b = -2
+    want = torch.tensor([[-8.0, -10.0]], dtype=torch.float64)
+    torch.testing.assert_close(chain_linear(x, plan, [b, a]), want)
+    assert chain_macs(plan, 1) == 3 + 2
+
+
+def test_plans_refuse_labels_that_do_not_describe_a_product():
+    with pytest.raises(ValueError, match="rows' label"):
+        chain_plan(ChainSpec(("b",), (2,), (((2, 2), ("b", "j")),), ("j",)))
+    with pytest.raises(ValueError, match="sums its own label"):
+        chain_plan(ChainSpec(("i",), (2,), (((2, 3), ("i", "r")),), ("j",)))
+    with pytest.raises(ValueError, match="has labels"):
+        chain_plan(ChainSpec(("i",), (2,), (((2, 2), ("i", "i")),), ("i",)))
+    with pytest.raises(ValueError, match="has sizes"):
+        chain_plan(ChainSpec(("i",), (2,), (((3, 2), ("i", "j")),), ("j",)))
+    with pytest.raises(ValueError, match="not the output"):
+        chain_plan(ChainSpec(("i", "k"), (2, 2), (((2, 2), ("i", "j")),), ("j",)))
+    with pytest.raises(ValueError, match="not a permutation"):
+        chain_plan(ChainSpec(("i",), (2,), (((2, 2), ("i", "j")),), ("j",)), order=(1,))
+
+
+def test_greedy_order_is_a_valid_cheaper_order_for_a_tree():
+    m = _matrix(CASES[10])  # HT, 4 modes
+    spec = m.chain_spec()
+    order = greedy_order(spec)
+    assert sorted(order) == list(range(len(spec.operands)))
+    assert chain_macs(chain_plan(spec, order), 1) < chain_macs(chain_plan(spec), 1)
+    assert m._chain_plan().order == order
