@@ -86,6 +86,7 @@ class ChainLayout:
     state: int  # the largest state after a step
     a: int  # the largest packed state
     w: int  # the largest packed tensor
+    macs: int  # of the forward's GEMMs
 
 
 def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
@@ -114,7 +115,8 @@ def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
         if out is not None:
             with torch.inference_mode(False):
                 table = torch.tensor([*records, *out], dtype=torch.int64)
-            layout = ChainLayout(table, offset, state, big_a, big_w)
+            macs = sum(s.n * rows * s.m * s.k * s.p for s in plan.steps)
+            layout = ChainLayout(table, offset, state, big_a, big_w, macs)
     plan.native[rows] = layout
     return layout
 
@@ -140,6 +142,7 @@ class _NativeChain(torch.autograd.Function):
             out.data_ptr(),
             ws.data_ptr(),
         )
+        native._count(layout.macs)
         ctx.plan, ctx.layout, ctx.ws = plan, layout, ws
         ctx.save_for_backward(x, *tensors)
         return out  # (b, out_features)

@@ -243,7 +243,9 @@ class FactorizedMatrix(nn.Module):
     def macs(self, rows: int, *, training: bool = False) -> int:
         """Multiply-accumulates of ``forward`` on ``rows`` rows with the current algorithm, as
         planned in training (autograd recording) or inference mode. Planning never builds the
-        compiled kernels, and the count does not depend on whether they can be built."""
+        compiled kernels, and the count does not depend on whether they can be built. It counts
+        the format's own product; on at most :data:`CHAIN_ROWS` rows ``forward`` runs the chain
+        instead (:func:`~kcprnn.formats._chain.chain_macs`)."""
         if self.algorithm == "dense":
             return self.reconstruction_macs() + rows * self.in_features * self.out_features
         return self.matmul_macs(rows, training=training)
