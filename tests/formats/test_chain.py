@@ -82,6 +82,29 @@ def test_gradcheck_and_second_derivatives(case):
     assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
+@pytest.mark.parametrize("case", CASES[::3], ids=IDS[::3])
+def test_bias_is_added_in_the_kernel_with_its_gradient(case):
+    m = _matrix(case)
+    x = torch.randn(1, m.in_features, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(m.out_features, dtype=torch.float64, requires_grad=True)
+    out = m(x, bias)
+    assert _chained(out)
+    torch.testing.assert_close(out, x @ m.to_dense().T + bias, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, b, *_: m(x, b), (x, bias, *m.parameters()))
+    assert torch.autograd.gradgradcheck(lambda x, b, *_: m(x, b), (x, bias, *m.parameters()))
+
+
+def test_autocast_and_batched_inputs_leave_the_chain():
+    m = _matrix(CASES[0], dtype=torch.float32)
+    x = torch.randn(1, m.in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _chained(m(x))
+    three = torch.randn(1, 1, m.in_features, requires_grad=True)  # one row with a lead axis
+    out = m(three)
+    assert out.shape == (1, 1, m.out_features)
+    torch.testing.assert_close(out[0], m(three[0]))
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_reference_chain_and_float32_match_the_formats_product(case):
     m = _matrix(case, dtype=torch.float32, seed=1)

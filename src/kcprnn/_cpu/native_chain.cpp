@@ -41,38 +41,49 @@ struct Pack {
 // its source, so a scatter writes every element once.
 template <typename T, bool Scatter>
 void copy(const Pack& pk, const T* src, T* dst) {
+  // the last two axes as a 2-D block, the axes above it by an odometer on the offset
+  const int last = pk.axes - 1, above = pk.axes - 2;
+  const i64 n1 = pk.size[last], s1 = pk.stride[last];
+  const i64 n0 = last >= 1 ? pk.size[last - 1] : 1, s0 = last >= 1 ? pk.stride[last - 1] : 0;
   i64 idx[kMaxAxes] = {0};
-  const int last = pk.axes - 1;
-  const i64 inner = pk.size[last], step = pk.stride[last];
   i64 outer = 1;
-  for (int a = 0; a < last; ++a) outer *= pk.size[a];
-  i64 flat = 0;
+  for (int a = 0; a < above; ++a) outer *= pk.size[a];
+  i64 off = 0, flat = 0;
   for (i64 o = 0; o < outer; ++o) {
-    i64 off = 0;
-    for (int a = 0; a < last; ++a) off += idx[a] * pk.stride[a];
-    if (Scatter) {
-      for (i64 i = 0; i < inner; ++i) dst[off + i * step] = src[flat + i];
-    } else {
-      for (i64 i = 0; i < inner; ++i) dst[flat + i] = src[off + i * step];
+    for (i64 r = 0; r < n0; ++r, flat += n1) {
+      const i64 base = off + r * s0;
+      if (Scatter) {
+        for (i64 i = 0; i < n1; ++i) dst[base + i * s1] = src[flat + i];
+      } else {
+        for (i64 i = 0; i < n1; ++i) dst[flat + i] = src[base + i * s1];
+      }
     }
-    flat += inner;
-    for (int a = last - 1; a >= 0; --a) {  // odometer over the outer axes
+    for (int a = above - 1; a >= 0; --a) {
+      off += pk.stride[a];
       if (++idx[a] < pk.size[a]) break;
+      off -= pk.size[a] * pk.stride[a];
       idx[a] = 0;
     }
   }
 }
 
-// C[n] = A[n] B[n]: (M, K) (K, P) -> (M, P), row-major
-template <typename T>
-void gemm_nn(i64 n, i64 m, i64 k, i64 p, const T* a, const T* b, T* c) {
+// The three products of a step, row-major, each with its inner loop along P; `Width` > 0 fixes
+// P at compile time (the small P of a chain's last steps, where a loop of unknown length
+// costs more than its arithmetic), 0 reads it from `p`.
+
+// C[n] = A[n] B[n]: (M, K) (K, P) -> (M, P)
+template <typename T, int Width>
+void gemm_nn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* __restrict__ b,
+                T* __restrict__ c) {
+  const i64 p = Width > 0 ? Width : p_;
   for (i64 q = 0; q < n; ++q, a += m * k, b += k * p, c += m * p) {
     for (i64 i = 0; i < m; ++i) {
-      T* row = c + i * p;
+      T* __restrict__ row = c + i * p;
       for (i64 j = 0; j < p; ++j) row[j] = 0;
       for (i64 l = 0; l < k; ++l) {
         const T v = a[i * k + l];
-        const T* brow = b + l * p;
+        const T* __restrict__ brow = b + l * p;
+#pragma omp simd
         for (i64 j = 0; j < p; ++j) row[j] += v * brow[j];
       }
     }
@@ -80,36 +91,59 @@ void gemm_nn(i64 n, i64 m, i64 k, i64 p, const T* a, const T* b, T* c) {
 }
 
 // C[n] = A[n]^T G[n]: (M, K)^T (M, P) -> (K, P)
-template <typename T>
-void gemm_tn(i64 n, i64 m, i64 k, i64 p, const T* a, const T* g, T* c) {
+template <typename T, int Width>
+void gemm_tn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* __restrict__ g,
+                T* __restrict__ c) {
+  const i64 p = Width > 0 ? Width : p_;
   for (i64 q = 0; q < n; ++q, a += m * k, g += m * p, c += k * p) {
     for (i64 l = 0; l < k * p; ++l) c[l] = 0;
     for (i64 i = 0; i < m; ++i) {
-      const T* grow = g + i * p;
+      const T* __restrict__ grow = g + i * p;
       for (i64 l = 0; l < k; ++l) {
         const T v = a[i * k + l];
-        T* crow = c + l * p;
+        T* __restrict__ crow = c + l * p;
+#pragma omp simd
         for (i64 j = 0; j < p; ++j) crow[j] += v * grow[j];
       }
     }
   }
 }
 
-// C[n] = G[n] B[n]^T: (M, P) (K, P)^T -> (M, K)
-template <typename T>
-void gemm_nt(i64 n, i64 m, i64 k, i64 p, const T* g, const T* b, T* c) {
+// C[n] = G[n] B[n]^T: (M, P) (K, P)^T -> (M, K), dot products along P in vector lanes
+template <typename T, int Width>
+void gemm_nt_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ g, const T* __restrict__ b,
+                T* __restrict__ c) {
+  const i64 p = Width > 0 ? Width : p_;
   for (i64 q = 0; q < n; ++q, g += m * p, b += k * p, c += m * k) {
     for (i64 i = 0; i < m; ++i) {
-      const T* grow = g + i * p;
+      const T* __restrict__ grow = g + i * p;
       for (i64 l = 0; l < k; ++l) {
-        const T* brow = b + l * p;
+        const T* __restrict__ brow = b + l * p;
         T s = 0;
+#pragma omp simd reduction(+ : s)
         for (i64 j = 0; j < p; ++j) s += grow[j] * brow[j];
         c[i * k + l] = s;
       }
     }
   }
 }
+
+#define KCPRNN_BY_WIDTH(NAME)                                                              \
+  template <typename T>                                                                    \
+  void NAME(i64 n, i64 m, i64 k, i64 p, const T* x, const T* y, T* out) {                  \
+    switch (p) {                                                                           \
+      case 1: return NAME##_at<T, 1>(n, m, k, p, x, y, out);                               \
+      case 2: return NAME##_at<T, 2>(n, m, k, p, x, y, out);                               \
+      case 4: return NAME##_at<T, 4>(n, m, k, p, x, y, out);                               \
+      case 8: return NAME##_at<T, 8>(n, m, k, p, x, y, out);                               \
+      case 16: return NAME##_at<T, 16>(n, m, k, p, x, y, out);                             \
+      default: return NAME##_at<T, 0>(n, m, k, p, x, y, out);                              \
+    }                                                                                      \
+  }
+
+KCPRNN_BY_WIDTH(gemm_nn)
+KCPRNN_BY_WIDTH(gemm_tn)
+KCPRNN_BY_WIDTH(gemm_nt)
 
 struct Step {
   Pack a, w;
@@ -133,8 +167,10 @@ const T* operand_w(const Step& st, const T* tensor, const T* ws) {
 }
 
 // plan: `steps` records, then the output's packing (the last state read in the output's order)
+// bias (nullable): added to every row of the output, `cols` wide
 template <typename T>
-void forward(int steps, const i64* plan, const T* x, const T* const* tensors, T* out, T* ws) {
+void forward(int steps, const i64* plan, const T* x, const T* const* tensors, const T* bias,
+             i64 cols, T* out, T* ws) {
   const T* z = x;
   for (int s = 0; s < steps; ++s) {
     const Step st(plan + s * kRecord);
@@ -152,14 +188,28 @@ void forward(int steps, const i64* plan, const T* x, const T* const* tensors, T*
   } else {
     copy<T, false>(out_pack, z, out);
   }
+  if (bias != nullptr) {
+    const Step last(plan + (steps - 1) * kRecord);
+    for (i64 r = 0, rows = last.n * last.m * last.p / cols; r < rows; ++r) {
+      for (i64 j = 0; j < cols; ++j) out[r * cols + j] += bias[j];
+    }
+  }
 }
 
 // grads[s] (nullable): the tensors' gradients, written; grad_x (nullable); g0, g1: two
 // buffers of the largest state; ga: of the largest A; gw: of the largest W
 template <typename T>
 void backward(int steps, const i64* plan, const T* grad_out, const T* x, const T* const* tensors,
-              const T* ws, T* const* grads, T* grad_x, T* g0, T* g1, T* ga, T* gw) {
+              const T* ws, T* const* grads, T* grad_x, T* grad_bias, i64 cols, T* g0, T* g1, T* ga,
+              T* gw) {
   const Pack out_pack(plan + steps * kRecord);
+  if (grad_bias != nullptr) {  // the bias's gradient: the output's summed over rows
+    const Step last(plan + (steps - 1) * kRecord);
+    for (i64 j = 0; j < cols; ++j) grad_bias[j] = 0;
+    for (i64 r = 0, rows = last.n * last.m * last.p / cols; r < rows; ++r) {
+      for (i64 j = 0; j < cols; ++j) grad_bias[j] += grad_out[r * cols + j];
+    }
+  }
   const T* g = grad_out;  // the gradient of the last state, in its layout
   if (out_pack.axes != 0) {
     copy<T, true>(out_pack, grad_out, g0);
@@ -188,24 +238,21 @@ extern "C" {
 int kcprnn_chain_record() { return kRecord; }
 int kcprnn_chain_max_axes() { return kMaxAxes; }
 
-void kcprnn_chain_forward_f32(int steps, const i64* plan, const float* x,
-                              const float* const* tensors, float* out, float* ws) {
-  forward<float>(steps, plan, x, tensors, out, ws);
-}
-void kcprnn_chain_forward_f64(int steps, const i64* plan, const double* x,
-                              const double* const* tensors, double* out, double* ws) {
-  forward<double>(steps, plan, x, tensors, out, ws);
-}
-void kcprnn_chain_backward_f32(int steps, const i64* plan, const float* grad_out, const float* x,
-                               const float* const* tensors, const float* ws, float* const* grads,
-                               float* grad_x, float* g0, float* g1, float* ga, float* gw) {
-  backward<float>(steps, plan, grad_out, x, tensors, ws, grads, grad_x, g0, g1, ga, gw);
-}
-void kcprnn_chain_backward_f64(int steps, const i64* plan, const double* grad_out,
-                               const double* x, const double* const* tensors, const double* ws,
-                               double* const* grads, double* grad_x, double* g0, double* g1,
-                               double* ga, double* gw) {
-  backward<double>(steps, plan, grad_out, x, tensors, ws, grads, grad_x, g0, g1, ga, gw);
-}
+#define KCPRNN_CHAIN(T, SUFFIX)                                                                  \
+  void kcprnn_chain_forward_##SUFFIX(int steps, const i64* plan, const T* x,                     \
+                                     const T* const* tensors, const T* bias, i64 cols, T* out,  \
+                                     T* ws) {                                                    \
+    forward<T>(steps, plan, x, tensors, bias, cols, out, ws);                                    \
+  }                                                                                              \
+  void kcprnn_chain_backward_##SUFFIX(int steps, const i64* plan, const T* grad_out, const T* x, \
+                                      const T* const* tensors, const T* ws, T* const* grads,     \
+                                      T* grad_x, T* grad_bias, i64 cols, T* g0, T* g1, T* ga,    \
+                                      T* gw) {                                                   \
+    backward<T>(steps, plan, grad_out, x, tensors, ws, grads, grad_x, grad_bias, cols, g0, g1,  \
+                ga, gw);                                                                         \
+  }
+
+KCPRNN_CHAIN(float, f32)
+KCPRNN_CHAIN(double, f64)
 
 }  // extern "C"

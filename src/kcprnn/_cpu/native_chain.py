@@ -31,8 +31,8 @@ _PACK = 1 + 2 * MAX_AXES
 _RECORD = 2 * _PACK + 7  # kRecord
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "kcprnn_chain_forward": [ctypes.c_int, _P, _P, _P, _P, _P],
-    "kcprnn_chain_backward": [ctypes.c_int, *[_P] * 11],
+    "kcprnn_chain_forward": [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int64, _P, _P],
+    "kcprnn_chain_backward": [ctypes.c_int, *[_P] * 8, ctypes.c_int64, *[_P] * 4],
 }
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
@@ -125,48 +125,52 @@ def _pointers(tensors: Sequence[Tensor | None]) -> Any:
     return (_P * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
+def _address(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class _NativeChain(torch.autograd.Function):
     # forward(ctx, ...) rather than setup_context, as elsewhere: one call binds the arguments once
     @staticmethod
-    def forward(ctx, plan: ChainPlan, layout: ChainLayout, x: Tensor, *tensors: Tensor) -> Tensor:
-        rows = x.shape[0]
-        out = x.new_empty(rows, plan.out_features)
-        ws = x.new_empty(layout.workspace)
+    def forward(
+        ctx, plan: ChainPlan, layout: ChainLayout, x: Tensor, bias: Tensor | None, *tensors: Tensor
+    ) -> Tensor:
+        cols = plan.out_features
+        out = x.new_empty(x.shape[0], cols)
+        # the forward's workspace, then the backward's buffers: two states, an A and a W
+        ws = x.new_empty(layout.workspace + 2 * layout.state + layout.a + layout.w)
         fn = getattr(native._require(), "kcprnn_chain_forward" + _SUFFIX[x.dtype])
-        steps = len(plan.steps)
-        fn(
-            steps,
-            layout.records.data_ptr(),
-            x.data_ptr(),
-            _pointers(tensors),
-            out.data_ptr(),
-            ws.data_ptr(),
-        )
+        records, pointers = layout.records.data_ptr(), _pointers(tensors)
+        steps, address = len(plan.steps), x.data_ptr()
+        fn(steps, records, address, pointers, _address(bias), cols, out.data_ptr(), ws.data_ptr())
         native._count(layout.macs)
-        ctx.plan, ctx.layout, ctx.ws = plan, layout, ws
-        ctx.save_for_backward(x, *tensors)
+        ctx.plan, ctx.layout, ctx.ws, ctx.pointers = plan, layout, ws, pointers
+        ctx.save_for_backward(x, bias, *tensors)
         return out  # (b, out_features)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         plan: ChainPlan = ctx.plan
         layout: ChainLayout = ctx.layout
-        x, *tensors = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[2:]
+        x, bias, *tensors = ctx.saved_tensors
+        need_x, need_bias, *wanted = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():  # a second derivative: the chain on torch operations
             from ..formats._chain import chain_forward
 
-            inputs = [t for t, need in zip((x, *tensors), wanted, strict=True) if need]
+            given = [x, *([bias] if need_bias else []), *tensors]
+            needs = [need_x, *([True] if need_bias else []), *wanted]
             out = chain_forward(plan, x, tensors)[0]  # tensors in the chain's order
+            out = out if bias is None else out + bias
+            inputs = [t for t, need in zip(given, needs, strict=True) if need]
             found = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return (None, None, *(next(found) if need else None for need in wanted))
-        grads = [
-            torch.empty_like(t) if need else None
-            for t, need in zip(tensors, wanted[1:], strict=True)
-        ]
-        grad_x = torch.empty_like(x) if wanted[0] else None
-        scratch = x.new_empty(2 * layout.state + layout.a + layout.w)
-        base, size = scratch.data_ptr(), scratch.element_size()
+            grad_x = next(found) if need_x else None
+            grad_bias = next(found) if need_bias else None
+            return (None, None, grad_x, grad_bias, *(next(found) if w else None for w in wanted))
+        grads = [torch.empty_like(t) if w else None for t, w in zip(tensors, wanted, strict=True)]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        size = x.element_size()
+        base = ctx.ws.data_ptr() + layout.workspace * size
         g1 = base + layout.state * size
         ga = g1 + layout.state * size
         gw = ga + layout.a * size
@@ -176,31 +180,36 @@ class _NativeChain(torch.autograd.Function):
             layout.records.data_ptr(),
             grad.contiguous().data_ptr(),
             x.data_ptr(),
-            _pointers(tensors),
+            ctx.pointers,
             ctx.ws.data_ptr(),
             _pointers(grads),
-            None if grad_x is None else grad_x.data_ptr(),
+            _address(grad_x),
+            _address(grad_bias),
+            plan.out_features,
             base,
             g1,
             ga,
             gw,
         )
-        return (None, None, grad_x, *grads)
+        return (None, None, grad_x, grad_bias, *grads)
 
 
-def native_chain(x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor]) -> Tensor | None:
-    """``x @ W.T`` through ``plan`` in the compiled kernel, one autograd node; ``None`` where it
-    cannot run (not float32 or float64 on the CPU, a tensor not contiguous, no kernel, a
-    packing past ``MAX_AXES``)."""
+def native_chain(
+    x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor], bias: Tensor | None = None
+) -> Tensor | None:
+    """``x @ W.T`` (``+ bias``) through ``plan`` in the compiled kernel, one autograd node;
+    ``None`` where it cannot run (not float32 or float64 on the CPU, a tensor not contiguous or
+    of another dtype, no kernel, a packing past ``MAX_AXES``)."""
     dtype = x.dtype
     if dtype not in _SUFFIX or not x.is_cpu or not native.available():
         return None
-    for t in tensors:
+    for t in tensors if bias is None else (*tensors, bias):
         if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
             return None
-    layout = (
-        plan.native[x.shape[0]] if x.shape[0] in plan.native else chain_layout(plan, x.shape[0])
-    )
+    if bias is not None and bias.shape != (plan.out_features,):
+        return None
+    rows = x.shape[0]
+    layout = plan.native[rows] if rows in plan.native else chain_layout(plan, rows)
     if layout is None:
         return None
-    return _NativeChain.apply(plan, layout, x.contiguous(), *tensors)  # (b, out_features)
+    return _NativeChain.apply(plan, layout, x.contiguous(), bias, *tensors)  # (b, out_features)

@@ -203,6 +203,10 @@ class FactorizedMatrix(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x @ W.T`` (``+ bias``). Shape: ``(..., in_features) -> (..., out_features)``."""
+        if x.dim() == 2 and x.shape[1] == self.in_features and not torch.compiler.is_compiling():
+            out = self._chain_product(x, bias)  # one row: no other check reads it
+            if out is not None:
+                return out  # (b, j)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dimension "
@@ -219,11 +223,11 @@ class FactorizedMatrix(nn.Module):
             # one opaque node under torch.compile, plain operators under torch.export
             traced = exported_product if torch.compiler.is_exporting() else compiled_product
             return traced(self, rows, bias).reshape(*lead, self.out_features)
-        chained = None if self.algorithm == "dense" else self._chain_product(rows)
+        chained = self._chain_product(rows, bias) if x.dim() != 2 else None
         if self.algorithm == "dense":
             out = F.linear(rows, self.to_dense(), bias)  # (b, j)
         elif chained is not None:
-            out = chained if bias is None else chained + bias  # (b, j)
+            out = chained  # (b, j)
         elif bias is not None:
             out = self.matmul_bias(rows, bias)  # (b, j)
         else:
@@ -309,12 +313,17 @@ class FactorizedMatrix(nn.Module):
         """The tensors of :meth:`chain_spec`'s operands, in its order."""
         raise NotImplementedError
 
-    def _chain_product(self, rows: Tensor) -> Tensor | None:
-        """``rows @ W.T`` through the chain's kernel on at most :data:`CHAIN_ROWS` rows;
-        ``None`` where it does not run (more rows, no chain, no kernel)."""
-        if rows.shape[0] > CHAIN_ROWS or (plan := self._chain_plan()) is None:
+    def _chain_product(self, rows: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``rows @ W.T`` (``+ bias``) through the chain's kernel on at most
+        :data:`CHAIN_ROWS` rows; ``None`` where it does not run (more rows, the dense
+        algorithm, no chain, no kernel, another dtype: the checks of ``forward`` then run)."""
+        if rows.shape[0] > CHAIN_ROWS or self._algorithm == "dense":
             return None
-        return chain_linear(rows, plan, self.chain_tensors())  # (b, j)
+        if torch.is_autocast_enabled(rows.device.type):
+            return None  # the products' own casts apply
+        if (plan := self._chain_plan()) is None:
+            return None
+        return chain_linear(rows, plan, self.chain_tensors(), bias)  # (b, j)
 
     def _chain_plan(self) -> ChainPlan | None:
         """:meth:`chain_spec`'s plan, made once (the shapes are fixed at construction)."""

@@ -244,12 +244,14 @@ def chain_reference(x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor]) -> Te
     return chain_forward(plan, x, [tensors[i] for i in plan.order])[0]
 
 
-def chain_linear(x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor]) -> Tensor | None:
-    """``x @ W.T`` for rows ``x`` ``(b, in_features)`` through ``plan`` (from the format's
-    :class:`ChainSpec`) and the format's tensors in the spec's order, in the compiled kernel
-    as one autograd node (:mod:`kcprnn._cpu.native_chain`): ``(b, out_features)``, or ``None``
-    where the kernel cannot run (the caller then runs the format's own product)."""
-    return native_chain(x, plan, [tensors[i] for i in plan.order])
+def chain_linear(
+    x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor], bias: Tensor | None = None
+) -> Tensor | None:
+    """``x @ W.T`` (``+ bias``) for rows ``x`` ``(b, in_features)`` through ``plan`` (from the
+    format's :class:`ChainSpec`) and the format's tensors in the spec's order, in the compiled
+    kernel as one autograd node (:mod:`kcprnn._cpu.native_chain`): ``(b, out_features)``, or
+    ``None`` where the kernel cannot run (the caller then runs the format's own product)."""
+    return native_chain(x, plan, [tensors[i] for i in plan.order], bias)
 
 
 def chain_macs(plan: ChainPlan, rows: int) -> int:
