@@ -43,9 +43,11 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._cpu import CostModel, default_cost_model
+from .._cpu import CostModel, default_cost_model, native
 from .._cpu.native_dense import small_product
 from ..formats import FactorizedMatrix
+from ..formats._base import CHAIN_ROWS
+from . import _cell_train
 from ._options import _first_parameter
 from .kron import (
     KronLayout,
@@ -533,7 +535,8 @@ def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> 
     rebuilt dense (under autograd) and torch's fused cell than through the formats' products
     (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
     operations each compressed matrix's product launches forward and backward (16 on torch
-    operations, the default; fewer in the compiled step)."""
+    operations, the default; fewer in the compiled step, and for a format's one-row chain,
+    :mod:`kcprnn.formats._chain`)."""
     if cell.weight_hr is not None:
         return False
     cm = _model([cell])
@@ -546,5 +549,8 @@ def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> 
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
             structured += 3 * structured_rate(m, cm) * m.macs(batch, training=True)
-            structured += cm.rnn_cell_op * (8 * 2 if ops is None else ops)
+            launches = 8 * 2 if ops is None else ops
+            if batch <= CHAIN_ROWS and m._chain_plan() is not None and native.available():
+                launches = _cell_train.STEP_OPS  # the one-row chain: a compiled call each way
+            structured += cm.rnn_cell_op * launches
     return dense <= structured
