@@ -34,10 +34,12 @@ __all__ = [
     "resolve_dtype",
 ]
 
-CHAIN_ROWS = 1
+CHAIN_ROWS = 4
 """Up to this many rows ``forward`` runs a format's chain (:meth:`FactorizedMatrix.chain_spec`)
-instead of its own product: one autograd node and a few operators a step, where the products
-pay their operator launches (``benchmarks/bench_chain.py``)."""
+in the compiled kernel instead of its own product: one autograd node and one call each way,
+where the products pay their operator launches. At 1-4 rows the chain measured faster on
+every format and shape of ``benchmarks/bench_chain.py`` (rank 4; 40 x 512 to 512 x 2,048),
+at 8 rows not on all (``benchmarks/results/recurrence/chain/``)."""
 
 FORMATS: dict[str, type[FactorizedMatrix]] = {}
 """Format name -> class. Filled by :func:`register`; iterate ``sorted(FORMATS)``."""

@@ -6,8 +6,10 @@ GEMMs forward and as many autograd nodes backward, for a few thousand multiply-a
 Here the product is written as a chain: the input, viewed as ``(b, I_1, ..., I_D)``, absorbs
 the format's tensors one at a time, each step one GEMM (or a batched GEMM over the labels the
 step keeps on both sides, such as a CP rank or a BT block) after a permutation of both
-operands. The whole chain is one autograd node whose backward is the chain run back: per step
-``grad_A = G B^T`` and ``grad_B = A^T G``.
+operands. The compiled kernel (:mod:`kcprnn._cpu.native_chain`) runs the whole chain as one
+autograd node whose backward is the chain run back (per step ``grad_A = G B^T`` and
+``grad_B = A^T G``); :func:`chain_reference` runs it on torch operations, for the tests and for
+second derivatives.
 
 A format describes its chain by labels (:class:`ChainSpec`): the input modes, each tensor's
 axes in the order it is absorbed, and the output modes. A label shared by the current state and
@@ -42,6 +44,7 @@ __all__ = [
     "chain_plan",
     "chain_reference",
     "greedy_order",
+    "modes_spec",
 ]
 
 ROWS = "b"
@@ -65,6 +68,20 @@ class ChainSpec:
     in_sizes: tuple[int, ...]
     operands: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]
     out_labels: tuple[str, ...]
+
+
+def modes_spec(
+    in_modes: Sequence[int], operands: Sequence[tuple[tuple[int, ...], tuple[str, ...]]]
+) -> ChainSpec:
+    """A :class:`ChainSpec` whose input modes are labelled ``i0, i1, ...`` and output modes
+    ``j0, j1, ...`` (the labels the formats' operands use)."""
+    d = len(in_modes)
+    return ChainSpec(
+        in_labels=tuple(f"i{e}" for e in range(d)),
+        in_sizes=tuple(in_modes),
+        operands=tuple(operands),
+        out_labels=tuple(f"j{e}" for e in range(d)),
+    )
 
 
 @dataclass(frozen=True)

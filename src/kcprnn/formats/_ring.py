@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import resolve_modes
 from ._base import FactorizedMatrix, listed, orthonormal_
-from ._chain import ChainSpec
+from ._chain import ChainSpec, modes_spec
 
 __all__ = [
     "ORDERS",
@@ -439,14 +439,12 @@ class RingMatrix(FactorizedMatrix):
         d = self.num_modes
         if d == 1:
             return None
-        return ChainSpec(
-            in_labels=tuple(f"i{e}" for e in range(d)),
-            in_sizes=tuple(self.in_modes),
-            operands=tuple(
+        return modes_spec(
+            self.in_modes,
+            tuple(
                 (tuple(core.shape), (f"r{e}", f"j{e}", f"i{e}", f"r{(e + 1) % d}"))
                 for e, core in enumerate(self.cores)
             ),
-            out_labels=tuple(f"j{e}" for e in range(d)),
         )
 
     def chain_tensors(self) -> list[Tensor]:

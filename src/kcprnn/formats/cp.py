@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_positive_int
 from ._base import FactorizedMatrix, listed, register
-from ._chain import ChainSpec
+from ._chain import ChainSpec, modes_spec
 from ._halves import (
     half_to_merged,
     join_halves,
@@ -307,13 +307,9 @@ class CPMatrix(FactorizedMatrix):
         d = self.num_modes
         if d == 1:
             return None
-        return ChainSpec(
-            in_labels=tuple(f"i{e}" for e in range(d)),
-            in_sizes=tuple(self.in_modes),
-            operands=tuple(
-                (tuple(u.shape), ("r", f"j{e}", f"i{e}")) for e, u in enumerate(self.factors)
-            ),
-            out_labels=tuple(f"j{e}" for e in range(d)),
+        return modes_spec(
+            self.in_modes,
+            tuple((tuple(u.shape), ("r", f"j{e}", f"i{e}")) for e, u in enumerate(self.factors)),
         )
 
     def chain_tensors(self) -> list[Tensor]:

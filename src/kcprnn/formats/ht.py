@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .._cpu import CostModel
 from ._base import FactorizedMatrix, listed, orthonormal_, register
-from ._chain import ChainSpec
+from ._chain import ChainSpec, modes_spec
 from ._halves import join_halves_plain
 from ._ht_product import HTPlan, HTStep, ht_linear, ht_plan
 from ._ht_tree import DimensionTree, ht_tree, validate_ht_ranks
@@ -312,13 +312,7 @@ class HTMatrix(FactorizedMatrix):
             top = (node,) if node != self.tree.root else ()
             shape = tuple(self.ranks[n] for n in (*kids, *top))
             operands.append((shape, tuple(f"t{n}" for n in (*kids, *top))))
-        d = self.num_modes
-        return ChainSpec(
-            in_labels=tuple(f"i{e}" for e in range(d)),
-            in_sizes=tuple(self.in_modes),
-            operands=tuple(operands),
-            out_labels=tuple(f"j{e}" for e in range(d)),
-        )
+        return modes_spec(self.in_modes, tuple(operands))
 
     def chain_tensors(self) -> list[Tensor]:
         return [*listed(self.leaves), *listed(self.transfers), self.root]  # by node

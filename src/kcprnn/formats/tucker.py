@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .._cpu import CostModel, default_cost_model
 from ..shapes import validate_ranks
 from ._base import FactorizedMatrix, listed, register
-from ._chain import ChainSpec
+from ._chain import ChainSpec, modes_spec
 from ._halves import join_halves
 
 __all__ = [
@@ -211,12 +211,7 @@ def tucker_chain_spec(
         for e in range(d)
     ]
     core = ((*lead, *ranks), (*c, *(f"s{e}" for e in range(d))))
-    return ChainSpec(
-        in_labels=tuple(f"i{e}" for e in range(d)),
-        in_sizes=tuple(in_modes),
-        operands=(factors[0], core, *factors[1:]),
-        out_labels=tuple(f"j{e}" for e in range(d)),
-    )
+    return modes_spec(in_modes, (factors[0], core, *factors[1:]))
 
 
 def tucker_linear(
