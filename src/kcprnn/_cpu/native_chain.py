@@ -12,6 +12,7 @@ reaches the inputs.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,16 @@ def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
     return layout
 
 
+@functools.cache
+def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
+    """The kernel's forward and backward for ``dtype``, looked up once."""
+    lib = native._require()
+    suffix = _SUFFIX[dtype]
+    return getattr(lib, "kcprnn_chain_forward" + suffix), getattr(
+        lib, "kcprnn_chain_backward" + suffix
+    )
+
+
 def _pointers(tensors: Sequence[Tensor | None]) -> Any:
     return (_P * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
@@ -139,7 +150,7 @@ class _NativeChain(torch.autograd.Function):
         out = x.new_empty(x.shape[0], cols)
         # the forward's workspace, then the backward's buffers: two states, an A and a W
         ws = x.new_empty(layout.workspace + 2 * layout.state + layout.a + layout.w)
-        fn = getattr(native._require(), "kcprnn_chain_forward" + _SUFFIX[x.dtype])
+        fn = _functions(x.dtype)[0]
         records, pointers = layout.records.data_ptr(), _pointers(tensors)
         steps, address = len(plan.steps), x.data_ptr()
         fn(steps, records, address, pointers, _address(bias), cols, out.data_ptr(), ws.data_ptr())
@@ -174,7 +185,7 @@ class _NativeChain(torch.autograd.Function):
         g1 = base + layout.state * size
         ga = g1 + layout.state * size
         gw = ga + layout.a * size
-        fn = getattr(native._require(), "kcprnn_chain_backward" + _SUFFIX[x.dtype])
+        fn = _functions(x.dtype)[1]
         fn(
             len(plan.steps),
             layout.records.data_ptr(),

@@ -206,7 +206,9 @@ class FactorizedMatrix(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x @ W.T`` (``+ bias``). Shape: ``(..., in_features) -> (..., out_features)``."""
         if x.dim() == 2 and x.shape[1] == self.in_features and not torch.compiler.is_compiling():
-            out = self._chain_product(x, bias)  # one row: no other check reads it
+            # a few rows through the chain, which checks its dtypes itself; anything else
+            # (more rows, another dtype) goes on to the checks below
+            out = self._chain_product(x, bias)
             if out is not None:
                 return out  # (b, j)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
