@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import kcprnn
-from kcprnn._cpu import CostModel, native
+from kcprnn._cpu import CostModel
 from kcprnn._cpu.native_dense import small_product
 from kcprnn.rnn import _cell_route, plan
 
@@ -363,18 +363,14 @@ def test_product_ops_counts_the_aten_operators_once():
 
 @pytest.mark.parametrize("fmt", ["tt", "tr", "ht", "bt", "tucker"])
 def test_cell_without_gradients_reads_kept_dense_weights_unless_the_input_is_wide(fmt):
-    """At the speech size (40 -> 512) on 16 rows every format's product is tens of aten
-    operators, dearer than torch's cell on the kept dense weights; at the video width (57,600
-    inputs) reading a dense ``W_ih`` (59 M weights) is far dearer than the factors. On one row
-    the products run their chains (one compiled call each): an LSTM cell's four gates' worth of
-    dense weights then cost more than two chains, an Elman cell's one gate's worth less."""
+    """At the speech size (40 -> 512) every format's product is tens of aten operators, dearer
+    than torch's cell on the kept dense weights; at the video width (57,600 inputs) reading a
+    dense ``W_ih`` (59 M weights) is far dearer than the factors."""
     torch.manual_seed(0)
     opts = {"format": fmt, "rank": 2, "hidden_format": fmt, "hidden_options": {"rank": 2}}
     speech = kcprnn.LSTMCell(40, 512, **opts)
+    assert _cell_route.cell_uses_dense(speech, 1, training=False)
     assert _cell_route.cell_uses_dense(speech, 16, training=False)
-    chained = native.available()  # the chains run only with the kernels built
-    assert _cell_route.cell_uses_dense(speech, 1, training=False) is not chained
-    assert _cell_route.cell_uses_dense(kcprnn.RNNCell(40, 512, **opts), 1, training=False)
     wide = kcprnn.LSTMCell(57600, 16, format=fmt, rank=2)
     assert not _cell_route.cell_uses_dense(wide, 1, training=False)
 

@@ -14,8 +14,6 @@ import torch
 
 from .._cpu import CostModel, native
 from ..formats import FactorizedMatrix
-from ..formats._base import CHAIN_ROWS
-from ..formats._chain import chain_macs
 from . import _cell_train, plan
 from ._cell_step import (
     _builds_in_step,
@@ -30,14 +28,7 @@ from .plan import kron_layout_cached
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = [
-    "CHAIN_MAC",
-    "CHAIN_OPS",
-    "cell_uses_dense",
-    "chains",
-    "compiled_trains",
-    "step_costs",
-]
+__all__ = ["cell_uses_dense", "compiled_trains", "step_costs"]
 
 
 def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
@@ -84,35 +75,11 @@ def _own_products(cell: RNNCellBase, batch: int, cm: CostModel) -> float:
         if m.format_name == "dense" or m.algorithm == "dense":
             price += _cell_product(m, batch, cm)
             continue
-        if chains(m, batch):  # one compiled call, its arithmetic at about torch's cell rate
-            macs = chain_macs(m._chain_plan(), batch)  # type: ignore[arg-type]
-            price += CHAIN_OPS * cm.rnn_aten_op + CHAIN_MAC * cm.rnn_cell_row * macs
-            continue
         rate = plan.structured_rate(m, cm)
         if m.format_name != "kcp":
             rate *= cm.rnn_factorized_input
         price += plan.product_ops(m) * cm.rnn_aten_op + rate * m.macs(batch)
     return price
-
-
-CHAIN_OPS = 10
-"""Aten operators a format's one-row chain (:mod:`kcprnn.formats._chain`) costs without
-gradients, its arithmetic aside: the call took 51-59 us for a rank-4 CP chain of a few
-thousand multiply-adds, where the formats' own products took 4-9 us per operator
-(``benchmarks/results/recurrence/chain/bench_chain.txt``)."""
-
-CHAIN_MAC = 2.0
-"""A chain's multiply-add in units of ``rnn_cell_row`` (a dense weight's use by one row in
-torch's cell): its small compiled products run 2-6 GMAC/s on one core, about half the rate of
-a dense matrix-vector product. With it an LSTM or GRU cell without gradients at 40 -> 512 and
-batch 1 steps through its TT, TR, BT, HT or Tucker chains (measured 1.3-1.5x torch's cell on
-the kept dense weights for the LSTM, level for the GRU) and an Elman cell keeps torch's cell
-(its chains measured 2x slower)."""
-
-
-def chains(m: FactorizedMatrix, batch: int) -> bool:
-    """Whether ``m``'s product on ``batch`` rows runs its chain in the compiled kernel."""
-    return batch <= CHAIN_ROWS and m._chain_plan() is not None and native.available()
 
 
 def step_costs(cell: RNNCellBase, batch: int, cm: CostModel) -> dict[str, float]:
