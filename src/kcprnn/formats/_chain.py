@@ -36,8 +36,8 @@ from .._cpu.native_chain import native_chain
 
 __all__ = [
     "ChainPlan",
-    "best_plan",
     "ChainSpec",
+    "best_plan",
     "chain_forward",
     "chain_linear",
     "chain_macs",
