@@ -116,8 +116,7 @@ def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
         if out is not None:
             with torch.inference_mode(False):
                 table = torch.tensor([*records, *out], dtype=torch.int64)
-            macs = sum(s.n * rows * s.m * s.k * s.p for s in plan.steps)
-            layout = ChainLayout(table, offset, state, big_a, big_w, macs)
+            layout = ChainLayout(table, offset, state, big_a, big_w, plan.macs(rows))
     plan.native[rows] = layout
     return layout
 
@@ -219,8 +218,7 @@ def native_chain(
             return None
     if bias is not None and bias.shape != (plan.out_features,):
         return None
-    rows = x.shape[0]
-    layout = plan.native[rows] if rows in plan.native else chain_layout(plan, rows)
+    layout = chain_layout(plan, x.shape[0])
     if layout is None:
         return None
     return _NativeChain.apply(plan, layout, x.contiguous(), bias, *tensors)  # (b, out_features)

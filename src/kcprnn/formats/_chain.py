@@ -110,6 +110,10 @@ class ChainPlan:
     # the kernel's layouts per row count (:func:`kcprnn._cpu.native_chain.chain_layout`)
     native: dict[int, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    def macs(self, rows: int) -> int:
+        """Multiply-accumulates of the chain on ``rows`` rows, forward."""
+        return sum(s.n * rows * s.m * s.k * s.p for s in self.steps)
+
 
 def greedy_order(spec: ChainSpec) -> tuple[int, ...]:
     """An order of ``spec``'s operands for its chain on one row: at each step the operand
@@ -273,4 +277,4 @@ def chain_linear(
 
 def chain_macs(plan: ChainPlan, rows: int) -> int:
     """Multiply-accumulates of the chain on ``rows`` rows, forward."""
-    return sum(s.n * rows * s.m * s.k * s.p for s in plan.steps)
+    return plan.macs(rows)
