@@ -9,7 +9,8 @@ Run it on two checkouts to compare them.
 Usage::
 
     python benchmarks/ab_cell_training.py [--size 40x512] [--steps 100] [--batch 1]
-        [--rounds 7] [--threads 1] [--modes LSTM,GRU]
+        [--rounds 7] [--threads 1] [--modes LSTM,GRU] [--cases "tt both,ht W_ih"]
+        [--protocols step,loop]
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from torch import nn
 
 import kcprnn
 
-# label -> options of kcprnn's cell
-CASES: dict[str, dict[str, object]] = {
-    "default": {},
-    "kcp W_ih": {"format": "kcp", "rank": 4},
-    "tt W_ih": {"format": "tt", "rank": 4},
-    "ht W_ih": {"format": "ht", "rank": 4},
-    "kcp both": {"format": "kcp", "rank": 4, "hidden_format": "kcp", "hidden_options": {"rank": 4}},
-    "default both": {"hidden_format": "kcp"},
-}
+# label -> options of kcprnn's cell: "F W_ih" (W_ih in format F at rank 4, W_hh dense) and
+# "F both" for every format, plus the library's defaults
+CASES: dict[str, dict[str, object]] = {"default": {}, "default both": {"hidden_format": "kcp"}}
+for _f in ("kcp", "tt", "tr", "cp", "tucker", "bt", "ht"):
+    CASES[f"{_f} W_ih"] = {"format": _f, "rank": 4}
+    CASES[f"{_f} both"] = {
+        **CASES[f"{_f} W_ih"],
+        "hidden_format": _f,
+        "hidden_options": {"rank": 4},
+    }
+DEFAULT_CASES = "default,kcp W_ih,tt W_ih,ht W_ih,kcp both,default both"
 
 
 def _runner(cell: nn.Module, mode: str, x: torch.Tensor, hidden: int) -> dict[str, Callable]:
@@ -76,7 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="LSTM,GRU")
+    parser.add_argument(
+        "--cases", default=DEFAULT_CASES, help=f"comma-separated, of: {', '.join(CASES)}"
+    )
+    parser.add_argument("--protocols", default="step,loop", help="step, loop or both")
     args = parser.parse_args(argv)
+    cases = args.cases.split(",")
+    if unknown := [c for c in cases if c not in CASES]:
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    protocols = [
+        (p, args.step_rounds if p == "step" else args.rounds) for p in args.protocols.split(",")
+    ]
     torch.set_num_threads(args.threads)
     n_in, hidden = map(int, args.size.split("x"))
     print(
@@ -87,13 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     x = torch.randn(args.steps, args.batch, n_in, generator=torch.Generator().manual_seed(0))
     for mode in args.modes.split(","):
-        for label, options in CASES.items():
+        for label in cases:
+            options = CASES[label]
             torch.manual_seed(0)
             ref = getattr(nn, f"{mode}Cell")(n_in, hidden)
             ours = getattr(kcprnn, f"{mode}Cell")(n_in, hidden, **options)
             run = {"torch": _runner(ref, mode, x, hidden), "kcprnn": _runner(ours, mode, x, hidden)}
             med: dict[tuple[str, str], float] = {}
-            for protocol, rounds in (("step", args.step_rounds), ("loop", args.rounds)):
+            for protocol, rounds in protocols:
                 times: dict[str, list[float]] = {"torch": [], "kcprnn": []}
                 for r in range(rounds + 3):
                     for side in ("torch", "kcprnn"):
@@ -104,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
                     med[side, protocol] = statistics.median(values) * 1e3
             cells = []
             for protocol in ("step", "loop"):
-                t, k = med["torch", protocol], med["kcprnn", protocol]
+                if (t := med.get(("torch", protocol))) is None:
+                    cells += ["", "", ""]
+                    continue
+                k = med["kcprnn", protocol]
                 cells += [f"{t:.3f}", f"{k:.3f}", f"{t / k:.2f}"]
             print(f"| {mode}Cell | {label} | " + " | ".join(cells) + " |", flush=True)
 

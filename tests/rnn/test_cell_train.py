@@ -1,7 +1,7 @@
 """A cell step under autograd as one node on the compiled kernels (``kcprnn.rnn._cell_train``)
 against torch's cells on the float64 reconstruction of the same weights: values and the
 gradients of the input, the state, the biases and every parameter, for LSTM, GRU and Elman
-cells with KCP and dense matrices, unbatched, without biases, over a
+cells with KCP, dense and the other formats' chained matrices, unbatched, without biases, over a
 sequence of steps with one backward, with second derivatives (recomputed on torch operations)
 and with a parameter changed in place before the backward."""
 
@@ -14,6 +14,7 @@ import torch
 
 import kcprnn
 from kcprnn._cpu import native
+from kcprnn.formats._base import CHAIN_ROWS
 from kcprnn.rnn import _cell_train
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the kernels are not built here")
@@ -29,6 +30,12 @@ PAIRS = [
     ("kcp", "kcp", {"rank": 2, "terms": 2}),
     ("kcp", "dense", {"rank": 2, "num_factors": 3}),
     ("dense", "kcp", {"rank": 2}),
+    # other formats as their chains (kcprnn.formats._chain) on at most CHAIN_ROWS rows
+    ("tt", "tt", {"rank": 2}),
+    ("ht", "cp", {"rank": 2}),
+    ("tucker", "dense", {"rank": 2}),
+    ("dense", "tr", {"rank": 2}),
+    ("bt", "kcp", {"rank": 2}),
 ]
 TOL = {"rtol": 2e-4, "atol": 2e-5}  # float32 against float64
 
@@ -176,10 +183,16 @@ def test_a_parameter_changed_in_place_before_the_backward_is_reported():
         (h + c).sum().backward()
 
 
-def test_cp_and_wide_inputs_take_the_torch_operations():
+def test_chains_past_their_rows_and_wide_inputs_take_the_torch_operations():
     cp = _cell("LSTM", "cp", "cp", {"rank": 2})
-    x, state = _inputs("LSTM")
+    x, state = _inputs("LSTM", batch=CHAIN_ROWS + 1)
     assert type(cp(x, tuple(state))[0].grad_fn).__name__ != "_StepBackward"
+    x, state = _inputs("LSTM", batch=CHAIN_ROWS)
+    assert type(cp(x, tuple(state))[0].grad_fn).__name__ == "_StepBackward"
+    tt = _cell("GRU", "tt", "tt", {"rank": 2})
+    tt.weight_hh.algorithm = "dense"  # rebuilt dense on torch operations: no chain
+    x, state = _inputs("GRU", batch=1)
+    assert type(tt(x, state[0]).grad_fn).__name__ != "_StepBackward"
     torch.manual_seed(0)
     wide = kcprnn.RNNCell(_cell_train.MAX_INPUT + 4, HIDDEN, format="kcp", hidden_format="kcp")
     wide._use_dense = lambda batch: False
@@ -286,3 +299,50 @@ def test_a_kcp_input_matrix_takes_the_step_alone_and_the_dense_rebuild_in_a_sequ
         torch.testing.assert_close(a.double(), b, **TOL)
     total, names = run(cell, xs[:1], zero)  # after the sequence's backward: alone again
     assert names == ["_StepBackward"]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_chained_matrices_over_a_sequence_with_one_backward(mode):
+    """The other formats' chains in the step's node at every step of a sequence (no build to
+    share): the summed outputs and every parameter's gradient match torch's cell."""
+    cell = _cell(mode, "tt", "ht", {"rank": 2})
+    xs = torch.randn(4, 2, INPUT, generator=torch.Generator().manual_seed(7))
+    ref = copy.deepcopy(cell).double()
+    args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
+    s = tuple(torch.zeros(2, HIDDEN) for _ in range(2 if mode == "LSTM" else 1))
+    rs = tuple(t.double() for t in s)
+    total, ref_total = 0.0, 0.0
+    for x in xs:
+        out = cell(x, s if mode == "LSTM" else s[0])
+        s = out if mode == "LSTM" else (out,)
+        assert type(s[0].grad_fn).__name__ == "_StepBackward"
+        rout = MODES[mode][1](x.double(), rs if mode == "LSTM" else rs[0], *args)
+        rs = tuple(rout) if mode == "LSTM" else (rout,)
+        total, ref_total = total + s[0].sum(), ref_total + rs[0].sum()
+    torch.testing.assert_close(total.double(), ref_total, **TOL)
+    got = torch.autograd.grad(total, list(cell.parameters()))
+    exp = torch.autograd.grad(ref_total, list(ref.parameters()))
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
+def test_chained_matrices_second_derivatives_and_in_place_changes():
+    cell = _cell("GRU", "tucker", "tt", {"rank": 2})
+    x, state = _inputs("GRU", batch=2)
+    params = list(cell.parameters())
+    out = cell(x, state[0])
+    assert type(out.grad_fn).__name__ == "_StepBackward"
+    grads = torch.autograd.grad(out.sum(), [x, *params], create_graph=True)
+    got = torch.autograd.grad(sum((g**2).sum() for g in grads), [x, *params])
+    xd, sd = _double([x])[0], _double(state)
+    want, ref = _reference(cell, "GRU", xd, sd)
+    ref_params = [xd, *ref.parameters()]
+    ref_grads = torch.autograd.grad(want[0].sum(), ref_params, create_graph=True)
+    exp = torch.autograd.grad(sum((g**2).sum() for g in ref_grads), ref_params)
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+    out = cell(x, state[0])
+    with torch.no_grad():
+        next(cell.weight_hh.parameters()).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

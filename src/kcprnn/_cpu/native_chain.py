@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,17 @@ from . import native
 if TYPE_CHECKING:
     from ..formats._chain import ChainPlan
 
-__all__ = ["ChainLayout", "chain_layout", "declare", "native_chain"]
+__all__ = [
+    "ChainLayout",
+    "chain_layout",
+    "declare",
+    "native_chain",
+    "pointers",
+    "run_backward",
+    "run_forward",
+    "takes",
+    "workspace",
+]
 
 MAX_AXES = 16  # kMaxAxes in native_chain.cpp
 _PACK = 1 + 2 * MAX_AXES
@@ -131,12 +142,61 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     )
 
 
-def _pointers(tensors: Sequence[Tensor | None]) -> Any:
+def pointers(tensors: Sequence[Tensor | None]) -> Any:
+    """The tensors' addresses as the kernel reads them (``None``: a null pointer)."""
     return (_P * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
 def _address(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def workspace(x: Tensor, layout: ChainLayout) -> Tensor:
+    """A workspace for one forward and its backward on ``x``'s rows: the forward's packed
+    operands and states, then the backward's two states, an A and a W."""
+    return x.new_empty(layout.workspace + 2 * layout.state + layout.a + layout.w)
+
+
+def run_forward(
+    plan: ChainPlan, layout: ChainLayout, x: Tensor, addresses: Any, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The kernel's forward on contiguous rows ``x`` with the tensors at ``addresses`` (in the
+    chain's order, :func:`pointers`), no autograd: the output ``(b, out_features)`` and the
+    workspace that :func:`run_backward` reads (it also reads ``x``, which must stay alive)."""
+    cols = plan.out_features
+    out = x.new_empty(x.shape[0], cols)
+    ws = workspace(x, layout)
+    fn = _functions(x.dtype)[0]
+    fn(len(plan.steps), layout.records.data_ptr(), x.data_ptr(), addresses, _address(bias), cols,
+       out.data_ptr(), ws.data_ptr())  # fmt: skip
+    native._count(layout.macs)
+    return out, ws  # (b, out_features), (workspace,)
+
+
+def run_backward(
+    plan: ChainPlan,
+    layout: ChainLayout,
+    ws: Tensor,
+    grad: Tensor,
+    x: Tensor,
+    addresses: Any,
+    grads: Sequence[Tensor | None],
+    grad_x: Tensor | None,
+    grad_bias: Tensor | None = None,
+) -> None:
+    """The kernel's backward of :func:`run_forward` (its ``ws``, ``x`` and ``addresses``) for
+    the output gradient ``grad`` ``(b, out_features)``: writes the tensors' gradients into
+    ``grads`` (``None``: not wanted), the rows' into ``grad_x`` and the bias's into
+    ``grad_bias`` where given."""
+    size = x.element_size()
+    base = ws.data_ptr() + layout.workspace * size
+    g1 = base + layout.state * size
+    ga = g1 + layout.state * size
+    gw = ga + layout.a * size
+    fn = _functions(x.dtype)[1]
+    fn(len(plan.steps), layout.records.data_ptr(), grad.contiguous().data_ptr(), x.data_ptr(),
+       addresses, ws.data_ptr(), pointers(grads), _address(grad_x), _address(grad_bias),
+       plan.out_features, base, g1, ga, gw)  # fmt: skip
 
 
 class _NativeChain(torch.autograd.Function):
@@ -145,23 +205,15 @@ class _NativeChain(torch.autograd.Function):
     def forward(
         ctx, plan: ChainPlan, layout: ChainLayout, x: Tensor, bias: Tensor | None, *tensors: Tensor
     ) -> Tensor:
-        cols = plan.out_features
-        out = x.new_empty(x.shape[0], cols)
-        # the forward's workspace, then the backward's buffers: two states, an A and a W
-        ws = x.new_empty(layout.workspace + 2 * layout.state + layout.a + layout.w)
-        fn = _functions(x.dtype)[0]
-        records, pointers = layout.records.data_ptr(), _pointers(tensors)
-        steps, address = len(plan.steps), x.data_ptr()
-        fn(steps, records, address, pointers, _address(bias), cols, out.data_ptr(), ws.data_ptr())
-        native._count(layout.macs)
-        ctx.plan, ctx.layout, ctx.ws, ctx.pointers = plan, layout, ws, pointers
+        addresses = pointers(tensors)
+        out, ws = run_forward(plan, layout, x, addresses, bias)
+        ctx.plan, ctx.layout, ctx.ws, ctx.addresses = plan, layout, ws, addresses
         ctx.save_for_backward(x, bias, *tensors)
         return out  # (b, out_features)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         plan: ChainPlan = ctx.plan
-        layout: ChainLayout = ctx.layout
         x, bias, *tensors = ctx.saved_tensors
         need_x, need_bias, *wanted = ctx.needs_input_grad[2:]
         if torch.is_grad_enabled():  # a second derivative: the chain on torch operations
@@ -179,44 +231,39 @@ class _NativeChain(torch.autograd.Function):
         grads = [torch.empty_like(t) if w else None for t, w in zip(tensors, wanted, strict=True)]
         grad_x = torch.empty_like(x) if need_x else None
         grad_bias = torch.empty_like(bias) if need_bias else None
-        size = x.element_size()
-        base = ctx.ws.data_ptr() + layout.workspace * size
-        g1 = base + layout.state * size
-        ga = g1 + layout.state * size
-        gw = ga + layout.a * size
-        fn = _functions(x.dtype)[1]
-        fn(
-            len(plan.steps),
-            layout.records.data_ptr(),
-            grad.contiguous().data_ptr(),
-            x.data_ptr(),
-            ctx.pointers,
-            ctx.ws.data_ptr(),
-            _pointers(grads),
-            _address(grad_x),
-            _address(grad_bias),
-            plan.out_features,
-            base,
-            g1,
-            ga,
-            gw,
-        )
+        run_backward(plan, ctx.layout, ctx.ws, grad, x, ctx.addresses, grads, grad_x, grad_bias)
         return (None, None, grad_x, grad_bias, *grads)
+
+
+def takes(plan: ChainPlan, tensors: Sequence[Tensor], dtype: torch.dtype) -> bool:
+    """Whether the kernel takes ``tensors`` (in the chain's order) for ``plan`` with rows of
+    ``dtype``: float32 or float64 on the CPU, every tensor contiguous, of that dtype and of its
+    step's size, and the kernels built."""
+    if dtype not in _SUFFIX or not native.available() or len(tensors) != len(plan.steps):
+        return False
+    for t, step in zip(tensors, plan.steps, strict=True):
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            return False
+        if t.numel() != math.prod(step.view):
+            return False
+    return True
 
 
 def native_chain(
     x: Tensor, plan: ChainPlan, tensors: Sequence[Tensor], bias: Tensor | None = None
 ) -> Tensor | None:
     """``x @ W.T`` (``+ bias``) through ``plan`` in the compiled kernel, one autograd node;
-    ``None`` where it cannot run (not float32 or float64 on the CPU, a tensor not contiguous or
-    of another dtype, no kernel, a packing past ``MAX_AXES``)."""
-    dtype = x.dtype
-    if dtype not in _SUFFIX or not x.is_cpu or not native.available():
+    ``None`` where it cannot run (not float32 or float64 on the CPU, a tensor not contiguous,
+    of another dtype or not of its step's size (:func:`takes`), no kernel, a packing past
+    ``MAX_AXES``)."""
+    if not x.is_cpu or not takes(plan, tensors, x.dtype):
         return None
-    for t in tensors if bias is None else (*tensors, bias):
-        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
-            return None
-    if bias is not None and bias.shape != (plan.out_features,):
+    if bias is not None and (
+        bias.dtype != x.dtype
+        or not bias.is_cpu
+        or not bias.is_contiguous()
+        or bias.shape != (plan.out_features,)
+    ):
         return None
     layout = chain_layout(plan, x.shape[0])
     if layout is None:

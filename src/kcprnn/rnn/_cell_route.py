@@ -105,7 +105,7 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     if training:
         lone = not marks(cell)["pending"]  # its predecessor's backward has run
         ops = _cell_train.STEP_OPS if lone and compiled_trains(cell) else None
-        return plan.cell_trains_dense(cell, batch, ops)
+        return plan.cell_trains_dense(cell, batch, ops, lone)
     if cell.weight_hr is not None:
         return False
     cm = cell.weight_hh.planning_model()

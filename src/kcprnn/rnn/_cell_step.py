@@ -41,6 +41,7 @@ from .._cpu import native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
+from ..formats._base import CHAIN_ROWS
 from . import _cell_train
 from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
@@ -275,21 +276,20 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     """One step of ``cell`` under autograd with each KCP matrix multiplied through its
     factor matrices, built once per version of the weights and shared by the steps until then
     (the steps of a sequence build them once and back-propagate through the build once; each
-    step's products are a few small GEMMs). In float32 on the CPU, with each matrix KCP or
-    dense and a narrow input, the whole step is one node on the compiled kernels
-    (:func:`_compiled_step`). ``None`` where this does not apply: no KCP matrix, a projection,
-    no gradient recorded, or no sharing (:func:`_sharing`)."""
+    step's products are a few small GEMMs). In float32 on the CPU, with each matrix KCP, dense
+    or another format's chain on a few rows (:func:`_chained`) and a narrow input, the whole
+    step is one node on the compiled kernels (:func:`_compiled_step`). ``None`` where this
+    does not apply: no KCP matrix nor a chain that runs in the compiled step, a projection, no
+    gradient recorded, or no sharing (:func:`_sharing`)."""
     ih, hh = _matrices(cell)
-    if (
-        cell.weight_hr is not None
-        or not (_shares_kron(ih) or _shares_kron(hh))
-        or not torch.is_grad_enabled()
-        or not _sharing()
-    ):
+    if cell.weight_hr is not None or not torch.is_grad_enabled() or not _sharing():
+        return None
+    kron = _shares_kron(ih) or _shares_kron(hh)
+    if not (kron or _chained(ih, x.shape[0]) or _chained(hh, x.shape[0])):
         return None
     key = _grad_key(cell)
     compiled = _compiled_step(cell, ih, hh, x, state, key)
-    if compiled is not None:
+    if compiled is not None or not kron:
         return compiled
     found = cell._kept.get("shared products")
     if found is None or found[0] != key:
@@ -312,12 +312,20 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
     return (rnn_step(gx, state[0], product, bias["bias_hh"], nonlinearity),)
 
 
+def _chained(matrix: FactorizedMatrix, rows: int) -> bool:
+    """Whether ``matrix``'s product on ``rows`` rows may run as its chain in the compiled
+    training step (:class:`~kcprnn.rnn._cell_train.ChainOperand`): a format with a chain
+    (:meth:`~kcprnn.formats.FactorizedMatrix.chain_spec`), not on the dense algorithm, at most
+    :data:`~kcprnn.formats.CHAIN_ROWS` rows."""
+    return rows <= CHAIN_ROWS and matrix._algorithm != "dense" and matrix._chain_plan() is not None
+
+
 def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operand | None:
     """``matrix`` for the compiled training step: a KCP matrix's factor matrices, built inside
     the step's node where they are small (:func:`_builds_in_step`) unless ``shared``, else in a
-    node the steps share (:func:`_shared`); a dense matrix's weight; ``None`` for other formats
-    (a CP matrix's own product, on torch operations, is faster than its ``R`` Kronecker
-    terms)."""
+    node the steps share (:func:`_shared`); a dense matrix's weight; another format's chain
+    (TT, TR, CP, Tucker, BT, HT: :class:`~kcprnn.rnn._cell_train.ChainOperand`, which the step
+    runs on at most :data:`~kcprnn.formats.CHAIN_ROWS` rows); ``None`` where none applies."""
     if _shares_kron(matrix):
         found = kron_layout_cached(matrix)
         assert found is not None
@@ -329,6 +337,8 @@ def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operan
         return _cell_train.Operand(_shared(_kron_build, matrix), layout)
     if matrix.format_name == "dense":
         return _cell_train.Operand([dense_weight(matrix)], None)
+    if matrix._algorithm != "dense":
+        return _cell_train.ChainOperand.of(matrix)
     return None
 
 
@@ -351,9 +361,10 @@ def _compiled_step(
     state: State,
     key: tuple[Any, ...],
 ) -> State | None:
-    """The step of :func:`shared_step` (at least one matrix KCP) as one autograd node on the
-    compiled kernels (:mod:`kcprnn.rnn._cell_train`) where the other is KCP or dense, the input
-    at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
+    """The step of :func:`shared_step` as one autograd node on the compiled kernels
+    (:mod:`kcprnn.rnn._cell_train`) where each matrix is KCP, dense or another format's chain
+    on a few rows (:func:`_train_operand`), the input at most
+    :data:`~kcprnn.rnn._cell_train.MAX_INPUT` wide, and every tensor float32 on the CPU;
     ``None`` elsewhere. Its operands are made once per version of the weights (``key``);
     ``ih``, ``hh``: the cell's matrices (:func:`_matrices`)."""
     if ih.in_features > _cell_train.MAX_INPUT:
@@ -378,6 +389,8 @@ def _compiled_step(
     if operands is False:
         return None
     ih_op, hh_op = operands
+    if not (ih_op.takes(x.shape[0]) and hh_op.takes(x.shape[0])):
+        return None
     mode = _mode(cell)
     out = _cell_train.step(mode, ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"], steps)
     steps["pending"] = True  # until the step's backward runs

@@ -1,6 +1,7 @@
 """One cell step under autograd as one node on the compiled kernels: both products (Kronecker
-sums on the compiled product, dense matrices on MKL), the gate arithmetic and its backward
-in a few calls, for float32 on the CPU.
+sums on the compiled product, dense matrices on MKL, the other formats' chains of
+contractions on the chain kernel), the gate arithmetic and its backward in a few calls, for
+float32 on the CPU.
 
 Through torch operations a step of an LSTM cell with two Kronecker-sum matrices is about forty
 small operators and as many autograd nodes, forward and backward (the products' gathers and
@@ -14,6 +15,12 @@ back-propagates through the builds in its backward, at one row in one kernel cal
 (:class:`~kcprnn._cpu.native_factor.RowGrads`), so that a step with its own backward has no
 node of the builds to run. A backward that records a graph (second derivatives) recomputes the
 step on torch operations and differentiates that.
+
+A TT, TR, CP, Tucker, BT or HT matrix on at most :data:`~kcprnn.formats.CHAIN_ROWS` rows enters
+the node as its chain's tensors (:class:`ChainOperand`): one call of the chain kernel forward,
+one backward for the rows' and every tensor's gradients (:mod:`kcprnn._cpu.native_chain`), so a
+step with both matrices in those formats is one node of three kernel calls each way instead of
+a chain node per matrix and the gate arithmetic's operators and nodes.
 
 :class:`Operand` holds what a version of one weight needs (the products' compiled arguments,
 the index orders), made once per version by the caller.
@@ -30,13 +37,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._cpu import native, native_factor
+from .._cpu import native, native_chain, native_factor
+from ..formats import FactorizedMatrix
+from ..formats._base import CHAIN_ROWS
+from ..formats._chain import ChainPlan, chain_forward
 from ..formats.kcp.algebra import factor_dense_torch
 from ._fused_base import _Kron
 from .kron import KronLayout, kron_apply
 from .steps import gru_step, lstm_step, rnn_step
 
-__all__ = ["BUILD_IN_STEP", "MAX_INPUT", "STEP_OPS", "Operand", "applies", "step"]
+__all__ = [
+    "BUILD_IN_STEP",
+    "MAX_INPUT",
+    "STEP_OPS",
+    "ChainOperand",
+    "Operand",
+    "applies",
+    "step",
+]
 
 MAX_INPUT = 4096
 """Widest input the compiled step takes: at the video size (57,600 inputs) the factor
@@ -122,6 +140,21 @@ class Operand:
             return d.mm(self.weight)  # (b, i)
         return self._apply(d, self.args_t, self.shape[0])  # (b, i)
 
+    def takes(self, rows: int) -> bool:
+        """Whether the step may run this operand on ``rows`` rows (any number here)."""
+        return True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        """:meth:`mul` and what :meth:`backward` needs of this call besides ``x`` (nothing)."""
+        return self.mul(x), None
+
+    def backward(
+        self, d: Tensor, x: Tensor, memo: Any, need_x: bool, needs: Sequence[bool]
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        """The gradients of ``x`` (where ``need_x``) and of :attr:`tensors` (:meth:`grads`)
+        from the output gradient ``d`` of the call that returned ``memo``."""
+        return (self.back(d) if need_x else None), self.grads(d, x, needs)
+
     def grads(self, d: Tensor, x: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:
         """The gradients of :attr:`tensors` from the output gradient ``d`` ``(b, g)`` and the
         input ``x`` ``(b, i)``."""
@@ -159,6 +192,64 @@ class Operand:
                 start += len(g)
             weights = mats
         return lambda x: kron_apply(x, weights, self.layout, index)
+
+
+class ChainOperand(Operand):
+    """A weight in another format (TT, TR, CP, Tucker, BT, HT) whose product on a few rows is
+    its chain of contractions (:mod:`kcprnn.formats._chain`) on the chain kernel: one call
+    forward, one backward for the rows' and every tensor's gradients. :attr:`tensors` are the
+    chain's tensors (the format's parameters) in the chain's order. Made by :meth:`of`."""
+
+    def __init__(self, plan: ChainPlan, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
+        self.layout, self.kron, self.groups = None, None, None
+        self.plan = plan
+        self._plain = [t.detach() for t in self.tensors]  # what the kernel reads
+        self._addresses = native_chain.pointers(self._plain)
+
+    @classmethod
+    def of(cls, matrix: FactorizedMatrix) -> ChainOperand | None:
+        """``matrix``'s chain operand; ``None`` where it has no chain the kernel takes in
+        float32."""
+        plan = matrix._chain_plan()
+        if plan is None:
+            return None
+        given = matrix.chain_tensors()
+        tensors = [given[i] for i in plan.order]
+        return cls(plan, tensors) if native_chain.takes(plan, tensors, torch.float32) else None
+
+    def takes(self, rows: int) -> bool:
+        """Whether the chain runs on ``rows`` rows: at most :data:`CHAIN_ROWS`, and a layout
+        for them (every packing within the kernel's axes)."""
+        return rows <= CHAIN_ROWS and native_chain.chain_layout(self.plan, rows) is not None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        x = x.contiguous()  # (b, i)
+        layout = native_chain.chain_layout(self.plan, x.shape[0])
+        assert layout is not None  # takes() held
+        out, ws = native_chain.run_forward(self.plan, layout, x, self._addresses, None)
+        return out, (layout, ws)  # (b, g)
+
+    def mul(self, x: Tensor) -> Tensor:
+        return self.forward(x)[0]  # (b, g)
+
+    def backward(
+        self, d: Tensor, x: Tensor, memo: Any, need_x: bool, needs: Sequence[bool]
+    ) -> tuple[Tensor | None, list[Tensor | None]]:
+        if not (need_x or any(needs)):
+            return None, [None] * len(needs)
+        layout, ws = memo
+        x = x.contiguous()  # (b, i): the values the forward read
+        grads = [
+            torch.empty_like(t) if need else None
+            for t, need in zip(self._plain, needs, strict=True)
+        ]
+        dx = torch.empty_like(x) if need_x else None  # (b, i)
+        native_chain.run_backward(self.plan, layout, ws, d, x, self._addresses, grads, dx)
+        return dx, grads
+
+    def differentiable(self, weights: Sequence[Tensor]) -> Any:
+        return lambda x: chain_forward(self.plan, x, weights)[0]
 
 
 def applies(*tensors: Tensor | None) -> bool:
@@ -224,8 +315,8 @@ class _Step(torch.autograd.Function):
         inputs = (x, h, c)  # saved as given: a recorded backward differentiates through them
         x, h = x.contiguous(), h.contiguous()
         b, hidden = h.shape
-        gx = ih.mul(x)  # (b, g)
-        a = hh.mul(h)  # (b, g)
+        gx, ctx.memo_ih = ih.forward(x)  # (b, g)
+        a, ctx.memo_hh = hh.forward(h)  # (b, g)
         g = gx.shape[1]
         ctx.mode, ctx.ih, ctx.hh, ctx.n_ih = mode, ih, hh, n_ih
         if mode == 0:  # LSTM
@@ -319,11 +410,11 @@ class _Step(torch.autograd.Function):
                 dh.data_ptr(), d_ih.data_ptr(), _ptr(dbias), 0, int(mode == 3),
             )  # fmt: skip
             db_ih, db_hh = dbias, dbias
-        dx = ih.back(d_ih) if needs[4] else None
+        dx, w_ih = ih.backward(d_ih, x, ctx.memo_ih, needs[4], needs[9 : 9 + n_ih])
+        dh_hh, w_hh = hh.backward(d_hh, h, ctx.memo_hh, needs[5], needs[9 + n_ih :])
         if needs[5]:
-            dh = hh.back(d_hh) if mode != 1 else dh.add_(hh.back(d_hh))
-        w_ih = ih.grads(d_ih, x, needs[9 : 9 + n_ih])
-        w_hh = hh.grads(d_hh, h, needs[9 + n_ih :])
+            assert dh_hh is not None
+            dh = dh_hh if mode != 1 else dh.add_(dh_hh)
         return (
             None, None, None, None, dx, dh if needs[5] else None, dc if needs[6] else None,
             db_ih if needs[7] else None, db_hh if needs[8] else None, *w_ih, *w_hh,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._compile_module import compiled_module, compiles_opaque
 from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
-from ._cell_route import cell_uses_dense, compiled_trains
+from ._cell_route import cell_uses_dense
 from ._cell_step import (
     dense_weights,
     kept,
@@ -268,7 +268,7 @@ class RNNCellBase(nn.Module):
             if training := torch.is_grad_enabled():
                 marks(self)["pending"] = True  # until a backward through the rebuild
             if batched and hx is not None:
-                remember_dense(self, input, state, training and compiled_trains(self))
+                remember_dense(self, input, state, training)  # a lone step is priced apart
         else:
             new = self._structured_step(x, state)  # tuple of (b, s)
         if not batched:

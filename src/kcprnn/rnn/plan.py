@@ -73,6 +73,7 @@ __all__ = [
     "layer_costs",
     "plan_layer",
     "product_ops",
+    "rebuild_ops",
     "structured_rate",
 ]
 
@@ -135,8 +136,21 @@ def product_ops(matrix: FactorizedMatrix) -> int:
     by running the product under a counting dispatch mode; kernels called outside the
     dispatcher (KCP's compiled products) count as none. A format's one-row chain is counted as
     its own product (the price stays that of the steps on more rows)."""
+    return _count_ops(matrix, "product")
+
+
+def rebuild_ops(matrix: FactorizedMatrix) -> int:
+    """How many aten operators :func:`dense_weight` launches for ``matrix`` (at least 1; its
+    backward launches about as many): on a cell step's few rows a rebuild's launches, not its
+    multiply-adds, are its cost. Counted once per format and factor shapes, as
+    :func:`product_ops`."""
+    return _count_ops(matrix, "rebuild")
+
+
+def _count_ops(matrix: FactorizedMatrix, what: str) -> int:
     params = list(matrix.parameters())
     key = (
+        what,
         type(matrix),
         matrix.algorithm,
         matrix.in_features,
@@ -156,7 +170,10 @@ def product_ops(matrix: FactorizedMatrix) -> int:
         # compiled call, priced here as the product it stands in for
         own = matrix.algorithm != "dense" and matrix.chain_spec() is not None
         with torch.no_grad(), _OpCounter() as counter:
-            matrix.matmul(x) if own else matrix(x)
+            if what == "rebuild":
+                dense_weight(matrix)
+            else:
+                matrix.matmul(x) if own else matrix(x)
         if len(_OPS) >= 256:
             _OPS.clear()
         found = _OPS[key] = max(counter.count, 1)
@@ -530,13 +547,18 @@ def _model(cells: Sequence[RNNCellBase]) -> CostModel:
     return cells[0].weight_hh.planning_model()
 
 
-def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> bool:
+def cell_trains_dense(
+    cell: RNNCellBase, batch: int, ops: int | None = None, lone: bool = False
+) -> bool:
     """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
     rebuilt dense (under autograd) and torch's fused cell than through the formats' products
     (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
     operations each compressed matrix's product launches forward and backward (16 on torch
     operations, the default; fewer in the compiled step, and for a format's one-row chain,
-    :mod:`kcprnn.formats._chain`)."""
+    :mod:`kcprnn.formats._chain`, priced at the chain's own multiply-adds). A ``lone`` step (its
+    predecessor's backward has run: :func:`~kcprnn.rnn._cell_step.marks`) pays the rebuild's
+    operators forward and backward itself (:func:`rebuild_ops`, ``rnn_aten_op`` each), which
+    on a few rows cost more than its arithmetic; the steps of a sequence share them."""
     if cell.weight_hr is not None:
         return False
     cm = _model([cell])
@@ -545,12 +567,15 @@ def cell_trains_dense(cell: RNNCellBase, batch: int, ops: int | None = None) -> 
     for m in (cell.weight_ih, cell.weight_hh):
         dense += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         dense += _rebuild(m, True, cm)
+        if lone and m.format_name != "dense":  # the rebuild's operators, as many backward
+            dense += cm.rnn_aten_op * 2 * rebuild_ops(m)
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            structured += 3 * structured_rate(m, cm) * m.macs(batch, training=True)
+            chain = m._chain_plan() if batch <= CHAIN_ROWS and native.available() else None
+            # the one-row chain: its own multiply-adds, a compiled call each way
+            macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
+            structured += 3 * structured_rate(m, cm) * macs
             launches = 8 * 2 if ops is None else ops
-            if batch <= CHAIN_ROWS and m._chain_plan() is not None and native.available():
-                launches = _cell_train.STEP_OPS  # the one-row chain: a compiled call each way
-            structured += cm.rnn_cell_op * launches
+            structured += cm.rnn_cell_op * (launches if chain is None else _cell_train.STEP_OPS)
     return dense <= structured
