@@ -6,18 +6,23 @@ chain must not run (more rows, another dtype, a non-contiguous tensor)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from kcprnn._cpu import native
-from kcprnn.formats import make_matrix
+from kcprnn._cpu.native_chain import native_chain
+from kcprnn.formats import _chain, make_matrix
 from kcprnn.formats._base import CHAIN_ROWS
 from kcprnn.formats._chain import (
     ChainSpec,
+    best_plan,
     chain_linear,
     chain_macs,
     chain_plan,
     chain_reference,
+    cheapest_order,
     greedy_order,
 )
 
@@ -126,6 +131,15 @@ def test_more_rows_and_other_inputs_take_the_formats_own_product():
     strided = [t.detach().mT.contiguous().mT for t in m.chain_tensors()]
     assert chain_linear(x, plan, strided) is None  # not contiguous
     assert chain_linear(x, plan, [t.detach() for t in m.chain_tensors()]) is not None
+    torch.manual_seed(0)
+    tucker = make_matrix("tucker", 512, 512, rank=4)  # chained in an order other than the spec's
+    plan = tucker._chain_plan()
+    x = torch.randn(1, 512)
+    assert plan.order != tuple(range(len(plan.order)))
+    listed = [t.detach() for t in tucker.chain_tensors()]
+    # the kernel reads each tensor at its step's size: the spec's order is refused, not read
+    assert native_chain(x, plan, listed) is None
+    assert native_chain(x, plan, [listed[i] for i in plan.order]) is not None
 
 
 def test_kcp_and_dense_have_no_chain():
@@ -166,4 +180,49 @@ def test_greedy_order_is_a_valid_cheaper_order_for_a_tree():
     order = greedy_order(spec)
     assert sorted(order) == list(range(len(spec.operands)))
     assert chain_macs(chain_plan(spec, order), 1) < chain_macs(chain_plan(spec), 1)
-    assert m._chain_plan().order == order
+    # the plan takes the searched order, which is cheaper still here
+    assert m._chain_plan().order == cheapest_order(spec)
+    assert chain_macs(m._chain_plan(), 1) < chain_macs(chain_plan(spec, order), 1)
+
+
+def _every_order_macs(spec):
+    """Multiply-accumulates on one row of every order of ``spec``'s operands that describes
+    the product (the reference for the search)."""
+    found = {}
+    for order in itertools.permutations(range(len(spec.operands))):
+        try:
+            found[order] = chain_macs(chain_plan(spec, order), 1)
+        except ValueError:  # an operand that would sum a label of its own
+            continue
+    return found
+
+
+@pytest.mark.parametrize(
+    ("fmt", "i", "o", "d", "options"),
+    [
+        ("ht", 123, 1024, 4, {"rank": 4}),
+        ("ht", 60, 30, 3, {"rank": 3}),
+        ("tucker", 512, 2048, 4, {"rank": 4}),
+        ("bt", 40, 2048, 3, {"rank": 2, "blocks": 2}),
+        ("tr", 512, 2048, 4, {"rank": 4}),
+        ("cp", 40, 2048, 4, {"rank": 4}),
+    ],
+)
+def test_the_searched_order_is_the_cheapest_of_every_order(fmt, i, o, d, options):
+    torch.manual_seed(0)
+    spec = make_matrix(fmt, i, o, num_modes=d, **options).chain_spec()
+    every = _every_order_macs(spec)
+    order = cheapest_order(spec)
+    assert every[order] == min(every.values())
+    assert chain_macs(best_plan(spec), 1) == min(every.values())
+
+
+def test_past_the_search_the_plan_keeps_the_listed_or_greedy_order(monkeypatch):
+    spec = _matrix(CASES[10]).chain_spec()  # HT, 4 modes: 7 operands
+    monkeypatch.setattr(_chain, "MAX_SEARCH", 6)
+    _chain.cheapest_order.cache_clear()
+    try:
+        assert cheapest_order(spec) is None
+        assert best_plan(spec).order == greedy_order(spec)
+    finally:
+        _chain.cheapest_order.cache_clear()
