@@ -159,7 +159,7 @@ def greedy_order(spec: ChainSpec) -> tuple[int, ...]:
 
 MAX_SEARCH = 12
 """Most operands whose cheapest order :func:`cheapest_order` searches for (``2^n`` sets of
-them, about 0.1 s at 12); past it :func:`best_plan` keeps the cheaper of the listed and the
+them, about 0.1 s at 12); past it :func:`best_plan` takes the cheaper of the listed and the
 greedy order. Every format's chain at up to 6 modes (HT: ``2D - 1`` tensors) is searched."""
 
 
@@ -282,11 +282,12 @@ def chain_plan(spec: ChainSpec, order: Sequence[int] | None = None) -> ChainPlan
 
 
 def best_plan(spec: ChainSpec) -> ChainPlan:
-    """The plan of ``spec``'s operands in :func:`cheapest_order`, or past
-    :data:`MAX_SEARCH` operands as listed or in :func:`greedy_order`, whichever costs fewer
-    multiply-accumulates on one row."""
-    order = cheapest_order(spec)
-    plans = [chain_plan(spec), chain_plan(spec, greedy_order(spec) if order is None else order)]
+    """The plan of ``spec``'s operands as listed, in :func:`greedy_order` or in
+    :func:`cheapest_order` (up to :data:`MAX_SEARCH` operands), whichever costs the fewest
+    multiply-accumulates on one row, the first of them on a tie (orders of equal cost differ
+    in their permuted copies, which the count does not see)."""
+    orders = [None, greedy_order(spec), cheapest_order(spec)]
+    plans = [chain_plan(spec, order) for k, order in enumerate(orders) if k == 0 or order]
     return min(plans, key=lambda plan: chain_macs(plan, 1))
 
 
