@@ -65,9 +65,14 @@ def main(argv: list[str] | None = None) -> None:
                 if both:
                     options.update(hidden_format=fmt, hidden_options={"rank": args.rank})
                 ours = getattr(kcprnn, f"{mode}Cell")(n_in, hidden, **options)
+                apart = getattr(kcprnn, f"{mode}Cell")(n_in, hidden, **options)
+                apart.load_state_dict(ours.state_dict())  # what it keeps between calls its own
                 ref = getattr(nn, f"{mode}Cell")(n_in, hidden)
-                runs = {"torch": _step(ref, mode, x, h), "node": _step(ours, mode, x, h)}
-                runs["nodes"] = runs["node"]
+                runs = {
+                    "torch": _step(ref, mode, x, h),
+                    "node": _step(ours, mode, x, h),
+                    "nodes": _step(apart, mode, x, h),
+                }
                 times: dict[str, list[float]] = {k: [] for k in runs}
                 for r in range(args.rounds + 20):
                     for side, run in runs.items():

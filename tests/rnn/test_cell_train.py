@@ -346,3 +346,44 @@ def test_chained_matrices_second_derivatives_and_in_place_changes():
         next(cell.weight_hh.parameters()).mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_a_repeated_step_reuses_its_route_until_something_changes(mode):
+    """A lone training step like the last one (same shapes, flags, weights) runs its compiled
+    step again without the full step's checks and planning; an in-place update of a
+    parameter, an input that needs a gradient or a step of a sequence takes the full step.
+    Every step's values and gradients match torch's cell on the weights of that moment."""
+    cell = _cell(mode, "tt", "kcp", {"rank": 2})
+    full = cell._structured_step
+    calls = []
+
+    def counted(x, state):
+        calls.append(1)
+        return full(x, state)
+
+    cell._structured_step = counted
+
+    def step(x, state):
+        out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+        out = out if mode == "LSTM" else (out,)
+        assert type(out[0].grad_fn).__name__ == "_StepBackward"
+        if x.requires_grad:
+            _check(cell, mode, x, state, out)  # its backward runs: the next step is lone again
+        else:
+            sum(o.sum() for o in out).backward()
+
+    x, state = _inputs(mode)
+    step(x, state)
+    step(x, state)
+    assert len(calls) == 1  # the second repeated the first
+    with torch.no_grad():
+        next(cell.weight_ih.parameters()).mul_(1.5)  # an optimizer's step
+    step(x, state)
+    step(x, state)
+    assert len(calls) == 2
+    step(x.detach(), state)  # another signature
+    assert len(calls) == 3
+    cell(x, tuple(state) if mode == "LSTM" else state[0])  # no backward: the next is pending
+    step(x, state)
+    assert len(calls) == 5

@@ -57,7 +57,9 @@ __all__ = [
     "native_applies",
     "native_step",
     "remember_dense",
+    "remember_step",
     "repeated_dense",
+    "repeated_step",
     "shared_step",
     "weights_key",
 ]
@@ -393,6 +395,47 @@ def _compiled_step(
         return None
     mode = _mode(cell)
     out = _cell_train.step(mode, ih_op, hh_op, x, state, bias["bias_ih"], bias["bias_hh"], steps)
+    steps["pending"] = True  # until the step's backward runs
+    cell._kept["stepped"] = (key, shared, ih_op, hh_op, mode)  # for remember_step
+    return out
+
+
+def _step_signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
+    """:func:`_signature` and what else decides whether a step records a graph and runs the
+    compiled training step: which tensors need gradients, the state's dtypes and devices."""
+    flags = tuple([(t.dtype, t.device, t.requires_grad) for t in hx])
+    return (_signature(cell, input, hx), input.requires_grad, flags)
+
+
+def remember_step(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> None:
+    """Keep what lets the next call repeat this one's compiled training step
+    (:func:`repeated_step`): called after a structured step on a batched ``input`` with a
+    given state, whose checks passed; forgets it where this call took another way."""
+    found = cell._kept.pop("stepped", None)
+    if found is None:
+        cell._kept.pop("repeat step", None)
+    else:
+        cell._kept["repeat step"] = (_step_signature(cell, input, hx), found)
+
+
+def repeated_step(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor] | None) -> State | None:
+    """The compiled training step of the last call remembered (:func:`remember_step`) run
+    again on ``input`` and ``hx``: tensors of the same shapes, dtypes, devices and gradient
+    flags, the same matrices, algorithms and cost models, no parameter changed since (nor
+    which need gradients) and a step of the same kind (:func:`marks`), so that the route, the
+    checks and the operands are those of that call; ``None`` otherwise (the full step then
+    checks, plans and runs)."""
+    found = cell._kept.get("repeat step")
+    if found is None or hx is None or not torch.is_grad_enabled() or not _sharing():
+        return None
+    signature, (key, shared, ih_op, hh_op, mode) = found
+    steps = marks(cell)
+    if steps["pending"] != shared or signature != _step_signature(cell, input, hx):
+        return None
+    if key != _grad_key(cell):
+        return None
+    bias = cell._parameters
+    out = _cell_train.step(mode, ih_op, hh_op, input, hx, bias["bias_ih"], bias["bias_hh"], steps)
     steps["pending"] = True  # until the step's backward runs
     return out
 

@@ -29,7 +29,9 @@ from ._cell_step import (
     native_step,
     needs_grad,
     remember_dense,
+    remember_step,
     repeated_dense,
+    repeated_step,
     shared_step,
 )
 from ._options import (
@@ -232,6 +234,8 @@ class RNNCellBase(nn.Module):
         weights = repeated_dense(self, input, hx)
         if weights is not None:
             return self._dense_step(input, hx, weights)  # type: ignore[arg-type]
+        if (repeated := repeated_step(self, input, hx)) is not None:
+            return repeated
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -271,6 +275,8 @@ class RNNCellBase(nn.Module):
                 remember_dense(self, input, state, training)  # a lone step is priced apart
         else:
             new = self._structured_step(x, state)  # tuple of (b, s)
+            if batched and hx is not None and torch.is_grad_enabled():
+                remember_step(self, input, state)
         if not batched:
             new = tuple(t.squeeze(0) for t in new)
         return new
@@ -289,18 +295,10 @@ class RNNCellBase(nn.Module):
             return True  # torch's fused cell on the parameters themselves: nothing to price
         training = torch.is_grad_enabled() and needs_grad(self)
         p = self.bias_hh if self.bias_hh is not None else next(hh.parameters(), None)
-        key = (
-            batch,
-            training,
-            training and marks(self)["pending"],  # a step of a sequence, or a lone one
-            ih,
-            hh,
-            ih._algorithm,
-            hh._algorithm,
-            ih._cost_model,
-            hh._cost_model,
-            None if p is None else (p.dtype, p.is_cpu),  # what the prices read of them
-        )
+        pending = training and marks(self)["pending"]  # a step of a sequence, or a lone one
+        models = (ih._algorithm, hh._algorithm, ih._cost_model, hh._cost_model)
+        dtype = None if p is None else (p.dtype, p.is_cpu)  # what the prices read of them
+        key = (batch, training, pending, ih, hh, models, dtype)
         choice = self._dense_choice.get(key)
         if choice is None:
             choice = cell_uses_dense(self, batch, training)
