@@ -644,3 +644,34 @@ def test_the_input_dtype_check_lets_autocast_mix_dtypes():
         assert lstm(x)[0].dtype == torch.bfloat16 and cell(x[0]).dtype == torch.bfloat16
     with pytest.raises(TypeError, match="GRUCell: input must have the type torch.float32"):
         cell(x[0])  # outside autocast the same input is refused
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_follow_torch_under_autocast_and_after_it(name):
+    """Under CPU autocast a compressed cell steps as ``torch.nn``'s does (its output dtype for
+    float32 and bfloat16 inputs, with and without gradients), and the dense weights it keeps
+    there are in the parameters' dtype, so the same cell steps in float32 after it."""
+    torch.manual_seed(0)
+    ours = getattr(kcprnn, name)(10, 8, format="tt", hidden_format="tt")
+    ref = getattr(torch.nn, name)(10, 8)
+    with torch.no_grad():
+        ref.weight_ih.copy_(ours.weight_ih.to_dense())
+        ref.weight_hh.copy_(ours.weight_hh.to_dense())
+        ref.bias_ih.copy_(ours.bias_ih)
+        ref.bias_hh.copy_(ours.bias_hh)
+    x = torch.randn(3, 10)
+    h = (torch.zeros(3, 8), torch.zeros(3, 8)) if name == "LSTMCell" else torch.zeros(3, 8)
+
+    def first(out):
+        return out[0] if name == "LSTMCell" else out
+
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for given in (x, x.bfloat16()):
+                    got, want = first(ours(given, h)), first(ref(given, h))
+                    assert got.dtype == want.dtype
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+            got = first(ours(x, h))  # outside autocast again: float32, the same values
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, first(ref(x, h)), rtol=1e-5, atol=1e-6)

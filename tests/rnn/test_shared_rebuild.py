@@ -14,7 +14,7 @@ import torch
 import kcprnn
 from kcprnn._cpu import native, native_factor
 from kcprnn.formats.kcp import kcp_to_dense
-from kcprnn.rnn import _cell_step, kron
+from kcprnn.rnn import _cell_repeat, _cell_step, kron
 from kcprnn.rnn.kron import rebuild
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -268,8 +268,8 @@ def test_second_derivatives_through_the_shared_build(route):
 def test_repeated_steps_under_autograd_follow_shape_mode_and_parameter_changes(monkeypatch):
     cell = _cell("GRU", "kcp", "tt", "dense")
     checks = []
-    plain = _cell_step._signature
-    monkeypatch.setattr(_cell_step, "_signature", lambda *a: checks.append(1) or plain(*a))
+    plain = _cell_repeat._signature
+    monkeypatch.setattr(_cell_repeat, "_signature", lambda *a: checks.append(1) or plain(*a))
     state = _state("GRU")
     xs = torch.randn(3, 2, INPUT, dtype=torch.float64)
     got = _steps(cell, xs, state, reference=False)

@@ -20,18 +20,16 @@ from torch import Tensor, nn
 from .._compile_module import compiled_module, compiles_opaque
 from ..budget import budget_options, is_budget
 from ..formats import FORMATS, FactorizedMatrix, make_matrix, resolve_dtype
+from ._cell_repeat import remember_dense, remember_step, repeated_dense, repeated_step
 from ._cell_route import cell_uses_dense
 from ._cell_step import (
+    autocasting,
     dense_weights,
     kept,
     marks,
     native_applies,
     native_step,
     needs_grad,
-    remember_dense,
-    remember_step,
-    repeated_dense,
-    repeated_step,
     shared_step,
 )
 from ._options import (
@@ -293,8 +291,10 @@ class RNNCellBase(nn.Module):
         ih, hh = self.weight_ih, self.weight_hh
         if ih.format_name == "dense" and hh.format_name == "dense":
             return True  # torch's fused cell on the parameters themselves: nothing to price
-        training = torch.is_grad_enabled() and needs_grad(self)
         p = self.bias_hh if self.bias_hh is not None else next(hh.parameters(), None)
+        if p is not None and autocasting(p.device):
+            return True  # torch's fused cell, which autocast casts as it casts torch.nn's
+        training = torch.is_grad_enabled() and needs_grad(self)
         pending = training and marks(self)["pending"]  # a step of a sequence, or a lone one
         models = (ih._algorithm, hh._algorithm, ih._cost_model, hh._cost_model)
         dtype = None if p is None else (p.dtype, p.is_cpu)  # what the prices read of them
