@@ -3,6 +3,8 @@ route keeps between calls without gradients: kept while nothing they depend on c
 or rebuilt afresh when it does (dtype, cost model, algorithm, a replaced matrix; parameter values
 changed in place or by ``load_state_dict``), and always what an uncached call gives."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -359,6 +361,29 @@ def test_product_ops_counts_the_aten_operators_once():
     real = tt.forward
     tt.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
     assert plan.product_ops(tt) == n_tt and not calls  # counted once per structure
+
+
+def test_a_lone_training_step_prices_the_rebuilds_operators(monkeypatch):
+    """A lone step's dense rebuild pays its operators (counted once by running it); the steps
+    of a sequence share the rebuild and do not; a matrix past ``REBUILD_OPS_LIMIT`` is never
+    rebuilt to be counted."""
+    torch.manual_seed(0)
+    cell = kcprnn.RNNCell(40, 512, format="tt", rank=4)
+    n = plan.rebuild_ops(cell.weight_ih)
+    assert n > 10  # the TT cores' contractions, reshapes and permutes
+    cm = CostModel()
+    # with a launch price of zero the only difference between lone and sequence is the count
+    free = dataclasses.replace(cm, rnn_aten_op=0.0)
+    monkeypatch.setattr(plan, "_model", lambda cells: free)
+    shared = plan.cell_trains_dense(cell, 1, lone=True)
+    assert plan.cell_trains_dense(cell, 1, lone=False) == shared
+    monkeypatch.setattr(plan, "_model", lambda cells: cm)
+    assert plan.cell_trains_dense(cell, 1, lone=False) is True  # shared rebuild: cheap per step
+    assert plan.cell_trains_dense(cell, 1, lone=True) is False  # its operators every step
+    wide = kcprnn.RNNCell(4096, 2048, format="tt", rank=2)
+    assert wide.weight_ih.in_features * wide.weight_ih.out_features > plan.REBUILD_OPS_LIMIT
+    monkeypatch.setattr(plan, "dense_weight", lambda m: pytest.fail("rebuilt to be counted"))
+    plan.cell_trains_dense(wide, 1, lone=True)
 
 
 @pytest.mark.parametrize("fmt", ["tt", "tr", "ht", "bt", "tucker"])

@@ -73,6 +73,7 @@ __all__ = [
     "layer_costs",
     "plan_layer",
     "product_ops",
+    "REBUILD_OPS_LIMIT",
     "rebuild_ops",
     "structured_rate",
 ]
@@ -137,6 +138,13 @@ def product_ops(matrix: FactorizedMatrix) -> int:
     dispatcher (KCP's compiled products) count as none. A format's one-row chain is counted as
     its own product (the price stays that of the steps on more rows)."""
     return _count_ops(matrix, "product")
+
+
+REBUILD_OPS_LIMIT = 1 << 22
+"""Largest matrix (elements) whose rebuild's operators :func:`cell_trains_dense` counts (by
+running the rebuild once, :func:`rebuild_ops`); past it the rebuild's price per element
+(``rnn_rebuild``, 4 units forward) outweighs any operator count, and counting would build a
+matrix of that size for nothing (57,600 x 1,024: 236 MB)."""
 
 
 def rebuild_ops(matrix: FactorizedMatrix) -> int:
@@ -565,10 +573,11 @@ def cell_trains_dense(
     structured = 0.0
     dense = 0.0
     for m in (cell.weight_ih, cell.weight_hh):
-        dense += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+        elements = m.in_features * m.out_features
+        dense += 3 * max(batch, cm.rnn_min_rows) * elements
         dense += _rebuild(m, True, cm)
-        if lone and m.format_name != "dense":  # the rebuild's operators, as many backward
-            dense += cm.rnn_aten_op * 2 * rebuild_ops(m)
+        if lone and m.format_name != "dense" and elements <= REBUILD_OPS_LIMIT:
+            dense += cm.rnn_aten_op * 2 * rebuild_ops(m)  # its operators, as many backward
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
