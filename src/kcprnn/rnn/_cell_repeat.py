@@ -36,19 +36,20 @@ __all__ = ["remember_dense", "remember_step", "repeated_dense", "repeated_step"]
 
 def _signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
     """What a step's route and checks depend on besides the weights' values: the shapes, dtype
-    and device of its tensors, the matrices themselves, their algorithms and cost models."""
+    and device of its tensors, the matrices themselves, their algorithms and cost models, and
+    whether autocast is on."""
     ih, hh = _matrices(cell)
     shapes = tuple([t.shape for t in hx])
     models = (ih._algorithm, hh._algorithm, ih._cost_model, hh._cost_model)
-    return (input.shape, input.dtype, input.device, shapes, ih, hh, *models)
+    cast = autocasting(input.device)
+    return (input.shape, input.dtype, input.device, shapes, ih, hh, *models, cast)
 
 
 def _step_signature(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> tuple[Any, ...]:
     """:func:`_signature` and what else decides whether a step records a graph and runs the
-    compiled training step: which tensors need gradients, the state's dtypes and devices,
-    autocast."""
+    compiled training step: which tensors need gradients, the state's dtypes and devices."""
     flags = tuple([(t.dtype, t.device, t.requires_grad) for t in hx])
-    return (_signature(cell, input, hx), input.requires_grad, flags, autocasting(input.device))
+    return (_signature(cell, input, hx), input.requires_grad, flags)
 
 
 def remember_step(cell: RNNCellBase, input: Tensor, hx: Sequence[Tensor]) -> None:
