@@ -321,13 +321,19 @@ class FactorizedMatrix(nn.Module):
         """``rows @ W.T`` (``+ bias``) through the chain's kernel on at most
         :data:`CHAIN_ROWS` rows; ``None`` where it does not run (more rows, the dense
         algorithm, no chain, no kernel, another dtype: the checks of ``forward`` then run)."""
-        if rows.shape[0] > CHAIN_ROWS or self._algorithm == "dense":
+        if (plan := self.chain_for(rows.shape[0])) is None:
             return None
         if torch.is_autocast_enabled(rows.device.type):
             return None  # the products' own casts apply
-        if (plan := self._chain_plan()) is None:
-            return None
         return chain_linear(rows, plan, self.chain_tensors(), bias)  # (b, j)
+
+    def chain_for(self, rows: int) -> ChainPlan | None:
+        """The chain's plan where a product on ``rows`` rows runs it: at most
+        :data:`CHAIN_ROWS` rows, not on the dense algorithm, a format with a chain; else
+        ``None``. (The kernel's own checks, dtypes and devices, come at the call.)"""
+        if rows > CHAIN_ROWS or self._algorithm == "dense":
+            return None
+        return self._chain_plan()
 
     def _chain_plan(self) -> ChainPlan | None:
         """:meth:`chain_spec`'s plan, made once (the shapes are fixed at construction)."""

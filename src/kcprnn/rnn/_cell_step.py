@@ -42,7 +42,6 @@ from .._cpu import native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
-from ..formats._base import CHAIN_ROWS
 from . import _cell_train
 from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
@@ -327,10 +326,9 @@ def shared_step(cell: RNNCellBase, x: Tensor, state: State) -> State | None:
 
 def _chained(matrix: FactorizedMatrix, rows: int) -> bool:
     """Whether ``matrix``'s product on ``rows`` rows may run as its chain in the compiled
-    training step (:class:`~kcprnn.rnn._cell_train.ChainOperand`): a format with a chain
-    (:meth:`~kcprnn.formats.FactorizedMatrix.chain_spec`), not on the dense algorithm, at most
-    :data:`~kcprnn.formats.CHAIN_ROWS` rows."""
-    return rows <= CHAIN_ROWS and matrix._algorithm != "dense" and matrix._chain_plan() is not None
+    training step (:class:`~kcprnn.rnn._cell_train.ChainOperand`;
+    :meth:`~kcprnn.formats.FactorizedMatrix.chain_for`)."""
+    return matrix.chain_for(rows) is not None
 
 
 def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operand | None:

@@ -46,7 +46,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .._cpu import CostModel, default_cost_model, native
 from .._cpu.native_dense import small_product
 from ..formats import FactorizedMatrix
-from ..formats._base import CHAIN_ROWS
 from . import _cell_train
 from ._options import _first_parameter
 from .kron import (
@@ -581,7 +580,7 @@ def cell_trains_dense(
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            chain = m._chain_plan() if batch <= CHAIN_ROWS and native.available() else None
+            chain = m.chain_for(batch) if native.available() else None
             # the one-row chain: its own multiply-adds, a compiled call each way
             macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
             structured += 3 * structured_rate(m, cm) * macs
