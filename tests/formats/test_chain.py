@@ -42,6 +42,10 @@ CASES = [  # (format, in, out, modes, options)
     ("ht", 40, 512, 4, {"rank": 3}),
     ("ht", 60, 30, 5, {"rank": 2}),
     ("ht", 12, 6, 2, {"rank": 2}),
+    ("kcp", 40, 512, 4, {"rank": 3}),
+    ("kcp", 24, 10, 3, {"rank": [2, 3], "terms": 2}),
+    ("kcp", 60, 36, 2, {"rank": 2, "num_factors": 3}),
+    ("kcp", 40, 96, 2, {"rank": 6, "in_modes": [[5, 2], [4, 1]], "out_modes": [[12, 2], [4, 1]]}),
 ]
 IDS = [f"{c[0]}-{c[1]}x{c[2]}-D{c[3]}" for c in CASES]
 
@@ -142,9 +146,79 @@ def test_more_rows_and_other_inputs_take_the_formats_own_product():
     assert native_chain(x, plan, [listed[i] for i in plan.order]) is not None
 
 
-def test_kcp_and_dense_have_no_chain():
-    assert make_matrix("kcp", 40, 512, rank=2).chain_spec() is None
+def test_dense_has_no_chain_and_kcp_chains_only_in_training():
     assert make_matrix("dense", 40, 512).chain_spec() is None
+    torch.manual_seed(0)
+    m = make_matrix("kcp", 40, 512, rank=8)
+    x = torch.randn(1, 40)
+    assert m.chain_for(1) is not None  # its factors require gradients
+    assert _chained(m(x))
+    assert m.chain_for(1, training=False) is None
+    with torch.no_grad():  # inference keeps the built factor matrices between calls
+        assert m.chain_for(1) is None
+        torch.testing.assert_close(m(x), x @ m.to_dense().T, rtol=1e-4, atol=1e-5)
+    m.requires_grad_(False)
+    assert m.chain_for(1) is None
+    assert m.chain_for(1, training=True) is not None
+    dense = make_matrix("kcp", 40, 512, rank=8, algorithm="dense")
+    assert dense.chain_for(1, training=True) is None
+    one_mode = make_matrix("kcp", 4, 4, num_modes=1, rank=2)  # each rank summed in one tensor
+    assert one_mode.chain_spec() is None and one_mode.chain_for(1) is None
+
+
+def test_kcp_chains_only_where_it_costs_fewer_macs_than_its_own_product():
+    torch.manual_seed(0)
+    for rank in (1, 4, 64):
+        m = make_matrix("kcp", 40, 512, rank=rank)
+        plan = m._chain_plan()
+        cheaper = plan.macs(1) < m.matmul_macs(1, training=True)
+        assert (m.chain_for(1) is not None) == cheaper
+
+
+def _one_step(n, m, k, p, transposed):
+    """A chain of one step ``(n, m, k, p)``: the input's labels in the step's order, or with
+    the contracted and carried labels swapped (the kernel's transposed step)."""
+    labels = ("N", "K", "M") if transposed else ("N", "M", "K")
+    sizes = {"N": n, "M": m, "K": k}
+    spec = ChainSpec(labels, tuple(sizes[a] for a in labels), (((n, k, p), ("N", "K", "P")),),
+                     ("N", "M", "P"))  # fmt: skip
+    plan = chain_plan(spec)
+    assert (plan.steps[0].n, plan.steps[0].m, plan.steps[0].k, plan.steps[0].p) == (n, m, k, p)
+    return plan
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 8, 12, 16, 17])
+@pytest.mark.parametrize("transposed", [False, True], ids=["nmk", "nkm"])
+def test_every_product_kernel_matches_torch_with_gradients(p, transposed):
+    # widths with a vector row (powers of two up to 16), narrow widths run along the longer
+    # side, wide ones along P; short and long sides, batched and not, each way
+    torch.manual_seed(p)
+    for n, m, k in [(1, 9, 20), (3, 5, 8), (2, 13, 1), (1, 1, 3), (4, 2, 33)]:
+        plan = _one_step(n, m, k, p, transposed)
+        x = torch.randn(1, n * m * k, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(n * k * p, dtype=torch.float64, requires_grad=True)
+        got = chain_linear(x, plan, [w])
+        want = chain_reference(x, plan, [w])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(want)
+        grads = torch.autograd.grad(got, [x, w], g)
+        expected = torch.autograd.grad(want, [x, w], g)
+        for a, b in zip(grads, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        x32, w32 = x.detach().float(), w.detach().float()
+        torch.testing.assert_close(
+            chain_linear(x32, plan, [w32]), chain_reference(x32, plan, [w32]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_state_laid_out_transposed_is_read_in_place():
+    from kcprnn._cpu.native_chain import chain_layout
+
+    record = 2 * (1 + 2 * 16) + 8  # kRecord: the packings, the sizes and offsets, the flag
+    for transposed in (False, True):
+        layout = chain_layout(_one_step(2, 5, 7, 3, transposed), 1)
+        assert int(layout.records[record - 1]) == int(transposed)
+        assert int(layout.records[0]) == 0  # A's packing: none (the state read in place)
 
 
 def test_a_hand_computed_chain():

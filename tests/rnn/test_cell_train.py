@@ -15,6 +15,7 @@ import torch
 import kcprnn
 from kcprnn._cpu import native
 from kcprnn.formats._base import CHAIN_ROWS
+from kcprnn.formats.kcp.module import KCPMatrix
 from kcprnn.rnn import _cell_train
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the kernels are not built here")
@@ -228,24 +229,56 @@ def _graph_names(out):
     return names
 
 
-@pytest.mark.parametrize("built", [True, False])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("route", ["built", "chain", "shared"])
+@pytest.mark.parametrize("batch", [1, 3, CHAIN_ROWS + 1])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_factor_matrices_built_in_the_step_or_shared(monkeypatch, mode, batch, built):
+def test_factor_matrices_built_in_the_step_chained_or_shared(monkeypatch, mode, batch, route):
     """Small KCP matrices are built inside the step's node (its inputs are the CP factors, one
-    row's gradients in one kernel call), larger ones in a node the steps share; both match
+    row's gradients in one kernel call); larger ones enter a lone step on a few rows as their
+    chain of contractions, and otherwise are built in a node the steps share; each matches
     torch's cell, with the interleaved layout's gathers."""
-    if not built:
+    if route != "built":
         monkeypatch.setattr(_cell_train, "BUILD_IN_STEP", 0)
+    if route == "shared":
+        monkeypatch.setattr(KCPMatrix, "chain_for", lambda self, rows, training=None: None)
     cell = _cell(mode, "kcp", "kcp", {"rank": 2})
     x, state = _inputs(mode, batch=batch)
     out = cell(x, tuple(state) if mode == "LSTM" else state[0])
     out = out if mode == "LSTM" else (out,)
     assert type(out[0].grad_fn).__name__ == "_StepBackward"
-    assert ("_FactorDenseBackward" in _graph_names(out[0])) is not built
-    ih, hh = cell._kept["compiled step"][1][False]  # a step with no backward pending
-    assert (ih.groups is not None, hh.groups is not None) == (built, built)
+    # a chain where it costs fewer multiply-adds than the product (both at one row here)
+    matrices = (cell.weight_ih, cell.weight_hh)
+    chained = [route == "chain" and m.chain_for(batch) is not None for m in matrices]
+    assert all(chained) if route == "chain" and batch == 1 else True
+    assert not any(chained) if batch > CHAIN_ROWS else True
+    operands = cell._kept["compiled step"][1][(False, batch)]  # no backward pending
+    for op, chain in zip(operands, chained, strict=True):
+        assert isinstance(op, _cell_train.ChainOperand) is chain
+        assert (op.groups is not None) is (route == "built")
+    shared = route != "built" and not all(chained)
+    assert ("_FactorDenseBackward" in _graph_names(out[0])) is shared
     _check(cell, mode, x, state, out)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_default_budget_kcp_cells_step_through_their_chains(mode):
+    """At the speech size with both matrices at the default budget (CP ranks in the hundreds:
+    factor matrices too large to build at every step) a lone step at one row runs both
+    matrices' chains inside the step's node, as torch's cell computes it."""
+    torch.manual_seed(4)
+    name, _, extra = MODES[mode]
+    cell = getattr(kcprnn, name)(40, 512, format="kcp", hidden_format="kcp", **extra)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 40, generator=gen).requires_grad_()
+    state = [torch.randn(1, 512, generator=gen).requires_grad_() for _ in range(2)]
+    state = state if mode == "LSTM" else state[:1]
+    out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+    out = out if mode == "LSTM" else (out,)
+    assert _graph_names(out[0]) == {"_StepBackward", "AccumulateGrad"}
+    operands = cell._kept["compiled step"][1][(False, 1)]
+    assert all(isinstance(op, _cell_train.ChainOperand) for op in operands)
+    weights = [torch.linspace(-1, 1, 512) * (k + 1) for k in range(len(out))]
+    _check(cell, mode, x, state, out, weights)
 
 
 def test_a_cp_factor_changed_in_place_before_the_backward_is_reported():

@@ -10,14 +10,20 @@
 // inverse of the packing, and dA_s = G W_s^T scattered the same way becomes the previous
 // state's gradient (the input's at the first step).
 //
+// A step whose state already lies as (n, K, M) reads it in place as A_s^T (a transposed step):
+// the same three products with the operands' roles swapped, and no copy either way.
+//
 // Each step is described by a record of int64 (see kRecord): the packing of A and of W
-// (number of axes, the permuted sizes, the source's strides for each), the GEMM sizes, and the
-// offsets of A, W and Z in one workspace that the forward fills and the backward reads. These
+// (number of axes, the permuted sizes, the source's strides for each), the GEMM sizes, the
+// offsets of A, W and Z in one workspace that the forward fills and the backward reads, and
+// whether the step is transposed. These
 // products are small (a cell's matrix on one row: a few thousand multiply-adds a step), so all
 // of it runs on the calling thread; the point is two calls instead of dozens of torch
 // operations and autograd nodes.
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 using i64 = int64_t;
 
@@ -26,8 +32,9 @@ namespace {
 constexpr int kMaxAxes = 16;
 // a packing: axes, sizes[kMaxAxes], source strides[kMaxAxes]; no axes: the identity
 constexpr int kPack = 1 + 2 * kMaxAxes;
-// a step: the packing of A, of W, then n M K P, then the offsets of A, W and Z
-constexpr int kRecord = 2 * kPack + 7;
+// a step: the packing of A, of W, then n M K P, the offsets of A, W and Z, and 1 where A lies
+// as (n, K, M)
+constexpr int kRecord = 2 * kPack + 8;
 
 struct Pack {
   int axes;
@@ -67,24 +74,94 @@ void copy(const Pack& pk, const T* src, T* dst) {
   }
 }
 
-// The three products of a step, row-major, each with its inner loop along P; `Width` > 0 fixes
-// P at compile time (the small P of a chain's last steps, where a loop of unknown length
-// costs more than its arithmetic), 0 reads it from `p`.
+// The three products of a step, row-major. `Width` > 0 fixes P at compile time (a power of two
+// up to 16, the small P of most steps of a chain). From 2 up a row of P is one vector (`Row`,
+// GCC's vector extension) held in registers over the whole reduction, with several
+// independent accumulators (one chain of FMAs would wait on their latency at every term).
+// `Width` 0 reads P from `p`: a P up to kNarrow that is no such width runs along the other,
+// longer side of the product with the narrow operand transposed into a scratch buffer (a
+// vector loop along P would run a few lanes at a time); a longer P runs a plain loop along P.
+
+constexpr int kUnroll = 4;  // independent accumulators per output row
+constexpr i64 kNarrow = 16;  // the widest P run along the other side
+constexpr i64 kLong = 8;     // ... where that side is at least this long
+
+template <typename T, int Width>
+struct Row {
+  typedef T type __attribute__((vector_size(Width * sizeof(T))));
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+// A buffer of at least `size` elements for this thread, kept between calls.
+template <typename T>
+T* scratch(i64 size) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<i64>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
+// out (cols, rows) = in (rows, cols) transposed
+template <typename T>
+void transpose(i64 rows, i64 cols, const T* __restrict__ in, T* __restrict__ out) {
+  for (i64 r = 0; r < rows; ++r) {
+    for (i64 c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+  }
+}
+
+template <typename T>
+T dot(i64 len, const T* __restrict__ x, const T* __restrict__ y) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (i64 i = 0; i < len; ++i) s += x[i] * y[i];
+  return s;
+}
 
 // C[n] = A[n] B[n]: (M, K) (K, P) -> (M, P)
 template <typename T, int Width>
 void gemm_nn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* __restrict__ b,
                 T* __restrict__ c) {
   const i64 p = Width > 0 ? Width : p_;
+  const bool narrow = Width == 0 && p <= kNarrow && k >= kLong;
+  T* __restrict__ bt = narrow ? scratch<T>(k * p) : nullptr;
   for (i64 q = 0; q < n; ++q, a += m * k, b += k * p, c += m * p) {
-    for (i64 i = 0; i < m; ++i) {
-      T* __restrict__ row = c + i * p;
-      for (i64 j = 0; j < p; ++j) row[j] = 0;
-      for (i64 l = 0; l < k; ++l) {
-        const T v = a[i * k + l];
-        const T* __restrict__ brow = b + l * p;
+    if constexpr (Width > 1) {  // C's row i = sum over l of A[i, l] B's row l
+      using R = Row<T, Width>;
+      for (i64 i = 0; i < m; ++i) {
+        const T* __restrict__ arow = a + i * k;
+        if (k < kUnroll) {
+          typename R::type acc = arow[0] * R::load(b);
+          for (i64 l = 1; l < k; ++l) acc += arow[l] * R::load(b + l * Width);
+          R::store(c + i * Width, acc);
+          continue;
+        }
+        typename R::type acc[kUnroll] = {};
+        i64 l = 0;
+        for (; l + kUnroll <= k; l += kUnroll) {
+          for (int h = 0; h < kUnroll; ++h) acc[h] += arow[l + h] * R::load(b + (l + h) * Width);
+        }
+        for (; l < k; ++l) acc[0] += arow[l] * R::load(b + l * Width);
+        R::store(c + i * Width, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+      }
+    } else if (narrow) {  // dot products along K with B's columns
+      transpose(k, p, b, bt);  // (P, K)
+      for (i64 i = 0; i < m; ++i) {
+        for (i64 j = 0; j < p; ++j) c[i * p + j] = dot(k, a + i * k, bt + j * k);
+      }
+    } else {
+      for (i64 i = 0; i < m; ++i) {
+        T* __restrict__ row = c + i * p;
+        for (i64 j = 0; j < p; ++j) row[j] = 0;
+        for (i64 l = 0; l < k; ++l) {
+          const T v = a[i * k + l];
+          const T* __restrict__ brow = b + l * p;
 #pragma omp simd
-        for (i64 j = 0; j < p; ++j) row[j] += v * brow[j];
+          for (i64 j = 0; j < p; ++j) row[j] += v * brow[j];
+        }
       }
     }
   }
@@ -95,35 +172,95 @@ template <typename T, int Width>
 void gemm_tn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* __restrict__ g,
                 T* __restrict__ c) {
   const i64 p = Width > 0 ? Width : p_;
+  const bool narrow = Width == 0 && p <= kNarrow && k >= kLong;
+  T* __restrict__ ct = narrow ? scratch<T>(k * p) : nullptr;
   for (i64 q = 0; q < n; ++q, a += m * k, g += m * p, c += k * p) {
-    for (i64 l = 0; l < k * p; ++l) c[l] = 0;
-    for (i64 i = 0; i < m; ++i) {
-      const T* __restrict__ grow = g + i * p;
-      for (i64 l = 0; l < k; ++l) {
-        const T v = a[i * k + l];
-        T* __restrict__ crow = c + l * p;
+    if constexpr (Width > 1) {  // kUnroll rows of C at a time, the reduction along M
+      using R = Row<T, Width>;
+      i64 l = 0;
+      for (; l + kUnroll <= k; l += kUnroll) {
+        typename R::type acc[kUnroll] = {};
+        for (i64 i = 0; i < m; ++i) {
+          const typename R::type grow = R::load(g + i * Width);
+          for (int h = 0; h < kUnroll; ++h) acc[h] += a[i * k + l + h] * grow;
+        }
+        for (int h = 0; h < kUnroll; ++h) R::store(c + (l + h) * Width, acc[h]);
+      }
+      for (; l < k; ++l) {  // the last rows, two accumulators each
+        typename R::type acc[2] = {};
+        i64 i = 0;
+        for (; i + 2 <= m; i += 2) {
+          acc[0] += a[i * k + l] * R::load(g + i * Width);
+          acc[1] += a[(i + 1) * k + l] * R::load(g + (i + 1) * Width);
+        }
+        if (i < m) acc[0] += a[i * k + l] * R::load(g + i * Width);
+        R::store(c + l * Width, acc[0] + acc[1]);
+      }
+    } else if (narrow) {  // C^T's row j = sum over i of G[i, j] A's row i, along K
+      for (i64 e = 0; e < k * p; ++e) ct[e] = 0;
+      for (i64 i = 0; i < m; ++i) {
+        const T* __restrict__ arow = a + i * k;
+        for (i64 j = 0; j < p; ++j) {
+          const T v = g[i * p + j];
+          T* __restrict__ crow = ct + j * k;
 #pragma omp simd
-        for (i64 j = 0; j < p; ++j) crow[j] += v * grow[j];
+          for (i64 l = 0; l < k; ++l) crow[l] += v * arow[l];
+        }
+      }
+      transpose(p, k, ct, c);
+    } else {
+      for (i64 l = 0; l < k * p; ++l) c[l] = 0;
+      for (i64 i = 0; i < m; ++i) {
+        const T* __restrict__ grow = g + i * p;
+        for (i64 l = 0; l < k; ++l) {
+          const T v = a[i * k + l];
+          T* __restrict__ crow = c + l * p;
+#pragma omp simd
+          for (i64 j = 0; j < p; ++j) crow[j] += v * grow[j];
+        }
       }
     }
   }
 }
 
-// C[n] = G[n] B[n]^T: (M, P) (K, P)^T -> (M, K), dot products along P in vector lanes
+// C[n] = G[n] B[n]^T: (M, P) (K, P)^T -> (M, K). Where P is at most kNarrow and K is long, B
+// is first transposed so that the vector lanes run along K; else dot products along P.
 template <typename T, int Width>
 void gemm_nt_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ g, const T* __restrict__ b,
                 T* __restrict__ c) {
   const i64 p = Width > 0 ? Width : p_;
+  if (p <= kNarrow && k >= kLong) {
+    T* __restrict__ bt = scratch<T>(k * p);
+    for (i64 q = 0; q < n; ++q, g += m * p, b += k * p, c += m * k) {
+      transpose(k, p, b, bt);  // (P, K)
+      for (i64 i = 0; i < m; ++i) {
+        const T* __restrict__ grow = g + i * p;
+        T* __restrict__ crow = c + i * k;
+        if constexpr (Width > 0) {  // P fixed: each element's P terms at once
+#pragma omp simd
+          for (i64 l = 0; l < k; ++l) {
+            T s = 0;
+            for (int j = 0; j < Width; ++j) s += grow[j] * bt[j * k + l];
+            crow[l] = s;
+          }
+        } else {  // a pass along the row per term
+#pragma omp simd
+          for (i64 l = 0; l < k; ++l) crow[l] = grow[0] * bt[l];
+          for (i64 j = 1; j < p; ++j) {
+            const T v = grow[j];
+            const T* __restrict__ brow = bt + j * k;
+#pragma omp simd
+            for (i64 l = 0; l < k; ++l) crow[l] += v * brow[l];
+          }
+        }
+      }
+    }
+    return;
+  }
   for (i64 q = 0; q < n; ++q, g += m * p, b += k * p, c += m * k) {
     for (i64 i = 0; i < m; ++i) {
       const T* __restrict__ grow = g + i * p;
-      for (i64 l = 0; l < k; ++l) {
-        const T* __restrict__ brow = b + l * p;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (i64 j = 0; j < p; ++j) s += grow[j] * brow[j];
-        c[i * k + l] = s;
-      }
+      for (i64 l = 0; l < k; ++l) c[i * k + l] = dot(p, grow, b + l * p);
     }
   }
 }
@@ -148,10 +285,11 @@ KCPRNN_BY_WIDTH(gemm_nt)
 struct Step {
   Pack a, w;
   i64 n, m, k, p, off_a, off_w, off_z;
+  bool trans;
   explicit Step(const i64* r)
       : a(r), w(r + kPack), n(r[2 * kPack]), m(r[2 * kPack + 1]), k(r[2 * kPack + 2]),
         p(r[2 * kPack + 3]), off_a(r[2 * kPack + 4]), off_w(r[2 * kPack + 5]),
-        off_z(r[2 * kPack + 6]) {}
+        off_z(r[2 * kPack + 6]), trans(r[2 * kPack + 7] != 0) {}
 };
 
 // A packing with no axes is the identity: its operand is the source itself, not a copy.
@@ -177,8 +315,13 @@ void forward(int steps, const i64* plan, const T* x, const T* const* tensors, co
     if (st.a.axes != 0) copy<T, false>(st.a, z, ws + st.off_a);
     if (st.w.axes != 0) copy<T, false>(st.w, tensors[s], ws + st.off_w);
     T* next = ws + st.off_z;
-    gemm_nn(st.n, st.m, st.k, st.p, operand_a(st, s, plan, x, ws), operand_w(st, tensors[s], ws),
-            next);
+    const T* a = operand_a(st, s, plan, x, ws);
+    const T* w = operand_w(st, tensors[s], ws);
+    if (st.trans) {
+      gemm_tn(st.n, st.k, st.m, st.p, a, w, next);  // (K, M)^T (K, P)
+    } else {
+      gemm_nn(st.n, st.m, st.k, st.p, a, w, next);
+    }
     z = next;
   }
   const Pack out_pack(plan + steps * kRecord);
@@ -217,15 +360,25 @@ void backward(int steps, const i64* plan, const T* grad_out, const T* x, const T
   }
   for (int s = steps - 1; s >= 0; --s) {
     const Step st(plan + s * kRecord);
+    const T* w = operand_w(st, tensors[s], ws);
     if (grads[s] != nullptr) {
       T* dw = st.w.axes == 0 ? grads[s] : gw;
-      gemm_tn(st.n, st.m, st.k, st.p, operand_a(st, s, plan, x, ws), g, dw);  // (n, K, P)
+      const T* a = operand_a(st, s, plan, x, ws);
+      if (st.trans) {
+        gemm_nn(st.n, st.k, st.m, st.p, a, g, dw);  // (K, M) (M, P)
+      } else {
+        gemm_tn(st.n, st.m, st.k, st.p, a, g, dw);  // (n, K, P)
+      }
       if (st.w.axes != 0) copy<T, true>(st.w, gw, grads[s]);
     }
     if (s == 0 && grad_x == nullptr) break;
     T* prev = s == 0 ? grad_x : (g == g0 ? g1 : g0);  // never the buffer g is read from
     T* da = st.a.axes == 0 ? prev : ga;
-    gemm_nt(st.n, st.m, st.k, st.p, g, operand_w(st, tensors[s], ws), da);  // (n, M, K)
+    if (st.trans) {
+      gemm_nt(st.n, st.k, st.m, st.p, w, g, da);  // (n, K, M)
+    } else {
+      gemm_nt(st.n, st.m, st.k, st.p, g, w, da);  // (n, M, K)
+    }
     if (st.a.axes != 0) copy<T, true>(st.a, ga, prev);
     g = prev;
   }

@@ -2,8 +2,9 @@
 (:file:`native_chain.cpp`), as one autograd node.
 
 :func:`chain_layout` turns a :class:`~kcprnn.formats._chain.ChainPlan` and a number of rows into
-the kernel's int64 records (each step's two packings with their strides, its GEMM sizes and its
-offsets in one workspace) and the buffer sizes; it is kept on the plan per row count. The
+the kernel's int64 records (each step's two packings with their strides, its GEMM sizes, its
+offsets in one workspace, and whether the step reads a state that already lies transposed in
+place) and the buffer sizes; it is kept on the plan per row count. The
 forward fills the workspace (every step's packed state and tensor), which the backward reads.
 A second derivative (``create_graph``) runs the chain's torch operations instead, whose graph
 reaches the inputs.
@@ -40,7 +41,7 @@ __all__ = [
 
 MAX_AXES = 16  # kMaxAxes in native_chain.cpp
 _PACK = 1 + 2 * MAX_AXES
-_RECORD = 2 * _PACK + 7  # kRecord
+_RECORD = 2 * _PACK + 8  # kRecord
 _P = ctypes.c_void_p
 _SIGNATURES = {
     "kcprnn_chain_forward": [ctypes.c_int, _P, _P, _P, _P, ctypes.c_int64, _P, _P],
@@ -115,10 +116,14 @@ def chain_layout(plan: ChainPlan, rows: int) -> ChainLayout | None:
         w = _pack(step.view, step.perm_b)
         if a is None or w is None:
             break
+        at = _pack(shape, step.perm_at)
+        trans = int(a[0] != 0 and at is not None and at[0] == 0)  # the state lies as (n, k, m)
+        if trans and at is not None:
+            a = at
         sizes = (step.n * rows * step.m * step.k, step.n * step.k * step.p)
         z = step.n * rows * step.m * step.p
         records += [*a, *w, step.n, rows * step.m, step.k, step.p]
-        records += [offset, offset + sizes[0], offset + sizes[0] + sizes[1]]
+        records += [offset, offset + sizes[0], offset + sizes[0] + sizes[1], trans]
         offset += sizes[0] + sizes[1] + z
         state, big_a, big_w = max(state, z), max(big_a, sizes[0]), max(big_w, sizes[1])
         shape = [rows if s == -1 else s for s in step.out_shape]

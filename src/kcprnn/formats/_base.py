@@ -327,10 +327,12 @@ class FactorizedMatrix(nn.Module):
             return None  # the products' own casts apply
         return chain_linear(rows, plan, self.chain_tensors(), bias)  # (b, j)
 
-    def chain_for(self, rows: int) -> ChainPlan | None:
+    def chain_for(self, rows: int, training: bool | None = None) -> ChainPlan | None:
         """The chain's plan where a product on ``rows`` rows runs it: at most
         :data:`CHAIN_ROWS` rows, not on the dense algorithm, a format with a chain; else
-        ``None``. (The kernel's own checks, dtypes and devices, come at the call.)"""
+        ``None``. (The kernel's own checks, dtypes and devices, come at the call.) ``training``
+        (default: the current grad mode) matters to formats whose own product differs between
+        training and inference (KCP)."""
         if rows > CHAIN_ROWS or self._algorithm == "dense":
             return None
         return self._chain_plan()

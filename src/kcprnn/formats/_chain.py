@@ -91,6 +91,7 @@ def modes_spec(
 class _Step:
     view: tuple[int, ...]  # the tensor's view (its labels' sizes)
     perm_a: tuple[int, ...]  # state -> (n, m, k)
+    perm_at: tuple[int, ...]  # state -> (n, k, m)
     perm_b: tuple[int, ...]  # tensor view -> (n, k, p)
     n: int
     m: int  # carried size of the state per row
@@ -263,6 +264,7 @@ def chain_plan(spec: ChainSpec, order: Sequence[int] | None = None) -> ChainPlan
             _Step(
                 view=tuple(view),
                 perm_a=tuple(state.index(lab) for lab in order_a),
+                perm_at=tuple(state.index(lab) for lab in batch + contracted + carried_a),
                 perm_b=tuple(labels.index(lab) for lab in order_b),
                 n=n,
                 m=m,

@@ -42,6 +42,7 @@ from .._cpu import native, native_factor
 from .._cpu.native_rnn import KronArgs
 from .._cpu.native_step import CellStep
 from ..formats import FactorizedMatrix
+from ..formats._base import CHAIN_ROWS
 from . import _cell_train
 from .kron import kron_apply, kron_terms
 from .plan import dense_weight, kron_layout_cached
@@ -328,15 +329,17 @@ def _chained(matrix: FactorizedMatrix, rows: int) -> bool:
     """Whether ``matrix``'s product on ``rows`` rows may run as its chain in the compiled
     training step (:class:`~kcprnn.rnn._cell_train.ChainOperand`;
     :meth:`~kcprnn.formats.FactorizedMatrix.chain_for`)."""
-    return matrix.chain_for(rows) is not None
+    return matrix.chain_for(rows, training=True) is not None
 
 
-def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operand | None:
-    """``matrix`` for the compiled training step: a KCP matrix's factor matrices, built inside
-    the step's node where they are small (:func:`_builds_in_step`) unless ``shared``, else in a
-    node the steps share (:func:`_shared`); a dense matrix's weight; another format's chain
-    (TT, TR, CP, Tucker, BT, HT: :class:`~kcprnn.rnn._cell_train.ChainOperand`, which the step
-    runs on at most :data:`~kcprnn.formats.CHAIN_ROWS` rows); ``None`` where none applies."""
+def _train_operand(matrix: FactorizedMatrix, shared: bool, rows: int) -> _cell_train.Operand | None:
+    """``matrix`` for the compiled training step on ``rows`` rows: a KCP matrix's factor
+    matrices, built inside the step's node where they are small (:func:`_builds_in_step`)
+    unless ``shared``, else, for a lone step on a few rows, its chain where it has one
+    (:func:`_chained`), else in a node the steps share (:func:`_shared`); a dense matrix's
+    weight; another format's chain (TT, TR, CP, Tucker, BT, HT:
+    :class:`~kcprnn.rnn._cell_train.ChainOperand`, which the step runs on at most
+    :data:`~kcprnn.formats.CHAIN_ROWS` rows); ``None`` where none applies."""
     if _shares_kron(matrix):
         found = kron_layout_cached(matrix)
         assert found is not None
@@ -345,6 +348,10 @@ def _train_operand(matrix: FactorizedMatrix, shared: bool) -> _cell_train.Operan
         groups = [list(kcp.factors[n]) for n in layout.order]
         if not shared and _builds_in_step(groups):
             return _cell_train.Operand.built(groups, layout)
+        if not shared and _chained(matrix, rows):
+            chain = _cell_train.ChainOperand.of(matrix)
+            if chain is not None:
+                return chain
         return _cell_train.Operand(_shared(_kron_build, matrix), layout)
     if matrix.format_name == "dense":
         return _cell_train.Operand([dense_weight(matrix)], None)
@@ -387,16 +394,17 @@ def _compiled_step(
     if found is None or found[0] != key:
         cell._kept.pop("compiled step", None)
         found = cell._kept["compiled step"] = (key, {})
-    kept: dict[bool, Any] = found[1]
+    kept: dict[tuple[bool, int], Any] = found[1]
     # a step of a sequence with one backward shares the factor matrices' build (one build
     # backward for all steps); a step back-propagated on its own builds small ones in its node
     steps = marks(cell)
     shared = steps["pending"]
-    operands: Any = kept.get(shared)
+    rows = min(x.shape[0], CHAIN_ROWS + 1)  # the operands differ only up to CHAIN_ROWS rows
+    operands: Any = kept.get((shared, rows))
     if operands is None:
-        a, b = _train_operand(ih, shared), _train_operand(hh, shared)
+        a, b = _train_operand(ih, shared, rows), _train_operand(hh, shared, rows)
         runs = a is not None and b is not None and _cell_train.applies(*a.tensors, *b.tensors)
-        operands = kept[shared] = (a, b) if runs else False
+        operands = kept[(shared, rows)] = (a, b) if runs else False
     if operands is False:
         return None
     ih_op, hh_op = operands

@@ -580,7 +580,9 @@ def cell_trains_dense(
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            chain = m.chain_for(batch) if native.available() else None
+            # a KCP matrix runs its chain on lone steps only (a sequence shares one build)
+            chained = native.available() and (lone or m.format_name != "kcp")
+            chain = m.chain_for(batch, training=True) if chained else None
             # the one-row chain: its own multiply-adds, a compiled call each way
             macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
             structured += 3 * structured_rate(m, cm) * macs

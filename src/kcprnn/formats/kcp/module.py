@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..._cpu.cost import CostModel
 from ...shapes import balanced_factors, validate_positive_int
 from .._base import FactorizedMatrix, register
+from .._chain import ChainPlan, ChainSpec
 from .algebra import (
     Splits,
     kcp_from_dense,
@@ -279,6 +280,40 @@ class KCPMatrix(FactorizedMatrix):
 
     def to_dense(self) -> Tensor:
         return kcp_to_dense(self._factor_list())
+
+    def chain_spec(self) -> ChainSpec | None:
+        # input and output modes split per Kronecker factor (i{d}_{n}, mode-major as the
+        # flattening); factor (n, d) is (p, r{n}, j{d}_{n}, i{d}_{n}): the term is summed by the
+        # last factor absorbed, each factor's rank by the last of its D tensors (with one mode a
+        # factor sums its rank inside its one tensor: no chain)
+        if len(self.in_splits) == 1:
+            return None
+        d, n = range(len(self.in_splits)), range(self.num_factors)
+        return ChainSpec(
+            in_labels=tuple(f"i{e}_{f}" for e in d for f in n),
+            in_sizes=tuple(self.in_splits[e][f] for e in d for f in n),
+            operands=tuple(
+                (tuple(t.shape), ("p", f"r{f}", f"j{e}_{f}", f"i{e}_{f}"))
+                for f, row in enumerate(self._factor_list())
+                for e, t in enumerate(row)
+            ),
+            out_labels=tuple(f"j{e}_{f}" for e in d for f in n),
+        )
+
+    def chain_tensors(self) -> list[Tensor]:
+        return [t for row in self._factor_list() for t in row]
+
+    def chain_for(self, rows: int, training: bool | None = None) -> ChainPlan | None:
+        """The chain's plan on ``rows`` rows in training (default: whether autograd will
+        differentiate the factors now) where it costs fewer multiply-adds than :meth:`plan`'s
+        (which builds the factor matrices at every call); never in inference, where the built
+        matrices are kept between calls."""
+        if training is None:
+            training = torch.is_grad_enabled() and self._factor_list()[0][0].requires_grad
+        plan = super().chain_for(rows) if training else None
+        if plan is None or plan.macs(rows) >= self.matmul_macs(rows, training=True):
+            return None
+        return plan
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """Multiply-accumulates of the plan ``forward`` runs on ``rows`` rows in that mode:
