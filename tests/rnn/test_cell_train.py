@@ -241,6 +241,8 @@ def test_factor_matrices_built_in_the_step_chained_or_shared(monkeypatch, mode, 
         monkeypatch.setattr(_cell_train, "BUILD_IN_STEP", 0)
     if route == "shared":
         monkeypatch.setattr(KCPMatrix, "chain_for", lambda self, rows, training=None: None)
+    if route == "chain":  # wherever there is one (its pricing: the test below)
+        monkeypatch.setattr(_cell_train, "step_chain", lambda m, groups, rows: m.chain_for(rows))
     cell = _cell(mode, "kcp", "kcp", {"rank": 2})
     x, state = _inputs(mode, batch=batch)
     out = cell(x, tuple(state) if mode == "LSTM" else state[0])
@@ -279,6 +281,23 @@ def test_default_budget_kcp_cells_step_through_their_chains(mode):
     assert all(isinstance(op, _cell_train.ChainOperand) for op in operands)
     weights = [torch.linspace(-1, 1, 512) * (k + 1) for k in range(len(out))]
     _check(cell, mode, x, state, out, weights)
+
+
+def test_a_lone_step_chains_a_kcp_matrix_only_where_the_chain_costs_less_than_its_builds():
+    from kcprnn._cpu import native_factor
+    from kcprnn.rnn.plan import kron_layout_cached
+
+    torch.manual_seed(0)
+    for rank, chains in ((None, True), (64, False)):  # hundreds vs 64 on a 2048 x 512 W_hh
+        options = {} if rank is None else {"rank": rank}
+        cell = kcprnn.LSTMCell(40, 512, format="kcp", hidden_format="kcp", hidden_options=options)
+        m = cell.weight_hh
+        groups = [list(m.factors[n]) for n in kron_layout_cached(m)[0].order]
+        work = sum(native_factor.work(g) for g in groups)
+        cost = _cell_train.CHAIN_OVER_BUILD * m.chain_for(1).macs(1)  # the chain: fewer MACs
+        assert (cost < work) is chains  # than KCP's own product, and here than the build?
+        assert (_cell_train.step_chain(m, groups, 1) is not None) is chains
+        assert _cell_train.step_chain(m, groups, CHAIN_ROWS + 1) is None
 
 
 def test_a_cp_factor_changed_in_place_before_the_backward_is_reported():

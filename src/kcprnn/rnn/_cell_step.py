@@ -335,10 +335,10 @@ def _chained(matrix: FactorizedMatrix, rows: int) -> bool:
 def _train_operand(matrix: FactorizedMatrix, shared: bool, rows: int) -> _cell_train.Operand | None:
     """``matrix`` for the compiled training step on ``rows`` rows: a KCP matrix's factor
     matrices, built inside the step's node where they are small (:func:`_builds_in_step`)
-    unless ``shared``, else, for a lone step on a few rows, its chain where it has one
-    (:func:`_chained`), else in a node the steps share (:func:`_shared`); a dense matrix's
-    weight; another format's chain (TT, TR, CP, Tucker, BT, HT:
-    :class:`~kcprnn.rnn._cell_train.ChainOperand`, which the step runs on at most
+    unless ``shared``, else, for a lone step on a few rows, its chain where that costs less
+    (:func:`~kcprnn.rnn._cell_train.step_chain`), else in a node the steps share
+    (:func:`_shared`); a dense matrix's weight; another format's chain (TT, TR, CP, Tucker,
+    BT, HT: :class:`~kcprnn.rnn._cell_train.ChainOperand`, which the step runs on at most
     :data:`~kcprnn.formats.CHAIN_ROWS` rows); ``None`` where none applies."""
     if _shares_kron(matrix):
         found = kron_layout_cached(matrix)
@@ -348,7 +348,7 @@ def _train_operand(matrix: FactorizedMatrix, shared: bool, rows: int) -> _cell_t
         groups = [list(kcp.factors[n]) for n in layout.order]
         if not shared and _builds_in_step(groups):
             return _cell_train.Operand.built(groups, layout)
-        if not shared and _chained(matrix, rows):
+        if not shared and _cell_train.step_chain(matrix, groups, rows) is not None:
             chain = _cell_train.ChainOperand.of(matrix)
             if chain is not None:
                 return chain

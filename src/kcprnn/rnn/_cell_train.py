@@ -48,12 +48,14 @@ from .steps import gru_step, lstm_step, rnn_step
 
 __all__ = [
     "BUILD_IN_STEP",
+    "CHAIN_OVER_BUILD",
     "MAX_INPUT",
     "STEP_OPS",
     "ChainOperand",
     "Operand",
     "applies",
     "step",
+    "step_chain",
 ]
 
 MAX_INPUT = 4096
@@ -75,6 +77,30 @@ gradients' kernel, against about 16 on torch operations. At 40 -> 512, batch 1, 
 an LSTM, GRU or Elman cell with a rank-4 KCP ``W_ih`` and a dense ``W_hh`` to the compiled
 step instead of rebuilding ``W_ih`` dense at every step, which took 10-50 % longer there
 (``benchmarks/results/recurrence/lone-step-builds/``)."""
+
+
+CHAIN_OVER_BUILD = 2
+"""How many times fewer multiply-adds a KCP matrix's chain must cost than building its factor
+matrices for a lone step to run the chain (:func:`step_chain`): the chain's batched products of
+a few elements run at about half the rate or less of the builds' GEMMs. At 40 -> 512, batch 1,
+the default budgets' chains (2.9-9x fewer) made the LSTM, GRU and Elman steps with both
+matrices in KCP 1.4-1.8x faster; a rank-64 ``W_ih``'s (1.15x fewer) made the LSTM step 16 %
+slower than its build (``benchmarks/results/recurrence/kcp-chain/``)."""
+
+
+def step_chain(
+    matrix: FactorizedMatrix, groups: Sequence[Sequence[Tensor]], rows: int
+) -> ChainPlan | None:
+    """The chain a lone training step on ``rows`` rows runs for a KCP ``matrix`` instead of
+    building its factor matrices from ``groups`` (each Kronecker factor's CP factors) in a node
+    of their own: its chain in training (:meth:`~kcprnn.formats.FactorizedMatrix.chain_for`)
+    where that costs :data:`CHAIN_OVER_BUILD` times fewer multiply-adds than the builds' work
+    (``P R J I`` each); else ``None``."""
+    chain = matrix.chain_for(rows, training=True)
+    work = sum(native_factor.work(g) for g in groups)
+    if chain is None or CHAIN_OVER_BUILD * chain.macs(rows) >= work:
+        return None
+    return chain
 
 
 class Operand:

@@ -580,9 +580,12 @@ def cell_trains_dense(
         if m.format_name == "dense" or m.algorithm == "dense":
             structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
         else:
-            # a KCP matrix runs its chain on lone steps only (a sequence shares one build)
-            chained = native.available() and (lone or m.format_name != "kcp")
-            chain = m.chain_for(batch, training=True) if chained else None
+            chain = m.chain_for(batch, training=True) if native.available() else None
+            if chain is not None and m.format_name == "kcp":  # on lone steps, where cheaper
+                kcp: Any = m
+                order = kron_layout_cached(m)[0].order  # type: ignore[index]
+                groups = [list(kcp.factors[n]) for n in order]
+                chain = _cell_train.step_chain(m, groups, batch) if lone else None
             # the one-row chain: its own multiply-adds, a compiled call each way
             macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
             structured += 3 * structured_rate(m, cm) * macs
