@@ -21,6 +21,7 @@
 // of it runs on the calling thread; the point is two calls instead of dozens of torch
 // operations and autograd nodes.
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -75,14 +76,27 @@ void copy(const Pack& pk, const T* src, T* dst) {
 }
 
 // The three products of a step, row-major. `Width` > 0 fixes P at compile time (a power of two
-// up to 16, the small P of most steps of a chain). From 2 up a row of P is one vector (`Row`,
-// GCC's vector extension) held in registers over the whole reduction, with several
-// independent accumulators (one chain of FMAs would wait on their latency at every term).
+// up to 16, the small P of most steps of a chain). From 2 up to a vector register's width a
+// row of P is one vector (`Row`, GCC's vector extension) held in registers over the whole
+// reduction, with several independent accumulators (one chain of FMAs would wait on their
+// latency at every term).
 // `Width` 0 reads P from `p`: a P up to kNarrow that is no such width runs along the other,
 // longer side of the product with the narrow operand transposed into a scratch buffer (a
 // vector loop along P would run a few lanes at a time); a longer P runs a plain loop along P.
 
 constexpr int kUnroll = 4;  // independent accumulators per output row
+#if defined(__AVX512F__)
+constexpr size_t kVectorBytes = 64;  // the widest vector register
+#elif defined(__AVX__)
+constexpr size_t kVectorBytes = 32;
+#else
+constexpr size_t kVectorBytes = 16;
+#endif
+
+// Whether a row of `Width` elements of T is one vector register (a wider one would be split
+// into several, passed through memory where not inlined: slower than the plain loop).
+template <typename T, int Width>
+constexpr bool kRowVector = Width > 1 && Width * sizeof(T) <= kVectorBytes;
 constexpr i64 kNarrow = 16;  // the widest P run along the other side
 constexpr i64 kLong = 8;     // ... where that side is at least this long
 
@@ -129,7 +143,7 @@ void gemm_nn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* _
   const bool narrow = Width == 0 && p <= kNarrow && k >= kLong;
   T* __restrict__ bt = narrow ? scratch<T>(k * p) : nullptr;
   for (i64 q = 0; q < n; ++q, a += m * k, b += k * p, c += m * p) {
-    if constexpr (Width > 1) {  // C's row i = sum over l of A[i, l] B's row l
+    if constexpr (kRowVector<T, Width>) {  // C's row i = sum over l of A[i, l] B's row l
       using R = Row<T, Width>;
       for (i64 i = 0; i < m; ++i) {
         const T* __restrict__ arow = a + i * k;
@@ -175,7 +189,7 @@ void gemm_tn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* _
   const bool narrow = Width == 0 && p <= kNarrow && k >= kLong;
   T* __restrict__ ct = narrow ? scratch<T>(k * p) : nullptr;
   for (i64 q = 0; q < n; ++q, a += m * k, g += m * p, c += k * p) {
-    if constexpr (Width > 1) {  // kUnroll rows of C at a time, the reduction along M
+    if constexpr (kRowVector<T, Width>) {  // kUnroll rows of C at a time, the reduction along M
       using R = Row<T, Width>;
       i64 l = 0;
       for (; l + kUnroll <= k; l += kUnroll) {
