@@ -26,7 +26,11 @@ import kcprnn
 from kcprnn.rnn import _cell_step
 
 
-def _step(cell: nn.Module, mode: str, x: torch.Tensor, h: torch.Tensor) -> Callable[[], None]:
+def step_and_backward(
+    cell: nn.Module, mode: str, x: torch.Tensor, h: torch.Tensor
+) -> Callable[[], None]:
+    """One step of ``cell`` from ``h`` (and a random cell state for an LSTM) and
+    ``sum().backward()``, gradients set to ``None`` first: the suite's streaming protocol."""
     state = (h, torch.randn_like(h)) if mode == "LSTM" else h
 
     def run() -> None:
@@ -69,9 +73,9 @@ def main(argv: list[str] | None = None) -> None:
                 apart.load_state_dict(ours.state_dict())  # what it keeps between calls its own
                 ref = getattr(nn, f"{mode}Cell")(n_in, hidden)
                 runs = {
-                    "torch": _step(ref, mode, x, h),
-                    "node": _step(ours, mode, x, h),
-                    "nodes": _step(apart, mode, x, h),
+                    "torch": step_and_backward(ref, mode, x, h),
+                    "node": step_and_backward(ours, mode, x, h),
+                    "nodes": step_and_backward(apart, mode, x, h),
                 }
                 times: dict[str, list[float]] = {k: [] for k in runs}
                 for r in range(args.rounds + 20):

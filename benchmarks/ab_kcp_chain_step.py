@@ -18,25 +18,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from ab_chain_cell_step import step_and_backward  # the same protocol (benchmarks/)
 from torch import nn
 
 import kcprnn
 from kcprnn.formats.kcp.module import KCPMatrix
-
-
-def _step(cell: nn.Module, mode: str, x: torch.Tensor, h: torch.Tensor) -> Callable[[], None]:
-    state = (h, torch.randn_like(h)) if mode == "LSTM" else h
-
-    def run() -> None:
-        cell.zero_grad(set_to_none=True)
-        out = cell(x, state)
-        (out[0] + out[1] if mode == "LSTM" else out).sum().backward()
-
-    return run
 
 
 def _cell(mode: str, n_in: int, hidden: int, rank: str, matrices: str) -> nn.Module:
@@ -77,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
                 old = _cell(mode, n_in, hidden, rank, matrices)
                 old.load_state_dict(new.state_dict())
                 runs = {
-                    "torch": _step(ref, mode, x, h),
-                    "chain": _step(new, mode, x, h),
-                    "none": _step(old, mode, x, h),
+                    "torch": step_and_backward(ref, mode, x, h),
+                    "chain": step_and_backward(new, mode, x, h),
+                    "none": step_and_backward(old, mode, x, h),
                 }
                 times: dict[str, list[float]] = {k: [] for k in runs}
                 for r in range(args.rounds + 20):

@@ -308,12 +308,18 @@ class KCPMatrix(FactorizedMatrix):
         differentiate the factors now) where it costs fewer multiply-adds than :meth:`plan`'s
         (which builds the factor matrices at every call); never in inference, where the built
         matrices are kept between calls."""
+        first = self._factor_list()[0][0]
         if training is None:
-            training = torch.is_grad_enabled() and self._factor_list()[0][0].requires_grad
-        plan = super().chain_for(rows) if training else None
-        if plan is None or plan.macs(rows) >= self.matmul_macs(rows, training=True):
+            training = torch.is_grad_enabled() and first.requires_grad
+        if not training:
             return None
-        return plan
+        key = (rows, self._algorithm, self.cost_model, first.device, first.dtype)
+        chosen = self.__dict__.setdefault("_chain_choice", {})  # what the choice depends on
+        if key not in chosen:
+            plan = super().chain_for(rows)
+            cheaper = plan is not None and plan.macs(rows) < self.matmul_macs(rows, training=True)
+            chosen[key] = plan if cheaper else None
+        return chosen[key]
 
     def matmul_macs(self, rows: int, *, training: bool = False) -> int:
         """Multiply-accumulates of the plan ``forward`` runs on ``rows`` rows in that mode:
