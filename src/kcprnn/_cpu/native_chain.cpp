@@ -127,6 +127,13 @@ void transpose(i64 rows, i64 cols, const T* __restrict__ in, T* __restrict__ out
   }
 }
 
+// y += v x
+template <typename T>
+void axpy(i64 len, T v, const T* __restrict__ x, T* __restrict__ y) {
+#pragma omp simd
+  for (i64 i = 0; i < len; ++i) y[i] += v * x[i];
+}
+
 template <typename T>
 T dot(i64 len, const T* __restrict__ x, const T* __restrict__ y) {
   T s = 0;
@@ -170,12 +177,7 @@ void gemm_nn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* _
       for (i64 i = 0; i < m; ++i) {
         T* __restrict__ row = c + i * p;
         for (i64 j = 0; j < p; ++j) row[j] = 0;
-        for (i64 l = 0; l < k; ++l) {
-          const T v = a[i * k + l];
-          const T* __restrict__ brow = b + l * p;
-#pragma omp simd
-          for (i64 j = 0; j < p; ++j) row[j] += v * brow[j];
-        }
+        for (i64 l = 0; l < k; ++l) axpy(p, a[i * k + l], b + l * p, row);
       }
     }
   }
@@ -214,24 +216,14 @@ void gemm_tn_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ a, const T* _
       for (i64 e = 0; e < k * p; ++e) ct[e] = 0;
       for (i64 i = 0; i < m; ++i) {
         const T* __restrict__ arow = a + i * k;
-        for (i64 j = 0; j < p; ++j) {
-          const T v = g[i * p + j];
-          T* __restrict__ crow = ct + j * k;
-#pragma omp simd
-          for (i64 l = 0; l < k; ++l) crow[l] += v * arow[l];
-        }
+        for (i64 j = 0; j < p; ++j) axpy(k, g[i * p + j], arow, ct + j * k);
       }
       transpose(p, k, ct, c);
     } else {
       for (i64 l = 0; l < k * p; ++l) c[l] = 0;
       for (i64 i = 0; i < m; ++i) {
         const T* __restrict__ grow = g + i * p;
-        for (i64 l = 0; l < k; ++l) {
-          const T v = a[i * k + l];
-          T* __restrict__ crow = c + l * p;
-#pragma omp simd
-          for (i64 j = 0; j < p; ++j) crow[j] += v * grow[j];
-        }
+        for (i64 l = 0; l < k; ++l) axpy(p, a[i * k + l], grow, c + l * p);
       }
     }
   }
@@ -260,12 +252,7 @@ void gemm_nt_at(i64 n, i64 m, i64 k, i64 p_, const T* __restrict__ g, const T* _
         } else {  // a pass along the row per term
 #pragma omp simd
           for (i64 l = 0; l < k; ++l) crow[l] = grow[0] * bt[l];
-          for (i64 j = 1; j < p; ++j) {
-            const T v = grow[j];
-            const T* __restrict__ brow = bt + j * k;
-#pragma omp simd
-            for (i64 l = 0; l < k; ++l) crow[l] += v * brow[l];
-          }
+          for (i64 j = 1; j < p; ++j) axpy(k, grow[j], bt + j * k, crow);
         }
       }
     }
