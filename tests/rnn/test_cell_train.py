@@ -353,6 +353,60 @@ def test_a_kcp_input_matrix_takes_the_step_alone_and_the_dense_rebuild_in_a_sequ
     assert names == ["_StepBackward"]
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("rank", [16, 64])
+def test_a_lone_step_builds_large_factor_matrices_apart_and_keeps_the_compiled_step(mode, rank):
+    """A KCP ``W_ih`` whose factor matrices are too large to build in the step's node (and
+    whose chain saves too little) next to a dense ``W_hh``, at the speech size and batch 1: a
+    lone step is priced with the factor matrices built in a node of their own
+    (:func:`kcprnn.rnn._cell_route._apart_price`) and runs the compiled step on them, not
+    ``W_ih`` rebuilt dense and torch's fused cell (1.3x slower in
+    ``benchmarks/ab_cell_train_route.py``); its output and every parameter's gradient match
+    torch's cell in float64."""
+    from kcprnn.rnn import _cell_route
+
+    torch.manual_seed(4)
+    name, fn, extra = MODES[mode]
+    cell = getattr(kcprnn, name)(40, 512, format="kcp", rank=rank, **extra)
+    kinds = _cell_route._compiled_operands(cell)
+    assert kinds == {cell.weight_ih: False}  # built apart: too large for the step's node
+    with torch.enable_grad():
+        assert not _cell_route.cell_uses_dense(cell, 1, True)
+    ref = copy.deepcopy(cell).double()
+    x = torch.randn(1, 40, generator=torch.Generator().manual_seed(9))
+    state = [torch.randn(1, 512, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    state = state if mode == "LSTM" else state[:1]
+    for _ in range(2):  # lone steps, each back-propagated
+        args = (ref.weight_ih.to_dense(), ref.weight_hh.to_dense(), ref.bias_ih, ref.bias_hh)
+        out = cell(x, tuple(state) if mode == "LSTM" else state[0])
+        h = out[0] if mode == "LSTM" else out
+        assert type(h.grad_fn).__name__ == "_StepBackward"
+        assert "_FactorDenseBackward" in _graph_names(h)
+        rs = [s.double() for s in state]
+        want = fn(x.double(), tuple(rs) if mode == "LSTM" else rs[0], *args)
+        want = want[0] if mode == "LSTM" else want
+        torch.testing.assert_close(h.double(), want, **TOL)
+        got = torch.autograd.grad(h.sum(), list(cell.parameters()))
+        exp = torch.autograd.grad(want.sum(), list(ref.parameters()))
+        for a, b in zip(got, exp, strict=True):
+            torch.testing.assert_close(a.double(), b, **TOL)
+
+
+def test_the_compiled_operands_of_lone_steps():
+    """Which KCP matrices a lone compiled step builds in its node (rank 4 at the speech size),
+    which apart (rank 16), and the cells it does not run (a TT matrix, a projection)."""
+    from kcprnn.rnn import _cell_route
+
+    small = kcprnn.LSTMCell(
+        40, 512, format="kcp", rank=4, hidden_format="kcp", hidden_options={"rank": 16}
+    )
+    assert _cell_route._compiled_operands(small) == {small.weight_ih: True, small.weight_hh: False}
+    assert not _cell_route.compiled_trains(small)
+    assert _cell_route.compiled_trains(kcprnn.LSTMCell(40, 512, format="kcp", rank=4))
+    assert _cell_route._compiled_operands(kcprnn.LSTMCell(40, 512, format="tt")) is None
+    assert _cell_route._compiled_operands(kcprnn.LSTMCell(40, 512, format="dense")) is None
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_chained_matrices_over_a_sequence_with_one_backward(mode):
     """The other formats' chains in the step's node at every step of a sequence (no build to

@@ -375,15 +375,15 @@ def test_a_lone_training_step_prices_the_rebuilds_operators(monkeypatch):
     # with a launch price of zero the only difference between lone and sequence is the count
     free = dataclasses.replace(cm, rnn_aten_op=0.0)
     monkeypatch.setattr(plan, "_model", lambda cells: free)
-    shared = plan.cell_trains_dense(cell, 1, lone=True)
-    assert plan.cell_trains_dense(cell, 1, lone=False) == shared
+    shared = _cell_route.cell_trains_dense(cell, 1, lone=True)
+    assert _cell_route.cell_trains_dense(cell, 1, lone=False) == shared
     monkeypatch.setattr(plan, "_model", lambda cells: cm)
-    assert plan.cell_trains_dense(cell, 1, lone=False) is True  # shared rebuild: cheap per step
-    assert plan.cell_trains_dense(cell, 1, lone=True) is False  # its operators every step
+    assert _cell_route.cell_trains_dense(cell, 1, lone=False) is True  # a shared rebuild
+    assert _cell_route.cell_trains_dense(cell, 1, lone=True) is False  # its operators every step
     wide = kcprnn.RNNCell(4096, 2048, format="tt", rank=2)
     assert wide.weight_ih.in_features * wide.weight_ih.out_features > plan.REBUILD_OPS_LIMIT
     monkeypatch.setattr(plan, "dense_weight", lambda m: pytest.fail("rebuilt to be counted"))
-    plan.cell_trains_dense(wide, 1, lone=True)
+    _cell_route.cell_trains_dense(wide, 1, lone=True)
 
 
 @pytest.mark.parametrize("fmt", ["tt", "tr", "ht", "bt", "tucker"])

@@ -8,11 +8,13 @@ launches of ``rnn_cell_op`` plus its products and gate arithmetic; torch's cell 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
-from .._cpu import CostModel, native
+from .._cpu import CostModel, native, native_factor
 from ..formats import FactorizedMatrix
 from . import _cell_train, plan
 from ._cell_step import (
@@ -28,7 +30,7 @@ from .plan import kron_layout_cached
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = ["cell_uses_dense", "compiled_trains", "step_costs"]
+__all__ = ["cell_trains_dense", "cell_uses_dense", "compiled_trains", "step_costs"]
 
 
 def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
@@ -101,11 +103,15 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     torch's fused cell than through its formats' products (ties go to torch): without
     gradients against the compiled step where it can run (:func:`step_costs`), else against
     the products on torch operations; in training by
-    :func:`kcprnn.rnn.plan.cell_trains_dense`."""
+    :func:`cell_trains_dense`."""
     if training:
         lone = not marks(cell)["pending"]  # its predecessor's backward has run
-        ops = _cell_train.STEP_OPS if lone and compiled_trains(cell) else None
-        return plan.cell_trains_dense(cell, batch, ops, lone)
+        kinds = _compiled_operands(cell) if lone else None
+        in_step = kinds is not None and all(kinds.values())
+        ops = _cell_train.STEP_OPS if in_step else None
+        # a KCP matrix whose factor matrices the lone compiled step builds in a node of their own
+        apart = [] if kinds is None or in_step else [m for m, k in kinds.items() if not k]
+        return cell_trains_dense(cell, batch, ops, lone, apart)
     if cell.weight_hr is not None:
         return False
     cm = cell.weight_hh.planning_model()
@@ -121,19 +127,98 @@ def compiled_trains(cell: RNNCellBase) -> bool:
     in its node (:func:`_builds_in_step`): no projection, each matrix KCP or dense (at least
     one KCP), an input of at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT`, float32 on the CPU
     with the kernels built."""
+    kinds = _compiled_operands(cell)
+    return kinds is not None and all(kinds.values())
+
+
+def _compiled_operands(cell: RNNCellBase) -> dict[FactorizedMatrix, bool] | None:
+    """For a cell whose lone training steps run the compiled step with its KCP matrices'
+    factor matrices (no projection, each matrix KCP or dense, at least one KCP, an input of at
+    most :data:`~kcprnn.rnn._cell_train.MAX_INPUT`, float32 on the CPU with the kernels built),
+    each KCP matrix and whether the step builds its factor matrices in its own node
+    (:func:`_builds_in_step`; else they are built in a node of their own at every step, or the
+    matrix runs as its chain); ``None`` for any other cell."""
     ih, hh = _matrices(cell)
     if cell.weight_hr is not None or ih.in_features > _cell_train.MAX_INPUT:
-        return False
-    if not (_shares_kron(ih) or _shares_kron(hh)):
-        return False
+        return None
+    kinds: dict[FactorizedMatrix, bool] = {}
     for m in (ih, hh):
         if _shares_kron(m):
             found = kron_layout_cached(m)
             assert found is not None
             kcp: Any = m
-            if not _builds_in_step([list(kcp.factors[n]) for n in found[0].order]):
-                return False
+            kinds[m] = _builds_in_step([list(kcp.factors[n]) for n in found[0].order])
         elif m.format_name != "dense":
-            return False
+            return None
     p = next(hh.parameters(), None)
-    return p is not None and p.dtype == torch.float32 and p.is_cpu and native.available()
+    if not kinds or p is None or p.dtype != torch.float32 or not p.is_cpu:
+        return None
+    return kinds if native.available() else None
+
+
+def cell_trains_dense(
+    cell: RNNCellBase,
+    batch: int,
+    ops: int | None = None,
+    lone: bool = False,
+    apart: Sequence[FactorizedMatrix] = (),
+) -> bool:
+    """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
+    rebuilt dense (under autograd) and torch's fused cell than through the formats' products
+    (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
+    operations each compressed matrix's product launches forward and backward (16 on torch
+    operations, the default; fewer in the compiled step, and for a format's one-row chain,
+    :mod:`kcprnn.formats._chain`, priced at the chain's own multiply-adds). A ``lone`` step (its
+    predecessor's backward has run: :func:`~kcprnn.rnn._cell_step.marks`) pays the rebuild's
+    operators forward and backward itself (:func:`~kcprnn.rnn.plan.rebuild_ops`,
+    ``rnn_aten_op`` each), which on a few rows cost more than its arithmetic; the steps of a
+    sequence share them. ``apart``: the KCP matrices whose factor matrices a lone compiled
+    step builds in a node of their own (too large to build in the step's node), priced by
+    :func:`_apart_price` unless they run as their chain."""
+    if cell.weight_hr is not None:
+        return False
+    cm = plan._model([cell])
+    structured = 0.0
+    dense = 0.0
+    for m in (cell.weight_ih, cell.weight_hh):
+        elements = m.in_features * m.out_features
+        dense += 3 * max(batch, cm.rnn_min_rows) * elements
+        dense += plan._rebuild(m, True, cm)
+        if lone and m.format_name != "dense" and elements <= plan.REBUILD_OPS_LIMIT:
+            dense += cm.rnn_aten_op * 2 * plan.rebuild_ops(m)  # its operators, as many backward
+        if m.format_name == "dense" or m.algorithm == "dense":
+            structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
+        else:
+            chain = m.chain_for(batch, training=True) if native.available() else None
+            if (chain is not None or m in apart) and m.format_name == "kcp":
+                kcp: Any = m
+                order = kron_layout_cached(m)[0].order  # type: ignore[index]
+                groups = [list(kcp.factors[n]) for n in order]
+                # on lone steps, where cheaper than the build
+                chain = _cell_train.step_chain(m, groups, batch) if lone else None
+                if chain is None and m in apart:
+                    structured += _apart_price(m, groups, batch, cm)
+                    continue
+            # the one-row chain: its own multiply-adds, a compiled call each way
+            macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
+            structured += 3 * plan.structured_rate(m, cm) * macs
+            launches = 8 * 2 if ops is None else ops
+            structured += cm.rnn_cell_op * (launches if chain is None else _cell_train.STEP_OPS)
+    return dense <= structured
+
+
+def _apart_price(
+    matrix: FactorizedMatrix, groups: Sequence[Sequence[Tensor]], batch: int, cm: CostModel
+) -> float:
+    """Price of a KCP ``matrix`` in a lone compiled training step whose factor matrices are
+    built from ``groups`` (each Kronecker factor's CP factors) in a node of their own: that
+    node's two calls (forward, backward) and the step's, the builds' ``P R J I`` once forward
+    and twice backward, and the step's Kronecker product on ``batch`` rows forward and twice
+    backward (:func:`~kcprnn.rnn.plan.kron_step_work`)."""
+    found = kron_layout_cached(matrix)
+    assert found is not None
+    layout, terms = found
+    work = sum(native_factor.work(g) for g in groups)
+    product = batch * plan.kron_step_work(layout.in_sizes, layout.out_sizes, terms)
+    calls = 2 + _cell_train.STEP_OPS
+    return cm.rnn_cell_op * calls + 3 * work + 3 * cm.rnn_native_gemm * product

@@ -72,7 +72,7 @@ once per version of the weights in a node of their own that the steps share."""
 STEP_OPS = 3
 """Operations a compressed matrix's product launches in the compiled step with its factor
 matrices built in the node, forward and backward, as the cell's route prices them
-(:func:`kcprnn.rnn.plan.cell_trains_dense`): its product, its transposed product and its
+(:func:`kcprnn.rnn._cell_route.cell_trains_dense`): its product, its transposed product and its
 gradients' kernel, against about 16 on torch operations. At 40 -> 512, batch 1, it sends
 an LSTM, GRU or Elman cell with a rank-4 KCP ``W_ih`` and a dense ``W_hh`` to the compiled
 step instead of rebuilding ``W_ih`` dense at every step, which took 10-50 % longer there

@@ -43,10 +43,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._cpu import CostModel, default_cost_model, native
+from .._cpu import CostModel, default_cost_model
 from .._cpu.native_dense import small_product
 from ..formats import FactorizedMatrix
-from . import _cell_train
 from ._options import _first_parameter
 from .kron import (
     KronLayout,
@@ -63,7 +62,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ROUTES",
     "LayerPlan",
-    "cell_trains_dense",
     "choose_route",
     "dense_loop_scale",
     "dense_weight",
@@ -140,10 +138,11 @@ def product_ops(matrix: FactorizedMatrix) -> int:
 
 
 REBUILD_OPS_LIMIT = 1 << 22
-"""Largest matrix (elements) whose rebuild's operators :func:`cell_trains_dense` counts (by
-running the rebuild once, :func:`rebuild_ops`); past it the rebuild's price per element
-(``rnn_rebuild``, 4 units forward) outweighs any operator count, and counting would build a
-matrix of that size for nothing (57,600 x 1,024: 236 MB)."""
+"""Largest matrix (elements) whose rebuild's operators
+:func:`kcprnn.rnn._cell_route.cell_trains_dense` counts (by running the rebuild once,
+:func:`rebuild_ops`); past it the rebuild's price per element (``rnn_rebuild``, 4 units
+forward) outweighs any operator count, and counting would build a matrix of that size for
+nothing (57,600 x 1,024: 236 MB)."""
 
 
 def rebuild_ops(matrix: FactorizedMatrix) -> int:
@@ -552,43 +551,3 @@ def _signature(cells: Sequence[RNNCellBase]) -> tuple[Any, ...]:
 def _model(cells: Sequence[RNNCellBase]) -> CostModel:
     """The cost model of the layer: its recurrent matrix's, for its device and dtype."""
     return cells[0].weight_hh.planning_model()
-
-
-def cell_trains_dense(
-    cell: RNNCellBase, batch: int, ops: int | None = None, lone: bool = False
-) -> bool:
-    """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
-    rebuilt dense (under autograd) and torch's fused cell than through the formats' products
-    (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
-    operations each compressed matrix's product launches forward and backward (16 on torch
-    operations, the default; fewer in the compiled step, and for a format's one-row chain,
-    :mod:`kcprnn.formats._chain`, priced at the chain's own multiply-adds). A ``lone`` step (its
-    predecessor's backward has run: :func:`~kcprnn.rnn._cell_step.marks`) pays the rebuild's
-    operators forward and backward itself (:func:`rebuild_ops`, ``rnn_aten_op`` each), which
-    on a few rows cost more than its arithmetic; the steps of a sequence share them."""
-    if cell.weight_hr is not None:
-        return False
-    cm = _model([cell])
-    structured = 0.0
-    dense = 0.0
-    for m in (cell.weight_ih, cell.weight_hh):
-        elements = m.in_features * m.out_features
-        dense += 3 * max(batch, cm.rnn_min_rows) * elements
-        dense += _rebuild(m, True, cm)
-        if lone and m.format_name != "dense" and elements <= REBUILD_OPS_LIMIT:
-            dense += cm.rnn_aten_op * 2 * rebuild_ops(m)  # its operators, as many backward
-        if m.format_name == "dense" or m.algorithm == "dense":
-            structured += 3 * max(batch, cm.rnn_min_rows) * m.in_features * m.out_features
-        else:
-            chain = m.chain_for(batch, training=True) if native.available() else None
-            if chain is not None and m.format_name == "kcp":  # on lone steps, where cheaper
-                kcp: Any = m
-                order = kron_layout_cached(m)[0].order  # type: ignore[index]
-                groups = [list(kcp.factors[n]) for n in order]
-                chain = _cell_train.step_chain(m, groups, batch) if lone else None
-            # the one-row chain: its own multiply-adds, a compiled call each way
-            macs = m.macs(batch, training=True) if chain is None else chain.macs(batch)
-            structured += 3 * structured_rate(m, cm) * macs
-            launches = 8 * 2 if ops is None else ops
-            structured += cm.rnn_cell_op * (launches if chain is None else _cell_train.STEP_OPS)
-    return dense <= structured
