@@ -22,17 +22,10 @@ from typing import Any
 
 import torch
 from ab_chain_cell_step import step_and_backward  # the same protocol (benchmarks/)
+from ab_kcp_chain_step import _cell  # the same cells
 from torch import nn
 
-import kcprnn
 from kcprnn.rnn import _cell_route
-
-
-def _cell(mode: str, n_in: int, hidden: int, rank: str, matrices: str) -> nn.Module:
-    options: dict[str, Any] = {} if rank == "default" else {"rank": int(rank)}
-    kind = {"LSTM": kcprnn.LSTMCell, "GRU": kcprnn.GRUCell, "RNN": kcprnn.RNNCell}[mode]
-    extra = {"hidden_format": "kcp", "hidden_options": dict(options)} if matrices == "both" else {}
-    return kind(n_in, hidden, format="kcp", **options, **extra)
 
 
 def main(argv: list[str] | None = None) -> None:
