@@ -165,7 +165,7 @@ def cell_trains_dense(
 ) -> bool:
     """Whether one training step of ``cell`` on ``batch`` rows is cheaper with its weights
     rebuilt dense (under autograd) and torch's fused cell than through the formats' products
-    (without gradients: :func:`kcprnn.rnn._cell_route.cell_uses_dense`); ``ops``: the
+    (without gradients: :func:`cell_uses_dense`); ``ops``: the
     operations each compressed matrix's product launches forward and backward (16 on torch
     operations, the default; fewer in the compiled step, and for a format's one-row chain,
     :mod:`kcprnn.formats._chain`, priced at the chain's own multiply-adds). A ``lone`` step (its
