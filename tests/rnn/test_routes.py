@@ -325,6 +325,23 @@ def test_kron_layout_orders_are_the_same_matrix():
         torch.testing.assert_close(kron_apply(x, mats, layout), want, **TOL)
 
 
+def test_kron_layout_hash_is_kept_and_agrees_with_equality():
+    """A layout hashes once (its index tuples have an entry per input or output); equal layouts
+    hash alike, a transposed one differs, and the transposed layout's input gather is the
+    inverse of the output gather (what a lone step's row gradients read)."""
+    w = kcprnn.formats.make_matrix("kcp", 40, 2048, rank=2)
+    layout = kron_layout(w.in_splits, w.out_splits, [1, 0])
+    again = kron_layout(w.in_splits, w.out_splits, [1, 0])
+    fields = (layout.order, layout.in_index, layout.out_index, layout.in_sizes, layout.out_sizes)
+    assert hash(layout) == hash(fields) == hash(again) and layout == again
+    assert layout.__dict__["_hash"] == hash(fields)  # kept after the first hash
+    assert layout.transposed() != layout and {layout: 1}.get(again) == 1
+    out_index = layout.indices(torch.device("cpu"))[1]
+    assert out_index is not None
+    inverse = layout.transposed().indices(torch.device("cpu"))[0]
+    assert torch.equal(inverse, torch.argsort(out_index))
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_fused_kron_sequence_gradcheck(mode):
     g = {"LSTM": 4, "GRU": 3, "RNN": 1}[mode]

@@ -142,9 +142,9 @@ class Operand:
         kron = op.kron
         assert kron is not None
         if len(plain) == 2 and op.tensors[0].shape[0] == 1:  # one term of two factors
-            in_index, out_index = kron.index
-            out_inverse = None if out_index is None else torch.argsort(out_index)
-            op._row = native_factor.RowGrads(kron.mats, plain, op._plans, in_index, out_inverse)
+            # the inverse of the output gather: the transposed layout's input gather (kept)
+            inverse = layout.transposed().indices(kron.mats[0].device)[0]
+            op._row = native_factor.RowGrads(kron.mats, plain, op._plans, kron.index[0], inverse)
         return op
 
     def _apply(self, x: Tensor, args: tuple, width: int) -> Tensor:

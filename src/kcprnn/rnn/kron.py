@@ -82,6 +82,16 @@ class KronLayout:
     in_sizes: tuple[int, ...]
     out_sizes: tuple[int, ...]
 
+    def __hash__(self) -> int:
+        # hashed once: the index tuples have an entry per input or output, and every lookup of
+        # what is kept per layout (its index tensors, its transpose, its gathers) hashes it
+        found = self.__dict__.get("_hash")
+        if found is None:
+            fields = (self.order, self.in_index, self.out_index, self.in_sizes, self.out_sizes)
+            found = hash(fields)
+            object.__setattr__(self, "_hash", found)
+        return found
+
     @property
     def in_features(self) -> int:
         return math.prod(self.in_sizes)
