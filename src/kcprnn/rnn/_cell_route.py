@@ -30,7 +30,7 @@ from .plan import kron_layout_cached
 if TYPE_CHECKING:
     from .cells import RNNCellBase
 
-__all__ = ["cell_trains_dense", "cell_uses_dense", "compiled_trains", "step_costs"]
+__all__ = ["cell_trains_dense", "cell_uses_dense", "step_costs"]
 
 
 def _dense_product(elements: int, batch: int, weight: float, row: float) -> float:
@@ -107,10 +107,9 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
     if training:
         lone = not marks(cell)["pending"]  # its predecessor's backward has run
         kinds = _compiled_operands(cell) if lone else None
-        in_step = kinds is not None and all(kinds.values())
-        ops = _cell_train.STEP_OPS if in_step else None
-        # a KCP matrix whose factor matrices the lone compiled step builds in a node of their own
-        apart = [] if kinds is None or in_step else [m for m, k in kinds.items() if not k]
+        # the KCP matrices whose factor matrices the compiled step builds in a node of their own
+        apart = [m for m, in_step in (kinds or {}).items() if not in_step]
+        ops = _cell_train.STEP_OPS if kinds is not None and not apart else None
         return cell_trains_dense(cell, batch, ops, lone, apart)
     if cell.weight_hr is not None:
         return False
@@ -120,15 +119,6 @@ def cell_uses_dense(cell: RNNCellBase, batch: int, training: bool) -> bool:
         costs = step_costs(cell, batch, cm)
         return costs["dense"] <= costs["native"]
     return _torch_cell(cell, batch, cm) <= _own_products(cell, batch, cm)
-
-
-def compiled_trains(cell: RNNCellBase) -> bool:
-    """Whether a training step of ``cell`` runs the compiled step with every KCP matrix built
-    in its node (:func:`_builds_in_step`): no projection, each matrix KCP or dense (at least
-    one KCP), an input of at most :data:`~kcprnn.rnn._cell_train.MAX_INPUT`, float32 on the CPU
-    with the kernels built."""
-    kinds = _compiled_operands(cell)
-    return kinds is not None and all(kinds.values())
 
 
 def _compiled_operands(cell: RNNCellBase) -> dict[FactorizedMatrix, bool] | None:
