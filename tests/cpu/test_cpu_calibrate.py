@@ -26,6 +26,7 @@ MEASURED = {
     "native_gain",
     "native_gain_wide",
     "native_gather",
+    "onednn_gemm",
     "recurrent_grad_mm",
     "recurrent_grad_mm_wide",
     *calibrate.ROUTE_FIELDS,
@@ -55,7 +56,9 @@ def test_calibrate_prints_a_loadable_model(tmp_path, capsys, monkeypatch):
     elif grad and min(grad) > 1:
         grad_rows = calibrate.ONEDNN_GRAD_ROWS
     for name, value in printed.to_dict().items():
-        if name in raw:  # the default scaled by this machine over the reference one
+        if name == "onednn_gemm":  # kept as measured
+            assert value == (calibrate._sig(raw[name]) if name in raw else default.onednn_gemm)
+        elif name in raw:  # the default scaled by this machine over the reference one
             expected = getattr(default, name) * raw[name] / calibrate.REFERENCE[name]
             assert math.isclose(value, expected, rel_tol=1e-2), name
         elif name == "recurrent_grad_mm_rows":
@@ -107,6 +110,14 @@ def test_recurrent_gradient_route_follows_the_faster_at_both_sizes(monkeypatch, 
     base = CostModel().replace(recurrent_grad_mm_rows=777)
     model = calibrate.calibrate(0.0, base)
     assert model.recurrent_grad_mm_rows == (777 if rows is None else rows)
+
+
+@pytest.mark.parametrize(("raw", "gain"), [({"onednn_gemm": 0.4567}, 0.457), ({}, 0.77)])
+def test_onednn_gemm_is_kept_as_measured(monkeypatch, raw, gain):
+    """``onednn_gemm`` is the measured ratio itself (three digits), not scaled by a reference
+    machine's; without a timing (no oneDNN) the starting model's value stays."""
+    monkeypatch.setattr(calibrate, "measure_all", lambda budget: dict(raw))
+    assert calibrate.calibrate(0.0, CostModel(onednn_gemm=0.77)).onednn_gemm == gain
 
 
 @pytest.mark.parametrize("threshold", [0, 2048])

@@ -105,3 +105,104 @@ def test_routing_never_builds_the_kernel(monkeypatch):
     assert not _ops.native_covers(15360, 360, 2, model.replace(kernels=False))
     assert not _ops.native_covers(15360, 360, model.native_max_out + 1, model)
     assert not _ops.native_covers(8, 8, 2, model)  # below native_min_size
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "generic"),
+    [
+        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512bw\n", True),
+        ("vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512bw\n", False),
+        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma\n", False),
+        ("vendor_id\t: HygonGenuine\nflags\t\t: fpu avx512f\n", True),
+        ("", False),
+    ],
+)
+def test_mkl_generic_path_is_read_from_vendor_and_flags(cpuinfo, generic):
+    """oneDNN is planned for the large products only where MKL lacks its AVX-512 kernels: an
+    AVX-512 CPU that is not Intel's (``avx512fma`` or a vendor named later do not count as
+    Intel's)."""
+    from kcprnn._cpu.cost import _mkl_generic_avx512
+
+    assert _mkl_generic_avx512(cpuinfo) is generic
+
+
+def test_gemm_price_follows_the_model():
+    """MKL's price is the MACs; oneDNN's (where the model says it runs faster) adds its call,
+    the copies of transposed operands and the page faults of blocks beyond glibc's heap, and
+    the cheaper one is the price."""
+    mkl_only = CostModel(onednn_gemm=1.0)
+    fast = CostModel(onednn_gemm=0.5, onednn_call=1000.0, onednn_copy=2.0, fault=40.0)
+    macs = 3200 * 700 * 1024  # the spike layer's input projection
+    assert _ops.gemm_price(macs, (3200 * 1024,), 0, mkl_only) == macs
+    assert _ops.gemm_price(macs, (3200 * 1024,), 0, fast) == macs * 0.5 + 1000.0
+    copied = 3200 * 1724
+    assert _ops.gemm_price(macs, (1,), copied, fast) == macs * 0.5 + 1000.0 + 2.0 * copied
+    big = fast.rnn_torch_mmap + 1  # mapped fresh at every call
+    assert _ops.gemm_price(1000 * big, (big,), 0, fast) == 500 * big + 1000.0 + 40.0 * big
+    assert _ops.gemm_price(big, (big,), 0, fast) == big  # the faults outweigh the gain: MKL
+    assert _ops.gemm_price(1500, (1,), 0, fast) == 1500  # the call outweighs it
+    assert not _ops.onednn_gemm_wins(macs, (1,), 0, fast, torch.float64)
+    assert _ops.onednn_gemm_wins(macs, (1,), 0, fast, torch.float32) is _ops.onednn_available()
+    assert not _ops.onednn_gemm_wins(macs, (1,), 0, fast.replace(onednn=False), torch.float32)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the calls of oneDNN's product (skips where torch has none)."""
+    if not _ops.onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    real = _ops._ONEDNN_LINEAR
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(_ops, "_ONEDNN_LINEAR", counted)
+    return calls
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_projection_on_either_library_matches_linear(monkeypatch, onednn_calls, gain, bias):
+    """A fused layer's input projection with the model sending its forward and weight gradient
+    to MKL (``onednn_gemm`` 1) or to oneDNN (0.5, no call or copy cost): values and all three
+    gradients against ``F.linear`` in float64, and oneDNN called for exactly the products the
+    model sends there (the input's gradient always)."""
+    from kcprnn.rnn import fused
+
+    model = CostModel(onednn_gemm=gain, onednn_call=0.0, onednn_copy=0.0)
+    monkeypatch.setattr(fused, "default_cost_model", lambda: model)
+    torch.manual_seed(4)
+    x = torch.randn(6, 5, 12, requires_grad=True)  # (t, b, i)
+    w = torch.randn(32, 12, requires_grad=True)  # (g, i)
+    b = torch.randn(32, requires_grad=True) if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    got = fused.input_projection(x, w, b)
+    seed = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, seed)
+    x64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = F.linear(*x64) if bias else F.linear(x64[0], x64[1])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for g, w64 in zip(grads, torch.autograd.grad(want, x64, seed.double()), strict=True):
+        torch.testing.assert_close(g.double(), w64, rtol=1e-5, atol=1e-4)
+    # forward (x rows), the input's gradient (seed rows), the weight's (seed transposed)
+    expected = [(30, 12), (30, 32), (32, 30)] if gain < 1 else [(30, 32)]
+    assert onednn_calls == expected
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_recurrent_weight_grad_on_either_library(monkeypatch, onednn_calls, gain):
+    """``W_hh``'s gradient over a sequence's rows, past ``recurrent_grad_mm_rows`` (``mm`` on
+    the built-in model) unless oneDNN prices lower: the float64 product either way."""
+    from kcprnn.rnn import _fused_base
+
+    model = CostModel(onednn_gemm=gain, onednn_call=0.0, onednn_copy=0.0, recurrent_grad_mm_rows=0)
+    monkeypatch.setattr(_fused_base, "default_cost_model", lambda: model)
+    torch.manual_seed(5)
+    grad, h_prev = torch.randn(96, 64), torch.randn(96, 16)
+    got = _fused_base._recurrent_weight_grad(grad, h_prev)
+    torch.testing.assert_close(
+        got.double(), grad.double().t() @ h_prev.double(), rtol=1e-5, atol=1e-4
+    )
+    assert onednn_calls == ([(64, 96)] if gain < 1 else [])

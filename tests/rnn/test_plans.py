@@ -151,11 +151,43 @@ def _speech_cp_lstm():
     )
 
 
+def test_route_prices_with_the_large_products_on_onednn():
+    """Where oneDNN runs the large products faster (``onednn_gemm`` below 1), each pass of a
+    dense ``W_ih``'s product is priced on the cheaper library, and torch's LSTM kernel
+    (oneDNN's RNN primitive) gets the same rate for its input products: written out by hand
+    for the speech layer's ``W_ih`` (40 -> 4 x 512) over 1,600 and 4,800 rows."""
+    mkl = CostModel(onednn_gemm=1.0)
+    fast = mkl.replace(onednn_gemm=0.5)
+    i, g = 40, 2048
+    for rows in (1600, 4800):
+        macs = rows * i * g
+        faults = fast.fault * rows * g if rows * g > fast.rnn_torch_mmap else 0.0
+        forward = min(macs, 0.5 * macs + fast.onednn_call + faults)
+        copies = fast.onednn_copy * rows * (g + i)
+        weight = min(macs, 0.5 * macs + fast.onednn_call + copies + faults)
+        assert plan._dense_input(rows, i, g, False, fast) == forward
+        assert plan._dense_input(rows, i, g, True, fast) == forward + macs + weight
+        assert plan._dense_input(rows, i, g, True, mkl) == 3 * macs
+    # 1,600 rows: the forward on oneDNN, the weight's gradient on MKL (its copies cost more
+    # than the half it saves); 4,800: the 9.8 M-entry output is mapped fresh, both on MKL
+    assert plan._dense_input(1600, i, g, False, fast) < 1600 * i * g
+    assert (
+        plan._dense_input(1600, i, g, True, fast) - plan._dense_input(1600, i, g, False, fast)
+        == 2 * 1600 * i * g
+    )
+    assert plan._dense_input(4800, i, g, True, fast) == 3 * 4800 * i * g
+    cells = [_speech_cp_lstm().cell(0)]
+    slow, quick = (plan.layer_costs(cells, 1600, 100, True, False, m) for m in (mkl, fast))
+    assert slow["torch"] - quick["torch"] == pytest.approx(0.5 * 1600 * i * g)
+    saved = plan._dense_input(1600, i, g, False, mkl) - plan._dense_input(1600, i, g, False, fast)
+    assert slow["dense"] - quick["dense"] == pytest.approx(saved)
+
+
 def test_route_prices_by_hand():
     """The prices of the three routes of a CP LSTM layer at the speech point (T=300, B=16),
     written out from the cost model's fields (defaults) and the shapes."""
     cells = [_speech_cp_lstm().cell(0)]
-    cm = CostModel()
+    cm = CostModel(onednn_gemm=1.0)  # every large product on MKL (the built-in on Intel CPUs)
     rows, steps, g = 4800, 300, 2048
     # reconstruction MACs by halves (two modes each side, joined over the rank 4):
     # W_ih merged modes [40, 16, 16, 8], W_hh [64, 32, 32, 16]
@@ -284,15 +316,22 @@ def test_cp_input_product_in_training_pays_its_backward():
     # SHD spikes (700 -> 256): CP's own input product is the cheaper one forward, the rebuilt
     # dense one in training (its sweeps' backward: rnn_cp_input_training)
     cell = kcprnn.LSTM(700, 256, format="cp", rank=4).cell(0)
-    cm = CostModel()
+    cm = CostModel(onednn_gemm=1.0)  # the dense product on MKL
     forward, _ = plan._input_costs(cell, 8000, False, cm)
     training, _ = plan._input_costs(cell, 8000, True, cm)
     per_pass = cm.rnn_factorized_input * (1 + cm.rnn_structured_input / 700)
     assert forward == pytest.approx(per_pass * cell.weight_ih.macs(8000))
     rate = per_pass * cm.rnn_cp_input_training
     assert training == pytest.approx(3 * rate * cell.weight_ih.macs(8000, training=True))
-    assert not plan.input_is_dense(cell, 8000, False)
-    assert plan.input_is_dense(cell, 8000, True)
+    assert forward < plan._input_costs(cell, 8000, False, cm)[1]  # CP's own product forward
+    assert training > plan._input_costs(cell, 8000, True, cm)[1]  # the rebuilt one in training
+    # with the dense product on oneDNN at half MKL's time, the rebuilt one forward too
+    fast = cm.replace(onednn_gemm=0.5)
+    structured, dense = plan._input_costs(cell, 8000, False, fast)
+    assert structured == forward and dense < structured
+    assert plan.input_is_dense(cell, 8000, True) and plan.input_is_dense(cell, 8000, False) == (
+        CostModel().onednn_gemm < 1
+    )  # the built-in model of this machine decides
 
 
 def test_gru_kernel_scales_torch_not_the_compiled_loop():
@@ -301,7 +340,7 @@ def test_gru_kernel_scales_torch_not_the_compiled_loop():
     and without gradients. Without oneDNN the loop on torch ops is scaled like torch's."""
     torch.manual_seed(0)
     cells = [kcprnn.GRU(40, 512, format="dense").cell(0)]
-    cm = CostModel()
+    cm = CostModel(onednn_gemm=1.0)  # every large product on MKL
     rows, steps, g = 4800, 300, 1536
     once = rows * 40 * g + rows * 512 * g
     got = plan.layer_costs(cells, rows, steps, True, False, cm)

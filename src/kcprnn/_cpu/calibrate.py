@@ -5,15 +5,17 @@ times such a GEMM, then per element: a strided permute copy (contiguous runs of 
 transpose, an ``index_select`` gather, the compiled one-pass gather; per op: a launch with and
 without autograd recording; per row: a narrow GEMM's time (on one thread); for tall products (many
 rows, few outputs) the time on oneDNN and on the compiled kernel over MKL's, each pair interleaved;
-and for a recurrent weight's gradient (``grad.T @ h`` over a sequence's rows) ``torch.mm`` against
-oneDNN; and for the recurrent layers kcprnn's compiled dense loop against torch's kernel, one layer
-per mode (:func:`measure_routes`). The defaults fold in effects no micro-benchmark sees (they were
-tuned end to end), so each measured field of the starting model (the defaults, or ``--base FILE``)
-is scaled by this machine's measurement over :data:`REFERENCE`, the same measurement on the machine
-the defaults come from; where ``torch.mm`` computes the recurrent gradient faster at both measured
-sizes, ``recurrent_grad_mm_rows`` becomes 0 (always ``mm``), where oneDNN does,
-:data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the ``rnn_dense_*`` factors are solved so
-that the model prices the dense loop over torch's kernel as measured; the other fields are kept.
+for a large product over a sequence's rows (an input projection) oneDNN's time over MKL's
+(``onednn_gemm``, kept as measured); for a recurrent weight's gradient (``grad.T @ h`` over a
+sequence's rows) ``torch.mm`` against oneDNN; and for the recurrent layers kcprnn's compiled dense
+loop against torch's kernel, one layer per mode (:func:`measure_routes`). The defaults fold in
+effects no micro-benchmark sees (they were tuned end to end), so each measured field of the starting
+model (the defaults, or ``--base FILE``) is scaled by this machine's measurement over
+:data:`REFERENCE`, the same measurement on the machine the defaults come from; where ``torch.mm``
+computes the recurrent gradient faster at both measured sizes, ``recurrent_grad_mm_rows`` becomes 0
+(always ``mm``), where oneDNN does, :data:`ONEDNN_GRAD_ROWS` (oneDNN up to that many rows); the
+``rnn_dense_*`` factors are solved so that the model prices the dense loop over torch's kernel as
+measured; the other fields are kept.
 ``--raw`` prints the measurements themselves. Usage::
 
     kcprnn calibrate [--budget SECONDS] [--threads N] [--base FILE] [--out FILE] [--save] [--raw]
@@ -172,6 +174,14 @@ def measure(budget: float = 60.0) -> dict[str, float]:
             dest = torch.empty(view.shape)
             raw["native_gather"] = clock.time(lambda: native.gather(view, dest)) / numel / mac
 
+        # a large product over a sequence's rows (a fused layer's input projection): oneDNN's
+        # time over MKL's, the model's onednn_gemm as it is (not scaled by REFERENCE)
+        if ops.onednn_available():
+            rows_x, weight = torch.randn(*ONEDNN_GEMM_SIZE[:2]), torch.randn(*ONEDNN_GEMM_SIZE[2:])
+            raw["onednn_gemm"] = clock.ratio(
+                lambda: ops.linear_nt(rows_x, weight), lambda: F.linear(rows_x, weight)
+            )
+
         # a recurrent weight's gradient over a sequence's rows, torch.mm over oneDNN: the video
         # layer's (96 rows, 1,024 x 256) and a speech layer's share (960 rows, 2,048 x 512)
         if ops.onednn_available():
@@ -277,6 +287,10 @@ RECURRENT_GRAD_SIZES: dict[str, tuple[int, int, int]] = {
 }
 """The ``(rows, gates, hidden)`` of :func:`measure`'s recurrent-gradient timings."""
 
+ONEDNN_GEMM_SIZE = (1600, 256, 1024, 256)
+"""``(rows, inputs, outputs, inputs)`` of :func:`measure`'s ``onednn_gemm`` timing: the input
+projection of a speech layer's 100 steps (batch 16, 256 inputs, an LSTM's 1,024 gates)."""
+
 ONEDNN_GRAD_ROWS = 2048
 """``recurrent_grad_mm_rows`` where oneDNN computed the recurrent gradient faster at both sizes:
 oneDNN up to 2,048 rows, ``torch.mm`` beyond (faster at 4,800 rows on every machine measured)."""
@@ -303,6 +317,8 @@ def calibrate(budget: float = 60.0, base: CostModel | None = None) -> CostModel:
         changes["recurrent_grad_mm_rows"] = 0
     elif grad and min(grad) > 1.0:  # oneDNN faster at every size measured
         changes["recurrent_grad_mm_rows"] = ONEDNN_GRAD_ROWS
+    if "onednn_gemm" in raw:
+        changes["onednn_gemm"] = _sig(raw["onednn_gemm"])
     changes.update(_route_fields(raw, base))
     return base.replace(**changes)
 

@@ -33,6 +33,36 @@ __all__ = [
 ]
 
 
+def _mkl_generic_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AVX-512 but is not Intel's: MKL then runs its generic kernels (AVX2
+    at best), while oneDNN, which picks its kernels by the CPU's flags, runs AVX-512 ones.
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when ``None``; ``False`` where it cannot
+    be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return False
+    vendor = flags = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key == "flags" and not flags:
+            flags = value
+    return bool(vendor) and vendor != "GenuineIntel" and "avx512f" in flags.split()
+
+
+ONEDNN_GEMM_GENERIC = 0.5
+"""The built-in ``onednn_gemm`` where MKL runs its generic kernels on an AVX-512 CPU
+(:func:`_mkl_generic_avx512`): oneDNN ran the large products 1.6-2.4x faster on a 2-core AMD
+EPYC (Zen 4; ``benchmarks/results/recurrence/onednn-gemm/``); 1 elsewhere (MKL kept)."""
+
+_ONEDNN_GEMM = ONEDNN_GEMM_GENERIC if _mkl_generic_avx512() else 1.0
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Machine-tuned costs and thresholds. Frozen: derive variants with :meth:`replace`."""
@@ -87,6 +117,14 @@ class CostModel:
     # W_hh's gradient over more rows: one torch.mm, else oneDNN (mm was the faster from 16 to
     # 4,800 rows on the Xeon VM; `kcprnn calibrate` measures it)
     recurrent_grad_mm_rows: int = 0
+    onednn_gemm: float = _ONEDNN_GEMM  # a large float32 GEMM over a sequence's rows (a fused
+    # layer's input projection, its weight gradient, W_hh's gradient) on oneDNN over MKL's time:
+    # below 1 each runs where it prices lower (ops.onednn_gemm_price); 1 on Intel CPUs and those
+    # without AVX-512, ONEDNN_GEMM_GENERIC elsewhere; `kcprnn calibrate` measures it
+    onednn_copy: float = 40.0  # one element of a transposed operand oneDNN copies before its
+    # product (the gradients' n x g one) ...
+    onednn_call: float = 5.0e5  # ... and one call of its product beyond MKL's (about 10 us: the
+    # weight's reorder, the primitive's lookup)
 
     # --- recurrences (rnn) ---
     rnn_torch_step: float = 2.5e6  # one time step of one direction in torch's fused recurrent

@@ -29,15 +29,18 @@ from .cost import CostModel, default_cost_model
 
 __all__ = [
     "blocked_weight_grad",
+    "gemm_price",
     "linear_nt",
     "native_covers",
     "native_fits",
     "onednn_available",
     "onednn_covers",
+    "onednn_gemm_wins",
     "scratch",
     "tall_forward_transposed",
     "tall_linear",
     "weight_grad",
+    "weight_grad_onednn",
 ]
 
 _ONEDNN_LINEAR: Any
@@ -47,8 +50,9 @@ except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torc
     _ONEDNN_LINEAR = None
 
 
-def linear_nt(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b.T`` for ``a`` ``(m, k)`` and ``b`` ``(n, k)`` (any strides), without autograd.
+def linear_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ b.T`` (plus ``bias`` ``(n,)`` if given) for ``a`` ``(m, k)`` and ``b`` ``(n, k)``
+    (any strides), without autograd.
 
     On CPU in float32 it runs oneDNN's inner product when torch has it (and
     ``torch.backends.mkldnn.enabled``): where MKL takes its generic (non-AVX-512) path, oneDNN
@@ -57,8 +61,8 @@ def linear_nt(a: Tensor, b: Tensor) -> Tensor:
     only the shapes :func:`onednn_covers` here.
     """
     if _onednn_fits(a, b):
-        return _ONEDNN_LINEAR(a, b, None, "none", [], "")  # (m, n)
-    return a.mm(b.t())  # (m, n)
+        return _ONEDNN_LINEAR(a, b, bias, "none", [], "")  # (m, n)
+    return a.mm(b.t()) if bias is None else torch.addmm(bias, a, b.t())  # (m, n)
 
 
 def onednn_available() -> bool:
@@ -78,6 +82,43 @@ def _onednn_fits(a: Tensor, b: Tensor) -> bool:
         and bool(torch.backends.mkldnn.enabled)
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
     )
+
+
+def gemm_price(macs: int, made: tuple[int, ...], copied: int, model: CostModel) -> float:
+    """The price of a large float32 product of a sequence's rows (``macs`` MACs; on oneDNN it
+    allocates blocks of ``made`` elements and copies ``copied`` elements of transposed
+    operands) on the cheaper of MKL (``macs``: it writes into memory kept between calls) and,
+    where ``model.onednn``, oneDNN (``macs * onednn_gemm``, ``onednn_call``, ``onednn_copy``
+    per copied element and ``fault`` per element of each block above ``rnn_torch_mmap``
+    elements, which glibc maps fresh at every call)."""
+    if not (model.onednn and model.onednn_gemm < 1.0):
+        return float(macs)
+    faults = sum(n for n in made if n > model.rnn_torch_mmap)
+    price = macs * model.onednn_gemm + model.onednn_call + copied * model.onednn_copy
+    return min(float(macs), price + faults * model.fault)
+
+
+def onednn_gemm_wins(
+    macs: int, made: tuple[int, ...], copied: int, model: CostModel, dtype: torch.dtype
+) -> bool:
+    """Whether such a product (:func:`gemm_price`) prices lower on oneDNN than on MKL, in
+    ``dtype`` (float32 only) where oneDNN runs (:func:`onednn_available`)."""
+    return (
+        dtype == torch.float32
+        and gemm_price(macs, made, copied, model) < macs
+        and onednn_available()
+    )
+
+
+def weight_grad_onednn(grad: Tensor, x: Tensor, model: CostModel) -> Tensor | None:
+    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``) on oneDNN where it prices lower
+    (:func:`onednn_gemm_wins`: both operands copied transposed); ``None`` elsewhere."""
+    (n, g), f = grad.shape, x.shape[1]
+    if grad.device.type != "cpu" or not onednn_gemm_wins(
+        n * g * f, (n * g, n * f), n * (g + f), model, grad.dtype
+    ):
+        return None
+    return linear_nt(grad.t(), x.t())  # (g, f)
 
 
 def onednn_covers(rows: int, f: int, g: int, model: CostModel) -> bool:

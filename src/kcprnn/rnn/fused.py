@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .._cpu import native_rnn
 from .._cpu.buffers import pooled_empty, release_buffers
-from .._cpu.ops import linear_nt
+from .._cpu.cost import default_cost_model
+from .._cpu.ops import linear_nt, onednn_gemm_wins, weight_grad_onednn
 from ._fused_base import (
     _Dense,
     _empty,
@@ -231,17 +232,24 @@ def _lstm_grads(
 
 
 class _InputProjection(torch.autograd.Function):
-    """``x @ W.T + b`` into a pooled buffer (:func:`~kcprnn._cpu.buffers.pooled_empty`), with
-    ``F.linear``'s gradients."""
+    """``x @ W.T + b`` on MKL into a pooled buffer (:func:`~kcprnn._cpu.buffers.pooled_empty`),
+    or on oneDNN where that prices lower (:func:`~kcprnn._cpu.ops.onednn_gemm_wins`), with
+    ``F.linear``'s gradients (the weight's likewise on either)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (n, i)
-        out = pooled_empty((rows.shape[0], weight.shape[0]), x.dtype, x.device)  # (n, g)
-        if bias is None:
-            torch.mm(rows, weight.t(), out=out)
+        (n, i), g = rows.shape, weight.shape[0]
+        model = default_cost_model()
+        if onednn_gemm_wins(n * i * g, (n * g,), 0, model, x.dtype):
+            out = linear_nt(rows, weight, bias)  # (n, g)
         else:
-            torch.addmm(bias, rows, weight.t(), out=out)
+            out = pooled_empty((n, g), x.dtype, x.device)  # (n, g)
+            if bias is None:
+                torch.mm(rows, weight.t(), out=out)
+            else:
+                torch.addmm(bias, rows, weight.t(), out=out)
+        ctx.model = model
         ctx.save_for_backward(rows, weight)
         ctx.has_bias, ctx.shape = bias is not None, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -254,7 +262,11 @@ class _InputProjection(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:  # oneDNN's product where it runs (faster than MKL's here)
             grad_x = linear_nt(grad, weight.t().contiguous()).view(ctx.shape)  # (..., i)
-        grad_w = grad.t().mm(rows) if ctx.needs_input_grad[1] else None  # (g, i)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad_onednn(grad, rows, ctx.model)  # (g, i)
+            if grad_w is None:
+                grad_w = grad.t().mm(rows)  # (g, i)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (g,)
         return grad_x, grad_w, grad_b
 
@@ -263,9 +275,11 @@ def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """``F.linear(x, weight, bias)`` for the input projections of a fused recurrence: on the
     CPU the result is written into a buffer reused between calls of the same shapes (fresh
     memory is paid for in page faults, about as much as the product itself at the speech size:
-    :mod:`kcprnn._cpu.buffers`). ``x`` ``(..., i)``, ``weight`` ``(g, i)``, ``bias`` ``(g,)``
-    or ``None``; returns ``(..., g)``, contiguous, with ``F.linear``'s gradients (no double
-    backward). Elsewhere, and for inputs ``F.linear`` would reject, it is ``F.linear``."""
+    :mod:`kcprnn._cpu.buffers`), except where oneDNN's product, which allocates its own, prices
+    lower (on CPUs where MKL runs its generic kernels). ``x`` ``(..., i)``, ``weight``
+    ``(g, i)``, ``bias`` ``(g,)`` or ``None``; returns ``(..., g)``, contiguous, with
+    ``F.linear``'s gradients (no double backward). Elsewhere, and for inputs ``F.linear``
+    would reject, it is ``F.linear``."""
     if (
         x.device.type != "cpu"
         or x.dim() < 1

@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._cpu import CostModel, default_cost_model
 from .._cpu.native_dense import small_product
+from .._cpu.ops import gemm_price
 from ..formats import FactorizedMatrix
 from ._options import _first_parameter
 from .kron import (
@@ -216,7 +217,9 @@ def _input_costs(
     a dense matrix)."""
     ih = cell.weight_ih
     passes = 3 if training else 1
-    dense = _rebuild(ih, training, cm) + passes * rows * ih.in_features * ih.out_features
+    dense = _rebuild(ih, training, cm) + _dense_input(
+        rows, ih.in_features, ih.out_features, training, cm
+    )
     if ih.format_name == "dense" or ih.algorithm == "dense":
         return dense, dense
     rate = structured_rate(ih, cm)
@@ -228,6 +231,18 @@ def _input_costs(
     if ih.format_name == "cp" and training:
         rate *= cm.rnn_cp_input_training
     return passes * rate * ih.macs(rows, training=training) + output, dense
+
+
+def _dense_input(rows: int, i: int, g: int, training: bool, cm: CostModel) -> float:
+    """The price of a dense ``W_ih`` ``(g, i)`` times ``rows`` rows
+    (:func:`~kcprnn.rnn.fused.input_projection`): the forward and, in training, both gradients,
+    the input's on oneDNN and the others on MKL or oneDNN, whichever prices lower
+    (:func:`~kcprnn._cpu.ops.gemm_price`)."""
+    macs = rows * i * g
+    forward = gemm_price(macs, (rows * g,), 0, cm)
+    if not training:
+        return forward
+    return forward + macs + gemm_price(macs, (rows * g, rows * i), rows * (g + i), cm)
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
@@ -264,7 +279,10 @@ def layer_costs(
         # torch's own kernel: one pass of its GEMMs and steps forward, two backward, each
         # scaled by what its kernel for this mode costs over its LSTM's (and so kcprnn's fused
         # dense loop, which does the same per-step work; the compiled structured loop is not)
-        once = rows * c.weight_ih.in_features * g + recurrent_once
+        inputs = rows * c.weight_ih.in_features * g
+        once = inputs + recurrent_once
+        if c.mode == "LSTM" and cm.onednn:  # oneDNN's RNN primitive: its input products too
+            once -= (1.0 - min(cm.onednn_gemm, 1.0)) * inputs
         if c.weight_hr is not None:
             once += rows * c.weight_hr.in_features * p
         scale, scale_backward = _torch_scales(c.mode, cm)
@@ -279,7 +297,6 @@ def layer_costs(
                 2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
             )
             if c.mode == "LSTM" and cm.onednn:  # its input products, slower than a GEMM's
-                inputs = rows * c.weight_ih.in_features * g
                 costs["torch"] += 3 * (cm.rnn_torch_lstm_input - 1) * inputs
         ih = min(_input_costs(c, rows, training, cm))
         if cm.kernels and cm.onednn and rows >= steps * cm.rnn_min_rows:
