@@ -6,11 +6,12 @@ the built-in value for this CPU, or ``--gain``) against the same modules with ``
 suite.
 
     python benchmarks/ab_onednn_gemm.py [--points speech,spikes] [--modes LSTM,GRU,RNN]
-        [--formats dense,kcp,tt] [--reps 5] [--threads 1] [--gain G]
+        [--formats dense,kcp,tt] [--reps 5] [--threads 1] [--gain G] [--gemms]
 
 Prints one line per point, module and phase: ``torch.nn``'s time over kcprnn's with MKL and with
 the priced choice (medians of the per-round ratios; the three modules called in turn each
 round), then the large GEMM's rates on both libraries at the point's input projection.
+``--gemms`` times the three products of a set of shapes on both libraries instead.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,6 +62,36 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+GEMM_SHAPES = [  # (rows, inputs, outputs): input projections of the suite's layers and others
+    (4800, 40, 1024), (4800, 40, 2048), (4800, 123, 1024), (4800, 123, 2048), (4800, 512, 2048),
+    (3200, 700, 1024), (8000, 700, 1024), (3200, 256, 1024), (320, 40, 2048), (64, 700, 1024),
+]  # fmt: skip
+
+
+def _gemm_table(reps: int) -> None:
+    """Each shape's three products on MKL and on oneDNN (ms, medians): the forward into memory
+    kept between calls (as the fused layers' input projection on MKL) against oneDNN's fresh
+    output; the weight's gradient ``grad.T @ x`` and the input's ``grad @ W``."""
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    def ms(fn) -> float:
+        fn()
+        return 1e3 * statistics.median(_time(fn) for _ in range(reps))
+
+    print("# rows x in x out: forward MKL / oneDNN | weight grad | input grad (ms)")
+    for n, i, g in GEMM_SHAPES:
+        x, w, d, b = torch.randn(n, i), torch.randn(g, i), torch.randn(n, g), torch.randn(g)
+        out = torch.empty(n, g)
+        wt = w.t().contiguous()
+        pairs = [
+            (partial(torch.addmm, b, x, w.t(), out=out), partial(onednn, x, w, b, "none", [], "")),
+            (partial(torch.mm, d.t(), x), partial(onednn, d.t(), x.t(), None, "none", [], "")),
+            (partial(torch.mm, d, w), partial(onednn, d, wt, None, "none", [], "")),
+        ]
+        cells = [f"{ms(a):.2f} / {ms(c):.2f}" for a, c in pairs]
+        print(f"{n}x{i}x{g}: " + " | ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", default="speech,spikes")
@@ -70,9 +102,13 @@ def main() -> None:
     ap.add_argument(
         "--gain", type=float, help="onednn_gemm of the priced model (default: built-in)"
     )
+    ap.add_argument("--gemms", action="store_true", help="only time the GEMM shapes on both")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.gemms:
+        _gemm_table(max(args.reps, 3))
+        return
     folder = Path(tempfile.mkdtemp(prefix="ab-onednn-"))
     priced = CostModel() if args.gain is None else CostModel(onednn_gemm=args.gain)
     models = {"mkl": folder / "mkl.json", "priced": folder / "priced.json"}
