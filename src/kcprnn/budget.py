@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_CAP",
     "DEFAULT_WIDE_COUNT",
+    "DEFAULT_WIDE_FLOOR",
     "KCP_LAYOUT",
     "KCP_LAYOUTS",
     "KCP_PREFERENCE",
@@ -95,6 +96,13 @@ DEFAULT_CAP = 1 / 4
 DEFAULT_WIDE_COUNT = 2
 """A compressed matrix larger than ``W_hh`` counts in a cell's default budget at most at this
 many times ``W_hh``'s dense size (so a wide input raises the budget by a bounded amount)."""
+
+DEFAULT_WIDE_FLOOR = 12_288
+"""A compressed matrix larger than ``W_hh`` stores by default at least this many parameters, or
+:data:`DEFAULT_BUDGET` of itself where that is fewer: the even split of a wide input's bounded
+count leaves a few hundred inputs (the spike stand-in's 700 channels) a few thousand parameters,
+1/117 of ``W_ih``, where the held-out voices want about 1/32; a very wide input (57,600 pixels)
+already gets this many from the split."""
 
 SOLVED_FORMATS = frozenset({"bt", "cp", "ht", "kcp", "tr", "tt", "tucker"})
 """The compressed formats the solver turns a budget into options for (``"dense"`` takes only

@@ -15,6 +15,7 @@ from kcprnn.budget import (
     DEFAULT_BUDGET,
     DEFAULT_CAP,
     DEFAULT_WIDE_COUNT,
+    DEFAULT_WIDE_FLOOR,
     SOLVED_FORMATS,
     split_budget,
 )
@@ -115,23 +116,44 @@ def test_a_wide_input_counts_at_most_twice_the_hidden_matrix():
 
 
 @pytest.mark.parametrize(
-    ("n_in", "hidden", "each"),
+    ("n_in", "hidden", "each", "wide"),
     [
         # the spike stand-in: W_ih 512 x 700 = 358,400 counts as 2 x 65,536; 1/32 of 196,608
-        # is 6,144, 3,072 each
-        (700, 128, 3072),
-        # W_ih 1024 x 400 = 409,600 counts in full: 1/32 of 671,744 = 20,992, 10,496 each
-        (400, 256, 10_496),
+        # is 6,144, 3,072 each; then W_ih is raised to the floor, 1/32 of itself (11,200 is
+        # fewer than 12,288)
+        (700, 128, 3072, 11_200),
+        # W_ih 1024 x 400 = 409,600 counts in full: 1/32 of 671,744 = 20,992, 10,496 each;
+        # W_ih raised to the floor's 12,288 (1/32 of itself would be 12,800)
+        (400, 256, 10_496, 12_288),
+        # W_ih 1024 x 1,000 counts as 2 x 262,144: 12,288 each, already at the floor
+        (1000, 256, 12_288, 12_288),
     ],
 )
-def test_a_wider_input_raises_the_budget_up_to_the_bound(n_in, hidden, each):
+def test_a_wider_input_raises_the_budget_up_to_the_bound(n_in, hidden, each, wide):
     ih_size, hh_size = 4 * hidden * n_in, 4 * hidden * hidden
     assert (min(ih_size, 2 * hh_size) + hh_size) / 32 == 2 * each
+    assert wide == max(each, min(DEFAULT_WIDE_FLOOR, ih_size / 32))
     cell = kcprnn.LSTMCell(n_in, hidden, format="tt", hidden_format="tt")
-    ih = make_matrix("tt", n_in, 4 * hidden, rank=each / ih_size)
+    ih = make_matrix("tt", n_in, 4 * hidden, rank=wide / ih_size)
     hh = make_matrix("tt", hidden, 4 * hidden, rank=each / hh_size)
-    assert cell.weight_ih.num_params == ih.num_params <= each
+    assert cell.weight_ih.num_params == ih.num_params <= wide
     assert cell.weight_hh.num_params == hh.num_params <= each
+
+
+@pytest.mark.parametrize("fmt", ["kcp", "tt", "ht"])
+def test_only_a_matrix_wider_than_w_hh_gets_the_floor(fmt):
+    """The floor lifts a wide ``W_ih`` only: a narrow one (FSDD's 13, speech's 40 inputs), a
+    ``W_hh`` and a ``W_ih`` of ``W_hh``'s size keep the split's share."""
+    assert DEFAULT_WIDE_FLOOR == 12_288
+    for n_in, hidden in ((13, 256), (40, 256), (256, 256)):
+        cell = kcprnn.LSTMCell(n_in, hidden, format=fmt, hidden_format=fmt)
+        shares = split_budget([4 * hidden * n_in, 4 * hidden * hidden])
+        for m, share, n in zip(
+            (cell.weight_ih, cell.weight_hh), shares, (n_in, hidden), strict=True
+        ):
+            assert m.num_params == make_matrix(fmt, n, 4 * hidden, rank=share).num_params
+    wide = kcprnn.LSTMCell(700, 128, format=fmt, hidden_format=fmt)
+    assert 11_200 * 0.9 < wide.weight_ih.num_params <= 11_200
 
 
 def test_dense_matrices_are_outside_the_budget():
