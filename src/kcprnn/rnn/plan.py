@@ -280,7 +280,7 @@ def layer_costs(
         # scaled by what its kernel for this mode costs over its LSTM's (and so kcprnn's fused
         # dense loop, which does the same per-step work; the compiled structured loop is not)
         inputs = rows * c.weight_ih.in_features * g
-        once = inputs + recurrent_once
+        once = float(inputs + recurrent_once)
         if c.mode == "LSTM" and cm.onednn:  # oneDNN's RNN primitive: its input products too
             once -= (1.0 - min(cm.onednn_gemm, 1.0)) * inputs
         if c.weight_hr is not None:
