@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from ab_dense_loop import _timed  # the same protocol (benchmarks/)
 
 import kcprnn
 from kcprnn._cpu.cost import CostModel
@@ -32,16 +33,6 @@ POINTS = {  # (input, hidden, batch, steps, bidirectional)
                (123, 512, 16, 300, True)],
     "spikes": [(700, 256, 32, 100, False), (700, 256, 32, 250, False)],
 }  # fmt: skip
-
-
-def _timed(module: torch.nn.Module, x: torch.Tensor, kind: str) -> float:
-    start = time.perf_counter()
-    with torch.set_grad_enabled(kind == "train"):
-        out, _ = module(x)
-    if kind == "train":
-        out.sum().backward()
-        module.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def _gemm_rates(n: int, i: int, g: int, reps: int = 5) -> str:
@@ -137,9 +128,11 @@ def main() -> None:
                         ratios: dict[str, list[float]] = {name: [] for name in models}
                         for rep in range(args.reps + 1):
                             base = _timed(ref, x, kind)
+                            ref.zero_grad(set_to_none=True)
                             for name, module in ours.items():
                                 os.environ["KCPRNN_COST_MODEL"] = str(models[name])
                                 took = _timed(module, x, kind)
+                                module.zero_grad(set_to_none=True)
                                 if rep:  # the first round warms every module
                                     ratios[name].append(base / took)
                         cells = " ".join(
