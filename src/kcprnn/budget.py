@@ -100,9 +100,8 @@ many times ``W_hh``'s dense size (so a wide input raises the budget by a bounded
 DEFAULT_WIDE_FLOOR = 12_288
 """A compressed matrix larger than ``W_hh`` stores by default at least this many parameters, or
 :data:`DEFAULT_BUDGET` of itself where that is fewer: the even split of a wide input's bounded
-count leaves a few hundred inputs (the spike stand-in's 700 channels) a few thousand parameters,
-1/117 of ``W_ih``, where the held-out voices want about 1/32; a very wide input (57,600 pixels)
-already gets this many from the split."""
+count would leave a few hundred inputs (the spike stand-in's 700 channels at hidden 128) 1/117
+of ``W_ih``; a very wide input (57,600 pixels at hidden 256) gets this many from the split."""
 
 SOLVED_FORMATS = frozenset({"bt", "cp", "ht", "kcp", "tr", "tt", "tucker"})
 """The compressed formats the solver turns a budget into options for (``"dense"`` takes only

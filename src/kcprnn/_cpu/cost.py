@@ -57,7 +57,7 @@ def _mkl_generic_avx512(cpuinfo: str | None = None) -> bool:
 
 ONEDNN_GEMM_GENERIC = 0.5
 """The built-in ``onednn_gemm`` where MKL runs its generic kernels on an AVX-512 CPU
-(:func:`_mkl_generic_avx512`): oneDNN ran the large products 1.6-2.4x faster on a 2-core AMD
+(:func:`_mkl_generic_avx512`): oneDNN ran the large products 1.05-2.7x faster on a 2-core AMD
 EPYC (Zen 4; ``benchmarks/results/recurrence/onednn-gemm/``); 1 elsewhere (MKL kept)."""
 
 _ONEDNN_GEMM = ONEDNN_GEMM_GENERIC if _mkl_generic_avx512() else 1.0
@@ -119,7 +119,7 @@ class CostModel:
     recurrent_grad_mm_rows: int = 0
     onednn_gemm: float = _ONEDNN_GEMM  # a large float32 GEMM over a sequence's rows (a fused
     # layer's input projection, its weight gradient, W_hh's gradient) on oneDNN over MKL's time:
-    # below 1 each runs where it prices lower (ops.onednn_gemm_price); 1 on Intel CPUs and those
+    # below 1 each runs where it prices lower (ops.gemm_price); 1 on Intel CPUs and those
     # without AVX-512, ONEDNN_GEMM_GENERIC elsewhere; `kcprnn calibrate` measures it
     onednn_copy: float = 40.0  # one element of a transposed operand oneDNN copies before its
     # product (the gradients' n x g one) ...

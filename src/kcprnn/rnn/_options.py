@@ -108,23 +108,20 @@ def default_budget_options(specs: dict[str, MatrixSpec]) -> dict[str, MatrixSpec
     (:data:`~kcprnn.budget.SOLVED_FORMATS`: not ``"dense"`` nor a format registered elsewhere)
     whose options give no ``rank`` solved for its share of one budget (:mod:`kcprnn.budget`).
 
-    The rule: the compressed matrices together store :data:`~kcprnn.budget.DEFAULT_BUDGET`
-    (1/32) of their dense parameters, each counted at most at
-    :data:`~kcprnn.budget.DEFAULT_WIDE_COUNT` (2) times ``W_hh``'s dense size (a wide input
-    raises the budget, by a bounded amount), split evenly between them in parameters, no matrix
-    above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own size, the remainder to the others
-    (:func:`~kcprnn.budget.split_budget`); a matrix larger than ``W_hh`` then stores at least
-    :data:`~kcprnn.budget.DEFAULT_WIDE_FLOOR` (12,288) parameters, or 1/32 of itself where that
-    is fewer. For an LSTM with 13 inputs and 256 hidden units in
-    one format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and ``W_hh`` (``1024 x 256``) the
-    rest, about 1/50: 32x smaller in all. With 57,600 inputs each matrix gets 12,288 parameters
-    (3/64 of ``W_hh``, 1/4,800 of ``W_ih``); with 700 inputs and 128 hidden units, ``W_ih``
-    11,200 (1/32 of itself) and ``W_hh`` 3,072 (3/64 of itself): 30x in all. The shares are
-    counted over every
-    compressed matrix, so a matrix given its own ``rank`` keeps it and the others keep the
-    share they would get without it. Each share is solved into the format's options as a float
-    ``rank`` would be (the largest configuration not above it; the smallest
-    one where none fits).
+    The rule: the compressed matrices together store :data:`~kcprnn.budget.DEFAULT_BUDGET` (1/32) of
+    their dense parameters, each counted at most at :data:`~kcprnn.budget.DEFAULT_WIDE_COUNT` (2)
+    times ``W_hh``'s dense size (a wide input raises the budget, by a bounded amount), split evenly
+    between them in parameters, no matrix above :data:`~kcprnn.budget.DEFAULT_CAP` (1/4) of its own
+    size, the remainder to the others (:func:`~kcprnn.budget.split_budget`); a matrix larger than
+    ``W_hh`` then stores at least :data:`~kcprnn.budget.DEFAULT_WIDE_FLOOR` (12,288) parameters, or
+    1/32 of itself where that is fewer. For an LSTM with 13 inputs and 256 hidden units in one
+    format, ``W_ih`` (``1024 x 13``) gets 1/4 of itself and ``W_hh`` (``1024 x 256``) the rest,
+    about 1/50: 32x smaller in all. With 57,600 inputs each matrix gets 12,288 parameters (3/64 of
+    ``W_hh``, 1/4,800 of ``W_ih``); with 700 inputs and 128 hidden units, ``W_ih`` 11,200 (1/32 of
+    itself) and ``W_hh`` 3,072 (3/64 of itself): 30x in all. The shares are counted over every
+    compressed matrix, so a matrix given its own ``rank`` keeps it and the others keep the share
+    they would get without it. Each share is solved into the format's options as a float ``rank``
+    would be (the largest configuration not above it; the smallest one where none fits).
     """
     compressed = [role for role, spec in specs.items() if spec[0] in SOLVED_FORMATS]
     if not compressed:
