@@ -199,3 +199,46 @@ def test_module_with_pooled_buffers_matches_steps(packed, pool_everything):
             results.append([out, h, c, *torch.autograd.grad(loss, list(m.parameters()))])
         for a, b in zip(results[0], results[1], strict=True):
             torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_fused_layers_with_the_large_products_on_onednn_match_torch(monkeypatch, tmp_path, mode):
+    """A dense bidirectional layer on kcprnn's compiled loop with its input projection, that
+    product's weight gradient and ``W_hh``'s gradient on oneDNN (a model that prices them there
+    at any size: ``onednn_gemm`` 0.5, no call or copy cost), in float32, against ``torch.nn``'s
+    layer in float64: outputs and every gradient; oneDNN called for the input projection's
+    forward."""
+    from kcprnn._cpu import ops
+    from kcprnn._cpu.cost import CostModel
+
+    if not (ops.onednn_available() and native.available()):
+        pytest.skip("needs oneDNN and the compiled kernels")
+    path = tmp_path / "model.json"
+    CostModel(onednn_gemm=0.5, onednn_call=0.0, onednn_copy=0.0).save(path)
+    monkeypatch.setenv("KCPRNN_COST_MODEL", str(path))
+    calls = []
+    real = ops._ONEDNN_LINEAR
+    monkeypatch.setattr(ops, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(6)
+    t, b, i, h = 5, 16, 12, 8
+    ref = getattr(torch.nn, mode)(i, h, bidirectional=True, dtype=torch.float64)
+    ours = getattr(kcprnn, mode).from_torch(copy.deepcopy(ref).float(), format="dense")
+    ours.recurrence = "dense"  # the compiled loop, whatever the prices say about torch's kernel
+    x = torch.randn(t, b, i, dtype=torch.float64)
+    seed = torch.randn(t, b, 2 * h, dtype=torch.float64)
+    got, _ = ours(x.float())
+    (got * seed.float()).sum().backward()
+    want, _ = ref(x)
+    (want * seed).sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for name, p in ref.named_parameters():
+        layer, direction = 0, int(name.endswith("_reverse"))
+        cell = ours.cell(layer, direction)
+        mine = {
+            "weight_ih": cell.weight_ih.weight,
+            "weight_hh": cell.weight_hh.weight,
+            "bias_ih": cell.bias_ih,
+            "bias_hh": cell.bias_hh,
+        }[name.split("_l0")[0]]
+        torch.testing.assert_close(mine.grad.double(), p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert (t * b, i) in calls  # the input projection's forward ran on oneDNN
