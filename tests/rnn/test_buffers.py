@@ -232,13 +232,8 @@ def test_fused_layers_with_the_large_products_on_onednn_match_torch(monkeypatch,
     (want * seed).sum().backward()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     for name, p in ref.named_parameters():
-        layer, direction = 0, int(name.endswith("_reverse"))
-        cell = ours.cell(layer, direction)
-        mine = {
-            "weight_ih": cell.weight_ih.weight,
-            "weight_hh": cell.weight_hh.weight,
-            "bias_ih": cell.bias_ih,
-            "bias_hh": cell.bias_hh,
-        }[name.split("_l0")[0]]
+        role = name.split("_l0")[0]  # weight_ih, weight_hh, bias_ih or bias_hh
+        mine = getattr(ours.cell(0, int(name.endswith("_reverse"))), role)
+        mine = mine.weight if role.startswith("weight") else mine  # a matrix's dense parameter
         torch.testing.assert_close(mine.grad.double(), p.grad, rtol=1e-4, atol=1e-4, msg=name)
     assert (t * b, i) in calls  # the input projection's forward ran on oneDNN
