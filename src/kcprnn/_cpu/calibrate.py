@@ -177,7 +177,8 @@ def measure(budget: float = 60.0) -> dict[str, float]:
         # a large product over a sequence's rows (a fused layer's input projection): oneDNN's
         # time over MKL's, the model's onednn_gemm as it is (not scaled by REFERENCE)
         if ops.onednn_available():
-            rows_x, weight = torch.randn(*ONEDNN_GEMM_SIZE[:2]), torch.randn(*ONEDNN_GEMM_SIZE[2:])
+            n, f, g = ONEDNN_GEMM_SIZE
+            rows_x, weight = torch.randn(n, f), torch.randn(g, f)
             raw["onednn_gemm"] = clock.ratio(
                 lambda: ops.linear_nt(rows_x, weight), lambda: F.linear(rows_x, weight)
             )
@@ -287,8 +288,8 @@ RECURRENT_GRAD_SIZES: dict[str, tuple[int, int, int]] = {
 }
 """The ``(rows, gates, hidden)`` of :func:`measure`'s recurrent-gradient timings."""
 
-ONEDNN_GEMM_SIZE = (1600, 256, 1024, 256)
-"""``(rows, inputs, outputs, inputs)`` of :func:`measure`'s ``onednn_gemm`` timing: the input
+ONEDNN_GEMM_SIZE = (1600, 256, 1024)
+"""``(rows, inputs, outputs)`` of :func:`measure`'s ``onednn_gemm`` timing: the input
 projection of a speech layer's 100 steps (batch 16, 256 inputs, an LSTM's 1,024 gates)."""
 
 ONEDNN_GRAD_ROWS = 2048

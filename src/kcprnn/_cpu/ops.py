@@ -30,6 +30,7 @@ from .cost import CostModel, default_cost_model
 __all__ = [
     "blocked_weight_grad",
     "gemm_price",
+    "linear_terms",
     "linear_nt",
     "native_covers",
     "native_fits",
@@ -41,6 +42,7 @@ __all__ = [
     "tall_linear",
     "weight_grad",
     "weight_grad_onednn",
+    "weight_grad_terms",
 ]
 
 _ONEDNN_LINEAR: Any
@@ -98,6 +100,18 @@ def gemm_price(macs: int, made: tuple[int, ...], copied: int, model: CostModel) 
     return min(float(macs), price + faults * model.fault)
 
 
+def linear_terms(rows: int, f: int, g: int) -> tuple[int, tuple[int, ...], int]:
+    """:func:`gemm_price`'s terms of ``x @ W.T`` for ``x`` ``(rows, f)`` and ``W`` ``(g, f)``:
+    its MACs, oneDNN's fresh ``(rows, g)`` output, no copy."""
+    return rows * f * g, (rows * g,), 0
+
+
+def weight_grad_terms(rows: int, g: int, f: int) -> tuple[int, tuple[int, ...], int]:
+    """:func:`gemm_price`'s terms of ``grad.T @ x`` for ``grad`` ``(rows, g)`` and ``x``
+    ``(rows, f)``: its MACs, and both operands copied transposed by oneDNN (fresh blocks)."""
+    return rows * g * f, (rows * g, rows * f), rows * (g + f)
+
+
 def onednn_gemm_wins(
     macs: int, made: tuple[int, ...], copied: int, model: CostModel, dtype: torch.dtype
 ) -> bool:
@@ -112,10 +126,10 @@ def onednn_gemm_wins(
 
 def weight_grad_onednn(grad: Tensor, x: Tensor, model: CostModel) -> Tensor | None:
     """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``) on oneDNN where it prices lower
-    (:func:`onednn_gemm_wins`: both operands copied transposed); ``None`` elsewhere."""
+    (:func:`onednn_gemm_wins` with :func:`weight_grad_terms`); ``None`` elsewhere."""
     (n, g), f = grad.shape, x.shape[1]
     if grad.device.type != "cpu" or not onednn_gemm_wins(
-        n * g * f, (n * g, n * f), n * (g + f), model, grad.dtype
+        *weight_grad_terms(n, g, f), model, grad.dtype
     ):
         return None
     return linear_nt(grad.t(), x.t())  # (g, f)

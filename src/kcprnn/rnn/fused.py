@@ -35,7 +35,7 @@ from torch import Tensor
 from .._cpu import native_rnn
 from .._cpu.buffers import pooled_empty, release_buffers
 from .._cpu.cost import default_cost_model
-from .._cpu.ops import linear_nt, onednn_gemm_wins, weight_grad_onednn
+from .._cpu.ops import linear_nt, linear_terms, onednn_gemm_wins, weight_grad_onednn
 from ._fused_base import (
     _Dense,
     _empty,
@@ -241,7 +241,7 @@ class _InputProjection(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (n, i)
         (n, i), g = rows.shape, weight.shape[0]
         model = default_cost_model()
-        if onednn_gemm_wins(n * i * g, (n * g,), 0, model, x.dtype):
+        if onednn_gemm_wins(*linear_terms(n, i, g), model, x.dtype):
             out = linear_nt(rows, weight, bias)  # (n, g)
         else:
             out = pooled_empty((n, g), x.dtype, x.device)  # (n, g)

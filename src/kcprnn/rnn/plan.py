@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._cpu import CostModel, default_cost_model
 from .._cpu.native_dense import small_product
-from .._cpu.ops import gemm_price
+from .._cpu.ops import gemm_price, linear_terms, weight_grad_terms
 from ..formats import FactorizedMatrix
 from ._options import _first_parameter
 from .kron import (
@@ -238,11 +238,10 @@ def _dense_input(rows: int, i: int, g: int, training: bool, cm: CostModel) -> fl
     (:func:`~kcprnn.rnn.fused.input_projection`): the forward and, in training, both gradients,
     the input's on oneDNN and the others on MKL or oneDNN, whichever prices lower
     (:func:`~kcprnn._cpu.ops.gemm_price`)."""
-    macs = rows * i * g
-    forward = gemm_price(macs, (rows * g,), 0, cm)
+    forward = gemm_price(*linear_terms(rows, i, g), cm)
     if not training:
         return forward
-    return forward + macs + gemm_price(macs, (rows * g, rows * i), rows * (g + i), cm)
+    return forward + rows * i * g + gemm_price(*weight_grad_terms(rows, g, i), cm)
 
 
 def input_is_dense(cell: RNNCellBase, rows: int, training: bool) -> bool:
