@@ -276,11 +276,13 @@ def test_route_prices_by_hand():
     assert got["dense"] == pytest.approx(dense_train, rel=1e-12)
     assert got["structured"] == pytest.approx(structured_train, rel=1e-12)
     # the factor gradients: the cheaper of the sweeps over all rows and the dense-first
-    # contraction (one rows x 512 x 2048 GEMM, then the sweeps over the 512 rows of W_hh)
-    from kcprnn.rnn.kron import kron_grads_cost
+    # contraction (one rows x 512 x 2048 GEMM, then the MTTKRP: the regrouping copy of the
+    # 512 x 2048 gradient and 4 terms' products over it per factor, at KR_GRADS each)
+    from kcprnn.rnn.kron import KR_GRADS, kron_grads_cost
 
     shapes = [(4, 8, 8), (4, 8, 4), (4, 8, 4), (4, 4, 4)]
-    grads = min(kron_grads_cost(shapes, rows), rows * 512 * g + kron_grads_cost(shapes, 512))
+    from_dense = 512 * g * (1 + KR_GRADS * 4 * 4)
+    grads = min(kron_grads_cost(shapes, rows), rows * 512 * g + from_dense)
     full = plan.layer_costs(cells, rows, steps, True, True, cm)
     assert full["structured"] - got["structured"] == pytest.approx(cm.rnn_native_grads * grads)
     # with it, training prices the structured loop below the compiled dense loop on the

@@ -15,6 +15,7 @@ from kcprnn.rnn.fused import fused_sequence
 from kcprnn.rnn.kron import (
     kron_apply,
     kron_grads,
+    kron_grads_from_dense,
     kron_layout,
     kron_matmul_macs,
     kron_terms,
@@ -259,11 +260,14 @@ def test_kron_grads_match_autograd(fmt, shape, options, rows):
         *([k == n for k in range(len(mats))] for n in range(len(mats))),
     ):
         got = kron_grads(x, grad, plain, needs)
-        for g, w_, need in zip(got, want, needs, strict=True):
+        # the same from the gradient of the whole matrix (factor-major rows and columns)
+        from_dense = kron_grads_from_dense(grad.t() @ x, plain, needs)
+        for g, d, w_, need in zip(got, from_dense, want, needs, strict=True):
             if need:
                 torch.testing.assert_close(g, w_, **TOL)
+                torch.testing.assert_close(d, w_, **TOL)
             else:
-                assert g is None
+                assert g is None and d is None
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,13 @@ from torch import Tensor
 from .._cpu import default_cost_model, native, native_dense, native_rnn
 from .._cpu.buffers import pooled_empty, scratch
 from .._cpu.ops import linear_nt, weight_grad_onednn
-from .kron import KronLayout, kron_apply, kron_grads, kron_grads_dense_first
+from .kron import (
+    KronLayout,
+    kron_apply,
+    kron_grads,
+    kron_grads_dense_first,
+    kron_grads_from_dense,
+)
 
 
 def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
@@ -126,12 +132,11 @@ class _Kron:
         ``(t, b, h)``, both in factor-major order (as the compiled kernels write them)."""
         n = grad.shape[0] * grad.shape[1]
         grad, x = grad.view(n, -1), x.view(n, -1)
-        if kron_grads_dense_first([tuple(a.shape) for a in self.mats], n):
-            # the whole matrix's gradient in one GEMM, then the factors' from it as from the
-            # rows of an identity
-            dense = torch.matmul(grad.t(), x)  # (g, h): one GEMM over all rows
-            eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)  # (h, h)
-            return kron_grads(eye, dense.t(), self.mats, needs)
+        model = default_cost_model()
+        if kron_grads_dense_first([tuple(a.shape) for a in self.mats], n, model):
+            # the whole matrix's gradient in one GEMM, then the factors' from it
+            dense = _recurrent_weight_grad(grad, x)  # (g, h): one GEMM over all rows
+            return kron_grads_from_dense(dense, self.mats, needs)
         return kron_grads(x, grad, self.mats, needs)
 
     def grads(self, grad: Tensor, h_prev: Tensor, needs: Sequence[bool]) -> list[Tensor | None]:

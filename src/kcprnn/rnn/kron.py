@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._cpu import CostModel, default_cost_model
+from .._cpu.ops import gemm_price, weight_grad_terms
 from ..formats import FactorizedMatrix
 from ..formats.kcp.algebra import factor_dense_all
 
@@ -415,16 +417,87 @@ def kron_grads_cost(shapes: Sequence[Sequence[int]], rows: int) -> float:
     return total
 
 
-def kron_grads_dense_first(shapes: Sequence[Sequence[int]], rows: int) -> bool:
+def kron_grads_from_dense(
+    dense: Tensor, mats: Sequence[Tensor], needs: Sequence[bool]
+) -> list[Tensor | None]:
+    """The gradients of the factor matrices ``mats`` (``N`` tensors ``(P, J_n, I_n)``) from the
+    gradient ``dense`` ``(J, I)`` of their whole Kronecker sum, rows and columns in factor-major
+    order; ``needs[n]``: whether factor ``n``'s gradient is wanted.
+
+    With the entries of ``dense`` regrouped as a tensor ``T`` of modes ``(J_n I_n)`` (one copy),
+    the sum is a CP decomposition of ``T`` with factor columns ``vec(A_p^(n))``, and factor
+    ``n``'s gradient is ``T`` times the Khatri-Rao product of the others' columns (an MTTKRP):
+    ``P |W|`` multiply-adds per factor, in one GEMM against the factors before it and one
+    batched product with those after it."""
+    num = len(mats)
+    if not any(needs):
+        return [None] * num
+    p = mats[0].shape[0]
+    outs = [a.shape[1] for a in mats]
+    ins = [a.shape[2] for a in mats]
+    sizes = [j * i for j, i in zip(outs, ins, strict=True)]
+    pairs = [axis for n in range(num) for axis in (n, num + n)]
+    t = dense.reshape(*outs, *ins).permute(pairs).reshape(-1)  # (Π J_n I_n,): T, one copy
+    cols = [a.reshape(p, -1) for a in mats]  # (P, J_n I_n)
+
+    def khatri_rao(parts: Sequence[Tensor]) -> Tensor:  # (P, Π sizes), the first part major
+        out = parts[0] if parts else cols[0].new_ones(p, 1)
+        for c in parts[1:]:
+            out = (out[:, :, None] * c[:, None, :]).reshape(p, -1)
+        return out
+
+    grads: list[Tensor | None] = []
+    for n in range(num):
+        if not needs[n]:
+            grads.append(None)
+            continue
+        left, right = math.prod(sizes[:n]), math.prod(sizes[n + 1 :])
+        kl, kr = khatri_rao(cols[:n]), khatri_rao(cols[n + 1 :])  # (P, left), (P, right)
+        if left == 1:
+            d = kr.matmul(t.view(sizes[n], right).t()).view(p, sizes[n])  # (P, J_n I_n)
+        else:
+            z = kl.matmul(t.view(left, sizes[n] * right)).view(p, sizes[n], right)
+            d = z.matmul(kr.unsqueeze(2)).view(p, sizes[n])  # (P, J_n I_n)
+        grads.append(d.view(p, outs[n], ins[n]))
+    return grads
+
+
+KR_GRADS = 8.0
+"""A MAC of :func:`kron_grads_from_dense` costs this many large-GEMM MACs (its products have
+``P`` rows or columns, a few terms, and run far below a large GEMM's rate)."""
+
+
+def kron_grads_from_dense_cost(shapes: Sequence[Sequence[int]]) -> float:
+    """The price of :func:`kron_grads_from_dense` for factors of ``shapes`` ``(P, J, I)`` in
+    large-GEMM MACs: the regrouping copy and ``P |W|`` multiply-adds per factor."""
+    numel = math.prod(s[1] * s[2] for s in shapes)
+    return numel * (1 + KR_GRADS * len(shapes) * shapes[0][0])
+
+
+def kron_grads_dense_first(
+    shapes: Sequence[Sequence[int]], rows: int, model: CostModel | None = None
+) -> bool:
     """Whether the factor gradients over ``rows`` rows are cheaper from the dense gradient of
-    the whole matrix (one large GEMM over the rows, then :func:`kron_grads` over an identity of
-    ``I`` rows) than from :func:`kron_grads` over the rows themselves."""
+    the whole matrix (one large GEMM over the rows, priced as :func:`kcprnn._cpu.ops.gemm_price`
+    prices it under ``model``, then :func:`kron_grads_from_dense`) than from
+    :func:`kron_grads` over the rows themselves."""
     ins = math.prod(s[2] for s in shapes)
-    outs = math.prod(s[1] for s in shapes)
     if rows <= ins:
         return False
-    dense = rows * ins * outs + kron_grads_cost(shapes, ins)
-    return dense < kron_grads_cost(shapes, rows)
+    return kron_grads_dense_cost(shapes, rows, model) < kron_grads_cost(shapes, rows)
+
+
+def kron_grads_dense_cost(
+    shapes: Sequence[Sequence[int]], rows: int, model: CostModel | None = None
+) -> float:
+    """The price of the factor gradients over ``rows`` rows from the dense gradient (the GEMM
+    over the rows at :func:`kcprnn._cpu.ops.gemm_price`, then
+    :func:`kron_grads_from_dense`)."""
+    ins = math.prod(s[2] for s in shapes)
+    outs = math.prod(s[1] for s in shapes)
+    cm = default_cost_model() if model is None else model
+    gemm = gemm_price(*weight_grad_terms(rows, outs, ins), cm)
+    return gemm + kron_grads_from_dense_cost(shapes)
 
 
 REBUILD_GATHER_LIMIT = 1 << 22

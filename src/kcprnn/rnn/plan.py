@@ -51,6 +51,7 @@ from ._options import _first_parameter
 from .kron import (
     KronLayout,
     kron_grads_cost,
+    kron_grads_dense_cost,
     kron_layout_of,
     kron_matmul_macs,
     kron_matmul_ops,
@@ -380,9 +381,9 @@ def _structured_loop(
         backward = loop + cm.rnn_native_backward_gemm * _kernel_work(outs, ins, terms, rows)
         backward += cm.rnn_native_traffic * _kernel_traffic(outs, ins, terms, rows)
         shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
-        structured = kron_grads_cost(shapes, rows)
-        dense = rows * layout.in_features * layout.out_features
-        grads = min(structured, dense + kron_grads_cost(shapes, layout.in_features))
+        grads = kron_grads_cost(shapes, rows)
+        if rows > layout.in_features:  # or from the dense gradient (kron_grads_dense_first)
+            grads = min(grads, kron_grads_dense_cost(shapes, rows, cm))
         return forward + backward + cm.rnn_native_grads * grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
