@@ -600,3 +600,32 @@ def test_dense_loop_factor_scales_only_its_mode_and_phase(mode):
 
 
 _DENSE_FIELDS = [f"rnn_dense_{m}{s}" for m in ("lstm", "gru", "rnn") for s in ("", "_train")]
+
+
+@pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
+def test_torch_kernels_on_mkl_pay_its_rate(mode):
+    """torch's GRU and Elman kernels multiply on MKL: where oneDNN's GEMMs take half MKL's time
+    (``onednn_gemm = 0.5``) their products are priced at twice the MACs (the LSTM's kernel,
+    oneDNN's, only gains on its input product); at one row a step the steps' products are
+    matrix-vector products and keep their price, the weight gradient over all rows does not."""
+    cell = getattr(kcprnn, mode)(40, 256, format="dense").cell(0)
+    g = cell.weight_hh.out_features
+    fast, slow = CostModel(onednn_gemm=1.0), CostModel(onednn_gemm=0.5)
+    scale, scale_backward = plan._torch_scales(mode, fast)
+    for rows, steps in [(4800, 300), (1000, 1000)]:
+        inputs, recurrent = rows * 40 * g, max(rows, steps * fast.rnn_min_rows) * 256 * g
+
+        def extra(training: bool, rows: int = rows, steps: int = steps) -> float:
+            fast_cost, slow_cost = (
+                plan.layer_costs([cell], rows, steps, True, training, cm)["torch"]
+                for cm in (fast, slow)
+            )
+            return slow_cost - fast_cost
+
+        if mode == "LSTM":
+            assert extra(False) == pytest.approx(-0.5 * inputs)
+            continue
+        per_step = recurrent if rows >= steps * fast.rnn_min_rows else 0
+        assert extra(False) == pytest.approx(scale * (inputs + per_step))
+        backward = 2 * (inputs + per_step) + (recurrent - per_step)
+        assert extra(True) == pytest.approx(scale * (inputs + per_step) + scale_backward * backward)

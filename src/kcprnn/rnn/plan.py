@@ -286,15 +286,21 @@ def layer_costs(
         if c.weight_hr is not None:
             once += rows * c.weight_hr.in_features * p
         scale, scale_backward = _torch_scales(c.mode, cm)
+        # its products as they run: those over all rows (the input's, the weight gradients)
+        # and, from rnn_min_rows rows a step, each step's, at its MKL rate (_torch_mkl)
+        mkl = _torch_mkl(c.mode, cm)
+        step_mkl = mkl if rows >= steps * cm.rnn_min_rows else 1.0
+        products = mkl * (once - recurrent_once) + step_mkl * recurrent_once
+        products_backward = 2 * products + (mkl - step_mkl) * recurrent_once
         costs["torch"] += sum(_rebuild(m, training, cm) for m in weights) + scale * (
-            once + steps * cm.rnn_torch_step
+            products + steps * cm.rnn_torch_step
         )
         if c.mode == "LSTM" and cm.onednn:  # its weight reorders at every call
             reorder = cm.rnn_torch_lstm_train if training else cm.rnn_torch_lstm_call
             costs["torch"] += reorder * sum(m.in_features * m.out_features for m in weights)
         if training:
             costs["torch"] += scale_backward * (
-                2 * once + steps * cm.rnn_torch_step * cm.rnn_step_backward
+                products_backward + steps * cm.rnn_torch_step * cm.rnn_step_backward
             )
             if c.mode == "LSTM" and cm.onednn:  # its input products, slower than a GEMM's
                 costs["torch"] += 3 * (cm.rnn_torch_lstm_input - 1) * inputs
@@ -350,6 +356,17 @@ def _torch_scales(mode: str, cm: CostModel) -> tuple[float, float]:
     if mode == "RNN":
         return cm.rnn_torch_rnn, cm.rnn_torch_rnn_backward
     return 1.0, 1.0
+
+
+def _torch_mkl(mode: str, cm: CostModel) -> float:
+    """How much more torch's recurrent kernel for ``mode`` pays per multiply-add of its
+    products than its LSTM's: the GRU and Elman kernels multiply on MKL, the LSTM's is
+    oneDNN's RNN primitive, so where oneDNN's GEMMs run faster than MKL's (``onednn_gemm``
+    below 1: MKL's generic kernels on a CPU that is not Intel's) they cost
+    ``1 / onednn_gemm`` as much again; elsewhere 1."""
+    if mode == "LSTM" or not (cm.onednn and cm.onednn_gemm < 1.0):
+        return 1.0
+    return 1.0 / cm.onednn_gemm
 
 
 def _structured_loop(
