@@ -629,3 +629,21 @@ def test_torch_kernels_on_mkl_pay_its_rate(mode):
         assert extra(False) == pytest.approx(scale * (inputs + per_step))
         backward = 2 * (inputs + per_step) + (recurrent - per_step)
         assert extra(True) == pytest.approx(scale * (inputs + per_step) + scale_backward * backward)
+
+
+@pytest.mark.parametrize("mode", ["RNN", "GRU", "LSTM"])
+def test_torch_step_weight_gradients_at_few_rows(mode):
+    """Below rnn_min_rows rows a step, torch's GRU and Elman backward takes each step's W_hh
+    gradient as a fresh product and sums it: training pays rnn_torch_step_grad per entry of
+    W_hh a step there (the LSTM's kernel, inference and 16 rows a step do not)."""
+    cell = getattr(kcprnn, mode)(40, 256, format="dense").cell(0)
+    g = cell.weight_hh.out_features
+    priced, free = CostModel(), CostModel(rnn_torch_step_grad=0.0)
+    for rows, steps, training in [(1000, 1000, True), (1000, 1000, False), (4800, 300, True)]:
+        extra = (
+            plan.layer_costs([cell], rows, steps, True, training, priced)["torch"]
+            - plan.layer_costs([cell], rows, steps, True, training, free)["torch"]
+        )
+        charged = training and mode != "LSTM" and rows < steps * priced.rnn_min_rows
+        per_entry = priced.rnn_torch_step_grad if charged else 0.0
+        assert extra == pytest.approx(steps * 256 * g * per_entry)

@@ -146,6 +146,9 @@ class CostModel:
     rnn_torch_gru_backward: float = 1.75  # ... and backward
     rnn_torch_rnn: float = 1.0  # the same for the Elman recurrences (tanh, relu), forward ...
     rnn_torch_rnn_backward: float = 1.0  # ... and backward
+    rnn_torch_step_grad: float = 150.0  # per W_hh entry a step, the GRU and Elman kernels'
+    # backward below rnn_min_rows rows a step: autograd takes each step's W_hh gradient as a
+    # fresh product of those few rows (0.44 ns an entry on MKL at one row) and sums it
     rnn_fused_step: float = 5.5e6  # one step of kcprnn's fused LSTM/GRU/RNN loop, beyond its GEMM
     rnn_dense_forward: float = 1.15  # the compiled dense loop (each step's product on oneDNN with
     # W_hh packed, the rest in one compiled call: native_dense.py) over torch's LSTM kernel for

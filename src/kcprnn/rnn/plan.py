@@ -304,6 +304,8 @@ def layer_costs(
             )
             if c.mode == "LSTM" and cm.onednn:  # its input products, slower than a GEMM's
                 costs["torch"] += 3 * (cm.rnn_torch_lstm_input - 1) * inputs
+            elif c.mode != "LSTM" and rows < steps * cm.rnn_min_rows:  # W_hh's, step by step
+                costs["torch"] += steps * p * g * cm.rnn_torch_step_grad
         ih = min(_input_costs(c, rows, training, cm))
         if cm.kernels and cm.onednn and rows >= steps * cm.rnn_min_rows:
             # the compiled dense loop, priced against torch's LSTM kernel plus its own steps
