@@ -12,24 +12,13 @@ Prints one line per matrix (the suite's rank-4 CP and KCP ``W_hh`` of LSTMs at h
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from ab_factor_dense import median_ms  # the same timing (benchmarks/)
 
 import kcprnn
 from kcprnn.rnn._fused_base import _recurrent_weight_grad
 from kcprnn.rnn.kron import kron_grads, kron_grads_from_dense, kron_terms
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -60,12 +49,12 @@ def main() -> None:
                 for a, b in zip(sweeps, mttkrp, strict=True)
                 if a is not None and b is not None
             )
-            t_mkl = _median_ms(lambda g=grad, x=x: g.t().mm(x), args.reps)
-            t_gemm = _median_ms(lambda g=grad, x=x: _recurrent_weight_grad(g, x), args.reps)
-            t_sweeps = _median_ms(
+            t_mkl = median_ms(lambda g=grad, x=x: g.t().mm(x), args.reps)
+            t_gemm = median_ms(lambda g=grad, x=x: _recurrent_weight_grad(g, x), args.reps)
+            t_sweeps = median_ms(
                 lambda e=eye, d=dense, m=mats, n=needs: kron_grads(e, d.t(), m, n), args.reps
             )
-            t_mttkrp = _median_ms(
+            t_mttkrp = median_ms(
                 lambda d=dense, m=mats, n=needs: kron_grads_from_dense(d, m, n), args.reps
             )
             shapes = [tuple(a.shape) for a in mats]
