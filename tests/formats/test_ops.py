@@ -186,8 +186,8 @@ def test_input_projection_on_either_library_matches_linear(monkeypatch, onednn_c
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for g, w64 in zip(grads, torch.autograd.grad(want, x64, seed.double()), strict=True):
         torch.testing.assert_close(g.double(), w64, rtol=1e-5, atol=1e-4)
-    # forward (x rows), the input's gradient (seed rows), the weight's (seed transposed)
-    expected = [(30, 12), (30, 32), (32, 30)] if gain < 1 else [(30, 32)]
+    # forward (x rows), the input's gradient (seed rows), the weight's (as (x.T @ seed).T)
+    expected = [(30, 12), (30, 32), (12, 30)] if gain < 1 else [(30, 32)]
     assert onednn_calls == expected
 
 
@@ -205,4 +205,18 @@ def test_recurrent_weight_grad_on_either_library(monkeypatch, onednn_calls, gain
     torch.testing.assert_close(
         got.double(), grad.double().t() @ h_prev.double(), rtol=1e-5, atol=1e-4
     )
-    assert onednn_calls == ([(64, 96)] if gain < 1 else [])
+    assert onednn_calls == ([(16, 96)] if gain < 1 else [])  # (h_prev.T @ grad).T
+
+
+@pytest.mark.parametrize(("g", "f"), [(64, 16), (16, 64)])
+def test_weight_grad_onednn_copies_the_narrower_operand(onednn_calls, g, f):
+    """``grad.T @ x`` on oneDNN with the narrower operand as the inner product's source (the one
+    oneDNN copies transposed): ``(x.T @ grad).T`` for fewer inputs than gate rows, else
+    ``grad.T @ x``; the float64 product either way, contiguous."""
+    model = CostModel(onednn_gemm=0.5, onednn_call=0.0, onednn_copy=0.0)
+    torch.manual_seed(6)
+    grad, x = torch.randn(96, g), torch.randn(96, f)
+    got = _ops.weight_grad_onednn(grad, x, model)
+    assert got is not None and got.is_contiguous() and got.shape == (g, f)
+    torch.testing.assert_close(got.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
+    assert onednn_calls == [(min(g, f), 96)]

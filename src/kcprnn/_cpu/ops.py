@@ -108,8 +108,12 @@ def linear_terms(rows: int, f: int, g: int) -> tuple[int, tuple[int, ...], int]:
 
 def weight_grad_terms(rows: int, g: int, f: int) -> tuple[int, tuple[int, ...], int]:
     """:func:`gemm_price`'s terms of ``grad.T @ x`` for ``grad`` ``(rows, g)`` and ``x``
-    ``(rows, f)``: its MACs, and both operands copied transposed by oneDNN (fresh blocks)."""
-    return rows * g * f, (rows * g, rows * f), rows * (g + f)
+    ``(rows, f)`` as :func:`weight_grad_onednn` runs it: its MACs, the narrower operand copied
+    transposed by oneDNN (a fresh block; the other enters as the weights it reorders) and, where
+    that is ``x``, the ``(f, g)`` result transposed."""
+    if f <= g:
+        return rows * g * f, (rows * f,), rows * f + f * g
+    return rows * g * f, (rows * g,), rows * g
 
 
 def onednn_gemm_wins(
@@ -125,13 +129,21 @@ def onednn_gemm_wins(
 
 
 def weight_grad_onednn(grad: Tensor, x: Tensor, model: CostModel) -> Tensor | None:
-    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``) on oneDNN where it prices lower
-    (:func:`onednn_gemm_wins` with :func:`weight_grad_terms`); ``None`` elsewhere."""
+    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``, contiguous) on oneDNN where it
+    prices lower (:func:`onednn_gemm_wins` with :func:`weight_grad_terms`); ``None`` elsewhere.
+
+    oneDNN copies its inner product's source operand transposed into fresh memory and reorders
+    the weights from any strides, so the wider operand enters as the weights: with fewer inputs
+    ``f`` than gate rows ``g`` it runs as ``(x.T @ grad).T`` (at 4,800 x 1,024 gate rows the
+    source's copy would be 20 MB, most of it page faults) and only the small ``(f, g)`` result
+    is transposed; else as ``grad.T @ x``."""
     (n, g), f = grad.shape, x.shape[1]
     if grad.device.type != "cpu" or not onednn_gemm_wins(
         *weight_grad_terms(n, g, f), model, grad.dtype
     ):
         return None
+    if f <= g:
+        return linear_nt(x.t(), grad.t()).t().contiguous()  # (g, f)
     return linear_nt(grad.t(), x.t())  # (g, f)
 
 
