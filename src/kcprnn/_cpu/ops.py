@@ -37,6 +37,7 @@ __all__ = [
     "onednn_available",
     "onednn_covers",
     "onednn_gemm_wins",
+    "onednn_weight_grad",
     "scratch",
     "tall_forward_transposed",
     "tall_linear",
@@ -129,20 +130,27 @@ def onednn_gemm_wins(
 
 
 def weight_grad_onednn(grad: Tensor, x: Tensor, model: CostModel) -> Tensor | None:
-    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``, contiguous) on oneDNN where it
-    prices lower (:func:`onednn_gemm_wins` with :func:`weight_grad_terms`); ``None`` elsewhere.
-
-    oneDNN copies its inner product's source operand transposed into fresh memory and reorders
-    the weights from any strides, so the wider operand enters as the weights: with fewer inputs
-    ``f`` than gate rows ``g`` it runs as ``(x.T @ grad).T`` (at 4,800 x 1,024 gate rows the
-    source's copy would be 20 MB, most of it page faults) and only the small ``(f, g)`` result
-    is transposed; else as ``grad.T @ x``."""
+    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``) on oneDNN
+    (:func:`onednn_weight_grad`) where it prices lower (:func:`onednn_gemm_wins` with
+    :func:`weight_grad_terms`); ``None`` elsewhere."""
     (n, g), f = grad.shape, x.shape[1]
     if grad.device.type != "cpu" or not onednn_gemm_wins(
         *weight_grad_terms(n, g, f), model, grad.dtype
     ):
         return None
-    if f <= g:
+    return onednn_weight_grad(grad, x)  # (g, f)
+
+
+def onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad.T @ x`` (``(n, g)``, ``(n, f)`` -> ``(g, f)``, contiguous) by
+    :func:`linear_nt` (oneDNN's inner product where it runs).
+
+    oneDNN copies its inner product's source operand transposed into fresh memory and reorders
+    the weights from any strides, so the wider operand enters as the weights: with fewer inputs
+    ``f`` than gate rows ``g`` it runs as ``(x.T @ grad).T`` (over 4,800 rows of 1,024 gates the
+    source's copy would be 20 MB, most of it page faults) and only the small ``(f, g)`` result
+    is transposed; else as ``grad.T @ x``."""
+    if x.shape[1] <= grad.shape[1]:
         return linear_nt(x.t(), grad.t()).t().contiguous()  # (g, f)
     return linear_nt(grad.t(), x.t())  # (g, f)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._cpu import default_cost_model, native, native_dense, native_rnn
 from .._cpu.buffers import pooled_empty, scratch
-from .._cpu.ops import linear_nt, weight_grad_onednn
+from .._cpu.ops import linear_nt, onednn_weight_grad, weight_grad_onednn
 from .kron import (
     KronLayout,
     kron_apply,
@@ -26,14 +26,14 @@ from .kron import (
 
 def _recurrent_weight_grad(grad: Tensor, h_prev: Tensor) -> Tensor:
     """``grad.T @ h_prev``: ``(n, g)``, ``(n, h)`` -> ``(g, h)``, the recurrent weight's gradient
-    over all steps in one GEMM: oneDNN's (:func:`~kcprnn._cpu.ops.linear_nt`), or torch's
+    over all steps in one GEMM: oneDNN's (:func:`~kcprnn._cpu.ops.onednn_weight_grad`), or torch's
     ``mm`` over more rows than the cost model's ``recurrent_grad_mm_rows`` (faster there) unless
     oneDNN's product prices lower there (:func:`~kcprnn._cpu.ops.weight_grad_onednn`)."""
     model = default_cost_model()
     if grad.shape[0] > model.recurrent_grad_mm_rows:
         fast = weight_grad_onednn(grad, h_prev, model)
         return grad.t().mm(h_prev) if fast is None else fast  # (g, h)
-    return linear_nt(grad.t(), h_prev.t())  # (g, h)
+    return onednn_weight_grad(grad, h_prev)  # (g, h)
 
 
 def _is_zero(h: Tensor) -> bool:
