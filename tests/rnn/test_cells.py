@@ -269,21 +269,21 @@ def test_gru_sequence_gradcheck():
 
 @pytest.mark.parametrize("mm_rows", [0, 10**9])
 def test_recurrent_weight_gradient_path_follows_the_cost_model(monkeypatch, mm_rows):
-    """Up to the cost model's recurrent_grad_mm_rows rows, W_hh's gradient runs on linear_nt
-    (oneDNN); over more, on torch.mm. Both give autograd's gradient."""
+    """Up to the cost model's recurrent_grad_mm_rows rows, W_hh's gradient runs on
+    onednn_weight_grad (oneDNN); over more, on torch.mm (oneDNN priced as MKL here). Both give
+    autograd's gradient."""
     from kcprnn.rnn import _fused_base as fused
 
-    model = CostModel().replace(recurrent_grad_mm_rows=mm_rows)
+    model = CostModel(onednn_gemm=1.0).replace(recurrent_grad_mm_rows=mm_rows)
     monkeypatch.setattr(fused, "default_cost_model", lambda: model)
     calls = []
-    real = fused.linear_nt
-    rows = 8  # steps * batch below: the weight gradient's inner dimension
+    real = fused.onednn_weight_grad
 
-    def counting(a, b):
-        calls.extend([1] if a.shape[1] == rows else [])  # not a step's product
-        return real(a, b)
+    def counting(grad, x):
+        calls.append(1)
+        return real(grad, x)
 
-    monkeypatch.setattr(fused, "linear_nt", counting)
+    monkeypatch.setattr(fused, "onednn_weight_grad", counting)
     torch.manual_seed(4)
     b, h, steps = 2, 3, 4
     f64 = torch.float64
