@@ -467,37 +467,39 @@ KR_GRADS = 8.0
 ``P`` rows or columns, a few terms, and run far below a large GEMM's rate)."""
 
 
-def kron_grads_from_dense_cost(shapes: Sequence[Sequence[int]]) -> float:
-    """The price of :func:`kron_grads_from_dense` for factors of ``shapes`` ``(P, J, I)`` in
-    large-GEMM MACs: the regrouping copy and ``P |W|`` multiply-adds per factor."""
-    numel = math.prod(s[1] * s[2] for s in shapes)
-    return numel * (1 + KR_GRADS * len(shapes) * shapes[0][0])
-
-
 def kron_grads_dense_first(
     shapes: Sequence[Sequence[int]], rows: int, model: CostModel | None = None
 ) -> bool:
     """Whether the factor gradients over ``rows`` rows are cheaper from the dense gradient of
-    the whole matrix (one large GEMM over the rows, priced as :func:`kcprnn._cpu.ops.gemm_price`
-    prices it under ``model``, then :func:`kron_grads_from_dense`) than from
-    :func:`kron_grads` over the rows themselves."""
-    ins = math.prod(s[2] for s in shapes)
-    if rows <= ins:
-        return False
-    return kron_grads_dense_cost(shapes, rows, model) < kron_grads_cost(shapes, rows)
+    the whole matrix (:func:`kron_grads_dense_cost`) than from :func:`kron_grads` over the rows
+    themselves (:func:`kron_grads_cost`)."""
+    return kron_grads_price(shapes, rows, model) < kron_grads_cost(shapes, rows)
+
+
+def kron_grads_price(
+    shapes: Sequence[Sequence[int]], rows: int, model: CostModel | None = None
+) -> float:
+    """The price of the factor gradients over ``rows`` rows as the structured loop takes them:
+    the cheaper of the sweeps over the rows and, where the rows outnumber the matrix's inputs,
+    the dense gradient's route (:func:`kron_grads_dense_cost`)."""
+    sweeps = kron_grads_cost(shapes, rows)
+    if rows <= math.prod(s[2] for s in shapes):
+        return sweeps
+    return min(sweeps, kron_grads_dense_cost(shapes, rows, model))
 
 
 def kron_grads_dense_cost(
     shapes: Sequence[Sequence[int]], rows: int, model: CostModel | None = None
 ) -> float:
-    """The price of the factor gradients over ``rows`` rows from the dense gradient (the GEMM
-    over the rows at :func:`kcprnn._cpu.ops.gemm_price`, then
-    :func:`kron_grads_from_dense`)."""
+    """The price of the factor gradients over ``rows`` rows from the dense gradient, in
+    large-GEMM MACs: the GEMM over the rows (:func:`kcprnn._cpu.ops.gemm_price` under
+    ``model``), then :func:`kron_grads_from_dense` (the regrouping copy and ``P |W|``
+    multiply-adds per factor at :data:`KR_GRADS`)."""
     ins = math.prod(s[2] for s in shapes)
     outs = math.prod(s[1] for s in shapes)
     cm = default_cost_model() if model is None else model
     gemm = gemm_price(*weight_grad_terms(rows, outs, ins), cm)
-    return gemm + kron_grads_from_dense_cost(shapes)
+    return gemm + ins * outs * (1 + KR_GRADS * len(shapes) * shapes[0][0])
 
 
 REBUILD_GATHER_LIMIT = 1 << 22

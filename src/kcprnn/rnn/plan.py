@@ -50,8 +50,7 @@ from ..formats import FactorizedMatrix
 from ._options import _first_parameter
 from .kron import (
     KronLayout,
-    kron_grads_cost,
-    kron_grads_dense_cost,
+    kron_grads_price,
     kron_layout_of,
     kron_matmul_macs,
     kron_matmul_ops,
@@ -272,6 +271,7 @@ def layer_costs(
     for c in cells:
         hh = c.weight_hh
         g, p = hh.out_features, hh.in_features
+        many_rows = rows >= steps * cm.rnn_min_rows  # at least rnn_min_rows rows a step
         recurrent_once = max(rows, steps * cm.rnn_min_rows) * p * g
         weights: list[FactorizedMatrix] = [c.weight_ih, hh]
         if c.weight_hr is not None:
@@ -289,7 +289,7 @@ def layer_costs(
         # its products as they run: those over all rows (the input's, the weight gradients)
         # and, from rnn_min_rows rows a step, each step's, at its MKL rate (_torch_mkl)
         mkl = _torch_mkl(c.mode, cm)
-        step_mkl = mkl if rows >= steps * cm.rnn_min_rows else 1.0
+        step_mkl = mkl if many_rows else 1.0
         products = mkl * (once - recurrent_once) + step_mkl * recurrent_once
         products_backward = 2 * products + (mkl - step_mkl) * recurrent_once
         costs["torch"] += sum(_rebuild(m, training, cm) for m in weights) + scale * (
@@ -304,10 +304,10 @@ def layer_costs(
             )
             if c.mode == "LSTM" and cm.onednn:  # its input products, slower than a GEMM's
                 costs["torch"] += 3 * (cm.rnn_torch_lstm_input - 1) * inputs
-            elif c.mode != "LSTM" and rows < steps * cm.rnn_min_rows:  # W_hh's, step by step
+            elif c.mode != "LSTM" and not many_rows:  # W_hh's gradients, step by step
                 costs["torch"] += steps * p * g * cm.rnn_torch_step_grad
         ih = min(_input_costs(c, rows, training, cm))
-        if cm.kernels and cm.onednn and rows >= steps * cm.rnn_min_rows:
+        if cm.kernels and cm.onednn and many_rows:
             # the compiled dense loop, priced against torch's LSTM kernel plus its own steps
             torch_like = recurrent_once + steps * cm.rnn_torch_step
             fused = cm.rnn_dense_forward * torch_like + steps * cm.rnn_dense_step
@@ -400,9 +400,7 @@ def _structured_loop(
         backward = loop + cm.rnn_native_backward_gemm * _kernel_work(outs, ins, terms, rows)
         backward += cm.rnn_native_traffic * _kernel_traffic(outs, ins, terms, rows)
         shapes = [(terms, j, i) for i, j in zip(ins, outs, strict=True)]
-        grads = kron_grads_cost(shapes, rows)
-        if rows > layout.in_features:  # or from the dense gradient (kron_grads_dense_first)
-            grads = min(grads, kron_grads_dense_cost(shapes, rows, cm))
+        grads = kron_grads_price(shapes, rows, cm)
         return forward + backward + cm.rnn_native_grads * grads
     passes = 3 if training else 1
     ops = kron_matmul_ops(layout, terms)
